@@ -1,0 +1,61 @@
+"""capbus: capability-secured, microkernel-style IPC for Python processes on Linux.
+
+This module is the public surface (see SPEC.md); everything under a leading underscore is
+private and may change.
+"""
+
+from ._errors import (
+    Cancelled,
+    InvalidCapability,
+    IpcError,
+    KernelUnavailable,
+    MessageTooLarge,
+    NameTaken,
+    OutOfMemory,
+    PeerDied,
+    PermissionDenied,
+    ProcessNotFound,
+    ProtocolError,
+    RateLimitExceeded,
+    ServiceNotFound,
+    Timeout,
+    WouldBlock,
+)
+from ._kernel.kernel import Kernel
+from ._kernel.launcher import Child
+from ._kernel.policy import Policy, ProcessInfo
+from ._runtime.endpoint import Endpoint
+from ._runtime.process import Process, connect
+from ._runtime.service import Service
+from ._runtime.subscription import Subscription
+
+INVALID_PROCESS = 0
+__version__ = "0.1.0"
+
+__all__ = [
+    "INVALID_PROCESS",
+    "Cancelled",
+    "Child",
+    "Endpoint",
+    "InvalidCapability",
+    "IpcError",
+    "Kernel",
+    "KernelUnavailable",
+    "MessageTooLarge",
+    "NameTaken",
+    "OutOfMemory",
+    "PeerDied",
+    "PermissionDenied",
+    "Policy",
+    "Process",
+    "ProcessInfo",
+    "ProcessNotFound",
+    "ProtocolError",
+    "RateLimitExceeded",
+    "Service",
+    "ServiceNotFound",
+    "Subscription",
+    "Timeout",
+    "WouldBlock",
+    "connect",
+]

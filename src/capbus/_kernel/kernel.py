@@ -1,0 +1,692 @@
+"""The kernel: the one trusted party. One thread owns all state and runs an epoll loop over the
+listening socket, every process connection, every process's pidfd and a wake-up eventfd.
+
+Other threads (the embedding program, signal handlers) never touch the state: they hand a
+closure to the loop (`_call`) and wait for its result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import heapq
+import itertools
+import logging
+import os
+import queue
+import resource
+import selectors
+import signal
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import _paths
+from .._errors import (
+    InvalidCapability,
+    IpcError,
+    PermissionDenied,
+    ProtocolError,
+    ServiceNotFound,
+    VALUE_ERROR_CODE,
+)
+from .._protocol import frames
+from .._protocol.connection import KernelConnection, State
+from .captable import Capability, CapTable
+from .launcher import Child, LaunchSpec, launch
+from .policy import Policy, ProcessInfo
+from .._protocol.names import check_name
+from .registry import Registry
+from .transport import Transport
+
+log = logging.getLogger("capbus.kernel")
+
+_FRAMES_PER_WAKEUP = 32  # per connection and loop turn, so one chatty process cannot starve others
+
+
+@dataclass(eq=False)
+class Service:
+    name: str
+    kind: str  # "name" | "package"
+    owner: ProcessRecord
+    handle: int = 0
+    allow: list[str] | None = None
+    alive: bool = True
+
+
+@dataclass(eq=False)
+class ProcessRecord:
+    process_id: int
+    pid: int
+    uid: int
+    gid: int
+    transport: Transport
+    pidfd: int | None
+    package: str | None = None
+    name: str | None = None
+    child: Child | None = None
+    since: float = field(default_factory=time.time)
+    proto: KernelConnection = field(default_factory=KernelConnection)
+    caps: CapTable = field(default_factory=CapTable)
+    services: list[Service] = field(default_factory=list)
+    watched_by: set[tuple[ProcessRecord, int]] = field(default_factory=set)
+    parked: dict[int, tuple[str, str]] = field(default_factory=dict)  # request id -> waiting key
+    subscription: int = 0  # handle of its registration subscription, 0 if none
+    notice_pending: bool = False
+    notices_sent: int = 0
+    wait_mode: str = ""
+    alive: bool = True
+
+    def info(self) -> ProcessInfo:
+        return ProcessInfo(self.process_id, self.pid, self.uid, self.gid, self.package, self.name)
+
+
+class Kernel:
+    """The capbus kernel, embedded in a background thread (or run in the foreground by the
+    daemon through serve_forever()).
+
+    socket_path: where processes connect (default: a per-user directory, or $CAPBUS_SOCKET).
+    policy: a capbus.Policy, a registration filter callable(ProcessInfo, name) -> bool, or the
+    path of a TOML policy file.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        policy: Policy | Callable[[ProcessInfo, str], bool] | str | None = None,
+        *,
+        start: bool = True,
+    ) -> None:
+        self.socket_path = os.path.abspath(socket_path or _paths.default_socket())
+        self.policy = Policy.coerce(policy)
+        self._uid = os.getuid()
+        self._procs: dict[int, ProcessRecord] = {}
+        self._ids = itertools.count(1)  # ProcessIds: never 0, never reused by this kernel
+        self._names: Registry[Service] = Registry("service name")
+        self._packages: Registry[Service] = Registry("package")
+        self._subscribers: set[ProcessRecord] = set()
+        self._waiters: dict[tuple[str, str], list[tuple[ProcessRecord, int]]] = {}
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = itertools.count()
+        self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple, Future]] = queue.SimpleQueue()
+        self._children: set[Child] = set()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._sel = selectors.DefaultSelector()
+        self._handlers: dict[type, Callable[[ProcessRecord, Any, int], frames.Message | None]] = {
+            frames.Hello: self._on_hello,
+            frames.Register: self._on_register,
+            frames.RegisterPackage: self._on_register_package,
+            frames.Lookup: self._on_lookup,
+            frames.LookupPackage: self._on_lookup_package,
+            frames.Subscribe: self._on_subscribe,
+            frames.NotifyAck: self._on_notify_ack,
+            frames.Watch: self._on_watch,
+            frames.Release: self._on_release,
+            frames.Query: self._on_query,
+        }
+        _raise_fd_limit()
+        self._lock_fd, self._listener = _bind(self.socket_path)
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._sel.register(self._listener, selectors.EVENT_READ, ("listen", None))
+        self._sel.register(self._wake, selectors.EVENT_READ, ("wake", None))
+        if start:
+            self._thread = threading.Thread(target=self._run, name="capbus-kernel", daemon=True)
+            self._thread.start()
+
+    # ---- public, thread-safe ------------------------------------------------------------------
+
+    def __enter__(self) -> Kernel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<capbus.Kernel {self.socket_path}>"
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        name: str | None = None,
+        package: str | None = None,
+        env: Mapping[str, str] | None = None,
+        restart: str = "never",
+        max_restarts: int = 3,
+        cwd: str | None = None,
+    ) -> Child:
+        """Launch a process that holds a pre-connected socket and the given package identity."""
+        if package is not None:
+            check_name(package, "package name")
+        spec = LaunchSpec(tuple(argv), name, package, dict(env or {}), restart, max_restarts, cwd)
+        child = Child(spec)
+        self._call(self._launch_child, child)
+        return child
+
+    def processes(self) -> list[dict[str, Any]]:
+        """The process table, as `capbus ps` shows it."""
+        return self._call(self._rows, "processes")
+
+    def services(self) -> list[dict[str, Any]]:
+        return self._call(self._rows, "services")
+
+    def process_stats(self, process_id: int) -> dict[str, Any]:
+        """What the kernel holds for one process: queue and table sizes (all bounded)."""
+        return self._call(self._stats, process_id)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving: every process sees the kernel go; launched children are terminated."""
+        if self._thread is not None and self._thread.is_alive():
+            self._stopping = True
+            os.eventfd_write(self._wake, 1)
+            self._thread.join(timeout)
+        elif not self._stopping:
+            self._stopping = True
+            self._shutdown()
+
+    def serve_forever(self) -> None:
+        """Run the loop in this thread until SIGINT/SIGTERM or stop() (the daemon's way)."""
+
+        def on_signal(signum: int, frame: object) -> None:
+            self._stopping = True
+            os.eventfd_write(self._wake, 1)
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self._run()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._thread is None or threading.current_thread() is self._thread:
+            return fn(*args)
+        if self._stopping or not self._thread.is_alive():
+            raise IpcError(f"the kernel at {self.socket_path} is stopped")
+        fut: Future = Future()
+        self._calls.put((fn, args, fut))
+        os.eventfd_write(self._wake, 1)
+        return fut.result(timeout=30)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                timeout = None
+                if self._timers:
+                    timeout = max(0.0, self._timers[0][0] - time.monotonic())
+                for key, mask in self._sel.select(timeout):
+                    what, rec = key.data
+                    if what == "conn":
+                        if mask & selectors.EVENT_WRITE:
+                            self._flush(rec)
+                        if mask & selectors.EVENT_READ and rec.alive:
+                            self._on_readable(rec)
+                    elif what == "pidfd":
+                        self._gone(rec, "exited")
+                    elif what == "listen":
+                        self._accept()
+                    elif what == "wake":
+                        self._drain_calls()
+                self._fire_timers()
+        except Exception:  # pragma: no cover - a kernel bug must not leave a silent dead kernel
+            log.exception("kernel loop crashed")
+            raise
+        finally:
+            self._shutdown()
+
+    def _drain_calls(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake)
+        while True:
+            try:
+                fn, args, fut = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # handed back to the calling thread
+                fut.set_exception(exc)
+
+    def _fire_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, fn = heapq.heappop(self._timers)
+            fn()
+
+    def _after(self, delay: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), fn))
+
+    def _shutdown(self) -> None:
+        for rec in list(self._procs.values()):
+            self._gone(rec, "kernel stopping", restart=False)
+        for child in list(self._children):
+            child.terminate()
+        deadline = time.monotonic() + 2.0
+        for child in list(self._children):
+            with contextlib.suppress(Exception):
+                if child._popen is not None:
+                    child._popen.wait(max(0.0, deadline - time.monotonic()))
+            child.kill()
+            if child._popen is not None:
+                child._abandon(child._popen.wait())
+        self._children.clear()
+        for obj in (self._listener, self._wake):
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(obj)
+        self._listener.close()
+        with contextlib.suppress(OSError):
+            os.close(self._wake)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        os.close(self._lock_fd)
+        self._sel.close()
+        while not self._calls.empty():
+            _, _, fut = self._calls.get_nowait()
+            fut.set_exception(IpcError("the kernel stopped"))
+
+    # ---- connections --------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # EMFILE and friends: refuse this one, keep serving
+                log.warning("accept failed: %s", exc)
+                return
+            transport = Transport(sock)
+            pid, uid, gid = transport.peer_creds()
+            pidfd = None
+            if pid > 0:
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except OSError:  # already gone (or not visible from here): the socket tells
+                    pidfd = None
+            package = self.policy.uid_packages.get(uid)
+            self._add_record(transport, pid, uid, gid, pidfd, package, None, None)
+
+    def _add_record(
+        self,
+        transport: Transport,
+        pid: int,
+        uid: int,
+        gid: int,
+        pidfd: int | None,
+        package: str | None,
+        name: str | None,
+        child: Child | None,
+    ) -> ProcessRecord:
+        rec = ProcessRecord(next(self._ids), pid, uid, gid, transport, pidfd, package, name, child)
+        self._procs[rec.process_id] = rec
+        self._sel.register(transport.sock, selectors.EVENT_READ, ("conn", rec))
+        if pidfd is not None:
+            self._sel.register(pidfd, selectors.EVENT_READ, ("pidfd", rec))
+        return rec
+
+    def _launch_child(self, child: Child) -> int:
+        popen, sock = launch(child.spec, self.socket_path)
+        pidfd = os.pidfd_open(popen.pid)
+        rec = self._add_record(
+            Transport(sock), popen.pid, os.getuid(), os.getgid(), pidfd,
+            child.spec.package, child.spec.name, child,
+        )
+        self._children.add(child)
+        child._started(popen, rec.process_id)
+        log.info("launched %s as process %d (pid %d)", child.spec.argv, rec.process_id, popen.pid)
+        return rec.process_id
+
+    def _on_readable(self, rec: ProcessRecord) -> None:
+        for _ in range(_FRAMES_PER_WAKEUP):
+            try:
+                got = rec.transport.recv()
+            except BlockingIOError:
+                return
+            except ProtocolError as exc:
+                self._violation(rec, exc)
+                return
+            except OSError as exc:
+                self._gone(rec, f"connection error: {exc}")
+                return
+            if got is None:
+                self._gone(rec, "closed its connection")
+                return
+            data, sender_pid, nfds = got
+            if rec.pid > 0 and sender_pid != rec.pid:
+                self._violation(rec, ProtocolError(
+                    f"frame sent by pid {sender_pid} on the connection of pid {rec.pid} "
+                    "(a forked child must open its own connection)"
+                ))
+                return
+            try:
+                msg, request_id = rec.proto.receive(data, nfds)
+            except ProtocolError as exc:
+                self._violation(rec, exc)
+                return
+            try:
+                reply = self._handlers[type(msg)](rec, msg, request_id)
+            except IpcError as exc:
+                reply = frames.Error(exc.code, str(exc))
+            except (ValueError, TypeError) as exc:
+                reply = frames.Error(VALUE_ERROR_CODE, str(exc))
+            if reply is not None:  # None: parked, answered later
+                self._respond(rec, request_id, reply)
+            if not rec.alive:
+                return
+
+    def _respond(self, rec: ProcessRecord, request_id: int, msg: frames.Message) -> None:
+        if not rec.alive:
+            return
+        self._send(rec, rec.proto.respond(request_id, msg))
+        if rec.proto.state is State.CLOSED:
+            self._gone(rec, "refused at Hello")
+
+    def _event(self, rec: ProcessRecord, msg: frames.Message) -> None:
+        if rec.alive and rec.proto.state is State.READY:
+            self._send(rec, rec.proto.event(msg))
+
+    def _send(self, rec: ProcessRecord, frame: bytes, fds: tuple[int, ...] = ()) -> None:
+        if not rec.alive:
+            return
+        try:
+            if rec.transport.send(frame, fds):
+                self._sel.modify(rec.transport.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                 ("conn", rec))
+        except ProtocolError as exc:
+            self._violation(rec, exc)
+        except OSError as exc:
+            self._gone(rec, f"connection error: {exc}")
+
+    def _flush(self, rec: ProcessRecord) -> None:
+        try:
+            pending = rec.transport.flush()
+        except OSError as exc:
+            self._gone(rec, f"connection error: {exc}")
+            return
+        if not pending:
+            self._sel.modify(rec.transport.sock, selectors.EVENT_READ, ("conn", rec))
+
+    def _violation(self, rec: ProcessRecord, exc: ProtocolError) -> None:
+        log.warning("ProtocolError from process %d (pid %d): %s; closing its connection",
+                    rec.process_id, rec.pid, exc)
+        self._gone(rec, f"protocol error: {exc}")
+
+    def _gone(self, rec: ProcessRecord, why: str, restart: bool = True) -> None:
+        """A process is over: drop its registrations, tell its watchers, free what it held."""
+        if not rec.alive:
+            return
+        rec.alive = False
+        log.info("process %d (pid %d) gone: %s", rec.process_id, rec.pid, why)
+        self._procs.pop(rec.process_id, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(rec.transport.sock)
+        rec.transport.close()
+        rec.proto.close()
+        if rec.pidfd is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(rec.pidfd)
+            os.close(rec.pidfd)
+            rec.pidfd = None
+        for svc in rec.services:
+            svc.alive = False
+            (self._names if svc.kind == "name" else self._packages).release(svc.name, svc)
+        rec.services.clear()
+        for request_id, key in rec.parked.items():
+            waiters = self._waiters.get(key, [])
+            with contextlib.suppress(ValueError):
+                waiters.remove((rec, request_id))
+            if not waiters:
+                self._waiters.pop(key, None)
+        rec.parked.clear()
+        self._subscribers.discard(rec)
+        for cap in rec.caps:
+            if cap.kind == "endpoint" and cap.watched:
+                cap.target.owner.watched_by.discard((rec, cap.handle))
+        for watcher, handle in rec.watched_by:
+            self._event(watcher, frames.Death(handle, rec.process_id))
+        rec.watched_by.clear()
+        if rec.child is not None:
+            self._child_exited(rec.child, restart and not self._stopping)
+
+    def _child_exited(self, child: Child, restart: bool) -> None:
+        if child._popen is None or child._popen.poll() is None:
+            # The connection went first; the pidfd would have told us of the exit. Wait for it.
+            self._after(0.01, lambda: self._child_exited(child, restart))
+            return
+        if child._exited() and restart:
+            try:
+                self._launch_child(child)
+                return
+            except OSError as exc:
+                log.warning("restart of %s failed: %s", child.spec.argv, exc)
+                child._abandon(-1)
+        self._children.discard(child)
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def _on_hello(self, rec: ProcessRecord, msg: frames.Hello, rid: int) -> frames.Message:
+        rec.wait_mode = msg.wait_mode
+        return frames.Welcome(rec.process_id, rec.package, max(rec.pid, 0))
+
+    def _register(self, rec: ProcessRecord, key: str, kind: str,
+                  allow: list[str] | None) -> frames.Message:
+        self.policy.may_register(rec.info(), key)
+        registry = self._names if kind == "name" else self._packages
+        svc = Service(key, kind, rec, allow=allow)
+        registry.claim(key, svc)
+        try:
+            svc.handle = rec.caps.insert(Capability("service", svc))
+        except IpcError:
+            registry.release(key, svc)
+            raise
+        rec.services.append(svc)
+        self._grant_waiters((kind, key), svc)
+        self._notify_registration()
+        return frames.Registered(svc.handle, key)
+
+    def _on_register(self, rec: ProcessRecord, msg: frames.Register, rid: int) -> frames.Message:
+        return self._register(rec, check_name(msg.name), "name", msg.allow)
+
+    def _on_register_package(self, rec: ProcessRecord, msg: frames.RegisterPackage,
+                             rid: int) -> frames.Message:
+        if rec.package is None:
+            raise PermissionDenied(
+                "this process has no verified package: launch it with kernel.spawn(package=...) "
+                "or capbus run, or map its uid to a package in the kernel's policy"
+            )
+        return self._register(rec, rec.package, "package", msg.allow)
+
+    def _lookup(self, rec: ProcessRecord, kind: str, key: str, timeout_ms: int,
+                rid: int) -> frames.Message | None:
+        registry = self._names if kind == "name" else self._packages
+        svc = registry.get(key)
+        if svc is not None:
+            return self._grant(rec, svc)
+        if timeout_ms == 0:
+            raise ServiceNotFound(f"no live process serves the {registry.what} {key!r}")
+        rec.parked[rid] = (kind, key)
+        self._waiters.setdefault((kind, key), []).append((rec, rid))
+
+        def expire() -> None:
+            if rec.parked.pop(rid, None) is None:
+                return
+            waiters = self._waiters.get((kind, key), [])
+            with contextlib.suppress(ValueError):
+                waiters.remove((rec, rid))
+            if not waiters:
+                self._waiters.pop((kind, key), None)
+            err = ServiceNotFound(f"no process registered the {registry.what} {key!r} "
+                                  f"within {timeout_ms} ms")
+            self._respond(rec, rid, frames.Error(err.code, str(err)))
+
+        self._after(timeout_ms / 1000.0, expire)
+        return None
+
+    def _grant_waiters(self, key: tuple[str, str], svc: Service) -> None:
+        for rec, rid in self._waiters.pop(key, []):
+            if rec.parked.pop(rid, None) is None or not rec.alive:
+                continue
+            try:
+                reply: frames.Message = self._grant(rec, svc)
+            except IpcError as exc:
+                reply = frames.Error(exc.code, str(exc))
+            self._respond(rec, rid, reply)
+
+    def _grant(self, rec: ProcessRecord, svc: Service) -> frames.Message:
+        handle = rec.caps.insert(Capability("endpoint", svc))
+        return frames.Granted(handle, svc.owner.process_id, svc.name)
+
+    def _on_lookup(self, rec: ProcessRecord, msg: frames.Lookup, rid: int) -> frames.Message | None:
+        return self._lookup(rec, "name", check_name(msg.name), msg.timeout_ms, rid)
+
+    def _on_lookup_package(self, rec: ProcessRecord, msg: frames.LookupPackage,
+                           rid: int) -> frames.Message | None:
+        return self._lookup(rec, "package", check_name(msg.package, "package name"),
+                            msg.timeout_ms, rid)
+
+    def _on_subscribe(self, rec: ProcessRecord, msg: frames.Subscribe, rid: int) -> frames.Message:
+        if not rec.subscription:
+            rec.subscription = rec.caps.insert(Capability("subscription", None))
+            self._subscribers.add(rec)
+        return frames.Subscribed(rec.subscription)
+
+    def _notify_registration(self) -> None:
+        # Coalesced: a subscriber has at most one notice outstanding until it acknowledges, so
+        # a registration storm costs each subscriber one frame, and non-subscribers nothing.
+        for sub in self._subscribers:
+            if not sub.notice_pending:
+                sub.notice_pending = True
+                sub.notices_sent += 1
+                self._event(sub, frames.RegistrationNotice(sub.subscription))
+
+    def _on_notify_ack(self, rec: ProcessRecord, msg: frames.NotifyAck, rid: int) -> frames.Message:
+        rec.caps.get(msg.handle, "subscription")
+        rec.notice_pending = False
+        return frames.Ok()
+
+    def _on_watch(self, rec: ProcessRecord, msg: frames.Watch, rid: int) -> frames.Message:
+        cap = rec.caps.get(msg.handle, "endpoint")
+        if not cap.watched:
+            cap.watched = True
+            if cap.target.alive:
+                cap.target.owner.watched_by.add((rec, cap.handle))
+            else:
+                self._event(rec, frames.Death(cap.handle, cap.target.owner.process_id))
+        return frames.Ok()
+
+    def _on_release(self, rec: ProcessRecord, msg: frames.Release, rid: int) -> frames.Message:
+        cap = rec.caps.remove(msg.handle)
+        if cap.kind == "service":
+            svc: Service = cap.target
+            svc.alive = False
+            (self._names if svc.kind == "name" else self._packages).release(svc.name, svc)
+            rec.services.remove(svc)
+        elif cap.kind == "endpoint" and cap.watched:
+            cap.target.owner.watched_by.discard((rec, cap.handle))
+        elif cap.kind == "subscription":
+            rec.subscription = 0
+            rec.notice_pending = False
+            self._subscribers.discard(rec)
+        return frames.Ok()
+
+    def _on_query(self, rec: ProcessRecord, msg: frames.Query, rid: int) -> frames.Message:
+        if rec.uid not in (self._uid, 0):
+            raise PermissionDenied("only the kernel's own user (or root) may list its tables")
+        if msg.what not in ("processes", "services"):
+            raise ValueError(f"unknown query {msg.what!r}: processes or services")
+        rows = self._rows(msg.what)
+        limit = min(msg.limit, 200)
+        return frames.Rows(rows[msg.offset : msg.offset + limit], len(rows))
+
+    # ---- introspection ------------------------------------------------------------------------
+
+    def _rows(self, what: str) -> list[dict[str, Any]]:
+        if what == "processes":
+            return [
+                {
+                    "id": r.process_id, "pid": r.pid, "uid": r.uid, "package": r.package,
+                    "name": r.name, "services": [s.name for s in r.services],
+                    "since": r.since, "wait": r.wait_mode,
+                }
+                for r in self._procs.values()
+                if r.proto.state is State.READY
+            ]
+        return [
+            {
+                "name": svc.name, "kind": svc.kind, "id": svc.owner.process_id,
+                "pid": svc.owner.pid, "uid": svc.owner.uid, "package": svc.owner.package,
+                "since": svc.owner.since,
+            }
+            for registry in (self._names, self._packages)
+            for _, svc in registry.items()
+        ]
+
+    def _stats(self, process_id: int) -> dict[str, Any]:
+        rec = self._procs.get(process_id)
+        if rec is None:
+            raise InvalidCapability(f"no live process {process_id}")
+        return {
+            "outbox": len(rec.transport.outbox),
+            "in_flight": len(rec.proto.in_flight),
+            "parked": len(rec.parked),
+            "caps": len(rec.caps),
+            "watchers": len(rec.watched_by),
+            "notice_pending": rec.notice_pending,
+            "notices_sent": rec.notices_sent,
+        }
+
+
+def _raise_fd_limit() -> None:
+    # A kernel holds two fds per process (socket and pidfd): 1000 processes need more than the
+    # usual soft limit of 1024.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
+                                                        else 1 << 20, hard))
+
+
+def _bind(path: str) -> tuple[int, socket.socket]:
+    """Lock, then bind the socket: a live kernel on the path refuses; a stale file is replaced."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    if directory == os.path.dirname(_paths.default_socket()) or directory.startswith(
+        _paths.default_dir()
+    ):
+        st = os.stat(directory)
+        if st.st_uid != os.getuid():
+            raise PermissionDenied(f"{directory} belongs to uid {st.st_uid}, not to this user")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(directory, 0o700)
+    lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(lock_fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            raise IpcError(
+                f"another capbus kernel is already serving {path}: stop it, or give this one "
+                "another socket path"
+            ) from None
+        raise
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # stale: its kernel is gone, since we hold the lock
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)  # the socket is born 0600: no window where others may connect
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # inherited by accepted sockets
+    sock.listen(1024)
+    sock.setblocking(False)
+    return lock_fd, sock

@@ -1,0 +1,112 @@
+"""The kernel's socket shell for one process connection: receive with credentials, send with a
+bounded outbox. Everything about what the bytes mean is in capbus._protocol.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import os
+import socket
+import struct
+
+from .._errors import ProtocolError
+from .._protocol import frames
+
+_UCRED = struct.Struct("3i")
+_ANC = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(frames.MAX_FDS * 4)
+
+# Responses are bounded by the in-flight limit, registration notices coalesce to one, and death
+# events are bounded by the watcher's capability table; a process that lets more pile up is not
+# reading its socket, and is disconnected.
+MAX_OUTBOX = 4096 + 256
+
+
+class Transport:
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock = sock
+        self.outbox: collections.deque[tuple[bytes, tuple[int, ...]]] = collections.deque()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def peer_creds(self) -> tuple[int, int, int]:
+        raw = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        return _UCRED.unpack(raw)
+
+    def recv(self) -> tuple[bytes, int, int] | None:
+        """One frame as (data, sender pid, number of fds it carried); None at end of stream.
+
+        Fds sent to the kernel are closed at once: no request carries any, so their count only
+        serves to reject the frame. BlockingIOError propagates when nothing is there.
+        """
+        data, anc, flags, _ = self.sock.recvmsg(frames.MAX_FRAME + 1, _ANC)
+        pid, nfds = -1, 0
+        for level, kind, payload in anc:
+            if level != socket.SOL_SOCKET:
+                continue
+            if kind == socket.SCM_CREDENTIALS and len(payload) >= _UCRED.size:
+                pid = _UCRED.unpack_from(payload)[0]
+            elif kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                for fd in fds:
+                    os.close(fd)
+                nfds += len(fds)
+        if flags & socket.MSG_CTRUNC:
+            raise ProtocolError("frame with more ancillary data (fds) than any request carries")
+        if flags & socket.MSG_TRUNC:
+            raise ProtocolError(f"frame larger than the maximum of {frames.MAX_FRAME} bytes")
+        if not data and not anc:
+            return None
+        return data, pid, nfds
+
+    def send(self, frame: bytes, fds: tuple[int, ...] = ()) -> bool:
+        """Send or queue one frame; True if the outbox now needs the loop to watch for write."""
+        if self.outbox:
+            self._queue(frame, fds)
+            return True
+        try:
+            self._sendmsg(frame, fds)
+            return False
+        except BlockingIOError:
+            self._queue(frame, fds)
+            return True
+
+    def flush(self) -> bool:
+        """Send what is queued; True while something is left."""
+        while self.outbox:
+            frame, fds = self.outbox[0]
+            try:
+                self._sendmsg(frame, fds)
+            except BlockingIOError:
+                return True
+            self.outbox.popleft()
+            for fd in fds:
+                os.close(fd)
+        return False
+
+    def _sendmsg(self, frame: bytes, fds: tuple[int, ...]) -> None:
+        if fds:
+            self.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        else:
+            self.sock.send(frame)
+
+    def _queue(self, frame: bytes, fds: tuple[int, ...]) -> None:
+        if len(self.outbox) >= MAX_OUTBOX:
+            raise ProtocolError(f"process is not reading its control socket ({MAX_OUTBOX} queued)")
+        # Queued fds must outlive the caller's copies: the outbox owns duplicates.
+        self.outbox.append((frame, tuple(os.dup(fd) for fd in fds)))
+
+    def close(self) -> None:
+        for _, fds in self.outbox:
+            for fd in fds:
+                os.close(fd)
+        self.outbox.clear()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()

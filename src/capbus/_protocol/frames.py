@@ -1,0 +1,279 @@
+"""Control-plane frames: the message classes and their encoding, with no I/O.
+
+A frame is one SOCK_SEQPACKET datagram: a 16-byte header (magic, version, kind, type, request
+id, body length) followed by a JSON object whose keys and value types are fixed per message
+type. Decoding validates everything (size, header, exact key set, value ranges, attached fd
+count) and raises ProtocolError on anything else, so the shells never see a malformed event.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from .._errors import ProtocolError
+
+MAGIC = b"CB"
+VERSION = 1
+MAX_FRAME = 64 * 1024
+MAX_FDS = 8
+HEADER = struct.Struct("<2sBBHHII")  # magic, version, kind, type, flags, request_id, body_len
+U64_MAX = (1 << 64) - 1
+MAX_STR = 4096
+MAX_LIST = 1024
+
+KIND_REQUEST = 1
+KIND_RESPONSE = 2
+KIND_EVENT = 3
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every frame body. Subclasses set TYPE, KIND and, when fds travel with it, FDS."""
+
+    TYPE: ClassVar[int] = 0
+    KIND: ClassVar[int] = 0
+    FDS: ClassVar[int] = 0  # exactly this many fds travel with the frame (SCM_RIGHTS)
+
+
+def _check_value(cls: type, name: str, kind: str, value: Any) -> Any:
+    """Validate one decoded JSON value against its declared field kind."""
+    ok: bool
+    if kind == "u64":
+        ok = type(value) is int and 0 <= value <= U64_MAX
+    elif kind == "i64":
+        ok = type(value) is int and -(1 << 63) <= value < (1 << 63)
+    elif kind == "bool":
+        ok = type(value) is bool
+    elif kind == "str":
+        ok = type(value) is str and len(value) <= MAX_STR
+    elif kind == "str?":
+        ok = value is None or (type(value) is str and len(value) <= MAX_STR)
+    elif kind == "strs?":
+        ok = value is None or (
+            type(value) is list
+            and len(value) <= MAX_LIST
+            and all(type(v) is str and len(v) <= MAX_STR for v in value)
+        )
+    elif kind == "rows":
+        ok = (
+            type(value) is list
+            and len(value) <= MAX_LIST
+            and all(type(v) is dict for v in value)
+        )
+    else:  # pragma: no cover - a schema mistake, caught by the unit tests
+        raise AssertionError(f"unknown field kind {kind!r}")
+    if not ok:
+        raise ProtocolError(f"{cls.__name__}.{name}: bad value {value!r:.80} (expected {kind})")
+    return value
+
+
+_REGISTRY: dict[int, type[Message]] = {}
+_SCHEMAS: dict[type[Message], tuple[tuple[str, str], ...]] = {}
+
+
+def message(type_code: int, kind: int, fds: int = 0, **schema: str):
+    """Class decorator: register a frame type with its field kinds (see _check_value)."""
+
+    def wrap(cls: type[Message]) -> type[Message]:
+        cls = dataclass(frozen=True)(cls)
+        names = tuple(f.name for f in fields(cls))
+        if set(names) != set(schema):  # pragma: no cover - schema mistake
+            raise AssertionError(f"{cls.__name__}: schema {sorted(schema)} != fields {names}")
+        if type_code in _REGISTRY:  # pragma: no cover - schema mistake
+            raise AssertionError(f"duplicate frame type {type_code}")
+        cls.TYPE, cls.KIND, cls.FDS = type_code, kind, fds
+        _REGISTRY[type_code] = cls
+        _SCHEMAS[cls] = tuple((n, schema[n]) for n in names)
+        return cls
+
+    return wrap
+
+
+# ---- requests (process -> kernel) -------------------------------------------------------------
+
+
+@message(1, KIND_REQUEST, version="u64", wait_mode="str")
+class Hello(Message):
+    version: int
+    wait_mode: str
+
+
+@message(2, KIND_REQUEST, name="str", allow="strs?")
+class Register(Message):
+    name: str
+    allow: list[str] | None = None
+
+
+@message(3, KIND_REQUEST, allow="strs?")
+class RegisterPackage(Message):
+    allow: list[str] | None = None
+
+
+@message(4, KIND_REQUEST, name="str", timeout_ms="u64")
+class Lookup(Message):
+    name: str
+    timeout_ms: int = 0
+
+
+@message(5, KIND_REQUEST, package="str", timeout_ms="u64")
+class LookupPackage(Message):
+    package: str
+    timeout_ms: int = 0
+
+
+@message(6, KIND_REQUEST)
+class Subscribe(Message):
+    pass
+
+
+@message(7, KIND_REQUEST, handle="u64")
+class NotifyAck(Message):
+    """The subscriber consumed its pending notification: the kernel may send the next one."""
+
+    handle: int
+
+
+@message(8, KIND_REQUEST, handle="u64")
+class Watch(Message):
+    handle: int
+
+
+@message(9, KIND_REQUEST, handle="u64")
+class Release(Message):
+    """Drop a capability (close an endpoint, unregister a service, end a subscription)."""
+
+    handle: int
+
+
+@message(10, KIND_REQUEST, what="str", offset="u64", limit="u64")
+class Query(Message):
+    """Introspection for the CLI: what is "processes" or "services"; paged."""
+
+    what: str
+    offset: int = 0
+    limit: int = 200
+
+
+# ---- responses (kernel -> process) ------------------------------------------------------------
+
+
+@message(64, KIND_RESPONSE, process_id="u64", package="str?", pid="u64")
+class Welcome(Message):
+    process_id: int
+    package: str | None
+    pid: int
+
+
+@message(65, KIND_RESPONSE)
+class Ok(Message):
+    pass
+
+
+@message(66, KIND_RESPONSE, code="u64", text="str")
+class Error(Message):
+    code: int
+    text: str
+
+
+@message(67, KIND_RESPONSE, handle="u64", name="str")
+class Registered(Message):
+    handle: int
+    name: str
+
+
+@message(68, KIND_RESPONSE, handle="u64", process_id="u64", name="str")
+class Granted(Message):
+    """An endpoint capability: the handle and the serving process."""
+
+    handle: int
+    process_id: int
+    name: str
+
+
+@message(69, KIND_RESPONSE, handle="u64")
+class Subscribed(Message):
+    handle: int
+
+
+@message(70, KIND_RESPONSE, rows="rows", total="u64")
+class Rows(Message):
+    rows: list[dict[str, Any]]
+    total: int
+
+
+# ---- events (kernel -> process, request id 0) ---------------------------------------------------
+
+
+@message(128, KIND_EVENT, handle="u64")
+class RegistrationNotice(Message):
+    """Some service registered. Carries no identity: the subscriber re-discovers."""
+
+    handle: int
+
+
+@message(129, KIND_EVENT, handle="u64", process_id="u64")
+class Death(Message):
+    """A watched endpoint's serving process has exited."""
+
+    handle: int
+    process_id: int
+
+
+# Which responses a request may legitimately get (Error always may).
+RESPONSES: dict[type[Message], tuple[type[Message], ...]] = {
+    Hello: (Welcome,),
+    Register: (Registered,),
+    RegisterPackage: (Registered,),
+    Lookup: (Granted,),
+    LookupPackage: (Granted,),
+    Subscribe: (Subscribed,),
+    NotifyAck: (Ok,),
+    Watch: (Ok,),
+    Release: (Ok,),
+    Query: (Rows,),
+}
+
+
+def encode(msg: Message, request_id: int = 0) -> bytes:
+    """One frame. Raises ProtocolError if it would exceed MAX_FRAME."""
+    body = {name: getattr(msg, name) for name, _ in _SCHEMAS[type(msg)]}
+    raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    frame = HEADER.pack(MAGIC, VERSION, msg.KIND, msg.TYPE, 0, request_id, len(raw)) + raw
+    if len(frame) > MAX_FRAME:
+        raise ProtocolError(f"{type(msg).__name__} frame of {len(frame)} bytes exceeds {MAX_FRAME}")
+    return frame
+
+
+def decode(data: bytes, nfds: int = 0) -> tuple[Message, int]:
+    """Parse one frame into (message, request_id); ProtocolError on anything malformed."""
+    if len(data) > MAX_FRAME:
+        raise ProtocolError(f"frame of {len(data)} bytes exceeds the maximum of {MAX_FRAME}")
+    if len(data) < HEADER.size:
+        raise ProtocolError(f"truncated frame: {len(data)} bytes, header needs {HEADER.size}")
+    magic, version, kind, type_code, flags, request_id, body_len = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r}: not a capbus peer")
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version} not supported (this side speaks {VERSION})")
+    if flags != 0:
+        raise ProtocolError(f"unknown frame flags {flags:#x}")
+    if body_len != len(data) - HEADER.size:
+        raise ProtocolError(f"body length {body_len} != {len(data) - HEADER.size} bytes received")
+    cls = _REGISTRY.get(type_code)
+    if cls is None or cls.KIND != kind:
+        raise ProtocolError(f"unknown frame type {type_code} of kind {kind}")
+    if nfds != cls.FDS:
+        raise ProtocolError(f"{cls.__name__} carries {cls.FDS} fds, got {nfds}")
+    try:
+        body = json.loads(data[HEADER.size :])
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"{cls.__name__}: body is not valid JSON ({exc})") from None
+    schema = _SCHEMAS[cls]
+    if type(body) is not dict or set(body) != {n for n, _ in schema}:
+        keys = sorted(body) if type(body) is dict else type(body).__name__
+        raise ProtocolError(f"{cls.__name__}: fields {keys} != {[n for n, _ in schema]}")
+    values = {name: _check_value(cls, name, kind_, body[name]) for name, kind_ in schema}
+    return cls(**values), request_id

@@ -1,0 +1,1 @@
+"""The untrusted side: the capbus runtime inside each process. It never imports the kernel."""

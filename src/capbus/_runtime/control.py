@@ -1,0 +1,148 @@
+"""A process's control connection to the kernel: the socket shell around the protocol's
+ProcessConnection. Callers block on their own request; one reader thread receives every frame,
+hands responses to their callers and events to the Process.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import socket
+import threading
+from collections.abc import Callable
+
+from .._errors import KernelUnavailable, ProtocolError, error_from_code
+from .._protocol import frames
+from .._protocol.connection import ProcessConnection
+
+_ANC = socket.CMSG_SPACE(frames.MAX_FDS * 4)
+# A kernel answers within milliseconds; this only bounds a wait on a kernel that hangs.
+_KERNEL_GRACE = 30.0
+
+
+class _Pending:
+    __slots__ = ("done", "reply", "fds")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.reply: frames.Message | BaseException | None = None
+        self.fds: list[int] = []
+
+
+class Control:
+    def __init__(self, sock: socket.socket, on_event: Callable[[frames.Message, list[int]], None]):
+        self.sock = sock
+        self._proto = ProcessConnection()
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._on_event = on_event
+        self._closed: BaseException | None = None
+        self._reader: threading.Thread | None = None
+
+    def hello(self, wait_mode: str) -> frames.Welcome:
+        """The first exchange, done before the reader thread starts."""
+        _, frame = self._proto.request(frames.Hello(frames.VERSION, wait_mode))
+        try:
+            self.sock.send(frame)
+            data, fds = self._recv()
+        except OSError as exc:
+            raise KernelUnavailable(f"the kernel closed the connection during Hello: {exc}") from None
+        if data is None:
+            raise KernelUnavailable("the kernel closed the connection during Hello")
+        msg, _ = self._proto.receive(data, len(fds))
+        if isinstance(msg, frames.Error):
+            raise error_from_code(msg.code, msg.text)
+        assert isinstance(msg, frames.Welcome)
+        self._reader = threading.Thread(target=self._read_loop, name="capbus-control", daemon=True)
+        self._reader.start()
+        return msg
+
+    def request(self, msg: frames.Message, timeout: float | None = None) -> tuple[frames.Message, list[int]]:
+        """Send one request and wait for its answer; kernel errors are raised here."""
+        pending = _Pending()
+        with self._lock:
+            if self._closed is not None:
+                raise self._closed
+            request_id, frame = self._proto.request(msg)
+            self._pending[request_id] = pending
+            try:
+                self.sock.send(frame)
+            except OSError as exc:
+                del self._pending[request_id]
+                raise KernelUnavailable(f"lost the kernel: {exc}") from None
+        wait = None if timeout is None else timeout + _KERNEL_GRACE
+        if not pending.done.wait(wait):
+            raise KernelUnavailable(f"the kernel did not answer {type(msg).__name__} in {wait} s")
+        reply = pending.reply
+        if isinstance(reply, BaseException):
+            raise reply
+        assert reply is not None
+        if isinstance(reply, frames.Error):
+            raise error_from_code(reply.code, reply.text)
+        return reply, pending.fds
+
+    def close(self, reason: BaseException | None = None) -> None:
+        with self._lock:
+            if self._closed is None:
+                self._closed = reason or KernelUnavailable("this capbus Process is closed")
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(5)
+        self.sock.close()
+
+    def forget_after_fork(self, reason: BaseException) -> None:
+        """In a forked child: this connection belongs to the parent. Drop our copy of the fd."""
+        self._closed = reason
+        self._pending.clear()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    @property
+    def closed(self) -> BaseException | None:
+        return self._closed
+
+    def _recv(self) -> tuple[bytes | None, list[int]]:
+        data, anc, flags, _ = self.sock.recvmsg(frames.MAX_FRAME + 1, _ANC)
+        fds: list[int] = []
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                fds.extend(arr)
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError("oversize frame from the kernel")
+        if not data and not anc:
+            return None, []
+        return data, fds
+
+    def _read_loop(self) -> None:
+        reason: BaseException = KernelUnavailable("the kernel closed the connection")
+        try:
+            while True:
+                data, fds = self._recv()
+                if data is None:
+                    break
+                with self._lock:
+                    msg, request_id = self._proto.receive(data, len(fds))
+                    pending = self._pending.pop(request_id, None) if request_id else None
+                if pending is not None:
+                    pending.reply, pending.fds = msg, fds
+                    pending.done.set()
+                elif request_id == 0:
+                    self._on_event(msg, fds)
+        except ProtocolError as exc:
+            reason = KernelUnavailable(f"the kernel sent a malformed frame ({exc})")
+        except OSError as exc:
+            reason = KernelUnavailable(f"lost the kernel: {exc}")
+        with self._lock:
+            if self._closed is None:
+                self._closed = reason
+            for pending in self._pending.values():
+                pending.reply = self._closed
+                pending.done.set()
+            self._pending.clear()
+            self._proto.close()

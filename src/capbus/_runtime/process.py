@@ -1,0 +1,209 @@
+"""The runtime's entry point: capbus.connect() and the Process it returns.
+
+A Process is one connection to the kernel with its own ProcessId. It belongs to the OS process
+that opened it: after fork() the child's copy refuses to act (it must connect on its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+import threading
+import weakref
+
+from .. import _paths
+from .._errors import KernelUnavailable
+from .._protocol import frames
+from .._protocol.names import check_name
+from .control import Control
+from .endpoint import Endpoint
+from .service import Service
+from .subscription import Subscription
+
+log = logging.getLogger("capbus")
+WAIT_MODES = ("adaptive", "spin", "block")
+_live: weakref.WeakSet[Process] = weakref.WeakSet()
+
+
+class Process:
+    """This process's identity and capabilities, as the kernel knows them."""
+
+    def __init__(self, sock: socket.socket, wait: str) -> None:
+        if wait not in WAIT_MODES:
+            raise ValueError(f"wait must be one of {WAIT_MODES}, not {wait!r}")
+        self.wait_mode = wait
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._endpoints: weakref.WeakValueDictionary[int, Endpoint] = weakref.WeakValueDictionary()
+        self._subscriptions: weakref.WeakValueDictionary[int, Subscription] = (
+            weakref.WeakValueDictionary()
+        )
+        self._control = Control(sock, self._on_event)
+        try:
+            welcome = self._control.hello(wait)
+        except BaseException:
+            sock.close()
+            raise
+        self.id: int = welcome.process_id
+        self.package: str | None = welcome.package
+        _live.add(self)
+
+    def __repr__(self) -> str:
+        return f"<capbus.Process id={self.id} package={self.package}>"
+
+    def __enter__(self) -> Process:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End this connection: the kernel drops its registrations and tells its watchers."""
+        if os.getpid() == self._pid:
+            self._control.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._control.closed is not None
+
+    # ---- registries ---------------------------------------------------------------------------
+
+    def register(self, name: str, *, allow: list[str | int] | None = None) -> Service:
+        """Serve under a string name (first come, first served): NameTaken, PermissionDenied."""
+        check_name(name)
+        reply = self._request(frames.Register(name, _allow(allow)))
+        assert isinstance(reply, frames.Registered)
+        return Service(self, reply.handle, reply.name)
+
+    def register_package(self, *, allow: list[str | int] | None = None) -> Service:
+        """Serve under this process's verified package name."""
+        reply = self._request(frames.RegisterPackage(_allow(allow)))
+        assert isinstance(reply, frames.Registered)
+        return Service(self, reply.handle, reply.name)
+
+    def lookup(self, name: str, timeout: float = 0) -> Endpoint:
+        """An endpoint capability for a registered name: ServiceNotFound unless it appears
+        within `timeout` seconds (the kernel answers when it registers; no polling)."""
+        reply = self._request(frames.Lookup(check_name(name), _ms(timeout)), timeout)
+        return self._endpoint(reply)
+
+    def lookup_package(self, package: str, timeout: float = 0) -> Endpoint:
+        check_name(package, "package name")
+        reply = self._request(frames.LookupPackage(package, _ms(timeout)), timeout)
+        return self._endpoint(reply)
+
+    def subscribe_registrations(self) -> Subscription:
+        """Opt in to registration notices (coalesced, carrying no identity)."""
+        reply = self._request(frames.Subscribe())
+        assert isinstance(reply, frames.Subscribed)
+        with self._lock:
+            sub = self._subscriptions.get(reply.handle)
+            if sub is None:
+                sub = self._subscriptions[reply.handle] = Subscription(self, reply.handle)
+        return sub
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if os.getpid() != self._pid:
+            raise KernelUnavailable(
+                f"this capbus Process belongs to pid {self._pid}; a forked child must call "
+                "capbus.connect() for its own connection"
+            )
+
+    def _request(self, msg: frames.Message, timeout: float | None = None) -> frames.Message:
+        self._check()
+        reply, fds = self._control.request(msg, timeout)
+        for fd in fds:  # nothing in this protocol version carries fds to a process yet
+            os.close(fd)
+        return reply
+
+    def _endpoint(self, reply: frames.Message) -> Endpoint:
+        assert isinstance(reply, frames.Granted)
+        ep = Endpoint(self, reply.handle, reply.process_id, reply.name)
+        self._endpoints[reply.handle] = ep
+        return ep
+
+    def _on_event(self, msg: frames.Message, fds: list[int]) -> None:
+        """Called on the control reader thread."""
+        for fd in fds:
+            os.close(fd)
+        if isinstance(msg, frames.Death):
+            ep = self._endpoints.get(msg.handle)
+            if ep is not None:
+                ep._died()
+        elif isinstance(msg, frames.RegistrationNotice):
+            sub = self._subscriptions.get(msg.handle)
+            if sub is not None:
+                sub._notify()
+
+    def _after_fork_in_child(self) -> None:
+        self._control.forget_after_fork(
+            KernelUnavailable(
+                f"this capbus Process belongs to pid {self._pid}; a forked child must call "
+                "capbus.connect() for its own connection"
+            )
+        )
+
+
+def _ms(timeout: float) -> int:
+    if timeout < 0:
+        raise ValueError("timeout must be >= 0")
+    return 0 if timeout == 0 else max(1, int(timeout * 1000))
+
+
+def _allow(allow: list[str | int] | None) -> list[str] | None:
+    return None if allow is None else [str(a) for a in allow]
+
+
+def _after_fork() -> None:
+    for proc in list(_live):
+        proc._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _inherited_socket() -> socket.socket | None:
+    """The pre-connected socket kernel.spawn() left us, taken once (later connects use the path)."""
+    raw = os.environ.pop(_paths.ENV_FD, None)
+    if raw is None:
+        return None
+    try:
+        fd = int(raw)
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise OSError("not a socket")
+    except (ValueError, OSError):
+        log.warning("ignoring %s=%r: not an inherited socket", _paths.ENV_FD, raw)
+        return None
+    os.set_inheritable(fd, False)
+    return socket.socket(fileno=fd)
+
+
+def connect(path: str | None = None, wait: str = "adaptive") -> Process:
+    """Connect this process to the kernel: an inherited socket (from spawn) when there is one,
+    else `path`, $CAPBUS_SOCKET or the default per-user path.
+
+    wait: how this process waits on the data plane: "adaptive" (spin briefly, then sleep),
+    "spin" (lowest latency, burns a core) or "block".
+    """
+    if wait not in WAIT_MODES:
+        raise ValueError(f"wait must be one of {WAIT_MODES}, not {wait!r}")
+    sock = _inherited_socket() if path is None else None
+    if sock is None:
+        path = path or _paths.default_socket()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise KernelUnavailable(
+                f"no capbus kernel at {path} ({exc.strerror}): start one with `capbus kernel` "
+                "or capbus.Kernel(), or set CAPBUS_SOCKET"
+            ) from None
+        except OSError:
+            sock.close()
+            raise
+    return Process(sock, wait)
