@@ -29,19 +29,19 @@ from typing import Any
 
 from .. import _paths
 from .._errors import (
+    VALUE_ERROR_CODE,
     InvalidCapability,
     IpcError,
     PermissionDenied,
     ProtocolError,
     ServiceNotFound,
-    VALUE_ERROR_CODE,
 )
 from .._protocol import frames
 from .._protocol.connection import KernelConnection, State
+from .._protocol.names import check_name
 from .captable import Capability, CapTable
 from .launcher import Child, LaunchSpec, launch
 from .policy import Policy, ProcessInfo
-from .._protocol.names import check_name
 from .registry import Registry
 from .transport import Transport
 
@@ -76,6 +76,7 @@ class ProcessRecord:
     caps: CapTable = field(default_factory=CapTable)
     services: list[Service] = field(default_factory=list)
     watched_by: set[tuple[ProcessRecord, int]] = field(default_factory=set)
+    endpoints: dict[int, Capability] = field(default_factory=dict)  # id(Service) -> its cap
     parked: dict[int, tuple[str, str]] = field(default_factory=dict)  # request id -> waiting key
     subscription: int = 0  # handle of its registration subscription, 0 if none
     notice_pending: bool = False
@@ -225,23 +226,34 @@ class Kernel:
                     timeout = max(0.0, self._timers[0][0] - time.monotonic())
                 for key, mask in self._sel.select(timeout):
                     what, rec = key.data
-                    if what == "conn":
-                        if mask & selectors.EVENT_WRITE:
-                            self._flush(rec)
-                        if mask & selectors.EVENT_READ and rec.alive:
-                            self._on_readable(rec)
-                    elif what == "pidfd":
-                        self._gone(rec, "exited")
-                    elif what == "listen":
-                        self._accept()
-                    elif what == "wake":
-                        self._drain_calls()
+                    try:
+                        self._dispatch(what, rec, mask)
+                    except Exception:
+                        # A kernel bug in serving one process must not stop the others.
+                        log.exception("kernel error while serving %s %s", what, rec)
+                        if rec is not None:
+                            self._gone(rec, "kernel error")
                 self._fire_timers()
         except Exception:  # pragma: no cover - a kernel bug must not leave a silent dead kernel
             log.exception("kernel loop crashed")
             raise
         finally:
             self._shutdown()
+
+    def _dispatch(self, what: str, rec: ProcessRecord | None, mask: int) -> None:
+        if what == "conn":
+            assert rec is not None
+            if mask & selectors.EVENT_WRITE:
+                self._flush(rec)
+            if mask & selectors.EVENT_READ and rec.alive:
+                self._on_readable(rec)
+        elif what == "pidfd":
+            assert rec is not None
+            self._gone(rec, "exited")
+        elif what == "listen":
+            self._accept()
+        elif what == "wake":
+            self._drain_calls()
 
     def _drain_calls(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -451,9 +463,9 @@ class Kernel:
         for cap in rec.caps:
             if cap.kind == "endpoint" and cap.watched:
                 cap.target.owner.watched_by.discard((rec, cap.handle))
-        for watcher, handle in rec.watched_by:
+        watchers, rec.watched_by = rec.watched_by, set()
+        for watcher, handle in watchers:
             self._event(watcher, frames.Death(handle, rec.process_id))
-        rec.watched_by.clear()
         if rec.child is not None:
             self._child_exited(rec.child, restart and not self._stopping)
 
@@ -542,8 +554,14 @@ class Kernel:
             self._respond(rec, rid, reply)
 
     def _grant(self, rec: ProcessRecord, svc: Service) -> frames.Message:
-        handle = rec.caps.insert(Capability("endpoint", svc))
-        return frames.Granted(handle, svc.owner.process_id, svc.name)
+        # One endpoint capability per (holder, service): looking a service up again returns the
+        # same handle, so repeated lookups cannot grow the holder's table.
+        cap = rec.endpoints.get(id(svc))
+        if cap is None or cap.target is not svc:
+            cap = Capability("endpoint", svc)
+            rec.caps.insert(cap)
+            rec.endpoints[id(svc)] = cap
+        return frames.Granted(cap.handle, svc.owner.process_id, svc.name)
 
     def _on_lookup(self, rec: ProcessRecord, msg: frames.Lookup, rid: int) -> frames.Message | None:
         return self._lookup(rec, "name", check_name(msg.name), msg.timeout_ms, rid)
@@ -562,7 +580,7 @@ class Kernel:
     def _notify_registration(self) -> None:
         # Coalesced: a subscriber has at most one notice outstanding until it acknowledges, so
         # a registration storm costs each subscriber one frame, and non-subscribers nothing.
-        for sub in self._subscribers:
+        for sub in list(self._subscribers):
             if not sub.notice_pending:
                 sub.notice_pending = True
                 sub.notices_sent += 1
@@ -590,8 +608,10 @@ class Kernel:
             svc.alive = False
             (self._names if svc.kind == "name" else self._packages).release(svc.name, svc)
             rec.services.remove(svc)
-        elif cap.kind == "endpoint" and cap.watched:
-            cap.target.owner.watched_by.discard((rec, cap.handle))
+        elif cap.kind == "endpoint":
+            rec.endpoints.pop(id(cap.target), None)
+            if cap.watched:
+                cap.target.owner.watched_by.discard((rec, cap.handle))
         elif cap.kind == "subscription":
             rec.subscription = 0
             rec.notice_pending = False

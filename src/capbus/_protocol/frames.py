@@ -263,7 +263,7 @@ def decode(data: bytes, nfds: int = 0) -> tuple[Message, int]:
     if body_len != len(data) - HEADER.size:
         raise ProtocolError(f"body length {body_len} != {len(data) - HEADER.size} bytes received")
     cls = _REGISTRY.get(type_code)
-    if cls is None or cls.KIND != kind:
+    if cls is None or kind != cls.KIND:
         raise ProtocolError(f"unknown frame type {type_code} of kind {kind}")
     if nfds != cls.FDS:
         raise ProtocolError(f"{cls.__name__} carries {cls.FDS} fds, got {nfds}")

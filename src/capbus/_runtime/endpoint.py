@@ -42,10 +42,13 @@ class Endpoint:
         if dead:
             self._run_callback(callback)
         elif first:
+            self._proc._watched[self.handle] = self
             self._proc._request(frames.Watch(self.handle))
 
     def close(self) -> None:
         """Give the capability back."""
+        self._proc._watched.pop(self.handle, None)
+        self._proc._endpoints.pop(self.handle, None)
         if not self._proc.closed:
             self._proc._request(frames.Release(self.handle))
 

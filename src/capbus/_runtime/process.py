@@ -37,6 +37,8 @@ class Process:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._endpoints: weakref.WeakValueDictionary[int, Endpoint] = weakref.WeakValueDictionary()
+        # Endpoints with death callbacks stay alive until told, even if the caller drops them.
+        self._watched: dict[int, Endpoint] = {}
         self._subscriptions: weakref.WeakValueDictionary[int, Subscription] = (
             weakref.WeakValueDictionary()
         )
@@ -122,8 +124,11 @@ class Process:
 
     def _endpoint(self, reply: frames.Message) -> Endpoint:
         assert isinstance(reply, frames.Granted)
-        ep = Endpoint(self, reply.handle, reply.process_id, reply.name)
-        self._endpoints[reply.handle] = ep
+        with self._lock:  # the kernel grants one capability per service: one Endpoint object
+            ep = self._endpoints.get(reply.handle)
+            if ep is None:
+                ep = Endpoint(self, reply.handle, reply.process_id, reply.name)
+                self._endpoints[reply.handle] = ep
         return ep
 
     def _on_event(self, msg: frames.Message, fds: list[int]) -> None:
@@ -131,7 +136,7 @@ class Process:
         for fd in fds:
             os.close(fd)
         if isinstance(msg, frames.Death):
-            ep = self._endpoints.get(msg.handle)
+            ep = self._watched.pop(msg.handle, None)
             if ep is not None:
                 ep._died()
         elif isinstance(msg, frames.RegistrationNotice):

@@ -1,0 +1,163 @@
+"""The `capbus` command: run a kernel, launch from a manifest, and look at a running system."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import _paths
+from ._errors import IpcError
+
+
+def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    def cell(row: dict[str, Any], col: str) -> str:
+        value = row.get(col)
+        if col == "since" and isinstance(value, (int, float)):
+            return time.strftime("%H:%M:%S", time.localtime(value))
+        if isinstance(value, list):
+            return ",".join(map(str, value)) or "-"
+        return "-" if value is None or value == "" else str(value)
+
+    cells = [[cell(r, c) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _query(socket_path: str | None, what: str) -> list[dict[str, Any]]:
+    from ._protocol import frames
+    from ._runtime.process import connect
+
+    rows: list[dict[str, Any]] = []
+    with connect(socket_path) as proc:
+        while True:
+            reply = proc._request(frames.Query(what, len(rows), 200))
+            assert isinstance(reply, frames.Rows)
+            rows.extend(reply.rows)
+            if not reply.rows or len(rows) >= reply.total:
+                return rows
+
+
+def cmd_kernel(args: argparse.Namespace) -> int:
+    from ._kernel.kernel import Kernel
+
+    kernel = Kernel(args.socket, args.policy, start=False)
+    print(f"capbus kernel serving {kernel.socket_path} (pid {os.getpid()})", flush=True)
+    kernel.serve_forever()
+    print("capbus kernel stopped", flush=True)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ._kernel import manifest
+    from ._kernel.kernel import Kernel
+
+    specs = manifest.load(args.manifest)
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
+    with Kernel(args.socket, args.policy) as kernel:
+        print(f"capbus run: kernel at {kernel.socket_path}", flush=True)
+        children = [
+            kernel.spawn(s.argv, name=s.name, package=s.package, env=s.env, restart=s.restart,
+                         max_restarts=s.max_restarts, cwd=s.cwd)
+            for s in specs
+        ]
+        codes: dict[int, int] = {}
+        while not stop and len(codes) < len(children):
+            for i, child in enumerate(children):
+                if i not in codes and child.returncode is not None:
+                    codes[i] = child.returncode
+                    print(f"capbus run: {child.spec.name or child.spec.argv[0]} exited "
+                          f"{child.returncode} after {child.restarts} restarts", flush=True)
+            time.sleep(0.05)
+    return max((abs(c) for c in codes.values()), default=0) if not stop else 130
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    rows = _query(args.socket, "processes")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(_table(rows, ("id", "pid", "uid", "package", "name", "services", "wait", "since")))
+    return 0
+
+
+def cmd_services(args: argparse.Namespace) -> int:
+    rows = _query(args.socket, "services")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(_table(rows, ("name", "kind", "id", "pid", "uid", "package", "since")))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import _demo
+
+    return _demo.main()
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ._bench import main as bench_main
+
+    return bench_main.main(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="capbus", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the kernel does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_socket(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--socket", default=None,
+                       help=f"kernel socket (default ${_paths.ENV_SOCKET} or {_paths.default_socket()})")
+        return p
+
+    p = with_socket(sub.add_parser("kernel", help="run the kernel as a daemon (SIGINT/SIGTERM stop it)"))
+    p.add_argument("--policy", default=None, help="TOML policy file")
+    p.set_defaults(fn=cmd_kernel)
+    p = with_socket(sub.add_parser("run", help="start a kernel and launch a manifest's processes"))
+    p.add_argument("manifest")
+    p.add_argument("--policy", default=None)
+    p.set_defaults(fn=cmd_run)
+    for name, fn, text in (("ps", cmd_ps, "list connected processes"),
+                           ("services", cmd_services, "list registered services")):
+        p = with_socket(sub.add_parser(name, help=text))
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(fn=fn)
+    sub.add_parser("demo", help="the tour, on an embedded kernel").set_defaults(fn=cmd_demo)
+    p = sub.add_parser("bench", help="benchmarks against the peers, printed as tables")
+    p.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
+    p.add_argument("--only", default=None, help="comma-separated: call,async,large,scale")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    p.set_defaults(fn=cmd_bench)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.fn(args)
+    except IpcError as exc:
+        print(f"capbus: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as exc:
+        print(f"capbus: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
