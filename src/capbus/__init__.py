@@ -25,6 +25,7 @@ from ._kernel.kernel import Kernel
 from ._kernel.launcher import Child
 from ._kernel.policy import Policy, ProcessInfo
 from ._runtime.endpoint import Endpoint
+from ._runtime.message import LargeMessage, Message, Request, SmallMessage
 from ._runtime.process import Process, connect
 from ._runtime.service import Service
 from ._runtime.subscription import Subscription
@@ -41,6 +42,8 @@ __all__ = [
     "IpcError",
     "Kernel",
     "KernelUnavailable",
+    "LargeMessage",
+    "Message",
     "MessageTooLarge",
     "NameTaken",
     "OutOfMemory",
@@ -52,8 +55,10 @@ __all__ = [
     "ProcessNotFound",
     "ProtocolError",
     "RateLimitExceeded",
+    "Request",
     "Service",
     "ServiceNotFound",
+    "SmallMessage",
     "Subscription",
     "Timeout",
     "WouldBlock",

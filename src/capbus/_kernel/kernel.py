@@ -27,11 +27,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import _paths
+from .. import _core, _paths
 from .._errors import (
     VALUE_ERROR_CODE,
     InvalidCapability,
     IpcError,
+    OutOfMemory,
+    PeerDied,
     PermissionDenied,
     ProtocolError,
     ServiceNotFound,
@@ -43,9 +45,14 @@ from .captable import Capability, CapTable
 from .launcher import Child, LaunchSpec, launch
 from .policy import Policy, ProcessInfo
 from .registry import Registry
+from .shm import ChannelShm, make_doorbell
 from .transport import Transport
 
 log = logging.getLogger("capbus.kernel")
+
+NSLOTS = 256  # slots per ring
+ARENA_SIZE = 128 << 20  # bytes per direction: virtual, a sparse memfd costs only what is touched
+MAX_LANES_PER_CAP = 64  # channels one holder may open on one endpoint (one per calling thread)
 
 _FRAMES_PER_WAKEUP = 32  # per connection and loop turn, so one chatty process cannot starve others
 
@@ -58,6 +65,29 @@ class Service:
     handle: int = 0
     allow: list[str] | None = None
     alive: bool = True
+    doorbell_fd: int = -1
+    channels: dict[int, Channel] = field(default_factory=dict)
+    free_indices: list[int] = field(default_factory=list)
+    next_index: int = 0
+
+    def alloc_index(self) -> int:
+        if self.free_indices:
+            return self.free_indices.pop()
+        if self.next_index >= _core.MAX_CHANNELS:
+            raise OutOfMemory(f"service {self.name!r} has {_core.MAX_CHANNELS} channels open")
+        self.next_index += 1
+        return self.next_index - 1
+
+
+@dataclass(eq=False)
+class Channel:
+    """One lane between a client and a service: the kernel's bookkeeping and mappings."""
+
+    index: int
+    service: Service
+    client: ProcessRecord
+    cap: Capability
+    shm: ChannelShm
 
 
 @dataclass(eq=False)
@@ -75,6 +105,7 @@ class ProcessRecord:
     proto: KernelConnection = field(default_factory=KernelConnection)
     caps: CapTable = field(default_factory=CapTable)
     services: list[Service] = field(default_factory=list)
+    lanes: set[Channel] = field(default_factory=set)  # channels it opened as a client
     watched_by: set[tuple[ProcessRecord, int]] = field(default_factory=set)
     endpoints: dict[int, Capability] = field(default_factory=dict)  # id(Service) -> its cap
     parked: dict[int, tuple[str, str]] = field(default_factory=dict)  # request id -> waiting key
@@ -131,6 +162,9 @@ class Kernel:
             frames.Watch: self._on_watch,
             frames.Release: self._on_release,
             frames.Query: self._on_query,
+            frames.OpenChannel: self._on_open_channel,
+            frames.CloseChannel: self._on_close_channel,
+            frames.ReportBad: self._on_report_bad,
         }
         _raise_fd_limit()
         self._lock_fd, self._listener = _bind(self.socket_path)
@@ -395,16 +429,17 @@ class Kernel:
             if not rec.alive:
                 return
 
-    def _respond(self, rec: ProcessRecord, request_id: int, msg: frames.Message) -> None:
+    def _respond(self, rec: ProcessRecord, request_id: int, msg: frames.Message,
+                 fds: tuple[int, ...] = ()) -> None:
         if not rec.alive:
             return
-        self._send(rec, rec.proto.respond(request_id, msg))
+        self._send(rec, rec.proto.respond(request_id, msg), fds)
         if rec.proto.state is State.CLOSED:
             self._gone(rec, "refused at Hello")
 
-    def _event(self, rec: ProcessRecord, msg: frames.Message) -> None:
+    def _event(self, rec: ProcessRecord, msg: frames.Message, fds: tuple[int, ...] = ()) -> None:
         if rec.alive and rec.proto.state is State.READY:
-            self._send(rec, rec.proto.event(msg))
+            self._send(rec, rec.proto.event(msg), fds)
 
     def _send(self, rec: ProcessRecord, frame: bytes, fds: tuple[int, ...] = ()) -> None:
         if not rec.alive:
@@ -449,9 +484,10 @@ class Kernel:
             os.close(rec.pidfd)
             rec.pidfd = None
         for svc in rec.services:
-            svc.alive = False
-            (self._names if svc.kind == "name" else self._packages).release(svc.name, svc)
+            self._end_service(svc, _core.STATE_PEER_DEAD)
         rec.services.clear()
+        for ch in list(rec.lanes):
+            self._close_channel(ch, _core.STATE_PEER_DEAD)
         for request_id, key in rec.parked.items():
             waiters = self._waiters.get(key, [])
             with contextlib.suppress(ValueError):
@@ -489,33 +525,37 @@ class Kernel:
         rec.wait_mode = msg.wait_mode
         return frames.Welcome(rec.process_id, rec.package, max(rec.pid, 0))
 
-    def _register(self, rec: ProcessRecord, key: str, kind: str,
-                  allow: list[str] | None) -> frames.Message:
+    def _register(self, rec: ProcessRecord, key: str, kind: str, allow: list[str] | None,
+                  rid: int) -> None:
         self.policy.may_register(rec.info(), key)
         registry = self._names if kind == "name" else self._packages
         svc = Service(key, kind, rec, allow=allow)
         registry.claim(key, svc)
         try:
             svc.handle = rec.caps.insert(Capability("service", svc))
-        except IpcError:
+            svc.doorbell_fd = make_doorbell()
+        except (IpcError, OSError) as exc:
             registry.release(key, svc)
-            raise
+            if svc.handle:
+                rec.caps.remove(svc.handle)
+            raise exc if isinstance(exc, IpcError) else OutOfMemory(f"no doorbell: {exc}") from None
         rec.services.append(svc)
+        self._respond(rec, rid, frames.Registered(svc.handle, key), (svc.doorbell_fd,))
         self._grant_waiters((kind, key), svc)
         self._notify_registration()
-        return frames.Registered(svc.handle, key)
+        return None
 
-    def _on_register(self, rec: ProcessRecord, msg: frames.Register, rid: int) -> frames.Message:
-        return self._register(rec, check_name(msg.name), "name", msg.allow)
+    def _on_register(self, rec: ProcessRecord, msg: frames.Register, rid: int) -> None:
+        return self._register(rec, check_name(msg.name), "name", msg.allow, rid)
 
     def _on_register_package(self, rec: ProcessRecord, msg: frames.RegisterPackage,
-                             rid: int) -> frames.Message:
+                             rid: int) -> None:
         if rec.package is None:
             raise PermissionDenied(
                 "this process has no verified package: launch it with kernel.spawn(package=...) "
                 "or capbus run, or map its uid to a package in the kernel's policy"
             )
-        return self._register(rec, rec.package, "package", msg.allow)
+        return self._register(rec, rec.package, "package", msg.allow, rid)
 
     def _lookup(self, rec: ProcessRecord, kind: str, key: str, timeout_ms: int,
                 rid: int) -> frames.Message | None:
@@ -605,17 +645,89 @@ class Kernel:
         cap = rec.caps.remove(msg.handle)
         if cap.kind == "service":
             svc: Service = cap.target
-            svc.alive = False
-            (self._names if svc.kind == "name" else self._packages).release(svc.name, svc)
+            self._end_service(svc, _core.STATE_CLOSED)
             rec.services.remove(svc)
         elif cap.kind == "endpoint":
             rec.endpoints.pop(id(cap.target), None)
+            for ch in list(cap.extra.get("lanes", ())):
+                self._close_channel(ch, _core.STATE_CLOSED)
             if cap.watched:
                 cap.target.owner.watched_by.discard((rec, cap.handle))
         elif cap.kind == "subscription":
             rec.subscription = 0
             rec.notice_pending = False
             self._subscribers.discard(rec)
+        return frames.Ok()
+
+    # ---- channels -----------------------------------------------------------------------------
+
+    def _on_open_channel(self, rec: ProcessRecord, msg: frames.OpenChannel, rid: int) -> None:
+        cap = rec.caps.get(msg.handle, "endpoint")
+        svc: Service = cap.target
+        if not svc.alive:
+            raise PeerDied(f"the process serving {svc.name!r} has exited: look it up again")
+        lanes: set[Channel] = cap.extra.setdefault("lanes", set())
+        if len(lanes) >= MAX_LANES_PER_CAP:
+            raise OutOfMemory(f"{MAX_LANES_PER_CAP} threads already call {svc.name!r} from here")
+        index = svc.alloc_index()
+        try:
+            shm = ChannelShm(NSLOTS, ARENA_SIZE, rec.process_id)
+        except OSError as exc:
+            svc.free_indices.append(index)
+            raise OutOfMemory(f"cannot create a channel: {exc}") from None
+        ch = Channel(index, svc, rec, cap, shm)
+        svc.channels[index] = ch
+        rec.lanes.add(ch)
+        lanes.add(ch)
+        # The server learns of the channel before the client can use it (one ordered socket
+        # each, but the server maps it on its own time: a request that arrives first waits in
+        # the ring, and the doorbell bit tells the server once it has mapped it).
+        self._event(svc.owner, frames.ChannelOpened(svc.handle, index, rec.process_id, NSLOTS,
+                                                    ARENA_SIZE), (shm.chan_fd, shm.ctrl_fd))
+        self._respond(rec, rid, frames.ChannelGranted(index, NSLOTS, ARENA_SIZE),
+                      (shm.chan_fd, shm.ctrl_fd, svc.doorbell_fd))
+        shm.drop_fds()
+
+    def _close_channel(self, ch: Channel, state: int, tell_server: bool = True) -> None:
+        svc = ch.service
+        if svc.channels.get(ch.index) is not ch:
+            return
+        ch.shm.set_state(state)
+        del svc.channels[ch.index]
+        svc.free_indices.append(ch.index)
+        ch.client.lanes.discard(ch)
+        ch.cap.extra.get("lanes", set()).discard(ch)
+        if tell_server and svc.alive:
+            self._event(svc.owner, frames.ChannelClosed(svc.handle, ch.index))
+        ch.shm.close()
+
+    def _end_service(self, svc: Service, state: int) -> None:
+        """Unregistered or its process gone: every channel to it ends, its clients are woken."""
+        svc.alive = False
+        (self._names if svc.kind == "name" else self._packages).release(svc.name, svc)
+        for ch in list(svc.channels.values()):
+            self._close_channel(ch, state, tell_server=False)
+        if svc.doorbell_fd >= 0:
+            os.close(svc.doorbell_fd)
+            svc.doorbell_fd = -1
+
+    def _on_close_channel(self, rec: ProcessRecord, msg: frames.CloseChannel,
+                          rid: int) -> frames.Message:
+        cap = rec.caps.get(msg.handle, "endpoint")
+        ch = cap.target.channels.get(msg.index)
+        if ch is None or ch.client is not rec or ch.cap is not cap:
+            raise InvalidCapability(f"channel {msg.index} is not one of this endpoint's")
+        self._close_channel(ch, _core.STATE_CLOSED)
+        return frames.Ok()
+
+    def _on_report_bad(self, rec: ProcessRecord, msg: frames.ReportBad, rid: int) -> frames.Message:
+        cap = rec.caps.get(msg.handle, "service")
+        ch = cap.target.channels.get(msg.index)
+        if ch is not None:
+            log.warning("service %r (process %d) reports garbage from process %d on channel %d: "
+                        "%s; channel closed", cap.target.name, rec.process_id,
+                        ch.client.process_id, msg.index, msg.reason[:200])
+            self._close_channel(ch, _core.STATE_CLOSED, tell_server=False)
         return frames.Ok()
 
     def _on_query(self, rec: ProcessRecord, msg: frames.Query, rid: int) -> frames.Message:

@@ -148,6 +148,28 @@ class Release(Message):
     handle: int
 
 
+@message(11, KIND_REQUEST, handle="u64")
+class OpenChannel(Message):
+    """A channel (one lane: rings and arenas) to the service an endpoint names."""
+
+    handle: int
+
+
+@message(12, KIND_REQUEST, handle="u64", index="u64")
+class CloseChannel(Message):
+    handle: int
+    index: int
+
+
+@message(13, KIND_REQUEST, handle="u64", index="u64", reason="str")
+class ReportBad(Message):
+    """A service found garbage on one of its channels; the kernel closes and records it."""
+
+    handle: int
+    index: int
+    reason: str
+
+
 @message(10, KIND_REQUEST, what="str", offset="u64", limit="u64")
 class Query(Message):
     """Introspection for the CLI: what is "processes" or "services"; paged."""
@@ -178,8 +200,10 @@ class Error(Message):
     text: str
 
 
-@message(67, KIND_RESPONSE, handle="u64", name="str")
+@message(67, KIND_RESPONSE, fds=1, handle="u64", name="str")
 class Registered(Message):
+    """A service capability, with its doorbell (fd)."""
+
     handle: int
     name: str
 
@@ -196,6 +220,15 @@ class Granted(Message):
 @message(69, KIND_RESPONSE, handle="u64")
 class Subscribed(Message):
     handle: int
+
+
+@message(71, KIND_RESPONSE, fds=3, index="u64", nslots="u64", arena_size="u64")
+class ChannelGranted(Message):
+    """A channel's fds: the channel memfd, its control page and the service's doorbell."""
+
+    index: int
+    nslots: int
+    arena_size: int
 
 
 @message(70, KIND_RESPONSE, rows="rows", total="u64")
@@ -222,6 +255,26 @@ class Death(Message):
     process_id: int
 
 
+@message(130, KIND_EVENT, fds=2, handle="u64", index="u64", sender="u64", nslots="u64",
+         arena_size="u64")
+class ChannelOpened(Message):
+    """To a service: a client opened a channel (fds: channel memfd, control page)."""
+
+    handle: int
+    index: int
+    sender: int
+    nslots: int
+    arena_size: int
+
+
+@message(131, KIND_EVENT, handle="u64", index="u64")
+class ChannelClosed(Message):
+    """To a service: that channel's client is gone or closed it."""
+
+    handle: int
+    index: int
+
+
 # Which responses a request may legitimately get (Error always may).
 RESPONSES: dict[type[Message], tuple[type[Message], ...]] = {
     Hello: (Welcome,),
@@ -234,6 +287,9 @@ RESPONSES: dict[type[Message], tuple[type[Message], ...]] = {
     Watch: (Ok,),
     Release: (Ok,),
     Query: (Rows,),
+    OpenChannel: (ChannelGranted,),
+    CloseChannel: (Ok,),
+    ReportBad: (Ok,),
 }
 
 

@@ -22,9 +22,10 @@ _KERNEL_GRACE = 30.0
 
 
 class _Pending:
-    __slots__ = ("done", "reply", "fds")
+    __slots__ = ("done", "reply", "fds", "waited")
 
-    def __init__(self) -> None:
+    def __init__(self, waited: bool = True) -> None:
+        self.waited = waited
         self.done = threading.Event()
         self.reply: frames.Message | BaseException | None = None
         self.fds: list[int] = []
@@ -34,7 +35,9 @@ class Control:
     def __init__(self, sock: socket.socket, on_event: Callable[[frames.Message, list[int]], None]):
         self.sock = sock
         self._proto = ProcessConnection()
-        self._lock = threading.Lock()
+        # Re-entrant: a lane's finalizer may send a request_nowait from inside a GC pass that ran
+        # while this thread held the lock; each section is self-contained, so nesting is safe.
+        self._lock = threading.RLock()
         self._pending: dict[int, _Pending] = {}
         self._on_event = on_event
         self._closed: BaseException | None = None
@@ -81,6 +84,18 @@ class Control:
         if isinstance(reply, frames.Error):
             raise error_from_code(reply.code, reply.text)
         return reply, pending.fds
+
+    def request_nowait(self, msg: frames.Message) -> None:
+        """Send a request whose answer nobody waits for (it is read and dropped); never raises."""
+        with self._lock:
+            if self._closed is not None:
+                return
+            try:
+                request_id, frame = self._proto.request(msg)
+                self._pending[request_id] = _Pending(waited=False)
+                self.sock.send(frame)
+            except (OSError, ProtocolError):
+                pass
 
     def close(self, reason: BaseException | None = None) -> None:
         with self._lock:
@@ -132,6 +147,9 @@ class Control:
                 if pending is not None:
                     pending.reply, pending.fds = msg, fds
                     pending.done.set()
+                    if not pending.waited:
+                        for fd in fds:
+                            os.close(fd)
                 elif request_id == 0:
                     self._on_event(msg, fds)
         except ProtocolError as exc:

@@ -37,6 +37,7 @@ class Process:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._endpoints: weakref.WeakValueDictionary[int, Endpoint] = weakref.WeakValueDictionary()
+        self._services: dict[int, Service] = {}
         # Endpoints with death callbacks stay alive until told, even if the caller drops them.
         self._watched: dict[int, Endpoint] = {}
         self._subscriptions: weakref.WeakValueDictionary[int, Subscription] = (
@@ -75,15 +76,11 @@ class Process:
     def register(self, name: str, *, allow: list[str | int] | None = None) -> Service:
         """Serve under a string name (first come, first served): NameTaken, PermissionDenied."""
         check_name(name)
-        reply = self._request(frames.Register(name, _allow(allow)))
-        assert isinstance(reply, frames.Registered)
-        return Service(self, reply.handle, reply.name)
+        return self._service(self._request_fds(frames.Register(name, _allow(allow))))
 
     def register_package(self, *, allow: list[str | int] | None = None) -> Service:
         """Serve under this process's verified package name."""
-        reply = self._request(frames.RegisterPackage(_allow(allow)))
-        assert isinstance(reply, frames.Registered)
-        return Service(self, reply.handle, reply.name)
+        return self._service(self._request_fds(frames.RegisterPackage(_allow(allow))))
 
     def lookup(self, name: str, timeout: float = 0) -> Endpoint:
         """An endpoint capability for a registered name: ServiceNotFound unless it appears
@@ -116,11 +113,23 @@ class Process:
             )
 
     def _request(self, msg: frames.Message, timeout: float | None = None) -> frames.Message:
-        self._check()
-        reply, fds = self._control.request(msg, timeout)
-        for fd in fds:  # nothing in this protocol version carries fds to a process yet
+        reply, fds = self._request_fds(msg, timeout)
+        for fd in fds:
             os.close(fd)
         return reply
+
+    def _request_fds(self, msg: frames.Message,
+                     timeout: float | None = None) -> tuple[frames.Message, list[int]]:
+        """A request whose answer carries fds: the caller owns (and closes) them."""
+        self._check()
+        return self._control.request(msg, timeout)
+
+    def _service(self, answer: tuple[frames.Message, list[int]]) -> Service:
+        reply, fds = answer
+        assert isinstance(reply, frames.Registered) and len(fds) == 1
+        svc = Service(self, reply.handle, reply.name, fds[0])
+        self._services[reply.handle] = svc
+        return svc
 
     def _endpoint(self, reply: frames.Message) -> Endpoint:
         assert isinstance(reply, frames.Granted)
@@ -133,6 +142,14 @@ class Process:
 
     def _on_event(self, msg: frames.Message, fds: list[int]) -> None:
         """Called on the control reader thread."""
+        if isinstance(msg, frames.ChannelOpened):
+            svc = self._services.get(msg.handle)
+            if svc is not None:
+                svc._channel_opened(msg, fds)
+        elif isinstance(msg, frames.ChannelClosed):
+            svc = self._services.get(msg.handle)
+            if svc is not None:
+                svc._channel_closed(msg.index)
         for fd in fds:
             os.close(fd)
         if isinstance(msg, frames.Death):
