@@ -11,9 +11,9 @@ import time
 import zlib
 
 import pytest
+from conftest import readline
 
 import capbus
-from conftest import readline
 
 # A server process: echoes opcode+1, data reversed, payload with its crc32 in data[0] when asked.
 ECHO_SERVER = """
@@ -55,8 +55,8 @@ def test_layouts_match_veridianos():
     from capbus import _core
 
     assert _core.SMALL_MESSAGE_SIZE == 48 and _core.SLOT_SIZE == 64
-    assert _core.LARGE_MSG_SIZE == ctypes.sizeof(capbus.LargeMessage)
-    assert _core.LM_CHECKSUM_OFF == capbus.LargeMessage.header.offset + 24
+    assert ctypes.sizeof(capbus.LargeMessage) == _core.LARGE_MSG_SIZE
+    assert capbus.LargeMessage.header.offset + 24 == _core.LM_CHECKSUM_OFF
 
 
 def test_call_round_trip(kernel, echo):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .. import _core
 from .._errors import IpcError, PeerDied, Timeout
 from .._protocol import frames
-from .endpoint import ADAPTIVE_SPIN_NS, _WAIT_CODES, timeout_ns
+from .endpoint import _WAIT_CODES, ADAPTIVE_SPIN_NS, timeout_ns
 from .message import Message, Request, check_flags
 
 if TYPE_CHECKING:
