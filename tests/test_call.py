@@ -190,6 +190,7 @@ def test_client_dying_mid_call_leaves_server_serving(kernel, echo, children):
 
 
 def test_fair_round_robin_across_three_clients(kernel, children):
+    """Three clients keep a busy server loaded; none gets less than a fair share."""
     server = children.start("""
         import capbus, collections, time
         p = capbus.connect(wait="block")
@@ -206,6 +207,7 @@ def test_fair_round_robin_across_three_clients(kernel, children):
                 end = time.monotonic() + 1.5
             if time.monotonic() < end:
                 counts[req.sender] += 1
+            time.sleep(0.001)   # slow: every client always has a request waiting for its turn
             req.reply(0)
     """, stdin=subprocess.DEVNULL)
     assert readline(server) == "ready"
@@ -224,4 +226,5 @@ def test_fair_round_robin_across_three_clients(kernel, children):
         counts = me.lookup("fair").call(2, timeout=5).data[:3]
     total = sum(counts)
     assert total > 300, counts
-    assert min(counts) >= 0.7 * total / 3, counts
+    # Round robin: each waiting client is served once per turn (lowest-index-first would starve).
+    assert min(counts) >= 0.85 * total / 3, counts

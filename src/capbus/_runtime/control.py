@@ -32,8 +32,16 @@ class _Pending:
 
 
 class Control:
-    def __init__(self, sock: socket.socket, on_event: Callable[[frames.Message, list[int]], None]):
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_event: Callable[[frames.Message, list[int]], None],
+        on_response: Callable[[frames.Message, list[int]], list[int]],
+    ):
         self.sock = sock
+        # Runs on the reader thread before the caller wakes, so that state a response creates
+        # exists before any later frame (events are ordered behind it on the one socket).
+        self._on_response = on_response
         self._proto = ProcessConnection()
         # Re-entrant: a lane's finalizer may send a request_nowait from inside a GC pass that ran
         # while this thread held the lock; each section is self-contained, so nesting is safe.
@@ -145,7 +153,7 @@ class Control:
                     msg, request_id = self._proto.receive(data, len(fds))
                     pending = self._pending.pop(request_id, None) if request_id else None
                 if pending is not None:
-                    pending.reply, pending.fds = msg, fds
+                    pending.reply, pending.fds = msg, self._on_response(msg, fds)
                     pending.done.set()
                     if not pending.waited:
                         for fd in fds:

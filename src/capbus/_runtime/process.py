@@ -43,7 +43,7 @@ class Process:
         self._subscriptions: weakref.WeakValueDictionary[int, Subscription] = (
             weakref.WeakValueDictionary()
         )
-        self._control = Control(sock, self._on_event)
+        self._control = Control(sock, self._on_event, self._on_response)
         try:
             welcome = self._control.hello(wait)
         except BaseException:
@@ -125,11 +125,16 @@ class Process:
         return self._control.request(msg, timeout)
 
     def _service(self, answer: tuple[frames.Message, list[int]]) -> Service:
-        reply, fds = answer
-        assert isinstance(reply, frames.Registered) and len(fds) == 1
-        svc = Service(self, reply.handle, reply.name, fds[0])
-        self._services[reply.handle] = svc
-        return svc
+        reply, _ = answer
+        assert isinstance(reply, frames.Registered)
+        return self._services[reply.handle]
+
+    def _on_response(self, msg: frames.Message, fds: list[int]) -> list[int]:
+        """Reader thread: a new service exists before its first ChannelOpened is read."""
+        if isinstance(msg, frames.Registered):
+            self._services[msg.handle] = Service(self, msg.handle, msg.name, fds[0])
+            return []
+        return fds
 
     def _endpoint(self, reply: frames.Message) -> Endpoint:
         assert isinstance(reply, frames.Granted)

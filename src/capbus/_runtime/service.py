@@ -104,9 +104,14 @@ class Service:
             self._proc._control.request_nowait(frames.ReportBad(self.handle, msg.index, str(exc)))
 
     def _channel_closed(self, index: int) -> None:
-        self._set.remove(index)
+        try:
+            self._set.remove(index)
+        except KeyError:  # never mapped, or already dropped as corrupt
+            pass
 
     def _corrupt(self, index: int, reason: str) -> None:
+        # Free the index here first: once the kernel hears of it, it may reuse the index.
+        self._channel_closed(index)
         self.corrupt_channels += 1
         log.warning("service %r: garbage on channel %d (%s): channel dropped", self.name, index,
                     reason)
