@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import readline
 
 import capbus
-from conftest import readline
 
 RING_MEMBER = """
 import capbus, sys

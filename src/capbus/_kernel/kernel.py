@@ -57,6 +57,16 @@ MAX_LANES_PER_CAP = 64  # channels one holder may open on one endpoint (one per 
 _FRAMES_PER_WAKEUP = 32  # per connection and loop turn, so one chatty process cannot starve others
 
 
+@dataclass(eq=False, order=False)
+class _Timer:
+    deadline: float
+    seq: int
+    fn: Callable[[], None] | None  # None: cancelled
+
+    def __lt__(self, other: _Timer) -> bool:
+        return (self.deadline, self.seq) < (other.deadline, other.seq)
+
+
 @dataclass(eq=False)
 class Service:
     name: str
@@ -108,7 +118,8 @@ class ProcessRecord:
     lanes: set[Channel] = field(default_factory=set)  # channels it opened as a client
     watched_by: set[tuple[ProcessRecord, int]] = field(default_factory=set)
     endpoints: dict[int, Capability] = field(default_factory=dict)  # id(Service) -> its cap
-    parked: dict[int, tuple[str, str]] = field(default_factory=dict)  # request id -> waiting key
+    # request id -> (waiting key, its expiry timer)
+    parked: dict[int, tuple[tuple[str, str], _Timer]] = field(default_factory=dict)
     subscription: int = 0  # handle of its registration subscription, 0 if none
     notice_pending: bool = False
     notices_sent: int = 0
@@ -144,11 +155,13 @@ class Kernel:
         self._packages: Registry[Service] = Registry("package")
         self._subscribers: set[ProcessRecord] = set()
         self._waiters: dict[tuple[str, str], list[tuple[ProcessRecord, int]]] = {}
-        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timers: list[_Timer] = []
+        self._cancelled_timers = 0
         self._timer_seq = itertools.count()
         self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple, Future]] = queue.SimpleQueue()
         self._children: set[Child] = set()
         self._stopping = False
+        self._shut = False
         self._thread: threading.Thread | None = None
         self._sel = selectors.DefaultSelector()
         self._handlers: dict[type, Callable[[ProcessRecord, Any, int], frames.Message | None]] = {
@@ -257,7 +270,8 @@ class Kernel:
             while not self._stopping:
                 timeout = None
                 if self._timers:
-                    timeout = max(0.0, self._timers[0][0] - time.monotonic())
+                    # Clamped: a parked lookup may wait for days; epoll takes at most ~24 days.
+                    timeout = min(max(0.0, self._timers[0].deadline - time.monotonic()), 3600.0)
                 for key, mask in self._sel.select(timeout):
                     what, rec = key.data
                     try:
@@ -304,14 +318,34 @@ class Kernel:
 
     def _fire_timers(self) -> None:
         now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, fn = heapq.heappop(self._timers)
-            fn()
+        while self._timers and self._timers[0].deadline <= now:
+            timer = heapq.heappop(self._timers)
+            if timer.fn is None:
+                self._cancelled_timers -= 1
+            else:
+                timer.fn()
 
-    def _after(self, delay: float, fn: Callable[[], None]) -> None:
-        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), fn))
+    def _after(self, delay: float, fn: Callable[[], None]) -> _Timer:
+        timer = _Timer(time.monotonic() + min(delay, 1e9), next(self._timer_seq), fn)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def _cancel(self, timer: _Timer) -> None:
+        """Drop a timer (and what its closure holds); the heap is compacted when half is dead,
+        so processes that park long lookups and leave cannot grow it."""
+        if timer.fn is None:
+            return
+        timer.fn = None
+        self._cancelled_timers += 1
+        if self._cancelled_timers > 64 and self._cancelled_timers * 2 > len(self._timers):
+            self._timers = [t for t in self._timers if t.fn is not None]
+            heapq.heapify(self._timers)
+            self._cancelled_timers = 0
 
     def _shutdown(self) -> None:
+        if self._shut:
+            return
+        self._shut = True
         for rec in list(self._procs.values()):
             self._gone(rec, "kernel stopping", restart=False)
         for child in list(self._children):
@@ -488,7 +522,8 @@ class Kernel:
         rec.services.clear()
         for ch in list(rec.lanes):
             self._close_channel(ch, _core.STATE_PEER_DEAD)
-        for request_id, key in rec.parked.items():
+        for request_id, (key, timer) in rec.parked.items():
+            self._cancel(timer)
             waiters = self._waiters.get(key, [])
             with contextlib.suppress(ValueError):
                 waiters.remove((rec, request_id))
@@ -565,9 +600,6 @@ class Kernel:
             return self._grant(rec, svc)
         if timeout_ms == 0:
             raise ServiceNotFound(f"no live process serves the {registry.what} {key!r}")
-        rec.parked[rid] = (kind, key)
-        self._waiters.setdefault((kind, key), []).append((rec, rid))
-
         def expire() -> None:
             if rec.parked.pop(rid, None) is None:
                 return
@@ -580,13 +612,16 @@ class Kernel:
                                   f"within {timeout_ms} ms")
             self._respond(rec, rid, frames.Error(err.code, str(err)))
 
-        self._after(timeout_ms / 1000.0, expire)
+        rec.parked[rid] = ((kind, key), self._after(timeout_ms / 1000.0, expire))
+        self._waiters.setdefault((kind, key), []).append((rec, rid))
         return None
 
     def _grant_waiters(self, key: tuple[str, str], svc: Service) -> None:
         for rec, rid in self._waiters.pop(key, []):
-            if rec.parked.pop(rid, None) is None or not rec.alive:
+            parked = rec.parked.pop(rid, None)
+            if parked is None or not rec.alive:
                 continue
+            self._cancel(parked[1])
             try:
                 reply: frames.Message = self._grant(rec, svc)
             except IpcError as exc:
