@@ -1,0 +1,1 @@
+"""Benchmarks for capbus: result model, printer and comparison ("peer") mechanisms."""
