@@ -91,8 +91,11 @@ def test_payload_64_mib(kernel, echo):
 def test_bad_arguments_fail_before_sending(kernel, echo):
     with capbus.connect(kernel.socket_path) as me:
         ep = me.lookup("echo")
-        for data in [(1, 2, 3, 4, 5), (-1,), (2**64,), ("x",), (1.5,)]:
+        for data in [(1, 2, 3, 4, 5), (-1,), (2**64,)]:
             with pytest.raises(ValueError):
+                ep.call(1, data=data, timeout=5)
+        for data in [("x",), (1.5,)]:
+            with pytest.raises(TypeError):
                 ep.call(1, data=data, timeout=5)
         for opcode in (-1, 2**32):
             with pytest.raises(ValueError):

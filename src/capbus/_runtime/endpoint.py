@@ -15,13 +15,15 @@ from typing import TYPE_CHECKING
 from .. import _core
 from .._errors import InvalidCapability, error_from_code
 from .._protocol import frames
-from .message import Message, check_flags, pack_data
+from .message import USER_FLAGS, Message, bad_flags, pad_data
 
 if TYPE_CHECKING:
     from .process import Process
 
 log = logging.getLogger("capbus")
 _WAIT_CODES = {"spin": 0, "adaptive": 1, "block": 2}
+_REPLY = _core.FLAG_REPLY_EXPECTED
+_ERROR = _core.FLAG_ERROR
 ADAPTIVE_SPIN_NS = 50_000
 
 
@@ -72,13 +74,19 @@ class Endpoint:
         Timeout cancels the transaction (a late reply is dropped); PeerDied if the server exits;
         ValueError / MessageTooLarge before anything is sent if the arguments cannot travel.
         """
-        d0, d1, d2, d3 = pack_data(data)
-        lane = self._lane()
-        r = lane.call(self.handle, opcode, check_flags(flags) | _core.FLAG_REPLY_EXPECTED,
-                      d0, d1, d2, d3, payload or None, timeout_ns(timeout))
-        if r[1] & _core.FLAG_ERROR:
-            raise error_from_code(r[2], f"{self.name!r} failed: {(r[6] or b'').decode(errors='replace')}")
-        return Message(r[0], r[1], (r[2], r[3], r[4], r[5]), r[6])
+        # The hot path: no helper calls unless something needs fixing up.
+        holder = getattr(self._local, "holder", None)
+        lane = holder.lane if holder is not None else self._lane()
+        if len(data) != 4:
+            data = pad_data(data)
+        if flags & ~USER_FLAGS:
+            raise bad_flags(flags)
+        r = lane.call(self.handle, opcode, flags | _REPLY, data[0], data[1], data[2], data[3],
+                      payload or None, -1 if timeout is None else timeout_ns(timeout))
+        if r[1] & _ERROR:
+            text = (r[6] or b"").decode(errors="replace")
+            raise error_from_code(r[2], f"{self.name!r} failed: {text}")
+        return Message(r)
 
     def _lane(self):
         holder = getattr(self._local, "holder", None)

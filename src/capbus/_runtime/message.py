@@ -13,7 +13,6 @@ from .._errors import IpcError
 if TYPE_CHECKING:
     from .service import Service
 
-U64_MAX = (1 << 64) - 1
 USER_FLAGS = _core.FLAG_USER_MASK
 _ZEROS = (0, 0, 0, 0)
 
@@ -64,74 +63,107 @@ class LargeMessage(ctypes.LittleEndianStructure):
     ]
 
 
-def pack_data(data: tuple[int, ...] | list[int]) -> tuple[int, int, int, int]:
-    """Up to four u64 values, zero-padded; anything else is a ValueError before sending."""
+def pad_data(data: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """Up to four u64 values, zero-padded (the native core checks each is an int in range)."""
     n = len(data)
-    if n == 4:
-        d = tuple(data)
-    elif n < 4:
-        d = tuple(data) + _ZEROS[n:]
-    else:
+    if n > 4:
         raise ValueError(f"data carries at most 4 values, got {n}")
-    for v in d:
-        if type(v) is not int or not 0 <= v <= U64_MAX:
-            raise ValueError(f"data values must be ints in 0..2**64-1, got {v!r}")
-    return d  # type: ignore[return-value]
+    return tuple(data) + _ZEROS[n:]
 
 
-def check_flags(flags: int) -> int:
-    if flags & ~USER_FLAGS or flags < 0:
-        raise ValueError(f"user flags must lie in {USER_FLAGS:#x}, got {flags:#x}")
-    return flags
+def bad_flags(flags: int) -> ValueError:
+    return ValueError(f"user flags must lie in {USER_FLAGS:#x}, got {flags:#x}")
 
 
-class Message:
-    """A reply (or any received message): opcode, flags, four u64 of data, and a payload."""
+class Message(tuple):
+    """A received message: .opcode, .flags, .data (four u64) and .payload (bytes).
 
-    __slots__ = ("opcode", "flags", "data", "payload")
+    A tuple underneath (opcode, flags, d0, d1, d2, d3, payload), exactly as the native core
+    returns it: building one costs no more than the call that produced it.
+    """
 
-    def __init__(self, opcode: int, flags: int, data: tuple[int, int, int, int],
-                 payload: bytes | None) -> None:
-        self.opcode = opcode
-        self.flags = flags & USER_FLAGS
-        self.data = data
-        self.payload = payload if payload is not None else b""
+    __slots__ = ()
+
+    @property
+    def opcode(self) -> int:
+        return self[0]
+
+    @property
+    def flags(self) -> int:
+        return self[1] & USER_FLAGS
+
+    @property
+    def data(self) -> tuple[int, int, int, int]:
+        return self[2:6]
+
+    @property
+    def payload(self) -> bytes:
+        return self[6] or b""
 
     def __repr__(self) -> str:
-        return f"<capbus.{type(self).__name__} opcode={self.opcode} data={self.data} " \
-               f"payload={len(self.payload)} bytes>"
+        return f"<capbus.Message opcode={self[0]} data={self[2:6]} payload={len(self.payload)} bytes>"
 
 
-class Request(Message):
+class Request:
     """A message a Service received: .sender is the kernel-verified ProcessId of the caller."""
 
-    __slots__ = ("sender", "expects_reply", "regions", "caps", "_svc", "_index", "_tag", "_done")
+    __slots__ = ("_raw", "_svc", "_done")
+    regions: tuple = ()
+    caps: tuple = ()
 
     def __init__(self, svc: Service, raw: tuple) -> None:
-        index, tag, _cap, opcode, flags, d0, d1, d2, d3, payload, sender = raw
-        super().__init__(opcode, flags, (d0, d1, d2, d3), payload)
-        self.sender: int = sender
-        self.expects_reply = bool(flags & _core.FLAG_REPLY_EXPECTED)
-        self.regions: list = []
-        self.caps: list = []
-        self._svc, self._index, self._tag, self._done = svc, index, tag, False
+        # raw: (index, tag, capability, opcode, flags, d0, d1, d2, d3, payload, sender)
+        self._raw, self._svc, self._done = raw, svc, False
+
+    @property
+    def sender(self) -> int:
+        return self._raw[10]
+
+    @property
+    def opcode(self) -> int:
+        return self._raw[3]
+
+    @property
+    def flags(self) -> int:
+        return self._raw[4] & USER_FLAGS
+
+    @property
+    def data(self) -> tuple[int, int, int, int]:
+        return self._raw[5:9]
+
+    @property
+    def payload(self) -> bytes:
+        return self._raw[9] or b""
+
+    @property
+    def expects_reply(self) -> bool:
+        return bool(self._raw[4] & _core.FLAG_REPLY_EXPECTED)
+
+    def __repr__(self) -> str:
+        return (f"<capbus.Request from {self.sender} opcode={self.opcode} data={self.data} "
+                f"payload={len(self.payload)} bytes>")
 
     def reply(self, opcode: int = 0, data: tuple[int, ...] = (), payload: bytes = b"",
               flags: int = 0) -> None:
         """Answer a call. PeerDied if the caller has gone (its reply is dropped)."""
-        if not self.expects_reply:
-            raise IpcError("this message came from send_async: it takes no reply")
-        if self._done:
-            raise IpcError("this request has already been replied to")
-        d = pack_data(data)
+        raw = self._raw
+        if self._done or not raw[4] & _core.FLAG_REPLY_EXPECTED:
+            raise IpcError("this request has already been replied to" if self._done else
+                           "this message came from send_async: it takes no reply")
+        if len(data) != 4:
+            data = pad_data(data)
+        if flags & ~USER_FLAGS:
+            raise bad_flags(flags)
         self._done = True
-        self._svc._reply(self._index, self._tag, opcode, check_flags(flags), d, payload)
+        self._svc._set.reply(raw[0], raw[1], opcode, flags, data[0], data[1], data[2], data[3],
+                             payload or None)
 
     def reply_error(self, exc: BaseException) -> None:
-        """Answer a call with an error: the caller raises IpcError carrying this text."""
+        """Answer a call with an error: the caller raises the matching IpcError with this text."""
         if not self.expects_reply or self._done:
             return
         self._done = True
         text = f"{type(exc).__name__}: {exc}".encode()[:4096]
         code = exc.code if isinstance(exc, IpcError) else IpcError.code
-        self._svc._reply(self._index, self._tag, 0, _core.FLAG_ERROR, (code, 0, 0, 0), text)
+        raw = self._raw
+        self._svc._set.reply(raw[0], raw[1], 0, _core.FLAG_ERROR, code, 0, 0, 0, text)

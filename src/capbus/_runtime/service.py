@@ -17,7 +17,7 @@ from .. import _core
 from .._errors import IpcError, PeerDied, Timeout
 from .._protocol import frames
 from .endpoint import _WAIT_CODES, ADAPTIVE_SPIN_NS, timeout_ns
-from .message import Message, Request, check_flags
+from .message import Message, Request
 
 if TYPE_CHECKING:
     from .process import Process
@@ -42,15 +42,23 @@ class Service:
 
     def recv(self, timeout: float | None = None) -> Request:
         """The next request from any client (round robin across them); Timeout if none."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._closed:
+            raise IpcError(f"service {self.name!r} is closed")
+        if timeout is None:
+            deadline = 0.0
+            ns = -1
+        else:
+            deadline = time.monotonic() + timeout
+            ns = timeout_ns(timeout)
         while True:
-            if self._closed:
-                raise IpcError(f"service {self.name!r} is closed")
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                return Request(self, self._set.recv(timeout_ns(left)))
+                return Request(self, self._set.recv(ns))
             except _core.CorruptChannel as exc:
                 self._corrupt(exc.index, exc.reason)
+            if self._closed:
+                raise IpcError(f"service {self.name!r} is closed")
+            if timeout is not None:  # garbage does not extend the caller's timeout
+                ns = timeout_ns(max(0.0, deadline - time.monotonic()))
 
     def serve(self, handler: Callable[[Request], Any], *, poll: float = 0.2) -> None:
         """Receive and answer until the service is closed.
@@ -92,10 +100,6 @@ class Service:
 
     # ---- called by the runtime ----------------------------------------------------------------
 
-    def _reply(self, index: int, tag: int, opcode: int, flags: int,
-               d: tuple[int, int, int, int], payload: bytes) -> None:
-        self._set.reply(index, tag, opcode, flags, d[0], d[1], d[2], d[3], payload or None)
-
     def _channel_opened(self, msg: frames.ChannelOpened, fds: list[int]) -> None:
         try:
             self._set.add(msg.index, fds[0], fds[1], msg.nslots, msg.arena_size, msg.sender)
@@ -124,7 +128,7 @@ def _reply_with(req: Request, result: Any) -> None:
     elif isinstance(result, int):
         req.reply(result)
     elif isinstance(result, Message):
-        req.reply(result.opcode, result.data, result.payload, check_flags(result.flags))
+        req.reply(result.opcode, result.data, result.payload, result.flags)
     elif isinstance(result, tuple):
         req.reply(*result)
     else:

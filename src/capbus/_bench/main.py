@@ -1,0 +1,72 @@
+"""`capbus bench`: capbus next to its peers, in one run, on this machine, as tables.
+
+Each section measures capbus first, then the peers (capbus._bench.peers) one at a time (never
+two at once: a spinning pair uses both cores of a 2-core machine), then states the targets of
+SPEC.md against the anchors measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from . import capbus_bench, peers
+from .table import Result, machine_info, machine_line, print_table, to_json
+
+SECTIONS = ("call", "scale")
+
+
+def _find(rows: list[Result], mechanism: str, note_part: str = "") -> Result | None:
+    for r in rows:
+        if r.mechanism == mechanism and note_part in r.note and not r.skipped:
+            return r
+    return None
+
+
+def _ratio(a: Result | None, b: Result | None) -> str:
+    if a is None or b is None or not a.median_us or not b.median_us:
+        return "n/a"
+    return f"{a.median_us / b.median_us:.2f}x"
+
+
+def call_section(quick: bool) -> list[Result]:
+    rows = capbus_bench.run_calls(quick) + peers.run_peers("call", quick)
+    print_table("Round trip, 48-byte message, two processes", rows, machine_line())
+    spin = _find(rows, "capbus spin")
+    block_x = _find(rows, "capbus block", "cross-CPU")
+    block_s = _find(rows, "capbus block", "same CPU")
+    py_spin = next((r for r in rows if "Python" in r.mechanism and not r.skipped), None)
+    futex_x = next((r for r in rows if "futex" in r.mechanism and "cross" in r.note.lower()
+                    + r.mechanism.lower() and not r.skipped), None)
+    futex_s = next((r for r in rows if "futex" in r.mechanism and "same" in r.note.lower()
+                    + r.mechanism.lower() and not r.skipped), None)
+    print()
+    print("Targets (SPEC.md):")
+    print(f"  spin round trip, median: {spin.median_us if spin else float('nan'):.2f} us "
+          f"(target about 1 us; {_ratio(spin, py_spin)} of the pure-Python spin, target <= 4x)")
+    print(f"  block, cross-CPU: {_ratio(block_x, futex_x)} of the C futex ping-pong (target <= 1.2x)")
+    print(f"  block, same CPU:  {_ratio(block_s, futex_s)} of the C futex ping-pong (target <= 1.2x)")
+    return rows
+
+
+def scale_section(quick: bool) -> list[Result]:
+    from . import scale
+
+    n = 50 if quick else 1000
+    scale.print_table(scale.run(n=n, quick=quick), n)
+    return []
+
+
+def main(args: argparse.Namespace) -> int:
+    sections = args.only.split(",") if args.only else list(SECTIONS)
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown bench sections {sorted(unknown)}: choose from {SECTIONS}")
+    print(f"capbus bench on {machine_line()}\n")
+    everything: list[Result] = []
+    for section in sections:
+        everything += {"call": call_section, "scale": scale_section}[section](args.quick)
+        print()
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(to_json(everything, machine_info()))
+    return 0
