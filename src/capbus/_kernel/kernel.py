@@ -41,6 +41,7 @@ from .._errors import (
 from .._protocol import frames
 from .._protocol.connection import KernelConnection, State
 from .._protocol.names import check_name
+from .allowlist import AccessList
 from .captable import Capability, CapTable
 from .launcher import Child, LaunchSpec, launch
 from .policy import Policy, ProcessInfo
@@ -73,7 +74,7 @@ class Service:
     kind: str  # "name" | "package"
     owner: ProcessRecord
     handle: int = 0
-    allow: list[str] | None = None
+    access: AccessList = field(default_factory=AccessList)
     alive: bool = True
     doorbell_fd: int = -1
     channels: dict[int, Channel] = field(default_factory=dict)
@@ -178,6 +179,7 @@ class Kernel:
             frames.OpenChannel: self._on_open_channel,
             frames.CloseChannel: self._on_close_channel,
             frames.ReportBad: self._on_report_bad,
+            frames.Access: self._on_access,
         }
         _raise_fd_limit()
         self._lock_fd, self._listener = _bind(self.socket_path)
@@ -564,7 +566,7 @@ class Kernel:
                   rid: int) -> None:
         self.policy.may_register(rec.info(), key)
         registry = self._names if kind == "name" else self._packages
-        svc = Service(key, kind, rec, allow=allow)
+        svc = Service(key, kind, rec, access=AccessList.from_entries(allow))
         registry.claim(key, svc)
         try:
             svc.handle = rec.caps.insert(Capability("service", svc))
@@ -628,7 +630,19 @@ class Kernel:
                 reply = frames.Error(exc.code, str(exc))
             self._respond(rec, rid, reply)
 
+    def _check_access(self, rec: ProcessRecord, svc: Service) -> None:
+        if not svc.access.permits(rec.process_id, rec.uid, rec.package, self._serving):
+            raise PermissionDenied(
+                f"service {svc.name!r} does not accept process {rec.process_id} "
+                "(not on its allowlist, or denied)"
+            )
+
+    def _serving(self, name: str) -> int | None:
+        svc = self._names.get(name)
+        return svc.owner.process_id if svc is not None else None
+
     def _grant(self, rec: ProcessRecord, svc: Service) -> frames.Message:
+        self._check_access(rec, svc)
         # One endpoint capability per (holder, service): looking a service up again returns the
         # same handle, so repeated lookups cannot grow the holder's table.
         cap = rec.endpoints.get(id(svc))
@@ -701,6 +715,7 @@ class Kernel:
         svc: Service = cap.target
         if not svc.alive:
             raise PeerDied(f"the process serving {svc.name!r} has exited: look it up again")
+        self._check_access(rec, svc)
         lanes: set[Channel] = cap.extra.setdefault("lanes", set())
         if len(lanes) >= MAX_LANES_PER_CAP:
             raise OutOfMemory(f"{MAX_LANES_PER_CAP} threads already call {svc.name!r} from here")
@@ -746,6 +761,17 @@ class Kernel:
             os.close(svc.doorbell_fd)
             svc.doorbell_fd = -1
 
+    def _on_access(self, rec: ProcessRecord, msg: frames.Access, rid: int) -> frames.Message:
+        svc: Service = rec.caps.get(msg.handle, "service").target
+        svc.access.add_allowed(msg.allow or ())
+        svc.access.add_denied(msg.deny or ())
+        # Applies to live channels at once: a sender that is no longer accepted loses them.
+        for ch in list(svc.channels.values()):
+            client = ch.client
+            if not svc.access.permits(client.process_id, client.uid, client.package, self._serving):
+                self._close_channel(ch, _core.STATE_REVOKED)
+        return frames.Ok()
+
     def _on_close_channel(self, rec: ProcessRecord, msg: frames.CloseChannel,
                           rid: int) -> frames.Message:
         cap = rec.caps.get(msg.handle, "endpoint")
@@ -790,6 +816,7 @@ class Kernel:
         return [
             {
                 "name": svc.name, "kind": svc.kind, "id": svc.owner.process_id,
+                "clients": len(svc.channels), **svc.access.describe(),
                 "pid": svc.owner.pid, "uid": svc.owner.uid, "package": svc.owner.package,
                 "since": svc.owner.since,
             }

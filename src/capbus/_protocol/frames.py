@@ -170,6 +170,15 @@ class ReportBad(Message):
     reason: str
 
 
+@message(14, KIND_REQUEST, handle="u64", allow="strs?", deny="strs?")
+class Access(Message):
+    """A service changes who may reach it (applies to live channels too)."""
+
+    handle: int
+    allow: list[str] | None
+    deny: list[str] | None
+
+
 @message(10, KIND_REQUEST, what="str", offset="u64", limit="u64")
 class Query(Message):
     """Introspection for the CLI: what is "processes" or "services"; paged."""
@@ -290,6 +299,7 @@ RESPONSES: dict[type[Message], tuple[type[Message], ...]] = {
     OpenChannel: (ChannelGranted,),
     CloseChannel: (Ok,),
     ReportBad: (Ok,),
+    Access: (Ok,),
 }
 
 

@@ -91,6 +91,14 @@ class Service:
                 except PeerDied:
                     pass
 
+    def allow(self, *who: int | str) -> None:
+        """Accept these senders (ProcessIds, "uid:N", "package:P", "name:N") from now on."""
+        self._proc._request(frames.Access(self.handle, [str(w) for w in who], None))
+
+    def deny(self, *who: int | str) -> None:
+        """Refuse these senders from now on; their open channels close at once."""
+        self._proc._request(frames.Access(self.handle, None, [str(w) for w in who]))
+
     def close(self) -> None:
         """Unregister: the name is free again, and every channel to this service closes."""
         self._closed = True
