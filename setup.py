@@ -6,6 +6,7 @@ setup(
         Extension(
             "capbus._core",
             sources=["src/capbus/_core.c"],
+            depends=["src/capbus/_core_layout.h", "src/capbus/_core_ring.h"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         )
     ]

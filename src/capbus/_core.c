@@ -1,0 +1,2296 @@
+/*
+ * capbus._core -- the native core of capbus.
+ *
+ * Python-visible API (internal; only the capbus kernel, runtime and tests use it). Layout
+ * constants live in _core_layout.h and are exported as module attributes; the ring engine
+ * (producer/consumer, CRC-32) lives in _core_ring.h.
+ *
+ * ---- Primitives on any buffer-protocol object (e.g. an mmap) at a byte offset --------------
+ * Offsets must be inside the buffer and naturally aligned (offset and address), else ValueError.
+ * Stores/CAS/add need a writable buffer (TypeError otherwise); loads, futex_wait and futex_wake
+ * also work on read-only mappings. All of these atomics are seq_cst.
+ *   futex_wait(buf, offset, expected, timeout=None) -> bool   shared futex; True if woken or
+ *       the value differs, False on timeout (seconds, None = forever); EINTR retries with the
+ *       remaining time after running Python signal handlers (which may raise)
+ *   futex_wake(buf, offset, n=INT_MAX) -> int                  number woken
+ *   atomic_load_u32/u64(buf, off) -> int
+ *   atomic_store_u32/u64(buf, off, v) -> None
+ *   atomic_cas_u32/u64(buf, off, expected, desired) -> bool
+ *   atomic_add_u64(buf, off, v) -> int                          old value (wraps mod 2**64)
+ *
+ * ---- Layout helpers -------------------------------------------------------------------------
+ *   channel_size(nslots=256, arena_size=128 MiB) -> int
+ *   channel_layout(nslots=256, arena_size=128 MiB) -> dict of absolute offsets (req_tail,
+ *       resp_tail, resp_consumer_sleeping, req_arena, resp_arena, cancel_below, size, ...)
+ *   resp_ring_off(nslots) -> int      the client futex-waits on the u32 at
+ *       resp_ring_off(nslots) + RING_TAIL_OFF (= RESP_TAIL_OFF for the default 256 slots)
+ *   max_payload(arena_size) -> int    arena_size - 128 (one chunk header)
+ *   create_channel(nslots=256, arena_size=128 MiB) -> fd   memfd, sized, header written,
+ *       sealed SHRINK|GROW|SEAL
+ *   create_page(name="capbus-page") -> fd   4096-byte memfd sealed SHRINK|GROW (more seals,
+ *       e.g. F_SEAL_FUTURE_WRITE for a control page, may still be added)
+ *   wake_lane(chan, nslots=256) -> int   futex_wake every client blocked in call() on a channel
+ *       (chan = the channel memfd, or a buffer mapping it from offset 0); the kernel calls this
+ *       (or futex_wake on its own mapping at that offset) after changing a control page
+ *   crc32(data, value=0) -> int       = zlib.crc32, the payload checksum
+ *
+ * ---- Lane: the client end of one channel ----------------------------------------------------
+ *   Lane(chan_fd, ctrl_fd, doorbell_fd, index, nslots=256, arena_size=128 MiB, wait_mode=1,
+ *        spin_ns=50000)              wait_mode: 0 spin, 1 adaptive, 2 block. The fds may be
+ *                                    closed afterwards (the Lane keeps its own mappings).
+ *   .call(capability, opcode, flags, d0, d1, d2, d3, payload=None, timeout_ns=-1)
+ *       -> (opcode, flags, d0, d1, d2, d3, payload bytes or None)
+ *       Timeout (the request is cancelled), PeerDied / InvalidCapability from the control page
+ *       (a reply already in the ring is delivered first), ValueError / MessageTooLarge before
+ *       anything is written, ProtocolError if the server wrote garbage (the lane is then broken).
+ *   .send(capability, opcode, flags, d0, d1, d2, d3, payload=None) -> None   one-way; WouldBlock
+ *   .send_many([(capability, opcode, flags, d0, d1, d2, d3[, payload]), ...]) -> int accepted
+ *   .close();  attributes .index, .broken, .closed, .last_tag, .max_payload
+ *   One thread at a time (RuntimeError otherwise); the channel must be fresh.
+ *   Flags: callers may pass FLAG_CHECKSUM, FLAG_ERROR and FLAG_USER_MASK bits; FLAG_LARGE and
+ *   FLAG_REPLY_EXPECTED are set by the core (call vs send, payload > 64 bytes), so received
+ *   flags can be passed back unchanged. Any other bit is a ValueError. payload=None is "no
+ *   payload"; b"" is an empty payload (it is delivered as b"").
+ *
+ * ---- ServerSet: the service end, up to MAX_CHANNELS channels by index ----------------------
+ *   ServerSet(doorbell_fd, wait_mode=1, spin_ns=50000)
+ *   .add(index, chan_fd, ctrl_fd, nslots=256, arena_size=128 MiB, sender_id=None)
+ *       sender_id None = read it from the control page now
+ *   .remove(index)                   KeyError if absent; safe while recv/reply run in other
+ *                                    threads (the unmap is deferred until they are done)
+ *   .recv(timeout_ns=-1) -> (index, tag, capability, opcode, flags, d0, d1, d2, d3,
+ *                            payload bytes or None, sender_id)
+ *       Timeout; CorruptChannel(.index, .reason) for a channel that sent garbage (it is then
+ *       dead; call recv again to go on serving the others); Cancelled after interrupt().
+ *       Round robin, one message per channel per turn. Cancelled calls are skipped; channels
+ *       whose control page is not OPEN are skipped. One recv at a time (others wait).
+ *   .reply(index, tag, opcode, flags, d0, d1, d2, d3, payload=None) -> None   never blocks:
+ *       WouldBlock if the response ring/arena is full; PeerDied if the channel is removed,
+ *       dead or not OPEN; CorruptChannel if the client scribbled the response ring's cursors.
+ *   .interrupt()  the running (or next) recv raises Cancelled
+ *   .is_dead(index) -> bool;  .close();  len(set);  index in set
+ *
+ * ---- Exceptions -----------------------------------------------------------------------------
+ *   capbus._errors classes (Timeout, PeerDied, InvalidCapability, WouldBlock, MessageTooLarge,
+ *   ProtocolError, Cancelled), plus CorruptChannel(ProtocolError) defined here.
+ *
+ * ---- Memfd requirements ---------------------------------------------------------------------
+ *   Every memfd handed to Lane/ServerSet must be sealed against shrinking (F_SEAL_SHRINK; we add
+ *   it if the memfd allows sealing) and at least as big as its layout, else ValueError: a peer
+ *   that could truncate a mapping under us would crash us with SIGBUS.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "_core_layout.h"
+#include "_core_ring.h"
+
+/* ---------------------------------------------------------------------------------------------
+ * capbus._errors classes, looked up once at module init.
+ * ------------------------------------------------------------------------------------------- */
+
+static PyObject *IpcError, *Timeout, *PeerDied, *InvalidCapability, *WouldBlock, *MessageTooLarge,
+    *ProtocolError;
+
+/* ---------------------------------------------------------------------------------------------
+ * Clock and futex helpers.
+ * ------------------------------------------------------------------------------------------- */
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* FUTEX_WAIT without FUTEX_PRIVATE_FLAG: the word lives in a MAP_SHARED memfd mapping that other
+ * processes map too, and only shared futexes are keyed on the (inode, offset) of the page. The
+ * timeout is relative (FUTEX_WAIT measures it against CLOCK_MONOTONIC). Returns 0 or -errno. */
+static inline int sys_futex_wait(const uint32_t *addr, uint32_t expected, uint64_t rel_ns,
+                                 int forever)
+{
+    struct timespec ts, *tsp = NULL;
+    if (!forever) {
+        ts.tv_sec = (time_t)(rel_ns / 1000000000ull);
+        ts.tv_nsec = (long)(rel_ns % 1000000000ull);
+        tsp = &ts;
+    }
+    long r = syscall(SYS_futex, addr, FUTEX_WAIT, expected, tsp, NULL, 0);
+    return r == 0 ? 0 : -errno;
+}
+
+static inline int sys_futex_wake(const uint32_t *addr, int n)
+{
+    /* FUTEX_WAKE never writes the word, so it works on a PROT_READ mapping as well. */
+    long r = syscall(SYS_futex, addr, FUTEX_WAKE, n, NULL, NULL, 0);
+    return r < 0 ? -errno : (int)r;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Part A: primitives on a buffer at an offset.
+ * ------------------------------------------------------------------------------------------- */
+
+/* Get a buffer view and a pointer to `size` naturally aligned bytes at `off`. */
+static int get_word(PyObject *obj, Py_buffer *view, Py_ssize_t off, size_t size, int writable,
+                    void **out)
+{
+    if (PyObject_GetBuffer(obj, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+        /* Exporters disagree on the error for a read-only buffer (mmap and bytes say BufferError);
+         * always say TypeError, like writing to a read-only memoryview does. */
+        if (writable && PyErr_ExceptionMatches(PyExc_BufferError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, "buffer is read-only; this operation writes to it");
+        }
+        return -1;
+    }
+    if (off < 0 || (size_t)off > (size_t)view->len || (size_t)view->len - (size_t)off < size) {
+        PyErr_Format(PyExc_ValueError, "offset %zd out of range for a buffer of %zd bytes", off,
+                     view->len);
+        goto fail;
+    }
+    char *p = (char *)view->buf + off;
+    if ((uintptr_t)p % size != 0) {
+        PyErr_Format(PyExc_ValueError, "offset %zd is not %zu-byte aligned", off, size);
+        goto fail;
+    }
+    *out = p;
+    return 0;
+fail:
+    PyBuffer_Release(view);
+    return -1;
+}
+
+/* Python int -> u64 / u32 with a ValueError (not OverflowError) when out of range. */
+static int to_u64(PyObject *o, uint64_t *out, const char *what)
+{
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int", what);
+        return -1;
+    }
+    /* Negative and too-large values both raise OverflowError here; report them as ValueError. */
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s must be in 0..2**64-1", what);
+        return -1;
+    }
+    *out = (uint64_t)v;
+    return 0;
+}
+
+static int to_u32(PyObject *o, uint32_t *out, const char *what)
+{
+    uint64_t v;
+    if (to_u64(o, &v, what) < 0)
+        return -1;
+    if (v > UINT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s must be in 0..2**32-1", what);
+        return -1;
+    }
+    *out = (uint32_t)v;
+    return 0;
+}
+
+static PyObject *py_futex_wait(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"buf", "offset", "expected", "timeout", NULL};
+    PyObject *obj, *exp_o, *timeout_o = Py_None;
+    Py_ssize_t off;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OnO|O:futex_wait", kwlist, &obj, &off, &exp_o,
+                                     &timeout_o))
+        return NULL;
+    uint32_t expected;
+    if (to_u32(exp_o, &expected, "expected") < 0)
+        return NULL;
+    int forever = timeout_o == Py_None;
+    uint64_t deadline = 0;
+    if (!forever) {
+        double t = PyFloat_AsDouble(timeout_o);
+        if (t == -1.0 && PyErr_Occurred())
+            return NULL;
+        if (isnan(t)) {
+            PyErr_SetString(PyExc_ValueError, "timeout must not be NaN");
+            return NULL;
+        }
+        if (t < 0)
+            t = 0;
+        if (t > 1e9) /* ~31 years: treat as forever rather than overflow the deadline */
+            forever = 1;
+        else
+            deadline = now_ns() + (uint64_t)(t * 1e9);
+    }
+    Py_buffer view;
+    void *p;
+    if (get_word(obj, &view, off, 4, 0, &p) < 0)
+        return NULL;
+    /* A value that already differs answers True even with a zero timeout, exactly as the
+     * kernel's FUTEX_WAIT would (EAGAIN). Acquire: a caller that sees the new value may go on to
+     * read data published before it. */
+    if (__atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE) != expected) {
+        PyBuffer_Release(&view);
+        Py_RETURN_TRUE;
+    }
+    int r;
+    for (;;) {
+        uint64_t rel = 0;
+        if (!forever) {
+            uint64_t now = now_ns();
+            if (now >= deadline) {
+                r = -ETIMEDOUT;
+                break;
+            }
+            rel = deadline - now;
+        }
+        /* The buffer export (view) keeps the mapping alive while we sleep without the GIL. */
+        Py_BEGIN_ALLOW_THREADS
+        r = sys_futex_wait((const uint32_t *)p, expected, rel, forever);
+        Py_END_ALLOW_THREADS
+        if (r != -EINTR)
+            break;
+        if (PyErr_CheckSignals() < 0) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+    }
+    PyBuffer_Release(&view);
+    if (r == 0 || r == -EAGAIN)
+        Py_RETURN_TRUE;
+    if (r == -ETIMEDOUT)
+        Py_RETURN_FALSE;
+    errno = -r;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+static PyObject *py_futex_wake(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"buf", "offset", "n", NULL};
+    PyObject *obj;
+    Py_ssize_t off;
+    int n = INT_MAX;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "On|i:futex_wake", kwlist, &obj, &off, &n))
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "n must be >= 0");
+        return NULL;
+    }
+    Py_buffer view;
+    void *p;
+    if (get_word(obj, &view, off, 4, 0, &p) < 0)
+        return NULL;
+    int r = sys_futex_wake((const uint32_t *)p, n);
+    PyBuffer_Release(&view);
+    if (r < 0) {
+        errno = -r;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(r);
+}
+
+/* The Python-level atomics are all seq_cst: they are used for rare control-plane work (the kernel
+ * flipping a state word, tests poking at rings) where the cost is irrelevant and the strongest
+ * order means no caller ever has to reason about which order they got. */
+
+static PyObject *py_atomic_load_u32(PyObject *self, PyObject *args)
+{
+    PyObject *obj;
+    Py_ssize_t off;
+    if (!PyArg_ParseTuple(args, "On:atomic_load_u32", &obj, &off))
+        return NULL;
+    Py_buffer view;
+    void *p;
+    if (get_word(obj, &view, off, 4, 0, &p) < 0)
+        return NULL;
+    uint32_t v = __atomic_load_n((uint32_t *)p, __ATOMIC_SEQ_CST); /* see comment above */
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLong(v);
+}
+
+static PyObject *py_atomic_load_u64(PyObject *self, PyObject *args)
+{
+    PyObject *obj;
+    Py_ssize_t off;
+    if (!PyArg_ParseTuple(args, "On:atomic_load_u64", &obj, &off))
+        return NULL;
+    Py_buffer view;
+    void *p;
+    if (get_word(obj, &view, off, 8, 0, &p) < 0)
+        return NULL;
+    uint64_t v = __atomic_load_n((uint64_t *)p, __ATOMIC_SEQ_CST); /* see comment above */
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLongLong(v);
+}
+
+static PyObject *py_atomic_store_u32(PyObject *self, PyObject *args)
+{
+    PyObject *obj, *vo;
+    Py_ssize_t off;
+    uint32_t v;
+    if (!PyArg_ParseTuple(args, "OnO:atomic_store_u32", &obj, &off, &vo))
+        return NULL;
+    if (to_u32(vo, &v, "value") < 0)
+        return NULL;
+    Py_buffer view;
+    void *p;
+    if (get_word(obj, &view, off, 4, 1, &p) < 0)
+        return NULL;
+    __atomic_store_n((uint32_t *)p, v, __ATOMIC_SEQ_CST); /* see comment above */
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_atomic_store_u64(PyObject *self, PyObject *args)
+{
+    PyObject *obj, *vo;
+    Py_ssize_t off;
+    uint64_t v;
+    if (!PyArg_ParseTuple(args, "OnO:atomic_store_u64", &obj, &off, &vo))
+        return NULL;
+    if (to_u64(vo, &v, "value") < 0)
+        return NULL;
+    Py_buffer view;
+    void *p;
+    if (get_word(obj, &view, off, 8, 1, &p) < 0)
+        return NULL;
+    __atomic_store_n((uint64_t *)p, v, __ATOMIC_SEQ_CST); /* see comment above */
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_atomic_cas_u32(PyObject *self, PyObject *args)
+{
+    PyObject *obj, *eo, *dof;
+    Py_ssize_t off;
+    uint32_t e, d;
+    if (!PyArg_ParseTuple(args, "OnOO:atomic_cas_u32", &obj, &off, &eo, &dof))
+        return NULL;
+    if (to_u32(eo, &e, "expected") < 0 || to_u32(dof, &d, "desired") < 0)
+        return NULL;
+    Py_buffer view;
+    void *p;
+    if (get_word(obj, &view, off, 4, 1, &p) < 0)
+        return NULL;
+    /* seq_cst on success and failure: see comment above. */
+    int ok = __atomic_compare_exchange_n((uint32_t *)p, &e, d, 0, __ATOMIC_SEQ_CST,
+                                         __ATOMIC_SEQ_CST);
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(ok);
+}
+
+static PyObject *py_atomic_cas_u64(PyObject *self, PyObject *args)
+{
+    PyObject *obj, *eo, *dof;
+    Py_ssize_t off;
+    uint64_t e, d;
+    if (!PyArg_ParseTuple(args, "OnOO:atomic_cas_u64", &obj, &off, &eo, &dof))
+        return NULL;
+    if (to_u64(eo, &e, "expected") < 0 || to_u64(dof, &d, "desired") < 0)
+        return NULL;
+    Py_buffer view;
+    void *p;
+    if (get_word(obj, &view, off, 8, 1, &p) < 0)
+        return NULL;
+    /* seq_cst on success and failure: see comment above. */
+    int ok = __atomic_compare_exchange_n((uint64_t *)p, &e, d, 0, __ATOMIC_SEQ_CST,
+                                         __ATOMIC_SEQ_CST);
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(ok);
+}
+
+static PyObject *py_atomic_add_u64(PyObject *self, PyObject *args)
+{
+    PyObject *obj, *vo;
+    Py_ssize_t off;
+    uint64_t v;
+    if (!PyArg_ParseTuple(args, "OnO:atomic_add_u64", &obj, &off, &vo))
+        return NULL;
+    if (to_u64(vo, &v, "value") < 0)
+        return NULL;
+    Py_buffer view;
+    void *p;
+    if (get_word(obj, &view, off, 8, 1, &p) < 0)
+        return NULL;
+    /* Wraps modulo 2**64 like the hardware does; seq_cst: see comment above. */
+    uint64_t old = __atomic_fetch_add((uint64_t *)p, v, __ATOMIC_SEQ_CST);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLongLong(old);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Part B: the data plane.
+ * ------------------------------------------------------------------------------------------- */
+
+#define WAIT_SPIN 0
+#define WAIT_ADAPTIVE 1
+#define WAIT_BLOCK 2
+#define DEFAULT_SPIN_NS 50000ull
+
+/* Longest a wait runs without the GIL before coming back to run signal handlers and re-check
+ * the deadline, and the cap on every single futex sleep (see the doorbell comment at ServerSet:
+ * a lost wake-up caused by a scribbler, or a control-page change the kernel forgot to announce,
+ * costs at most this much latency, never a hang). */
+#define SLICE_NS 50000000ull
+#define SLEEP_CAP_NS 50000000ull
+/* The server re-scans every ring at least this often even while busy, so a channel whose doorbell
+ * bit a scribbler keeps clearing is still served with bounded delay. */
+#define FULL_SCAN_NS 10000000ull
+#define SPIN_SCAN_NS 1000000ull
+/* Payload copies (and CRCs) at least this big run without the GIL. */
+#define NOGIL_COPY_BYTES (64u << 10)
+#define BATCH_MAX 1024u
+
+static PyObject *CorruptChannel, *Cancelled;
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+static inline uint64_t deadline_after(int64_t timeout_ns)
+{
+    if (timeout_ns < 0)
+        return UINT64_MAX;
+    uint64_t now = now_ns();
+    return (uint64_t)timeout_ns > UINT64_MAX - now ? UINT64_MAX : now + (uint64_t)timeout_ns;
+}
+
+/* The control page is written only by the trusted kernel, but its state is still range-checked:
+ * anything unexpected counts as CLOSED. ACQUIRE: pairs with the kernel's store of the state (an
+ * atomic_store_u32, seq_cst), so fields the kernel wrote before it are visible after it. */
+static inline uint32_t ctrl_state(const char *ctrl)
+{
+    uint32_t st = __atomic_load_n((const uint32_t *)(ctrl + CTRL_STATE_OFF), __ATOMIC_ACQUIRE);
+    return (st >= STATE_OPEN && st <= STATE_CLOSED) ? st : STATE_CLOSED;
+}
+
+static void raise_for_state(uint32_t st, const char *who)
+{
+    if (st == STATE_PEER_DEAD)
+        PyErr_Format(PeerDied, "the %s process died", who);
+    else if (st == STATE_REVOKED)
+        PyErr_SetString(InvalidCapability, "the capability for this channel was revoked");
+    else
+        PyErr_SetString(InvalidCapability, "channel closed");
+}
+
+static void raise_corrupt(uint32_t index, const char *reason)
+{
+    PyObject *exc = PyObject_CallFunction(
+        CorruptChannel, "N",
+        PyUnicode_FromFormat("channel %u sent garbage (%s); it is dead and will not be read again",
+                             index, reason));
+    if (!exc)
+        return;
+    PyObject *idx = PyLong_FromUnsignedLong(index);
+    PyObject *why = PyUnicode_FromString(reason);
+    if (idx && why && PyObject_SetAttrString(exc, "index", idx) == 0 &&
+        PyObject_SetAttrString(exc, "reason", why) == 0)
+        PyErr_SetObject(CorruptChannel, exc);
+    Py_XDECREF(idx);
+    Py_XDECREF(why);
+    Py_DECREF(exc);
+}
+
+/* ---- Validating and mapping the kernel's memfds. ---------------------------------------------
+ * A peer holding a writable fd of a memfd could ftruncate it under us, and touching a page past
+ * EOF is SIGBUS, i.e. a crashed server. So every memfd we map must carry F_SEAL_SHRINK (we add
+ * it if the memfd allows sealing; create memfds with MFD_ALLOW_SEALING, or use create_channel()/
+ * create_page()). The seal goes on first and the size is checked after, so no shrink can slip
+ * in between. */
+static void *map_memfd(int fd, uint64_t need, int writable, const char *what)
+{
+    int seals = fcntl(fd, F_GET_SEALS);
+    if (seals < 0 || !(seals & F_SEAL_SHRINK)) {
+        if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) < 0) {
+            PyErr_Format(PyExc_ValueError,
+                         "the %s fd must be a memfd sealed against shrinking (create it with "
+                         "os.MFD_ALLOW_SEALING, or with capbus._core.create_channel/create_page)",
+                         what);
+            return NULL;
+        }
+    }
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
+    }
+    if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size < need) {
+        PyErr_Format(PyExc_ValueError, "the %s memfd has %lld bytes, needs %llu", what,
+                     (long long)st.st_size, (unsigned long long)need);
+        return NULL;
+    }
+    if (need > SIZE_MAX) {
+        PyErr_SetString(PyExc_ValueError, "mapping too large");
+        return NULL;
+    }
+    /* MAP_NORESERVE: the arenas are huge and sparse; only touched pages cost memory. */
+    void *p = mmap(NULL, (size_t)need, writable ? PROT_READ | PROT_WRITE : PROT_READ,
+                   MAP_SHARED | MAP_NORESERVE, fd, 0);
+    if (p == MAP_FAILED) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
+    }
+    return p;
+}
+
+static int check_geometry(uint64_t nslots, uint64_t asize)
+{
+    if (nslots < MIN_NSLOTS || nslots > MAX_NSLOTS || (nslots & (nslots - 1))) {
+        PyErr_Format(PyExc_ValueError, "nslots must be a power of two in %u..%u", MIN_NSLOTS,
+                     MAX_NSLOTS);
+        return -1;
+    }
+    if (asize < MIN_ARENA_SIZE || asize > MAX_ARENA_SIZE || asize % PAGE_SIZE_) {
+        PyErr_Format(PyExc_ValueError,
+                     "arena_size must be a multiple of 4096 in %llu..%llu",
+                     (unsigned long long)MIN_ARENA_SIZE, (unsigned long long)MAX_ARENA_SIZE);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_wait(int mode, long long spin_ns)
+{
+    if (mode < WAIT_SPIN || mode > WAIT_BLOCK) {
+        PyErr_SetString(PyExc_ValueError, "wait_mode must be 0 (spin), 1 (adaptive) or 2 (block)");
+        return -1;
+    }
+    if (spin_ns < 0) {
+        PyErr_SetString(PyExc_ValueError, "spin_ns must be >= 0");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- Parsing an outgoing message from Python arguments. ----------------------------------- */
+
+/* Flags a caller may pass. FLAG_LARGE and FLAG_REPLY_EXPECTED are decided here (by payload
+ * size and by call vs send) and silently replaced, so a received flags value can be echoed. */
+static int parse_out(PyObject *const *a, uint64_t cap, int has_cap, outmsg_t *m, uint32_t extra)
+{
+    /* a = [capability?], opcode, flags, d0, d1, d2, d3 */
+    int k = 0;
+    if (has_cap) {
+        if (to_u64(a[k++], &m->capability, "capability") < 0)
+            return -1;
+    } else {
+        m->capability = cap;
+    }
+    if (to_u32(a[k++], &m->opcode, "opcode") < 0)
+        return -1;
+    if (to_u32(a[k++], &m->flags, "flags") < 0)
+        return -1;
+    if (m->flags & ~FLAG_KNOWN_MASK) {
+        PyErr_Format(PyExc_ValueError, "unknown flag bits 0x%x", m->flags & ~FLAG_KNOWN_MASK);
+        return -1;
+    }
+    m->flags = (m->flags & ~(FLAG_LARGE | FLAG_REPLY_EXPECTED)) | extra;
+    for (int i = 0; i < 4; i++)
+        if (to_u64(a[k++], &m->data[i], "data values") < 0)
+            return -1;
+    return 0;
+}
+
+/* Take the payload buffer (None = no payload) and finish the flags. view->obj == NULL if none. */
+static int parse_payload(PyObject *o, outmsg_t *m, Py_buffer *view, uint64_t max_payload)
+{
+    view->obj = NULL;
+    m->payload = NULL;
+    m->plen = 0;
+    if (o == Py_None) {
+        m->flags &= ~(FLAG_CHECKSUM | FLAG_LARGE);
+        return 0;
+    }
+    if (PyObject_GetBuffer(o, view, PyBUF_SIMPLE) < 0)
+        return -1;
+    if ((uint64_t)view->len > max_payload) {
+        PyErr_Format(MessageTooLarge, "payload of %zd bytes exceeds the maximum of %llu bytes",
+                     view->len, (unsigned long long)max_payload);
+        PyBuffer_Release(view);
+        view->obj = NULL;
+        return -1;
+    }
+    static const uint8_t empty[1] = {0};
+    m->payload = view->len ? (const uint8_t *)view->buf : empty;
+    m->plen = (uint64_t)view->len;
+    if (m->plen > LM_INLINE_SIZE)
+        m->flags |= FLAG_LARGE;
+    return 0;
+}
+
+static inline void release_view(Py_buffer *v)
+{
+    if (v->obj)
+        PyBuffer_Release(v);
+    v->obj = NULL;
+}
+
+static inline int to_i64_timeout(PyObject *o, int64_t *out)
+{
+    if (o == Py_None) {
+        *out = -1;
+        return 0;
+    }
+    long long v = PyLong_AsLongLong(o);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    *out = v;
+    return 0;
+}
+
+/* Copy a received payload into a new bytes object (GIL held; the copy itself runs without the
+ * GIL when big). NULL with an exception, or sets *corrupt_why and returns NULL with no
+ * exception on a checksum mismatch. */
+static PyObject *take_payload(cons_t *c, const inmsg_t *m, const char **corrupt_why)
+{
+    PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)m->plen);
+    if (!b)
+        return NULL;
+    int r;
+    uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(b);
+    if (m->plen >= NOGIL_COPY_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        r = cons_copy_payload(c, m, dst, corrupt_why);
+        Py_END_ALLOW_THREADS
+    } else {
+        r = cons_copy_payload(c, m, dst, corrupt_why);
+    }
+    if (r != RG_OK) {
+        Py_DECREF(b);
+        return NULL;
+    }
+    return b;
+}
+
+/* =============================================================================================
+ * Lane: the client end of one channel.
+ *
+ * One Lane per channel memfd and per thread: it owns the request ring's producer side and the
+ * response ring's consumer side. Concurrent use from two threads raises RuntimeError. The
+ * channel must be fresh (all rings at zero) when the Lane is created.
+ * ============================================================================================= */
+
+typedef struct {
+    PyObject_HEAD
+    char *chan;
+    size_t chan_len;
+    char *ctrl;
+    char *db;
+    uint32_t index;
+    int mode;
+    uint64_t spin_ns;
+    uint64_t max_payload;
+    prod_t req;
+    cons_t resp;
+    uint64_t last_tag; /* tags are 1, 2, 3, ... per lane; a reply carries its request's tag */
+    int busy;
+    int broken;
+    outmsg_t *batch; /* send_many scratch, allocated once at init */
+    Py_buffer *views;
+} LaneObject;
+
+static void lane_unmap(LaneObject *L)
+{
+    if (L->chan)
+        munmap(L->chan, L->chan_len);
+    if (L->ctrl)
+        munmap(L->ctrl, CTRL_SIZE);
+    if (L->db)
+        munmap(L->db, DOORBELL_SIZE);
+    L->chan = L->ctrl = L->db = NULL;
+    PyMem_Free(L->batch);
+    PyMem_Free(L->views);
+    L->batch = NULL;
+    L->views = NULL;
+}
+
+static void Lane_dealloc(LaneObject *L)
+{
+    lane_unmap(L);
+    Py_TYPE(L)->tp_free((PyObject *)L);
+}
+
+static int Lane_init(LaneObject *L, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"chan_fd", "ctrl_fd", "doorbell_fd", "index", "nslots",
+                             "arena_size", "wait_mode", "spin_ns", NULL};
+    int chan_fd, ctrl_fd, db_fd, mode = WAIT_ADAPTIVE;
+    unsigned long long index, nslots = DEFAULT_NSLOTS, asize = DEFAULT_ARENA_SIZE;
+    long long spin_ns = DEFAULT_SPIN_NS;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiK|KKiL:Lane", kwlist, &chan_fd, &ctrl_fd,
+                                     &db_fd, &index, &nslots, &asize, &mode, &spin_ns))
+        return -1;
+    if (L->chan) {
+        PyErr_SetString(PyExc_RuntimeError, "Lane already initialised");
+        return -1;
+    }
+    if (index >= MAX_CHANNELS) {
+        PyErr_Format(PyExc_ValueError, "index must be in 0..%u", MAX_CHANNELS - 1);
+        return -1;
+    }
+    if (check_geometry(nslots, asize) < 0 || check_wait(mode, spin_ns) < 0)
+        return -1;
+    uint64_t len = channel_size(nslots, asize);
+    L->chan = map_memfd(chan_fd, len, 1, "channel");
+    if (!L->chan)
+        return -1;
+    L->chan_len = (size_t)len;
+    L->ctrl = map_memfd(ctrl_fd, CTRL_SIZE, 0, "control page");
+    if (!L->ctrl)
+        goto fail;
+    L->db = map_memfd(db_fd, DOORBELL_SIZE, 1, "doorbell");
+    if (!L->db)
+        goto fail;
+    unsigned nb = nslots < BATCH_MAX ? (unsigned)nslots : BATCH_MAX;
+    L->batch = PyMem_Calloc(nb, sizeof *L->batch);
+    L->views = PyMem_Calloc(nb, sizeof *L->views);
+    if (!L->batch || !L->views) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    L->index = (uint32_t)index;
+    L->mode = mode;
+    L->spin_ns = (uint64_t)spin_ns;
+    L->max_payload = max_payload_for(asize);
+    memset(&L->req, 0, sizeof L->req);
+    memset(&L->resp, 0, sizeof L->resp);
+    L->req.ring = L->chan + REQ_RING_OFF;
+    L->req.arena = L->chan + req_arena_off(nslots);
+    L->req.nslots = nslots;
+    L->req.asize = asize;
+    L->resp.ring = L->chan + resp_ring_off(nslots);
+    L->resp.arena = L->chan + resp_arena_off(nslots, asize);
+    L->resp.nslots = nslots;
+    L->resp.asize = asize;
+    L->last_tag = 0;
+    L->busy = L->broken = 0;
+    return 0;
+fail:
+    lane_unmap(L);
+    return -1;
+}
+
+static int lane_usable(LaneObject *L)
+{
+    if (!L->chan) {
+        PyErr_SetString(PyExc_ValueError, "Lane is closed");
+        return 0;
+    }
+    if (L->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Lane used from two threads at once (one per thread)");
+        return 0;
+    }
+    if (L->broken) {
+        PyErr_SetString(ProtocolError, "lane is unusable after a protocol error");
+        return 0;
+    }
+    return 1;
+}
+
+static void lane_break(LaneObject *L, const char *why)
+{
+    L->broken = 1;
+    PyErr_Format(ProtocolError, "server wrote garbage into channel %u (%s); the lane is unusable",
+                 L->index, why);
+}
+
+/* Tell the server there is work: hint bit, seq bump, and a futex wake only if it sleeps. */
+static void lane_ring_doorbell(LaneObject *L)
+{
+    uint64_t *word = (uint64_t *)(L->db + DB_BITMAP_OFF) + L->index / 64;
+    uint32_t *seq = (uint32_t *)(L->db + DB_SEQ_OFF);
+    /* RELAXED: the bit is only a hint; it is ordered before the seq increment by that RMW's
+     * RELEASE, and the server re-reads our tail with ACQUIRE before trusting anything. */
+    __atomic_fetch_or(word, 1ull << (L->index % 64), __ATOMIC_RELAXED);
+    /* RELEASE: a server that ACQUIRE-loads seq and sees this increment also sees our tail. */
+    __atomic_fetch_add(seq, 1, __ATOMIC_RELEASE);
+    /* SEQ_CST fence, Dekker with the server's "store sleeping=1; fence; load seq; scan": either
+     * the server's load sees our increment (then its FUTEX_WAIT fails with EAGAIN or it rescans)
+     * or our load below sees its flag and we wake it. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n((uint32_t *)(L->db + DB_SERVER_SLEEPING_OFF), __ATOMIC_RELAXED))
+        sys_futex_wake(seq, INT_MAX);
+}
+
+/* The client's cancel mark: the server skips requests with tag < cancel_below. RELEASE is not
+ * needed for correctness (it is a hint; a skipped or a served request are both fine), but costs
+ * nothing on x86 and keeps the store ordered after the request it cancels. */
+static void lane_cancel(LaneObject *L, uint64_t tag)
+{
+    __atomic_store_n((uint64_t *)(L->chan + CHAN_CANCEL_BELOW_OFF), tag + 1, __ATOMIC_RELEASE);
+}
+
+enum { LW_READY, LW_STATE, LW_SLICE };
+
+/* Wait (WITHOUT the GIL) until something is in the response ring, the control page leaves OPEN,
+ * or the slice (<= SLICE_NS, <= deadline) is over. */
+static int lane_wait(LaneObject *L, uint64_t deadline)
+{
+    uint64_t *tail = ring_u64(L->resp.ring, RING_TAIL_OFF);
+    uint32_t *sleeping = ring_u32(L->resp.ring, RING_CONSUMER_SLEEPING_OFF);
+    uint64_t head = L->resp.head;
+    uint64_t start = now_ns();
+    if (start >= deadline)
+        return LW_SLICE;
+    uint64_t slice_end = deadline - start > SLICE_NS ? start + SLICE_NS : deadline;
+    uint64_t spin_end = start;
+    if (L->mode == WAIT_SPIN)
+        spin_end = slice_end;
+    else if (L->mode == WAIT_ADAPTIVE)
+        spin_end = slice_end - start > L->spin_ns ? start + L->spin_ns : slice_end;
+    if (spin_end > start) {
+        for (unsigned i = 1;; i++) {
+            /* RELAXED: only an "anything new?" test; cons_poll re-reads the tail with ACQUIRE. */
+            if (__atomic_load_n(tail, __ATOMIC_RELAXED) != head)
+                return LW_READY;
+            if (ctrl_state(L->ctrl) != STATE_OPEN)
+                return LW_STATE;
+            cpu_relax();
+            if (i % 1024 == 0 && now_ns() >= spin_end)
+                break;
+        }
+    }
+    for (;;) {
+        uint64_t now = now_ns();
+        if (now >= slice_end)
+            return LW_SLICE;
+        /* RELAXED store + SEQ_CST fence + re-check: the Dekker half matching the server's
+         * "store tail; fence; load sleeping" in reply(). Either the server sees our flag and
+         * wakes us, or we see its tail here and do not sleep. */
+        __atomic_store_n(sleeping, 1, __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        uint64_t t = __atomic_load_n(tail, __ATOMIC_RELAXED);
+        int st = ctrl_state(L->ctrl);
+        if (t != head || st != STATE_OPEN) {
+            __atomic_store_n(sleeping, 0, __ATOMIC_RELAXED);
+            return t != head ? LW_READY : LW_STATE;
+        }
+        uint64_t rel = slice_end - now < SLEEP_CAP_NS ? slice_end - now : SLEEP_CAP_NS;
+        /* The futex word is the low 32 bits of the u64 tail (little-endian). A new reply changes
+         * it, so FUTEX_WAIT either sees the change (EAGAIN) or is woken by the server. The kernel
+         * wakes this same word after changing the control page (see wake_lane). */
+        int r = sys_futex_wait((const uint32_t *)tail, (uint32_t)t, rel, 0);
+        /* RELAXED: the flag only saves the server a syscall; a stale 1 costs one spurious wake. */
+        __atomic_store_n(sleeping, 0, __ATOMIC_RELAXED);
+        if (r == -EINTR)
+            return LW_SLICE; /* let the caller run signal handlers */
+    }
+}
+
+/* Consume the response ring up to the reply for `tag`. Returns 1 with *out = result tuple,
+ * 0 if the ring is empty (or after a bounded number of late replies), -1 with an exception. */
+static int lane_take_reply(LaneObject *L, uint64_t tag, PyObject **out)
+{
+    const char *why = NULL;
+    /* Bounded: a hostile server could produce late replies as fast as we drop them. */
+    for (uint64_t n = 0; n <= L->resp.nslots; n++) {
+        int r = cons_poll(&L->resp, &why);
+        if (r == RG_EMPTY)
+            return 0;
+        inmsg_t m;
+        if (r == RG_CORRUPT || cons_read(&L->resp, &m, &why) != RG_OK)
+            goto corrupt;
+        if (m.s.tag > tag) {
+            why = "reply for a request that was never sent";
+            goto corrupt;
+        }
+        if (m.s.tag < tag) { /* late reply of a cancelled call: drop it, free its chunk */
+            cons_release(&L->resp, &m);
+            continue;
+        }
+        PyObject *payload = Py_None;
+        Py_INCREF(payload);
+        if (m.has_payload) {
+            Py_DECREF(payload);
+            why = NULL;
+            payload = take_payload(&L->resp, &m, &why);
+            if (!payload) {
+                if (why)
+                    goto corrupt;
+                return -1;
+            }
+        }
+        PyObject *t = Py_BuildValue("(IIKKKKN)", m.s.opcode, m.s.flags,
+                                    (unsigned long long)m.s.data[0],
+                                    (unsigned long long)m.s.data[1],
+                                    (unsigned long long)m.s.data[2],
+                                    (unsigned long long)m.s.data[3], payload);
+        if (!t)
+            return -1; /* the reply stays in the ring; payload was consumed by N */
+        cons_release(&L->resp, &m);
+        *out = t;
+        return 1;
+    }
+    return 0;
+corrupt:
+    lane_break(L, why);
+    return -1;
+}
+
+/* Write one message into the request ring, copying big payloads without the GIL. */
+static int lane_write(LaneObject *L, const outmsg_t *m, const char **why)
+{
+    int r;
+    if (m->payload && m->plen >= NOGIL_COPY_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        r = prod_write(&L->req, m, why);
+        Py_END_ALLOW_THREADS
+    } else {
+        r = prod_write(&L->req, m, why);
+    }
+    return r;
+}
+
+/* call(capability, opcode, flags, d0, d1, d2, d3, payload=None, timeout_ns=-1) */
+static PyObject *Lane_call(LaneObject *L, PyObject *const *args, Py_ssize_t nargs,
+                           PyObject *kwnames)
+{
+    PyObject *payload_o = Py_None, *timeout_o = Py_None;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs < 7 || nargs > 9) {
+        PyErr_SetString(PyExc_TypeError, "call(capability, opcode, flags, d0, d1, d2, d3, "
+                                         "payload=None, timeout_ns=-1)");
+        return NULL;
+    }
+    if (nargs > 7)
+        payload_o = args[7];
+    if (nargs > 8)
+        timeout_o = args[8];
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *k = PyTuple_GET_ITEM(kwnames, i);
+        if (PyUnicode_CompareWithASCIIString(k, "payload") == 0 && nargs <= 7)
+            payload_o = args[nargs + i];
+        else if (PyUnicode_CompareWithASCIIString(k, "timeout_ns") == 0 && nargs <= 8)
+            timeout_o = args[nargs + i];
+        else {
+            PyErr_Format(PyExc_TypeError, "call() got an unexpected keyword argument %R", k);
+            return NULL;
+        }
+    }
+    if (!lane_usable(L))
+        return NULL;
+    outmsg_t m;
+    int64_t timeout_ns;
+    if (parse_out(args, 0, 1, &m, FLAG_REPLY_EXPECTED) < 0 ||
+        to_i64_timeout(timeout_o, &timeout_ns) < 0)
+        return NULL;
+    uint32_t st = ctrl_state(L->ctrl);
+    if (st != STATE_OPEN) {
+        raise_for_state(st, "server");
+        return NULL;
+    }
+    Py_buffer view;
+    if (parse_payload(payload_o, &m, &view, L->max_payload) < 0)
+        return NULL;
+    uint64_t deadline = deadline_after(timeout_ns);
+    uint64_t tag = L->last_tag + 1;
+    m.tag = tag;
+    const char *why = NULL;
+    PyObject *result = NULL;
+    L->busy = 1;
+
+    /* 1. Room in the request ring and arena. The server never wakes producers, so poll with
+     * short sleeps (10 us doubling to 1 ms) until the deadline. */
+    long backoff_ns = 10000;
+    for (;;) {
+        uint64_t nfree;
+        if (prod_slots_free(&L->req, &nfree, &why) != RG_OK) {
+            lane_break(L, why);
+            goto out;
+        }
+        if (nfree > 0) {
+            int r = lane_write(L, &m, &why);
+            if (r == RG_OK)
+                break;
+            if (r == RG_CORRUPT) {
+                lane_break(L, why);
+                goto out;
+            }
+        }
+        st = ctrl_state(L->ctrl);
+        if (st != STATE_OPEN) {
+            raise_for_state(st, "server");
+            goto out;
+        }
+        if (now_ns() >= deadline) {
+            PyErr_SetString(Timeout, "timed out waiting for room in the request ring");
+            goto out;
+        }
+        struct timespec ts = {0, backoff_ns};
+        Py_BEGIN_ALLOW_THREADS
+        nanosleep(&ts, NULL);
+        Py_END_ALLOW_THREADS
+        if (backoff_ns < 1000000)
+            backoff_ns *= 2;
+        if (PyErr_CheckSignals() < 0)
+            goto out;
+    }
+    release_view(&view);
+    L->last_tag = tag;
+    prod_publish(&L->req);
+    lane_ring_doorbell(L);
+
+    /* 2. The reply. */
+    for (;;) {
+        int r = lane_take_reply(L, tag, &result);
+        if (r != 0)
+            goto out;
+        st = ctrl_state(L->ctrl);
+        if (st != STATE_OPEN) {
+            /* A reply published before the state change is still delivered. */
+            r = lane_take_reply(L, tag, &result);
+            if (r != 0)
+                goto out;
+            lane_cancel(L, tag);
+            raise_for_state(st, "server");
+            goto out;
+        }
+        if (now_ns() >= deadline) {
+            lane_cancel(L, tag);
+            PyErr_Format(Timeout, "no reply within %lld ns", (long long)timeout_ns);
+            goto out;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        lane_wait(L, deadline);
+        Py_END_ALLOW_THREADS
+        if (PyErr_CheckSignals() < 0) {
+            lane_cancel(L, tag);
+            goto out;
+        }
+    }
+out:
+    release_view(&view);
+    L->busy = 0;
+    return result;
+}
+
+/* send(capability, opcode, flags, d0, d1, d2, d3, payload=None): one-way, never blocks. */
+static PyObject *Lane_send(LaneObject *L, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 7 || nargs > 8) {
+        PyErr_SetString(PyExc_TypeError,
+                        "send(capability, opcode, flags, d0, d1, d2, d3, payload=None)");
+        return NULL;
+    }
+    if (!lane_usable(L))
+        return NULL;
+    outmsg_t m;
+    if (parse_out(args, 0, 1, &m, 0) < 0)
+        return NULL;
+    uint32_t st = ctrl_state(L->ctrl);
+    if (st != STATE_OPEN) {
+        raise_for_state(st, "server");
+        return NULL;
+    }
+    Py_buffer view;
+    if (parse_payload(nargs > 7 ? args[7] : Py_None, &m, &view, L->max_payload) < 0)
+        return NULL;
+    m.tag = L->last_tag + 1;
+    const char *why = NULL;
+    uint64_t nfree;
+    PyObject *ret = NULL;
+    L->busy = 1;
+    int r = prod_slots_free(&L->req, &nfree, &why);
+    if (r == RG_OK && nfree == 0)
+        r = RG_FULL;
+    if (r == RG_OK)
+        r = lane_write(L, &m, &why);
+    if (r == RG_OK) {
+        L->last_tag = m.tag;
+        prod_publish(&L->req);
+        lane_ring_doorbell(L);
+        ret = Py_None;
+        Py_INCREF(ret);
+    } else if (r == RG_FULL) {
+        PyErr_SetString(WouldBlock, "request ring or arena is full");
+    } else {
+        lane_break(L, why);
+    }
+    release_view(&view);
+    L->busy = 0;
+    return ret;
+}
+
+/* send_many([(capability, opcode, flags, d0, d1, d2, d3[, payload]), ...]) -> accepted count.
+ * All the messages that fit are validated first (nothing is written if one is bad), written,
+ * then published with one tail store and one doorbell ring. Runs entirely under the GIL. */
+static PyObject *Lane_send_many(LaneObject *L, PyObject *seq_o)
+{
+    if (!lane_usable(L))
+        return NULL;
+    PyObject *seq = PySequence_Fast(seq_o, "send_many expects a sequence of tuples");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    uint32_t st = ctrl_state(L->ctrl);
+    if (st != STATE_OPEN) {
+        raise_for_state(st, "server");
+        Py_DECREF(seq);
+        return NULL;
+    }
+    const char *why = NULL;
+    uint64_t nfree;
+    if (prod_slots_free(&L->req, &nfree, &why) != RG_OK) {
+        lane_break(L, why);
+        Py_DECREF(seq);
+        return NULL;
+    }
+    uint64_t cap = nfree < BATCH_MAX ? nfree : BATCH_MAX;
+    if ((uint64_t)n > cap)
+        n = (Py_ssize_t)cap;
+    Py_ssize_t parsed = 0, written = 0;
+    for (; parsed < n; parsed++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, parsed);
+        if (!PyTuple_Check(item) || (PyTuple_GET_SIZE(item) != 7 && PyTuple_GET_SIZE(item) != 8)) {
+            PyErr_SetString(PyExc_TypeError, "send_many items are tuples (capability, opcode, "
+                                             "flags, d0, d1, d2, d3[, payload])");
+            goto fail;
+        }
+        PyObject **a = &PyTuple_GET_ITEM(item, 0);
+        outmsg_t *m = &L->batch[parsed];
+        if (parse_out(a, 0, 1, m, 0) < 0)
+            goto fail;
+        if (parse_payload(PyTuple_GET_SIZE(item) == 8 ? a[7] : Py_None, m, &L->views[parsed],
+                          L->max_payload) < 0)
+            goto fail;
+    }
+    L->busy = 1;
+    for (; written < n; written++) {
+        L->batch[written].tag = L->last_tag + 1;
+        int r = prod_write(&L->req, &L->batch[written], &why);
+        if (r == RG_FULL)
+            break;
+        if (r == RG_CORRUPT) {
+            L->busy = 0;
+            lane_break(L, why);
+            goto fail;
+        }
+        L->last_tag++;
+    }
+    L->busy = 0;
+    for (Py_ssize_t i = 0; i < parsed; i++)
+        release_view(&L->views[i]);
+    Py_DECREF(seq);
+    if (written) {
+        prod_publish(&L->req);
+        lane_ring_doorbell(L);
+    }
+    return PyLong_FromSsize_t(written);
+fail:
+    for (Py_ssize_t i = 0; i < parsed; i++)
+        release_view(&L->views[i]);
+    Py_DECREF(seq);
+    /* Anything written before a corruption was detected is abandoned with the lane. */
+    return NULL;
+}
+
+static PyObject *Lane_close(LaneObject *L, PyObject *unused)
+{
+    if (L->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Lane is in use by another thread");
+        return NULL;
+    }
+    lane_unmap(L);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lane_get_index(LaneObject *L, void *c) { return PyLong_FromUnsignedLong(L->index); }
+static PyObject *Lane_get_broken(LaneObject *L, void *c) { return PyBool_FromLong(L->broken); }
+static PyObject *Lane_get_closed(LaneObject *L, void *c) { return PyBool_FromLong(!L->chan); }
+static PyObject *Lane_get_last_tag(LaneObject *L, void *c)
+{
+    return PyLong_FromUnsignedLongLong(L->last_tag);
+}
+static PyObject *Lane_get_max_payload(LaneObject *L, void *c)
+{
+    return PyLong_FromUnsignedLongLong(L->max_payload);
+}
+
+static PyMethodDef Lane_methods[] = {
+    {"call", (PyCFunction)(void (*)(void))Lane_call, METH_FASTCALL | METH_KEYWORDS,
+     "call(capability, opcode, flags, d0, d1, d2, d3, payload=None, timeout_ns=-1)\n"
+     "-> (opcode, flags, d0, d1, d2, d3, payload or None)"},
+    {"send", (PyCFunction)(void (*)(void))Lane_send, METH_FASTCALL,
+     "send(capability, opcode, flags, d0, d1, d2, d3, payload=None) -> None; WouldBlock if full"},
+    {"send_many", (PyCFunction)Lane_send_many, METH_O,
+     "send_many(items) -> int: how many of the leading items were accepted"},
+    {"close", (PyCFunction)Lane_close, METH_NOARGS, "Unmap everything; the Lane is unusable."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Lane_getset[] = {
+    {"index", (getter)Lane_get_index, NULL, "doorbell index of this channel", NULL},
+    {"broken", (getter)Lane_get_broken, NULL, "True after a protocol error", NULL},
+    {"closed", (getter)Lane_get_closed, NULL, "True after close()", NULL},
+    {"last_tag", (getter)Lane_get_last_tag, NULL, "tag of the last request sent", NULL},
+    {"max_payload", (getter)Lane_get_max_payload, NULL, "largest payload in bytes", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject LaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "capbus._core.Lane",
+    .tp_basicsize = sizeof(LaneObject),
+    .tp_dealloc = (destructor)Lane_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Lane(chan_fd, ctrl_fd, doorbell_fd, index, nslots=256, arena_size=128 MiB, "
+              "wait_mode=1, spin_ns=50000): the client end of a channel.",
+    .tp_methods = Lane_methods,
+    .tp_getset = Lane_getset,
+    .tp_init = (initproc)Lane_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* =============================================================================================
+ * ServerSet: the service end, up to MAX_CHANNELS channels by index.
+ *
+ * The doorbell is writable by every client, so nothing in it is trusted:
+ *   - the ready bitmap is only a hint: bits for indices that are not (alive) channels of this
+ *     set are ignored, a set bit on an empty ring costs one tail load, and a cleared bit is
+ *     recovered by a full scan of every ring, which runs before every sleep and at least every
+ *     FULL_SCAN_NS while busy (the rings are the truth);
+ *   - seq only tells a waiting server "look again": a scribbled seq causes spurious scans (bounded
+ *     CPU, deadlines still honoured) or a missed wake-up;
+ *   - a missed wake-up (server_sleeping scribbled to 0, seq held constant) is bounded by the
+ *     SLEEP_CAP_NS cap on every futex sleep: it costs at most that much latency, never a hang.
+ *
+ * Threads: one recv at a time (recv_mu, acquired without the GIL when contended). reply() may
+ * run in any thread; per channel, replies are serialised by a process-private spinlock. add(),
+ * remove() and the bookkeeping below run under the GIL. recv scans without the GIL, so remove()
+ * never unmaps a channel while a recv is running or a reply is using it: it parks the channel
+ * on a graveyard list, freed by whoever is last out.
+ * ============================================================================================= */
+
+typedef struct chan {
+    char *map;
+    size_t map_len;
+    char *ctrl;
+    uint32_t index;
+    uint64_t sender_id;
+    cons_t req;         /* consumer of the client's requests (recv thread only) */
+    prod_t resp;        /* producer of replies (under lock) */
+    uint64_t last_tag;  /* request tags must increase */
+    int dead;           /* corrupt: never read again (atomic) */
+    int removed;        /* GIL */
+    int users;          /* reply() calls using the mapping (GIL) */
+    int lock;           /* reply spinlock */
+    struct chan *next_grave;
+} chan_t;
+
+typedef struct {
+    PyObject_HEAD
+    char *db;
+    int mode;
+    uint64_t spin_ns;
+    int recv_active;    /* GIL */
+    int interrupt;      /* atomic */
+    uint32_t rr;        /* round-robin position (recv only) */
+    uint32_t nchan;     /* GIL */
+    uint64_t last_full_scan;
+    pthread_mutex_t recv_mu;
+    int mu_init;
+    chan_t *grave;
+    uint64_t active[DB_BITMAP_WORDS]; /* alive channels (atomic words; changed under the GIL) */
+    uint64_t ready[DB_BITMAP_WORDS];  /* recv-private: channels that may have requests */
+    chan_t *table[MAX_CHANNELS];      /* atomic pointers */
+} ServerSetObject;
+
+static inline void spin_lock(int *l)
+{
+    /* ACQUIRE on taking the lock: the previous owner's writes to the producer state (RELEASEd
+     * in spin_unlock) are visible to us. */
+    while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE)) {
+        unsigned n = 0;
+        while (__atomic_load_n(l, __ATOMIC_RELAXED)) {
+            if (++n < 1000)
+                cpu_relax();
+            else
+                sched_yield(); /* the owner may be copying a big payload */
+        }
+    }
+}
+
+static inline int spin_trylock(int *l)
+{
+    return !__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE); /* ACQUIRE: as in spin_lock */
+}
+
+static inline void spin_unlock(int *l)
+{
+    __atomic_store_n(l, 0, __ATOMIC_RELEASE); /* RELEASE: pairs with the next owner's ACQUIRE */
+}
+
+static void chan_free(chan_t *ch)
+{
+    if (ch->map)
+        munmap(ch->map, ch->map_len);
+    if (ch->ctrl)
+        munmap(ch->ctrl, CTRL_SIZE);
+    PyMem_RawFree(ch);
+}
+
+/* Free parked channels nobody uses any more (GIL held). */
+static void ss_reap(ServerSetObject *S)
+{
+    if (S->recv_active)
+        return;
+    chan_t **pp = &S->grave;
+    while (*pp) {
+        chan_t *ch = *pp;
+        if (ch->users == 0) {
+            *pp = ch->next_grave;
+            chan_free(ch);
+        } else {
+            pp = &ch->next_grave;
+        }
+    }
+}
+
+/* Take a channel out of the set of alive ones (GIL held). RELEASE: keeps the clear ordered after
+ * anything we did to the channel before, for a scanning recv that ACQUIRE-loads the word. */
+static void ss_deactivate(ServerSetObject *S, uint32_t i)
+{
+    __atomic_fetch_and(&S->active[i / 64], ~(1ull << (i % 64)), __ATOMIC_RELEASE);
+}
+
+static void ss_mark_dead(ServerSetObject *S, chan_t *ch)
+{
+    /* RELAXED: read by the same threads under the GIL or by recv, which only reads channels
+     * through the active bitmap cleared just after. */
+    __atomic_store_n(&ch->dead, 1, __ATOMIC_RELAXED);
+    ss_deactivate(S, ch->index);
+}
+
+static void ss_free_all(ServerSetObject *S)
+{
+    for (uint32_t i = 0; i < MAX_CHANNELS; i++) {
+        if (S->table[i]) {
+            chan_free(S->table[i]);
+            S->table[i] = NULL;
+        }
+    }
+    memset(S->active, 0, sizeof S->active);
+    S->nchan = 0;
+    while (S->grave) {
+        chan_t *ch = S->grave;
+        S->grave = ch->next_grave;
+        chan_free(ch);
+    }
+    if (S->db)
+        munmap(S->db, DOORBELL_SIZE);
+    S->db = NULL;
+}
+
+static void ServerSet_dealloc(ServerSetObject *S)
+{
+    ss_free_all(S);
+    if (S->mu_init)
+        pthread_mutex_destroy(&S->recv_mu);
+    Py_TYPE(S)->tp_free((PyObject *)S);
+}
+
+static int ServerSet_init(ServerSetObject *S, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"doorbell_fd", "wait_mode", "spin_ns", NULL};
+    int db_fd, mode = WAIT_ADAPTIVE;
+    long long spin_ns = DEFAULT_SPIN_NS;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|iL:ServerSet", kwlist, &db_fd, &mode, &spin_ns))
+        return -1;
+    if (S->db) {
+        PyErr_SetString(PyExc_RuntimeError, "ServerSet already initialised");
+        return -1;
+    }
+    if (check_wait(mode, spin_ns) < 0)
+        return -1;
+    S->db = map_memfd(db_fd, DOORBELL_SIZE, 1, "doorbell");
+    if (!S->db)
+        return -1;
+    if (!S->mu_init) {
+        pthread_mutex_init(&S->recv_mu, NULL);
+        S->mu_init = 1;
+    }
+    S->mode = mode;
+    S->spin_ns = (uint64_t)spin_ns;
+    return 0;
+}
+
+static int ss_usable(ServerSetObject *S)
+{
+    if (!S->db) {
+        PyErr_SetString(PyExc_ValueError, "ServerSet is closed");
+        return 0;
+    }
+    return 1;
+}
+
+/* add(index, chan_fd, ctrl_fd, nslots=256, arena_size=128 MiB, sender_id=None) */
+static PyObject *ServerSet_add(ServerSetObject *S, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"index", "chan_fd", "ctrl_fd", "nslots", "arena_size", "sender_id",
+                             NULL};
+    unsigned long long index, nslots = DEFAULT_NSLOTS, asize = DEFAULT_ARENA_SIZE;
+    int chan_fd, ctrl_fd;
+    PyObject *sender_o = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Kii|KKO:add", kwlist, &index, &chan_fd, &ctrl_fd,
+                                     &nslots, &asize, &sender_o))
+        return NULL;
+    if (!ss_usable(S))
+        return NULL;
+    if (index >= MAX_CHANNELS) {
+        PyErr_Format(PyExc_ValueError, "index must be in 0..%u", MAX_CHANNELS - 1);
+        return NULL;
+    }
+    if (S->table[index]) {
+        PyErr_Format(PyExc_ValueError, "channel index %llu is already in use", index);
+        return NULL;
+    }
+    if (check_geometry(nslots, asize) < 0)
+        return NULL;
+    uint64_t sender = 0;
+    if (sender_o != Py_None && to_u64(sender_o, &sender, "sender_id") < 0)
+        return NULL;
+    chan_t *ch = PyMem_RawCalloc(1, sizeof *ch);
+    if (!ch)
+        return PyErr_NoMemory();
+    uint64_t len = channel_size(nslots, asize);
+    ch->map = map_memfd(chan_fd, len, 1, "channel");
+    if (!ch->map)
+        goto fail;
+    ch->map_len = (size_t)len;
+    ch->ctrl = map_memfd(ctrl_fd, CTRL_SIZE, 0, "control page");
+    if (!ch->ctrl)
+        goto fail;
+    if (sender_o == Py_None) /* the kernel wrote it; ACQUIRE is not needed at add() time */
+        sender = __atomic_load_n((uint64_t *)(ch->ctrl + CTRL_SENDER_ID_OFF), __ATOMIC_RELAXED);
+    ch->index = (uint32_t)index;
+    ch->sender_id = sender;
+    ch->req.ring = ch->map + REQ_RING_OFF;
+    ch->req.arena = ch->map + req_arena_off(nslots);
+    ch->req.nslots = nslots;
+    ch->req.asize = asize;
+    ch->resp.ring = ch->map + resp_ring_off(nslots);
+    ch->resp.arena = ch->map + resp_arena_off(nslots, asize);
+    ch->resp.nslots = nslots;
+    ch->resp.asize = asize;
+    /* RELEASE (pointer, then bit): a recv scanning without the GIL that ACQUIRE-loads the bit and
+     * then the pointer sees a fully initialised chan_t. */
+    __atomic_store_n(&S->table[index], ch, __ATOMIC_RELEASE);
+    __atomic_fetch_or(&S->active[index / 64], 1ull << (index % 64), __ATOMIC_RELEASE);
+    S->nchan++;
+    Py_RETURN_NONE;
+fail:
+    chan_free(ch);
+    return NULL;
+}
+
+static PyObject *ServerSet_remove(ServerSetObject *S, PyObject *arg)
+{
+    unsigned long long index = PyLong_AsUnsignedLongLong(arg);
+    if (index == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (index >= MAX_CHANNELS || !S->table[index]) {
+        PyErr_Format(PyExc_KeyError, "no channel with index %llu", index);
+        return NULL;
+    }
+    chan_t *ch = S->table[index];
+    ss_deactivate(S, (uint32_t)index);
+    /* RELEASE: pairs with the ACQUIRE pointer loads of a scanning recv (which, having the old
+     * pointer, is safe: the memory is parked, not unmapped, while it runs). */
+    __atomic_store_n(&S->table[index], NULL, __ATOMIC_RELEASE);
+    S->nchan--;
+    ch->removed = 1;
+    ch->next_grave = S->grave;
+    S->grave = ch;
+    ss_reap(S);
+    Py_RETURN_NONE;
+}
+
+/* Full scan: mark every alive OPEN channel whose request ring is non-empty as ready.
+ * Called by the recv holder, with or without the GIL. Returns whether anything is ready. */
+static int ss_full_scan(ServerSetObject *S)
+{
+    int found = 0;
+    for (uint32_t w = 0; w < DB_BITMAP_WORDS; w++) {
+        /* ACQUIRE: pairs with add()'s RELEASE, so the channel it names is initialised. */
+        uint64_t a = __atomic_load_n(&S->active[w], __ATOMIC_ACQUIRE);
+        while (a) {
+            uint32_t b = (uint32_t)__builtin_ctzll(a);
+            a &= a - 1;
+            chan_t *ch = __atomic_load_n(&S->table[w * 64 + b], __ATOMIC_ACQUIRE); /* as above */
+            if (!ch || ctrl_state(ch->ctrl) != STATE_OPEN)
+                continue;
+            /* RELAXED: a "non-empty?" test only; the pop re-reads the tail with ACQUIRE. */
+            if (__atomic_load_n(ring_u64(ch->req.ring, RING_TAIL_OFF), __ATOMIC_RELAXED) !=
+                ch->req.head) {
+                S->ready[w] |= 1ull << b;
+                found = 1;
+            }
+        }
+    }
+    S->last_full_scan = now_ns();
+    return found;
+}
+
+/* Fold the doorbell's hint bits into the private ready set (bits of unknown or dead channels are
+ * dropped by the mask). */
+static void ss_refresh_hints(ServerSetObject *S)
+{
+    uint64_t *bm = (uint64_t *)(S->db + DB_BITMAP_OFF);
+    for (uint32_t w = 0; w < DB_BITMAP_WORDS; w++) {
+        /* RELAXED: hints only; every use of a channel re-reads its tail with ACQUIRE. The plain
+         * load first avoids dirtying 64 shared cache lines per turn. */
+        if (__atomic_load_n(&bm[w], __ATOMIC_RELAXED)) {
+            uint64_t bits = __atomic_exchange_n(&bm[w], 0, __ATOMIC_RELAXED);
+            S->ready[w] |= bits & __atomic_load_n(&S->active[w], __ATOMIC_RELAXED);
+        }
+    }
+}
+
+static int ss_find_from(ServerSetObject *S, uint32_t start)
+{
+    for (uint32_t w = start / 64; w < DB_BITMAP_WORDS; w++) {
+        uint64_t bits = S->ready[w] & __atomic_load_n(&S->active[w], __ATOMIC_RELAXED);
+        if (w == start / 64)
+            bits &= ~0ull << (start % 64);
+        if (bits)
+            return (int)(w * 64 + (uint32_t)__builtin_ctzll(bits));
+    }
+    return -1;
+}
+
+/* Round robin: the next ready channel at or after rr; at the end of a turn, fold in the hints
+ * (at most *refreshes times per wait cycle, so a scribbler setting every bit cannot keep us
+ * busy) and start again from 0; if nothing is ready at all, scan every ring. */
+static int ss_pick(ServerSetObject *S, int *refreshes)
+{
+    int i = ss_find_from(S, S->rr);
+    if (i >= 0)
+        return i;
+    if (*refreshes > 0) {
+        ss_refresh_hints(S);
+        (*refreshes)--;
+    }
+    S->rr = 0;
+    i = ss_find_from(S, 0);
+    if (i >= 0)
+        return i;
+    ss_full_scan(S);
+    return ss_find_from(S, 0);
+}
+
+enum { W_AGAIN, W_INTERRUPT };
+
+/* Wait WITHOUT the GIL for work: at most one slice, then the caller re-checks everything. */
+static int ss_wait(ServerSetObject *S, uint64_t deadline)
+{
+    uint32_t *seq = (uint32_t *)(S->db + DB_SEQ_OFF);
+    uint32_t *sleeping = (uint32_t *)(S->db + DB_SERVER_SLEEPING_OFF);
+    uint64_t start = now_ns();
+    if (start >= deadline)
+        return W_AGAIN;
+    uint64_t slice_end = deadline - start > SLICE_NS ? start + SLICE_NS : deadline;
+    uint64_t spin_end = start;
+    if (S->mode == WAIT_SPIN)
+        spin_end = slice_end;
+    else if (S->mode == WAIT_ADAPTIVE)
+        spin_end = slice_end - start > S->spin_ns ? start + S->spin_ns : slice_end;
+    if (spin_end > start) {
+        /* ACQUIRE: if a later load sees a different seq we rescan anyway; reading seq BEFORE the
+         * scan closes the window where a client publishes between our scan and our read. */
+        uint32_t seen = __atomic_load_n(seq, __ATOMIC_ACQUIRE);
+        if (ss_full_scan(S))
+            return W_AGAIN;
+        uint64_t next_scan = start + SPIN_SCAN_NS;
+        for (unsigned i = 1;; i++) {
+            if (__atomic_load_n(seq, __ATOMIC_RELAXED) != seen) /* RELAXED: just "look again" */
+                return W_AGAIN;
+            if (__atomic_load_n(&S->interrupt, __ATOMIC_RELAXED))
+                return W_INTERRUPT;
+            cpu_relax();
+            if (i % 1024 == 0) {
+                uint64_t now = now_ns();
+                if (now >= spin_end)
+                    break;
+                if (now >= next_scan) { /* a scribbler may hold seq still: trust only rings */
+                    if (ss_full_scan(S))
+                        return W_AGAIN;
+                    next_scan = now + SPIN_SCAN_NS;
+                }
+            }
+        }
+    }
+    uint64_t now = now_ns();
+    if (now >= slice_end)
+        return W_AGAIN;
+    /* RELAXED store + SEQ_CST fence, Dekker with lane_ring_doorbell ("bump seq; fence; load
+     * sleeping"): either the client sees our flag and wakes us, or our seq load below sees its
+     * increment (ACQUIRE: and then its tail) and FUTEX_WAIT returns at once. */
+    __atomic_store_n(sleeping, 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint32_t seen = __atomic_load_n(seq, __ATOMIC_ACQUIRE);
+    if (!ss_full_scan(S) && !__atomic_load_n(&S->interrupt, __ATOMIC_RELAXED)) {
+        uint64_t rel = slice_end - now < SLEEP_CAP_NS ? slice_end - now : SLEEP_CAP_NS;
+        sys_futex_wait(seq, seen, rel, 0); /* any outcome (EINTR included): caller rescans */
+    }
+    __atomic_store_n(sleeping, 0, __ATOMIC_RELAXED); /* RELAXED: saves clients a syscall only */
+    return __atomic_load_n(&S->interrupt, __ATOMIC_RELAXED) ? W_INTERRUPT : W_AGAIN;
+}
+
+enum { P_EMPTY, P_SKIPPED, P_DELIVERED, P_CORRUPT, P_ERROR };
+
+/* Pop one request from channel ch (GIL held). */
+static int ss_pop(ServerSetObject *S, chan_t *ch, PyObject **out, const char **why)
+{
+    if (ctrl_state(ch->ctrl) != STATE_OPEN)
+        return P_EMPTY; /* skipped until the kernel removes it (or reopens it) */
+    int r = cons_poll(&ch->req, why);
+    if (r == RG_EMPTY)
+        return P_EMPTY;
+    inmsg_t m;
+    if (r == RG_CORRUPT || cons_read(&ch->req, &m, why) != RG_OK)
+        return P_CORRUPT;
+    if (m.s.tag <= ch->last_tag) {
+        *why = "request tag did not increase";
+        return P_CORRUPT;
+    }
+    /* Only calls are cancelled: a client's calls are synchronous, so when the call with tag T
+     * timed out every call before it is finished or cancelled too; one-way sends queued before
+     * it are still wanted. RELAXED: the mark is a hint about the client's own requests. */
+    uint64_t cancel_below =
+        __atomic_load_n((uint64_t *)(ch->map + CHAN_CANCEL_BELOW_OFF), __ATOMIC_RELAXED);
+    if ((m.s.flags & FLAG_REPLY_EXPECTED) && m.s.tag < cancel_below) {
+        ch->last_tag = m.s.tag;
+        cons_release(&ch->req, &m);
+        return P_SKIPPED;
+    }
+    PyObject *payload = Py_None;
+    Py_INCREF(payload);
+    if (m.has_payload) {
+        Py_DECREF(payload);
+        *why = NULL;
+        payload = take_payload(&ch->req, &m, why);
+        if (!payload)
+            return *why ? P_CORRUPT : P_ERROR;
+    }
+    PyObject *t = Py_BuildValue("(IKKIIKKKKNK)", ch->index, (unsigned long long)m.s.tag,
+                                (unsigned long long)m.s.capability, m.s.opcode, m.s.flags,
+                                (unsigned long long)m.s.data[0], (unsigned long long)m.s.data[1],
+                                (unsigned long long)m.s.data[2], (unsigned long long)m.s.data[3],
+                                payload, (unsigned long long)ch->sender_id);
+    if (!t)
+        return P_ERROR; /* not consumed: the next recv gets it again */
+    ch->last_tag = m.s.tag;
+    cons_release(&ch->req, &m);
+    *out = t;
+    return P_DELIVERED;
+}
+
+/* recv(timeout_ns=-1) -> (index, tag, capability, opcode, flags, d0, d1, d2, d3, payload,
+ * sender_id). Timeout if nothing arrives; CorruptChannel for a bad channel (then call again);
+ * Cancelled after interrupt(). */
+static PyObject *ServerSet_recv(ServerSetObject *S, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "recv(timeout_ns=-1)");
+        return NULL;
+    }
+    int64_t timeout_ns = -1;
+    if (nargs == 1 && to_i64_timeout(args[0], &timeout_ns) < 0)
+        return NULL;
+    if (!ss_usable(S))
+        return NULL;
+    uint64_t deadline = deadline_after(timeout_ns);
+    if (pthread_mutex_trylock(&S->recv_mu) != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&S->recv_mu);
+        Py_END_ALLOW_THREADS
+    }
+    if (!S->db) { /* closed while we waited for the mutex */
+        pthread_mutex_unlock(&S->recv_mu);
+        PyErr_SetString(PyExc_ValueError, "ServerSet is closed");
+        return NULL;
+    }
+    S->recv_active = 1;
+    PyObject *result = NULL;
+    const char *why = NULL;
+    /* Work between two deadline checks is bounded: hint refreshes (2) and pops that deliver
+     * nothing (empty after all, or cancelled) -- a client can make its ring flicker between
+     * empty and non-empty, or stream cancelled requests, as fast as we look. */
+    int refreshes = 2;
+    unsigned budget = 2 * MAX_CHANNELS;
+    for (;;) {
+        if (__atomic_exchange_n(&S->interrupt, 0, __ATOMIC_RELAXED)) {
+            PyErr_SetString(Cancelled, "recv interrupted");
+            break;
+        }
+        if (now_ns() - S->last_full_scan >= FULL_SCAN_NS)
+            ss_full_scan(S);
+        int i = budget ? ss_pick(S, &refreshes) : -1;
+        if (i >= 0) {
+            budget--;
+            chan_t *ch = S->table[i];
+            int p = ch ? ss_pop(S, ch, &result, &why) : P_EMPTY;
+            if (p == P_DELIVERED) {
+                S->rr = (uint32_t)i + 1;
+                break;
+            }
+            if (p == P_EMPTY) {
+                S->ready[i / 64] &= ~(1ull << (i % 64));
+                continue;
+            }
+            if (p == P_SKIPPED)
+                continue; /* same channel again: a cancelled request does not use up its turn */
+            if (p == P_CORRUPT) {
+                S->ready[i / 64] &= ~(1ull << (i % 64));
+                ss_mark_dead(S, ch);
+                raise_corrupt(ch->index, why);
+            }
+            break; /* P_CORRUPT or P_ERROR: exception set */
+        }
+        if (now_ns() >= deadline) {
+            PyErr_SetString(Timeout, "no request arrived in time");
+            break;
+        }
+        int w;
+        Py_BEGIN_ALLOW_THREADS
+        w = ss_wait(S, deadline);
+        Py_END_ALLOW_THREADS
+        refreshes = 2;
+        budget = 2 * MAX_CHANNELS;
+        if (w == W_INTERRUPT)
+            continue;
+        if (PyErr_CheckSignals() < 0)
+            break;
+    }
+    S->recv_active = 0;
+    pthread_mutex_unlock(&S->recv_mu);
+    ss_reap(S);
+    return result;
+}
+
+/* reply(index, tag, opcode, flags, d0, d1, d2, d3, payload=None): never blocks. */
+static PyObject *ServerSet_reply(ServerSetObject *S, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 8 || nargs > 9) {
+        PyErr_SetString(PyExc_TypeError,
+                        "reply(index, tag, opcode, flags, d0, d1, d2, d3, payload=None)");
+        return NULL;
+    }
+    if (!ss_usable(S))
+        return NULL;
+    uint64_t index;
+    outmsg_t m;
+    if (to_u64(args[0], &index, "index") < 0 || to_u64(args[1], &m.tag, "tag") < 0 ||
+        parse_out(args + 2, 0, 0, &m, 0) < 0)
+        return NULL;
+    chan_t *ch = index < MAX_CHANNELS ? S->table[index] : NULL;
+    if (!ch || __atomic_load_n(&ch->dead, __ATOMIC_RELAXED)) {
+        PyErr_Format(PeerDied, "channel %llu is gone", (unsigned long long)index);
+        return NULL;
+    }
+    uint32_t st = ctrl_state(ch->ctrl);
+    if (st != STATE_OPEN) {
+        PyErr_Format(PeerDied, "channel %llu is not open (state %u)", (unsigned long long)index,
+                     st);
+        return NULL;
+    }
+    Py_buffer view;
+    if (parse_payload(nargs > 8 ? args[8] : Py_None, &m, &view, max_payload_for(ch->resp.asize)) <
+        0)
+        return NULL;
+    const char *why = NULL;
+    uint64_t nfree;
+    int r;
+    ch->users++;
+    int big = m.payload && m.plen >= NOGIL_COPY_BYTES;
+    if (!big && spin_trylock(&ch->lock)) {
+        r = prod_slots_free(&ch->resp, &nfree, &why);
+        if (r == RG_OK)
+            r = nfree ? prod_write(&ch->resp, &m, &why) : RG_FULL;
+        if (r == RG_OK)
+            prod_publish(&ch->resp);
+        spin_unlock(&ch->lock);
+    } else {
+        /* Contended or big: take the lock and copy without the GIL. The owner never waits for
+         * the GIL while holding the lock, so this cannot deadlock. */
+        Py_BEGIN_ALLOW_THREADS
+        spin_lock(&ch->lock);
+        r = prod_slots_free(&ch->resp, &nfree, &why);
+        if (r == RG_OK)
+            r = nfree ? prod_write(&ch->resp, &m, &why) : RG_FULL;
+        if (r == RG_OK)
+            prod_publish(&ch->resp);
+        spin_unlock(&ch->lock);
+        Py_END_ALLOW_THREADS
+    }
+    if (r == RG_OK) {
+        /* SEQ_CST fence between our tail store (in prod_publish) and the load of the client's
+         * sleeping flag: the Dekker half matching lane_wait. */
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        char *ring = ch->resp.ring;
+        if (__atomic_load_n(ring_u32(ring, RING_CONSUMER_SLEEPING_OFF), __ATOMIC_RELAXED))
+            sys_futex_wake((const uint32_t *)ring_u64(ring, RING_TAIL_OFF), INT_MAX);
+    }
+    ch->users--;
+    release_view(&view);
+    if (r == RG_CORRUPT && !ch->removed)
+        ss_mark_dead(S, ch);
+    if (ch->removed)
+        ss_reap(S); /* may free ch: no use of ch after this */
+    if (r == RG_OK)
+        Py_RETURN_NONE;
+    if (r == RG_FULL) {
+        PyErr_Format(WouldBlock, "response ring or arena of channel %llu is full",
+                     (unsigned long long)index);
+        return NULL;
+    }
+    raise_corrupt((uint32_t)index, why);
+    return NULL;
+}
+
+static PyObject *ServerSet_interrupt(ServerSetObject *S, PyObject *unused)
+{
+    if (!ss_usable(S))
+        return NULL;
+    /* RELAXED flag + the seq bump and wake below (the waiter re-reads the flag after waking). */
+    __atomic_store_n(&S->interrupt, 1, __ATOMIC_RELAXED);
+    uint32_t *seq = (uint32_t *)(S->db + DB_SEQ_OFF);
+    __atomic_fetch_add(seq, 1, __ATOMIC_SEQ_CST); /* SEQ_CST: as a client's doorbell ring */
+    sys_futex_wake(seq, INT_MAX);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ServerSet_close(ServerSetObject *S, PyObject *unused)
+{
+    if (S->recv_active) {
+        PyErr_SetString(PyExc_RuntimeError, "recv() is running in another thread");
+        return NULL;
+    }
+    for (uint32_t i = 0; i < MAX_CHANNELS; i++)
+        if (S->table[i] && S->table[i]->users) {
+            PyErr_SetString(PyExc_RuntimeError, "reply() is running in another thread");
+            return NULL;
+        }
+    ss_free_all(S);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ServerSet_contains(ServerSetObject *S, PyObject *arg)
+{
+    unsigned long long index = PyLong_AsUnsignedLongLong(arg);
+    if (index == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        Py_RETURN_FALSE;
+    }
+    return PyBool_FromLong(index < MAX_CHANNELS && S->table[index]);
+}
+
+static PyObject *ServerSet_is_dead(ServerSetObject *S, PyObject *arg)
+{
+    unsigned long long index = PyLong_AsUnsignedLongLong(arg);
+    if (index == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (index >= MAX_CHANNELS || !S->table[index]) {
+        PyErr_Format(PyExc_KeyError, "no channel with index %llu", index);
+        return NULL;
+    }
+    return PyBool_FromLong(__atomic_load_n(&S->table[index]->dead, __ATOMIC_RELAXED));
+}
+
+static Py_ssize_t ServerSet_len(ServerSetObject *S) { return S->nchan; }
+
+static PyMethodDef ServerSet_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))ServerSet_add, METH_VARARGS | METH_KEYWORDS,
+     "add(index, chan_fd, ctrl_fd, nslots=256, arena_size=128 MiB, sender_id=None)"},
+    {"remove", (PyCFunction)ServerSet_remove, METH_O, "remove(index)"},
+    {"recv", (PyCFunction)(void (*)(void))ServerSet_recv, METH_FASTCALL,
+     "recv(timeout_ns=-1) -> (index, tag, capability, opcode, flags, d0, d1, d2, d3, payload, "
+     "sender_id)"},
+    {"reply", (PyCFunction)(void (*)(void))ServerSet_reply, METH_FASTCALL,
+     "reply(index, tag, opcode, flags, d0, d1, d2, d3, payload=None)"},
+    {"interrupt", (PyCFunction)ServerSet_interrupt, METH_NOARGS,
+     "Make the running (or the next) recv raise Cancelled."},
+    {"close", (PyCFunction)ServerSet_close, METH_NOARGS, "Unmap every channel and the doorbell."},
+    {"is_dead", (PyCFunction)ServerSet_is_dead, METH_O,
+     "is_dead(index) -> bool: was the channel found corrupt?"},
+    {"__contains__", (PyCFunction)ServerSet_contains, METH_O | METH_COEXIST, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static int ServerSet_sq_contains(ServerSetObject *S, PyObject *arg)
+{
+    PyObject *r = ServerSet_contains(S, arg);
+    int v = r == Py_True;
+    Py_XDECREF(r);
+    return v;
+}
+
+static PySequenceMethods ServerSet_as_seq = {
+    .sq_length = (lenfunc)ServerSet_len,
+    .sq_contains = (objobjproc)ServerSet_sq_contains,
+};
+
+static PyTypeObject ServerSetType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "capbus._core.ServerSet",
+    .tp_basicsize = sizeof(ServerSetObject),
+    .tp_dealloc = (destructor)ServerSet_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "ServerSet(doorbell_fd, wait_mode=1, spin_ns=50000): the service end.",
+    .tp_methods = ServerSet_methods,
+    .tp_as_sequence = &ServerSet_as_seq,
+    .tp_init = (initproc)ServerSet_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ---------------------------------------------------------------------------------------------
+ * Module-level helpers for the kernel (and tests).
+ * ------------------------------------------------------------------------------------------- */
+
+static int parse_geometry(PyObject *args, PyObject *kw, const char *fmt, uint64_t *n, uint64_t *a)
+{
+    static char *kwlist[] = {"nslots", "arena_size", NULL};
+    unsigned long long nn = DEFAULT_NSLOTS, aa = DEFAULT_ARENA_SIZE;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, fmt, kwlist, &nn, &aa))
+        return -1;
+    if (check_geometry(nn, aa) < 0)
+        return -1;
+    *n = nn;
+    *a = aa;
+    return 0;
+}
+
+static PyObject *py_channel_size(PyObject *self, PyObject *args, PyObject *kw)
+{
+    uint64_t n, a;
+    if (parse_geometry(args, kw, "|KK:channel_size", &n, &a) < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(channel_size(n, a));
+}
+
+static PyObject *py_channel_layout(PyObject *self, PyObject *args, PyObject *kw)
+{
+    uint64_t n, a;
+    if (parse_geometry(args, kw, "|KK:channel_layout", &n, &a) < 0)
+        return NULL;
+    uint64_t rq = REQ_RING_OFF, rs = resp_ring_off(n);
+    return Py_BuildValue(
+        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "size", channel_size(n, a), "nslots", n,
+        "arena_size", a, "ring_size", ring_size(n), "cancel_below",
+        (unsigned long long)CHAN_CANCEL_BELOW_OFF, "req_ring", rq, "req_tail", rq + RING_TAIL_OFF,
+        "req_head", rq + RING_HEAD_OFF, "req_arena_released", rq + RING_ARENA_RELEASED_OFF,
+        "req_slots", rq + RING_SLOTS_OFF, "resp_ring", rs, "resp_tail", rs + RING_TAIL_OFF,
+        "resp_head", rs + RING_HEAD_OFF, "resp_consumer_sleeping",
+        rs + RING_CONSUMER_SLEEPING_OFF, "resp_arena_released", rs + RING_ARENA_RELEASED_OFF,
+        "resp_slots", rs + RING_SLOTS_OFF, "req_arena", req_arena_off(n), "resp_arena",
+        resp_arena_off(n, a));
+}
+
+static PyObject *py_resp_ring_off(PyObject *self, PyObject *arg)
+{
+    unsigned long long n = PyLong_AsUnsignedLongLong(arg);
+    if (n == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (check_geometry(n, MIN_ARENA_SIZE) < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(resp_ring_off(n));
+}
+
+static PyObject *py_max_payload(PyObject *self, PyObject *arg)
+{
+    unsigned long long a = PyLong_AsUnsignedLongLong(arg);
+    if (a == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (check_geometry(DEFAULT_NSLOTS, a) < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(max_payload_for(a));
+}
+
+/* A memfd sealed against shrinking and growing. `extra` adds seals: F_SEAL_SEAL for channels
+ * (nobody may add seals later: a client adding F_SEAL_FUTURE_WRITE before the server maps the
+ * channel would make add() fail), none for pages (the kernel seals a control page with
+ * F_SEAL_FUTURE_WRITE once it has mapped it). */
+static int new_sealed_memfd(const char *name, uint64_t size, int extra)
+{
+    int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0)
+        return -1;
+    if (ftruncate(fd, (off_t)size) < 0 ||
+        fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | extra) < 0) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        return -1;
+    }
+    return fd;
+}
+
+static PyObject *py_create_channel(PyObject *self, PyObject *args, PyObject *kw)
+{
+    uint64_t n, a;
+    if (parse_geometry(args, kw, "|KK:create_channel", &n, &a) < 0)
+        return NULL;
+    int fd = new_sealed_memfd("capbus-channel", channel_size(n, a), F_SEAL_SEAL);
+    if (fd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    /* The informational header. pwrite, not a mapping: only the first page is touched. */
+    unsigned char hdr[24];
+    uint64_t magic = CHAN_MAGIC, asz = a;
+    uint32_t ver = CHAN_VERSION, ns = (uint32_t)n;
+    memcpy(hdr + CHAN_MAGIC_OFF, &magic, 8);
+    memcpy(hdr + CHAN_VERSION_OFF, &ver, 4);
+    memcpy(hdr + CHAN_NSLOTS_OFF, &ns, 4);
+    memcpy(hdr + CHAN_ARENA_SIZE_OFF, &asz, 8);
+    if (pwrite(fd, hdr, sizeof hdr, 0) != (ssize_t)sizeof hdr) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(fd);
+}
+
+static PyObject *py_create_page(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"name", NULL};
+    const char *name = "capbus-page";
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|s:create_page", kwlist, &name))
+        return NULL;
+    int fd = new_sealed_memfd(name, PAGE_SIZE_, 0);
+    if (fd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(fd);
+}
+
+/* wake_lane(chan, nslots=256) -> int: futex_wake the response-tail word of a channel, i.e. every
+ * client blocked in call() on it, after the kernel changed its control page. `chan` is the
+ * channel memfd (int) or any buffer mapping the channel from offset 0 (at least up to the
+ * response ring header). */
+static PyObject *py_wake_lane(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"chan", "nslots", NULL};
+    PyObject *chan;
+    unsigned long long n = DEFAULT_NSLOTS;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|K:wake_lane", kwlist, &chan, &n))
+        return NULL;
+    if (check_geometry(n, MIN_ARENA_SIZE) < 0)
+        return NULL;
+    uint64_t off = resp_ring_off(n) + RING_TAIL_OFF;
+    int r;
+    if (PyLong_Check(chan)) {
+        int fd = (int)PyLong_AsLong(chan);
+        if (fd == -1 && PyErr_Occurred())
+            return NULL;
+        size_t len = (size_t)round_up_u64(off + 8, PAGE_SIZE_);
+        void *p = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0);
+        if (p == MAP_FAILED)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        r = sys_futex_wake((const uint32_t *)((char *)p + off), INT_MAX);
+        munmap(p, len);
+    } else {
+        Py_buffer view;
+        void *w;
+        if (get_word(chan, &view, (Py_ssize_t)off, 4, 0, &w) < 0)
+            return NULL;
+        r = sys_futex_wake((const uint32_t *)w, INT_MAX);
+        PyBuffer_Release(&view);
+    }
+    if (r < 0) {
+        errno = -r;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(r);
+}
+
+static PyObject *py_crc32(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    unsigned int value = 0;
+    if (!PyArg_ParseTuple(args, "y*|I:crc32", &view, &value))
+        return NULL;
+    uint32_t c;
+    if (view.len >= (Py_ssize_t)NOGIL_COPY_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        c = crc32_update(value, view.buf, (size_t)view.len);
+        Py_END_ALLOW_THREADS
+    } else {
+        c = crc32_update(value, view.buf, (size_t)view.len);
+    }
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLong(c);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Module.
+ * ------------------------------------------------------------------------------------------- */
+
+static PyMethodDef core_methods[] = {
+    {"futex_wait", (PyCFunction)(void (*)(void))py_futex_wait, METH_VARARGS | METH_KEYWORDS,
+     "futex_wait(buf, offset, expected, timeout=None) -> bool\n\n"
+     "Sleep on the u32 at buf[offset] while it equals `expected` (shared futex). True if woken\n"
+     "or the value differed, False on timeout (seconds; None = forever)."},
+    {"futex_wake", (PyCFunction)(void (*)(void))py_futex_wake, METH_VARARGS | METH_KEYWORDS,
+     "futex_wake(buf, offset, n=INT_MAX) -> int\n\nWake up to n waiters; returns how many."},
+    {"atomic_load_u32", py_atomic_load_u32, METH_VARARGS, "atomic_load_u32(buf, off) -> int"},
+    {"atomic_load_u64", py_atomic_load_u64, METH_VARARGS, "atomic_load_u64(buf, off) -> int"},
+    {"atomic_store_u32", py_atomic_store_u32, METH_VARARGS, "atomic_store_u32(buf, off, v)"},
+    {"atomic_store_u64", py_atomic_store_u64, METH_VARARGS, "atomic_store_u64(buf, off, v)"},
+    {"atomic_cas_u32", py_atomic_cas_u32, METH_VARARGS,
+     "atomic_cas_u32(buf, off, expected, desired) -> bool"},
+    {"atomic_cas_u64", py_atomic_cas_u64, METH_VARARGS,
+     "atomic_cas_u64(buf, off, expected, desired) -> bool"},
+    {"atomic_add_u64", py_atomic_add_u64, METH_VARARGS,
+     "atomic_add_u64(buf, off, v) -> int (old value, wraps modulo 2**64)"},
+    {"channel_size", (PyCFunction)(void (*)(void))py_channel_size, METH_VARARGS | METH_KEYWORDS,
+     "channel_size(nslots=256, arena_size=128 MiB) -> int: bytes of a channel memfd"},
+    {"channel_layout", (PyCFunction)(void (*)(void))py_channel_layout,
+     METH_VARARGS | METH_KEYWORDS,
+     "channel_layout(nslots=256, arena_size=128 MiB) -> dict of absolute offsets in a channel"},
+    {"max_payload", py_max_payload, METH_O, "max_payload(arena_size) -> int"},
+    {"resp_ring_off", py_resp_ring_off, METH_O,
+     "resp_ring_off(nslots) -> int: offset of the response ring in a channel (its tail word, at\n"
+     "+RING_TAIL_OFF, is what clients futex-wait on; see wake_lane)"},
+    {"create_channel", (PyCFunction)(void (*)(void))py_create_channel,
+     METH_VARARGS | METH_KEYWORDS,
+     "create_channel(nslots=256, arena_size=128 MiB) -> fd of a new sealed, sized channel memfd"},
+    {"create_page", (PyCFunction)(void (*)(void))py_create_page, METH_VARARGS | METH_KEYWORDS,
+     "create_page(name='capbus-page') -> fd of a new sealed 4096-byte memfd (control page or "
+     "doorbell)"},
+    {"wake_lane", (PyCFunction)(void (*)(void))py_wake_lane, METH_VARARGS | METH_KEYWORDS,
+     "wake_lane(chan, nslots=256) -> int: wake clients blocked on a channel (chan: memfd or "
+     "buffer mapping the channel from offset 0)"},
+    {"crc32", py_crc32, METH_VARARGS, "crc32(data, value=0) -> int (same as zlib.crc32)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef core_module = {
+    PyModuleDef_HEAD_INIT, "capbus._core",
+    "capbus native core (see the comment at the top of _core.c).",
+    -1, core_methods, NULL, NULL, NULL, NULL,
+};
+
+static int add_u64(PyObject *m, const char *name, uint64_t v)
+{
+    PyObject *o = PyLong_FromUnsignedLongLong(v);
+    if (!o || PyModule_AddObject(m, name, o) < 0) {
+        Py_XDECREF(o);
+        return -1;
+    }
+    return 0;
+}
+
+PyMODINIT_FUNC PyInit__core(void)
+{
+    crc32_init();
+    PyObject *errors = PyImport_ImportModule("capbus._errors");
+    if (!errors)
+        return NULL;
+    struct {
+        PyObject **slot;
+        const char *name;
+    } errs[] = {
+        {&IpcError, "IpcError"},         {&Timeout, "Timeout"},
+        {&PeerDied, "PeerDied"},         {&InvalidCapability, "InvalidCapability"},
+        {&WouldBlock, "WouldBlock"},     {&MessageTooLarge, "MessageTooLarge"},
+        {&ProtocolError, "ProtocolError"}, {&Cancelled, "Cancelled"},
+    };
+    for (size_t i = 0; i < sizeof errs / sizeof errs[0]; i++) {
+        *errs[i].slot = PyObject_GetAttrString(errors, errs[i].name);
+        if (!*errs[i].slot) {
+            Py_DECREF(errors);
+            return NULL;
+        }
+    }
+    Py_DECREF(errors);
+    CorruptChannel = PyErr_NewExceptionWithDoc(
+        "capbus._core.CorruptChannel",
+        "A client wrote garbage into its channel. The ServerSet has marked the channel dead and "
+        "will not read it again; .index is the channel index, .reason says what was wrong.",
+        ProtocolError, NULL);
+    if (!CorruptChannel)
+        return NULL;
+    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&ServerSetType) < 0)
+        return NULL;
+
+    PyObject *m = PyModule_Create(&core_module);
+    if (!m)
+        return NULL;
+    Py_INCREF(CorruptChannel);
+    Py_INCREF(&LaneType);
+    Py_INCREF(&ServerSetType);
+    if (PyModule_AddObject(m, "CorruptChannel", CorruptChannel) < 0 ||
+        PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0 ||
+        PyModule_AddObject(m, "ServerSet", (PyObject *)&ServerSetType) < 0)
+        goto fail;
+
+    static const struct {
+        const char *name;
+        uint64_t v;
+    } consts[] = {
+#define C(x) {#x, (uint64_t)(x)}
+        C(CTRL_SIZE), C(CTRL_STATE_OFF), C(CTRL_GENERATION_OFF), C(CTRL_EXPIRY_OFF),
+        C(CTRL_MAX_MESSAGE_SIZE_OFF), C(CTRL_RATE_LIMIT_OFF), C(CTRL_BANDWIDTH_OFF),
+        C(CTRL_RIGHTS_OFF), C(CTRL_SENDER_ID_OFF),
+        C(STATE_OPEN), C(STATE_REVOKED), C(STATE_PEER_DEAD), C(STATE_CLOSED),
+        C(DOORBELL_SIZE), C(DB_SEQ_OFF), C(DB_SERVER_SLEEPING_OFF), C(DB_BITMAP_OFF),
+        C(MAX_CHANNELS),
+        C(CHAN_HEADER_SIZE), C(CHAN_MAGIC_OFF), C(CHAN_VERSION_OFF), C(CHAN_NSLOTS_OFF),
+        C(CHAN_ARENA_SIZE_OFF), C(CHAN_CANCEL_BELOW_OFF), C(CHAN_MAGIC), C(CHAN_VERSION),
+        C(RING_TAIL_OFF), C(RING_HEAD_OFF), C(RING_CONSUMER_SLEEPING_OFF),
+        C(RING_ARENA_RELEASED_OFF), C(RING_SLOTS_OFF), C(REQ_RING_OFF),
+        C(DEFAULT_NSLOTS), C(MIN_NSLOTS), C(MAX_NSLOTS), C(DEFAULT_ARENA_SIZE),
+        C(MIN_ARENA_SIZE), C(MAX_ARENA_SIZE),
+        C(SLOT_SIZE), C(SMALL_MESSAGE_SIZE),
+        {"SLOT_CAPABILITY_OFF", offsetof(slot_t, capability)},
+        {"SLOT_OPCODE_OFF", offsetof(slot_t, opcode)},
+        {"SLOT_FLAGS_OFF", offsetof(slot_t, flags)},
+        {"SLOT_DATA_OFF", offsetof(slot_t, data)},
+        {"SLOT_TAG_OFF", offsetof(slot_t, tag)},
+        {"SLOT_PAYLOAD_LEN_OFF", offsetof(slot_t, payload_len)},
+        {"SLOT_PAYLOAD_OFF_OFF", offsetof(slot_t, payload_off)},
+        C(FLAG_LARGE), C(FLAG_CHECKSUM), C(FLAG_REPLY_EXPECTED), C(FLAG_ERROR),
+        C(FLAG_USER_MASK), C(FLAG_KNOWN_MASK),
+        C(LARGE_MSG_SIZE), C(LM_CAPABILITY_OFF), C(LM_OPCODE_OFF), C(LM_FLAGS_OFF),
+        C(LM_TOTAL_SIZE_OFF), C(LM_CHECKSUM_OFF), C(LM_PAD_OFF), C(LM_REGION_BASE_OFF),
+        C(LM_REGION_SIZE_OFF), C(LM_REGION_PERMISSIONS_OFF), C(LM_REGION_CACHE_POLICY_OFF),
+        C(LM_INLINE_OFF), C(LM_INLINE_SIZE), C(REGION_PERM_READ), C(CHUNK_ALIGN),
+        C(WAIT_SPIN), C(WAIT_ADAPTIVE), C(WAIT_BLOCK), C(DEFAULT_SPIN_NS),
+        C(SLEEP_CAP_NS), C(SLICE_NS), C(FULL_SCAN_NS),
+        {"DEFAULT_RESP_RING_OFF", REQ_RING_OFF + RING_SLOTS_OFF + DEFAULT_NSLOTS * SLOT_SIZE},
+        {"RESP_TAIL_OFF", REQ_RING_OFF + RING_SLOTS_OFF + DEFAULT_NSLOTS * SLOT_SIZE + RING_TAIL_OFF},
+#undef C
+    };
+    for (size_t i = 0; i < sizeof consts / sizeof consts[0]; i++)
+        if (add_u64(m, consts[i].name, consts[i].v) < 0)
+            goto fail;
+    PyObject *magic = PyBytes_FromStringAndSize("CAPBUSC1", 8);
+    if (!magic || PyModule_AddObject(m, "CHAN_MAGIC_BYTES", magic) < 0) {
+        Py_XDECREF(magic);
+        goto fail;
+    }
+    return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
+}

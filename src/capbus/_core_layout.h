@@ -1,0 +1,164 @@
+/*
+ * capbus shared-memory layout: the ONE definition of every size and offset. _core.c exports each
+ * of these as a module attribute; Python code reads them from capbus._core and never redefines
+ * them. All multi-byte fields are little-endian (native; the build refuses big-endian hosts).
+ */
+#ifndef CAPBUS_CORE_LAYOUT_H
+#define CAPBUS_CORE_LAYOUT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "capbus shared memory is little-endian; big-endian hosts are not supported"
+#endif
+
+#define PAGE_SIZE_ 4096u
+
+/* ---- Control page (one per channel; written only by the kernel, PROT_READ for both ends). ---- */
+#define CTRL_SIZE 4096u
+#define CTRL_STATE_OFF 0u              /* u32: STATE_* (anything else is treated as CLOSED) */
+#define CTRL_GENERATION_OFF 4u         /* u32 */
+#define CTRL_EXPIRY_OFF 8u             /* u64: CLOCK_MONOTONIC absolute ns, 0 = none */
+#define CTRL_MAX_MESSAGE_SIZE_OFF 16u  /* u64: 0 = none */
+#define CTRL_RATE_LIMIT_OFF 24u        /* u64 */
+#define CTRL_BANDWIDTH_OFF 32u         /* u64 */
+#define CTRL_RIGHTS_OFF 40u            /* u32 */
+#define CTRL_SENDER_ID_OFF 64u         /* u64: kernel-verified ProcessId of the client side */
+
+#define STATE_OPEN 1u
+#define STATE_REVOKED 2u
+#define STATE_PEER_DEAD 3u
+#define STATE_CLOSED 4u
+
+/* ---- Service doorbell (one per service; RW for the server and every client: untrusted). ---- */
+#define DOORBELL_SIZE 4096u
+#define DB_SEQ_OFF 0u              /* u32 futex word: clients add 1 after publishing */
+#define DB_SERVER_SLEEPING_OFF 64u /* u32: 1 while the server is (about to be) asleep on seq */
+#define DB_BITMAP_OFF 128u         /* MAX_CHANNELS bits as u64 words: "channel i has work" hints */
+#define MAX_CHANNELS 4096u
+#define DB_BITMAP_WORDS (MAX_CHANNELS / 64u)
+
+/* ---- Channel memfd ("lane"): header page, request ring, response ring, two arenas. ---- */
+#define CHAN_HEADER_SIZE 4096u
+#define CHAN_MAGIC_OFF 0u        /* u64 "CAPBUSC1" -- informational, never trusted */
+#define CHAN_VERSION_OFF 8u      /* u32 -- informational */
+#define CHAN_NSLOTS_OFF 12u      /* u32 -- informational */
+#define CHAN_ARENA_SIZE_OFF 16u  /* u64 -- informational */
+#define CHAN_CANCEL_BELOW_OFF 64u /* u64, written by the client: requests with tag < this are dead */
+#define CHAN_MAGIC 0x3143535542504143ull /* the bytes "CAPBUSC1" read as a little-endian u64 */
+#define CHAN_VERSION 1u
+
+/* Ring (request ring: client -> server; response ring: server -> client). */
+#define RING_TAIL_OFF 0u               /* u64, written by the producer */
+#define RING_HEAD_OFF 64u              /* u64, written by the consumer */
+#define RING_CONSUMER_SLEEPING_OFF 72u /* u32, response ring only: client is asleep on tail */
+#define RING_ARENA_RELEASED_OFF 128u   /* u64, written by the consumer: arena bytes released */
+#define RING_SLOTS_OFF 256u
+#define REQ_RING_OFF CHAN_HEADER_SIZE
+
+#define DEFAULT_NSLOTS 256u
+#define MIN_NSLOTS 1u
+#define MAX_NSLOTS 65536u
+#define DEFAULT_ARENA_SIZE (128ull << 20)
+#define MIN_ARENA_SIZE 4096ull
+#define MAX_ARENA_SIZE (1ull << 32) /* slot payload_off/payload_len are u32 */
+
+/* ---- Slot: the 48-byte SmallMessage, then tag and the arena chunk reference. ---- */
+typedef struct {
+    uint64_t capability; /* @0 */
+    uint32_t opcode;     /* @8 */
+    uint32_t flags;      /* @12 */
+    uint64_t data[4];    /* @16 */
+    uint64_t tag;        /* @48: transaction id; a reply carries its request's tag */
+    uint32_t payload_len; /* @56: bytes in the arena chunk (0 = no payload) */
+    uint32_t payload_off; /* @60: arena offset of the chunk */
+} slot_t;
+
+#define SLOT_SIZE 64u
+#define SMALL_MESSAGE_SIZE 48u
+_Static_assert(sizeof(slot_t) == SLOT_SIZE, "slot size");
+_Static_assert(offsetof(slot_t, opcode) == 8 && offsetof(slot_t, flags) == 12 &&
+                   offsetof(slot_t, data) == 16 && offsetof(slot_t, tag) == 48 &&
+                   offsetof(slot_t, payload_len) == 56 && offsetof(slot_t, payload_off) == 60,
+               "slot layout");
+
+/* Slot flags. Anything outside FLAG_KNOWN_MASK from a peer means corruption. */
+#define FLAG_LARGE 0x1u          /* payload > LM_INLINE_SIZE: it follows the LargeMessage struct */
+#define FLAG_CHECKSUM 0x2u       /* header.checksum is the CRC-32 of the payload; verify it */
+#define FLAG_REPLY_EXPECTED 0x4u /* a call (the server must reply) rather than a one-way send */
+#define FLAG_ERROR 0x8u          /* a reply carrying an error code in data[0] */
+#define FLAG_USER_MASK 0xFFFF0000u /* passed through untouched for the protocol layer above */
+#define FLAG_KNOWN_MASK (FLAG_LARGE | FLAG_CHECKSUM | FLAG_REPLY_EXPECTED | FLAG_ERROR | FLAG_USER_MASK)
+
+/* ---- Arena chunk: the LargeMessage struct, padded to 128 bytes, then (if large) the payload. */
+typedef struct {
+    uint64_t capability;
+    uint32_t opcode;
+    uint32_t flags;
+    uint64_t total_size; /* payload length */
+    uint32_t checksum;   /* CRC-32 (IEEE, = zlib.crc32) of the payload if FLAG_CHECKSUM, else 0 */
+    uint32_t pad;        /* 0 */
+} msg_header_t;
+
+typedef struct {
+    uint64_t base_addr;    /* large: arena offset of the payload bytes (chunk offset + 128) */
+    uint64_t size;         /* large: payload length; inline: 0 */
+    uint32_t permissions;  /* large: REGION_PERM_READ; inline: 0 */
+    uint32_t cache_policy; /* 0 */
+} mem_region_t;
+
+typedef struct {
+    msg_header_t header;    /* @0, 32 bytes */
+    mem_region_t region;    /* @32, 24 bytes */
+    uint8_t inline_data[64]; /* @56: payloads of <= 64 bytes */
+    uint8_t pad[8];         /* to 128 */
+} large_msg_t;
+
+#define LARGE_MSG_SIZE 128u
+#define LM_CAPABILITY_OFF 0u
+#define LM_OPCODE_OFF 8u
+#define LM_FLAGS_OFF 12u
+#define LM_TOTAL_SIZE_OFF 16u
+#define LM_CHECKSUM_OFF 24u
+#define LM_PAD_OFF 28u
+#define LM_REGION_BASE_OFF 32u
+#define LM_REGION_SIZE_OFF 40u
+#define LM_REGION_PERMISSIONS_OFF 48u
+#define LM_REGION_CACHE_POLICY_OFF 52u
+#define LM_INLINE_OFF 56u
+#define LM_INLINE_SIZE 64u
+#define REGION_PERM_READ 1u
+#define CHUNK_ALIGN 64u
+
+_Static_assert(sizeof(msg_header_t) == 32, "MessageHeader size");
+_Static_assert(sizeof(mem_region_t) == 24, "MemoryRegion size");
+_Static_assert(sizeof(large_msg_t) == LARGE_MSG_SIZE, "LargeMessage size");
+_Static_assert(offsetof(large_msg_t, region) == LM_REGION_BASE_OFF, "region offset");
+_Static_assert(offsetof(large_msg_t, inline_data) == LM_INLINE_OFF, "inline offset");
+_Static_assert(offsetof(msg_header_t, checksum) == LM_CHECKSUM_OFF, "checksum offset");
+
+/* ---- Derived sizes (all in u64; callers validate nslots/arena_size first). ---- */
+static inline uint64_t round_up_u64(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+static inline uint64_t ring_size(uint64_t nslots) { return RING_SLOTS_OFF + nslots * SLOT_SIZE; }
+static inline uint64_t resp_ring_off(uint64_t nslots) { return REQ_RING_OFF + ring_size(nslots); }
+static inline uint64_t req_arena_off(uint64_t nslots)
+{
+    return round_up_u64(REQ_RING_OFF + 2 * ring_size(nslots), PAGE_SIZE_);
+}
+static inline uint64_t resp_arena_off(uint64_t nslots, uint64_t asize)
+{
+    return req_arena_off(nslots) + asize;
+}
+static inline uint64_t channel_size(uint64_t nslots, uint64_t asize)
+{
+    return req_arena_off(nslots) + 2 * asize;
+}
+/* Bytes of arena a payload of `len` bytes occupies (the chunk), and the largest payload. */
+static inline uint64_t chunk_len_for(uint64_t len)
+{
+    return LARGE_MSG_SIZE + (len > LM_INLINE_SIZE ? round_up_u64(len, CHUNK_ALIGN) : 0);
+}
+static inline uint64_t max_payload_for(uint64_t asize) { return asize - LARGE_MSG_SIZE; }
+
+#endif

@@ -1,0 +1,387 @@
+/*
+ * capbus ring engine: single-producer single-consumer rings of 64-byte slots plus a FIFO arena
+ * for payloads, in shared memory that the OTHER side may scribble over at any time.
+ *
+ * No Python API in here and no allocation: every function may run with or without the GIL.
+ *
+ * Trust rules. Each side keeps its own cursors in private memory (prod_t / cons_t) and only ever
+ * WRITES its own shared fields; it READS the peer's fields (and the peer-written slots/chunks)
+ * exactly once per use into locals, validates the locals against its private cursors, and then
+ * uses only the locals. A value that fails validation yields RG_CORRUPT with a static reason
+ * string, and the caller stops using the channel. Nothing here loops on a shared value.
+ *
+ * Memory orders (the pairs):
+ *   producer: write slot + chunk (plain stores) -> tail.store(RELEASE)
+ *   consumer: tail.load(ACQUIRE) -> read slot + chunk (relaxed atomic loads, see cons_peek)
+ *   consumer: read slot + chunk -> arena_released.store(RELEASE) and head.store(RELEASE)
+ *   producer: head.load(ACQUIRE) / arena_released.load(ACQUIRE) -> overwrite slot / chunk
+ * The RELEASE on the consumer side makes its reads of a slot/chunk happen-before the producer's
+ * reuse of that memory (the producer's ACQUIRE load pairs with it), so a slot is never recycled
+ * under a reader.
+ */
+#ifndef CAPBUS_CORE_RING_H
+#define CAPBUS_CORE_RING_H
+
+#include <stdint.h>
+#include <string.h>
+
+#include "_core_layout.h"
+
+enum { RG_OK = 0, RG_EMPTY = 1, RG_FULL = 2, RG_CORRUPT = -1 };
+
+static inline uint64_t *ring_u64(char *ring, uint32_t off) { return (uint64_t *)(ring + off); }
+static inline uint32_t *ring_u32(char *ring, uint32_t off) { return (uint32_t *)(ring + off); }
+static inline char *ring_slot(char *ring, uint64_t i) { return ring + RING_SLOTS_OFF + i * SLOT_SIZE; }
+
+/* ---------------------------------------------------------------------------------------------
+ * CRC-32 (IEEE 802.3, reflected, poly 0xEDB88320; identical to zlib.crc32), slice-by-8.
+ * ------------------------------------------------------------------------------------------- */
+
+static uint32_t crc_tab[8][256];
+
+static void crc32_init(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_tab[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            crc_tab[t][i] = (crc_tab[t - 1][i] >> 8) ^ crc_tab[0][crc_tab[t - 1][i] & 0xff];
+}
+
+static uint32_t crc32_update(uint32_t crc, const uint8_t *p, size_t n)
+{
+    crc = ~crc;
+    while (n && ((uintptr_t)p & 7)) {
+        crc = crc_tab[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+        n--;
+    }
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        w ^= crc;
+        crc = crc_tab[7][w & 0xff] ^ crc_tab[6][(w >> 8) & 0xff] ^ crc_tab[5][(w >> 16) & 0xff] ^
+              crc_tab[4][(w >> 24) & 0xff] ^ crc_tab[3][(w >> 32) & 0xff] ^
+              crc_tab[2][(w >> 40) & 0xff] ^ crc_tab[1][(w >> 48) & 0xff] ^ crc_tab[0][w >> 56];
+        p += 8;
+        n -= 8;
+    }
+    while (n--)
+        crc = crc_tab[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    return ~crc;
+}
+
+/* Copy n bytes (a multiple of 8, 8-aligned) out of peer-writable memory with relaxed atomic
+ * loads: the peer may be writing concurrently (only if hostile), and atomic loads make that a
+ * well-defined race whose result we then validate, instead of undefined behaviour the compiler
+ * could exploit (e.g. by re-reading a field after we validated it). */
+static inline void copy_in_words(void *dst, const char *src, size_t n)
+{
+    uint64_t *d = dst;
+    const uint64_t *s = (const uint64_t *)src;
+    for (size_t i = 0; i < n / 8; i++)
+        d[i] = __atomic_load_n(&s[i], __ATOMIC_RELAXED);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Producer.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    char *ring;         /* ring header in the mapping */
+    char *arena;
+    uint64_t nslots;    /* power of two, trusted (from the kernel, not from the header page) */
+    uint64_t asize;     /* multiple of 4096, trusted */
+    uint64_t tail;      /* private: messages written (published or not) */
+    uint64_t published; /* private: last value stored to the shared tail */
+    uint64_t head_seen; /* last consumer head observed: the shared head must never go back */
+    uint64_t cursor;    /* private virtual arena cursor (bytes ever allocated, incl. wrap gaps) */
+    uint64_t rel_seen;  /* last arena_released observed: must never go back */
+    uint64_t jump_from; /* last fresh-lap jump: a release value of exactly jump_from (everything */
+    uint64_t jump_to;   /* released, the consumer has not seen the jump yet) counts as jump_to */
+    uint64_t pending_jump_from, pending_jump_to; /* scratch between alloc and commit */
+} prod_t;
+
+/* An outgoing message, fully validated by the caller (ranges, flags, payload <= max). */
+typedef struct {
+    uint64_t capability;
+    uint32_t opcode;
+    uint32_t flags; /* final flags (FLAG_LARGE etc. already decided by the caller) */
+    uint64_t data[4];
+    uint64_t tag;
+    const uint8_t *payload; /* NULL = no payload (distinct from an empty payload) */
+    uint64_t plen;
+} outmsg_t;
+
+/* How many more slots the producer may write. RG_CORRUPT if the consumer's head is impossible. */
+static int prod_slots_free(prod_t *p, uint64_t *nfree, const char **why)
+{
+    /* ACQUIRE: pairs with the consumer's RELEASE store of head, so its reads of the slots it has
+     * passed happen-before we overwrite them. */
+    uint64_t h = __atomic_load_n(ring_u64(p->ring, RING_HEAD_OFF), __ATOMIC_ACQUIRE);
+    if (h < p->head_seen || h > p->published) {
+        *why = "ring head moved backwards or past the tail";
+        return RG_CORRUPT;
+    }
+    p->head_seen = h;
+    *nfree = p->nslots - (p->tail - h); /* tail - h <= nslots is our own invariant */
+    return RG_OK;
+}
+
+/* Find room for a chunk of `len` bytes (64-aligned, <= asize) in the FIFO arena. On RG_OK,
+ * *off is where it goes and *newcur the cursor after it; nothing is committed yet.
+ *
+ * The cursor is virtual (it only grows); the offset is cursor % asize. A chunk that would cross
+ * the arena end starts at the next lap (offset 0), and the skipped tail end counts as used until
+ * the consumer's release passes it. When everything is released the cursor jumps to a fresh lap
+ * so that an idle arena always offers all of its bytes contiguously (and keeps reusing the same,
+ * already-faulted, cache-warm pages at the start). The consumer accepts a chunk either at its own
+ * release cursor or at offset 0 (see cons_validate), which covers both kinds of jump. */
+static int prod_arena_alloc(prod_t *p, uint64_t len, uint64_t *off, uint64_t *newcur,
+                            const char **why)
+{
+    /* ACQUIRE: pairs with the consumer's RELEASE of arena_released, so its reads of released
+     * chunks happen-before we overwrite them. */
+    uint64_t rel = __atomic_load_n(ring_u64(p->ring, RING_ARENA_RELEASED_OFF), __ATOMIC_ACQUIRE);
+    if (rel < p->rel_seen) {
+        *why = "arena_released moved backwards";
+        return RG_CORRUPT;
+    }
+    p->rel_seen = rel;
+    /* After a fresh-lap jump from X to L the consumer's release stays at X (all released) until
+     * it meets the chunk at offset 0 and moves past L; the bytes between count as free. */
+    if (rel == p->jump_from && p->jump_to)
+        rel = p->jump_to;
+    if (rel > p->cursor || p->cursor - rel > p->asize) {
+        *why = "arena_released out of range";
+        return RG_CORRUPT;
+    }
+    uint64_t cur = p->cursor;
+    int jump = 0;
+    if (rel == cur && cur % p->asize != 0) { /* idle: fresh lap */
+        cur += p->asize - cur % p->asize;
+        rel = cur;
+        jump = 1;
+    }
+    uint64_t o = cur % p->asize;
+    uint64_t start = (o + len <= p->asize) ? cur : cur + (p->asize - o);
+    if (start + len - rel > p->asize)
+        return RG_FULL;
+    if (jump) { /* committed together with the cursor, by prod_write */
+        p->pending_jump_from = p->cursor;
+        p->pending_jump_to = cur;
+    } else {
+        p->pending_jump_from = p->pending_jump_to = 0;
+    }
+    *off = start % p->asize;
+    *newcur = start + len;
+    return RG_OK;
+}
+
+/* Write one message (chunk, then slot) without publishing it: the shared tail moves only in
+ * prod_publish, so a batch becomes visible at once. The caller has checked prod_slots_free.
+ * Returns RG_OK, RG_FULL (arena) or RG_CORRUPT. May take long for big payloads (copy + CRC): the
+ * caller drops the GIL around it for those. */
+static int prod_write(prod_t *p, const outmsg_t *m, const char **why)
+{
+    slot_t s;
+    s.capability = m->capability;
+    s.opcode = m->opcode;
+    s.flags = m->flags;
+    memcpy(s.data, m->data, sizeof s.data);
+    s.tag = m->tag;
+    s.payload_len = 0;
+    s.payload_off = 0;
+    if (m->payload) {
+        uint64_t len = chunk_len_for(m->plen), off, newcur;
+        int r = prod_arena_alloc(p, len, &off, &newcur, why);
+        if (r != RG_OK)
+            return r;
+        large_msg_t lm;
+        memset(&lm, 0, sizeof lm);
+        lm.header.capability = m->capability;
+        lm.header.opcode = m->opcode;
+        lm.header.flags = m->flags;
+        lm.header.total_size = m->plen;
+        lm.header.checksum = (m->flags & FLAG_CHECKSUM) ? crc32_update(0, m->payload, m->plen) : 0;
+        char *chunk = p->arena + off;
+        if (m->plen > LM_INLINE_SIZE) {
+            lm.region.base_addr = off + LARGE_MSG_SIZE;
+            lm.region.size = m->plen;
+            lm.region.permissions = REGION_PERM_READ;
+            memcpy(chunk + LARGE_MSG_SIZE, m->payload, m->plen);
+        } else if (m->plen) {
+            memcpy(lm.inline_data, m->payload, m->plen);
+        }
+        memcpy(chunk, &lm, sizeof lm);
+        p->cursor = newcur;
+        if (p->pending_jump_to) {
+            p->jump_from = p->pending_jump_from;
+            p->jump_to = p->pending_jump_to;
+        }
+        s.payload_len = (uint32_t)len;
+        s.payload_off = (uint32_t)off;
+    }
+    memcpy(ring_slot(p->ring, p->tail & (p->nslots - 1)), &s, sizeof s);
+    p->tail++;
+    return RG_OK;
+}
+
+static inline void prod_publish(prod_t *p)
+{
+    if (p->published == p->tail)
+        return;
+    p->published = p->tail;
+    /* RELEASE: every slot and chunk written before this store is visible to a consumer that
+     * ACQUIRE-loads this tail value. */
+    __atomic_store_n(ring_u64(p->ring, RING_TAIL_OFF), p->tail, __ATOMIC_RELEASE);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Consumer.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    char *ring;
+    char *arena;
+    uint64_t nslots;
+    uint64_t asize;
+    uint64_t head;      /* private: messages consumed */
+    uint64_t tail_seen; /* last producer tail observed: must never go back */
+    uint64_t released;  /* private: arena release cursor (the next chunk starts here or at 0) */
+} cons_t;
+
+/* A received message: the validated slot and chunk header, copied into private memory. */
+typedef struct {
+    slot_t s;
+    large_msg_t lm;
+    int has_payload;
+    uint64_t pay_off; /* arena offset of the payload bytes */
+    uint64_t plen;
+    uint64_t new_released;
+} inmsg_t;
+
+/* Is there a message? RG_EMPTY, RG_OK (then *tail is the validated tail) or RG_CORRUPT. */
+static inline int cons_poll(cons_t *c, const char **why)
+{
+    /* ACQUIRE: pairs with the producer's RELEASE store of tail; the slots (and chunks) before
+     * that tail are fully written when we read them. */
+    uint64_t t = __atomic_load_n(ring_u64(c->ring, RING_TAIL_OFF), __ATOMIC_ACQUIRE);
+    /* tail_seen >= head, so "moved backwards" is checked first and also catches a tail pulled
+     * back to the head (which would otherwise read as "empty"). Unsigned: t < head wraps to a
+     * huge difference, so the second test covers "behind the head" and "over a ring ahead". */
+    if (t < c->tail_seen || t - c->head > c->nslots) {
+        *why = "ring tail moved backwards or more than a ring ahead";
+        return RG_CORRUPT;
+    }
+    if (t == c->head)
+        return RG_EMPTY;
+    c->tail_seen = t;
+    return RG_OK;
+}
+
+/* Copy the slot at head (the caller saw RG_OK from cons_poll) and validate it and its chunk. */
+static int cons_read(cons_t *c, inmsg_t *m, const char **why)
+{
+    copy_in_words(&m->s, ring_slot(c->ring, c->head & (c->nslots - 1)), sizeof m->s);
+    const slot_t *s = &m->s;
+    if (s->flags & ~FLAG_KNOWN_MASK) {
+        *why = "unknown flag bits in slot";
+        return RG_CORRUPT;
+    }
+    if (s->payload_len == 0) {
+        if (s->payload_off != 0 || (s->flags & (FLAG_LARGE | FLAG_CHECKSUM))) {
+            *why = "slot without a chunk has chunk offset or payload flags";
+            return RG_CORRUPT;
+        }
+        m->has_payload = 0;
+        m->plen = 0;
+        m->pay_off = 0;
+        m->new_released = c->released;
+        return RG_OK;
+    }
+    uint64_t len = s->payload_len, off = s->payload_off, A = c->asize;
+    if (len % CHUNK_ALIGN || len < LARGE_MSG_SIZE || len > A) {
+        *why = "bad chunk length";
+        return RG_CORRUPT;
+    }
+    if (off % CHUNK_ALIGN || off > A - len) {
+        *why = "chunk outside the arena";
+        return RG_CORRUPT;
+    }
+    uint64_t rel = c->released, expect = rel % A;
+    if (off != expect) {
+        /* FIFO: the only other legal place is the start of the next lap (a wrap, or the
+         * producer's fresh-lap jump after everything was released). */
+        if (off != 0) {
+            *why = "chunk not at the FIFO position";
+            return RG_CORRUPT;
+        }
+        rel += A - expect;
+    }
+    m->new_released = rel + len;
+    copy_in_words(&m->lm, c->arena + off, sizeof m->lm);
+    const msg_header_t *h = &m->lm.header;
+    const mem_region_t *r = &m->lm.region;
+    if (h->capability != s->capability || h->opcode != s->opcode || h->flags != s->flags ||
+        h->pad != 0) {
+        *why = "chunk header disagrees with the slot";
+        return RG_CORRUPT;
+    }
+    uint64_t total = h->total_size;
+    if (total <= LM_INLINE_SIZE) {
+        if (len != LARGE_MSG_SIZE || (s->flags & FLAG_LARGE) || r->base_addr || r->size ||
+            r->permissions || r->cache_policy) {
+            *why = "bad inline payload descriptor";
+            return RG_CORRUPT;
+        }
+        m->pay_off = off + LM_INLINE_OFF;
+    } else {
+        /* total <= len - 128 first, so round_up cannot overflow. */
+        if (total > len - LARGE_MSG_SIZE || chunk_len_for(total) != len ||
+            !(s->flags & FLAG_LARGE) || r->base_addr != off + LARGE_MSG_SIZE || r->size != total ||
+            r->permissions != REGION_PERM_READ || r->cache_policy != 0) {
+            *why = "bad large payload descriptor";
+            return RG_CORRUPT;
+        }
+        m->pay_off = off + LARGE_MSG_SIZE;
+    }
+    if (!(s->flags & FLAG_CHECKSUM) && h->checksum != 0) {
+        *why = "checksum present without FLAG_CHECKSUM";
+        return RG_CORRUPT;
+    }
+    m->has_payload = 1;
+    m->plen = total;
+    return RG_OK;
+}
+
+/* Copy the payload out (into private memory) and verify its checksum on the COPY, so what we
+ * deliver is exactly what we verified even if the peer rewrites the arena meanwhile. */
+static int cons_copy_payload(cons_t *c, const inmsg_t *m, uint8_t *dst, const char **why)
+{
+    memcpy(dst, c->arena + m->pay_off, m->plen);
+    if ((m->s.flags & FLAG_CHECKSUM) && crc32_update(0, dst, m->plen) != m->lm.header.checksum) {
+        *why = "payload checksum mismatch";
+        return RG_CORRUPT;
+    }
+    return RG_OK;
+}
+
+/* Done with the message at head: release its chunk and its slot to the producer. */
+static inline void cons_release(cons_t *c, const inmsg_t *m)
+{
+    if (m->has_payload) {
+        c->released = m->new_released;
+        /* RELEASE: our reads of the chunk happen-before the producer reuses it. */
+        __atomic_store_n(ring_u64(c->ring, RING_ARENA_RELEASED_OFF), c->released,
+                         __ATOMIC_RELEASE);
+    }
+    c->head++;
+    /* RELEASE: our reads of the slot happen-before the producer reuses it. */
+    __atomic_store_n(ring_u64(c->ring, RING_HEAD_OFF), c->head, __ATOMIC_RELEASE);
+}
+
+#endif
