@@ -1,0 +1,424 @@
+"""The audit trail: what the kernel granted, refused and saw, kept in a SQLite file beside its
+socket so that it survives a kernel restart and can be read by `capbus audit` while the kernel
+runs.
+
+The kernel is one thread on an epoll loop and must never wait on the disk in the middle of
+serving a request, so record() only appends to an in-memory buffer (O(1), no I/O). The loop
+asks due() (or due_in(), for its epoll timeout) and calls flush(), which writes what is
+pending in one transaction (up to MAX_BATCH rows, so that no single flush stalls the loop):
+at most every ~100 ms, or sooner when more than FLUSH_BATCH rows wait.
+The file is in WAL mode with synchronous=NORMAL: a commit appends to the write-ahead log
+without an fsync, readers never block the writer, and the writer never blocks them.
+
+Bounded everywhere:
+  * the buffer holds at most MAX_PENDING rows; beyond that the oldest pending rows are dropped
+    and counted, and the next successful flush writes one "audit-dropped" event with the count;
+  * target and detail are cut to MAX_TARGET / MAX_DETAIL characters when recorded (a detail
+    may come from a hostile process: a bad-message reason, say);
+  * the table keeps about max_rows rows: once it holds more than max_rows plus 1% the oldest
+    are deleted by id range (ids are assigned in order and only the oldest are ever deleted,
+    so the count is max(id) - min(id) + 1, two index probes, no scan); freed pages are reused,
+    so the file stops growing;
+  * the write-ahead log is truncated back to JOURNAL_SIZE_LIMIT bytes after a checkpoint.
+
+A write that fails (disk full, the file locked by someone else, an I/O error) does not raise:
+a warning goes to the "capbus.kernel" logger (once, then at most once a minute while it keeps
+failing), the rows stay buffered (bounded as above) and due() backs off before the next try.
+
+Reading: query() opens the file read-only (SQLite URI mode=ro) and can run beside a live kernel.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import logging
+import os
+import sqlite3
+import stat
+import time
+import urllib.parse
+from typing import Any
+
+log = logging.getLogger("capbus.kernel")
+
+SCHEMA_VERSION = 1  # PRAGMA user_version of a capbus audit log
+MAX_PENDING = 100_000  # rows buffered in memory before the oldest are dropped (and counted)
+MAX_TARGET = 256  # characters kept of a row's target
+MAX_DETAIL = 512  # characters kept of a row's detail
+FLUSH_INTERVAL = 0.1  # seconds: due() is true this long after the last flush, if rows wait
+FLUSH_BATCH = 1000  # more rows than this pending: due() at once (unless backing off)
+MAX_BATCH = 10_000  # rows one flush() writes by default (~25 ms); close() writes them all
+BUSY_TIMEOUT_MS = 20  # the loop waits at most this long for a lock held by another connection
+JOURNAL_SIZE_LIMIT = 8 << 20  # bytes the -wal file is truncated to after a checkpoint
+_RETRY_MIN, _RETRY_MAX = 0.5, 10.0  # seconds of back-off after a failed flush (doubling)
+_WARN_EVERY = 60.0  # seconds between warnings while writes keep failing
+
+# The events the kernel records (record() takes any string; these are the conventional names).
+REGISTER = "register"  # a process registered a service name or package: target = the name
+UNREGISTER = "unregister"  # a service ended (released, or its process gone): target = the name
+GRANT = "grant"  # a lookup granted an endpoint capability: handle, target = the service name
+RESTRICT = "restrict"  # a service changed its allow/deny list: target = name, detail = entries
+DELEGATE = "delegate"  # a capability handed to another process: detail names the receiver
+REVOKE = "revoke"  # a capability or channel withdrawn: handle, target, detail = why
+DENIED = "denied"  # PermissionDenied answered to the process: detail = the message
+BAD_MESSAGE = "bad-message"  # a service reported garbage: target = service, detail = sender + reason
+PROTOCOL_ERROR = "protocol-error"  # the kernel dropped a connection for a protocol violation
+PROCESS_START = "process-start"  # a process connected or was launched: target = package/name
+PROCESS_EXIT = "process-exit"  # a process is gone: detail = why
+KERNEL_START = "kernel-start"
+KERNEL_STOP = "kernel-stop"
+AUDIT_DROPPED = "audit-dropped"  # written by flush(): detail starts with the number lost
+
+COLUMNS = ("id", "time", "event", "process_id", "pid", "uid", "handle", "target", "detail")
+
+_SCHEMA = """
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    event TEXT NOT NULL,
+    process_id INTEGER NOT NULL DEFAULT 0,
+    pid INTEGER NOT NULL DEFAULT 0,
+    uid INTEGER NOT NULL DEFAULT -1,
+    handle TEXT NOT NULL DEFAULT '',
+    target TEXT NOT NULL DEFAULT '',
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX events_time ON events(time);
+CREATE INDEX events_process ON events(process_id);
+"""
+_INSERT = ("INSERT INTO events (time, event, process_id, pid, uid, handle, target, detail) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+
+_Row = tuple[float, str, int, int, int, str, str, str]
+
+
+def default_path(socket_path: str) -> str:
+    """Where the kernel serving socket_path keeps its audit log: audit.db in the same directory."""
+    return os.path.join(os.path.dirname(os.path.abspath(socket_path)), "audit.db")
+
+
+class AuditLog:
+    """The kernel's audit trail (see the module's doc). path None: disabled, record() does nothing.
+
+    Not thread-safe: one thread at a time (the kernel's loop) may use it; it may be created in
+    another thread (the connection is opened with check_same_thread=False).
+    Raises ValueError if path is not a capbus audit log of this schema version, OSError if the
+    file cannot be created or opened.
+    """
+
+    def __init__(self, path: str | None, max_rows: int = 1_000_000) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be at least 1, not {max_rows}")
+        self.path = os.path.abspath(path) if path is not None else None
+        self.max_rows = max_rows
+        self._slack = max(1, max_rows // 100)  # rows over max_rows tolerated before a trim
+        self._pending: collections.deque[_Row] = collections.deque(maxlen=MAX_PENDING)
+        self._dropped = 0
+        self._dropped_first = 0.0
+        self._dropped_last = 0.0
+        self._last_flush = time.monotonic()
+        self._retry_at = 0.0
+        self._failures = 0
+        self._warned_at = -_WARN_EVERY
+        self._min_id: int | None = None  # of the rows in the table (None: empty)
+        self._max_id: int | None = None
+        self._conn: sqlite3.Connection | None = None
+        if self.path is not None:
+            self._conn = _open_writer(self.path)
+            try:
+                self._load_ids()
+                if self._count() > self.max_rows:  # reopened with a smaller max_rows
+                    try:
+                        self._conn.execute("BEGIN IMMEDIATE")
+                        self._trim()
+                        self._conn.execute("COMMIT")
+                    except sqlite3.Error as exc:  # locked, say: the next flush trims
+                        with contextlib.suppress(sqlite3.Error):
+                            if self._conn.in_transaction:
+                                self._conn.execute("ROLLBACK")
+                        self._load_ids()
+                        log.warning("audit log %s: cannot trim it now (%s)", self.path, exc)
+            except BaseException:
+                self._conn.close()
+                raise
+
+    # ---- the kernel's side --------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        return self._conn is not None
+
+    @property
+    def pending(self) -> int:
+        """Rows recorded but not yet written."""
+        return len(self._pending)
+
+    @property
+    def dropped(self) -> int:
+        """Rows lost to a full buffer since the last successful flush."""
+        return self._dropped
+
+    def record(
+        self,
+        event: str,
+        process_id: int = 0,
+        pid: int = 0,
+        uid: int = -1,
+        handle: int = 0,
+        target: str = "",
+        detail: str = "",
+    ) -> None:
+        """Buffer one event (no I/O). handle is a capability handle, kept as hex ('' for 0)."""
+        if self._conn is None:
+            return
+        now = time.time()
+        if len(self._pending) == MAX_PENDING:  # the deque drops its oldest row on append
+            if not self._dropped:
+                self._dropped_first = self._pending[0][0]
+            self._dropped += 1
+            self._dropped_last = self._pending[0][0]
+        self._pending.append((
+            now, event, process_id, pid, uid, f"{handle:#x}" if handle else "",
+            target[:MAX_TARGET], detail[:MAX_DETAIL],
+        ))
+
+    def due(self) -> bool:
+        """Whether a flush is worth doing now: rows wait and the last flush was at least
+        FLUSH_INTERVAL ago, or more than FLUSH_BATCH rows wait; never while backing off after a
+        failed write."""
+        if self._conn is None or not (self._pending or self._dropped):
+            return False
+        now = time.monotonic()
+        if now < self._retry_at:
+            return False
+        return len(self._pending) > FLUSH_BATCH or now - self._last_flush >= FLUSH_INTERVAL
+
+    def due_in(self) -> float | None:
+        """Seconds until due() becomes true (0.0: now), None if nothing waits: for the loop's
+        epoll timeout."""
+        if self._conn is None or not (self._pending or self._dropped):
+            return None
+        now = time.monotonic()
+        at = self._retry_at
+        if len(self._pending) <= FLUSH_BATCH:
+            at = max(at, self._last_flush + FLUSH_INTERVAL)
+        return max(0.0, at - now)
+
+    def flush(self, max_batch: int | None = MAX_BATCH) -> int:
+        """Write the pending rows, oldest first, in one transaction, and trim the table to about
+        max_rows. At most max_batch rows per call (None: all of them), so that a backlog left
+        by a failing disk drains over several loop turns instead of stalling one (due() stays
+        true while more than FLUSH_BATCH wait). Returns the rows written; 0 if nothing was
+        pending or the write failed (then the rows stay buffered and a warning is logged)."""
+        conn = self._conn
+        if conn is None:
+            return 0
+        self._last_flush = time.monotonic()
+        if not (self._pending or self._dropped):
+            return 0
+        n = len(self._pending) if max_batch is None else min(len(self._pending), max(1, max_batch))
+        rows = list(itertools.islice(self._pending, n))
+        if self._dropped:
+            rows.insert(0, (
+                self._dropped_last, AUDIT_DROPPED, 0, os.getpid(), os.getuid(), "", "",
+                f"{self._dropped} events dropped: the audit buffer was full (oldest lost "
+                f"from {_iso(self._dropped_first)} to {_iso(self._dropped_last)})",
+            ))
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(_INSERT, rows)
+            self._load_ids()
+            if self._count() > self.max_rows + self._slack:
+                self._trim()
+            conn.execute("COMMIT")
+        except (sqlite3.Error, OSError) as exc:
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                self._load_ids()
+            self._failed(exc)
+            return 0
+        if n == len(self._pending):
+            self._pending.clear()
+        else:
+            for _ in range(n):
+                self._pending.popleft()
+        self._dropped = 0
+        if self._failures:
+            log.warning("audit log %s writable again: wrote %d rows", self.path, len(rows))
+        self._failures = 0
+        self._retry_at = 0.0
+        return len(rows)
+
+    def close(self) -> None:
+        """Flush what is pending and close the file (idempotent); record() then does nothing."""
+        if self._conn is None:
+            return
+        self.flush(None)
+        if self._pending or self._dropped:
+            log.warning("audit log %s: %d events could not be written and are lost", self.path,
+                        len(self._pending) + self._dropped)
+        conn, self._conn = self._conn, None
+        self._pending.clear()
+        self._dropped = 0
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<capbus AuditLog {self.path or 'disabled'} pending={len(self._pending)}>"
+
+    # ---- inside ---------------------------------------------------------------------------------
+
+    def _load_ids(self) -> None:
+        assert self._conn is not None
+        self._min_id, self._max_id = self._conn.execute(
+            "SELECT (SELECT min(id) FROM events), (SELECT max(id) FROM events)"
+        ).fetchone()
+
+    def _count(self) -> int:
+        if self._min_id is None or self._max_id is None:
+            return 0
+        return self._max_id - self._min_id + 1  # an upper bound: ids are contiguous but for gaps
+
+    def _trim(self) -> None:
+        """Delete the oldest rows so that at most max_rows remain (inside a transaction)."""
+        assert self._conn is not None and self._max_id is not None
+        cutoff = self._max_id - self.max_rows  # keep ids cutoff+1 .. max_id
+        self._conn.execute("DELETE FROM events WHERE id <= ?", (cutoff,))
+        self._min_id = cutoff + 1
+
+    def _failed(self, exc: BaseException) -> None:
+        self._failures += 1
+        now = time.monotonic()
+        self._retry_at = now + min(_RETRY_MAX, _RETRY_MIN * 2 ** (self._failures - 1))
+        if self._failures == 1 or now - self._warned_at >= _WARN_EVERY:
+            self._warned_at = now
+            log.warning("audit log %s: cannot write (%s): %d events kept in memory, retrying "
+                        "(beyond %d the oldest are dropped)", self.path, exc,
+                        len(self._pending), MAX_PENDING)
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
+
+
+def _open_writer(path: str) -> sqlite3.Connection:
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    # Created 0600 before SQLite sees it (its -wal and -shm files take the same mode).
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path} is not a regular file: not a capbus audit log")
+        if stat.S_IMODE(st.st_mode) != 0o600 and st.st_uid == os.getuid():
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=2.0)
+    except sqlite3.Error as exc:
+        raise OSError(f"cannot open the audit log {path}: {exc}") from None
+    try:
+        _check_version(conn, path, allow_new=True)
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise OSError(f"audit log {path}: cannot use WAL journal mode (got {mode})")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+        conn.execute("BEGIN IMMEDIATE")  # a concurrent opener waits here (timeout above)
+        if _check_version(conn, path, allow_new=True) == 0:
+            for statement in _SCHEMA.split(";"):  # not executescript(): it would COMMIT first
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")  # from now on: in the loop
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise ValueError(f"{path} is not a capbus audit log ({exc})") from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _check_version(conn: sqlite3.Connection, path: str, allow_new: bool) -> int:
+    """The file's schema version: SCHEMA_VERSION, or 0 for an empty database (when allow_new).
+    ValueError for anything else."""
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed", ...
+        raise ValueError(f"{path} is not a capbus audit log ({exc})") from None
+    if version == 0 and not tables and allow_new:
+        return 0
+    if version != SCHEMA_VERSION:
+        if version:
+            what = f"schema version {version}"
+        else:
+            what = "a database of something else" if tables else "no tables: it is empty"
+        raise ValueError(f"{path} is not a capbus audit log of schema version {SCHEMA_VERSION} "
+                         f"(it holds {what})")
+    columns = tuple(r[1] for r in conn.execute("PRAGMA table_info(events)"))
+    if columns != COLUMNS:
+        raise ValueError(f"{path} has schema version {SCHEMA_VERSION} but no capbus events table")
+    return version
+
+
+def query(
+    path: str,
+    since: float | None = None,
+    process_id: int | None = None,
+    event: str | None = None,
+    limit: int = 1000,
+) -> list[dict[str, Any]]:
+    """The newest `limit` events (limit <= 0: all) matching the filters, oldest first, as dicts
+    with the keys of COLUMNS. since: unix seconds (events at or after it). Opens the file
+    read-only: safe beside a live kernel. FileNotFoundError if there is no file, ValueError if
+    it is not a capbus audit log."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no audit log at {path}")
+    uri = "file:" + urllib.parse.quote(path) + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=2.0)
+    except sqlite3.Error as exc:
+        raise OSError(f"cannot open the audit log {path}: {exc}") from None
+    try:
+        _check_version(conn, path, allow_new=False)
+        where, params = [], []
+        if since is not None:
+            where.append("time >= ?")
+            params.append(float(since))
+        if process_id is not None:
+            where.append("process_id = ?")
+            params.append(int(process_id))
+        if event is not None:
+            where.append("event = ?")
+            params.append(event)
+        sql = f"SELECT {', '.join(COLUMNS)} FROM events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC"
+        if limit > 0:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        try:
+            rows = conn.execute(sql, params).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(f"cannot read the audit log {path}: {exc}") from None
+    finally:
+        conn.close()
+    rows.reverse()
+    return [dict(zip(COLUMNS, row, strict=True)) for row in rows]
