@@ -1,0 +1,410 @@
+"""Scale benchmark: one kernel (a daemon subprocess) and N processes connected to it at once.
+
+One parent that has imported capbus but not connected forks N children. The phases are gated
+(each child blocks reading one byte of a per-phase "go" pipe, the parent writes N bytes), so each
+is timed on its own, as wall time from the parent's go to the last child's report:
+
+  fork      the N children exist and are ready
+  connect   each calls capbus.connect(path)
+  register  each registers "scale-<i>"
+  lookup    each looks up "scale-<(i+1) % N>" (with a timeout)
+  exit      each closes its Process and exits; the parent reaps them all
+
+Its table (it asserts nothing) shows the rates, and the kernel's RSS and fd count when idle,
+with all N connected, and after they have all gone.
+
+    python -m capbus._bench.scale --n 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import resource
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from typing import Any
+
+PHASES = ("fork", "connect", "register", "lookup", "exit")
+_UNITS = {
+    "fork": "forks/s",
+    "connect": "connects/s",
+    "register": "registrations/s",
+    "lookup": "lookups/s",
+    "exit": "exits/s",
+}
+ROW_KEYS = ("metric", "value", "unit", "n", "seconds", "note")
+_CHILD_ALARM = 600  # no child can outlive a broken run by more than this (seconds)
+
+
+# ---- the kernel daemon --------------------------------------------------------------------------
+
+
+class _Daemon:
+    def __init__(self, path: str, log_path: str) -> None:
+        import capbus
+
+        src = os.path.dirname(os.path.dirname(os.path.abspath(capbus.__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+        env.pop("CAPBUS_FD", None)
+        self.path = path
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "capbus", "kernel", "--socket", path],
+            env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while not self._ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the kernel daemon did not start: {self.log()}")
+            time.sleep(0.02)
+
+    def _ready(self) -> bool:
+        if not os.path.exists(self.path):
+            return False
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            probe.connect(self.path)  # closed at once: the kernel sees a process come and go
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.close()
+
+    def log(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")[-2000:]
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def settle_fds(self, target: int, timeout: float, quiet: float = 1.0) -> int:
+        """Wait (up to `timeout`) for the fd count to come down to `target`, or to stay
+        unchanged for `quiet` seconds."""
+        deadline = time.monotonic() + timeout
+        last, since = self.fds(), time.monotonic()
+        while time.monotonic() < deadline and last > target:
+            time.sleep(0.02)
+            now = self.fds()
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                break
+        return last
+
+    def stop(self) -> int | None:
+        code = None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                code = self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        else:
+            code = self.proc.returncode
+        self._log.close()
+        return code
+
+
+# ---- the children -------------------------------------------------------------------------------
+
+
+class _Pipes:
+    def __init__(self) -> None:
+        self.report_r, self.report_w = os.pipe()
+        self.go = {phase: os.pipe() for phase in PHASES[1:]}  # phase -> (r, w)
+
+    def close_in_child(self) -> None:
+        """A child keeps only what it uses, so that EOF tells it the parent has gone."""
+        os.close(self.report_r)
+        for _, w in self.go.values():
+            os.close(w)
+
+    def close_in_parent(self) -> None:
+        for fd in (self.report_r, self.report_w, *(fd for pair in self.go.values() for fd in pair)):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _child(i: int, n: int, path: str, pipes: _Pipes) -> None:
+    """Runs in a forked child; never returns."""
+    code = 1
+    try:
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not whatever handler the parent had
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.alarm(_CHILD_ALARM)
+        pipes.close_in_child()
+        import capbus
+
+        def report(tag: str, text: str = "") -> None:
+            os.write(pipes.report_w, f"{tag} {i} {text}".rstrip().encode()[:500] + b"\n")
+
+        def go(phase: str) -> None:
+            if os.read(pipes.go[phase][0], 1) != b"g":
+                os._exit(2)  # the parent has gone
+
+        report("ready")
+        proc = None
+        phase = "connect"
+        try:
+            go("connect")
+            proc = capbus.connect(path)
+            report("connect")
+            phase = "register"
+            go("register")
+            proc.register(f"scale-{i}")
+            report("register")
+            phase = "lookup"
+            go("lookup")
+            ep = proc.lookup(f"scale-{(i + 1) % n}", timeout=60)
+            if ep.process_id == proc.id and n > 1:
+                raise RuntimeError("lookup answered with the wrong process")
+            report("lookup")
+            phase = "exit"
+            go("exit")
+            proc.close()
+            proc = None
+            code = 0
+        except Exception as exc:
+            report("error", f"{phase}: {type(exc).__name__}: {exc}")
+            code = 3
+        finally:
+            if proc is not None:
+                with contextlib.suppress(Exception):
+                    proc.close()
+    finally:
+        os._exit(code)
+
+
+class _Reports:
+    """Lines from the children's shared report pipe."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = b""
+        self.errors: list[str] = []
+        self.failed: set[int] = set()
+
+    def collect(self, tag: str, expected: Iterable[int], timeout: float) -> float:
+        """Wait until every child in `expected` has reported `tag` (or an error); the time of
+        the last report."""
+        waiting = set(expected)
+        deadline = time.monotonic() + timeout
+        last = time.perf_counter()
+        while waiting:
+            while b"\n" not in self.buf:
+                left = deadline - time.monotonic()
+                r, _, _ = select.select([self.fd], [], [], max(0.0, left))
+                if not r:
+                    raise TimeoutError(f"{len(waiting)} children did not report {tag!r} "
+                                       f"within {timeout} s")
+                chunk = os.read(self.fd, 1 << 16)
+                if not chunk:
+                    raise RuntimeError("the report pipe closed")
+                self.buf += chunk
+            line, self.buf = self.buf.split(b"\n", 1)
+            last = time.perf_counter()
+            word, idx, *rest = line.decode(errors="replace").split(" ", 2)
+            child = int(idx)
+            if word == "error":
+                self.errors.append(f"child {child}: {rest[0] if rest else ''}")
+                self.failed.add(child)
+                waiting.discard(child)
+            elif word == tag:
+                waiting.discard(child)
+            else:
+                raise RuntimeError(f"unexpected report {line!r} while waiting for {tag!r}")
+        return last
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+def _raise_nofile() -> tuple[int, int]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def _row(metric: str, value: float, unit: str, n: int, seconds: float | None = None,
+         note: str = "") -> dict[str, Any]:
+    return {"metric": metric, "value": float(value), "unit": unit, "n": n,
+            "seconds": None if seconds is None else float(seconds), "note": note}
+
+
+def run(n: int = 1000, quick: bool = False) -> list[dict]:
+    """Run the benchmark with `n` processes (`quick`: at most 50); print_table() shows it.
+
+    Returns one dict per table row, with the keys ROW_KEYS: metric, value (float), unit, n,
+    seconds (the phase's wall time, or None for a measurement) and note.
+    """
+    if quick:
+        n = min(n, 50)
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    phase_timeout = 30.0 + n * 0.1
+    _raise_nofile()
+    tmp = tempfile.mkdtemp(prefix="cb-scale-")
+    path = os.path.join(tmp, "k.sock")
+    daemon = _Daemon(path, os.path.join(tmp, "kernel.log"))
+    pipes = _Pipes()
+    reports = _Reports(pipes.report_r)
+    pids: dict[int, int] = {}  # child index -> pid
+    exited: dict[int, int] = {}  # pid -> exit code
+    seconds: dict[str, float] = {}
+    rows: list[dict[str, Any]] = []
+    try:
+        # After the start-up probe connection's teardown:
+        idle_fds, idle_rss = daemon.settle_fds(0, 2.0, quiet=0.2), daemon.rss_mb()
+        gc.collect()
+        gc.freeze()  # fewer copy-on-write faults in the children
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+        t0 = time.perf_counter()
+        for i in range(n):
+            pid = os.fork()
+            if pid == 0:
+                _child(i, n, path, pipes)
+            pids[i] = pid
+        last = reports.collect("ready", range(n), phase_timeout)
+        seconds["fork"] = last - t0
+        first_go = None
+        for phase in PHASES[1:-1]:
+            alive = [i for i in range(n) if i not in reports.failed]
+            start = time.perf_counter()
+            first_go = first_go or start
+            os.write(pipes.go[phase][1], b"g" * len(alive))
+            last = reports.collect(phase, alive, phase_timeout)
+            seconds[phase] = last - start
+        all_three = last - (first_go or last)
+        connected_fds, connected_rss = daemon.fds(), daemon.rss_mb()
+
+        alive = [i for i in range(n) if i not in reports.failed]
+        start = time.perf_counter()
+        os.write(pipes.go["exit"][1], b"g" * len(alive))
+        for pid in pids.values():
+            exited[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        seconds["exit"] = time.perf_counter() - start
+        gc.unfreeze()
+        after_fds = daemon.settle_fds(idle_fds, 10.0)
+        after_rss = daemon.rss_mb()
+
+        ok = len(alive)
+        for phase in PHASES:
+            count = n if phase == "fork" else ok
+            rows.append(_row(phase, count / seconds[phase] if seconds[phase] > 0 else 0.0,
+                             _UNITS[phase], count, seconds[phase]))
+        rows.append(_row("connect+register+lookup", ok / all_three if all_three > 0 else 0.0,
+                         "processes/s", ok, all_three, "from the first go to the last lookup"))
+        rows += [
+            _row("kernel RSS, idle", idle_rss, "MB", 0),
+            _row(f"kernel RSS, {ok} connected", connected_rss, "MB", ok),
+            _row("kernel RSS, after all exit", after_rss, "MB", 0),
+            _row("kernel RSS per process", (connected_rss - idle_rss) * 1024 / max(ok, 1),
+                 "KB", ok, None, "(connected - idle) / n"),
+            _row("kernel fds, idle", idle_fds, "fds", 0),
+            _row(f"kernel fds, {ok} connected", connected_fds, "fds", ok),
+            _row("kernel fds, after all exit", after_fds, "fds", 0,
+                 None, "" if after_fds == idle_fds else f"idle was {idle_fds}"),
+        ]
+        bad = {code for code in exited.values() if code != 0}
+        if reports.errors or bad:
+            note = f"{len(reports.errors)} errors, exit codes {sorted(bad)}: " + "; ".join(
+                reports.errors[:3])
+            rows.append(_row("failed processes", len(reports.failed), "processes", n, None, note))
+    finally:
+        for pid in pids.values():
+            if pid not in exited:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for pid in pids.values():
+            if pid not in exited:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+        with contextlib.suppress(ValueError):
+            gc.unfreeze()
+        pipes.close_in_parent()
+        daemon.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], n: int, nofile: int | None = None) -> str:
+    try:
+        from .table import machine_line
+
+        machine = machine_line()
+    except Exception:  # the shared table module is optional here
+        import platform
+
+        machine = (f"{os.cpu_count()} cores | Linux {platform.release()} | "
+                   f"Python {platform.python_version()}")
+
+    def value(r: dict[str, Any]) -> str:
+        v = r["value"]
+        return f"{v:,.0f}" if abs(v) >= 100 or r["unit"] == "fds" else f"{v:,.1f}"
+
+    cells = [
+        [r["metric"], value(r), r["unit"],
+         "-" if r["seconds"] is None else f"{r['seconds']:.3f}", r["note"]]
+        for r in rows
+    ]
+    headers = ["metric", "value", "unit", "seconds", "note"]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+
+    def line(c: list[str]) -> str:
+        return "  ".join([c[0].ljust(widths[0]), c[1].rjust(widths[1]), c[2].ljust(widths[2]),
+                          c[3].rjust(widths[3]), c[4]]).rstrip()
+
+    title = f"capbus scale: {n} processes on one kernel daemon"
+    if nofile is not None:
+        title += f" (RLIMIT_NOFILE {nofile})"
+    out = [title, machine, line(headers), "-" * len(line(headers))]
+    out += [line(c) for c in cells]
+    return "\n".join(out)
+
+
+def print_table(rows: list[dict[str, Any]], n: int, nofile: int | None = None) -> None:
+    print(format_table(rows, n, nofile), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m capbus._bench.scale", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1000, help="number of processes (default 1000)")
+    parser.add_argument("--quick", action="store_true", help="at most 50 processes")
+    args = parser.parse_args(argv)
+    rows = run(args.n, args.quick)
+    n = min(args.n, 50) if args.quick else args.n
+    print_table(rows, n, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
