@@ -729,13 +729,6 @@ def test_stop_after_the_loop_died_is_clean(sockdir):
 
 
 @pytest.mark.parametrize("accepts", [False, True], ids=["never-accepts", "accepts-never-answers"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime control.py Control.hello(): the Hello exchange has no timeout (a plain "
-    "blocking recv), so capbus.connect() hangs forever on a kernel that does not answer "
-    "(stopped, fd-exhausted, or not a capbus kernel); requests after Hello are bounded by "
-    "_KERNEL_GRACE",
-)
 def test_connect_gives_up_on_a_silent_kernel(sockdir, monkeypatch, accepts):
     from capbus._runtime import control
 

@@ -54,11 +54,20 @@ class Control:
     def hello(self, wait_mode: str) -> frames.Welcome:
         """The first exchange, done before the reader thread starts."""
         _, frame = self._proto.request(frames.Hello(frames.VERSION, wait_mode))
+        # A kernel that accepted but never answers (stopped, out of fds, not a capbus kernel)
+        # must not hang connect(): the exchange is bounded like every other request.
+        self.sock.settimeout(_KERNEL_GRACE)
         try:
             self.sock.send(frame)
             data, fds = self._recv()
+        except TimeoutError:
+            raise KernelUnavailable(
+                f"no answer to Hello within {_KERNEL_GRACE} s: is a capbus kernel serving this socket?"
+            ) from None
         except OSError as exc:
             raise KernelUnavailable(f"the kernel closed the connection during Hello: {exc}") from None
+        finally:
+            self.sock.settimeout(None)
         if data is None:
             raise KernelUnavailable("the kernel closed the connection during Hello")
         msg, _ = self._proto.receive(data, len(fds))

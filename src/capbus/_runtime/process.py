@@ -222,8 +222,14 @@ def connect(path: str | None = None, wait: str = "adaptive") -> Process:
     if sock is None:
         path = path or _paths.default_socket()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        from .control import _KERNEL_GRACE  # read at call time: tests shorten it
+
+        sock.settimeout(_KERNEL_GRACE)  # a full backlog (a kernel not accepting) must not hang us
         try:
             sock.connect(path)
+        except TimeoutError:
+            sock.close()
+            raise KernelUnavailable(f"the kernel at {path} does not accept connections") from None
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
             raise KernelUnavailable(
@@ -233,4 +239,5 @@ def connect(path: str | None = None, wait: str = "adaptive") -> Process:
         except OSError:
             sock.close()
             raise
+        sock.settimeout(None)
     return Process(sock, wait)
