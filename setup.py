@@ -6,7 +6,8 @@ setup(
         Extension(
             "capbus._core",
             sources=["src/capbus/_core.c"],
-            depends=["src/capbus/_core_layout.h", "src/capbus/_core_ring.h"],
+            depends=["src/capbus/_core_layout.h", "src/capbus/_core_ring.h",
+                     "src/capbus/_core_limits.h"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         )
     ]

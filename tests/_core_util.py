@@ -88,3 +88,108 @@ def reap(*procs: subprocess.Popen) -> None:
             p.communicate(timeout=10)
         except Exception:
             pass
+
+
+class RawClient:
+    """A client that bypasses Lane entirely: it writes request slots (and arena chunks) straight
+    into the ring memory, rings the doorbell bit, and parses the response ring itself -- what a
+    hostile process with the channel mapped can do. No wrap-around: enough for short tests."""
+
+    def __init__(self, ch: Chan, db: int) -> None:
+        self.ch = ch
+        self.m = ch.map()
+        self.lay = ch.layout()
+        self.db = mmap.mmap(db, _core.DOORBELL_SIZE)
+        self.tail = 0
+        self.arena_cursor = 0
+        self.resp_head = 0
+        self.resp_released = 0
+
+    def close(self) -> None:
+        self.db.close()
+
+    def write(self, opcode: int, data=(), payload: bytes | None = None, *, call: bool = False,
+              capability: int = 0, tag: int | None = None, publish: bool = True) -> int:
+        """Write one request at the tail; returns its tag."""
+        import struct
+
+        tag = self.tail + 1 if tag is None else tag
+        flags = _core.FLAG_REPLY_EXPECTED if call else 0
+        d = tuple(data) + (0,) * (4 - len(data))
+        plen = off = 0
+        if payload is not None:
+            n = len(payload)
+            if n > _core.LM_INLINE_SIZE:
+                flags |= _core.FLAG_LARGE
+            chunk = _core.LARGE_MSG_SIZE + (-(-n // 64) * 64 if n > _core.LM_INLINE_SIZE else 0)
+            off = self.arena_cursor
+            assert off + chunk <= self.ch.arena, "RawClient does not wrap the arena"
+            base = self.lay["req_arena"] + off
+            hdr = struct.pack("<QIIQII", capability, opcode, flags, n, 0, 0)
+            if n > _core.LM_INLINE_SIZE:
+                region = struct.pack("<QQII", off + _core.LARGE_MSG_SIZE, n, _core.REGION_PERM_READ, 0)
+                self.m[base + _core.LARGE_MSG_SIZE:base + _core.LARGE_MSG_SIZE + n] = payload
+                inline = bytes(64)
+            else:
+                region = bytes(24)
+                inline = payload + bytes(64 - n)
+            self.m[base:base + _core.LARGE_MSG_SIZE] = hdr + region + inline + bytes(8)
+            self.arena_cursor += chunk
+            plen = chunk
+        slot = self.lay["req_slots"] + _core.SLOT_SIZE * (self.tail % self.ch.nslots)
+        self.m[slot:slot + 64] = struct.pack("<QII4QQII", capability, opcode, flags, *d, tag, plen,
+                                             off)
+        self.tail += 1
+        if publish:
+            self.publish()
+        return tag
+
+    def publish(self) -> None:
+        _core.atomic_store_u64(self.m, self.lay["req_tail"], self.tail)
+        idx = self.ch.index
+        word = _core.DB_BITMAP_OFF + (idx // 64) * 8
+        _core.atomic_store_u64(self.db, word, _core.atomic_load_u64(self.db, word) | 1 << idx % 64)
+        _core.atomic_add_u64(self.db, _core.DB_SEQ_OFF, 1)
+        _core.futex_wake(self.db, _core.DB_SEQ_OFF)
+
+    def consumed(self) -> int:
+        """How far the server has read the request ring (its head)."""
+        return _core.atomic_load_u64(self.m, self.lay["req_head"])
+
+    def read_reply(self):
+        """The next reply as (tag, opcode, flags, data, payload or None), or None."""
+        import struct
+
+        tail = _core.atomic_load_u64(self.m, self.lay["resp_tail"])
+        if tail == self.resp_head:
+            return None
+        slot = self.lay["resp_slots"] + _core.SLOT_SIZE * (self.resp_head % self.ch.nslots)
+        _cap, op, flags, d0, d1, d2, d3, tag, plen, off = struct.unpack_from("<QII4QQII", self.m,
+                                                                            slot)
+        payload = None
+        if plen:
+            base = self.lay["resp_arena"] + off
+            n = struct.unpack_from("<Q", self.m, base + _core.LM_TOTAL_SIZE_OFF)[0]
+            start = base + (_core.LARGE_MSG_SIZE if n > _core.LM_INLINE_SIZE else _core.LM_INLINE_OFF)
+            payload = bytes(self.m[start:start + n])
+            rel, a = self.resp_released, self.ch.arena
+            if off != rel % a:  # a wrap or the producer's fresh-lap jump: the next lap, offset 0
+                assert off == 0
+                rel += a - rel % a
+            self.resp_released = rel + plen
+            _core.atomic_store_u64(self.m, self.lay["resp_arena_released"], self.resp_released)
+        self.resp_head += 1
+        _core.atomic_store_u64(self.m, self.lay["resp_head"], self.resp_head)
+        return tag, op, flags, (d0, d1, d2, d3), payload
+
+
+def set_limits(ch: Chan, *, rights: int = _core.RIGHT_SEND, expiry: int = 0, max_size: int = 0,
+               rate: int = 0, bandwidth: int = 0, enforce: bool = True) -> None:
+    """As the kernel does: the limit fields first, CTRL_FLAGS_OFF last."""
+    m = ch.ctrl_map
+    _core.atomic_store_u32(m, _core.CTRL_RIGHTS_OFF, rights)
+    _core.atomic_store_u64(m, _core.CTRL_EXPIRY_OFF, expiry)
+    _core.atomic_store_u64(m, _core.CTRL_MAX_MESSAGE_SIZE_OFF, max_size)
+    _core.atomic_store_u64(m, _core.CTRL_RATE_LIMIT_OFF, rate)
+    _core.atomic_store_u64(m, _core.CTRL_BANDWIDTH_OFF, bandwidth)
+    _core.atomic_store_u32(m, _core.CTRL_FLAGS_OFF, _core.CTRL_F_ENFORCE if enforce else 0)

@@ -30,7 +30,8 @@ def out(**kw) -> None:
 
 def lane_from(a: dict) -> _core.Lane:
     return _core.Lane(a["chan"], a["ctrl"], a["db"], a["index"], a.get("nslots", 256),
-                      a.get("arena", 1 << 20), a.get("mode", 1), a.get("spin_ns", 50_000))
+                      a.get("arena", 1 << 20), a.get("mode", 1), a.get("spin_ns", 50_000),
+                      bell_event_fd=a.get("bell_efd", -1), reply_event_fd=a.get("reply_efd", -1))
 
 
 def echo_server(a: dict) -> None:
@@ -38,24 +39,25 @@ def echo_server(a: dict) -> None:
     s = _core.ServerSet(a["db"], a.get("mode", 1), a.get("spin_ns", 50_000))
     for ch in a["channels"]:
         s.add(ch["index"], ch["chan"], ch["ctrl"], ch.get("nslots", 256), ch.get("arena", 1 << 20),
-              ch.get("sender", 0))
+              ch.get("sender", 0), ch.get("reply_efd", -1))
     end = time.monotonic() + a.get("max_seconds", 50)
     served = 0
     while time.monotonic() < end:
         try:
-            idx, tag, cap, op, flags, d0, d1, d2, d3, payload, sender = s.recv(200_000_000)
+            req = s.recv(200_000_000)
         except Timeout:
             continue
+        op = req.opcode
         if op == OP_STOP:
-            if flags & _core.FLAG_REPLY_EXPECTED:
-                s.reply(idx, tag, op + 100, 0, 0, 0, 0, 0)
+            if req.expects_reply:
+                req.reply(op + 100)
             break
         if op == OP_SLOW:
-            time.sleep(d1 / 1000)
-        if flags & _core.FLAG_REPLY_EXPECTED:
+            time.sleep(req.data[1] / 1000)
+        if req.expects_reply:
             while True:
                 try:
-                    s.reply(idx, tag, op + 100, flags & _core.FLAG_CHECKSUM, d0, d1, d2, d3, payload)
+                    req.reply(op + 100, req.data, req.payload, _core.FLAG_CHECKSUM)
                     break
                 except WouldBlock:
                     time.sleep(0.0005)
@@ -74,14 +76,14 @@ def caller(a: dict) -> None:
     t_all = time.perf_counter()
     for i in range(n):
         t = time.perf_counter_ns()
-        r = lane.call(7, OP_ECHO, 0, i, 2 * i, 3, 4, payload, 5_000_000_000)
+        r = lane.call(7, OP_ECHO, 0, (i, 2 * i, 3, 4), payload, 5_000_000_000)
         lat.append(time.perf_counter_ns() - t)
-        if r[0] != OP_ECHO + 100 or r[2] != i or r[3] != 2 * i or r[6] != payload:
+        if r[0] != OP_ECHO + 100 or r[2] != i or r[3] != 2 * i or r[6] != (payload or None):
             out(error=f"bad reply {r[:6]} for {i}")
             sys.exit(1)
     total = time.perf_counter() - t_all
     if a.get("stop"):
-        lane.call(7, OP_STOP, 0, 0, 0, 0, 0, None, 5_000_000_000)
+        lane.call(7, OP_STOP, 0, (), None, 5_000_000_000)
     lat.sort()
     out(n=n, total=total, median_ns=statistics.median(lat), p99_ns=lat[int(len(lat) * 0.99)],
         p999_ns=lat[int(len(lat) * 0.999)], max_ns=lat[-1], over_1ms=sum(x > 1_000_000 for x in lat))
@@ -94,10 +96,10 @@ def timed_caller(a: dict) -> None:
     n, worst = 0, 0.0
     while time.monotonic() < end:
         t = time.monotonic()
-        r = lane.call(7, OP_ECHO, 0, n, 0, 0, 0, b"x" * (n % 200), 5_000_000_000)
+        r = lane.call(7, OP_ECHO, 0, (n,), b"x" * (n % 200), 5_000_000_000)
         dt = time.monotonic() - t
         worst = max(worst, dt)
-        if r[2] != n or r[6] != b"x" * (n % 200):
+        if r[2] != n or (r[6] or b"") != b"x" * (n % 200):
             out(error=f"bad reply {r[:3]} for {n}")
             sys.exit(1)
         n += 1
@@ -105,23 +107,32 @@ def timed_caller(a: dict) -> None:
 
 
 def producer(a: dict) -> None:
-    """send_many `n` messages carrying 0..n-1 in data[0] (and a checkable d1/d2), in batches."""
+    """send_many `n` messages carrying 0..n-1 in data[0] (and a checkable d1/d2), in batches
+    (batch 0: one send() each). Opcode = the producer's `tag` (default 5)."""
     lane = lane_from(a)
     n, batch = a["n"], a.get("batch", 256)
     cap = a.get("cap", 9)
+    op = a.get("tag", 5)
     seq = 0
     spins = 0
     t0 = time.perf_counter()
     while seq < n:
-        k = min(batch, n - seq)
-        items = [(cap, 5, 0, s, s ^ 0xFFFF, s * 3, 0) for s in range(seq, seq + k)]
-        acc = lane.send_many(items)
+        if batch:
+            k = min(batch, n - seq)
+            acc = lane.send_many(cap, 0, [(op, (s, s ^ 0xFFFF, s * 3)) for s in range(seq, seq + k)])
+        else:
+            k = 1
+            try:
+                lane.send(cap, op, 0, (seq, seq ^ 0xFFFF, seq * 3))
+                acc = 1
+            except WouldBlock:
+                acc = 0
         seq += acc
         if acc < k:
             spins += 1
             if spins % 64 == 0:
                 time.sleep(0)
-    out(sent=seq, seconds=time.perf_counter() - t0)
+    out(sent=seq, seconds=time.perf_counter() - t0, refused=lane.refused)
 
 
 def blocked_caller(a: dict) -> None:
@@ -129,7 +140,7 @@ def blocked_caller(a: dict) -> None:
     lane = lane_from(a)
     print("ready", flush=True)
     try:
-        lane.call(7, OP_ECHO, 0, 0, 0, 0, 0, None, a.get("timeout_ns", 20_000_000_000))
+        lane.call(7, OP_ECHO, 0, (), None, a.get("timeout_ns", 20_000_000_000))
         out(result="reply", t=time.monotonic())
     except IpcError as exc:
         out(result=type(exc).__name__, t=time.monotonic(), msg=str(exc))
@@ -192,7 +203,53 @@ def scribble_doorbell(a: dict) -> None:
     out(writes=writes)
 
 
+def event_sender(a: dict) -> None:
+    """Send `n` one-way messages (data[0] = i), `gap` seconds apart, through a Lane that knows the
+    service's eventfd (it writes it when an event-loop server asked for a wake-up)."""
+    lane = lane_from(a)
+    for i in range(a["n"]):
+        time.sleep(a["gap"])
+        while True:
+            try:
+                lane.send(1, a.get("tag", 5), 0, (i,))
+                break
+            except WouldBlock:
+                time.sleep(0.001)
+    out(sent=a["n"])
+
+
+def hostile_events(a: dict) -> None:
+    """Flip the doorbell's event-wanted flag, write the service's eventfd (small values and the
+    saturating maximum), and set/clear this channel's consumer-event flag, at random."""
+    db = mmap.mmap(a["db"], _core.DOORBELL_SIZE)
+    chan = mmap.mmap(a["chan"], _core.channel_size(a["nslots"], a["arena"])) if "chan" in a else None
+    lay = _core.channel_layout(a["nslots"], a["arena"]) if chan is not None else None
+    rng = random.Random(a.get("seed", 3))
+    end = time.monotonic() + a["seconds"]
+    writes = 0
+    while time.monotonic() < end:
+        mode = rng.randrange(6)
+        try:
+            if mode == 0:
+                _core.atomic_store_u32(db, _core.DB_EVENT_WANTED_OFF, 1)
+            elif mode == 1:
+                _core.atomic_store_u32(db, _core.DB_EVENT_WANTED_OFF, 0)
+            elif mode == 2:
+                os.write(a["efd"], (1).to_bytes(8, "little"))
+            elif mode == 3:
+                os.write(a["efd"], (2**64 - 2).to_bytes(8, "little"))
+            elif chan is not None:
+                _core.atomic_store_u32(chan, lay["resp_consumer_event"], mode - 4)
+        except BlockingIOError:
+            pass
+        writes += 1
+        time.sleep(rng.choice([0, 0.0001, 0.001]))
+    out(writes=writes)
+
+
 ROLES = {
+    "event_sender": event_sender,
+    "hostile_events": hostile_events,
     "echo_server": echo_server,
     "caller": caller,
     "timed_caller": timed_caller,

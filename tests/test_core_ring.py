@@ -183,11 +183,11 @@ def test_kernel_style_sealed_control_page(db, chans):
         ln = _core.Lane(ch.chan, ro, db, 1, ch.nslots, ch.arena)
     finally:
         os.close(ro)
-    ln.send(0, 0, 0, 5, 0, 0, 0)
-    assert s.recv(SEC)[5] == 5
+    ln.send(0, 0, 0, (5,))
+    assert s.recv(SEC).data[0] == 5
     ch.set_state(_core.STATE_CLOSED)  # the kernel's own (earlier) writable mapping still works
     with pytest.raises(InvalidCapability):
-        ln.send(0, 0, 0, 5, 0, 0, 0)
+        ln.send(0, 0, 0, (5,))
 
 
 def test_crc32_matches_zlib():
@@ -201,24 +201,30 @@ def test_crc32_matches_zlib():
 # ---- in-process basics -------------------------------------------------------------------------
 
 
+def fields(r) -> tuple:
+    return (r.index, r.tag, r.capability, r.opcode, r.flags, r.data, r.payload, r.sender,
+            r.expects_reply)
+
+
 def test_send_recv_fields_and_sender(db, chans):
     ch = chans(7, sender=4242)
     s = _core.ServerSet(db)
     s.add(7, ch.chan, ch.ctrl, 256, 1 << 20)  # sender_id from the control page
     ln = lane(ch, db)
-    ln.send(2**64 - 1, 2**32 - 1, 0x10000 | _core.FLAG_CHECKSUM, 1, 2**64 - 1, 3, 4, b"abc")
-    ln.send(5, 6, 0, 7, 8, 9, 10)
-    ln.send(5, 6, _core.FLAG_CHECKSUM, 7, 8, 9, 10, b"")
+    ln.send(2**64 - 1, 2**32 - 1, 0x10000 | _core.FLAG_CHECKSUM, (1, 2**64 - 1, 3, 4), b"abc")
+    ln.send(5, 6, 0, [7, 8, 9, 10])
+    ln.send(5, 6, _core.FLAG_CHECKSUM, (7,), b"")
     r = s.recv(SEC)
-    assert r == (7, 1, 2**64 - 1, 2**32 - 1, 0x10000 | _core.FLAG_CHECKSUM, 1, 2**64 - 1, 3, 4,
-                 b"abc", 4242)
-    # No payload: None, and FLAG_CHECKSUM is dropped (there is nothing to check).
-    assert s.recv(SEC) == (7, 2, 5, 6, 0, 7, 8, 9, 10, None, 4242)
-    # An empty payload is not "no payload".
-    assert s.recv(SEC)[9] == b""
+    assert isinstance(r, _core.Request)
+    # flags: only the user bits (the transport's own bits stay inside the core)
+    assert fields(r) == (7, 1, 2**64 - 1, 2**32 - 1, 0x10000, (1, 2**64 - 1, 3, 4), b"abc", 4242,
+                         False)
+    assert fields(s.recv(SEC)) == (7, 2, 5, 6, 0, (7, 8, 9, 10), b"", 4242, False)
+    assert fields(s.recv(SEC)) == (7, 3, 5, 6, 0, (7, 0, 0, 0), b"", 4242, False)
     with pytest.raises(Timeout):
         s.recv(0)
     assert ln.last_tag == 3
+    assert "Request from 4242 opcode=4294967295" in repr(r)
 
 
 def test_call_in_process_with_server_thread(db, chans):
@@ -230,20 +236,22 @@ def test_call_in_process_with_server_thread(db, chans):
     def serve():
         while not stop.is_set():
             try:
-                i, tag, cap, op, fl, d0, d1, d2, d3, pl, sid = s.recv(SEC // 10)
+                r = s.recv(SEC // 10)
             except Timeout:
                 continue
-            s.reply(i, tag, op + 1, fl & (_core.FLAG_CHECKSUM | _core.FLAG_USER_MASK), d0 + 1, cap,
-                    sid, d3, pl)
+            d0, d1, d2, d3 = r.data
+            s.reply(r.index, r.tag, r.opcode + 1, r.flags | _core.FLAG_CHECKSUM,
+                    (d0 + 1, r.capability, r.sender, d3), r.payload or None)
 
     t = threading.Thread(target=serve)
     t.start()
     try:
-        assert ln.call(9, 10, 0, 1, 2, 3, 4) == (11, 0, 2, 9, 1003, 4, None)
-        r = ln.call(9, 10, _core.FLAG_CHECKSUM | 0x20000, 1, 2, 3, 4, b"x" * 100, timeout_ns=SEC)
+        assert ln.call(9, 10, 0, (1, 2, 3, 4)) == (11, 0, 2, 9, 1003, 4, None)
+        r = ln.call(9, 10, _core.FLAG_CHECKSUM | 0x20000, (1, 2, 3, 4), b"x" * 100, timeout_ns=SEC)
         assert r == (11, _core.FLAG_CHECKSUM | _core.FLAG_LARGE | 0x20000, 2, 9, 1003, 4,
                      b"x" * 100)
-        assert ln.call(9, 10, 0, 1, 2, 3, 4, payload=b"y") [6] == b"y"
+        assert ln.call(9, 10, 0, [1, 2, 3, 4], payload=b"y")[6] == b"y"
+        assert ln.call(capability=9, opcode=10, flags=0, data=(), timeout_ns=SEC)[:3] == (11, 0, 1)
     finally:
         stop.set()
         t.join(10)
@@ -255,28 +263,45 @@ def test_bad_arguments_write_nothing(db, chans):
     m = ch.map()
     lay = ch.layout()
     for args in [
-        (2**64, 0, 0, 0, 0, 0, 0),
-        (0, 2**32, 0, 0, 0, 0, 0),
-        (0, 0, 0x100, 0, 0, 0, 0),  # unknown flag bit
-        (0, 0, 0, -1, 0, 0, 0),
-        (0, 0, 0, 0, 0, 0, 2**64),
+        (2**64, 0, 0, ()),
+        (0, 2**32, 0, ()),
+        (0, 0, 0x100, ()),  # unknown flag bit
+        (0, 0, 0, (-1,)),
+        (0, 0, 0, (0, 0, 0, 2**64)),
+        (0, 0, 0, (1, 2, 3, 4, 5)),  # more than four data values
     ]:
         with pytest.raises(ValueError):
             ln.send(*args)
         with pytest.raises(ValueError):
             ln.call(*args, None, 1000)
+        with pytest.raises(ValueError):
+            ln.call_start(*args)
+        with pytest.raises(ValueError):
+            ln.send_many(args[0], args[2], [(args[1], args[3])])
+    for bad in [(0, 0, 0, (0, 0, 0, 0.5)), (0, 0, 0, 5), (0, 0, 0, "abcd"), (0, 0, 0, (), "text"),
+                (0, 0, 0, ({},))]:
+        with pytest.raises(TypeError):
+            ln.send(*bad)
+        with pytest.raises(TypeError):
+            ln.call(*bad)
     with pytest.raises(TypeError):
-        ln.send(0, 0, 0, 0, 0, 0, 0.5)
+        ln.send(0, 0, 0)
     with pytest.raises(TypeError):
-        ln.send(0, 0, 0, 0, 0, 0, 0, "text payload")
+        ln.send(0, 0, 0, (), None, 5)
+    with pytest.raises(TypeError):
+        ln.send(0, 0, 0, (), timeout_ns=5)
+    with pytest.raises(TypeError):
+        ln.call(0, 0, 0, (), payload=None, bogus=1)
+    with pytest.raises(TypeError):
+        ln.call(0, 0, 0, (), None, payload=None)
     assert ln.max_payload == 8192 - 128
     with pytest.raises(MessageTooLarge):
-        ln.send(0, 0, 0, 0, 0, 0, 0, bytes(8192 - 127))
+        ln.send(0, 0, 0, (), bytes(8192 - 127))
     with pytest.raises(MessageTooLarge):
-        ln.call(0, 0, 0, 0, 0, 0, 0, bytes(8192), SEC)
+        ln.call(0, 0, 0, (), bytes(8192), SEC)
     assert _core.atomic_load_u64(m, lay["req_tail"]) == 0
     assert ln.last_tag == 0
-    ln.send(0, 0, 0, 0, 0, 0, 0, bytes(8192 - 128))  # exactly the maximum fits an idle arena
+    ln.send(0, 0, 0, (), bytes(8192 - 128))  # exactly the maximum fits an idle arena
     assert _core.atomic_load_u64(m, lay["req_tail"]) == 1
 
 
@@ -284,17 +309,17 @@ def test_send_wouldblock_ring_and_arena(db, chans):
     ch = chans(1, nslots=8, arena=8192)
     ln = lane(ch, db)
     for i in range(8):
-        ln.send(0, 0, 0, i, 0, 0, 0)
+        ln.send(0, 0, 0, (i,))
     with pytest.raises(WouldBlock):
-        ln.send(0, 0, 0, 8, 0, 0, 0)
+        ln.send(0, 0, 0, (8,))
     s = server(db, ch)
     for i in range(8):
-        assert s.recv(SEC)[5] == i
-    ln.send(0, 0, 0, 0, 0, 0, 0, bytes(4000))  # chunk of 4160 bytes
+        assert s.recv(SEC).data[0] == i
+    ln.send(0, 0, 0, (), bytes(4000))  # chunk of 4160 bytes
     with pytest.raises(WouldBlock):
-        ln.send(0, 0, 0, 0, 0, 0, 0, bytes(4000))
-    assert s.recv(SEC)[9] == bytes(4000)
-    ln.send(0, 0, 0, 0, 0, 0, 0, bytes(4000))
+        ln.send(0, 0, 0, (), bytes(4000))
+    assert s.recv(SEC).payload == bytes(4000)
+    ln.send(0, 0, 0, (), bytes(4000))
 
 
 def test_send_many(db, chans):
@@ -305,21 +330,39 @@ def test_send_many(db, chans):
     lay = ch.layout()
     # One bad item: nothing is written.
     with pytest.raises(ValueError):
-        ln.send_many([(0, 0, 0, 1, 0, 0, 0), (0, 0, 0, -1, 0, 0, 0)])
+        ln.send_many(0, 0, [(0, (1,)), (0, (-1,))])
     with pytest.raises(TypeError):
-        ln.send_many([(0, 0, 0, 1, 0, 0)])
+        ln.send_many(0, 0, [(0, (1,)), (0,)])
+    with pytest.raises(TypeError):
+        ln.send_many(0, 0, [(0, (1,)), [0, (1,)]])
+    with pytest.raises(TypeError):
+        ln.send_many(0, 0, [(0, (1,), None, 4)])
+    with pytest.raises(TypeError):
+        ln.send_many(0, 0, 5)
     with pytest.raises(MessageTooLarge):
-        ln.send_many([(0, 0, 0, 1, 0, 0, 0, bytes(1 << 20))])
+        ln.send_many(0, 0, [(0, (1,)), (0, (1,), bytes(1 << 20))])
+    with pytest.raises(ValueError):
+        ln.send_many(0, 0x100, [(0, (1,))])
     assert _core.atomic_load_u64(m, lay["req_tail"]) == 0
-    assert ln.send_many([]) == 0
-    items = [(1, 2, 0, i, 0, 0, 0, bytes([i]) * i) for i in range(20)]
-    assert ln.send_many(items) == 8
-    assert ln.send_many(items[8:]) == 0
+    assert ln.send_many(0, 0, []) == 0
+    assert ln.refused == 0
+    items = [(2, (i, 0, 0, i), bytes([i]) * i) for i in range(20)]
+    assert ln.send_many(1, _core.FLAG_CHECKSUM, items) == 8
+    assert ln.refused == 12  # the ring had room for 8 of 20
+    assert ln.send_many(1, 0, items[8:]) == 0
+    assert ln.refused == 24
+    assert s.refused(1) == 24
     got = [s.recv(SEC) for _ in range(8)]
-    assert [g[5] for g in got] == list(range(8))
-    assert [g[9] for g in got] == [bytes([i]) * i for i in range(8)]
-    assert [g[1] for g in got] == list(range(1, 9))  # tags
-    assert ln.send_many(items[8:]) == 8
+    assert [g.data for g in got] == [(i, 0, 0, i) for i in range(8)]
+    assert [g.payload for g in got] == [bytes([i]) * i for i in range(8)]
+    assert [g.tag for g in got] == list(range(1, 9))  # tags
+    assert {(g.capability, g.opcode, g.flags) for g in got} == {(1, 2, 0)}
+    assert ln.send_many(1, 0, items[8:]) == 8
+    assert ln.refused == 28
+    assert ln.send_many(1, 0, tuple(items[:1])) == 0  # a tuple works as well
+    with pytest.raises(WouldBlock):
+        ln.send(1, 2, 0, ())
+    assert ln.refused == 30 and s.refused(1) == 30
 
 
 def test_arena_wraps_and_jumps(db, chans):
@@ -341,13 +384,13 @@ def test_arena_wraps_and_jumps(db, chans):
                 r = s.recv(0)
             except Timeout:
                 return
-            assert r[5] == got and r[9] == sent[got]
+            assert r.data[0] == got and r.payload == sent[got]
             got += 1
 
     for _ in range(4000):
         p = rng.randbytes(rng.choice([0, 10, 64, 65, 300, 1000, 5000, 9000, 16384 - 128]))
         try:
-            ln.send(0, 0, _core.FLAG_CHECKSUM, len(sent), 0, 0, 0, p)
+            ln.send(0, 0, _core.FLAG_CHECKSUM, (len(sent),), p)
             sent.append(p)
         except WouldBlock:
             pass
@@ -366,15 +409,15 @@ def test_timeout_sets_cancel_and_server_skips(db, chans):
     m = ch.map()
     t = time.monotonic()
     with pytest.raises(Timeout):
-        ln.call(0, 0, 0, 111, 0, 0, 0, b"p" * 1000, 50_000_000)
+        ln.call(0, 0, 0, (111,), b"p" * 1000, 50_000_000)
     assert 0.04 < time.monotonic() - t < 5
     assert _core.atomic_load_u64(m, _core.CHAN_CANCEL_BELOW_OFF) == 2
     with pytest.raises(Timeout):
-        ln.call(0, 0, 0, 222, 0, 0, 0, None, 0)  # zero timeout: sent, then Timeout at once
+        ln.call(0, 0, 0, (222,), None, 0)  # zero timeout: sent, then Timeout at once
     assert _core.atomic_load_u64(m, _core.CHAN_CANCEL_BELOW_OFF) == 3
-    ln.send(0, 0, 0, 333, 0, 0, 0, b"live")
+    ln.send(0, 0, 0, (333,), b"live")
     r = s.recv(SEC)
-    assert r[1] == 3 and r[5] == 333 and r[9] == b"live"  # the two cancelled calls were skipped
+    assert r.tag == 3 and r.data[0] == 333 and r.payload == b"live"  # the two cancelled calls were skipped
     with pytest.raises(Timeout):
         s.recv(0)
 
@@ -384,11 +427,11 @@ def test_cancel_skips_calls_only(db, chans):
     ch = chans(1)
     ln = lane(ch, db)
     s = server(db, ch)
-    ln.send(0, 0, 0, 1, 0, 0, 0)
+    ln.send(0, 0, 0, (1,))
     with pytest.raises(Timeout):
-        ln.call(0, 0, 0, 2, 0, 0, 0, None, 0)
-    ln.send(0, 0, 0, 3, 0, 0, 0)
-    assert [s.recv(SEC)[5] for _ in range(2)] == [1, 3]
+        ln.call(0, 0, 0, (2,), None, 0)
+    ln.send(0, 0, 0, (3,))
+    assert [s.recv(SEC).data[0] for _ in range(2)] == [1, 3]
     with pytest.raises(Timeout):
         s.recv(0)
 
@@ -398,20 +441,20 @@ def test_late_reply_dropped_in_process(db, chans):
     ln = lane(ch, db)
     s = server(db, ch)
     with pytest.raises(Timeout):
-        ln.call(0, 0, 0, 1, 0, 0, 0, None, 1_000_000)
-    ln.send(0, 0, 0, 2, 0, 0, 0)  # tag 2, so the next call (tag 3) is not skipped by cancel
+        ln.call(0, 0, 0, (1,), None, 1_000_000)
+    ln.send(0, 0, 0, (2,))  # tag 2, so the next call (tag 3) is not skipped by cancel
     # The server never saw tag 1 (cancelled); pretend a slow server replies to it anyway.
-    s.reply(1, 1, 99, 0, 0, 0, 0, 0, b"late" * 100)
+    s.reply(1, 1, 99, 0, (), b"late" * 100)
     got = s.recv(SEC)
-    assert got[1] == 2
+    assert got.tag == 2
 
     def serve():
         r = s.recv(5 * SEC)
-        s.reply(1, r[1], 50, 0, r[5], 0, 0, 0, b"fresh")
+        s.reply(1, r.tag, 50, 0, (r.data[0],), b"fresh")
 
     t = threading.Thread(target=serve)
     t.start()
-    r = ln.call(0, 0, 0, 3, 0, 0, 0, None, 5 * SEC)
+    r = ln.call(0, 0, 0, (3,), None, 5 * SEC)
     t.join(10)
     assert r == (50, 0, 3, 0, 0, 0, b"fresh")
 
@@ -422,13 +465,13 @@ def test_late_reply_cross_process(db, chans):
                 [db, ch.chan, ch.ctrl])
     try:
         ln = lane(ch, db)
-        assert ln.call(0, OP_ECHO, 0, 5, 0, 0, 0, None, 10 * SEC)[2] == 5  # server is up
+        assert ln.call(0, OP_ECHO, 0, (5,), None, 10 * SEC)[2] == 5  # server is up
         with pytest.raises(Timeout):
-            ln.call(0, OP_SLOW, 0, 1, 300, 0, 0, b"slow", 100_000_000)
+            ln.call(0, OP_SLOW, 0, (1, 300), b"slow", 100_000_000)
         for i in range(20):
-            r = ln.call(0, OP_ECHO, 0, 1000 + i, 0, 0, 0, b"e%d" % i, 10 * SEC)
+            r = ln.call(0, OP_ECHO, 0, (1000 + i,), b"e%d" % i, 10 * SEC)
             assert r[0] == OP_ECHO + 100 and r[2] == 1000 + i and r[6] == b"e%d" % i
-        ln.call(0, OP_STOP, 0, 0, 0, 0, 0, None, 10 * SEC)
+        ln.call(0, OP_STOP, 0, (), None, 10 * SEC)
         assert result(srv)["served"] == 22
     finally:
         reap(srv)
@@ -444,14 +487,16 @@ def test_state_checked_before_sending(db, chans, state, exc):
     ln = lane(ch, db)
     ch.set_state(state)
     with pytest.raises(exc):
-        ln.call(0, 0, 0, 0, 0, 0, 0, None, SEC)
+        ln.call(0, 0, 0, (), None, SEC)
     with pytest.raises(exc):
-        ln.send(0, 0, 0, 0, 0, 0, 0)
+        ln.send(0, 0, 0, ())
     with pytest.raises(exc):
-        ln.send_many([(0, 0, 0, 0, 0, 0, 0)])
+        ln.send_many(0, 0, [(0, ())])
+    with pytest.raises(exc):
+        ln.call_start(0, 0, 0, ())
     if state == 4:
         with pytest.raises(InvalidCapability, match="channel closed"):
-            ln.send(0, 0, 0, 0, 0, 0, 0)
+            ln.send(0, 0, 0, ())
 
 
 @pytest.mark.parametrize("mode", [0, 1, 2])
@@ -479,15 +524,15 @@ def test_reply_published_before_state_change_is_delivered(db, chans):
 
         def serve(s=s, ch=ch):
             r = s.recv(5 * SEC)
-            s.reply(r[0], r[1], 7, 0, r[5], 0, 0, 0)
+            s.reply(r.index, r.tag, 7, 0, (r.data[0],))
             ch.set_state(_core.STATE_PEER_DEAD)
 
         t = threading.Thread(target=serve)
         t.start()
-        assert ln.call(0, 0, 0, trial, 0, 0, 0, None, 5 * SEC)[:2] == (7, 0)
+        assert ln.call(0, 0, 0, (trial,), None, 5 * SEC)[:2] == (7, 0)
         t.join(10)
         with pytest.raises(PeerDied):
-            ln.call(0, 0, 0, trial, 0, 0, 0, None, 5 * SEC)
+            ln.call(0, 0, 0, (trial,), None, 5 * SEC)
         s.close()
 
 
@@ -495,16 +540,16 @@ def test_server_skips_channels_not_open(db, chans):
     a, b = chans(1), chans(2)
     s = server(db, a, b)
     la, lb = lane(a, db), lane(b, db)
-    la.send(0, 0, 0, 1, 0, 0, 0)
-    lb.send(0, 0, 0, 2, 0, 0, 0)
+    la.send(0, 0, 0, (1,))
+    lb.send(0, 0, 0, (2,))
     a.set_state(_core.STATE_REVOKED)
-    assert s.recv(SEC)[0] == 2
+    assert s.recv(SEC).index == 2
     with pytest.raises(Timeout):
         s.recv(20_000_000)
     with pytest.raises(PeerDied):
-        s.reply(1, 1, 0, 0, 0, 0, 0, 0)
+        s.reply(1, 1, 0, 0, ())
     a.set_state(_core.STATE_OPEN)
-    assert s.recv(SEC)[0] == 1
+    assert s.recv(SEC).index == 1
 
 
 # ---- server mechanics --------------------------------------------------------------------------
@@ -514,29 +559,29 @@ def test_round_robin_order(db, chans):
     a, b, c = chans(1), chans(5), chans(4095)
     s = server(db, a, b, c)
     la, lb, lc = lane(a, db), lane(b, db), lane(c, db)
-    assert la.send_many([(0, 0, 0, i, 0, 0, 0) for i in range(200)]) == 200
-    assert lb.send_many([(0, 0, 0, i, 0, 0, 0) for i in range(200)]) == 200
-    assert lc.send_many([(0, 0, 0, i, 0, 0, 0) for i in range(50)]) == 50
+    assert la.send_many(0, 0, [(0, (i,)) for i in range(200)]) == 200
+    assert lb.send_many(0, 0, [(0, (i,)) for i in range(200)]) == 200
+    assert lc.send_many(0, 0, [(0, (i,)) for i in range(50)]) == 50
     got = [s.recv(SEC) for _ in range(450)]
-    order = [g[0] for g in got]
+    order = [g.index for g in got]
     assert order[:150] == [1, 5, 4095] * 50
     assert order[150:] == [1, 5] * 150
     for idx in (1, 5, 4095):
-        seqs = [g[5] for g in got if g[0] == idx]
+        seqs = [g.data[0] for g in got if g.index == idx]
         assert seqs == list(range(len(seqs)))
     # A flooding channel does not delay a newcomer by more than one turn.
-    la.send_many([(0, 0, 0, i, 0, 0, 0) for i in range(256)])
-    assert s.recv(SEC)[0] == 1
-    lb.send(0, 0, 0, 999, 0, 0, 0)
-    assert 5 in [s.recv(SEC)[0] for _ in range(2)]
-    assert [s.recv(SEC)[0] for _ in range(10)] == [1] * 10
+    la.send_many(0, 0, [(0, (i,)) for i in range(256)])
+    assert s.recv(SEC).index == 1
+    lb.send(0, 0, 0, (999,))
+    assert 5 in [s.recv(SEC).index for _ in range(2)]
+    assert [s.recv(SEC).index for _ in range(10)] == [1] * 10
 
 
 def test_remove_while_recv_waits_and_reply_to_removed(db, chans):
     a, b = chans(1), chans(2)
     s = server(db, a, b)
     la, lb = lane(a, db), lane(b, db)
-    la.send(0, 0, 0, 1, 0, 0, 0)
+    la.send(0, 0, 0, (1,))
     r = s.recv(SEC)
     got = []
     t = threading.Thread(target=lambda: got.append(s.recv(5 * SEC)))
@@ -544,10 +589,10 @@ def test_remove_while_recv_waits_and_reply_to_removed(db, chans):
     time.sleep(0.1)  # recv is waiting (without the GIL), scanning both channels
     s.remove(1)
     with pytest.raises(PeerDied):
-        s.reply(1, r[1], 0, 0, 0, 0, 0, 0)
-    lb.send(0, 0, 0, 22, 0, 0, 0)
+        s.reply(1, r.tag, 0, 0, ())
+    lb.send(0, 0, 0, (22,))
     t.join(10)
-    assert got and got[0][0] == 2 and got[0][5] == 22
+    assert got and got[0].index == 2 and got[0].data[0] == 22
     assert 1 not in s and len(s) == 1
     s.add(1, a.chan, a.ctrl, a.nslots, a.arena)  # (re)added channels start from scratch
     assert len(s) == 2
@@ -565,7 +610,7 @@ def test_remove_during_concurrent_traffic(db, chans):
         while not stop.is_set():
             try:
                 r = s.recv(10_000_000)
-                s.reply(r[0], r[1], 0, 0, 0, 0, 0, 0, r[9])
+                s.reply(r.index, r.tag, 0, 0, (), r.payload)
             except (Timeout, PeerDied, WouldBlock):
                 pass
             except Exception as e:  # pragma: no cover
@@ -579,7 +624,7 @@ def test_remove_during_concurrent_traffic(db, chans):
         while time.monotonic() < end:
             for ln in lanes:
                 try:
-                    ln.send(0, 0, 0, k, 0, 0, 0, b"z" * (k % 3000))
+                    ln.send(0, 0, 0, (k,), b"z" * (k % 3000))
                 except WouldBlock:
                     pass
             k += 1
@@ -598,16 +643,16 @@ def test_reply_wouldblock_never_blocks(db, chans):
     s = server(db, ch)
     ln = lane(ch, db)
     for i in range(4):
-        ln.send(0, 0, 0, i, 0, 0, 0)
-    tags = [s.recv(SEC)[1] for _ in range(4)]
+        ln.send(0, 0, 0, (i,))
+    tags = [s.recv(SEC).tag for _ in range(4)]
     for t in tags:
-        s.reply(1, t, 0, 0, 0, 0, 0, 0)
+        s.reply(1, t, 0, 0, ())
     t0 = time.monotonic()
     with pytest.raises(WouldBlock):
-        s.reply(1, tags[-1], 0, 0, 0, 0, 0, 0)
+        s.reply(1, tags[-1], 0, 0, ())
     assert time.monotonic() - t0 < 0.5
     with pytest.raises(PeerDied):
-        s.reply(2, 1, 0, 0, 0, 0, 0, 0)
+        s.reply(2, 1, 0, 0, ())
 
 
 def test_interrupt(db, chans):
@@ -638,19 +683,19 @@ def test_lane_one_thread_at_a_time(db, chans):
     def blocked():
         started.set()
         with pytest.raises(Timeout):
-            ln.call(0, 0, 0, 0, 0, 0, 0, None, 500_000_000)
+            ln.call(0, 0, 0, (), None, 500_000_000)
 
     t = threading.Thread(target=blocked)
     t.start()
     started.wait(5)
     time.sleep(0.05)
     with pytest.raises(RuntimeError):
-        ln.send(0, 0, 0, 0, 0, 0, 0)
+        ln.send(0, 0, 0, ())
     t.join(5)
-    ln.send(0, 0, 0, 0, 0, 0, 0)
+    ln.send(0, 0, 0, ())
     ln.close()
     with pytest.raises(ValueError):
-        ln.send(0, 0, 0, 0, 0, 0, 0)
+        ln.send(0, 0, 0, ())
 
 
 # ---- corruption from a hostile client: CorruptChannel --------------------------------------------
@@ -695,25 +740,26 @@ def test_corrupt_channel_detected(db, chans, name):
     good, bad = chans(1), chans(2)
     s = server(db, good, bad)
     lg, lb = lane(good, db), lane(bad, db)
-    lb.send(3, 4, _core.FLAG_CHECKSUM, 0, 0, 0, 0, b"\x5a" * 1000)
-    lb.send(3, 4, 0, 1, 0, 0, 0)
-    lg.send(0, 0, 0, 10, 0, 0, 0)
+    lb.send(3, 4, _core.FLAG_CHECKSUM, (), b"\x5a" * 1000)
+    lb.send(3, 4, 0, (1,))
+    lg.send(0, 0, 0, (10,))
     CORRUPTIONS[name](bad.map(), bad.layout())
-    assert s.recv(SEC)[5] == 10  # index 1 comes first in the turn
+    assert s.recv(SEC).data[0] == 10  # index 1 comes first in the turn
     if name == "tag repeats":
-        assert s.recv(SEC)[:2] == (2, 1)  # the first message is fine; the second repeats its tag
+        r = s.recv(SEC)
+        assert (r.index, r.tag) == (2, 1)  # the first message is fine; the second repeats its tag
     with pytest.raises(_core.CorruptChannel) as ei:
         s.recv(SEC)
     assert isinstance(ei.value, ProtocolError)
     assert ei.value.index == 2 and isinstance(ei.value.reason, str) and ei.value.reason
     assert s.is_dead(2)
     # Dead: never read again, replies refused; the healthy channel goes on.
-    lg.send(0, 0, 0, 11, 0, 0, 0)
-    assert s.recv(SEC)[5] == 11
+    lg.send(0, 0, 0, (11,))
+    assert s.recv(SEC).data[0] == 11
     with pytest.raises(Timeout):
         s.recv(20_000_000)
     with pytest.raises(PeerDied):
-        s.reply(2, 1, 0, 0, 0, 0, 0, 0)
+        s.reply(2, 1, 0, 0, ())
 
 
 def test_random_slot_and_chunk_garbage_fuzz(db, chans):
@@ -731,8 +777,7 @@ def test_random_slot_and_chunk_garbage_fuzz(db, chans):
             lg = lane(good, db)
             s = server(db, good, bad)
             lb = lane(bad, db)
-            lb.send(1, 2, _core.FLAG_CHECKSUM if trial % 2 else 0, 0, 0, 0, 0,
-                    rng.randbytes(rng.choice([0, 5, 64, 65, 1000])))
+            lb.send(1, 2, _core.FLAG_CHECKSUM if trial % 2 else 0, (), rng.randbytes(rng.choice([0, 5, 64, 65, 1000])))
             m = bad.map()
             L = bad.layout()
             for _ in range(rng.randint(1, 6)):
@@ -741,7 +786,7 @@ def test_random_slot_and_chunk_garbage_fuzz(db, chans):
                 m[off:off + 1] = bytes([rng.randrange(256)])
             if rng.random() < 0.2:
                 struct.pack_into("<Q", m, L["req_tail"], rng.choice([1, 2, 8, 9, 2**64 - 1]))
-            lg.send(0, 0, 0, trial, 0, 0, 0)
+            lg.send(0, 0, 0, (trial,))
             seen_good = False
             for _ in range(3):
                 try:
@@ -752,12 +797,12 @@ def test_random_slot_and_chunk_garbage_fuzz(db, chans):
                     assert e.index == 1
                     outcomes["corrupt"] += 1
                     continue
-                if r[0] == 0:
-                    assert r[5] == trial
+                if r.index == 0:
+                    assert r.data[0] == trial
                     seen_good = True
                 else:
                     outcomes["delivered"] += 1
-                    assert r[9] is None or len(r[9]) <= 8192
+                    assert len(r.payload) <= 8192
             assert seen_good
             s.close()
         finally:
@@ -770,7 +815,7 @@ def test_checksum_present_without_flag(db, chans):
     ch = chans(1)
     s = server(db, ch)
     ln = lane(ch, db)
-    ln.send(0, 0, 0, 0, 0, 0, 0, b"abc")
+    ln.send(0, 0, 0, (), b"abc")
     _put(ch.map(), ch.layout()["req_arena"] + 24, "<I", 1)
     with pytest.raises(_core.CorruptChannel, match="checksum"):
         s.recv(SEC)
@@ -781,11 +826,11 @@ def test_hostile_client_on_reply_side(db, chans):
     ch = chans(1, nslots=8, arena=8192)
     s = server(db, ch)
     ln = lane(ch, db)
-    ln.send(0, 0, 0, 0, 0, 0, 0)
+    ln.send(0, 0, 0, ())
     r = s.recv(SEC)
     _put(ch.map(), ch.layout()["resp_head"], "<Q", 5)
     with pytest.raises(_core.CorruptChannel) as ei:
-        s.reply(1, r[1], 0, 0, 0, 0, 0, 0)
+        s.reply(1, r.tag, 0, 0, ())
     assert ei.value.index == 1 and s.is_dead(1)
 
 
@@ -797,29 +842,29 @@ def test_hostile_server_garbage_tail(db, chans):
     ln = lane(ch, db)
     _put(ch.map(), ch.layout()["resp_tail"], "<Q", 10**6)
     with pytest.raises(ProtocolError):
-        ln.call(0, 0, 0, 0, 0, 0, 0, None, SEC)
+        ln.call(0, 0, 0, (), None, SEC)
     assert ln.broken
     with pytest.raises(ProtocolError):
-        ln.send(0, 0, 0, 0, 0, 0, 0)
+        ln.send(0, 0, 0, ())
 
 
 def test_hostile_server_reply_from_the_future(db, chans):
     ch = chans(1)
     s = server(db, ch)
     ln = lane(ch, db)
-    s.reply(1, 99, 0, 0, 0, 0, 0, 0)
+    s.reply(1, 99, 0, 0, ())
     with pytest.raises(ProtocolError, match="never sent"):
-        ln.call(0, 0, 0, 0, 0, 0, 0, None, SEC)
+        ln.call(0, 0, 0, (), None, SEC)
 
 
 @pytest.mark.parametrize("field,value", [("req_head", 5), ("req_arena_released", 1 << 40)])
 def test_hostile_server_consumer_fields(db, chans, field, value):
     ch = chans(1)
     ln = lane(ch, db)
-    ln.send(0, 0, 0, 0, 0, 0, 0, b"x")
+    ln.send(0, 0, 0, (), b"x")
     _put(ch.map(), ch.layout()[field], "<Q", value)
     with pytest.raises(ProtocolError):
-        ln.send(0, 0, 0, 0, 0, 0, 0, b"y")
+        ln.send(0, 0, 0, (), b"y")
     assert ln.broken
 
 
@@ -828,12 +873,12 @@ def test_hostile_server_bad_reply_checksum(db, chans):
     s = server(db, ch)
     ln = lane(ch, db)
     with pytest.raises(Timeout):
-        ln.call(0, 0, 0, 0, 0, 0, 0, None, 0)
-    ln.send(0, 0, 0, 0, 0, 0, 0)
-    s.reply(1, 3, 0, _core.FLAG_CHECKSUM, 0, 0, 0, 0, b"q" * 300)
+        ln.call(0, 0, 0, (), None, 0)
+    ln.send(0, 0, 0, ())
+    s.reply(1, 3, 0, _core.FLAG_CHECKSUM, (), b"q" * 300)
     _put(ch.map(), ch.layout()["resp_arena"] + 128 + 7, "<B", 0)
     with pytest.raises(ProtocolError, match="checksum"):
-        ln.call(0, 0, 0, 0, 0, 0, 0, None, SEC)
+        ln.call(0, 0, 0, (), None, SEC)
 
 
 # ---- cross-process -----------------------------------------------------------------------------
@@ -859,12 +904,13 @@ def test_payload_sizes_cross_process(db, chans):
         ln = lane(ch, db)
         for n in (0, 1, 63, 64, 65, 128, 4096, 1 << 20, 64 << 20, 0, 65):
             p = os.urandom(n)
-            r = ln.call(0, OP_ECHO, _core.FLAG_CHECKSUM, n, 0, 0, 0, p, 30 * SEC)
+            r = ln.call(0, OP_ECHO, _core.FLAG_CHECKSUM, (n,), p, 30 * SEC)
             assert r[0] == OP_ECHO + 100 and r[2] == n
-            assert r[1] & _core.FLAG_CHECKSUM
+            # (the echo server replies with FLAG_CHECKSUM; an empty reply has no payload at all)
+            assert bool(r[1] & _core.FLAG_CHECKSUM) == (n > 0)
             assert bool(r[1] & _core.FLAG_LARGE) == (n > 64)
-            assert r[6] == p
-        ln.call(0, OP_STOP, 0, 0, 0, 0, 0, None, 10 * SEC)
+            assert (r[6] or b"") == p and (r[6] is None) == (n == 0)
+        ln.call(0, OP_STOP, 0, (), None, 10 * SEC)
         result(srv)
     finally:
         reap(srv)
@@ -880,8 +926,8 @@ def test_stress_10m_one_way_no_loss_dup_or_reorder(db, chans):
         expect = 0
         while expect < n:
             r = recv(10 * SEC)
-            d0 = r[5]
-            if d0 != expect or r[6] != d0 ^ 0xFFFF or r[7] != d0 * 3:
+            d0 = r.data[0]
+            if d0 != expect or r.data[1] != d0 ^ 0xFFFF or r.data[2] != d0 * 3:
                 pytest.fail(f"message {expect}: got {r}")
             expect += 1
         assert result(p)["sent"] == n
@@ -924,8 +970,8 @@ def test_fairness_three_clients_cross_process(db, chans):
         order = []
         for _ in range(12_000):
             r = s.recv(10 * SEC)
-            counts[r[0]] += 1
-            order.append(r[0])
+            counts[r.index] += 1
+            order.append(r.index)
         assert counts == {3: 4000, 17: 4000, 200: 4000}
         assert order[:30] == [3, 17, 200] * 10
     finally:
@@ -949,10 +995,10 @@ def test_hostile_scribbler_only_kills_its_channel(db, chans):
             except _core.CorruptChannel as e:
                 corrupt.append((e.index, e.reason))
                 continue
-            if r[0] == 1:
+            if r.index == 1:
                 served += 1
             try:
-                s.reply(r[0], r[1], r[3] + 100, 0, r[5], r[6], r[7], r[8], r[9])
+                s.reply(r.index, r.tag, r.opcode + 100, 0, r.data, r.payload)
             except _core.CorruptChannel as e:
                 corrupt.append((e.index, e.reason))
             except (WouldBlock, PeerDied):
@@ -979,7 +1025,7 @@ def test_doorbell_scribbler_never_hangs_server(db, chans, mode):
                 r = s.recv(100_000_000)
             except Timeout:
                 continue
-            s.reply(r[0], r[1], r[3] + 100, 0, r[5], r[6], r[7], r[8], r[9])
+            s.reply(r.index, r.tag, r.opcode + 100, 0, r.data, r.payload)
         res = result(cl, 30)
         result(sc, 30)
     finally:

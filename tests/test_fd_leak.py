@@ -387,12 +387,6 @@ def test_stale_socket_file_is_replaced(sockdir, daemons, stale):
     assert not os.path.exists(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kernel.py Kernel._accept: when accept() fails with EMFILE the connection stays in "
-    "the backlog, the level-triggered listener stays readable, and the loop spins at 100% CPU "
-    "logging 'accept failed' tens of thousands of times a second (~1 GB of log in 2 minutes)",
-)
 def test_fd_exhaustion_does_not_spin(sockdir, daemons):
     path = os.path.join(sockdir, "k.sock")
     d = daemons(path, nofile=40)
@@ -447,13 +441,6 @@ CALLER = textwrap.dedent(r"""
 """)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kernel/shm.py ChannelShm: Python 3.11 mmap.mmap() keeps a dup() of the fd it maps, "
-    "so the kernel holds 2 fds per open channel (channel and control memfds) although "
-    "drop_fds() means it to keep only mappings; one process (64 lanes per endpoint) can "
-    "exhaust the kernel's RLIMIT_NOFILE, after which no process can connect or register",
-)
 def test_open_channels_cost_the_kernel_no_fds(sockdir, daemons):
     path = os.path.join(sockdir, "k.sock")
     d = daemons(path)

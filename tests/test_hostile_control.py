@@ -288,7 +288,7 @@ MALFORMED = {
     "json-string": (lambda p: _body(p, '"hello"'), "fields"),
     "json-null": (lambda p: _body(p, "null"), "fields"),
     "json-true": (lambda p: _body(p, "true"), "fields"),
-    "missing-key": (lambda p: _without(p, U64[p]), "fields"),
+    "missing-key": (lambda p: _without(p, STR[p]), "fields"),  # a required field
     "extra-key": (lambda p: _with(p, "extra", 1), "fields"),
     "no-keys": (lambda p: _body(p, "{}"), "fields"),
     "str-for-u64": (lambda p: _with(p, U64[p], "1"), "bad value"),

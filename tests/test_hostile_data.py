@@ -28,7 +28,7 @@ p = capbus.connect()
 ep = p.lookup("target")
 ep.call(1, timeout=5)                           # a healthy first call: the server maps our lane
 reply, fds = p._request_fds(frames.OpenChannel(ep.handle))   # bypass the library: raw fds
-chan_fd, ctrl_fd, bell_fd = fds
+chan_fd, ctrl_fd, bell_fd, bell_event_fd, reply_event_fd = fds
 report = []
 
 # The control page: no writable mapping, not even through a fresh open of /proc/self/fd/N.
@@ -57,8 +57,9 @@ for name, fd in (("chan", chan_fd), ("bell", bell_fd)):
         pass
 print("seals", ",".join(report) or "ok", flush=True)
 
-lane = _core.Lane(chan_fd, ctrl_fd, bell_fd, reply.index, reply.nslots, reply.arena_size, 1, 50000)
-lane.call(1, 1, 4, 7, 0, 0, 0, None, 2_000_000_000)       # this lane works first
+lane = _core.Lane(chan_fd, ctrl_fd, bell_fd, reply.index, reply.nslots, reply.arena_size, 1, 50000,
+                  bell_event_fd=bell_event_fd, reply_event_fd=reply_event_fd)
+lane.call(1, 1, 4, (7,), None, 2_000_000_000)             # this lane works first
 size = _core.channel_size(reply.nslots, reply.arena_size)
 chan = mmap.mmap(os.open(f"/proc/self/fd/{chan_fd}", os.O_RDWR), size)
 bell = mmap.mmap(bell_fd, _core.DOORBELL_SIZE)
@@ -73,7 +74,7 @@ for round_ in range(200):
         chan[off:off + n] = os.urandom(n)
     bell[0:640] = os.urandom(640)
     try:
-        lane.call(1, 1, 4, round_, 0, 0, 0, os.urandom(rng.choice([0, 100, 5000])), 200_000_000)
+        lane.call(1, 1, 4, (round_,), os.urandom(rng.choice([0, 100, 5000])), 200_000_000)
         outcomes.add("ok")
     except capbus.IpcError as exc:
         outcomes.add(type(exc).__name__)

@@ -62,7 +62,7 @@ GOOD = json.dumps({"name": "kv", "timeout_ms": 0}).encode()
         (_frame(GOOD, kind=2), "unknown frame type"),
         (_frame(b"{not json"), "not valid JSON"),
         (_frame(b"[1]"), "fields"),
-        (_frame(json.dumps({"name": "kv"}).encode()), "fields"),
+        (_frame(json.dumps({"timeout_ms": 0}).encode()), "fields"),  # name is required
         (_frame(json.dumps({"name": "kv", "timeout_ms": 0, "x": 1}).encode()), "fields"),
         (_frame(json.dumps({"name": 5, "timeout_ms": 0}).encode()), "bad value"),
         (_frame(json.dumps({"name": "kv", "timeout_ms": -1}).encode()), "bad value"),

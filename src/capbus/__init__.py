@@ -24,7 +24,7 @@ from ._errors import (
 from ._kernel.kernel import Kernel
 from ._kernel.launcher import Child
 from ._kernel.policy import Policy, ProcessInfo
-from ._runtime.endpoint import Endpoint
+from ._runtime.endpoint import Endpoint, Limits
 from ._runtime.message import LargeMessage, Message, Request, SmallMessage
 from ._runtime.process import Process, connect
 from ._runtime.service import Service
@@ -43,6 +43,7 @@ __all__ = [
     "Kernel",
     "KernelUnavailable",
     "LargeMessage",
+    "Limits",
     "Message",
     "MessageTooLarge",
     "NameTaken",

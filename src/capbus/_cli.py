@@ -32,14 +32,14 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _query(socket_path: str | None, what: str) -> list[dict[str, Any]]:
+def _query(socket_path: str | None, what: str, process_id: int = 0) -> list[dict[str, Any]]:
     from ._protocol import frames
     from ._runtime.process import connect
 
     rows: list[dict[str, Any]] = []
     with connect(socket_path) as proc:
         while True:
-            reply = proc._request(frames.Query(what, len(rows), 200))
+            reply = proc._request(frames.Query(what, len(rows), 200, process_id))
             assert isinstance(reply, frames.Rows)
             rows.extend(reply.rows)
             if not reply.rows or len(rows) >= reply.total:
@@ -105,6 +105,36 @@ def cmd_services(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_caps(args: argparse.Namespace) -> int:
+    # ID is a ProcessId; an OS pid is accepted too when it names exactly one connection.
+    procs = _query(args.socket, "processes")
+    ids = {r["id"] for r in procs}
+    by_pid = [r["id"] for r in procs if r["pid"] == args.id]
+    if args.id in ids:
+        process_id = args.id
+    elif len(by_pid) == 1:
+        process_id = by_pid[0]
+    else:
+        print(f"capbus: no process {args.id} (ProcessId or pid; see capbus ps)", file=sys.stderr)
+        return 1
+    rows = _query(args.socket, "caps", process_id)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        r["limits"] = ",".join(f"{k}={v}" for k, v in r["limits"].items()) or "-"
+    print(f"capabilities of process {process_id}")
+    print(_table(rows, ("handle", "kind", "target", "serving_process", "rights", "limits",
+                        "derives_from", "children")))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from . import _audit_cli
+
+    return _audit_cli.run(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import _demo
 
@@ -139,6 +169,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         p = with_socket(sub.add_parser(name, help=text))
         p.add_argument("--json", action="store_true")
         p.set_defaults(fn=fn)
+    p = with_socket(sub.add_parser("caps", help="a process's capabilities: rights, limits, derivation"))
+    p.add_argument("id", type=int, help="ProcessId (or OS pid)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_caps)
+    p = with_socket(sub.add_parser("audit", help="the kernel's audit trail"))
+    p.add_argument("--db", default=None, help="audit log file (default: audit.db beside the socket)")
+    p.add_argument("--since", default=None, help="age (30s, 10m, 2h, 1d) or ISO datetime / HH:MM")
+    p.add_argument("--process", type=int, default=None, help="only this ProcessId")
+    p.add_argument("--event", default=None, help="only this event (grant, denied, revoke, ...)")
+    p.add_argument("--limit", type=int, default=1000, help="newest N events (0: all)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_audit)
     sub.add_parser("demo", help="the tour, on an embedded kernel").set_defaults(fn=cmd_demo)
     p = sub.add_parser("bench", help="benchmarks against the peers, printed as tables")
     p.add_argument("--quick", action="store_true", help="short runs (a smoke test)")

@@ -3,7 +3,8 @@
  *
  * Python-visible API (internal; only the capbus kernel, runtime and tests use it). Layout
  * constants live in _core_layout.h and are exported as module attributes; the ring engine
- * (producer/consumer, CRC-32) lives in _core_ring.h.
+ * (producer/consumer, CRC-32) lives in _core_ring.h; capability limits (control-page reads and
+ * token buckets) in _core_limits.h.
  *
  * ---- Primitives on any buffer-protocol object (e.g. an mmap) at a byte offset --------------
  * Offsets must be inside the buffer and naturally aligned (offset and address), else ValueError.
@@ -21,7 +22,8 @@
  * ---- Layout helpers -------------------------------------------------------------------------
  *   channel_size(nslots=256, arena_size=128 MiB) -> int
  *   channel_layout(nslots=256, arena_size=128 MiB) -> dict of absolute offsets (req_tail,
- *       resp_tail, resp_consumer_sleeping, req_arena, resp_arena, cancel_below, size, ...)
+ *       resp_tail, resp_consumer_sleeping, resp_consumer_event, req_arena, resp_arena,
+ *       cancel_below, refused, size, ...)
  *   resp_ring_off(nslots) -> int      the client futex-waits on the u32 at
  *       resp_ring_off(nslots) + RING_TAIL_OFF (= RESP_TAIL_OFF for the default 256 slots)
  *   max_payload(arena_size) -> int    arena_size - 128 (one chunk header)
@@ -31,48 +33,130 @@
  *       e.g. F_SEAL_FUTURE_WRITE for a control page, may still be added)
  *   wake_lane(chan, nslots=256) -> int   futex_wake every client blocked in call() on a channel
  *       (chan = the channel memfd, or a buffer mapping it from offset 0); the kernel calls this
- *       (or futex_wake on its own mapping at that offset) after changing a control page
+ *       (or futex_wake on its own mapping at that offset) after changing a control page, and
+ *       writes the channel's reply eventfd (if it made one) for clients waiting in an event loop
  *   crc32(data, value=0) -> int       = zlib.crc32, the payload checksum
+ *
+ * ---- Result types ----------------------------------------------------------------------------
+ *   set_types(message_type, request_type)   called once by the runtime at import. message_type: a
+ *       tuple subclass (capbus.Message); call()/call_poll() results are its instances, allocated
+ *       directly by the core (no Python constructor runs): (opcode, flags, d0, d1, d2, d3,
+ *       payload bytes or None). request_type: a subclass of Request (slot-free: __slots__ = ());
+ *       recv/poll/recv_many return its instances. None restores the default (tuple / Request).
  *
  * ---- Lane: the client end of one channel ----------------------------------------------------
  *   Lane(chan_fd, ctrl_fd, doorbell_fd, index, nslots=256, arena_size=128 MiB, wait_mode=1,
- *        spin_ns=50000)              wait_mode: 0 spin, 1 adaptive, 2 block. The fds may be
- *                                    closed afterwards (the Lane keeps its own mappings).
- *   .call(capability, opcode, flags, d0, d1, d2, d3, payload=None, timeout_ns=-1)
- *       -> (opcode, flags, d0, d1, d2, d3, payload bytes or None)
+ *        spin_ns=50000, bell_event_fd=-1, reply_event_fd=-1)
+ *       wait_mode: 0 spin, 1 adaptive, 2 block. The Lane keeps its own mappings and duplicates of
+ *       the eventfds (set O_NONBLOCK): the caller may close its fds afterwards.
+ *   data below is a tuple or list of up to 4 u64 (zero-padded; ValueError when more or out of
+ *   range, TypeError for a non-int).
+ *   .call(capability, opcode, flags, data, payload=None, timeout_ns=-1) -> Message
  *       Timeout (the request is cancelled), PeerDied / InvalidCapability from the control page
  *       (a reply already in the ring is delivered first), ValueError / MessageTooLarge before
  *       anything is written, ProtocolError if the server wrote garbage (the lane is then broken).
- *   .send(capability, opcode, flags, d0, d1, d2, d3, payload=None) -> None   one-way; WouldBlock
- *   .send_many([(capability, opcode, flags, d0, d1, d2, d3[, payload]), ...]) -> int accepted
- *   .close();  attributes .index, .broken, .closed, .last_tag, .max_payload
+ *   .send(capability, opcode, flags, data, payload=None) -> None     one-way; WouldBlock (counted
+ *       in .refused) when the ring or arena is full
+ *   .send_many(capability, flags, [(opcode, data[, payload]), ...]) -> int accepted
+ *       Every message that could fit (at most 1024) is parsed and checked before anything is
+ *       written (TypeError / ValueError / MessageTooLarge: nothing written); then they are written
+ *       in order until the ring, the arena or the rate/bandwidth limit stops them; one tail store
+ *       and one doorbell ring for the batch. When the ring/arena stopped them, len(messages) -
+ *       accepted is added to .refused. 0 accepted because of the rate/bandwidth limit raises
+ *       RateLimitExceeded (0 because the ring is full returns 0).
+ *   .call_start(capability, opcode, flags, data, payload=None) -> tag   a call that does not wait
+ *       (WouldBlock, counted in .refused, when full); rings the doorbell.
+ *   .call_poll(tag, arm=False) -> Message | None   the reply of the lane's latest call (tag must
+ *       be it: ValueError otherwise), dropping older late replies as call() does; PeerDied /
+ *       InvalidCapability / ProtocolError as call(). arm=True and nothing there: empties the
+ *       reply eventfd, sets RING_CONSUMER_EVENT_OFF in the response ring, fences, looks again;
+ *       None then means "armed": the server's next reply writes the reply eventfd. (A control-page
+ *       change is announced by the kernel; the event loop should re-poll on that too.) One
+ *       outstanding call_start per lane.
+ *   .cancel(tag)   the call with this tag (and every earlier one) is not waited for any more:
+ *       cancel_below = tag + 1 (never moves back); ValueError for a tag never sent.
+ *   .close();  attributes .index, .broken, .closed, .last_tag, .max_payload, .refused
  *   One thread at a time (RuntimeError otherwise); the channel must be fresh.
  *   Flags: callers may pass FLAG_CHECKSUM, FLAG_ERROR and FLAG_USER_MASK bits; FLAG_LARGE and
  *   FLAG_REPLY_EXPECTED are set by the core (call vs send, payload > 64 bytes), so received
  *   flags can be passed back unchanged. Any other bit is a ValueError. payload=None is "no
  *   payload"; b"" is an empty payload (it is delivered as b"").
+ *   Publishing (send, send_many, call, call_start): if the doorbell's DB_EVENT_WANTED_OFF is set
+ *   and the Lane has a bell_event_fd, it writes 1 there (EAGAIN ignored).
+ *
+ * ---- Capability limits (both ends) ------------------------------------------------------------
+ *   The kernel writes them into the control page: CTRL_RIGHTS_OFF (RIGHT_* bits), CTRL_EXPIRY_OFF
+ *   (CLOCK_MONOTONIC ns, 0 none), CTRL_MAX_MESSAGE_SIZE_OFF (payload bytes, 0 none),
+ *   CTRL_RATE_LIMIT_OFF (messages/s, 0 none), CTRL_BANDWIDTH_OFF (payload bytes/s, 0 none), and
+ *   LAST CTRL_FLAGS_OFF: only with CTRL_F_ENFORCE set is anything checked (one branch otherwise).
+ *   It may change them at any time; they are read per message.
+ *   Lane (fail fast, nothing written): no RIGHT_SEND -> PermissionDenied; expired ->
+ *   InvalidCapability("...expired"); payload > max -> MessageTooLarge; its own token buckets
+ *   (rate: capacity one second of messages; bandwidth: one second of bytes; both start full)
+ *   -> RateLimitExceeded.
+ *   ServerSet (what counts; its buckets are private): a message that fails is not delivered; a
+ *   call gets an automatic error reply (FLAG_ERROR, data[0] = RateLimitExceeded.code for rate or
+ *   bandwidth, MessageTooLarge.code for size, InvalidCapability.code for expiry or a missing
+ *   send right; payload a short text), a one-way message is dropped; counted per reason.
  *
  * ---- ServerSet: the service end, up to MAX_CHANNELS channels by index ----------------------
- *   ServerSet(doorbell_fd, wait_mode=1, spin_ns=50000)
- *   .add(index, chan_fd, ctrl_fd, nslots=256, arena_size=128 MiB, sender_id=None)
- *       sender_id None = read it from the control page now
- *   .remove(index)                   KeyError if absent; safe while recv/reply run in other
- *                                    threads (the unmap is deferred until they are done)
- *   .recv(timeout_ns=-1) -> (index, tag, capability, opcode, flags, d0, d1, d2, d3,
- *                            payload bytes or None, sender_id)
+ *   ServerSet(doorbell_fd, wait_mode=1, spin_ns=50000, event_fd=-1)
+ *   .add(index, chan_fd, ctrl_fd, nslots=256, arena_size=128 MiB, sender_id=None,
+ *        reply_event_fd=-1)     sender_id None = read it from the control page now;
+ *       reply_event_fd: the client's eventfd, written after a reply when the client armed it
+ *   .remove(index, drain=False)   KeyError if absent; safe while recv/reply run in other threads
+ *       (the unmap is deferred until they are done). drain=True (the client exited or closed
+ *       the channel): the requests already in the ring -- up to the tail seen now -- are still
+ *       delivered although the control page is no longer OPEN, then the channel goes. The index
+ *       is free at once (add() may reuse it); a drained call's reply raises PeerDied. Never for
+ *       a REVOKED channel (also stops a drain in progress) or a corrupt one; a drained channel
+ *       found corrupt just ends its drain (its index may be someone else's: nothing is raised).
+ *   .recv(timeout_ns=-1) -> Request
  *       Timeout; CorruptChannel(.index, .reason) for a channel that sent garbage (it is then
  *       dead; call recv again to go on serving the others); Cancelled after interrupt().
  *       Round robin, one message per channel per turn. Cancelled calls are skipped; channels
- *       whose control page is not OPEN are skipped. One recv at a time (others wait).
- *   .reply(index, tag, opcode, flags, d0, d1, d2, d3, payload=None) -> None   never blocks:
- *       WouldBlock if the response ring/arena is full; PeerDied if the channel is removed,
+ *       whose control page is not OPEN are skipped (unless draining).
+ *   .poll() -> Request | None       never waits (None also while another thread is receiving)
+ *   .recv_many(max_n, timeout_ns=-1) -> [Request]   waits (per wait mode) for one message, then
+ *       takes more without waiting, up to max_n in all, round robin; [] on timeout. A channel
+ *       found corrupt after some were gathered: they are returned, and the CorruptChannel is
+ *       raised by the next recv/poll/recv_many.
+ *   .poll_armed() -> Request | None   as poll(), but when nothing is there: empties event_fd,
+ *       sets the doorbell's DB_EVENT_WANTED_OFF, fences, looks again; None means "armed": a
+ *       client's next publish writes the service's eventfd. A returned message (any recv/poll)
+ *       clears the flag. Hostile clients: setting the flag or writing the eventfd only causes
+ *       spurious wake-ups; CLEARING it can make other clients skip their write, so an event
+ *       loop must re-poll at least every SLEEP_CAP_NS while armed (the futex path has the same
+ *       bound).
+ *   .reply(index, tag, opcode, flags, data, payload=None) -> None   the raw reply (no check that
+ *       the tag belongs to the channel now at that index: the runtime uses Request.reply). Never
+ *       blocks: WouldBlock if the response ring/arena is full; PeerDied if the channel is removed,
  *       dead or not OPEN; CorruptChannel if the client scribbled the response ring's cursors.
- *   .interrupt()  the running (or next) recv raises Cancelled
- *   .is_dead(index) -> bool;  .close();  len(set);  index in set
+ *   .refused(index) -> int            the client's count of messages refused for a full ring
+ *                                     (CHAN_REFUSED_OFF: untrusted, informational)
+ *   .drops(index) -> {"rate", "bandwidth", "size", "expired", "rights": int}   refused by limits
+ *   .interrupt()  the running (or next) recv/recv_many raises Cancelled
+ *   .is_dead(index) -> bool;  .close();  .draining (int);  len(set);  index in set
+ *   One receiver at a time (recv/poll/recv_many share a lock; reply may run in any thread).
+ *
+ * ---- Request: a received message ------------------------------------------------------------
+ *   Made only by the core. Read-only: .sender (kernel-verified ProcessId), .opcode, .flags
+ *   (FLAG_USER_MASK bits), .data (4-tuple), .payload (bytes, b"" when none), .expects_reply,
+ *   .replied, .capability (as sent, untrusted), .index, .tag (internal). Read-write: .regions,
+ *   .caps (default ()). Holds a strong reference to its ServerSet, and replies only to the
+ *   channel instance it came from (never to a later channel at the same index).
+ *   .reply(opcode=0, data=(), payload=b"", flags=0)   flags: FLAG_USER_MASK (and FLAG_CHECKSUM)
+ *       bits, else ValueError; b"" = no payload. IpcError("...already been replied to") the
+ *       second time, IpcError("...send_async: it takes no reply") for a one-way message; PeerDied
+ *       when the client is gone; WouldBlock when its response ring is full (the request stays
+ *       unanswered: try again).
+ *   .reply_error(code, text)   FLAG_ERROR, data[0] = code, payload = text (str: UTF-8; at most
+ *       4096 bytes); a no-op if answered already or one-way.
  *
  * ---- Exceptions -----------------------------------------------------------------------------
- *   capbus._errors classes (Timeout, PeerDied, InvalidCapability, WouldBlock, MessageTooLarge,
- *   ProtocolError, Cancelled), plus CorruptChannel(ProtocolError) defined here.
+ *   capbus._errors classes (IpcError, Timeout, PeerDied, InvalidCapability, WouldBlock,
+ *   MessageTooLarge, ProtocolError, Cancelled, PermissionDenied, RateLimitExceeded), plus
+ *   CorruptChannel(ProtocolError) defined here.
  *
  * ---- Memfd requirements ---------------------------------------------------------------------
  *   Every memfd handed to Lane/ServerSet must be sealed against shrinking (F_SEAL_SHRINK; we add
@@ -82,6 +166,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <errno.h>
 #include <fcntl.h>
@@ -99,6 +184,7 @@
 #include <unistd.h>
 
 #include "_core_layout.h"
+#include "_core_limits.h"
 #include "_core_ring.h"
 
 /* ---------------------------------------------------------------------------------------------
@@ -106,18 +192,16 @@
  * ------------------------------------------------------------------------------------------- */
 
 static PyObject *IpcError, *Timeout, *PeerDied, *InvalidCapability, *WouldBlock, *MessageTooLarge,
-    *ProtocolError;
+    *ProtocolError, *PermissionDenied, *RateLimitExceeded;
+/* Their .code values, sent in data[0] of the server's automatic error replies. */
+static uint64_t code_invalid_capability, code_message_too_large, code_rate_limit;
 
 /* ---------------------------------------------------------------------------------------------
  * Clock and futex helpers.
  * ------------------------------------------------------------------------------------------- */
 
-static inline uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
+static inline uint64_t now_ns(void) { return clock_ns(CLOCK_MONOTONIC); }
+/* coarse_ns() (in _core_limits.h): CLOCK_MONOTONIC_COARSE, for checks that tolerate a tick. */
 
 /* FUTEX_WAIT without FUTEX_PRIVATE_FLAG: the word lives in a MAP_SHARED memfd mapping that other
  * processes map too, and only shared futexes are keyed on the (inode, offset) of the page. The
@@ -585,47 +669,114 @@ static int check_wait(int mode, long long spin_ns)
     return 0;
 }
 
-/* ---- Parsing an outgoing message from Python arguments. ----------------------------------- */
+/* ---- Parsing arguments. --------------------------------------------------------------------- */
 
-/* Flags a caller may pass. FLAG_LARGE and FLAG_REPLY_EXPECTED are decided here (by payload
- * size and by call vs send) and silently replaced, so a received flags value can be echoed. */
-static int parse_out(PyObject *const *a, uint64_t cap, int has_cap, outmsg_t *m, uint32_t extra)
+/* Parse a METH_FASTCALL | METH_KEYWORDS call into out[i] (NULL when not given) by position or by
+ * name; names is NULL-terminated and the first nreq are required. No allocation. */
+static int fast_args(const char *fname, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                     const char *const *names, int nreq, PyObject **out)
 {
-    /* a = [capability?], opcode, flags, d0, d1, d2, d3 */
-    int k = 0;
-    if (has_cap) {
-        if (to_u64(a[k++], &m->capability, "capability") < 0)
-            return -1;
-    } else {
-        m->capability = cap;
-    }
-    if (to_u32(a[k++], &m->opcode, "opcode") < 0)
-        return -1;
-    if (to_u32(a[k++], &m->flags, "flags") < 0)
-        return -1;
-    if (m->flags & ~FLAG_KNOWN_MASK) {
-        PyErr_Format(PyExc_ValueError, "unknown flag bits 0x%x", m->flags & ~FLAG_KNOWN_MASK);
+    int nnames = 0;
+    while (names[nnames])
+        nnames++;
+    if (nargs > nnames) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %d arguments (%zd given)", fname, nnames,
+                     nargs);
         return -1;
     }
-    m->flags = (m->flags & ~(FLAG_LARGE | FLAG_REPLY_EXPECTED)) | extra;
-    for (int i = 0; i < 4; i++)
-        if (to_u64(a[k++], &m->data[i], "data values") < 0)
+    for (int i = 0; i < nnames; i++)
+        out[i] = i < nargs ? args[i] : NULL;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        int j = 0;
+        while (j < nnames && PyUnicode_CompareWithASCIIString(key, names[j]) != 0)
+            j++;
+        if (j == nnames) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument %R", fname, key);
             return -1;
+        }
+        if (out[j]) {
+            PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", fname,
+                         names[j]);
+            return -1;
+        }
+        out[j] = args[nargs + k];
+    }
+    for (int i = 0; i < nreq; i++) {
+        if (!out[i]) {
+            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fname, names[i]);
+            return -1;
+        }
+    }
     return 0;
 }
 
-/* Take the payload buffer (None = no payload) and finish the flags. view->obj == NULL if none. */
-static int parse_payload(PyObject *o, outmsg_t *m, Py_buffer *view, uint64_t max_payload)
+/* Flags a caller may pass. FLAG_LARGE and FLAG_REPLY_EXPECTED are decided here (by payload
+ * size and by call vs send) and silently replaced, so a received flags value can be echoed. */
+static int parse_flags(PyObject *o, uint32_t *flags, uint32_t extra)
+{
+    uint32_t f;
+    if (to_u32(o, &f, "flags") < 0)
+        return -1;
+    if (f & ~FLAG_KNOWN_MASK) {
+        PyErr_Format(PyExc_ValueError, "unknown flag bits 0x%x", f & ~FLAG_KNOWN_MASK);
+        return -1;
+    }
+    *flags = (f & ~(FLAG_LARGE | FLAG_REPLY_EXPECTED)) | extra;
+    return 0;
+}
+
+/* data: a tuple or list of up to four u64, zero-padded. Converting an int runs no Python code,
+ * so a list cannot change under us. */
+static int parse_data(PyObject *o, uint64_t d[4])
+{
+    PyObject **items;
+    Py_ssize_t n;
+    if (PyTuple_Check(o)) {
+        items = ((PyTupleObject *)o)->ob_item;
+        n = PyTuple_GET_SIZE(o);
+    } else if (PyList_Check(o)) {
+        items = ((PyListObject *)o)->ob_item;
+        n = PyList_GET_SIZE(o);
+    } else {
+        PyErr_Format(PyExc_TypeError, "data must be a tuple or list of up to 4 ints, not %.100s",
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    if (n > 4) {
+        PyErr_Format(PyExc_ValueError, "data carries at most 4 values, got %zd", n);
+        return -1;
+    }
+    Py_ssize_t i = 0;
+    for (; i < n; i++)
+        if (to_u64(items[i], &d[i], "data values") < 0)
+            return -1;
+    for (; i < 4; i++)
+        d[i] = 0;
+    return 0;
+}
+
+/* Take the payload buffer (None = no payload) and finish the flags. view->obj == NULL if none.
+ * With empty_is_none, an empty payload is no payload (replies: saves the arena chunk). */
+static int parse_payload(PyObject *o, outmsg_t *m, Py_buffer *view, uint64_t max_payload,
+                         int empty_is_none)
 {
     view->obj = NULL;
     m->payload = NULL;
     m->plen = 0;
-    if (o == Py_None) {
+    if (o == Py_None || (empty_is_none && PyBytes_CheckExact(o) && PyBytes_GET_SIZE(o) == 0)) {
         m->flags &= ~(FLAG_CHECKSUM | FLAG_LARGE);
         return 0;
     }
     if (PyObject_GetBuffer(o, view, PyBUF_SIMPLE) < 0)
         return -1;
+    if (empty_is_none && view->len == 0) {
+        PyBuffer_Release(view);
+        view->obj = NULL;
+        m->flags &= ~(FLAG_CHECKSUM | FLAG_LARGE);
+        return 0;
+    }
     if ((uint64_t)view->len > max_payload) {
         PyErr_Format(MessageTooLarge, "payload of %zd bytes exceeds the maximum of %llu bytes",
                      view->len, (unsigned long long)max_payload);
@@ -650,7 +801,7 @@ static inline void release_view(Py_buffer *v)
 
 static inline int to_i64_timeout(PyObject *o, int64_t *out)
 {
-    if (o == Py_None) {
+    if (!o || o == Py_None) {
         *out = -1;
         return 0;
     }
@@ -685,6 +836,82 @@ static PyObject *take_payload(cons_t *c, const inmsg_t *m, const char **corrupt_
     return b;
 }
 
+/* ---- Eventfds (event-loop waiters; see poll_armed and call_poll). ---------------------------- */
+
+/* Our own duplicate of a caller's eventfd (a negative fd means none and gives -1; -2 is an error
+ * with an exception set). The caller may close its fd afterwards. O_NONBLOCK goes on the shared
+ * open file description: a write must never block (a hostile holder of the fd could push the
+ * counter to its maximum), and the event loop that reads it wants nonblocking reads anyway. */
+static int efd_dup(int fd)
+{
+    if (fd < 0)
+        return -1;
+    int d = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    if (d < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -2;
+    }
+    int fl = fcntl(d, F_GETFL);
+    if (fl < 0 || fcntl(d, F_SETFL, fl | O_NONBLOCK) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        close(d);
+        return -2;
+    }
+    return d;
+}
+
+static inline void efd_signal(int fd)
+{
+    uint64_t one = 1;
+    if (write(fd, &one, sizeof one) < 0) {
+        /* EAGAIN: the counter is saturated, so the reader is due to wake anyway. Anything else
+         * (not an eventfd after all): nothing useful to do on this path. */
+    }
+}
+
+static inline void efd_drain(int fd)
+{
+    uint64_t v;
+    if (read(fd, &v, sizeof v) < 0) {
+        /* EAGAIN: it was empty. */
+    }
+}
+
+/* ---- Result objects. ------------------------------------------------------------------------ */
+
+/* set_types(): the capbus.Message class (a tuple subclass) and the Python Request subclass.
+ * msg_type NULL = plain tuples; req_type defaults to _core.Request. Strong references. */
+static PyTypeObject *msg_type;
+static PyTypeObject *req_type;
+
+/* (opcode, flags, d0, d1, d2, d3, payload or None) as a msg_type instance, allocated directly
+ * (no Python-level constructor runs). Steals `payload`. */
+static PyObject *make_message(const slot_t *s, PyObject *payload)
+{
+    PyObject *t = msg_type ? msg_type->tp_alloc(msg_type, 7) : PyTuple_New(7);
+    if (!t) {
+        Py_DECREF(payload);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 6, payload);
+    PyObject *o = PyLong_FromUnsignedLong(s->opcode);
+    if (!o)
+        goto fail;
+    PyTuple_SET_ITEM(t, 0, o);
+    if (!(o = PyLong_FromUnsignedLong(s->flags)))
+        goto fail;
+    PyTuple_SET_ITEM(t, 1, o);
+    for (int i = 0; i < 4; i++) {
+        if (!(o = PyLong_FromUnsignedLongLong(s->data[i])))
+            goto fail;
+        PyTuple_SET_ITEM(t, 2 + i, o);
+    }
+    return t;
+fail:
+    Py_DECREF(t); /* the remaining NULL items are fine for the tuple's dealloc */
+    return NULL;
+}
+
 /* =============================================================================================
  * Lane: the client end of one channel.
  *
@@ -705,10 +932,17 @@ typedef struct {
     uint64_t max_payload;
     prod_t req;
     cons_t resp;
-    uint64_t last_tag; /* tags are 1, 2, 3, ... per lane; a reply carries its request's tag */
+    uint64_t last_tag;    /* tags are 1, 2, 3, ... per lane (calls and sends alike) */
+    uint64_t call_tag;    /* tag of the latest call (call or call_start) */
+    uint64_t cancel_below; /* last value stored to CHAN_CANCEL_BELOW_OFF (never goes back) */
+    uint64_t refused;     /* messages refused for a full ring/arena; mirrored to CHAN_REFUSED_OFF */
+    int bell_efd;         /* our duplicate of the service's eventfd, or -1 */
+    int reply_efd;        /* our duplicate of this channel's reply eventfd, or -1 */
+    int armed;            /* we set the response ring's consumer-event flag */
     int busy;
     int broken;
-    outmsg_t *batch; /* send_many scratch, allocated once at init */
+    bucket_t bucket;      /* client-private rate/bandwidth buckets */
+    outmsg_t *batch;      /* send_many scratch, allocated once at init */
     Py_buffer *views;
 } LaneObject;
 
@@ -721,10 +955,23 @@ static void lane_unmap(LaneObject *L)
     if (L->db)
         munmap(L->db, DOORBELL_SIZE);
     L->chan = L->ctrl = L->db = NULL;
+    if (L->bell_efd >= 0)
+        close(L->bell_efd);
+    if (L->reply_efd >= 0)
+        close(L->reply_efd);
+    L->bell_efd = L->reply_efd = -1;
     PyMem_Free(L->batch);
     PyMem_Free(L->views);
     L->batch = NULL;
     L->views = NULL;
+}
+
+static PyObject *Lane_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    LaneObject *L = (LaneObject *)PyType_GenericNew(type, args, kw);
+    if (L)
+        L->bell_efd = L->reply_efd = -1; /* never close fd 0 by accident */
+    return (PyObject *)L;
 }
 
 static void Lane_dealloc(LaneObject *L)
@@ -735,13 +982,15 @@ static void Lane_dealloc(LaneObject *L)
 
 static int Lane_init(LaneObject *L, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"chan_fd", "ctrl_fd", "doorbell_fd", "index", "nslots",
-                             "arena_size", "wait_mode", "spin_ns", NULL};
-    int chan_fd, ctrl_fd, db_fd, mode = WAIT_ADAPTIVE;
+    static char *kwlist[] = {"chan_fd",   "ctrl_fd", "doorbell_fd",   "index",
+                             "nslots",    "arena_size", "wait_mode",  "spin_ns",
+                             "bell_event_fd", "reply_event_fd", NULL};
+    int chan_fd, ctrl_fd, db_fd, mode = WAIT_ADAPTIVE, bell_fd = -1, reply_fd = -1;
     unsigned long long index, nslots = DEFAULT_NSLOTS, asize = DEFAULT_ARENA_SIZE;
     long long spin_ns = DEFAULT_SPIN_NS;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiK|KKiL:Lane", kwlist, &chan_fd, &ctrl_fd,
-                                     &db_fd, &index, &nslots, &asize, &mode, &spin_ns))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiK|KKiLii:Lane", kwlist, &chan_fd, &ctrl_fd,
+                                     &db_fd, &index, &nslots, &asize, &mode, &spin_ns, &bell_fd,
+                                     &reply_fd))
         return -1;
     if (L->chan) {
         PyErr_SetString(PyExc_RuntimeError, "Lane already initialised");
@@ -764,6 +1013,8 @@ static int Lane_init(LaneObject *L, PyObject *args, PyObject *kw)
     L->db = map_memfd(db_fd, DOORBELL_SIZE, 1, "doorbell");
     if (!L->db)
         goto fail;
+    if ((L->bell_efd = efd_dup(bell_fd)) == -2 || (L->reply_efd = efd_dup(reply_fd)) == -2)
+        goto fail;
     unsigned nb = nslots < BATCH_MAX ? (unsigned)nslots : BATCH_MAX;
     L->batch = PyMem_Calloc(nb, sizeof *L->batch);
     L->views = PyMem_Calloc(nb, sizeof *L->views);
@@ -777,6 +1028,7 @@ static int Lane_init(LaneObject *L, PyObject *args, PyObject *kw)
     L->max_payload = max_payload_for(asize);
     memset(&L->req, 0, sizeof L->req);
     memset(&L->resp, 0, sizeof L->resp);
+    memset(&L->bucket, 0, sizeof L->bucket);
     L->req.ring = L->chan + REQ_RING_OFF;
     L->req.arena = L->chan + req_arena_off(nslots);
     L->req.nslots = nslots;
@@ -785,10 +1037,14 @@ static int Lane_init(LaneObject *L, PyObject *args, PyObject *kw)
     L->resp.arena = L->chan + resp_arena_off(nslots, asize);
     L->resp.nslots = nslots;
     L->resp.asize = asize;
-    L->last_tag = 0;
-    L->busy = L->broken = 0;
+    L->last_tag = L->call_tag = L->cancel_below = L->refused = 0;
+    L->busy = L->broken = L->armed = 0;
     return 0;
 fail:
+    if (L->bell_efd == -2)
+        L->bell_efd = -1;
+    if (L->reply_efd == -2)
+        L->reply_efd = -1;
     lane_unmap(L);
     return -1;
 }
@@ -817,7 +1073,8 @@ static void lane_break(LaneObject *L, const char *why)
                  L->index, why);
 }
 
-/* Tell the server there is work: hint bit, seq bump, and a futex wake only if it sleeps. */
+/* Tell the server there is work: hint bit, seq bump, a futex wake only if it sleeps, and an
+ * eventfd write only if an event-loop server asked for one. */
 static void lane_ring_doorbell(LaneObject *L)
 {
     uint64_t *word = (uint64_t *)(L->db + DB_BITMAP_OFF) + L->index / 64;
@@ -827,20 +1084,111 @@ static void lane_ring_doorbell(LaneObject *L)
     __atomic_fetch_or(word, 1ull << (L->index % 64), __ATOMIC_RELAXED);
     /* RELEASE: a server that ACQUIRE-loads seq and sees this increment also sees our tail. */
     __atomic_fetch_add(seq, 1, __ATOMIC_RELEASE);
-    /* SEQ_CST fence, Dekker with the server's "store sleeping=1; fence; load seq; scan": either
-     * the server's load sees our increment (then its FUTEX_WAIT fails with EAGAIN or it rescans)
-     * or our load below sees its flag and we wake it. */
+    /* SEQ_CST fence, Dekker with the server's "store sleeping=1; fence; load seq; scan" (ss_wait)
+     * and with poll_armed's "store event_wanted=1; fence; scan": either the server's scan sees
+     * our tail, or our loads below see its flag and we wake it. Both loads are RELAXED (the fence
+     * orders them) and hit one cache line. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (__atomic_load_n((uint32_t *)(L->db + DB_SERVER_SLEEPING_OFF), __ATOMIC_RELAXED))
         sys_futex_wake(seq, INT_MAX);
+    if (L->bell_efd >= 0 &&
+        __atomic_load_n((uint32_t *)(L->db + DB_EVENT_WANTED_OFF), __ATOMIC_RELAXED))
+        efd_signal(L->bell_efd);
 }
 
-/* The client's cancel mark: the server skips requests with tag < cancel_below. RELEASE is not
- * needed for correctness (it is a hint; a skipped or a served request are both fine), but costs
- * nothing on x86 and keeps the store ordered after the request it cancels. */
+/* The client's cancel mark: the server skips requests with tag < cancel_below. It never moves
+ * back (that would revive requests cancelled before). RELEASE is not needed for correctness (it
+ * is a hint; a skipped or a served request are both fine), but costs nothing on x86 and keeps the
+ * store ordered after the request it cancels. */
 static void lane_cancel(LaneObject *L, uint64_t tag)
 {
+    if (tag + 1 <= L->cancel_below)
+        return;
+    L->cancel_below = tag + 1;
     __atomic_store_n((uint64_t *)(L->chan + CHAN_CANCEL_BELOW_OFF), tag + 1, __ATOMIC_RELEASE);
+}
+
+/* Count messages refused for a full ring/arena. RELAXED: an informational counter the server
+ * reads without trusting it; no other memory is published with it. */
+static void lane_refused(LaneObject *L, uint64_t n)
+{
+    L->refused += n;
+    __atomic_store_n((uint64_t *)(L->chan + CHAN_REFUSED_OFF), L->refused, __ATOMIC_RELAXED);
+}
+
+/* ---- Client-side limit checks (fail fast; the server enforces the same on its side). ------- */
+
+/* 0: the control page does not ask for checks; 1: *l and *now are set for lane_admit; -1 with
+ * PermissionDenied (no send right) or InvalidCapability (expired). */
+static int lane_limits(LaneObject *L, limits_t *l, uint64_t *now)
+{
+    if (__builtin_expect(!(ctrl_flags(L->ctrl) & CTRL_F_ENFORCE), 1))
+        return 0;
+    ctrl_limits(L->ctrl, l);
+    *now = limits_need_clock(l) ? coarse_ns() : 0;
+    int lim = limits_static(l, *now, 0);
+    if (lim == LIM_RIGHTS) {
+        PyErr_SetString(PermissionDenied, "this capability does not carry the right to send");
+        return -1;
+    }
+    if (lim == LIM_EXPIRED) {
+        PyErr_SetString(InvalidCapability, "the capability has expired");
+        return -1;
+    }
+    return 1;
+}
+
+static int raise_limit(int lim, const limits_t *l, uint64_t plen)
+{
+    if (lim == LIM_SIZE)
+        PyErr_Format(MessageTooLarge,
+                     "payload of %llu bytes exceeds this capability's limit of %llu bytes",
+                     (unsigned long long)plen, (unsigned long long)l->max_size);
+    else if (lim == LIM_RATE)
+        PyErr_Format(RateLimitExceeded, "rate limit of %llu messages/s exceeded",
+                     (unsigned long long)l->rate);
+    else
+        PyErr_Format(RateLimitExceeded, "bandwidth limit of %llu bytes/s exceeded",
+                     (unsigned long long)l->bandwidth);
+    return -1;
+}
+
+/* Size, then the client's own buckets (nothing taken yet: bucket_take after the write). */
+static int lane_admit(LaneObject *L, const limits_t *l, uint64_t now, uint64_t plen)
+{
+    if (l->max_size && plen > l->max_size)
+        return raise_limit(LIM_SIZE, l, plen);
+    int lim = bucket_check(&L->bucket, l, now, plen);
+    return lim == LIM_OK ? 0 : raise_limit(lim, l, plen);
+}
+
+/* Parse and check one outgoing message (call, call_start, send); nothing is written. On success
+ * the payload view is held in *view (release_view), and *enf says whether *l and *now must be
+ * charged with bucket_take after the write. */
+static int lane_prepare(LaneObject *L, PyObject *const *a, uint32_t extra, outmsg_t *m,
+                        Py_buffer *view, limits_t *l, int *enf, uint64_t *now)
+{
+    /* a = capability, opcode, flags, data, payload (NULL = none) */
+    view->obj = NULL;
+    if (!lane_usable(L))
+        return -1;
+    if (to_u64(a[0], &m->capability, "capability") < 0 || to_u32(a[1], &m->opcode, "opcode") < 0 ||
+        parse_flags(a[2], &m->flags, extra) < 0 || parse_data(a[3], m->data) < 0)
+        return -1;
+    uint32_t st = ctrl_state(L->ctrl);
+    if (st != STATE_OPEN) {
+        raise_for_state(st, "server");
+        return -1;
+    }
+    if ((*enf = lane_limits(L, l, now)) < 0)
+        return -1;
+    if (parse_payload(a[4] ? a[4] : Py_None, m, view, L->max_payload, 0) < 0)
+        return -1;
+    if (*enf && lane_admit(L, l, *now, m->plen) < 0) {
+        release_view(view);
+        return -1;
+    }
+    return 0;
 }
 
 enum { LW_READY, LW_STATE, LW_SLICE };
@@ -878,12 +1226,12 @@ static int lane_wait(LaneObject *L, uint64_t deadline)
         if (now >= slice_end)
             return LW_SLICE;
         /* RELAXED store + SEQ_CST fence + re-check: the Dekker half matching the server's
-         * "store tail; fence; load sleeping" in reply(). Either the server sees our flag and
-         * wakes us, or we see its tail here and do not sleep. */
+         * "store tail; fence; load sleeping" in ss_write_reply. Either the server sees our flag
+         * and wakes us, or we see its tail here and do not sleep. */
         __atomic_store_n(sleeping, 1, __ATOMIC_RELAXED);
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         uint64_t t = __atomic_load_n(tail, __ATOMIC_RELAXED);
-        int st = ctrl_state(L->ctrl);
+        uint32_t st = ctrl_state(L->ctrl);
         if (t != head || st != STATE_OPEN) {
             __atomic_store_n(sleeping, 0, __ATOMIC_RELAXED);
             return t != head ? LW_READY : LW_STATE;
@@ -900,8 +1248,8 @@ static int lane_wait(LaneObject *L, uint64_t deadline)
     }
 }
 
-/* Consume the response ring up to the reply for `tag`. Returns 1 with *out = result tuple,
- * 0 if the ring is empty (or after a bounded number of late replies), -1 with an exception. */
+/* Consume the response ring up to the reply for `tag`. Returns 1 with *out = a Message, 0 if
+ * the ring is empty (or after a bounded number of late replies), -1 with an exception. */
 static int lane_take_reply(LaneObject *L, uint64_t tag, PyObject **out)
 {
     const char *why = NULL;
@@ -933,14 +1281,15 @@ static int lane_take_reply(LaneObject *L, uint64_t tag, PyObject **out)
                 return -1;
             }
         }
-        PyObject *t = Py_BuildValue("(IIKKKKN)", m.s.opcode, m.s.flags,
-                                    (unsigned long long)m.s.data[0],
-                                    (unsigned long long)m.s.data[1],
-                                    (unsigned long long)m.s.data[2],
-                                    (unsigned long long)m.s.data[3], payload);
+        PyObject *t = make_message(&m.s, payload);
         if (!t)
-            return -1; /* the reply stays in the ring; payload was consumed by N */
+            return -1; /* the reply stays in the ring */
         cons_release(&L->resp, &m);
+        if (L->armed) {
+            /* RELAXED: our own flag; a stale 1 seen by the server costs one spurious write. */
+            __atomic_store_n(ring_u32(L->resp.ring, RING_CONSUMER_EVENT_OFF), 0, __ATOMIC_RELAXED);
+            L->armed = 0;
+        }
         *out = t;
         return 1;
     }
@@ -964,52 +1313,32 @@ static int lane_write(LaneObject *L, const outmsg_t *m, const char **why)
     return r;
 }
 
-/* call(capability, opcode, flags, d0, d1, d2, d3, payload=None, timeout_ns=-1) */
+static const char *const call_kw[] = {"capability", "opcode",     "flags", "data",
+                                      "payload",    "timeout_ns", NULL};
+static const char *const send_kw[] = {"capability", "opcode", "flags", "data", "payload", NULL};
+
+/* call(capability, opcode, flags, data, payload=None, timeout_ns=-1) -> Message */
 static PyObject *Lane_call(LaneObject *L, PyObject *const *args, Py_ssize_t nargs,
                            PyObject *kwnames)
 {
-    PyObject *payload_o = Py_None, *timeout_o = Py_None;
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    if (nargs < 7 || nargs > 9) {
-        PyErr_SetString(PyExc_TypeError, "call(capability, opcode, flags, d0, d1, d2, d3, "
-                                         "payload=None, timeout_ns=-1)");
-        return NULL;
-    }
-    if (nargs > 7)
-        payload_o = args[7];
-    if (nargs > 8)
-        timeout_o = args[8];
-    for (Py_ssize_t i = 0; i < nkw; i++) {
-        PyObject *k = PyTuple_GET_ITEM(kwnames, i);
-        if (PyUnicode_CompareWithASCIIString(k, "payload") == 0 && nargs <= 7)
-            payload_o = args[nargs + i];
-        else if (PyUnicode_CompareWithASCIIString(k, "timeout_ns") == 0 && nargs <= 8)
-            timeout_o = args[nargs + i];
-        else {
-            PyErr_Format(PyExc_TypeError, "call() got an unexpected keyword argument %R", k);
-            return NULL;
-        }
-    }
-    if (!lane_usable(L))
+    PyObject *a[6];
+    int64_t timeout_ns;
+    if (fast_args("call", args, nargs, kwnames, call_kw, 4, a) < 0 ||
+        to_i64_timeout(a[5], &timeout_ns) < 0)
         return NULL;
     outmsg_t m;
-    int64_t timeout_ns;
-    if (parse_out(args, 0, 1, &m, FLAG_REPLY_EXPECTED) < 0 ||
-        to_i64_timeout(timeout_o, &timeout_ns) < 0)
-        return NULL;
-    uint32_t st = ctrl_state(L->ctrl);
-    if (st != STATE_OPEN) {
-        raise_for_state(st, "server");
-        return NULL;
-    }
     Py_buffer view;
-    if (parse_payload(payload_o, &m, &view, L->max_payload) < 0)
+    limits_t l;
+    int enf;
+    uint64_t now;
+    if (lane_prepare(L, a, FLAG_REPLY_EXPECTED, &m, &view, &l, &enf, &now) < 0)
         return NULL;
     uint64_t deadline = deadline_after(timeout_ns);
     uint64_t tag = L->last_tag + 1;
     m.tag = tag;
     const char *why = NULL;
     PyObject *result = NULL;
+    uint32_t st;
     L->busy = 1;
 
     /* 1. Room in the request ring and arena. The server never wakes producers, so poll with
@@ -1049,7 +1378,9 @@ static PyObject *Lane_call(LaneObject *L, PyObject *const *args, Py_ssize_t narg
             goto out;
     }
     release_view(&view);
-    L->last_tag = tag;
+    if (enf)
+        bucket_take(&L->bucket, &l, m.plen);
+    L->last_tag = L->call_tag = tag;
     prod_publish(&L->req);
     lane_ring_doorbell(L);
 
@@ -1068,7 +1399,7 @@ static PyObject *Lane_call(LaneObject *L, PyObject *const *args, Py_ssize_t narg
             raise_for_state(st, "server");
             goto out;
         }
-        if (now_ns() >= deadline) {
+        if (deadline != UINT64_MAX && now_ns() >= deadline) {
             lane_cancel(L, tag);
             PyErr_Format(Timeout, "no reply within %lld ns", (long long)timeout_ns);
             goto out;
@@ -1087,67 +1418,193 @@ out:
     return result;
 }
 
-/* send(capability, opcode, flags, d0, d1, d2, d3, payload=None): one-way, never blocks. */
-static PyObject *Lane_send(LaneObject *L, PyObject *const *args, Py_ssize_t nargs)
+/* Push one prepared message without waiting: RG_OK (published, doorbell rung), RG_FULL (refused,
+ * counted) or -1 with an exception (the lane is broken). */
+static int lane_push(LaneObject *L, outmsg_t *m, const limits_t *l, int enf)
 {
-    if (nargs < 7 || nargs > 8) {
-        PyErr_SetString(PyExc_TypeError,
-                        "send(capability, opcode, flags, d0, d1, d2, d3, payload=None)");
-        return NULL;
-    }
-    if (!lane_usable(L))
-        return NULL;
-    outmsg_t m;
-    if (parse_out(args, 0, 1, &m, 0) < 0)
-        return NULL;
-    uint32_t st = ctrl_state(L->ctrl);
-    if (st != STATE_OPEN) {
-        raise_for_state(st, "server");
-        return NULL;
-    }
-    Py_buffer view;
-    if (parse_payload(nargs > 7 ? args[7] : Py_None, &m, &view, L->max_payload) < 0)
-        return NULL;
-    m.tag = L->last_tag + 1;
     const char *why = NULL;
     uint64_t nfree;
-    PyObject *ret = NULL;
+    m->tag = L->last_tag + 1;
     L->busy = 1;
     int r = prod_slots_free(&L->req, &nfree, &why);
     if (r == RG_OK && nfree == 0)
         r = RG_FULL;
     if (r == RG_OK)
-        r = lane_write(L, &m, &why);
+        r = lane_write(L, m, &why);
+    L->busy = 0;
     if (r == RG_OK) {
-        L->last_tag = m.tag;
+        if (enf)
+            bucket_take(&L->bucket, l, m->plen);
+        L->last_tag = m->tag;
         prod_publish(&L->req);
         lane_ring_doorbell(L);
-        ret = Py_None;
-        Py_INCREF(ret);
-    } else if (r == RG_FULL) {
-        PyErr_SetString(WouldBlock, "request ring or arena is full");
-    } else {
-        lane_break(L, why);
+        return RG_OK;
     }
-    release_view(&view);
-    L->busy = 0;
-    return ret;
+    if (r == RG_FULL) {
+        lane_refused(L, 1);
+        return RG_FULL;
+    }
+    lane_break(L, why);
+    return -1;
 }
 
-/* send_many([(capability, opcode, flags, d0, d1, d2, d3[, payload]), ...]) -> accepted count.
- * All the messages that fit are validated first (nothing is written if one is bad), written,
- * then published with one tail store and one doorbell ring. Runs entirely under the GIL. */
-static PyObject *Lane_send_many(LaneObject *L, PyObject *seq_o)
+/* send(capability, opcode, flags, data, payload=None): one-way, never blocks. */
+static PyObject *Lane_send(LaneObject *L, PyObject *const *args, Py_ssize_t nargs,
+                           PyObject *kwnames)
 {
+    PyObject *a[5];
+    if (fast_args("send", args, nargs, kwnames, send_kw, 4, a) < 0)
+        return NULL;
+    outmsg_t m;
+    Py_buffer view;
+    limits_t l;
+    int enf;
+    uint64_t now;
+    if (lane_prepare(L, a, 0, &m, &view, &l, &enf, &now) < 0)
+        return NULL;
+    int r = lane_push(L, &m, &l, enf);
+    release_view(&view);
+    if (r == RG_OK)
+        Py_RETURN_NONE;
+    if (r == RG_FULL)
+        PyErr_SetString(WouldBlock, "request ring or arena is full");
+    return NULL;
+}
+
+/* call_start(capability, opcode, flags, data, payload=None) -> tag: a call that does not wait. */
+static PyObject *Lane_call_start(LaneObject *L, PyObject *const *args, Py_ssize_t nargs,
+                                 PyObject *kwnames)
+{
+    PyObject *a[5];
+    if (fast_args("call_start", args, nargs, kwnames, send_kw, 4, a) < 0)
+        return NULL;
+    outmsg_t m;
+    Py_buffer view;
+    limits_t l;
+    int enf;
+    uint64_t now;
+    if (lane_prepare(L, a, FLAG_REPLY_EXPECTED, &m, &view, &l, &enf, &now) < 0)
+        return NULL;
+    int r = lane_push(L, &m, &l, enf);
+    release_view(&view);
+    if (r == RG_OK) {
+        L->call_tag = m.tag;
+        return PyLong_FromUnsignedLongLong(m.tag);
+    }
+    if (r == RG_FULL)
+        PyErr_SetString(WouldBlock, "request ring or arena is full");
+    return NULL;
+}
+
+/* call_poll(tag, arm=False) -> Message | None: the reply of a call_start, if it is there. */
+static PyObject *Lane_call_poll(LaneObject *L, PyObject *const *args, Py_ssize_t nargs,
+                                PyObject *kwnames)
+{
+    static const char *const kw[] = {"tag", "arm", NULL};
+    PyObject *a[2];
+    uint64_t tag;
+    if (fast_args("call_poll", args, nargs, kwnames, kw, 1, a) < 0 ||
+        to_u64(a[0], &tag, "tag") < 0)
+        return NULL;
+    int arm = a[1] ? PyObject_IsTrue(a[1]) : 0;
+    if (arm < 0 || !lane_usable(L))
+        return NULL;
+    if (tag == 0 || tag != L->call_tag) {
+        PyErr_Format(PyExc_ValueError, "tag %llu is not this lane's latest call (%llu)",
+                     (unsigned long long)tag, (unsigned long long)L->call_tag);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    L->busy = 1; /* take_payload may drop the GIL for a big payload */
+    int r = lane_take_reply(L, tag, &result);
+    if (r == 0) {
+        uint32_t st = ctrl_state(L->ctrl);
+        if (st != STATE_OPEN) {
+            /* A reply published before the state change is still delivered. */
+            r = lane_take_reply(L, tag, &result);
+            if (r == 0) {
+                lane_cancel(L, tag);
+                raise_for_state(st, "server");
+                r = -1;
+            }
+        } else if (arm) {
+            /* Empty the eventfd first: a write before this belongs to a reply we are about to
+             * see below, and a stale count would only wake the event loop for nothing. Then
+             * RELAXED store + SEQ_CST fence + re-check, the Dekker half matching the server's
+             * "publish; fence; load consumer flags" in ss_write_reply: either the server sees the
+             * flag and writes the eventfd, or we see its reply here. */
+            if (L->reply_efd >= 0)
+                efd_drain(L->reply_efd);
+            __atomic_store_n(ring_u32(L->resp.ring, RING_CONSUMER_EVENT_OFF), 1, __ATOMIC_RELAXED);
+            L->armed = 1;
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            r = lane_take_reply(L, tag, &result);
+            if (r == 0 && ctrl_state(L->ctrl) != STATE_OPEN) {
+                /* The kernel changed the state after our first look: report it now rather than
+                 * rely on a wake-up the kernel sends to futex sleepers, not to eventfds. */
+                r = lane_take_reply(L, tag, &result);
+                if (r == 0) {
+                    lane_cancel(L, tag);
+                    raise_for_state(ctrl_state(L->ctrl), "server");
+                    r = -1;
+                }
+            }
+        }
+    }
+    L->busy = 0;
+    if (r < 0)
+        return NULL;
+    if (r == 0)
+        Py_RETURN_NONE;
+    return result;
+}
+
+/* cancel(tag): the call with this tag (and every earlier one) will not be waited for. */
+static PyObject *Lane_cancel(LaneObject *L, PyObject *arg)
+{
+    uint64_t tag;
+    if (to_u64(arg, &tag, "tag") < 0 || !lane_usable(L))
+        return NULL;
+    if (tag > L->last_tag) {
+        PyErr_Format(PyExc_ValueError, "tag %llu was never sent (last tag %llu)",
+                     (unsigned long long)tag, (unsigned long long)L->last_tag);
+        return NULL;
+    }
+    lane_cancel(L, tag);
+    Py_RETURN_NONE;
+}
+
+/* send_many(capability, flags, [(opcode, data[, payload]), ...]) -> accepted count.
+ * Every message that could fit is parsed and checked first (nothing is written if one is bad),
+ * then they are written in order until the ring, the arena or the rate/bandwidth buckets say
+ * stop, and published with one tail store and one doorbell ring. Runs entirely under the GIL. */
+static PyObject *Lane_send_many(LaneObject *L, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError,
+                        "send_many(capability, flags, [(opcode, data[, payload]), ...])");
+        return NULL;
+    }
     if (!lane_usable(L))
         return NULL;
-    PyObject *seq = PySequence_Fast(seq_o, "send_many expects a sequence of tuples");
+    uint64_t cap;
+    uint32_t flags;
+    if (to_u64(args[0], &cap, "capability") < 0 || parse_flags(args[1], &flags, 0) < 0)
+        return NULL;
+    PyObject *seq = PySequence_Fast(args[2], "send_many expects a list or tuple of tuples");
     if (!seq)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t total = PySequence_Fast_GET_SIZE(seq), n = total;
     uint32_t st = ctrl_state(L->ctrl);
     if (st != STATE_OPEN) {
         raise_for_state(st, "server");
+        Py_DECREF(seq);
+        return NULL;
+    }
+    limits_t l;
+    uint64_t now = 0;
+    int enf = lane_limits(L, &l, &now);
+    if (enf < 0) {
         Py_DECREF(seq);
         return NULL;
     }
@@ -1158,36 +1615,55 @@ static PyObject *Lane_send_many(LaneObject *L, PyObject *seq_o)
         Py_DECREF(seq);
         return NULL;
     }
-    uint64_t cap = nfree < BATCH_MAX ? nfree : BATCH_MAX;
-    if ((uint64_t)n > cap)
-        n = (Py_ssize_t)cap;
+    uint64_t room = nfree < BATCH_MAX ? nfree : BATCH_MAX;
+    int full = (uint64_t)total > nfree && nfree <= BATCH_MAX; /* the ring cannot take them all */
+    if ((uint64_t)n > room)
+        n = (Py_ssize_t)room;
     Py_ssize_t parsed = 0, written = 0;
     for (; parsed < n; parsed++) {
         PyObject *item = PySequence_Fast_GET_ITEM(seq, parsed);
-        if (!PyTuple_Check(item) || (PyTuple_GET_SIZE(item) != 7 && PyTuple_GET_SIZE(item) != 8)) {
-            PyErr_SetString(PyExc_TypeError, "send_many items are tuples (capability, opcode, "
-                                             "flags, d0, d1, d2, d3[, payload])");
+        if (!PyTuple_Check(item) || (PyTuple_GET_SIZE(item) != 2 && PyTuple_GET_SIZE(item) != 3)) {
+            PyErr_SetString(PyExc_TypeError,
+                            "send_many items are tuples (opcode, data) or (opcode, data, payload)");
             goto fail;
         }
-        PyObject **a = &PyTuple_GET_ITEM(item, 0);
         outmsg_t *m = &L->batch[parsed];
-        if (parse_out(a, 0, 1, m, 0) < 0)
+        m->capability = cap;
+        m->flags = flags;
+        if (to_u32(PyTuple_GET_ITEM(item, 0), &m->opcode, "opcode") < 0 ||
+            parse_data(PyTuple_GET_ITEM(item, 1), m->data) < 0)
             goto fail;
-        if (parse_payload(PyTuple_GET_SIZE(item) == 8 ? a[7] : Py_None, m, &L->views[parsed],
-                          L->max_payload) < 0)
+        if (parse_payload(PyTuple_GET_SIZE(item) == 3 ? PyTuple_GET_ITEM(item, 2) : Py_None, m,
+                          &L->views[parsed], L->max_payload, 0) < 0)
             goto fail;
+        if (enf && l.max_size && m->plen > l.max_size) {
+            raise_limit(LIM_SIZE, &l, m->plen);
+            parsed++; /* its view is held: release it below */
+            goto fail;
+        }
     }
+    int limited = 0; /* stopped by the rate/bandwidth buckets */
+    int lim = LIM_OK;
     L->busy = 1;
     for (; written < n; written++) {
-        L->batch[written].tag = L->last_tag + 1;
-        int r = prod_write(&L->req, &L->batch[written], &why);
-        if (r == RG_FULL)
+        outmsg_t *m = &L->batch[written];
+        if (enf && (lim = bucket_check(&L->bucket, &l, now, m->plen)) != LIM_OK) {
+            limited = 1;
             break;
+        }
+        m->tag = L->last_tag + 1;
+        int r = prod_write(&L->req, m, &why);
+        if (r == RG_FULL) {
+            full = 1;
+            break;
+        }
         if (r == RG_CORRUPT) {
             L->busy = 0;
             lane_break(L, why);
             goto fail;
         }
+        if (enf)
+            bucket_take(&L->bucket, &l, m->plen);
         L->last_tag++;
     }
     L->busy = 0;
@@ -1197,6 +1673,12 @@ static PyObject *Lane_send_many(LaneObject *L, PyObject *seq_o)
     if (written) {
         prod_publish(&L->req);
         lane_ring_doorbell(L);
+    }
+    if (full && !limited && written < total)
+        lane_refused(L, (uint64_t)(total - written));
+    if (limited && written == 0) {
+        raise_limit(lim, &l, 0);
+        return NULL;
     }
     return PyLong_FromSsize_t(written);
 fail:
@@ -1228,15 +1710,25 @@ static PyObject *Lane_get_max_payload(LaneObject *L, void *c)
 {
     return PyLong_FromUnsignedLongLong(L->max_payload);
 }
+static PyObject *Lane_get_refused(LaneObject *L, void *c)
+{
+    return PyLong_FromUnsignedLongLong(L->refused);
+}
 
 static PyMethodDef Lane_methods[] = {
     {"call", (PyCFunction)(void (*)(void))Lane_call, METH_FASTCALL | METH_KEYWORDS,
-     "call(capability, opcode, flags, d0, d1, d2, d3, payload=None, timeout_ns=-1)\n"
-     "-> (opcode, flags, d0, d1, d2, d3, payload or None)"},
-    {"send", (PyCFunction)(void (*)(void))Lane_send, METH_FASTCALL,
-     "send(capability, opcode, flags, d0, d1, d2, d3, payload=None) -> None; WouldBlock if full"},
-    {"send_many", (PyCFunction)Lane_send_many, METH_O,
-     "send_many(items) -> int: how many of the leading items were accepted"},
+     "call(capability, opcode, flags, data, payload=None, timeout_ns=-1) -> Message\n"
+     "(opcode, flags, d0, d1, d2, d3, payload or None)"},
+    {"send", (PyCFunction)(void (*)(void))Lane_send, METH_FASTCALL | METH_KEYWORDS,
+     "send(capability, opcode, flags, data, payload=None) -> None; WouldBlock if full"},
+    {"send_many", (PyCFunction)(void (*)(void))Lane_send_many, METH_FASTCALL,
+     "send_many(capability, flags, [(opcode, data[, payload]), ...]) -> int accepted"},
+    {"call_start", (PyCFunction)(void (*)(void))Lane_call_start, METH_FASTCALL | METH_KEYWORDS,
+     "call_start(capability, opcode, flags, data, payload=None) -> tag; WouldBlock if full"},
+    {"call_poll", (PyCFunction)(void (*)(void))Lane_call_poll, METH_FASTCALL | METH_KEYWORDS,
+     "call_poll(tag, arm=False) -> Message or None"},
+    {"cancel", (PyCFunction)Lane_cancel, METH_O,
+     "cancel(tag): the call with this tag (and every earlier one) is not waited for any more"},
     {"close", (PyCFunction)Lane_close, METH_NOARGS, "Unmap everything; the Lane is unusable."},
     {NULL, NULL, 0, NULL},
 };
@@ -1247,6 +1739,8 @@ static PyGetSetDef Lane_getset[] = {
     {"closed", (getter)Lane_get_closed, NULL, "True after close()", NULL},
     {"last_tag", (getter)Lane_get_last_tag, NULL, "tag of the last request sent", NULL},
     {"max_payload", (getter)Lane_get_max_payload, NULL, "largest payload in bytes", NULL},
+    {"refused", (getter)Lane_get_refused, NULL,
+     "messages send/send_many/call_start refused because the ring or arena was full", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -1256,11 +1750,12 @@ static PyTypeObject LaneType = {
     .tp_dealloc = (destructor)Lane_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Lane(chan_fd, ctrl_fd, doorbell_fd, index, nslots=256, arena_size=128 MiB, "
-              "wait_mode=1, spin_ns=50000): the client end of a channel.",
+              "wait_mode=1, spin_ns=50000, bell_event_fd=-1, reply_event_fd=-1): the client end "
+              "of a channel.",
     .tp_methods = Lane_methods,
     .tp_getset = Lane_getset,
     .tp_init = (initproc)Lane_init,
-    .tp_new = PyType_GenericNew,
+    .tp_new = Lane_new,
 };
 
 /* =============================================================================================
@@ -1274,28 +1769,47 @@ static PyTypeObject LaneType = {
  *   - seq only tells a waiting server "look again": a scribbled seq causes spurious scans (bounded
  *     CPU, deadlines still honoured) or a missed wake-up;
  *   - a missed wake-up (server_sleeping scribbled to 0, seq held constant) is bounded by the
- *     SLEEP_CAP_NS cap on every futex sleep: it costs at most that much latency, never a hang.
+ *     SLEEP_CAP_NS cap on every futex sleep: it costs at most that much latency, never a hang;
+ *   - event_wanted (poll_armed): a client that sets it, or writes the service's eventfd, only
+ *     causes spurious wake-ups of the event loop (poll_armed then finds nothing and re-arms). A
+ *     client that CLEARS it can make other clients skip their eventfd write: like a cleared
+ *     server_sleeping, that costs latency, and an event loop must bound it the same way (re-poll
+ *     at least every SLEEP_CAP_NS while armed).
  *
- * Threads: one recv at a time (recv_mu, acquired without the GIL when contended). reply() may
- * run in any thread; per channel, replies are serialised by a process-private spinlock. add(),
- * remove() and the bookkeeping below run under the GIL. recv scans without the GIL, so remove()
- * never unmaps a channel while a recv is running or a reply is using it: it parks the channel
- * on a graveyard list, freed by whoever is last out.
+ * The table has two halves: channel indices 0..MAX_CHANNELS-1, and as many drain slots, where
+ * remove(index, drain=True) parks a closed channel while its last requests are delivered (the
+ * kernel may hand its index to a new channel at once). Drain slots are found by full scans only.
+ *
+ * Threads: one recv/poll/recv_many at a time (recv_mu, acquired without the GIL when contended).
+ * reply() may run in any thread; per channel, replies are serialised by a process-private
+ * spinlock. add(), remove() and the bookkeeping below run under the GIL. recv scans without the
+ * GIL, so remove() never unmaps a channel while a recv is running or a reply is using it: it
+ * parks the channel on a graveyard list, freed by whoever is last out.
  * ============================================================================================= */
+
+#define TABLE_SLOTS (2 * MAX_CHANNELS)
+#define TABLE_WORDS (TABLE_SLOTS / 64)
 
 typedef struct chan {
     char *map;
     size_t map_len;
     char *ctrl;
-    uint32_t index;
+    uint32_t index;     /* the channel index the kernel gave it */
+    uint32_t slot;      /* its place in the table: index, or a drain slot >= MAX_CHANNELS */
+    uint64_t serial;    /* unique per add() in this set: a Request names its channel by it */
     uint64_t sender_id;
     cons_t req;         /* consumer of the client's requests (recv thread only) */
     prod_t resp;        /* producer of replies (under lock) */
     uint64_t last_tag;  /* request tags must increase */
+    uint64_t drain_end; /* draining: deliver requests below this tail, then retire */
+    int draining;       /* set (GIL) before the channel is published in its drain slot */
     int dead;           /* corrupt: never read again (atomic) */
     int removed;        /* GIL */
     int users;          /* reply() calls using the mapping (GIL) */
     int lock;           /* reply spinlock */
+    int reply_efd;      /* our duplicate of the client's reply eventfd, or -1 */
+    bucket_t bucket;    /* server-private token buckets (recv thread only) */
+    uint64_t drops[LIM_NREASONS]; /* refused by the limits, per reason (GIL) */
     struct chan *next_grave;
 } chan_t;
 
@@ -1308,13 +1822,21 @@ typedef struct {
     int interrupt;      /* atomic */
     uint32_t rr;        /* round-robin position (recv only) */
     uint32_t nchan;     /* GIL */
+    int event_efd;      /* our duplicate of the service's eventfd, or -1 */
     uint64_t last_full_scan;
+    uint64_t next_serial; /* GIL */
     pthread_mutex_t recv_mu;
     int mu_init;
+    /* A CorruptChannel that recv_many met after it had gathered messages: raised by the next
+     * recv/poll/recv_many (recv_mu). pend_why is a static string. */
+    int pend_corrupt;
+    uint32_t pend_index;
+    const char *pend_why;
     chan_t *grave;
-    uint64_t active[DB_BITMAP_WORDS]; /* alive channels (atomic words; changed under the GIL) */
-    uint64_t ready[DB_BITMAP_WORDS];  /* recv-private: channels that may have requests */
-    chan_t *table[MAX_CHANNELS];      /* atomic pointers */
+    uint64_t drain_used[MAX_CHANNELS / 64]; /* GIL: drain slots in use */
+    uint64_t active[TABLE_WORDS]; /* alive channels (atomic words; changed under the GIL) */
+    uint64_t ready[TABLE_WORDS];  /* recv-private: channels that may have requests */
+    chan_t *table[TABLE_SLOTS];   /* atomic pointers */
 } ServerSetObject;
 
 static inline void spin_lock(int *l)
@@ -1348,6 +1870,8 @@ static void chan_free(chan_t *ch)
         munmap(ch->map, ch->map_len);
     if (ch->ctrl)
         munmap(ch->ctrl, CTRL_SIZE);
+    if (ch->reply_efd >= 0)
+        close(ch->reply_efd);
     PyMem_RawFree(ch);
 }
 
@@ -1368,11 +1892,11 @@ static void ss_reap(ServerSetObject *S)
     }
 }
 
-/* Take a channel out of the set of alive ones (GIL held). RELEASE: keeps the clear ordered after
+/* Take a slot out of the set of alive ones (GIL held). RELEASE: keeps the clear ordered after
  * anything we did to the channel before, for a scanning recv that ACQUIRE-loads the word. */
-static void ss_deactivate(ServerSetObject *S, uint32_t i)
+static void ss_deactivate(ServerSetObject *S, uint32_t slot)
 {
-    __atomic_fetch_and(&S->active[i / 64], ~(1ull << (i % 64)), __ATOMIC_RELEASE);
+    __atomic_fetch_and(&S->active[slot / 64], ~(1ull << (slot % 64)), __ATOMIC_RELEASE);
 }
 
 static void ss_mark_dead(ServerSetObject *S, chan_t *ch)
@@ -1380,18 +1904,48 @@ static void ss_mark_dead(ServerSetObject *S, chan_t *ch)
     /* RELAXED: read by the same threads under the GIL or by recv, which only reads channels
      * through the active bitmap cleared just after. */
     __atomic_store_n(&ch->dead, 1, __ATOMIC_RELAXED);
-    ss_deactivate(S, ch->index);
+    ss_deactivate(S, ch->slot);
+}
+
+/* Take a channel out of the table and park it on the graveyard (GIL held); the caller reaps. */
+static void ss_unlink(ServerSetObject *S, chan_t *ch)
+{
+    uint32_t slot = ch->slot;
+    ss_deactivate(S, slot);
+    /* RELEASE: pairs with the ACQUIRE pointer loads of a scanning recv (which, having the old
+     * pointer, is safe: the memory is parked, not unmapped, while it runs). */
+    __atomic_store_n(&S->table[slot], NULL, __ATOMIC_RELEASE);
+    if (slot >= MAX_CHANNELS) {
+        uint32_t j = slot - MAX_CHANNELS;
+        S->drain_used[j / 64] &= ~(1ull << (j % 64));
+    } else {
+        S->nchan--;
+    }
+    ch->removed = 1;
+    ch->next_grave = S->grave;
+    S->grave = ch;
+}
+
+/* Make a waiting recv (or event loop) look again: seq bump, futex wake, eventfd. */
+static void ss_kick(ServerSetObject *S)
+{
+    uint32_t *seq = (uint32_t *)(S->db + DB_SEQ_OFF);
+    __atomic_fetch_add(seq, 1, __ATOMIC_SEQ_CST); /* SEQ_CST: as a client's doorbell ring */
+    sys_futex_wake(seq, INT_MAX);
+    if (S->event_efd >= 0)
+        efd_signal(S->event_efd);
 }
 
 static void ss_free_all(ServerSetObject *S)
 {
-    for (uint32_t i = 0; i < MAX_CHANNELS; i++) {
+    for (uint32_t i = 0; i < TABLE_SLOTS; i++) {
         if (S->table[i]) {
             chan_free(S->table[i]);
             S->table[i] = NULL;
         }
     }
     memset(S->active, 0, sizeof S->active);
+    memset(S->drain_used, 0, sizeof S->drain_used);
     S->nchan = 0;
     while (S->grave) {
         chan_t *ch = S->grave;
@@ -1401,6 +1955,17 @@ static void ss_free_all(ServerSetObject *S)
     if (S->db)
         munmap(S->db, DOORBELL_SIZE);
     S->db = NULL;
+    if (S->event_efd >= 0)
+        close(S->event_efd);
+    S->event_efd = -1;
+}
+
+static PyObject *ServerSet_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    ServerSetObject *S = (ServerSetObject *)PyType_GenericNew(type, args, kw);
+    if (S)
+        S->event_efd = -1; /* never close fd 0 by accident */
+    return (PyObject *)S;
 }
 
 static void ServerSet_dealloc(ServerSetObject *S)
@@ -1413,10 +1978,11 @@ static void ServerSet_dealloc(ServerSetObject *S)
 
 static int ServerSet_init(ServerSetObject *S, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"doorbell_fd", "wait_mode", "spin_ns", NULL};
-    int db_fd, mode = WAIT_ADAPTIVE;
+    static char *kwlist[] = {"doorbell_fd", "wait_mode", "spin_ns", "event_fd", NULL};
+    int db_fd, mode = WAIT_ADAPTIVE, event_fd = -1;
     long long spin_ns = DEFAULT_SPIN_NS;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|iL:ServerSet", kwlist, &db_fd, &mode, &spin_ns))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|iLi:ServerSet", kwlist, &db_fd, &mode, &spin_ns,
+                                     &event_fd))
         return -1;
     if (S->db) {
         PyErr_SetString(PyExc_RuntimeError, "ServerSet already initialised");
@@ -1424,9 +1990,16 @@ static int ServerSet_init(ServerSetObject *S, PyObject *args, PyObject *kw)
     }
     if (check_wait(mode, spin_ns) < 0)
         return -1;
-    S->db = map_memfd(db_fd, DOORBELL_SIZE, 1, "doorbell");
-    if (!S->db)
+    int efd = efd_dup(event_fd);
+    if (efd == -2)
         return -1;
+    S->db = map_memfd(db_fd, DOORBELL_SIZE, 1, "doorbell");
+    if (!S->db) {
+        if (efd >= 0)
+            close(efd);
+        return -1;
+    }
+    S->event_efd = efd;
     if (!S->mu_init) {
         pthread_mutex_init(&S->recv_mu, NULL);
         S->mu_init = 1;
@@ -1445,16 +2018,30 @@ static int ss_usable(ServerSetObject *S)
     return 1;
 }
 
-/* add(index, chan_fd, ctrl_fd, nslots=256, arena_size=128 MiB, sender_id=None) */
+/* The live channel at a user-visible index (GIL held), or NULL with KeyError. */
+static chan_t *ss_lookup(ServerSetObject *S, PyObject *arg)
+{
+    unsigned long long index = PyLong_AsUnsignedLongLong(arg);
+    if (index == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (index >= MAX_CHANNELS || !S->table[index]) {
+        PyErr_Format(PyExc_KeyError, "no channel with index %llu", index);
+        return NULL;
+    }
+    return S->table[index];
+}
+
+/* add(index, chan_fd, ctrl_fd, nslots=256, arena_size=128 MiB, sender_id=None,
+ *     reply_event_fd=-1) */
 static PyObject *ServerSet_add(ServerSetObject *S, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"index", "chan_fd", "ctrl_fd", "nslots", "arena_size", "sender_id",
-                             NULL};
+    static char *kwlist[] = {"index",     "chan_fd",        "ctrl_fd", "nslots", "arena_size",
+                             "sender_id", "reply_event_fd", NULL};
     unsigned long long index, nslots = DEFAULT_NSLOTS, asize = DEFAULT_ARENA_SIZE;
-    int chan_fd, ctrl_fd;
+    int chan_fd, ctrl_fd, reply_fd = -1;
     PyObject *sender_o = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "Kii|KKO:add", kwlist, &index, &chan_fd, &ctrl_fd,
-                                     &nslots, &asize, &sender_o))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Kii|KKOi:add", kwlist, &index, &chan_fd, &ctrl_fd,
+                                     &nslots, &asize, &sender_o, &reply_fd))
         return NULL;
     if (!ss_usable(S))
         return NULL;
@@ -1474,6 +2061,7 @@ static PyObject *ServerSet_add(ServerSetObject *S, PyObject *args, PyObject *kw)
     chan_t *ch = PyMem_RawCalloc(1, sizeof *ch);
     if (!ch)
         return PyErr_NoMemory();
+    ch->reply_efd = -1;
     uint64_t len = channel_size(nslots, asize);
     ch->map = map_memfd(chan_fd, len, 1, "channel");
     if (!ch->map)
@@ -1482,9 +2070,14 @@ static PyObject *ServerSet_add(ServerSetObject *S, PyObject *args, PyObject *kw)
     ch->ctrl = map_memfd(ctrl_fd, CTRL_SIZE, 0, "control page");
     if (!ch->ctrl)
         goto fail;
+    if ((ch->reply_efd = efd_dup(reply_fd)) == -2) {
+        ch->reply_efd = -1;
+        goto fail;
+    }
     if (sender_o == Py_None) /* the kernel wrote it; ACQUIRE is not needed at add() time */
         sender = __atomic_load_n((uint64_t *)(ch->ctrl + CTRL_SENDER_ID_OFF), __ATOMIC_RELAXED);
-    ch->index = (uint32_t)index;
+    ch->index = ch->slot = (uint32_t)index;
+    ch->serial = ++S->next_serial;
     ch->sender_id = sender;
     ch->req.ring = ch->map + REQ_RING_OFF;
     ch->req.arena = ch->map + req_arena_off(nslots);
@@ -1505,41 +2098,77 @@ fail:
     return NULL;
 }
 
-static PyObject *ServerSet_remove(ServerSetObject *S, PyObject *arg)
+/* A free drain slot (GIL held), or -1. */
+static int ss_drain_slot(ServerSetObject *S)
 {
-    unsigned long long index = PyLong_AsUnsignedLongLong(arg);
-    if (index == (unsigned long long)-1 && PyErr_Occurred())
+    for (uint32_t w = 0; w < MAX_CHANNELS / 64; w++)
+        if (~S->drain_used[w])
+            return (int)(w * 64 + (uint32_t)__builtin_ctzll(~S->drain_used[w]));
+    return -1;
+}
+
+/* remove(index, drain=False) */
+static PyObject *ServerSet_remove(ServerSetObject *S, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"index", "drain", NULL};
+    PyObject *index_o;
+    int drain = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|p:remove", kwlist, &index_o, &drain))
         return NULL;
-    if (index >= MAX_CHANNELS || !S->table[index]) {
-        PyErr_Format(PyExc_KeyError, "no channel with index %llu", index);
+    chan_t *ch = ss_lookup(S, index_o);
+    if (!ch)
         return NULL;
+    /* Drain: the requests already in the ring (up to the tail we see now: a client that is still
+     * alive cannot extend the drain) are delivered, then the channel goes. Never for a revoked
+     * capability or a corrupt channel. head and tail_seen are only changed by recv under the GIL,
+     * so they are stable here. */
+    if (drain && !__atomic_load_n(&ch->dead, __ATOMIC_RELAXED) &&
+        ctrl_state(ch->ctrl) != STATE_REVOKED) {
+        /* ACQUIRE: as in cons_poll (the slots before this tail are written). */
+        uint64_t t = __atomic_load_n(ring_u64(ch->req.ring, RING_TAIL_OFF), __ATOMIC_ACQUIRE);
+        int j = ss_drain_slot(S);
+        if (t >= ch->req.tail_seen && t - ch->req.head <= ch->req.nslots && t != ch->req.head &&
+            j >= 0) {
+            uint32_t index = ch->index, slot = MAX_CHANNELS + (uint32_t)j;
+            ss_deactivate(S, index);
+            __atomic_store_n(&S->table[index], NULL, __ATOMIC_RELEASE); /* as in ss_unlink */
+            S->nchan--;
+            ch->draining = 1;
+            ch->drain_end = t;
+            ch->slot = slot;
+            S->drain_used[j / 64] |= 1ull << (j % 64);
+            /* RELEASE (pointer, then bit), as in add(). */
+            __atomic_store_n(&S->table[slot], ch, __ATOMIC_RELEASE);
+            __atomic_fetch_or(&S->active[slot / 64], 1ull << (slot % 64), __ATOMIC_RELEASE);
+            ss_kick(S);
+            Py_RETURN_NONE;
+        }
     }
-    chan_t *ch = S->table[index];
-    ss_deactivate(S, (uint32_t)index);
-    /* RELEASE: pairs with the ACQUIRE pointer loads of a scanning recv (which, having the old
-     * pointer, is safe: the memory is parked, not unmapped, while it runs). */
-    __atomic_store_n(&S->table[index], NULL, __ATOMIC_RELEASE);
-    S->nchan--;
-    ch->removed = 1;
-    ch->next_grave = S->grave;
-    S->grave = ch;
+    ss_unlink(S, ch);
     ss_reap(S);
     Py_RETURN_NONE;
 }
 
-/* Full scan: mark every alive OPEN channel whose request ring is non-empty as ready.
- * Called by the recv holder, with or without the GIL. Returns whether anything is ready. */
+/* Full scan: mark every alive channel whose request ring is non-empty (and every draining one)
+ * as ready. Called by the recv holder, with or without the GIL. Returns whether anything is. */
 static int ss_full_scan(ServerSetObject *S)
 {
     int found = 0;
-    for (uint32_t w = 0; w < DB_BITMAP_WORDS; w++) {
+    for (uint32_t w = 0; w < TABLE_WORDS; w++) {
         /* ACQUIRE: pairs with add()'s RELEASE, so the channel it names is initialised. */
         uint64_t a = __atomic_load_n(&S->active[w], __ATOMIC_ACQUIRE);
         while (a) {
             uint32_t b = (uint32_t)__builtin_ctzll(a);
             a &= a - 1;
             chan_t *ch = __atomic_load_n(&S->table[w * 64 + b], __ATOMIC_ACQUIRE); /* as above */
-            if (!ch || ctrl_state(ch->ctrl) != STATE_OPEN)
+            if (!ch)
+                continue;
+            if (ch->draining) { /* the pop delivers or retires it */
+                S->ready[w] |= 1ull << b;
+                found = 1;
+                continue;
+            }
+            if (ctrl_state(ch->ctrl) != STATE_OPEN)
                 continue;
             /* RELAXED: a "non-empty?" test only; the pop re-reads the tail with ACQUIRE. */
             if (__atomic_load_n(ring_u64(ch->req.ring, RING_TAIL_OFF), __ATOMIC_RELAXED) !=
@@ -1549,12 +2178,12 @@ static int ss_full_scan(ServerSetObject *S)
             }
         }
     }
-    S->last_full_scan = now_ns();
+    S->last_full_scan = coarse_ns(); /* a tick late at worst: FULL_SCAN_NS is a lower bound */
     return found;
 }
 
 /* Fold the doorbell's hint bits into the private ready set (bits of unknown or dead channels are
- * dropped by the mask). */
+ * dropped by the mask; drain slots have no hint bits). */
 static void ss_refresh_hints(ServerSetObject *S)
 {
     uint64_t *bm = (uint64_t *)(S->db + DB_BITMAP_OFF);
@@ -1570,7 +2199,7 @@ static void ss_refresh_hints(ServerSetObject *S)
 
 static int ss_find_from(ServerSetObject *S, uint32_t start)
 {
-    for (uint32_t w = start / 64; w < DB_BITMAP_WORDS; w++) {
+    for (uint32_t w = start / 64; w < TABLE_WORDS; w++) {
         uint64_t bits = S->ready[w] & __atomic_load_n(&S->active[w], __ATOMIC_RELAXED);
         if (w == start / 64)
             bits &= ~0ull << (start % 64);
@@ -1585,7 +2214,7 @@ static int ss_find_from(ServerSetObject *S, uint32_t start)
  * busy) and start again from 0; if nothing is ready at all, scan every ring. */
 static int ss_pick(ServerSetObject *S, int *refreshes)
 {
-    int i = ss_find_from(S, S->rr);
+    int i = S->rr < TABLE_SLOTS ? ss_find_from(S, S->rr) : -1;
     if (i >= 0)
         return i;
     if (*refreshes > 0) {
@@ -1658,16 +2287,450 @@ static int ss_wait(ServerSetObject *S, uint64_t deadline)
     return __atomic_load_n(&S->interrupt, __ATOMIC_RELAXED) ? W_INTERRUPT : W_AGAIN;
 }
 
-enum { P_EMPTY, P_SKIPPED, P_DELIVERED, P_CORRUPT, P_ERROR };
+/* Write one reply into ch's response ring; never blocks. GIL held on entry and exit (a big
+ * payload's copy, and a contended lock, run without it). RG_OK, RG_FULL, or RG_CORRUPT (ch is
+ * then marked dead). If remove() ran meanwhile and no recv is active, ch is freed on return: the
+ * caller must not use it afterwards (recv's own auto-replies may: recv_active keeps it). */
+static int ss_write_reply(ServerSetObject *S, chan_t *ch, const outmsg_t *m, const char **why)
+{
+    uint64_t nfree;
+    int r;
+    ch->users++;
+    int big = m->payload && m->plen >= NOGIL_COPY_BYTES;
+    if (!big && spin_trylock(&ch->lock)) {
+        r = prod_slots_free(&ch->resp, &nfree, why);
+        if (r == RG_OK)
+            r = nfree ? prod_write(&ch->resp, m, why) : RG_FULL;
+        if (r == RG_OK)
+            prod_publish(&ch->resp);
+        spin_unlock(&ch->lock);
+    } else {
+        /* Contended or big: take the lock and copy without the GIL. The owner never waits for
+         * the GIL while holding the lock, so this cannot deadlock. */
+        Py_BEGIN_ALLOW_THREADS
+        spin_lock(&ch->lock);
+        r = prod_slots_free(&ch->resp, &nfree, why);
+        if (r == RG_OK)
+            r = nfree ? prod_write(&ch->resp, m, why) : RG_FULL;
+        if (r == RG_OK)
+            prod_publish(&ch->resp);
+        spin_unlock(&ch->lock);
+        Py_END_ALLOW_THREADS
+    }
+    if (r == RG_OK) {
+        /* SEQ_CST fence between our tail store (in prod_publish) and the loads of the client's
+         * flags: the Dekker half matching lane_wait (sleeping) and call_poll(arm=True) (event).
+         * RELAXED loads, ordered by the fence; both flags share the consumer's cache line. The
+         * flags are client-written: a hostile value costs that client a spurious wake-up. */
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        char *ring = ch->resp.ring;
+        if (__atomic_load_n(ring_u32(ring, RING_CONSUMER_SLEEPING_OFF), __ATOMIC_RELAXED))
+            sys_futex_wake((const uint32_t *)ring_u64(ring, RING_TAIL_OFF), INT_MAX);
+        if (ch->reply_efd >= 0 &&
+            __atomic_load_n(ring_u32(ring, RING_CONSUMER_EVENT_OFF), __ATOMIC_RELAXED))
+            efd_signal(ch->reply_efd);
+    }
+    ch->users--;
+    if (r == RG_CORRUPT && !ch->removed)
+        ss_mark_dead(S, ch);
+    if (ch->removed)
+        ss_reap(S); /* may free ch */
+    return r;
+}
+
+static PyObject *reply_outcome(int r, uint32_t index, const char *why)
+{
+    if (r == RG_OK)
+        Py_RETURN_NONE;
+    if (r == RG_FULL)
+        PyErr_Format(WouldBlock, "response ring or arena of channel %u is full", index);
+    else
+        raise_corrupt(index, why);
+    return NULL;
+}
+
+/* ---- Request: one received message, answered with .reply(). -------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    ServerSetObject *set; /* strong reference */
+    PyObject *payload;    /* bytes, or NULL for none (read as b"") */
+    PyObject *data_t;     /* the data 4-tuple, built on first use */
+    PyObject *regions;    /* NULL reads as () */
+    PyObject *caps;       /* NULL reads as () */
+    uint64_t tag;
+    uint64_t capability;
+    uint64_t sender;
+    uint64_t serial;      /* of its channel: a reply never reaches a later channel at the index */
+    uint64_t data[4];
+    uint32_t index;
+    uint32_t opcode;
+    uint32_t flags;       /* as received (FLAG_REPLY_EXPECTED etc.) */
+    int done;
+} RequestObject;
+
+static PyTypeObject RequestType;
+
+static int Request_traverse(RequestObject *R, visitproc visit, void *arg)
+{
+    Py_VISIT(R->data_t);
+    Py_VISIT(R->regions);
+    Py_VISIT(R->caps);
+    return 0;
+}
+
+static int Request_clear(RequestObject *R)
+{
+    Py_CLEAR(R->data_t);
+    Py_CLEAR(R->regions);
+    Py_CLEAR(R->caps);
+    return 0;
+}
+
+static void Request_dealloc(RequestObject *R)
+{
+    PyObject_GC_UnTrack(R);
+    Request_clear(R);
+    Py_CLEAR(R->payload);
+    Py_CLEAR(R->set);
+    Py_TYPE(R)->tp_free((PyObject *)R);
+}
+
+/* Send a reply for R (GIL held). final: the request counts as answered whatever happened,
+ * except WouldBlock (the caller may try again). */
+static PyObject *req_send(RequestObject *R, outmsg_t *m, PyObject *payload_o, int empty_is_none)
+{
+    ServerSetObject *S = R->set;
+    chan_t *ch = S->db ? S->table[R->index] : NULL;
+    if (!ch || ch->serial != R->serial || __atomic_load_n(&ch->dead, __ATOMIC_RELAXED)) {
+        R->done = 1;
+        PyErr_Format(PeerDied, "the client of channel %u is gone", R->index);
+        return NULL;
+    }
+    uint32_t st = ctrl_state(ch->ctrl);
+    if (st != STATE_OPEN) {
+        R->done = 1;
+        PyErr_Format(PeerDied, "channel %u is not open (state %u): its client is gone", R->index,
+                     st);
+        return NULL;
+    }
+    Py_buffer view;
+    if (parse_payload(payload_o, m, &view, max_payload_for(ch->resp.asize), empty_is_none) < 0)
+        return NULL;
+    const char *why = NULL;
+    /* Answered from here on: ss_write_reply may drop the GIL, and a second thread replying to
+     * the same request meanwhile must get "already replied", not send a second reply. */
+    R->done = 1;
+    int r = ss_write_reply(S, ch, m, &why); /* ch may be gone after this */
+    release_view(&view);
+    if (r == RG_FULL)
+        R->done = 0; /* nothing was sent: the caller may try again */
+    return reply_outcome(r, R->index, why);
+}
+
+/* reply(opcode=0, data=(), payload=b"", flags=0) */
+static PyObject *Request_reply(RequestObject *R, PyObject *const *args, Py_ssize_t nargs,
+                               PyObject *kwnames)
+{
+    static const char *const kw[] = {"opcode", "data", "payload", "flags", NULL};
+    PyObject *a[4];
+    if (fast_args("reply", args, nargs, kwnames, kw, 0, a) < 0)
+        return NULL;
+    if (R->done) {
+        PyErr_SetString(IpcError, "this request has already been replied to");
+        return NULL;
+    }
+    if (!(R->flags & FLAG_REPLY_EXPECTED)) {
+        PyErr_SetString(IpcError, "this message came from send_async: it takes no reply");
+        return NULL;
+    }
+    outmsg_t m;
+    m.capability = 0;
+    m.opcode = 0;
+    m.flags = 0;
+    m.tag = R->tag;
+    if (a[0] && to_u32(a[0], &m.opcode, "opcode") < 0)
+        return NULL;
+    if (a[3]) {
+        if (to_u32(a[3], &m.flags, "flags") < 0)
+            return NULL;
+        if (m.flags & ~(FLAG_USER_MASK | FLAG_CHECKSUM)) {
+            PyErr_Format(PyExc_ValueError, "user flags must lie in 0x%x, got 0x%x",
+                         FLAG_USER_MASK, m.flags);
+            return NULL;
+        }
+    }
+    if (a[1]) {
+        if (parse_data(a[1], m.data) < 0)
+            return NULL;
+    } else {
+        memset(m.data, 0, sizeof m.data);
+    }
+    return req_send(R, &m, a[2] ? a[2] : Py_None, 1);
+}
+
+/* reply_error(code, text): an error reply (FLAG_ERROR, data[0] = code, payload = text, at most
+ * 4096 bytes); nothing if the request was answered already or takes no reply. */
+static PyObject *Request_reply_error(RequestObject *R, PyObject *const *args, Py_ssize_t nargs,
+                                     PyObject *kwnames)
+{
+    static const char *const kw[] = {"code", "text", NULL};
+    PyObject *a[2];
+    uint64_t code;
+    if (fast_args("reply_error", args, nargs, kwnames, kw, 2, a) < 0 ||
+        to_u64(a[0], &code, "code") < 0)
+        return NULL;
+    PyObject *text;
+    if (PyUnicode_Check(a[1])) {
+        text = PyUnicode_AsEncodedString(a[1], "utf-8", "replace");
+        if (!text)
+            return NULL;
+    } else if (PyObject_CheckBuffer(a[1])) {
+        Py_INCREF(a[1]);
+        text = a[1];
+    } else {
+        PyErr_SetString(PyExc_TypeError, "text must be str or bytes");
+        return NULL;
+    }
+    if (R->done || !(R->flags & FLAG_REPLY_EXPECTED)) {
+        Py_DECREF(text);
+        Py_RETURN_NONE;
+    }
+    /* At most 4096 bytes (a readable message, not a data channel). */
+    PyObject *cut = text;
+    Py_buffer v;
+    if (PyObject_GetBuffer(text, &v, PyBUF_SIMPLE) < 0) {
+        Py_DECREF(text);
+        return NULL;
+    }
+    if (v.len > 4096)
+        cut = PyBytes_FromStringAndSize(v.buf, 4096);
+    else
+        Py_INCREF(cut);
+    PyBuffer_Release(&v);
+    Py_DECREF(text);
+    if (!cut)
+        return NULL;
+    outmsg_t m;
+    m.capability = 0;
+    m.opcode = 0;
+    m.flags = FLAG_ERROR;
+    m.tag = R->tag;
+    m.data[0] = code;
+    m.data[1] = m.data[2] = m.data[3] = 0;
+    PyObject *r = req_send(R, &m, cut, 1);
+    Py_DECREF(cut);
+    return r;
+}
+
+static PyObject *Request_get_flags(RequestObject *R, void *c)
+{
+    return PyLong_FromUnsignedLong(R->flags & FLAG_USER_MASK);
+}
+
+static PyObject *Request_get_data(RequestObject *R, void *c)
+{
+    if (!R->data_t) {
+        PyObject *t = PyTuple_New(4);
+        if (!t)
+            return NULL;
+        for (int i = 0; i < 4; i++) {
+            PyObject *o = PyLong_FromUnsignedLongLong(R->data[i]);
+            if (!o) {
+                Py_DECREF(t);
+                return NULL;
+            }
+            PyTuple_SET_ITEM(t, i, o);
+        }
+        R->data_t = t;
+    }
+    Py_INCREF(R->data_t);
+    return R->data_t;
+}
+
+static PyObject *empty_bytes, *empty_tuple;
+
+static PyObject *Request_get_payload(RequestObject *R, void *c)
+{
+    PyObject *p = R->payload ? R->payload : empty_bytes;
+    Py_INCREF(p);
+    return p;
+}
+
+static PyObject *Request_get_expects_reply(RequestObject *R, void *c)
+{
+    return PyBool_FromLong(R->flags & FLAG_REPLY_EXPECTED);
+}
+
+static PyObject *Request_get_replied(RequestObject *R, void *c) { return PyBool_FromLong(R->done); }
+
+static PyObject *Request_get_regions(RequestObject *R, void *c)
+{
+    PyObject *v = R->regions ? R->regions : empty_tuple;
+    Py_INCREF(v);
+    return v;
+}
+
+static int Request_set_regions(RequestObject *R, PyObject *v, void *c)
+{
+    Py_XINCREF(v); /* NULL (del) resets to () */
+    Py_XSETREF(R->regions, v);
+    return 0;
+}
+
+static PyObject *Request_get_caps(RequestObject *R, void *c)
+{
+    PyObject *v = R->caps ? R->caps : empty_tuple;
+    Py_INCREF(v);
+    return v;
+}
+
+static int Request_set_caps(RequestObject *R, PyObject *v, void *c)
+{
+    Py_XINCREF(v);
+    Py_XSETREF(R->caps, v);
+    return 0;
+}
+
+static PyObject *Request_repr(RequestObject *R)
+{
+    PyObject *data = Request_get_data(R, NULL);
+    if (!data)
+        return NULL;
+    PyObject *r = PyUnicode_FromFormat(
+        "<capbus.Request from %llu opcode=%u data=%R payload=%zd bytes%s>",
+        (unsigned long long)R->sender, R->opcode, data,
+        R->payload ? PyBytes_GET_SIZE(R->payload) : (Py_ssize_t)0,
+        (R->flags & FLAG_REPLY_EXPECTED) ? (R->done ? " (replied)" : " (call)") : " (one-way)");
+    Py_DECREF(data);
+    return r;
+}
+
+static PyMethodDef Request_methods[] = {
+    {"reply", (PyCFunction)(void (*)(void))Request_reply, METH_FASTCALL | METH_KEYWORDS,
+     "reply(opcode=0, data=(), payload=b'', flags=0): answer the call. IpcError if answered "
+     "already or a one-way message; PeerDied if the client is gone; WouldBlock if its response "
+     "ring is full (the request stays unanswered: try again)."},
+    {"reply_error", (PyCFunction)(void (*)(void))Request_reply_error,
+     METH_FASTCALL | METH_KEYWORDS,
+     "reply_error(code, text): answer with an error (FLAG_ERROR, data[0] = code, payload = "
+     "text); nothing if answered already or a one-way message."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Request_members[] = {
+    {"sender", T_ULONGLONG, offsetof(RequestObject, sender), READONLY,
+     "kernel-verified ProcessId of the client"},
+    {"opcode", T_UINT, offsetof(RequestObject, opcode), READONLY, "opcode"},
+    {"capability", T_ULONGLONG, offsetof(RequestObject, capability), READONLY,
+     "the capability value the client sent (untrusted)"},
+    {"index", T_UINT, offsetof(RequestObject, index), READONLY, "channel index (internal)"},
+    {"tag", T_ULONGLONG, offsetof(RequestObject, tag), READONLY, "transaction tag (internal)"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef Request_getset[] = {
+    {"flags", (getter)Request_get_flags, NULL, "user flags (FLAG_USER_MASK bits)", NULL},
+    {"data", (getter)Request_get_data, NULL, "the four u64 data words", NULL},
+    {"payload", (getter)Request_get_payload, NULL, "payload bytes (b'' when none)", NULL},
+    {"expects_reply", (getter)Request_get_expects_reply, NULL, "a call (not a send)", NULL},
+    {"replied", (getter)Request_get_replied, NULL, "answered already (or its client is gone)",
+     NULL},
+    {"regions", (getter)Request_get_regions, (setter)Request_set_regions,
+     "shared regions (set by the runtime)", NULL},
+    {"caps", (getter)Request_get_caps, (setter)Request_set_caps,
+     "capabilities (set by the runtime)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject RequestType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "capbus._core.Request",
+    .tp_basicsize = sizeof(RequestObject),
+    .tp_dealloc = (destructor)Request_dealloc,
+    .tp_repr = (reprfunc)Request_repr,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A received message (made by ServerSet.recv/poll/recv_many; not by Python code).",
+    .tp_traverse = (traverseproc)Request_traverse,
+    .tp_clear = (inquiry)Request_clear,
+    .tp_methods = Request_methods,
+    .tp_members = Request_members,
+    .tp_getset = Request_getset,
+};
+
+/* ---- Receiving. ------------------------------------------------------------------------------ */
+
+enum { P_EMPTY, P_SKIPPED, P_TURN, P_DELIVERED, P_RETIRE, P_CORRUPT, P_ERROR };
+
+/* Check a popped message against the channel's limits (CTRL_F_ENFORCE is set). LIM_OK takes its
+ * tokens from the server-private buckets. */
+static int ss_enforce(chan_t *ch, const inmsg_t *m, limits_t *l)
+{
+    ctrl_limits(ch->ctrl, l);
+    uint64_t now = limits_need_clock(l) ? coarse_ns() : 0;
+    int lim = limits_static(l, now, m->plen);
+    if (lim == LIM_OK && (lim = bucket_check(&ch->bucket, l, now, m->plen)) == LIM_OK)
+        bucket_take(&ch->bucket, l, m->plen);
+    return lim;
+}
+
+/* The automatic error reply to a call the limits refused: FLAG_ERROR, data[0] = the capbus error
+ * code, a short text. Dropped if the response ring is full (a client that does not read its
+ * replies has no use for it). */
+static int ss_refuse_call(ServerSetObject *S, chan_t *ch, uint64_t tag, int lim,
+                          const limits_t *l, uint64_t plen, const char **why)
+{
+    char text[LM_INLINE_SIZE * 2];
+    uint64_t code = code_invalid_capability;
+    switch (lim) {
+    case LIM_RIGHTS:
+        snprintf(text, sizeof text, "the capability does not carry the right to send");
+        break;
+    case LIM_EXPIRED:
+        snprintf(text, sizeof text, "the capability has expired");
+        break;
+    case LIM_SIZE:
+        code = code_message_too_large;
+        snprintf(text, sizeof text, "payload of %llu bytes exceeds the capability's limit of %llu",
+                 (unsigned long long)plen, (unsigned long long)l->max_size);
+        break;
+    case LIM_RATE:
+        code = code_rate_limit;
+        snprintf(text, sizeof text, "rate limit of %llu messages/s exceeded",
+                 (unsigned long long)l->rate);
+        break;
+    default:
+        code = code_rate_limit;
+        snprintf(text, sizeof text, "bandwidth limit of %llu bytes/s exceeded",
+                 (unsigned long long)l->bandwidth);
+        break;
+    }
+    outmsg_t e;
+    e.capability = 0;
+    e.opcode = 0;
+    e.flags = FLAG_ERROR;
+    e.data[0] = code;
+    e.data[1] = e.data[2] = e.data[3] = 0;
+    e.tag = tag;
+    e.payload = (const uint8_t *)text;
+    e.plen = strlen(text);
+    if (e.plen > LM_INLINE_SIZE)
+        e.flags |= FLAG_LARGE;
+    int r = ss_write_reply(S, ch, &e, why); /* recv is active: ch stays valid */
+    return r == RG_CORRUPT ? P_CORRUPT : P_TURN;
+}
 
 /* Pop one request from channel ch (GIL held). */
 static int ss_pop(ServerSetObject *S, chan_t *ch, PyObject **out, const char **why)
 {
-    if (ctrl_state(ch->ctrl) != STATE_OPEN)
+    if (ch->draining) {
+        if (ch->req.head == ch->drain_end || ctrl_state(ch->ctrl) == STATE_REVOKED)
+            return P_RETIRE;
+    } else if (ctrl_state(ch->ctrl) != STATE_OPEN) {
         return P_EMPTY; /* skipped until the kernel removes it (or reopens it) */
+    }
     int r = cons_poll(&ch->req, why);
     if (r == RG_EMPTY)
-        return P_EMPTY;
+        return ch->draining ? P_RETIRE : P_EMPTY;
     inmsg_t m;
     if (r == RG_CORRUPT || cons_read(&ch->req, &m, why) != RG_OK)
         return P_CORRUPT;
@@ -1685,31 +2748,184 @@ static int ss_pop(ServerSetObject *S, chan_t *ch, PyObject **out, const char **w
         cons_release(&ch->req, &m);
         return P_SKIPPED;
     }
-    PyObject *payload = Py_None;
-    Py_INCREF(payload);
+    /* The capability's limits: one predictable branch when the kernel set none. */
+    if (__builtin_expect(ctrl_flags(ch->ctrl) & CTRL_F_ENFORCE, 0)) {
+        limits_t l;
+        int lim = ss_enforce(ch, &m, &l);
+        if (lim != LIM_OK) {
+            /* Refused: not delivered, a call answered with an error, and its turn used up (a
+             * client flooding refused messages cannot hold the server on its channel). */
+            ch->drops[lim]++;
+            ch->last_tag = m.s.tag;
+            cons_release(&ch->req, &m);
+            if ((m.s.flags & FLAG_REPLY_EXPECTED) && !ch->draining &&
+                ctrl_state(ch->ctrl) == STATE_OPEN)
+                return ss_refuse_call(S, ch, m.s.tag, lim, &l, m.plen, why);
+            return P_TURN;
+        }
+    }
+    PyObject *payload = NULL;
     if (m.has_payload) {
-        Py_DECREF(payload);
         *why = NULL;
         payload = take_payload(&ch->req, &m, why);
         if (!payload)
             return *why ? P_CORRUPT : P_ERROR;
     }
-    PyObject *t = Py_BuildValue("(IKKIIKKKKNK)", ch->index, (unsigned long long)m.s.tag,
-                                (unsigned long long)m.s.capability, m.s.opcode, m.s.flags,
-                                (unsigned long long)m.s.data[0], (unsigned long long)m.s.data[1],
-                                (unsigned long long)m.s.data[2], (unsigned long long)m.s.data[3],
-                                payload, (unsigned long long)ch->sender_id);
-    if (!t)
+    RequestObject *R = (RequestObject *)req_type->tp_alloc(req_type, 0);
+    if (!R) {
+        Py_XDECREF(payload);
         return P_ERROR; /* not consumed: the next recv gets it again */
+    }
+    Py_INCREF(S);
+    R->set = S;
+    R->payload = payload;
+    R->tag = m.s.tag;
+    R->capability = m.s.capability;
+    R->sender = ch->sender_id;
+    R->serial = ch->serial;
+    memcpy(R->data, m.s.data, sizeof R->data);
+    R->index = ch->index;
+    R->opcode = m.s.opcode;
+    R->flags = m.s.flags;
     ch->last_tag = m.s.tag;
     cons_release(&ch->req, &m);
-    *out = t;
+    *out = (PyObject *)R;
     return P_DELIVERED;
 }
 
-/* recv(timeout_ns=-1) -> (index, tag, capability, opcode, flags, d0, d1, d2, d3, payload,
- * sender_id). Timeout if nothing arrives; CorruptChannel for a bad channel (then call again);
- * Cancelled after interrupt(). */
+enum { TK_ERROR = -1, TK_NONE = 0, TK_GOT = 1, TK_BUDGET = 2 };
+
+/* Take the next message without waiting (GIL and recv_mu held). TK_GOT with *out; TK_NONE when
+ * nothing is ready (every ring was looked at); TK_BUDGET when *budget pops delivered nothing (a
+ * client can make its ring flicker, or stream cancelled requests, as fast as we look: the
+ * caller re-checks its deadline and signals before going on); TK_ERROR with an exception. With
+ * defer, a corrupt channel is recorded for the next call instead of raised. */
+static int ss_take(ServerSetObject *S, PyObject **out, int *refreshes, unsigned *budget,
+                   int defer)
+{
+    const char *why = NULL;
+    for (;;) {
+        if (coarse_ns() - S->last_full_scan >= FULL_SCAN_NS)
+            ss_full_scan(S);
+        if (!*budget)
+            return TK_BUDGET;
+        int i = ss_pick(S, refreshes);
+        if (i < 0)
+            return TK_NONE;
+        (*budget)--;
+        chan_t *ch = S->table[i];
+        int p = ch ? ss_pop(S, ch, out, &why) : P_EMPTY;
+        if (p == P_CORRUPT && ch->draining)
+            p = P_RETIRE; /* its index may belong to a new channel: nothing to report */
+        switch (p) {
+        case P_DELIVERED:
+            S->rr = (uint32_t)i + 1;
+            return TK_GOT;
+        case P_SKIPPED: /* same channel again: a cancelled request does not use up its turn */
+            continue;
+        case P_TURN:
+            S->rr = (uint32_t)i + 1;
+            continue;
+        case P_EMPTY:
+            S->ready[i / 64] &= ~(1ull << (i % 64));
+            continue;
+        case P_RETIRE:
+            S->ready[i / 64] &= ~(1ull << (i % 64));
+            ss_unlink(S, ch);
+            continue;
+        case P_CORRUPT:
+            S->ready[i / 64] &= ~(1ull << (i % 64));
+            ss_mark_dead(S, ch);
+            if (defer) {
+                S->pend_corrupt = 1;
+                S->pend_index = ch->index;
+                S->pend_why = why;
+                return TK_NONE;
+            }
+            raise_corrupt(ch->index, why);
+            return TK_ERROR;
+        default:
+            return TK_ERROR;
+        }
+    }
+}
+
+/* Raise the CorruptChannel a recv_many deferred (recv_mu held). */
+static int ss_raise_pending(ServerSetObject *S)
+{
+    if (!S->pend_corrupt)
+        return 0;
+    S->pend_corrupt = 0;
+    raise_corrupt(S->pend_index, S->pend_why);
+    return -1;
+}
+
+/* A message was returned: the event loop is awake, so the doorbell needs no eventfd write. Load
+ * first so the shared line is not dirtied per message. RELAXED: a hint (see poll_armed). */
+static inline void ss_clear_event(ServerSetObject *S)
+{
+    uint32_t *ew = (uint32_t *)(S->db + DB_EVENT_WANTED_OFF);
+    if (__atomic_load_n(ew, __ATOMIC_RELAXED))
+        __atomic_store_n(ew, 0, __ATOMIC_RELAXED);
+}
+
+/* recv_mu for a receive (GIL held on entry and exit); -1 if the set was closed meanwhile. */
+static int ss_enter(ServerSetObject *S, int wait)
+{
+    if (pthread_mutex_trylock(&S->recv_mu) != 0) {
+        if (!wait)
+            return 1;
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&S->recv_mu);
+        Py_END_ALLOW_THREADS
+    }
+    if (!S->db) { /* closed while we waited for the mutex */
+        pthread_mutex_unlock(&S->recv_mu);
+        PyErr_SetString(PyExc_ValueError, "ServerSet is closed");
+        return -1;
+    }
+    S->recv_active = 1;
+    return 0;
+}
+
+static void ss_leave(ServerSetObject *S)
+{
+    S->recv_active = 0;
+    pthread_mutex_unlock(&S->recv_mu);
+    ss_reap(S);
+}
+
+/* Wait (per wait mode) until a message is taken or the deadline passes. TK_GOT, TK_NONE (deadline)
+ * or TK_ERROR (CorruptChannel, Cancelled, a signal handler's exception). recv_mu held. */
+static int ss_take_wait(ServerSetObject *S, PyObject **out, uint64_t deadline)
+{
+    int refreshes = 2;
+    unsigned budget = 2 * MAX_CHANNELS;
+    for (;;) {
+        if (__atomic_exchange_n(&S->interrupt, 0, __ATOMIC_RELAXED)) {
+            PyErr_SetString(Cancelled, "recv interrupted");
+            return TK_ERROR;
+        }
+        int t = ss_take(S, out, &refreshes, &budget, 0);
+        if (t == TK_GOT || t == TK_ERROR)
+            return t;
+        if (deadline != UINT64_MAX && now_ns() >= deadline)
+            return TK_NONE;
+        int w;
+        Py_BEGIN_ALLOW_THREADS
+        w = ss_wait(S, deadline);
+        Py_END_ALLOW_THREADS
+        refreshes = 2;
+        budget = 2 * MAX_CHANNELS;
+        if (w == W_INTERRUPT)
+            continue;
+        if (PyErr_CheckSignals() < 0)
+            return TK_ERROR;
+    }
+}
+
+/* recv(timeout_ns=-1) -> Request. Timeout if nothing arrives; CorruptChannel for a bad channel
+ * (then call again); Cancelled after interrupt(). */
 static PyObject *ServerSet_recv(ServerSetObject *S, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs > 1) {
@@ -1722,88 +2938,149 @@ static PyObject *ServerSet_recv(ServerSetObject *S, PyObject *const *args, Py_ss
     if (!ss_usable(S))
         return NULL;
     uint64_t deadline = deadline_after(timeout_ns);
-    if (pthread_mutex_trylock(&S->recv_mu) != 0) {
-        Py_BEGIN_ALLOW_THREADS
-        pthread_mutex_lock(&S->recv_mu);
-        Py_END_ALLOW_THREADS
-    }
-    if (!S->db) { /* closed while we waited for the mutex */
-        pthread_mutex_unlock(&S->recv_mu);
-        PyErr_SetString(PyExc_ValueError, "ServerSet is closed");
+    if (ss_enter(S, 1) < 0)
         return NULL;
-    }
-    S->recv_active = 1;
     PyObject *result = NULL;
-    const char *why = NULL;
-    /* Work between two deadline checks is bounded: hint refreshes (2) and pops that deliver
-     * nothing (empty after all, or cancelled) -- a client can make its ring flicker between
-     * empty and non-empty, or stream cancelled requests, as fast as we look. */
-    int refreshes = 2;
-    unsigned budget = 2 * MAX_CHANNELS;
-    for (;;) {
-        if (__atomic_exchange_n(&S->interrupt, 0, __ATOMIC_RELAXED)) {
-            PyErr_SetString(Cancelled, "recv interrupted");
-            break;
-        }
-        if (now_ns() - S->last_full_scan >= FULL_SCAN_NS)
-            ss_full_scan(S);
-        int i = budget ? ss_pick(S, &refreshes) : -1;
-        if (i >= 0) {
-            budget--;
-            chan_t *ch = S->table[i];
-            int p = ch ? ss_pop(S, ch, &result, &why) : P_EMPTY;
-            if (p == P_DELIVERED) {
-                S->rr = (uint32_t)i + 1;
-                break;
-            }
-            if (p == P_EMPTY) {
-                S->ready[i / 64] &= ~(1ull << (i % 64));
-                continue;
-            }
-            if (p == P_SKIPPED)
-                continue; /* same channel again: a cancelled request does not use up its turn */
-            if (p == P_CORRUPT) {
-                S->ready[i / 64] &= ~(1ull << (i % 64));
-                ss_mark_dead(S, ch);
-                raise_corrupt(ch->index, why);
-            }
-            break; /* P_CORRUPT or P_ERROR: exception set */
-        }
-        if (now_ns() >= deadline) {
+    if (ss_raise_pending(S) == 0) {
+        int t = ss_take_wait(S, &result, deadline);
+        if (t == TK_GOT)
+            ss_clear_event(S);
+        else if (t == TK_NONE)
             PyErr_SetString(Timeout, "no request arrived in time");
-            break;
-        }
-        int w;
-        Py_BEGIN_ALLOW_THREADS
-        w = ss_wait(S, deadline);
-        Py_END_ALLOW_THREADS
-        refreshes = 2;
-        budget = 2 * MAX_CHANNELS;
-        if (w == W_INTERRUPT)
-            continue;
-        if (PyErr_CheckSignals() < 0)
-            break;
     }
-    S->recv_active = 0;
-    pthread_mutex_unlock(&S->recv_mu);
-    ss_reap(S);
+    ss_leave(S);
     return result;
 }
 
-/* reply(index, tag, opcode, flags, d0, d1, d2, d3, payload=None): never blocks. */
+/* recv_many(max_n, timeout_ns=-1) -> list of Requests: waits for one, then takes up to max_n
+ * in all without waiting, round robin one per channel per turn. [] on timeout. */
+static PyObject *ServerSet_recv_many(ServerSetObject *S, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "recv_many(max_n, timeout_ns=-1)");
+        return NULL;
+    }
+    Py_ssize_t max_n = PyLong_AsSsize_t(args[0]);
+    if (max_n == -1 && PyErr_Occurred())
+        return NULL;
+    if (max_n < 1) {
+        PyErr_SetString(PyExc_ValueError, "max_n must be >= 1");
+        return NULL;
+    }
+    int64_t timeout_ns = -1;
+    if (nargs == 2 && to_i64_timeout(args[1], &timeout_ns) < 0)
+        return NULL;
+    if (!ss_usable(S))
+        return NULL;
+    uint64_t deadline = deadline_after(timeout_ns);
+    PyObject *list = PyList_New(0);
+    if (!list)
+        return NULL;
+    if (ss_enter(S, 1) < 0) {
+        Py_DECREF(list);
+        return NULL;
+    }
+    PyObject *one = NULL;
+    if (ss_raise_pending(S) < 0)
+        goto fail;
+    int t = ss_take_wait(S, &one, deadline);
+    if (t == TK_ERROR)
+        goto fail;
+    if (t == TK_GOT) {
+        int r = PyList_Append(list, one);
+        Py_DECREF(one);
+        if (r < 0)
+            goto fail;
+        int refreshes = 1;
+        unsigned budget = 2 * MAX_CHANNELS;
+        while (PyList_GET_SIZE(list) < max_n) {
+            t = ss_take(S, &one, &refreshes, &budget, 1);
+            if (t != TK_GOT)
+                break;
+            r = PyList_Append(list, one);
+            Py_DECREF(one);
+            if (r < 0)
+                break;
+        }
+        /* Whatever stopped the gathering (nothing more, the budget, a failed allocation -- the
+         * message then stays in its ring), the gathered messages are returned; a corrupt channel
+         * was recorded for the next call. */
+        PyErr_Clear();
+        ss_clear_event(S);
+    }
+    ss_leave(S);
+    return list;
+fail:
+    ss_leave(S);
+    Py_DECREF(list);
+    return NULL;
+}
+
+/* poll() / poll_armed(): take a message without waiting (None if there is none, or if another
+ * thread is receiving). Armed: see the API comment. */
+static PyObject *ss_poll(ServerSetObject *S, int arm)
+{
+    if (!ss_usable(S))
+        return NULL;
+    int e = ss_enter(S, 0);
+    if (e < 0)
+        return NULL;
+    if (e > 0)
+        Py_RETURN_NONE; /* another thread is in recv: it takes the messages */
+    PyObject *result = NULL;
+    int t = TK_ERROR;
+    if (ss_raise_pending(S) == 0) {
+        int refreshes = 1;
+        unsigned budget = 2 * MAX_CHANNELS;
+        t = ss_take(S, &result, &refreshes, &budget, 0);
+        if (t == TK_NONE && arm) {
+            /* Empty the eventfd (a write before this belongs to a message the scan below sees;
+             * a stale count would only wake the loop for nothing). Then RELAXED store + SEQ_CST
+             * fence + full scan, Dekker with lane_ring_doorbell ("publish; bump seq; fence; load
+             * event_wanted"): either the scan sees the client's tail, or the client sees the
+             * flag and writes the eventfd. */
+            if (S->event_efd >= 0)
+                efd_drain(S->event_efd);
+            __atomic_store_n((uint32_t *)(S->db + DB_EVENT_WANTED_OFF), 1, __ATOMIC_RELAXED);
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            ss_full_scan(S);
+            refreshes = 0;
+            t = ss_take(S, &result, &refreshes, &budget, 0);
+        }
+        if (t == TK_GOT)
+            ss_clear_event(S);
+        else if (t == TK_BUDGET && arm && S->event_efd >= 0)
+            efd_signal(S->event_efd); /* more to look at: come straight back */
+    }
+    ss_leave(S);
+    if (t == TK_GOT)
+        return result;
+    if (t == TK_ERROR)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *ServerSet_poll(ServerSetObject *S, PyObject *unused) { return ss_poll(S, 0); }
+static PyObject *ServerSet_poll_armed(ServerSetObject *S, PyObject *unused)
+{
+    return ss_poll(S, 1);
+}
+
+/* reply(index, tag, opcode, flags, data, payload=None): never blocks. */
 static PyObject *ServerSet_reply(ServerSetObject *S, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs < 8 || nargs > 9) {
-        PyErr_SetString(PyExc_TypeError,
-                        "reply(index, tag, opcode, flags, d0, d1, d2, d3, payload=None)");
+    if (nargs < 5 || nargs > 6) {
+        PyErr_SetString(PyExc_TypeError, "reply(index, tag, opcode, flags, data, payload=None)");
         return NULL;
     }
     if (!ss_usable(S))
         return NULL;
     uint64_t index;
     outmsg_t m;
+    m.capability = 0;
     if (to_u64(args[0], &index, "index") < 0 || to_u64(args[1], &m.tag, "tag") < 0 ||
-        parse_out(args + 2, 0, 0, &m, 0) < 0)
+        to_u32(args[2], &m.opcode, "opcode") < 0 || parse_flags(args[3], &m.flags, 0) < 0 ||
+        parse_data(args[4], m.data) < 0)
         return NULL;
     chan_t *ch = index < MAX_CHANNELS ? S->table[index] : NULL;
     if (!ch || __atomic_load_n(&ch->dead, __ATOMIC_RELAXED)) {
@@ -1817,57 +3094,13 @@ static PyObject *ServerSet_reply(ServerSetObject *S, PyObject *const *args, Py_s
         return NULL;
     }
     Py_buffer view;
-    if (parse_payload(nargs > 8 ? args[8] : Py_None, &m, &view, max_payload_for(ch->resp.asize)) <
-        0)
+    if (parse_payload(nargs > 5 ? args[5] : Py_None, &m, &view, max_payload_for(ch->resp.asize),
+                      0) < 0)
         return NULL;
     const char *why = NULL;
-    uint64_t nfree;
-    int r;
-    ch->users++;
-    int big = m.payload && m.plen >= NOGIL_COPY_BYTES;
-    if (!big && spin_trylock(&ch->lock)) {
-        r = prod_slots_free(&ch->resp, &nfree, &why);
-        if (r == RG_OK)
-            r = nfree ? prod_write(&ch->resp, &m, &why) : RG_FULL;
-        if (r == RG_OK)
-            prod_publish(&ch->resp);
-        spin_unlock(&ch->lock);
-    } else {
-        /* Contended or big: take the lock and copy without the GIL. The owner never waits for
-         * the GIL while holding the lock, so this cannot deadlock. */
-        Py_BEGIN_ALLOW_THREADS
-        spin_lock(&ch->lock);
-        r = prod_slots_free(&ch->resp, &nfree, &why);
-        if (r == RG_OK)
-            r = nfree ? prod_write(&ch->resp, &m, &why) : RG_FULL;
-        if (r == RG_OK)
-            prod_publish(&ch->resp);
-        spin_unlock(&ch->lock);
-        Py_END_ALLOW_THREADS
-    }
-    if (r == RG_OK) {
-        /* SEQ_CST fence between our tail store (in prod_publish) and the load of the client's
-         * sleeping flag: the Dekker half matching lane_wait. */
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        char *ring = ch->resp.ring;
-        if (__atomic_load_n(ring_u32(ring, RING_CONSUMER_SLEEPING_OFF), __ATOMIC_RELAXED))
-            sys_futex_wake((const uint32_t *)ring_u64(ring, RING_TAIL_OFF), INT_MAX);
-    }
-    ch->users--;
+    int r = ss_write_reply(S, ch, &m, &why); /* ch may be gone after this */
     release_view(&view);
-    if (r == RG_CORRUPT && !ch->removed)
-        ss_mark_dead(S, ch);
-    if (ch->removed)
-        ss_reap(S); /* may free ch: no use of ch after this */
-    if (r == RG_OK)
-        Py_RETURN_NONE;
-    if (r == RG_FULL) {
-        PyErr_Format(WouldBlock, "response ring or arena of channel %llu is full",
-                     (unsigned long long)index);
-        return NULL;
-    }
-    raise_corrupt((uint32_t)index, why);
-    return NULL;
+    return reply_outcome(r, (uint32_t)index, why);
 }
 
 static PyObject *ServerSet_interrupt(ServerSetObject *S, PyObject *unused)
@@ -1888,7 +3121,7 @@ static PyObject *ServerSet_close(ServerSetObject *S, PyObject *unused)
         PyErr_SetString(PyExc_RuntimeError, "recv() is running in another thread");
         return NULL;
     }
-    for (uint32_t i = 0; i < MAX_CHANNELS; i++)
+    for (uint32_t i = 0; i < TABLE_SLOTS; i++)
         if (S->table[i] && S->table[i]->users) {
             PyErr_SetString(PyExc_RuntimeError, "reply() is running in another thread");
             return NULL;
@@ -1909,34 +3142,75 @@ static PyObject *ServerSet_contains(ServerSetObject *S, PyObject *arg)
 
 static PyObject *ServerSet_is_dead(ServerSetObject *S, PyObject *arg)
 {
-    unsigned long long index = PyLong_AsUnsignedLongLong(arg);
-    if (index == (unsigned long long)-1 && PyErr_Occurred())
+    chan_t *ch = ss_lookup(S, arg);
+    return ch ? PyBool_FromLong(__atomic_load_n(&ch->dead, __ATOMIC_RELAXED)) : NULL;
+}
+
+static PyObject *ServerSet_refused(ServerSetObject *S, PyObject *arg)
+{
+    chan_t *ch = ss_lookup(S, arg);
+    if (!ch)
         return NULL;
-    if (index >= MAX_CHANNELS || !S->table[index]) {
-        PyErr_Format(PyExc_KeyError, "no channel with index %llu", index);
+    /* RELAXED: an informational, client-written number; nothing is read through it. */
+    return PyLong_FromUnsignedLongLong(
+        __atomic_load_n((uint64_t *)(ch->map + CHAN_REFUSED_OFF), __ATOMIC_RELAXED));
+}
+
+static PyObject *ServerSet_drops(ServerSetObject *S, PyObject *arg)
+{
+    chan_t *ch = ss_lookup(S, arg);
+    if (!ch)
         return NULL;
-    }
-    return PyBool_FromLong(__atomic_load_n(&S->table[index]->dead, __ATOMIC_RELAXED));
+    return Py_BuildValue("{sKsKsKsKsK}", "rate", (unsigned long long)ch->drops[LIM_RATE],
+                         "bandwidth", (unsigned long long)ch->drops[LIM_BANDWIDTH], "size",
+                         (unsigned long long)ch->drops[LIM_SIZE], "expired",
+                         (unsigned long long)ch->drops[LIM_EXPIRED], "rights",
+                         (unsigned long long)ch->drops[LIM_RIGHTS]);
 }
 
 static Py_ssize_t ServerSet_len(ServerSetObject *S) { return S->nchan; }
 
+static PyObject *ServerSet_get_draining(ServerSetObject *S, void *c)
+{
+    Py_ssize_t n = 0;
+    for (uint32_t w = 0; w < MAX_CHANNELS / 64; w++)
+        n += __builtin_popcountll(S->drain_used[w]);
+    return PyLong_FromSsize_t(n);
+}
+
 static PyMethodDef ServerSet_methods[] = {
     {"add", (PyCFunction)(void (*)(void))ServerSet_add, METH_VARARGS | METH_KEYWORDS,
-     "add(index, chan_fd, ctrl_fd, nslots=256, arena_size=128 MiB, sender_id=None)"},
-    {"remove", (PyCFunction)ServerSet_remove, METH_O, "remove(index)"},
+     "add(index, chan_fd, ctrl_fd, nslots=256, arena_size=128 MiB, sender_id=None, "
+     "reply_event_fd=-1)"},
+    {"remove", (PyCFunction)(void (*)(void))ServerSet_remove, METH_VARARGS | METH_KEYWORDS,
+     "remove(index, drain=False): drain=True still delivers the requests already in the ring"},
     {"recv", (PyCFunction)(void (*)(void))ServerSet_recv, METH_FASTCALL,
-     "recv(timeout_ns=-1) -> (index, tag, capability, opcode, flags, d0, d1, d2, d3, payload, "
-     "sender_id)"},
+     "recv(timeout_ns=-1) -> Request"},
+    {"recv_many", (PyCFunction)(void (*)(void))ServerSet_recv_many, METH_FASTCALL,
+     "recv_many(max_n, timeout_ns=-1) -> list of Requests ([] on timeout)"},
+    {"poll", (PyCFunction)ServerSet_poll, METH_NOARGS, "poll() -> Request or None (never waits)"},
+    {"poll_armed", (PyCFunction)ServerSet_poll_armed, METH_NOARGS,
+     "poll_armed() -> Request or None; None means armed: a client's next message writes the "
+     "event fd"},
     {"reply", (PyCFunction)(void (*)(void))ServerSet_reply, METH_FASTCALL,
-     "reply(index, tag, opcode, flags, d0, d1, d2, d3, payload=None)"},
+     "reply(index, tag, opcode, flags, data, payload=None)"},
     {"interrupt", (PyCFunction)ServerSet_interrupt, METH_NOARGS,
      "Make the running (or the next) recv raise Cancelled."},
     {"close", (PyCFunction)ServerSet_close, METH_NOARGS, "Unmap every channel and the doorbell."},
     {"is_dead", (PyCFunction)ServerSet_is_dead, METH_O,
      "is_dead(index) -> bool: was the channel found corrupt?"},
+    {"refused", (PyCFunction)ServerSet_refused, METH_O,
+     "refused(index) -> int: messages the client says it could not queue (untrusted)"},
+    {"drops", (PyCFunction)ServerSet_drops, METH_O,
+     "drops(index) -> dict(rate, bandwidth, size, expired, rights): messages refused by the "
+     "capability's limits"},
     {"__contains__", (PyCFunction)ServerSet_contains, METH_O | METH_COEXIST, NULL},
     {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef ServerSet_getset[] = {
+    {"draining", (getter)ServerSet_get_draining, NULL, "channels still being drained", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static int ServerSet_sq_contains(ServerSetObject *S, PyObject *arg)
@@ -1957,12 +3231,39 @@ static PyTypeObject ServerSetType = {
     .tp_basicsize = sizeof(ServerSetObject),
     .tp_dealloc = (destructor)ServerSet_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "ServerSet(doorbell_fd, wait_mode=1, spin_ns=50000): the service end.",
+    .tp_doc = "ServerSet(doorbell_fd, wait_mode=1, spin_ns=50000, event_fd=-1): the service end.",
     .tp_methods = ServerSet_methods,
+    .tp_getset = ServerSet_getset,
     .tp_as_sequence = &ServerSet_as_seq,
     .tp_init = (initproc)ServerSet_init,
-    .tp_new = PyType_GenericNew,
+    .tp_new = ServerSet_new,
 };
+
+/* set_types(message_type, request_type): the classes recv/call results are made of. */
+static PyObject *py_set_types(PyObject *self, PyObject *args)
+{
+    PyObject *mt, *rt;
+    if (!PyArg_ParseTuple(args, "OO:set_types", &mt, &rt))
+        return NULL;
+    if (mt != Py_None &&
+        (!PyType_Check(mt) || !PyType_IsSubtype((PyTypeObject *)mt, &PyTuple_Type))) {
+        PyErr_SetString(PyExc_TypeError, "message_type must be a subclass of tuple (or None)");
+        return NULL;
+    }
+    if (rt != Py_None &&
+        (!PyType_Check(rt) || !PyType_IsSubtype((PyTypeObject *)rt, &RequestType))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "request_type must be a subclass of capbus._core.Request (or None)");
+        return NULL;
+    }
+    PyTypeObject *new_mt = mt == Py_None ? NULL : (PyTypeObject *)mt;
+    PyTypeObject *new_rt = rt == Py_None ? &RequestType : (PyTypeObject *)rt;
+    Py_XINCREF(new_mt);
+    Py_INCREF(new_rt);
+    Py_XSETREF(msg_type, new_mt);
+    Py_XSETREF(req_type, new_rt);
+    Py_RETURN_NONE;
+}
 
 /* ---------------------------------------------------------------------------------------------
  * Module-level helpers for the kernel (and tests).
@@ -1996,9 +3297,10 @@ static PyObject *py_channel_layout(PyObject *self, PyObject *args, PyObject *kw)
         return NULL;
     uint64_t rq = REQ_RING_OFF, rs = resp_ring_off(n);
     return Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "size", channel_size(n, a), "nslots", n,
+        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "size", channel_size(n, a), "nslots", n,
         "arena_size", a, "ring_size", ring_size(n), "cancel_below",
-        (unsigned long long)CHAN_CANCEL_BELOW_OFF, "req_ring", rq, "req_tail", rq + RING_TAIL_OFF,
+        (unsigned long long)CHAN_CANCEL_BELOW_OFF, "refused", (unsigned long long)CHAN_REFUSED_OFF,
+        "resp_consumer_event", rs + RING_CONSUMER_EVENT_OFF, "req_ring", rq, "req_tail", rq + RING_TAIL_OFF,
         "req_head", rq + RING_HEAD_OFF, "req_arena_released", rq + RING_ARENA_RELEASED_OFF,
         "req_slots", rq + RING_SLOTS_OFF, "resp_ring", rs, "resp_tail", rs + RING_TAIL_OFF,
         "resp_head", rs + RING_HEAD_OFF, "resp_consumer_sleeping",
@@ -2181,6 +3483,9 @@ static PyMethodDef core_methods[] = {
      "wake_lane(chan, nslots=256) -> int: wake clients blocked on a channel (chan: memfd or "
      "buffer mapping the channel from offset 0)"},
     {"crc32", py_crc32, METH_VARARGS, "crc32(data, value=0) -> int (same as zlib.crc32)"},
+    {"set_types", py_set_types, METH_VARARGS,
+     "set_types(message_type, request_type): call results become message_type (a tuple\n"
+     "subclass) instances and received messages request_type (a Request subclass) instances."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2214,6 +3519,7 @@ PyMODINIT_FUNC PyInit__core(void)
         {&PeerDied, "PeerDied"},         {&InvalidCapability, "InvalidCapability"},
         {&WouldBlock, "WouldBlock"},     {&MessageTooLarge, "MessageTooLarge"},
         {&ProtocolError, "ProtocolError"}, {&Cancelled, "Cancelled"},
+        {&PermissionDenied, "PermissionDenied"}, {&RateLimitExceeded, "RateLimitExceeded"},
     };
     for (size_t i = 0; i < sizeof errs / sizeof errs[0]; i++) {
         *errs[i].slot = PyObject_GetAttrString(errors, errs[i].name);
@@ -2223,6 +3529,27 @@ PyMODINIT_FUNC PyInit__core(void)
         }
     }
     Py_DECREF(errors);
+    struct {
+        uint64_t *slot;
+        PyObject *cls;
+    } codes[] = {
+        {&code_invalid_capability, InvalidCapability},
+        {&code_message_too_large, MessageTooLarge},
+        {&code_rate_limit, RateLimitExceeded},
+    };
+    for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++) {
+        PyObject *c = PyObject_GetAttrString(codes[i].cls, "code");
+        if (!c)
+            return NULL;
+        int bad = to_u64(c, codes[i].slot, "error code");
+        Py_DECREF(c);
+        if (bad < 0)
+            return NULL;
+    }
+    empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
+    empty_tuple = PyTuple_New(0);
+    if (!empty_bytes || !empty_tuple)
+        return NULL;
     CorruptChannel = PyErr_NewExceptionWithDoc(
         "capbus._core.CorruptChannel",
         "A client wrote garbage into its channel. The ServerSet has marked the channel dead and "
@@ -2230,8 +3557,13 @@ PyMODINIT_FUNC PyInit__core(void)
         ProtocolError, NULL);
     if (!CorruptChannel)
         return NULL;
-    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&ServerSetType) < 0)
+    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&ServerSetType) < 0 ||
+        PyType_Ready(&RequestType) < 0)
         return NULL;
+    if (!req_type) {
+        Py_INCREF(&RequestType);
+        req_type = &RequestType;
+    }
 
     PyObject *m = PyModule_Create(&core_module);
     if (!m)
@@ -2239,9 +3571,11 @@ PyMODINIT_FUNC PyInit__core(void)
     Py_INCREF(CorruptChannel);
     Py_INCREF(&LaneType);
     Py_INCREF(&ServerSetType);
+    Py_INCREF(&RequestType);
     if (PyModule_AddObject(m, "CorruptChannel", CorruptChannel) < 0 ||
         PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0 ||
-        PyModule_AddObject(m, "ServerSet", (PyObject *)&ServerSetType) < 0)
+        PyModule_AddObject(m, "ServerSet", (PyObject *)&ServerSetType) < 0 ||
+        PyModule_AddObject(m, "Request", (PyObject *)&RequestType) < 0)
         goto fail;
 
     static const struct {
@@ -2251,13 +3585,17 @@ PyMODINIT_FUNC PyInit__core(void)
 #define C(x) {#x, (uint64_t)(x)}
         C(CTRL_SIZE), C(CTRL_STATE_OFF), C(CTRL_GENERATION_OFF), C(CTRL_EXPIRY_OFF),
         C(CTRL_MAX_MESSAGE_SIZE_OFF), C(CTRL_RATE_LIMIT_OFF), C(CTRL_BANDWIDTH_OFF),
-        C(CTRL_RIGHTS_OFF), C(CTRL_SENDER_ID_OFF),
+        C(CTRL_RIGHTS_OFF), C(CTRL_FLAGS_OFF), C(CTRL_SENDER_ID_OFF), C(CTRL_F_ENFORCE),
+        C(RIGHT_SEND), C(RIGHT_RECEIVE), C(RIGHT_SHARE), C(RIGHT_MAP), C(RIGHT_READ),
+        C(RIGHT_WRITE),
         C(STATE_OPEN), C(STATE_REVOKED), C(STATE_PEER_DEAD), C(STATE_CLOSED),
-        C(DOORBELL_SIZE), C(DB_SEQ_OFF), C(DB_SERVER_SLEEPING_OFF), C(DB_BITMAP_OFF),
+        C(DOORBELL_SIZE), C(DB_SEQ_OFF), C(DB_SERVER_SLEEPING_OFF), C(DB_EVENT_WANTED_OFF),
+        C(DB_BITMAP_OFF),
         C(MAX_CHANNELS),
         C(CHAN_HEADER_SIZE), C(CHAN_MAGIC_OFF), C(CHAN_VERSION_OFF), C(CHAN_NSLOTS_OFF),
-        C(CHAN_ARENA_SIZE_OFF), C(CHAN_CANCEL_BELOW_OFF), C(CHAN_MAGIC), C(CHAN_VERSION),
-        C(RING_TAIL_OFF), C(RING_HEAD_OFF), C(RING_CONSUMER_SLEEPING_OFF),
+        C(CHAN_ARENA_SIZE_OFF), C(CHAN_CANCEL_BELOW_OFF), C(CHAN_REFUSED_OFF), C(CHAN_MAGIC),
+        C(CHAN_VERSION), C(RING_TAIL_OFF), C(RING_HEAD_OFF), C(RING_CONSUMER_SLEEPING_OFF),
+        C(RING_CONSUMER_EVENT_OFF),
         C(RING_ARENA_RELEASED_OFF), C(RING_SLOTS_OFF), C(REQ_RING_OFF),
         C(DEFAULT_NSLOTS), C(MIN_NSLOTS), C(MAX_NSLOTS), C(DEFAULT_ARENA_SIZE),
         C(MIN_ARENA_SIZE), C(MAX_ARENA_SIZE),
@@ -2276,7 +3614,7 @@ PyMODINIT_FUNC PyInit__core(void)
         C(LM_REGION_SIZE_OFF), C(LM_REGION_PERMISSIONS_OFF), C(LM_REGION_CACHE_POLICY_OFF),
         C(LM_INLINE_OFF), C(LM_INLINE_SIZE), C(REGION_PERM_READ), C(CHUNK_ALIGN),
         C(WAIT_SPIN), C(WAIT_ADAPTIVE), C(WAIT_BLOCK), C(DEFAULT_SPIN_NS),
-        C(SLEEP_CAP_NS), C(SLICE_NS), C(FULL_SCAN_NS),
+        C(SLEEP_CAP_NS), C(SLICE_NS), C(FULL_SCAN_NS), C(BATCH_MAX),
         {"DEFAULT_RESP_RING_OFF", REQ_RING_OFF + RING_SLOTS_OFF + DEFAULT_NSLOTS * SLOT_SIZE},
         {"RESP_TAIL_OFF", REQ_RING_OFF + RING_SLOTS_OFF + DEFAULT_NSLOTS * SLOT_SIZE + RING_TAIL_OFF},
 #undef C

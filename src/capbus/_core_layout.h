@@ -23,8 +23,23 @@
 #define CTRL_MAX_MESSAGE_SIZE_OFF 16u  /* u64: 0 = none */
 #define CTRL_RATE_LIMIT_OFF 24u        /* u64 */
 #define CTRL_BANDWIDTH_OFF 32u         /* u64 */
-#define CTRL_RIGHTS_OFF 40u            /* u32 */
+#define CTRL_RIGHTS_OFF 40u            /* u32: RIGHT_* bits of the client's capability */
+#define CTRL_FLAGS_OFF 44u             /* u32: CTRL_F_* */
 #define CTRL_SENDER_ID_OFF 64u         /* u64: kernel-verified ProcessId of the client side */
+
+/* CTRL_FLAGS_OFF bits. CTRL_F_ENFORCE: check rights, expiry, size, rate and bandwidth for every
+ * message (both ends). The kernel sets it only when the capability carries a limit or lacks
+ * RIGHT_SEND, so a channel without limits pays one predictable branch. The kernel writes the
+ * limit fields first and CTRL_FLAGS_OFF last (both ends load the flags with ACQUIRE). */
+#define CTRL_F_ENFORCE 1u
+
+/* Capability rights (CTRL_RIGHTS_OFF). Only RIGHT_SEND is enforced by the data plane. */
+#define RIGHT_SEND 1u
+#define RIGHT_RECEIVE 2u
+#define RIGHT_SHARE 4u
+#define RIGHT_MAP 8u
+#define RIGHT_READ 16u
+#define RIGHT_WRITE 32u
 
 #define STATE_OPEN 1u
 #define STATE_REVOKED 2u
@@ -35,6 +50,7 @@
 #define DOORBELL_SIZE 4096u
 #define DB_SEQ_OFF 0u              /* u32 futex word: clients add 1 after publishing */
 #define DB_SERVER_SLEEPING_OFF 64u /* u32: 1 while the server is (about to be) asleep on seq */
+#define DB_EVENT_WANTED_OFF 68u    /* u32: 1 while an event-loop server waits on its eventfd */
 #define DB_BITMAP_OFF 128u         /* MAX_CHANNELS bits as u64 words: "channel i has work" hints */
 #define MAX_CHANNELS 4096u
 #define DB_BITMAP_WORDS (MAX_CHANNELS / 64u)
@@ -46,6 +62,8 @@
 #define CHAN_NSLOTS_OFF 12u      /* u32 -- informational */
 #define CHAN_ARENA_SIZE_OFF 16u  /* u64 -- informational */
 #define CHAN_CANCEL_BELOW_OFF 64u /* u64, written by the client: requests with tag < this are dead */
+#define CHAN_REFUSED_OFF 128u    /* u64, written by the client: messages refused (ring/arena full);
+                                    untrusted, informational */
 #define CHAN_MAGIC 0x3143535542504143ull /* the bytes "CAPBUSC1" read as a little-endian u64 */
 #define CHAN_VERSION 1u
 
@@ -53,6 +71,7 @@
 #define RING_TAIL_OFF 0u               /* u64, written by the producer */
 #define RING_HEAD_OFF 64u              /* u64, written by the consumer */
 #define RING_CONSUMER_SLEEPING_OFF 72u /* u32, response ring only: client is asleep on tail */
+#define RING_CONSUMER_EVENT_OFF 76u    /* u32, response ring only: client waits on its eventfd */
 #define RING_ARENA_RELEASED_OFF 128u   /* u64, written by the consumer: arena bytes released */
 #define RING_SLOTS_OFF 256u
 #define REQ_RING_OFF CHAN_HEADER_SIZE

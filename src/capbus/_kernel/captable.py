@@ -1,30 +1,144 @@
-"""A process's capability table: every handle it holds is a (slot, generation) entry here.
+"""Capabilities: what a process may do, one entry per handle in its capability table.
 
-Lookup is O(1): the slot indexes a list, the generation must match. Freed slots get a new
-generation, so a stale handle fails with InvalidCapability; generations start at a random
-value per table, so a handle number copied into another process does not name anything there.
+A handle is (generation << 32 | slot): lookup is O(1), a freed slot gets a new generation so a
+stale handle fails with InvalidCapability, and generations start at a random value per table so a
+handle number copied into another process names nothing there.
+
+Every capability has rights and limits and sits in a derivation tree: restrict() and delegation
+make children that can only have fewer rights and tighter limits; revocation takes a capability
+and its whole subtree out of every table at once.
 """
 
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._errors import InvalidCapability, OutOfMemory
+from .._errors import InvalidCapability, OutOfMemory, PermissionDenied
 
 MAX_CAPS = 4096
 _GEN_MASK = 0xFFFFFFFF
+RIGHTS = ("send", "receive", "share", "map", "read", "write")
+LIMIT_KEYS = ("rate", "bandwidth", "max_message_size")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """rate: messages/s; bandwidth: payload bytes/s; max_message_size: payload bytes;
+    expires_at: time.monotonic() seconds. 0 means no limit."""
+
+    rate: int = 0
+    bandwidth: int = 0
+    max_message_size: int = 0
+    expires_at: float = 0.0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.rate or self.bandwidth or self.max_message_size or self.expires_at)
+
+    def tightened(self, rate: int = 0, bandwidth: int = 0, max_message_size: int = 0,
+                  expires_at: float = 0.0) -> Limits:
+        """These limits narrowed by the given ones; PermissionDenied if one would widen.
+
+        0 asks for "no change". A child can never lift a limit its parent has."""
+        def narrow(name: str, parent: float, child: float) -> float:
+            if not child:
+                return parent
+            if parent and child > parent:
+                raise PermissionDenied(f"restrict cannot raise {name} from {parent} to {child}")
+            return child
+
+        return Limits(
+            int(narrow("rate", self.rate, rate)),
+            int(narrow("bandwidth", self.bandwidth, bandwidth)),
+            int(narrow("max_message_size", self.max_message_size, max_message_size)),
+            narrow("expiry", self.expires_at, expires_at),
+        )
+
+    def within(self, parent: Limits) -> bool:
+        """True if these limits are at least as tight as the parent's."""
+        for mine, theirs in ((self.rate, parent.rate), (self.bandwidth, parent.bandwidth),
+                             (self.max_message_size, parent.max_message_size),
+                             (self.expires_at, parent.expires_at)):
+            if theirs and (not mine or mine > theirs):
+                return False
+        return True
+
+    def expired(self, now: float | None = None) -> bool:
+        return bool(self.expires_at) and (now if now is not None else time.monotonic()) >= self.expires_at
+
+    def wire(self) -> dict[str, int]:
+        """As sent to a process: absolute CLOCK_MONOTONIC nanoseconds for the expiry."""
+        out = {k: getattr(self, k) for k in LIMIT_KEYS if getattr(self, k)}
+        if self.expires_at:
+            out["expires_at_ns"] = int(self.expires_at * 1e9)
+        return out
+
+    @classmethod
+    def from_request(cls, raw: dict[str, int] | None, now: float | None = None) -> Limits:
+        """From a process's request: expires_in_ms is relative to now."""
+        raw = raw or {}
+        expires = raw.get("expires_in_ms", 0)
+        now = time.monotonic() if now is None else now
+        return cls(raw.get("rate", 0), raw.get("bandwidth", 0), raw.get("max_message_size", 0),
+                   now + expires / 1000.0 if expires else 0.0)
+
+
+def check_rights(rights: Any) -> frozenset[str]:
+    rights = frozenset(rights)
+    unknown = rights - set(RIGHTS)
+    if unknown:
+        raise ValueError(f"unknown rights {sorted(unknown)}: rights are {', '.join(RIGHTS)}")
+    return rights
 
 
 @dataclass(eq=False)
 class Capability:
-    kind: str  # "endpoint" | "service" | "subscription"
+    kind: str  # "endpoint" | "service" | "subscription" | "region"
     target: Any  # the kernel object it names (a Service for endpoints and services)
+    rights: frozenset[str] = frozenset()
+    limits: Limits = field(default_factory=Limits)
+    parent: Capability | None = None
+    children: list[Capability] = field(default_factory=list)
+    owner: Any = None  # the ProcessRecord whose table holds it
     handle: int = 0
     dead: bool = False  # the target's process has exited
+    revoked: bool = False
     watched: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def derive(self, rights: frozenset[str] | None = None, limits: Limits | None = None,
+               kind: str | None = None) -> Capability:
+        """A child with at most our rights and at least our limits (PermissionDenied if not)."""
+        rights = self.rights if rights is None else rights
+        if not rights <= self.rights:
+            raise PermissionDenied(
+                f"cannot widen rights: {sorted(rights - self.rights)} not held by handle "
+                f"{self.handle:#x} (it has {sorted(self.rights)})"
+            )
+        limits = self.limits if limits is None else limits
+        if not limits.within(self.limits):
+            raise PermissionDenied("cannot loosen the limits of the capability it derives from")
+        child = Capability(kind or self.kind, self.target, rights, limits, parent=self)
+        self.children.append(child)
+        return child
+
+    def subtree(self) -> list[Capability]:
+        out, stack = [], [self]
+        while stack:
+            cap = stack.pop()
+            out.append(cap)
+            stack.extend(cap.children)
+        return out
+
+    def detach(self) -> None:
+        if self.parent is not None:
+            try:
+                self.parent.children.remove(self)
+            except ValueError:
+                pass
 
 
 class CapTable:
@@ -55,18 +169,23 @@ class CapTable:
         slot, gen = handle & 0xFFFFFFFF, handle >> 32
         cap = self._slots[slot] if slot < len(self._slots) else None
         if cap is None or self._gens[slot] != gen:
-            raise InvalidCapability(f"handle {handle:#x} is not a live capability of this process")
+            raise InvalidCapability(f"handle {handle:#x} is not a live capability of this process "
+                                    "(never granted here, released or revoked)")
         if kind is not None and cap.kind != kind:
             raise InvalidCapability(f"handle {handle:#x} is a {cap.kind}, not a {kind}")
+        if cap.limits.expired():
+            raise InvalidCapability(f"handle {handle:#x} expired")
         return cap
 
     def remove(self, handle: int) -> Capability:
-        cap = self.get(handle)
-        slot = handle & 0xFFFFFFFF
+        slot, gen = handle & 0xFFFFFFFF, handle >> 32
+        cap = self._slots[slot] if slot < len(self._slots) else None
+        if cap is None or self._gens[slot] != gen:
+            raise InvalidCapability(f"handle {handle:#x} is not a live capability of this process")
         self._slots[slot] = None
         self._gens[slot] = (self._gens[slot] + 1) & _GEN_MASK or 1
         self._free.append(slot)
         return cap
 
     def __iter__(self):
-        return (c for c in self._slots if c is not None)
+        return (c for c in list(self._slots) if c is not None)

@@ -35,18 +35,20 @@ from .._errors import (
     OutOfMemory,
     PeerDied,
     PermissionDenied,
+    ProcessNotFound,
     ProtocolError,
     ServiceNotFound,
 )
 from .._protocol import frames
 from .._protocol.connection import KernelConnection, State
 from .._protocol.names import check_name
+from . import audit as _audit
 from .allowlist import AccessList
-from .captable import Capability, CapTable
+from .captable import Capability, CapTable, Limits, check_rights
 from .launcher import Child, LaunchSpec, launch
 from .policy import Policy, ProcessInfo
 from .registry import Registry
-from .shm import ChannelShm, make_doorbell
+from .shm import ChannelShm, make_doorbell, make_eventfd
 from .transport import Transport
 
 log = logging.getLogger("capbus.kernel")
@@ -54,6 +56,10 @@ log = logging.getLogger("capbus.kernel")
 NSLOTS = 256  # slots per ring
 ARENA_SIZE = 128 << 20  # bytes per direction: virtual, a sparse memfd costs only what is touched
 MAX_LANES_PER_CAP = 64  # channels one holder may open on one endpoint (one per calling thread)
+MAX_LANES_PER_PROCESS = 1024  # channels one process may hold open in all
+TRANSFER_TTL = 60.0  # seconds a delegated capability waits for its receiver to claim it
+MAX_TRANSFERS = 4096  # pending delegations per service
+ENDPOINT_RIGHTS = frozenset({"send", "share"})
 
 _FRAMES_PER_WAKEUP = 32  # per connection and loop turn, so one chatty process cannot starve others
 
@@ -75,8 +81,12 @@ class Service:
     owner: ProcessRecord
     handle: int = 0
     access: AccessList = field(default_factory=AccessList)
+    default_limits: dict[str, int] = field(default_factory=dict)  # for endpoints it hands out
+    # (channel index, message tag) -> capabilities delegated with that message, and their expiry
+    transfers: dict[tuple[int, int], tuple[float, list[Capability]]] = field(default_factory=dict)
     alive: bool = True
     doorbell_fd: int = -1
+    bell_event_fd: int = -1
     channels: dict[int, Channel] = field(default_factory=dict)
     free_indices: list[int] = field(default_factory=list)
     next_index: int = 0
@@ -138,6 +148,8 @@ class Kernel:
     socket_path: where processes connect (default: a per-user directory, or $CAPBUS_SOCKET).
     policy: a capbus.Policy, a registration filter callable(ProcessInfo, name) -> bool, or the
     path of a TOML policy file.
+    audit: the audit log's path; True (the default) for audit.db beside the socket; None or
+    False to keep none.
     """
 
     def __init__(
@@ -145,6 +157,7 @@ class Kernel:
         socket_path: str | None = None,
         policy: Policy | Callable[[ProcessInfo, str], bool] | str | None = None,
         *,
+        audit: str | None | bool = True,
         start: bool = True,
     ) -> None:
         self.socket_path = os.path.abspath(socket_path or _paths.default_socket())
@@ -180,10 +193,26 @@ class Kernel:
             frames.CloseChannel: self._on_close_channel,
             frames.ReportBad: self._on_report_bad,
             frames.Access: self._on_access,
+            frames.Restrict: self._on_restrict,
+            frames.Revoke: self._on_revoke,
+            frames.Delegate: self._on_delegate,
+            frames.Claim: self._on_claim,
         }
         _raise_fd_limit()
         self._lock_fd, self._listener = _bind(self.socket_path)
+        if audit is True:
+            audit = _audit.default_path(self.socket_path)
+        try:
+            self._audit = _audit.AuditLog(audit or None)
+        except BaseException:
+            self._listener.close()
+            os.close(self._lock_fd)
+            raise
+        self.audit_path = audit or None
+        self._audit.record(_audit.KERNEL_START, pid=os.getpid(), detail=self.socket_path)
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Kept in reserve so that an accept failing for lack of fds can still shed the connection.
+        self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._sel.register(self._listener, selectors.EVENT_READ, ("listen", None))
         self._sel.register(self._wake, selectors.EVENT_READ, ("wake", None))
         if start:
@@ -219,6 +248,10 @@ class Kernel:
         child = Child(spec)
         self._call(self._launch_child, child)
         return child
+
+    def caps(self, process_id: int) -> list[dict[str, Any]]:
+        """A process's capability table, as `capbus caps` shows it."""
+        return self._call(self._rows, "caps", process_id)
 
     def processes(self) -> list[dict[str, Any]]:
         """The process table, as `capbus ps` shows it."""
@@ -274,6 +307,9 @@ class Kernel:
                 if self._timers:
                     # Clamped: a parked lookup may wait for days; epoll takes at most ~24 days.
                     timeout = min(max(0.0, self._timers[0].deadline - time.monotonic()), 3600.0)
+                due = self._audit.due_in()
+                if due is not None:
+                    timeout = due if timeout is None else min(timeout, due)
                 for key, mask in self._sel.select(timeout):
                     what, rec = key.data
                     try:
@@ -284,6 +320,8 @@ class Kernel:
                         if rec is not None:
                             self._gone(rec, "kernel error")
                 self._fire_timers()
+                if self._audit.due():
+                    self._audit.flush()
         except Exception:  # pragma: no cover - a kernel bug must not leave a silent dead kernel
             log.exception("kernel loop crashed")
             raise
@@ -367,6 +405,10 @@ class Kernel:
         self._listener.close()
         with contextlib.suppress(OSError):
             os.close(self._wake)
+        if self._reserve_fd >= 0:
+            os.close(self._reserve_fd)
+        self._audit.record(_audit.KERNEL_STOP, pid=os.getpid())
+        self._audit.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
         os.close(self._lock_fd)
@@ -383,8 +425,8 @@ class Kernel:
                 sock, _ = self._listener.accept()
             except BlockingIOError:
                 return
-            except OSError as exc:  # EMFILE and friends: refuse this one, keep serving
-                log.warning("accept failed: %s", exc)
+            except OSError as exc:
+                self._accept_failed(exc)
                 return
             transport = Transport(sock)
             pid, uid, gid = transport.peer_creds()
@@ -396,6 +438,28 @@ class Kernel:
                     pidfd = None
             package = self.policy.uid_packages.get(uid)
             self._add_record(transport, pid, uid, gid, pidfd, package, None, None)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Out of fds (or memory): the pending connection would keep the listener readable and
+        the loop spinning. Shed it with the reserve fd, then stop accepting for a moment."""
+        log.warning("accept failed (%s): refusing new connections for 0.5 s", exc)
+        if self._reserve_fd >= 0:
+            os.close(self._reserve_fd)
+            self._reserve_fd = -1
+            with contextlib.suppress(OSError):
+                self._listener.accept()[0].close()  # the client sees its connection closed
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(self._listener)
+
+        def resume() -> None:
+            if self._reserve_fd < 0:
+                with contextlib.suppress(OSError):
+                    self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            if not self._shut:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._sel.register(self._listener, selectors.EVENT_READ, ("listen", None))
+
+        self._after(0.5, resume)
 
     def _add_record(
         self,
@@ -410,6 +474,8 @@ class Kernel:
     ) -> ProcessRecord:
         rec = ProcessRecord(next(self._ids), pid, uid, gid, transport, pidfd, package, name, child)
         self._procs[rec.process_id] = rec
+        self._audit_event(_audit.PROCESS_START, rec, None, package or name or "",
+                          "launched" if child is not None else "connected")
         self._sel.register(transport.sock, selectors.EVENT_READ, ("conn", rec))
         if pidfd is not None:
             self._sel.register(pidfd, selectors.EVENT_READ, ("pidfd", rec))
@@ -457,6 +523,8 @@ class Kernel:
             try:
                 reply = self._handlers[type(msg)](rec, msg, request_id)
             except IpcError as exc:
+                if isinstance(exc, PermissionDenied):
+                    self._audit_event(_audit.DENIED, rec, None, type(msg).__name__, str(exc))
                 reply = frames.Error(exc.code, str(exc))
             except (ValueError, TypeError) as exc:
                 reply = frames.Error(VALUE_ERROR_CODE, str(exc))
@@ -499,6 +567,7 @@ class Kernel:
             self._sel.modify(rec.transport.sock, selectors.EVENT_READ, ("conn", rec))
 
     def _violation(self, rec: ProcessRecord, exc: ProtocolError) -> None:
+        self._audit_event(_audit.PROTOCOL_ERROR, rec, None, "", str(exc))
         log.warning("ProtocolError from process %d (pid %d): %s; closing its connection",
                     rec.process_id, rec.pid, exc)
         self._gone(rec, f"protocol error: {exc}")
@@ -509,6 +578,7 @@ class Kernel:
             return
         rec.alive = False
         log.info("process %d (pid %d) gone: %s", rec.process_id, rec.pid, why)
+        self._audit_event(_audit.PROCESS_EXIT, rec, None, rec.package or rec.name or "", why)
         self._procs.pop(rec.process_id, None)
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(rec.transport.sock)
@@ -563,27 +633,34 @@ class Kernel:
         return frames.Welcome(rec.process_id, rec.package, max(rec.pid, 0))
 
     def _register(self, rec: ProcessRecord, key: str, kind: str, allow: list[str] | None,
-                  rid: int) -> None:
+                  rid: int, limits: dict[str, int] | None = None) -> None:
         self.policy.may_register(rec.info(), key)
         registry = self._names if kind == "name" else self._packages
-        svc = Service(key, kind, rec, access=AccessList.from_entries(allow))
+        svc = Service(key, kind, rec, access=AccessList.from_entries(allow),
+                      default_limits=dict(limits or {}))
         registry.claim(key, svc)
         try:
-            svc.handle = rec.caps.insert(Capability("service", svc))
+            svc.handle = rec.caps.insert(Capability("service", svc, frozenset({"receive"}), owner=rec))
             svc.doorbell_fd = make_doorbell()
+            svc.bell_event_fd = make_eventfd()
         except (IpcError, OSError) as exc:
             registry.release(key, svc)
             if svc.handle:
                 rec.caps.remove(svc.handle)
+            for fd in (svc.doorbell_fd, svc.bell_event_fd):
+                if fd >= 0:
+                    os.close(fd)
             raise exc if isinstance(exc, IpcError) else OutOfMemory(f"no doorbell: {exc}") from None
         rec.services.append(svc)
-        self._respond(rec, rid, frames.Registered(svc.handle, key), (svc.doorbell_fd,))
+        self._audit_event(_audit.REGISTER, rec, None, key, kind)
+        self._respond(rec, rid, frames.Registered(svc.handle, key),
+                      (svc.doorbell_fd, svc.bell_event_fd))
         self._grant_waiters((kind, key), svc)
         self._notify_registration()
         return None
 
     def _on_register(self, rec: ProcessRecord, msg: frames.Register, rid: int) -> None:
-        return self._register(rec, check_name(msg.name), "name", msg.allow, rid)
+        return self._register(rec, check_name(msg.name), "name", msg.allow, rid, msg.limits)
 
     def _on_register_package(self, rec: ProcessRecord, msg: frames.RegisterPackage,
                              rid: int) -> None:
@@ -592,7 +669,7 @@ class Kernel:
                 "this process has no verified package: launch it with kernel.spawn(package=...) "
                 "or capbus run, or map its uid to a package in the kernel's policy"
             )
-        return self._register(rec, rec.package, "package", msg.allow, rid)
+        return self._register(rec, rec.package, "package", msg.allow, rid, msg.limits)
 
     def _lookup(self, rec: ProcessRecord, kind: str, key: str, timeout_ms: int,
                 rid: int) -> frames.Message | None:
@@ -642,15 +719,18 @@ class Kernel:
         return svc.owner.process_id if svc is not None else None
 
     def _grant(self, rec: ProcessRecord, svc: Service) -> frames.Message:
+        self.policy.may_lookup(rec.info(), svc.name)
         self._check_access(rec, svc)
         # One endpoint capability per (holder, service): looking a service up again returns the
         # same handle, so repeated lookups cannot grow the holder's table.
         cap = rec.endpoints.get(id(svc))
-        if cap is None or cap.target is not svc:
-            cap = Capability("endpoint", svc)
+        if cap is None or cap.target is not svc or cap.revoked:
+            cap = Capability("endpoint", svc, ENDPOINT_RIGHTS,
+                             Limits.from_request(svc.default_limits), owner=rec)
             rec.caps.insert(cap)
             rec.endpoints[id(svc)] = cap
-        return frames.Granted(cap.handle, svc.owner.process_id, svc.name)
+            self._audit_event(_audit.GRANT, rec, cap, svc.name)
+        return _granted(cap)
 
     def _on_lookup(self, rec: ProcessRecord, msg: frames.Lookup, rid: int) -> frames.Message | None:
         return self._lookup(rec, "name", check_name(msg.name), msg.timeout_ms, rid)
@@ -662,7 +742,7 @@ class Kernel:
 
     def _on_subscribe(self, rec: ProcessRecord, msg: frames.Subscribe, rid: int) -> frames.Message:
         if not rec.subscription:
-            rec.subscription = rec.caps.insert(Capability("subscription", None))
+            rec.subscription = rec.caps.insert(Capability("subscription", None, owner=rec))
             self._subscribers.add(rec)
         return frames.Subscribed(rec.subscription)
 
@@ -716,6 +796,10 @@ class Kernel:
         if not svc.alive:
             raise PeerDied(f"the process serving {svc.name!r} has exited: look it up again")
         self._check_access(rec, svc)
+        if "send" not in cap.rights:
+            raise PermissionDenied(f"handle {cap.handle:#x} lacks the send right")
+        if len(rec.lanes) >= MAX_LANES_PER_PROCESS:
+            raise OutOfMemory(f"this process already holds {MAX_LANES_PER_PROCESS} channels")
         lanes: set[Channel] = cap.extra.setdefault("lanes", set())
         if len(lanes) >= MAX_LANES_PER_CAP:
             raise OutOfMemory(f"{MAX_LANES_PER_CAP} threads already call {svc.name!r} from here")
@@ -725,6 +809,12 @@ class Kernel:
         except OSError as exc:
             svc.free_indices.append(index)
             raise OutOfMemory(f"cannot create a channel: {exc}") from None
+        try:
+            shm.set_limits(cap.rights, cap.limits)
+        except BaseException:
+            shm.close()
+            svc.free_indices.append(index)
+            raise
         ch = Channel(index, svc, rec, cap, shm)
         svc.channels[index] = ch
         rec.lanes.add(ch)
@@ -733,9 +823,11 @@ class Kernel:
         # each, but the server maps it on its own time: a request that arrives first waits in
         # the ring, and the doorbell bit tells the server once it has mapped it).
         self._event(svc.owner, frames.ChannelOpened(svc.handle, index, rec.process_id, NSLOTS,
-                                                    ARENA_SIZE), (shm.chan_fd, shm.ctrl_fd))
+                                                    ARENA_SIZE),
+                    (shm.chan_fd, shm.ctrl_fd, shm.reply_event_fd))
         self._respond(rec, rid, frames.ChannelGranted(index, NSLOTS, ARENA_SIZE),
-                      (shm.chan_fd, shm.ctrl_fd, svc.doorbell_fd))
+                      (shm.chan_fd, shm.ctrl_fd, svc.doorbell_fd, svc.bell_event_fd,
+                       shm.reply_event_fd))
         shm.drop_fds()
 
     def _close_channel(self, ch: Channel, state: int, tell_server: bool = True) -> None:
@@ -755,16 +847,117 @@ class Kernel:
         """Unregistered or its process gone: every channel to it ends, its clients are woken."""
         svc.alive = False
         (self._names if svc.kind == "name" else self._packages).release(svc.name, svc)
+        self._audit_event(_audit.UNREGISTER, svc.owner, None, svc.name,
+                          "released" if state == _core.STATE_CLOSED else "process gone")
         for ch in list(svc.channels.values()):
             self._close_channel(ch, state, tell_server=False)
-        if svc.doorbell_fd >= 0:
-            os.close(svc.doorbell_fd)
-            svc.doorbell_fd = -1
+        for _, children in svc.transfers.values():
+            for child in children:
+                child.detach()
+        svc.transfers.clear()
+        for fd in (svc.doorbell_fd, svc.bell_event_fd):
+            if fd >= 0:
+                os.close(fd)
+        svc.doorbell_fd = svc.bell_event_fd = -1
+
+    # ---- capabilities -------------------------------------------------------------------------
+
+    def _on_restrict(self, rec: ProcessRecord, msg: frames.Restrict, rid: int) -> frames.Message:
+        cap = rec.caps.get(msg.handle, "endpoint")
+        rights = cap.rights if msg.rights is None else check_rights(msg.rights)
+        asked = Limits.from_request(msg.limits)
+        limits = cap.limits.tightened(asked.rate, asked.bandwidth, asked.max_message_size,
+                                      asked.expires_at)
+        child = cap.derive(rights, limits)
+        child.owner = rec
+        try:
+            rec.caps.insert(child)
+        except IpcError:
+            child.detach()
+            raise
+        self._audit_event(_audit.RESTRICT, rec, child, cap.target.name,
+                          f"from {cap.handle:#x}: rights {sorted(rights)} limits {limits.wire()}")
+        return _granted(child)
+
+    def _on_revoke(self, rec: ProcessRecord, msg: frames.Revoke, rid: int) -> frames.Message:
+        cap = rec.caps.get(msg.handle)
+        self._revoke(cap, rec)
+        return frames.Ok()
+
+    def _revoke(self, cap: Capability, by: ProcessRecord) -> None:
+        """The capability and its whole subtree leave every table; their channels stop at once."""
+        subtree = cap.subtree()
+        for c in subtree:
+            c.revoked = True
+            owner: ProcessRecord | None = c.owner
+            if owner is not None:
+                try:
+                    if owner.caps.get(c.handle) is c:
+                        owner.caps.remove(c.handle)
+                except IpcError:
+                    pass
+                if owner.endpoints.get(id(c.target)) is c:
+                    del owner.endpoints[id(c.target)]
+                if c.kind == "endpoint" and c.watched:
+                    c.target.owner.watched_by.discard((owner, c.handle))
+            for ch in list(c.extra.get("lanes", ())):
+                self._close_channel(ch, _core.STATE_REVOKED)
+        cap.detach()
+        self._audit_event(_audit.REVOKE, by, cap, getattr(cap.target, "name", ""),
+                          f"{len(subtree)} capabilities")
+
+    def _on_delegate(self, rec: ProcessRecord, msg: frames.Delegate, rid: int) -> frames.Message:
+        cap = rec.caps.get(msg.handle)
+        if "share" not in cap.rights:
+            self._audit_event(_audit.DENIED, rec, cap, getattr(cap.target, "name", ""), "no share right")
+            raise PermissionDenied(f"handle {cap.handle:#x} lacks the share right: it cannot be passed on")
+        via = rec.caps.get(msg.via, "endpoint")
+        svc: Service = via.target
+        if not svc.alive:
+            raise PeerDied(f"the process serving {svc.name!r} has exited")
+        ch = svc.channels.get(msg.index)
+        if ch is None or ch.client is not rec:
+            raise InvalidCapability(f"channel {msg.index} is not one of this process's lanes")
+        now = time.monotonic()
+        for key in [k for k, (exp, _) in svc.transfers.items() if exp <= now]:
+            for child in svc.transfers.pop(key)[1]:
+                child.detach()
+        if len(svc.transfers) >= MAX_TRANSFERS:
+            raise OutOfMemory(f"{MAX_TRANSFERS} delegations wait for {svc.name!r} to claim them")
+        child = cap.derive()
+        svc.transfers.setdefault((msg.index, msg.tag), (now + TRANSFER_TTL, []))[1].append(child)
+        self._audit_event(_audit.DELEGATE, rec, cap, getattr(cap.target, "name", ""),
+                          f"to process {svc.owner.process_id} via {svc.name!r}")
+        return frames.Ok()
+
+    def _on_claim(self, rec: ProcessRecord, msg: frames.Claim, rid: int) -> frames.Message:
+        svc: Service = rec.caps.get(msg.handle, "service").target
+        _, children = svc.transfers.pop((msg.index, msg.tag), (0.0, []))
+        rows = []
+        for child in children:
+            if child.revoked or child.limits.expired():
+                child.detach()
+                continue
+            child.owner = rec
+            rec.caps.insert(child)
+            g = _granted(child)
+            rows.append({"handle": g.handle, "process_id": g.process_id, "name": g.name,
+                         "rights": g.rights, "limits": g.limits})
+            self._audit_event("accept", rec, child, getattr(child.target, "name", ""),
+                              f"derived from {child.parent.handle:#x}" if child.parent else "")
+        return frames.Rows(rows, len(rows))
+
+    def _audit_event(self, event: str, rec: ProcessRecord | None, cap: Capability | None = None,
+                     target: str = "", detail: str = "") -> None:
+        self._audit.record(event, rec.process_id if rec else 0, rec.pid if rec else 0,
+                           rec.uid if rec else -1, cap.handle if cap else 0, target, detail)
 
     def _on_access(self, rec: ProcessRecord, msg: frames.Access, rid: int) -> frames.Message:
         svc: Service = rec.caps.get(msg.handle, "service").target
         svc.access.add_allowed(msg.allow or ())
         svc.access.add_denied(msg.deny or ())
+        self._audit_event(_audit.RESTRICT, rec, None, svc.name,
+                          f"allow {msg.allow or []} deny {msg.deny or []}")
         # Applies to live channels at once: a sender that is no longer accepted loses them.
         for ch in list(svc.channels.values()):
             client = ch.client
@@ -785,6 +978,8 @@ class Kernel:
         cap = rec.caps.get(msg.handle, "service")
         ch = cap.target.channels.get(msg.index)
         if ch is not None:
+            self._audit_event(_audit.BAD_MESSAGE, rec, None, cap.target.name,
+                              f"from process {ch.client.process_id}: {msg.reason[:200]}")
             log.warning("service %r (process %d) reports garbage from process %d on channel %d: "
                         "%s; channel closed", cap.target.name, rec.process_id,
                         ch.client.process_id, msg.index, msg.reason[:200])
@@ -794,15 +989,20 @@ class Kernel:
     def _on_query(self, rec: ProcessRecord, msg: frames.Query, rid: int) -> frames.Message:
         if rec.uid not in (self._uid, 0):
             raise PermissionDenied("only the kernel's own user (or root) may list its tables")
-        if msg.what not in ("processes", "services"):
-            raise ValueError(f"unknown query {msg.what!r}: processes or services")
-        rows = self._rows(msg.what)
+        if msg.what not in ("processes", "services", "caps"):
+            raise ValueError(f"unknown query {msg.what!r}: processes, services or caps")
+        rows = self._rows(msg.what, msg.process_id)
         limit = min(msg.limit, 200)
         return frames.Rows(rows[msg.offset : msg.offset + limit], len(rows))
 
     # ---- introspection ------------------------------------------------------------------------
 
-    def _rows(self, what: str) -> list[dict[str, Any]]:
+    def _rows(self, what: str, process_id: int = 0) -> list[dict[str, Any]]:
+        if what == "caps":
+            target = self._procs.get(process_id)
+            if target is None:
+                raise ProcessNotFound(f"no live process {process_id}")
+            return [_cap_row(c) for c in target.caps]
         if what == "processes":
             return [
                 {
@@ -833,10 +1033,33 @@ class Kernel:
             "in_flight": len(rec.proto.in_flight),
             "parked": len(rec.parked),
             "caps": len(rec.caps),
+            "lanes": len(rec.lanes),
+            "services": len(rec.services),
             "watchers": len(rec.watched_by),
             "notice_pending": rec.notice_pending,
             "notices_sent": rec.notices_sent,
         }
+
+
+def _granted(cap: Capability) -> frames.Granted:
+    svc: Service = cap.target
+    return frames.Granted(cap.handle, svc.owner.process_id, svc.name, sorted(cap.rights),
+                          cap.limits.wire())
+
+
+def _cap_row(cap: Capability) -> dict[str, Any]:
+    target = cap.target
+    parent = cap.parent
+    return {
+        "handle": f"{cap.handle:#x}", "kind": cap.kind,
+        "target": getattr(target, "name", "") if target is not None else "",
+        "serving_process": target.owner.process_id if isinstance(target, Service) else None,
+        "rights": sorted(cap.rights), "limits": cap.limits.wire(),
+        "derives_from": (f"{parent.handle:#x} of process {parent.owner.process_id}"
+                         if parent is not None and parent.owner is not None else None),
+        "children": len(cap.children), "dead": bool(cap.dead or (
+            isinstance(target, Service) and not target.alive)),
+    }
 
 
 def _raise_fd_limit() -> None:

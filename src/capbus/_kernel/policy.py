@@ -31,8 +31,12 @@ RegisterFilter = Callable[[ProcessInfo, str], bool]
 
 @dataclass
 class Policy:
+    """register(who, name) -> bool: may `who` register `name`; lookup(who, name) -> bool: may
+    `who` look up (and so reach) the service `name`; uid_packages: uid -> package."""
+
     register: RegisterFilter | None = None
     uid_packages: Mapping[int, str] = field(default_factory=dict)
+    lookup: RegisterFilter | None = None
 
     @classmethod
     def coerce(cls, value: object) -> Policy:
@@ -53,20 +57,31 @@ class Policy:
                 doc = tomllib.load(f)
             except tomllib.TOMLDecodeError as exc:
                 raise ValueError(f"policy file {path}: {exc}") from None
-        unknown = set(doc) - {"packages", "register", "default_register"}
+        unknown = set(doc) - {"packages", "register", "default_register", "lookup",
+                              "default_lookup"}
         if unknown:
             raise ValueError(f"policy file {path}: unknown keys {sorted(unknown)}")
         uid_packages = {int(uid): str(pkg) for uid, pkg in doc.get("packages", {}).items()}
-        rules = [_Rule.parse(path, r) for r in doc.get("register", [])]
-        default = doc.get("default_register", "allow")
-        if default not in ("allow", "deny"):
-            raise ValueError(f"policy file {path}: default_register must be 'allow' or 'deny'")
-        return cls(register=_RuleFilter(rules, default == "allow"), uid_packages=uid_packages)
+        filters = []
+        for what in ("register", "lookup"):
+            rules = [_Rule.parse(path, r) for r in doc.get(what, [])]
+            default = doc.get(f"default_{what}", "allow")
+            if default not in ("allow", "deny"):
+                raise ValueError(f"policy file {path}: default_{what} must be 'allow' or 'deny'")
+            filters.append(_RuleFilter(rules, default == "allow"))
+        return cls(register=filters[0], uid_packages=uid_packages, lookup=filters[1])
 
     def may_register(self, who: ProcessInfo, name: str) -> None:
         if self.register is not None and not self.register(who, name):
             raise PermissionDenied(
                 f"the kernel's policy refuses process {who.process_id} the name {name!r}"
+            )
+
+
+    def may_lookup(self, who: ProcessInfo, name: str) -> None:
+        if self.lookup is not None and not self.lookup(who, name):
+            raise PermissionDenied(
+                f"the kernel's policy does not let process {who.process_id} look up {name!r}"
             )
 
 
@@ -79,7 +94,7 @@ class _Rule:
     @classmethod
     def parse(cls, path: str, raw: dict) -> _Rule:
         if set(raw) - {"name", "uids", "packages"} or "name" not in raw:
-            raise ValueError(f"policy file {path}: a [[register]] rule has name, uids, packages")
+            raise ValueError(f"policy file {path}: a rule has name, uids, packages")
         uids = tuple(int(u) for u in raw["uids"]) if "uids" in raw else None
         packages = tuple(str(p) for p in raw["packages"]) if "packages" in raw else None
         return cls(str(raw["name"]), uids, packages)

@@ -13,6 +13,7 @@ import mmap
 import os
 
 from .. import _core
+from .._mapping import Mapping
 
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)  # Linux 5.1
 _BASE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
@@ -35,54 +36,90 @@ def make_doorbell() -> int:
     return fd
 
 
+def make_eventfd() -> int:
+    """For asyncio: an fd an event loop can watch, written by the peer when asked to."""
+    return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+
 class ChannelShm:
     """One channel's memfds as the kernel keeps them: the control page mapped read-write (the
-    kernel is its only writer) and the channel's first pages mapped for futex wake-ups."""
+    kernel is its only writer) and the channel's first pages mapped for futex wake-ups. The
+    mappings hold no fds: once both ends have theirs, the kernel keeps no fd for a channel."""
 
     def __init__(self, nslots: int, arena_size: int, sender_id: int) -> None:
         self.nslots, self.arena_size = nslots, arena_size
+        self.ctrl_fd = self.reply_event_fd = -1
+        self._wake: Mapping | None = None
+        self._ctrl: Mapping | None = None
         self.chan_fd = _memfd("channel", _core.channel_size(nslots, arena_size))
-        self.ctrl_fd = -1
         try:
             fcntl.fcntl(self.chan_fd, fcntl.F_ADD_SEALS, _BASE_SEALS | fcntl.F_SEAL_SEAL)
             self._resp_tail = _core.resp_ring_off(nslots) + _core.RING_TAIL_OFF
-            self._wake_map = mmap.mmap(self.chan_fd, _page_round(self._resp_tail + 8))
-            _core.atomic_store_u64(self._wake_map, _core.CHAN_MAGIC_OFF, _core.CHAN_MAGIC)
-            _core.atomic_store_u32(self._wake_map, _core.CHAN_VERSION_OFF, _core.CHAN_VERSION)
-            _core.atomic_store_u32(self._wake_map, _core.CHAN_NSLOTS_OFF, nslots)
-            _core.atomic_store_u64(self._wake_map, _core.CHAN_ARENA_SIZE_OFF, arena_size)
+            self._wake = Mapping(self.chan_fd, _page_round(self._resp_tail + 8))
+            head = self._wake.buf
+            _core.atomic_store_u64(head, _core.CHAN_MAGIC_OFF, _core.CHAN_MAGIC)
+            _core.atomic_store_u32(head, _core.CHAN_VERSION_OFF, _core.CHAN_VERSION)
+            _core.atomic_store_u32(head, _core.CHAN_NSLOTS_OFF, nslots)
+            _core.atomic_store_u64(head, _core.CHAN_ARENA_SIZE_OFF, arena_size)
             self.ctrl_fd = _memfd("control", _core.CTRL_SIZE)
-            self.ctrl = mmap.mmap(self.ctrl_fd, _core.CTRL_SIZE)
-            _core.atomic_store_u64(self.ctrl, _core.CTRL_SENDER_ID_OFF, sender_id)
-            _core.atomic_store_u32(self.ctrl, _core.CTRL_GENERATION_OFF, 1)
-            _core.atomic_store_u32(self.ctrl, _core.CTRL_STATE_OFF, _core.STATE_OPEN)
+            self._ctrl = Mapping(self.ctrl_fd, _core.CTRL_SIZE)
+            ctrl = self._ctrl.buf
+            _core.atomic_store_u64(ctrl, _core.CTRL_SENDER_ID_OFF, sender_id)
+            _core.atomic_store_u32(ctrl, _core.CTRL_GENERATION_OFF, 1)
+            _core.atomic_store_u32(ctrl, _core.CTRL_STATE_OFF, _core.STATE_OPEN)
             # From here on no new writable mapping or write() of the control page can be made.
             fcntl.fcntl(self.ctrl_fd, fcntl.F_ADD_SEALS,
                         _BASE_SEALS | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL)
+            self.reply_event_fd = make_eventfd()
         except BaseException:
             self.close()
             raise
 
+    @property
+    def ctrl(self):
+        assert self._ctrl is not None
+        return self._ctrl.buf
+
+    @property
+    def header(self):
+        """The channel's header page (where both ends keep their counters)."""
+        assert self._wake is not None
+        return self._wake.buf
+
+    def set_limits(self, rights: frozenset[str], limits) -> None:
+        """What the receiving side enforces on this channel (captable.Limits, rights by name)."""
+        bits = sum(getattr(_core, f"RIGHT_{r.upper()}") for r in rights)
+        ctrl = self.ctrl
+        _core.atomic_store_u32(ctrl, _core.CTRL_RIGHTS_OFF, bits)
+        _core.atomic_store_u64(ctrl, _core.CTRL_EXPIRY_OFF, int(limits.expires_at * 1e9))
+        _core.atomic_store_u64(ctrl, _core.CTRL_MAX_MESSAGE_SIZE_OFF, limits.max_message_size)
+        _core.atomic_store_u64(ctrl, _core.CTRL_RATE_LIMIT_OFF, limits.rate)
+        _core.atomic_store_u64(ctrl, _core.CTRL_BANDWIDTH_OFF, limits.bandwidth)
+        # Only channels with something to enforce pay for the checks.
+        enforce = limits.any or "send" not in rights
+        _core.atomic_store_u32(ctrl, _core.CTRL_FLAGS_OFF, _core.CTRL_F_ENFORCE if enforce else 0)
+
     def set_state(self, state: int) -> None:
         """Publish a state change and wake whoever waits for a reply on this channel."""
         _core.atomic_store_u32(self.ctrl, _core.CTRL_STATE_OFF, state)
-        _core.futex_wake(self._wake_map, self._resp_tail)
+        _core.futex_wake(self.header, self._resp_tail)
 
     def state(self) -> int:
         return _core.atomic_load_u32(self.ctrl, _core.CTRL_STATE_OFF)
 
     def drop_fds(self) -> None:
         """Both ends hold the fds now; the kernel keeps only its mappings."""
-        for fd in (self.chan_fd, self.ctrl_fd):
+        for fd in (self.chan_fd, self.ctrl_fd, self.reply_event_fd):
             if fd >= 0:
                 os.close(fd)
-        self.chan_fd = self.ctrl_fd = -1
+        self.chan_fd = self.ctrl_fd = self.reply_event_fd = -1
 
     def close(self) -> None:
         self.drop_fds()
-        for m in (getattr(self, "_wake_map", None), getattr(self, "ctrl", None)):
+        for m in (self._wake, self._ctrl):
             if m is not None:
                 m.close()
+        self._wake = self._ctrl = None
 
 
 def _page_round(n: int) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar
 
 from .._errors import ProtocolError
@@ -23,6 +23,8 @@ HEADER = struct.Struct("<2sBBHHII")  # magic, version, kind, type, flags, reques
 U64_MAX = (1 << 64) - 1
 MAX_STR = 4096
 MAX_LIST = 1024
+# Limits travel as a small dict: a process asks with expires_in_ms, the kernel tells expires_at_ns.
+LIMIT_KEYS = frozenset({"rate", "bandwidth", "max_message_size", "expires_in_ms", "expires_at_ns"})
 
 KIND_REQUEST = 1
 KIND_RESPONSE = 2
@@ -57,6 +59,12 @@ def _check_value(cls: type, name: str, kind: str, value: Any) -> Any:
             and len(value) <= MAX_LIST
             and all(type(v) is str and len(v) <= MAX_STR for v in value)
         )
+    elif kind == "limits":
+        ok = value is None or (
+            type(value) is dict
+            and set(value) <= LIMIT_KEYS
+            and all(type(v) is int and 0 <= v <= U64_MAX for v in value.values())
+        )
     elif kind == "rows":
         ok = (
             type(value) is list
@@ -72,6 +80,7 @@ def _check_value(cls: type, name: str, kind: str, value: Any) -> Any:
 
 _REGISTRY: dict[int, type[Message]] = {}
 _SCHEMAS: dict[type[Message], tuple[tuple[str, str], ...]] = {}
+_REQUIRED: dict[type[Message], frozenset[str]] = {}  # fields without a default
 
 
 def message(type_code: int, kind: int, fds: int = 0, **schema: str):
@@ -87,6 +96,8 @@ def message(type_code: int, kind: int, fds: int = 0, **schema: str):
         cls.TYPE, cls.KIND, cls.FDS = type_code, kind, fds
         _REGISTRY[type_code] = cls
         _SCHEMAS[cls] = tuple((n, schema[n]) for n in names)
+        _REQUIRED[cls] = frozenset(f.name for f in fields(cls) if f.default is MISSING
+                                   and f.default_factory is MISSING)
         return cls
 
     return wrap
@@ -101,15 +112,19 @@ class Hello(Message):
     wait_mode: str
 
 
-@message(2, KIND_REQUEST, name="str", allow="strs?")
+@message(2, KIND_REQUEST, name="str", allow="strs?", limits="limits")
 class Register(Message):
+    """limits: the defaults for every endpoint the service hands out."""
+
     name: str
     allow: list[str] | None = None
+    limits: dict[str, int] | None = None
 
 
-@message(3, KIND_REQUEST, allow="strs?")
+@message(3, KIND_REQUEST, allow="strs?", limits="limits")
 class RegisterPackage(Message):
     allow: list[str] | None = None
+    limits: dict[str, int] | None = None
 
 
 @message(4, KIND_REQUEST, name="str", timeout_ms="u64")
@@ -179,13 +194,50 @@ class Access(Message):
     deny: list[str] | None
 
 
-@message(10, KIND_REQUEST, what="str", offset="u64", limit="u64")
+@message(15, KIND_REQUEST, handle="u64", rights="strs?", limits="limits")
+class Restrict(Message):
+    """A child capability with fewer rights / tighter limits (rights None: keep them)."""
+
+    handle: int
+    rights: list[str] | None
+    limits: dict[str, int]
+
+
+@message(16, KIND_REQUEST, handle="u64")
+class Revoke(Message):
+    """Invalidate a capability and everything derived from it."""
+
+    handle: int
+
+
+@message(17, KIND_REQUEST, handle="u64", via="u64", index="u64", tag="u64")
+class Delegate(Message):
+    """Attach a child of `handle` to the message with `tag` on channel `index` of endpoint `via`;
+    only the process serving that endpoint can claim it, for that message."""
+
+    handle: int
+    via: int
+    index: int
+    tag: int
+
+
+@message(18, KIND_REQUEST, handle="u64", index="u64", tag="u64")
+class Claim(Message):
+    """A service takes the capabilities attached to one received message."""
+
+    handle: int
+    index: int
+    tag: int
+
+
+@message(10, KIND_REQUEST, what="str", offset="u64", limit="u64", process_id="u64")
 class Query(Message):
-    """Introspection for the CLI: what is "processes" or "services"; paged."""
+    """Introspection for the CLI: "processes", "services" or "caps" (of process_id); paged."""
 
     what: str
     offset: int = 0
     limit: int = 200
+    process_id: int = 0
 
 
 # ---- responses (kernel -> process) ------------------------------------------------------------
@@ -209,21 +261,24 @@ class Error(Message):
     text: str
 
 
-@message(67, KIND_RESPONSE, fds=1, handle="u64", name="str")
+@message(67, KIND_RESPONSE, fds=2, handle="u64", name="str")
 class Registered(Message):
-    """A service capability, with its doorbell (fd)."""
+    """A service capability, with its doorbell and the doorbell's eventfd (for asyncio)."""
 
     handle: int
     name: str
 
 
-@message(68, KIND_RESPONSE, handle="u64", process_id="u64", name="str")
+@message(68, KIND_RESPONSE, handle="u64", process_id="u64", name="str", rights="strs?",
+         limits="limits")
 class Granted(Message):
-    """An endpoint capability: the handle and the serving process."""
+    """An endpoint capability: the handle, the serving process, its rights and limits."""
 
     handle: int
     process_id: int
     name: str
+    rights: list[str] | None = None
+    limits: dict[str, int] | None = None
 
 
 @message(69, KIND_RESPONSE, handle="u64")
@@ -231,9 +286,10 @@ class Subscribed(Message):
     handle: int
 
 
-@message(71, KIND_RESPONSE, fds=3, index="u64", nslots="u64", arena_size="u64")
+@message(71, KIND_RESPONSE, fds=5, index="u64", nslots="u64", arena_size="u64")
 class ChannelGranted(Message):
-    """A channel's fds: the channel memfd, its control page and the service's doorbell."""
+    """A channel's fds: the channel memfd, its control page, the service's doorbell and its
+    eventfd, and the channel's reply eventfd."""
 
     index: int
     nslots: int
@@ -264,10 +320,11 @@ class Death(Message):
     process_id: int
 
 
-@message(130, KIND_EVENT, fds=2, handle="u64", index="u64", sender="u64", nslots="u64",
+@message(130, KIND_EVENT, fds=3, handle="u64", index="u64", sender="u64", nslots="u64",
          arena_size="u64")
 class ChannelOpened(Message):
-    """To a service: a client opened a channel (fds: channel memfd, control page)."""
+    """To a service: a client opened a channel (fds: channel memfd, control page, the channel's
+    reply eventfd)."""
 
     handle: int
     index: int
@@ -300,6 +357,10 @@ RESPONSES: dict[type[Message], tuple[type[Message], ...]] = {
     CloseChannel: (Ok,),
     ReportBad: (Ok,),
     Access: (Ok,),
+    Restrict: (Granted,),
+    Revoke: (Ok,),
+    Delegate: (Ok,),
+    Claim: (Rows,),
 }
 
 
@@ -337,9 +398,12 @@ def decode(data: bytes, nfds: int = 0) -> tuple[Message, int]:
         body = json.loads(data[HEADER.size :])
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"{cls.__name__}: body is not valid JSON ({exc})") from None
+    # Every field without a default must be there; fields with one may be left out (a peer of an
+    # earlier revision of this version); nothing unknown may be.
     schema = _SCHEMAS[cls]
-    if type(body) is not dict or set(body) != {n for n, _ in schema}:
+    if type(body) is not dict or not _REQUIRED[cls] <= set(body) <= {n for n, _ in schema}:
         keys = sorted(body) if type(body) is dict else type(body).__name__
-        raise ProtocolError(f"{cls.__name__}: fields {keys} != {[n for n, _ in schema]}")
-    values = {name: _check_value(cls, name, kind_, body[name]) for name, kind_ in schema}
+        raise ProtocolError(f"{cls.__name__}: fields {keys} do not fit {[n for n, _ in schema]}")
+    values = {name: _check_value(cls, name, kind_, body[name])
+              for name, kind_ in schema if name in body}
     return cls(**values), request_id

@@ -1,41 +1,85 @@
-"""Endpoint: a capability to reach a service (call it, send to it, watch it).
+"""Endpoint: a capability to reach a service (call it, send to it, delegate it, watch it).
 
 Each calling thread gets its own lane (a channel with its own rings, opened on first use), so
-calls from several threads run concurrently and every ring keeps a single producer.
+calls from several threads run concurrently and every ring keeps a single producer. asyncio
+callers take lanes from a small pool, one per call in flight.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from .. import _core
-from .._errors import InvalidCapability, error_from_code
+from .._errors import InvalidCapability, Timeout, error_from_code
 from .._protocol import frames
-from .message import USER_FLAGS, Message, bad_flags, pad_data
+from .message import TRANSFER_FLAG, USER_FLAGS, Message, bad_flags
 
 if TYPE_CHECKING:
     from .process import Process
 
 log = logging.getLogger("capbus")
-_WAIT_CODES = {"spin": 0, "adaptive": 1, "block": 2}
+WAIT_CODES = {"spin": _core.WAIT_SPIN, "adaptive": _core.WAIT_ADAPTIVE, "block": _core.WAIT_BLOCK}
+ADAPTIVE_SPIN_NS = 50_000
 _REPLY = _core.FLAG_REPLY_EXPECTED
 _ERROR = _core.FLAG_ERROR
-ADAPTIVE_SPIN_NS = 50_000
+_MAX_ASYNC_LANES = 16
 
 
-class _LaneHolder:
-    """A thread's lane; when the thread ends, the holder goes and the channel is given back."""
+@dataclass(frozen=True)
+class Limits:
+    """What a capability allows: rate (messages/s), bandwidth (payload bytes/s),
+    max_message_size (payload bytes), expires_at (time.monotonic() seconds). None: no limit."""
 
-    __slots__ = ("lane", "index", "_ep", "__weakref__")
+    rate: int | None = None
+    bandwidth: int | None = None
+    max_message_size: int | None = None
+    expires_at: float | None = None
 
-    def __init__(self, ep: Endpoint, lane: object, index: int) -> None:
-        self.lane, self.index, self._ep = lane, index, ep
+    @classmethod
+    def from_wire(cls, raw: dict[str, int] | None) -> Limits:
+        raw = raw or {}
+        exp = raw.get("expires_at_ns")
+        return cls(raw.get("rate"), raw.get("bandwidth"), raw.get("max_message_size"),
+                   exp / 1e9 if exp else None)
+
+
+def limits_request(rate_limit: int | None = None, bandwidth: int | None = None,
+                   max_message_size: int | None = None,
+                   expires_in: float | None = None) -> dict[str, int]:
+    """The wire form of limits a process asks for (ValueError on nonsense)."""
+    out: dict[str, int] = {}
+    for key, value in (("rate", rate_limit), ("bandwidth", bandwidth),
+                       ("max_message_size", max_message_size)):
+        if value is not None:
+            if type(value) is not int or value <= 0:
+                raise ValueError(f"{key} must be a positive int, got {value!r}")
+            out[key] = value
+    if expires_in is not None:
+        if expires_in <= 0:
+            raise ValueError("expires_in must be > 0 seconds")
+        out["expires_in_ms"] = max(1, int(expires_in * 1000))
+    return out
+
+
+class _Lane:
+    """A lane and the fds the runtime keeps for it; closing gives the channel back."""
+
+    __slots__ = ("core", "index", "reply_fd", "_ep", "__weakref__")
+
+    def __init__(self, ep: Endpoint, core: Any, index: int, reply_fd: int) -> None:
+        self.core, self.index, self.reply_fd, self._ep = core, index, reply_fd, ep
 
     def __del__(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.reply_fd)
         ep = self._ep
         if not ep._closed and not ep._proc.closed and os.getpid() == ep._proc._pid:
             ep._proc._control.request_nowait(frames.CloseChannel(ep.handle, self.index))
@@ -50,62 +94,125 @@ def timeout_ns(timeout: float | None) -> int:
 
 
 class Endpoint:
-    def __init__(self, proc: Process, handle: int, process_id: int, name: str) -> None:
+    def __init__(self, proc: Process, granted: frames.Granted) -> None:
         self._proc = proc
-        self.handle = handle
-        self.process_id = process_id  # the serving process
-        self.name = name
+        self.handle = granted.handle
+        self.process_id = granted.process_id  # the serving process
+        self.name = granted.name
+        self.rights: frozenset[str] = frozenset(granted.rights or ())
+        self.limits = Limits.from_wire(granted.limits)
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._pool: list[_Lane] = []  # idle lanes for asyncio calls
+        self._pool_size = 0
         self._death_callbacks: list[Callable[[Endpoint], None]] = []
         self._watching = False
         self._closed = False
         self.dead = False
 
     def __repr__(self) -> str:
-        return f"<capbus.Endpoint {self.name!r} of process {self.process_id}>"
+        return f"<capbus.Endpoint {self.name!r} of process {self.process_id} handle={self.handle:#x}>"
 
-    # ---- calls --------------------------------------------------------------------------------
+    # ---- synchronous calls --------------------------------------------------------------------
 
-    def call(self, opcode: int, data: tuple[int, ...] = (), payload: bytes = b"",
-             timeout: float | None = None, flags: int = 0) -> Message:
+    def call(self, opcode: int, data: Sequence[int] = (), payload: bytes = b"",
+             timeout: float | None = None, flags: int = 0,
+             caps: Iterable[Endpoint] = ()) -> Message:
         """Send a request and wait for the reply.
 
         Timeout cancels the transaction (a late reply is dropped); PeerDied if the server exits;
-        ValueError / MessageTooLarge before anything is sent if the arguments cannot travel.
+        ValueError / MessageTooLarge / RateLimitExceeded before anything is sent if the arguments
+        or the capability's limits do not allow it. caps: capabilities to delegate with it (each
+        needs the share right); they arrive as req.caps.
         """
-        # The hot path: no helper calls unless something needs fixing up.
-        holder = getattr(self._local, "holder", None)
-        lane = holder.lane if holder is not None else self._lane()
-        if len(data) != 4:
-            data = pad_data(data)
+        lane = self._local.__dict__.get("lane") or self._thread_lane()
         if flags & ~USER_FLAGS:
             raise bad_flags(flags)
-        r = lane.call(self.handle, opcode, flags | _REPLY, data[0], data[1], data[2], data[3],
-                      payload or None, -1 if timeout is None else timeout_ns(timeout))
+        if caps:
+            flags |= self._delegate(lane, caps)
+        r = lane.core.call(self.handle, opcode, flags | _REPLY, data, payload or None,
+                           -1 if timeout is None else timeout_ns(timeout))
         if r[1] & _ERROR:
-            text = (r[6] or b"").decode(errors="replace")
-            raise error_from_code(r[2], f"{self.name!r} failed: {text}")
-        return Message(r)
+            raise self._remote_error(r)
+        return r
 
-    def _lane(self):
-        holder = getattr(self._local, "holder", None)
-        if holder is not None:
-            return holder.lane
-        if self._closed:
-            raise InvalidCapability(f"endpoint {self.name!r} is closed")
-        proc = self._proc
-        reply, fds = proc._request_fds(frames.OpenChannel(self.handle))
-        assert isinstance(reply, frames.ChannelGranted)
-        chan_fd, ctrl_fd, doorbell_fd = fds
+    # ---- asynchronous messages ----------------------------------------------------------------
+
+    def send_async(self, opcode: int, data: Sequence[int] = (), payload: bytes = b"",
+                   flags: int = 0, caps: Iterable[Endpoint] = ()) -> None:
+        """Queue a one-way message; never blocks: WouldBlock when the receiver's ring for this
+        sender is full (back-pressure: nothing is dropped silently)."""
+        lane = self._local.__dict__.get("lane") or self._thread_lane()
+        if flags & ~USER_FLAGS:
+            raise bad_flags(flags)
+        if caps:
+            flags |= self._delegate(lane, caps)
+        lane.core.send(self.handle, opcode, flags, data, payload or None)
+
+    def send_many(self, messages: Sequence[tuple], flags: int = 0) -> int:
+        """Queue several one-way messages, (opcode, data) or (opcode, data, payload) each, with
+        one wake-up for the batch; returns how many were accepted (the rest would block)."""
+        lane = self._local.__dict__.get("lane") or self._thread_lane()
+        if flags & ~USER_FLAGS:
+            raise bad_flags(flags)
+        return lane.core.send_many(self.handle, flags, messages)
+
+    async def acall(self, opcode: int, data: Sequence[int] = (), payload: bytes = b"",
+                    timeout: float | None = None, flags: int = 0) -> Message:
+        """call() for asyncio: waits on an eventfd the event loop watches, no thread blocks."""
+        if flags & ~USER_FLAGS:
+            raise bad_flags(flags)
+        loop = asyncio.get_running_loop()
+        lane = self._pooled_lane()
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            lane = _core.Lane(chan_fd, ctrl_fd, doorbell_fd, reply.index, reply.nslots,
-                              reply.arena_size, _WAIT_CODES[proc.wait_mode], ADAPTIVE_SPIN_NS)
+            tag = lane.core.call_start(self.handle, opcode, flags | _REPLY, data, payload or None)
+            while True:
+                r = lane.core.call_poll(tag, True)
+                if r is not None:
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    lane.core.cancel(tag)
+                    raise Timeout(f"no reply from {self.name!r} within {timeout} s")
+                await _readable(loop, lane.reply_fd, left)
+        except BaseException:
+            self._pool_size -= 1  # its state is unknown: drop it (its channel closes with it)
+            lane = None  # type: ignore[assignment]
+            raise
         finally:
-            for fd in fds:
-                os.close(fd)
-        self._local.holder = _LaneHolder(self, lane, reply.index)
-        return lane
+            if lane is not None:
+                self._pool.append(lane)
+        if r[1] & _ERROR:
+            raise self._remote_error(r)
+        return r
+
+    # ---- capabilities -------------------------------------------------------------------------
+
+    def restrict(self, rights: Iterable[str] | None = None, *, rate_limit: int | None = None,
+                 bandwidth: int | None = None, max_message_size: int | None = None,
+                 expires_in: float | None = None) -> Endpoint:
+        """A new capability to the same service with fewer rights and/or tighter limits
+        (PermissionDenied on any attempt to widen). It derives from this one: revoking this
+        revokes it too."""
+        reply = self._proc._request(frames.Restrict(
+            self.handle, None if rights is None else sorted(rights),
+            limits_request(rate_limit, bandwidth, max_message_size, expires_in)))
+        return self._proc._endpoint(reply)
+
+    def revoke(self) -> None:
+        """Invalidate this capability and everything derived from it, everywhere, at once:
+        their calls fail with InvalidCapability and their receivers accept nothing more."""
+        self._closed = True
+        self._proc._forget(self)
+        self._proc._request(frames.Revoke(self.handle))
+
+    def close(self) -> None:
+        """Give the capability back (its lanes close with it)."""
+        self._closed = True
+        self._proc._forget(self)
+        if not self._proc.closed:
+            self._proc._request(frames.Release(self.handle))
 
     # ---- death --------------------------------------------------------------------------------
 
@@ -125,14 +232,6 @@ class Endpoint:
             self._proc._watched[self.handle] = self
             self._proc._request(frames.Watch(self.handle))
 
-    def close(self) -> None:
-        """Give the capability back (its lanes close with it)."""
-        self._closed = True
-        self._proc._watched.pop(self.handle, None)
-        self._proc._endpoints.pop(self.handle, None)
-        if not self._proc.closed:
-            self._proc._request(frames.Release(self.handle))
-
     def _died(self) -> None:
         with self._lock:
             if self.dead:
@@ -147,3 +246,64 @@ class Endpoint:
             cb(self)
         except Exception:
             log.exception("on_death callback %r raised", cb)
+
+    # ---- lanes --------------------------------------------------------------------------------
+
+    def _open_lane(self) -> _Lane:
+        if self._closed:
+            raise InvalidCapability(f"endpoint {self.name!r} (handle {self.handle:#x}) is closed")
+        proc = self._proc
+        reply, fds = proc._request_fds(frames.OpenChannel(self.handle))
+        assert isinstance(reply, frames.ChannelGranted)
+        chan_fd, ctrl_fd, bell_fd, bell_event_fd, reply_event_fd = fds
+        try:
+            core = _core.Lane(chan_fd, ctrl_fd, bell_fd, reply.index, reply.nslots,
+                              reply.arena_size, WAIT_CODES[proc.wait_mode], ADAPTIVE_SPIN_NS,
+                              bell_event_fd=bell_event_fd, reply_event_fd=reply_event_fd)
+        except BaseException:
+            os.close(reply_event_fd)
+            raise
+        finally:
+            for fd in (chan_fd, ctrl_fd, bell_fd, bell_event_fd):
+                os.close(fd)
+        return _Lane(self, core, reply.index, reply_event_fd)
+
+    def _thread_lane(self) -> _Lane:
+        lane = self._open_lane()
+        self._local.lane = lane
+        return lane
+
+    def _pooled_lane(self) -> _Lane:
+        if self._pool:
+            return self._pool.pop()
+        if self._pool_size >= _MAX_ASYNC_LANES:
+            raise InvalidCapability(f"more than {_MAX_ASYNC_LANES} acalls in flight on {self.name!r}")
+        self._pool_size += 1
+        return self._open_lane()
+
+    def _delegate(self, lane: _Lane, caps: Iterable[Endpoint]) -> int:
+        """Attach capabilities to the next message on this lane (bound to its tag)."""
+        tag = lane.core.last_tag + 1
+        for cap in caps:
+            if not isinstance(cap, Endpoint) or cap._proc is not self._proc:
+                raise TypeError("caps must be Endpoints held by this Process")
+            self._proc._request(frames.Delegate(cap.handle, self.handle, lane.index, tag))
+        return TRANSFER_FLAG
+
+    def _remote_error(self, r: Message) -> Exception:
+        text = (r[6] or b"").decode(errors="replace")
+        return error_from_code(r[2], f"{self.name!r}: {text}")
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float | None) -> None:
+    """Wait until an eventfd is readable (or the timeout passes), then drain it."""
+    fut = loop.create_future()
+    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+    try:
+        await asyncio.wait_for(fut, timeout)
+    except TimeoutError:
+        pass
+    finally:
+        loop.remove_reader(fd)
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(fd)

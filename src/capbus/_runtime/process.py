@@ -12,13 +12,14 @@ import socket
 import stat
 import threading
 import weakref
+from typing import Any
 
 from .. import _paths
 from .._errors import KernelUnavailable
 from .._protocol import frames
 from .._protocol.names import check_name
 from .control import Control
-from .endpoint import Endpoint
+from .endpoint import Endpoint, limits_request
 from .service import Service
 from .subscription import Subscription
 
@@ -73,14 +74,23 @@ class Process:
 
     # ---- registries ---------------------------------------------------------------------------
 
-    def register(self, name: str, *, allow: list[str | int] | None = None) -> Service:
-        """Serve under a string name (first come, first served): NameTaken, PermissionDenied."""
-        check_name(name)
-        return self._service(self._request_fds(frames.Register(name, _allow(allow))))
+    def register(self, name: str, *, allow: list[str | int] | None = None,
+                 limits: dict[str, Any] | None = None) -> Service:
+        """Serve under a string name (first come, first served): NameTaken, PermissionDenied.
 
-    def register_package(self, *, allow: list[str | int] | None = None) -> Service:
+        allow: who may reach it (ProcessIds, "uid:N", "package:P", "name:N"; None: everyone).
+        limits: defaults for every endpoint it hands out, as keywords of Endpoint.restrict
+        (rate_limit, bandwidth, max_message_size, expires_in).
+        """
+        check_name(name)
+        return self._service(self._request_fds(
+            frames.Register(name, _allow(allow), limits_request(**(limits or {})))))
+
+    def register_package(self, *, allow: list[str | int] | None = None,
+                         limits: dict[str, Any] | None = None) -> Service:
         """Serve under this process's verified package name."""
-        return self._service(self._request_fds(frames.RegisterPackage(_allow(allow))))
+        return self._service(self._request_fds(
+            frames.RegisterPackage(_allow(allow), limits_request(**(limits or {})))))
 
     def lookup(self, name: str, timeout: float = 0) -> Endpoint:
         """An endpoint capability for a registered name: ServiceNotFound unless it appears
@@ -132,18 +142,22 @@ class Process:
     def _on_response(self, msg: frames.Message, fds: list[int]) -> list[int]:
         """Reader thread: a new service exists before its first ChannelOpened is read."""
         if isinstance(msg, frames.Registered):
-            self._services[msg.handle] = Service(self, msg.handle, msg.name, fds[0])
+            self._services[msg.handle] = Service(self, msg.handle, msg.name, fds[0], fds[1])
             return []
         return fds
 
     def _endpoint(self, reply: frames.Message) -> Endpoint:
         assert isinstance(reply, frames.Granted)
-        with self._lock:  # the kernel grants one capability per service: one Endpoint object
+        with self._lock:  # one Endpoint object per capability handle
             ep = self._endpoints.get(reply.handle)
             if ep is None:
-                ep = Endpoint(self, reply.handle, reply.process_id, reply.name)
+                ep = Endpoint(self, reply)
                 self._endpoints[reply.handle] = ep
         return ep
+
+    def _forget(self, ep: Endpoint) -> None:
+        self._watched.pop(ep.handle, None)
+        self._endpoints.pop(ep.handle, None)
 
     def _on_event(self, msg: frames.Message, fds: list[int]) -> None:
         """Called on the control reader thread."""
@@ -153,8 +167,8 @@ class Process:
                 svc._channel_opened(msg, fds)
         elif isinstance(msg, frames.ChannelClosed):
             svc = self._services.get(msg.handle)
-            if svc is not None:
-                svc._channel_closed(msg.index)
+            if svc is not None:  # its client left: deliver what it already sent, then drop it
+                svc._channel_closed(msg.index, drain=True)
         for fd in fds:
             os.close(fd)
         if isinstance(msg, frames.Death):

@@ -1,12 +1,13 @@
 """Service: the capability to serve a registered name, and the receiving end of its channels.
 
-All of a service's channels share one doorbell; the native ServerSet waits on it and serves
-the channels round robin. Garbage found on a channel closes that channel only, and is reported
-to the kernel.
+All of a service's channels share one doorbell; the native ServerSet waits on it and serves the
+channels round robin. Garbage found on a channel closes that channel only, and is reported to
+the kernel. For asyncio the doorbell has an eventfd the event loop watches.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -16,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 from .. import _core
 from .._errors import IpcError, PeerDied, Timeout
 from .._protocol import frames
-from .endpoint import _WAIT_CODES, ADAPTIVE_SPIN_NS, timeout_ns
-from .message import Message, Request
+from .endpoint import ADAPTIVE_SPIN_NS, WAIT_CODES, _readable, timeout_ns
+from .message import TRANSFER_FLAG, Message, Request
 
 if TYPE_CHECKING:
     from .process import Process
@@ -26,13 +27,17 @@ log = logging.getLogger("capbus")
 
 
 class Service:
-    def __init__(self, proc: Process, handle: int, name: str, doorbell_fd: int) -> None:
+    def __init__(self, proc: Process, handle: int, name: str, doorbell_fd: int,
+                 event_fd: int) -> None:
         self._proc = proc
         self.handle = handle
         self.name = name
         self.corrupt_channels = 0  # channels dropped for garbage (reported to the kernel)
+        self._event_fd = event_fd
+        self._senders: dict[int, int] = {}  # channel index -> sender ProcessId
         try:
-            self._set = _core.ServerSet(doorbell_fd, _WAIT_CODES[proc.wait_mode], ADAPTIVE_SPIN_NS)
+            self._set = _core.ServerSet(doorbell_fd, WAIT_CODES[proc.wait_mode], ADAPTIVE_SPIN_NS,
+                                        event_fd=event_fd)
         finally:
             os.close(doorbell_fd)
         self._closed = False
@@ -40,25 +45,100 @@ class Service:
     def __repr__(self) -> str:
         return f"<capbus.Service {self.name!r} of process {self._proc.id}>"
 
+    def fileno(self) -> int:
+        """An fd that becomes readable when messages may be waiting (for event loops)."""
+        return self._event_fd
+
+    # ---- receiving ----------------------------------------------------------------------------
+
     def recv(self, timeout: float | None = None) -> Request:
-        """The next request from any client (round robin across them); Timeout if none."""
+        """The next message from any client (round robin across them); Timeout if none."""
         if self._closed:
             raise IpcError(f"service {self.name!r} is closed")
         if timeout is None:
-            deadline = 0.0
-            ns = -1
+            deadline, ns = 0.0, -1
         else:
-            deadline = time.monotonic() + timeout
-            ns = timeout_ns(timeout)
+            deadline, ns = time.monotonic() + timeout, timeout_ns(timeout)
         while True:
             try:
-                return Request(self, self._set.recv(ns))
+                req = self._set.recv(ns)
+                if req.flags & TRANSFER_FLAG:
+                    self._claim(req)
+                return req
             except _core.CorruptChannel as exc:
                 self._corrupt(exc.index, exc.reason)
             if self._closed:
                 raise IpcError(f"service {self.name!r} is closed")
             if timeout is not None:  # garbage does not extend the caller's timeout
                 ns = timeout_ns(max(0.0, deadline - time.monotonic()))
+
+    def poll(self) -> Request | None:
+        """A waiting message, or None at once."""
+        while True:
+            try:
+                req = self._set.poll()
+            except _core.CorruptChannel as exc:
+                self._corrupt(exc.index, exc.reason)
+                continue
+            if req is not None and req.flags & TRANSFER_FLAG:
+                self._claim(req)
+            return req
+
+    def recv_many(self, n: int, timeout: float | None = None) -> list[Request]:
+        """Up to n messages, fair across senders; waits up to timeout for the first ([] then)."""
+        while True:
+            try:
+                reqs = self._set.recv_many(n, -1 if timeout is None else timeout_ns(timeout))
+                break
+            except _core.CorruptChannel as exc:
+                self._corrupt(exc.index, exc.reason)
+        for req in reqs:
+            if req.flags & TRANSFER_FLAG:
+                self._claim(req)
+        return reqs
+
+    async def arecv(self, timeout: float | None = None) -> Request:
+        """recv() for asyncio: the event loop watches the doorbell's eventfd; no thread waits."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                req = self._set.poll_armed()
+            except _core.CorruptChannel as exc:
+                self._corrupt(exc.index, exc.reason)
+                continue
+            if req is not None:
+                if req.flags & TRANSFER_FLAG:
+                    self._claim(req)
+                return req
+            if self._closed:
+                raise IpcError(f"service {self.name!r} is closed")
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise Timeout(f"no message for {self.name!r} within {timeout} s")
+            await _readable(loop, self._event_fd, left)
+
+    def __aiter__(self) -> Service:
+        return self
+
+    async def __anext__(self) -> Request:
+        if self._closed:
+            raise StopAsyncIteration
+        return await self.arecv()
+
+    def refused(self, sender: int) -> int:
+        """How many messages `sender` (a ProcessId) saw refused with WouldBlock (Tock's
+        "exceeded" flag, as a counter the sender's library keeps: informational)."""
+        return sum(self._set.refused(i) for i, s in list(self._senders.items()) if s == sender)
+
+    def drops(self, sender: int) -> dict[str, int]:
+        """Messages from `sender` this side refused under its capability's limits, by reason."""
+        out: dict[str, int] = {}
+        for i, s in list(self._senders.items()):
+            if s == sender:
+                for k, v in self._set.drops(i).items():
+                    out[k] = out.get(k, 0) + v
+        return out
 
     def serve(self, handler: Callable[[Request], Any], *, poll: float = 0.2) -> None:
         """Receive and answer until the service is closed.
@@ -79,17 +159,19 @@ class Service:
             try:
                 result = handler(req)
             except Exception as exc:  # the caller hears of it; the service goes on
-                log.debug("handler raised for %s", req, exc_info=True)
-                try:
-                    req.reply_error(exc)
-                except PeerDied:
-                    pass
+                log.debug("handler raised for %r", req, exc_info=True)
+                req.reply_error(exc.code if isinstance(exc, IpcError) else IpcError.code,
+                                f"{type(exc).__name__}: {exc}"[:4096])
                 continue
-            if req.expects_reply and not req._done:
+            if req.expects_reply:
                 try:
                     _reply_with(req, result)
                 except PeerDied:
                     pass
+                except IpcError:  # replied inside the handler already
+                    pass
+
+    # ---- access -------------------------------------------------------------------------------
 
     def allow(self, *who: int | str) -> None:
         """Accept these senders (ProcessIds, "uid:N", "package:P", "name:N") from now on."""
@@ -102,22 +184,33 @@ class Service:
     def close(self) -> None:
         """Unregister: the name is free again, and every channel to this service closes."""
         self._closed = True
+        self._set.interrupt()
         self._proc._services.pop(self.handle, None)
         if not self._proc.closed:
             self._proc._request(frames.Release(self.handle))
+        os.close(self._event_fd)
 
     # ---- called by the runtime ----------------------------------------------------------------
 
+    def _claim(self, req: Request) -> None:
+        """Take the capabilities delegated with this message into our table."""
+        reply = self._proc._request(frames.Claim(self.handle, req.index, req.tag))
+        assert isinstance(reply, frames.Rows)
+        req.caps = tuple(self._proc._endpoint(frames.Granted(**row)) for row in reply.rows)
+
     def _channel_opened(self, msg: frames.ChannelOpened, fds: list[int]) -> None:
         try:
-            self._set.add(msg.index, fds[0], fds[1], msg.nslots, msg.arena_size, msg.sender)
+            self._set.add(msg.index, fds[0], fds[1], msg.nslots, msg.arena_size, msg.sender,
+                          reply_event_fd=fds[2])
+            self._senders[msg.index] = msg.sender
         except Exception as exc:  # could not map it: the kernel closes it for its client
             log.warning("service %r cannot map channel %d: %s", self.name, msg.index, exc)
             self._proc._control.request_nowait(frames.ReportBad(self.handle, msg.index, str(exc)))
 
-    def _channel_closed(self, index: int) -> None:
+    def _channel_closed(self, index: int, drain: bool = False) -> None:
+        self._senders.pop(index, None)
         try:
-            self._set.remove(index)
+            self._set.remove(index, drain)
         except KeyError:  # never mapped, or already dropped as corrupt
             pass
 
