@@ -27,6 +27,7 @@ from ._kernel.policy import Policy, ProcessInfo
 from ._runtime.endpoint import Endpoint, Limits
 from ._runtime.message import LargeMessage, Message, Request, SmallMessage
 from ._runtime.process import Process, connect
+from ._runtime.region import Region
 from ._runtime.service import Service
 from ._runtime.subscription import Subscription
 
@@ -56,6 +57,7 @@ __all__ = [
     "ProcessNotFound",
     "ProtocolError",
     "RateLimitExceeded",
+    "Region",
     "Request",
     "Service",
     "ServiceNotFound",

@@ -18,6 +18,7 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_FIXED = 0x10
 
 
 class Mapping:
@@ -37,8 +38,24 @@ class Mapping:
             raise OSError(err, f"mmap of {size} bytes failed: {os.strerror(err)}")
         self.addr, self.size, self.writable = addr, size, writable
         self.buf = (ctypes.c_char * size).from_address(addr)
+        # Any memoryview of .buf keeps .buf alive, and .buf keeps us: we are never unmapped
+        # (by __del__) while a view of the memory exists.
+        self.buf._mapping = self
+
+    def detach(self) -> None:
+        """Replace the mapping with private zero pages at the same address: the shared memory is
+        no longer reachable from this process, yet any view still held stays valid memory (it
+        reads zeros) instead of faulting. For memory whose views may outlive our control."""
+        if self.addr:
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED
+            got = _libc.mmap(self.addr, self.size, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
+            if got is None or got == _MAP_FAILED:
+                err = ctypes.get_errno()
+                raise OSError(err, f"cannot detach a mapping: {os.strerror(err)}")
+            self.addr = 0  # never unmapped: the zero pages cost address space only
 
     def close(self) -> None:
+        """Unmap now: only when no view of .buf can be in use (else use detach())."""
         if self.addr:
             self.buf = None  # type: ignore[assignment]
             _libc.munmap(self.addr, self.size)

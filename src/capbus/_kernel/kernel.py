@@ -47,6 +47,7 @@ from .allowlist import AccessList
 from .captable import Capability, CapTable, Limits, check_rights
 from .launcher import Child, LaunchSpec, launch
 from .policy import Policy, ProcessInfo
+from .regions import REGION_RIGHTS, Region
 from .registry import Registry
 from .shm import ChannelShm, make_doorbell, make_eventfd
 from .transport import Transport
@@ -197,6 +198,9 @@ class Kernel:
             frames.Revoke: self._on_revoke,
             frames.Delegate: self._on_delegate,
             frames.Claim: self._on_claim,
+            frames.CreateRegion: self._on_create_region,
+            frames.MapRegion: self._on_map_region,
+            frames.SealRegion: self._on_seal_region,
         }
         _raise_fd_limit()
         self._lock_fd, self._listener = _bind(self.socket_path)
@@ -606,6 +610,8 @@ class Kernel:
         for cap in rec.caps:
             if cap.kind == "endpoint" and cap.watched:
                 cap.target.owner.watched_by.discard((rec, cap.handle))
+            elif cap.kind == "region":
+                cap.target.release()
         watchers, rec.watched_by = rec.watched_by, set()
         for watcher, handle in watchers:
             self._event(watcher, frames.Death(handle, rec.process_id))
@@ -772,6 +778,11 @@ class Kernel:
 
     def _on_release(self, rec: ProcessRecord, msg: frames.Release, rid: int) -> frames.Message:
         cap = rec.caps.remove(msg.handle)
+        self._drop_cap(rec, cap)
+        return frames.Ok()
+
+    def _drop_cap(self, rec: ProcessRecord, cap: Capability) -> None:
+        """A capability left rec's table (released, moved away): undo what it held."""
         if cap.kind == "service":
             svc: Service = cap.target
             self._end_service(svc, _core.STATE_CLOSED)
@@ -786,7 +797,8 @@ class Kernel:
             rec.subscription = 0
             rec.notice_pending = False
             self._subscribers.discard(rec)
-        return frames.Ok()
+        elif cap.kind == "region":
+            cap.target.release()
 
     # ---- channels -----------------------------------------------------------------------------
 
@@ -853,7 +865,7 @@ class Kernel:
             self._close_channel(ch, state, tell_server=False)
         for _, children in svc.transfers.values():
             for child in children:
-                child.detach()
+                _drop_pending(child)
         svc.transfers.clear()
         for fd in (svc.doorbell_fd, svc.bell_event_fd):
             if fd >= 0:
@@ -890,10 +902,14 @@ class Kernel:
         for c in subtree:
             c.revoked = True
             owner: ProcessRecord | None = c.owner
-            if owner is not None:
+            if owner is None:
+                _drop_pending(c)  # not claimed yet
+            else:
                 try:
                     if owner.caps.get(c.handle) is c:
                         owner.caps.remove(c.handle)
+                        if c.kind == "region":
+                            c.target.release()
                 except IpcError:
                     pass
                 if owner.endpoints.get(id(c.target)) is c:
@@ -908,7 +924,9 @@ class Kernel:
 
     def _on_delegate(self, rec: ProcessRecord, msg: frames.Delegate, rid: int) -> frames.Message:
         cap = rec.caps.get(msg.handle)
-        if "share" not in cap.rights:
+        if msg.move and cap.kind != "region":
+            raise ValueError("only regions can be moved; other capabilities are delegated")
+        if not msg.move and "share" not in cap.rights:
             self._audit_event(_audit.DENIED, rec, cap, getattr(cap.target, "name", ""), "no share right")
             raise PermissionDenied(f"handle {cap.handle:#x} lacks the share right: it cannot be passed on")
         via = rec.caps.get(msg.via, "endpoint")
@@ -921,11 +939,15 @@ class Kernel:
         now = time.monotonic()
         for key in [k for k, (exp, _) in svc.transfers.items() if exp <= now]:
             for child in svc.transfers.pop(key)[1]:
-                child.detach()
+                _drop_pending(child)
         if len(svc.transfers) >= MAX_TRANSFERS:
             raise OutOfMemory(f"{MAX_TRANSFERS} delegations wait for {svc.name!r} to claim them")
         child = cap.derive()
+        if cap.kind == "region":
+            cap.target.refs += 1  # the pending transfer keeps the region alive
         svc.transfers.setdefault((msg.index, msg.tag), (now + TRANSFER_TTL, []))[1].append(child)
+        if msg.move:  # the sender gives its own capability up
+            self._drop_cap(rec, rec.caps.remove(cap.handle))
         self._audit_event(_audit.DELEGATE, rec, cap, getattr(cap.target, "name", ""),
                           f"to process {svc.owner.process_id} via {svc.name!r}")
         return frames.Ok()
@@ -936,16 +958,58 @@ class Kernel:
         rows = []
         for child in children:
             if child.revoked or child.limits.expired():
-                child.detach()
+                _drop_pending(child)
                 continue
             child.owner = rec
-            rec.caps.insert(child)
-            g = _granted(child)
-            rows.append({"handle": g.handle, "process_id": g.process_id, "name": g.name,
-                         "rights": g.rights, "limits": g.limits})
+            try:
+                rec.caps.insert(child)
+            except IpcError:
+                _drop_pending(child)
+                raise
+            if child.kind == "region":
+                rows.append({"kind": "region", "handle": child.handle,
+                             "size": child.target.size, "rights": sorted(child.rights)})
+            else:
+                g = _granted(child)
+                rows.append({"kind": "endpoint", "handle": g.handle, "process_id": g.process_id,
+                             "name": g.name, "rights": g.rights, "limits": g.limits})
             self._audit_event("accept", rec, child, getattr(child.target, "name", ""),
                               f"derived from {child.parent.handle:#x}" if child.parent else "")
         return frames.Rows(rows, len(rows))
+
+    # ---- regions ------------------------------------------------------------------------------
+
+    def _on_create_region(self, rec: ProcessRecord, msg: frames.CreateRegion, rid: int) -> None:
+        region = Region.create(msg.size)
+        cap = Capability("region", region, REGION_RIGHTS, owner=rec)
+        region.refs = 1
+        try:
+            rec.caps.insert(cap)
+        except IpcError:
+            region.release()
+            raise
+        self._send_region(rec, rid, cap)
+
+    def _on_map_region(self, rec: ProcessRecord, msg: frames.MapRegion, rid: int) -> None:
+        cap = rec.caps.get(msg.handle, "region")
+        if "map" not in cap.rights:
+            raise PermissionDenied(f"handle {cap.handle:#x} lacks the map right")
+        self._send_region(rec, rid, cap)
+
+    def _send_region(self, rec: ProcessRecord, rid: int, cap: Capability) -> None:
+        fd = cap.target.fd_for(cap.rights)
+        try:
+            self._respond(rec, rid, frames.RegionGranted(cap.handle, cap.target.size,
+                                                         sorted(cap.rights)), (fd,))
+        finally:
+            os.close(fd)
+
+    def _on_seal_region(self, rec: ProcessRecord, msg: frames.SealRegion, rid: int) -> frames.Message:
+        cap = rec.caps.get(msg.handle, "region")
+        if "write" not in cap.rights:
+            raise PermissionDenied(f"handle {cap.handle:#x} lacks the write right: it cannot seal")
+        cap.target.seal()
+        return frames.Ok()
 
     def _audit_event(self, event: str, rec: ProcessRecord | None, cap: Capability | None = None,
                      target: str = "", detail: str = "") -> None:
@@ -1039,6 +1103,14 @@ class Kernel:
             "notice_pending": rec.notice_pending,
             "notices_sent": rec.notices_sent,
         }
+
+
+def _drop_pending(child: Capability) -> None:
+    """A delegated capability nobody will claim: unhook it (and the region it kept alive)."""
+    child.detach()
+    if child.kind == "region" and child.owner is None and not child.extra.get("dropped"):
+        child.extra["dropped"] = True
+        child.target.release()
 
 
 def _granted(cap: Capability) -> frames.Granted:

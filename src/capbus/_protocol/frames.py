@@ -210,15 +210,36 @@ class Revoke(Message):
     handle: int
 
 
-@message(17, KIND_REQUEST, handle="u64", via="u64", index="u64", tag="u64")
+@message(17, KIND_REQUEST, handle="u64", via="u64", index="u64", tag="u64", move="bool")
 class Delegate(Message):
     """Attach a child of `handle` to the message with `tag` on channel `index` of endpoint `via`;
-    only the process serving that endpoint can claim it, for that message."""
+    only the process serving that endpoint can claim it, for that message. move: the sender
+    gives its own capability up (a region transfer)."""
 
     handle: int
     via: int
     index: int
     tag: int
+    move: bool = False
+
+
+@message(19, KIND_REQUEST, size="u64")
+class CreateRegion(Message):
+    size: int
+
+
+@message(20, KIND_REQUEST, handle="u64")
+class MapRegion(Message):
+    """The fd of a region this process holds a capability to (e.g. one it claimed)."""
+
+    handle: int
+
+
+@message(21, KIND_REQUEST, handle="u64")
+class SealRegion(Message):
+    """Seal a region against writes for good (no writable mapping may remain anywhere)."""
+
+    handle: int
 
 
 @message(18, KIND_REQUEST, handle="u64", index="u64", tag="u64")
@@ -296,6 +317,15 @@ class ChannelGranted(Message):
     arena_size: int
 
 
+@message(72, KIND_RESPONSE, fds=1, handle="u64", size="u64", rights="strs?")
+class RegionGranted(Message):
+    """A region capability and its memfd (read-only unless the capability has the write right)."""
+
+    handle: int
+    size: int
+    rights: list[str] | None = None
+
+
 @message(70, KIND_RESPONSE, rows="rows", total="u64")
 class Rows(Message):
     rows: list[dict[str, Any]]
@@ -361,6 +391,9 @@ RESPONSES: dict[type[Message], tuple[type[Message], ...]] = {
     Revoke: (Ok,),
     Delegate: (Ok,),
     Claim: (Rows,),
+    CreateRegion: (RegionGranted,),
+    MapRegion: (RegionGranted,),
+    SealRegion: (Ok,),
 }
 
 

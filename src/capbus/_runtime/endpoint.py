@@ -21,6 +21,7 @@ from .. import _core
 from .._errors import InvalidCapability, Timeout, error_from_code
 from .._protocol import frames
 from .message import TRANSFER_FLAG, USER_FLAGS, Message, bad_flags
+from .region import Region
 
 if TYPE_CHECKING:
     from .process import Process
@@ -117,19 +118,22 @@ class Endpoint:
 
     def call(self, opcode: int, data: Sequence[int] = (), payload: bytes = b"",
              timeout: float | None = None, flags: int = 0,
-             caps: Iterable[Endpoint] = ()) -> Message:
+             caps: Iterable[Endpoint] = (), regions: Iterable[Region] = (),
+             move: bool = False) -> Message:
         """Send a request and wait for the reply.
 
         Timeout cancels the transaction (a late reply is dropped); PeerDied if the server exits;
         ValueError / MessageTooLarge / RateLimitExceeded before anything is sent if the arguments
         or the capability's limits do not allow it. caps: capabilities to delegate with it (each
-        needs the share right); they arrive as req.caps.
+        needs the share right); they arrive as req.caps. regions: shared memory regions to pass
+        on, arriving as req.regions; move=True transfers them (this side loses them), else
+        they are shared (needs the share right).
         """
         lane = self._local.__dict__.get("lane") or self._thread_lane()
         if flags & ~USER_FLAGS:
             raise bad_flags(flags)
-        if caps:
-            flags |= self._delegate(lane, caps)
+        if caps or regions:
+            flags |= self._delegate(lane, caps, regions, move)
         r = lane.core.call(self.handle, opcode, flags | _REPLY, data, payload or None,
                            -1 if timeout is None else timeout_ns(timeout))
         if r[1] & _ERROR:
@@ -139,14 +143,15 @@ class Endpoint:
     # ---- asynchronous messages ----------------------------------------------------------------
 
     def send_async(self, opcode: int, data: Sequence[int] = (), payload: bytes = b"",
-                   flags: int = 0, caps: Iterable[Endpoint] = ()) -> None:
+                   flags: int = 0, caps: Iterable[Endpoint] = (), regions: Iterable[Region] = (),
+                   move: bool = False) -> None:
         """Queue a one-way message; never blocks: WouldBlock when the receiver's ring for this
         sender is full (back-pressure: nothing is dropped silently)."""
         lane = self._local.__dict__.get("lane") or self._thread_lane()
         if flags & ~USER_FLAGS:
             raise bad_flags(flags)
-        if caps:
-            flags |= self._delegate(lane, caps)
+        if caps or regions:
+            flags |= self._delegate(lane, caps, regions, move)
         lane.core.send(self.handle, opcode, flags, data, payload or None)
 
     def send_many(self, messages: Sequence[tuple], flags: int = 0) -> int:
@@ -281,13 +286,24 @@ class Endpoint:
         self._pool_size += 1
         return self._open_lane()
 
-    def _delegate(self, lane: _Lane, caps: Iterable[Endpoint]) -> int:
+    def _delegate(self, lane: _Lane, caps: Iterable[Endpoint], regions: Iterable[Region],
+                  move: bool) -> int:
         """Attach capabilities to the next message on this lane (bound to its tag)."""
         tag = lane.core.last_tag + 1
+        caps, regions = list(caps), list(regions)
         for cap in caps:
             if not isinstance(cap, Endpoint) or cap._proc is not self._proc:
                 raise TypeError("caps must be Endpoints held by this Process")
-            self._proc._request(frames.Delegate(cap.handle, self.handle, lane.index, tag))
+        for region in regions:
+            if not isinstance(region, Region) or region._proc is not self._proc:
+                raise TypeError("regions must be Regions held by this Process")
+            region.buffer  # noqa: B018 - raises if it was moved or closed already
+        for cap in caps:
+            self._proc._request(frames.Delegate(cap.handle, self.handle, lane.index, tag, False))
+        for region in regions:
+            self._proc._request(frames.Delegate(region.handle, self.handle, lane.index, tag, move))
+            if move:
+                region._moved()
         return TRANSFER_FLAG
 
     def _remote_error(self, r: Message) -> Exception:

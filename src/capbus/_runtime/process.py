@@ -20,6 +20,7 @@ from .._protocol import frames
 from .._protocol.names import check_name
 from .control import Control
 from .endpoint import Endpoint, limits_request
+from .region import Region
 from .service import Service
 from .subscription import Subscription
 
@@ -39,6 +40,7 @@ class Process:
         self._lock = threading.Lock()
         self._endpoints: weakref.WeakValueDictionary[int, Endpoint] = weakref.WeakValueDictionary()
         self._services: dict[int, Service] = {}
+        self._regions: weakref.WeakValueDictionary[int, Region] = weakref.WeakValueDictionary()
         # Endpoints with death callbacks stay alive until told, even if the caller drops them.
         self._watched: dict[int, Endpoint] = {}
         self._subscriptions: weakref.WeakValueDictionary[int, Subscription] = (
@@ -103,6 +105,10 @@ class Process:
         reply = self._request(frames.LookupPackage(package, _ms(timeout)), timeout)
         return self._endpoint(reply)
 
+    def create_region(self, size: int) -> Region:
+        """A new shared memory region of `size` bytes (a memfd the kernel creates), mapped."""
+        return self._region(self._request_fds(frames.CreateRegion(size)))
+
     def subscribe_registrations(self) -> Subscription:
         """Opt in to registration notices (coalesced, carrying no identity)."""
         reply = self._request(frames.Subscribe())
@@ -154,6 +160,17 @@ class Process:
                 ep = Endpoint(self, reply)
                 self._endpoints[reply.handle] = ep
         return ep
+
+    def _region(self, answer: tuple[frames.Message, list[int]]) -> Region:
+        reply, fds = answer
+        assert isinstance(reply, frames.RegionGranted)
+        try:
+            region = Region(self, reply, fds[0])
+        except BaseException:
+            os.close(fds[0])
+            raise
+        self._regions[reply.handle] = region
+        return region
 
     def _forget(self, ep: Endpoint) -> None:
         self._watched.pop(ep.handle, None)

@@ -196,7 +196,14 @@ class Service:
         """Take the capabilities delegated with this message into our table."""
         reply = self._proc._request(frames.Claim(self.handle, req.index, req.tag))
         assert isinstance(reply, frames.Rows)
-        req.caps = tuple(self._proc._endpoint(frames.Granted(**row)) for row in reply.rows)
+        caps, regions = [], []
+        for row in reply.rows:
+            if row.pop("kind") == "region":
+                regions.append(self._proc._region(
+                    self._proc._request_fds(frames.MapRegion(row["handle"]))))
+            else:
+                caps.append(self._proc._endpoint(frames.Granted(**row)))
+        req.caps, req.regions = tuple(caps), tuple(regions)
 
     def _channel_opened(self, msg: frames.ChannelOpened, fds: list[int]) -> None:
         try:

@@ -1,0 +1,81 @@
+"""Shared memory regions: memfds the kernel creates and hands out as capabilities.
+
+The kernel keeps a region's fd while any capability names it, and closes it with the last one;
+the memory itself is freed by the OS when the last process that maps it lets go or dies (a memfd
+never appears in /dev/shm). Sealing with F_SEAL_WRITE makes it read-only for everyone, for good:
+a receiver that checks the seal on its own fd can trust the contents without copying them.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from dataclasses import dataclass
+
+from .._errors import OutOfMemory, PermissionDenied
+
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
+MAX_REGION = 1 << 40
+REGION_RIGHTS = frozenset({"map", "read", "write", "share"})
+
+
+@dataclass(eq=False)
+class Region:
+    fd: int
+    size: int
+    refs: int = 0  # capabilities naming it
+
+    @classmethod
+    def create(cls, size: int) -> Region:
+        if not 0 < size <= MAX_REGION:
+            raise ValueError(f"region size must be 1..{MAX_REGION} bytes, got {size}")
+        try:
+            fd = os.memfd_create("capbus-region", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError as exc:
+            raise OutOfMemory(f"cannot create a region: {exc}") from None
+        try:
+            os.ftruncate(fd, size)
+            # Nobody may shrink it under another holder's mapping (that would SIGBUS them).
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        except OSError as exc:
+            os.close(fd)
+            raise OutOfMemory(f"cannot size a region of {size} bytes: {exc}") from None
+        return cls(fd, size)
+
+    @property
+    def name(self) -> str:
+        return f"region of {self.size} bytes"
+
+    @property
+    def sealed(self) -> bool:
+        return bool(fcntl.fcntl(self.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE)
+
+    def fd_for(self, rights: frozenset[str]) -> int:
+        """A new fd for a holder: read-only unless it may write (and the region is unsealed).
+
+        A read-only fd keeps a well-behaved runtime from mapping it writable; only the seal makes
+        that a guarantee against a hostile one (it could reopen /proc/self/fd/N read-write)."""
+        if "write" in rights and not self.sealed:
+            return os.dup(self.fd)
+        return os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+
+    def seal(self) -> None:
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise PermissionDenied(
+                    "the region is still mapped writable somewhere: every holder must close its "
+                    "writable mapping before it can be sealed"
+                ) from None
+            raise
+
+    def release(self) -> bool:
+        """One capability fewer; True when it was the last (the fd is closed)."""
+        self.refs -= 1
+        if self.refs <= 0 and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            return True
+        return False

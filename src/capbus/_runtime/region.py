@@ -1,0 +1,117 @@
+"""Region: shared memory a process holds as a capability (a kernel-created memfd, mapped here).
+
+Transfer it with call(..., regions=[r], move=True): this side loses it (.buffer raises, and any
+view still held reads zeros instead of the shared memory). Share it with move=False (needs the
+share right). seal_readonly() makes it read-only for every holder, for good: a receiver that sees
+.sealed (checked on its own fd, trusting no one) can check the contents once and rely on them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from typing import TYPE_CHECKING, Any
+
+from .._errors import IpcError
+from .._mapping import Mapping
+from .._protocol import frames
+
+if TYPE_CHECKING:
+    from .process import Process
+
+
+class Region:
+    def __init__(self, proc: Process, granted: frames.RegionGranted, fd: int) -> None:
+        self._proc = proc
+        self.handle = granted.handle
+        self.size = granted.size
+        self.rights = frozenset(granted.rights or ())
+        self._fd = fd  # kept: the seals are read from our own fd
+        self._map: Mapping | None = None
+        self._view: memoryview | None = None
+        self._gone: str | None = None
+        self._map_now()
+
+    def __repr__(self) -> str:
+        state = self._gone or ("sealed" if self.sealed else "writable" if self.writable else "read-only")
+        return f"<capbus.Region {self.size} bytes {state}>"
+
+    @property
+    def writable(self) -> bool:
+        return "write" in self.rights and not self.sealed
+
+    @property
+    def sealed(self) -> bool:
+        """True if the memfd is sealed against writes (checked now, on this process's fd)."""
+        if self._fd < 0:
+            return False
+        return bool(fcntl.fcntl(self._fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE)
+
+    @property
+    def buffer(self) -> memoryview:
+        """The region's bytes (read-only unless writable)."""
+        if self._view is None:
+            raise IpcError(f"this region is {self._gone or 'closed'}: it is no longer accessible here")
+        return self._view
+
+    def ndarray(self, dtype: Any = "uint8", shape: Any = None) -> Any:
+        """A numpy array over the region (no copy); numpy is an optional dependency."""
+        try:
+            import numpy as np
+        except ImportError:
+            raise ImportError("Region.ndarray needs numpy: pip install numpy") from None
+        arr = np.frombuffer(self.buffer, dtype=dtype)
+        return arr if shape is None else arr.reshape(shape)
+
+    def seal_readonly(self) -> None:
+        """Seal the region against writes everywhere, for good (PermissionDenied while another
+        holder still has it mapped writable). Afterwards it is mapped read-only here too."""
+        self._unmap("being sealed")
+        try:
+            self._proc._request(frames.SealRegion(self.handle))
+        finally:
+            self._gone = None
+            self._map_now()
+
+    def close(self) -> None:
+        """Unmap it and give the capability back (the memory goes with its last holder)."""
+        if self._fd < 0:
+            return
+        self._unmap("closed")
+        os.close(self._fd)
+        self._fd = -1
+        self._proc._regions.pop(self.handle, None)
+        if not self._proc.closed:
+            self._proc._request(frames.Release(self.handle))
+
+    def __del__(self) -> None:
+        # Dropped without close(): give the fd and the capability back; the mapping itself goes
+        # when the last view of it does (see _mapping.Mapping).
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            proc = self._proc
+            if not proc.closed and os.getpid() == proc._pid:
+                proc._control.request_nowait(frames.Release(self.handle))
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _map_now(self) -> None:
+        writable = self.writable
+        self._map = Mapping(self._fd, self.size, writable)
+        view = memoryview(self._map.buf).cast("B")
+        self._view = view if writable else view.toreadonly()
+
+    def _unmap(self, why: str) -> None:
+        self._gone = why
+        self._view = None
+        if self._map is not None:
+            self._map.detach()  # views a caller still holds read zeros, never the region
+            self._map = None
+
+    def _moved(self) -> None:
+        self._unmap("moved to another process")
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._proc._regions.pop(self.handle, None)
