@@ -47,7 +47,7 @@ def echo_server(wait: str, cpu: int = -1):
     import capbus
 
     with tempfile.TemporaryDirectory(prefix="cb-bench-") as tmp:
-        kernel = capbus.Kernel(os.path.join(tmp, "k.sock"))
+        kernel = capbus.Kernel(os.path.join(tmp, "k.sock"), audit=None)
         env = dict(os.environ, CAPBUS_SOCKET=kernel.socket_path)
         child = subprocess.Popen([sys.executable, "-c", _SERVER, wait, str(cpu)], env=env,
                                  stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
@@ -98,3 +98,179 @@ def run_calls(quick: bool = False) -> list[Result]:
         call_round_trip("block", "same CPU", nb),
     ]
     return rows
+
+
+# ---- one-way throughput (the asynchronous mailbox) -----------------------------------------------
+
+_SENDER = """
+import os, sys, capbus
+cpu, n, batch = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+if cpu >= 0:
+    os.sched_setaffinity(0, {cpu})
+p = capbus.connect(wait="spin")
+ep = p.lookup("sink", timeout=10)
+print("ready", flush=True)
+sys.stdin.readline()
+sent = 0
+data = (1, 2, 3, 4)
+if batch == 1:
+    send = ep.send_async
+    while sent < n:
+        try:
+            send(1, data)
+            sent += 1
+        except capbus.WouldBlock:
+            pass
+else:
+    msgs = [(1, data)] * batch
+    while sent < n:
+        sent += ep.send_many(msgs if n - sent >= batch else msgs[: n - sent])
+print("sent", sent, flush=True)
+"""
+
+
+def one_way_throughput(batch: int, n: int) -> Result:
+    """48-byte messages sender -> receiver, msgs/s timed at the receiver (first to last)."""
+    import capbus
+
+    cpus = sorted(os.sched_getaffinity(0))
+    sender_cpu, receiver_cpu = (cpus[0], cpus[1]) if len(cpus) > 1 else (-1, -1)
+    name = "capbus send_async" if batch == 1 else f"capbus send_many x{batch}"
+    with tempfile.TemporaryDirectory(prefix="cb-bench-") as tmp, \
+            capbus.Kernel(os.path.join(tmp, "k.sock"), audit=None) as kernel, \
+            capbus.connect(kernel.socket_path, wait="spin") as me, _pinned(receiver_cpu):
+        svc = me.register("sink")
+        env = dict(os.environ, CAPBUS_SOCKET=kernel.socket_path)
+        child = subprocess.Popen([sys.executable, "-c", _SENDER, str(sender_cpu), str(n), str(batch)],
+                                 env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout.readline().strip() == "ready"
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            got, first, recv_many = 0, 0, svc.recv_many
+            while got < n:
+                reqs = recv_many(1024, 10.0)
+                if not reqs:
+                    raise RuntimeError(f"throughput run stalled after {got} of {n} messages")
+                if not first:
+                    first = time.perf_counter_ns()
+                got += len(reqs)
+            elapsed = time.perf_counter_ns() - first
+        finally:
+            child.kill()
+            child.wait(10)
+            child.stdout.close()
+            child.stdin.close()
+    return Result(name, "one_way_throughput", msgs_per_s=(n - 1) / (elapsed / 1e9) if elapsed else None,
+                  note="sender child -> recv_many(1024), spin, cross-CPU, pinned", samples=n)
+
+
+def run_async(quick: bool = False) -> list[Result]:
+    n = 20_000 if quick else 2_000_000
+    return [one_way_throughput(1, n), one_way_throughput(64, n), one_way_throughput(256, n)]
+
+
+# ---- large payloads --------------------------------------------------------------------------------
+
+def large_round_trip(size: int, how: str, iterations: int) -> Result:
+    """Round trip of `size` bytes: "bytes" (copied through the arena) or "region" (a shared
+    region passed with each call, the receiver maps it and touches one byte)."""
+    import capbus
+
+    with tempfile.TemporaryDirectory(prefix="cb-bench-") as tmp, \
+            capbus.Kernel(os.path.join(tmp, "k.sock"), audit=None) as kernel:
+        env = dict(os.environ, CAPBUS_SOCKET=kernel.socket_path)
+        child = subprocess.Popen([sys.executable, "-c", _LARGE_SERVER], env=env,
+                                 stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        try:
+            assert child.stdout.readline().strip() == "ready"
+            with capbus.connect(kernel.socket_path, wait="spin") as proc:
+                ep = proc.lookup("large", timeout=10)
+                if how == "bytes":
+                    payload = b"\x01" * size
+
+                    def once():
+                        ep.call(1, (), payload)
+                else:
+                    region = proc.create_region(size)
+                    region.buffer[:1] = b"\x01"
+
+                    def once():
+                        ep.call(2, regions=[region])
+                for _ in range(min(3, iterations)):
+                    once()
+                samples = []
+                for _ in range(iterations):
+                    t0 = time.perf_counter_ns()
+                    once()
+                    samples.append(time.perf_counter_ns() - t0)
+        finally:
+            child.kill()
+            child.wait(10)
+            child.stdout.close()
+    samples.sort()
+    label = f"capbus {'bytes' if how == 'bytes' else 'region share'}"
+    note = ("payload copied into and out of the arena" if how == "bytes"
+            else "region passed with each call (kernel delegates, receiver maps it)")
+    return Result(label, METRIC_ROUND_TRIP, percentile(samples, 0.5) / 1000,
+                  percentile(samples, 0.99) / 1000, note=note, size_bytes=size, samples=len(samples))
+
+
+_LARGE_SERVER = """
+import capbus
+p = capbus.connect(wait="spin")
+svc = p.register("large")
+print("ready", flush=True)
+while True:
+    req = svc.recv()
+    if req.regions:
+        req.regions[0].buffer[0]
+        for r in req.regions:
+            r.close()
+    req.reply(0)
+"""
+
+LARGE_SIZES = (64 << 10, 1 << 20, 64 << 20)
+
+
+def run_large(quick: bool = False) -> list[Result]:
+    rows = []
+    for size in LARGE_SIZES:
+        n = (3 if size >= 16 << 20 else 50) if quick else (15 if size >= 16 << 20 else 2_000)
+        rows.append(large_round_trip(size, "bytes", n))
+        rows.append(large_round_trip(size, "region", n))
+    return rows
+
+
+# ---- the cost of capability checks on the call path ---------------------------------------------
+
+def capability_check_cost(iterations: int) -> list[Result]:
+    """The same echo, called through a plain endpoint and through a restricted one whose limits
+    (a rate far above what is reached, a size limit, an expiry) are checked on every message by
+    both sides; alternated in rounds so drift affects both alike."""
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpu, client_cpu = (cpus[0], cpus[1]) if len(cpus) > 1 else (-1, -1)
+    plain, limited = [], []
+    with echo_server("spin", server_cpu) as ep, _pinned(client_cpu):
+        lim = ep.restrict(rate_limit=10**9, max_message_size=1 << 20, expires_in=3600)
+        data = (1, 2, 3, 4)
+        for _ in range(20_000):
+            ep.call(1, data)
+            lim.call(1, data)
+        clock = time.perf_counter_ns
+        for _ in range(10):
+            for target, out in ((ep, plain), (lim, limited)):
+                call = target.call
+                for _ in range(iterations // 10):
+                    t0 = clock()
+                    call(1, data)
+                    out.append(clock() - t0)
+    plain.sort()
+    limited.sort()
+    return [
+        Result("capbus spin, no limits", METRIC_ROUND_TRIP, percentile(plain, 0.5) / 1000,
+               percentile(plain, 0.99) / 1000, note="plain endpoint", samples=len(plain)),
+        Result("capbus spin, limits checked", METRIC_ROUND_TRIP, percentile(limited, 0.5) / 1000,
+               percentile(limited, 0.99) / 1000,
+               note="rate+size+expiry checked by caller and receiver", samples=len(limited)),
+    ]

@@ -8,11 +8,12 @@ SPEC.md against the anchors measured in the same run.
 from __future__ import annotations
 
 import argparse
+import os
 
 from . import capbus_bench, peers
 from .table import Result, machine_info, machine_line, print_table, to_json
 
-SECTIONS = ("call", "scale")
+SECTIONS = ("call", "caps", "async", "large", "scale")
 
 
 def _find(rows: list[Result], mechanism: str, note_part: str = "") -> Result | None:
@@ -48,6 +49,37 @@ def call_section(quick: bool) -> list[Result]:
     return rows
 
 
+def caps_section(quick: bool) -> list[Result]:
+    rows = capbus_bench.capability_check_cost(20_000 if quick else 400_000)
+    print_table("Cost of capability checks on the call path", rows, machine_line())
+    print()
+    print(f"Target (SPEC.md): limits checked within 5% of none: {_ratio(rows[1], rows[0])}")
+    return rows
+
+
+def async_section(quick: bool) -> list[Result]:
+    rows = capbus_bench.run_async(quick) + peers.run_peers("async", quick)
+    print_table("One-way throughput, 48-byte messages (sender -> receiver)", rows, machine_line())
+    unbatched = _find(rows, "capbus send_async")
+    batched = max((r for r in rows if r.mechanism.startswith("capbus send_many") and r.msgs_per_s),
+                  key=lambda r: r.msgs_per_s or 0, default=None)
+    zmq = next((r for r in rows if "PUSH" in r.mechanism and r.msgs_per_s), None)
+    print()
+    print("Targets (SPEC.md):")
+    if unbatched and unbatched.msgs_per_s:
+        vs = f"{unbatched.msgs_per_s / zmq.msgs_per_s:.1f}x pyzmq" if zmq and zmq.msgs_per_s else "n/a"
+        print(f"  unbatched: {unbatched.msgs_per_s / 1e6:.2f} M/s (target >= 3 M/s, >= 3x pyzmq: {vs})")
+    if batched and batched.msgs_per_s:
+        print(f"  batched:   {batched.msgs_per_s / 1e6:.2f} M/s (target >= 10 M/s)")
+    return rows
+
+
+def large_section(quick: bool) -> list[Result]:
+    rows = capbus_bench.run_large(quick) + peers.run_peers("large", quick)
+    print_table("Large message round trip (two processes)", rows, machine_line())
+    return rows
+
+
 def scale_section(quick: bool) -> list[Result]:
     from . import scale
 
@@ -61,10 +93,17 @@ def main(args: argparse.Namespace) -> int:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown bench sections {sorted(unknown)}: choose from {SECTIONS}")
-    print(f"capbus bench on {machine_line()}\n")
+    print(f"capbus bench on {machine_line()}")
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"WARNING: load average {load:.2f}: other work competes for the CPUs, and a spinning "
+              "pair that loses its CPU waits a whole scheduler slice (milliseconds). Figures from "
+              "a busy machine are not comparable.")
+    print()
     everything: list[Result] = []
     for section in sections:
-        everything += {"call": call_section, "scale": scale_section}[section](args.quick)
+        everything += {"call": call_section, "caps": caps_section, "async": async_section,
+                       "large": large_section, "scale": scale_section}[section](args.quick)
         print()
     if args.json:
         with open(args.json, "w") as f:
