@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 from .. import _core
 from .._errors import InvalidCapability, Timeout, error_from_code
 from .._protocol import frames
-from .message import TRANSFER_FLAG, USER_FLAGS, Message, bad_flags
+from . import objects
+from .message import OBJECT_FLAG, TRANSFER_FLAG, USER_FLAGS, Message, bad_flags
 from .region import Region
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ class Endpoint:
         they are shared (needs the share right).
         """
         lane = self._local.__dict__.get("lane") or self._thread_lane()
-        if flags & ~USER_FLAGS:
+        if flags & ~USER_FLAGS and flags != OBJECT_FLAG:
             raise bad_flags(flags)
         if caps or regions:
             flags |= self._delegate(lane, caps, regions, move)
@@ -148,7 +149,7 @@ class Endpoint:
         """Queue a one-way message; never blocks: WouldBlock when the receiver's ring for this
         sender is full (back-pressure: nothing is dropped silently)."""
         lane = self._local.__dict__.get("lane") or self._thread_lane()
-        if flags & ~USER_FLAGS:
+        if flags & ~USER_FLAGS and flags != OBJECT_FLAG:
             raise bad_flags(flags)
         if caps or regions:
             flags |= self._delegate(lane, caps, regions, move)
@@ -161,6 +162,15 @@ class Endpoint:
         if flags & ~USER_FLAGS:
             raise bad_flags(flags)
         return lane.core.send_many(self.handle, flags, messages)
+
+    def call_object(self, obj: Any, opcode: int = 0, timeout: float | None = None) -> Message:
+        """Send a Python object (pickle protocol 5, large buffers out of band) and wait for the
+        reply; the server reads it with req.object() and may answer with req.reply_object()."""
+        return self.call(opcode, (), objects.pack(obj), timeout, OBJECT_FLAG)
+
+    def send_object(self, obj: Any, opcode: int = 0) -> None:
+        """send_async() of a Python object (see call_object)."""
+        self.send_async(opcode, (), objects.pack(obj), OBJECT_FLAG)
 
     async def acall(self, opcode: int, data: Sequence[int] = (), payload: bytes = b"",
                     timeout: float | None = None, flags: int = 0) -> Message:

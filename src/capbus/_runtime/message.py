@@ -5,12 +5,15 @@ structures (the native core uses the same layout; a test checks sizes and offset
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 from .. import _core
+from . import objects
 
-# The top user flag bit is the runtime's own: "capabilities travel with this message".
-TRANSFER_FLAG = 0x80000000
-USER_FLAGS = _core.FLAG_USER_MASK & ~TRANSFER_FLAG
+# The top two user flag bits are the runtime's own.
+TRANSFER_FLAG = 0x80000000  # capabilities or regions travel with this message
+OBJECT_FLAG = 0x40000000  # the payload is a pickled object (capbus._runtime.objects)
+USER_FLAGS = _core.FLAG_USER_MASK & ~(TRANSFER_FLAG | OBJECT_FLAG)
 
 
 class SmallMessage(ctypes.LittleEndianStructure):
@@ -91,6 +94,10 @@ class Message(tuple):
     def __repr__(self) -> str:
         return f"<capbus.Message opcode={self[0]} data={self[2:6]} payload={len(self.payload)} bytes>"
 
+    def object(self, trusted: bool = False) -> Any:
+        """The Python object the payload carries (see Endpoint.call_object)."""
+        return objects.loads(self.payload, trusted)
+
 
 class Request(_core.Request):
     """A message a Service received, built by the native core.
@@ -101,6 +108,18 @@ class Request(_core.Request):
     """
 
     __slots__ = ()
+
+    def object(self, trusted: bool = False) -> Any:
+        """The Python object the payload carries (see Endpoint.send_object / call_object).
+
+        Its large buffers (numpy arrays, bytes) are views of the payload, not copies. Untrusted
+        (the default), only plain data and numpy arrays are rebuilt: unpickling anything else
+        would let the sender run code here; trusted=True allows it."""
+        return objects.loads(self.payload, trusted)
+
+    def reply_object(self, obj: Any, opcode: int = 0) -> None:
+        """Answer a call with a Python object (the caller reads it with reply.object())."""
+        self.reply(opcode, (), objects.pack(obj), OBJECT_FLAG)
 
 
 _core.set_types(Message, Request)
