@@ -100,6 +100,16 @@ def test_layout_constants():
     assert not any(f & c.FLAG_USER_MASK for f in flags)
     assert sum(flags) | c.FLAG_USER_MASK == c.FLAG_KNOWN_MASK
     assert (c.WAIT_SPIN, c.WAIT_ADAPTIVE, c.WAIT_BLOCK) == (0, 1, 2)
+    # Added for the event-loop hand-shakes, refused counts and limits: each in the cache line of
+    # the side that writes it.
+    assert c.DB_EVENT_WANTED_OFF == 68 and c.DB_SERVER_SLEEPING_OFF < 68 < c.DB_BITMAP_OFF
+    assert c.RING_CONSUMER_EVENT_OFF == 76 and c.RING_HEAD_OFF <= 76 < c.RING_ARENA_RELEASED_OFF
+    assert c.CHAN_REFUSED_OFF == 128 and c.CHAN_REFUSED_OFF // 64 != c.CHAN_CANCEL_BELOW_OFF // 64
+    assert c.CHAN_REFUSED_OFF + 8 <= c.CHAN_HEADER_SIZE and c.CHAN_REFUSED_OFF >= c.CHAN_ARENA_SIZE_OFF + 8
+    assert (c.CTRL_FLAGS_OFF, c.CTRL_F_ENFORCE, c.BATCH_MAX) == (44, 1, 1024)
+    lay = c.channel_layout(256, 1 << 20)
+    assert lay["refused"] == c.CHAN_REFUSED_OFF
+    assert lay["resp_consumer_event"] == lay["resp_ring"] + c.RING_CONSUMER_EVENT_OFF
 
 
 @pytest.mark.parametrize("nslots,arena", [(256, 128 << 20), (1, 4096), (1024, 1 << 20), (64, 8192)])
@@ -777,7 +787,8 @@ def test_random_slot_and_chunk_garbage_fuzz(db, chans):
             lg = lane(good, db)
             s = server(db, good, bad)
             lb = lane(bad, db)
-            lb.send(1, 2, _core.FLAG_CHECKSUM if trial % 2 else 0, (), rng.randbytes(rng.choice([0, 5, 64, 65, 1000])))
+            lb.send(1, 2, _core.FLAG_CHECKSUM if trial % 2 else 0, (),
+                    rng.randbytes(rng.choice([0, 5, 64, 65, 1000])))
             m = bad.map()
             L = bad.layout()
             for _ in range(rng.randint(1, 6)):
@@ -978,31 +989,44 @@ def test_fairness_three_clients_cross_process(db, chans):
         reap(*procs)
 
 
-def test_hostile_scribbler_only_kills_its_channel(db, chans):
+@pytest.mark.parametrize("how", ["recv", "recv_many", "poll"])
+def test_hostile_scribbler_only_kills_its_channel(db, chans, how):
     good, bad = chans(1), chans(2, nslots=64, arena=65536)
     s = server(db, good, bad, mode=1)
     cl = spawn("timed_caller", good.args(db, seconds=3), [db, good.chan, good.ctrl])
     sc = spawn("scribble_channel", bad.args(db, seconds=3), [db, bad.chan, bad.ctrl])
     corrupt = []
     served = 0
+
+    def take() -> list:
+        if how == "recv":
+            return [s.recv(100_000_000)]
+        if how == "recv_many":
+            return s.recv_many(16, 100_000_000)
+        r = s.poll()
+        if r is None:
+            time.sleep(0.0001)
+        return [] if r is None else [r]
+
     try:
         end = time.monotonic() + 40
         while cl.poll() is None and time.monotonic() < end:
             try:
-                r = s.recv(100_000_000)
+                batch = take()
             except Timeout:
                 continue
             except _core.CorruptChannel as e:
                 corrupt.append((e.index, e.reason))
                 continue
-            if r.index == 1:
-                served += 1
-            try:
-                s.reply(r.index, r.tag, r.opcode + 100, 0, r.data, r.payload)
-            except _core.CorruptChannel as e:
-                corrupt.append((e.index, e.reason))
-            except (WouldBlock, PeerDied):
-                pass
+            for r in batch:
+                if r.index == 1:
+                    served += 1
+                try:
+                    s.reply(r.index, r.tag, r.opcode + 100, 0, r.data, r.payload)
+                except _core.CorruptChannel as e:
+                    corrupt.append((e.index, e.reason))
+                except (WouldBlock, PeerDied):
+                    pass
         res = result(cl, 30)
         result(sc, 30)
     finally:

@@ -49,7 +49,7 @@ def test_untrusted_payload_cannot_run_code():
     assert objects.loads(objects.pack({"a": [1, 2.5, "x"], "b": {3}})) == {"a": [1, 2.5, "x"], "b": {3}}
 
 
-@pytest.mark.parametrize("garbage", [b"", b"CBP5", b"XXXX" + bytes(20), objects.pack([1])[:-3] + b"\xff"])
+@pytest.mark.parametrize("garbage", [b"", b"CBP5", b"XXXX" + bytes(20), objects.pack(list(range(50)))[:30]])
 def test_garbage_payloads_are_protocol_errors(garbage):
     with pytest.raises(capbus.ProtocolError):
         objects.loads(garbage)

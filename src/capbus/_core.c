@@ -125,9 +125,10 @@
  *       sets the doorbell's DB_EVENT_WANTED_OFF, fences, looks again; None means "armed": a
  *       client's next publish writes the service's eventfd. A returned message (any recv/poll)
  *       clears the flag. Hostile clients: setting the flag or writing the eventfd only causes
- *       spurious wake-ups; CLEARING it can make other clients skip their write, so an event
- *       loop must re-poll at least every SLEEP_CAP_NS while armed (the futex path has the same
- *       bound).
+ *       spurious wake-ups; clearing the flag (or reading the shared eventfd) can make a wake-up
+ *       go missing, so an event loop must re-poll at least every SLEEP_CAP_NS while armed (the
+ *       futex path has the same bound). If the receive budget ran out with work left, it
+ *       writes event_fd itself (come straight back) instead of arming.
  *   .reply(index, tag, opcode, flags, data, payload=None) -> None   the raw reply (no check that
  *       the tag belongs to the channel now at that index: the runtime uses Request.reply). Never
  *       blocks: WouldBlock if the response ring/arena is full; PeerDied if the channel is removed,
@@ -151,7 +152,8 @@
  *       when the client is gone; WouldBlock when its response ring is full (the request stays
  *       unanswered: try again).
  *   .reply_error(code, text)   FLAG_ERROR, data[0] = code, payload = text (str: UTF-8; at most
- *       4096 bytes); a no-op if answered already or one-way.
+ *       4096 bytes); a no-op if answered already, one-way, or the client is gone (no PeerDied:
+ *       error paths need not catch it); WouldBlock / CorruptChannel as reply().
  *
  * ---- Exceptions -----------------------------------------------------------------------------
  *   capbus._errors classes (IpcError, Timeout, PeerDied, InvalidCapability, WouldBlock,
@@ -1118,29 +1120,13 @@ static void lane_refused(LaneObject *L, uint64_t n)
 
 /* ---- Client-side limit checks (fail fast; the server enforces the same on its side). ------- */
 
-/* 0: the control page does not ask for checks; 1: *l and *now are set for lane_admit; -1 with
- * PermissionDenied (no send right) or InvalidCapability (expired). */
-static int lane_limits(LaneObject *L, limits_t *l, uint64_t *now)
-{
-    if (__builtin_expect(!(ctrl_flags(L->ctrl) & CTRL_F_ENFORCE), 1))
-        return 0;
-    ctrl_limits(L->ctrl, l);
-    *now = limits_need_clock(l) ? coarse_ns() : 0;
-    int lim = limits_static(l, *now, 0);
-    if (lim == LIM_RIGHTS) {
-        PyErr_SetString(PermissionDenied, "this capability does not carry the right to send");
-        return -1;
-    }
-    if (lim == LIM_EXPIRED) {
-        PyErr_SetString(InvalidCapability, "the capability has expired");
-        return -1;
-    }
-    return 1;
-}
-
 static int raise_limit(int lim, const limits_t *l, uint64_t plen)
 {
-    if (lim == LIM_SIZE)
+    if (lim == LIM_RIGHTS)
+        PyErr_SetString(PermissionDenied, "this capability does not carry the right to send");
+    else if (lim == LIM_EXPIRED)
+        PyErr_SetString(InvalidCapability, "the capability has expired");
+    else if (lim == LIM_SIZE)
         PyErr_Format(MessageTooLarge,
                      "payload of %llu bytes exceeds this capability's limit of %llu bytes",
                      (unsigned long long)plen, (unsigned long long)l->max_size);
@@ -1153,20 +1139,46 @@ static int raise_limit(int lim, const limits_t *l, uint64_t plen)
     return -1;
 }
 
-/* Size, then the client's own buckets (nothing taken yet: bucket_take after the write). */
-static int lane_admit(LaneObject *L, const limits_t *l, uint64_t now, uint64_t plen)
+/* What a prepared message owes the client's buckets once it is written. */
+typedef struct {
+    int enforce;  /* CTRL_F_ENFORCE was set: bucket_take(l) after the write */
+    uint64_t now; /* coarse_ns() of the check */
+    limits_t l;
+} charge_t;
+
+/* Every client-side check for one message of `plen` payload bytes, in the order rights,
+ * expiry, size, rate, bandwidth (CTRL_F_ENFORCE is set). 0: it may go, and c->l / c->now are
+ * what bucket_take charges after the write; -1 with PermissionDenied, InvalidCapability,
+ * MessageTooLarge or RateLimitExceeded. Out of line and "cold": only channels whose capability
+ * carries a limit come here, and the others keep a smaller, denser hot path (measured: with the
+ * checks inline the unlimited round trip got slower; this way it costs nothing measurable). */
+static __attribute__((noinline, cold)) int lane_check(LaneObject *L, charge_t *c, uint64_t plen)
 {
-    if (l->max_size && plen > l->max_size)
-        return raise_limit(LIM_SIZE, l, plen);
-    int lim = bucket_check(&L->bucket, l, now, plen);
-    return lim == LIM_OK ? 0 : raise_limit(lim, l, plen);
+    ctrl_limits(L->ctrl, &c->l);
+    c->now = limits_need_clock(&c->l) ? coarse_ns() : 0;
+    int lim = limits_static(&c->l, c->now, plen);
+    if (lim == LIM_OK)
+        lim = bucket_check(&L->bucket, &c->l, c->now, plen);
+    return lim == LIM_OK ? 0 : raise_limit(lim, &c->l, plen);
+}
+
+/* send_many's first step: 0 (no checks), 1 (*l and *now set: sizes and buckets are checked per
+ * message), or -1 with PermissionDenied / InvalidCapability. */
+static int lane_limits_batch(LaneObject *L, limits_t *l, uint64_t *now)
+{
+    if (__builtin_expect(!(ctrl_flags(L->ctrl) & CTRL_F_ENFORCE), 1))
+        return 0;
+    ctrl_limits(L->ctrl, l);
+    *now = limits_need_clock(l) ? coarse_ns() : 0;
+    int lim = limits_static(l, *now, 0);
+    return lim == LIM_OK ? 1 : raise_limit(lim, l, 0);
 }
 
 /* Parse and check one outgoing message (call, call_start, send); nothing is written. On success
- * the payload view is held in *view (release_view), and *enf says whether *l and *now must be
- * charged with bucket_take after the write. */
+ * the payload view is held in *view (release_view), and *c says what to charge the buckets
+ * after the write. (Six arguments: all of them travel in registers.) */
 static int lane_prepare(LaneObject *L, PyObject *const *a, uint32_t extra, outmsg_t *m,
-                        Py_buffer *view, limits_t *l, int *enf, uint64_t *now)
+                        Py_buffer *view, charge_t *c)
 {
     /* a = capability, opcode, flags, data, payload (NULL = none) */
     view->obj = NULL;
@@ -1180,11 +1192,11 @@ static int lane_prepare(LaneObject *L, PyObject *const *a, uint32_t extra, outms
         raise_for_state(st, "server");
         return -1;
     }
-    if ((*enf = lane_limits(L, l, now)) < 0)
-        return -1;
     if (parse_payload(a[4] ? a[4] : Py_None, m, view, L->max_payload, 0) < 0)
         return -1;
-    if (*enf && lane_admit(L, l, *now, m->plen) < 0) {
+    /* The capability's limits: one predictable branch when the kernel set none. */
+    c->enforce = __builtin_expect(ctrl_flags(L->ctrl) & CTRL_F_ENFORCE, 0) != 0;
+    if (c->enforce && lane_check(L, c, m->plen) < 0) {
         release_view(view);
         return -1;
     }
@@ -1328,10 +1340,8 @@ static PyObject *Lane_call(LaneObject *L, PyObject *const *args, Py_ssize_t narg
         return NULL;
     outmsg_t m;
     Py_buffer view;
-    limits_t l;
-    int enf;
-    uint64_t now;
-    if (lane_prepare(L, a, FLAG_REPLY_EXPECTED, &m, &view, &l, &enf, &now) < 0)
+    charge_t c;
+    if (lane_prepare(L, a, FLAG_REPLY_EXPECTED, &m, &view, &c) < 0)
         return NULL;
     uint64_t deadline = deadline_after(timeout_ns);
     uint64_t tag = L->last_tag + 1;
@@ -1378,8 +1388,8 @@ static PyObject *Lane_call(LaneObject *L, PyObject *const *args, Py_ssize_t narg
             goto out;
     }
     release_view(&view);
-    if (enf)
-        bucket_take(&L->bucket, &l, m.plen);
+    if (c.enforce)
+        bucket_take(&L->bucket, &c.l, m.plen);
     L->last_tag = L->call_tag = tag;
     prod_publish(&L->req);
     lane_ring_doorbell(L);
@@ -1420,7 +1430,7 @@ out:
 
 /* Push one prepared message without waiting: RG_OK (published, doorbell rung), RG_FULL (refused,
  * counted) or -1 with an exception (the lane is broken). */
-static int lane_push(LaneObject *L, outmsg_t *m, const limits_t *l, int enf)
+static int lane_push(LaneObject *L, outmsg_t *m, const charge_t *c)
 {
     const char *why = NULL;
     uint64_t nfree;
@@ -1433,8 +1443,8 @@ static int lane_push(LaneObject *L, outmsg_t *m, const limits_t *l, int enf)
         r = lane_write(L, m, &why);
     L->busy = 0;
     if (r == RG_OK) {
-        if (enf)
-            bucket_take(&L->bucket, l, m->plen);
+        if (c->enforce)
+            bucket_take(&L->bucket, &c->l, m->plen);
         L->last_tag = m->tag;
         prod_publish(&L->req);
         lane_ring_doorbell(L);
@@ -1457,12 +1467,10 @@ static PyObject *Lane_send(LaneObject *L, PyObject *const *args, Py_ssize_t narg
         return NULL;
     outmsg_t m;
     Py_buffer view;
-    limits_t l;
-    int enf;
-    uint64_t now;
-    if (lane_prepare(L, a, 0, &m, &view, &l, &enf, &now) < 0)
+    charge_t c;
+    if (lane_prepare(L, a, 0, &m, &view, &c) < 0)
         return NULL;
-    int r = lane_push(L, &m, &l, enf);
+    int r = lane_push(L, &m, &c);
     release_view(&view);
     if (r == RG_OK)
         Py_RETURN_NONE;
@@ -1480,12 +1488,10 @@ static PyObject *Lane_call_start(LaneObject *L, PyObject *const *args, Py_ssize_
         return NULL;
     outmsg_t m;
     Py_buffer view;
-    limits_t l;
-    int enf;
-    uint64_t now;
-    if (lane_prepare(L, a, FLAG_REPLY_EXPECTED, &m, &view, &l, &enf, &now) < 0)
+    charge_t c;
+    if (lane_prepare(L, a, FLAG_REPLY_EXPECTED, &m, &view, &c) < 0)
         return NULL;
-    int r = lane_push(L, &m, &l, enf);
+    int r = lane_push(L, &m, &c);
     release_view(&view);
     if (r == RG_OK) {
         L->call_tag = m.tag;
@@ -1603,7 +1609,7 @@ static PyObject *Lane_send_many(LaneObject *L, PyObject *const *args, Py_ssize_t
     }
     limits_t l;
     uint64_t now = 0;
-    int enf = lane_limits(L, &l, &now);
+    int enf = lane_limits_batch(L, &l, &now);
     if (enf < 0) {
         Py_DECREF(seq);
         return NULL;
@@ -1770,11 +1776,13 @@ static PyTypeObject LaneType = {
  *     CPU, deadlines still honoured) or a missed wake-up;
  *   - a missed wake-up (server_sleeping scribbled to 0, seq held constant) is bounded by the
  *     SLEEP_CAP_NS cap on every futex sleep: it costs at most that much latency, never a hang;
- *   - event_wanted (poll_armed): a client that sets it, or writes the service's eventfd, only
- *     causes spurious wake-ups of the event loop (poll_armed then finds nothing and re-arms). A
- *     client that CLEARS it can make other clients skip their eventfd write: like a cleared
- *     server_sleeping, that costs latency, and an event loop must bound it the same way (re-poll
- *     at least every SLEEP_CAP_NS while armed).
+ *   - event_wanted (poll_armed): a client that sets it, or writes the service's eventfd (even
+ *     its saturating maximum: honest writes then fail with EAGAIN, and the counter is non-zero
+ *     anyway), only causes spurious wake-ups of the event loop (poll_armed then finds nothing,
+ *     empties the eventfd and re-arms). A client that CLEARS the flag, or reads the shared
+ *     eventfd empty, can make a wake-up go missing: like a cleared server_sleeping, that costs
+ *     latency, and an event loop bounds it the same way (it re-polls at least every
+ *     SLEEP_CAP_NS while armed).
  *
  * The table has two halves: channel indices 0..MAX_CHANNELS-1, and as many drain slots, where
  * remove(index, drain=True) parks a closed channel while its last requests are delivered (the
@@ -1802,7 +1810,8 @@ typedef struct chan {
     prod_t resp;        /* producer of replies (under lock) */
     uint64_t last_tag;  /* request tags must increase */
     uint64_t drain_end; /* draining: deliver requests below this tail, then retire */
-    int draining;       /* set (GIL) before the channel is published in its drain slot */
+    int draining;       /* atomic: set (GIL) before the channel is published in its drain
+                           slot; read by recv, which may be scanning without the GIL */
     int dead;           /* corrupt: never read again (atomic) */
     int removed;        /* GIL */
     int users;          /* reply() calls using the mapping (GIL) */
@@ -1824,6 +1833,7 @@ typedef struct {
     uint32_t nchan;     /* GIL */
     int event_efd;      /* our duplicate of the service's eventfd, or -1 */
     uint64_t last_full_scan;
+    int rescan;           /* atomic: a channel was added (or parked to drain): scan every ring */
     uint64_t next_serial; /* GIL */
     pthread_mutex_t recv_mu;
     int mu_init;
@@ -1834,6 +1844,7 @@ typedef struct {
     const char *pend_why;
     chan_t *grave;
     uint64_t drain_used[MAX_CHANNELS / 64]; /* GIL: drain slots in use */
+    uint32_t span;                /* atomic: 1 + the highest word of `active` in use (GIL writes) */
     uint64_t active[TABLE_WORDS]; /* alive channels (atomic words; changed under the GIL) */
     uint64_t ready[TABLE_WORDS];  /* recv-private: channels that may have requests */
     chan_t *table[TABLE_SLOTS];   /* atomic pointers */
@@ -1892,11 +1903,30 @@ static void ss_reap(ServerSetObject *S)
     }
 }
 
+/* How many words of the bitmaps the scans look at (GIL held, after any change of `active`):
+ * the kernel hands out low indices first and drain slots are rare, so a set with a few channels
+ * scans a word or two, not all TABLE_WORDS. RELAXED: a scan that reads a stale span scans a
+ * little more, or misses a channel added this instant for that one scan (add() also asks for a
+ * rescan, and the full scans before every sleep catch it). */
+static void ss_update_span(ServerSetObject *S)
+{
+    uint32_t w = TABLE_WORDS;
+    while (w > 0 && !__atomic_load_n(&S->active[w - 1], __ATOMIC_RELAXED))
+        w--;
+    __atomic_store_n(&S->span, w, __ATOMIC_RELAXED);
+}
+
+static inline uint32_t ss_span(ServerSetObject *S)
+{
+    return __atomic_load_n(&S->span, __ATOMIC_RELAXED); /* RELAXED: see ss_update_span */
+}
+
 /* Take a slot out of the set of alive ones (GIL held). RELEASE: keeps the clear ordered after
  * anything we did to the channel before, for a scanning recv that ACQUIRE-loads the word. */
 static void ss_deactivate(ServerSetObject *S, uint32_t slot)
 {
     __atomic_fetch_and(&S->active[slot / 64], ~(1ull << (slot % 64)), __ATOMIC_RELEASE);
+    ss_update_span(S);
 }
 
 static void ss_mark_dead(ServerSetObject *S, chan_t *ch)
@@ -1946,6 +1976,7 @@ static void ss_free_all(ServerSetObject *S)
     }
     memset(S->active, 0, sizeof S->active);
     memset(S->drain_used, 0, sizeof S->drain_used);
+    S->span = 0;
     S->nchan = 0;
     while (S->grave) {
         chan_t *ch = S->grave;
@@ -2091,7 +2122,12 @@ static PyObject *ServerSet_add(ServerSetObject *S, PyObject *args, PyObject *kw)
      * then the pointer sees a fully initialised chan_t. */
     __atomic_store_n(&S->table[index], ch, __ATOMIC_RELEASE);
     __atomic_fetch_or(&S->active[index / 64], 1ull << (index % 64), __ATOMIC_RELEASE);
+    ss_update_span(S);
     S->nchan++;
+    /* Requests may be waiting already, and their doorbell hint was dropped while the index was
+     * not ours: the next take scans every ring, so the new channel gets its turns at once.
+     * RELAXED: read by the recv holder, which then reads the rings with their own ordering. */
+    __atomic_store_n(&S->rescan, 1, __ATOMIC_RELAXED);
     Py_RETURN_NONE;
 fail:
     chan_free(ch);
@@ -2133,13 +2169,18 @@ static PyObject *ServerSet_remove(ServerSetObject *S, PyObject *args, PyObject *
             ss_deactivate(S, index);
             __atomic_store_n(&S->table[index], NULL, __ATOMIC_RELEASE); /* as in ss_unlink */
             S->nchan--;
-            ch->draining = 1;
+            /* RELAXED: a scan holding the pointer from the old slot may read it meanwhile (it
+             * then marks the channel ready: harmless); the RELEASE below publishes it with the
+             * new slot. */
+            __atomic_store_n(&ch->draining, 1, __ATOMIC_RELAXED);
             ch->drain_end = t;
             ch->slot = slot;
             S->drain_used[j / 64] |= 1ull << (j % 64);
             /* RELEASE (pointer, then bit), as in add(). */
             __atomic_store_n(&S->table[slot], ch, __ATOMIC_RELEASE);
             __atomic_fetch_or(&S->active[slot / 64], 1ull << (slot % 64), __ATOMIC_RELEASE);
+            ss_update_span(S);
+            __atomic_store_n(&S->rescan, 1, __ATOMIC_RELAXED); /* drain slots have no hints */
             ss_kick(S);
             Py_RETURN_NONE;
         }
@@ -2154,7 +2195,8 @@ static PyObject *ServerSet_remove(ServerSetObject *S, PyObject *args, PyObject *
 static int ss_full_scan(ServerSetObject *S)
 {
     int found = 0;
-    for (uint32_t w = 0; w < TABLE_WORDS; w++) {
+    uint32_t span = ss_span(S);
+    for (uint32_t w = 0; w < span; w++) {
         /* ACQUIRE: pairs with add()'s RELEASE, so the channel it names is initialised. */
         uint64_t a = __atomic_load_n(&S->active[w], __ATOMIC_ACQUIRE);
         while (a) {
@@ -2163,7 +2205,8 @@ static int ss_full_scan(ServerSetObject *S)
             chan_t *ch = __atomic_load_n(&S->table[w * 64 + b], __ATOMIC_ACQUIRE); /* as above */
             if (!ch)
                 continue;
-            if (ch->draining) { /* the pop delivers or retires it */
+            /* RELAXED: see remove(); the pop (under the GIL) decides. */
+            if (__atomic_load_n(&ch->draining, __ATOMIC_RELAXED)) { /* delivers or retires it */
                 S->ready[w] |= 1ull << b;
                 found = 1;
                 continue;
@@ -2182,12 +2225,15 @@ static int ss_full_scan(ServerSetObject *S)
     return found;
 }
 
-/* Fold the doorbell's hint bits into the private ready set (bits of unknown or dead channels are
- * dropped by the mask; drain slots have no hint bits). */
+/* Fold the doorbell's hint bits into the private ready set (bits of unknown or dead channels in
+ * the span are dropped by the mask -- add() asks for a full scan for that reason; drain slots have
+ * no hint bits). */
 static void ss_refresh_hints(ServerSetObject *S)
 {
     uint64_t *bm = (uint64_t *)(S->db + DB_BITMAP_OFF);
-    for (uint32_t w = 0; w < DB_BITMAP_WORDS; w++) {
+    uint32_t span = ss_span(S);
+    /* Words past the span hold only bits of channels not (yet) ours: they stay, for later. */
+    for (uint32_t w = 0; w < DB_BITMAP_WORDS && w < span; w++) {
         /* RELAXED: hints only; every use of a channel re-reads its tail with ACQUIRE. The plain
          * load first avoids dirtying 64 shared cache lines per turn. */
         if (__atomic_load_n(&bm[w], __ATOMIC_RELAXED)) {
@@ -2199,7 +2245,8 @@ static void ss_refresh_hints(ServerSetObject *S)
 
 static int ss_find_from(ServerSetObject *S, uint32_t start)
 {
-    for (uint32_t w = start / 64; w < TABLE_WORDS; w++) {
+    uint32_t span = ss_span(S);
+    for (uint32_t w = start / 64; w < span; w++) {
         uint64_t bits = S->ready[w] & __atomic_load_n(&S->active[w], __ATOMIC_RELAXED);
         if (w == start / 64)
             bits &= ~0ull << (start % 64);
@@ -2470,7 +2517,8 @@ static PyObject *Request_reply(RequestObject *R, PyObject *const *args, Py_ssize
 }
 
 /* reply_error(code, text): an error reply (FLAG_ERROR, data[0] = code, payload = text, at most
- * 4096 bytes); nothing if the request was answered already or takes no reply. */
+ * 4096 bytes); nothing if the request was answered already, takes no reply, or its client is
+ * gone. */
 static PyObject *Request_reply_error(RequestObject *R, PyObject *const *args, Py_ssize_t nargs,
                                      PyObject *kwnames)
 {
@@ -2520,6 +2568,11 @@ static PyObject *Request_reply_error(RequestObject *R, PyObject *const *args, Py
     m.data[1] = m.data[2] = m.data[3] = 0;
     PyObject *r = req_send(R, &m, cut, 1);
     Py_DECREF(cut);
+    if (!r && PyErr_ExceptionMatches(PeerDied)) {
+        /* Nobody is left to tell: error paths should not have to catch this. */
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
     return r;
 }
 
@@ -2614,7 +2667,7 @@ static PyMethodDef Request_methods[] = {
     {"reply_error", (PyCFunction)(void (*)(void))Request_reply_error,
      METH_FASTCALL | METH_KEYWORDS,
      "reply_error(code, text): answer with an error (FLAG_ERROR, data[0] = code, payload = "
-     "text); nothing if answered already or a one-way message."},
+     "text); nothing if answered already, a one-way message, or the client is gone."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2719,6 +2772,27 @@ static int ss_refuse_call(ServerSetObject *S, chan_t *ch, uint64_t tag, int lim,
     return r == RG_CORRUPT ? P_CORRUPT : P_TURN;
 }
 
+/* The limits for a popped message (CTRL_F_ENFORCE is set). P_DELIVERED: it passes (its tokens
+ * are taken). Otherwise it is consumed and refused: not delivered, a call answered with an
+ * error, and its turn used up (a client flooding refused messages cannot hold the server on its
+ * channel): P_TURN, or P_CORRUPT if the error reply found the response ring scribbled. Out of
+ * line: only channels whose capability carries a limit come here, and the others keep a
+ * smaller hot path. */
+static __attribute__((noinline, cold)) int ss_limits(ServerSetObject *S, chan_t *ch,
+                                                     inmsg_t *m, const char **why)
+{
+    limits_t l;
+    int lim = ss_enforce(ch, m, &l);
+    if (lim == LIM_OK)
+        return P_DELIVERED;
+    ch->drops[lim]++;
+    ch->last_tag = m->s.tag;
+    cons_release(&ch->req, m);
+    if ((m->s.flags & FLAG_REPLY_EXPECTED) && !ch->draining && ctrl_state(ch->ctrl) == STATE_OPEN)
+        return ss_refuse_call(S, ch, m->s.tag, lim, &l, m->plen, why);
+    return P_TURN;
+}
+
 /* Pop one request from channel ch (GIL held). */
 static int ss_pop(ServerSetObject *S, chan_t *ch, PyObject **out, const char **why)
 {
@@ -2750,19 +2824,9 @@ static int ss_pop(ServerSetObject *S, chan_t *ch, PyObject **out, const char **w
     }
     /* The capability's limits: one predictable branch when the kernel set none. */
     if (__builtin_expect(ctrl_flags(ch->ctrl) & CTRL_F_ENFORCE, 0)) {
-        limits_t l;
-        int lim = ss_enforce(ch, &m, &l);
-        if (lim != LIM_OK) {
-            /* Refused: not delivered, a call answered with an error, and its turn used up (a
-             * client flooding refused messages cannot hold the server on its channel). */
-            ch->drops[lim]++;
-            ch->last_tag = m.s.tag;
-            cons_release(&ch->req, &m);
-            if ((m.s.flags & FLAG_REPLY_EXPECTED) && !ch->draining &&
-                ctrl_state(ch->ctrl) == STATE_OPEN)
-                return ss_refuse_call(S, ch, m.s.tag, lim, &l, m.plen, why);
-            return P_TURN;
-        }
+        int p = ss_limits(S, ch, &m, why);
+        if (p != P_DELIVERED)
+            return p;
     }
     PyObject *payload = NULL;
     if (m.has_payload) {
@@ -2805,8 +2869,11 @@ static int ss_take(ServerSetObject *S, PyObject **out, int *refreshes, unsigned 
 {
     const char *why = NULL;
     for (;;) {
-        if (coarse_ns() - S->last_full_scan >= FULL_SCAN_NS)
+        if (__atomic_load_n(&S->rescan, __ATOMIC_RELAXED) ||
+            coarse_ns() - S->last_full_scan >= FULL_SCAN_NS) {
+            __atomic_store_n(&S->rescan, 0, __ATOMIC_RELAXED); /* before the scan: none missed */
             ss_full_scan(S);
+        }
         if (!*budget)
             return TK_BUDGET;
         int i = ss_pick(S, refreshes);

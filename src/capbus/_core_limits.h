@@ -20,20 +20,24 @@
 
 #include "_core_layout.h"
 
+/* Everything here is small and sits on the per-message path: always inlined, even into the
+ * out-of-line (cold) functions that call it (GCC would otherwise compile those calls for size). */
+#define LIM_INLINE static inline __attribute__((always_inline))
+
 /* Clocks. The checks run per message, so they read CLOCK_MONOTONIC_COARSE (a few ns: the time of
  * the last tick, never ahead of CLOCK_MONOTONIC and behind it by at most a tick, 1-4 ms). That is
  * plenty for the buckets (a late refill only admits less). Expiry is exact: only within
  * EXPIRY_MARGIN_NS of the expiry time -- far more than a tick -- is CLOCK_MONOTONIC read. */
 #define EXPIRY_MARGIN_NS 50000000ull
 
-static inline uint64_t clock_ns(clockid_t c)
+LIM_INLINE uint64_t clock_ns(clockid_t c)
 {
     struct timespec ts;
     clock_gettime(c, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-static inline uint64_t coarse_ns(void) { return clock_ns(CLOCK_MONOTONIC_COARSE); }
+LIM_INLINE uint64_t coarse_ns(void) { return clock_ns(CLOCK_MONOTONIC_COARSE); }
 
 typedef struct {
     uint32_t rights;
@@ -48,13 +52,13 @@ enum { LIM_OK = 0, LIM_RIGHTS, LIM_EXPIRED, LIM_SIZE, LIM_RATE, LIM_BANDWIDTH, L
 
 /* ACQUIRE: pairs with the kernel's seq_cst store of the flags, which it writes after the limit
  * fields (see above). */
-static inline uint32_t ctrl_flags(const char *ctrl)
+LIM_INLINE uint32_t ctrl_flags(const char *ctrl)
 {
     return __atomic_load_n((const uint32_t *)(ctrl + CTRL_FLAGS_OFF), __ATOMIC_ACQUIRE);
 }
 
 /* RELAXED: ordered after ctrl_flags()'s ACQUIRE, which is all the ordering they need. */
-static inline void ctrl_limits(const char *ctrl, limits_t *l)
+LIM_INLINE void ctrl_limits(const char *ctrl, limits_t *l)
 {
     l->rights = __atomic_load_n((const uint32_t *)(ctrl + CTRL_RIGHTS_OFF), __ATOMIC_RELAXED);
     l->expiry = __atomic_load_n((const uint64_t *)(ctrl + CTRL_EXPIRY_OFF), __ATOMIC_RELAXED);
@@ -64,13 +68,13 @@ static inline void ctrl_limits(const char *ctrl, limits_t *l)
     l->bandwidth = __atomic_load_n((const uint64_t *)(ctrl + CTRL_BANDWIDTH_OFF), __ATOMIC_RELAXED);
 }
 
-static inline int limits_need_clock(const limits_t *l)
+LIM_INLINE int limits_need_clock(const limits_t *l)
 {
     return l->expiry || l->rate || l->bandwidth;
 }
 
 /* Is the capability expired? `coarse` is coarse_ns(); see the clock comment above. */
-static inline int limits_expired(const limits_t *l, uint64_t coarse)
+LIM_INLINE int limits_expired(const limits_t *l, uint64_t coarse)
 {
     if (!l->expiry || coarse + EXPIRY_MARGIN_NS < l->expiry)
         return 0;
@@ -78,7 +82,7 @@ static inline int limits_expired(const limits_t *l, uint64_t coarse)
 }
 
 /* The checks that need no state: rights, expiry (`coarse` = coarse_ns()), size. */
-static inline int limits_static(const limits_t *l, uint64_t coarse, uint64_t plen)
+LIM_INLINE int limits_static(const limits_t *l, uint64_t coarse, uint64_t plen)
 {
     if (!(l->rights & RIGHT_SEND))
         return LIM_RIGHTS;
@@ -100,9 +104,9 @@ typedef struct {
     uint64_t last_ns;          /* last refill */
 } bucket_t;
 
-static inline double min_d(double a, double b) { return a < b ? a : b; }
+LIM_INLINE double min_d(double a, double b) { return a < b ? a : b; }
 
-static inline void bucket_refill(bucket_t *b, const limits_t *l, uint64_t now)
+LIM_INLINE void bucket_refill(bucket_t *b, const limits_t *l, uint64_t now)
 {
     if (now == b->last_ns && l->rate == b->rate_cap && l->bandwidth == b->bw_cap)
         return; /* same tick (coarse clock), same limits: nothing to add */
@@ -125,7 +129,7 @@ static inline void bucket_refill(bucket_t *b, const limits_t *l, uint64_t now)
 
 /* Refill, then: may a message of `plen` payload bytes go now (`now` = coarse_ns())? Takes
  * nothing. */
-static inline int bucket_check(bucket_t *b, const limits_t *l, uint64_t now, uint64_t plen)
+LIM_INLINE int bucket_check(bucket_t *b, const limits_t *l, uint64_t now, uint64_t plen)
 {
     if (!l->rate && !l->bandwidth) {
         b->rate_cap = b->bw_cap = 0;
@@ -140,7 +144,7 @@ static inline int bucket_check(bucket_t *b, const limits_t *l, uint64_t now, uin
 }
 
 /* Take the tokens of a message that bucket_check() let through. */
-static inline void bucket_take(bucket_t *b, const limits_t *l, uint64_t plen)
+LIM_INLINE void bucket_take(bucket_t *b, const limits_t *l, uint64_t plen)
 {
     if (l->rate)
         b->rate_tokens -= 1.0;
