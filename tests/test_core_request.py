@@ -1,0 +1,303 @@
+"""The fast-path objects of capbus._core: Request (what recv/poll/recv_many return, answered
+with .reply) and the Message type of call results (set_types)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import threading
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _core_util import Chan, make_chan  # noqa: E402
+
+from capbus import _core  # noqa: E402
+from capbus._errors import IpcError, MessageTooLarge, PeerDied, WouldBlock  # noqa: E402
+
+SEC = 1_000_000_000
+
+
+@pytest.fixture
+def db():
+    fd = _core.create_page("doorbell")
+    yield fd
+    os.close(fd)
+
+
+@pytest.fixture
+def chans():
+    made: list[Chan] = []
+
+    def make(index: int, **kw) -> Chan:
+        c = make_chan(index, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture
+def pair(db, chans):
+    ch = chans(1)
+    s = _core.ServerSet(db)
+    s.add(1, ch.chan, ch.ctrl, ch.nslots, ch.arena, 42)
+    ln = _core.Lane(ch.chan, ch.ctrl, db, 1, ch.nslots, ch.arena)
+    return ch, s, ln
+
+
+def start(ln, data=(), payload=None, flags=0):
+    return ln.call_start(0, 10, flags, data, payload)
+
+
+def test_request_fields_and_defaults(pair):
+    ch, s, ln = pair
+    tag = start(ln, (1, 2), b"abc", 0x30000 | _core.FLAG_CHECKSUM)
+    r = s.poll()
+    assert isinstance(r, _core.Request)
+    assert (r.sender, r.opcode, r.flags, r.data, r.payload) == (42, 10, 0x30000, (1, 2, 0, 0), b"abc")
+    assert (r.expects_reply, r.index, r.tag, r.capability, r.replied) == (True, 1, tag, 0, False)
+    assert r.data is r.data  # built once
+    assert r.regions == () and r.caps == ()
+    r.regions = ("region",)
+    r.caps = [1, 2]
+    assert r.regions == ("region",) and r.caps == [1, 2]
+    del r.regions
+    assert r.regions == ()
+    for name in ("sender", "opcode", "flags", "data", "payload", "expects_reply", "index", "tag"):
+        with pytest.raises(AttributeError):
+            setattr(r, name, 1)
+    with pytest.raises(AttributeError):
+        r.anything_else = 1  # no __dict__
+    assert repr(r) == "<capbus.Request from 42 opcode=10 data=(1, 2, 0, 0) payload=3 bytes (call)>"
+    r.reply()  # all defaults
+    assert repr(r).endswith("(replied)>") and r.replied
+    assert ln.call_poll(tag) == (0, 0, 0, 0, 0, 0, None)
+    with pytest.raises(TypeError):
+        _core.Request()
+
+
+def test_reply_arguments(pair):
+    ch, s, ln = pair
+    tag = start(ln)
+    r = s.poll()
+    for bad in [dict(data=(1, 2, 3, 4, 5)), dict(data=(-1,)), dict(data=(2**64,)),
+                dict(opcode=2**32), dict(opcode=-1), dict(flags=_core.FLAG_ERROR),
+                dict(flags=_core.FLAG_REPLY_EXPECTED), dict(flags=0x100)]:
+        with pytest.raises(ValueError):
+            r.reply(**bad)
+    for bad in [dict(data=(1.5,)), dict(data=5), dict(data="ab"), dict(opcode="1"),
+                dict(payload="text"), dict(payload=5), dict(bogus=1)]:
+        with pytest.raises(TypeError):
+            r.reply(**bad)
+    with pytest.raises(TypeError):
+        r.reply(1, (), b"", 0, 5)  # too many
+    with pytest.raises(TypeError):
+        r.reply(1, opcode=2)  # twice
+    with pytest.raises(MessageTooLarge):
+        r.reply(1, (), bytes(ch.arena))
+    assert not r.replied  # none of that sent anything
+    r.reply(7, [1, 2, 3, 4], bytearray(b"x" * 100), 0x10000 | _core.FLAG_CHECKSUM)
+    m = ln.call_poll(tag)
+    assert m == (7, 0x10000 | _core.FLAG_CHECKSUM | _core.FLAG_LARGE, 1, 2, 3, 4, b"x" * 100)
+    tag = start(ln)
+    s.poll().reply(opcode=8, payload=memoryview(b"mv"), data=(9,))
+    assert ln.call_poll(tag) == (8, 0, 9, 0, 0, 0, b"mv")
+    tag = start(ln)
+    s.poll().reply(8, (), b"")  # an empty payload is no payload
+    assert ln.call_poll(tag)[6] is None
+
+
+def test_reply_once_and_no_reply_for_sends(pair):
+    ch, s, ln = pair
+    start(ln)
+    r = s.poll()
+    r.reply(1)
+    with pytest.raises(IpcError, match="already been replied to"):
+        r.reply(1)
+    ln.send(0, 1, 0, ())
+    one_way = s.poll()
+    assert not one_way.expects_reply
+    with pytest.raises(IpcError, match="send_async.*takes no reply"):
+        one_way.reply()
+    one_way.reply_error(5, "ignored")  # nothing to answer: a no-op
+    r.reply_error(5, "ignored too")
+
+
+def test_reply_error(pair):
+    ch, s, ln = pair
+    tag = start(ln)
+    s.poll().reply_error(13, "the peer died")
+    assert ln.call_poll(tag) == (0, _core.FLAG_ERROR, 13, 0, 0, 0, b"the peer died")
+    tag = start(ln)
+    s.poll().reply_error(2, b"bytes \xff too")
+    assert ln.call_poll(tag)[6] == b"bytes \xff too"
+    tag = start(ln)
+    r = s.poll()
+    r.reply_error(code=1, text="\u00e9" * 5000)  # UTF-8, cut to 4096 bytes
+    msg = ln.call_poll(tag)
+    assert len(msg[6]) == 4096 and msg[6].decode(errors="replace").startswith("\u00e9" * 100)
+    with pytest.raises(IpcError):
+        r.reply()
+    tag = start(ln)
+    r = s.poll()
+    with pytest.raises(TypeError):
+        r.reply_error(1, 5)
+    with pytest.raises(ValueError):
+        r.reply_error(-1, "x")
+    assert not r.replied
+
+
+def test_reply_wouldblock_keeps_the_request_open(db, chans):
+    ch = chans(1, nslots=2)
+    s = _core.ServerSet(db)
+    s.add(1, ch.chan, ch.ctrl, ch.nslots, ch.arena)
+    ln = _core.Lane(ch.chan, ch.ctrl, db, 1, ch.nslots, ch.arena)
+    # Two late replies fill the 2-slot response ring (the client has not read them).
+    for _ in range(2):
+        start(ln)
+        s.poll().reply(1)
+    tag = start(ln)
+    r = s.poll()
+    with pytest.raises(WouldBlock):
+        r.reply(2)
+    assert not r.replied
+    assert ln.call_poll(tag) is None  # reads (and drops) the two late replies
+    r.reply(2)
+    assert ln.call_poll(tag)[0] == 2
+
+
+def test_reply_peer_died(db, chans):
+    ch = chans(1)
+    s = _core.ServerSet(db)
+    s.add(1, ch.chan, ch.ctrl, ch.nslots, ch.arena)
+    ln = _core.Lane(ch.chan, ch.ctrl, db, 1, ch.nslots, ch.arena)
+    start(ln)
+    r = s.poll()
+    ch.set_state(_core.STATE_PEER_DEAD)
+    with pytest.raises(PeerDied):
+        r.reply(1)
+    assert r.replied
+    ch.set_state(_core.STATE_OPEN)
+    start(ln)
+    r = s.poll()
+    ch.set_state(_core.STATE_CLOSED)
+    r.reply_error(1, "nobody to tell")  # no PeerDied from the error path
+    assert r.replied
+    ch.set_state(_core.STATE_OPEN)
+    start(ln)
+    r = s.poll()
+    s.remove(1)
+    with pytest.raises(PeerDied):
+        r.reply(1)
+    # Re-added at the same index (the kernel reuses indices): an old request's reply must not
+    # reach the new channel.
+    new = chans(1)
+    s.add(1, ch.chan, ch.ctrl, ch.nslots, ch.arena)
+    start(ln)
+    old = s.poll()
+    s.remove(1)
+    s.add(1, new.chan, new.ctrl, new.nslots, new.arena)
+    with pytest.raises(PeerDied):
+        old.reply(1)
+    assert _core.atomic_load_u64(new.map(), new.layout()["resp_tail"]) == 0
+    # A closed set: PeerDied too.
+    nl = _core.Lane(new.chan, new.ctrl, db, 1, new.nslots, new.arena)
+    start(nl)
+    r = s.poll()
+    s.close()
+    with pytest.raises(PeerDied):
+        r.reply(1)
+
+
+def test_request_keeps_its_server_set_alive(db, chans):
+    ch = chans(1)
+    s = _core.ServerSet(db)
+    s.add(1, ch.chan, ch.ctrl, ch.nslots, ch.arena)
+    ln = _core.Lane(ch.chan, ch.ctrl, db, 1, ch.nslots, ch.arena)
+    tag = start(ln)
+    r = s.poll()
+    del s
+    gc.collect()
+    r.reply(3)
+    assert ln.call_poll(tag)[0] == 3
+
+
+def test_request_cycles_are_collected(pair):
+    ch, s, ln = pair
+    ln.send(0, 1, 0, ())
+    r = s.poll()
+    r.caps = [r]  # a cycle through a settable attribute
+    del r
+    gc.collect()
+    assert not any(isinstance(o, _core.Request) for o in gc.get_objects())
+
+
+def test_reply_from_another_thread_while_recv_waits(pair):
+    ch, s, ln = pair
+    start(ln)
+    r = s.poll()
+    got = []
+    t = threading.Thread(target=lambda: got.append(s.recv_many(10, SEC)))
+    t.start()
+    r.reply(5)
+    ln.send(0, 1, 0, (9,))
+    t.join(10)
+    assert [x.data[0] for x in got[0]] == [9]
+
+
+# ---- set_types -------------------------------------------------------------------------------------
+
+
+def test_set_types(pair):
+    ch, s, ln = pair
+
+    class Message(tuple):
+        __slots__ = ()
+
+        @property
+        def opcode(self):
+            return self[0]
+
+    class Request(_core.Request):
+        __slots__ = ()
+
+        def twice(self):
+            return 2 * self.opcode
+
+    # What is in force now (the runtime sets its own types when capbus is imported).
+    tag = start(ln)
+    r0 = s.poll()
+    r0.reply(1)
+    old_msg, old_req = type(ln.call_poll(tag)), type(r0)
+    with pytest.raises(TypeError):
+        _core.set_types(list, Request)
+    with pytest.raises(TypeError):
+        _core.set_types(Message, object)
+    with pytest.raises(TypeError):
+        _core.set_types(Message, 5)
+    try:
+        _core.set_types(Message, Request)
+        tag = start(ln, (4,))
+        r = s.poll()
+        assert type(r) is Request and r.twice() == 20
+        r.reply(r.opcode, r.data)
+        m = ln.call_poll(tag)
+        assert type(m) is Message and m.opcode == 10 and len(m) == 7 and m == (10, 0, 4, 0, 0, 0,
+                                                                               None)
+        with pytest.raises(TypeError):
+            Request()  # only the core makes them
+        ln.send_many(0, 0, [(1, ())] * 3)
+        assert all(type(x) is Request for x in s.recv_many(10, 0))
+        _core.set_types(None, None)  # the defaults: plain tuples and _core.Request
+        tag = start(ln)
+        r = s.poll()
+        assert type(r) is _core.Request
+        r.reply(1)
+        assert type(ln.call_poll(tag)) is tuple
+    finally:
+        _core.set_types(None if old_msg is tuple else old_msg, old_req)
