@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from conftest import readline
+from conftest import readline, wait_for
 
 import capbus
 
@@ -122,6 +122,8 @@ def test_recv_many_is_fair_across_senders(kernel):
             ep = tx.lookup("fair")
             for i in range(50):
                 ep.send_async(1, data=(i,))
+        # The server maps each channel on its control thread: wait until it has all three.
+        assert wait_for(lambda: len(svc._set) == 3, 5)
         batch = svc.recv_many(30, timeout=2)
         counts = {}
         for r in batch:

@@ -321,12 +321,19 @@ class Endpoint:
         return error_from_code(r[2], f"{self.name!r}: {text}")
 
 
+# An eventfd wake-up can be swallowed by a peer that shares the eventfd (any client of a service
+# can read the service's), and a peer's death is published on the control page, not the eventfd:
+# every wait re-polls at least this often.
+_EVENT_POLL = _core.SLEEP_CAP_NS / 1e9
+
+
 async def _readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float | None) -> None:
-    """Wait until an eventfd is readable (or the timeout passes), then drain it."""
+    """Wait until an eventfd is readable (at most _EVENT_POLL, or the timeout), then drain it."""
     fut = loop.create_future()
     loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+    wait = _EVENT_POLL if timeout is None else min(timeout, _EVENT_POLL)
     try:
-        await asyncio.wait_for(fut, timeout)
+        await asyncio.wait_for(fut, wait)
     except TimeoutError:
         pass
     finally:

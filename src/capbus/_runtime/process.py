@@ -38,7 +38,9 @@ class Process:
         self.wait_mode = wait
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._endpoints: weakref.WeakValueDictionary[int, Endpoint] = weakref.WeakValueDictionary()
+        # Held until released (Endpoint.close/revoke) like the capability it stands for: a dropped
+        # reference must not close its lanes behind the caller's back (the kernel bounds these).
+        self._endpoints: dict[int, Endpoint] = {}
         self._services: dict[int, Service] = {}
         self._regions: weakref.WeakValueDictionary[int, Region] = weakref.WeakValueDictionary()
         # Endpoints with death callbacks stay alive until told, even if the caller drops them.

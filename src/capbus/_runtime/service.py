@@ -163,12 +163,10 @@ class Service:
                 req.reply_error(exc.code if isinstance(exc, IpcError) else IpcError.code,
                                 f"{type(exc).__name__}: {exc}"[:4096])
                 continue
-            if req.expects_reply:
+            if req.expects_reply and not req.replied:
                 try:
                     _reply_with(req, result)
-                except PeerDied:
-                    pass
-                except IpcError:  # replied inside the handler already
+                except PeerDied:  # the caller is gone: its reply is dropped
                     pass
 
     # ---- access -------------------------------------------------------------------------------
