@@ -202,3 +202,34 @@ def test_capbus_caps_lists_derivation(kernel, echo):
         r = subprocess.run([sys.executable, "-m", "capbus", "caps", str(me.id), "--socket",
                             kernel.socket_path], capture_output=True, text=True, timeout=30)
         assert "rate=7" in r.stdout and "DERIVES_FROM" in r.stdout
+
+
+def test_audit_trail_of_a_kernel_survives_restart(sockdir):
+    sock = os.path.join(sockdir, "k.sock")
+    with capbus.Kernel(sock) as k:
+        assert k.audit_path == os.path.join(sockdir, "audit.db")
+        with capbus.connect(sock) as srv, capbus.connect(sock) as cli:
+            srv.register("audited", allow=[cli.id])
+            ep = cli.lookup("audited")
+            weaker = ep.restrict(rights={"send"})
+            weaker.revoke()
+            with capbus.connect(sock) as stranger:
+                with pytest.raises(capbus.PermissionDenied):
+                    stranger.lookup("audited")
+                denied_id = stranger.id
+    with capbus.Kernel(sock), capbus.connect(sock) as p:  # a restarted kernel appends
+        p.register("second-run")
+    r = subprocess.run([sys.executable, "-m", "capbus", "audit", "--json", "--limit", "0",
+                        "--socket", sock], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    events = [(row["event"], row["target"]) for row in rows]
+    for expected in [("register", "audited"), ("grant", "audited"), ("restrict", "audited"),
+                     ("revoke", "audited"), ("register", "second-run")]:
+        assert expected in events, (expected, events)
+    assert any(row["event"] == "denied" and row["process_id"] == denied_id for row in rows)
+    assert sum(row["event"] == "kernel-start" for row in rows) == 2
+    only = json.loads(subprocess.run(
+        [sys.executable, "-m", "capbus", "audit", "--json", "--process", str(denied_id),
+         "--socket", sock], capture_output=True, text=True, timeout=30).stdout)
+    assert only and all(row["process_id"] == denied_id for row in only)

@@ -253,6 +253,10 @@ class Kernel:
         self._call(self._launch_child, child)
         return child
 
+    def channels(self) -> list[dict[str, Any]]:
+        """Every live channel with its traffic counters, as `capbus stats` shows them."""
+        return self._call(self._rows, "channels")
+
     def caps(self, process_id: int) -> list[dict[str, Any]]:
         """A process's capability table, as `capbus caps` shows it."""
         return self._call(self._rows, "caps", process_id)
@@ -1053,15 +1057,26 @@ class Kernel:
     def _on_query(self, rec: ProcessRecord, msg: frames.Query, rid: int) -> frames.Message:
         if rec.uid not in (self._uid, 0):
             raise PermissionDenied("only the kernel's own user (or root) may list its tables")
-        if msg.what not in ("processes", "services", "caps"):
-            raise ValueError(f"unknown query {msg.what!r}: processes, services or caps")
+        if msg.what not in ("processes", "services", "caps", "channels"):
+            raise ValueError(f"unknown query {msg.what!r}: processes, services, caps or channels")
         rows = self._rows(msg.what, msg.process_id)
-        limit = min(msg.limit, 200)
+        limit = min(msg.limit, 50 if msg.what == "channels" else 200)  # a page fits one frame
         return frames.Rows(rows[msg.offset : msg.offset + limit], len(rows))
 
     # ---- introspection ------------------------------------------------------------------------
 
     def _rows(self, what: str, process_id: int = 0) -> list[dict[str, Any]]:
+        if what == "channels":
+            # The counters both ends keep in the channel's header page, read through the
+            # kernel's own mapping: watching costs the watched processes nothing.
+            return [
+                {"service": svc.name, "server": svc.owner.process_id,
+                 "client": ch.client.process_id, "index": ch.index,
+                 **_core.channel_stats(ch.shm.header)}
+                for registry in (self._names, self._packages)
+                for _, svc in registry.items()
+                for ch in list(svc.channels.values())
+            ]
         if what == "caps":
             target = self._procs.get(process_id)
             if target is None:
