@@ -147,6 +147,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main.main(args)
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from . import _top
+
+    return _top.run_stats(args.socket, args.json, args.channels, args.sort)
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from . import _top
+
+    return _top.run_top(args.socket, args.interval, args.sort)
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from . import _metrics
+
+    return _metrics.serve(args.socket, args.serve, args.host, args.allow_remote)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="capbus", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the kernel does")
@@ -187,6 +205,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="comma-separated: call,async,large,scale")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.set_defaults(fn=cmd_bench)
+
+    p = with_socket(sub.add_parser("stats", help="traffic, latency and refusals per service, "
+                                                 "process and channel"))
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--channels", action="store_true", help="also a table of every channel")
+    p.add_argument("--sort", choices=("rate", "latency", "refused", "name"), default="name")
+    p.set_defaults(fn=cmd_stats)
+    p = with_socket(sub.add_parser("top", help="live view of traffic (keys: r l f n sort, q quit)"))
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument("--sort", choices=("rate", "latency", "refused", "name"), default="rate")
+    p.set_defaults(fn=cmd_top)
+    p = with_socket(sub.add_parser("metrics", help="serve the figures to Prometheus (/metrics)"))
+    p.add_argument("--serve", type=int, required=True, metavar="PORT", help="TCP port (0: any free)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
+    p.set_defaults(fn=cmd_metrics)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
