@@ -714,8 +714,9 @@ static int fast_args(const char *fname, PyObject *const *args, Py_ssize_t nargs,
     return 0;
 }
 
-/* Flags a caller may pass. FLAG_LARGE and FLAG_REPLY_EXPECTED are decided here (by payload
- * size and by call vs send) and silently replaced, so a received flags value can be echoed. */
+/* Flags a caller may pass. FLAG_LARGE, FLAG_REPLY_EXPECTED and FLAG_LOANED are decided here (by
+ * payload size, call vs send, loan or not) and silently replaced, so a received flags value can
+ * be echoed. */
 static int parse_flags(PyObject *o, uint32_t *flags, uint32_t extra)
 {
     uint32_t f;
@@ -725,7 +726,7 @@ static int parse_flags(PyObject *o, uint32_t *flags, uint32_t extra)
         PyErr_Format(PyExc_ValueError, "unknown flag bits 0x%x", f & ~FLAG_KNOWN_MASK);
         return -1;
     }
-    *flags = (f & ~(FLAG_LARGE | FLAG_REPLY_EXPECTED)) | extra;
+    *flags = (f & ~(FLAG_LARGE | FLAG_REPLY_EXPECTED | FLAG_LOANED)) | extra;
     return 0;
 }
 
@@ -914,6 +915,220 @@ fail:
     return NULL;
 }
 
+/* ---- Metrics counters (the CSTATS / SSTATS blocks of the channel header page). -------------
+ * One writer per block (the Lane: one thread at a time; the ServerSet: every update runs under
+ * the GIL, which serialises recv and reply threads). The writer keeps the values in private
+ * memory and STORES them: no load of the shared copy, no LOCK-prefixed read-modify-write (there
+ * is no second writer to race with), and a peer that scribbles the block cannot make us count
+ * from its numbers. RELAXED: readers want each u64 untorn and nothing else; no other memory is
+ * published with a counter. No syscall, no lock, a handful of stores to lines no peer writes. */
+
+static inline void stat_store(char *blk, const uint64_t *priv, unsigned off)
+{
+    __atomic_store_n((uint64_t *)(blk + off), priv[off / 8], __ATOMIC_RELAXED); /* see above */
+}
+
+static inline void stat_add(char *blk, uint64_t *priv, unsigned off, uint64_t k)
+{
+    priv[off / 8] += k;
+    stat_store(blk, priv, off);
+}
+
+/* The per-second bucket (same offsets in both blocks): `now` is any CLOCK_MONOTONIC reading
+ * (coarse or not). k messages happened now. */
+static inline void stat_second(char *blk, uint64_t *priv, uint64_t now, uint64_t k)
+{
+    uint64_t sec = now / 1000000000ull;
+    uint64_t *idx = &priv[STATS_SEC_INDEX_OFF / 8], *cnt = &priv[STATS_SEC_COUNT_OFF / 8];
+    if (__builtin_expect(sec == *idx, 1)) {
+        *cnt += k;
+        stat_store(blk, priv, STATS_SEC_COUNT_OFF);
+        return;
+    }
+    priv[STATS_PREV_COUNT_OFF / 8] = sec == *idx + 1 ? *cnt : 0;
+    *cnt = k;
+    *idx = sec;
+    stat_store(blk, priv, STATS_PREV_COUNT_OFF);
+    stat_store(blk, priv, STATS_SEC_COUNT_OFF);
+    stat_store(blk, priv, STATS_SEC_INDEX_OFF);
+}
+
+/* Histogram bucket of a round trip: i with BASE * 2^i <= ns < BASE * 2^(i+1), clamped. */
+static inline unsigned stat_hist_bucket(uint64_t ns)
+{
+    uint64_t q = ns / STATS_HIST_BASE_NS;
+    if (q < 2)
+        return 0;
+    unsigned b = 63u - (unsigned)__builtin_clzll(q);
+    return b < STATS_HIST_BUCKETS ? b : STATS_HIST_BUCKETS - 1;
+}
+
+/* ---- Revocable views of shared memory (zero-copy payloads and loans). -------------------------
+ * Request.payload (zero-copy) and Lane.loan() hand out memoryviews of a ZBuf, a tiny exporter
+ * over arena memory. A ZBuf allows exactly one export: the managed buffer of that memoryview, so
+ * every view the user makes of it (slices, casts, memoryview(mv)) shares that managed buffer, and
+ * memoryview(mv.obj) is refused.
+ *
+ * Revoking (the request was replied to or released; a loan was cancelled; the lane closed) sets
+ * _Py_MANAGED_BUFFER_RELEASED on that managed buffer: every memoryview sharing it -- the user's
+ * slices too -- then raises ValueError("operation forbidden on released memoryview object") on
+ * any access or new export (CPython checks that flag in every memoryview operation). A consumer
+ * that took a raw buffer from a view before (numpy.frombuffer, a pending write()) keeps its
+ * pointer: it is never revoked, so the MAPPING stays alive for as long as any view exists (the
+ * ZBuf pins it: ServerSet channel views / Lane pins, dropped when the ZBuf dies). It may then see
+ * bytes of later messages: copy what you keep.
+ *
+ * A managed buffer with that flag set no longer releases its export when it dies (CPython
+ * assumes it already did), so revoking takes a reference to it and finishes the release itself
+ * once that is the only reference left (no view alive): at once if nothing else holds a view
+ * (the common case: the request's own view is swapped for a released one), else later -- the
+ * "zombie" list, checked for its own entry when a Request dies and a few entries at a time by
+ * recv/poll, loan and reap_views(). */
+
+typedef struct zbuf {
+    PyObject_HEAD
+    char *buf;
+    Py_ssize_t len;
+    int readonly;
+    int exported;                 /* the one export (the view's managed buffer) is held */
+    int revoked;
+    Py_ssize_t zidx;              /* index in `zombies`, or -1 */
+    _PyManagedBufferObject *mbuf; /* borrowed: the managed buffer holding the export */
+    PyObject *owner;              /* strong: the ServerSet (payload) or the Lane (loan) */
+    struct chan *ch;              /* payload: its channel, pinned (ch->views) while we live */
+    uint64_t seq;                 /* payload: its entry in the channel's held-chunk queue */
+    int held;                     /* payload: the arena chunk is still held */
+    int lane_pin;                 /* loan: we are on the owner Lane's list and pin its mapping */
+    struct zbuf *prev, *next;     /* loan: the Lane's live buffers */
+} ZBufObject;
+
+static PyTypeObject ZBufType;
+static PyObject *released_view; /* a released memoryview: what a revoked request payload reads */
+static ZBufObject **zombies;
+static Py_ssize_t nzombies, zombies_cap, zombie_pos;
+
+static int zb_getbuf(ZBufObject *E, Py_buffer *view, int flags)
+{
+    if (E->revoked || E->exported) {
+        view->obj = NULL;
+        PyErr_SetString(PyExc_BufferError,
+                        E->revoked ? "this shared buffer has been released"
+                                   : "use the memoryview capbus handed out, not its base object");
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)E, E->buf, E->len, E->readonly, flags) < 0)
+        return -1;
+    E->exported = 1;
+    return 0;
+}
+
+static void zb_releasebuf(ZBufObject *E, Py_buffer *view)
+{
+    E->exported = 0;
+    E->mbuf = NULL;
+}
+
+static PyBufferProcs zb_as_buffer = {(getbufferproc)zb_getbuf, (releasebufferproc)zb_releasebuf};
+
+/* A new ZBuf (owner: a strong reference is taken) and its one memoryview, or NULL. */
+static PyObject *zb_view(PyObject *owner, char *buf, uint64_t len, int readonly, ZBufObject **out)
+{
+    ZBufObject *E = PyObject_New(ZBufObject, &ZBufType);
+    if (!E)
+        return NULL;
+    E->buf = buf;
+    E->len = (Py_ssize_t)len;
+    E->readonly = readonly;
+    E->exported = E->revoked = 0;
+    E->zidx = -1;
+    E->mbuf = NULL;
+    Py_INCREF(owner);
+    E->owner = owner;
+    E->ch = NULL;
+    E->seq = 0;
+    E->held = E->lane_pin = 0;
+    E->prev = E->next = NULL;
+    PyObject *mv = PyMemoryView_FromObject((PyObject *)E);
+    if (!mv) {
+        Py_DECREF(E);
+        return NULL;
+    }
+    E->mbuf = ((PyMemoryViewObject *)mv)->mbuf;
+    *out = E;
+    Py_DECREF(E); /* the managed buffer holds it now (and the caller takes its own reference) */
+    return mv;
+}
+
+/* Finish a revoked ZBuf whose views are all gone: release the export the managed buffer still
+ * holds (which may free E and unpin its mapping), then drop our reference to the buffer. */
+static void zb_finish(ZBufObject *E)
+{
+    _PyManagedBufferObject *mb = E->mbuf;
+    Py_ssize_t i = E->zidx;
+    if (i >= 0) {
+        zombies[i] = zombies[--nzombies];
+        zombies[i]->zidx = i;
+        E->zidx = -1;
+    }
+    PyBuffer_Release(&mb->master); /* zb_releasebuf, then the buffer's reference to E goes */
+    Py_DECREF(mb);
+}
+
+static inline int zb_unused(ZBufObject *E) { return Py_REFCNT(E->mbuf) == 1; }
+
+/* Finish up to `max` zombies whose views are gone (round robin); how many are left. */
+static Py_ssize_t zb_poll(Py_ssize_t max)
+{
+    for (Py_ssize_t n = 0; n < max && nzombies; n++) {
+        if (zombie_pos >= nzombies)
+            zombie_pos = 0;
+        ZBufObject *E = zombies[zombie_pos];
+        if (zb_unused(E))
+            zb_finish(E); /* moves the last entry here: look at this position again */
+        else
+            zombie_pos++;
+    }
+    return nzombies;
+}
+
+/* Revoke every view of E (see above). *viewp: the owner's own reference to E's memoryview (the
+ * Request's payload), swapped for `released_view` when nothing else holds a view; NULL if the
+ * owner keeps none. */
+static void zb_revoke(ZBufObject *E, PyObject **viewp)
+{
+    if (E->revoked)
+        return;
+    E->revoked = 1;
+    if (!E->exported)
+        return; /* every view was released already (memoryview.release()) */
+    _PyManagedBufferObject *mb = E->mbuf;
+    if (viewp && *viewp && PyMemoryView_Check(*viewp) &&
+        ((PyMemoryViewObject *)*viewp)->mbuf == mb && Py_REFCNT(*viewp) == 1 &&
+        Py_REFCNT(mb) == 1) {
+        /* Only our own view exists and only we hold it: dropping it releases the export the
+         * ordinary way (no flag, no zombie). */
+        Py_INCREF(released_view);
+        Py_SETREF(*viewp, released_view);
+        return;
+    }
+    if (nzombies == zombies_cap) {
+        Py_ssize_t cap = zombies_cap ? 2 * zombies_cap : 64;
+        ZBufObject **z = PyMem_Realloc(zombies, (size_t)cap * sizeof *z);
+        if (!z) {
+            /* Out of memory: leave the views valid (the mapping is pinned while they live, so
+             * this is memory-safe; they may show later messages' bytes). */
+            return;
+        }
+        zombies = z;
+        zombies_cap = cap;
+    }
+    mb->flags |= _Py_MANAGED_BUFFER_RELEASED;
+    PyObject_GC_UnTrack(mb); /* as CPython's own release does: it holds no object any more */
+    Py_INCREF(mb);
+    E->zidx = nzombies;
+    zombies[nzombies++] = E; /* a view exists (E is exported): finished by zb_poll later */
+}
+
 /* =============================================================================================
  * Lane: the client end of one channel.
  *
@@ -946,12 +1161,37 @@ typedef struct {
     bucket_t bucket;      /* client-private rate/bandwidth buckets */
     outmsg_t *batch;      /* send_many scratch, allocated once at init */
     Py_buffer *views;
+    /* The loan (at most one): a reserved request-arena chunk the user writes in place. */
+    int loan_active;
+    uint64_t loan_len;    /* payload bytes */
+    prod_res_t loan_res;
+    ZBufObject *loan_buf; /* borrowed: the loan's buffer while it lives (revoked by cancel_loan;
+                             a buffer holds its Lane, so a strong reference here would be a
+                             cycle); the loan itself stays out after its views are dropped */
+    ZBufObject *bufs;     /* every live loan buffer of this lane (revoked by close) */
+    int pins;             /* live loan buffers: the channel stays mapped while > 0 */
+    char *chan_kept;      /* closed, but still mapped for live loan buffers */
+    uint64_t call_t0;     /* CLOCK_MONOTONIC at the latest call_start (round-trip counter) */
+    uint64_t cst[CSTATS_SIZE / 8]; /* the client metrics block (private copy; see stat_add) */
 } LaneObject;
 
+static void lane_cancel_loan(LaneObject *L);
+
+/* Unmap everything; the channel itself stays mapped while loan buffers live (lane_unpin). */
 static void lane_unmap(LaneObject *L)
 {
-    if (L->chan)
-        munmap(L->chan, L->chan_len);
+    lane_cancel_loan(L);
+    for (ZBufObject *E = L->bufs, *next; E; E = next) {
+        next = E->next; /* revoking may finish E, and free (and unlink) it -- never another one */
+        zb_revoke(E, NULL);
+    }
+    if (L->chan) {
+        if (L->pins) {
+            L->chan_kept = L->chan;
+        } else {
+            munmap(L->chan, L->chan_len);
+        }
+    }
     if (L->ctrl)
         munmap(L->ctrl, CTRL_SIZE);
     if (L->db)
@@ -966,6 +1206,24 @@ static void lane_unmap(LaneObject *L)
     PyMem_Free(L->views);
     L->batch = NULL;
     L->views = NULL;
+}
+
+/* A loan buffer of L died: the last one of a closed lane unmaps the channel. */
+static void lane_unpin(LaneObject *L, ZBufObject *E)
+{
+    if (L->loan_buf == E)
+        L->loan_buf = NULL; /* the loan is still out: the caller dropped its views */
+    if (E->prev)
+        E->prev->next = E->next;
+    else
+        L->bufs = E->next;
+    if (E->next)
+        E->next->prev = E->prev;
+    E->prev = E->next = NULL;
+    if (--L->pins == 0 && L->chan_kept) {
+        munmap(L->chan_kept, L->chan_len);
+        L->chan_kept = NULL;
+    }
 }
 
 static PyObject *Lane_new(PyTypeObject *type, PyObject *args, PyObject *kw)
@@ -1005,6 +1263,10 @@ static int Lane_init(LaneObject *L, PyObject *args, PyObject *kw)
     if (check_geometry(nslots, asize) < 0 || check_wait(mode, spin_ns) < 0)
         return -1;
     uint64_t len = channel_size(nslots, asize);
+    if (L->chan_kept) {
+        PyErr_SetString(PyExc_RuntimeError, "Lane already initialised");
+        return -1;
+    }
     L->chan = map_memfd(chan_fd, len, 1, "channel");
     if (!L->chan)
         return -1;
@@ -1041,6 +1303,9 @@ static int Lane_init(LaneObject *L, PyObject *args, PyObject *kw)
     L->resp.asize = asize;
     L->last_tag = L->call_tag = L->cancel_below = L->refused = 0;
     L->busy = L->broken = L->armed = 0;
+    L->loan_active = 0;
+    L->call_t0 = 0;
+    memset(L->cst, 0, sizeof L->cst);
     return 0;
 fail:
     if (L->bell_efd == -2)
@@ -1118,6 +1383,40 @@ static void lane_refused(LaneObject *L, uint64_t n)
     __atomic_store_n((uint64_t *)(L->chan + CHAN_REFUSED_OFF), L->refused, __ATOMIC_RELAXED);
 }
 
+/* ---- Client metrics (the CSTATS block; see stat_add for why plain stores suffice). --------- */
+
+static inline void lane_stat(LaneObject *L, unsigned off, uint64_t k)
+{
+    stat_add(L->chan + CHAN_CSTATS_OFF, L->cst, off, k);
+}
+
+/* n messages, `calls` of them calls, carrying `bytes` payload bytes, were published at `now`
+ * (CLOCK_MONOTONIC, coarse or not). */
+static inline void lane_count_sent(LaneObject *L, uint64_t n, uint64_t bytes, uint64_t calls,
+                                   uint64_t now)
+{
+    char *blk = L->chan + CHAN_CSTATS_OFF;
+    stat_add(blk, L->cst, CSTATS_SENT_OFF, n);
+    if (bytes)
+        stat_add(blk, L->cst, CSTATS_BYTES_SENT_OFF, bytes);
+    if (calls)
+        stat_add(blk, L->cst, CSTATS_CALLS_OFF, calls);
+    stat_second(blk, L->cst, now, n);
+}
+
+/* A call's reply arrived `ns` after the call was started. */
+static inline void lane_count_latency(LaneObject *L, uint64_t ns)
+{
+    char *blk = L->chan + CHAN_CSTATS_OFF;
+    if (ns > L->cst[CSTATS_LATENCY_MAX_OFF / 8]) {
+        L->cst[CSTATS_LATENCY_MAX_OFF / 8] = ns;
+        stat_store(blk, L->cst, CSTATS_LATENCY_MAX_OFF);
+    }
+    stat_add(blk, L->cst, CSTATS_LATENCY_SUM_OFF, ns);
+    stat_add(blk, L->cst, CSTATS_LATENCY_COUNT_OFF, 1);
+    stat_add(blk, L->cst, CSTATS_HIST_OFF + 8u * stat_hist_bucket(ns), 1);
+}
+
 /* ---- Client-side limit checks (fail fast; the server enforces the same on its side). ------- */
 
 static int raise_limit(int lim, const limits_t *l, uint64_t plen)
@@ -1137,6 +1436,16 @@ static int raise_limit(int lim, const limits_t *l, uint64_t plen)
         PyErr_Format(RateLimitExceeded, "bandwidth limit of %llu bytes/s exceeded",
                      (unsigned long long)l->bandwidth);
     return -1;
+}
+
+/* raise_limit, counted in the client metrics (refused_perm / _size / _rate). */
+static int lane_refuse(LaneObject *L, int lim, const limits_t *l, uint64_t plen, uint64_t n)
+{
+    unsigned off = lim == LIM_SIZE                          ? CSTATS_REFUSED_SIZE_OFF
+                   : (lim == LIM_RATE || lim == LIM_BANDWIDTH) ? CSTATS_REFUSED_RATE_OFF
+                                                            : CSTATS_REFUSED_PERM_OFF;
+    lane_stat(L, off, n);
+    return raise_limit(lim, l, plen);
 }
 
 /* What a prepared message owes the client's buckets once it is written. */
@@ -1159,7 +1468,7 @@ static __attribute__((noinline, cold)) int lane_check(LaneObject *L, charge_t *c
     int lim = limits_static(&c->l, c->now, plen);
     if (lim == LIM_OK)
         lim = bucket_check(&L->bucket, &c->l, c->now, plen);
-    return lim == LIM_OK ? 0 : raise_limit(lim, &c->l, plen);
+    return lim == LIM_OK ? 0 : lane_refuse(L, lim, &c->l, plen, 1);
 }
 
 /* send_many's first step: 0 (no checks), 1 (*l and *now set: sizes and buckets are checked per
@@ -1171,7 +1480,7 @@ static int lane_limits_batch(LaneObject *L, limits_t *l, uint64_t *now)
     ctrl_limits(L->ctrl, l);
     *now = limits_need_clock(l) ? coarse_ns() : 0;
     int lim = limits_static(l, *now, 0);
-    return lim == LIM_OK ? 1 : raise_limit(lim, l, 0);
+    return lim == LIM_OK ? 1 : lane_refuse(L, lim, l, 0, 1);
 }
 
 /* Parse and check one outgoing message (call, call_start, send); nothing is written. On success
@@ -1192,8 +1501,18 @@ static int lane_prepare(LaneObject *L, PyObject *const *a, uint32_t extra, outms
         raise_for_state(st, "server");
         return -1;
     }
-    if (parse_payload(a[4] ? a[4] : Py_None, m, view, L->max_payload, 0) < 0)
+    if (parse_payload(a[4] ? a[4] : Py_None, m, view, L->max_payload, 0) < 0) {
+        if (PyErr_ExceptionMatches(MessageTooLarge))
+            lane_stat(L, CSTATS_REFUSED_SIZE_OFF, 1);
         return -1;
+    }
+    if (__builtin_expect(L->loan_active, 0) && m->payload) {
+        release_view(view);
+        PyErr_SetString(PyExc_RuntimeError,
+                        "a loan is out on this lane: commit it (call_loan/send_loan) or "
+                        "cancel_loan() before sending another payload");
+        return -1;
+    }
     /* The capability's limits: one predictable branch when the kernel set none. */
     c->enforce = __builtin_expect(ctrl_flags(L->ctrl) & CTRL_F_ENFORCE, 0) != 0;
     if (c->enforce && lane_check(L, c, m->plen) < 0) {
@@ -1311,11 +1630,24 @@ corrupt:
     return -1;
 }
 
-/* Write one message into the request ring, copying big payloads without the GIL. */
-static int lane_write(LaneObject *L, const outmsg_t *m, const char **why)
+/* Write one message into the request ring, copying big payloads without the GIL. With `loan`,
+ * the payload is the lane's loaned chunk (m->payload points into it): only the LargeMessage
+ * struct and the slot are written (plus the CRC, without the GIL when big), and the loan ends;
+ * its buffers stay valid (the arena is mapped for the lane's lifetime). */
+static int lane_write(LaneObject *L, const outmsg_t *m, int loan, const char **why)
 {
-    int r;
-    if (m->payload && m->plen >= NOGIL_COPY_BYTES) {
+    int r = RG_OK;
+    if (loan) {
+        if ((m->flags & FLAG_CHECKSUM) && m->plen >= NOGIL_COPY_BYTES) {
+            Py_BEGIN_ALLOW_THREADS
+            prod_write_at(&L->req, m, &L->loan_res);
+            Py_END_ALLOW_THREADS
+        } else {
+            prod_write_at(&L->req, m, &L->loan_res);
+        }
+        L->loan_active = 0;
+        L->loan_buf = NULL; /* its views stay valid (and keep the mapping) */
+    } else if (m->payload && m->plen >= NOGIL_COPY_BYTES) {
         Py_BEGIN_ALLOW_THREADS
         r = prod_write(&L->req, m, why);
         Py_END_ALLOW_THREADS
@@ -1328,6 +1660,105 @@ static int lane_write(LaneObject *L, const outmsg_t *m, const char **why)
 static const char *const call_kw[] = {"capability", "opcode",     "flags", "data",
                                       "payload",    "timeout_ns", NULL};
 static const char *const send_kw[] = {"capability", "opcode", "flags", "data", "payload", NULL};
+
+/* The body of call() and call_loan(): write (waiting for room), publish, wait for the reply. */
+static PyObject *lane_call_run(LaneObject *L, outmsg_t *m, Py_buffer *view, const charge_t *c,
+                               int64_t timeout_ns, int loan)
+{
+    /* One CLOCK_MONOTONIC read (vDSO) before and one after: the round trip for the metrics. */
+    uint64_t t0 = now_ns();
+    uint64_t deadline = UINT64_MAX;
+    if (timeout_ns >= 0)
+        deadline = (uint64_t)timeout_ns > UINT64_MAX - t0 ? UINT64_MAX : t0 + (uint64_t)timeout_ns;
+    uint64_t tag = L->last_tag + 1;
+    m->tag = tag;
+    const char *why = NULL;
+    PyObject *result = NULL;
+    uint32_t st;
+    L->busy = 1;
+
+    /* 1. Room in the request ring and arena. The server never wakes producers, so poll with
+     * short sleeps (10 us doubling to 1 ms) until the deadline. (A loan has its arena chunk.) */
+    long backoff_ns = 10000;
+    for (;;) {
+        uint64_t nfree;
+        if (prod_slots_free(&L->req, &nfree, &why) != RG_OK) {
+            lane_break(L, why);
+            goto out;
+        }
+        if (nfree > 0) {
+            int r = lane_write(L, m, loan, &why);
+            if (r == RG_OK)
+                break;
+            if (r == RG_CORRUPT) {
+                lane_break(L, why);
+                goto out;
+            }
+        }
+        st = ctrl_state(L->ctrl);
+        if (st != STATE_OPEN) {
+            raise_for_state(st, "server");
+            goto out;
+        }
+        if (now_ns() >= deadline) {
+            lane_stat(L, CSTATS_TIMEOUTS_OFF, 1);
+            PyErr_SetString(Timeout, "timed out waiting for room in the request ring");
+            goto out;
+        }
+        struct timespec ts = {0, backoff_ns};
+        Py_BEGIN_ALLOW_THREADS
+        nanosleep(&ts, NULL);
+        Py_END_ALLOW_THREADS
+        if (backoff_ns < 1000000)
+            backoff_ns *= 2;
+        if (PyErr_CheckSignals() < 0)
+            goto out;
+    }
+    release_view(view);
+    if (c->enforce)
+        bucket_take(&L->bucket, &c->l, m->plen);
+    L->last_tag = L->call_tag = tag;
+    prod_publish(&L->req);
+    lane_ring_doorbell(L);
+    lane_count_sent(L, 1, m->plen, 1, t0);
+
+    /* 2. The reply. */
+    for (;;) {
+        int r = lane_take_reply(L, tag, &result);
+        if (r != 0)
+            goto got;
+        st = ctrl_state(L->ctrl);
+        if (st != STATE_OPEN) {
+            /* A reply published before the state change is still delivered. */
+            r = lane_take_reply(L, tag, &result);
+            if (r != 0)
+                goto got;
+            lane_cancel(L, tag);
+            raise_for_state(st, "server");
+            goto out;
+        }
+        if (deadline != UINT64_MAX && now_ns() >= deadline) {
+            lane_cancel(L, tag);
+            lane_stat(L, CSTATS_TIMEOUTS_OFF, 1);
+            PyErr_Format(Timeout, "no reply within %lld ns", (long long)timeout_ns);
+            goto out;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        lane_wait(L, deadline);
+        Py_END_ALLOW_THREADS
+        if (PyErr_CheckSignals() < 0) {
+            lane_cancel(L, tag);
+            goto out;
+        }
+    }
+got:
+    if (result)
+        lane_count_latency(L, now_ns() - t0);
+out:
+    release_view(view);
+    L->busy = 0;
+    return result;
+}
 
 /* call(capability, opcode, flags, data, payload=None, timeout_ns=-1) -> Message */
 static PyObject *Lane_call(LaneObject *L, PyObject *const *args, Py_ssize_t nargs,
@@ -1343,94 +1774,12 @@ static PyObject *Lane_call(LaneObject *L, PyObject *const *args, Py_ssize_t narg
     charge_t c;
     if (lane_prepare(L, a, FLAG_REPLY_EXPECTED, &m, &view, &c) < 0)
         return NULL;
-    uint64_t deadline = deadline_after(timeout_ns);
-    uint64_t tag = L->last_tag + 1;
-    m.tag = tag;
-    const char *why = NULL;
-    PyObject *result = NULL;
-    uint32_t st;
-    L->busy = 1;
-
-    /* 1. Room in the request ring and arena. The server never wakes producers, so poll with
-     * short sleeps (10 us doubling to 1 ms) until the deadline. */
-    long backoff_ns = 10000;
-    for (;;) {
-        uint64_t nfree;
-        if (prod_slots_free(&L->req, &nfree, &why) != RG_OK) {
-            lane_break(L, why);
-            goto out;
-        }
-        if (nfree > 0) {
-            int r = lane_write(L, &m, &why);
-            if (r == RG_OK)
-                break;
-            if (r == RG_CORRUPT) {
-                lane_break(L, why);
-                goto out;
-            }
-        }
-        st = ctrl_state(L->ctrl);
-        if (st != STATE_OPEN) {
-            raise_for_state(st, "server");
-            goto out;
-        }
-        if (now_ns() >= deadline) {
-            PyErr_SetString(Timeout, "timed out waiting for room in the request ring");
-            goto out;
-        }
-        struct timespec ts = {0, backoff_ns};
-        Py_BEGIN_ALLOW_THREADS
-        nanosleep(&ts, NULL);
-        Py_END_ALLOW_THREADS
-        if (backoff_ns < 1000000)
-            backoff_ns *= 2;
-        if (PyErr_CheckSignals() < 0)
-            goto out;
-    }
-    release_view(&view);
-    if (c.enforce)
-        bucket_take(&L->bucket, &c.l, m.plen);
-    L->last_tag = L->call_tag = tag;
-    prod_publish(&L->req);
-    lane_ring_doorbell(L);
-
-    /* 2. The reply. */
-    for (;;) {
-        int r = lane_take_reply(L, tag, &result);
-        if (r != 0)
-            goto out;
-        st = ctrl_state(L->ctrl);
-        if (st != STATE_OPEN) {
-            /* A reply published before the state change is still delivered. */
-            r = lane_take_reply(L, tag, &result);
-            if (r != 0)
-                goto out;
-            lane_cancel(L, tag);
-            raise_for_state(st, "server");
-            goto out;
-        }
-        if (deadline != UINT64_MAX && now_ns() >= deadline) {
-            lane_cancel(L, tag);
-            PyErr_Format(Timeout, "no reply within %lld ns", (long long)timeout_ns);
-            goto out;
-        }
-        Py_BEGIN_ALLOW_THREADS
-        lane_wait(L, deadline);
-        Py_END_ALLOW_THREADS
-        if (PyErr_CheckSignals() < 0) {
-            lane_cancel(L, tag);
-            goto out;
-        }
-    }
-out:
-    release_view(&view);
-    L->busy = 0;
-    return result;
+    return lane_call_run(L, &m, &view, &c, timeout_ns, 0);
 }
 
-/* Push one prepared message without waiting: RG_OK (published, doorbell rung), RG_FULL (refused,
- * counted) or -1 with an exception (the lane is broken). */
-static int lane_push(LaneObject *L, outmsg_t *m, const charge_t *c)
+/* Push one prepared message without waiting: RG_OK (published, doorbell rung, counted as sent
+ * at `now`), RG_FULL (refused, counted) or -1 with an exception (the lane is broken). */
+static int lane_push(LaneObject *L, outmsg_t *m, const charge_t *c, int loan, uint64_t now)
 {
     const char *why = NULL;
     uint64_t nfree;
@@ -1440,7 +1789,7 @@ static int lane_push(LaneObject *L, outmsg_t *m, const charge_t *c)
     if (r == RG_OK && nfree == 0)
         r = RG_FULL;
     if (r == RG_OK)
-        r = lane_write(L, m, &why);
+        r = lane_write(L, m, loan, &why);
     L->busy = 0;
     if (r == RG_OK) {
         if (c->enforce)
@@ -1448,6 +1797,7 @@ static int lane_push(LaneObject *L, outmsg_t *m, const charge_t *c)
         L->last_tag = m->tag;
         prod_publish(&L->req);
         lane_ring_doorbell(L);
+        lane_count_sent(L, 1, m->plen, (m->flags & FLAG_REPLY_EXPECTED) != 0, now);
         return RG_OK;
     }
     if (r == RG_FULL) {
@@ -1470,7 +1820,7 @@ static PyObject *Lane_send(LaneObject *L, PyObject *const *args, Py_ssize_t narg
     charge_t c;
     if (lane_prepare(L, a, 0, &m, &view, &c) < 0)
         return NULL;
-    int r = lane_push(L, &m, &c);
+    int r = lane_push(L, &m, &c, 0, coarse_ns());
     release_view(&view);
     if (r == RG_OK)
         Py_RETURN_NONE;
@@ -1491,14 +1841,175 @@ static PyObject *Lane_call_start(LaneObject *L, PyObject *const *args, Py_ssize_
     charge_t c;
     if (lane_prepare(L, a, FLAG_REPLY_EXPECTED, &m, &view, &c) < 0)
         return NULL;
-    int r = lane_push(L, &m, &c);
+    uint64_t t0 = now_ns();
+    int r = lane_push(L, &m, &c, 0, t0);
     release_view(&view);
     if (r == RG_OK) {
         L->call_tag = m.tag;
+        L->call_t0 = t0;
         return PyLong_FromUnsignedLongLong(m.tag);
     }
     if (r == RG_FULL)
         PyErr_SetString(WouldBlock, "request ring or arena is full");
+    return NULL;
+}
+
+/* ---- Loans: payloads written in place. ------------------------------------------------------ */
+
+/* Give the loaned chunk back (nothing was committed, the cursor never moved: forgetting the
+ * reservation is the roll-back) and revoke its views. No-op without a loan. */
+static void lane_cancel_loan(LaneObject *L)
+{
+    if (!L->loan_active)
+        return;
+    L->loan_active = 0;
+    if (L->loan_buf)
+        zb_revoke(L->loan_buf, NULL);
+    L->loan_buf = NULL;
+}
+
+/* loan(n) -> writable memoryview of exactly n bytes in the request arena. */
+static PyObject *Lane_loan(LaneObject *L, PyObject *arg)
+{
+    uint64_t n;
+    if (to_u64(arg, &n, "n") < 0 || !lane_usable(L))
+        return NULL;
+    zb_poll(4);
+    if (L->loan_active) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "this lane already has a loan out: commit it (call_loan/send_loan) or "
+                        "cancel_loan() first");
+        return NULL;
+    }
+    if (n > L->max_payload) {
+        lane_stat(L, CSTATS_REFUSED_SIZE_OFF, 1);
+        PyErr_Format(MessageTooLarge, "a loan of %llu bytes exceeds the maximum of %llu bytes",
+                     (unsigned long long)n, (unsigned long long)L->max_payload);
+        return NULL;
+    }
+    uint32_t st = ctrl_state(L->ctrl);
+    if (st != STATE_OPEN) {
+        raise_for_state(st, "server");
+        return NULL;
+    }
+    if (__builtin_expect(ctrl_flags(L->ctrl) & CTRL_F_ENFORCE, 0)) {
+        /* Fail before the caller fills a payload the capability would refuse anyway. */
+        limits_t l;
+        ctrl_limits(L->ctrl, &l);
+        if (l.max_size && n > l.max_size) {
+            lane_refuse(L, LIM_SIZE, &l, n, 1);
+            return NULL;
+        }
+    }
+    const char *why = NULL;
+    prod_res_t res;
+    int r = prod_reserve(&L->req, n, &res, &why);
+    if (r == RG_CORRUPT) {
+        lane_break(L, why);
+        return NULL;
+    }
+    if (r == RG_FULL) {
+        lane_refused(L, 1);
+        PyErr_SetString(WouldBlock,
+                        "the arena for this channel is full: the receiver still holds earlier "
+                        "payloads");
+        return NULL;
+    }
+    ZBufObject *E;
+    PyObject *mv = zb_view((PyObject *)L, prod_res_payload(&L->req, &res, n), n, 0, &E);
+    if (!mv)
+        return NULL;
+    E->lane_pin = 1;
+    E->next = L->bufs;
+    if (L->bufs)
+        L->bufs->prev = E;
+    L->bufs = E;
+    L->pins++;
+    L->loan_buf = E;
+    L->loan_res = res;
+    L->loan_len = n;
+    L->loan_active = 1;
+    return mv;
+}
+
+/* cancel_loan(): give the loaned chunk back; its views are revoked. No-op without a loan. */
+static PyObject *Lane_cancel_loan(LaneObject *L, PyObject *unused)
+{
+    if (L->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Lane used from two threads at once (one per thread)");
+        return NULL;
+    }
+    lane_cancel_loan(L);
+    zb_poll(4);
+    Py_RETURN_NONE;
+}
+
+/* Parse and check a loan commit (capability, opcode, flags, data); nothing is written. The loan
+ * stays out when this fails. */
+static int lane_prepare_loan(LaneObject *L, PyObject *const *a, uint32_t extra, outmsg_t *m,
+                             charge_t *c)
+{
+    if (!lane_usable(L))
+        return -1;
+    if (to_u64(a[0], &m->capability, "capability") < 0 || to_u32(a[1], &m->opcode, "opcode") < 0 ||
+        parse_flags(a[2], &m->flags, extra | FLAG_LOANED) < 0 || parse_data(a[3], m->data) < 0)
+        return -1;
+    if (!L->loan_active) {
+        PyErr_SetString(PyExc_RuntimeError, "no loan is out on this lane: call loan(n) first");
+        return -1;
+    }
+    uint32_t st = ctrl_state(L->ctrl);
+    if (st != STATE_OPEN) {
+        raise_for_state(st, "server");
+        return -1;
+    }
+    m->plen = L->loan_len;
+    m->payload = (const uint8_t *)prod_res_payload(&L->req, &L->loan_res, m->plen);
+    if (m->plen > LM_INLINE_SIZE)
+        m->flags |= FLAG_LARGE;
+    c->enforce = __builtin_expect(ctrl_flags(L->ctrl) & CTRL_F_ENFORCE, 0) != 0;
+    if (c->enforce && lane_check(L, c, m->plen) < 0)
+        return -1;
+    return 0;
+}
+
+/* call_loan(capability, opcode, flags, data, timeout_ns=-1) -> Message */
+static PyObject *Lane_call_loan(LaneObject *L, PyObject *const *args, Py_ssize_t nargs,
+                                PyObject *kwnames)
+{
+    static const char *const kw[] = {"capability", "opcode", "flags", "data", "timeout_ns", NULL};
+    PyObject *a[5];
+    int64_t timeout_ns;
+    if (fast_args("call_loan", args, nargs, kwnames, kw, 4, a) < 0 ||
+        to_i64_timeout(a[4], &timeout_ns) < 0)
+        return NULL;
+    outmsg_t m;
+    Py_buffer view;
+    view.obj = NULL;
+    charge_t c;
+    if (lane_prepare_loan(L, a, FLAG_REPLY_EXPECTED, &m, &c) < 0)
+        return NULL;
+    return lane_call_run(L, &m, &view, &c, timeout_ns, 1);
+}
+
+/* send_loan(capability, opcode, flags, data) -> None; WouldBlock (the loan stays out) if the
+ * request ring is full. */
+static PyObject *Lane_send_loan(LaneObject *L, PyObject *const *args, Py_ssize_t nargs,
+                                PyObject *kwnames)
+{
+    static const char *const kw[] = {"capability", "opcode", "flags", "data", NULL};
+    PyObject *a[4];
+    if (fast_args("send_loan", args, nargs, kwnames, kw, 4, a) < 0)
+        return NULL;
+    outmsg_t m;
+    charge_t c;
+    if (lane_prepare_loan(L, a, 0, &m, &c) < 0)
+        return NULL;
+    int r = lane_push(L, &m, &c, 1, coarse_ns());
+    if (r == RG_OK)
+        Py_RETURN_NONE;
+    if (r == RG_FULL)
+        PyErr_SetString(WouldBlock, "request ring is full (the loan is still out)");
     return NULL;
 }
 
@@ -1562,6 +2073,7 @@ static PyObject *Lane_call_poll(LaneObject *L, PyObject *const *args, Py_ssize_t
         return NULL;
     if (r == 0)
         Py_RETURN_NONE;
+    lane_count_latency(L, now_ns() - L->call_t0);
     return result;
 }
 
@@ -1640,16 +2152,27 @@ static PyObject *Lane_send_many(LaneObject *L, PyObject *const *args, Py_ssize_t
             parse_data(PyTuple_GET_ITEM(item, 1), m->data) < 0)
             goto fail;
         if (parse_payload(PyTuple_GET_SIZE(item) == 3 ? PyTuple_GET_ITEM(item, 2) : Py_None, m,
-                          &L->views[parsed], L->max_payload, 0) < 0)
+                          &L->views[parsed], L->max_payload, 0) < 0) {
+            if (PyErr_ExceptionMatches(MessageTooLarge))
+                lane_stat(L, CSTATS_REFUSED_SIZE_OFF, 1);
             goto fail;
+        }
+        if (L->loan_active && m->payload) {
+            PyErr_SetString(PyExc_RuntimeError,
+                            "a loan is out on this lane: commit it (call_loan/send_loan) or "
+                            "cancel_loan() before sending another payload");
+            parsed++; /* its view is held: release it below */
+            goto fail;
+        }
         if (enf && l.max_size && m->plen > l.max_size) {
-            raise_limit(LIM_SIZE, &l, m->plen);
+            lane_refuse(L, LIM_SIZE, &l, m->plen, 1);
             parsed++; /* its view is held: release it below */
             goto fail;
         }
     }
     int limited = 0; /* stopped by the rate/bandwidth buckets */
     int lim = LIM_OK;
+    uint64_t bytes = 0;
     L->busy = 1;
     for (; written < n; written++) {
         outmsg_t *m = &L->batch[written];
@@ -1670,6 +2193,7 @@ static PyObject *Lane_send_many(LaneObject *L, PyObject *const *args, Py_ssize_t
         }
         if (enf)
             bucket_take(&L->bucket, &l, m->plen);
+        bytes += m->plen;
         L->last_tag++;
     }
     L->busy = 0;
@@ -1679,9 +2203,12 @@ static PyObject *Lane_send_many(LaneObject *L, PyObject *const *args, Py_ssize_t
     if (written) {
         prod_publish(&L->req);
         lane_ring_doorbell(L);
+        lane_count_sent(L, (uint64_t)written, bytes, 0, coarse_ns()); /* once per batch */
     }
     if (full && !limited && written < total)
         lane_refused(L, (uint64_t)(total - written));
+    if (limited)
+        lane_stat(L, CSTATS_REFUSED_RATE_OFF, (uint64_t)(total - written));
     if (limited && written == 0) {
         raise_limit(lim, &l, 0);
         return NULL;
@@ -1701,7 +2228,8 @@ static PyObject *Lane_close(LaneObject *L, PyObject *unused)
         PyErr_SetString(PyExc_RuntimeError, "Lane is in use by another thread");
         return NULL;
     }
-    lane_unmap(L);
+    lane_unmap(L); /* cancels the loan, revokes every loan buffer */
+    zb_poll(64);
     Py_RETURN_NONE;
 }
 
@@ -1720,6 +2248,12 @@ static PyObject *Lane_get_refused(LaneObject *L, void *c)
 {
     return PyLong_FromUnsignedLongLong(L->refused);
 }
+static PyObject *Lane_get_loaned(LaneObject *L, void *c)
+{
+    if (!L->loan_active)
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(L->loan_len);
+}
 
 static PyMethodDef Lane_methods[] = {
     {"call", (PyCFunction)(void (*)(void))Lane_call, METH_FASTCALL | METH_KEYWORDS,
@@ -1735,6 +2269,17 @@ static PyMethodDef Lane_methods[] = {
      "call_poll(tag, arm=False) -> Message or None"},
     {"cancel", (PyCFunction)Lane_cancel, METH_O,
      "cancel(tag): the call with this tag (and every earlier one) is not waited for any more"},
+    {"loan", (PyCFunction)Lane_loan, METH_O,
+     "loan(n) -> writable memoryview of n bytes in the request arena (one loan at a time);\n"
+     "WouldBlock if the arena is full, MessageTooLarge if n is too big"},
+    {"call_loan", (PyCFunction)(void (*)(void))Lane_call_loan, METH_FASTCALL | METH_KEYWORDS,
+     "call_loan(capability, opcode, flags, data, timeout_ns=-1) -> Message: the loan is the "
+     "payload (no copy)"},
+    {"send_loan", (PyCFunction)(void (*)(void))Lane_send_loan, METH_FASTCALL | METH_KEYWORDS,
+     "send_loan(capability, opcode, flags, data) -> None: one-way, the loan is the payload; "
+     "WouldBlock if the ring is full (the loan stays out)"},
+    {"cancel_loan", (PyCFunction)Lane_cancel_loan, METH_NOARGS,
+     "cancel_loan(): give the loaned chunk back (its views are released); no-op without a loan"},
     {"close", (PyCFunction)Lane_close, METH_NOARGS, "Unmap everything; the Lane is unusable."},
     {NULL, NULL, 0, NULL},
 };
@@ -1746,7 +2291,9 @@ static PyGetSetDef Lane_getset[] = {
     {"last_tag", (getter)Lane_get_last_tag, NULL, "tag of the last request sent", NULL},
     {"max_payload", (getter)Lane_get_max_payload, NULL, "largest payload in bytes", NULL},
     {"refused", (getter)Lane_get_refused, NULL,
-     "messages send/send_many/call_start refused because the ring or arena was full", NULL},
+     "messages send/send_many/call_start/send_loan/loan refused because the ring or arena was "
+     "full", NULL},
+    {"loaned", (getter)Lane_get_loaned, NULL, "bytes of the loan that is out, or None", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -1820,7 +2367,23 @@ typedef struct chan {
     bucket_t bucket;    /* server-private token buckets (recv thread only) */
     uint64_t drops[LIM_NREASONS]; /* refused by the limits, per reason (GIL) */
     struct chan *next_grave;
+    /* Zero-copy receive (all GIL). Chunks consumed since the oldest one still held, in FIFO
+     * order: each entry is the release position after its chunk, and whether a Request still
+     * holds it (consecutive released chunks share an entry). arena_released is published only
+     * as the end of the released prefix. zq_cap entries (a power of two, >= 2 * nslots),
+     * allocated at the first zero-copy message; when full the channel is not served until a
+     * release: a receiver that never releases stalls only this channel. */
+    struct zent *zq;
+    uint64_t zq_cap, zq_first, zq_next; /* entries [zq_first, zq_next) by sequence number */
+    int zc_blocked;     /* atomic: queue full (read by scans without the GIL) */
+    int views;          /* live ZBufs of this channel: the mapping stays while > 0 */
+    uint64_t sst[SSTATS_SIZE / 8]; /* the server metrics block (private copy; see stat_add) */
 } chan_t;
+
+typedef struct zent {
+    uint64_t end;  /* release position after this entry's chunk(s) */
+    uint64_t held; /* a Request (its ZBuf) still holds the chunk */
+} zent_t;
 
 typedef struct {
     PyObject_HEAD
@@ -1844,6 +2407,7 @@ typedef struct {
     const char *pend_why;
     chan_t *grave;
     uint64_t drain_used[MAX_CHANNELS / 64]; /* GIL: drain slots in use */
+    uint64_t coarse_now;          /* coarse_ns() of the current receive step (metrics) */
     uint32_t span;                /* atomic: 1 + the highest word of `active` in use (GIL writes) */
     uint64_t active[TABLE_WORDS]; /* alive channels (atomic words; changed under the GIL) */
     uint64_t ready[TABLE_WORDS];  /* recv-private: channels that may have requests */
@@ -1883,6 +2447,7 @@ static void chan_free(chan_t *ch)
         munmap(ch->ctrl, CTRL_SIZE);
     if (ch->reply_efd >= 0)
         close(ch->reply_efd);
+    PyMem_RawFree(ch->zq);
     PyMem_RawFree(ch);
 }
 
@@ -1894,7 +2459,7 @@ static void ss_reap(ServerSetObject *S)
     chan_t **pp = &S->grave;
     while (*pp) {
         chan_t *ch = *pp;
-        if (ch->users == 0) {
+        if (ch->users == 0 && ch->views == 0) {
             *pp = ch->next_grave;
             chan_free(ch);
         } else {
@@ -1966,22 +2531,101 @@ static void ss_kick(ServerSetObject *S)
         efd_signal(S->event_efd);
 }
 
+/* ---- The held-chunk queue (zero-copy receive; see chan_t). GIL held for all of these. ------ */
+
+static int ch_zq_alloc(chan_t *ch)
+{
+    uint64_t cap = 64;
+    while (cap < 2 * ch->req.nslots)
+        cap *= 2;
+    ch->zq = PyMem_RawMalloc((size_t)cap * sizeof *ch->zq);
+    if (!ch->zq) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    ch->zq_cap = cap;
+    return 0;
+}
+
+static inline int ch_zq_full(const chan_t *ch)
+{
+    return ch->zq_cap && ch->zq_next - ch->zq_first == ch->zq_cap;
+}
+
+/* Consume the message at head (its slot goes back to the client). hold: its chunk stays ours
+ * (a zero-copy payload); returns its queue entry. Otherwise the chunk is released: at once when
+ * nothing is held (the ordinary path), else behind the held ones. The queue is not full. */
+static uint64_t ch_consume(chan_t *ch, const inmsg_t *m, int hold)
+{
+    if (!hold && (!m->has_payload || ch->zq_first == ch->zq_next)) {
+        cons_release(&ch->req, m);
+        return 0;
+    }
+    uint64_t seq = ch->zq_next, mask = ch->zq_cap - 1;
+    zent_t *last = seq != ch->zq_first ? &ch->zq[(seq - 1) & mask] : NULL;
+    if (!hold && last && !last->held) {
+        last->end = m->new_released;
+    } else {
+        ch->zq[seq & mask].end = m->new_released;
+        ch->zq[seq & mask].held = (uint64_t)hold;
+        ch->zq_next++;
+    }
+    cons_consume(&ch->req, m);
+    return seq;
+}
+
+/* A held chunk is released: publish how far the released prefix now reaches, and serve the
+ * channel again if the queue was full. */
+static void ch_release_chunk(ServerSetObject *S, chan_t *ch, uint64_t seq)
+{
+    uint64_t mask = ch->zq_cap - 1;
+    if (seq - ch->zq_first >= ch->zq_next - ch->zq_first)
+        return; /* not in the queue (cannot happen) */
+    ch->zq[seq & mask].held = 0;
+    if (seq != ch->zq_first)
+        return; /* an older chunk is still held: the producer must not reach this one */
+    uint64_t v;
+    do {
+        v = ch->zq[ch->zq_first & mask].end;
+        ch->zq_first++;
+    } while (ch->zq_first != ch->zq_next && !ch->zq[ch->zq_first & mask].held);
+    cons_publish_released(&ch->req, v);
+    /* RELAXED: the flag only steers scans; the kick below makes a waiting recv look again. */
+    if (__atomic_load_n(&ch->zc_blocked, __ATOMIC_RELAXED)) {
+        __atomic_store_n(&ch->zc_blocked, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&S->rescan, 1, __ATOMIC_RELAXED);
+        if (S->db)
+            ss_kick(S);
+    }
+}
+
 static void ss_free_all(ServerSetObject *S)
 {
     for (uint32_t i = 0; i < TABLE_SLOTS; i++) {
-        if (S->table[i]) {
-            chan_free(S->table[i]);
-            S->table[i] = NULL;
+        chan_t *ch = S->table[i];
+        if (!ch)
+            continue;
+        S->table[i] = NULL;
+        if (ch->views) { /* payload views still use its mapping: the last one frees it */
+            ch->removed = 1;
+            ch->next_grave = S->grave;
+            S->grave = ch;
+        } else {
+            chan_free(ch);
         }
     }
     memset(S->active, 0, sizeof S->active);
     memset(S->drain_used, 0, sizeof S->drain_used);
     S->span = 0;
     S->nchan = 0;
-    while (S->grave) {
-        chan_t *ch = S->grave;
-        S->grave = ch->next_grave;
-        chan_free(ch);
+    for (chan_t **pp = &S->grave; *pp;) {
+        chan_t *ch = *pp;
+        if (ch->views) {
+            pp = &ch->next_grave;
+        } else {
+            *pp = ch->next_grave;
+            chan_free(ch);
+        }
     }
     if (S->db)
         munmap(S->db, DOORBELL_SIZE);
@@ -2186,7 +2830,8 @@ static PyObject *ServerSet_remove(ServerSetObject *S, PyObject *args, PyObject *
         }
     }
     ss_unlink(S, ch);
-    ss_reap(S);
+    zb_poll(64);
+    ss_reap(S); /* not while payload views of the channel live: the last one unmaps it */
     Py_RETURN_NONE;
 }
 
@@ -2205,6 +2850,10 @@ static int ss_full_scan(ServerSetObject *S)
             chan_t *ch = __atomic_load_n(&S->table[w * 64 + b], __ATOMIC_ACQUIRE); /* as above */
             if (!ch)
                 continue;
+            /* RELAXED: set and cleared under the GIL; a stale value costs one pop (P_EMPTY) or
+             * one scan late (the release that clears it also asks for a rescan and kicks). */
+            if (__atomic_load_n(&ch->zc_blocked, __ATOMIC_RELAXED))
+                continue; /* its held-chunk queue is full: nothing to take until a release */
             /* RELAXED: see remove(); the pop (under the GIL) decides. */
             if (__atomic_load_n(&ch->draining, __ATOMIC_RELAXED)) { /* delivers or retires it */
                 S->ready[w] |= 1ull << b;
@@ -2337,8 +2986,10 @@ static int ss_wait(ServerSetObject *S, uint64_t deadline)
 /* Write one reply into ch's response ring; never blocks. GIL held on entry and exit (a big
  * payload's copy, and a contended lock, run without it). RG_OK, RG_FULL, or RG_CORRUPT (ch is
  * then marked dead). If remove() ran meanwhile and no recv is active, ch is freed on return: the
- * caller must not use it afterwards (recv's own auto-replies may: recv_active keeps it). */
-static int ss_write_reply(ServerSetObject *S, chan_t *ch, const outmsg_t *m, const char **why)
+ * caller must not use it afterwards (recv's own auto-replies may: recv_active keeps it). `app`:
+ * the application's reply (counted in the metrics), not an automatic refusal. */
+static int ss_write_reply(ServerSetObject *S, chan_t *ch, const outmsg_t *m, const char **why,
+                          int app)
 {
     uint64_t nfree;
     int r;
@@ -2376,6 +3027,8 @@ static int ss_write_reply(ServerSetObject *S, chan_t *ch, const outmsg_t *m, con
         if (ch->reply_efd >= 0 &&
             __atomic_load_n(ring_u32(ring, RING_CONSUMER_EVENT_OFF), __ATOMIC_RELAXED))
             efd_signal(ch->reply_efd);
+        if (app)
+            stat_add(ch->map + CHAN_SSTATS_OFF, ch->sst, SSTATS_REPLIES_OFF, 1);
     }
     ch->users--;
     if (r == RG_CORRUPT && !ch->removed)
@@ -2396,12 +3049,54 @@ static PyObject *reply_outcome(int r, uint32_t index, const char *why)
     return NULL;
 }
 
+/* ---- ZBuf lifetime (the type is described with the revocable views, before Lane). ----------- */
+
+/* A zero-copy payload's chunk is released (GIL held; idempotent). A removed or dead channel's
+ * ring is read by nobody any more: nothing to publish. */
+static void zb_release_chunk(ZBufObject *E)
+{
+    if (!E->held)
+        return;
+    E->held = 0;
+    chan_t *ch = E->ch;
+    if (ch->removed || __atomic_load_n(&ch->dead, __ATOMIC_RELAXED))
+        return;
+    ch_release_chunk((ServerSetObject *)E->owner, ch, E->seq);
+}
+
+static void zb_dealloc(ZBufObject *E)
+{
+    if (E->ch) {
+        chan_t *ch = E->ch;
+        zb_release_chunk(E); /* normally done by its Request already */
+        if (--ch->views == 0 && ch->removed)
+            ss_reap((ServerSetObject *)E->owner); /* may unmap and free ch */
+    }
+    if (E->lane_pin)
+        lane_unpin((LaneObject *)E->owner, E);
+    Py_XDECREF(E->owner);
+    PyObject_Free(E);
+}
+
+static PyTypeObject ZBufType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "capbus._core.SharedBuffer",
+    .tp_basicsize = sizeof(ZBufObject),
+    .tp_dealloc = (destructor)zb_dealloc,
+    .tp_as_buffer = &zb_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Shared memory behind a zero-copy payload or a loan (export its memoryview, not "
+              "this object).",
+};
+
 /* ---- Request: one received message, answered with .reply(). -------------------------------- */
 
 typedef struct {
     PyObject_HEAD
     ServerSetObject *set; /* strong reference */
-    PyObject *payload;    /* bytes, or NULL for none (read as b"") */
+    PyObject *payload;    /* bytes, a read-only memoryview of the arena (zero-copy: zbuf is set),
+                             or NULL for none (read as b"") */
+    ZBufObject *zbuf;     /* strong: the zero-copy payload's buffer, or NULL */
+    uint64_t plen;        /* payload bytes */
     PyObject *data_t;     /* the data 4-tuple, built on first use */
     PyObject *regions;    /* NULL reads as () */
     PyObject *caps;       /* NULL reads as () */
@@ -2434,11 +3129,27 @@ static int Request_clear(RequestObject *R)
     return 0;
 }
 
+/* Done with a zero-copy payload: its chunk goes back to the client (in FIFO order behind any
+ * older held chunk), and every view of it is revoked. No-op otherwise, and the second time. */
+static void req_release_payload(RequestObject *R)
+{
+    ZBufObject *E = R->zbuf;
+    if (!E || E->revoked)
+        return;
+    zb_release_chunk(E);
+    zb_revoke(E, &R->payload);
+}
+
 static void Request_dealloc(RequestObject *R)
 {
     PyObject_GC_UnTrack(R);
+    req_release_payload(R);
     Request_clear(R);
     Py_CLEAR(R->payload);
+    ZBufObject *E = R->zbuf;
+    if (E && E->zidx >= 0 && zb_unused(E))
+        zb_finish(E); /* its views died with us: finish now, not in a later poll */
+    Py_CLEAR(R->zbuf);
     Py_CLEAR(R->set);
     Py_TYPE(R)->tp_free((PyObject *)R);
 }
@@ -2449,14 +3160,21 @@ static PyObject *req_send(RequestObject *R, outmsg_t *m, PyObject *payload_o, in
 {
     ServerSetObject *S = R->set;
     chan_t *ch = S->db ? S->table[R->index] : NULL;
-    if (!ch || ch->serial != R->serial || __atomic_load_n(&ch->dead, __ATOMIC_RELAXED)) {
+    if (ch && ch->serial != R->serial)
+        ch = NULL; /* a later channel at the same index */
+    if (!ch || __atomic_load_n(&ch->dead, __ATOMIC_RELAXED)) {
         R->done = 1;
+        if (ch) /* a removed channel has no header to count in any more */
+            stat_add(ch->map + CHAN_SSTATS_OFF, ch->sst, SSTATS_REPLY_FAILED_OFF, 1);
+        req_release_payload(R);
         PyErr_Format(PeerDied, "the client of channel %u is gone", R->index);
         return NULL;
     }
     uint32_t st = ctrl_state(ch->ctrl);
     if (st != STATE_OPEN) {
         R->done = 1;
+        stat_add(ch->map + CHAN_SSTATS_OFF, ch->sst, SSTATS_REPLY_FAILED_OFF, 1);
+        req_release_payload(R);
         PyErr_Format(PeerDied, "channel %u is not open (state %u): its client is gone", R->index,
                      st);
         return NULL;
@@ -2468,10 +3186,12 @@ static PyObject *req_send(RequestObject *R, outmsg_t *m, PyObject *payload_o, in
     /* Answered from here on: ss_write_reply may drop the GIL, and a second thread replying to
      * the same request meanwhile must get "already replied", not send a second reply. */
     R->done = 1;
-    int r = ss_write_reply(S, ch, m, &why); /* ch may be gone after this */
+    int r = ss_write_reply(S, ch, m, &why, 1); /* ch may be gone after this */
     release_view(&view);
     if (r == RG_FULL)
         R->done = 0; /* nothing was sent: the caller may try again */
+    else
+        req_release_payload(R); /* answered: the payload view ends here */
     return reply_outcome(r, R->index, why);
 }
 
@@ -2651,15 +3371,30 @@ static PyObject *Request_repr(RequestObject *R)
     if (!data)
         return NULL;
     PyObject *r = PyUnicode_FromFormat(
-        "<capbus.Request from %llu opcode=%u data=%R payload=%zd bytes%s>",
-        (unsigned long long)R->sender, R->opcode, data,
-        R->payload ? PyBytes_GET_SIZE(R->payload) : (Py_ssize_t)0,
+        "<capbus.Request from %llu opcode=%u data=%R payload=%llu bytes%s>",
+        (unsigned long long)R->sender, R->opcode, data, (unsigned long long)R->plen,
         (R->flags & FLAG_REPLY_EXPECTED) ? (R->done ? " (replied)" : " (call)") : " (one-way)");
     Py_DECREF(data);
     return r;
 }
 
+/* release(): done with a zero-copy payload before replying (or for a one-way message). */
+static PyObject *Request_release(RequestObject *R, PyObject *unused)
+{
+    req_release_payload(R);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Request_get_zero_copy(RequestObject *R, void *c)
+{
+    return PyBool_FromLong(R->zbuf != NULL);
+}
+
 static PyMethodDef Request_methods[] = {
+    {"release", (PyCFunction)Request_release, METH_NOARGS,
+     "release(): done with a zero-copy payload: its arena memory goes back to the client and "
+     "every view of .payload is released (ValueError on access). Replying does the same. A "
+     "no-op for a copied payload."},
     {"reply", (PyCFunction)(void (*)(void))Request_reply, METH_FASTCALL | METH_KEYWORDS,
      "reply(opcode=0, data=(), payload=b'', flags=0): answer the call. IpcError if answered "
      "already or a one-way message; PeerDied if the client is gone; WouldBlock if its response "
@@ -2685,7 +3420,11 @@ static PyMemberDef Request_members[] = {
 static PyGetSetDef Request_getset[] = {
     {"flags", (getter)Request_get_flags, NULL, "user flags (FLAG_USER_MASK bits)", NULL},
     {"data", (getter)Request_get_data, NULL, "the four u64 data words", NULL},
-    {"payload", (getter)Request_get_payload, NULL, "payload bytes (b'' when none)", NULL},
+    {"payload", (getter)Request_get_payload, NULL,
+     "payload: bytes (b'' when none), or for a zero-copy one (FLAG_LOANED or >= ZC_THRESHOLD "
+     "bytes) a read-only memoryview of the arena, valid until reply/release", NULL},
+    {"zero_copy", (getter)Request_get_zero_copy, NULL,
+     "True if .payload is a view of the arena (zero-copy)", NULL},
     {"expects_reply", (getter)Request_get_expects_reply, NULL, "a call (not a send)", NULL},
     {"replied", (getter)Request_get_replied, NULL, "answered already (or its client is gone)",
      NULL},
@@ -2768,7 +3507,7 @@ static int ss_refuse_call(ServerSetObject *S, chan_t *ch, uint64_t tag, int lim,
     e.plen = strlen(text);
     if (e.plen > LM_INLINE_SIZE)
         e.flags |= FLAG_LARGE;
-    int r = ss_write_reply(S, ch, &e, why); /* recv is active: ch stays valid */
+    int r = ss_write_reply(S, ch, &e, why, 0); /* recv is active: ch stays valid */
     return r == RG_CORRUPT ? P_CORRUPT : P_TURN;
 }
 
@@ -2781,16 +3520,40 @@ static int ss_refuse_call(ServerSetObject *S, chan_t *ch, uint64_t tag, int lim,
 static __attribute__((noinline, cold)) int ss_limits(ServerSetObject *S, chan_t *ch,
                                                      inmsg_t *m, const char **why)
 {
+    static const unsigned drop_off[LIM_NREASONS] = {
+        [LIM_RIGHTS] = SSTATS_DROPS_RIGHTS_OFF, [LIM_EXPIRED] = SSTATS_DROPS_EXPIRED_OFF,
+        [LIM_SIZE] = SSTATS_DROPS_SIZE_OFF,     [LIM_RATE] = SSTATS_DROPS_RATE_OFF,
+        [LIM_BANDWIDTH] = SSTATS_DROPS_BANDWIDTH_OFF,
+    };
     limits_t l;
     int lim = ss_enforce(ch, m, &l);
     if (lim == LIM_OK)
         return P_DELIVERED;
     ch->drops[lim]++;
+    stat_add(ch->map + CHAN_SSTATS_OFF, ch->sst, drop_off[lim], 1);
     ch->last_tag = m->s.tag;
-    cons_release(&ch->req, m);
+    ch_consume(ch, m, 0);
     if ((m->s.flags & FLAG_REPLY_EXPECTED) && !ch->draining && ctrl_state(ch->ctrl) == STATE_OPEN)
         return ss_refuse_call(S, ch, m->s.tag, lim, &l, m->plen, why);
     return P_TURN;
+}
+
+/* A zero-copy payload: a read-only view of the arena chunk, whose checksum (if any) is verified
+ * in place. NULL with an exception, or with *corrupt_why set and no exception. */
+static PyObject *zc_payload(ServerSetObject *S, chan_t *ch, const inmsg_t *m, ZBufObject **E,
+                            const char **corrupt_why)
+{
+    int r;
+    if ((m->s.flags & FLAG_CHECKSUM) && m->plen >= NOGIL_COPY_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        r = cons_check_in_place(&ch->req, m, corrupt_why);
+        Py_END_ALLOW_THREADS
+    } else {
+        r = cons_check_in_place(&ch->req, m, corrupt_why);
+    }
+    if (r != RG_OK)
+        return NULL;
+    return zb_view((PyObject *)S, ch->req.arena + m->pay_off, m->plen, 1, E);
 }
 
 /* Pop one request from channel ch (GIL held). */
@@ -2802,6 +3565,12 @@ static int ss_pop(ServerSetObject *S, chan_t *ch, PyObject **out, const char **w
     } else if (ctrl_state(ch->ctrl) != STATE_OPEN) {
         return P_EMPTY; /* skipped until the kernel removes it (or reopens it) */
     }
+    if (__builtin_expect(ch_zq_full(ch), 0)) {
+        /* Every consumption may need a queue entry: not served until a release (which clears
+         * the flag and kicks us). RELAXED: see ss_full_scan. */
+        __atomic_store_n(&ch->zc_blocked, 1, __ATOMIC_RELAXED);
+        return P_EMPTY;
+    }
     int r = cons_poll(&ch->req, why);
     if (r == RG_EMPTY)
         return ch->draining ? P_RETIRE : P_EMPTY;
@@ -2812,6 +3581,7 @@ static int ss_pop(ServerSetObject *S, chan_t *ch, PyObject **out, const char **w
         *why = "request tag did not increase";
         return P_CORRUPT;
     }
+    char *sblk = ch->map + CHAN_SSTATS_OFF;
     /* Only calls are cancelled: a client's calls are synchronous, so when the call with tag T
      * timed out every call before it is finished or cancelled too; one-way sends queued before
      * it are still wanted. RELAXED: the mark is a hint about the client's own requests. */
@@ -2819,7 +3589,8 @@ static int ss_pop(ServerSetObject *S, chan_t *ch, PyObject **out, const char **w
         __atomic_load_n((uint64_t *)(ch->map + CHAN_CANCEL_BELOW_OFF), __ATOMIC_RELAXED);
     if ((m.s.flags & FLAG_REPLY_EXPECTED) && m.s.tag < cancel_below) {
         ch->last_tag = m.s.tag;
-        cons_release(&ch->req, &m);
+        ch_consume(ch, &m, 0);
+        stat_add(sblk, ch->sst, SSTATS_CANCELLED_OFF, 1);
         return P_SKIPPED;
     }
     /* The capability's limits: one predictable branch when the kernel set none. */
@@ -2828,8 +3599,19 @@ static int ss_pop(ServerSetObject *S, chan_t *ch, PyObject **out, const char **w
         if (p != P_DELIVERED)
             return p;
     }
+    /* Allocate everything first: a failure (or a GC run releasing other requests) must find the
+     * message unconsumed and the held-chunk queue untouched. */
     PyObject *payload = NULL;
-    if (m.has_payload) {
+    ZBufObject *E = NULL;
+    int zc = m.has_payload && ((m.s.flags & FLAG_LOANED) || m.plen >= ZC_THRESHOLD);
+    if (zc) {
+        if (!ch->zq && ch_zq_alloc(ch) < 0)
+            return P_ERROR;
+        *why = NULL;
+        payload = zc_payload(S, ch, &m, &E, why);
+        if (!payload)
+            return *why ? P_CORRUPT : P_ERROR;
+    } else if (m.has_payload) {
         *why = NULL;
         payload = take_payload(&ch->req, &m, why);
         if (!payload)
@@ -2837,12 +3619,13 @@ static int ss_pop(ServerSetObject *S, chan_t *ch, PyObject **out, const char **w
     }
     RequestObject *R = (RequestObject *)req_type->tp_alloc(req_type, 0);
     if (!R) {
-        Py_XDECREF(payload);
+        Py_XDECREF(payload); /* frees E too */
         return P_ERROR; /* not consumed: the next recv gets it again */
     }
     Py_INCREF(S);
     R->set = S;
     R->payload = payload;
+    R->plen = m.plen;
     R->tag = m.s.tag;
     R->capability = m.s.capability;
     R->sender = ch->sender_id;
@@ -2852,7 +3635,19 @@ static int ss_pop(ServerSetObject *S, chan_t *ch, PyObject **out, const char **w
     R->opcode = m.s.opcode;
     R->flags = m.s.flags;
     ch->last_tag = m.s.tag;
-    cons_release(&ch->req, &m);
+    uint64_t seq = ch_consume(ch, &m, zc);
+    if (zc) {
+        Py_INCREF(E);
+        R->zbuf = E;
+        E->ch = ch;
+        E->seq = seq;
+        E->held = 1;
+        ch->views++;
+    }
+    stat_add(sblk, ch->sst, SSTATS_RECEIVED_OFF, 1);
+    if (m.plen)
+        stat_add(sblk, ch->sst, SSTATS_BYTES_RECEIVED_OFF, m.plen);
+    stat_second(sblk, ch->sst, S->coarse_now, 1);
     *out = (PyObject *)R;
     return P_DELIVERED;
 }
@@ -2869,8 +3664,9 @@ static int ss_take(ServerSetObject *S, PyObject **out, int *refreshes, unsigned 
 {
     const char *why = NULL;
     for (;;) {
+        S->coarse_now = coarse_ns(); /* also the metrics' clock for what ss_pop delivers */
         if (__atomic_load_n(&S->rescan, __ATOMIC_RELAXED) ||
-            coarse_ns() - S->last_full_scan >= FULL_SCAN_NS) {
+            S->coarse_now - S->last_full_scan >= FULL_SCAN_NS) {
             __atomic_store_n(&S->rescan, 0, __ATOMIC_RELAXED); /* before the scan: none missed */
             ss_full_scan(S);
         }
@@ -2952,6 +3748,7 @@ static int ss_enter(ServerSetObject *S, int wait)
         return -1;
     }
     S->recv_active = 1;
+    zb_poll(4); /* finish a few revoked payload buffers whose views the user dropped late */
     return 0;
 }
 
@@ -3151,11 +3948,14 @@ static PyObject *ServerSet_reply(ServerSetObject *S, PyObject *const *args, Py_s
         return NULL;
     chan_t *ch = index < MAX_CHANNELS ? S->table[index] : NULL;
     if (!ch || __atomic_load_n(&ch->dead, __ATOMIC_RELAXED)) {
+        if (ch)
+            stat_add(ch->map + CHAN_SSTATS_OFF, ch->sst, SSTATS_REPLY_FAILED_OFF, 1);
         PyErr_Format(PeerDied, "channel %llu is gone", (unsigned long long)index);
         return NULL;
     }
     uint32_t st = ctrl_state(ch->ctrl);
     if (st != STATE_OPEN) {
+        stat_add(ch->map + CHAN_SSTATS_OFF, ch->sst, SSTATS_REPLY_FAILED_OFF, 1);
         PyErr_Format(PeerDied, "channel %llu is not open (state %u)", (unsigned long long)index,
                      st);
         return NULL;
@@ -3165,7 +3965,7 @@ static PyObject *ServerSet_reply(ServerSetObject *S, PyObject *const *args, Py_s
                       0) < 0)
         return NULL;
     const char *why = NULL;
-    int r = ss_write_reply(S, ch, &m, &why); /* ch may be gone after this */
+    int r = ss_write_reply(S, ch, &m, &why, 1); /* ch may be gone after this */
     release_view(&view);
     return reply_outcome(r, (uint32_t)index, why);
 }
@@ -3364,7 +4164,7 @@ static PyObject *py_channel_layout(PyObject *self, PyObject *args, PyObject *kw)
         return NULL;
     uint64_t rq = REQ_RING_OFF, rs = resp_ring_off(n);
     return Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "size", channel_size(n, a), "nslots", n,
+        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "size", channel_size(n, a), "nslots", n,
         "arena_size", a, "ring_size", ring_size(n), "cancel_below",
         (unsigned long long)CHAN_CANCEL_BELOW_OFF, "refused", (unsigned long long)CHAN_REFUSED_OFF,
         "resp_consumer_event", rs + RING_CONSUMER_EVENT_OFF, "req_ring", rq, "req_tail", rq + RING_TAIL_OFF,
@@ -3373,7 +4173,8 @@ static PyObject *py_channel_layout(PyObject *self, PyObject *args, PyObject *kw)
         "resp_head", rs + RING_HEAD_OFF, "resp_consumer_sleeping",
         rs + RING_CONSUMER_SLEEPING_OFF, "resp_arena_released", rs + RING_ARENA_RELEASED_OFF,
         "resp_slots", rs + RING_SLOTS_OFF, "req_arena", req_arena_off(n), "resp_arena",
-        resp_arena_off(n, a));
+        resp_arena_off(n, a), "cstats", (unsigned long long)CHAN_CSTATS_OFF, "sstats",
+        (unsigned long long)CHAN_SSTATS_OFF);
 }
 
 static PyObject *py_resp_ring_off(PyObject *self, PyObject *arg)
@@ -3492,6 +4293,122 @@ static PyObject *py_wake_lane(PyObject *self, PyObject *args, PyObject *kw)
     return PyLong_FromLong(r);
 }
 
+/* Copy n u64 out of a buffer the peer may write: RELAXED atomic loads when aligned (each value
+ * untorn), else a plain copy (a torn number is still just a number). */
+static void load_u64s(uint64_t *dst, const char *src, size_t n)
+{
+    if ((uintptr_t)src % 8 == 0) {
+        for (size_t i = 0; i < n; i++)
+            dst[i] = __atomic_load_n((const uint64_t *)src + i, __ATOMIC_RELAXED);
+    } else {
+        memcpy(dst, src, n * 8);
+    }
+}
+
+/* The count of the whole second before now, from a (sec_index, sec_count, prev_count) bucket. */
+static uint64_t last_second(const uint64_t *blk, uint64_t now_sec)
+{
+    uint64_t idx = blk[STATS_SEC_INDEX_OFF / 8];
+    if (idx == now_sec)
+        return blk[STATS_PREV_COUNT_OFF / 8];
+    if (idx != UINT64_MAX && idx + 1 == now_sec)
+        return blk[STATS_SEC_COUNT_OFF / 8];
+    return 0;
+}
+
+static int dict_u64(PyObject *d, const char *key, uint64_t v)
+{
+    PyObject *o = PyLong_FromUnsignedLongLong(v);
+    int r = o ? PyDict_SetItemString(d, key, o) : -1;
+    Py_XDECREF(o);
+    return r;
+}
+
+/* channel_stats(buf) -> dict: both metrics blocks of a channel header page, from any buffer of
+ * at least CHAN_SSTATS_OFF + SSTATS_SIZE bytes. The numbers are whatever is there (untrusted):
+ * nothing is indexed or sized with them. */
+static PyObject *py_channel_stats(PyObject *self, PyObject *arg)
+{
+    Py_buffer v;
+    if (PyObject_GetBuffer(arg, &v, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if ((size_t)v.len < CHAN_SSTATS_OFF + SSTATS_SIZE) {
+        PyErr_Format(PyExc_ValueError, "a channel header page has %u bytes, got %zd",
+                     CHAN_HEADER_SIZE, v.len);
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    uint64_t c[CSTATS_SIZE / 8], sv[SSTATS_SIZE / 8], refused;
+    load_u64s(c, (const char *)v.buf + CHAN_CSTATS_OFF, CSTATS_SIZE / 8);
+    load_u64s(sv, (const char *)v.buf + CHAN_SSTATS_OFF, SSTATS_SIZE / 8);
+    load_u64s(&refused, (const char *)v.buf + CHAN_REFUSED_OFF, 1);
+    PyBuffer_Release(&v);
+    /* CLOCK_MONOTONIC, not coarse: the writers' seconds (either clock) are never ahead of it. */
+    uint64_t now_sec = now_ns() / 1000000000ull;
+    PyObject *d = PyDict_New();
+    if (!d)
+        return NULL;
+    static const struct {
+        const char *key;
+        int server;
+        unsigned off;
+    } fields[] = {
+        {"sent", 0, CSTATS_SENT_OFF},
+        {"bytes_sent", 0, CSTATS_BYTES_SENT_OFF},
+        {"calls", 0, CSTATS_CALLS_OFF},
+        {"timeouts", 0, CSTATS_TIMEOUTS_OFF},
+        {"refused_rate", 0, CSTATS_REFUSED_RATE_OFF},
+        {"refused_size", 0, CSTATS_REFUSED_SIZE_OFF},
+        {"refused_perm", 0, CSTATS_REFUSED_PERM_OFF},
+        {"latency_max_ns", 0, CSTATS_LATENCY_MAX_OFF},
+        {"latency_sum_ns", 0, CSTATS_LATENCY_SUM_OFF},
+        {"latency_count", 0, CSTATS_LATENCY_COUNT_OFF},
+        {"received", 1, SSTATS_RECEIVED_OFF},
+        {"bytes_received", 1, SSTATS_BYTES_RECEIVED_OFF},
+        {"replies", 1, SSTATS_REPLIES_OFF},
+        {"reply_failed", 1, SSTATS_REPLY_FAILED_OFF},
+        {"drops_rate", 1, SSTATS_DROPS_RATE_OFF},
+        {"drops_bandwidth", 1, SSTATS_DROPS_BANDWIDTH_OFF},
+        {"drops_size", 1, SSTATS_DROPS_SIZE_OFF},
+        {"drops_expired", 1, SSTATS_DROPS_EXPIRED_OFF},
+        {"drops_rights", 1, SSTATS_DROPS_RIGHTS_OFF},
+        {"cancelled", 1, SSTATS_CANCELLED_OFF},
+    };
+    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++)
+        if (dict_u64(d, fields[i].key, (fields[i].server ? sv : c)[fields[i].off / 8]) < 0)
+            goto fail;
+    if (dict_u64(d, "refused_wouldblock", refused) < 0 ||
+        dict_u64(d, "sent_last_second", last_second(c, now_sec)) < 0 ||
+        dict_u64(d, "received_last_second", last_second(sv, now_sec)) < 0)
+        goto fail;
+    PyObject *hist = PyList_New(STATS_HIST_BUCKETS);
+    if (!hist)
+        goto fail;
+    for (unsigned i = 0; i < STATS_HIST_BUCKETS; i++) {
+        PyObject *o = PyLong_FromUnsignedLongLong(c[CSTATS_HIST_OFF / 8 + i]);
+        if (!o) {
+            Py_DECREF(hist);
+            goto fail;
+        }
+        PyList_SET_ITEM(hist, i, o);
+    }
+    int r = PyDict_SetItemString(d, "hist", hist);
+    Py_DECREF(hist);
+    if (r < 0)
+        goto fail;
+    return d;
+fail:
+    Py_DECREF(d);
+    return NULL;
+}
+
+/* reap_views() -> int: finish every revoked payload/loan buffer whose views are all gone (their
+ * channel mappings may then go); returns how many are still referenced by some view. */
+static PyObject *py_reap_views(PyObject *self, PyObject *unused)
+{
+    return PyLong_FromSsize_t(zb_poll(nzombies));
+}
+
 static PyObject *py_crc32(PyObject *self, PyObject *args)
 {
     Py_buffer view;
@@ -3550,6 +4467,11 @@ static PyMethodDef core_methods[] = {
      "wake_lane(chan, nslots=256) -> int: wake clients blocked on a channel (chan: memfd or "
      "buffer mapping the channel from offset 0)"},
     {"crc32", py_crc32, METH_VARARGS, "crc32(data, value=0) -> int (same as zlib.crc32)"},
+    {"channel_stats", py_channel_stats, METH_O,
+     "channel_stats(buf) -> dict: the client and server metrics of a channel header page"},
+    {"reap_views", py_reap_views, METH_NOARGS,
+     "reap_views() -> int: finish released payload/loan buffers whose views are gone; returns "
+     "how many are still referenced"},
     {"set_types", py_set_types, METH_VARARGS,
      "set_types(message_type, request_type): call results become message_type (a tuple\n"
      "subclass) instances and received messages request_type (a Request subclass) instances."},
@@ -3625,8 +4547,15 @@ PyMODINIT_FUNC PyInit__core(void)
     if (!CorruptChannel)
         return NULL;
     if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&ServerSetType) < 0 ||
-        PyType_Ready(&RequestType) < 0)
+        PyType_Ready(&RequestType) < 0 || PyType_Ready(&ZBufType) < 0)
         return NULL;
+    released_view = PyMemoryView_FromMemory((char *)"", 0, PyBUF_READ);
+    if (!released_view)
+        return NULL;
+    PyObject *rel = PyObject_CallMethod(released_view, "release", NULL);
+    if (!rel)
+        return NULL;
+    Py_DECREF(rel);
     if (!req_type) {
         Py_INCREF(&RequestType);
         req_type = &RequestType;
@@ -3674,8 +4603,20 @@ PyMODINIT_FUNC PyInit__core(void)
         {"SLOT_TAG_OFF", offsetof(slot_t, tag)},
         {"SLOT_PAYLOAD_LEN_OFF", offsetof(slot_t, payload_len)},
         {"SLOT_PAYLOAD_OFF_OFF", offsetof(slot_t, payload_off)},
-        C(FLAG_LARGE), C(FLAG_CHECKSUM), C(FLAG_REPLY_EXPECTED), C(FLAG_ERROR),
-        C(FLAG_USER_MASK), C(FLAG_KNOWN_MASK),
+        C(FLAG_LARGE), C(FLAG_CHECKSUM), C(FLAG_REPLY_EXPECTED), C(FLAG_ERROR), C(FLAG_LOANED),
+        C(FLAG_USER_MASK), C(FLAG_KNOWN_MASK), C(ZC_THRESHOLD),
+        C(CHAN_CSTATS_OFF), C(CSTATS_SENT_OFF), C(CSTATS_BYTES_SENT_OFF), C(CSTATS_CALLS_OFF),
+        C(CSTATS_TIMEOUTS_OFF), C(CSTATS_REFUSED_RATE_OFF), C(CSTATS_REFUSED_SIZE_OFF),
+        C(CSTATS_REFUSED_PERM_OFF), C(CSTATS_LATENCY_MAX_OFF), C(CSTATS_LATENCY_SUM_OFF),
+        C(CSTATS_LATENCY_COUNT_OFF), C(CSTATS_SEC_INDEX_OFF), C(CSTATS_SEC_COUNT_OFF),
+        C(CSTATS_PREV_COUNT_OFF), C(CSTATS_HIST_OFF), C(CSTATS_SIZE), C(STATS_HIST_BUCKETS),
+        C(STATS_HIST_BASE_NS), C(STATS_SEC_INDEX_OFF), C(STATS_SEC_COUNT_OFF),
+        C(STATS_PREV_COUNT_OFF),
+        C(CHAN_SSTATS_OFF), C(SSTATS_RECEIVED_OFF), C(SSTATS_BYTES_RECEIVED_OFF),
+        C(SSTATS_REPLIES_OFF), C(SSTATS_REPLY_FAILED_OFF), C(SSTATS_DROPS_RATE_OFF),
+        C(SSTATS_DROPS_BANDWIDTH_OFF), C(SSTATS_DROPS_SIZE_OFF), C(SSTATS_DROPS_EXPIRED_OFF),
+        C(SSTATS_DROPS_RIGHTS_OFF), C(SSTATS_CANCELLED_OFF), C(SSTATS_SEC_INDEX_OFF),
+        C(SSTATS_SEC_COUNT_OFF), C(SSTATS_PREV_COUNT_OFF), C(SSTATS_SIZE),
         C(LARGE_MSG_SIZE), C(LM_CAPABILITY_OFF), C(LM_OPCODE_OFF), C(LM_FLAGS_OFF),
         C(LM_TOTAL_SIZE_OFF), C(LM_CHECKSUM_OFF), C(LM_PAD_OFF), C(LM_REGION_BASE_OFF),
         C(LM_REGION_SIZE_OFF), C(LM_REGION_PERMISSIONS_OFF), C(LM_REGION_CACHE_POLICY_OFF),

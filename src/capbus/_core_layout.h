@@ -67,6 +67,55 @@
 #define CHAN_MAGIC 0x3143535542504143ull /* the bytes "CAPBUSC1" read as a little-endian u64 */
 #define CHAN_VERSION 1u
 
+/* ---- Metrics counters in the channel header page (u64 each; informational, never trusted). --
+ * Two blocks, each on cache lines of its own, away from the fields the data plane reads per
+ * message (cancel_below, refused). Each block has ONE writer, which keeps the authoritative values
+ * in private memory and stores them here with RELAXED atomic stores (readers -- the kernel, capbus
+ * top -- see each u64 untorn; a hostile peer may scribble the block, which only misleads readers
+ * until the next store). Offsets below are within the block. */
+#define CHAN_CSTATS_OFF 1024u /* client block: written only by the Lane */
+#define CSTATS_SENT_OFF 0u            /* messages sent (calls and one-way) */
+#define CSTATS_BYTES_SENT_OFF 8u      /* payload bytes sent */
+#define CSTATS_CALLS_OFF 16u          /* calls sent (call, call_start, call_loan) */
+#define CSTATS_TIMEOUTS_OFF 24u       /* calls that raised Timeout */
+#define CSTATS_REFUSED_RATE_OFF 32u   /* refused by the lane's rate/bandwidth buckets */
+#define CSTATS_REFUSED_SIZE_OFF 40u   /* MessageTooLarge raised by the lane */
+#define CSTATS_REFUSED_PERM_OFF 48u   /* PermissionDenied / expired raised by the lane */
+#define CSTATS_LATENCY_MAX_OFF 56u    /* largest call round trip, ns */
+#define CSTATS_LATENCY_SUM_OFF 64u    /* sum of call round trips, ns */
+#define CSTATS_LATENCY_COUNT_OFF 72u  /* call round trips measured (= sum of hist) */
+#define STATS_SEC_INDEX_OFF 80u       /* both blocks: CLOCK_MONOTONIC whole second of the bucket */
+#define STATS_SEC_COUNT_OFF 88u       /* both blocks: messages in that second so far */
+#define STATS_PREV_COUNT_OFF 96u      /* both blocks: messages in the whole second before it */
+#define CSTATS_SEC_INDEX_OFF STATS_SEC_INDEX_OFF
+#define CSTATS_SEC_COUNT_OFF STATS_SEC_COUNT_OFF
+#define CSTATS_PREV_COUNT_OFF STATS_PREV_COUNT_OFF
+#define CSTATS_HIST_OFF 128u          /* STATS_HIST_BUCKETS u64: call round-trip histogram */
+#define STATS_HIST_BUCKETS 28u        /* bucket i: [BASE * 2^i, BASE * 2^(i+1)) ns; bucket 0 also */
+#define STATS_HIST_BASE_NS 100u       /* takes < BASE, the last one everything above */
+#define CSTATS_SIZE (CSTATS_HIST_OFF + 8u * STATS_HIST_BUCKETS)
+
+#define CHAN_SSTATS_OFF 2048u /* server block: written only by the ServerSet */
+#define SSTATS_RECEIVED_OFF 0u        /* requests delivered (recv/poll/recv_many) */
+#define SSTATS_BYTES_RECEIVED_OFF 8u  /* their payload bytes */
+#define SSTATS_REPLIES_OFF 16u        /* replies written (Request.reply/reply_error, reply()) */
+#define SSTATS_REPLY_FAILED_OFF 24u   /* replies to a client that is gone */
+#define SSTATS_DROPS_RATE_OFF 32u     /* refused by the capability's limits, per reason */
+#define SSTATS_DROPS_BANDWIDTH_OFF 40u
+#define SSTATS_DROPS_SIZE_OFF 48u
+#define SSTATS_DROPS_EXPIRED_OFF 56u
+#define SSTATS_DROPS_RIGHTS_OFF 64u
+#define SSTATS_CANCELLED_OFF 72u      /* calls skipped because their caller cancelled them */
+#define SSTATS_SEC_INDEX_OFF STATS_SEC_INDEX_OFF
+#define SSTATS_SEC_COUNT_OFF STATS_SEC_COUNT_OFF
+#define SSTATS_PREV_COUNT_OFF STATS_PREV_COUNT_OFF
+#define SSTATS_SIZE 128u
+
+_Static_assert(CHAN_CSTATS_OFF % 64 == 0 && CHAN_SSTATS_OFF % 64 == 0, "stats blocks aligned");
+_Static_assert(CHAN_REFUSED_OFF + 8 <= CHAN_CSTATS_OFF, "client stats after the refused counter");
+_Static_assert(CHAN_CSTATS_OFF + CSTATS_SIZE <= CHAN_SSTATS_OFF, "client stats block fits");
+_Static_assert(CHAN_SSTATS_OFF + SSTATS_SIZE <= CHAN_HEADER_SIZE, "server stats block fits");
+
 /* Ring (request ring: client -> server; response ring: server -> client). */
 #define RING_TAIL_OFF 0u               /* u64, written by the producer */
 #define RING_HEAD_OFF 64u              /* u64, written by the consumer */
@@ -107,8 +156,14 @@ _Static_assert(offsetof(slot_t, opcode) == 8 && offsetof(slot_t, flags) == 12 &&
 #define FLAG_CHECKSUM 0x2u       /* header.checksum is the CRC-32 of the payload; verify it */
 #define FLAG_REPLY_EXPECTED 0x4u /* a call (the server must reply) rather than a one-way send */
 #define FLAG_ERROR 0x8u          /* a reply carrying an error code in data[0] */
+#define FLAG_LOANED 0x10u        /* the payload was written in place (Lane.loan): receive it zero-copy */
 #define FLAG_USER_MASK 0xFFFF0000u /* passed through untouched for the protocol layer above */
-#define FLAG_KNOWN_MASK (FLAG_LARGE | FLAG_CHECKSUM | FLAG_REPLY_EXPECTED | FLAG_ERROR | FLAG_USER_MASK)
+#define FLAG_KNOWN_MASK                                                                            \
+    (FLAG_LARGE | FLAG_CHECKSUM | FLAG_REPLY_EXPECTED | FLAG_ERROR | FLAG_LOANED | FLAG_USER_MASK)
+
+/* A request payload of at least this many bytes (or any FLAG_LOANED one) is delivered zero-copy:
+ * Request.payload is a read-only view of the arena, held until reply/release. */
+#define ZC_THRESHOLD (64u << 10)
 
 /* ---- Arena chunk: the LargeMessage struct, padded to 128 bytes, then (if large) the payload. */
 typedef struct {

@@ -18,6 +18,10 @@
  * The RELEASE on the consumer side makes its reads of a slot/chunk happen-before the producer's
  * reuse of that memory (the producer's ACQUIRE load pairs with it), so a slot is never recycled
  * under a reader.
+ *
+ * Zero-copy receive: a consumer may keep chunks after their slots went back (cons_consume) and
+ * release them in any order; it then publishes arena_released itself, only ever as the end of the
+ * contiguous released prefix (cons_publish_released), so a held chunk is never reused.
  */
 #ifndef CAPBUS_CORE_RING_H
 #define CAPBUS_CORE_RING_H
@@ -102,8 +106,17 @@ typedef struct {
     uint64_t rel_seen;  /* last arena_released observed: must never go back */
     uint64_t jump_from; /* last fresh-lap jump: a release value of exactly jump_from (everything */
     uint64_t jump_to;   /* released, the consumer has not seen the jump yet) counts as jump_to */
-    uint64_t pending_jump_from, pending_jump_to; /* scratch between alloc and commit */
 } prod_t;
+
+/* An arena chunk found by prod_reserve and not committed yet: nothing is written and the cursor
+ * has not moved, so dropping a reservation needs no undo (as long as nothing else is reserved
+ * and committed meanwhile: a loan blocks every other payload while it is out). */
+typedef struct {
+    uint64_t off;       /* arena offset of the chunk */
+    uint64_t len;       /* chunk bytes (chunk_len_for(plen)) */
+    uint64_t newcur;    /* the cursor once committed */
+    uint64_t jump_from, jump_to; /* a fresh-lap jump to commit with it (jump_to 0: none) */
+} prod_res_t;
 
 /* An outgoing message, fully validated by the caller (ranges, flags, payload <= max). */
 typedef struct {
@@ -112,7 +125,8 @@ typedef struct {
     uint32_t flags; /* final flags (FLAG_LARGE etc. already decided by the caller) */
     uint64_t data[4];
     uint64_t tag;
-    const uint8_t *payload; /* NULL = no payload (distinct from an empty payload) */
+    const uint8_t *payload; /* NULL = no payload (distinct from an empty payload); for a loan,
+                               the reserved chunk's own payload area (nothing is copied) */
     uint64_t plen;
 } outmsg_t;
 
@@ -131,18 +145,21 @@ static int prod_slots_free(prod_t *p, uint64_t *nfree, const char **why)
     return RG_OK;
 }
 
-/* Find room for a chunk of `len` bytes (64-aligned, <= asize) in the FIFO arena. On RG_OK,
- * *off is where it goes and *newcur the cursor after it; nothing is committed yet.
+/* Find room for the chunk of a `plen`-byte payload (<= max_payload_for(asize)) in the FIFO
+ * arena. On RG_OK, *r says where; nothing is committed yet (prod_write_at does that).
  *
  * The cursor is virtual (it only grows); the offset is cursor % asize. A chunk that would cross
  * the arena end starts at the next lap (offset 0), and the skipped tail end counts as used until
  * the consumer's release passes it. When everything is released the cursor jumps to a fresh lap
  * so that an idle arena always offers all of its bytes contiguously (and keeps reusing the same,
  * already-faulted, cache-warm pages at the start). The consumer accepts a chunk either at its own
- * release cursor or at offset 0 (see cons_validate), which covers both kinds of jump. */
-static int prod_arena_alloc(prod_t *p, uint64_t len, uint64_t *off, uint64_t *newcur,
-                            const char **why)
+ * FIFO cursor or at offset 0 (see cons_read), which covers both kinds of jump.
+ *
+ * The consumer may hold chunks (zero-copy receive) and release them out of order; it publishes
+ * only the contiguous released prefix, so to us a held chunk is just a slow consumer. */
+static int prod_reserve(prod_t *p, uint64_t plen, prod_res_t *r, const char **why)
 {
+    uint64_t len = chunk_len_for(plen);
     /* ACQUIRE: pairs with the consumer's RELEASE of arena_released, so its reads of released
      * chunks happen-before we overwrite them. */
     uint64_t rel = __atomic_load_n(ring_u64(p->ring, RING_ARENA_RELEASED_OFF), __ATOMIC_ACQUIRE);
@@ -170,22 +187,28 @@ static int prod_arena_alloc(prod_t *p, uint64_t len, uint64_t *off, uint64_t *ne
     uint64_t start = (o + len <= p->asize) ? cur : cur + (p->asize - o);
     if (start + len - rel > p->asize)
         return RG_FULL;
-    if (jump) { /* committed together with the cursor, by prod_write */
-        p->pending_jump_from = p->cursor;
-        p->pending_jump_to = cur;
-    } else {
-        p->pending_jump_from = p->pending_jump_to = 0;
-    }
-    *off = start % p->asize;
-    *newcur = start + len;
+    r->jump_from = jump ? p->cursor : 0;
+    r->jump_to = jump ? cur : 0;
+    r->off = start % p->asize;
+    r->len = len;
+    r->newcur = start + len;
     return RG_OK;
 }
 
-/* Write one message (chunk, then slot) without publishing it: the shared tail moves only in
- * prod_publish, so a batch becomes visible at once. The caller has checked prod_slots_free.
- * Returns RG_OK, RG_FULL (arena) or RG_CORRUPT. May take long for big payloads (copy + CRC): the
- * caller drops the GIL around it for those. */
-static int prod_write(prod_t *p, const outmsg_t *m, const char **why)
+/* Where the payload bytes of a reserved chunk go: after the 128-byte LargeMessage struct for a
+ * large payload, in its inline area for one of <= LM_INLINE_SIZE bytes. */
+static inline char *prod_res_payload(const prod_t *p, const prod_res_t *r, uint64_t plen)
+{
+    return p->arena + r->off + (plen > LM_INLINE_SIZE ? LARGE_MSG_SIZE : LM_INLINE_OFF);
+}
+
+/* Write one message (the chunk reserved in *r if it has a payload, then the slot) and commit the
+ * reservation, without publishing: the shared tail moves only in prod_publish, so a batch
+ * becomes visible at once. The caller has checked prod_slots_free. May take long for big
+ * payloads (copy + CRC): the caller drops the GIL around it for those. A payload that already
+ * sits in the reserved chunk (a loan: m->payload == prod_res_payload) is not copied, and for an
+ * inline one only the bytes around the inline area are written. */
+static void prod_write_at(prod_t *p, const outmsg_t *m, const prod_res_t *r)
 {
     slot_t s;
     s.capability = m->capability;
@@ -196,10 +219,6 @@ static int prod_write(prod_t *p, const outmsg_t *m, const char **why)
     s.payload_len = 0;
     s.payload_off = 0;
     if (m->payload) {
-        uint64_t len = chunk_len_for(m->plen), off, newcur;
-        int r = prod_arena_alloc(p, len, &off, &newcur, why);
-        if (r != RG_OK)
-            return r;
         large_msg_t lm;
         memset(&lm, 0, sizeof lm);
         lm.header.capability = m->capability;
@@ -207,26 +226,45 @@ static int prod_write(prod_t *p, const outmsg_t *m, const char **why)
         lm.header.flags = m->flags;
         lm.header.total_size = m->plen;
         lm.header.checksum = (m->flags & FLAG_CHECKSUM) ? crc32_update(0, m->payload, m->plen) : 0;
-        char *chunk = p->arena + off;
+        char *chunk = p->arena + r->off;
+        int in_place = (const char *)m->payload == prod_res_payload(p, r, m->plen);
         if (m->plen > LM_INLINE_SIZE) {
-            lm.region.base_addr = off + LARGE_MSG_SIZE;
+            lm.region.base_addr = r->off + LARGE_MSG_SIZE;
             lm.region.size = m->plen;
             lm.region.permissions = REGION_PERM_READ;
-            memcpy(chunk + LARGE_MSG_SIZE, m->payload, m->plen);
-        } else if (m->plen) {
-            memcpy(lm.inline_data, m->payload, m->plen);
+            if (!in_place)
+                memcpy(chunk + LARGE_MSG_SIZE, m->payload, m->plen);
+            memcpy(chunk, &lm, sizeof lm);
+        } else if (in_place) {
+            memcpy(chunk, &lm, LM_INLINE_OFF);
+            memcpy(chunk + LM_INLINE_OFF + LM_INLINE_SIZE, lm.pad, sizeof lm.pad);
+        } else {
+            if (m->plen)
+                memcpy(lm.inline_data, m->payload, m->plen);
+            memcpy(chunk, &lm, sizeof lm);
         }
-        memcpy(chunk, &lm, sizeof lm);
-        p->cursor = newcur;
-        if (p->pending_jump_to) {
-            p->jump_from = p->pending_jump_from;
-            p->jump_to = p->pending_jump_to;
+        p->cursor = r->newcur;
+        if (r->jump_to) {
+            p->jump_from = r->jump_from;
+            p->jump_to = r->jump_to;
         }
-        s.payload_len = (uint32_t)len;
-        s.payload_off = (uint32_t)off;
+        s.payload_len = (uint32_t)r->len;
+        s.payload_off = (uint32_t)r->off;
     }
     memcpy(ring_slot(p->ring, p->tail & (p->nslots - 1)), &s, sizeof s);
     p->tail++;
+}
+
+/* Reserve (if it has a payload) and write one message. RG_OK, RG_FULL (arena) or RG_CORRUPT. */
+static int prod_write(prod_t *p, const outmsg_t *m, const char **why)
+{
+    prod_res_t r = {0, 0, 0, 0, 0};
+    if (m->payload) {
+        int rc = prod_reserve(p, m->plen, &r, why);
+        if (rc != RG_OK)
+            return rc;
+    }
+    prod_write_at(p, m, &r);
     return RG_OK;
 }
 
@@ -251,7 +289,10 @@ typedef struct {
     uint64_t asize;
     uint64_t head;      /* private: messages consumed */
     uint64_t tail_seen; /* last producer tail observed: must never go back */
-    uint64_t released;  /* private: arena release cursor (the next chunk starts here or at 0) */
+    uint64_t released;  /* private FIFO cursor: the end of the last chunk consumed (the next
+                           chunk starts here or at 0). Published as arena_released by
+                           cons_release; a consumer that holds chunks (cons_consume) publishes
+                           a smaller value itself (cons_publish_released). */
 } cons_t;
 
 /* A received message: the validated slot and chunk header, copied into private memory. */
@@ -293,7 +334,7 @@ static int cons_read(cons_t *c, inmsg_t *m, const char **why)
         return RG_CORRUPT;
     }
     if (s->payload_len == 0) {
-        if (s->payload_off != 0 || (s->flags & (FLAG_LARGE | FLAG_CHECKSUM))) {
+        if (s->payload_off != 0 || (s->flags & (FLAG_LARGE | FLAG_CHECKSUM | FLAG_LOANED))) {
             *why = "slot without a chunk has chunk offset or payload flags";
             return RG_CORRUPT;
         }
@@ -370,14 +411,44 @@ static int cons_copy_payload(cons_t *c, const inmsg_t *m, uint8_t *dst, const ch
     return RG_OK;
 }
 
-/* Done with the message at head: release its chunk and its slot to the producer. */
+/* Verify the checksum of a payload that stays in the arena (zero-copy receive). What the receiver
+ * reads later is NOT covered: the peer can rewrite the bytes after this check (only a hostile one
+ * would; a receiver that needs stable bytes copies them, or uses a sealed region). */
+static int cons_check_in_place(const cons_t *c, const inmsg_t *m, const char **why)
+{
+    if ((m->s.flags & FLAG_CHECKSUM) &&
+        crc32_update(0, (const uint8_t *)c->arena + m->pay_off, m->plen) != m->lm.header.checksum) {
+        *why = "payload checksum mismatch";
+        return RG_CORRUPT;
+    }
+    return RG_OK;
+}
+
+/* Publish an arena release position (a chunk end at or before our FIFO cursor; it never goes
+ * back). RELEASE: our reads of the chunks before it happen-before the producer reuses them. */
+static inline void cons_publish_released(cons_t *c, uint64_t v)
+{
+    __atomic_store_n(ring_u64(c->ring, RING_ARENA_RELEASED_OFF), v, __ATOMIC_RELEASE);
+}
+
+/* Done with the slot at head, but not (necessarily) with its chunk: the slot goes back to the
+ * producer, the FIFO cursor moves past the chunk, arena_released does not move. */
+static inline void cons_consume(cons_t *c, const inmsg_t *m)
+{
+    if (m->has_payload)
+        c->released = m->new_released;
+    c->head++;
+    /* RELEASE: our reads of the slot happen-before the producer reuses it. */
+    __atomic_store_n(ring_u64(c->ring, RING_HEAD_OFF), c->head, __ATOMIC_RELEASE);
+}
+
+/* Done with the message at head: release its chunk and its slot to the producer. Only for a
+ * consumer that holds no chunk (it publishes the FIFO cursor itself). */
 static inline void cons_release(cons_t *c, const inmsg_t *m)
 {
     if (m->has_payload) {
         c->released = m->new_released;
-        /* RELEASE: our reads of the chunk happen-before the producer reuses it. */
-        __atomic_store_n(ring_u64(c->ring, RING_ARENA_RELEASED_OFF), c->released,
-                         __ATOMIC_RELEASE);
+        cons_publish_released(c, c->released);
     }
     c->head++;
     /* RELEASE: our reads of the slot happen-before the producer reuses it. */
