@@ -204,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
     p.add_argument("--only", default=None, help="comma-separated: call,async,large,scale")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="also draw the tables as a chart")
     p.set_defaults(fn=cmd_bench)
 
     p = with_socket(sub.add_parser("stats", help="traffic, latency and refusals per service, "

@@ -108,4 +108,9 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             f.write(to_json(everything, machine_info()))
+    if getattr(args, "plot", None):
+        from . import plot
+
+        plot.plot(everything, machine_info(), args.plot)
+        print(f"chart written to {args.plot}")
     return 0
