@@ -309,7 +309,7 @@ def _size_panel(fig: Any, ax: Any, series: dict[str, list[Result]]) -> None:
     ax.grid(axis="y", which="minor", color="#f2f2f2", linewidth=0.5, zorder=0)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    ax.set_title("Round trip latency vs payload size (median; whisker: p99)", loc="left",
+    ax.set_title("Round trip vs payload size (median; whisker: p99)", loc="left",
                  fontsize=12, fontweight="bold")
     ax.set_xlabel("payload size (log scale)", fontsize=10)
     ax.set_ylabel("per round trip (log scale)", fontsize=10)
@@ -389,8 +389,9 @@ def plot(results: list[Result], machine: dict[str, Any] | None, path: str, *,
         if any(r.p99_us for r in bars):
             handles.append(Line2D([], [], color="#222222", marker="|", markersize=9, linewidth=1.1,
                                   label="p99"))
-        fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), fontsize=10,
-                   frameon=False)
+        # Below the two title lines (a figure legend placed "outside upper center" sits on them).
+        fig.legend(handles=handles, loc="upper right", ncols=len(handles), fontsize=10,
+                   frameon=False, bbox_to_anchor=(0.99, 0.995))
     note = _footnote(skipped)
     if note:
         fig.supxlabel(note, x=0.01, ha="left", fontsize=8.5, color="#555555")
