@@ -1,6 +1,9 @@
 """Micro-benchmarks of capbus._core (not a test; run by hand, one at a time, on an idle machine).
 
     PYTHONPATH=src python tests/_core_bench.py rt [--n 200000] [--limits none|rate] [--runs 1]
+        [--size BYTES [--loan]]   a payload of BYTES with each call: copied in (call), or
+        written in place (loan + call_loan, the loan's bytes left as they are); the server
+        replies without touching it (zero-copy receive from ZC_THRESHOLD on, or with --loan)
     PYTHONPATH=src python tests/_core_bench.py ab [--n 200000] [--runs 3]
         alternating runs of rt with limits none and rate (CTRL_F_ENFORCE set, rate 10**12/s)
     PYTHONPATH=src python tests/_core_bench.py many [--n 2000000] [--batch 0|64|...] [--no-verify]
@@ -93,10 +96,13 @@ def _set_limits(ch, limits: str) -> None:
         _core.atomic_store_u32(m, _core.CTRL_FLAGS_OFF, 0)
 
 
-def round_trip(n: int, limits: str, mode: int = 0) -> dict:
+def round_trip(n: int, limits: str, mode: int = 0, size: int = 0, loan: bool = False) -> dict:
     scpu, ccpu = _cpus()
     db = _core.create_page("db")
-    ch = make_chan(1)
+    arena = 1 << 20
+    while arena < 2 * (size + 4096):
+        arena *= 2
+    ch = make_chan(1, arena=arena)
     _set_limits(ch, limits)
     args = {"db": db, "chan": ch.chan, "ctrl": ch.ctrl, "nslots": ch.nslots, "arena": ch.arena,
             "mode": mode, "cpu": scpu, "role": "echo"}
@@ -108,9 +114,25 @@ def round_trip(n: int, limits: str, mode: int = 0) -> dict:
         if ccpu >= 0:
             os.sched_setaffinity(0, {ccpu})
         lane = _core.Lane(ch.chan, ch.ctrl, db, 1, ch.nslots, ch.arena, mode)
-        call = lane.call
         data = (1, 2, 3, 4)
-        for _ in range(20_000):
+        if loan:
+            take, call_loan = lane.loan, lane.call_loan
+            take(size)[:] = bytes(size)  # fault the pages in once
+            lane.cancel_loan()
+
+            def call(cap, op, flags, data):
+                take(size)
+                return call_loan(cap, op, flags, data)
+        elif size:
+            payload = bytes(size)
+            call_ = lane.call
+
+            def call(cap, op, flags, data):
+                return call_(cap, op, flags, data, payload)
+        else:
+            call = lane.call
+            call(7, 1, 0, data)
+        for _ in range(min(20_000, n // 10 + 1)):
             call(7, 1, 0, data)
         clock = time.perf_counter_ns
         samples = []
@@ -133,7 +155,8 @@ def round_trip(n: int, limits: str, mode: int = 0) -> dict:
         ch.close()
         os.close(db)
     samples.sort()
-    return {"limits": limits, "n": n, "median_us": samples[n // 2] / 1000,
+    return {"limits": limits, "size": size, "loan": loan, "n": n,
+            "median_us": samples[n // 2] / 1000,
             "p99_us": samples[int(n * 0.99)] / 1000, "loop_mean_us": loop / n * 1e6}
 
 
@@ -221,10 +244,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=0)
     ap.add_argument("--mode", type=int, default=0)
     ap.add_argument("--no-verify", action="store_true", help="many: only count, do not check")
+    ap.add_argument("--size", type=int, default=0, help="rt: payload bytes per call")
+    ap.add_argument("--loan", action="store_true", help="rt: loan + call_loan (no copy)")
     a = ap.parse_args()
     if a.what == "rt":
         for _ in range(a.runs):
-            print(json.dumps(round_trip(a.n or 200_000, a.limits, a.mode)), flush=True)
+            print(json.dumps(round_trip(a.n or 200_000, a.limits, a.mode, a.size, a.loan)),
+                  flush=True)
     elif a.what == "ab":
         for _ in range(a.runs):
             for lim in ("none", "rate"):

@@ -109,12 +109,14 @@ class RawClient:
         self.db.close()
 
     def write(self, opcode: int, data=(), payload: bytes | None = None, *, call: bool = False,
-              capability: int = 0, tag: int | None = None, publish: bool = True) -> int:
-        """Write one request at the tail; returns its tag."""
+              capability: int = 0, tag: int | None = None, publish: bool = True,
+              extra_flags: int = 0) -> int:
+        """Write one request at the tail; returns its tag. extra_flags go into the slot and the
+        chunk header as they are (e.g. FLAG_LOANED, or bits a Lane would never set)."""
         import struct
 
         tag = self.tail + 1 if tag is None else tag
-        flags = _core.FLAG_REPLY_EXPECTED if call else 0
+        flags = (_core.FLAG_REPLY_EXPECTED if call else 0) | extra_flags
         d = tuple(data) + (0,) * (4 - len(data))
         plen = off = 0
         if payload is not None:

@@ -23,7 +23,7 @@
  *   channel_size(nslots=256, arena_size=128 MiB) -> int
  *   channel_layout(nslots=256, arena_size=128 MiB) -> dict of absolute offsets (req_tail,
  *       resp_tail, resp_consumer_sleeping, resp_consumer_event, req_arena, resp_arena,
- *       cancel_below, refused, size, ...)
+ *       cancel_below, refused, cstats, sstats, size, ...)
  *   resp_ring_off(nslots) -> int      the client futex-waits on the u32 at
  *       resp_ring_off(nslots) + RING_TAIL_OFF (= RESP_TAIL_OFF for the default 256 slots)
  *   max_payload(arena_size) -> int    arena_size - 128 (one chunk header)
@@ -36,6 +36,12 @@
  *       (or futex_wake on its own mapping at that offset) after changing a control page, and
  *       writes the channel's reply eventfd (if it made one) for clients waiting in an event loop
  *   crc32(data, value=0) -> int       = zlib.crc32, the payload checksum
+ *   channel_stats(buf) -> dict        the metrics of a channel (see "Metrics" below) from any
+ *       buffer holding its header page (>= CHAN_SSTATS_OFF + SSTATS_SIZE bytes, else ValueError)
+ *   reap_views() -> int               finish released zero-copy/loan buffers whose views are all
+ *       gone (their mappings may then be unmapped); returns how many are still referenced.
+ *       recv/poll/loan/remove/close do this a few at a time; call it when idle if views are
+ *       often kept past their release.
  *
  * ---- Result types ----------------------------------------------------------------------------
  *   set_types(message_type, request_type)   called once by the runtime at import. message_type: a
@@ -75,12 +81,34 @@
  *       outstanding call_start per lane.
  *   .cancel(tag)   the call with this tag (and every earlier one) is not waited for any more:
  *       cancel_below = tag + 1 (never moves back); ValueError for a tag never sent.
- *   .close();  attributes .index, .broken, .closed, .last_tag, .max_payload, .refused
+ *   .loan(n) -> memoryview   reserve a chunk of the request arena for an n-byte payload and
+ *       return a WRITABLE view of exactly its n payload bytes (after the 128-byte LargeMessage
+ *       struct; for n <= 64, its inline area). Nothing is sent yet. One loan per lane at a time
+ *       (RuntimeError); while it is out, call/send/call_start/send_many with a payload raise
+ *       RuntimeError (payload-less messages may go). WouldBlock ("the arena for this channel is
+ *       full: the receiver still holds earlier payloads"; counted in .refused); MessageTooLarge
+ *       for n > max_payload or the capability's size limit. Dropping the view does not end the
+ *       loan (loan(n)[:] = data; send_loan(...) is fine).
+ *   .call_loan(capability, opcode, flags, data, timeout_ns=-1) -> Message
+ *   .send_loan(capability, opcode, flags, data) -> None
+ *       commit the loan as this message's payload, no copy: the core writes the LargeMessage
+ *       struct (CRC over the loaned bytes only with FLAG_CHECKSUM) and the slot, and sets
+ *       FLAG_LOANED. As call()/send() otherwise (limits, Timeout, state errors). The loan stays
+ *       out when nothing was written (an error before the write, a Timeout waiting for ring
+ *       room, send_loan's WouldBlock for a full ring); RuntimeError without a loan. Its views
+ *       stay valid after the commit (the arena is mapped for the lane's lifetime): writing to
+ *       them changes a payload the receiver may be reading, or a later message once released.
+ *   .cancel_loan()   give the chunk back (the cursor never moved: nothing else can have been
+ *       allocated since) and release its views (ValueError on access); a no-op without a loan.
+ *   .close() cancels a loan that is out and releases every loan view of the lane; the channel
+ *       stays mapped until the last of them (or a buffer taken from one, e.g. numpy) is gone.
+ *   .close();  attributes .index, .broken, .closed, .last_tag, .max_payload, .refused,
+ *   .loaned (bytes of the loan that is out, or None)
  *   One thread at a time (RuntimeError otherwise); the channel must be fresh.
- *   Flags: callers may pass FLAG_CHECKSUM, FLAG_ERROR and FLAG_USER_MASK bits; FLAG_LARGE and
- *   FLAG_REPLY_EXPECTED are set by the core (call vs send, payload > 64 bytes), so received
- *   flags can be passed back unchanged. Any other bit is a ValueError. payload=None is "no
- *   payload"; b"" is an empty payload (it is delivered as b"").
+ *   Flags: callers may pass FLAG_CHECKSUM, FLAG_ERROR and FLAG_USER_MASK bits; FLAG_LARGE,
+ *   FLAG_REPLY_EXPECTED and FLAG_LOANED are set by the core (call vs send, payload > 64 bytes,
+ *   loan), so received flags can be passed back unchanged. Any other bit is a ValueError.
+ *   payload=None is "no payload"; b"" is an empty payload (it is delivered as b"").
  *   Publishing (send, send_many, call, call_start): if the doorbell's DB_EVENT_WANTED_OFF is set
  *   and the Lane has a bell_event_fd, it writes 1 there (EAGAIN ignored).
  *
@@ -135,6 +163,24 @@
  *       dead or not OPEN; CorruptChannel if the client scribbled the response ring's cursors.
  *   .refused(index) -> int            the client's count of messages refused for a full ring
  *                                     (CHAN_REFUSED_OFF: untrusted, informational)
+ *   Zero-copy receive: a request whose payload has FLAG_LOANED or >= ZC_THRESHOLD (64 KiB)
+ *       bytes is not copied: Request.payload is a READ-ONLY memoryview of the request arena
+ *       (checksum, if any, verified in place at receive), valid until the request is replied to
+ *       (any final outcome: sent, PeerDied; not WouldBlock), Request.release(), or the Request is
+ *       deallocated; then its chunk goes back to the client and the view -- and every view made
+ *       from it (slices, casts) -- raises ValueError("operation forbidden on released memoryview
+ *       object"). Smaller payloads are still copied (bytes). A buffer taken from the view before
+ *       (numpy.frombuffer, memoryview exports held by C code) keeps pointing at the arena: it
+ *       stays mapped (memory-safe) but may show later messages' bytes: copy what you keep. The
+ *       sender can rewrite a zero-copy payload while it is held (only a hostile or careless one
+ *       would): copy it, or use a sealed region, where that matters.
+ *       Chunks are released in any order; the client sees only the contiguous released prefix
+ *       (arena_released), so held memory is never reused. A channel keeps at most
+ *       max(64, 2 * nslots) queue entries (released chunks behind a held one share entries);
+ *       when they are used up it is not served until the oldest held payload is released: a
+ *       receiver that never releases stalls (and fills the arena of) only that channel; its
+ *       sender gets WouldBlock. remove()/drain/close() keep a channel's mapping until the last of
+ *       its payload views is gone (CorruptChannel channels too: views stay readable).
  *   .drops(index) -> {"rate", "bandwidth", "size", "expired", "rights": int}   refused by limits
  *   .interrupt()  the running (or next) recv/recv_many raises Cancelled
  *   .is_dead(index) -> bool;  .close();  .draining (int);  len(set);  index in set
@@ -142,7 +188,8 @@
  *
  * ---- Request: a received message ------------------------------------------------------------
  *   Made only by the core. Read-only: .sender (kernel-verified ProcessId), .opcode, .flags
- *   (FLAG_USER_MASK bits), .data (4-tuple), .payload (bytes, b"" when none), .expects_reply,
+ *   (FLAG_USER_MASK bits), .data (4-tuple), .payload (bytes, b"" when none; a
+ *   read-only memoryview when zero-copy), .zero_copy, .expects_reply,
  *   .replied, .capability (as sent, untrusted), .index, .tag (internal). Read-write: .regions,
  *   .caps (default ()). Holds a strong reference to its ServerSet, and replies only to the
  *   channel instance it came from (never to a later channel at the same index).
@@ -154,6 +201,34 @@
  *   .reply_error(code, text)   FLAG_ERROR, data[0] = code, payload = text (str: UTF-8; at most
  *       4096 bytes); a no-op if answered already, one-way, or the client is gone (no PeerDied:
  *       error paths need not catch it); WouldBlock / CorruptChannel as reply().
+ *   .payload is bytes, or a read-only memoryview for a zero-copy payload (.zero_copy True; see
+ *   ServerSet). .release(): done with a zero-copy payload before (or without) replying; a no-op
+ *   otherwise and the second time. reply/reply_error release it too.
+ *
+ * ---- Metrics (channel header page; layout in _core_layout.h, every offset exported) ----------
+ *   Client block at CHAN_CSTATS_OFF, written only by the Lane; server block at CHAN_SSTATS_OFF,
+ *   written only by the ServerSet; u64 counters, stored with RELAXED atomic stores from private
+ *   copies (single writer: no locked RMW, no syscall). Untrusted numbers for any reader.
+ *   Lane: sent (messages: calls and one-way, counted when published; send_many once per batch),
+ *   bytes_sent, calls (call, call_start, call_loan), timeouts (Timeout from call/call_loan),
+ *   refused_rate (messages refused by the lane's buckets: one per RateLimitExceeded, send_many:
+ *   each message they stopped), refused_size (one per MessageTooLarge the lane raises, loan()
+ *   included), refused_perm (PermissionDenied / expired), latency_max_ns / _sum_ns / _count and
+ *   hist[STATS_HIST_BUCKETS] (call round trips: CLOCK_MONOTONIC before the write and when the
+ *   reply is taken; call_start to call_poll for those; bucket i = [100 ns * 2^i, 100 ns *
+ *   2^(i+1)), bucket 0 also below, the last also above), sec_index / sec_count / prev_count
+ *   (messages sent per CLOCK_MONOTONIC second). CHAN_REFUSED_OFF stays the WouldBlock count.
+ *   ServerSet: received / bytes_received (delivered requests), replies (the application's
+ *   replies written: Request.reply/reply_error, ServerSet.reply; not automatic refusals),
+ *   reply_failed (PeerDied on a reply while the channel is still in the set), drops_rate /
+ *   _bandwidth / _size / _expired / _rights (as .drops()), cancelled (skipped cancelled calls),
+ *   sec_index / sec_count / prev_count (received per second).
+ *   channel_stats(buf) keys: sent, bytes_sent, calls, timeouts, refused_wouldblock, refused_rate,
+ *   refused_size, refused_perm, latency_max_ns, latency_sum_ns, latency_count, sent_last_second,
+ *   hist (list of 28), received, bytes_received, replies, reply_failed, drops_rate,
+ *   drops_bandwidth, drops_size, drops_expired, drops_rights, cancelled, received_last_second.
+ *   *_last_second: prev_count if sec_index is the current second, sec_count if it is the one
+ *   before, else 0 (i.e. the messages of the last whole second).
  *
  * ---- Exceptions -----------------------------------------------------------------------------
  *   capbus._errors classes (IpcError, Timeout, PeerDied, InvalidCapability, WouldBlock,
@@ -1087,6 +1162,18 @@ static Py_ssize_t zb_poll(Py_ssize_t max)
             zb_finish(E); /* moves the last entry here: look at this position again */
         else
             zombie_pos++;
+    }
+    return nzombies;
+}
+
+/* Finish every zombie whose views are gone; how many are left. */
+static Py_ssize_t zb_poll_all(void)
+{
+    for (Py_ssize_t i = 0; i < nzombies;) {
+        if (zb_unused(zombies[i]))
+            zb_finish(zombies[i]); /* moves the last entry to i: look at i again */
+        else
+            i++;
     }
     return nzombies;
 }
@@ -3993,6 +4080,7 @@ static PyObject *ServerSet_close(ServerSetObject *S, PyObject *unused)
             PyErr_SetString(PyExc_RuntimeError, "reply() is running in another thread");
             return NULL;
         }
+    zb_poll_all(); /* views dropped late: their channels can go now rather than later */
     ss_free_all(S);
     Py_RETURN_NONE;
 }
@@ -4406,7 +4494,7 @@ fail:
  * channel mappings may then go); returns how many are still referenced by some view. */
 static PyObject *py_reap_views(PyObject *self, PyObject *unused)
 {
-    return PyLong_FromSsize_t(zb_poll(nzombies));
+    return PyLong_FromSsize_t(zb_poll_all());
 }
 
 static PyObject *py_crc32(PyObject *self, PyObject *args)

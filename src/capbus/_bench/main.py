@@ -77,6 +77,14 @@ def async_section(quick: bool) -> list[Result]:
 def large_section(quick: bool) -> list[Result]:
     rows = capbus_bench.run_large(quick) + peers.run_peers("large", quick)
     print_table("Large message round trip (two processes)", rows, machine_line())
+    small = _find(rows, "capbus small call")
+    loans = {r.size_bytes: r for r in rows if r.mechanism == "capbus loan"}
+    mib = loans.get(1 << 20)
+    print()
+    if mib and mib.median_us:
+        print(f"Target (SPEC.md): a 1 MiB loaned call {mib.median_us:.2f} us (<= 10 us), "
+              f"{_ratio(mib, small)} of a small call (<= 3x); 64 KiB / 64 MiB loans: "
+              + " / ".join(f"{loans[s].median_us:.2f} us" for s in (64 << 10, 64 << 20) if s in loans))
     return rows
 
 

@@ -215,6 +215,9 @@ class Kernel:
         self.audit_path = audit or None
         self._audit.record(_audit.KERNEL_START, pid=os.getpid(), detail=self.socket_path)
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Other threads poke the loop through _wake; the loop closes it when it shuts down. The
+        # lock keeps a poke from racing that close (and from writing into a reused fd number).
+        self._wake_lock = threading.Lock()
         # Kept in reserve so that an accept failing for lack of fds can still shed the connection.
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._sel.register(self._listener, selectors.EVENT_READ, ("listen", None))
@@ -276,7 +279,7 @@ class Kernel:
         """Stop serving: every process sees the kernel go; launched children are terminated."""
         if self._thread is not None and self._thread.is_alive():
             self._stopping = True
-            os.eventfd_write(self._wake, 1)
+            self._poke()
             self._thread.join(timeout)
         elif not self._stopping:
             self._stopping = True
@@ -287,7 +290,10 @@ class Kernel:
 
         def on_signal(signum: int, frame: object) -> None:
             self._stopping = True
-            os.eventfd_write(self._wake, 1)
+            # Not _poke(): a signal handler runs in this (the loop's) thread, which may hold the
+            # lock; the fd cannot be closed under us here, since only this thread closes it.
+            if self._wake >= 0:
+                os.eventfd_write(self._wake, 1)
 
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -305,8 +311,17 @@ class Kernel:
             raise IpcError(f"the kernel at {self.socket_path} is stopped")
         fut: Future = Future()
         self._calls.put((fn, args, fut))
-        os.eventfd_write(self._wake, 1)
+        if not self._poke():
+            raise IpcError(f"the kernel at {self.socket_path} is stopped")
         return fut.result(timeout=30)
+
+    def _poke(self) -> bool:
+        """Wake the loop from another thread; False once the loop has shut down."""
+        with self._wake_lock:
+            if self._wake < 0:
+                return False
+            os.eventfd_write(self._wake, 1)
+            return True
 
     def _run(self) -> None:
         try:
@@ -411,8 +426,9 @@ class Kernel:
             with contextlib.suppress(KeyError, ValueError):
                 self._sel.unregister(obj)
         self._listener.close()
-        with contextlib.suppress(OSError):
+        with self._wake_lock:
             os.close(self._wake)
+            self._wake = -1
         if self._reserve_fd >= 0:
             os.close(self._reserve_fd)
         self._audit.record(_audit.KERNEL_STOP, pid=os.getpid())

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import _core
-from .._errors import InvalidCapability, Timeout, error_from_code
+from .._errors import InvalidCapability, IpcError, Timeout, error_from_code
 from .._protocol import frames
 from . import objects
 from .message import OBJECT_FLAG, TRANSFER_FLAG, USER_FLAGS, Message, bad_flags
@@ -163,14 +163,38 @@ class Endpoint:
             raise bad_flags(flags)
         return lane.core.send_many(self.handle, flags, messages)
 
+    def loan(self, size: int) -> Loan:
+        """A writable buffer of `size` bytes in this thread's channel arena, to fill in place and
+        send without a copy: `with ep.loan(n) as loan: loan.buffer[:] = ...; loan.call(op)`.
+
+        The receiver's req.payload is a read-only view of the same memory, valid until it
+        replies or calls req.release(). WouldBlock while the arena is full (the receiver still
+        holds earlier payloads); MessageTooLarge above the arena size. Note that the sender can
+        still change a loaned payload while the receiver reads it: to check once and trust, send
+        a sealed Region instead."""
+        lane = self._local.__dict__.get("lane") or self._thread_lane()
+        return Loan(self, lane, lane.core.loan(size))
+
     def call_object(self, obj: Any, opcode: int = 0, timeout: float | None = None) -> Message:
         """Send a Python object (pickle protocol 5, large buffers out of band) and wait for the
-        reply; the server reads it with req.object() and may answer with req.reply_object()."""
-        return self.call(opcode, (), objects.pack(obj), timeout, OBJECT_FLAG)
+        reply; the server reads it with req.object() and may answer with req.reply_object().
+        Large objects are written straight into an arena loan: one copy, none on receipt."""
+        size, parts = objects.dumps(obj)
+        if size < _core.ZC_THRESHOLD:
+            return self.call(opcode, (), objects.join(size, parts), timeout, OBJECT_FLAG)
+        with self.loan(size) as loan:
+            objects.pack_into(loan.buffer, parts)
+            return loan.call(opcode, timeout=timeout, flags=OBJECT_FLAG)
 
     def send_object(self, obj: Any, opcode: int = 0) -> None:
         """send_async() of a Python object (see call_object)."""
-        self.send_async(opcode, (), objects.pack(obj), OBJECT_FLAG)
+        size, parts = objects.dumps(obj)
+        if size < _core.ZC_THRESHOLD:
+            self.send_async(opcode, (), objects.join(size, parts), OBJECT_FLAG)
+            return
+        with self.loan(size) as loan:
+            objects.pack_into(loan.buffer, parts)
+            loan.send_async(opcode, flags=OBJECT_FLAG)
 
     async def acall(self, opcode: int, data: Sequence[int] = (), payload: bytes = b"",
                     timeout: float | None = None, flags: int = 0) -> Message:
@@ -325,6 +349,44 @@ class Endpoint:
 # can read the service's), and a peer's death is published on the control page, not the eventfd:
 # every wait re-polls at least this often.
 _EVENT_POLL = _core.SLEEP_CAP_NS / 1e9
+
+
+class Loan:
+    """A loaned arena buffer (see Endpoint.loan); unsent loans are given back on exit."""
+
+    def __init__(self, ep: Endpoint, lane: _Lane, buffer: memoryview) -> None:
+        self._ep, self._lane, self.buffer = ep, lane, buffer
+        self._open = True
+
+    def __enter__(self) -> Loan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._open:
+            self._open = False
+            self._lane.core.cancel_loan()
+
+    def call(self, opcode: int, data: Sequence[int] = (), timeout: float | None = None,
+             flags: int = 0) -> Message:
+        """Send the loaned buffer as a call's payload, no copy; wait for the reply."""
+        self._commit(flags)
+        r = self._lane.core.call_loan(self._ep.handle, opcode, flags | _REPLY, data,
+                                      -1 if timeout is None else timeout_ns(timeout))
+        if r[1] & _ERROR:
+            raise self._ep._remote_error(r)
+        return r
+
+    def send_async(self, opcode: int, data: Sequence[int] = (), flags: int = 0) -> None:
+        """Send the loaned buffer as a one-way message's payload, no copy."""
+        self._commit(flags)
+        self._lane.core.send_loan(self._ep.handle, opcode, flags, data)
+
+    def _commit(self, flags: int) -> None:
+        if not self._open:
+            raise IpcError("this loan was already sent or given back")
+        if flags & ~USER_FLAGS and flags != OBJECT_FLAG:
+            raise bad_flags(flags)
+        self._open = False
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float | None) -> None:

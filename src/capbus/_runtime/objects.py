@@ -47,11 +47,14 @@ def pack_into(buf: memoryview, parts: list) -> None:
         pos += _align(r.nbytes)
 
 
-def pack(obj: Any) -> bytes:
-    size, parts = dumps(obj)
+def join(size: int, parts: list) -> bytes:
     out = bytearray(size)
     pack_into(memoryview(out), parts)
     return bytes(out)
+
+
+def pack(obj: Any) -> bytes:
+    return join(*dumps(obj))
 
 
 # What an untrusted payload may name: plain data and numpy arrays. Unpickling may otherwise call
