@@ -26,7 +26,9 @@ import capbus
 import capbus._cli
 from capbus import _metrics, _top
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+# Where the capbus under test is imported from (the installed package in CI, src/ in a checkout
+# with an in-place build): children must import the same one.
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(capbus.__file__)))
 
 # Serves "m-echo" (opcode 99 sleeps data[0] ms first) and registers "m-sink", which it never reads.
 SERVER = """
