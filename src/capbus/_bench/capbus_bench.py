@@ -149,7 +149,7 @@ def one_way_throughput(batch: int, n: int) -> Result:
             child.stdin.flush()
             got, first, recv_many = 0, 0, svc.recv_many
             while got < n:
-                reqs = recv_many(1024, 10.0)
+                reqs = recv_many(256, 10.0)
                 if not reqs:
                     raise RuntimeError(f"throughput run stalled after {got} of {n} messages")
                 if not first:
@@ -162,7 +162,7 @@ def one_way_throughput(batch: int, n: int) -> Result:
             child.stdout.close()
             child.stdin.close()
     return Result(name, "one_way_throughput", msgs_per_s=(n - 1) / (elapsed / 1e9) if elapsed else None,
-                  note="sender child -> recv_many(1024), spin, cross-CPU, pinned", samples=n)
+                  note="sender child -> recv_many(256), spin, cross-CPU, pinned", samples=n)
 
 
 def run_async(quick: bool = False) -> list[Result]:
