@@ -92,3 +92,33 @@ def readline(p: subprocess.Popen, timeout: float = 10.0) -> str:
         p.wait(5)
         raise AssertionError(f"child exited {p.returncode}: {p.stderr.read()}")
     return line
+
+
+# ---- fixtures of the native-core tests (tests/test_core_*.py) ------------------------------------
+
+
+@pytest.fixture
+def db():
+    """A service doorbell page, as the kernel would create it."""
+    from capbus import _core
+
+    fd = _core.create_page("doorbell")
+    yield fd
+    os.close(fd)
+
+
+@pytest.fixture
+def chans():
+    """make(index, **kw) -> a test channel (tests/_core_util.py), all closed at teardown."""
+    from _core_util import make_chan
+
+    made = []
+
+    def make(index: int, **kw):
+        c = make_chan(index, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()

@@ -32,25 +32,6 @@ SEC = 1_000_000_000
 NO_DROPS = {"rate": 0, "bandwidth": 0, "size": 0, "expired": 0, "rights": 0}
 
 
-@pytest.fixture
-def db():
-    fd = _core.create_page("doorbell")
-    yield fd
-    os.close(fd)
-
-
-@pytest.fixture
-def chans():
-    made: list[Chan] = []
-
-    def make(index: int, **kw) -> Chan:
-        c = make_chan(index, **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
 
 
 def lane(ch: Chan, db: int) -> _core.Lane:

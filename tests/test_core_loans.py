@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _core_util import Chan, RawClient, make_chan, reap, result, spawn  # noqa: E402
+from _core_util import Chan, RawClient, reap, result, spawn  # noqa: E402
 from _ring_stress_child import memfd_ranges, view_address  # noqa: E402
 
 from capbus import _core  # noqa: E402
@@ -50,25 +50,6 @@ def zombies() -> int:
     return _core.reap_views() - _baseline[0]
 
 
-@pytest.fixture
-def db():
-    fd = _core.create_page("doorbell")
-    yield fd
-    os.close(fd)
-
-
-@pytest.fixture
-def chans():
-    made: list[Chan] = []
-
-    def make(index: int, **kw) -> Chan:
-        c = make_chan(index, **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
 
 
 def setup(db, chans, index=1, **kw):

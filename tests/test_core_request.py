@@ -12,7 +12,6 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _core_util import Chan, make_chan  # noqa: E402
 
 from capbus import _core  # noqa: E402
 from capbus._errors import IpcError, MessageTooLarge, PeerDied, WouldBlock  # noqa: E402
@@ -20,25 +19,6 @@ from capbus._errors import IpcError, MessageTooLarge, PeerDied, WouldBlock  # no
 SEC = 1_000_000_000
 
 
-@pytest.fixture
-def db():
-    fd = _core.create_page("doorbell")
-    yield fd
-    os.close(fd)
-
-
-@pytest.fixture
-def chans():
-    made: list[Chan] = []
-
-    def make(index: int, **kw) -> Chan:
-        c = make_chan(index, **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
 
 
 @pytest.fixture

@@ -39,25 +39,6 @@ SCALE = float(os.environ.get("CAPBUS_STRESS_SCALE", "1"))
 # ---- fixtures ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def db():
-    fd = _core.create_page("doorbell")
-    yield fd
-    os.close(fd)
-
-
-@pytest.fixture
-def chans():
-    made: list[Chan] = []
-
-    def make(index: int, **kw) -> Chan:
-        c = make_chan(index, **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
 
 
 def lane(ch: Chan, db: int, mode: int = 1) -> _core.Lane:

@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _core_util import Chan, RawClient, make_chan, set_limits  # noqa: E402
+from _core_util import Chan, RawClient, set_limits  # noqa: E402
 
 from capbus import _core  # noqa: E402
 from capbus._errors import (  # noqa: E402
@@ -36,25 +36,6 @@ KEYS = {"sent", "bytes_sent", "calls", "timeouts", "refused_wouldblock", "refuse
         "cancelled", "received_last_second"}
 
 
-@pytest.fixture
-def db():
-    fd = _core.create_page("doorbell")
-    yield fd
-    os.close(fd)
-
-
-@pytest.fixture
-def chans():
-    made: list[Chan] = []
-
-    def make(index: int, **kw) -> Chan:
-        c = make_chan(index, **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
 
 
 def setup(db, chans, **kw):
