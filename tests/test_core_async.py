@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _core_util import Chan, make_chan, reap, result, spawn  # noqa: E402
+from _core_util import Chan, reap, result, spawn  # noqa: E402
 
 from capbus import _core  # noqa: E402
 from capbus._errors import (  # noqa: E402
@@ -34,31 +34,10 @@ OP_ECHO, OP_STOP, OP_SLOW = 1, 2, 3
 
 
 @pytest.fixture
-def db():
-    fd = _core.create_page("doorbell")
-    yield fd
-    os.close(fd)
-
-
-@pytest.fixture
 def efd():
     fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     yield fd
     os.close(fd)
-
-
-@pytest.fixture
-def chans():
-    made: list[Chan] = []
-
-    def make(index: int, **kw) -> Chan:
-        c = make_chan(index, **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
 
 
 def lane(ch: Chan, db: int, mode: int = 1, **kw) -> _core.Lane:
