@@ -129,3 +129,27 @@ def test_bench_command_plot_option(tmp_path, monkeypatch):
     out = tmp_path / "cmd.png"
     assert _cli.main(["bench", "--only", "call", "--plot", str(out)]) == 0
     assert_png(out)
+
+
+def test_size_panel_value_labels_do_not_overlap():
+    """Close medians at one payload size (1.34 vs 1.56 us) get labels pushed apart."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = []
+    for size, vals in {64 << 10: (1.34, 1.56, 35.0, 49.0), 1 << 20: (1.35, 20.4, 115.0, 2450.0),
+                       64 << 20: (1.37, 3470.0, 31000.0, 124000.0)}.items():
+        for mech, v in zip(("capbus loan", "capbus bytes", "pickle over Pipe", "shared_memory + Pipe"), vals,
+                           strict=True):
+            rows.append(Result(mech, RT, v, v * 1.3, size_bytes=size))
+    _bars, series, _tp, _skipped = bench_plot._split(rows)
+    fig = Figure(figsize=(8, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    values = bench_plot._size_panel(fig, ax, series)
+    bench_plot._spread_values(fig, ax, values)
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for _x, _y, t in values]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)

@@ -39,7 +39,9 @@ INSTALL_HINT = "pip install matplotlib (or capbus[top])"
 COLOURS = {"capbus": "#e8590c", "peer": "#3b6ea8", "anchor": "#9a9a9a"}
 KIND_LABELS = {"capbus": "capbus", "peer": "peers", "anchor": "C anchors"}
 #: Line colours of the non-capbus mechanisms in the size panel.
-_SERIES = ["#3b6ea8", "#2a9d8f", "#8e6cc0", "#c2417a", "#6b8e23", "#b8860b", "#4a4a8a"]
+_SERIES = ["#3b6ea8", "#2a9d8f", "#8e6cc0", "#c2417a", "#6b8e23", "#4a4a8a", "#0b7285"]
+#: Line colours of the capbus mechanisms in the size panel (warm, like the capbus bars).
+_CAPBUS_SHADES = ["#e8590c", "#f59f00", "#a61e4d", "#c92a2a", "#d9480f"]
 
 FIGSIZE = (16.0, 9.0)
 DPI = 100
@@ -137,7 +139,7 @@ def _labels(rows: Sequence[Result], with_size: bool) -> list[str]:
             if distinct:
                 label += f" ({', '.join(distinct)})"
         if with_size and r.size_bytes != common_size:
-            label += f" · {_fmt_size(r.size_bytes)}"
+            label += f" · {_fmt_size(r.size_bytes)}" if r.size_bytes > 0 else " · no payload"
         labels.append(label)
     return labels
 
@@ -198,6 +200,12 @@ def _fit_labels(fig: Any, ax: Any, texts: list[Any], lo: float, hi: float) -> No
         ax.set_xlim(lo, hi)
 
 
+def _nice_floor(v: float) -> float:
+    """The largest of 1, 2, 5 times a power of ten that is at most ``v`` (a labelled left edge)."""
+    decade = 10 ** math.floor(math.log10(v))
+    return max(m * decade for m in (1, 2, 5) if m * decade <= v * (1 + 1e-9))
+
+
 def _bar_panel(fig: Any, ax: Any, rows: list[Result], values: list[float], whiskers: list[float | None],
                texts: list[str], title: str, xlabel: str, formatter: Any) -> tuple[list[Any], float, float]:
     from matplotlib.ticker import FuncFormatter, LogLocator
@@ -205,7 +213,7 @@ def _bar_panel(fig: Any, ax: Any, rows: list[Result], values: list[float], whisk
     labels = _labels(rows, with_size=True)
     y = list(range(len(rows)))
     tops = [max(v, w or 0.0) for v, w in zip(values, whiskers, strict=True)]
-    lo = 10 ** math.floor(math.log10(min(values) * 0.7))
+    lo = _nice_floor(min(values) / 2.5)
     hi = 10 ** (math.log10(max(tops)) + 0.15)
     colours = [COLOURS[_kind(r.mechanism)] for r in rows]
     n = len(rows)
@@ -220,7 +228,9 @@ def _bar_panel(fig: Any, ax: Any, rows: list[Result], values: list[float], whisk
     fs = 9 if n <= 14 else 8
     placed = []
     for yi, top, text in zip(y, tops, texts, strict=True):
-        placed.append(ax.text(top * 1.12, yi, text, va="center", ha="left", fontsize=fs, zorder=4))
+        t = ax.text(top * 1.12, yi, text, va="center", ha="left", fontsize=fs, zorder=4)
+        t.set_in_layout(False)  # _fit_labels makes room inside the axes instead
+        placed.append(t)
     ax.set_yticks(y, labels, fontsize=fs + 1)
     for tick, r in zip(ax.get_yticklabels(), rows, strict=True):
         if _kind(r.mechanism) == "capbus":
@@ -275,27 +285,50 @@ def _fmt_axis_rate(v: float) -> str:
     return f"{v:g}"
 
 
-def _size_panel(fig: Any, ax: Any, series: dict[str, list[Result]]) -> None:
+def _series_styles(names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Line style per mechanism: capbus in warm shades (thick), peers in cool colours, C anchors grey."""
+    markers = ["o", "s", "D", "^", "v", "P", "X"]
+    count = Counter()
+    styles = {}
+    for name in names:
+        kind = _kind(name)
+        i = count[kind]
+        count[kind] += 1
+        if kind == "capbus":
+            colour, width, dash = _CAPBUS_SHADES[i % len(_CAPBUS_SHADES)], 2.6, "-"
+        elif kind == "anchor":
+            colour, width, dash = COLOURS["anchor"], 1.6, "--"
+        else:
+            colour, width, dash = _SERIES[i % len(_SERIES)], 1.6, "-"
+        styles[name] = {"color": colour, "linewidth": width, "linestyle": dash,
+                        "marker": markers[i % len(markers)], "markersize": 6 if kind == "capbus" else 5}
+    return styles
+
+
+def _size_panel(fig: Any, ax: Any, series: dict[str, list[Result]]) -> list[tuple[float, float, Any]]:
+    """Latency vs payload size; returns (x, median, value text) for :func:`_spread_values`."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     all_sizes = sorted({r.size_bytes for rows in series.values() for r in rows})
-    others = iter(_SERIES * 4)
-    ordered = sorted(series.items(), key=lambda kv: (_kind(kv[0]) != "capbus", kv[0]))
-    for mech, rows in ordered:
-        kind = _kind(mech)
-        colour = COLOURS["capbus"] if kind == "capbus" else (COLOURS["anchor"] if kind == "anchor"
-                                                              else next(others))
+    ordered = sorted(series, key=lambda m: ({"capbus": 0, "peer": 1, "anchor": 2}[_kind(m)], m))
+    styles = _series_styles(ordered)
+    values = []
+    for mech in ordered:
+        rows, style = series[mech], styles[mech]
+        colour = style["color"]
         xs = [r.size_bytes for r in rows]
         med = [float(r.median_us or 0.0) for r in rows]
-        ax.plot(xs, med, marker="o", markersize=6 if kind == "capbus" else 5,
-                linewidth=2.6 if kind == "capbus" else 1.6, color=colour,
-                linestyle="--" if kind == "anchor" else "-", label=mech, zorder=3)
+        ax.plot(xs, med, label=mech, zorder=3, **style)
         for x, m, r in zip(xs, med, rows, strict=True):
             if r.p99_us and r.p99_us > m:
-                ax.plot([x, x], [m, r.p99_us], color=colour, linewidth=1.0, alpha=0.7, zorder=2)
-                ax.plot([x], [r.p99_us], marker="_", markersize=9, color=colour, alpha=0.8, zorder=2)
-            ax.annotate(_fmt_time(m), (x, m), textcoords="offset points", xytext=(7, -3),
-                        fontsize=8, color=colour, ha="left", va="top", zorder=4)
+                ax.plot([x, x], [m, r.p99_us], color=colour, linewidth=1.0, alpha=0.6, zorder=2)
+                ax.plot([x], [r.p99_us], marker="_", markersize=9, color=colour, alpha=0.7, zorder=2)
+            t = ax.annotate(_fmt_time(m), (x, m), textcoords="offset points", xytext=(8, 0),
+                            fontsize=8, color=colour, ha="left", va="center", zorder=5,
+                            bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none",
+                                  "alpha": 0.85})
+            t.set_in_layout(False)
+            values.append((x, m, t))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(FixedLocator(all_sizes))
@@ -303,17 +336,69 @@ def _size_panel(fig: Any, ax: Any, series: dict[str, list[Result]]) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: _fmt_size(v)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: _fmt_axis_time(v)))
     if all_sizes:
-        ax.set_xlim(all_sizes[0] / 1.6, all_sizes[-1] * 2.2)
+        span = math.log2(all_sizes[-1] / all_sizes[0]) if all_sizes[-1] > all_sizes[0] else 4.0
+        ax.set_xlim(all_sizes[0] / 2 ** (0.08 * span), all_sizes[-1] * 2 ** (0.3 * span))
+    lo = min(min(float(r.median_us or 1.0) for r in rows) for rows in series.values())
+    hi = max(max(float(r.p99_us or r.median_us or 1.0) for r in rows) for rows in series.values())
+    ax.set_ylim(lo / 2.5, hi * 2.0)
     ax.tick_params(labelsize=9)
     ax.grid(which="major", color="#dddddd", linewidth=0.8, zorder=0)
     ax.grid(axis="y", which="minor", color="#f2f2f2", linewidth=0.5, zorder=0)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    ax.set_title("Round trip vs payload size (median; whisker: p99)", loc="left",
+    ax.set_title("Round trip vs payload size (whisker: p99)", loc="left",
                  fontsize=12, fontweight="bold")
-    ax.set_xlabel("payload size (log scale)", fontsize=10)
-    ax.set_ylabel("per round trip (log scale)", fontsize=10)
-    ax.legend(fontsize=9, loc="upper left", frameon=False)
+    ax.set_xlabel("payload size (log scale); time per round trip (log scale)", fontsize=10)
+    return values
+
+
+def _place_size_legend(fig: Any, ax: Any) -> None:
+    """The size panel's legend, left of its y tick labels (the space the throughput labels leave)."""
+    from matplotlib.transforms import ScaledTranslation
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ticks = [t.get_window_extent(renderer) for t in ax.get_yticklabels() if t.get_visible() and t.get_text()]
+    axes_box = ax.get_window_extent(renderer)
+    left = min((b.x0 for b in ticks), default=axes_box.x0) - 10
+    dx = (left - axes_box.x0) / fig.dpi
+    legend = ax.legend(fontsize=9, loc="upper right", frameon=False, handlelength=2.6,
+                       bbox_to_anchor=(0, 1), bbox_transform=ax.transAxes + ScaledTranslation(
+                           dx, 0, fig.dpi_scale_trans))
+    legend.set_in_layout(True)
+
+
+def _spread_values(fig: Any, ax: Any, values: list[tuple[float, float, Any]], gap_px: float = 12.0) -> None:
+    """Move the value texts of one payload size apart vertically so that none overlaps another."""
+    if not values:
+        return
+    fig.canvas.draw()
+    to_px = ax.transData.transform
+    box = ax.get_window_extent()
+    by_x: dict[float, list[tuple[float, Any]]] = {}
+    for x, y, t in values:
+        by_x.setdefault(x, []).append((float(to_px((x, y))[1]), t))
+    for items in by_x.values():
+        items.sort(key=lambda it: it[0])
+        # Clusters of labels that would overlap sit at the mean of their wishes, gap_px apart.
+        clusters: list[list[tuple[float, Any]]] = []
+        for item in items:
+            clusters.append([item])
+            while len(clusters) > 1:
+                a, b = clusters[-2], clusters[-1]
+                if _cluster_pos(a, gap_px) + len(a) * gap_px <= _cluster_pos(b, gap_px):
+                    break
+                clusters[-2:] = [a + b]
+        for cl in clusters:
+            base = _cluster_pos(cl, gap_px)
+            base = min(max(base, box.y0 + 6), box.y1 - 6 - (len(cl) - 1) * gap_px)
+            for k, (want, t) in enumerate(cl):
+                t.xyann = (t.xyann[0], (base + k * gap_px - want) * 72.0 / fig.dpi)
+
+
+def _cluster_pos(cluster: list[tuple[float, Any]], gap_px: float) -> float:
+    """Position of the lowest label of a cluster that keeps the labels nearest to their points."""
+    return sum(want - k * gap_px for k, (want, _t) in enumerate(cluster)) / len(cluster)
 
 
 def _footnote(skipped: Sequence[Result], width: int = 230, max_lines: int = 3) -> str:
@@ -355,7 +440,7 @@ def plot(results: list[Result], machine: dict[str, Any] | None, path: str, *,
     if len(panels) == 3:
         n_tp = len(tp)
         gs = fig.add_gridspec(2, 2, width_ratios=[1.15, 1.0],
-                              height_ratios=[max(n_tp, 3) + 2.5, 9.0])
+                              height_ratios=[0.75 * max(n_tp, 3) + 2.5, 12.0])
         axes["lat"] = fig.add_subplot(gs[:, 0])
         axes["tp"] = fig.add_subplot(gs[0, 1])
         axes["size"] = fig.add_subplot(gs[1, 1])
@@ -371,8 +456,9 @@ def plot(results: list[Result], machine: dict[str, Any] | None, path: str, *,
         fits["lat"] = _latency_panel(fig, axes["lat"], bars)
     if "tp" in axes:
         fits["tp"] = _throughput_panel(fig, axes["tp"], tp)
+    size_values: list[tuple[float, float, Any]] = []
     if "size" in axes:
-        _size_panel(fig, axes["size"], series)
+        size_values = _size_panel(fig, axes["size"], series)
     if not axes:
         ax = fig.add_subplot(1, 1, 1)
         ax.set_axis_off()
@@ -398,8 +484,12 @@ def plot(results: list[Result], machine: dict[str, Any] | None, path: str, *,
 
     # Fit the value texts at the bar ends once the layout has settled.
     fig.canvas.draw()
+    if "size" in axes:
+        _place_size_legend(fig, axes["size"])
     for key, fit in fits.items():
         _fit_labels(fig, axes[key], *fit)
+    if "size" in axes:
+        _spread_values(fig, axes["size"], size_values)
     fig.savefig(path, dpi=DPI, format="png")
 
 
