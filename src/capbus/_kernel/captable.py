@@ -104,7 +104,6 @@ class Capability:
     children: list[Capability] = field(default_factory=list)
     owner: Any = None  # the ProcessRecord whose table holds it
     handle: int = 0
-    dead: bool = False  # the target's process has exited
     revoked: bool = False
     watched: bool = False
     extra: dict[str, Any] = field(default_factory=dict)

@@ -1160,8 +1160,7 @@ def _cap_row(cap: Capability) -> dict[str, Any]:
         "rights": sorted(cap.rights), "limits": cap.limits.wire(),
         "derives_from": (f"{parent.handle:#x} of process {parent.owner.process_id}"
                          if parent is not None and parent.owner is not None else None),
-        "children": len(cap.children), "dead": bool(cap.dead or (
-            isinstance(target, Service) and not target.alive)),
+        "children": len(cap.children), "dead": isinstance(target, Service) and not target.alive,
     }
 
 

@@ -104,9 +104,6 @@ class ChannelShm:
         _core.atomic_store_u32(self.ctrl, _core.CTRL_STATE_OFF, state)
         _core.futex_wake(self.header, self._resp_tail)
 
-    def state(self) -> int:
-        return _core.atomic_load_u32(self.ctrl, _core.CTRL_STATE_OFF)
-
     def drop_fds(self) -> None:
         """Both ends hold the fds now; the kernel keeps only its mappings."""
         for fd in (self.chan_fd, self.ctrl_fd, self.reply_event_fd):

@@ -268,7 +268,6 @@ class Endpoint:
         if dead:
             self._run_callback(callback)
         elif first:
-            self._proc._watched[self.handle] = self
             self._proc._request(frames.Watch(self.handle))
 
     def _died(self) -> None:

@@ -43,8 +43,6 @@ class Process:
         self._endpoints: dict[int, Endpoint] = {}
         self._services: dict[int, Service] = {}
         self._regions: weakref.WeakValueDictionary[int, Region] = weakref.WeakValueDictionary()
-        # Endpoints with death callbacks stay alive until told, even if the caller drops them.
-        self._watched: dict[int, Endpoint] = {}
         self._subscriptions: weakref.WeakValueDictionary[int, Subscription] = (
             weakref.WeakValueDictionary()
         )
@@ -175,7 +173,6 @@ class Process:
         return region
 
     def _forget(self, ep: Endpoint) -> None:
-        self._watched.pop(ep.handle, None)
         self._endpoints.pop(ep.handle, None)
 
     def _on_event(self, msg: frames.Message, fds: list[int]) -> None:
@@ -191,7 +188,7 @@ class Process:
         for fd in fds:
             os.close(fd)
         if isinstance(msg, frames.Death):
-            ep = self._watched.pop(msg.handle, None)
+            ep = self._endpoints.get(msg.handle)
             if ep is not None:
                 ep._died()
         elif isinstance(msg, frames.RegistrationNotice):
