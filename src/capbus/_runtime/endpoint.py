@@ -95,7 +95,14 @@ def timeout_ns(timeout: float | None) -> int:
     return int(timeout * 1e9)
 
 
-class Endpoint:
+class Endpoint(_core.EndpointBase):
+    """A capability to reach a service.
+
+    call() and send_async() are native (_core.EndpointBase): the plain case runs there with no
+    Python frame; flags, delegated capabilities and regions come back to _call_slow and
+    _send_async_slow below, which are the reference behaviour.
+    """
+
     def __init__(self, proc: Process, granted: frames.Granted) -> None:
         self._proc = proc
         self.handle = granted.handle
@@ -117,11 +124,11 @@ class Endpoint:
 
     # ---- synchronous calls --------------------------------------------------------------------
 
-    def call(self, opcode: int, data: Sequence[int] = (), payload: bytes = b"",
-             timeout: float | None = None, flags: int = 0,
-             caps: Iterable[Endpoint] = (), regions: Iterable[Region] = (),
-             move: bool = False) -> Message:
-        """Send a request and wait for the reply.
+    def _call_slow(self, opcode: int, data: Sequence[int] = (), payload: bytes = b"",
+                   timeout: float | None = None, flags: int = 0,
+                   caps: Iterable[Endpoint] = (), regions: Iterable[Region] = (),
+                   move: bool = False) -> Message:
+        """call(): send a request and wait for the reply.
 
         Timeout cancels the transaction (a late reply is dropped); PeerDied if the server exits;
         ValueError / MessageTooLarge / RateLimitExceeded before anything is sent if the arguments
@@ -143,11 +150,11 @@ class Endpoint:
 
     # ---- asynchronous messages ----------------------------------------------------------------
 
-    def send_async(self, opcode: int, data: Sequence[int] = (), payload: bytes = b"",
-                   flags: int = 0, caps: Iterable[Endpoint] = (), regions: Iterable[Region] = (),
-                   move: bool = False) -> None:
-        """Queue a one-way message; never blocks: WouldBlock when the receiver's ring for this
-        sender is full (back-pressure: nothing is dropped silently)."""
+    def _send_async_slow(self, opcode: int, data: Sequence[int] = (), payload: bytes = b"",
+                         flags: int = 0, caps: Iterable[Endpoint] = (),
+                         regions: Iterable[Region] = (), move: bool = False) -> None:
+        """send_async(): queue a one-way message; never blocks: WouldBlock when the receiver's
+        ring for this sender is full (back-pressure: nothing is dropped silently)."""
         lane = self._local.__dict__.get("lane") or self._thread_lane()
         if flags & ~USER_FLAGS and flags != OBJECT_FLAG:
             raise bad_flags(flags)
@@ -243,12 +250,14 @@ class Endpoint:
         """Invalidate this capability and everything derived from it, everywhere, at once:
         their calls fail with InvalidCapability and their receivers accept nothing more."""
         self._closed = True
+        self._forget_lanes()
         self._proc._forget(self)
         self._proc._request(frames.Revoke(self.handle))
 
     def close(self) -> None:
         """Give the capability back (its lanes close with it)."""
         self._closed = True
+        self._forget_lanes()
         self._proc._forget(self)
         if not self._proc.closed:
             self._proc._request(frames.Release(self.handle))
@@ -305,6 +314,11 @@ class Endpoint:
             for fd in (chan_fd, ctrl_fd, bell_fd, bell_event_fd):
                 os.close(fd)
         return _Lane(self, core, reply.index, reply_event_fd)
+
+    def _thread_core(self) -> Any:
+        """This thread's native Lane (the native call/send_async cache it per thread)."""
+        self._proc._check()  # a forked child must connect on its own
+        return (self._local.__dict__.get("lane") or self._thread_lane()).core
 
     def _thread_lane(self) -> _Lane:
         lane = self._open_lane()

@@ -11,8 +11,8 @@ from .. import _core
 from . import objects
 
 # The top two user flag bits are the runtime's own.
-TRANSFER_FLAG = 0x80000000  # capabilities or regions travel with this message
-OBJECT_FLAG = 0x40000000  # the payload is a pickled object (capbus._runtime.objects)
+TRANSFER_FLAG = _core.TRANSFER_FLAG  # capabilities or regions travel with this message
+OBJECT_FLAG = _core.OBJECT_FLAG  # the payload is a pickled object (capbus._runtime.objects)
 USER_FLAGS = _core.FLAG_USER_MASK & ~(TRANSFER_FLAG | OBJECT_FLAG)
 
 
@@ -99,27 +99,7 @@ class Message(tuple):
         return objects.loads(self.payload, trusted)
 
 
-class Request(_core.Request):
-    """A message a Service received, built by the native core.
-
-    .sender (the kernel-verified ProcessId of the caller), .opcode, .flags, .data, .payload,
-    .expects_reply, .regions, .caps; .reply(opcode=0, data=(), payload=b"", flags=0) answers a
-    call (PeerDied if the caller has gone: the reply is dropped).
-    """
-
-    __slots__ = ()
-
-    def object(self, trusted: bool = False) -> Any:
-        """The Python object the payload carries (see Endpoint.send_object / call_object).
-
-        Its large buffers (numpy arrays, bytes) are views of the payload, not copies. Untrusted
-        (the default), only plain data and numpy arrays are rebuilt: unpickling anything else
-        would let the sender run code here; trusted=True allows it."""
-        return objects.loads(self.payload, trusted)
-
-    def reply_object(self, obj: Any, opcode: int = 0) -> None:
-        """Answer a call with a Python object (the caller reads it with reply.object())."""
-        self.reply(opcode, (), objects.pack(obj), OBJECT_FLAG)
-
-
+# A received request is the native type itself: no Python subclass to build and tear down for
+# every message (object() and reply_object() are native too, calling capbus._runtime.objects).
+Request = _core.Request
 _core.set_types(Message, Request)

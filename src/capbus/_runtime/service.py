@@ -26,7 +26,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("capbus")
 
 
-class Service:
+class Service(_core.ServiceBase):
+    """The capability to serve a registered name. recv() is native (_core.ServiceBase); a closed
+    service or a corrupt channel comes back to _recv_slow below, the reference behaviour."""
+
     def __init__(self, proc: Process, handle: int, name: str, doorbell_fd: int,
                  event_fd: int) -> None:
         self._proc = proc
@@ -51,8 +54,12 @@ class Service:
 
     # ---- receiving ----------------------------------------------------------------------------
 
-    def recv(self, timeout: float | None = None) -> Request:
-        """The next message from any client (round robin across them); Timeout if none."""
+    def _recv_slow(self, timeout: float | None = None,
+                   corrupt: _core.CorruptChannel | None = None) -> Request:
+        """recv(): the next message from any client (round robin across them); Timeout if none.
+        `corrupt`: what the native recv met first (reported here, then we go on)."""
+        if corrupt is not None:
+            self._corrupt(corrupt.index, corrupt.reason)
         if self._closed:
             raise IpcError(f"service {self.name!r} is closed")
         if timeout is None:
