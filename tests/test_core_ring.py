@@ -814,13 +814,17 @@ def test_checksum_present_without_flag(db, chans):
 
 
 def test_hostile_client_on_reply_side(db, chans):
-    # The client scribbles the response ring's head / released: reply() detects it.
+    # The client scribbles the response ring's head: reply() detects it as soon as it reads the
+    # head, i.e. once the room it saw last (all 8 slots, at first) is used up. Until then the
+    # replies go into slots the server knows are free: nothing unvalidated is trusted.
     ch = chans(1, nslots=8, arena=8192)
     s = server(db, ch)
     ln = lane(ch, db)
     ln.send(0, 0, 0, ())
     r = s.recv(SEC)
-    _put(ch.map(), ch.layout()["resp_head"], "<Q", 5)
+    _put(ch.map(), ch.layout()["resp_head"], "<Q", 10**6)  # past anything ever published
+    for _ in range(8):
+        s.reply(1, r.tag, 0, 0, ())
     with pytest.raises(_core.CorruptChannel) as ei:
         s.reply(1, r.tag, 0, 0, ())
     assert ei.value.index == 1 and s.is_dead(1)
@@ -849,14 +853,17 @@ def test_hostile_server_reply_from_the_future(db, chans):
         ln.call(0, 0, 0, (), None, SEC)
 
 
-@pytest.mark.parametrize("field,value", [("req_head", 5), ("req_arena_released", 1 << 40)])
+@pytest.mark.parametrize("field,value", [("req_head", 10**6), ("req_arena_released", 1 << 40)])
 def test_hostile_server_consumer_fields(db, chans, field, value):
-    ch = chans(1)
+    # A scribbled head is read (and refused) once the room the client saw last is used up; the
+    # arena's released mark is read for every payload.
+    ch = chans(1, nslots=8)
     ln = lane(ch, db)
     ln.send(0, 0, 0, (), b"x")
     _put(ch.map(), ch.layout()[field], "<Q", value)
     with pytest.raises(ProtocolError):
-        ln.send(0, 0, 0, (), b"y")
+        for _ in range(8):
+            ln.send(0, 0, 0, (), b"y")
     assert ln.broken
 
 

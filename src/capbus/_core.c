@@ -1796,7 +1796,7 @@ static PyObject *lane_call_run(LaneObject *L, outmsg_t *m, Py_buffer *view, cons
     long backoff_ns = 10000;
     for (;;) {
         uint64_t nfree;
-        if (prod_slots_free(&L->req, &nfree, &why) != RG_OK) {
+        if (prod_slots_free(&L->req, 1, &nfree, &why) != RG_OK) {
             lane_break(L, why);
             goto out;
         }
@@ -1899,7 +1899,7 @@ static int lane_push(LaneObject *L, outmsg_t *m, const charge_t *c, int loan, ui
     uint64_t nfree;
     m->tag = L->last_tag + 1;
     L->busy = 1;
-    int r = prod_slots_free(&L->req, &nfree, &why);
+    int r = prod_slots_free(&L->req, 1, &nfree, &why);
     if (r == RG_OK && nfree == 0)
         r = RG_FULL;
     if (r == RG_OK)
@@ -2242,7 +2242,10 @@ static PyObject *Lane_send_many(LaneObject *L, PyObject *const *args, Py_ssize_t
     }
     const char *why = NULL;
     uint64_t nfree;
-    if (prod_slots_free(&L->req, &nfree, &why) != RG_OK) {
+    /* Enough room for the whole batch, or for more than one batch can take: either way `full`
+     * below is decided as with a fresh head. */
+    uint64_t want = (uint64_t)total <= BATCH_MAX ? (uint64_t)total : BATCH_MAX + 1;
+    if (prod_slots_free(&L->req, want, &nfree, &why) != RG_OK) {
         lane_break(L, why);
         Py_DECREF(seq);
         return NULL;
@@ -3237,7 +3240,7 @@ static int ss_write_reply(ServerSetObject *S, chan_t *ch, const outmsg_t *m, con
     ch->users++;
     int big = m->payload && m->plen >= NOGIL_COPY_BYTES;
     if (!big && spin_trylock(&ch->lock)) {
-        r = prod_slots_free(&ch->resp, &nfree, why);
+        r = prod_slots_free(&ch->resp, 1, &nfree, why);
         if (r == RG_OK)
             r = nfree ? prod_write(&ch->resp, m, why) : RG_FULL;
         if (r == RG_OK)
@@ -3248,7 +3251,7 @@ static int ss_write_reply(ServerSetObject *S, chan_t *ch, const outmsg_t *m, con
          * the GIL while holding the lock, so this cannot deadlock. */
         Py_BEGIN_ALLOW_THREADS
         spin_lock(&ch->lock);
-        r = prod_slots_free(&ch->resp, &nfree, why);
+        r = prod_slots_free(&ch->resp, 1, &nfree, why);
         if (r == RG_OK)
             r = nfree ? prod_write(&ch->resp, m, why) : RG_FULL;
         if (r == RG_OK)
