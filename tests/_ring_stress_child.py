@@ -11,9 +11,13 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import platform
 import random
+import select
+import signal
 import statistics
 import sys
+import threading
 import time
 
 from capbus import _core
@@ -43,8 +47,8 @@ def echo_server(a: dict) -> None:
     end = time.monotonic() + a.get("max_seconds", 50)
     served = 0
     while time.monotonic() < end:
-        try:
-            req = s.recv(200_000_000)
+        try:  # untimed: no deadline at all (an untimed futex sleep under the watchdog)
+            req = s.recv(-1 if a.get("untimed") else 200_000_000)
         except Timeout:
             continue
         op = req.opcode
@@ -304,6 +308,212 @@ def zc_server(a: dict) -> None:
     out(served=served)
 
 
+# ---- the sleep watchdog: a lost server wake-up costs latency, never a hang -----------------------
+#
+# These roles run a ServerSet and a Lane in ONE process (the child), so that a recv() with no
+# deadline that blocked with the GIL held, or never returned, fails the test through the parent's
+# timeout instead of hanging the test process itself.
+
+FUTEX_NR = {"x86_64": 202, "aarch64": 98}.get(platform.machine())
+
+
+def futex_wait_args(tid: int) -> tuple[int, int] | None:
+    """(futex op, timeout pointer) if thread `tid` of this process is blocked in futex(), else
+    None. The doorbell wait is a shared FUTEX_WAIT (op 0); the interpreter's locks and the GIL use
+    private futexes (op & 128), so op 0 tells the doorbell sleep from a thread waiting on a lock."""
+    try:
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            fields = f.read().split()
+    except OSError:
+        return None
+    if len(fields) < 5 or fields[0] != str(FUTEX_NR):
+        return None
+    return int(fields[2], 16), int(fields[4], 16)
+
+
+def tasks() -> int:
+    """Threads of this process, native ones (the watchdog) included, once the Python threads that
+    were joined have also left the kernel's list (which can lag a join() by a moment)."""
+    deadline = time.monotonic() + 2
+    while True:
+        n = len(os.listdir("/proc/self/task"))
+        if n <= threading.active_count() + 1 or time.monotonic() > deadline:
+            return n
+        time.sleep(0.01)
+
+
+class Sleeper:
+    """A thread in S.recv() with no deadline, started and waited for until it sleeps on the
+    doorbell futex with the doorbell's server_sleeping flag set."""
+
+    def __init__(self, s: _core.ServerSet, bell: mmap.mmap) -> None:
+        self.s, self.bell, self.got = s, bell, {}
+        self.t0 = time.monotonic()
+        started = threading.Event()
+
+        def run() -> None:
+            self.got["tid"] = threading.get_native_id()
+            started.set()
+            try:
+                r = self.s.recv()  # no deadline: an untimed sleep under the watchdog
+                self.got["req"] = (r.opcode, r.data[0])
+            except BaseException as exc:
+                self.got["exc"] = repr(exc)
+            self.got["end"] = time.monotonic()
+
+        self.t = threading.Thread(target=run, daemon=True)
+        self.t.start()
+        if not started.wait(5):
+            raise AssertionError("the recv thread did not start")
+        deadline = time.monotonic() + 5
+        while True:
+            args = futex_wait_args(self.got["tid"]) if FUTEX_NR else (0, 0)
+            if (args is not None and args[0] == 0
+                    and _core.atomic_load_u32(bell, _core.DB_SERVER_SLEEPING_OFF) == 1):
+                break
+            if not self.t.is_alive() or time.monotonic() > deadline:
+                raise AssertionError(f"the server never went to sleep: {self.got}, {args}")
+            time.sleep(0.0002)
+        self.untimed = args[1] == 0  # FUTEX_WAIT with no timespec: no timer at all
+
+    def fire(self, lane: _core.Lane, i: int, hostile: bool) -> None:
+        """hostile: clear server_sleeping first, as any client can, so that the honest send below
+        skips its futex wake: only the watchdog can get the server going again."""
+        if hostile:
+            _core.atomic_store_u32(self.bell, _core.DB_SERVER_SLEEPING_OFF, 0)
+        self.t0 = time.monotonic()
+        lane.send(7, 1, 0, (i,))
+
+    def finish(self, limit: float) -> dict:
+        self.t.join(limit)
+        stuck = self.t.is_alive()
+        if stuck:  # unblock it, then report
+            self.s.interrupt()
+            self.t.join(5)
+        return {"stuck": stuck, "untimed": self.untimed, "req": self.got.get("req"),
+                "exc": self.got.get("exc"),
+                "latency": self.got["end"] - self.t0 if "end" in self.got else None}
+
+
+def lost_wakeup_trials(s: _core.ServerSet, lane: _core.Lane, bell: mmap.mmap, n: int,
+                       hostile: bool = True, first: int = 0) -> list[dict]:
+    out_ = []
+    for i in range(first, first + n):
+        sl = Sleeper(s, bell)
+        sl.fire(lane, i, hostile)
+        r = sl.finish(1.0)
+        r["want"] = [1, i]
+        out_.append(r)
+    return out_
+
+
+def own_set(a: dict) -> tuple[_core.ServerSet, _core.Lane, mmap.mmap]:
+    """A ServerSet serving the one channel of `a`, and a Lane of that channel (same process)."""
+    s = _core.ServerSet(a["db"], a["mode"])
+    s.add(a["index"], a["chan"], a["ctrl"], a.get("nslots", 256), a.get("arena", 1 << 20), 1000)
+    lane = _core.Lane(a["chan"], a["ctrl"], a["db"], a["index"], a.get("nslots", 256),
+                      a.get("arena", 1 << 20), a["mode"])
+    return s, lane, mmap.mmap(a["db"], _core.DOORBELL_SIZE)
+
+
+def fresh_channel(a: dict, index: int) -> dict:
+    """`a` with a doorbell and a channel made here, as the kernel makes them."""
+    chan = _core.create_channel(256, 1 << 20)
+    ctrl = _core.create_page("ctrl")
+    with mmap.mmap(ctrl, _core.CTRL_SIZE) as m:
+        _core.atomic_store_u32(m, _core.CTRL_STATE_OFF, _core.STATE_OPEN)
+    return dict(a, db=_core.create_page("doorbell"), chan=chan, ctrl=ctrl, index=index, nslots=256,
+                arena=1 << 20)
+
+
+def lost_wakeup(a: dict) -> None:
+    """Lost wake-ups (server_sleeping cleared, then an honest send) on a server with no deadline;
+    also: an idle untimed recv returns nothing spuriously and leaves the GIL to other threads."""
+    tasks_before = tasks()
+    s, lane, bell = own_set(a)
+    trials = lost_wakeup_trials(s, lane, bell, a["trials"], hostile=a.get("hostile", True))
+    tasks_after = tasks()
+    # Idle: the watchdog's wake-ups are not messages; the other threads keep running meanwhile.
+    sl = Sleeper(s, bell)
+    ticks, end = 0, time.monotonic() + 0.2
+    while time.monotonic() < end:
+        time.sleep(0.005)
+        ticks += 1
+    idle_alive = sl.t.is_alive()
+    sl.fire(lane, 99, hostile=False)
+    idle = sl.finish(1.0)
+    s.close()
+    time.sleep(0.1)  # watchdog ticks after close(): the closed set is out of its list
+    out(trials=trials, tasks_before=tasks_before, tasks_after=tasks_after, idle_ticks=ticks,
+        idle_alive=idle_alive, idle=idle)
+
+
+def lost_wakeup_many(a: dict) -> None:
+    """Several ServerSets under one watchdog; the first one registered is closed (the watchdog's
+    list is compacted), the others are still rescued."""
+    sets = [own_set(a)] + [own_set(fresh_channel(a, 5 + k)) for k in range(2)]
+    for s, _lane, bell in sets:  # each sleeps once untimed: all registered, in this order
+        sl = Sleeper(s, bell)
+        s.interrupt()
+        sl.finish(5)
+    sets[0][0].close()
+    trials = []
+    for k in (2, 1):
+        trials += lost_wakeup_trials(*sets[k], 2, first=10 * k)
+    out(trials=trials)
+
+
+def lost_wakeup_fork(a: dict) -> None:
+    """The parent's watchdog thread does not survive fork(): a child that serves on a ServerSet
+    of its own must start one. The parent has a server asleep (untimed) across the fork."""
+    s, lane, bell = own_set(a)
+    before = lost_wakeup_trials(s, lane, bell, 1)  # the parent's watchdog thread exists now
+    tasks_parent = tasks()
+    sl = Sleeper(s, bell)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            signal.alarm(20)  # never outlive a failed test
+            os.close(r)
+            res = {"tasks_at_fork": tasks()}
+            try:
+                cs, clane, cbell = own_set(fresh_channel(a, 3))
+                res["trials"] = lost_wakeup_trials(cs, clane, cbell, a["trials"], first=100)
+                res["tasks_after"] = tasks()
+            except BaseException as exc:
+                res["error"] = repr(exc)
+            os.write(w, json.dumps(res).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    # Meanwhile the parent's sleeping server loses a wake-up too.
+    sl.fire(lane, 50, hostile=True)
+    across = sl.finish(1.0)
+    data, deadline = b"", time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([r], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(r, 65536)
+        if not chunk:
+            break
+        data += chunk
+    status = None
+    while time.monotonic() < deadline + 5:
+        done, st = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status = os.waitstatus_to_exitcode(st)
+            break
+        time.sleep(0.01)
+    if status is None:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    after = lost_wakeup_trials(s, lane, bell, 1, first=60)
+    out(before=before, tasks_parent=tasks_parent, across=across, after=after, child_status=status,
+        child=json.loads(data) if data else None)
+
+
 ROLES = {
     "zc_server": zc_server,
     "event_sender": event_sender,
@@ -315,6 +525,9 @@ ROLES = {
     "blocked_caller": blocked_caller,
     "scribble_channel": scribble_channel,
     "scribble_doorbell": scribble_doorbell,
+    "lost_wakeup": lost_wakeup,
+    "lost_wakeup_many": lost_wakeup_many,
+    "lost_wakeup_fork": lost_wakeup_fork,
 }
 
 if __name__ == "__main__":

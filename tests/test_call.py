@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import inspect
 import os
 import signal
 import subprocess
@@ -231,3 +232,341 @@ def test_fair_round_robin_across_three_clients(kernel, children):
     assert total > 300, counts
     # Round robin: each waiting client is served once per turn (lowest-index-first would starve).
     assert min(counts) >= 0.85 * total / 3, counts
+
+
+# ---- the native fronts: Endpoint.call / send_async and Service.recv in C ---------------------------
+#
+# capbus.Endpoint subclasses _core.EndpointBase: call() and send_async() run natively when flags are
+# 0 and no capabilities or regions travel, else they call Endpoint._call_slow / _send_async_slow
+# (the reference behaviour). The native side caches the calling thread's lane per endpoint.
+
+
+class InProcess:
+    """A client connection and a service in this process; a thread serves with timed recv()s and
+    answers a call with opcode + 1, data (flags, payload length, channel index, data[0]) and the
+    payload. What the service received is kept in .seen, in order."""
+
+    def __init__(self, kernel, name: str = "fronts") -> None:
+        self.client = capbus.connect(kernel.socket_path)
+        self.server = capbus.connect(kernel.socket_path)
+        self.svc = self.server.register(name)
+        self.ep = self.client.lookup(name)
+        self.seen: list[tuple] = []
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                req = self.svc.recv(timeout=0.05)
+            except capbus.Timeout:
+                continue
+            except BaseException as exc:  # pragma: no cover - reported by close()
+                self.errors.append(exc)
+                return
+            self.seen.append((type(req), req.opcode, req.flags, req.data, bytes(req.payload),
+                              req.expects_reply))
+            if req.expects_reply:
+                req.reply(req.opcode + 1, (req.flags, len(req.payload), req.index, req.data[0]),
+                          bytes(req.payload))
+
+    def wait_seen(self, n: int, timeout: float = 5) -> bool:
+        deadline = time.monotonic() + timeout
+        while len(self.seen) < n and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return len(self.seen) >= n
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        assert not self._thread.is_alive(), "the service thread did not stop"
+        self.client.close()
+        self.server.close()
+        assert not self.errors, self.errors
+
+
+@pytest.fixture
+def inproc(kernel):
+    ip = InProcess(kernel)
+    yield ip
+    ip.close()
+
+
+def test_threads_keep_their_own_lanes(kernel, inproc):
+    """Calls from several threads at once each get their own results, on their own channel; a
+    thread that exits leaves its lane in the native cache, and the threads after it (and the
+    thread that called before it) still go through their own lanes."""
+    ep = inproc.ep
+    main_index = ep.call(1, data=(7,), timeout=5).data[2]
+    indices: dict[int, set[int]] = {}
+    errors: list[BaseException] = []
+
+    def worker(k: int, n: int) -> None:
+        try:
+            mine = indices.setdefault(k, set())
+            for i in range(n):
+                r = ep.call(1, data=(k * 1000 + i,), payload=bytes([k]) * (i % 5), timeout=10)
+                assert r.opcode == 2 and r.data[3] == k * 1000 + i, (k, i, r)
+                assert r.payload == bytes([k]) * (i % 5), (k, i, r)
+                mine.add(r.data[2])
+                ep.send_async(3, data=(k,))  # interleaved with the calls, on the same lane
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k, 100)) for k in range(1, 6)]
+    for t in threads:
+        t.start()
+    for _ in range(100):  # the main thread calls meanwhile: the cache keeps changing hands
+        assert ep.call(1, data=(5,), timeout=10).data[2:] == (main_index, 5)
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive()
+    assert not errors, errors
+    assert all(len(s) == 1 for s in indices.values()), indices  # one lane per thread...
+    per_thread = [next(iter(s)) for s in indices.values()]
+    assert len(set(per_thread + [main_index])) == 6, (per_thread, main_index)  # ...its own
+
+    # Threads that start after the others exited (the cache still holds a dead thread's lane).
+    for k in range(6, 12):
+        t = threading.Thread(target=worker, args=(k, 3))
+        t.start()
+        t.join(30)
+        assert not t.is_alive()
+        assert not errors, errors
+        assert ep.call(1, data=(k,), timeout=5).data[2:] == (main_index, k)
+    assert all(len(indices[k]) == 1 for k in range(6, 12))
+    assert main_index not in {next(iter(indices[k])) for k in range(6, 12)}
+
+
+def test_call_keywords_and_payload_forms(inproc):
+    ep = inproc.ep
+    r = ep.call(opcode=1, data=[1, 2], payload=memoryview(b""), timeout=5)
+    assert (r.opcode, r.data[:2], r.payload) == (2, (0, 0), b"")
+    assert inproc.seen[-1][1:5] == (1, 0, (1, 2, 0, 0), b"")  # no payload at all
+    r = ep.call(1, (3,), bytearray(b"xyz"), 5)  # positional, any bytes-like payload
+    assert r.payload == b"xyz" and inproc.seen[-1][3:5] == ((3, 0, 0, 0), b"xyz")
+    assert ep.call(1, payload=memoryview(b"abc"), timeout=None).payload == b"abc"
+    assert ep.call(1, payload=None, caps=[], regions=(), move=False, timeout=5).payload == b""
+    n = len(inproc.seen)
+    for kw, exc in [
+        (dict(timeout=-1), ValueError),
+        (dict(timeout=-0.001), ValueError),
+        (dict(timeout=float("nan")), ValueError),
+        (dict(data=(1, 2, 3, 4, 5)), ValueError),
+        (dict(data=(-1,)), ValueError),
+        (dict(timeout="1"), TypeError),
+        (dict(payload="text"), TypeError),
+        (dict(bogus=1), TypeError),
+        (dict(opcode=2), TypeError),  # given twice
+        (dict(flags=1), ValueError),  # a transport bit
+        (dict(flags=0x80000000), ValueError),  # the runtime's own transfer bit
+        (dict(flags=-1), ValueError),
+        (dict(flags=2**70), ValueError),
+    ]:
+        with pytest.raises(exc):
+            ep.call(1, **kw)
+    with pytest.raises(TypeError):
+        ep.call()
+    with pytest.raises(TypeError):
+        ep.call(1, (), b"", None, 0, (), (), False, "one too many")
+    for kw, exc in [(dict(timeout=1), TypeError), (dict(bogus=1), TypeError),
+                    (dict(data=(1, 2, 3, 4, 5)), ValueError), (dict(flags=1), ValueError)]:
+        with pytest.raises(exc):
+            ep.send_async(1, **kw)
+    # None of those sent anything: the next call is the next message the service sees.
+    assert ep.call(9, data=(99,), timeout=5).data[3] == 99
+    assert [s[1] for s in inproc.seen[n:]] == [9]
+
+
+def test_user_flags_caps_and_regions_choose_the_path(inproc):
+    """flags != 0 (or capabilities / regions to pass) go through the Python reference methods;
+    flags=0 with empty caps=[] and regions=() stay native. The service sees the flag bits."""
+    ep = inproc.ep
+    slow: list[str] = []
+    call_slow, send_slow = ep._call_slow, ep._send_async_slow
+
+    def spy_call(*a, **kw):
+        slow.append("call")
+        return call_slow(*a, **kw)
+
+    def spy_send(*a, **kw):
+        slow.append("send")
+        return send_slow(*a, **kw)
+
+    ep._call_slow, ep._send_async_slow = spy_call, spy_send
+    r = ep.call(1, data=(4,), flags=0x10000, timeout=5)
+    assert r.data[0] == 0x10000 and inproc.seen[-1][2] == 0x10000
+    assert slow == ["call"]
+    ep.send_async(5, flags=0x20000 | 0x10000)
+    assert inproc.wait_seen(2)
+    assert inproc.seen[-1][1:3] == (5, 0x30000) and slow == ["call", "send"]
+    slow.clear()
+    assert ep.call(1, flags=0, caps=[], regions=(), timeout=5).data[0] == 0
+    ep.send_async(6, flags=0, caps=(), regions=[])
+    assert inproc.wait_seen(4)
+    assert inproc.seen[-1][1:3] == (6, 0)
+    assert slow == []  # the plain case never left C
+    with pytest.raises(ValueError):
+        ep.call(1, flags=0x10000, timeout=-1)  # the Python path checks the timeout as well
+    with pytest.raises(TypeError):
+        ep.call(1, caps=[object()], timeout=5)  # only Endpoints of this Process travel
+    assert slow == ["call", "call"]
+
+
+def test_front_signatures():
+    call = inspect.signature(capbus.Endpoint.call)
+    assert list(call.parameters) == ["self", "opcode", "data", "payload", "timeout", "flags", "caps",
+                                     "regions", "move"]
+    assert [call.parameters[n].default for n in ("data", "payload", "timeout", "flags", "caps",
+                                                 "regions", "move")] == [(), b"", None, 0, (), (),
+                                                                         False]
+    send = inspect.signature(capbus.Endpoint.send_async)
+    assert list(send.parameters) == ["self", "opcode", "data", "payload", "flags", "caps", "regions",
+                                     "move"]
+    recv = inspect.signature(capbus.Service.recv)
+    assert list(recv.parameters) == ["self", "timeout"]
+    assert recv.parameters["timeout"].default is None
+    # The native fronts take exactly the arguments of the reference methods they stand for.
+    assert (list(inspect.signature(capbus.Endpoint._call_slow).parameters) ==
+            list(call.parameters))
+    assert (list(inspect.signature(capbus.Endpoint._send_async_slow).parameters) ==
+            list(send.parameters))
+    assert list(inspect.signature(capbus.Service._recv_slow).parameters) == ["self", "timeout",
+                                                                             "corrupt"]
+    assert capbus.Endpoint.call.__doc__ and "reply" in capbus.Endpoint.call.__doc__
+
+
+def test_call_after_close_or_revoke_raises_invalid_capability(kernel, inproc):
+    ep = inproc.ep
+    assert ep.call(1, timeout=5).opcode == 2  # this thread's lane is in the native cache
+    ep.send_async(2)
+    ep.close()
+    for op in (lambda: ep.call(1, timeout=1), lambda: ep.call(opcode=1),
+               lambda: ep.send_async(1), lambda: ep.call(1, flags=0x10000, timeout=1),
+               lambda: ep.send_async(1, flags=0x10000)):
+        with pytest.raises(capbus.InvalidCapability):
+            op()
+    got: list = []
+
+    def other_thread() -> None:  # no lane yet: it may not open one on a closed endpoint
+        try:
+            ep.call(1, timeout=1)
+        except BaseException as exc:
+            got.append(exc)
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join(10)
+    assert len(got) == 1 and isinstance(got[0], capbus.InvalidCapability), got
+    assert "closed" in str(got[0])
+    # A fresh capability to the same service works; revoking it refuses it the same way.
+    ep2 = inproc.client.lookup("fronts")
+    assert ep2.call(1, data=(3,), timeout=5).data[3] == 3
+    ep2.revoke()
+    for op in (lambda: ep2.call(1, timeout=1), lambda: ep2.send_async(1)):
+        with pytest.raises(capbus.InvalidCapability, match="revoked"):
+            op()
+
+
+def test_received_request_is_the_native_type(kernel):
+    from capbus import _core
+
+    assert capbus.Request is _core.Request
+    with pytest.raises(TypeError):
+        capbus.Request()
+    with capbus.connect(kernel.socket_path) as a, capbus.connect(kernel.socket_path) as b:
+        svc = b.register("objects")
+        got: dict = {}
+
+        def serve() -> None:
+            try:
+                req = svc.recv(timeout=10)
+                got["type"] = type(req)
+                got["obj"] = req.object()
+                got["trusted"] = req.object(trusted=True)
+                with pytest.raises(TypeError):
+                    req.reply_object()
+                req.reply_object({"echo": got["obj"]}, opcode=42)
+                got["replied"] = req.replied
+            except BaseException as exc:  # pragma: no cover - reported below
+                got["error"] = exc
+
+        t = threading.Thread(target=serve)
+        t.start()
+        reply = a.lookup("objects").call_object([1, "two", {3: 4.5}], opcode=7, timeout=10)
+        t.join(10)
+        assert "error" not in got, got
+        assert got["type"] is _core.Request and issubclass(got["type"], capbus.Request)
+        assert got["obj"] == got["trusted"] == [1, "two", {3: 4.5}]
+        assert got["replied"] is True
+        assert reply.opcode == 42 and reply.object() == {"echo": [1, "two", {3: 4.5}]}
+
+
+def test_recv_on_a_closed_service_raises_ipc_error(kernel):
+    with capbus.connect(kernel.socket_path) as me:
+        svc = me.register("shut")
+        with pytest.raises(capbus.Timeout):
+            svc.recv(0.01)
+        for kw, exc in [(dict(timeout=-1), ValueError), (dict(timeout=float("nan")), ValueError),
+                        (dict(bogus=1), TypeError)]:
+            with pytest.raises(exc):
+                svc.recv(**kw)
+        svc.close()
+        for timeout in (0.5, 0, None):
+            t0 = time.monotonic()
+            with pytest.raises(capbus.IpcError, match="closed") as ei:
+                svc.recv(timeout=timeout)
+            assert type(ei.value) is capbus.IpcError  # not a Timeout: refused at once
+            assert time.monotonic() - t0 < 0.4
+        with pytest.raises(capbus.IpcError, match="closed"):
+            svc.recv()
+
+
+CLOSE_WAKES_RECV = """
+import capbus, threading, time
+p = capbus.connect(wait=__import__("sys").argv[1])
+svc = p.register("closing")
+got = []
+def run():
+    try:
+        svc.recv()                                 # no timeout: an untimed sleep
+    except Exception as exc:
+        got.append(exc)
+t = threading.Thread(target=run, daemon=True)
+t.start()
+time.sleep(0.3)                                    # asleep by now (the GIL is free meanwhile)
+t0 = time.monotonic()
+svc.close()
+t.join(5)
+print("woke", t.is_alive(), type(got[0]).__name__ if got else None,
+      round(time.monotonic() - t0, 3), flush=True)
+try:
+    svc.recv()
+except Exception as exc:
+    print("after", type(exc).__name__, exc, flush=True)
+"""
+
+
+@pytest.mark.parametrize("wait", ["block", "adaptive"])
+def test_close_wakes_an_untimed_recv(kernel, children, wait):
+    # In a child: a recv() with no deadline that never woke up would hang the process it is in.
+    p = children.start(CLOSE_WAKES_RECV, wait, stdin=subprocess.DEVNULL)
+    woke = readline(p, 20).split()
+    assert woke[:3] == ["woke", "False", "Cancelled"], woke
+    assert float(woke[3]) < 1.0, woke
+    assert readline(p, 10) == "after IpcError service 'closing' is closed"
+    assert p.wait(10) == 0
+
+
+def test_huge_timeouts_mean_the_same_on_both_paths(inproc):
+    for timeout in (float("inf"), 1e12):
+        outcomes = []
+        for flags in (0, 0x10000):
+            try:
+                inproc.ep.call(1, timeout=timeout, flags=flags)
+                outcomes.append("ok")
+            except Exception as exc:
+                outcomes.append(type(exc).__name__)
+        assert outcomes[0] == outcomes[1], (timeout, outcomes)

@@ -362,3 +362,117 @@ def test_frame_from_forked_child_closes_the_connection(kernel, children, caplog,
     # A fresh connection from anyone still works.
     with capbus.connect(kernel.socket_path, wait="block") as p:
         p.register("victim")
+
+
+# ---- the child's copy of an Endpoint: the native call/send_async ---------------------------------
+
+# The parent serves "fork-ep" on a thread and calls it (twice: the native front has cached this
+# thread's lane), then forks; the child tries the parent's endpoint in the same (copied) thread.
+FORK_ENDPOINT = r"""
+import os, signal, sys, threading
+import capbus
+
+ops = sys.argv[1].split(",")
+p = capbus.connect(wait="block")
+svc = p.register("fork-ep")
+stop = threading.Event()
+served = []
+
+def serve():
+    while not stop.is_set():
+        try:
+            req = svc.recv(timeout=0.05)
+        except capbus.Timeout:
+            continue
+        served.append((req.opcode, req.sender == p.id))
+        if req.expects_reply:
+            req.reply(req.opcode + 1, (os.getpid(),))
+
+t = threading.Thread(target=serve, daemon=True)
+t.start()
+ep = p.lookup("fork-ep")
+assert ep.call(1, timeout=5).data[0] == os.getpid()
+assert ep.call(1, data=(2,), timeout=5).opcode == 2
+ep.send_async(2)
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    try:
+        signal.alarm(20)
+        os.close(r)
+        child = {
+            "call": lambda: ep.call(10, timeout=1),
+            "call_kw": lambda: ep.call(opcode=11, data=(1,), payload=b"x", timeout=None),
+            "send_async": lambda: ep.send_async(12),
+            "send_async_kw": lambda: ep.send_async(opcode=13, payload=b"y" * 100),
+            "call_flags": lambda: ep.call(14, flags=0x10000, timeout=1),
+            "send_flags": lambda: ep.send_async(15, flags=0x10000),
+            "send_many": lambda: ep.send_many([(16, ())]),
+            "call_object": lambda: ep.call_object([1], opcode=17, timeout=1),
+            # The parent's service, while a parent thread is inside recv (its lock held).
+            "recv": lambda: svc.recv(timeout=0.3),
+            "recv_none": lambda: svc.recv(),
+            "poll": lambda: svc.poll(),
+            "recv_many": lambda: svc.recv_many(4, timeout=0.3),
+        }
+        out = []
+        for name in ops:
+            try:
+                child[name]()
+                out.append(f"{name}=no-error")
+            except capbus.KernelUnavailable as exc:
+                out.append(f"{name}=KernelUnavailable:{'fork' in str(exc)}")
+            except Exception as exc:
+                out.append(f"{name}={type(exc).__name__}")
+        os.write(w, (" ".join(out) + "\n").encode())
+    finally:
+        os._exit(0)
+os.close(w)
+data = b""
+while chunk := os.read(r, 65536):
+    data += chunk
+_, status = os.waitpid(pid, 0)
+print("CHILD", os.waitstatus_to_exitcode(status), data.decode().strip(), flush=True)
+# The parent's endpoint, in the same thread, on the lane the child saw: untouched.
+try:
+    after = ep.call(3, data=(4,), timeout=5).opcode
+except Exception as exc:
+    after = type(exc).__name__
+stop.set()
+t.join(5)
+print("PARENT", after, ",".join(str(op) for op, mine in served if mine), flush=True)
+"""
+
+FAST_OPS = ["call", "call_kw", "send_async", "send_async_kw"]
+
+
+def test_forked_child_cannot_use_the_parents_endpoint(kernel, children):
+    proc = children.start(FORK_ENDPOINT, ",".join(FAST_OPS), stdin=subprocess.DEVNULL)
+    child_line = readline(proc, 30)
+    assert child_line.startswith("CHILD 0 "), child_line
+    results = dict(item.split("=", 1) for item in child_line.split()[2:])
+    # Refused although this thread's lane was warm in the native cache before the fork.
+    assert results == {op: "KernelUnavailable:True" for op in FAST_OPS}, results
+    # Nothing reached the parent's service from the child, and the parent's lane still works.
+    assert readline(proc, 20) == "PARENT 4 1,1,2,3"
+    assert proc.wait(10) == 0
+
+
+@pytest.mark.parametrize("op", ["call_flags", "send_flags", "send_many", "call_object"])
+def test_forked_child_cannot_use_the_parents_endpoint_slow_path(kernel, children, op):
+    proc = children.start(FORK_ENDPOINT, op, stdin=subprocess.DEVNULL)
+    child_line = readline(proc, 30)
+    assert child_line == f"CHILD 0 {op}=KernelUnavailable:True", child_line
+    assert readline(proc, 20) == "PARENT 4 1,1,2,3"
+    assert proc.wait(10) == 0
+
+
+@pytest.mark.parametrize("op", ["recv", "recv_none", "poll", "recv_many"])
+def test_forked_child_cannot_receive_on_the_parents_service(kernel, children, op):
+    # Before: the child could take the parent's messages, or hang on the recv lock a parent
+    # thread held at the fork. Now every receive refuses at once.
+    proc = children.start(FORK_ENDPOINT, op, stdin=subprocess.DEVNULL)
+    child_line = readline(proc, 30)
+    assert child_line == f"CHILD 0 {op}=KernelUnavailable:True", child_line
+    assert readline(proc, 20) == "PARENT 4 1,1,2,3"
+    assert proc.wait(10) == 0

@@ -5,8 +5,10 @@ keeps calling. The server must neither crash nor hang nor fail its other clients
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 
+import pytest
 from conftest import readline
 
 import capbus
@@ -147,3 +149,107 @@ def test_control_page_is_read_only_for_the_server_too(kernel):
         ro.close()
     finally:
         shm.close()
+
+
+def test_service_recv_goes_on_after_a_corrupt_channel(kernel):
+    """Service.recv is native; a CorruptChannel goes to the Python path, which reports the channel
+    and goes on serving the others, within the caller's timeout (or none)."""
+    import mmap
+    import os
+    import struct
+
+    from conftest import wait_for
+
+    from capbus import _core
+    from capbus._protocol import frames
+
+    with capbus.connect(kernel.socket_path) as server, \
+            capbus.connect(kernel.socket_path) as hostile, \
+            capbus.connect(kernel.socket_path) as healthy:
+        svc = server.register("victim")
+        ep_ok = healthy.lookup("victim")
+        ep_h = hostile.lookup("victim")
+        ep_ok.send_async(1, data=(1,))  # the healthy client's lane (opened on first use)
+        assert svc.recv(timeout=5).data[0] == 1
+        mapped = []
+
+        def scribbled_channel() -> None:
+            """A raw channel of the hostile client: one valid message, then its tail far ahead."""
+            reply, fds = hostile._request_fds(frames.OpenChannel(ep_h.handle))
+            chan_fd, ctrl_fd, bell_fd, bell_efd, reply_efd = fds
+            try:
+                lane = _core.Lane(chan_fd, ctrl_fd, bell_fd, reply.index, reply.nslots,
+                                  reply.arena_size, _core.WAIT_BLOCK)
+                assert wait_for(lambda: reply.index in svc._set, 5)
+                lane.send(ep_h.handle, 1, 0, (666,))
+                fd = os.open(f"/proc/self/fd/{chan_fd}", os.O_RDWR)
+                m = mmap.mmap(fd, _core.channel_size(reply.nslots, reply.arena_size))
+                os.close(fd)
+                lay = _core.channel_layout(reply.nslots, reply.arena_size)
+                struct.pack_into("<Q", m, lay["req_tail"], 10_000)
+                mapped.append((m, lane))
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+        # Timed: the garbage is reported, then the wait goes on for what is left of the timeout.
+        scribbled_channel()
+        t0 = time.monotonic()
+        with pytest.raises(capbus.Timeout):
+            svc.recv(timeout=0.3)
+        assert 0.25 <= time.monotonic() - t0 < 1.5
+        assert svc.corrupt_channels == 1
+        # No timeout: a healthy message waits behind (or before) a second corrupt channel.
+        scribbled_channel()
+        ep_ok.send_async(2, data=(2,))
+        req = svc.recv()
+        assert (req.opcode, req.data[0], req.sender) == (2, 2, healthy.id)
+        with pytest.raises(capbus.Timeout):
+            svc.recv(timeout=0.2)
+        assert svc.corrupt_channels == 2
+        # The service still serves calls.
+        got = {}
+        t = threading.Thread(target=lambda: got.setdefault("r", ep_ok.call(3, timeout=5)))
+        t.start()
+        req = svc.recv(timeout=5)
+        req.reply(4, (5,))
+        t.join(5)
+        assert got["r"].opcode == 4 and got["r"].data[0] == 5
+        for m, lane in mapped:
+            m.close()
+            lane.close()
+
+
+def test_serve_survives_a_client_scribbling_its_response_ring(kernel, children):
+    import mmap
+    import os
+    import struct
+
+    from capbus import _core
+    from capbus._protocol import frames
+
+    server = children.start(SERVER, stdin=subprocess.DEVNULL)
+    assert readline(server) == "ready"
+    with capbus.connect(kernel.socket_path) as hostile, capbus.connect(kernel.socket_path) as me:
+        ep_h = hostile.lookup("target")
+        reply, fds = hostile._request_fds(frames.OpenChannel(ep_h.handle))
+        chan_fd, ctrl_fd, bell_fd, bell_efd, reply_efd = fds
+        try:
+            lane = _core.Lane(chan_fd, ctrl_fd, bell_fd, reply.index, reply.nslots,
+                              reply.arena_size, _core.WAIT_BLOCK)
+            assert lane.call(ep_h.handle, 1, 0, (7,), b"x" * 100, 5 * 10**9)[0] == 2  # works
+            fd = os.open(f"/proc/self/fd/{chan_fd}", os.O_RDWR)
+            m = mmap.mmap(fd, _core.channel_size(reply.nslots, reply.arena_size))
+            os.close(fd)
+            lay = _core.channel_layout(reply.nslots, reply.arena_size)
+            struct.pack_into("<Q", m, lay["resp_arena_released"], 2**40)  # nonsense
+            with pytest.raises(capbus.IpcError):  # the reply (with a payload) cannot be written
+                lane.call(ep_h.handle, 1, 0, (8,), b"y" * 100, 10**9)
+            m.close()
+            lane.close()
+        finally:
+            for fd in fds:
+                os.close(fd)
+        time.sleep(0.2)
+        assert server.poll() is None, f"the server died: {server.stderr.read()[-800:]}"
+        assert me.lookup("target").call(1, data=(3,), timeout=2).data == (3, 0, 0, 0)

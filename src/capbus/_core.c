@@ -270,7 +270,24 @@
  * ------------------------------------------------------------------------------------------- */
 
 static PyObject *IpcError, *Timeout, *PeerDied, *InvalidCapability, *WouldBlock, *MessageTooLarge,
-    *ProtocolError, *PermissionDenied, *RateLimitExceeded;
+    *ProtocolError, *PermissionDenied, *RateLimitExceeded, *KernelUnavailable;
+
+/* How many fork()s this process descends through (bumped in the child by wd_atfork_child). A Lane
+ * or ServerSet belongs to the process that made it: in a forked child it refuses to work (it
+ * would share rings and locks with the parent: a second producer on an SPSC ring, a recv lock
+ * held by a parent thread that does not exist here). */
+static unsigned long fork_gen;
+
+static int check_fork(unsigned long made_in, const char *what)
+{
+    if (__builtin_expect(made_in == fork_gen, 1))
+        return 0;
+    PyErr_Format(KernelUnavailable,
+                 "this %s belongs to the parent process; a forked child must call "
+                 "capbus.connect() for its own connection",
+                 what);
+    return -1;
+}
 /* Their .code values, sent in data[0] of the server's automatic error replies. */
 static uint64_t code_invalid_capability, code_message_too_large, code_rate_limit;
 
@@ -1267,6 +1284,7 @@ typedef struct {
     char *chan_kept;      /* closed, but still mapped for live loan buffers */
     uint64_t call_t0;     /* CLOCK_MONOTONIC at the latest call_start (round-trip counter) */
     uint64_t cst[CSTATS_SIZE / 8]; /* the client metrics block (private copy; see stat_add) */
+    unsigned long fork_gen;        /* of the process that made it (check_fork) */
 } LaneObject;
 
 static void lane_cancel_loan(LaneObject *L);
@@ -1400,6 +1418,7 @@ static int Lane_init(LaneObject *L, PyObject *args, PyObject *kw)
     L->loan_active = 0;
     L->call_t0 = 0;
     memset(L->cst, 0, sizeof L->cst);
+    L->fork_gen = fork_gen;
     return 0;
 fail:
     if (L->bell_efd == -2)
@@ -1416,6 +1435,8 @@ static int lane_usable(LaneObject *L)
         PyErr_SetString(PyExc_ValueError, "Lane is closed");
         return 0;
     }
+    if (check_fork(L->fork_gen, "capbus channel") < 0)
+        return 0;
     if (L->busy) {
         PyErr_SetString(PyExc_RuntimeError, "Lane used from two threads at once (one per thread)");
         return 0;
@@ -1434,15 +1455,26 @@ static void lane_break(LaneObject *L, const char *why)
                  L->index, why);
 }
 
-/* Tell the server there is work: hint bit, seq bump, a futex wake only if it sleeps, and an
- * eventfd write only if an event-loop server asked for one. */
+/* Tell the server there is work: hint bit; then, unless the server spins (it watches the hint
+ * bits itself and never sleeps), seq bump, a futex wake only if it sleeps, and an eventfd write
+ * only if an event-loop server asked for one. */
 static void lane_ring_doorbell(LaneObject *L)
 {
     uint64_t *word = (uint64_t *)(L->db + DB_BITMAP_OFF) + L->index / 64;
     uint32_t *seq = (uint32_t *)(L->db + DB_SEQ_OFF);
-    /* RELAXED: the bit is only a hint; it is ordered before the seq increment by that RMW's
-     * RELEASE, and the server re-reads our tail with ACQUIRE before trusting anything. */
-    __atomic_fetch_or(word, 1ull << (L->index % 64), __ATOMIC_RELAXED);
+    /* RELEASE: a server that sees the bit and then ACQUIRE-loads our tail sees this message (it
+     * re-reads the tail before trusting anything: the bit is only a hint). */
+    __atomic_fetch_or(word, 1ull << (L->index % 64), __ATOMIC_RELEASE);
+#if !defined(__x86_64__) && !defined(__i386__)
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* on x86 the locked RMW above is this fence */
+#endif
+    /* Dekker with ss_poll(arm), which clears server_spins before it sets event_wanted, fences and
+     * scans: either that scan sees our tail, or this load sees 0 and we do the full handshake.
+     * A client that scribbles the flag to 1 can make wake-ups go missing, like one that clears
+     * server_sleeping: the sleep watchdog / timers bound that. Saves the seq line (which a
+     * spinning server reads) and a fence per message. */
+    if (__atomic_load_n((uint32_t *)(L->db + DB_SERVER_SPINS_OFF), __ATOMIC_RELAXED) == 1)
+        return;
     /* RELEASE: a server that ACQUIRE-loads seq and sees this increment also sees our tail. */
     __atomic_fetch_add(seq, 1, __ATOMIC_RELEASE);
     /* SEQ_CST fence, Dekker with the server's "store sleeping=1; fence; load seq; scan" (ss_wait)
@@ -2439,7 +2471,8 @@ static PyTypeObject LaneType = {
  *   - seq only tells a waiting server "look again": a scribbled seq causes spurious scans (bounded
  *     CPU, deadlines still honoured) or a missed wake-up;
  *   - a missed wake-up (server_sleeping scribbled to 0, seq held constant) is bounded by the
- *     SLEEP_CAP_NS cap on every futex sleep: it costs at most that much latency, never a hang;
+ *     SLEEP_CAP_NS cap on every timed futex sleep, and by the sleep watchdog (below) for the
+ *     untimed ones: it costs at most about that much latency, never a hang;
  *   - event_wanted (poll_armed): a client that sets it, or writes the service's eventfd (even
  *     its saturating maximum: honest writes then fail with EAGAIN, and the counter is non-zero
  *     anyway), only causes spurious wake-ups of the event loop (poll_armed then finds nothing,
@@ -2517,6 +2550,7 @@ typedef struct {
      * (atomic: the recv thread writes, the watchdog reads); wd_seen is the watchdog's own. */
     uint32_t asleep, sleep_ticket, wd_seen;
     int wd_registered; /* in wd_sets (set by the recv thread, cleared by ss_free_all) */
+    unsigned long fork_gen; /* of the process that made it (check_fork) */
     int rescan;           /* atomic: a channel was added (or parked to drain): scan every ring */
     uint64_t next_serial; /* GIL */
     pthread_mutex_t recv_mu;
@@ -2579,12 +2613,14 @@ static void wd_lock(void) { pthread_mutex_lock(&wd_mu); }
 static void wd_unlock(void) { pthread_mutex_unlock(&wd_mu); }
 /* After fork() the child has no watchdog thread (and wd_mu was held across the fork by
  * wd_lock, so it is consistent): the next untimed sleep in the child starts one. */
-static unsigned long fork_gen; /* how many fork()s this process descends through (see EndpointBase) */
-
 static void wd_atfork_child(void)
 {
     fork_gen++;
     wd_running = 0;
+    /* The parent's sets are not ours to wake (and refuse to work here: check_fork). */
+    for (size_t i = 0; i < wd_n; i++)
+        wd_sets[i]->wd_registered = 0;
+    wd_n = 0;
     pthread_mutex_unlock(&wd_mu);
 }
 
@@ -2903,6 +2939,9 @@ static int ServerSet_init(ServerSetObject *S, PyObject *args, PyObject *kw)
         return -1;
     }
     S->event_efd = efd;
+    S->fork_gen = fork_gen;
+    /* RELAXED: read by clients' doorbell rings; see lane_ring_doorbell and ss_poll. */
+    __atomic_store_n((uint32_t *)(S->db + DB_SERVER_SPINS_OFF), mode == WAIT_SPIN, __ATOMIC_RELAXED);
     if (!S->mu_init) {
         pthread_mutex_init(&S->recv_mu, NULL);
         S->mu_init = 1;
@@ -2918,6 +2957,8 @@ static int ss_usable(ServerSetObject *S)
         PyErr_SetString(PyExc_ValueError, "ServerSet is closed");
         return 0;
     }
+    if (check_fork(S->fork_gen, "capbus service") < 0)
+        return 0;
     return 1;
 }
 
@@ -3183,9 +3224,17 @@ static int ss_wait(ServerSetObject *S, uint64_t deadline)
         if (ss_full_scan(S))
             return W_AGAIN;
         uint64_t next_scan = start + SPIN_SCAN_NS;
+        uint64_t *bm = (uint64_t *)(S->db + DB_BITMAP_OFF);
+        uint32_t span = ss_span(S);
         for (unsigned i = 1;; i++) {
             if (__atomic_load_n(seq, __ATOMIC_RELAXED) != seen) /* RELAXED: just "look again" */
                 return W_AGAIN;
+            /* The hint bits too: clients of a spinning server set only those (server_spins).
+             * RELAXED: "look again" as well; a scribbled bit costs one empty turn. */
+            for (uint32_t w = 0; w < span && w < DB_BITMAP_WORDS; w++)
+                if (__atomic_load_n(&bm[w], __ATOMIC_RELAXED) &
+                    __atomic_load_n(&S->active[w], __ATOMIC_RELAXED))
+                    return W_AGAIN;
             if (__atomic_load_n(&S->interrupt, __ATOMIC_RELAXED))
                 return W_INTERRUPT;
             cpu_relax();
@@ -3407,6 +3456,8 @@ static void Request_dealloc(RequestObject *R)
 static PyObject *req_send(RequestObject *R, outmsg_t *m, PyObject *payload_o, int empty_is_none)
 {
     ServerSetObject *S = R->set;
+    if (check_fork(S->fork_gen, "capbus request") < 0)
+        return NULL;
     chan_t *ch = S->db ? S->table[R->index] : NULL;
     if (ch && ch->serial != R->serial)
         ch = NULL; /* a later channel at the same index */
@@ -3704,7 +3755,8 @@ static PyMethodDef Request_methods[] = {
     {"reply", (PyCFunction)(void (*)(void))Request_reply, METH_FASTCALL | METH_KEYWORDS,
      "reply(opcode=0, data=(), payload=b'', flags=0): answer the call. IpcError if answered "
      "already or a one-way message; PeerDied if the client is gone; WouldBlock if its response "
-     "ring is full (the request stays unanswered: try again)."},
+     "ring is full (the request stays unanswered: try again); CorruptChannel if the client "
+     "scribbled its response ring (the channel is dropped; Service.serve reports it)."},
     {"reply_error", (PyCFunction)(void (*)(void))Request_reply_error,
      METH_FASTCALL | METH_KEYWORDS,
      "reply_error(code, text): answer with an error (FLAG_ERROR, data[0] = code, payload = "
@@ -4221,6 +4273,9 @@ static PyObject *ss_poll(ServerSetObject *S, int arm)
              * flag and writes the eventfd. */
             if (S->event_efd >= 0)
                 efd_drain(S->event_efd);
+            /* An event loop waits on the eventfd: clients must do the whole handshake from now
+             * on (a spinning server stops advertising that it spins, for good). */
+            __atomic_store_n((uint32_t *)(S->db + DB_SERVER_SPINS_OFF), 0, __ATOMIC_RELAXED);
             __atomic_store_n((uint32_t *)(S->db + DB_EVENT_WANTED_OFF), 1, __ATOMIC_RELAXED);
             __atomic_thread_fence(__ATOMIC_SEQ_CST);
             ss_full_scan(S);
@@ -4288,8 +4343,12 @@ static PyObject *ServerSet_reply(ServerSetObject *S, PyObject *const *args, Py_s
 
 static PyObject *ServerSet_interrupt(ServerSetObject *S, PyObject *unused)
 {
-    if (!ss_usable(S))
+    if (!S->db) {
+        PyErr_SetString(PyExc_ValueError, "ServerSet is closed");
         return NULL;
+    }
+    if (S->fork_gen != fork_gen)
+        Py_RETURN_NONE; /* a forked child's Service.close(): nothing of it runs here */
     /* RELAXED flag + the seq bump and wake below (the waiter re-reads the flag after waking). */
     __atomic_store_n(&S->interrupt, 1, __ATOMIC_RELAXED);
     uint32_t *seq = (uint32_t *)(S->db + DB_SEQ_OFF);
@@ -5252,6 +5311,7 @@ PyMODINIT_FUNC PyInit__core(void)
         {&WouldBlock, "WouldBlock"},     {&MessageTooLarge, "MessageTooLarge"},
         {&ProtocolError, "ProtocolError"}, {&Cancelled, "Cancelled"},
         {&PermissionDenied, "PermissionDenied"}, {&RateLimitExceeded, "RateLimitExceeded"},
+        {&KernelUnavailable, "KernelUnavailable"},
     };
     for (size_t i = 0; i < sizeof errs / sizeof errs[0]; i++) {
         *errs[i].slot = PyObject_GetAttrString(errors, errs[i].name);
@@ -5348,6 +5408,7 @@ PyMODINIT_FUNC PyInit__core(void)
         C(RIGHT_WRITE),
         C(STATE_OPEN), C(STATE_REVOKED), C(STATE_PEER_DEAD), C(STATE_CLOSED),
         C(DOORBELL_SIZE), C(DB_SEQ_OFF), C(DB_SERVER_SLEEPING_OFF), C(DB_EVENT_WANTED_OFF),
+        C(DB_SERVER_SPINS_OFF),
         C(DB_BITMAP_OFF),
         C(MAX_CHANNELS),
         C(CHAN_HEADER_SIZE), C(CHAN_MAGIC_OFF), C(CHAN_VERSION_OFF), C(CHAN_NSLOTS_OFF),

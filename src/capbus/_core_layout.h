@@ -51,6 +51,8 @@
 #define DB_SEQ_OFF 0u              /* u32 futex word: clients add 1 after publishing */
 #define DB_SERVER_SLEEPING_OFF 64u /* u32: 1 while the server is (about to be) asleep on seq */
 #define DB_EVENT_WANTED_OFF 68u    /* u32: 1 while an event-loop server waits on its eventfd */
+#define DB_SERVER_SPINS_OFF 72u    /* u32: 1 while the server never sleeps nor waits on its
+                                      eventfd (spin mode): clients then only set their hint bit */
 #define DB_BITMAP_OFF 128u         /* MAX_CHANNELS bits as u64 words: "channel i has work" hints */
 #define MAX_CHANNELS 4096u
 #define DB_BITMAP_WORDS (MAX_CHANNELS / 64u)

@@ -88,11 +88,14 @@ class _Lane:
 
 
 def timeout_ns(timeout: float | None) -> int:
+    """Seconds -> ns for the native core; -1 for no deadline (None, or beyond ~292 years), as
+    the native call()/recv() read it."""
     if timeout is None:
         return -1
-    if timeout < 0:
+    if not timeout >= 0:  # negative or NaN
         raise ValueError("timeout must be >= 0 or None")
-    return int(timeout * 1e9)
+    ns = timeout * 1e9
+    return int(ns) if ns < 9.2e18 else -1
 
 
 class Endpoint(_core.EndpointBase):

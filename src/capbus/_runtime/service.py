@@ -164,17 +164,19 @@ class Service(_core.ServiceBase):
                     return
                 raise
             try:
-                result = handler(req)
-            except Exception as exc:  # the caller hears of it; the service goes on
-                log.debug("handler raised for %r", req, exc_info=True)
-                req.reply_error(exc.code if isinstance(exc, IpcError) else IpcError.code,
-                                f"{type(exc).__name__}: {exc}"[:4096])
-                continue
-            if req.expects_reply and not req.replied:
                 try:
+                    result = handler(req)
+                except Exception as exc:  # the caller hears of it; the service goes on
+                    log.debug("handler raised for %r", req, exc_info=True)
+                    req.reply_error(exc.code if isinstance(exc, IpcError) else IpcError.code,
+                                    f"{type(exc).__name__}: {exc}"[:4096])
+                    continue
+                if req.expects_reply and not req.replied:
                     _reply_with(req, result)
-                except PeerDied:  # the caller is gone: its reply is dropped
-                    pass
+            except PeerDied:  # the caller is gone: its reply is dropped
+                pass
+            except _core.CorruptChannel as exc:  # it scribbled its response ring: drop it
+                self._corrupt(exc.index, exc.reason)
 
     # ---- access -------------------------------------------------------------------------------
 
