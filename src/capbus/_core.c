@@ -774,12 +774,25 @@ static int check_wait(int mode, long long spin_ns)
 
 /* Parse a METH_FASTCALL | METH_KEYWORDS call into out[i] (NULL when not given) by position or by
  * name; names is NULL-terminated and the first nreq are required. No allocation. */
-static int fast_args(const char *fname, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-                     const char *const *names, int nreq, PyObject **out)
+static int fast_args_n(const char *fname, PyObject *const *args, Py_ssize_t nargs,
+                       PyObject *kwnames, const char *const *names, int nnames, int nreq,
+                       PyObject **out);
+
+/* names is a NULL-terminated static array: its length is known at compile time. */
+#define fast_args(fname, args, nargs, kwnames, names, nreq, out)                                  \
+    fast_args_n(fname, args, nargs, kwnames, names,                                              \
+                (int)(sizeof(names) / sizeof((names)[0])) - 1, nreq, out)
+
+static int fast_args_n(const char *fname, PyObject *const *args, Py_ssize_t nargs,
+                       PyObject *kwnames, const char *const *names, int nnames, int nreq,
+                       PyObject **out)
 {
-    int nnames = 0;
-    while (names[nnames])
-        nnames++;
+    /* The common case: all positional, no keywords. */
+    if (!kwnames && nargs >= nreq && nargs <= nnames) {
+        for (int i = 0; i < nnames; i++)
+            out[i] = i < nargs ? args[i] : NULL;
+        return 0;
+    }
     if (nargs > nnames) {
         PyErr_Format(PyExc_TypeError, "%s() takes at most %d arguments (%zd given)", fname, nnames,
                      nargs);
