@@ -5308,9 +5308,13 @@ static int add_u64(PyObject *m, const char *name, uint64_t v)
 PyMODINIT_FUNC PyInit__core(void)
 {
     crc32_init();
-    if (pthread_atfork(wd_lock, wd_unlock, wd_atfork_child) != 0) {
-        PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
-        return NULL;
+    static int atfork_done; /* once per process, however often this module is initialised */
+    if (!atfork_done) {
+        if (pthread_atfork(wd_lock, wd_unlock, wd_atfork_child) != 0) {
+            PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
+            return NULL;
+        }
+        atfork_done = 1;
     }
     PyObject *errors = PyImport_ImportModule("capbus._errors");
     if (!errors)
