@@ -4729,9 +4729,10 @@ static int EP_set_handle(EndpointBaseObject *E, PyObject *v, void *c)
     return 0;
 }
 
+/* Instances are of the Python subclasses, whose traverse visits the type itself (this base is a
+ * static type): ours visits only our own references. */
 static int EP_traverse(EndpointBaseObject *E, visitproc visit, void *arg)
 {
-    Py_VISIT(Py_TYPE(E));
     Py_VISIT(E->lane);
     return 0;
 }
@@ -4867,7 +4868,6 @@ static int SV_set_set(ServiceBaseObject *V, PyObject *v, void *c)
 
 static int SV_traverse(ServiceBaseObject *V, visitproc visit, void *arg)
 {
-    Py_VISIT(Py_TYPE(V));
     Py_VISIT(V->set);
     return 0;
 }
