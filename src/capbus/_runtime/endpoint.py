@@ -370,6 +370,8 @@ _EVENT_POLL = _core.SLEEP_CAP_NS / 1e9
 class Loan:
     """A loaned arena buffer (see Endpoint.loan); unsent loans are given back on exit."""
 
+    __slots__ = ("_ep", "_lane", "buffer", "_open")
+
     def __init__(self, ep: Endpoint, lane: _Lane, buffer: memoryview) -> None:
         self._ep, self._lane, self.buffer = ep, lane, buffer
         self._open = True
@@ -385,7 +387,9 @@ class Loan:
     def call(self, opcode: int, data: Sequence[int] = (), timeout: float | None = None,
              flags: int = 0) -> Message:
         """Send the loaned buffer as a call's payload, no copy; wait for the reply."""
-        self._commit(flags)
+        if not self._open or flags:  # the checks of _commit, without its frame when plain
+            self._commit(flags)
+        self._open = False
         r = self._lane.core.call_loan(self._ep.handle, opcode, flags | _REPLY, data,
                                       -1 if timeout is None else timeout_ns(timeout))
         if r[1] & _ERROR:
