@@ -1967,6 +1967,18 @@ static int lane_push(LaneObject *L, outmsg_t *m, const charge_t *c, int loan, ui
     return -1;
 }
 
+/* Push a prepared one-way message: None, WouldBlock (refused, counted), or the lane's error. */
+static PyObject *lane_send_prepared(LaneObject *L, outmsg_t *m, Py_buffer *view, const charge_t *c)
+{
+    int r = lane_push(L, m, c, 0, coarse_ns());
+    release_view(view);
+    if (r == RG_OK)
+        Py_RETURN_NONE;
+    if (r == RG_FULL)
+        PyErr_SetString(WouldBlock, "request ring or arena is full");
+    return NULL;
+}
+
 /* send(capability, opcode, flags, data, payload=None): one-way, never blocks. */
 static PyObject *Lane_send(LaneObject *L, PyObject *const *args, Py_ssize_t nargs,
                            PyObject *kwnames)
@@ -1979,13 +1991,7 @@ static PyObject *Lane_send(LaneObject *L, PyObject *const *args, Py_ssize_t narg
     charge_t c;
     if (lane_prepare(L, a, 0, &m, &view, &c) < 0)
         return NULL;
-    int r = lane_push(L, &m, &c, 0, coarse_ns());
-    release_view(&view);
-    if (r == RG_OK)
-        Py_RETURN_NONE;
-    if (r == RG_FULL)
-        PyErr_SetString(WouldBlock, "request ring or arena is full");
-    return NULL;
+    return lane_send_prepared(L, &m, &view, &c);
 }
 
 /* call_start(capability, opcode, flags, data, payload=None) -> tag: a call that does not wait. */
@@ -4627,6 +4633,27 @@ static const char *const ep_call_kw[] = {"opcode", "data", "payload", "timeout",
 static const char *const ep_send_kw[] = {"opcode", "data", "payload", "flags", "caps", "regions",
                                          "move", NULL};
 
+/* The plain case of call/send_async up to a prepared message: this thread's lane (a new
+ * reference), or NULL with an exception. payload_arg as given (`payload or None` is applied). */
+static LaneObject *ep_prepare(EndpointBaseObject *E, PyObject *opcode, PyObject *data,
+                              PyObject *payload_arg, uint32_t extra, outmsg_t *m, Py_buffer *view,
+                              charge_t *c)
+{
+    PyObject *payload;
+    if (ep_handle(E) < 0 || front_payload(payload_arg, &payload) < 0)
+        return NULL;
+    LaneObject *L = ep_lane(E);
+    if (!L)
+        return NULL;
+    PyObject *la[5] = {NULL, opcode, int_zero, data ? data : empty_tuple, payload};
+    m->capability = E->handle_u64;
+    if (lane_prepare(L, la, extra, m, view, c) < 0) {
+        Py_DECREF(L);
+        return NULL;
+    }
+    return L;
+}
+
 /* call(opcode, data=(), payload=b"", timeout=None, flags=0, caps=(), regions=(), move=False) */
 static PyObject *EP_call(EndpointBaseObject *E, PyObject *const *args, Py_ssize_t nargs,
                          PyObject *kwnames)
@@ -4637,20 +4664,15 @@ static PyObject *EP_call(EndpointBaseObject *E, PyObject *const *args, Py_ssize_
     if (!front_plain(a[4], a[5], a[6]))
         return front_slow((PyObject *)E, str_call_slow, args, nargs, kwnames);
     int64_t tns;
-    PyObject *payload;
-    if (ep_handle(E) < 0 || front_timeout(a[3], &tns) < 0 || front_payload(a[2], &payload) < 0)
+    if (front_timeout(a[3], &tns) < 0)
         return NULL;
-    LaneObject *L = ep_lane(E);
-    if (!L)
-        return NULL;
-    PyObject *la[5] = {NULL, a[0], int_zero, a[1] ? a[1] : empty_tuple, payload};
     outmsg_t m;
-    m.capability = E->handle_u64;
     Py_buffer view;
     charge_t c;
-    PyObject *r = NULL;
-    if (lane_prepare(L, la, FLAG_REPLY_EXPECTED, &m, &view, &c) == 0)
-        r = lane_call_run(L, &m, &view, &c, tns, 0);
+    LaneObject *L = ep_prepare(E, a[0], a[1], a[2], FLAG_REPLY_EXPECTED, &m, &view, &c);
+    if (!L)
+        return NULL;
+    PyObject *r = lane_call_run(L, &m, &view, &c, tns, 0);
     Py_DECREF(L);
     if (r && (PyLong_AsUnsignedLong(PyTuple_GET_ITEM(r, 1)) & FLAG_ERROR)) {
         PyObject *exc = PyObject_CallMethodOneArg((PyObject *)E, str_remote_error, r);
@@ -4673,28 +4695,15 @@ static PyObject *EP_send_async(EndpointBaseObject *E, PyObject *const *args, Py_
         return NULL;
     if (!front_plain(a[3], a[4], a[5]))
         return front_slow((PyObject *)E, str_send_async_slow, args, nargs, kwnames);
-    PyObject *payload;
-    if (ep_handle(E) < 0 || front_payload(a[2], &payload) < 0)
-        return NULL;
-    LaneObject *L = ep_lane(E);
-    if (!L)
-        return NULL;
-    PyObject *la[5] = {NULL, a[0], int_zero, a[1] ? a[1] : empty_tuple, payload};
     outmsg_t m;
-    m.capability = E->handle_u64;
     Py_buffer view;
     charge_t c;
-    int r = -1;
-    if (lane_prepare(L, la, 0, &m, &view, &c) == 0) {
-        r = lane_push(L, &m, &c, 0, coarse_ns());
-        release_view(&view);
-        if (r == RG_FULL)
-            PyErr_SetString(WouldBlock, "request ring or arena is full");
-    }
+    LaneObject *L = ep_prepare(E, a[0], a[1], a[2], 0, &m, &view, &c);
+    if (!L)
+        return NULL;
+    PyObject *r = lane_send_prepared(L, &m, &view, &c);
     Py_DECREF(L);
-    if (r == RG_OK)
-        Py_RETURN_NONE;
-    return NULL;
+    return r;
 }
 
 /* Drop the cached lane (the endpoint was closed or revoked). */
