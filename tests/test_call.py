@@ -570,3 +570,69 @@ def test_huge_timeouts_mean_the_same_on_both_paths(inproc):
             except Exception as exc:
                 outcomes.append(type(exc).__name__)
         assert outcomes[0] == outcomes[1], (timeout, outcomes)
+
+
+def test_reply_is_the_native_message_type(kernel, inproc):
+    """A reply is capbus.Message, the native tuple subclass: tuple semantics, native fields
+    (the runtime's own flag bits masked), object(), repr, pickling and subclassing."""
+    import pickle
+
+    from capbus import _core
+
+    assert capbus.Message is _core.Message and issubclass(capbus.Message, tuple)
+    reply = inproc.ep.call(5, (1, 2, 3, 4), b"abc", timeout=10)
+    assert type(reply) is capbus.Message
+    assert reply.opcode == 6 and reply.payload == b"abc"
+    assert reply.data[:2] == (0, 3) and reply.data[3] == 1 and reply[2:6] == reply.data
+    assert type(reply.data) is tuple and reply[0] == 6 and len(reply) == 7
+    assert "opcode=6" in repr(reply) and "payload=3 bytes" in repr(reply)
+    assert pickle.loads(pickle.dumps(reply)) == reply
+    empty = inproc.ep.call(5, (1, 2, 3, 4), timeout=10)
+    assert empty.payload == b"" and empty[6] is None and "payload=0 bytes" in repr(empty)
+
+    m = capbus.Message((1, 0x80010000 | 0x40000000 | 0x2, 0, 0, 0, 0, b""))
+    assert m.flags == 0x10000  # the runtime's two bits and the core's low bits are not user flags
+    assert m.payload == b""
+
+    class Mine(capbus.Message):
+        pass
+
+    assert Mine((1, 0, 2, 3, 4, 5, b"x")).data == (2, 3, 4, 5)
+    with pytest.raises(IndexError):
+        _ = capbus.Message(()).opcode
+    with pytest.raises(IndexError):
+        _ = capbus.Message((1, 2)).payload
+
+
+def test_request_fields_are_built_on_receipt(kernel):
+    """.opcode, .data and .payload are plain object fields of the native Request: the same
+    objects on every read, b'' when there is no payload, read-only."""
+    with capbus.connect(kernel.socket_path) as a, capbus.connect(kernel.socket_path) as b:
+        svc = b.register("fields")
+        got: dict = {}
+
+        def serve() -> None:
+            try:
+                for _ in range(2):
+                    req = svc.recv(timeout=10)
+                    got.setdefault("seen", []).append((req.opcode, req.data, req.payload))
+                    got["same"] = req.data is req.data and req.payload is req.payload
+                    for name in ("opcode", "data", "payload"):
+                        try:
+                            setattr(req, name, 1)
+                        except AttributeError:
+                            continue
+                        got["writable"] = name
+                    req.reply(req.opcode, req.data, req.payload)
+            except BaseException as exc:  # pragma: no cover - reported below
+                got["error"] = exc
+
+        t = threading.Thread(target=serve)
+        t.start()
+        ep = a.lookup("fields", timeout=10)
+        assert ep.call(2**32 - 1, (2**64 - 1, 0, 1, 2), timeout=10).data == (2**64 - 1, 0, 1, 2)
+        assert ep.call(0, payload=b"xy", timeout=10).payload == b"xy"
+        t.join(10)
+        assert "error" not in got and "writable" not in got, got
+        assert got["same"] is True
+        assert got["seen"] == [(2**32 - 1, (2**64 - 1, 0, 1, 2), b""), (0, (0, 0, 0, 0), b"xy")]

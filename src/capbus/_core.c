@@ -3195,8 +3195,9 @@ static int ss_find_from(ServerSetObject *S, uint32_t start)
 
 /* Round robin: the next ready channel at or after rr; at the end of a turn, fold in the hints
  * (at most *refreshes times per wait cycle, so a scribbler setting every bit cannot keep us
- * busy) and start again from 0; if nothing is ready at all, scan every ring. */
-static int ss_pick(ServerSetObject *S, int *refreshes)
+ * busy) and start again from 0; if nothing is ready at all, scan every ring -- unless the caller
+ * goes to ss_wait next (will_wait), which scans every ring itself after its fence. */
+static int ss_pick(ServerSetObject *S, int *refreshes, int will_wait)
 {
     int i = S->rr < TABLE_SLOTS ? ss_find_from(S, S->rr) : -1;
     if (i >= 0)
@@ -3207,7 +3208,7 @@ static int ss_pick(ServerSetObject *S, int *refreshes)
     }
     S->rr = 0;
     i = ss_find_from(S, 0);
-    if (i >= 0)
+    if (i >= 0 || will_wait)
         return i;
     ss_full_scan(S);
     return ss_find_from(S, 0);
@@ -3409,11 +3410,16 @@ static PyTypeObject ZBufType = {
 typedef struct {
     PyObject_HEAD
     ServerSetObject *set; /* strong reference */
-    PyObject *payload;    /* bytes, a read-only memoryview of the arena (zero-copy: zbuf is set),
-                             or NULL for none (read as b"") */
+    /* .opcode, .data and .payload are built when the request is received and read as object
+     * members (T_OBJECT_EX): the interpreter specialises such reads to a load from the object
+     * (LOAD_ATTR_SLOT), where a getter or a T_UINT member costs a descriptor call each time. A
+     * server reads them on every request (the opcode to dispatch, the data to act on). */
+    PyObject *opcode_o;   /* the opcode as an int */
+    PyObject *data_t;     /* the data 4-tuple */
+    PyObject *payload;    /* bytes (b"" when none) or a read-only memoryview of the arena
+                             (zero-copy: zbuf is set); never NULL while the request lives */
     ZBufObject *zbuf;     /* strong: the zero-copy payload's buffer, or NULL */
     uint64_t plen;        /* payload bytes */
-    PyObject *data_t;     /* the data 4-tuple, built on first use */
     PyObject *regions;    /* NULL reads as () */
     PyObject *caps;       /* NULL reads as () */
     uint64_t tag;
@@ -3439,6 +3445,7 @@ static int Request_traverse(RequestObject *R, visitproc visit, void *arg)
 
 static int Request_clear(RequestObject *R)
 {
+    Py_CLEAR(R->opcode_o);
     Py_CLEAR(R->data_t);
     Py_CLEAR(R->regions);
     Py_CLEAR(R->caps);
@@ -3619,33 +3626,23 @@ static PyObject *Request_get_flags(RequestObject *R, void *c)
     return PyLong_FromUnsignedLong(R->flags & FLAG_USER_MASK);
 }
 
-static PyObject *Request_get_data(RequestObject *R, void *c)
-{
-    if (!R->data_t) {
-        PyObject *t = PyTuple_New(4);
-        if (!t)
-            return NULL;
-        for (int i = 0; i < 4; i++) {
-            PyObject *o = PyLong_FromUnsignedLongLong(R->data[i]);
-            if (!o) {
-                Py_DECREF(t);
-                return NULL;
-            }
-            PyTuple_SET_ITEM(t, i, o);
-        }
-        R->data_t = t;
-    }
-    Py_INCREF(R->data_t);
-    return R->data_t;
-}
-
 static PyObject *empty_bytes, *empty_tuple;
 
-static PyObject *Request_get_payload(RequestObject *R, void *c)
+/* The four data words as a tuple of ints (a new reference). */
+static PyObject *data_tuple(const uint64_t d[4])
 {
-    PyObject *p = R->payload ? R->payload : empty_bytes;
-    Py_INCREF(p);
-    return p;
+    PyObject *t = PyTuple_New(4);
+    if (!t)
+        return NULL;
+    for (int i = 0; i < 4; i++) {
+        PyObject *o = PyLong_FromUnsignedLongLong(d[i]);
+        if (!o) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, o);
+    }
+    return t;
 }
 
 static PyObject *Request_get_expects_reply(RequestObject *R, void *c)
@@ -3685,15 +3682,10 @@ static int Request_set_caps(RequestObject *R, PyObject *v, void *c)
 
 static PyObject *Request_repr(RequestObject *R)
 {
-    PyObject *data = Request_get_data(R, NULL);
-    if (!data)
-        return NULL;
-    PyObject *r = PyUnicode_FromFormat(
+    return PyUnicode_FromFormat(
         "<capbus.Request from %llu opcode=%u data=%R payload=%llu bytes%s>",
-        (unsigned long long)R->sender, R->opcode, data, (unsigned long long)R->plen,
+        (unsigned long long)R->sender, R->opcode, R->data_t, (unsigned long long)R->plen,
         (R->flags & FLAG_REPLY_EXPECTED) ? (R->done ? " (replied)" : " (call)") : " (one-way)");
-    Py_DECREF(data);
-    return r;
 }
 
 /* release(): done with a zero-copy payload before replying (or for a one-way message). */
@@ -3719,6 +3711,113 @@ static PyObject *objects_module(void)
     return mod;
 }
 
+
+/* ---- Message: a call's reply, (opcode, flags, d0, d1, d2, d3, payload or None). -------------
+ * A tuple subclass defined here rather than in Python: make_message allocates it directly, and a
+ * static type's instances die through tuple's own dealloc (a Python subclass goes through
+ * subtype_dealloc and a type reference per object). Its fields are native getters too, so reading
+ * reply.data or reply.payload runs no Python frame. */
+
+#define MSG_USER_FLAGS (FLAG_USER_MASK & ~(RT_TRANSFER_FLAG | RT_OBJECT_FLAG))
+
+static PyObject *msg_item(PyObject *t, Py_ssize_t i)
+{
+    if (PyTuple_GET_SIZE(t) <= i) {
+        PyErr_SetString(PyExc_IndexError, "tuple index out of range");
+        return NULL;
+    }
+    return PyTuple_GET_ITEM(t, i);
+}
+
+static PyObject *Message_get_opcode(PyObject *t, void *c)
+{
+    return Py_XNewRef(msg_item(t, 0));
+}
+
+static PyObject *Message_get_flags(PyObject *t, void *c)
+{
+    PyObject *f = msg_item(t, 1);
+    if (!f)
+        return NULL;
+    unsigned long v = PyLong_AsUnsignedLong(f);
+    if (v == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    return PyLong_FromUnsignedLong(v & MSG_USER_FLAGS);
+}
+
+static PyObject *Message_get_data(PyObject *t, void *c)
+{
+    if (!msg_item(t, 5))
+        return NULL;
+    return PyTuple_GetSlice(t, 2, 6);
+}
+
+/* The payload: item 6, or b"" when that is None or empty. */
+static PyObject *Message_get_payload(PyObject *t, void *c)
+{
+    PyObject *p = msg_item(t, 6);
+    if (!p)
+        return NULL;
+    int truth = p == Py_None ? 0 : PyObject_IsTrue(p);
+    if (truth < 0)
+        return NULL;
+    return Py_NewRef(truth ? p : empty_bytes);
+}
+
+static PyObject *Message_object(PyObject *t, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"trusted", NULL};
+    int trusted = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p:object", kwlist, &trusted))
+        return NULL;
+    PyObject *mod = objects_module();
+    PyObject *payload = mod ? Message_get_payload(t, NULL) : NULL;
+    if (!payload)
+        return NULL;
+    PyObject *r = PyObject_CallMethod(mod, "loads", "OO", payload, trusted ? Py_True : Py_False);
+    Py_DECREF(payload);
+    return r;
+}
+
+static PyObject *Message_repr(PyObject *t)
+{
+    PyObject *data = Message_get_data(t, NULL);
+    PyObject *payload = data ? Message_get_payload(t, NULL) : NULL;
+    Py_ssize_t n = payload ? PyObject_Length(payload) : -1;
+    PyObject *r = NULL;
+    if (n >= 0)
+        r = PyUnicode_FromFormat("<capbus.Message opcode=%R data=%R payload=%zd bytes>",
+                                 PyTuple_GET_ITEM(t, 0), data, n);
+    Py_XDECREF(data);
+    Py_XDECREF(payload);
+    return r;
+}
+
+static PyMethodDef Message_methods[] = {
+    {"object", (PyCFunction)(void (*)(void))Message_object, METH_VARARGS | METH_KEYWORDS,
+     "object(trusted=False): the Python object the payload carries (see Endpoint.call_object)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Message_getset[] = {
+    {"opcode", (getter)Message_get_opcode, NULL, "the reply's opcode", NULL},
+    {"flags", (getter)Message_get_flags, NULL, "user flags", NULL},
+    {"data", (getter)Message_get_data, NULL, "the four u64 data words", NULL},
+    {"payload", (getter)Message_get_payload, NULL, "the payload (b'' when none)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject MessageType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "capbus.Message",
+    .tp_repr = Message_repr,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "A received message: .opcode, .flags, .data (four u64) and .payload (bytes).\n\n"
+              "A tuple underneath (opcode, flags, d0, d1, d2, d3, payload or None), exactly as\n"
+              "the native core returns it.",
+    .tp_methods = Message_methods,
+    .tp_getset = Message_getset,
+};
+
 static PyObject *Request_object(RequestObject *R, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"trusted", NULL};
@@ -3726,12 +3825,9 @@ static PyObject *Request_object(RequestObject *R, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|p:object", kwlist, &trusted))
         return NULL;
     PyObject *mod = objects_module();
-    PyObject *payload = mod ? Request_get_payload(R, NULL) : NULL;
-    if (!payload)
+    if (!mod)
         return NULL;
-    PyObject *r = PyObject_CallMethod(mod, "loads", "OO", payload, trusted ? Py_True : Py_False);
-    Py_DECREF(payload);
-    return r;
+    return PyObject_CallMethod(mod, "loads", "OO", R->payload, trusted ? Py_True : Py_False);
 }
 
 static PyObject *Request_reply_object(RequestObject *R, PyObject *args, PyObject *kw)
@@ -3786,7 +3882,11 @@ static PyMethodDef Request_methods[] = {
 static PyMemberDef Request_members[] = {
     {"sender", T_ULONGLONG, offsetof(RequestObject, sender), READONLY,
      "kernel-verified ProcessId of the client"},
-    {"opcode", T_UINT, offsetof(RequestObject, opcode), READONLY, "opcode"},
+    {"opcode", T_OBJECT_EX, offsetof(RequestObject, opcode_o), READONLY, "opcode"},
+    {"data", T_OBJECT_EX, offsetof(RequestObject, data_t), READONLY, "the four u64 data words"},
+    {"payload", T_OBJECT_EX, offsetof(RequestObject, payload), READONLY,
+     "payload: bytes (b'' when none), or for a zero-copy one (FLAG_LOANED or >= ZC_THRESHOLD "
+     "bytes) a read-only memoryview of the arena, valid until reply/release"},
     {"capability", T_ULONGLONG, offsetof(RequestObject, capability), READONLY,
      "the capability value the client sent (untrusted)"},
     {"index", T_UINT, offsetof(RequestObject, index), READONLY, "channel index (internal)"},
@@ -3796,10 +3896,6 @@ static PyMemberDef Request_members[] = {
 
 static PyGetSetDef Request_getset[] = {
     {"flags", (getter)Request_get_flags, NULL, "user flags (FLAG_USER_MASK bits)", NULL},
-    {"data", (getter)Request_get_data, NULL, "the four u64 data words", NULL},
-    {"payload", (getter)Request_get_payload, NULL,
-     "payload: bytes (b'' when none), or for a zero-copy one (FLAG_LOANED or >= ZC_THRESHOLD "
-     "bytes) a read-only memoryview of the arena, valid until reply/release", NULL},
     {"zero_copy", (getter)Request_get_zero_copy, NULL,
      "True if .payload is a view of the arena (zero-copy)", NULL},
     {"expects_reply", (getter)Request_get_expects_reply, NULL, "a call (not a send)", NULL},
@@ -3997,14 +4093,20 @@ static int ss_pop(ServerSetObject *S, chan_t *ch, PyObject **out, const char **w
         if (!payload)
             return *why ? P_CORRUPT : P_ERROR;
     }
-    RequestObject *R = (RequestObject *)req_type->tp_alloc(req_type, 0);
+    PyObject *opcode_o = PyLong_FromUnsignedLong(m.s.opcode);
+    PyObject *data_t = opcode_o ? data_tuple(m.s.data) : NULL;
+    RequestObject *R = data_t ? (RequestObject *)req_type->tp_alloc(req_type, 0) : NULL;
     if (!R) {
+        Py_XDECREF(opcode_o);
+        Py_XDECREF(data_t);
         Py_XDECREF(payload); /* frees E too */
         return P_ERROR; /* not consumed: the next recv gets it again */
     }
     Py_INCREF(S);
     R->set = S;
-    R->payload = payload;
+    R->opcode_o = opcode_o;
+    R->data_t = data_t;
+    R->payload = payload ? payload : Py_NewRef(empty_bytes);
     R->plen = m.plen;
     R->tag = m.s.tag;
     R->capability = m.s.capability;
@@ -4035,12 +4137,12 @@ static int ss_pop(ServerSetObject *S, chan_t *ch, PyObject **out, const char **w
 enum { TK_ERROR = -1, TK_NONE = 0, TK_GOT = 1, TK_BUDGET = 2 };
 
 /* Take the next message without waiting (GIL and recv_mu held). TK_GOT with *out; TK_NONE when
- * nothing is ready (every ring was looked at); TK_BUDGET when *budget pops delivered nothing (a
+ * nothing is ready (every ring was looked at, or with will_wait every hint); TK_BUDGET when *budget pops delivered nothing (a
  * client can make its ring flicker, or stream cancelled requests, as fast as we look: the
  * caller re-checks its deadline and signals before going on); TK_ERROR with an exception. With
  * defer, a corrupt channel is recorded for the next call instead of raised. */
 static int ss_take(ServerSetObject *S, PyObject **out, int *refreshes, unsigned *budget,
-                   int defer)
+                   int defer, int will_wait)
 {
     const char *why = NULL;
     for (;;) {
@@ -4052,7 +4154,7 @@ static int ss_take(ServerSetObject *S, PyObject **out, int *refreshes, unsigned 
         }
         if (!*budget)
             return TK_BUDGET;
-        int i = ss_pick(S, refreshes);
+        int i = ss_pick(S, refreshes, will_wait);
         if (i < 0)
             return TK_NONE;
         (*budget)--;
@@ -4150,7 +4252,9 @@ static int ss_take_wait(ServerSetObject *S, PyObject **out, uint64_t deadline)
             PyErr_SetString(Cancelled, "recv interrupted");
             return TK_ERROR;
         }
-        int t = ss_take(S, out, &refreshes, &budget, 0);
+        /* With no deadline, nothing found means ss_wait next: its full scan comes after the
+         * fence, so the one before it would only repeat it. */
+        int t = ss_take(S, out, &refreshes, &budget, 0, deadline == UINT64_MAX);
         if (t == TK_GOT || t == TK_ERROR)
             return t;
         if (deadline != UINT64_MAX && now_ns() >= deadline)
@@ -4245,7 +4349,7 @@ static PyObject *ServerSet_recv_many(ServerSetObject *S, PyObject *const *args, 
         int refreshes = 1;
         unsigned budget = 2 * MAX_CHANNELS;
         while (PyList_GET_SIZE(list) < max_n) {
-            t = ss_take(S, &one, &refreshes, &budget, 1);
+            t = ss_take(S, &one, &refreshes, &budget, 1, 0);
             if (t != TK_GOT)
                 break;
             r = PyList_Append(list, one);
@@ -4283,7 +4387,7 @@ static PyObject *ss_poll(ServerSetObject *S, int arm)
     if (ss_raise_pending(S) == 0) {
         int refreshes = 1;
         unsigned budget = 2 * MAX_CHANNELS;
-        t = ss_take(S, &result, &refreshes, &budget, 0);
+        t = ss_take(S, &result, &refreshes, &budget, 0, 0);
         if (t == TK_NONE && arm) {
             /* Empty the eventfd (a write before this belongs to a message the scan below sees;
              * a stale count would only wake the loop for nothing). Then RELAXED store + SEQ_CST
@@ -4299,7 +4403,7 @@ static PyObject *ss_poll(ServerSetObject *S, int arm)
             __atomic_thread_fence(__ATOMIC_SEQ_CST);
             ss_full_scan(S);
             refreshes = 0;
-            t = ss_take(S, &result, &refreshes, &budget, 0);
+            t = ss_take(S, &result, &refreshes, &budget, 0, 0);
         }
         if (t == TK_GOT)
             ss_clear_event(S);
@@ -5375,7 +5479,9 @@ PyMODINIT_FUNC PyInit__core(void)
         ProtocolError, NULL);
     if (!CorruptChannel)
         return NULL;
-    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&ServerSetType) < 0 ||
+    MessageType.tp_base = &PyTuple_Type;
+    if (PyType_Ready(&MessageType) < 0 || PyType_Ready(&LaneType) < 0 ||
+        PyType_Ready(&ServerSetType) < 0 ||
         PyType_Ready(&RequestType) < 0 || PyType_Ready(&ZBufType) < 0 ||
         PyType_Ready(&EndpointBaseType) < 0 || PyType_Ready(&ServiceBaseType) < 0)
         return NULL;
@@ -5411,7 +5517,9 @@ PyMODINIT_FUNC PyInit__core(void)
     Py_INCREF(&LaneType);
     Py_INCREF(&ServerSetType);
     Py_INCREF(&RequestType);
-    if (PyModule_AddObject(m, "CorruptChannel", CorruptChannel) < 0 ||
+    Py_INCREF(&MessageType);
+    if (PyModule_AddObject(m, "Message", (PyObject *)&MessageType) < 0 ||
+        PyModule_AddObject(m, "CorruptChannel", CorruptChannel) < 0 ||
         PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0 ||
         PyModule_AddObject(m, "ServerSet", (PyObject *)&ServerSetType) < 0 ||
         PyModule_AddObject(m, "Request", (PyObject *)&RequestType) < 0)

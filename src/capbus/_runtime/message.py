@@ -5,10 +5,8 @@ structures (the native core uses the same layout; a test checks sizes and offset
 from __future__ import annotations
 
 import ctypes
-from typing import Any
 
 from .. import _core
-from . import objects
 
 # The top two user flag bits are the runtime's own.
 TRANSFER_FLAG = _core.TRANSFER_FLAG  # capabilities or regions travel with this message
@@ -66,37 +64,9 @@ def bad_flags(flags: int) -> ValueError:
     return ValueError(f"user flags must lie in {USER_FLAGS:#x}, got {flags:#x}")
 
 
-class Message(tuple):
-    """A received message: .opcode, .flags, .data (four u64) and .payload (bytes).
-
-    A tuple underneath (opcode, flags, d0, d1, d2, d3, payload), exactly as the native core
-    returns it: building one costs no more than the call that produced it.
-    """
-
-    __slots__ = ()
-
-    @property
-    def opcode(self) -> int:
-        return self[0]
-
-    @property
-    def flags(self) -> int:
-        return self[1] & USER_FLAGS
-
-    @property
-    def data(self) -> tuple[int, int, int, int]:
-        return self[2:6]
-
-    @property
-    def payload(self) -> bytes:
-        return self[6] or b""
-
-    def __repr__(self) -> str:
-        return f"<capbus.Message opcode={self[0]} data={self[2:6]} payload={len(self.payload)} bytes>"
-
-    def object(self, trusted: bool = False) -> Any:
-        """The Python object the payload carries (see Endpoint.call_object)."""
-        return objects.loads(self.payload, trusted)
+# A call's reply is the native tuple subclass (opcode, flags, d0, d1, d2, d3, payload or None):
+# .opcode, .flags, .data, .payload and .object() are native, and so is its deallocation.
+Message = _core.Message
 
 
 # A received request is the native type itself: no Python subclass to build and tear down for
