@@ -217,3 +217,18 @@ def test_percentile_nearest_rank() -> None:
     assert percentile([7], 0.99) == 7
     with pytest.raises(ValueError):
         percentile([], 0.5)
+
+
+def test_block_same_cpu_rounds_alternate_with_the_c_anchor() -> None:
+    """The same-CPU block row and its C anchor come from alternating rounds against one echo
+    server: two rows, capbus first, each saying how it was measured."""
+    from capbus._bench import capbus_bench
+
+    rows = capbus_bench.block_same_cpu_interleaved(rounds=2, n=300, anchor_iterations=300)
+    assert [r.mechanism for r in rows] == ["capbus block", "C futex ping-pong (same CPU)"]
+    ours, anchor = rows
+    assert not ours.skipped and ours.samples == 600 and 0 < ours.median_us <= ours.p99_us
+    assert "same CPU" in ours.note and "2 rounds" in ours.note
+    if anchor.skipped:  # no C compiler here
+        return
+    assert 0 < anchor.median_us <= anchor.p99_us and "2 rounds" in anchor.note

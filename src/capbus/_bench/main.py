@@ -30,7 +30,8 @@ def _ratio(a: Result | None, b: Result | None) -> str:
 
 
 def call_section(quick: bool) -> list[Result]:
-    rows = capbus_bench.run_calls(quick) + peers.run_peers("call", quick)
+    ours = capbus_bench.run_calls(quick)
+    rows = ours[:-1] + peers.run_peers("call", quick, given={"c_futex_same": ours[-1]})
     print_table("Round trip, 48-byte message, two processes", rows, machine_line())
     spin = _find(rows, "capbus spin")
     block_x = _find(rows, "capbus block", "cross-CPU")

@@ -1640,15 +1640,19 @@ def full_knobs(spec: PeerSpec) -> dict[str, Any]:
     return {}
 
 
-def run_peers(kind: str, quick: bool = False) -> list[Result]:
+def run_peers(kind: str, quick: bool = False, given: dict[str, Result] | None = None) -> list[Result]:
     """Run every peer benchmark of ``kind`` ("call", "async" or "large"), one at a time.
 
     ``quick``: a few hundred iterations each (smoke test); otherwise about 1-2 s
     each.  A mechanism that fails is reported as a skipped Result whose note
-    starts with "failed:".
+    starts with "failed:".  ``given``: rows measured already (by spec name, e.g.
+    "c_futex_same"), put in their place instead of running those specs again.
     """
     results = []
     for spec in peer_specs(kind):
+        if given and spec.name in given:
+            results.append(given[spec.name])
+            continue
         knobs = quick_knobs(spec) if quick else full_knobs(spec)
         try:
             results.append(spec.run(**knobs))
