@@ -3410,12 +3410,14 @@ static PyTypeObject ZBufType = {
 typedef struct {
     PyObject_HEAD
     ServerSetObject *set; /* strong reference */
-    /* .opcode, .data and .payload are built when the request is received and read as object
-     * members (T_OBJECT_EX): the interpreter specialises such reads to a load from the object
+    /* .opcode and .payload are built when the request is received and read as object members
+     * (T_OBJECT_EX): the interpreter specialises such reads to a load from the object
      * (LOAD_ATTR_SLOT), where a getter or a T_UINT member costs a descriptor call each time. A
-     * server reads them on every request (the opcode to dispatch, the data to act on). */
+     * server reads the opcode of every request, to dispatch. .data stays a getter: building the
+     * tuple for every message would cost a receiver that drains a stream in batches (recv_many)
+     * a third of its throughput. */
     PyObject *opcode_o;   /* the opcode as an int */
-    PyObject *data_t;     /* the data 4-tuple */
+    PyObject *data_t;     /* the data 4-tuple, built on first use */
     PyObject *payload;    /* bytes (b"" when none) or a read-only memoryview of the arena
                              (zero-copy: zbuf is set); never NULL while the request lives */
     ZBufObject *zbuf;     /* strong: the zero-copy payload's buffer, or NULL */
@@ -3621,6 +3623,15 @@ static PyObject *Request_reply_error(RequestObject *R, PyObject *const *args, Py
     return r;
 }
 
+static PyObject *data_tuple(const uint64_t d[4]);
+
+static PyObject *Request_get_data(RequestObject *R, void *c)
+{
+    if (!R->data_t && !(R->data_t = data_tuple(R->data)))
+        return NULL;
+    return Py_NewRef(R->data_t);
+}
+
 static PyObject *Request_get_flags(RequestObject *R, void *c)
 {
     return PyLong_FromUnsignedLong(R->flags & FLAG_USER_MASK);
@@ -3682,10 +3693,15 @@ static int Request_set_caps(RequestObject *R, PyObject *v, void *c)
 
 static PyObject *Request_repr(RequestObject *R)
 {
-    return PyUnicode_FromFormat(
+    PyObject *data = Request_get_data(R, NULL);
+    if (!data)
+        return NULL;
+    PyObject *r = PyUnicode_FromFormat(
         "<capbus.Request from %llu opcode=%u data=%R payload=%llu bytes%s>",
-        (unsigned long long)R->sender, R->opcode, R->data_t, (unsigned long long)R->plen,
+        (unsigned long long)R->sender, R->opcode, data, (unsigned long long)R->plen,
         (R->flags & FLAG_REPLY_EXPECTED) ? (R->done ? " (replied)" : " (call)") : " (one-way)");
+    Py_DECREF(data);
+    return r;
 }
 
 /* release(): done with a zero-copy payload before replying (or for a one-way message). */
@@ -3883,7 +3899,6 @@ static PyMemberDef Request_members[] = {
     {"sender", T_ULONGLONG, offsetof(RequestObject, sender), READONLY,
      "kernel-verified ProcessId of the client"},
     {"opcode", T_OBJECT_EX, offsetof(RequestObject, opcode_o), READONLY, "opcode"},
-    {"data", T_OBJECT_EX, offsetof(RequestObject, data_t), READONLY, "the four u64 data words"},
     {"payload", T_OBJECT_EX, offsetof(RequestObject, payload), READONLY,
      "payload: bytes (b'' when none), or for a zero-copy one (FLAG_LOANED or >= ZC_THRESHOLD "
      "bytes) a read-only memoryview of the arena, valid until reply/release"},
@@ -3896,6 +3911,7 @@ static PyMemberDef Request_members[] = {
 
 static PyGetSetDef Request_getset[] = {
     {"flags", (getter)Request_get_flags, NULL, "user flags (FLAG_USER_MASK bits)", NULL},
+    {"data", (getter)Request_get_data, NULL, "the four u64 data words", NULL},
     {"zero_copy", (getter)Request_get_zero_copy, NULL,
      "True if .payload is a view of the arena (zero-copy)", NULL},
     {"expects_reply", (getter)Request_get_expects_reply, NULL, "a call (not a send)", NULL},
@@ -4094,18 +4110,15 @@ static int ss_pop(ServerSetObject *S, chan_t *ch, PyObject **out, const char **w
             return *why ? P_CORRUPT : P_ERROR;
     }
     PyObject *opcode_o = PyLong_FromUnsignedLong(m.s.opcode);
-    PyObject *data_t = opcode_o ? data_tuple(m.s.data) : NULL;
-    RequestObject *R = data_t ? (RequestObject *)req_type->tp_alloc(req_type, 0) : NULL;
+    RequestObject *R = opcode_o ? (RequestObject *)req_type->tp_alloc(req_type, 0) : NULL;
     if (!R) {
         Py_XDECREF(opcode_o);
-        Py_XDECREF(data_t);
         Py_XDECREF(payload); /* frees E too */
         return P_ERROR; /* not consumed: the next recv gets it again */
     }
     Py_INCREF(S);
     R->set = S;
     R->opcode_o = opcode_o;
-    R->data_t = data_t;
     R->payload = payload ? payload : Py_NewRef(empty_bytes);
     R->plen = m.plen;
     R->tag = m.s.tag;
