@@ -3780,17 +3780,25 @@ static PyObject *Message_get_payload(PyObject *t, void *c)
     return Py_NewRef(truth ? p : empty_bytes);
 }
 
-static PyObject *Message_object(PyObject *t, PyObject *args, PyObject *kw)
+/* object(trusted=False) of a Message or a Request: objects.loads(payload, trusted). */
+static PyObject *payload_object(PyObject *payload, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"trusted", NULL};
     int trusted = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|p:object", kwlist, &trusted))
         return NULL;
     PyObject *mod = objects_module();
-    PyObject *payload = mod ? Message_get_payload(t, NULL) : NULL;
+    if (!mod)
+        return NULL;
+    return PyObject_CallMethod(mod, "loads", "OO", payload, trusted ? Py_True : Py_False);
+}
+
+static PyObject *Message_object(PyObject *t, PyObject *args, PyObject *kw)
+{
+    PyObject *payload = Message_get_payload(t, NULL);
     if (!payload)
         return NULL;
-    PyObject *r = PyObject_CallMethod(mod, "loads", "OO", payload, trusted ? Py_True : Py_False);
+    PyObject *r = payload_object(payload, args, kw);
     Py_DECREF(payload);
     return r;
 }
@@ -3836,14 +3844,7 @@ static PyTypeObject MessageType = {
 
 static PyObject *Request_object(RequestObject *R, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"trusted", NULL};
-    int trusted = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p:object", kwlist, &trusted))
-        return NULL;
-    PyObject *mod = objects_module();
-    if (!mod)
-        return NULL;
-    return PyObject_CallMethod(mod, "loads", "OO", R->payload, trusted ? Py_True : Py_False);
+    return payload_object(R->payload, args, kw);
 }
 
 static PyObject *Request_reply_object(RequestObject *R, PyObject *args, PyObject *kw)
