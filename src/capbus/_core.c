@@ -245,6 +245,10 @@
 #include <Python.h>
 #include <structmember.h>
 
+#ifdef Py_GIL_DISABLED
+#error "capbus's native core relies on the GIL (gil_lock_t, the free lists): free-threaded CPython is not supported"
+#endif
+
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -260,6 +264,11 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+
+/* HOT: a function on the path of a call or a receive. GCC places these together (.text.hot), so
+ * a round trip runs from 6 pages of this module's code instead of 13 spread over it: after each
+ * context switch, fewer instruction-cache lines and TLB entries to refill. */
+#define HOT __attribute__((hot))
 
 #include "_core_layout.h"
 #include "_core_limits.h"
@@ -298,6 +307,82 @@ static uint64_t code_invalid_capability, code_message_too_large, code_rate_limit
 static inline uint64_t now_ns(void) { return clock_ns(CLOCK_MONOTONIC); }
 /* coarse_ns() (in _core_limits.h): CLOCK_MONOTONIC_COARSE, for checks that tolerate a tick. */
 
+/* ---- The call-latency clock. -----------------------------------------------------------------
+ * Every call's round trip goes into the metrics (sum, max, histogram). Two CLOCK_MONOTONIC reads
+ * cost ~50 ns on a VM (the vDSO reads the TSC and converts it, ~25 ns each). Where the kernel's
+ * own clocksource is the TSC (it then runs at a constant rate, in step on every CPU), the call
+ * reads the TSC itself twice and converts only the difference: ~20 ns. The TSC's rate is taken
+ * from CLOCK_MONOTONIC once, at the first call 50 ms or more after the module was loaded; calls
+ * before that, and every call where the TSC is not the clocksource, read CLOCK_MONOTONIC. */
+typedef struct {
+    uint64_t t;
+    int tsc; /* t is a TSC reading (else CLOCK_MONOTONIC ns) */
+} lat_t;
+
+#define TSC_CALIBRATE_NS 50000000ull
+static int tsc_state;                /* 0: not usable, 1: rate not known yet, 2: in use */
+static uint64_t tsc_mult;            /* ns per tick, 32.32 fixed point (set once, then read) */
+static uint64_t tsc_ref_tick, tsc_ref_ns;
+
+#if defined(__x86_64__)
+#include <x86intrin.h>
+
+static void tsc_init(void) /* module init */
+{
+    char buf[16] = {0};
+    int fd = open("/sys/devices/system/clocksource/clocksource0/current_clocksource",
+                  O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n >= 3 && memcmp(buf, "tsc", 3) == 0 && (n == 3 || buf[3] == '\n')) {
+        tsc_ref_ns = now_ns();
+        tsc_ref_tick = __rdtsc();
+        tsc_state = 1;
+    }
+}
+
+/* GIL held (the globals change once, here). */
+static void tsc_calibrate(void)
+{
+    uint64_t ns = now_ns(), tick = __rdtsc();
+    if (ns - tsc_ref_ns < TSC_CALIBRATE_NS)
+        return;
+    if (tick <= tsc_ref_tick) {
+        tsc_state = 0;
+        return;
+    }
+    unsigned __int128 m = ((unsigned __int128)(ns - tsc_ref_ns) << 32) / (tick - tsc_ref_tick);
+    if (m == 0 || m >= (unsigned __int128)100 << 32) { /* not a rate a TSC runs at: don't use it */
+        tsc_state = 0;
+        return;
+    }
+    tsc_mult = (uint64_t)m;
+    tsc_state = 2;
+}
+
+static inline lat_t lat_start(void)
+{
+    if (__builtin_expect(tsc_state == 2, 1))
+        return (lat_t){__rdtsc(), 1};
+    if (tsc_state == 1)
+        tsc_calibrate();
+    return (lat_t){now_ns(), 0};
+}
+
+static inline uint64_t lat_elapsed(const lat_t *s)
+{
+    if (s->tsc)
+        return (uint64_t)(((unsigned __int128)(__rdtsc() - s->t) * tsc_mult) >> 32);
+    return now_ns() - s->t;
+}
+#else
+static void tsc_init(void) {}
+static inline lat_t lat_start(void) { return (lat_t){now_ns(), 0}; }
+static inline uint64_t lat_elapsed(const lat_t *s) { return now_ns() - s->t; }
+#endif
+
 /* FUTEX_WAIT without FUTEX_PRIVATE_FLAG: the word lives in a MAP_SHARED memfd mapping that other
  * processes map too, and only shared futexes are keyed on the (inode, offset) of the page. The
  * timeout is relative (FUTEX_WAIT measures it against CLOCK_MONOTONIC). Returns 0 or -errno. */
@@ -319,6 +404,43 @@ static inline int sys_futex_wake(const uint32_t *addr, int n)
     /* FUTEX_WAKE never writes the word, so it works on a PROT_READ mapping as well. */
     long r = syscall(SYS_futex, addr, FUTEX_WAKE, n, NULL, NULL, 0);
     return r < 0 ? -errno : (int)r;
+}
+
+/* The first half of every Dekker handshake here: store our flag, then a full fence before we
+ * look at the peer's. On x86 a single XCHG does both (a locked instruction is a full barrier,
+ * and as a SEQ_CST read-modify-write the compiler keeps later loads after it); it costs less
+ * than MOV + MFENCE. Elsewhere: a RELAXED store and a SEQ_CST fence. */
+#if defined(__x86_64__) || defined(__i386__)
+#define CB_X86 1
+#else
+#define CB_X86 0
+#endif
+
+static inline void store_fence_u32(uint32_t *p, uint32_t v)
+{
+#if CB_X86
+    __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);
+#else
+    __atomic_store_n(p, v, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+#endif
+}
+
+/* prod_publish, then a full fence: the producer's half of the handshake ("publish the tail;
+ * fence; load the consumer's flags"). On x86 the tail goes out with one XCHG (SEQ_CST, which is
+ * also the RELEASE prod_publish gives). */
+static inline void prod_publish_fence(prod_t *p)
+{
+#if CB_X86
+    if (p->published != p->tail) {
+        p->published = p->tail;
+        __atomic_exchange_n(ring_u64(p->ring, RING_TAIL_OFF), p->tail, __ATOMIC_SEQ_CST);
+        return;
+    }
+#else
+    prod_publish(p);
+#endif
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -355,8 +477,39 @@ fail:
     return -1;
 }
 
+/* An exact int of at most one internal digit (0 <= v < 2**30: opcodes, data words, flags)
+ * read in place, without a call into the interpreter: 1, or 0 for anything else. */
+static inline int small_u64(PyObject *o, uint64_t *out)
+{
+    if (!PyLong_CheckExact(o))
+        return 0;
+#if PY_VERSION_HEX >= 0x030C0000
+    if (!PyUnstable_Long_IsCompact((PyLongObject *)o))
+        return 0;
+    Py_ssize_t v = PyUnstable_Long_CompactValue((PyLongObject *)o);
+    if (v < 0)
+        return 0;
+    *out = (uint64_t)v;
+    return 1;
+#else
+    Py_ssize_t size = Py_SIZE(o); /* digits, negative for a negative number */
+    if (size == 0 || size == 1) {
+        *out = size ? ((PyLongObject *)o)->ob_digit[0] : 0;
+        return 1;
+    }
+    return 0;
+#endif
+}
+
 /* Python int -> u64 / u32 with a ValueError (not OverflowError) when out of range. */
-static int to_u64(PyObject *o, uint64_t *out, const char *what)
+static int to_u64_slow(PyObject *o, uint64_t *out, const char *what);
+
+static inline int to_u64(PyObject *o, uint64_t *out, const char *what)
+{
+    return small_u64(o, out) ? 0 : to_u64_slow(o, out, what);
+}
+
+static int to_u64_slow(PyObject *o, uint64_t *out, const char *what)
 {
     if (!PyLong_Check(o)) {
         PyErr_Format(PyExc_TypeError, "%s must be an int", what);
@@ -381,10 +534,14 @@ static int to_u64(PyObject *o, uint64_t *out, const char *what)
     return 0;
 }
 
-static int to_u32(PyObject *o, uint32_t *out, const char *what)
+static inline int to_u32(PyObject *o, uint32_t *out, const char *what)
 {
     uint64_t v;
-    if (to_u64(o, &v, what) < 0)
+    if (small_u64(o, &v)) { /* < 2**30 on every build: fits */
+        *out = (uint32_t)v;
+        return 0;
+    }
+    if (to_u64_slow(o, &v, what) < 0)
         return -1;
     if (v > UINT32_MAX) {
         PyErr_Format(PyExc_ValueError, "%s must be in 0..2**32-1", what);
@@ -774,7 +931,7 @@ static int check_wait(int mode, long long spin_ns)
 
 /* Parse a METH_FASTCALL | METH_KEYWORDS call into out[i] (NULL when not given) by position or by
  * name; names is NULL-terminated and the first nreq are required. No allocation. */
-static int fast_args_n(const char *fname, PyObject *const *args, Py_ssize_t nargs,
+static HOT int fast_args_n(const char *fname, PyObject *const *args, Py_ssize_t nargs,
                        PyObject *kwnames, const char *const *names, int nnames, int nreq,
                        PyObject **out);
 
@@ -783,7 +940,7 @@ static int fast_args_n(const char *fname, PyObject *const *args, Py_ssize_t narg
     fast_args_n(fname, args, nargs, kwnames, names,                                              \
                 (int)(sizeof(names) / sizeof((names)[0])) - 1, nreq, out)
 
-static int fast_args_n(const char *fname, PyObject *const *args, Py_ssize_t nargs,
+static HOT int fast_args_n(const char *fname, PyObject *const *args, Py_ssize_t nargs,
                        PyObject *kwnames, const char *const *names, int nnames, int nreq,
                        PyObject **out)
 {
@@ -829,7 +986,7 @@ static int fast_args_n(const char *fname, PyObject *const *args, Py_ssize_t narg
 /* Flags a caller may pass. FLAG_LARGE, FLAG_REPLY_EXPECTED and FLAG_LOANED are decided here (by
  * payload size, call vs send, loan or not) and silently replaced, so a received flags value can
  * be echoed. */
-static int parse_flags(PyObject *o, uint32_t *flags, uint32_t extra)
+static HOT int parse_flags(PyObject *o, uint32_t *flags, uint32_t extra)
 {
     uint32_t f;
     if (to_u32(o, &f, "flags") < 0)
@@ -844,7 +1001,7 @@ static int parse_flags(PyObject *o, uint32_t *flags, uint32_t extra)
 
 /* data: a tuple or list of up to four u64, zero-padded. Converting an int runs no Python code,
  * so a list cannot change under us. */
-static int parse_data(PyObject *o, uint64_t d[4])
+static HOT int parse_data(PyObject *o, uint64_t d[4])
 {
     PyObject **items;
     Py_ssize_t n;
@@ -874,7 +1031,7 @@ static int parse_data(PyObject *o, uint64_t d[4])
 
 /* Take the payload buffer (None = no payload) and finish the flags. view->obj == NULL if none.
  * With empty_is_none, an empty payload is no payload (replies: saves the arena chunk). */
-static int parse_payload(PyObject *o, outmsg_t *m, Py_buffer *view, uint64_t max_payload,
+static HOT int parse_payload(PyObject *o, outmsg_t *m, Py_buffer *view, uint64_t max_payload,
                          int empty_is_none)
 {
     view->obj = NULL;
@@ -999,25 +1156,98 @@ static inline void efd_drain(int fd)
 static PyTypeObject *msg_type;
 static PyTypeObject *req_type;
 
+/* The interpreter's own cached ints 0..255, looked up once: an opcode, a flags word or a data
+ * value in that range becomes an int without a call into the interpreter (whose code for it
+ * would be one more page touched per message). */
+#define SMALL_INTS 256
+static PyObject *small_ints[SMALL_INTS];
+
+static int small_ints_init(void)
+{
+    for (int i = 0; i < SMALL_INTS; i++)
+        if (!small_ints[i] && !(small_ints[i] = PyLong_FromLong(i)))
+            return -1;
+    return 0;
+}
+
+static inline PyObject *u64_object(uint64_t v)
+{
+    return v < SMALL_INTS ? Py_NewRef(small_ints[v]) : PyLong_FromUnsignedLongLong(v);
+}
+
+/* Free lists of the two result types (exact types only; GIL held). A round trip makes one
+ * Message and one Request and frees them soon after: reusing the memory skips the allocator,
+ * the zeroing and the collector's bookkeeping, work that runs on cold caches right after a
+ * context switch. The list keeps the memory of objects whose deallocation ran in full (their
+ * references are gone and the collector no longer tracks them); taking one out starts its life
+ * again as a fresh allocation would (PyObject_Init, empty fields, then tracked). */
+#define FREE_LIST_MAX 16
+typedef struct {
+    int n;
+    PyObject *items[FREE_LIST_MAX];
+} free_list_t;
+static free_list_t msg_free_list, req_free_list;
+
+static inline int free_list_push(free_list_t *fl, PyObject *o)
+{
+    if (fl->n == FREE_LIST_MAX)
+        return 0;
+    fl->items[fl->n++] = o;
+    return 1;
+}
+
+static inline PyObject *free_list_pop(free_list_t *fl)
+{
+    return fl->n ? fl->items[--fl->n] : NULL;
+}
+
+static PyTypeObject MessageType;
+
+#define MESSAGE_ITEMS 7
+
+/* MessageType's tp_free: tuple's deallocator has untracked it and released its items. */
+static HOT void Message_free(void *p)
+{
+    PyObject *o = p;
+    if (Py_TYPE(o) == &MessageType && Py_SIZE(o) == MESSAGE_ITEMS && free_list_push(&msg_free_list, o))
+        return;
+    PyObject_GC_Del(p);
+}
+
+/* A new, untracked-until-filled instance of msg_type with 7 NULL items. */
+static HOT PyObject *message_alloc(void)
+{
+    if (msg_type == &MessageType) {
+        PyObject *t = free_list_pop(&msg_free_list);
+        if (t) {
+            memset(((PyTupleObject *)t)->ob_item, 0, MESSAGE_ITEMS * sizeof(PyObject *));
+            PyObject_InitVar((PyVarObject *)t, &MessageType, MESSAGE_ITEMS);
+            PyObject_GC_Track(t);
+            return t;
+        }
+    }
+    return msg_type ? msg_type->tp_alloc(msg_type, MESSAGE_ITEMS) : PyTuple_New(MESSAGE_ITEMS);
+}
+
 /* (opcode, flags, d0, d1, d2, d3, payload or None) as a msg_type instance, allocated directly
  * (no Python-level constructor runs). Steals `payload`. */
-static PyObject *make_message(const slot_t *s, PyObject *payload)
+static HOT PyObject *make_message(const slot_t *s, PyObject *payload)
 {
-    PyObject *t = msg_type ? msg_type->tp_alloc(msg_type, 7) : PyTuple_New(7);
+    PyObject *t = message_alloc();
     if (!t) {
         Py_DECREF(payload);
         return NULL;
     }
     PyTuple_SET_ITEM(t, 6, payload);
-    PyObject *o = PyLong_FromUnsignedLong(s->opcode);
+    PyObject *o = u64_object(s->opcode);
     if (!o)
         goto fail;
     PyTuple_SET_ITEM(t, 0, o);
-    if (!(o = PyLong_FromUnsignedLong(s->flags)))
+    if (!(o = u64_object(s->flags)))
         goto fail;
     PyTuple_SET_ITEM(t, 1, o);
     for (int i = 0; i < 4; i++) {
-        if (!(o = PyLong_FromUnsignedLongLong(s->data[i])))
+        if (!(o = u64_object(s->data[i])))
             goto fail;
         PyTuple_SET_ITEM(t, 2 + i, o);
     }
@@ -1189,7 +1419,7 @@ static void zb_finish(ZBufObject *E)
 static inline int zb_unused(ZBufObject *E) { return Py_REFCNT(E->mbuf) == 1; }
 
 /* Finish up to `max` zombies whose views are gone (round robin); how many are left. */
-static Py_ssize_t zb_poll(Py_ssize_t max)
+static HOT Py_ssize_t zb_poll(Py_ssize_t max)
 {
     for (Py_ssize_t n = 0; n < max && nzombies; n++) {
         if (zombie_pos >= nzombies)
@@ -1442,7 +1672,7 @@ fail:
     return -1;
 }
 
-static int lane_usable(LaneObject *L)
+static HOT int lane_usable(LaneObject *L)
 {
     if (!L->chan) {
         PyErr_SetString(PyExc_ValueError, "Lane is closed");
@@ -1471,7 +1701,7 @@ static void lane_break(LaneObject *L, const char *why)
 /* Tell the server there is work: hint bit; then, unless the server spins (it watches the hint
  * bits itself and never sleeps), seq bump, a futex wake only if it sleeps, and an eventfd write
  * only if an event-loop server asked for one. */
-static void lane_ring_doorbell(LaneObject *L)
+static HOT void lane_ring_doorbell(LaneObject *L)
 {
     uint64_t *word = (uint64_t *)(L->db + DB_BITMAP_OFF) + L->index / 64;
     uint32_t *seq = (uint32_t *)(L->db + DB_SEQ_OFF);
@@ -1488,13 +1718,16 @@ static void lane_ring_doorbell(LaneObject *L)
      * spinning server reads) and a fence per message. */
     if (__atomic_load_n((uint32_t *)(L->db + DB_SERVER_SPINS_OFF), __ATOMIC_RELAXED) == 1)
         return;
-    /* RELEASE: a server that ACQUIRE-loads seq and sees this increment also sees our tail. */
-    __atomic_fetch_add(seq, 1, __ATOMIC_RELEASE);
-    /* SEQ_CST fence, Dekker with the server's "store sleeping=1; fence; load seq; scan" (ss_wait)
-     * and with poll_armed's "store event_wanted=1; fence; scan": either the server's scan sees
-     * our tail, or our loads below see its flag and we wake it. Both loads are RELAXED (the fence
-     * orders them) and hit one cache line. */
+    /* SEQ_CST (RELEASE would do for this): a server that ACQUIRE-loads seq and sees this
+     * increment also sees our tail. Then a full fence, Dekker with the server's "store
+     * sleeping=1; fence; load seq; scan" (ss_wait) and with poll_armed's "store event_wanted=1;
+     * fence; scan": either the server's scan sees our tail, or our loads below see its flag and
+     * we wake it. On x86 the locked add is that fence. Both loads are RELAXED (the fence orders
+     * them) and hit one cache line. */
+    __atomic_fetch_add(seq, 1, __ATOMIC_SEQ_CST);
+#if !CB_X86
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
+#endif
     if (__atomic_load_n((uint32_t *)(L->db + DB_SERVER_SLEEPING_OFF), __ATOMIC_RELAXED))
         sys_futex_wake(seq, INT_MAX);
     if (L->bell_efd >= 0 &&
@@ -1625,7 +1858,7 @@ static int lane_limits_batch(LaneObject *L, limits_t *l, uint64_t *now)
 /* Parse and check one outgoing message (call, call_start, send); nothing is written. On success
  * the payload view is held in *view (release_view), and *c says what to charge the buckets
  * after the write. (Six arguments: all of them travel in registers.) */
-static int lane_prepare(LaneObject *L, PyObject *const *a, uint32_t extra, outmsg_t *m,
+static HOT int lane_prepare(LaneObject *L, PyObject *const *a, uint32_t extra, outmsg_t *m,
                         Py_buffer *view, charge_t *c)
 {
     /* a = capability (NULL: m->capability is set already), opcode, flags, data, payload (NULL =
@@ -1667,14 +1900,13 @@ enum { LW_READY, LW_STATE, LW_SLICE, LW_AGAIN };
 
 /* One futex sleep until the response ring's tail moves (at most rel_ns unless `forever`):
  * LW_READY / LW_STATE if there is no need to sleep, LW_SLICE after a signal, else LW_AGAIN. */
-static int lane_sleep(LaneObject *L, uint64_t *tail, uint32_t *sleeping, uint64_t head,
+static HOT int lane_sleep(LaneObject *L, uint64_t *tail, uint32_t *sleeping, uint64_t head,
                       uint64_t rel_ns, int forever)
 {
-    /* RELAXED store + SEQ_CST fence + re-check: the Dekker half matching the server's
+    /* Store + full fence (store_fence_u32) + re-check: the Dekker half matching the server's
      * "store tail; fence; load sleeping" in ss_write_reply. Either the server sees our flag
      * and wakes us, or we see its tail here and do not sleep. */
-    __atomic_store_n(sleeping, 1, __ATOMIC_RELAXED);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    store_fence_u32(sleeping, 1);
     uint64_t t = __atomic_load_n(tail, __ATOMIC_RELAXED);
     uint32_t st = ctrl_state(L->ctrl);
     if (t != head || st != STATE_OPEN) {
@@ -1692,7 +1924,7 @@ static int lane_sleep(LaneObject *L, uint64_t *tail, uint32_t *sleeping, uint64_
 
 /* Wait (WITHOUT the GIL) until something is in the response ring, the control page leaves OPEN,
  * or the slice (<= SLICE_NS, <= deadline) is over. */
-static int lane_wait(LaneObject *L, uint64_t deadline)
+static HOT int lane_wait(LaneObject *L, uint64_t deadline)
 {
     uint64_t *tail = ring_u64(L->resp.ring, RING_TAIL_OFF);
     uint32_t *sleeping = ring_u32(L->resp.ring, RING_CONSUMER_SLEEPING_OFF);
@@ -1740,7 +1972,7 @@ static int lane_wait(LaneObject *L, uint64_t deadline)
 
 /* Consume the response ring up to the reply for `tag`. Returns 1 with *out = a Message, 0 if
  * the ring is empty (or after a bounded number of late replies), -1 with an exception. */
-static int lane_take_reply(LaneObject *L, uint64_t tag, PyObject **out)
+static HOT int lane_take_reply(LaneObject *L, uint64_t tag, PyObject **out)
 {
     const char *why = NULL;
     /* Bounded: a hostile server could produce late replies as fast as we drop them. */
@@ -1793,7 +2025,7 @@ corrupt:
  * the payload is the lane's loaned chunk (m->payload points into it): only the LargeMessage
  * struct and the slot are written (plus the CRC, without the GIL when big), and the loan ends;
  * its buffers stay valid (the arena is mapped for the lane's lifetime). */
-static int lane_write(LaneObject *L, const outmsg_t *m, int loan, const char **why)
+static HOT int lane_write(LaneObject *L, const outmsg_t *m, int loan, const char **why)
 {
     int r = RG_OK;
     if (loan) {
@@ -1821,14 +2053,12 @@ static const char *const call_kw[] = {"capability", "opcode",     "flags", "data
 static const char *const send_kw[] = {"capability", "opcode", "flags", "data", "payload", NULL};
 
 /* The body of call() and call_loan(): write (waiting for room), publish, wait for the reply. */
-static PyObject *lane_call_run(LaneObject *L, outmsg_t *m, Py_buffer *view, const charge_t *c,
+static HOT PyObject *lane_call_run(LaneObject *L, outmsg_t *m, Py_buffer *view, const charge_t *c,
                                int64_t timeout_ns, int loan)
 {
-    /* One CLOCK_MONOTONIC read (vDSO) before and one after: the round trip for the metrics. */
-    uint64_t t0 = now_ns();
-    uint64_t deadline = UINT64_MAX;
-    if (timeout_ns >= 0)
-        deadline = (uint64_t)timeout_ns > UINT64_MAX - t0 ? UINT64_MAX : t0 + (uint64_t)timeout_ns;
+    /* The round trip for the metrics (lat_*); CLOCK_MONOTONIC only for a timeout. */
+    lat_t t0 = lat_start();
+    uint64_t deadline = deadline_after(timeout_ns);
     uint64_t tag = L->last_tag + 1;
     m->tag = tag;
     const char *why = NULL;
@@ -1879,7 +2109,7 @@ static PyObject *lane_call_run(LaneObject *L, outmsg_t *m, Py_buffer *view, cons
     L->last_tag = L->call_tag = tag;
     prod_publish(&L->req);
     lane_ring_doorbell(L);
-    lane_count_sent(L, 1, m->plen, 1, t0);
+    lane_count_sent(L, 1, m->plen, 1, coarse_ns());
 
     /* 2. The reply. */
     for (;;) {
@@ -1912,7 +2142,7 @@ static PyObject *lane_call_run(LaneObject *L, outmsg_t *m, Py_buffer *view, cons
     }
 got:
     if (result)
-        lane_count_latency(L, now_ns() - t0);
+        lane_count_latency(L, lat_elapsed(&t0));
 out:
     release_view(view);
     L->busy = 0;
@@ -2504,12 +2734,56 @@ static PyTypeObject LaneType = {
  * remove(index, drain=True) parks a closed channel while its last requests are delivered (the
  * kernel may hand its index to a new channel at once). Drain slots are found by full scans only.
  *
- * Threads: one recv/poll/recv_many at a time (recv_mu, acquired without the GIL when contended).
- * reply() may run in any thread; per channel, replies are serialised by a process-private
- * spinlock. add(), remove() and the bookkeeping below run under the GIL. recv scans without the
+ * Threads: one recv/poll/recv_many at a time (recv_mu, waited for without the GIL when held).
+ * reply() may run in any thread; per channel, replies are serialised by the channel's lock. Both
+ * are gil_lock_t: taken only with the GIL, so a free one costs no locked instruction. add(), remove() and the bookkeeping below run under the GIL. recv scans without the
  * GIL, so remove() never unmaps a channel while a recv is running or a reply is using it: it
  * parks the channel on a graveyard list, freed by whoever is last out.
  * ============================================================================================= */
+
+/* A lock that is only ever TAKEN by a thread holding the GIL (recv_mu, a channel's reply lock).
+ * The GIL serialises every acquisition, so taking a free lock is a load and a store: no locked
+ * instruction, no library call. The holder may then let the GIL go (recv sleeps, a big reply is
+ * copied) and may release the lock without it. A thread that finds the lock held waits with the
+ * GIL released and tries again with it (the free-threaded build has no GIL: see the check at
+ * the top of this file). */
+typedef struct {
+    uint32_t held;    /* atomic: 0 or 1 */
+    uint32_t waiters; /* threads in gl_acquire's wait (changed under the GIL) */
+} gil_lock_t;
+
+static inline int gl_try(gil_lock_t *l) /* GIL held */
+{
+    /* ACQUIRE: the previous holder's writes (RELEASEd in gl_release, possibly without the GIL)
+     * are visible to us. No other thread can take it between the load and the store. */
+    if (__atomic_load_n(&l->held, __ATOMIC_ACQUIRE))
+        return 0;
+    __atomic_store_n(&l->held, 1, __ATOMIC_RELAXED);
+    return 1;
+}
+
+/* GIL held on entry and exit; released while the lock is held by another thread. */
+static void gl_acquire(gil_lock_t *l)
+{
+    if (gl_try(l))
+        return;
+    l->waiters++;
+    do {
+        /* The holder wakes the word when it lets go and sees a waiter; the 1 ms bound makes a
+         * wake-up lost to the unordered read of `waiters` cost 1 ms, not a hang. */
+        Py_BEGIN_ALLOW_THREADS
+        sys_futex_wait(&l->held, 1, 1000000, 0);
+        Py_END_ALLOW_THREADS
+    } while (!gl_try(l));
+    l->waiters--;
+}
+
+static inline void gl_release(gil_lock_t *l) /* with or without the GIL */
+{
+    __atomic_store_n(&l->held, 0, __ATOMIC_RELEASE); /* RELEASE: pairs with gl_try's ACQUIRE */
+    if (__atomic_load_n(&l->waiters, __ATOMIC_RELAXED))
+        sys_futex_wake(&l->held, 1);
+}
 
 #define TABLE_SLOTS (2 * MAX_CHANNELS)
 #define TABLE_WORDS (TABLE_SLOTS / 64)
@@ -2531,7 +2805,7 @@ typedef struct chan {
     int dead;           /* corrupt: never read again (atomic) */
     int removed;        /* GIL */
     int users;          /* reply() calls using the mapping (GIL) */
-    int lock;           /* reply spinlock */
+    gil_lock_t lock;    /* serialises replies (gl_*) */
     int reply_efd;      /* our duplicate of the client's reply eventfd, or -1 */
     bucket_t bucket;    /* server-private token buckets (recv thread only) */
     uint64_t drops[LIM_NREASONS]; /* refused by the limits, per reason (GIL) */
@@ -2572,8 +2846,7 @@ typedef struct {
     unsigned long fork_gen; /* of the process that made it (check_fork) */
     int rescan;           /* atomic: a channel was added (or parked to drain): scan every ring */
     uint64_t next_serial; /* GIL */
-    pthread_mutex_t recv_mu;
-    int mu_init;
+    gil_lock_t recv_mu;
     /* A CorruptChannel that recv_many met after it had gathered messages: raised by the next
      * recv/poll/recv_many (recv_mu). pend_why is a static string. */
     int pend_corrupt;
@@ -2696,31 +2969,6 @@ static void wd_forget(ServerSetObject *S)
     pthread_mutex_unlock(&wd_mu);
 }
 
-static inline void spin_lock(int *l)
-{
-    /* ACQUIRE on taking the lock: the previous owner's writes to the producer state (RELEASEd
-     * in spin_unlock) are visible to us. */
-    while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE)) {
-        unsigned n = 0;
-        while (__atomic_load_n(l, __ATOMIC_RELAXED)) {
-            if (++n < 1000)
-                cpu_relax();
-            else
-                sched_yield(); /* the owner may be copying a big payload */
-        }
-    }
-}
-
-static inline int spin_trylock(int *l)
-{
-    return !__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE); /* ACQUIRE: as in spin_lock */
-}
-
-static inline void spin_unlock(int *l)
-{
-    __atomic_store_n(l, 0, __ATOMIC_RELEASE); /* RELEASE: pairs with the next owner's ACQUIRE */
-}
-
 static void chan_free(chan_t *ch)
 {
     if (ch->map)
@@ -2734,7 +2982,7 @@ static void chan_free(chan_t *ch)
 }
 
 /* Free parked channels nobody uses any more (GIL held). */
-static void ss_reap(ServerSetObject *S)
+static HOT void ss_reap(ServerSetObject *S)
 {
     if (S->recv_active)
         return;
@@ -2837,7 +3085,7 @@ static inline int ch_zq_full(const chan_t *ch)
 /* Consume the message at head (its slot goes back to the client). hold: its chunk stays ours
  * (a zero-copy payload); returns its queue entry. Otherwise the chunk is released: at once when
  * nothing is held (the ordinary path), else behind the held ones. The queue is not full. */
-static uint64_t ch_consume(chan_t *ch, const inmsg_t *m, int hold)
+static HOT uint64_t ch_consume(chan_t *ch, const inmsg_t *m, int hold)
 {
     if (!hold && (!m->has_payload || ch->zq_first == ch->zq_next)) {
         cons_release(&ch->req, m);
@@ -2929,8 +3177,6 @@ static PyObject *ServerSet_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 static void ServerSet_dealloc(ServerSetObject *S)
 {
     ss_free_all(S);
-    if (S->mu_init)
-        pthread_mutex_destroy(&S->recv_mu);
     Py_TYPE(S)->tp_free((PyObject *)S);
 }
 
@@ -2961,16 +3207,12 @@ static int ServerSet_init(ServerSetObject *S, PyObject *args, PyObject *kw)
     S->fork_gen = fork_gen;
     /* RELAXED: read by clients' doorbell rings; see lane_ring_doorbell and ss_poll. */
     __atomic_store_n((uint32_t *)(S->db + DB_SERVER_SPINS_OFF), mode == WAIT_SPIN, __ATOMIC_RELAXED);
-    if (!S->mu_init) {
-        pthread_mutex_init(&S->recv_mu, NULL);
-        S->mu_init = 1;
-    }
     S->mode = mode;
     S->spin_ns = (uint64_t)spin_ns;
     return 0;
 }
 
-static int ss_usable(ServerSetObject *S)
+static HOT int ss_usable(ServerSetObject *S)
 {
     if (!S->db) {
         PyErr_SetString(PyExc_ValueError, "ServerSet is closed");
@@ -3124,8 +3366,9 @@ static PyObject *ServerSet_remove(ServerSetObject *S, PyObject *args, PyObject *
 }
 
 /* Full scan: mark every alive channel whose request ring is non-empty (and every draining one)
- * as ready. Called by the recv holder, with or without the GIL. Returns whether anything is. */
-static int ss_full_scan(ServerSetObject *S)
+ * as ready. Called by the recv holder, with or without the GIL. Returns whether anything is.
+ * `now`: coarse_ns() at or shortly before the call (recorded as the time of the last scan). */
+static HOT int ss_full_scan(ServerSetObject *S, uint64_t now)
 {
     int found = 0;
     uint32_t span = ss_span(S);
@@ -3158,14 +3401,14 @@ static int ss_full_scan(ServerSetObject *S)
             }
         }
     }
-    S->last_full_scan = coarse_ns(); /* a tick late at worst: FULL_SCAN_NS is a lower bound */
+    S->last_full_scan = now; /* early or a tick late: FULL_SCAN_NS is a lower bound */
     return found;
 }
 
 /* Fold the doorbell's hint bits into the private ready set (bits of unknown or dead channels in
  * the span are dropped by the mask -- add() asks for a full scan for that reason; drain slots have
  * no hint bits). */
-static void ss_refresh_hints(ServerSetObject *S)
+static HOT void ss_refresh_hints(ServerSetObject *S)
 {
     uint64_t *bm = (uint64_t *)(S->db + DB_BITMAP_OFF);
     uint32_t span = ss_span(S);
@@ -3180,7 +3423,7 @@ static void ss_refresh_hints(ServerSetObject *S)
     }
 }
 
-static int ss_find_from(ServerSetObject *S, uint32_t start)
+static HOT int ss_find_from(ServerSetObject *S, uint32_t start)
 {
     uint32_t span = ss_span(S);
     for (uint32_t w = start / 64; w < span; w++) {
@@ -3197,7 +3440,7 @@ static int ss_find_from(ServerSetObject *S, uint32_t start)
  * (at most *refreshes times per wait cycle, so a scribbler setting every bit cannot keep us
  * busy) and start again from 0; if nothing is ready at all, scan every ring -- unless the caller
  * goes to ss_wait next (will_wait), which scans every ring itself after its fence. */
-static int ss_pick(ServerSetObject *S, int *refreshes, int will_wait)
+static HOT int ss_pick(ServerSetObject *S, int *refreshes, int will_wait)
 {
     int i = S->rr < TABLE_SLOTS ? ss_find_from(S, S->rr) : -1;
     if (i >= 0)
@@ -3210,7 +3453,7 @@ static int ss_pick(ServerSetObject *S, int *refreshes, int will_wait)
     i = ss_find_from(S, 0);
     if (i >= 0 || will_wait)
         return i;
-    ss_full_scan(S);
+    ss_full_scan(S, coarse_ns());
     return ss_find_from(S, 0);
 }
 
@@ -3218,7 +3461,7 @@ enum { W_AGAIN, W_INTERRUPT };
 
 /* Wait WITHOUT the GIL for work: at most one slice (or, with no deadline and no spinning left,
  * one untimed sleep under the watchdog), then the caller re-checks everything. */
-static int ss_wait(ServerSetObject *S, uint64_t deadline)
+static HOT int ss_wait(ServerSetObject *S, uint64_t deadline)
 {
     uint32_t *seq = (uint32_t *)(S->db + DB_SEQ_OFF);
     uint32_t *sleeping = (uint32_t *)(S->db + DB_SERVER_SLEEPING_OFF);
@@ -3241,7 +3484,7 @@ static int ss_wait(ServerSetObject *S, uint64_t deadline)
         /* ACQUIRE: if a later load sees a different seq we rescan anyway; reading seq BEFORE the
          * scan closes the window where a client publishes between our scan and our read. */
         uint32_t seen = __atomic_load_n(seq, __ATOMIC_ACQUIRE);
-        if (ss_full_scan(S))
+        if (ss_full_scan(S, coarse_ns()))
             return W_AGAIN;
         uint64_t next_scan = start + SPIN_SCAN_NS;
         uint64_t *bm = (uint64_t *)(S->db + DB_BITMAP_OFF);
@@ -3263,7 +3506,7 @@ static int ss_wait(ServerSetObject *S, uint64_t deadline)
                 if (now >= spin_end)
                     break;
                 if (now >= next_scan) { /* a scribbler may hold seq still: trust only rings */
-                    if (ss_full_scan(S))
+                    if (ss_full_scan(S, coarse_ns()))
                         return W_AGAIN;
                     next_scan = now + SPIN_SCAN_NS;
                 }
@@ -3277,13 +3520,13 @@ static int ss_wait(ServerSetObject *S, uint64_t deadline)
             return W_AGAIN;
         rel = slice_end - now < SLEEP_CAP_NS ? slice_end - now : SLEEP_CAP_NS;
     }
-    /* RELAXED store + SEQ_CST fence, Dekker with lane_ring_doorbell ("bump seq; fence; load
-     * sleeping"): either the client sees our flag and wakes us, or our seq load below sees its
-     * increment (ACQUIRE: and then its tail) and FUTEX_WAIT returns at once. */
-    __atomic_store_n(sleeping, 1, __ATOMIC_RELAXED);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    /* Store + full fence (store_fence_u32), Dekker with lane_ring_doorbell ("bump seq; fence;
+     * load sleeping"): either the client sees our flag and wakes us, or our seq load below sees
+     * its increment (ACQUIRE: and then its tail) and FUTEX_WAIT returns at once. The scan's clock
+     * is the one ss_take read just before (a lower bound for the next full scan either way). */
+    store_fence_u32(sleeping, 1);
     uint32_t seen = __atomic_load_n(seq, __ATOMIC_ACQUIRE);
-    if (!ss_full_scan(S) && !__atomic_load_n(&S->interrupt, __ATOMIC_RELAXED)) {
+    if (!ss_full_scan(S, S->coarse_now) && !__atomic_load_n(&S->interrupt, __ATOMIC_RELAXED)) {
         if (forever) {
             uint32_t ticket = ++S->sleep_ticket ? S->sleep_ticket : ++S->sleep_ticket;
             __atomic_store_n(&S->asleep, ticket, __ATOMIC_RELAXED); /* see wd_main */
@@ -3301,39 +3544,40 @@ static int ss_wait(ServerSetObject *S, uint64_t deadline)
  * then marked dead). If remove() ran meanwhile and no recv is active, ch is freed on return: the
  * caller must not use it afterwards (recv's own auto-replies may: recv_active keeps it). `app`:
  * the application's reply (counted in the metrics), not an automatic refusal. */
-static int ss_write_reply(ServerSetObject *S, chan_t *ch, const outmsg_t *m, const char **why,
+static HOT int ss_write_reply(ServerSetObject *S, chan_t *ch, const outmsg_t *m, const char **why,
                           int app)
 {
     uint64_t nfree;
     int r;
     ch->users++;
     int big = m->payload && m->plen >= NOGIL_COPY_BYTES;
-    if (!big && spin_trylock(&ch->lock)) {
+    /* The lock is taken with the GIL (waiting without it while another thread copies a big
+     * reply); a big payload is then copied without the GIL, and the lock let go before the GIL
+     * is taken back, so its holder never waits for the GIL: no deadlock. */
+    gl_acquire(&ch->lock);
+    if (!big) {
         r = prod_slots_free(&ch->resp, 1, &nfree, why);
         if (r == RG_OK)
             r = nfree ? prod_write(&ch->resp, m, why) : RG_FULL;
         if (r == RG_OK)
-            prod_publish(&ch->resp);
-        spin_unlock(&ch->lock);
+            prod_publish_fence(&ch->resp);
+        gl_release(&ch->lock);
     } else {
-        /* Contended or big: take the lock and copy without the GIL. The owner never waits for
-         * the GIL while holding the lock, so this cannot deadlock. */
         Py_BEGIN_ALLOW_THREADS
-        spin_lock(&ch->lock);
         r = prod_slots_free(&ch->resp, 1, &nfree, why);
         if (r == RG_OK)
             r = nfree ? prod_write(&ch->resp, m, why) : RG_FULL;
         if (r == RG_OK)
-            prod_publish(&ch->resp);
-        spin_unlock(&ch->lock);
+            prod_publish_fence(&ch->resp);
+        gl_release(&ch->lock);
         Py_END_ALLOW_THREADS
     }
     if (r == RG_OK) {
-        /* SEQ_CST fence between our tail store (in prod_publish) and the loads of the client's
-         * flags: the Dekker half matching lane_wait (sleeping) and call_poll(arm=True) (event).
-         * RELAXED loads, ordered by the fence; both flags share the consumer's cache line. The
-         * flags are client-written: a hostile value costs that client a spurious wake-up. */
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        /* The full fence after our tail store (prod_publish_fence) orders it before the loads
+         * of the client's flags: the Dekker half matching lane_wait (sleeping) and
+         * call_poll(arm=True) (event). RELAXED loads; both flags share the consumer's cache
+         * line. The flags are client-written: a hostile value costs that client a spurious
+         * wake-up. */
         char *ring = ch->resp.ring;
         if (__atomic_load_n(ring_u32(ring, RING_CONSUMER_SLEEPING_OFF), __ATOMIC_RELAXED))
             sys_futex_wake((const uint32_t *)ring_u64(ring, RING_TAIL_OFF), INT_MAX);
@@ -3351,7 +3595,7 @@ static int ss_write_reply(ServerSetObject *S, chan_t *ch, const outmsg_t *m, con
     return r;
 }
 
-static PyObject *reply_outcome(int r, uint32_t index, const char *why)
+static HOT PyObject *reply_outcome(int r, uint32_t index, const char *why)
 {
     if (r == RG_OK)
         Py_RETURN_NONE;
@@ -3433,6 +3677,7 @@ typedef struct {
     uint32_t opcode;
     uint32_t flags;       /* as received (FLAG_REPLY_EXPECTED etc.) */
     int done;
+    /* A new field: set it in ss_pop, or clear it in request_alloc (free-list reuse). */
 } RequestObject;
 
 static PyTypeObject RequestType;
@@ -3445,7 +3690,7 @@ static int Request_traverse(RequestObject *R, visitproc visit, void *arg)
     return 0;
 }
 
-static int Request_clear(RequestObject *R)
+static HOT int Request_clear(RequestObject *R)
 {
     Py_CLEAR(R->opcode_o);
     Py_CLEAR(R->data_t);
@@ -3456,7 +3701,7 @@ static int Request_clear(RequestObject *R)
 
 /* Done with a zero-copy payload: its chunk goes back to the client (in FIFO order behind any
  * older held chunk), and every view of it is revoked. No-op otherwise, and the second time. */
-static void req_release_payload(RequestObject *R)
+static HOT void req_release_payload(RequestObject *R)
 {
     ZBufObject *E = R->zbuf;
     if (!E || E->revoked)
@@ -3465,7 +3710,7 @@ static void req_release_payload(RequestObject *R)
     zb_revoke(E, &R->payload);
 }
 
-static void Request_dealloc(RequestObject *R)
+static HOT void Request_dealloc(RequestObject *R)
 {
     PyObject_GC_UnTrack(R);
     req_release_payload(R);
@@ -3476,12 +3721,32 @@ static void Request_dealloc(RequestObject *R)
         zb_finish(E); /* its views died with us: finish now, not in a later poll */
     Py_CLEAR(R->zbuf);
     Py_CLEAR(R->set);
+    if (Py_TYPE(R) == &RequestType && free_list_push(&req_free_list, (PyObject *)R))
+        return;
     Py_TYPE(R)->tp_free((PyObject *)R);
+}
+
+/* A new instance of req_type, tracked (as tp_alloc makes it). From the free list only the
+ * fields ss_pop does not set are cleared (tp_alloc zeroes them all). */
+static HOT RequestObject *request_alloc(void)
+{
+    if (req_type == &RequestType) {
+        RequestObject *R = (RequestObject *)free_list_pop(&req_free_list);
+        if (R) {
+            PyObject_Init((PyObject *)R, &RequestType);
+            R->data_t = R->regions = R->caps = NULL;
+            R->zbuf = NULL;
+            R->done = 0;
+            PyObject_GC_Track(R);
+            return R;
+        }
+    }
+    return (RequestObject *)req_type->tp_alloc(req_type, 0);
 }
 
 /* Send a reply for R (GIL held). final: the request counts as answered whatever happened,
  * except WouldBlock (the caller may try again). */
-static PyObject *req_send(RequestObject *R, outmsg_t *m, PyObject *payload_o, int empty_is_none)
+static HOT PyObject *req_send(RequestObject *R, outmsg_t *m, PyObject *payload_o, int empty_is_none)
 {
     ServerSetObject *S = R->set;
     if (check_fork(S->fork_gen, "capbus request") < 0)
@@ -3523,7 +3788,7 @@ static PyObject *req_send(RequestObject *R, outmsg_t *m, PyObject *payload_o, in
 }
 
 /* reply(opcode=0, data=(), payload=b"", flags=0) */
-static PyObject *Request_reply(RequestObject *R, PyObject *const *args, Py_ssize_t nargs,
+static HOT PyObject *Request_reply(RequestObject *R, PyObject *const *args, Py_ssize_t nargs,
                                PyObject *kwnames)
 {
     static const char *const kw[] = {"opcode", "data", "payload", "flags", NULL};
@@ -3624,13 +3889,13 @@ static PyObject *Request_reply_error(RequestObject *R, PyObject *const *args, Py
 }
 
 /* The four data words as a tuple of ints (a new reference). */
-static PyObject *data_tuple(const uint64_t d[4])
+static HOT PyObject *data_tuple(const uint64_t d[4])
 {
     PyObject *t = PyTuple_New(4);
     if (!t)
         return NULL;
     for (int i = 0; i < 4; i++) {
-        PyObject *o = PyLong_FromUnsignedLongLong(d[i]);
+        PyObject *o = u64_object(d[i]);
         if (!o) {
             Py_DECREF(t);
             return NULL;
@@ -3640,7 +3905,7 @@ static PyObject *data_tuple(const uint64_t d[4])
     return t;
 }
 
-static PyObject *Request_get_data(RequestObject *R, void *c)
+static HOT PyObject *Request_get_data(RequestObject *R, void *c)
 {
     if (!R->data_t && !(R->data_t = data_tuple(R->data)))
         return NULL;
@@ -3832,6 +4097,7 @@ static PyGetSetDef Message_getset[] = {
 static PyTypeObject MessageType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "capbus.Message",
     .tp_repr = Message_repr,
+    .tp_free = Message_free,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_doc = "A received message: .opcode, .flags, .data (four u64) and .payload (bytes).\n\n"
               "A tuple underneath (opcode, flags, d0, d1, d2, d3, payload or None), exactly as\n"
@@ -4048,7 +4314,7 @@ static PyObject *zc_payload(ServerSetObject *S, chan_t *ch, const inmsg_t *m, ZB
 }
 
 /* Pop one request from channel ch (GIL held). */
-static int ss_pop(ServerSetObject *S, chan_t *ch, PyObject **out, const char **why)
+static HOT int ss_pop(ServerSetObject *S, chan_t *ch, PyObject **out, const char **why)
 {
     if (ch->draining) {
         if (ch->req.head == ch->drain_end || ctrl_state(ch->ctrl) == STATE_REVOKED)
@@ -4108,8 +4374,8 @@ static int ss_pop(ServerSetObject *S, chan_t *ch, PyObject **out, const char **w
         if (!payload)
             return *why ? P_CORRUPT : P_ERROR;
     }
-    PyObject *opcode_o = PyLong_FromUnsignedLong(m.s.opcode);
-    RequestObject *R = opcode_o ? (RequestObject *)req_type->tp_alloc(req_type, 0) : NULL;
+    PyObject *opcode_o = u64_object(m.s.opcode);
+    RequestObject *R = opcode_o ? request_alloc() : NULL;
     if (!R) {
         Py_XDECREF(opcode_o);
         Py_XDECREF(payload); /* frees E too */
@@ -4153,7 +4419,7 @@ enum { TK_ERROR = -1, TK_NONE = 0, TK_GOT = 1, TK_BUDGET = 2 };
  * client can make its ring flicker, or stream cancelled requests, as fast as we look: the
  * caller re-checks its deadline and signals before going on); TK_ERROR with an exception. With
  * defer, a corrupt channel is recorded for the next call instead of raised. */
-static int ss_take(ServerSetObject *S, PyObject **out, int *refreshes, unsigned *budget,
+static HOT int ss_take(ServerSetObject *S, PyObject **out, int *refreshes, unsigned *budget,
                    int defer, int will_wait)
 {
     const char *why = NULL;
@@ -4162,7 +4428,7 @@ static int ss_take(ServerSetObject *S, PyObject **out, int *refreshes, unsigned 
         if (__atomic_load_n(&S->rescan, __ATOMIC_RELAXED) ||
             S->coarse_now - S->last_full_scan >= FULL_SCAN_NS) {
             __atomic_store_n(&S->rescan, 0, __ATOMIC_RELAXED); /* before the scan: none missed */
-            ss_full_scan(S);
+            ss_full_scan(S, S->coarse_now);
         }
         if (!*budget)
             return TK_BUDGET;
@@ -4208,7 +4474,7 @@ static int ss_take(ServerSetObject *S, PyObject **out, int *refreshes, unsigned 
 }
 
 /* Raise the CorruptChannel a recv_many deferred (recv_mu held). */
-static int ss_raise_pending(ServerSetObject *S)
+static HOT int ss_raise_pending(ServerSetObject *S)
 {
     if (!S->pend_corrupt)
         return 0;
@@ -4227,17 +4493,15 @@ static inline void ss_clear_event(ServerSetObject *S)
 }
 
 /* recv_mu for a receive (GIL held on entry and exit); -1 if the set was closed meanwhile. */
-static int ss_enter(ServerSetObject *S, int wait)
+static HOT int ss_enter(ServerSetObject *S, int wait)
 {
-    if (pthread_mutex_trylock(&S->recv_mu) != 0) {
+    if (!gl_try(&S->recv_mu)) {
         if (!wait)
             return 1;
-        Py_BEGIN_ALLOW_THREADS
-        pthread_mutex_lock(&S->recv_mu);
-        Py_END_ALLOW_THREADS
+        gl_acquire(&S->recv_mu);
     }
-    if (!S->db) { /* closed while we waited for the mutex */
-        pthread_mutex_unlock(&S->recv_mu);
+    if (!S->db) { /* closed while we waited for the lock */
+        gl_release(&S->recv_mu);
         PyErr_SetString(PyExc_ValueError, "ServerSet is closed");
         return -1;
     }
@@ -4246,21 +4510,23 @@ static int ss_enter(ServerSetObject *S, int wait)
     return 0;
 }
 
-static void ss_leave(ServerSetObject *S)
+static HOT void ss_leave(ServerSetObject *S)
 {
     S->recv_active = 0;
-    pthread_mutex_unlock(&S->recv_mu);
+    gl_release(&S->recv_mu);
     ss_reap(S);
 }
 
 /* Wait (per wait mode) until a message is taken or the deadline passes. TK_GOT, TK_NONE (deadline)
  * or TK_ERROR (CorruptChannel, Cancelled, a signal handler's exception). recv_mu held. */
-static int ss_take_wait(ServerSetObject *S, PyObject **out, uint64_t deadline)
+static HOT int ss_take_wait(ServerSetObject *S, PyObject **out, uint64_t deadline)
 {
     int refreshes = 2;
     unsigned budget = 2 * MAX_CHANNELS;
     for (;;) {
-        if (__atomic_exchange_n(&S->interrupt, 0, __ATOMIC_RELAXED)) {
+        /* Load first: the locked exchange only when interrupt() was called. */
+        if (__atomic_load_n(&S->interrupt, __ATOMIC_RELAXED) &&
+            __atomic_exchange_n(&S->interrupt, 0, __ATOMIC_RELAXED)) {
             PyErr_SetString(Cancelled, "recv interrupted");
             return TK_ERROR;
         }
@@ -4300,7 +4566,7 @@ static PyObject *ServerSet_recv(ServerSetObject *S, PyObject *const *args, Py_ss
     return ss_recv(S, timeout_ns);
 }
 
-static PyObject *ss_recv(ServerSetObject *S, int64_t timeout_ns)
+static HOT PyObject *ss_recv(ServerSetObject *S, int64_t timeout_ns)
 {
     if (!ss_usable(S))
         return NULL;
@@ -4413,7 +4679,7 @@ static PyObject *ss_poll(ServerSetObject *S, int arm)
             __atomic_store_n((uint32_t *)(S->db + DB_SERVER_SPINS_OFF), 0, __ATOMIC_RELAXED);
             __atomic_store_n((uint32_t *)(S->db + DB_EVENT_WANTED_OFF), 1, __ATOMIC_RELAXED);
             __atomic_thread_fence(__ATOMIC_SEQ_CST);
-            ss_full_scan(S);
+            ss_full_scan(S, coarse_ns());
             refreshes = 0;
             t = ss_take(S, &result, &refreshes, &budget, 0, 0);
         }
@@ -4649,7 +4915,7 @@ static PyObject *front_slow(PyObject *self, PyObject *name, PyObject *const *arg
 }
 
 /* timeout (seconds, None = no deadline) -> ns, -1 for none: as endpoint.timeout_ns(). */
-static int front_timeout(PyObject *o, int64_t *out)
+static HOT int front_timeout(PyObject *o, int64_t *out)
 {
     *out = -1;
     if (!o || o == Py_None)
@@ -4667,7 +4933,7 @@ static int front_timeout(PyObject *o, int64_t *out)
 }
 
 /* `payload or None`, as the Python runtime has always read it: NULL for none. */
-static int front_payload(PyObject *o, PyObject **out)
+static HOT int front_payload(PyObject *o, PyObject **out)
 {
     *out = NULL;
     if (!o || o == Py_None)
@@ -4681,7 +4947,7 @@ static int front_payload(PyObject *o, PyObject **out)
 }
 
 /* Anything the native path does not handle: nonzero flags, or capabilities/regions to pass. */
-static int front_plain(PyObject *flags, PyObject *caps, PyObject *regions)
+static HOT int front_plain(PyObject *flags, PyObject *caps, PyObject *regions)
 {
     if (flags && flags != int_zero) { /* 0 is a cached small int: usually the same object */
         if (!PyLong_Check(flags))
@@ -4715,7 +4981,7 @@ typedef struct {
 } EndpointBaseObject;
 
 /* This thread's lane (a new reference), or NULL with an exception. */
-static LaneObject *ep_lane(EndpointBaseObject *E)
+static HOT LaneObject *ep_lane(EndpointBaseObject *E)
 {
     uint64_t tid = PyThreadState_GetID(PyThreadState_Get());
     if (E->lane && E->lane_tid == tid && E->lane_fork_gen == fork_gen)
@@ -4735,7 +5001,7 @@ static LaneObject *ep_lane(EndpointBaseObject *E)
     return (LaneObject *)core;
 }
 
-static int ep_handle(EndpointBaseObject *E)
+static HOT int ep_handle(EndpointBaseObject *E)
 {
     if (!E->handle) {
         PyErr_SetString(PyExc_AttributeError, "the endpoint has no handle yet");
@@ -4751,7 +5017,7 @@ static const char *const ep_send_kw[] = {"opcode", "data", "payload", "flags", "
 
 /* The plain case of call/send_async up to a prepared message: this thread's lane (a new
  * reference), or NULL with an exception. payload_arg as given (`payload or None` is applied). */
-static LaneObject *ep_prepare(EndpointBaseObject *E, PyObject *opcode, PyObject *data,
+static HOT LaneObject *ep_prepare(EndpointBaseObject *E, PyObject *opcode, PyObject *data,
                               PyObject *payload_arg, uint32_t extra, outmsg_t *m, Py_buffer *view,
                               charge_t *c)
 {
@@ -4771,7 +5037,7 @@ static LaneObject *ep_prepare(EndpointBaseObject *E, PyObject *opcode, PyObject 
 }
 
 /* call(opcode, data=(), payload=b"", timeout=None, flags=0, caps=(), regions=(), move=False) */
-static PyObject *EP_call(EndpointBaseObject *E, PyObject *const *args, Py_ssize_t nargs,
+static HOT PyObject *EP_call(EndpointBaseObject *E, PyObject *const *args, Py_ssize_t nargs,
                          PyObject *kwnames)
 {
     PyObject *a[8];
@@ -4924,7 +5190,7 @@ typedef struct {
 static const char *const sv_recv_kw[] = {"timeout", NULL};
 
 /* recv(timeout=None) -> Request */
-static PyObject *SV_recv(ServiceBaseObject *V, PyObject *const *args, Py_ssize_t nargs,
+static HOT PyObject *SV_recv(ServiceBaseObject *V, PyObject *const *args, Py_ssize_t nargs,
                          PyObject *kwnames)
 {
     PyObject *a[1];
@@ -5111,6 +5377,13 @@ static PyObject *py_channel_layout(PyObject *self, PyObject *args, PyObject *kw)
         "resp_slots", rs + RING_SLOTS_OFF, "req_arena", req_arena_off(n), "resp_arena",
         resp_arena_off(n, a), "cstats", (unsigned long long)CHAN_CSTATS_OFF, "sstats",
         (unsigned long long)CHAN_SSTATS_OFF);
+}
+
+/* latency_clock() -> str: what a call's round trip for the metrics is measured with. */
+static PyObject *py_latency_clock(PyObject *self, PyObject *unused)
+{
+    static const char *names[] = {"monotonic", "monotonic (tsc rate not measured yet)", "tsc"};
+    return PyUnicode_FromString(names[tsc_state]);
 }
 
 static PyObject *py_resp_ring_off(PyObject *self, PyObject *arg)
@@ -5390,6 +5663,9 @@ static PyMethodDef core_methods[] = {
      METH_VARARGS | METH_KEYWORDS,
      "channel_layout(nslots=256, arena_size=128 MiB) -> dict of absolute offsets in a channel"},
     {"max_payload", py_max_payload, METH_O, "max_payload(arena_size) -> int"},
+    {"latency_clock", py_latency_clock, METH_NOARGS,
+     "latency_clock() -> str: 'tsc' when calls time their round trips with the TSC (the kernel's\n"
+     "clocksource is the TSC and its rate has been measured), else 'monotonic...'"},
     {"resp_ring_off", py_resp_ring_off, METH_O,
      "resp_ring_off(nslots) -> int: offset of the response ring in a channel (its tail word, at\n"
      "+RING_TAIL_OFF, is what clients futex-wait on; see wake_lane)"},
@@ -5433,6 +5709,10 @@ static int add_u64(PyObject *m, const char *name, uint64_t v)
 PyMODINIT_FUNC PyInit__core(void)
 {
     crc32_init();
+    if (!tsc_state)
+        tsc_init();
+    if (small_ints_init() < 0)
+        return NULL;
     static int atfork_done; /* once per process, however often this module is initialised */
     if (!atfork_done) {
         if (pthread_atfork(wd_lock, wd_unlock, wd_atfork_child) != 0) {

@@ -31,6 +31,10 @@
 
 #include "_core_layout.h"
 
+#ifndef HOT
+#define HOT /* _core.c marks the functions of a round trip (see there) */
+#endif
+
 enum { RG_OK = 0, RG_EMPTY = 1, RG_FULL = 2, RG_CORRUPT = -1 };
 
 static inline uint64_t *ring_u64(char *ring, uint32_t off) { return (uint64_t *)(ring + off); }
@@ -132,7 +136,7 @@ typedef struct {
 
 /* How many more slots the producer may write (at least `want` if it can). RG_CORRUPT if the
  * consumer's head is impossible. */
-static int prod_slots_free(prod_t *p, uint64_t want, uint64_t *nfree, const char **why)
+static HOT int prod_slots_free(prod_t *p, uint64_t want, uint64_t *nfree, const char **why)
 {
     /* The head we saw last is a lower bound of the real one: while it leaves room for `want`
      * messages, skip the load. The consumer writes that cache line for every message, so reading
@@ -217,7 +221,7 @@ static inline char *prod_res_payload(const prod_t *p, const prod_res_t *r, uint6
  * payloads (copy + CRC): the caller drops the GIL around it for those. A payload that already
  * sits in the reserved chunk (a loan: m->payload == prod_res_payload) is not copied, and for an
  * inline one only the bytes around the inline area are written. */
-static void prod_write_at(prod_t *p, const outmsg_t *m, const prod_res_t *r)
+static HOT void prod_write_at(prod_t *p, const outmsg_t *m, const prod_res_t *r)
 {
     slot_t s;
     s.capability = m->capability;
@@ -265,7 +269,7 @@ static void prod_write_at(prod_t *p, const outmsg_t *m, const prod_res_t *r)
 }
 
 /* Reserve (if it has a payload) and write one message. RG_OK, RG_FULL (arena) or RG_CORRUPT. */
-static int prod_write(prod_t *p, const outmsg_t *m, const char **why)
+static HOT int prod_write(prod_t *p, const outmsg_t *m, const char **why)
 {
     prod_res_t r = {0, 0, 0, 0, 0};
     if (m->payload) {
@@ -338,7 +342,7 @@ static inline int cons_poll(cons_t *c, const char **why)
 }
 
 /* Copy the slot at head (the caller saw RG_OK from cons_poll) and validate it and its chunk. */
-static int cons_read(cons_t *c, inmsg_t *m, const char **why)
+static HOT int cons_read(cons_t *c, inmsg_t *m, const char **why)
 {
     copy_in_words(&m->s, ring_slot(c->ring, c->head & (c->nslots - 1)), sizeof m->s);
     const slot_t *s = &m->s;
