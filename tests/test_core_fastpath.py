@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import sys
@@ -40,7 +41,13 @@ def lane(ch, db):
     return _core.Lane(ch.chan, ch.ctrl, db, ch.index, ch.nslots, ch.arena)
 
 
-def echo_thread(s, stop: threading.Event, delay: float = 0.0) -> threading.Thread:
+@contextlib.contextmanager
+def echoing(db, chans, index: int, delay: float = 0.0):
+    """(channel, Lane) with an echo server thread in this process, stopped and closed after."""
+    ch = chans(index)
+    s = server(db, ch)
+    stop = threading.Event()
+
     def serve():
         while not stop.is_set():
             try:
@@ -53,7 +60,12 @@ def echo_thread(s, stop: threading.Event, delay: float = 0.0) -> threading.Threa
 
     t = threading.Thread(target=serve)
     t.start()
-    return t
+    try:
+        yield ch, lane(ch, db)
+    finally:
+        stop.set()
+        t.join(10)
+        s.close()
 
 
 def test_recycled_requests_carry_their_own_fields(db, chans):
@@ -99,12 +111,7 @@ def test_recycled_requests_carry_their_own_fields(db, chans):
 
 
 def test_recycled_messages_keep_their_values(db, chans):
-    ch = chans(2)
-    s = server(db, ch)
-    ln = lane(ch, db)
-    stop = threading.Event()
-    t = echo_thread(s, stop)
-    try:
+    with echoing(db, chans, 2) as (_ch, ln):
         kept = []
         for i in range(200):
             m = ln.call(0, i % 300, 0, (i, 255, 256, 2**62 + i), b"m%d" % i if i % 2 else None,
@@ -119,23 +126,13 @@ def test_recycled_messages_keep_their_values(db, chans):
         gc.collect()  # the collector sees well-formed objects (tracked, sized, typed)
         for i, m in kept:
             assert m[6] == (b"m%d" % i if i % 2 else None)
-    finally:
-        stop.set()
-        t.join(10)
-        s.close()
 
 
 def test_int_boundaries_and_bad_values(db, chans):
-    ch = chans(3)
-    s = server(db, ch)
-    ln = lane(ch, db)
-    stop = threading.Event()
-    t = echo_thread(s, stop)
-
     class MyInt(int):
         pass
 
-    try:
+    with echoing(db, chans, 3) as (_ch, ln):
         values = (0, 255, 256, 2**30 - 1, 2**30, 2**31, 2**63, 2**64 - 1)
         for v in values:
             got = ln.call(0, 7, 0, (v, v, v, v), None, SEC * 5)
@@ -151,10 +148,6 @@ def test_int_boundaries_and_bad_values(db, chans):
             with pytest.raises(ValueError):
                 ln.call(0, bad_opcode, 0, (), None, SEC)
         assert ln.call(0, 1, 0, (1, 2, 3, 4), None, SEC * 5)[:6] == (1, 0, 1, 2, 3, 4)
-    finally:
-        stop.set()
-        t.join(10)
-        s.close()
 
 
 def test_two_receiving_threads_share_every_message(db, chans):
@@ -231,18 +224,13 @@ def test_replies_from_threads_small_and_big_on_one_channel(db, chans):
 
 
 def test_call_latency_clock_agrees_with_wall_time(db, chans):
-    ch = chans(6)
-    s = server(db, ch)
-    ln = lane(ch, db)
-    stop = threading.Event()
-    t = echo_thread(s, stop, delay=0.2)
-    try:
+    with echoing(db, chans, 6, delay=0.2) as (ch, ln):
         time.sleep(0.06)  # past the TSC rate measurement window (50 ms after import)
         ln.call(0, 1, 0, (), None, SEC * 5)  # the first call after it measures the rate
         clock = _core.latency_clock()
         with open("/sys/devices/system/clocksource/clocksource0/current_clocksource") as f:
             source = f.read().strip()
-        if source == "tsc" and _core.__file__ and os.uname().machine == "x86_64":
+        if source == "tsc" and os.uname().machine == "x86_64":
             assert clock == "tsc"
         else:
             assert clock.startswith("monotonic")
@@ -254,7 +242,3 @@ def test_call_latency_clock_agrees_with_wall_time(db, chans):
         lat = after["latency_sum_ns"] - before["latency_sum_ns"]
         assert after["latency_count"] == before["latency_count"] + 1
         assert 0.2 * SEC * 0.99 <= lat <= wall * 1.01, (lat, wall, clock)
-    finally:
-        stop.set()
-        t.join(10)
-        s.close()
