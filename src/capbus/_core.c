@@ -246,7 +246,7 @@
 #include <structmember.h>
 
 #ifdef Py_GIL_DISABLED
-#error "capbus's native core relies on the GIL (gil_lock_t, the free lists): free-threaded CPython is not supported"
+#error "capbus's native core relies on the GIL (gil_lock_t, free lists): no free-threaded CPython"
 #endif
 
 #include <errno.h>
@@ -1209,12 +1209,13 @@ static PyTypeObject MessageType;
 static HOT void Message_free(void *p)
 {
     PyObject *o = p;
-    if (Py_TYPE(o) == &MessageType && Py_SIZE(o) == MESSAGE_ITEMS && free_list_push(&msg_free_list, o))
+    if (Py_TYPE(o) == &MessageType && Py_SIZE(o) == MESSAGE_ITEMS &&
+        free_list_push(&msg_free_list, o))
         return;
     PyObject_GC_Del(p);
 }
 
-/* A new, untracked-until-filled instance of msg_type with 7 NULL items. */
+/* A new instance of msg_type (or a tuple), tracked, with 7 NULL items. */
 static HOT PyObject *message_alloc(void)
 {
     if (msg_type == &MessageType) {
@@ -2736,9 +2737,10 @@ static PyTypeObject LaneType = {
  *
  * Threads: one recv/poll/recv_many at a time (recv_mu, waited for without the GIL when held).
  * reply() may run in any thread; per channel, replies are serialised by the channel's lock. Both
- * are gil_lock_t: taken only with the GIL, so a free one costs no locked instruction. add(), remove() and the bookkeeping below run under the GIL. recv scans without the
- * GIL, so remove() never unmaps a channel while a recv is running or a reply is using it: it
- * parks the channel on a graveyard list, freed by whoever is last out.
+ * are gil_lock_t: taken only with the GIL, so a free one costs no locked instruction. add(),
+ * remove() and the bookkeeping below run under the GIL. recv scans without the GIL, so remove()
+ * never unmaps a channel while a recv is running or a reply is using it: it parks the channel on
+ * a graveyard list, freed by whoever is last out.
  * ============================================================================================= */
 
 /* A lock that is only ever TAKEN by a thread holding the GIL (recv_mu, a channel's reply lock).
@@ -3544,33 +3546,34 @@ static HOT int ss_wait(ServerSetObject *S, uint64_t deadline)
  * then marked dead). If remove() ran meanwhile and no recv is active, ch is freed on return: the
  * caller must not use it afterwards (recv's own auto-replies may: recv_active keeps it). `app`:
  * the application's reply (counted in the metrics), not an automatic refusal. */
+/* The write itself, with ch->lock held (with or without the GIL); lets the lock go. */
+static HOT int reply_write_locked(chan_t *ch, const outmsg_t *m, const char **why)
+{
+    uint64_t nfree;
+    int r = prod_slots_free(&ch->resp, 1, &nfree, why);
+    if (r == RG_OK)
+        r = nfree ? prod_write(&ch->resp, m, why) : RG_FULL;
+    if (r == RG_OK)
+        prod_publish_fence(&ch->resp);
+    gl_release(&ch->lock);
+    return r;
+}
+
 static HOT int ss_write_reply(ServerSetObject *S, chan_t *ch, const outmsg_t *m, const char **why,
                           int app)
 {
-    uint64_t nfree;
     int r;
     ch->users++;
-    int big = m->payload && m->plen >= NOGIL_COPY_BYTES;
     /* The lock is taken with the GIL (waiting without it while another thread copies a big
      * reply); a big payload is then copied without the GIL, and the lock let go before the GIL
      * is taken back, so its holder never waits for the GIL: no deadlock. */
     gl_acquire(&ch->lock);
-    if (!big) {
-        r = prod_slots_free(&ch->resp, 1, &nfree, why);
-        if (r == RG_OK)
-            r = nfree ? prod_write(&ch->resp, m, why) : RG_FULL;
-        if (r == RG_OK)
-            prod_publish_fence(&ch->resp);
-        gl_release(&ch->lock);
-    } else {
+    if (m->payload && m->plen >= NOGIL_COPY_BYTES) {
         Py_BEGIN_ALLOW_THREADS
-        r = prod_slots_free(&ch->resp, 1, &nfree, why);
-        if (r == RG_OK)
-            r = nfree ? prod_write(&ch->resp, m, why) : RG_FULL;
-        if (r == RG_OK)
-            prod_publish_fence(&ch->resp);
-        gl_release(&ch->lock);
+        r = reply_write_locked(ch, m, why);
         Py_END_ALLOW_THREADS
+    } else {
+        r = reply_write_locked(ch, m, why);
     }
     if (r == RG_OK) {
         /* The full fence after our tail store (prod_publish_fence) orders it before the loads
