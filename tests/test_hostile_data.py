@@ -30,7 +30,7 @@ p = capbus.connect()
 ep = p.lookup("target")
 ep.call(1, timeout=5)                           # a healthy first call: the server maps our lane
 reply, fds = p._request_fds(frames.OpenChannel(ep.handle))   # bypass the library: raw fds
-chan_fd, ctrl_fd, bell_fd, bell_event_fd, reply_event_fd = fds
+chan_fd, ctrl_fd, bell_fd, bell_event_fd, reply_event_fd, bell_sleep_fd, reply_sleep_fd = fds
 report = []
 
 # The control page: no writable mapping, not even through a fresh open of /proc/self/fd/N.
@@ -60,7 +60,8 @@ for name, fd in (("chan", chan_fd), ("bell", bell_fd)):
 print("seals", ",".join(report) or "ok", flush=True)
 
 lane = _core.Lane(chan_fd, ctrl_fd, bell_fd, reply.index, reply.nslots, reply.arena_size, 1, 50000,
-                  bell_event_fd=bell_event_fd, reply_event_fd=reply_event_fd)
+                  bell_event_fd=bell_event_fd, reply_event_fd=reply_event_fd,
+                  bell_sleep_fd=bell_sleep_fd, reply_sleep_fd=reply_sleep_fd)
 lane.call(1, 1, 4, (7,), None, 2_000_000_000)             # this lane works first
 size = _core.channel_size(reply.nslots, reply.arena_size)
 chan = mmap.mmap(os.open(f"/proc/self/fd/{chan_fd}", os.O_RDWR), size)
@@ -176,7 +177,7 @@ def test_service_recv_goes_on_after_a_corrupt_channel(kernel):
         def scribbled_channel() -> None:
             """A raw channel of the hostile client: one valid message, then its tail far ahead."""
             reply, fds = hostile._request_fds(frames.OpenChannel(ep_h.handle))
-            chan_fd, ctrl_fd, bell_fd, bell_efd, reply_efd = fds
+            chan_fd, ctrl_fd, bell_fd, bell_efd, reply_efd, *_ = fds
             try:
                 lane = _core.Lane(chan_fd, ctrl_fd, bell_fd, reply.index, reply.nslots,
                                   reply.arena_size, _core.WAIT_BLOCK)
@@ -233,7 +234,7 @@ def test_serve_survives_a_client_scribbling_its_response_ring(kernel, children):
     with capbus.connect(kernel.socket_path) as hostile, capbus.connect(kernel.socket_path) as me:
         ep_h = hostile.lookup("target")
         reply, fds = hostile._request_fds(frames.OpenChannel(ep_h.handle))
-        chan_fd, ctrl_fd, bell_fd, bell_efd, reply_efd = fds
+        chan_fd, ctrl_fd, bell_fd, bell_efd, reply_efd, *_ = fds
         try:
             lane = _core.Lane(chan_fd, ctrl_fd, bell_fd, reply.index, reply.nslots,
                               reply.arena_size, _core.WAIT_BLOCK)

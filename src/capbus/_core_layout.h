@@ -49,7 +49,7 @@
 /* ---- Service doorbell (one per service; RW for the server and every client: untrusted). ---- */
 #define DOORBELL_SIZE 4096u
 #define DB_SEQ_OFF 0u              /* u32 futex word: clients add 1 after publishing */
-#define DB_SERVER_SLEEPING_OFF 64u /* u32: 1 while the server is (about to be) asleep on seq */
+#define DB_SERVER_SLEEPING_OFF 64u /* u32: server asleep: 1 on seq, 2 on its eventfd */
 #define DB_EVENT_WANTED_OFF 68u    /* u32: 1 while an event-loop server waits on its eventfd */
 #define DB_SERVER_SPINS_OFF 72u    /* u32: 1 while the server never sleeps nor waits on its
                                       eventfd (spin mode): clients then only set their hint bit */
@@ -121,7 +121,7 @@ _Static_assert(CHAN_SSTATS_OFF + SSTATS_SIZE <= CHAN_HEADER_SIZE, "server stats 
 /* Ring (request ring: client -> server; response ring: server -> client). */
 #define RING_TAIL_OFF 0u               /* u64, written by the producer */
 #define RING_HEAD_OFF 64u              /* u64, written by the consumer */
-#define RING_CONSUMER_SLEEPING_OFF 72u /* u32, response ring only: client is asleep on tail */
+#define RING_CONSUMER_SLEEPING_OFF 72u /* u32, resp ring: client asleep: 1 on tail, 2 on its pipe */
 #define RING_CONSUMER_EVENT_OFF 76u    /* u32, response ring only: client waits on its eventfd */
 #define RING_ARENA_RELEASED_OFF 128u   /* u64, written by the consumer: arena bytes released */
 #define RING_SLOTS_OFF 256u

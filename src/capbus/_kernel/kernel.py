@@ -49,7 +49,7 @@ from .launcher import Child, LaunchSpec, launch
 from .policy import Policy, ProcessInfo
 from .regions import REGION_RIGHTS, Region
 from .registry import Registry
-from .shm import ChannelShm, make_doorbell, make_eventfd
+from .shm import ChannelShm, make_doorbell, make_eventfd, make_sleep_eventfd
 from .transport import Transport
 
 log = logging.getLogger("capbus.kernel")
@@ -88,6 +88,7 @@ class Service:
     alive: bool = True
     doorbell_fd: int = -1
     bell_event_fd: int = -1
+    bell_sleep_fd: int = -1
     channels: dict[int, Channel] = field(default_factory=dict)
     free_indices: list[int] = field(default_factory=list)
     next_index: int = 0
@@ -669,18 +670,19 @@ class Kernel:
             svc.handle = rec.caps.insert(Capability("service", svc, frozenset({"receive"}), owner=rec))
             svc.doorbell_fd = make_doorbell()
             svc.bell_event_fd = make_eventfd()
+            svc.bell_sleep_fd = make_sleep_eventfd()
         except (IpcError, OSError) as exc:
             registry.release(key, svc)
             if svc.handle:
                 rec.caps.remove(svc.handle)
-            for fd in (svc.doorbell_fd, svc.bell_event_fd):
+            for fd in (svc.doorbell_fd, svc.bell_event_fd, svc.bell_sleep_fd):
                 if fd >= 0:
                     os.close(fd)
             raise exc if isinstance(exc, IpcError) else OutOfMemory(f"no doorbell: {exc}") from None
         rec.services.append(svc)
         self._audit_event(_audit.REGISTER, rec, None, key, kind)
         self._respond(rec, rid, frames.Registered(svc.handle, key),
-                      (svc.doorbell_fd, svc.bell_event_fd))
+                      (svc.doorbell_fd, svc.bell_event_fd, svc.bell_sleep_fd))
         self._grant_waiters((kind, key), svc)
         self._notify_registration()
         return None
@@ -856,10 +858,11 @@ class Kernel:
         # the ring, and the doorbell bit tells the server once it has mapped it).
         self._event(svc.owner, frames.ChannelOpened(svc.handle, index, rec.process_id, NSLOTS,
                                                     ARENA_SIZE),
-                    (shm.chan_fd, shm.ctrl_fd, shm.reply_event_fd))
+                    (shm.chan_fd, shm.ctrl_fd, shm.reply_event_fd, shm.reply_pipe[1],
+                     shm.reply_pipe_spare[0]))
         self._respond(rec, rid, frames.ChannelGranted(index, NSLOTS, ARENA_SIZE),
                       (shm.chan_fd, shm.ctrl_fd, svc.doorbell_fd, svc.bell_event_fd,
-                       shm.reply_event_fd))
+                       shm.reply_event_fd, svc.bell_sleep_fd, shm.reply_pipe[0]))
         shm.drop_fds()
 
     def _close_channel(self, ch: Channel, state: int, tell_server: bool = True) -> None:
@@ -887,10 +890,10 @@ class Kernel:
             for child in children:
                 _drop_pending(child)
         svc.transfers.clear()
-        for fd in (svc.doorbell_fd, svc.bell_event_fd):
+        for fd in (svc.doorbell_fd, svc.bell_event_fd, svc.bell_sleep_fd):
             if fd >= 0:
                 os.close(fd)
-        svc.doorbell_fd = svc.bell_event_fd = -1
+        svc.doorbell_fd = svc.bell_event_fd = svc.bell_sleep_fd = -1
 
     # ---- capabilities -------------------------------------------------------------------------
 

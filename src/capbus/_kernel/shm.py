@@ -41,6 +41,12 @@ def make_eventfd() -> int:
     return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
 
+def make_sleep_eventfd() -> int:
+    """A service's sleep eventfd: BLOCKING, for the server's read (see _core.c, "Sleep eventfds
+    and kicks"); its clients write it to wake the server."""
+    return os.eventfd(0, os.EFD_CLOEXEC)
+
+
 class ChannelShm:
     """One channel's memfds as the kernel keeps them: the control page mapped read-write (the
     kernel is its only writer) and the channel's first pages mapped for futex wake-ups. The
@@ -49,6 +55,7 @@ class ChannelShm:
     def __init__(self, nslots: int, arena_size: int, sender_id: int) -> None:
         self.nslots, self.arena_size = nslots, arena_size
         self.ctrl_fd = self.reply_event_fd = -1
+        self.reply_pipe = self.reply_pipe_spare = (-1, -1)
         self._wake: Mapping | None = None
         self._ctrl: Mapping | None = None
         self.chan_fd = _memfd("channel", _core.channel_size(nslots, arena_size))
@@ -71,6 +78,13 @@ class ChannelShm:
             fcntl.fcntl(self.ctrl_fd, fcntl.F_ADD_SEALS,
                         _BASE_SEALS | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL)
             self.reply_event_fd = make_eventfd()
+            # The reply-sleep pipe: a blocking client waits in read(2) on its end, the server
+            # writes a byte to wake it. Two open file descriptions, one per end: the server's is
+            # non-blocking and its own, so no client can ever make its write block.
+            self.reply_pipe = os.pipe2(os.O_CLOEXEC)
+            os.set_blocking(self.reply_pipe[1], False)
+            fcntl.fcntl(self.reply_pipe[1], fcntl.F_SETPIPE_SZ, mmap.PAGESIZE)
+            self.reply_pipe_spare = (_spare_read_end(self.reply_pipe[0]), -1)
         except BaseException:
             self.close()
             raise
@@ -106,10 +120,12 @@ class ChannelShm:
 
     def drop_fds(self) -> None:
         """Both ends hold the fds now; the kernel keeps only its mappings."""
-        for fd in (self.chan_fd, self.ctrl_fd, self.reply_event_fd):
+        for fd in (self.chan_fd, self.ctrl_fd, self.reply_event_fd, *self.reply_pipe,
+                   *self.reply_pipe_spare):
             if fd >= 0:
                 os.close(fd)
         self.chan_fd = self.ctrl_fd = self.reply_event_fd = -1
+        self.reply_pipe = self.reply_pipe_spare = (-1, -1)
 
     def close(self) -> None:
         self.drop_fds()
@@ -117,6 +133,16 @@ class ChannelShm:
             if m is not None:
                 m.close()
         self._wake = self._ctrl = None
+
+
+def _spare_read_end(fd: int) -> int:
+    """The server's spare read end of a reply-sleep pipe (held, never read: its writes then never
+    meet a pipe without a reader, which would raise SIGPIPE). A fresh open file description when
+    /proc allows, so that nothing the server does to it touches the client's end; else a dup."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return os.dup(fd)
 
 
 def _page_round(n: int) -> int:

@@ -282,9 +282,10 @@ class Error(Message):
     text: str
 
 
-@message(67, KIND_RESPONSE, fds=2, handle="u64", name="str")
+@message(67, KIND_RESPONSE, fds=3, handle="u64", name="str")
 class Registered(Message):
-    """A service capability, with its doorbell and the doorbell's eventfd (for asyncio)."""
+    """A service capability, with its doorbell, the doorbell's eventfd (for asyncio) and its
+    sleep eventfd (a blocking server sleeps on it)."""
 
     handle: int
     name: str
@@ -307,10 +308,11 @@ class Subscribed(Message):
     handle: int
 
 
-@message(71, KIND_RESPONSE, fds=5, index="u64", nslots="u64", arena_size="u64")
+@message(71, KIND_RESPONSE, fds=7, index="u64", nslots="u64", arena_size="u64")
 class ChannelGranted(Message):
-    """A channel's fds: the channel memfd, its control page, the service's doorbell and its
-    eventfd, and the channel's reply eventfd."""
+    """A channel's fds: the channel memfd, its control page, the service's doorbell, its
+    eventfd, the channel's reply eventfd, the service's sleep eventfd and the read end of the
+    channel's reply-sleep pipe."""
 
     index: int
     nslots: int
@@ -350,11 +352,12 @@ class Death(Message):
     process_id: int
 
 
-@message(130, KIND_EVENT, fds=3, handle="u64", index="u64", sender="u64", nslots="u64",
+@message(130, KIND_EVENT, fds=5, handle="u64", index="u64", sender="u64", nslots="u64",
          arena_size="u64")
 class ChannelOpened(Message):
     """To a service: a client opened a channel (fds: channel memfd, control page, the channel's
-    reply eventfd)."""
+    reply eventfd, both ends of its reply-sleep pipe: the server writes one and only holds the
+    other, so that a write never meets a pipe without a reader)."""
 
     handle: int
     index: int

@@ -305,16 +305,18 @@ class Endpoint(_core.EndpointBase):
         proc = self._proc
         reply, fds = proc._request_fds(frames.OpenChannel(self.handle))
         assert isinstance(reply, frames.ChannelGranted)
-        chan_fd, ctrl_fd, bell_fd, bell_event_fd, reply_event_fd = fds
+        (chan_fd, ctrl_fd, bell_fd, bell_event_fd, reply_event_fd, bell_sleep_fd,
+         reply_sleep_fd) = fds
         try:
             core = _core.Lane(chan_fd, ctrl_fd, bell_fd, reply.index, reply.nslots,
                               reply.arena_size, WAIT_CODES[proc.wait_mode], ADAPTIVE_SPIN_NS,
-                              bell_event_fd=bell_event_fd, reply_event_fd=reply_event_fd)
+                              bell_event_fd=bell_event_fd, reply_event_fd=reply_event_fd,
+                              bell_sleep_fd=bell_sleep_fd, reply_sleep_fd=reply_sleep_fd)
         except BaseException:
             os.close(reply_event_fd)
             raise
         finally:
-            for fd in (chan_fd, ctrl_fd, bell_fd, bell_event_fd):
+            for fd in (chan_fd, ctrl_fd, bell_fd, bell_event_fd, bell_sleep_fd, reply_sleep_fd):
                 os.close(fd)
         return _Lane(self, core, reply.index, reply_event_fd)
 

@@ -148,7 +148,7 @@ class Process:
     def _on_response(self, msg: frames.Message, fds: list[int]) -> list[int]:
         """Reader thread: a new service exists before its first ChannelOpened is read."""
         if isinstance(msg, frames.Registered):
-            self._services[msg.handle] = Service(self, msg.handle, msg.name, fds[0], fds[1])
+            self._services[msg.handle] = Service(self, msg.handle, msg.name, *fds)
             return []
         return fds
 

@@ -31,7 +31,7 @@ class Service(_core.ServiceBase):
     service or a corrupt channel comes back to _recv_slow below, the reference behaviour."""
 
     def __init__(self, proc: Process, handle: int, name: str, doorbell_fd: int,
-                 event_fd: int) -> None:
+                 event_fd: int, sleep_fd: int) -> None:
         self._proc = proc
         self.handle = handle
         self.name = name
@@ -40,9 +40,10 @@ class Service(_core.ServiceBase):
         self._senders: dict[int, int] = {}  # channel index -> sender ProcessId
         try:
             self._set = _core.ServerSet(doorbell_fd, WAIT_CODES[proc.wait_mode], ADAPTIVE_SPIN_NS,
-                                        event_fd=event_fd)
+                                        event_fd=event_fd, sleep_fd=sleep_fd)
         finally:
             os.close(doorbell_fd)
+            os.close(sleep_fd)  # the ServerSet keeps its own duplicate
         self._closed = False
 
     def __repr__(self) -> str:
@@ -215,7 +216,7 @@ class Service(_core.ServiceBase):
     def _channel_opened(self, msg: frames.ChannelOpened, fds: list[int]) -> None:
         try:
             self._set.add(msg.index, fds[0], fds[1], msg.nslots, msg.arena_size, msg.sender,
-                          reply_event_fd=fds[2])
+                          reply_event_fd=fds[2], reply_sleep_fd=fds[3], reply_sleep_keep_fd=fds[4])
             self._senders[msg.index] = msg.sender
         except Exception as exc:  # could not map it: the kernel closes it for its client
             log.warning("service %r cannot map channel %d: %s", self.name, msg.index, exc)
