@@ -1393,6 +1393,8 @@ static int pipe_end_dup(int fd, int nonblock)
     if (fd < 0)
         return -1;
     int d = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    if (d < 0 && (errno == EMFILE || errno == ENFILE))
+        return -1; /* out of fds: do without it (futex sleeps), rather than refuse the channel */
     int fl = d < 0 ? -1 : fcntl(d, F_GETFL);
     if (fl < 0 || (nonblock >= 0 &&
                    fcntl(d, F_SETFL, nonblock ? fl | O_NONBLOCK : fl & ~O_NONBLOCK) < 0)) {
@@ -1410,6 +1412,8 @@ static int sleep_efd_dup(int fd)
     if (fd < 0)
         return -1;
     int d = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    if (d < 0 && (errno == EMFILE || errno == ENFILE))
+        return -1; /* as pipe_end_dup */
     if (d < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -2;

@@ -15,7 +15,6 @@ import itertools
 import logging
 import os
 import queue
-import resource
 import selectors
 import signal
 import socket
@@ -39,6 +38,7 @@ from .._errors import (
     ProtocolError,
     ServiceNotFound,
 )
+from .._fdlimit import raise_fd_limit
 from .._protocol import frames
 from .._protocol.connection import KernelConnection, State
 from .._protocol.names import check_name
@@ -203,7 +203,7 @@ class Kernel:
             frames.MapRegion: self._on_map_region,
             frames.SealRegion: self._on_seal_region,
         }
-        _raise_fd_limit()
+        raise_fd_limit()
         self._lock_fd, self._listener = _bind(self.socket_path)
         if audit is True:
             audit = _audit.default_path(self.socket_path)
@@ -1165,16 +1165,6 @@ def _cap_row(cap: Capability) -> dict[str, Any]:
                          if parent is not None and parent.owner is not None else None),
         "children": len(cap.children), "dead": isinstance(target, Service) and not target.alive,
     }
-
-
-def _raise_fd_limit() -> None:
-    # A kernel holds two fds per process (socket and pidfd): 1000 processes need more than the
-    # usual soft limit of 1024.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
-                                                        else 1 << 20, hard))
 
 
 def _bind(path: str) -> tuple[int, socket.socket]:

@@ -8,6 +8,7 @@ it, not even by reopening its fd through /proc. Layout constants come from the n
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
@@ -83,7 +84,8 @@ class ChannelShm:
             # non-blocking and its own, so no client can ever make its write block.
             self.reply_pipe = os.pipe2(os.O_CLOEXEC)
             os.set_blocking(self.reply_pipe[1], False)
-            fcntl.fcntl(self.reply_pipe[1], fcntl.F_SETPIPE_SZ, mmap.PAGESIZE)
+            with contextlib.suppress(OSError):  # one page is plenty (a byte per wake-up)
+                fcntl.fcntl(self.reply_pipe[1], fcntl.F_SETPIPE_SZ, mmap.PAGESIZE)
             self.reply_pipe_spare = (_spare_read_end(self.reply_pipe[0]), -1)
         except BaseException:
             self.close()

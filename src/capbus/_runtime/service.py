@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _core
 from .._errors import IpcError, PeerDied, Timeout
+from .._fdlimit import raise_fd_limit
 from .._protocol import frames
 from .endpoint import ADAPTIVE_SPIN_NS, WAIT_CODES, _readable, timeout_ns
 from .message import TRANSFER_FLAG, Message, Request
@@ -32,6 +33,7 @@ class Service(_core.ServiceBase):
 
     def __init__(self, proc: Process, handle: int, name: str, doorbell_fd: int,
                  event_fd: int, sleep_fd: int) -> None:
+        raise_fd_limit()  # a few fds per client channel
         self._proc = proc
         self.handle = handle
         self.name = name
