@@ -1383,39 +1383,26 @@ static HOT void efd_ring(int fd)
         kick_disarm(k, t);
 }
 
-/* Our duplicate of one end of a reply-sleep pipe, with O_NONBLOCK set (1), cleared (0) or left
- * alone (-1). The client's read end and the server's write end are open file descriptions of
- * their own (the kernel made the pipe and let its copies go), so the flag is theirs to choose;
- * the server's spare read end may share the client's (see ChannelShm), so it is left alone.
- * -1 for none, -2 on error. */
-static int pipe_end_dup(int fd, int nonblock)
+/* Our duplicate of a sleep fd (a sleep eventfd, one end of a reply-sleep pipe), with O_NONBLOCK
+ * set (1), cleared (0) or left alone (-1). A sleep eventfd's open file description is shared by
+ * every holder and must stay blocking: left alone. The client's read end of a pipe and the
+ * server's write end are descriptions of their own (the kernel made the pipe and let its copies
+ * go), so the flag is theirs to choose; the server's spare read end may share the client's (see
+ * ChannelShm), so it is left alone. Out of fds: -1, no exception (the caller does without:
+ * futex sleeps, rather than refusing the channel). -1 for none, -2 on error. */
+static int sleep_fd_dup(int fd, int nonblock)
 {
     if (fd < 0)
         return -1;
     int d = fcntl(fd, F_DUPFD_CLOEXEC, 3);
     if (d < 0 && (errno == EMFILE || errno == ENFILE))
-        return -1; /* out of fds: do without it (futex sleeps), rather than refuse the channel */
+        return -1;
     int fl = d < 0 ? -1 : fcntl(d, F_GETFL);
     if (fl < 0 || (nonblock >= 0 &&
                    fcntl(d, F_SETFL, nonblock ? fl | O_NONBLOCK : fl & ~O_NONBLOCK) < 0)) {
         PyErr_SetFromErrno(PyExc_OSError);
         if (d >= 0)
             close(d);
-        return -2;
-    }
-    return d;
-}
-
-/* Our duplicate of a sleep eventfd, left BLOCKING (see above); -1 for none, -2 on error. */
-static int sleep_efd_dup(int fd)
-{
-    if (fd < 0)
-        return -1;
-    int d = fcntl(fd, F_DUPFD_CLOEXEC, 3);
-    if (d < 0 && (errno == EMFILE || errno == ENFILE))
-        return -1; /* as pipe_end_dup */
-    if (d < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
         return -2;
     }
     return d;
@@ -1915,8 +1902,8 @@ static int Lane_init(LaneObject *L, PyObject *args, PyObject *kw)
     if (!L->db)
         goto fail;
     if ((L->bell_efd = efd_dup(bell_fd)) == -2 || (L->reply_efd = efd_dup(reply_fd)) == -2 ||
-        (L->sleep_efd = sleep_efd_dup(sleep_fd)) == -2 ||
-        (L->rs_fd = pipe_end_dup(rs_fd, 0)) == -2)
+        (L->sleep_efd = sleep_fd_dup(sleep_fd, -1)) == -2 ||
+        (L->rs_fd = sleep_fd_dup(rs_fd, 0)) == -2)
         goto fail;
     L->rs_off = 0;
     unsigned nb = nslots < BATCH_MAX ? (unsigned)nslots : BATCH_MAX;
@@ -3533,7 +3520,7 @@ static int ServerSet_init(ServerSetObject *S, PyObject *args, PyObject *kw)
     int efd = efd_dup(event_fd);
     if (efd == -2)
         return -1;
-    int sfd = sleep_efd_dup(sleep_fd);
+    int sfd = sleep_fd_dup(sleep_fd, -1);
     if (sfd == -2) {
         if (efd >= 0)
             close(efd);
@@ -3627,11 +3614,11 @@ static PyObject *ServerSet_add(ServerSetObject *S, PyObject *args, PyObject *kw)
         ch->reply_efd = -1;
         goto fail;
     }
-    if ((ch->rs_wfd = pipe_end_dup(rs_fd, 1)) == -2) {
+    if ((ch->rs_wfd = sleep_fd_dup(rs_fd, 1)) == -2) {
         ch->rs_wfd = -1;
         goto fail;
     }
-    if ((ch->rs_keep = pipe_end_dup(rs_keep, -1)) == -2) {
+    if ((ch->rs_keep = sleep_fd_dup(rs_keep, -1)) == -2) {
         ch->rs_keep = -1;
         goto fail;
     }
