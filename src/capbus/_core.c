@@ -3368,8 +3368,11 @@ static void ss_unlink(ServerSetObject *S, chan_t *ch)
     S->grave = ch;
 }
 
-/* Make a waiting recv (or event loop) look again: seq bump, futex wake, eventfds. */
-static void ss_kick(ServerSetObject *S)
+/* Wake a sleeping recv: seq bump, futex wake, and the sleep eventfd if it sleeps on that. The
+ * seq bump is a full fence: a flag the caller stored before (interrupt) is ordered before the
+ * load of server_sleeping, and an eventfd sleeper re-reads it after its own fence (ss_wait), so
+ * either it sees the flag or we see SLEEP_EFD. */
+static void ss_wake_sleeper(ServerSetObject *S)
 {
     uint32_t *seq = (uint32_t *)(S->db + DB_SEQ_OFF);
     __atomic_fetch_add(seq, 1, __ATOMIC_SEQ_CST); /* SEQ_CST: as a client's doorbell ring */
@@ -3378,6 +3381,12 @@ static void ss_kick(ServerSetObject *S)
         __atomic_load_n((uint32_t *)(S->db + DB_SERVER_SLEEPING_OFF), __ATOMIC_RELAXED) ==
             SLEEP_EFD)
         efd_ring(S->sleep_efd);
+}
+
+/* Make a waiting recv (or event loop) look again: the sleeper's wake-up, and the eventfd. */
+static void ss_kick(ServerSetObject *S)
+{
+    ss_wake_sleeper(S);
     if (S->event_efd >= 0)
         efd_signal(S->event_efd);
 }
@@ -5124,17 +5133,9 @@ static PyObject *ServerSet_interrupt(ServerSetObject *S, PyObject *unused)
     }
     if (S->fork_gen != fork_gen)
         Py_RETURN_NONE; /* a forked child's Service.close(): nothing of it runs here */
-    /* RELAXED flag + the seq bump and wake below (the waiter re-reads the flag after waking). */
+    /* RELAXED flag + the wake-up below (the waiter re-reads the flag after waking). */
     __atomic_store_n(&S->interrupt, 1, __ATOMIC_RELAXED);
-    uint32_t *seq = (uint32_t *)(S->db + DB_SEQ_OFF);
-    __atomic_fetch_add(seq, 1, __ATOMIC_SEQ_CST); /* SEQ_CST: as a client's doorbell ring */
-    sys_futex_wake(seq, INT_MAX);
-    /* The fence above orders our flag before this load; an eventfd sleeper re-reads the flag
-     * after its own fence (ss_wait), so either it sees it or we see SLEEP_EFD here. */
-    if (S->sleep_efd >= 0 &&
-        __atomic_load_n((uint32_t *)(S->db + DB_SERVER_SLEEPING_OFF), __ATOMIC_RELAXED) ==
-            SLEEP_EFD)
-        efd_ring(S->sleep_efd);
+    ss_wake_sleeper(S);
     Py_RETURN_NONE;
 }
 
