@@ -814,6 +814,17 @@ static PyObject *py_atomic_add_u64(PyObject *self, PyObject *args)
  * bit a scribbler keeps clearing is still served with bounded delay. */
 #define FULL_SCAN_NS 10000000ull
 #define SPIN_SCAN_NS 1000000ull
+/* Adaptive spinning yields the CPU. A peer on another CPU answers in well under a microsecond,
+ * so an adaptive wait first spins plainly for YIELD_AFTER_NS; after that it polls between
+ * sched_yield() calls until its spin time is over. When nothing else wants this CPU, a yield
+ * returns at once and the wait is as quick as a plain spin; when there are more busy threads than
+ * CPUs (a sleeper woken by its reply, the server itself on this CPU), the yield lets them run
+ * instead of burning the time they need: on a 2-core machine three clients and a server that all
+ * spun plainly got call counts as unequal as 38k : 313k : 304k in 3 s. Clock reads every
+ * SPIN_CLOCK_EVERY polls (about 2 us of pause instructions). */
+#define YIELD_AFTER_NS 1000ull
+#define SPIN_CLOCK_EVERY 64u
+
 /* Payload copies (and CRCs) at least this big run without the GIL. */
 #define NOGIL_COPY_BYTES (64u << 10)
 #define BATCH_MAX 1024u
@@ -2288,6 +2299,9 @@ static HOT int lane_wait(LaneObject *L, uint64_t deadline)
     else if (L->mode == WAIT_ADAPTIVE)
         spin_end = slice_end - start > L->spin_ns ? start + L->spin_ns : slice_end;
     if (spin_end > start) {
+        /* adaptive: a clock read every SPIN_CLOCK_EVERY polls, and yields after YIELD_AFTER_NS */
+        unsigned every = L->mode == WAIT_ADAPTIVE ? SPIN_CLOCK_EVERY : 1024;
+        uint64_t yield_at = L->mode == WAIT_ADAPTIVE ? start + YIELD_AFTER_NS : UINT64_MAX;
         for (unsigned i = 1;; i++) {
             /* RELAXED: only an "anything new?" test; cons_poll re-reads the tail with ACQUIRE. */
             if (__atomic_load_n(tail, __ATOMIC_RELAXED) != head)
@@ -2295,8 +2309,13 @@ static HOT int lane_wait(LaneObject *L, uint64_t deadline)
             if (ctrl_state(L->ctrl) != STATE_OPEN)
                 return LW_STATE;
             cpu_relax();
-            if (i % 1024 == 0 && now_ns() >= spin_end)
-                break;
+            if (i % every == 0) {
+                uint64_t now = now_ns();
+                if (now >= spin_end)
+                    break;
+                if (now >= yield_at)
+                    sched_yield();
+            }
         }
     }
     if (forever) /* adaptive, spun out */
@@ -3902,6 +3921,8 @@ static HOT int ss_wait(ServerSetObject *S, uint64_t deadline)
         uint64_t next_scan = start + SPIN_SCAN_NS;
         uint64_t *bm = (uint64_t *)(S->db + DB_BITMAP_OFF);
         uint32_t span = ss_span(S);
+        unsigned every = S->mode == WAIT_ADAPTIVE ? SPIN_CLOCK_EVERY : 1024;
+        uint64_t yield_at = S->mode == WAIT_ADAPTIVE ? start + YIELD_AFTER_NS : UINT64_MAX;
         for (unsigned i = 1;; i++) {
             if (__atomic_load_n(seq, __ATOMIC_RELAXED) != seen) /* RELAXED: just "look again" */
                 return W_AGAIN;
@@ -3914,10 +3935,12 @@ static HOT int ss_wait(ServerSetObject *S, uint64_t deadline)
             if (__atomic_load_n(&S->interrupt, __ATOMIC_RELAXED))
                 return W_INTERRUPT;
             cpu_relax();
-            if (i % 1024 == 0) {
+            if (i % every == 0) {
                 uint64_t now = now_ns();
                 if (now >= spin_end)
                     break;
+                if (now >= yield_at)
+                    sched_yield(); /* see YIELD_AFTER_NS */
                 if (now >= next_scan) { /* a scribbler may hold seq still: trust only rings */
                     if (ss_full_scan(S, coarse_ns()))
                         return W_AGAIN;
