@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 from capbus import _core  # noqa: E402
-from capbus._errors import IpcError, MessageTooLarge, PeerDied, WouldBlock  # noqa: E402
+from capbus._errors import IpcError, MessageTooLarge  # noqa: E402
 
 SEC = 1_000_000_000
 
@@ -104,15 +104,18 @@ def test_reply_once_and_no_reply_for_sends(pair):
     assert not one_way.expects_reply
     with pytest.raises(IpcError, match="send_async.*takes no reply"):
         one_way.reply()
-    one_way.reply_error(5, "ignored")  # nothing to answer: a no-op
-    r.reply_error(5, "ignored too")
+    assert one_way.reply_error(5, "ignored") is False  # nothing to answer: a no-op
+    assert r.reply_error(5, "ignored too") is False
 
 
 def test_reply_error(pair):
     ch, s, ln = pair
     tag = start(ln)
-    s.poll().reply_error(13, "the peer died")
-    assert ln.call_poll(tag) == (0, _core.FLAG_ERROR, 13, 0, 0, 0, b"the peer died")
+    assert s.poll().reply_error(13, "the peer died") is True  # the application's code 13 ...
+    assert ln.call_poll(tag) == (0, _core.FLAG_ERROR, 13, 0, 0, 0, b"the peer died")  # not PeerDied
+    tag = start(ln)
+    assert s.poll()._reply_ipc_error(13, "capbus's own") is True
+    assert ln.call_poll(tag) == (0, _core.FLAG_ERROR | _core.FLAG_IPC_ERROR, 13, 0, 0, 0, b"capbus's own")
     tag = start(ln)
     s.poll().reply_error(2, b"bytes \xff too")
     assert ln.call_poll(tag)[6] == b"bytes \xff too"
@@ -132,26 +135,27 @@ def test_reply_error(pair):
     assert not r.replied
 
 
-def test_reply_wouldblock_keeps_the_request_open(db, chans):
+def test_reply_to_a_full_response_ring_is_dropped_and_counted(db, chans):
     ch = chans(1, nslots=2)
     s = _core.ServerSet(db)
     s.add(1, ch.chan, ch.ctrl, ch.nslots, ch.arena)
     ln = _core.Lane(ch.chan, ch.ctrl, db, 1, ch.nslots, ch.arena)
-    # Two late replies fill the 2-slot response ring (the client has not read them).
+    # Two replies the client never reads fill the 2-slot response ring.
     for _ in range(2):
         start(ln)
-        s.poll().reply(1)
+        assert s.poll().reply(1) is True
     tag = start(ln)
     r = s.poll()
-    with pytest.raises(WouldBlock):
-        r.reply(2)
-    assert not r.replied
-    assert ln.call_poll(tag) is None  # reads (and drops) the two late replies
-    r.reply(2)
-    assert ln.call_poll(tag)[0] == 2
+    assert r.reply(2) is False  # a client that does not read its replies loses them
+    assert r.replied
+    assert _core.channel_stats(ch.map())["reply_failed"] == 1
+    assert ln.call_poll(tag) is None  # reads (and drops) the two late replies; ours is gone
+    tag = start(ln)
+    assert s.poll().reply(3) is True  # room again
+    assert ln.call_poll(tag)[0] == 3
 
 
-def test_reply_peer_died(db, chans):
+def test_reply_to_a_gone_client_returns_false(db, chans):
     ch = chans(1)
     s = _core.ServerSet(db)
     s.add(1, ch.chan, ch.ctrl, ch.nslots, ch.arena)
@@ -159,21 +163,19 @@ def test_reply_peer_died(db, chans):
     start(ln)
     r = s.poll()
     ch.set_state(_core.STATE_PEER_DEAD)
-    with pytest.raises(PeerDied):
-        r.reply(1)
+    assert r.reply(1) is False
     assert r.replied
     ch.set_state(_core.STATE_OPEN)
     start(ln)
     r = s.poll()
     ch.set_state(_core.STATE_CLOSED)
-    r.reply_error(1, "nobody to tell")  # no PeerDied from the error path
+    assert r.reply_error(1, "nobody to tell") is False
     assert r.replied
     ch.set_state(_core.STATE_OPEN)
     start(ln)
     r = s.poll()
     s.remove(1)
-    with pytest.raises(PeerDied):
-        r.reply(1)
+    assert r.reply(1) is False
     # Re-added at the same index (the kernel reuses indices): an old request's reply must not
     # reach the new channel.
     new = chans(1)
@@ -182,16 +184,14 @@ def test_reply_peer_died(db, chans):
     old = s.poll()
     s.remove(1)
     s.add(1, new.chan, new.ctrl, new.nslots, new.arena)
-    with pytest.raises(PeerDied):
-        old.reply(1)
+    assert old.reply(1) is False
     assert _core.atomic_load_u64(new.map(), new.layout()["resp_tail"]) == 0
-    # A closed set: PeerDied too.
+    # A closed set: dropped too.
     nl = _core.Lane(new.chan, new.ctrl, db, 1, new.nslots, new.arena)
     start(nl)
     r = s.poll()
     s.close()
-    with pytest.raises(PeerDied):
-        r.reply(1)
+    assert r.reply(1) is False
 
 
 def test_request_keeps_its_server_set_alive(db, chans):

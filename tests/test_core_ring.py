@@ -76,8 +76,9 @@ def test_layout_constants():
     assert (c.RING_ARENA_RELEASED_OFF, c.RING_SLOTS_OFF) == (128, 256)
     assert c.CHAN_MAGIC.to_bytes(8, "little") == c.CHAN_MAGIC_BYTES == b"CAPBUSC1"
     assert c.CHAN_CANCEL_BELOW_OFF == 64 and c.REQ_RING_OFF == c.CHAN_HEADER_SIZE == 4096
-    flags = [c.FLAG_LARGE, c.FLAG_CHECKSUM, c.FLAG_REPLY_EXPECTED, c.FLAG_ERROR, c.FLAG_LOANED]
-    assert len(set(flags)) == 5 and all(f & (f - 1) == 0 for f in flags)
+    flags = [c.FLAG_LARGE, c.FLAG_CHECKSUM, c.FLAG_REPLY_EXPECTED, c.FLAG_ERROR, c.FLAG_LOANED,
+             c.FLAG_IPC_ERROR]
+    assert len(set(flags)) == 6 and all(f & (f - 1) == 0 for f in flags)
     assert not any(f & c.FLAG_USER_MASK for f in flags)
     assert sum(flags) | c.FLAG_USER_MASK == c.FLAG_KNOWN_MASK
     assert (c.WAIT_SPIN, c.WAIT_ADAPTIVE, c.WAIT_BLOCK) == (0, 1, 2)

@@ -1,7 +1,7 @@
 """capbus: capability-secured, microkernel-style IPC for Python processes on Linux.
 
-This module is the public surface (see SPEC.md); everything under a leading underscore is
-private and may change.
+This module is the public surface (docs/ARCHITECTURE.md lists the parts); everything under a
+leading underscore is private and may change.
 """
 
 from ._errors import (
@@ -11,12 +11,14 @@ from ._errors import (
     KernelUnavailable,
     MessageTooLarge,
     NameTaken,
+    NoReply,
     OutOfMemory,
     PeerDied,
     PermissionDenied,
     ProcessNotFound,
     ProtocolError,
     RateLimitExceeded,
+    RemoteError,
     ServiceNotFound,
     Timeout,
     WouldBlock,
@@ -48,6 +50,7 @@ __all__ = [
     "Message",
     "MessageTooLarge",
     "NameTaken",
+    "NoReply",
     "OutOfMemory",
     "PeerDied",
     "PermissionDenied",
@@ -58,6 +61,7 @@ __all__ = [
     "ProtocolError",
     "RateLimitExceeded",
     "Region",
+    "RemoteError",
     "Request",
     "Service",
     "ServiceNotFound",

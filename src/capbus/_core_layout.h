@@ -159,9 +159,15 @@ _Static_assert(offsetof(slot_t, opcode) == 8 && offsetof(slot_t, flags) == 12 &&
 #define FLAG_REPLY_EXPECTED 0x4u /* a call (the server must reply) rather than a one-way send */
 #define FLAG_ERROR 0x8u          /* a reply carrying an error code in data[0] */
 #define FLAG_LOANED 0x10u        /* the payload was written in place (Lane.loan): receive it zero-copy */
+/* With FLAG_ERROR: data[0] is a capbus error code (IpcError.code), from capbus itself (a limit
+ * refusal, NoReply, an IpcError a serve() handler raised). Without it, data[0] is the
+ * application's own code (Request.reply_error): the caller raises RemoteError, never a capbus
+ * error that merely shares the number. */
+#define FLAG_IPC_ERROR 0x20u
 #define FLAG_USER_MASK 0xFFFF0000u /* passed through untouched for the protocol layer above */
 #define FLAG_KNOWN_MASK                                                                            \
-    (FLAG_LARGE | FLAG_CHECKSUM | FLAG_REPLY_EXPECTED | FLAG_ERROR | FLAG_LOANED | FLAG_USER_MASK)
+    (FLAG_LARGE | FLAG_CHECKSUM | FLAG_REPLY_EXPECTED | FLAG_ERROR | FLAG_LOANED | FLAG_IPC_ERROR |  \
+     FLAG_USER_MASK)
 
 /* A request payload of at least this many bytes (or any FLAG_LOANED one) is delivered zero-copy:
  * Request.payload is a read-only view of the arena, held until reply/release. */

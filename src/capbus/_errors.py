@@ -71,6 +71,33 @@ class ProtocolError(IpcError):
     code = 15
 
 
+class RemoteError(IpcError):
+    """The service answered with an error of its own: `req.reply_error(code, text)` on its side
+    (`.code` is the application's code, in a space of its own: never read as a capbus error),
+    or its `serve()` handler raised (`.code` is None, `.remote_type` names the exception)."""
+
+    code = 16  # class attribute: the wire code of a handler's exception; instances shadow it
+
+    def __init__(self, code: int | None, text: str, remote_type: str | None = None,
+                 service: str | None = None) -> None:
+        where = f"{service!r}: " if service else ""
+        what = remote_type if code is None else f"error {code}"
+        super().__init__(f"{where}{what}: {text}" if what else f"{where}{text}")
+        self.code = code  # type: ignore[assignment]
+        self.text = text
+        self.remote_type = remote_type
+
+    def __reduce__(self):  # picklable although __init__ takes more than the message
+        return (type(self), (self.code, self.text, self.remote_type))
+
+
+class NoReply(IpcError):
+    """The service dropped the request (released it, or let it be garbage-collected) without
+    replying: the caller hears at once instead of waiting for ever."""
+
+    code = 17
+
+
 ERRORS: dict[int, type[IpcError]] = {
     cls.code: cls
     for cls in (
@@ -89,6 +116,7 @@ ERRORS: dict[int, type[IpcError]] = {
         PeerDied,
         KernelUnavailable,
         ProtocolError,
+        NoReply,
     )
 }
 

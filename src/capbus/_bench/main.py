@@ -1,8 +1,8 @@
 """`capbus bench`: capbus next to its peers, in one run, on this machine, as tables.
 
 Each section measures capbus first, then the peers (capbus._bench.peers) one at a time (never
-two at once: a spinning pair uses both cores of a 2-core machine), then states the targets of
-SPEC.md against the anchors measured in the same run.
+two at once: a spinning pair uses both cores of a 2-core machine), then states capbus's targets
+against the anchors measured in the same run.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def call_section(quick: bool) -> list[Result]:
     futex_s = next((r for r in rows if "futex" in r.mechanism and "same" in r.note.lower()
                     + r.mechanism.lower() and not r.skipped), None)
     print()
-    print("Targets (SPEC.md):")
+    print("Targets:")
     print(f"  spin round trip, median: {spin.median_us if spin else float('nan'):.2f} us "
           f"(target about 1 us; {_ratio(spin, py_spin)} of the pure-Python spin, target <= 4x)")
     print(f"  block, cross-CPU: {_ratio(block_x, futex_x)} of the C futex ping-pong (target <= 1.2x)")
@@ -54,7 +54,7 @@ def caps_section(quick: bool) -> list[Result]:
     rows = capbus_bench.capability_check_cost(20_000 if quick else 400_000)
     print_table("Cost of capability checks on the call path", rows, machine_line())
     print()
-    print(f"Target (SPEC.md): limits checked within 5% of none: {_ratio(rows[1], rows[0])}")
+    print(f"Target: limits checked within 5% of none: {_ratio(rows[1], rows[0])}")
     return rows
 
 
@@ -66,7 +66,7 @@ def async_section(quick: bool) -> list[Result]:
                   key=lambda r: r.msgs_per_s or 0, default=None)
     zmq = next((r for r in rows if "PUSH" in r.mechanism and r.msgs_per_s), None)
     print()
-    print("Targets (SPEC.md):")
+    print("Targets:")
     if unbatched and unbatched.msgs_per_s:
         vs = f"{unbatched.msgs_per_s / zmq.msgs_per_s:.1f}x pyzmq" if zmq and zmq.msgs_per_s else "n/a"
         print(f"  unbatched: {unbatched.msgs_per_s / 1e6:.2f} M/s (target >= 3 M/s, >= 3x pyzmq: {vs})")
@@ -83,7 +83,7 @@ def large_section(quick: bool) -> list[Result]:
     mib = loans.get(1 << 20)
     print()
     if mib and mib.median_us:
-        print(f"Target (SPEC.md): a 1 MiB loaned call {mib.median_us:.2f} us (<= 10 us), "
+        print(f"Target: a 1 MiB loaned call {mib.median_us:.2f} us (<= 10 us), "
               f"{_ratio(mib, small)} of a small call (<= 3x); 64 KiB / 64 MiB loans: "
               + " / ".join(f"{loans[s].median_us:.2f} us" for s in (64 << 10, 64 << 20) if s in loans))
     return rows

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import _core
-from .._errors import InvalidCapability, IpcError, Timeout, error_from_code
+from .._errors import InvalidCapability, IpcError, RemoteError, Timeout, error_from_code
 from .._protocol import frames
 from . import objects
 from .message import OBJECT_FLAG, TRANSFER_FLAG, USER_FLAGS, Message, bad_flags
@@ -32,6 +32,7 @@ WAIT_CODES = {"spin": _core.WAIT_SPIN, "adaptive": _core.WAIT_ADAPTIVE, "block":
 ADAPTIVE_SPIN_NS = 50_000
 _REPLY = _core.FLAG_REPLY_EXPECTED
 _ERROR = _core.FLAG_ERROR
+_IPC_ERROR = _core.FLAG_IPC_ERROR
 _MAX_ASYNC_LANES = 16
 
 
@@ -145,7 +146,7 @@ class Endpoint(_core.EndpointBase):
             raise bad_flags(flags)
         if caps or regions:
             flags |= self._delegate(lane, caps, regions, move)
-        r = lane.core.call(self.handle, opcode, flags | _REPLY, data, payload or None,
+        r = lane.core.call(self.handle, opcode, flags | _REPLY, data, _payload_arg(payload),
                            -1 if timeout is None else timeout_ns(timeout))
         if r[1] & _ERROR:
             raise self._remote_error(r)
@@ -163,7 +164,7 @@ class Endpoint(_core.EndpointBase):
             raise bad_flags(flags)
         if caps or regions:
             flags |= self._delegate(lane, caps, regions, move)
-        lane.core.send(self.handle, opcode, flags, data, payload or None)
+        lane.core.send(self.handle, opcode, flags, data, _payload_arg(payload))
 
     def send_many(self, messages: Sequence[tuple], flags: int = 0) -> int:
         """Queue several one-way messages, (opcode, data) or (opcode, data, payload) each, with
@@ -215,7 +216,7 @@ class Endpoint(_core.EndpointBase):
         lane = self._pooled_lane()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            tag = lane.core.call_start(self.handle, opcode, flags | _REPLY, data, payload or None)
+            tag = lane.core.call_start(self.handle, opcode, flags | _REPLY, data, _payload_arg(payload))
             while True:
                 r = lane.core.call_poll(tag, True)
                 if r is not None:
@@ -359,8 +360,28 @@ class Endpoint(_core.EndpointBase):
         return TRANSFER_FLAG
 
     def _remote_error(self, r: Message) -> Exception:
+        """The exception an error reply stands for: a capbus error where capbus itself refused
+        (FLAG_IPC_ERROR), else the service's own RemoteError."""
         text = (r[6] or b"").decode(errors="replace")
+        if not r[1] & _IPC_ERROR:
+            return RemoteError(r[2], text, service=self.name)
+        if r[2] == RemoteError.code:  # its serve() handler raised: "TypeName: message"
+            kind, sep, msg = text.partition(": ")
+            return RemoteError(None, msg if sep else text, kind if sep else "Exception", self.name)
         return error_from_code(r[2], f"{self.name!r}: {text}")
+
+
+def _payload_arg(payload: Any) -> Any:
+    """None for no payload: None, or any bytes-like object of no bytes. Judged by its length,
+    never by truthiness (a numpy array is its bytes; np.zeros(8) is not "ambiguous"); anything
+    that is not bytes-like goes on to the core, which says what it needs."""
+    if payload is None or type(payload) is bytes:
+        return payload or None
+    try:
+        n = memoryview(payload).nbytes
+    except TypeError:
+        return payload
+    return payload if n else None
 
 
 # An eventfd wake-up can be swallowed by a peer that shares the eventfd (any client of a service

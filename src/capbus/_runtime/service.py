@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import _core
-from .._errors import IpcError, PeerDied, Timeout
+from .._errors import IpcError, RemoteError, Timeout
 from .._fdlimit import raise_fd_limit
 from .._protocol import frames
 from .endpoint import ADAPTIVE_SPIN_NS, WAIT_CODES, _readable, timeout_ns
@@ -40,6 +40,7 @@ class Service(_core.ServiceBase):
         self.corrupt_channels = 0  # channels dropped for garbage (reported to the kernel)
         self._event_fd = event_fd
         self._senders: dict[int, int] = {}  # channel index -> sender ProcessId
+        self._warn = _RateLimitedLog(log)
         try:
             self._set = _core.ServerSet(doorbell_fd, WAIT_CODES[proc.wait_mode], ADAPTIVE_SPIN_NS,
                                         event_fd=event_fd, sleep_fd=sleep_fd)
@@ -154,8 +155,11 @@ class Service(_core.ServiceBase):
         """Receive and answer until the service is closed.
 
         handler(req) returns None (reply opcode 0), an opcode, (opcode, data),
-        (opcode, data, payload) or a Message; an exception is sent back to the caller as an
-        error, and the loop goes on. A caller that died meanwhile just loses its reply.
+        (opcode, data, payload) or a Message, or replies itself. A handler that raises, or
+        returns anything else, answers its caller with an error (an IpcError it raised arrives
+        as that class, any other exception as RemoteError naming its type), is logged at
+        WARNING, and the loop goes on. A caller that died, or does not read its replies, just
+        loses its reply (Request.reply returns False): no client can stop this loop.
         """
         while not self._closed and not self._proc.closed:
             try:
@@ -166,20 +170,19 @@ class Service(_core.ServiceBase):
                 if self._closed or self._proc.closed:
                     return
                 raise
-            try:
-                try:
-                    result = handler(req)
-                except Exception as exc:  # the caller hears of it; the service goes on
-                    log.debug("handler raised for %r", req, exc_info=True)
-                    req.reply_error(exc.code if isinstance(exc, IpcError) else IpcError.code,
-                                    f"{type(exc).__name__}: {exc}"[:4096])
-                    continue
-                if req.expects_reply and not req.replied:
-                    _reply_with(req, result)
-            except PeerDied:  # the caller is gone: its reply is dropped
-                pass
-            except _core.CorruptChannel as exc:  # it scribbled its response ring: drop it
-                self._corrupt(exc.index, exc.reason)
+            self._answer(req, handler)
+            del req  # a request the handler dropped unanswered fails its caller now (NoReply)
+
+    def _answer(self, req: Request, handler: Callable[[Request], Any]) -> None:
+        try:
+            result = handler(req)
+            if req.expects_reply and not req.replied:
+                _reply_with(req, result)
+        except Exception as exc:  # the caller hears of it; the service goes on
+            self._warn.log("service %r: handler failed on %r: %s: %s", self.name, req,
+                           type(exc).__name__, exc, exc=exc)
+            if req.expects_reply and not req.replied:
+                _reply_failure(req, exc)
 
     # ---- access -------------------------------------------------------------------------------
 
@@ -240,10 +243,47 @@ class Service(_core.ServiceBase):
         self._proc._control.request_nowait(frames.ReportBad(self.handle, index, reason))
 
 
+def _reply_failure(req: Request, exc: Exception) -> None:
+    """Tell the caller its request failed: a capbus error as its class, an application's
+    RemoteError as it came, anything else as RemoteError with the exception's type name."""
+    if isinstance(exc, RemoteError) and exc.code is not None:
+        req.reply_error(exc.code, exc.text)
+    elif isinstance(exc, IpcError) and not isinstance(exc, RemoteError):
+        req._reply_ipc_error(type(exc).code, str(exc))
+    else:
+        req._reply_ipc_error(RemoteError.code, f"{type(exc).__name__}: {exc}")
+
+
+class _RateLimitedLog:
+    """WARNING lines at most `rate` a second (a burst of `rate`); what it held back is counted in
+    the next line it lets through. A hostile client that makes every request fail cannot flood
+    the server's log."""
+
+    def __init__(self, logger: logging.Logger, rate: float = 10.0) -> None:
+        self._log, self._rate = logger, rate
+        self._tokens, self._at, self._held = rate, time.monotonic(), 0
+
+    def log(self, fmt: str, *args: Any, exc: BaseException | None = None) -> None:
+        now = time.monotonic()
+        self._tokens = min(self._rate, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1:
+            self._held += 1
+            return
+        self._tokens -= 1
+        if self._held:
+            fmt += " (%d more such lines held back)"
+            args = (*args, self._held)
+            self._held = 0
+        self._log.warning(fmt, *args)
+        if exc is not None:
+            self._log.debug("the handler's traceback", exc_info=exc)
+
+
 def _reply_with(req: Request, result: Any) -> None:
     if result is None:
         req.reply(0)
-    elif isinstance(result, int):
+    elif isinstance(result, int) or hasattr(type(result), "__index__"):
         req.reply(result)
     elif isinstance(result, Message):
         req.reply(result.opcode, result.data, result.payload, result.flags)
