@@ -95,13 +95,22 @@
  *       struct (CRC over the loaned bytes only with FLAG_CHECKSUM) and the slot, and sets
  *       FLAG_LOANED. As call()/send() otherwise (limits, Timeout, state errors). The loan stays
  *       out when nothing was written (an error before the write, a Timeout waiting for ring
- *       room, send_loan's WouldBlock for a full ring); RuntimeError without a loan. Its views
- *       stay valid after the commit (the arena is mapped for the lane's lifetime): writing to
- *       them changes a payload the receiver may be reading, or a later message once released.
+ *       room, send_loan's WouldBlock for a full ring); RuntimeError without a loan.
  *   .cancel_loan()   give the chunk back (the cursor never moved: nothing else can have been
- *       allocated since) and release its views (ValueError on access); a no-op without a loan.
- *   .close() cancels a loan that is out and releases every loan view of the lane; the channel
- *       stays mapped until the last of them (or a buffer taken from one, e.g. numpy) is gone.
+ *       allocated since); a no-op without a loan.
+ *   Loan views never outlive their memory. A loan's views (and anything made from them: slices,
+ *       numpy arrays) stay valid after the commit, the cancel and close(), and the lane never
+ *       allocates a chunk that overlaps memory such a view still shows: after a commit they show
+ *       only their own message (writing to them changes that payload, which the receiver may be
+ *       reading: the documented hazard of loans), never a later one. When the place the arena
+ *       offers is under a view, the other places the receiver accepts are tried (the FIFO cursor
+ *       instead of the idle jump to offset 0, then the next lap's start); when all are, payloads
+ *       on THIS lane get WouldBlock ("a view of an earlier loan ... still shows the arena memory
+ *       ..."; counted in .refused; call()/call_loan raise it at once, there is nothing to wait
+ *       for) until the view goes: other lanes and payload-less messages are not affected. So a
+ *       cancelled loan whose views are kept keeps its chunk reserved; `v = loan(n)` in a loop
+ *       (the previous view still bound) goes on. The channel stays mapped after close() until
+ *       the last loan view is gone.
  *   .close();  attributes .index, .broken, .closed, .last_tag, .max_payload, .refused,
  *   .loaned (bytes of the loan that is out, or None)
  *   One thread at a time (RuntimeError otherwise); the channel must be fresh.
@@ -170,22 +179,24 @@
  *                                     (CHAN_REFUSED_OFF: untrusted, informational)
  *   Zero-copy receive: a request whose payload has FLAG_LOANED or >= ZC_THRESHOLD (64 KiB)
  *       bytes is not copied: Request.payload is a READ-ONLY memoryview of the request arena
- *       (checksum, if any, verified in place at receive), valid until the request is replied to
- *       (any final outcome: sent, PeerDied; not WouldBlock), Request.release(), or the Request is
- *       deallocated; then its chunk goes back to the client and the view -- and every view made
- *       from it (slices, casts) -- raises ValueError("operation forbidden on released memoryview
- *       object"). Smaller payloads are still copied (bytes). A buffer taken from the view before
- *       (numpy.frombuffer, memoryview exports held by C code) keeps pointing at the arena: it
- *       stays mapped (memory-safe) but may show later messages' bytes: copy what you keep. The
- *       sender can rewrite a zero-copy payload while it is held (only a hostile or careless one
- *       would): copy it, or use a sealed region, where that matters.
+ *       (checksum, if any, verified in place at receive). It, and everything made from it
+ *       (slices, casts, memoryview(p), numpy.frombuffer, Request.object() results), stays valid
+ *       and shows that message's bytes for as long as it lives: the chunk goes back to the client
+ *       only when the request is done -- replied to (any final outcome: sent, PeerDied; not
+ *       WouldBlock), Request.release(), or the Request deallocated -- AND the last view of it is
+ *       gone, whichever comes last. From the request's end on, .payload itself reads as a
+ *       released memoryview (take views before replying). memoryview.release() on a view counts
+ *       as that view gone (arrays built on it before must not be used after it). Smaller
+ *       payloads are still copied (bytes). The sender can rewrite a zero-copy payload while it is
+ *       held (only a hostile or careless one would): copy it, or use a sealed region, where that
+ *       matters.
  *       Chunks are released in any order; the client sees only the contiguous released prefix
  *       (arena_released), so held memory is never reused. A channel keeps at most
  *       max(64, 2 * nslots) queue entries (released chunks behind a held one share entries);
  *       when they are used up it is not served until the oldest held payload is released: a
- *       receiver that never releases stalls (and fills the arena of) only that channel; its
- *       sender gets WouldBlock. remove()/drain/close() keep a channel's mapping until the last of
- *       its payload views is gone (CorruptChannel channels too: views stay readable).
+ *       receiver that holds requests or views stalls (and fills the arena of) only that channel;
+ *       its sender gets WouldBlock. remove()/drain/close() keep a channel's mapping until the
+ *       last of its payload views is gone (CorruptChannel channels too: views stay readable).
  *   .drops(index) -> {"rate", "bandwidth", "size", "expired", "rights": int}   refused by limits
  *   .interrupt()  the running (or next) recv/recv_many raises Cancelled
  *   .is_dead(index) -> bool;  .close();  .draining (int);  len(set);  index in set
@@ -207,8 +218,9 @@
  *       4096 bytes); a no-op if answered already, one-way, or the client is gone (no PeerDied:
  *       error paths need not catch it); WouldBlock / CorruptChannel as reply().
  *   .payload is bytes, or a read-only memoryview for a zero-copy payload (.zero_copy True; see
- *   ServerSet). .release(): done with a zero-copy payload before (or without) replying; a no-op
- *   otherwise and the second time. reply/reply_error release it too.
+ *   ServerSet). .release(): the request is done with a zero-copy payload before (or without)
+ *   replying (its chunk goes back once no view of it is left); a no-op otherwise and the second
+ *   time. reply/reply_error do the same.
  *
  * ---- Metrics (channel header page; layout in _core_layout.h, every offset exported) ----------
  *   Client block at CHAN_CSTATS_OFF, written only by the Lane; server block at CHAN_SSTATS_OFF,
@@ -4513,9 +4525,9 @@ static PyMethodDef Request_methods[] = {
      "reply_object(obj, opcode=0): answer a call with a Python object (the caller reads it with\n"
      "reply.object())."},
     {"release", (PyCFunction)Request_release, METH_NOARGS,
-     "release(): done with a zero-copy payload: its arena memory goes back to the client and "
-     "every view of .payload is released (ValueError on access). Replying does the same. A "
-     "no-op for a copied payload."},
+     "release(): done with a zero-copy payload: .payload reads as a released memoryview from "
+     "now on, and its arena memory goes back to the client once no view taken from it is left "
+     "(views you keep stay valid). Replying does the same. A no-op for a copied payload."},
     {"reply", (PyCFunction)(void (*)(void))Request_reply, METH_FASTCALL | METH_KEYWORDS,
      "reply(opcode=0, data=(), payload=b'', flags=0): answer the call. IpcError if answered "
      "already or a one-way message; PeerDied if the client is gone; WouldBlock if its response "
@@ -4534,7 +4546,8 @@ static PyMemberDef Request_members[] = {
     {"opcode", T_OBJECT_EX, offsetof(RequestObject, opcode_o), READONLY, "opcode"},
     {"payload", T_OBJECT_EX, offsetof(RequestObject, payload), READONLY,
      "payload: bytes (b'' when none), or for a zero-copy one (FLAG_LOANED or >= ZC_THRESHOLD "
-     "bytes) a read-only memoryview of the arena, valid until reply/release"},
+     "bytes) a read-only memoryview of the arena; views taken from it stay valid for as long "
+     "as they live, .payload itself until reply/release"},
     {"capability", T_ULONGLONG, offsetof(RequestObject, capability), READONLY,
      "the capability value the client sent (untrusted)"},
     {"index", T_UINT, offsetof(RequestObject, index), READONLY, "channel index (internal)"},
