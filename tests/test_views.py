@@ -438,3 +438,43 @@ def test_a_receiver_claiming_everything_released_cannot_reach_a_loan_view(db, ch
     del v
     s.close()
     ln.close()
+
+
+def test_a_forked_child_dropping_inherited_views_gives_nothing_back(db, chans):
+    """A child forked while the receiver holds views inherits them; when the child drops them,
+    the chunks must not go back to the sender: the parent still reads them."""
+    ch = chans(1)  # 1 MiB arena
+    s = _core.ServerSet(db)
+    s.add(1, ch.chan, ch.ctrl, ch.nslots, ch.arena, 7)
+    ln = _core.Lane(ch.chan, ch.ctrl, db, 1, ch.nslots, ch.arena)
+    m = ch.map()
+    rel_off = ch.layout()["req_arena_released"]
+    for i in range(3):
+        ln.send(0, 1, 0, (i,), bytes([i + 1]) * 300_000)
+    arrays = []
+    for _ in range(3):
+        r = s.poll()
+        arrays.append(np.frombuffer(r.payload, np.uint8))
+        r.release()
+    del r
+    assert _core.atomic_load_u64(m, rel_off) == 0  # the arrays hold every chunk
+    pid = os.fork()
+    if pid == 0:  # the child: drop everything it inherited
+        code = 1
+        try:
+            arrays.clear()
+            gc.collect()
+            code = 0 if _core.atomic_load_u64(m, rel_off) == 0 else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert _core.atomic_load_u64(m, rel_off) == 0
+    with pytest.raises(capbus.WouldBlock):
+        ln.send(0, 1, 0, (), b"x" * 300_000)  # no room: nothing was given back
+    assert [int(a[0]) for a in arrays] == [1, 2, 3] and all(len(set(a[::997])) == 1 for a in arrays)
+    arrays.clear()
+    assert _core.atomic_load_u64(m, rel_off) > 0  # the parent's own drop does give them back
+    ln.send(0, 1, 0, (), b"x" * 300_000)
+    s.close()
+    ln.close()

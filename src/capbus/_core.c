@@ -3984,6 +3984,10 @@ static void zb_release_chunk(ZBufObject *E)
     chan_t *ch = E->ch;
     if (ch->removed || __atomic_load_n(&ch->dead, __ATOMIC_RELAXED))
         return;
+    /* A forked child dropping the views it inherited: the ring and its held chunks are the
+     * parent's, which may still be reading them. */
+    if (((ServerSetObject *)E->owner)->fork_gen != fork_gen)
+        return;
     ch_release_chunk((ServerSetObject *)E->owner, ch, E->seq);
 }
 
