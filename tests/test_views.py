@@ -325,12 +325,11 @@ def test_views_outlive_a_closed_process_and_its_mappings_go_with_them(kernel, ch
     the views stay readable and unchanged; the channel mappings go with the last view."""
     gc.collect()
     before = channel_mappings()
-    c = children.start(SENDER, "views", stdin=subprocess.PIPE)
-    e = children.start(ECHO, "echo", stdin=subprocess.DEVNULL)
-    assert readline(e) == "ready"
     me = capbus.connect(kernel.socket_path)
     svc = me.register("views")
-    assert readline(c) == "ready"
+    c = children.start(SENDER, "views", stdin=subprocess.PIPE)
+    e = children.start(ECHO, "echo", stdin=subprocess.DEVNULL)
+    assert readline(e) == "ready" and readline(c) == "ready"
     rx = Receiver(svc, keep_all_kinds)
     try:
         command(c, "loan 2 200000 1")
