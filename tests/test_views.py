@@ -477,3 +477,44 @@ def test_a_forked_child_dropping_inherited_views_gives_nothing_back(db, chans):
     ln.send(0, 1, 0, (), b"x" * 300_000)
     s.close()
     ln.close()
+
+
+def test_a_cancelled_loans_view_keeps_its_chunk_and_the_lane_goes_around_it(db, chans):
+    """A cancelled loan whose view is kept: its chunk (at the lane's position) is never written;
+    payloads go to the next lap's start once the receiver has let that go, wait (call) for it
+    meanwhile, and get WouldBlock at once when only the lane's own views are in the way."""
+    ch = chans(1)  # 1 MiB arena
+    s = _core.ServerSet(db)
+    s.add(1, ch.chan, ch.ctrl, ch.nslots, ch.arena, 7)
+    ln = _core.Lane(ch.chan, ch.ctrl, db, 1, ch.nslots, ch.arena)
+    ln.send(0, 1, 0, (), b"a" * 300_000)
+    r1 = s.poll()  # held: offset 0 is the receiver's
+    v = ln.loan(300_000)
+    v[:] = b"C" * 300_000
+    ln.cancel_loan()
+    with pytest.raises(capbus.WouldBlock, match="arena is full"):
+        ln.send(0, 1, 0, (), b"b" * 300_000)  # the receiver may still free offset 0: not ours
+    with pytest.raises(capbus.Timeout):
+        ln.call(0, 1, 0, (), b"b" * 300_000, 50_000_000)  # so a call waits for it
+    r1.release()
+    del r1
+    ln.send(0, 1, 0, (1,), b"b" * 300_000)  # offset 0, around the cancelled chunk
+    r2 = s.poll()
+    assert r2.data[0] == 1 and bytes(r2.payload) == b"b" * 300_000
+    assert bytes(v) == b"C" * 300_000
+    # Everything released: a payload for which every place the receiver accepts overlaps the
+    # cancelled chunk has only our own view in the way: WouldBlock at once, not a wait.
+    r2.release()
+    del r2
+    ln.send(0, 1, 0, (2,), b"d" * 200_000)  # at offset 0 again: fits below v's chunk
+    r3 = s.poll()
+    r3.release()
+    del r3
+    with pytest.raises(capbus.WouldBlock, match="view of an earlier loan"):
+        ln.send(0, 1, 0, (), b"e" * 700_000)
+    assert bytes(v) == b"C" * 300_000
+    del v
+    ln.send(0, 1, 0, (3,), b"e" * 700_000)
+    assert s.poll().data[0] == 3
+    s.close()
+    ln.close()

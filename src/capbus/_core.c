@@ -1793,14 +1793,19 @@ static HOT int lane_reserve(LaneObject *L, uint64_t plen, prod_res_t *r, const c
     if (__builtin_expect(L->pins == 0, 1) || rc != RG_OK || !lane_pinned(L, r->off, r->len))
         return rc;
     static const int other[] = {RES_NO_JUMP, RES_NO_JUMP | RES_WRAP};
+    int full = 0; /* a place not pinned may come free as the receiver releases more */
     for (size_t i = 0; i < sizeof other / sizeof other[0]; i++) {
         rc = prod_reserve_at(&L->req, plen, other[i], r, why);
         if (rc == RG_CORRUPT)
             return rc;
         if (rc == RG_OK && !lane_pinned(L, r->off, r->len))
             return RG_OK;
+        full |= rc == RG_FULL;
     }
-    return RG_PINNED;
+    /* Full but the receiver has released everything: only our own views are in the way. */
+    const prod_t *p = &L->req;
+    uint64_t rel = (p->rel_seen == p->jump_from && p->jump_to) ? p->jump_to : p->rel_seen;
+    return full && rel != p->cursor ? RG_FULL : RG_PINNED;
 }
 
 static const char pinned_msg[] =
