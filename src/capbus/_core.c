@@ -104,13 +104,15 @@
  *       only their own message (writing to them changes that payload, which the receiver may be
  *       reading: the documented hazard of loans), never a later one. When the place the arena
  *       offers is under a view, the other places the receiver accepts are tried (the FIFO cursor
- *       instead of the idle jump to offset 0, then the next lap's start); when all are, payloads
- *       on THIS lane get WouldBlock ("a view of an earlier loan ... still shows the arena memory
- *       ..."; counted in .refused; call()/call_loan raise it at once, there is nothing to wait
- *       for) until the view goes: other lanes and payload-less messages are not affected. So a
- *       cancelled loan whose views are kept keeps its chunk reserved; `v = loan(n)` in a loop
- *       (the previous view still bound) goes on. The channel stays mapped after close() until
- *       the last loan view is gone.
+ *       instead of the idle jump to offset 0, then the next lap's start); while one of those is
+ *       only full, the arena counts as full (call() waits for the receiver as usual); when the
+ *       receiver has released everything and only the lane's own loan views are in the way,
+ *       payloads on THIS lane get WouldBlock ("a view of an earlier loan ... still shows the
+ *       arena memory ..."; counted in .refused; call() raises it at once too: there is nothing
+ *       to wait for) until the view goes. Other lanes and payload-less messages are not
+ *       affected. So a cancelled loan whose views are kept keeps its chunk reserved; `v =
+ *       loan(n)` in a loop (the previous view still bound) goes on. The channel stays mapped
+ *       after close() until the last loan view is gone.
  *   .close();  attributes .index, .broken, .closed, .last_tag, .max_payload, .refused,
  *   .loaned (bytes of the loan that is out, or None)
  *   One thread at a time (RuntimeError otherwise); the channel must be fresh.
