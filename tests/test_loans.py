@@ -15,6 +15,7 @@ def _server(svc: capbus.Service, n: int, box: dict, hold: bool = False) -> threa
             req = svc.recv(timeout=10)
             box[i] = req
             box[f"head{i}"] = bytes(req.payload[:8])
+            box[f"view{i}"] = req.payload
             if not hold:
                 req.reply(0)
 
@@ -23,7 +24,7 @@ def _server(svc: capbus.Service, n: int, box: dict, hold: bool = False) -> threa
     return t
 
 
-def test_loan_arrives_as_a_view_valid_until_reply(kernel):
+def test_loan_arrives_as_a_view_that_outlives_the_reply(kernel):
     with capbus.connect(kernel.socket_path) as a, capbus.connect(kernel.socket_path) as b:
         svc = b.register("z")
         ep = a.lookup("z")
@@ -36,8 +37,12 @@ def test_loan_arrives_as_a_view_valid_until_reply(kernel):
         t.join(10)
         req = box[0]
         assert box["head0"] == b"loanedAB" and req.opcode == 3
-        with pytest.raises(ValueError):  # replied: the arena chunk is given back, the view is gone
+        # Replied: the request lets go of its .payload, but the view taken before stays valid
+        # (its chunk goes back when that view goes).
+        with pytest.raises(ValueError):
             bytes(req.payload[:1])
+        view = box.pop("view0")
+        assert bytes(view[:8]) == b"loanedAB" and bytes(view[-1:]) == b"Z"
 
 
 def test_unsent_loan_is_given_back(kernel):

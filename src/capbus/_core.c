@@ -38,10 +38,6 @@
  *   crc32(data, value=0) -> int       = zlib.crc32, the payload checksum
  *   channel_stats(buf) -> dict        the metrics of a channel (see "Metrics" below) from any
  *       buffer holding its header page (>= CHAN_SSTATS_OFF + SSTATS_SIZE bytes, else ValueError)
- *   reap_views() -> int               finish released zero-copy/loan buffers whose views are all
- *       gone (their mappings may then be unmapped); returns how many are still referenced.
- *       recv/poll/loan/remove/close do this a few at a time; call it when idle if views are
- *       often kept past their release.
  *
  * ---- Result types ----------------------------------------------------------------------------
  *   set_types(message_type, request_type)   called once by the runtime at import. message_type: a
@@ -99,13 +95,24 @@
  *       struct (CRC over the loaned bytes only with FLAG_CHECKSUM) and the slot, and sets
  *       FLAG_LOANED. As call()/send() otherwise (limits, Timeout, state errors). The loan stays
  *       out when nothing was written (an error before the write, a Timeout waiting for ring
- *       room, send_loan's WouldBlock for a full ring); RuntimeError without a loan. Its views
- *       stay valid after the commit (the arena is mapped for the lane's lifetime): writing to
- *       them changes a payload the receiver may be reading, or a later message once released.
+ *       room, send_loan's WouldBlock for a full ring); RuntimeError without a loan.
  *   .cancel_loan()   give the chunk back (the cursor never moved: nothing else can have been
- *       allocated since) and release its views (ValueError on access); a no-op without a loan.
- *   .close() cancels a loan that is out and releases every loan view of the lane; the channel
- *       stays mapped until the last of them (or a buffer taken from one, e.g. numpy) is gone.
+ *       allocated since); a no-op without a loan.
+ *   Loan views never outlive their memory. A loan's views (and anything made from them: slices,
+ *       numpy arrays) stay valid after the commit, the cancel and close(), and the lane never
+ *       allocates a chunk that overlaps memory such a view still shows: after a commit they show
+ *       only their own message (writing to them changes that payload, which the receiver may be
+ *       reading: the documented hazard of loans), never a later one. When the place the arena
+ *       offers is under a view, the other places the receiver accepts are tried (the FIFO cursor
+ *       instead of the idle jump to offset 0, then the next lap's start); while one of those is
+ *       only full, the arena counts as full (call() waits for the receiver as usual); when the
+ *       receiver has released everything and only the lane's own loan views are in the way,
+ *       payloads on THIS lane get WouldBlock ("a view of an earlier loan ... still shows the
+ *       arena memory ..."; counted in .refused; call() raises it at once too: there is nothing
+ *       to wait for) until the view goes. Other lanes and payload-less messages are not
+ *       affected. So a cancelled loan whose views are kept keeps its chunk reserved; `v =
+ *       loan(n)` in a loop (the previous view still bound) goes on. The channel stays mapped
+ *       after close() until the last loan view is gone.
  *   .close();  attributes .index, .broken, .closed, .last_tag, .max_payload, .refused,
  *   .loaned (bytes of the loan that is out, or None)
  *   One thread at a time (RuntimeError otherwise); the channel must be fresh.
@@ -174,22 +181,24 @@
  *                                     (CHAN_REFUSED_OFF: untrusted, informational)
  *   Zero-copy receive: a request whose payload has FLAG_LOANED or >= ZC_THRESHOLD (64 KiB)
  *       bytes is not copied: Request.payload is a READ-ONLY memoryview of the request arena
- *       (checksum, if any, verified in place at receive), valid until the request is replied to
- *       (any final outcome: sent, PeerDied; not WouldBlock), Request.release(), or the Request is
- *       deallocated; then its chunk goes back to the client and the view -- and every view made
- *       from it (slices, casts) -- raises ValueError("operation forbidden on released memoryview
- *       object"). Smaller payloads are still copied (bytes). A buffer taken from the view before
- *       (numpy.frombuffer, memoryview exports held by C code) keeps pointing at the arena: it
- *       stays mapped (memory-safe) but may show later messages' bytes: copy what you keep. The
- *       sender can rewrite a zero-copy payload while it is held (only a hostile or careless one
- *       would): copy it, or use a sealed region, where that matters.
+ *       (checksum, if any, verified in place at receive). It, and everything made from it
+ *       (slices, casts, memoryview(p), numpy.frombuffer, Request.object() results), stays valid
+ *       and shows that message's bytes for as long as it lives: the chunk goes back to the client
+ *       only when the request is done -- replied to (any final outcome: sent, PeerDied; not
+ *       WouldBlock), Request.release(), or the Request deallocated -- AND the last view of it is
+ *       gone, whichever comes last. From the request's end on, .payload itself reads as a
+ *       released memoryview (take views before replying). memoryview.release() on a view counts
+ *       as that view gone (arrays built on it before must not be used after it). Smaller
+ *       payloads are still copied (bytes). The sender can rewrite a zero-copy payload while it is
+ *       held (only a hostile or careless one would): copy it, or use a sealed region, where that
+ *       matters.
  *       Chunks are released in any order; the client sees only the contiguous released prefix
  *       (arena_released), so held memory is never reused. A channel keeps at most
  *       max(64, 2 * nslots) queue entries (released chunks behind a held one share entries);
  *       when they are used up it is not served until the oldest held payload is released: a
- *       receiver that never releases stalls (and fills the arena of) only that channel; its
- *       sender gets WouldBlock. remove()/drain/close() keep a channel's mapping until the last of
- *       its payload views is gone (CorruptChannel channels too: views stay readable).
+ *       receiver that holds requests or views stalls (and fills the arena of) only that channel;
+ *       its sender gets WouldBlock. remove()/drain/close() keep a channel's mapping until the
+ *       last of its payload views is gone (CorruptChannel channels too: views stay readable).
  *   .drops(index) -> {"rate", "bandwidth", "size", "expired", "rights": int}   refused by limits
  *   .interrupt()  the running (or next) recv/recv_many raises Cancelled
  *   .is_dead(index) -> bool;  .close();  .draining (int);  len(set);  index in set
@@ -211,8 +220,9 @@
  *       4096 bytes); a no-op if answered already, one-way, or the client is gone (no PeerDied:
  *       error paths need not catch it); WouldBlock / CorruptChannel as reply().
  *   .payload is bytes, or a read-only memoryview for a zero-copy payload (.zero_copy True; see
- *   ServerSet). .release(): done with a zero-copy payload before (or without) replying; a no-op
- *   otherwise and the second time. reply/reply_error release it too.
+ *   ServerSet). .release(): the request is done with a zero-copy payload before (or without)
+ *   replying (its chunk goes back once no view of it is left); a no-op otherwise and the second
+ *   time. reply/reply_error do the same.
  *
  * ---- Metrics (channel header page; layout in _core_layout.h, every offset exported) ----------
  *   Client block at CHAN_CSTATS_OFF, written only by the Lane; server block at CHAN_SSTATS_OFF,
@@ -1618,74 +1628,71 @@ static inline unsigned stat_hist_bucket(uint64_t ns)
     return b < STATS_HIST_BUCKETS ? b : STATS_HIST_BUCKETS - 1;
 }
 
-/* ---- Revocable views of shared memory (zero-copy payloads and loans). -------------------------
+/* ---- Views of shared memory (zero-copy payloads and loans). -----------------------------------
  * Request.payload (zero-copy) and Lane.loan() hand out memoryviews of a ZBuf, a tiny exporter
- * over arena memory. A ZBuf allows exactly one export: the managed buffer of that memoryview, so
- * every view the user makes of it (slices, casts, memoryview(mv)) shares that managed buffer, and
- * memoryview(mv.obj) is refused.
- *
- * Revoking (the request was replied to or released; a loan was cancelled; the lane closed) sets
- * _Py_MANAGED_BUFFER_RELEASED on that managed buffer: every memoryview sharing it -- the user's
- * slices too -- then raises ValueError("operation forbidden on released memoryview object") on
- * any access or new export (CPython checks that flag in every memoryview operation). A consumer
- * that took a raw buffer from a view before (numpy.frombuffer, a pending write()) keeps its
- * pointer: it is never revoked, so the MAPPING stays alive for as long as any view exists (the
- * ZBuf pins it: ServerSet channel views / Lane pins, dropped when the ZBuf dies). It may then see
- * bytes of later messages: copy what you keep.
- *
- * A managed buffer with that flag set no longer releases its export when it dies (CPython
- * assumes it already did), so revoking takes a reference to it and finishes the release itself
- * once that is the only reference left (no view alive): at once if nothing else holds a view
- * (the common case: the request's own view is swapped for a released one), else later -- the
- * "zombie" list, checked for its own entry when a Request dies and a few entries at a time by
- * recv/poll, loan and reap_views(). */
+ * over arena memory that allows any number of exports and counts them. Every view made from the
+ * memoryview (slices, casts, memoryview(mv), pickle's out-of-band buffers) shares its managed
+ * buffer, which holds one export until the last of those views is gone; a consumer that keeps
+ * the memoryview object instead of an export (numpy.frombuffer, an array built by
+ * Request.object()) keeps that managed buffer alive too. So "no export left" means "no view of
+ * this memory left", and only then may the memory be reused:
+ *  - a payload's arena chunk goes back to the sender (ch_release_chunk) once its Request is done
+ *    (replied to, released, deallocated) AND its last export is gone, whichever comes last;
+ *  - a lane never allocates over a loan's chunk (committed or cancelled) while an export of that
+ *    loan lives (lane_reserve: WouldBlock on that lane only).
+ * Nothing is revoked: a view stays valid, and shows its own message's bytes, for as long as it
+ * lives (the sender of a loan can still write them: see the loan API). Once a ZBuf's memory is
+ * given back it is "spent" and refuses new exports (BufferError), so its object (mv.obj) cannot
+ * reach reused memory. memoryview.release() counts as "this view is gone": an array built on
+ * that view before (numpy keeps the object, not an export, so nobody can tell) must not be used
+ * after it. The mapping under a view stays while its ZBuf lives (ServerSet channel views, Lane
+ * pins). */
 
 typedef struct zbuf {
     PyObject_HEAD
     char *buf;
     Py_ssize_t len;
     int readonly;
-    int exported;                 /* the one export (the view's managed buffer) is held */
-    int revoked;
-    Py_ssize_t zidx;              /* index in `zombies`, or -1 */
-    _PyManagedBufferObject *mbuf; /* borrowed: the managed buffer holding the export */
-    PyObject *owner;              /* strong: the ServerSet (payload) or the Lane (loan) */
-    struct chan *ch;              /* payload: its channel, pinned (ch->views) while we live */
-    uint64_t seq;                 /* payload: its entry in the channel's held-chunk queue */
-    int held;                     /* payload: the arena chunk is still held */
-    int lane_pin;                 /* loan: we are on the owner Lane's list and pin its mapping */
-    struct zbuf *prev, *next;     /* loan: the Lane's live buffers */
+    int spent;                /* the memory was given back: no new export */
+    Py_ssize_t exports;       /* live exports (managed buffers of memoryviews, other consumers) */
+    PyObject *owner;          /* strong: the ServerSet (payload) or the Lane (loan) */
+    struct chan *ch;          /* payload: its channel, pinned (ch->views) while we live */
+    uint64_t seq;             /* payload: its entry in the channel's held-chunk queue */
+    int held;                 /* payload: the arena chunk is still held */
+    int done;                 /* payload: its Request is finished with it */
+    int lane_pin;             /* loan: on the owner Lane's list: its chunk and mapping are kept */
+    uint64_t coff, clen;      /* loan: the arena chunk (offset, bytes) no allocation may cover */
+    struct zbuf *prev, *next; /* loan: the Lane's pinned buffers */
 } ZBufObject;
 
 static PyTypeObject ZBufType;
-static PyObject *released_view; /* a released memoryview: what a revoked request payload reads */
-static ZBufObject **zombies;
-static Py_ssize_t nzombies, zombies_cap, zombie_pos;
+static PyObject *released_view; /* a released memoryview: what a finished Request's .payload is */
+static void zb_last_export(ZBufObject *E);
 
 static int zb_getbuf(ZBufObject *E, Py_buffer *view, int flags)
 {
-    if (E->revoked || E->exported) {
+    if (E->spent) {
         view->obj = NULL;
         PyErr_SetString(PyExc_BufferError,
-                        E->revoked ? "this shared buffer has been released"
-                                   : "use the memoryview capbus handed out, not its base object");
+                        "this shared buffer's memory went back to its channel when its last view "
+                        "was dropped: keep a view (or a copy) for as long as you need the bytes");
         return -1;
     }
     if (PyBuffer_FillInfo(view, (PyObject *)E, E->buf, E->len, E->readonly, flags) < 0)
         return -1;
-    E->exported = 1;
+    E->exports++;
     return 0;
 }
 
 static void zb_releasebuf(ZBufObject *E, Py_buffer *view)
 {
-    E->exported = 0;
-    E->mbuf = NULL;
+    if (--E->exports == 0)
+        zb_last_export(E); /* defined with the ZBuf lifetime, after the ServerSet */
 }
 
 static PyBufferProcs zb_as_buffer = {(getbufferproc)zb_getbuf, (releasebufferproc)zb_releasebuf};
 
-/* A new ZBuf (owner: a strong reference is taken) and its one memoryview, or NULL. */
+/* A new ZBuf (owner: a strong reference is taken) and its first memoryview, or NULL. */
 static PyObject *zb_view(PyObject *owner, char *buf, uint64_t len, int readonly, ZBufObject **out)
 {
     ZBufObject *E = PyObject_New(ZBufObject, &ZBufType);
@@ -1694,106 +1701,23 @@ static PyObject *zb_view(PyObject *owner, char *buf, uint64_t len, int readonly,
     E->buf = buf;
     E->len = (Py_ssize_t)len;
     E->readonly = readonly;
-    E->exported = E->revoked = 0;
-    E->zidx = -1;
-    E->mbuf = NULL;
+    E->spent = 0;
+    E->exports = 0;
     Py_INCREF(owner);
     E->owner = owner;
     E->ch = NULL;
     E->seq = 0;
-    E->held = E->lane_pin = 0;
+    E->held = E->done = E->lane_pin = 0;
+    E->coff = E->clen = 0;
     E->prev = E->next = NULL;
     PyObject *mv = PyMemoryView_FromObject((PyObject *)E);
     if (!mv) {
         Py_DECREF(E);
         return NULL;
     }
-    E->mbuf = ((PyMemoryViewObject *)mv)->mbuf;
     *out = E;
     Py_DECREF(E); /* the managed buffer holds it now (and the caller takes its own reference) */
     return mv;
-}
-
-/* Finish a revoked ZBuf whose views are all gone: release the export the managed buffer still
- * holds (which may free E and unpin its mapping), then drop our reference to the buffer. */
-static void zb_finish(ZBufObject *E)
-{
-    _PyManagedBufferObject *mb = E->mbuf;
-    Py_ssize_t i = E->zidx;
-    if (i >= 0) {
-        zombies[i] = zombies[--nzombies];
-        zombies[i]->zidx = i;
-        E->zidx = -1;
-    }
-    PyBuffer_Release(&mb->master); /* zb_releasebuf, then the buffer's reference to E goes */
-    Py_DECREF(mb);
-}
-
-static inline int zb_unused(ZBufObject *E) { return Py_REFCNT(E->mbuf) == 1; }
-
-/* Finish up to `max` zombies whose views are gone (round robin); how many are left. */
-static HOT Py_ssize_t zb_poll(Py_ssize_t max)
-{
-    for (Py_ssize_t n = 0; n < max && nzombies; n++) {
-        if (zombie_pos >= nzombies)
-            zombie_pos = 0;
-        ZBufObject *E = zombies[zombie_pos];
-        if (zb_unused(E))
-            zb_finish(E); /* moves the last entry here: look at this position again */
-        else
-            zombie_pos++;
-    }
-    return nzombies;
-}
-
-/* Finish every zombie whose views are gone; how many are left. */
-static Py_ssize_t zb_poll_all(void)
-{
-    for (Py_ssize_t i = 0; i < nzombies;) {
-        if (zb_unused(zombies[i]))
-            zb_finish(zombies[i]); /* moves the last entry to i: look at i again */
-        else
-            i++;
-    }
-    return nzombies;
-}
-
-/* Revoke every view of E (see above). *viewp: the owner's own reference to E's memoryview (the
- * Request's payload), swapped for `released_view` when nothing else holds a view; NULL if the
- * owner keeps none. */
-static void zb_revoke(ZBufObject *E, PyObject **viewp)
-{
-    if (E->revoked)
-        return;
-    E->revoked = 1;
-    if (!E->exported)
-        return; /* every view was released already (memoryview.release()) */
-    _PyManagedBufferObject *mb = E->mbuf;
-    if (viewp && *viewp && PyMemoryView_Check(*viewp) &&
-        ((PyMemoryViewObject *)*viewp)->mbuf == mb && Py_REFCNT(*viewp) == 1 &&
-        Py_REFCNT(mb) == 1) {
-        /* Only our own view exists and only we hold it: dropping it releases the export the
-         * ordinary way (no flag, no zombie). */
-        Py_INCREF(released_view);
-        Py_SETREF(*viewp, released_view);
-        return;
-    }
-    if (nzombies == zombies_cap) {
-        Py_ssize_t cap = zombies_cap ? 2 * zombies_cap : 64;
-        ZBufObject **z = PyMem_Realloc(zombies, (size_t)cap * sizeof *z);
-        if (!z) {
-            /* Out of memory: leave the views valid (the mapping is pinned while they live, so
-             * this is memory-safe; they may show later messages' bytes). */
-            return;
-        }
-        zombies = z;
-        zombies_cap = cap;
-    }
-    mb->flags |= _Py_MANAGED_BUFFER_RELEASED;
-    PyObject_GC_UnTrack(mb); /* as CPython's own release does: it holds no object any more */
-    Py_INCREF(mb);
-    E->zidx = nzombies;
-    zombies[nzombies++] = E; /* a view exists (E is exported): finished by zb_poll later */
 }
 
 /* =============================================================================================
@@ -1835,12 +1759,13 @@ typedef struct {
     int loan_active;
     uint64_t loan_len;    /* payload bytes */
     prod_res_t loan_res;
-    ZBufObject *loan_buf; /* borrowed: the loan's buffer while it lives (revoked by cancel_loan;
-                             a buffer holds its Lane, so a strong reference here would be a
-                             cycle); the loan itself stays out after its views are dropped */
-    ZBufObject *bufs;     /* every live loan buffer of this lane (revoked by close) */
-    int pins;             /* live loan buffers: the channel stays mapped while > 0 */
-    char *chan_kept;      /* closed, but still mapped for live loan buffers */
+    ZBufObject *loan_buf; /* borrowed: the loan's buffer while it has views (a buffer holds its
+                             Lane, so a strong reference here would be a cycle); the loan itself
+                             stays out after its views are dropped */
+    ZBufObject *bufs;     /* every loan buffer of this lane with views alive (lane_reserve never
+                             allocates over their chunks) */
+    int pins;             /* how many: the channel stays mapped while > 0 */
+    char *chan_kept;      /* closed, but still mapped for loan views */
     uint64_t call_t0;     /* CLOCK_MONOTONIC at the latest call_start (round-trip counter) */
     uint64_t cst[CSTATS_SIZE / 8]; /* the client metrics block (private copy; see stat_add) */
     unsigned long fork_gen;        /* of the process that made it (check_fork) */
@@ -1848,14 +1773,10 @@ typedef struct {
 
 static void lane_cancel_loan(LaneObject *L);
 
-/* Unmap everything; the channel itself stays mapped while loan buffers live (lane_unpin). */
+/* Unmap everything; the channel itself stays mapped while loan views live (lane_unpin). */
 static void lane_unmap(LaneObject *L)
 {
     lane_cancel_loan(L);
-    for (ZBufObject *E = L->bufs, *next; E; E = next) {
-        next = E->next; /* revoking may finish E, and free (and unlink) it -- never another one */
-        zb_revoke(E, NULL);
-    }
     if (L->chan) {
         if (L->pins) {
             L->chan_kept = L->chan;
@@ -1883,9 +1804,11 @@ static void lane_unmap(LaneObject *L)
     L->views = NULL;
 }
 
-/* A loan buffer of L died: the last one of a closed lane unmaps the channel. */
+/* The last view of a loan buffer of L is gone: its chunk may be allocated again, and the last
+ * one of a closed lane unmaps the channel. */
 static void lane_unpin(LaneObject *L, ZBufObject *E)
 {
+    E->lane_pin = 0;
     if (L->loan_buf == E)
         L->loan_buf = NULL; /* the loan is still out: the caller dropped its views */
     if (E->prev)
@@ -1900,6 +1823,49 @@ static void lane_unpin(LaneObject *L, ZBufObject *E)
         L->chan_kept = NULL;
     }
 }
+
+/* Does the arena chunk [off, off + len) overlap a chunk that a loan view of L still shows? */
+static int lane_pinned(const LaneObject *L, uint64_t off, uint64_t len)
+{
+    for (const ZBufObject *E = L->bufs; E; E = E->next)
+        if (off < E->coff + E->clen && E->coff < off + len)
+            return 1;
+    return 0;
+}
+
+/* RG_PINNED: the arena has room, but the chunk it offers is still under a loan view of this lane
+ * (a committed loan's memory after the receiver let it go, or a cancelled loan's). */
+enum { RG_PINNED = 3 };
+
+/* prod_reserve, never over a chunk a loan view still shows (GIL held: the list is the GIL's).
+ * One branch while no loan view is alive. When the place prod_reserve picks is pinned, the other
+ * places the consumer accepts are tried: the FIFO cursor without the idle jump to offset 0 (so
+ * `v = loan(n)` in a loop, the previous view still alive, goes on), then the start of the next
+ * lap. */
+static HOT int lane_reserve(LaneObject *L, uint64_t plen, prod_res_t *r, const char **why)
+{
+    int rc = prod_reserve(&L->req, plen, r, why);
+    if (__builtin_expect(L->pins == 0, 1) || rc != RG_OK || !lane_pinned(L, r->off, r->len))
+        return rc;
+    static const int other[] = {RES_NO_JUMP, RES_NO_JUMP | RES_WRAP};
+    int full = 0; /* a place not pinned may come free as the receiver releases more */
+    for (size_t i = 0; i < sizeof other / sizeof other[0]; i++) {
+        rc = prod_reserve_at(&L->req, plen, other[i], r, why);
+        if (rc == RG_CORRUPT)
+            return rc;
+        if (rc == RG_OK && !lane_pinned(L, r->off, r->len))
+            return RG_OK;
+        full |= rc == RG_FULL;
+    }
+    /* Full but the receiver has released everything: only our own views are in the way. */
+    const prod_t *p = &L->req;
+    uint64_t rel = (p->rel_seen == p->jump_from && p->jump_to) ? p->jump_to : p->rel_seen;
+    return full && rel != p->cursor ? RG_FULL : RG_PINNED;
+}
+
+static const char pinned_msg[] =
+    "a view of an earlier loan on this lane still shows the arena memory the next payload needs: "
+    "drop that view (or copy what you keep of it) and send again";
 
 static PyObject *Lane_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
@@ -2385,10 +2351,13 @@ corrupt:
 /* Write one message into the request ring, copying big payloads without the GIL. With `loan`,
  * the payload is the lane's loaned chunk (m->payload points into it): only the LargeMessage
  * struct and the slot are written (plus the CRC, without the GIL when big), and the loan ends;
- * its buffers stay valid (the arena is mapped for the lane's lifetime). */
+ * its views stay valid (and keep its chunk from being allocated again). The chunk is reserved
+ * with the GIL held (lane_reserve reads the loan views), the copy runs without it: only this
+ * lane's own thread adds loan views, so none can appear meanwhile. */
 static HOT int lane_write(LaneObject *L, const outmsg_t *m, int loan, const char **why)
 {
     int r = RG_OK;
+    prod_res_t res = {0, 0, 0, 0, 0};
     if (loan) {
         if ((m->flags & FLAG_CHECKSUM) && m->plen >= NOGIL_COPY_BYTES) {
             Py_BEGIN_ALLOW_THREADS
@@ -2398,13 +2367,18 @@ static HOT int lane_write(LaneObject *L, const outmsg_t *m, int loan, const char
             prod_write_at(&L->req, m, &L->loan_res);
         }
         L->loan_active = 0;
-        L->loan_buf = NULL; /* its views stay valid (and keep the mapping) */
-    } else if (m->payload && m->plen >= NOGIL_COPY_BYTES) {
-        Py_BEGIN_ALLOW_THREADS
-        r = prod_write(&L->req, m, why);
-        Py_END_ALLOW_THREADS
+        L->loan_buf = NULL; /* its views stay valid (and keep the mapping and the chunk) */
+    } else if (m->payload) {
+        r = lane_reserve(L, m->plen, &res, why);
+        if (r == RG_OK && m->plen >= NOGIL_COPY_BYTES) {
+            Py_BEGIN_ALLOW_THREADS
+            prod_write_at(&L->req, m, &res);
+            Py_END_ALLOW_THREADS
+        } else if (r == RG_OK) {
+            prod_write_at(&L->req, m, &res);
+        }
     } else {
-        r = prod_write(&L->req, m, why);
+        prod_write_at(&L->req, m, &res);
     }
     return r;
 }
@@ -2442,6 +2416,11 @@ static HOT PyObject *lane_call_run(LaneObject *L, outmsg_t *m, Py_buffer *view, 
                 break;
             if (r == RG_CORRUPT) {
                 lane_break(L, why);
+                goto out;
+            }
+            if (r == RG_PINNED) { /* waiting would not help: this thread holds the view */
+                lane_refused(L, 1);
+                PyErr_SetString(WouldBlock, pinned_msg);
                 goto out;
             }
         }
@@ -2528,7 +2507,8 @@ static PyObject *Lane_call(LaneObject *L, PyObject *const *args, Py_ssize_t narg
 }
 
 /* Push one prepared message without waiting: RG_OK (published, doorbell rung, counted as sent
- * at `now`), RG_FULL (refused, counted) or -1 with an exception (the lane is broken). */
+ * at `now`), RG_FULL / RG_PINNED (refused, counted) or -1 with an exception (the lane is
+ * broken). */
 static int lane_push(LaneObject *L, outmsg_t *m, const charge_t *c, int loan, uint64_t now)
 {
     const char *why = NULL;
@@ -2550,9 +2530,9 @@ static int lane_push(LaneObject *L, outmsg_t *m, const charge_t *c, int loan, ui
         lane_count_sent(L, 1, m->plen, (m->flags & FLAG_REPLY_EXPECTED) != 0, now);
         return RG_OK;
     }
-    if (r == RG_FULL) {
+    if (r == RG_FULL || r == RG_PINNED) {
         lane_refused(L, 1);
-        return RG_FULL;
+        return r;
     }
     lane_break(L, why);
     return -1;
@@ -2567,6 +2547,8 @@ static PyObject *lane_send_prepared(LaneObject *L, outmsg_t *m, Py_buffer *view,
         Py_RETURN_NONE;
     if (r == RG_FULL)
         PyErr_SetString(WouldBlock, "request ring or arena is full");
+    else if (r == RG_PINNED)
+        PyErr_SetString(WouldBlock, pinned_msg);
     return NULL;
 }
 
@@ -2607,20 +2589,21 @@ static PyObject *Lane_call_start(LaneObject *L, PyObject *const *args, Py_ssize_
     }
     if (r == RG_FULL)
         PyErr_SetString(WouldBlock, "request ring or arena is full");
+    else if (r == RG_PINNED)
+        PyErr_SetString(WouldBlock, pinned_msg);
     return NULL;
 }
 
 /* ---- Loans: payloads written in place. ------------------------------------------------------ */
 
 /* Give the loaned chunk back (nothing was committed, the cursor never moved: forgetting the
- * reservation is the roll-back) and revoke its views. No-op without a loan. */
+ * reservation is the roll-back). Its views stay valid: while one lives, lane_reserve will not
+ * hand that memory out again. No-op without a loan. */
 static void lane_cancel_loan(LaneObject *L)
 {
     if (!L->loan_active)
         return;
     L->loan_active = 0;
-    if (L->loan_buf)
-        zb_revoke(L->loan_buf, NULL);
     L->loan_buf = NULL;
 }
 
@@ -2630,7 +2613,6 @@ static PyObject *Lane_loan(LaneObject *L, PyObject *arg)
     uint64_t n;
     if (to_u64(arg, &n, "n") < 0 || !lane_usable(L))
         return NULL;
-    zb_poll(4);
     if (L->loan_active) {
         PyErr_SetString(PyExc_RuntimeError,
                         "this lane already has a loan out: commit it (call_loan/send_loan) or "
@@ -2659,9 +2641,14 @@ static PyObject *Lane_loan(LaneObject *L, PyObject *arg)
     }
     const char *why = NULL;
     prod_res_t res;
-    int r = prod_reserve(&L->req, n, &res, &why);
+    int r = lane_reserve(L, n, &res, &why);
     if (r == RG_CORRUPT) {
         lane_break(L, why);
+        return NULL;
+    }
+    if (r == RG_PINNED) {
+        lane_refused(L, 1);
+        PyErr_SetString(WouldBlock, pinned_msg);
         return NULL;
     }
     if (r == RG_FULL) {
@@ -2676,6 +2663,8 @@ static PyObject *Lane_loan(LaneObject *L, PyObject *arg)
     if (!mv)
         return NULL;
     E->lane_pin = 1;
+    E->coff = res.off;
+    E->clen = res.len;
     E->next = L->bufs;
     if (L->bufs)
         L->bufs->prev = E;
@@ -2688,7 +2677,7 @@ static PyObject *Lane_loan(LaneObject *L, PyObject *arg)
     return mv;
 }
 
-/* cancel_loan(): give the loaned chunk back; its views are revoked. No-op without a loan. */
+/* cancel_loan(): give the loaned chunk back (reserved until its views go). No-op without one. */
 static PyObject *Lane_cancel_loan(LaneObject *L, PyObject *unused)
 {
     if (L->busy) {
@@ -2696,7 +2685,6 @@ static PyObject *Lane_cancel_loan(LaneObject *L, PyObject *unused)
         return NULL;
     }
     lane_cancel_loan(L);
-    zb_poll(4);
     Py_RETURN_NONE;
 }
 
@@ -2940,8 +2928,11 @@ static PyObject *Lane_send_many(LaneObject *L, PyObject *const *args, Py_ssize_t
             break;
         }
         m->tag = L->last_tag + 1;
-        int r = prod_write(&L->req, m, &why);
-        if (r == RG_FULL) {
+        prod_res_t res = {0, 0, 0, 0, 0};
+        int r = m->payload ? lane_reserve(L, m->plen, &res, &why) : RG_OK;
+        if (r == RG_OK)
+            prod_write_at(&L->req, m, &res);
+        if (r == RG_FULL || r == RG_PINNED) {
             full = 1;
             break;
         }
@@ -2987,8 +2978,7 @@ static PyObject *Lane_close(LaneObject *L, PyObject *unused)
         PyErr_SetString(PyExc_RuntimeError, "Lane is in use by another thread");
         return NULL;
     }
-    lane_unmap(L); /* cancels the loan, revokes every loan buffer */
-    zb_poll(64);
+    lane_unmap(L); /* cancels the loan; loan views keep the channel mapped until they go */
     Py_RETURN_NONE;
 }
 
@@ -3797,7 +3787,6 @@ static PyObject *ServerSet_remove(ServerSetObject *S, PyObject *args, PyObject *
         }
     }
     ss_unlink(S, ch);
-    zb_poll(64);
     ss_reap(S); /* not while payload views of the channel live: the last one unmaps it */
     Py_RETURN_NONE;
 }
@@ -4081,19 +4070,35 @@ static HOT PyObject *reply_outcome(int r, uint32_t index, const char *why)
     return NULL;
 }
 
-/* ---- ZBuf lifetime (the type is described with the revocable views, before Lane). ----------- */
+/* ---- ZBuf lifetime (the type is described with the views of shared memory, before Lane). ---- */
 
-/* A zero-copy payload's chunk is released (GIL held; idempotent). A removed or dead channel's
- * ring is read by nobody any more: nothing to publish. */
+/* A zero-copy payload's chunk is released (GIL held; idempotent): its Request is done and no view
+ * is left. A removed or dead channel's ring is read by nobody any more: nothing to publish. */
 static void zb_release_chunk(ZBufObject *E)
 {
     if (!E->held)
         return;
     E->held = 0;
+    E->spent = 1;
     chan_t *ch = E->ch;
     if (ch->removed || __atomic_load_n(&ch->dead, __ATOMIC_RELAXED))
         return;
+    /* A forked child dropping the views it inherited: the ring and its held chunks are the
+     * parent's, which may still be reading them. */
+    if (((ServerSetObject *)E->owner)->fork_gen != fork_gen)
+        return;
     ch_release_chunk((ServerSetObject *)E->owner, ch, E->seq);
+}
+
+/* The last export of E is gone (GIL held; from zb_releasebuf, so wherever a view dies). */
+static void zb_last_export(ZBufObject *E)
+{
+    if (E->ch && E->done)
+        zb_release_chunk(E);
+    else if (E->lane_pin) {
+        E->spent = 1;
+        lane_unpin((LaneObject *)E->owner, E);
+    }
 }
 
 static void zb_dealloc(ZBufObject *E)
@@ -4116,8 +4121,8 @@ static PyTypeObject ZBufType = {
     .tp_dealloc = (destructor)zb_dealloc,
     .tp_as_buffer = &zb_as_buffer,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Shared memory behind a zero-copy payload or a loan (export its memoryview, not "
-              "this object).",
+    .tp_doc = "Shared memory behind a zero-copy payload or a loan; the memory is kept for as "
+              "long as any view of it lives.",
 };
 
 /* ---- Request: one received message, answered with .reply(). -------------------------------- */
@@ -4174,15 +4179,21 @@ static HOT int Request_clear(RequestObject *R)
     return 0;
 }
 
-/* Done with a zero-copy payload: its chunk goes back to the client (in FIFO order behind any
- * older held chunk), and every view of it is revoked. No-op otherwise, and the second time. */
+/* Done with a zero-copy payload: the Request lets go of its own view (.payload reads as a
+ * released memoryview from now on), and the chunk goes back to the client (in FIFO order behind
+ * any older held chunk) now if no other view is left, else when the last one goes. No-op
+ * otherwise, and the second time. */
 static HOT void req_release_payload(RequestObject *R)
 {
     ZBufObject *E = R->zbuf;
-    if (!E || E->revoked)
+    if (!E || E->done)
         return;
-    zb_release_chunk(E);
-    zb_revoke(E, &R->payload);
+    E->done = 1;
+    PyObject *own = R->payload;
+    R->payload = Py_NewRef(released_view);
+    Py_DECREF(own); /* when only we held it, its export goes: zb_last_export releases the chunk */
+    if (E->exports == 0)
+        zb_release_chunk(E); /* the user had released every view already (memoryview.release) */
 }
 
 static void req_no_reply(RequestObject *R);
@@ -4195,9 +4206,6 @@ static HOT void Request_dealloc(RequestObject *R)
     req_release_payload(R);
     Request_clear(R);
     Py_CLEAR(R->payload);
-    ZBufObject *E = R->zbuf;
-    if (E && E->zidx >= 0 && zb_unused(E))
-        zb_finish(E); /* its views died with us: finish now, not in a later poll */
     Py_CLEAR(R->zbuf);
     Py_CLEAR(R->set);
     if (Py_TYPE(R) == &RequestType && free_list_push(&req_free_list, (PyObject *)R))
@@ -4640,10 +4648,11 @@ static PyMethodDef Request_methods[] = {
      "reply_object(obj, opcode=0): answer a call with a Python object (the caller reads it with\n"
      "reply.object())."},
     {"release", (PyCFunction)Request_release, METH_NOARGS,
-     "release(): done with this request. A zero-copy payload's arena memory goes back to the "
-     "client (once no view of it is left), and a call not replied to fails its caller at once "
-     "with NoReply (as when the request is garbage-collected unanswered). Replying releases "
-     "the payload too. Idempotent."},
+     "release(): done with this request. .payload reads as a released memoryview from now on, "
+     "and a zero-copy payload's arena memory goes back to the client once no view taken from it "
+     "is left (views you keep stay valid). A call not replied to fails its caller at once with "
+     "NoReply (as when the request is garbage-collected unanswered). Replying releases the "
+     "payload too. Idempotent."},
     {"reply", (PyCFunction)(void (*)(void))Request_reply, METH_FASTCALL | METH_KEYWORDS,
      "reply(opcode=0, data=(), payload=b'', flags=0) -> bool: answer the call. True if the "
      "reply was delivered; False if it was dropped (and counted) because the client is gone, "
@@ -4669,7 +4678,8 @@ static PyMemberDef Request_members[] = {
     {"opcode", T_OBJECT_EX, offsetof(RequestObject, opcode_o), READONLY, "opcode"},
     {"payload", T_OBJECT_EX, offsetof(RequestObject, payload), READONLY,
      "payload: bytes (b'' when none), or for a zero-copy one (FLAG_LOANED or >= ZC_THRESHOLD "
-     "bytes) a read-only memoryview of the arena, valid until reply/release"},
+     "bytes) a read-only memoryview of the arena; views taken from it stay valid for as long "
+     "as they live, .payload itself until reply/release"},
     {"capability", T_ULONGLONG, offsetof(RequestObject, capability), READONLY,
      "the capability value the client sent (untrusted)"},
     {"index", T_UINT, offsetof(RequestObject, index), READONLY, "channel index (internal)"},
@@ -5021,7 +5031,6 @@ static HOT int ss_enter(ServerSetObject *S, int wait)
         return -1;
     }
     S->recv_active = 1;
-    zb_poll(4); /* finish a few revoked payload buffers whose views the user dropped late */
     return 0;
 }
 
@@ -5282,7 +5291,6 @@ static PyObject *ServerSet_close(ServerSetObject *S, PyObject *unused)
             PyErr_SetString(PyExc_RuntimeError, "reply() is running in another thread");
             return NULL;
         }
-    zb_poll_all(); /* views dropped late: their channels can go now rather than later */
     ss_free_all(S);
     Py_RETURN_NONE;
 }
@@ -6143,13 +6151,6 @@ fail:
     return NULL;
 }
 
-/* reap_views() -> int: finish every revoked payload/loan buffer whose views are all gone (their
- * channel mappings may then go); returns how many are still referenced by some view. */
-static PyObject *py_reap_views(PyObject *self, PyObject *unused)
-{
-    return PyLong_FromSsize_t(zb_poll_all());
-}
-
 static PyObject *py_crc32(PyObject *self, PyObject *args)
 {
     Py_buffer view;
@@ -6213,9 +6214,6 @@ static PyMethodDef core_methods[] = {
     {"crc32", py_crc32, METH_VARARGS, "crc32(data, value=0) -> int (same as zlib.crc32)"},
     {"channel_stats", py_channel_stats, METH_O,
      "channel_stats(buf) -> dict: the client and server metrics of a channel header page"},
-    {"reap_views", py_reap_views, METH_NOARGS,
-     "reap_views() -> int: finish released payload/loan buffers whose views are gone; returns "
-     "how many are still referenced"},
     {"set_types", py_set_types, METH_VARARGS,
      "set_types(message_type, request_type): call results become message_type (a tuple\n"
      "subclass) instances and received messages request_type (a Request subclass) instances."},

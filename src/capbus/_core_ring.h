@@ -170,7 +170,14 @@ static HOT int prod_slots_free(prod_t *p, uint64_t want, uint64_t *nfree, const 
  *
  * The consumer may hold chunks (zero-copy receive) and release them out of order; it publishes
  * only the contiguous released prefix, so to us a held chunk is just a slow consumer. */
-static int prod_reserve(prod_t *p, uint64_t plen, prod_res_t *r, const char **why)
+enum { RES_NO_JUMP = 1, RES_WRAP = 2 };
+
+/* prod_reserve with a choice of the other legal places (the consumer takes a chunk at its FIFO
+ * cursor or at offset 0): RES_NO_JUMP stays at the cursor when idle instead of jumping to a fresh
+ * lap; RES_WRAP starts at the next lap (offset 0) even if the chunk would fit before the arena
+ * end (the skipped bytes count as used, as for an ordinary wrap). For a producer that must keep
+ * some arena memory untouched (a loan view still shows it). */
+static int prod_reserve_at(prod_t *p, uint64_t plen, int how, prod_res_t *r, const char **why)
 {
     uint64_t len = chunk_len_for(plen);
     /* ACQUIRE: pairs with the consumer's RELEASE of arena_released, so its reads of released
@@ -191,13 +198,13 @@ static int prod_reserve(prod_t *p, uint64_t plen, prod_res_t *r, const char **wh
     }
     uint64_t cur = p->cursor;
     int jump = 0;
-    if (rel == cur && cur % p->asize != 0) { /* idle: fresh lap */
+    if (rel == cur && cur % p->asize != 0 && !(how & RES_NO_JUMP)) { /* idle: fresh lap */
         cur += p->asize - cur % p->asize;
         rel = cur;
         jump = 1;
     }
     uint64_t o = cur % p->asize;
-    uint64_t start = (o + len <= p->asize) ? cur : cur + (p->asize - o);
+    uint64_t start = (o + len <= p->asize && !(o && (how & RES_WRAP))) ? cur : cur + (p->asize - o);
     if (start + len - rel > p->asize)
         return RG_FULL;
     r->jump_from = jump ? p->cursor : 0;
@@ -206,6 +213,11 @@ static int prod_reserve(prod_t *p, uint64_t plen, prod_res_t *r, const char **wh
     r->len = len;
     r->newcur = start + len;
     return RG_OK;
+}
+
+static inline int prod_reserve(prod_t *p, uint64_t plen, prod_res_t *r, const char **why)
+{
+    return prod_reserve_at(p, plen, 0, r, why);
 }
 
 /* Where the payload bytes of a reserved chunk go: after the 128-byte LargeMessage struct for a

@@ -178,11 +178,15 @@ class Endpoint(_core.EndpointBase):
         """A writable buffer of `size` bytes in this thread's channel arena, to fill in place and
         send without a copy: `with ep.loan(n) as loan: loan.buffer[:] = ...; loan.call(op)`.
 
-        The receiver's req.payload is a read-only view of the same memory, valid until it
-        replies or calls req.release(). WouldBlock while the arena is full (the receiver still
-        holds earlier payloads); MessageTooLarge above the arena size. Note that the sender can
-        still change a loaned payload while the receiver reads it: to check once and trust, send
-        a sealed Region instead."""
+        The receiver's req.payload is a read-only view of the same memory; it and every view or
+        array made from it stay valid (and unchanged by later messages) for as long as they live,
+        and the memory goes back when the request is done and its last view is gone. The buffer
+        stays valid after the commit too: while any view of it lives, this thread's lane does not
+        reuse that memory (a payload that would need it gets WouldBlock). A loan given back
+        unsent drops its buffer. WouldBlock while the arena is full (the receiver still holds
+        earlier payloads); MessageTooLarge above the arena size. Note that the sender can still
+        change a loaned payload while the receiver reads it: to check once and trust, send a
+        sealed Region instead."""
         lane = self._local.__dict__.get("lane") or self._thread_lane()
         return Loan(self, lane, lane.core.loan(size))
 
@@ -393,11 +397,18 @@ _EVENT_POLL = _core.SLEEP_CAP_NS / 1e9
 class Loan:
     """A loaned arena buffer (see Endpoint.loan); unsent loans are given back on exit."""
 
-    __slots__ = ("_ep", "_lane", "buffer", "_open")
+    __slots__ = ("_ep", "_lane", "_buffer", "_open")
 
     def __init__(self, ep: Endpoint, lane: _Lane, buffer: memoryview) -> None:
-        self._ep, self._lane, self.buffer = ep, lane, buffer
+        self._ep, self._lane, self._buffer = ep, lane, buffer
         self._open = True
+
+    @property
+    def buffer(self) -> memoryview:
+        """The loaned bytes: fill them, then call() or send_async()."""
+        if self._buffer is None:
+            raise IpcError("this loan was given back unsent: its buffer is gone")
+        return self._buffer
 
     def __enter__(self) -> Loan:
         return self
@@ -406,6 +417,9 @@ class Loan:
         if self._open:
             self._open = False
             self._lane.core.cancel_loan()
+            # A cancelled chunk stays reserved while a view of it lives: drop ours, so that the
+            # next loan in a loop (this Loan still bound to its variable) can have it.
+            self._buffer = None
 
     def call(self, opcode: int, data: Sequence[int] = (), timeout: float | None = None,
              flags: int = 0) -> Message:
