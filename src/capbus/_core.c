@@ -121,15 +121,28 @@
  *   (CLOCK_MONOTONIC ns, 0 none), CTRL_MAX_MESSAGE_SIZE_OFF (payload bytes, 0 none),
  *   CTRL_RATE_LIMIT_OFF (messages/s, 0 none), CTRL_BANDWIDTH_OFF (payload bytes/s, 0 none), and
  *   LAST CTRL_FLAGS_OFF: only with CTRL_F_ENFORCE set is anything checked (one branch otherwise).
- *   It may change them at any time; they are read per message.
+ *   It may change them at any time; they are read per message. Before it hands the page out it
+ *   also writes which buckets the rate and bandwidth belong to: CTRL_CAP_ID_OFF (the
+ *   capability's kernel-unique id, never reused while the kernel runs; 0 = the channel's own
+ *   bucket) and CTRL_CHAIN_OFF/CTRL_CHAIN_LEN_OFF (up to CTRL_CHAIN_MAX limited ancestors:
+ *   id, rate, bandwidth). Those are read once, by ServerSet.add.
+ *   Buckets: rate: capacity one second of messages; bandwidth: one second of bytes; both start
+ *   full.
  *   Lane (fail fast, nothing written): no RIGHT_SEND -> PermissionDenied; expired ->
- *   InvalidCapability("...expired"); payload > max -> MessageTooLarge; its own token buckets
- *   (rate: capacity one second of messages; bandwidth: one second of bytes; both start full)
- *   -> RateLimitExceeded.
- *   ServerSet (what counts; its buckets are private): a message that fails is not delivered; a
- *   call gets an automatic error reply (FLAG_ERROR, data[0] = RateLimitExceeded.code for rate or
- *   bandwidth, MessageTooLarge.code for size, InvalidCapability.code for expiry or a missing
- *   send right; payload a short text), a one-way message is dropped; counted per reason.
+ *   InvalidCapability("...expired"); payload > max -> MessageTooLarge; its own buckets (per
+ *   lane: advisory, a fresh lane starts full) -> RateLimitExceeded.
+ *   ServerSet (what counts; its buckets are private): the buckets belong to capabilities, not
+ *   channels. add() finds (or makes) the bucket of CTRL_CAP_ID_OFF and of each chain id in a
+ *   private hash table and pins them, so every channel, thread and process using one
+ *   capability, or one derived from it, draws on the same budget, and each message is charged
+ *   to the leaf's bucket and every ancestor's: O(1 + chain), no lookup, lock or syscall. A
+ *   bucket outlives its last channel until it has refilled (BKT_IDLE_NS), so closing and
+ *   reopening channels gains nothing; at most BUCKET_IDLE_MAX idle ones are kept (memory is
+ *   bounded by the channels: see "Buckets per capability" in _core_limits.h). A message that
+ *   fails is not delivered; a call gets an automatic error reply (FLAG_ERROR, data[0] =
+ *   RateLimitExceeded.code for rate or bandwidth, naming the limit that refused it,
+ *   MessageTooLarge.code for size, InvalidCapability.code for expiry or a missing send right;
+ *   payload a short text), a one-way message is dropped; counted per reason.
  *
  * ---- ServerSet: the service end, up to MAX_CHANNELS channels by index ----------------------
  *   ServerSet(doorbell_fd, wait_mode=1, spin_ns=50000, event_fd=-1, sleep_fd=-1)
@@ -193,6 +206,7 @@
  *   .drops(index) -> {"rate", "bandwidth", "size", "expired", "rights": int}   refused by limits
  *   .interrupt()  the running (or next) recv/recv_many raises Cancelled
  *   .is_dead(index) -> bool;  .close();  .draining (int);  len(set);  index in set
+ *   .buckets (int)   token buckets held per capability (see "Capability limits" above)
  *   One receiver at a time (recv/poll/recv_many share a lock; reply may run in any thread).
  *
  * ---- Request: a received message ------------------------------------------------------------
