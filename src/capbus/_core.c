@@ -4676,11 +4676,13 @@ static PyTypeObject RequestType = {
 enum { P_EMPTY, P_SKIPPED, P_TURN, P_DELIVERED, P_RETIRE, P_CORRUPT, P_ERROR };
 
 /* Check a popped message against the channel's limits (CTRL_F_ENFORCE is set). LIM_OK takes its
- * tokens from the server-private buckets. */
+ * tokens from the server-private buckets: the capability's and each limited ancestor's, shared
+ * with every other channel pinning them. *shared: an ancestor's bucket refused it (l then holds
+ * that ancestor's rate and bandwidth). */
 static int ss_enforce(chan_t *ch, const inmsg_t *m, limits_t *l, int *shared)
 {
     ctrl_limits(ch->ctrl, l);
-    uint64_t now = limits_need_clock(l) ? coarse_ns() : 0;
+    uint64_t now = limits_need_clock(l) || ch->nanc ? coarse_ns() : 0;
     int lim = limits_static(l, now, m->plen);
     if (lim != LIM_OK || (lim = bucket_check(ch->leaf, l, now, m->plen)) != LIM_OK)
         return lim;
