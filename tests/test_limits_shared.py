@@ -200,6 +200,44 @@ def test_reopened_channels_do_not_refill(kernel, echo):
         assert sum(rounds) <= rate * (1 + elapsed) + 2, (rounds, elapsed)
 
 
+SPEND_AND_DIE = """
+import capbus, time
+p = capbus.connect()
+inbox = p.register("inbox")
+print("ready", flush=True)
+req = inbox.recv(timeout=10)
+(ep,) = req.caps
+req.reply(0)
+ok = 0
+try:
+    while True:
+        ep.call(1, timeout=5)
+        ok += 1
+except capbus.RateLimitExceeded:
+    pass
+print(ok, flush=True)
+time.sleep(60)  # killed here, its channel still open
+"""
+
+
+def test_budget_spent_by_a_killed_holder_stays_spent(kernel, echo, children):
+    rate = 10
+    p = children.start(SPEND_AND_DIE, stdin=subprocess.DEVNULL)
+    assert readline(p) == "ready"
+    with capbus.connect(kernel.socket_path) as me:
+        weaker = me.lookup("echo").restrict(rights={"send", "share"}, rate_limit=rate)
+        t0 = time.monotonic()
+        me.lookup("inbox").call(1, caps=[weaker], timeout=10)
+        theirs = int(readline(p, timeout=30))
+        p.kill()
+        p.wait(10)
+        assert wait_for(lambda: not any(r["service"] == "echo" for r in kernel.channels()), 10)
+        mine, _ = _call_until_refused(weaker, time.monotonic() + 30)
+        elapsed = time.monotonic() - t0
+        assert theirs >= rate - 1
+        assert theirs + mine <= rate * (1 + elapsed) + 2, (theirs, mine, elapsed)
+
+
 CHURN = """
 import capbus, sys
 p = capbus.connect()
