@@ -3338,7 +3338,8 @@ static int ch_pin_buckets(ServerSetObject *S, chan_t *ch)
     uint32_t n = __atomic_load_n((uint32_t *)(ch->ctrl + CTRL_CHAIN_LEN_OFF), __ATOMIC_RELAXED);
     n = n < CTRL_CHAIN_MAX ? n : CTRL_CHAIN_MAX;
     for (uint32_t i = 0; i < n; i++) {
-        const uint64_t *e = (const uint64_t *)(ch->ctrl + CTRL_CHAIN_OFF + i * CTRL_CHAIN_ENTRY_SIZE);
+        const uint64_t *e =
+            (const uint64_t *)(ch->ctrl + CTRL_CHAIN_OFF + i * CTRL_CHAIN_ENTRY_SIZE);
         uint64_t aid = __atomic_load_n(&e[0], __ATOMIC_RELAXED);
         if (!aid || aid == id)
             continue; /* not a bucket of its own: nothing to share */
