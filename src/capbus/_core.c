@@ -128,15 +128,28 @@
  *   (CLOCK_MONOTONIC ns, 0 none), CTRL_MAX_MESSAGE_SIZE_OFF (payload bytes, 0 none),
  *   CTRL_RATE_LIMIT_OFF (messages/s, 0 none), CTRL_BANDWIDTH_OFF (payload bytes/s, 0 none), and
  *   LAST CTRL_FLAGS_OFF: only with CTRL_F_ENFORCE set is anything checked (one branch otherwise).
- *   It may change them at any time; they are read per message.
+ *   It may change them at any time; they are read per message. Before it hands the page out it
+ *   also writes which buckets the rate and bandwidth belong to: CTRL_CAP_ID_OFF (the
+ *   capability's kernel-unique id, never reused while the kernel runs; 0 = the channel's own
+ *   bucket) and CTRL_CHAIN_OFF/CTRL_CHAIN_LEN_OFF (up to CTRL_CHAIN_MAX limited ancestors:
+ *   id, rate, bandwidth). Those are read once, by ServerSet.add.
+ *   Buckets: rate: capacity one second of messages; bandwidth: one second of bytes; both start
+ *   full.
  *   Lane (fail fast, nothing written): no RIGHT_SEND -> PermissionDenied; expired ->
- *   InvalidCapability("...expired"); payload > max -> MessageTooLarge; its own token buckets
- *   (rate: capacity one second of messages; bandwidth: one second of bytes; both start full)
- *   -> RateLimitExceeded.
- *   ServerSet (what counts; its buckets are private): a message that fails is not delivered; a
- *   call gets an automatic error reply (FLAG_ERROR, data[0] = RateLimitExceeded.code for rate or
- *   bandwidth, MessageTooLarge.code for size, InvalidCapability.code for expiry or a missing
- *   send right; payload a short text), a one-way message is dropped; counted per reason.
+ *   InvalidCapability("...expired"); payload > max -> MessageTooLarge; its own buckets (per
+ *   lane: advisory, a fresh lane starts full) -> RateLimitExceeded.
+ *   ServerSet (what counts; its buckets are private): the buckets belong to capabilities, not
+ *   channels. add() finds (or makes) the bucket of CTRL_CAP_ID_OFF and of each chain id in a
+ *   private hash table and pins them, so every channel, thread and process using one
+ *   capability, or one derived from it, draws on the same budget, and each message is charged
+ *   to the leaf's bucket and every ancestor's: O(1 + chain), no lookup, lock or syscall. A
+ *   bucket outlives its last channel until it has refilled (BKT_IDLE_NS), so closing and
+ *   reopening channels gains nothing; at most BUCKET_IDLE_MAX idle ones are kept (memory is
+ *   bounded by the channels: see "Buckets per capability" in _core_limits.h). A message that
+ *   fails is not delivered; a call gets an automatic error reply (FLAG_ERROR, data[0] =
+ *   RateLimitExceeded.code for rate or bandwidth, naming the limit that refused it,
+ *   MessageTooLarge.code for size, InvalidCapability.code for expiry or a missing send right;
+ *   payload a short text), a one-way message is dropped; counted per reason.
  *
  * ---- ServerSet: the service end, up to MAX_CHANNELS channels by index ----------------------
  *   ServerSet(doorbell_fd, wait_mode=1, spin_ns=50000, event_fd=-1, sleep_fd=-1)
@@ -202,6 +215,7 @@
  *   .drops(index) -> {"rate", "bandwidth", "size", "expired", "rights": int}   refused by limits
  *   .interrupt()  the running (or next) recv/recv_many raises Cancelled
  *   .is_dead(index) -> bool;  .close();  .draining (int);  len(set);  index in set
+ *   .buckets (int)   token buckets held per capability (see "Capability limits" above)
  *   One receiver at a time (recv/poll/recv_many share a lock; reply may run in any thread).
  *
  * ---- Request: a received message ------------------------------------------------------------
@@ -3163,7 +3177,17 @@ typedef struct chan {
     int reply_efd;      /* our duplicate of the client's reply eventfd, or -1 */
     int rs_wfd;         /* the write end of the client's reply-sleep pipe (non-blocking), or -1 */
     int rs_keep;        /* its read end, never read: a write never raises SIGPIPE (or -1) */
-    bucket_t bucket;    /* server-private token buckets (recv thread only) */
+    /* Server-private token buckets (recv thread only; see "Buckets per capability" in
+     * _core_limits.h): the leaf's (CTRL_CAP_ID_OFF: a shared one, or `own` for id 0) and its
+     * limited ancestors', all resolved in add(). Every message is charged to each. */
+    bucket_t *leaf;
+    cbkt_t *leaf_c;     /* the shared leaf bucket (pinned), or NULL */
+    uint32_t nanc;
+    struct {
+        cbkt_t *c;      /* pinned */
+        uint64_t rate, bw;
+    } anc[CTRL_CHAIN_MAX];
+    bucket_t own;
     uint64_t drops[LIM_NREASONS]; /* refused by the limits, per reason (GIL) */
     struct chan *next_grave;
     /* Zero-copy receive (all GIL). Chunks consumed since the oldest one still held, in FIFO
@@ -3212,6 +3236,7 @@ typedef struct {
     const char *pend_why;
     uint32_t reports; /* GIL: channels a reply found corrupt, not yet raised (ss_defer_report) */
     chan_t *grave;
+    btab_t buckets;     /* GIL: the buckets per capability of every channel, live or parked */
     uint64_t drain_used[MAX_CHANNELS / 64]; /* GIL: drain slots in use */
     uint64_t coarse_now;          /* coarse_ns() of the current receive step (metrics) */
     uint32_t span;                /* atomic: 1 + the highest word of `active` in use (GIL writes) */
@@ -3352,6 +3377,56 @@ static void chan_free(chan_t *ch)
     PyMem_RawFree(ch);
 }
 
+/* Resolve the channel's buckets from its control page (GIL held, once, in add()): the leaf's
+ * and its chain's, pinned. -1 with MemoryError (nothing pinned). The kernel wrote the fields
+ * before handing the page out; a chain longer than CTRL_CHAIN_MAX is cut (the kernel never
+ * writes one). */
+static int ch_pin_buckets(ServerSetObject *S, chan_t *ch)
+{
+    uint64_t now = coarse_ns();
+    btab_sweep(&S->buckets, now); /* every add and remove sweeps, with limits or without */
+    ch->leaf = &ch->own;
+    uint64_t id = __atomic_load_n((uint64_t *)(ch->ctrl + CTRL_CAP_ID_OFF), __ATOMIC_RELAXED);
+    if (id && !(ch->leaf_c = btab_pin(&S->buckets, id, now)))
+        goto oom;
+    uint32_t n = __atomic_load_n((uint32_t *)(ch->ctrl + CTRL_CHAIN_LEN_OFF), __ATOMIC_RELAXED);
+    n = n < CTRL_CHAIN_MAX ? n : CTRL_CHAIN_MAX;
+    for (uint32_t i = 0; i < n; i++) {
+        const uint64_t *e =
+            (const uint64_t *)(ch->ctrl + CTRL_CHAIN_OFF + i * CTRL_CHAIN_ENTRY_SIZE);
+        uint64_t aid = __atomic_load_n(&e[0], __ATOMIC_RELAXED);
+        if (!aid || aid == id)
+            continue; /* not a bucket of its own: nothing to share */
+        cbkt_t *c = btab_pin(&S->buckets, aid, now);
+        if (!c)
+            goto oom;
+        ch->anc[ch->nanc].c = c;
+        ch->anc[ch->nanc].rate = __atomic_load_n(&e[1], __ATOMIC_RELAXED);
+        ch->anc[ch->nanc].bw = __atomic_load_n(&e[2], __ATOMIC_RELAXED);
+        ch->nanc++;
+    }
+    if (ch->leaf_c)
+        ch->leaf = &ch->leaf_c->b;
+    return 0;
+oom:
+    PyErr_NoMemory();
+    return -1;
+}
+
+/* The channel lets its buckets go (GIL held; idempotent). */
+static void ch_unpin_buckets(ServerSetObject *S, chan_t *ch)
+{
+    uint64_t now = coarse_ns();
+    if (ch->leaf_c)
+        btab_unpin(&S->buckets, ch->leaf_c, now);
+    for (uint32_t i = 0; i < ch->nanc; i++)
+        btab_unpin(&S->buckets, ch->anc[i].c, now);
+    ch->leaf_c = NULL;
+    ch->nanc = 0;
+    ch->leaf = &ch->own;
+    btab_sweep(&S->buckets, now);
+}
+
 /* Free parked channels nobody uses any more (GIL held). */
 static HOT void ss_reap(ServerSetObject *S)
 {
@@ -3362,6 +3437,7 @@ static HOT void ss_reap(ServerSetObject *S)
         chan_t *ch = *pp;
         if (ch->users == 0 && ch->views == 0) {
             *pp = ch->next_grave;
+            ch_unpin_buckets(S, ch);
             chan_free(ch);
         } else {
             pp = &ch->next_grave;
@@ -3532,6 +3608,7 @@ static void ss_free_all(ServerSetObject *S)
         if (!ch)
             continue;
         S->table[i] = NULL;
+        ch_unpin_buckets(S, ch);
         if (ch->views) { /* payload views still use its mapping: the last one frees it */
             ch->removed = 1;
             ch->next_grave = S->grave;
@@ -3546,6 +3623,7 @@ static void ss_free_all(ServerSetObject *S)
     S->nchan = 0;
     for (chan_t **pp = &S->grave; *pp;) {
         chan_t *ch = *pp;
+        ch_unpin_buckets(S, ch); /* before the table goes: a channel kept by views outlives it */
         if (ch->views) {
             pp = &ch->next_grave;
         } else {
@@ -3553,6 +3631,7 @@ static void ss_free_all(ServerSetObject *S)
             chan_free(ch);
         }
     }
+    btab_free(&S->buckets);
     wd_forget(S); /* before the doorbell goes: the watchdog wakes through it */
     if (S->db)
         munmap(S->db, DOORBELL_SIZE);
@@ -3714,6 +3793,10 @@ static PyObject *ServerSet_add(ServerSetObject *S, PyObject *args, PyObject *kw)
     ch->resp.arena = ch->map + resp_arena_off(nslots, asize);
     ch->resp.nslots = nslots;
     ch->resp.asize = asize;
+    if (ch_pin_buckets(S, ch) < 0) {
+        ch_unpin_buckets(S, ch);
+        goto fail;
+    }
     /* RELEASE (pointer, then bit): a recv scanning without the GIL that ACQUIRE-loads the bit and
      * then the pointer sees a fully initialised chan_t. */
     __atomic_store_n(&S->table[index], ch, __ATOMIC_RELEASE);
@@ -4724,22 +4807,37 @@ static PyTypeObject RequestType = {
 enum { P_EMPTY, P_SKIPPED, P_TURN, P_DELIVERED, P_RETIRE, P_CORRUPT, P_ERROR };
 
 /* Check a popped message against the channel's limits (CTRL_F_ENFORCE is set). LIM_OK takes its
- * tokens from the server-private buckets. */
-static int ss_enforce(chan_t *ch, const inmsg_t *m, limits_t *l)
+ * tokens from the server-private buckets: the capability's and each limited ancestor's, shared
+ * with every other channel pinning them. *shared: an ancestor's bucket refused it (l then holds
+ * that ancestor's rate and bandwidth). */
+static int ss_enforce(chan_t *ch, const inmsg_t *m, limits_t *l, int *shared)
 {
     ctrl_limits(ch->ctrl, l);
-    uint64_t now = limits_need_clock(l) ? coarse_ns() : 0;
+    uint64_t now = limits_need_clock(l) || ch->nanc ? coarse_ns() : 0;
     int lim = limits_static(l, now, m->plen);
-    if (lim == LIM_OK && (lim = bucket_check(&ch->bucket, l, now, m->plen)) == LIM_OK)
-        bucket_take(&ch->bucket, l, m->plen);
-    return lim;
+    if (lim != LIM_OK || (lim = bucket_check(ch->leaf, l, now, m->plen)) != LIM_OK)
+        return lim;
+    /* Every limited ancestor must have room too; nothing is taken unless all do. */
+    for (uint32_t i = 0; i < ch->nanc; i++) {
+        lim = bucket_check_rb(&ch->anc[i].c->b, ch->anc[i].rate, ch->anc[i].bw, now, m->plen);
+        if (lim != LIM_OK) {
+            l->rate = ch->anc[i].rate; /* the limit that refused it, for the error text */
+            l->bandwidth = ch->anc[i].bw;
+            *shared = 1;
+            return lim;
+        }
+    }
+    bucket_take(ch->leaf, l, m->plen);
+    for (uint32_t i = 0; i < ch->nanc; i++)
+        bucket_take_rb(&ch->anc[i].c->b, ch->anc[i].rate, ch->anc[i].bw, m->plen);
+    return LIM_OK;
 }
 
 /* The automatic error reply to a call the limits refused: FLAG_ERROR, data[0] = the capbus error
  * code, a short text. Dropped if the response ring is full (a client that does not read its
  * replies has no use for it). */
 static int ss_refuse_call(ServerSetObject *S, chan_t *ch, uint64_t tag, int lim,
-                          const limits_t *l, uint64_t plen, const char **why)
+                          const limits_t *l, int shared, uint64_t plen, const char **why)
 {
     char text[LM_INLINE_SIZE * 2];
     uint64_t code = code_invalid_capability;
@@ -4757,13 +4855,13 @@ static int ss_refuse_call(ServerSetObject *S, chan_t *ch, uint64_t tag, int lim,
         break;
     case LIM_RATE:
         code = code_rate_limit;
-        snprintf(text, sizeof text, "rate limit of %llu messages/s exceeded",
-                 (unsigned long long)l->rate);
+        snprintf(text, sizeof text, "rate limit of %llu messages/s exceeded%s",
+                 (unsigned long long)l->rate, shared ? " (a parent capability's)" : "");
         break;
     default:
         code = code_rate_limit;
-        snprintf(text, sizeof text, "bandwidth limit of %llu bytes/s exceeded",
-                 (unsigned long long)l->bandwidth);
+        snprintf(text, sizeof text, "bandwidth limit of %llu bytes/s exceeded%s",
+                 (unsigned long long)l->bandwidth, shared ? " (a parent capability's)" : "");
         break;
     }
     outmsg_t e;
@@ -4796,7 +4894,8 @@ static __attribute__((noinline, cold)) int ss_limits(ServerSetObject *S, chan_t 
         [LIM_BANDWIDTH] = SSTATS_DROPS_BANDWIDTH_OFF,
     };
     limits_t l;
-    int lim = ss_enforce(ch, m, &l);
+    int shared = 0;
+    int lim = ss_enforce(ch, m, &l, &shared);
     if (lim == LIM_OK)
         return P_DELIVERED;
     ch->drops[lim]++;
@@ -4804,7 +4903,7 @@ static __attribute__((noinline, cold)) int ss_limits(ServerSetObject *S, chan_t 
     ch->last_tag = m->s.tag;
     ch_consume(ch, m, 0);
     if ((m->s.flags & FLAG_REPLY_EXPECTED) && !ch->draining && ctrl_state(ch->ctrl) == STATE_OPEN)
-        return ss_refuse_call(S, ch, m->s.tag, lim, &l, m->plen, why);
+        return ss_refuse_call(S, ch, m->s.tag, lim, &l, shared, m->plen, why);
     return P_TURN;
 }
 
@@ -5373,8 +5472,15 @@ static PyMethodDef ServerSet_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *ServerSet_get_buckets(ServerSetObject *S, void *c)
+{
+    return PyLong_FromUnsignedLong(S->buckets.n);
+}
+
 static PyGetSetDef ServerSet_getset[] = {
     {"draining", (getter)ServerSet_get_draining, NULL, "channels still being drained", NULL},
+    {"buckets", (getter)ServerSet_get_buckets, NULL,
+     "token buckets held per capability (pinned by channels, or idle until refilled)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -6361,6 +6467,8 @@ PyMODINIT_FUNC PyInit__core(void)
         C(CTRL_SIZE), C(CTRL_STATE_OFF), C(CTRL_GENERATION_OFF), C(CTRL_EXPIRY_OFF),
         C(CTRL_MAX_MESSAGE_SIZE_OFF), C(CTRL_RATE_LIMIT_OFF), C(CTRL_BANDWIDTH_OFF),
         C(CTRL_RIGHTS_OFF), C(CTRL_FLAGS_OFF), C(CTRL_SENDER_ID_OFF), C(CTRL_F_ENFORCE),
+        C(CTRL_CAP_ID_OFF), C(CTRL_CHAIN_LEN_OFF), C(CTRL_CHAIN_OFF), C(CTRL_CHAIN_ENTRY_SIZE),
+        C(CTRL_CHAIN_MAX), C(BUCKET_IDLE_MAX),
         C(RIGHT_SEND), C(RIGHT_RECEIVE), C(RIGHT_SHARE), C(RIGHT_MAP), C(RIGHT_READ),
         C(RIGHT_WRITE),
         C(STATE_OPEN), C(STATE_REVOKED), C(STATE_PEER_DEAD), C(STATE_CLOSED),

@@ -26,6 +26,18 @@
 #define CTRL_RIGHTS_OFF 40u            /* u32: RIGHT_* bits of the client's capability */
 #define CTRL_FLAGS_OFF 44u             /* u32: CTRL_F_* */
 #define CTRL_SENDER_ID_OFF 64u         /* u64: kernel-verified ProcessId of the client side */
+/* The capability's token buckets (rate and bandwidth belong to the capability, not the channel):
+ * CTRL_CAP_ID_OFF names the bucket of CTRL_RATE_LIMIT_OFF/CTRL_BANDWIDTH_OFF, and the chain lists
+ * the capability's limited ancestors, each charged for every message too. Ids are the kernel's,
+ * unique while it runs; 0 = a bucket of the channel's own. Written before the page is handed out
+ * and never changed: the receiver reads them once, when it adds the channel. */
+#define CTRL_CAP_ID_OFF 72u            /* u64: id of the leaf's bucket, 0 = the channel's own */
+#define CTRL_CHAIN_LEN_OFF 80u         /* u32: entries at CTRL_CHAIN_OFF (<= CTRL_CHAIN_MAX) */
+#define CTRL_CHAIN_OFF 128u            /* CTRL_CHAIN_MAX x {u64 id, u64 rate, u64 bandwidth} */
+#define CTRL_CHAIN_ENTRY_SIZE 24u
+#define CTRL_CHAIN_MAX 4u              /* limited ancestors (with limits of their own) at most */
+_Static_assert(CTRL_CHAIN_OFF + CTRL_CHAIN_MAX * CTRL_CHAIN_ENTRY_SIZE <= CTRL_SIZE,
+               "the bucket chain fits the control page");
 
 /* CTRL_FLAGS_OFF bits. CTRL_F_ENFORCE: check rights, expiry, size, rate and bandwidth for every
  * message (both ends). The kernel sets it only when the capability carries a limit or lacks

@@ -6,22 +6,29 @@ handle number copied into another process names nothing there.
 
 Every capability has rights and limits and sits in a derivation tree: restrict() and delegation
 make children that can only have fewer rights and tighter limits; revocation takes a capability
-and its whole subtree out of every table at once.
+and its whole subtree out of every table at once. Rate and bandwidth budgets belong to a
+capability and are shared with everything derived from it (see Capability.bucket_chain).
 """
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import _core
 from .._errors import InvalidCapability, OutOfMemory, PermissionDenied
 
 MAX_CAPS = 4096
 _GEN_MASK = 0xFFFFFFFF
 RIGHTS = ("send", "receive", "share", "map", "read", "write")
 LIMIT_KEYS = ("rate", "bandwidth", "max_message_size")
+# Kernel-unique capability ids (never reused while the kernel runs): they name the receivers'
+# token buckets, so a reused id would hand one capability another's budget.
+_next_uid = itertools.count(1).__next__
+MAX_BUCKETS = 1 + _core.CTRL_CHAIN_MAX  # a capability's own bucket and its limited ancestors'
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,7 @@ class Capability:
     revoked: bool = False
     watched: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    uid: int = field(default_factory=_next_uid)
 
     def derive(self, rights: frozenset[str] | None = None, limits: Limits | None = None,
                kind: str | None = None) -> Capability:
@@ -121,8 +129,33 @@ class Capability:
         if not limits.within(self.limits):
             raise PermissionDenied("cannot loosen the limits of the capability it derives from")
         child = Capability(kind or self.kind, self.target, rights, limits, parent=self)
+        if len(child.bucket_chain()) > MAX_BUCKETS:
+            raise PermissionDenied(
+                f"cannot tighten the rate or bandwidth of handle {self.handle:#x} again: a "
+                f"capability has at most {MAX_BUCKETS} distinct (rate, bandwidth) limits on its "
+                "way up the derivation tree; restrict an ancestor instead, or keep these limits"
+            )
         self.children.append(child)
         return child
+
+    def bucket_chain(self) -> list[tuple[int, int, int]]:
+        """(id, rate, bandwidth) of the token buckets a message through this capability is
+        charged to: its own first, then each limited ancestor's, nearest first.
+
+        Limits only tighten down the tree, so an ancestor with the same (rate, bandwidth) as the
+        one below it bounds everything that one does: the run shares the topmost one's bucket
+        (a delegated copy adds no bucket of its own). [] if there is no rate or bandwidth."""
+        chain: list[tuple[int, int, int]] = []
+        node: Capability | None = self
+        while node is not None:
+            lim = node.limits
+            if lim.rate or lim.bandwidth:
+                if chain and chain[-1][1:] == (lim.rate, lim.bandwidth):
+                    chain[-1] = (node.uid, lim.rate, lim.bandwidth)
+                else:
+                    chain.append((node.uid, lim.rate, lim.bandwidth))
+            node = node.parent
+        return chain
 
     def subtree(self) -> list[Capability]:
         out, stack = [], [self]

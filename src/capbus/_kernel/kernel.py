@@ -844,7 +844,7 @@ class Kernel:
             svc.free_indices.append(index)
             raise OutOfMemory(f"cannot create a channel: {exc}") from None
         try:
-            shm.set_limits(cap.rights, cap.limits)
+            shm.set_limits(cap.rights, cap.limits, cap.bucket_chain())
         except BaseException:
             shm.close()
             svc.free_indices.append(index)

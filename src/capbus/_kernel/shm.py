@@ -102,10 +102,24 @@ class ChannelShm:
         assert self._wake is not None
         return self._wake.buf
 
-    def set_limits(self, rights: frozenset[str], limits) -> None:
-        """What the receiving side enforces on this channel (captable.Limits, rights by name)."""
+    def set_limits(self, rights: frozenset[str], limits,
+                   chain: list[tuple[int, int, int]] | None = None) -> None:
+        """What the receiving side enforces on this channel (captable.Limits, rights by name).
+
+        chain: the capability's token buckets, (id, rate, bandwidth), its own first
+        (Capability.bucket_chain); the receiver charges each, so every channel of the capability
+        and of its descendants shares them. Written once, before the page is handed out."""
         bits = sum(getattr(_core, f"RIGHT_{r.upper()}") for r in rights)
         ctrl = self.ctrl
+        chain = chain or []
+        if len(chain) > 1 + _core.CTRL_CHAIN_MAX:
+            raise ValueError(f"{len(chain)} token buckets do not fit a control page")
+        _core.atomic_store_u64(ctrl, _core.CTRL_CAP_ID_OFF, chain[0][0] if chain else 0)
+        for i, entry in enumerate(chain[1:]):
+            off = _core.CTRL_CHAIN_OFF + i * _core.CTRL_CHAIN_ENTRY_SIZE
+            for j, value in enumerate(entry):
+                _core.atomic_store_u64(ctrl, off + 8 * j, value)
+        _core.atomic_store_u32(ctrl, _core.CTRL_CHAIN_LEN_OFF, max(0, len(chain) - 1))
         _core.atomic_store_u32(ctrl, _core.CTRL_RIGHTS_OFF, bits)
         _core.atomic_store_u64(ctrl, _core.CTRL_EXPIRY_OFF, int(limits.expires_at * 1e9))
         _core.atomic_store_u64(ctrl, _core.CTRL_MAX_MESSAGE_SIZE_OFF, limits.max_message_size)
