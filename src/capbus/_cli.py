@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import _paths
+from . import __version__, _paths
 from ._errors import IpcError
 
 
@@ -168,6 +168,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="capbus", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the kernel does")
+    parser.add_argument("--version", action="version", version=f"capbus {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_socket(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -18,7 +18,6 @@ import queue
 import selectors
 import signal
 import socket
-import stat
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -223,6 +222,7 @@ class Kernel:
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._sel.register(self._listener, selectors.EVENT_READ, ("listen", None))
         self._sel.register(self._wake, selectors.EVENT_READ, ("wake", None))
+        _paths.announce_embedded(self.socket_path)  # capbus.connect() in this process finds us
         if start:
             self._thread = threading.Thread(target=self._run, name="capbus-kernel", daemon=True)
             self._thread.start()
@@ -410,6 +410,7 @@ class Kernel:
         if self._shut:
             return
         self._shut = True
+        _paths.withdraw_embedded(self.socket_path)
         for rec in list(self._procs.values()):
             self._gone(rec, "kernel stopping", restart=False)
         for child in list(self._children):
@@ -1168,17 +1169,22 @@ def _cap_row(cap: Capability) -> dict[str, Any]:
 
 
 def _bind(path: str) -> tuple[int, socket.socket]:
-    """Lock, then bind the socket: a live kernel on the path refuses; a stale file is replaced."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    if directory == os.path.dirname(_paths.default_socket()) or directory.startswith(
-        _paths.default_dir()
-    ):
-        st = os.stat(directory)
-        if st.st_uid != os.getuid():
-            raise PermissionDenied(f"{directory} belongs to uid {st.st_uid}, not to this user")
-        if stat.S_IMODE(st.st_mode) != 0o700:
-            os.chmod(directory, 0o700)
+    """Lock, then bind the socket: a live kernel on the path refuses; a stale file is replaced.
+
+    The socket's directory is created (mode 0700) only when it does not exist; an existing one is
+    used as it is, never chmod-ed (CAPBUS_SOCKET=/tmp/k.sock must not touch /tmp). The socket
+    itself is born 0600, whatever the directory allows."""
+    directory = os.path.dirname(path) or "."
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(directory, mode=0o700)  # parents the usual way, the socket's own dir 0700
+    st = os.stat(directory)
+    if directory == _paths.default_dir() and st.st_uid != os.getuid():
+        raise PermissionDenied(f"{directory} belongs to uid {st.st_uid}, not to this user: "
+                               "set CAPBUS_SOCKET to a path of your own")
     lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -240,8 +240,9 @@ def _inherited_socket() -> socket.socket | None:
 
 
 def connect(path: str | None = None, wait: str = "adaptive") -> Process:
-    """Connect this process to the kernel: an inherited socket (from spawn) when there is one,
-    else `path`, $CAPBUS_SOCKET or the default per-user path.
+    """Connect this process to the kernel at `path`, or, with no path, to the first of: the
+    socket inherited from kernel.spawn(), the kernel this process embeds (capbus.Kernel),
+    $CAPBUS_SOCKET, the default per-user path.
 
     wait: how this process waits on the data plane: "adaptive" (spin briefly, then sleep),
     "spin" (lowest latency, burns a core) or "block".
@@ -250,7 +251,7 @@ def connect(path: str | None = None, wait: str = "adaptive") -> Process:
         raise ValueError(f"wait must be one of {WAIT_MODES}, not {wait!r}")
     sock = _inherited_socket() if path is None else None
     if sock is None:
-        path = path or _paths.default_socket()
+        path = path or _paths.embedded_socket() or _paths.default_socket()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         from .control import _KERNEL_GRACE  # read at call time: tests shorten it
 
