@@ -200,6 +200,32 @@ def test_reopened_channels_do_not_refill(kernel, echo):
         assert sum(rounds) <= rate * (1 + elapsed) + 2, (rounds, elapsed)
 
 
+LIMITED = """
+import capbus
+p = capbus.connect()
+svc = p.register("limited", limits={"rate_limit": 10})
+print("ready", flush=True)
+svc.serve(lambda req: 0)
+"""
+
+
+def test_looking_up_again_buys_no_fresh_burst(kernel, children):
+    # A service's default limits hold per holder: releasing the endpoint and looking the
+    # service up again gives a new handle, but the same budget.
+    server = children.start(LIMITED, stdin=subprocess.DEVNULL)
+    assert readline(server) == "ready"
+    rate = 10
+    with capbus.connect(kernel.socket_path) as me:
+        t0 = time.monotonic()
+        total = 0
+        for _ in range(5):
+            ep = me.lookup("limited", timeout=5)
+            total += _call_until_refused(ep, t0 + 30)[0]
+            ep.close()
+        elapsed = time.monotonic() - t0
+        assert total <= rate * (1 + elapsed) + 2, (total, elapsed)
+
+
 SPEND_AND_DIE = """
 import capbus, time
 p = capbus.connect()

@@ -27,7 +27,7 @@ RIGHTS = ("send", "receive", "share", "map", "read", "write")
 LIMIT_KEYS = ("rate", "bandwidth", "max_message_size")
 # Kernel-unique capability ids (never reused while the kernel runs): they name the receivers'
 # token buckets, so a reused id would hand one capability another's budget.
-_next_uid = itertools.count(1).__next__
+next_uid = itertools.count(1).__next__
 MAX_BUCKETS = 1 + _core.CTRL_CHAIN_MAX  # a capability's own bucket and its limited ancestors'
 
 
@@ -114,7 +114,7 @@ class Capability:
     revoked: bool = False
     watched: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-    uid: int = field(default_factory=_next_uid)
+    uid: int = field(default_factory=next_uid)
 
     def derive(self, rights: frozenset[str] | None = None, limits: Limits | None = None,
                kind: str | None = None) -> Capability:

@@ -43,7 +43,7 @@ from .._protocol.connection import KernelConnection, State
 from .._protocol.names import check_name
 from . import audit as _audit
 from .allowlist import AccessList
-from .captable import Capability, CapTable, Limits, check_rights
+from .captable import Capability, CapTable, Limits, check_rights, next_uid
 from .launcher import Child, LaunchSpec, launch
 from .policy import Policy, ProcessInfo
 from .regions import REGION_RIGHTS, Region
@@ -130,6 +130,7 @@ class ProcessRecord:
     lanes: set[Channel] = field(default_factory=set)  # channels it opened as a client
     watched_by: set[tuple[ProcessRecord, int]] = field(default_factory=set)
     endpoints: dict[int, Capability] = field(default_factory=dict)  # id(Service) -> its cap
+    budgets: dict[int, int] = field(default_factory=dict)  # id(Service) -> its endpoints' uid
     # request id -> (waiting key, its expiry timer)
     parked: dict[int, tuple[tuple[str, str], _Timer]] = field(default_factory=dict)
     subscription: int = 0  # handle of its registration subscription, 0 if none
@@ -754,8 +755,12 @@ class Kernel:
         # same handle, so repeated lookups cannot grow the holder's table.
         cap = rec.endpoints.get(id(svc))
         if cap is None or cap.target is not svc or cap.revoked:
+            # Its budget (the receiver's token buckets, named by uid) is the holder's for this
+            # service for good: releasing the endpoint and looking the service up again must not
+            # buy a fresh burst.
+            uid = rec.budgets.setdefault(id(svc), next_uid())
             cap = Capability("endpoint", svc, ENDPOINT_RIGHTS,
-                             Limits.from_request(svc.default_limits), owner=rec)
+                             Limits.from_request(svc.default_limits), owner=rec, uid=uid)
             rec.caps.insert(cap)
             rec.endpoints[id(svc)] = cap
             self._audit_event(_audit.GRANT, rec, cap, svc.name)
