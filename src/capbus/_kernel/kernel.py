@@ -1072,8 +1072,8 @@ class Kernel:
         ch = svc.channels.get(index)
         if ch is None or ch.client is not rec:
             raise InvalidCapability(f"channel {index} is not one of this process's lanes")
-        if len(set(cap_handles) | set(region_handles)) != len(cap_handles) + len(region_handles):
-            raise ValueError("a capability or region is attached twice to one message")
+        if len(set(region_handles)) != len(region_handles):
+            raise ValueError("a region is attached twice to one message")
         caps = [rec.caps.get(h, "endpoint") for h in cap_handles]
         regions = [rec.caps.get(h, "region") for h in region_handles]
         for cap in caps + ([] if move else regions):
