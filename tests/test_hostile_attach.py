@@ -466,3 +466,18 @@ def test_bounds_are_checked_at_register(kernel):
             with pytest.raises(ValueError, match=named):
                 me.register("bounded", **bad)
         me.register("bounded", max_caps=64, max_channels_per_process=4095)
+
+
+def test_attachments_of_a_message_never_sent_do_not_ride_on_the_next(kernel, server):
+    srv = server()
+    with capbus.connect(kernel.socket_path) as me:
+        ep = me.lookup("target")
+        small = ep.restrict(max_message_size=16)
+        with pytest.raises(capbus.MessageTooLarge):  # refused by the lane before it is written
+            small.call(1, payload=b"x" * 100, caps=[ep] * 3, timeout=10)
+        assert small.call(1, caps=[ep], timeout=10).data[:2] == (1, 0)
+        with pytest.raises(capbus.MessageTooLarge):
+            small.send_async(1, payload=b"x" * 100, caps=[ep] * 3)
+        assert small.call(1, timeout=10).data[:2] == (0, 0)
+    assert [n for _, n, _ in srv.seen] == [1, 0]
+    assert wait_for(lambda: kernel.services()[0]["attachments"] == 0, 5)

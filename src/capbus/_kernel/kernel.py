@@ -277,6 +277,7 @@ class Kernel:
             frames.Revoke: self._on_revoke,
             frames.Delegate: self._on_delegate,
             frames.Attach: self._on_attach,
+            frames.Detach: self._on_detach,
             frames.Claim: self._on_claim,
             frames.CreateRegion: self._on_create_region,
             frames.MapRegion: self._on_map_region,
@@ -1121,6 +1122,14 @@ class Kernel:
         for cap in caps + regions:
             self._audit_event(_audit.DELEGATE, rec, cap, getattr(cap.target, "name", ""),
                               f"to process {svc.owner.process_id} via {svc.name!r}")
+        return frames.Ok()
+
+    def _on_detach(self, rec: ProcessRecord, msg: frames.Detach, rid: int) -> frames.Message:
+        svc: Service = rec.caps.get(msg.via, "endpoint").target
+        ch = svc.channels.get(msg.index)
+        if ch is None or ch.client is not rec:
+            raise InvalidCapability(f"channel {msg.index} is not one of this process's lanes")
+        self._discard_attached(ch, msg.tag)
         return frames.Ok()
 
     def _take_attached(self, ch: Channel, tag: int) -> _Attached | None:

@@ -253,6 +253,16 @@ class Attach(Message):
     move: bool = False
 
 
+@message(23, KIND_REQUEST, via="u64", index="u64", tag="u64")
+class Detach(Message):
+    """Drop what this process attached to `tag` on its channel `index` of endpoint `via`: the
+    message it was meant for was never sent (so it cannot ride on the next one)."""
+
+    via: int
+    index: int
+    tag: int
+
+
 @message(19, KIND_REQUEST, size="u64")
 class CreateRegion(Message):
     size: int
@@ -429,6 +439,7 @@ RESPONSES: dict[type[Message], tuple[type[Message], ...]] = {
     Revoke: (Ok,),
     Delegate: (Ok,),
     Attach: (Ok,),
+    Detach: (Ok,),
     Claim: (Rows,),
     CreateRegion: (RegionGranted,),
     MapRegion: (RegionGranted,),

@@ -146,10 +146,18 @@ class Endpoint(_core.EndpointBase):
         lane = self._local.__dict__.get("lane") or self._thread_lane()
         if flags & ~USER_FLAGS and flags != OBJECT_FLAG:
             raise bad_flags(flags)
-        if caps or regions:
+        if not (caps or regions):
+            r = lane.core.call(self.handle, opcode, flags | _REPLY, data, payload or None,
+                               -1 if timeout is None else timeout_ns(timeout))
+        else:
+            tag = lane.core.last_tag + 1
             flags |= self._delegate(lane, caps, regions, move)
-        r = lane.core.call(self.handle, opcode, flags | _REPLY, data, payload or None,
-                           -1 if timeout is None else timeout_ns(timeout))
+            try:
+                r = lane.core.call(self.handle, opcode, flags | _REPLY, data, payload or None,
+                                   -1 if timeout is None else timeout_ns(timeout))
+            except BaseException:
+                self._undo_attach(lane, tag)
+                raise
         if r[1] & _ERROR:
             raise self._remote_error(r)
         return r
@@ -164,9 +172,16 @@ class Endpoint(_core.EndpointBase):
         lane = self._local.__dict__.get("lane") or self._thread_lane()
         if flags & ~USER_FLAGS and flags != OBJECT_FLAG:
             raise bad_flags(flags)
-        if caps or regions:
-            flags |= self._delegate(lane, caps, regions, move)
-        lane.core.send(self.handle, opcode, flags, data, payload or None)
+        if not (caps or regions):
+            lane.core.send(self.handle, opcode, flags, data, payload or None)
+            return
+        tag = lane.core.last_tag + 1
+        flags |= self._delegate(lane, caps, regions, move)
+        try:
+            lane.core.send(self.handle, opcode, flags, data, payload or None)
+        except BaseException:
+            self._undo_attach(lane, tag)
+            raise
 
     def send_many(self, messages: Sequence[tuple], flags: int = 0) -> int:
         """Queue several one-way messages, (opcode, data) or (opcode, data, payload) each, with
@@ -381,6 +396,13 @@ class Endpoint(_core.EndpointBase):
             for region in regions:
                 region._moved()
         return TRANSFER_FLAG
+
+    def _undo_attach(self, lane: _Lane, tag: int) -> None:
+        """The message the attachments were for was not written (WouldBlock, a limit, a timeout
+        waiting for ring space): drop them, or they would ride on this lane's next message.
+        Moved regions are gone with them."""
+        if lane.core.last_tag < tag:
+            self._proc._control.request_nowait(frames.Detach(self.handle, lane.index, tag))
 
     def _remote_error(self, r: Message) -> Exception:
         text = (r[6] or b"").decode(errors="replace")
