@@ -481,3 +481,24 @@ def test_attachments_of_a_message_never_sent_do_not_ride_on_the_next(kernel, ser
         assert small.call(1, timeout=10).data[:2] == (0, 0)
     assert [n for _, n, _ in srv.seen] == [1, 0]
     assert wait_for(lambda: kernel.services()[0]["attachments"] == 0, 5)
+
+
+WIDE = """
+import capbus
+p = capbus.connect()
+wide = p.lookup("\\x01" * 255)                   # 255 bytes that JSON spells in 1530
+print("reply", p.lookup("target").call(1, caps=[wide] * 64, timeout=10).data[:2], flush=True)
+"""
+
+
+def test_a_claim_answer_always_fits_one_frame(kernel, children, server):
+    srv = server(max_caps=64)
+    server("\x01" * 255)
+    p = children.start(WIDE, stdin=subprocess.DEVNULL)
+    reply = readline(p, 30)
+    finish(p)
+    n = int(reply.strip("reply (").split(",")[0])
+    assert 20 < n < 64  # as many as one frame holds; the rest released in the kernel
+    assert srv.svc.dropped_attachments == 64 - n
+    assert kernel.services()[0]["attachments"] == 0
+    honest_check(kernel, srv)

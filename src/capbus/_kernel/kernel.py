@@ -12,6 +12,7 @@ import errno
 import fcntl
 import heapq
 import itertools
+import json
 import logging
 import os
 import queue
@@ -1167,11 +1168,15 @@ class Kernel:
         att = self._take_attached(ch, msg.tag)
         if att is None:
             return frames.Rows([], 0)
-        rows = []
-        # At most the service's per-message bounds (checked at attach): the answer fits a frame.
-        # Whatever cannot be taken (revoked, expired, a full table) is released here.
+        rows: list[dict[str, Any]] = []
+        # At most the service's per-message bounds (checked at attach), and never more than one
+        # frame holds (a service name may encode to 1.5 KB of JSON). Whatever cannot be taken
+        # (revoked, expired, a full table, no room in the answer) is released here.
+        room = frames.MAX_FRAME - 1024
         for child in att.children:
-            if child.revoked or child.limits.expired():
+            row = _claim_row(child)
+            size = len(json.dumps(row, ensure_ascii=False).encode()) + 1
+            if child.revoked or child.limits.expired() or size > room:
                 _drop_pending(child)
                 continue
             try:
@@ -1180,13 +1185,9 @@ class Kernel:
                 _drop_pending(child)
                 continue
             child.owner = rec
-            if child.kind == "region":
-                rows.append({"kind": "region", "handle": child.handle,
-                             "size": child.target.size, "rights": sorted(child.rights)})
-            else:
-                g = _granted(child)
-                rows.append({"kind": "endpoint", "handle": g.handle, "process_id": g.process_id,
-                             "name": g.name, "rights": g.rights, "limits": g.limits})
+            room -= size
+            row["handle"] = child.handle
+            rows.append(row)
             self._audit_event("accept", rec, child, getattr(child.target, "name", ""),
                               f"derived from {child.parent.handle:#x}" if child.parent else "")
         return frames.Rows(rows, len(att.children))
@@ -1352,6 +1353,17 @@ def _drop_pending(child: Capability) -> None:
     if child.kind == "region" and child.owner is None and not child.extra.get("dropped"):
         child.extra["dropped"] = True
         child.target.release()
+
+
+def _claim_row(child: Capability) -> dict[str, Any]:
+    """A claimed capability as the claim's answer lists it (its handle filled in on insert; the
+    largest handle stands in for it until then, so the row's size is known)."""
+    if child.kind == "region":
+        return {"kind": "region", "handle": frames.U64_MAX, "size": child.target.size,
+                "rights": sorted(child.rights)}
+    svc: Service = child.target
+    return {"kind": "endpoint", "handle": frames.U64_MAX, "process_id": svc.owner.process_id,
+            "name": svc.name, "rights": sorted(child.rights), "limits": child.limits.wire()}
 
 
 def _granted(cap: Capability) -> frames.Granted:
