@@ -34,6 +34,7 @@ class Server:
         self.svc = self.proc.register(name, **bounds)
         self.seen: list[tuple[int, int, list[tuple[bool, bytes]]]] = []
         self.kept: list[capbus.Endpoint] = []
+        self.kept_handles: list[int] = []
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -49,6 +50,8 @@ class Server:
         self.seen.append((req.opcode, len(req.caps), regions))
         if req.opcode == 7:  # "keep the first capability" (a normal user's `db = req.caps[0]`)
             self.kept.append(req.caps[0])
+        elif req.opcode == 8:  # keep it explicitly, and drop every reference to it
+            self.kept_handles.append(req.caps[0].keep().handle)
         return (0, (len(req.caps), len(req.regions)))
 
     def alive(self) -> bool:
@@ -502,3 +505,19 @@ def test_a_claim_answer_always_fits_one_frame(kernel, children, server):
     assert srv.svc.dropped_attachments == 64 - n
     assert kernel.services()[0]["attachments"] == 0
     honest_check(kernel, srv)
+
+
+def test_keep_holds_a_received_capability_with_no_reference_left(kernel, server):
+    srv = server()
+    db = server("db")
+    with capbus.connect(kernel.socket_path) as friend:
+        friend.lookup("target").call(8, caps=[friend.lookup("db")], timeout=10)
+        friend.lookup("target").call(1, caps=[friend.lookup("db")], timeout=10)  # not kept
+    gc.collect()
+    (handle,) = srv.kept_handles
+    assert srv.proc._endpoints[handle].call(5, timeout=10).data[:2] == (0, 0)
+    assert db.seen[-1][0] == 5
+    handles = {int(c["handle"], 16) for c in kernel.caps(srv.proc.id)}
+    assert handle in handles
+    # The one not kept went back once its Request was done (the service cap and the kept one).
+    assert wait_for(lambda: len(kernel.caps(srv.proc.id)) == 2, 5), kernel.caps(srv.proc.id)

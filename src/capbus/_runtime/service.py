@@ -184,6 +184,10 @@ class Service(_core.ServiceBase):
                 pass
             except _core.CorruptChannel as exc:  # it scribbled its response ring: drop it
                 self._corrupt(exc.index, exc.reason)
+            finally:
+                # Not held while waiting for the next one: what it brought (req.caps, regions)
+                # goes back at once unless the handler kept a reference.
+                req = result = None  # type: ignore[assignment]
 
     # ---- access -------------------------------------------------------------------------------
 
