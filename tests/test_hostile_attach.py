@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import json
 import os
 import subprocess
 import threading
@@ -19,6 +20,7 @@ import pytest
 from conftest import readline, wait_for
 
 import capbus
+from capbus._protocol import frames
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -521,3 +523,42 @@ def test_keep_holds_a_received_capability_with_no_reference_left(kernel, server)
     assert handle in handles
     # The one not kept went back once its Request was done (the service cap and the kept one).
     assert wait_for(lambda: len(kernel.caps(srv.proc.id)) == 2, 5), kernel.caps(srv.proc.id)
+
+
+# ---- the frames (no processes) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("msg", [
+    frames.Register("kv", None, None, {"max_caps": 4, "attach_ttl_ms": 500}),
+    frames.RegisterPackage(None, None, {"max_channels_per_uid": 9}),
+    frames.Attach(1, 2, 3, [4, (1 << 64) - 1], [], False),
+    frames.Detach(1, 2, 3),
+    frames.Claim(1, 2, 3, 4),
+    frames.ChannelOpened(1, 2, 3, 256, 1 << 27, 9),
+], ids=lambda m: type(m).__name__)
+def test_new_frames_round_trip(msg):
+    rid = 0 if msg.KIND == frames.KIND_EVENT else 7
+    assert frames.decode(frames.encode(msg, rid), msg.FDS) == (msg, rid)
+
+
+@pytest.mark.parametrize("body", [
+    {"name": "kv", "bounds": {"max_cap": 1}},                 # unknown bound
+    {"name": "kv", "bounds": {"max_caps": -1}},
+    {"name": "kv", "bounds": {"max_caps": True}},
+    {"name": "kv", "bounds": [1]},
+])
+def test_bad_bounds_are_protocol_errors(body):
+    raw = json.dumps(body).encode()
+    data = frames.HEADER.pack(frames.MAGIC, frames.VERSION, frames.KIND_REQUEST, 2, 0, 1,
+                              len(raw)) + raw
+    with pytest.raises(capbus.ProtocolError, match="bad value"):
+        frames.decode(data)
+
+
+@pytest.mark.parametrize("caps", [[-1], [True], ["1"], [0] * (frames.MAX_LIST + 1), None])
+def test_bad_attach_lists_are_protocol_errors(caps):
+    raw = json.dumps({"via": 1, "index": 0, "tag": 1, "caps": caps, "regions": []}).encode()
+    data = frames.HEADER.pack(frames.MAGIC, frames.VERSION, frames.KIND_REQUEST, 22, 0, 1,
+                              len(raw)) + raw
+    with pytest.raises(capbus.ProtocolError, match="bad value"):
+        frames.decode(data)
