@@ -62,8 +62,7 @@ MAX_LANES_PER_CAP = 64  # channels one holder may open on one endpoint (one per 
 MAX_LANES_PER_PROCESS = 1024  # channels one process may hold open in all
 MAX_TRANSFERS = 4096  # attached capabilities and regions waiting to be claimed, per service
 MAX_PENDING_PER_CLIENT = 1024  # of those, what one client process may have waiting
-MAX_ATTACH = 64  # the most caps (and regions) a service may let one message carry: a claim's
-# answer (one row each, an endpoint row is at most ~500 bytes) then always fits one frame
+MAX_ATTACH = 64  # the most caps (and regions) a service may let one message carry
 ENDPOINT_RIGHTS = frozenset({"send", "share"})
 
 _FRAMES_PER_WAKEUP = 32  # per connection and loop turn, so one chatty process cannot starve others
