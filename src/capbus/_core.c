@@ -200,9 +200,10 @@
  *   Made only by the core. Read-only: .sender (kernel-verified ProcessId), .opcode, .flags
  *   (FLAG_USER_MASK bits), .data (4-tuple), .payload (bytes, b"" when none; a
  *   read-only memoryview when zero-copy), .zero_copy, .expects_reply,
- *   .replied, .capability (as sent, untrusted), .index, .tag, .generation (internal).
- *   Read-write: .regions, .caps (default ()). Holds a strong reference to its ServerSet, and replies only to the
+ *   .replied, .capability (as sent, untrusted), .index, .tag (internal). Read-write: .regions,
+ *   .caps (default ()). Holds a strong reference to its ServerSet, and replies only to the
  *   channel instance it came from (never to a later channel at the same index).
+ *   .generation (internal): its channel instance's, as given to ServerSet.add(generation=).
  *   .reply(opcode=0, data=(), payload=b"", flags=0)   flags: FLAG_USER_MASK (and FLAG_CHECKSUM)
  *       bits, else ValueError; b"" = no payload. IpcError("...already been replied to") the
  *       second time, IpcError("...send_async: it takes no reply") for a one-way message; PeerDied
