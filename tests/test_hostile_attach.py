@@ -307,7 +307,7 @@ def test_a_new_client_never_sees_a_former_clients_attachments(kernel, children, 
 # ---- expiry ------------------------------------------------------------------------------------
 
 LINGERER = """
-import capbus, sys
+import capbus, os, sys
 from capbus._protocol import frames
 p = capbus.connect()
 ep = p.lookup("target")
@@ -320,6 +320,8 @@ r.close()                                       # only the pending attachments h
 if sys.argv[1] == "close":
     ep.close()                                  # its channel closes with them pending
 print("parked", flush=True)
+if sys.argv[1] == "die":
+    os._exit(0)                                 # dies with them pending
 input()
 """
 
@@ -334,18 +336,20 @@ def _region_fds() -> int:
     return n
 
 
-@pytest.mark.parametrize("then", ["stay", "close"])
+@pytest.mark.parametrize("then", ["stay", "close", "die"])
 def test_pending_delegations_expire_on_time(kernel, children, server, then):
     srv = server(attach_ttl=0.5)
     before = _region_fds()  # the embedded kernel's region fds live in this process
     p = children.start(LINGERER, then, stdin=subprocess.PIPE)
     assert readline(p, 30) == "parked"
-    assert kernel.services()[0]["attachments"] == 10
-    assert _region_fds() == before + 1
+    if then != "die":
+        assert kernel.services()[0]["attachments"] == 10
+        assert _region_fds() == before + 1
     # Nobody delegates anything more: the kernel's timer alone lets them go.
     assert wait_for(lambda: kernel.services()[0]["attachments"] == 0, 5)
     assert wait_for(lambda: _region_fds() == before, 5)
-    p.stdin.write("\n")
+    if then != "die":
+        p.stdin.write("\n")
     finish(p)
     honest_check(kernel, srv)
 
