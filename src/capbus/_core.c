@@ -155,8 +155,9 @@
  *   ServerSet(doorbell_fd, wait_mode=1, spin_ns=50000, event_fd=-1, sleep_fd=-1)
  *       sleep_fd: the service's sleep eventfd (blocking): untimed waits sleep in read(2) on it.
  *   .add(index, chan_fd, ctrl_fd, nslots=256, arena_size=128 MiB, sender_id=None,
- *        reply_event_fd=-1, reply_sleep_fd=-1, reply_sleep_keep_fd=-1)
- *       sender_id None = read it from the control page now;
+ *        reply_event_fd=-1, reply_sleep_fd=-1, reply_sleep_keep_fd=-1, generation=0)
+ *       sender_id None = read it from the control page now; generation: the kernel's name of
+ *       this channel instance, read back as Request.generation (a claim names it);
  *       reply_event_fd: the client's eventfd, written after a reply when the client armed it;
  *       reply_sleep_fd / reply_sleep_keep_fd: the write end of the client's reply-sleep pipe
  *       (a byte wakes a client asleep on it) and a spare read end the set only holds (without
@@ -225,6 +226,7 @@
  *   .replied, .capability (as sent, untrusted), .index, .tag (internal). Read-write: .regions,
  *   .caps (default ()). Holds a strong reference to its ServerSet, and replies only to the
  *   channel instance it came from (never to a later channel at the same index).
+ *   .generation (internal): its channel instance's, as given to ServerSet.add(generation=).
  *   .reply(opcode=0, data=(), payload=b"", flags=0)   flags: FLAG_USER_MASK (and FLAG_CHECKSUM)
  *       bits, else ValueError; b"" = no payload. IpcError("...already been replied to") the
  *       second time, IpcError("...send_async: it takes no reply") for a one-way message; PeerDied
@@ -3162,6 +3164,7 @@ typedef struct chan {
     uint32_t slot;      /* its place in the table: index, or a drain slot >= MAX_CHANNELS */
     uint64_t serial;    /* unique per add() in this set: a Request names its channel by it */
     uint64_t sender_id;
+    uint64_t generation; /* the kernel's name of this channel instance (add(generation=)) */
     cons_t req;         /* consumer of the client's requests (recv thread only) */
     prod_t resp;        /* producer of replies (under lock) */
     uint64_t last_tag;  /* request tags must increase */
@@ -3724,18 +3727,18 @@ static chan_t *ss_lookup(ServerSetObject *S, PyObject *arg)
 }
 
 /* add(index, chan_fd, ctrl_fd, nslots=256, arena_size=128 MiB, sender_id=None,
- *     reply_event_fd=-1, reply_sleep_fd=-1, reply_sleep_keep_fd=-1) */
+ *     reply_event_fd=-1, reply_sleep_fd=-1, reply_sleep_keep_fd=-1, generation=0) */
 static PyObject *ServerSet_add(ServerSetObject *S, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"index",     "chan_fd",        "ctrl_fd", "nslots", "arena_size",
                              "sender_id", "reply_event_fd", "reply_sleep_fd",
-                             "reply_sleep_keep_fd", NULL};
-    unsigned long long index, nslots = DEFAULT_NSLOTS, asize = DEFAULT_ARENA_SIZE;
+                             "reply_sleep_keep_fd", "generation", NULL};
+    unsigned long long index, nslots = DEFAULT_NSLOTS, asize = DEFAULT_ARENA_SIZE, gen = 0;
     int chan_fd, ctrl_fd, reply_fd = -1, rs_fd = -1, rs_keep = -1;
     PyObject *sender_o = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "Kii|KKOiii:add", kwlist, &index, &chan_fd,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Kii|KKOiiiK:add", kwlist, &index, &chan_fd,
                                      &ctrl_fd, &nslots, &asize, &sender_o, &reply_fd, &rs_fd,
-                                     &rs_keep))
+                                     &rs_keep, &gen))
         return NULL;
     if (!ss_usable(S))
         return NULL;
@@ -3785,6 +3788,7 @@ static PyObject *ServerSet_add(ServerSetObject *S, PyObject *args, PyObject *kw)
     ch->index = ch->slot = (uint32_t)index;
     ch->serial = ++S->next_serial;
     ch->sender_id = sender;
+    ch->generation = gen;
     ch->req.ring = ch->map + REQ_RING_OFF;
     ch->req.arena = ch->map + req_arena_off(nslots);
     ch->req.nslots = nslots;
@@ -4235,6 +4239,7 @@ typedef struct {
     uint64_t capability;
     uint64_t sender;
     uint64_t serial;      /* of its channel: a reply never reaches a later channel at the index */
+    uint64_t generation;  /* its channel's, as given to add(generation=) */
     uint64_t data[4];
     uint32_t index;
     uint32_t opcode;
@@ -4767,6 +4772,8 @@ static PyMemberDef Request_members[] = {
      "the capability value the client sent (untrusted)"},
     {"index", T_UINT, offsetof(RequestObject, index), READONLY, "channel index (internal)"},
     {"tag", T_ULONGLONG, offsetof(RequestObject, tag), READONLY, "transaction tag (internal)"},
+    {"generation", T_ULONGLONG, offsetof(RequestObject, generation), READONLY,
+     "the channel instance's generation, as given to ServerSet.add (internal)"},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -5002,6 +5009,7 @@ static HOT int ss_pop(ServerSetObject *S, chan_t *ch, PyObject **out, const char
     R->capability = m.s.capability;
     R->sender = ch->sender_id;
     R->serial = ch->serial;
+    R->generation = ch->generation;
     memcpy(R->data, m.s.data, sizeof R->data);
     R->index = ch->index;
     R->opcode = m.s.opcode;
@@ -5445,7 +5453,7 @@ static PyObject *ServerSet_get_draining(ServerSetObject *S, void *c)
 static PyMethodDef ServerSet_methods[] = {
     {"add", (PyCFunction)(void (*)(void))ServerSet_add, METH_VARARGS | METH_KEYWORDS,
      "add(index, chan_fd, ctrl_fd, nslots=256, arena_size=128 MiB, sender_id=None, "
-     "reply_event_fd=-1, reply_sleep_fd=-1, reply_sleep_keep_fd=-1)"},
+     "reply_event_fd=-1, reply_sleep_fd=-1, reply_sleep_keep_fd=-1, generation=0)"},
     {"remove", (PyCFunction)(void (*)(void))ServerSet_remove, METH_VARARGS | METH_KEYWORDS,
      "remove(index, drain=False): drain=True still delivers the requests already in the ring"},
     {"recv", (PyCFunction)(void (*)(void))ServerSet_recv, METH_FASTCALL,

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import heapq
 import itertools
+import json
 import logging
 import os
 import queue
@@ -30,6 +31,7 @@ from .._errors import (
     VALUE_ERROR_CODE,
     InvalidCapability,
     IpcError,
+    MessageTooLarge,
     OutOfMemory,
     PeerDied,
     PermissionDenied,
@@ -46,7 +48,7 @@ from .allowlist import AccessList
 from .captable import Capability, CapTable, Limits, check_rights, next_uid
 from .launcher import Child, LaunchSpec, launch
 from .policy import Policy, ProcessInfo
-from .regions import REGION_RIGHTS, Region
+from .regions import MAX_REGION, REGION_RIGHTS, Region
 from .registry import Registry
 from .shm import ChannelShm, make_doorbell, make_eventfd, make_sleep_eventfd
 from .transport import Transport
@@ -57,8 +59,9 @@ NSLOTS = 256  # slots per ring
 ARENA_SIZE = 128 << 20  # bytes per direction: virtual, a sparse memfd costs only what is touched
 MAX_LANES_PER_CAP = 64  # channels one holder may open on one endpoint (one per calling thread)
 MAX_LANES_PER_PROCESS = 1024  # channels one process may hold open in all
-TRANSFER_TTL = 60.0  # seconds a delegated capability waits for its receiver to claim it
-MAX_TRANSFERS = 4096  # pending delegations per service
+MAX_TRANSFERS = 4096  # attached capabilities and regions waiting to be claimed, per service
+MAX_PENDING_PER_CLIENT = 1024  # of those, what one client process may have waiting
+MAX_ATTACH = 64  # the most caps (and regions) a service may let one message carry
 ENDPOINT_RIGHTS = frozenset({"send", "share"})
 
 _FRAMES_PER_WAKEUP = 32  # per connection and loop turn, so one chatty process cannot starve others
@@ -74,6 +77,70 @@ class _Timer:
         return (self.deadline, self.seq) < (other.deadline, other.seq)
 
 
+@dataclass(frozen=True)
+class ServiceBounds:
+    """What one message to a service may carry, and how many channels one client may hold.
+
+    max_caps / max_regions: capabilities and regions attached to one message; max_region_bytes:
+    the total size of those regions (what the receiver maps for it); max_channels_per_process /
+    max_channels_per_uid: channels one client process (OS pid) / one uid may hold to it at once;
+    attach_ttl: seconds an attachment waits for its message to be claimed."""
+
+    max_caps: int = 16
+    max_regions: int = 16
+    max_region_bytes: int = 1 << 30
+    max_channels_per_process: int = 128
+    max_channels_per_uid: int = 1024
+    attach_ttl: float = 60.0
+
+    @classmethod
+    def from_request(cls, raw: dict[str, int] | None) -> ServiceBounds:
+        """From Register(bounds=...): ValueError naming the bound that is out of range."""
+        raw = dict(raw or {})
+        d = cls()
+        out = cls(
+            raw.get("max_caps", d.max_caps), raw.get("max_regions", d.max_regions),
+            raw.get("max_region_bytes", d.max_region_bytes),
+            raw.get("max_channels_per_process", d.max_channels_per_process),
+            raw.get("max_channels_per_uid", max(d.max_channels_per_uid,
+                                                raw.get("max_channels_per_process", 0))),
+            raw["attach_ttl_ms"] / 1000.0 if "attach_ttl_ms" in raw else d.attach_ttl,
+        )
+        for name, value, lo, hi in (
+            ("max_caps", out.max_caps, 0, MAX_ATTACH),
+            ("max_regions", out.max_regions, 0, MAX_ATTACH),
+            ("max_region_bytes", out.max_region_bytes, 0, MAX_REGION),
+            ("max_channels_per_process", out.max_channels_per_process, 1, _core.MAX_CHANNELS - 1),
+            ("max_channels_per_uid", out.max_channels_per_uid, out.max_channels_per_process,
+             _core.MAX_CHANNELS - 1),
+            ("attach_ttl_ms", int(out.attach_ttl * 1000), 1, 3_600_000),
+        ):
+            if not lo <= value <= hi:
+                raise ValueError(f"{name} must be in {lo}..{hi}, got {value}")
+        return out
+
+
+@dataclass(eq=False)
+class _Attached:
+    """What was attached to one message (a channel's tag), waiting for its claim."""
+
+    children: list[Capability]
+    client: int  # the attaching client's key (see _client_key)
+    timer: _Timer | None = None
+
+    @property
+    def caps(self) -> int:
+        return sum(c.kind != "region" for c in self.children)
+
+    @property
+    def regions(self) -> int:
+        return sum(c.kind == "region" for c in self.children)
+
+    @property
+    def region_bytes(self) -> int:
+        return sum(c.target.size for c in self.children if c.kind == "region")
+
+
 @dataclass(eq=False)
 class Service:
     name: str
@@ -82,8 +149,14 @@ class Service:
     handle: int = 0
     access: AccessList = field(default_factory=AccessList)
     default_limits: dict[str, int] = field(default_factory=dict)  # for endpoints it hands out
-    # (channel index, message tag) -> capabilities delegated with that message, and their expiry
-    transfers: dict[tuple[int, int], tuple[float, list[Capability]]] = field(default_factory=dict)
+    bounds: ServiceBounds = field(default_factory=ServiceBounds)
+    pending: int = 0  # attached capabilities and regions not claimed yet (on its channels)
+    pending_by: dict[int, int] = field(default_factory=dict)  # client key -> its share of them
+    chans_by_client: dict[int, int] = field(default_factory=dict)  # client key -> channels held
+    chans_by_uid: dict[int, int] = field(default_factory=dict)
+    # generation -> a closed channel the server still drains, with attachments of messages it
+    # queued before closing (claimable only by a claim naming that generation)
+    draining: dict[int, Channel] = field(default_factory=dict)
     alive: bool = True
     doorbell_fd: int = -1
     bell_event_fd: int = -1
@@ -110,6 +183,10 @@ class Channel:
     client: ProcessRecord
     cap: Capability
     shm: ChannelShm
+    generation: int = 0  # unique per kernel: names this instance of the index
+    # message tag -> what was attached to it; discarded with the channel, so a later channel at
+    # the same index never sees a former client's attachments
+    transfers: dict[int, _Attached] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -167,6 +244,7 @@ class Kernel:
         self._uid = os.getuid()
         self._procs: dict[int, ProcessRecord] = {}
         self._ids = itertools.count(1)  # ProcessIds: never 0, never reused by this kernel
+        self._channel_gens = itertools.count(1)  # channel instances: never 0, never reused
         self._names: Registry[Service] = Registry("service name")
         self._packages: Registry[Service] = Registry("package")
         self._subscribers: set[ProcessRecord] = set()
@@ -198,6 +276,8 @@ class Kernel:
             frames.Restrict: self._on_restrict,
             frames.Revoke: self._on_revoke,
             frames.Delegate: self._on_delegate,
+            frames.Attach: self._on_attach,
+            frames.Detach: self._on_detach,
             frames.Claim: self._on_claim,
             frames.CreateRegion: self._on_create_region,
             frames.MapRegion: self._on_map_region,
@@ -662,11 +742,12 @@ class Kernel:
         return frames.Welcome(rec.process_id, rec.package, max(rec.pid, 0))
 
     def _register(self, rec: ProcessRecord, key: str, kind: str, allow: list[str] | None,
-                  rid: int, limits: dict[str, int] | None = None) -> None:
+                  rid: int, limits: dict[str, int] | None = None,
+                  bounds: dict[str, int] | None = None) -> None:
         self.policy.may_register(rec.info(), key)
         registry = self._names if kind == "name" else self._packages
         svc = Service(key, kind, rec, access=AccessList.from_entries(allow),
-                      default_limits=dict(limits or {}))
+                      default_limits=dict(limits or {}), bounds=ServiceBounds.from_request(bounds))
         registry.claim(key, svc)
         try:
             svc.handle = rec.caps.insert(Capability("service", svc, frozenset({"receive"}), owner=rec))
@@ -690,7 +771,8 @@ class Kernel:
         return None
 
     def _on_register(self, rec: ProcessRecord, msg: frames.Register, rid: int) -> None:
-        return self._register(rec, check_name(msg.name), "name", msg.allow, rid, msg.limits)
+        return self._register(rec, check_name(msg.name), "name", msg.allow, rid, msg.limits,
+                              msg.bounds)
 
     def _on_register_package(self, rec: ProcessRecord, msg: frames.RegisterPackage,
                              rid: int) -> None:
@@ -699,7 +781,7 @@ class Kernel:
                 "this process has no verified package: launch it with kernel.spawn(package=...) "
                 "or capbus run, or map its uid to a package in the kernel's policy"
             )
-        return self._register(rec, rec.package, "package", msg.allow, rid, msg.limits)
+        return self._register(rec, rec.package, "package", msg.allow, rid, msg.limits, msg.bounds)
 
     def _lookup(self, rec: ProcessRecord, kind: str, key: str, timeout_ms: int,
                 rid: int) -> frames.Message | None:
@@ -843,6 +925,18 @@ class Kernel:
         lanes: set[Channel] = cap.extra.setdefault("lanes", set())
         if len(lanes) >= MAX_LANES_PER_CAP:
             raise OutOfMemory(f"{MAX_LANES_PER_CAP} threads already call {svc.name!r} from here")
+        # Per client process and per uid, so that no client can take every channel of a service.
+        # Counted by OS process: connecting again from the same process gains it nothing.
+        client, b = _client_key(rec), svc.bounds
+        if svc.chans_by_client.get(client, 0) >= b.max_channels_per_process:
+            raise OutOfMemory(
+                f"service {svc.name!r} allows {b.max_channels_per_process} channels per client "
+                f"process (its max_channels_per_process) and pid {rec.pid} holds them all: close "
+                "lanes it does not use (each calling thread and each acall in flight holds one)")
+        if svc.chans_by_uid.get(rec.uid, 0) >= b.max_channels_per_uid:
+            raise OutOfMemory(
+                f"service {svc.name!r} allows {b.max_channels_per_uid} channels per uid (its "
+                f"max_channels_per_uid) and uid {rec.uid} holds them all: close some lanes")
         index = svc.alloc_index()
         try:
             shm = ChannelShm(NSLOTS, ARENA_SIZE, rec.process_id)
@@ -855,15 +949,17 @@ class Kernel:
             shm.close()
             svc.free_indices.append(index)
             raise
-        ch = Channel(index, svc, rec, cap, shm)
+        ch = Channel(index, svc, rec, cap, shm, next(self._channel_gens))
         svc.channels[index] = ch
+        svc.chans_by_client[client] = svc.chans_by_client.get(client, 0) + 1
+        svc.chans_by_uid[rec.uid] = svc.chans_by_uid.get(rec.uid, 0) + 1
         rec.lanes.add(ch)
         lanes.add(ch)
         # The server learns of the channel before the client can use it (one ordered socket
         # each, but the server maps it on its own time: a request that arrives first waits in
         # the ring, and the doorbell bit tells the server once it has mapped it).
         self._event(svc.owner, frames.ChannelOpened(svc.handle, index, rec.process_id, NSLOTS,
-                                                    ARENA_SIZE),
+                                                    ARENA_SIZE, ch.generation),
                     (shm.chan_fd, shm.ctrl_fd, shm.reply_event_fd, shm.reply_pipe[1],
                      shm.reply_pipe_spare[0]))
         self._respond(rec, rid, frames.ChannelGranted(index, NSLOTS, ARENA_SIZE),
@@ -878,6 +974,16 @@ class Kernel:
         ch.shm.set_state(state)
         del svc.channels[ch.index]
         svc.free_indices.append(ch.index)
+        _count_down(svc.chans_by_client, _client_key(ch.client))
+        _count_down(svc.chans_by_uid, ch.client.uid)
+        # Attachments never reach a later channel at this index (a claim names the instance).
+        # They stay with this instance only while the server drains what its client had queued
+        # (a sender may send a region and exit at once); until claimed or expired.
+        if ch.transfers and tell_server and svc.alive and state != _core.STATE_REVOKED:
+            svc.draining[ch.generation] = ch
+        else:
+            for tag in list(ch.transfers):
+                self._discard_attached(ch, tag)
         ch.client.lanes.discard(ch)
         ch.cap.extra.get("lanes", set()).discard(ch)
         if tell_server and svc.alive:
@@ -892,10 +998,9 @@ class Kernel:
                           "released" if state == _core.STATE_CLOSED else "process gone")
         for ch in list(svc.channels.values()):
             self._close_channel(ch, state, tell_server=False)
-        for _, children in svc.transfers.values():
-            for child in children:
-                _drop_pending(child)
-        svc.transfers.clear()
+        for ch in list(svc.draining.values()):
+            for tag in list(ch.transfers):
+                self._discard_attached(ch, tag)
         for fd in (svc.doorbell_fd, svc.bell_event_fd, svc.bell_sleep_fd):
             if fd >= 0:
                 os.close(fd)
@@ -952,59 +1057,145 @@ class Kernel:
                           f"{len(subtree)} capabilities")
 
     def _on_delegate(self, rec: ProcessRecord, msg: frames.Delegate, rid: int) -> frames.Message:
+        """One capability or region at a time (Attach does a whole message at once)."""
         cap = rec.caps.get(msg.handle)
         if msg.move and cap.kind != "region":
             raise ValueError("only regions can be moved; other capabilities are delegated")
-        if not msg.move and "share" not in cap.rights:
-            self._audit_event(_audit.DENIED, rec, cap, getattr(cap.target, "name", ""), "no share right")
-            raise PermissionDenied(f"handle {cap.handle:#x} lacks the share right: it cannot be passed on")
-        via = rec.caps.get(msg.via, "endpoint")
+        caps, regions = ([], [msg.handle]) if cap.kind == "region" else ([msg.handle], [])
+        return self._attach(rec, msg.via, msg.index, msg.tag, caps, regions, msg.move)
+
+    def _on_attach(self, rec: ProcessRecord, msg: frames.Attach, rid: int) -> frames.Message:
+        return self._attach(rec, msg.via, msg.index, msg.tag, msg.caps, msg.regions, msg.move)
+
+    def _attach(self, rec: ProcessRecord, via_handle: int, index: int, tag: int,
+                cap_handles: list[int], region_handles: list[int], move: bool) -> frames.Message:
+        """Attach children of these capabilities to (channel, tag): every check first, so a
+        refusal leaves nothing attached; the sender hears why before its message goes. move:
+        the regions are moved (the capabilities are always delegated)."""
+        via = rec.caps.get(via_handle, "endpoint")
         svc: Service = via.target
         if not svc.alive:
             raise PeerDied(f"the process serving {svc.name!r} has exited")
+        ch = svc.channels.get(index)
+        if ch is None or ch.client is not rec:
+            raise InvalidCapability(f"channel {index} is not one of this process's lanes")
+        if len(set(region_handles)) != len(region_handles):
+            raise ValueError("a region is attached twice to one message")
+        caps = [rec.caps.get(h, "endpoint") for h in cap_handles]
+        regions = [rec.caps.get(h, "region") for h in region_handles]
+        for cap in caps + ([] if move else regions):
+            if "share" not in cap.rights:
+                self._audit_event(_audit.DENIED, rec, cap, getattr(cap.target, "name", ""),
+                                  "no share right")
+                raise PermissionDenied(
+                    f"handle {cap.handle:#x} lacks the share right: it cannot be passed on")
+        b, att = svc.bounds, ch.transfers.get(tag)
+        ncaps = len(caps) + (att.caps if att else 0)
+        nregions = len(regions) + (att.regions if att else 0)
+        nbytes = sum(r.target.size for r in regions) + (att.region_bytes if att else 0)
+        if ncaps > b.max_caps:
+            raise MessageTooLarge(
+                f"a message to {svc.name!r} may carry at most {b.max_caps} capabilities (its "
+                f"max_caps); this one would carry {ncaps}: send them over several messages")
+        if nregions > b.max_regions:
+            raise MessageTooLarge(
+                f"a message to {svc.name!r} may carry at most {b.max_regions} regions (its "
+                f"max_regions); this one would carry {nregions}: send them over several messages")
+        if nbytes > b.max_region_bytes:
+            raise MessageTooLarge(
+                f"a message to {svc.name!r} may carry at most {b.max_region_bytes} bytes of "
+                f"regions (its max_region_bytes); this one would carry {nbytes}")
+        n, client = len(caps) + len(regions), _client_key(rec)
+        if svc.pending + n > MAX_TRANSFERS:
+            raise OutOfMemory(f"{MAX_TRANSFERS} attachments already wait for {svc.name!r} to "
+                              "claim them: try again once it has received its messages")
+        if svc.pending_by.get(client, 0) + n > MAX_PENDING_PER_CLIENT:
+            raise OutOfMemory(f"this process already has {MAX_PENDING_PER_CLIENT} attachments "
+                              f"waiting for {svc.name!r} to claim them: send the messages they "
+                              "belong to, or wait for them to expire")
+        if att is None:
+            att = ch.transfers[tag] = _Attached([], client)
+            att.timer = self._after(b.attach_ttl, lambda: self._expire_attached(ch, tag, att))
+        for cap in caps + regions:
+            child = cap.derive()
+            if cap.kind == "region":
+                cap.target.refs += 1  # the pending attachment keeps the region alive
+            att.children.append(child)
+        svc.pending += n
+        svc.pending_by[client] = svc.pending_by.get(client, 0) + n
+        for cap in regions if move else ():  # the sender gives its own capability up
+            self._drop_cap(rec, rec.caps.remove(cap.handle))
+        for cap in caps + regions:
+            self._audit_event(_audit.DELEGATE, rec, cap, getattr(cap.target, "name", ""),
+                              f"to process {svc.owner.process_id} via {svc.name!r}")
+        return frames.Ok()
+
+    def _on_detach(self, rec: ProcessRecord, msg: frames.Detach, rid: int) -> frames.Message:
+        svc: Service = rec.caps.get(msg.via, "endpoint").target
         ch = svc.channels.get(msg.index)
         if ch is None or ch.client is not rec:
             raise InvalidCapability(f"channel {msg.index} is not one of this process's lanes")
-        now = time.monotonic()
-        for key in [k for k, (exp, _) in svc.transfers.items() if exp <= now]:
-            for child in svc.transfers.pop(key)[1]:
-                _drop_pending(child)
-        if len(svc.transfers) >= MAX_TRANSFERS:
-            raise OutOfMemory(f"{MAX_TRANSFERS} delegations wait for {svc.name!r} to claim them")
-        child = cap.derive()
-        if cap.kind == "region":
-            cap.target.refs += 1  # the pending transfer keeps the region alive
-        svc.transfers.setdefault((msg.index, msg.tag), (now + TRANSFER_TTL, []))[1].append(child)
-        if msg.move:  # the sender gives its own capability up
-            self._drop_cap(rec, rec.caps.remove(cap.handle))
-        self._audit_event(_audit.DELEGATE, rec, cap, getattr(cap.target, "name", ""),
-                          f"to process {svc.owner.process_id} via {svc.name!r}")
+        self._discard_attached(ch, msg.tag)
         return frames.Ok()
+
+    def _take_attached(self, ch: Channel, tag: int) -> _Attached | None:
+        """Unhook (channel, tag)'s attachments from the channel, its timer and the counts."""
+        att = ch.transfers.pop(tag, None)
+        if att is None:
+            return None
+        if att.timer is not None:
+            self._cancel(att.timer)
+            att.timer = None
+        svc = ch.service
+        svc.pending -= len(att.children)
+        _count_down(svc.pending_by, att.client, len(att.children))
+        if not ch.transfers:
+            svc.draining.pop(ch.generation, None)
+        return att
+
+    def _discard_attached(self, ch: Channel, tag: int) -> None:
+        att = self._take_attached(ch, tag)
+        for child in att.children if att else ():
+            _drop_pending(child)
+
+    def _expire_attached(self, ch: Channel, tag: int, att: _Attached) -> None:
+        if ch.transfers.get(tag) is att:
+            att.timer = None  # fired: nothing to cancel
+            self._discard_attached(ch, tag)
 
     def _on_claim(self, rec: ProcessRecord, msg: frames.Claim, rid: int) -> frames.Message:
         svc: Service = rec.caps.get(msg.handle, "service").target
-        _, children = svc.transfers.pop((msg.index, msg.tag), (0.0, []))
-        rows = []
-        for child in children:
-            if child.revoked or child.limits.expired():
+        ch = svc.channels.get(msg.index)
+        if ch is None or ch.generation != msg.generation:
+            ch = svc.draining.get(msg.generation)
+            if ch is None or ch.index != msg.index:  # that channel instance is gone
+                return frames.Rows([], 0)
+        att = self._take_attached(ch, msg.tag)
+        if att is None:
+            return frames.Rows([], 0)
+        rows: list[dict[str, Any]] = []
+        # At most the service's per-message bounds (checked at attach), and never more than one
+        # frame holds (a service name may encode to 1.5 KB of JSON). Whatever cannot be taken
+        # (revoked, expired, a full table, no room in the answer) is released here.
+        room = frames.MAX_FRAME - 1024
+        for child in att.children:
+            row = _claim_row(child)
+            size = len(json.dumps(row, ensure_ascii=False).encode()) + 1
+            if child.revoked or child.limits.expired() or size > room:
                 _drop_pending(child)
                 continue
-            child.owner = rec
             try:
                 rec.caps.insert(child)
             except IpcError:
                 _drop_pending(child)
-                raise
-            if child.kind == "region":
-                rows.append({"kind": "region", "handle": child.handle,
-                             "size": child.target.size, "rights": sorted(child.rights)})
-            else:
-                g = _granted(child)
-                rows.append({"kind": "endpoint", "handle": g.handle, "process_id": g.process_id,
-                             "name": g.name, "rights": g.rights, "limits": g.limits})
+                continue
+            child.owner = rec
+            room -= size
+            row["handle"] = child.handle
+            rows.append(row)
             self._audit_event("accept", rec, child, getattr(child.target, "name", ""),
                               f"derived from {child.parent.handle:#x}" if child.parent else "")
-        return frames.Rows(rows, len(rows))
+        return frames.Rows(rows, len(att.children))
 
     # ---- regions ------------------------------------------------------------------------------
 
@@ -1120,7 +1311,8 @@ class Kernel:
         return [
             {
                 "name": svc.name, "kind": svc.kind, "id": svc.owner.process_id,
-                "clients": len(svc.channels), **svc.access.describe(),
+                "clients": len(svc.channels), "attachments": svc.pending,
+                **svc.access.describe(),
                 "pid": svc.owner.pid, "uid": svc.owner.uid, "package": svc.owner.package,
                 "since": svc.owner.since,
             }
@@ -1139,10 +1331,25 @@ class Kernel:
             "caps": len(rec.caps),
             "lanes": len(rec.lanes),
             "services": len(rec.services),
+            "attachments": sum(svc.pending for svc in rec.services),
             "watchers": len(rec.watched_by),
             "notice_pending": rec.notice_pending,
             "notices_sent": rec.notices_sent,
         }
+
+
+def _client_key(rec: ProcessRecord) -> int:
+    """Whom a client's channels and attachments count against: its OS process (several
+    connections from one process are one client), or its connection when the pid is unknown."""
+    return rec.pid if rec.pid > 0 else -rec.process_id
+
+
+def _count_down(counts: dict[int, int], key: int, n: int = 1) -> None:
+    left = counts.get(key, 0) - n
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 def _drop_pending(child: Capability) -> None:
@@ -1151,6 +1358,17 @@ def _drop_pending(child: Capability) -> None:
     if child.kind == "region" and child.owner is None and not child.extra.get("dropped"):
         child.extra["dropped"] = True
         child.target.release()
+
+
+def _claim_row(child: Capability) -> dict[str, Any]:
+    """A claimed capability as the claim's answer lists it (its handle filled in on insert; the
+    largest handle stands in for it until then, so the row's size is known)."""
+    if child.kind == "region":
+        return {"kind": "region", "handle": frames.U64_MAX, "size": child.target.size,
+                "rights": sorted(child.rights)}
+    svc: Service = child.target
+    return {"kind": "endpoint", "handle": frames.U64_MAX, "process_id": svc.owner.process_id,
+            "name": svc.name, "rights": sorted(child.rights), "limits": child.limits.wire()}
 
 
 def _granted(cap: Capability) -> frames.Granted:

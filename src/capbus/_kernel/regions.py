@@ -51,12 +51,19 @@ class Region:
     def sealed(self) -> bool:
         return bool(fcntl.fcntl(self.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE)
 
+    @property
+    def write_sealed(self) -> bool:
+        """No new writable mapping can be made: sealed by seal(), or by a holder with a
+        writable fd (any seal a creator adds on its own fd, F_SEAL_FUTURE_WRITE included)."""
+        seals = fcntl.fcntl(self.fd, fcntl.F_GET_SEALS)
+        return bool(seals & (fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE))
+
     def fd_for(self, rights: frozenset[str]) -> int:
-        """A new fd for a holder: read-only unless it may write (and the region is unsealed).
+        """A new fd for a holder: read-only unless it may write (and no seal forbids writing).
 
         A read-only fd keeps a well-behaved runtime from mapping it writable; only the seal makes
         that a guarantee against a hostile one (it could reopen /proc/self/fd/N read-write)."""
-        if "write" in rights and not self.sealed:
+        if "write" in rights and not self.write_sealed:
             return os.dup(self.fd)
         return os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
 
@@ -69,7 +76,8 @@ class Region:
                     "the region is still mapped writable somewhere: every holder must close its "
                     "writable mapping before it can be sealed"
                 ) from None
-            raise
+            # EPERM: a holder with a writable fd sealed its seals (F_SEAL_SEAL) first.
+            raise PermissionDenied(f"the region cannot be sealed: {exc.strerror}") from None
 
     def release(self) -> bool:
         """One capability fewer; True when it was the last (the fd is closed)."""

@@ -25,6 +25,10 @@ MAX_STR = 4096
 MAX_LIST = 1024
 # Limits travel as a small dict: a process asks with expires_in_ms, the kernel tells expires_at_ns.
 LIMIT_KEYS = frozenset({"rate", "bandwidth", "max_message_size", "expires_in_ms", "expires_at_ns"})
+# A service's bounds on what its clients may attach to one message and how many channels one of
+# them may hold (the kernel checks the values; see Kernel's ServiceBounds).
+BOUND_KEYS = frozenset({"max_caps", "max_regions", "max_region_bytes", "max_channels_per_process",
+                        "max_channels_per_uid", "attach_ttl_ms"})
 
 KIND_REQUEST = 1
 KIND_RESPONSE = 2
@@ -59,11 +63,18 @@ def _check_value(cls: type, name: str, kind: str, value: Any) -> Any:
             and len(value) <= MAX_LIST
             and all(type(v) is str and len(v) <= MAX_STR for v in value)
         )
-    elif kind == "limits":
+    elif kind in ("limits", "bounds"):
+        keys = LIMIT_KEYS if kind == "limits" else BOUND_KEYS
         ok = value is None or (
             type(value) is dict
-            and set(value) <= LIMIT_KEYS
+            and set(value) <= keys
             and all(type(v) is int and 0 <= v <= U64_MAX for v in value.values())
+        )
+    elif kind == "u64s":
+        ok = (
+            type(value) is list
+            and len(value) <= MAX_LIST
+            and all(type(v) is int and 0 <= v <= U64_MAX for v in value)
         )
     elif kind == "rows":
         ok = (
@@ -112,19 +123,22 @@ class Hello(Message):
     wait_mode: str
 
 
-@message(2, KIND_REQUEST, name="str", allow="strs?", limits="limits")
+@message(2, KIND_REQUEST, name="str", allow="strs?", limits="limits", bounds="bounds")
 class Register(Message):
-    """limits: the defaults for every endpoint the service hands out."""
+    """limits: the defaults for every endpoint the service hands out. bounds: what one message
+    may carry and how many channels one client may hold (BOUND_KEYS; None: the defaults)."""
 
     name: str
     allow: list[str] | None = None
     limits: dict[str, int] | None = None
+    bounds: dict[str, int] | None = None
 
 
-@message(3, KIND_REQUEST, allow="strs?", limits="limits")
+@message(3, KIND_REQUEST, allow="strs?", limits="limits", bounds="bounds")
 class RegisterPackage(Message):
     allow: list[str] | None = None
     limits: dict[str, int] | None = None
+    bounds: dict[str, int] | None = None
 
 
 @message(4, KIND_REQUEST, name="str", timeout_ms="u64")
@@ -223,6 +237,32 @@ class Delegate(Message):
     move: bool = False
 
 
+@message(22, KIND_REQUEST, via="u64", index="u64", tag="u64", caps="u64s", regions="u64s",
+         move="bool")
+class Attach(Message):
+    """Attach children of these capabilities and regions to the message with `tag` on this
+    process's channel `index` of endpoint `via`, all or nothing: refused as a whole when the
+    message would exceed the service's bounds. move: the regions are moved (the sender gives
+    them up)."""
+
+    via: int
+    index: int
+    tag: int
+    caps: list[int]
+    regions: list[int]
+    move: bool = False
+
+
+@message(23, KIND_REQUEST, via="u64", index="u64", tag="u64")
+class Detach(Message):
+    """Drop what this process attached to `tag` on its channel `index` of endpoint `via`: the
+    message it was meant for was never sent (so it cannot ride on the next one)."""
+
+    via: int
+    index: int
+    tag: int
+
+
 @message(19, KIND_REQUEST, size="u64")
 class CreateRegion(Message):
     size: int
@@ -242,13 +282,17 @@ class SealRegion(Message):
     handle: int
 
 
-@message(18, KIND_REQUEST, handle="u64", index="u64", tag="u64")
+@message(18, KIND_REQUEST, handle="u64", index="u64", tag="u64", generation="u64")
 class Claim(Message):
-    """A service takes the capabilities attached to one received message."""
+    """A service takes the capabilities attached to one received message: the message with
+    `tag` on the channel instance (`index`, `generation`) it came from (generation 0 names no
+    channel). The answer has at most the service's per-message bounds of rows; its total says
+    how many were attached (the difference was released in the kernel)."""
 
     handle: int
     index: int
     tag: int
+    generation: int = 0
 
 
 @message(10, KIND_REQUEST, what="str", offset="u64", limit="u64", process_id="u64")
@@ -353,7 +397,7 @@ class Death(Message):
 
 
 @message(130, KIND_EVENT, fds=5, handle="u64", index="u64", sender="u64", nslots="u64",
-         arena_size="u64")
+         arena_size="u64", generation="u64")
 class ChannelOpened(Message):
     """To a service: a client opened a channel (fds: channel memfd, control page, the channel's
     reply eventfd, both ends of its reply-sleep pipe: the server writes one and only holds the
@@ -364,6 +408,7 @@ class ChannelOpened(Message):
     sender: int
     nslots: int
     arena_size: int
+    generation: int = 0  # this channel instance's, unique per kernel: a claim names it
 
 
 @message(131, KIND_EVENT, handle="u64", index="u64")
@@ -393,6 +438,8 @@ RESPONSES: dict[type[Message], tuple[type[Message], ...]] = {
     Restrict: (Granted,),
     Revoke: (Ok,),
     Delegate: (Ok,),
+    Attach: (Ok,),
+    Detach: (Ok,),
     Claim: (Rows,),
     CreateRegion: (RegionGranted,),
     MapRegion: (RegionGranted,),

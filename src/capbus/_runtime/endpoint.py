@@ -121,6 +121,9 @@ class Endpoint(_core.EndpointBase):
         self._death_callbacks: list[Callable[[Endpoint], None]] = []
         self._watching = False
         self._closed = False
+        # Set for a capability received with a message (Process._received_endpoint): it goes
+        # back to the kernel when this object is garbage-collected, unless keep() was called.
+        self._finalizer: Any = None
         self.dead = False
 
     def __repr__(self) -> str:
@@ -144,10 +147,18 @@ class Endpoint(_core.EndpointBase):
         lane = self._local.__dict__.get("lane") or self._thread_lane()
         if flags & ~USER_FLAGS and flags != OBJECT_FLAG:
             raise bad_flags(flags)
-        if caps or regions:
+        if not (caps or regions):
+            r = lane.core.call(self.handle, opcode, flags | _REPLY, data, _payload_arg(payload),
+                               -1 if timeout is None else timeout_ns(timeout))
+        else:
+            tag = lane.core.last_tag + 1
             flags |= self._delegate(lane, caps, regions, move)
-        r = lane.core.call(self.handle, opcode, flags | _REPLY, data, _payload_arg(payload),
-                           -1 if timeout is None else timeout_ns(timeout))
+            try:
+                r = lane.core.call(self.handle, opcode, flags | _REPLY, data, _payload_arg(payload),
+                                   -1 if timeout is None else timeout_ns(timeout))
+            except BaseException:
+                self._undo_attach(lane, tag)
+                raise
         if r[1] & _ERROR:
             raise self._remote_error(r)
         return r
@@ -162,9 +173,16 @@ class Endpoint(_core.EndpointBase):
         lane = self._local.__dict__.get("lane") or self._thread_lane()
         if flags & ~USER_FLAGS and flags != OBJECT_FLAG:
             raise bad_flags(flags)
-        if caps or regions:
-            flags |= self._delegate(lane, caps, regions, move)
-        lane.core.send(self.handle, opcode, flags, data, _payload_arg(payload))
+        if not (caps or regions):
+            lane.core.send(self.handle, opcode, flags, data, _payload_arg(payload))
+            return
+        tag = lane.core.last_tag + 1
+        flags |= self._delegate(lane, caps, regions, move)
+        try:
+            lane.core.send(self.handle, opcode, flags, data, _payload_arg(payload))
+        except BaseException:
+            self._undo_attach(lane, tag)
+            raise
 
     def send_many(self, messages: Sequence[tuple], flags: int = 0) -> int:
         """Queue several one-way messages, (opcode, data) or (opcode, data, payload) each, with
@@ -254,9 +272,26 @@ class Endpoint(_core.EndpointBase):
             limits_request(rate_limit, bandwidth, max_message_size, expires_in)))
         return self._proc._endpoint(reply)
 
+    def keep(self) -> Endpoint:
+        """Hold a capability received with a message (req.caps) for good, like a looked-up one:
+        until close() or revoke(). Without keep() it is released back to the kernel once the
+        Request is gone and nothing refers to it any more (so `db = req.caps[0]` works for as
+        long as `db` does). A no-op for any other endpoint; returns self."""
+        fin, self._finalizer = self._finalizer, None
+        if fin is not None and fin.detach() is not None:
+            with self._proc._lock:
+                self._proc._endpoints[self.handle] = self
+        return self
+
+    def _unfinalize(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+
     def revoke(self) -> None:
         """Invalidate this capability and everything derived from it, everywhere, at once:
         their calls fail with InvalidCapability and their receivers accept nothing more."""
+        self._unfinalize()
         self._closed = True
         self._forget_lanes()
         self._proc._forget(self)
@@ -264,6 +299,7 @@ class Endpoint(_core.EndpointBase):
 
     def close(self) -> None:
         """Give the capability back (its lanes close with it)."""
+        self._unfinalize()
         self._closed = True
         self._forget_lanes()
         self._proc._forget(self)
@@ -276,7 +312,9 @@ class Endpoint(_core.EndpointBase):
         """Call `callback(endpoint)` once the serving process has exited (at once if it has).
 
         Callbacks run on the runtime's control thread: keep them short, never block in them.
+        A received capability is kept (see keep()): its callbacks must not vanish with it.
         """
+        self.keep()
         with self._lock:
             self._death_callbacks.append(callback)
             first = not self._watching
@@ -345,7 +383,9 @@ class Endpoint(_core.EndpointBase):
 
     def _delegate(self, lane: _Lane, caps: Iterable[Endpoint], regions: Iterable[Region],
                   move: bool) -> int:
-        """Attach capabilities to the next message on this lane (bound to its tag)."""
+        """Attach capabilities to the next message on this lane (bound to its tag), in one
+        request: over the service's bounds (max_caps, max_regions, max_region_bytes) the kernel
+        refuses them all with MessageTooLarge, and nothing is sent."""
         tag = lane.core.last_tag + 1
         caps, regions = list(caps), list(regions)
         for cap in caps:
@@ -355,13 +395,19 @@ class Endpoint(_core.EndpointBase):
             if not isinstance(region, Region) or region._proc is not self._proc:
                 raise TypeError("regions must be Regions held by this Process")
             region.buffer  # noqa: B018 - raises if it was moved or closed already
-        for cap in caps:
-            self._proc._request(frames.Delegate(cap.handle, self.handle, lane.index, tag, False))
-        for region in regions:
-            self._proc._request(frames.Delegate(region.handle, self.handle, lane.index, tag, move))
-            if move:
+        self._proc._request(frames.Attach(self.handle, lane.index, tag, [c.handle for c in caps],
+                                          [r.handle for r in regions], move))
+        if move:
+            for region in regions:
                 region._moved()
         return TRANSFER_FLAG
+
+    def _undo_attach(self, lane: _Lane, tag: int) -> None:
+        """The message the attachments were for was not written (WouldBlock, a limit, a timeout
+        waiting for ring space): drop them, or they would ride on this lane's next message.
+        Moved regions are gone with them."""
+        if lane.core.last_tag < tag:
+            self._proc._control.request_nowait(frames.Detach(self.handle, lane.index, tag))
 
     def _remote_error(self, r: Message) -> Exception:
         """The exception an error reply stands for: a capbus error where capbus itself refused

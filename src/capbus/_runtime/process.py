@@ -77,22 +77,39 @@ class Process:
     # ---- registries ---------------------------------------------------------------------------
 
     def register(self, name: str, *, allow: list[str | int] | None = None,
-                 limits: dict[str, Any] | None = None) -> Service:
+                 limits: dict[str, Any] | None = None, max_caps: int | None = None,
+                 max_regions: int | None = None, max_region_bytes: int | None = None,
+                 max_channels_per_process: int | None = None,
+                 max_channels_per_uid: int | None = None,
+                 attach_ttl: float | None = None) -> Service:
         """Serve under a string name (first come, first served): NameTaken, PermissionDenied.
 
         allow: who may reach it (ProcessIds, "uid:N", "package:P", "name:N"; None: everyone).
         limits: defaults for every endpoint it hands out, as keywords of Endpoint.restrict
         (rate_limit, bandwidth, max_message_size, expires_in).
+
+        Bounds the kernel enforces for this service (None: the default in brackets):
+        max_caps [16] and max_regions [16] (each at most 64): capabilities and regions one
+        message may carry; max_region_bytes [1 GiB]: their total size. A sender over a bound
+        gets MessageTooLarge before its message is sent. max_channels_per_process [128] and
+        max_channels_per_uid [1024] (below 4096, the service's total): channels one client
+        process (every connection of one OS process together) and one uid may hold to it; past
+        that, opening one more (a new calling thread, an acall) raises OutOfMemory.
+        attach_ttl [60 s]: how long an attachment waits for its message to be received.
         """
         check_name(name)
+        bounds = _bounds(max_caps, max_regions, max_region_bytes, max_channels_per_process,
+                         max_channels_per_uid, attach_ttl)
         return self._service(self._request_fds(
-            frames.Register(name, _allow(allow), limits_request(**(limits or {})))))
+            frames.Register(name, _allow(allow), limits_request(**(limits or {})), bounds)))
 
     def register_package(self, *, allow: list[str | int] | None = None,
-                         limits: dict[str, Any] | None = None) -> Service:
-        """Serve under this process's verified package name."""
+                         limits: dict[str, Any] | None = None,
+                         **bounds: int | float | None) -> Service:
+        """Serve under this process's verified package name (bounds: as for register())."""
         return self._service(self._request_fds(
-            frames.RegisterPackage(_allow(allow), limits_request(**(limits or {})))))
+            frames.RegisterPackage(_allow(allow), limits_request(**(limits or {})),
+                                   _bounds(**bounds))))
 
     def lookup(self, name: str, timeout: float = 0) -> Endpoint:
         """An endpoint capability for a registered name: ServiceNotFound unless it appears
@@ -152,6 +169,15 @@ class Process:
             return []
         return fds
 
+    def _received_endpoint(self, granted: frames.Granted) -> Endpoint:
+        """A capability that came with a message: it lives as long as the application refers
+        to it (or until Endpoint.keep()); when the last reference goes, it goes back to the
+        kernel, so capabilities a sender pushes unasked can never fill this process's table."""
+        ep = Endpoint(self, granted)
+        ep._finalizer = weakref.finalize(ep, _release_received, self, granted.handle)
+        ep._finalizer.atexit = False
+        return ep
+
     def _endpoint(self, reply: frames.Message) -> Endpoint:
         assert isinstance(reply, frames.Granted)
         with self._lock:  # one Endpoint object per capability handle
@@ -203,6 +229,32 @@ class Process:
                 "capbus.connect() for its own connection"
             )
         )
+
+
+def _release_received(proc: Process, handle: int) -> None:
+    if not proc.closed and os.getpid() == proc._pid:
+        proc._control.request_nowait(frames.Release(handle))
+
+
+def _bounds(max_caps: int | None = None, max_regions: int | None = None,
+            max_region_bytes: int | None = None, max_channels_per_process: int | None = None,
+            max_channels_per_uid: int | None = None,
+            attach_ttl: float | None = None) -> dict[str, int] | None:
+    """The wire form of a service's bounds (the kernel checks the ranges)."""
+    out: dict[str, int] = {}
+    for key, value in (("max_caps", max_caps), ("max_regions", max_regions),
+                       ("max_region_bytes", max_region_bytes),
+                       ("max_channels_per_process", max_channels_per_process),
+                       ("max_channels_per_uid", max_channels_per_uid)):
+        if value is not None:
+            if type(value) is not int or value < 0:
+                raise ValueError(f"{key} must be an int >= 0, got {value!r}")
+            out[key] = value
+    if attach_ttl is not None:
+        if not attach_ttl > 0:
+            raise ValueError(f"attach_ttl must be > 0 seconds, got {attach_ttl!r}")
+        out["attach_ttl_ms"] = max(1, int(attach_ttl * 1000))
+    return out or None
 
 
 def _ms(timeout: float) -> int:

@@ -4,20 +4,26 @@ Transfer it with call(..., regions=[r], move=True): this side loses it (.buffer 
 view still held reads zeros instead of the shared memory). Share it with move=False (needs the
 share right). seal_readonly() makes it read-only for every holder, for good: a receiver that sees
 .sealed (checked on its own fd, trusting no one) can check the contents once and rely on them.
+A region is mapped as its seals allow: read-only when any holder sealed it against new writable
+mappings (F_SEAL_WRITE or F_SEAL_FUTURE_WRITE, which its creator can add on its own fd).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from typing import TYPE_CHECKING, Any
 
-from .._errors import IpcError
+from .._errors import IpcError, PermissionDenied
 from .._mapping import Mapping
 from .._protocol import frames
 
 if TYPE_CHECKING:
     from .process import Process
+
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)  # Linux 5.1
+_NO_WRITE_SEALS = fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE
 
 
 class Region:
@@ -30,7 +36,12 @@ class Region:
         self._map: Mapping | None = None
         self._view: memoryview | None = None
         self._gone: str | None = None
-        self._map_now()
+        self._writable = False  # how it is mapped now
+        try:
+            self._map_now()
+        except BaseException:
+            self._fd = -1  # the caller closes it (and gives the capability back)
+            raise
 
     def __repr__(self) -> str:
         state = self._gone or ("sealed" if self.sealed else "writable" if self.writable else "read-only")
@@ -38,7 +49,8 @@ class Region:
 
     @property
     def writable(self) -> bool:
-        return "write" in self.rights and not self.sealed
+        """True if it is mapped writable here (the right, and no seal forbidding it)."""
+        return self._writable and self._view is not None
 
     @property
     def sealed(self) -> bool:
@@ -97,8 +109,21 @@ class Region:
     # ---- internals ----------------------------------------------------------------------------
 
     def _map_now(self) -> None:
-        writable = self.writable
-        self._map = Mapping(self._fd, self.size, writable)
+        # The kernel sized it and sealed it against growing and shrinking, but the check is
+        # ours: a mapping past the end of the file would crash this process on first touch.
+        if os.fstat(self._fd).st_size < self.size:
+            raise PermissionDenied(f"a region of {self.size} bytes is shorter than announced")
+        writable = ("write" in self.rights
+                    and not fcntl.fcntl(self._fd, fcntl.F_GET_SEALS) & _NO_WRITE_SEALS)
+        try:
+            self._map = Mapping(self._fd, self.size, writable)
+        except OSError as exc:
+            # A seal added between the check and the mmap (or an fd opened read-only).
+            if not writable or exc.errno not in (errno.EPERM, errno.EACCES):
+                raise
+            writable = False
+            self._map = Mapping(self._fd, self.size, False)
+        self._writable = writable
         view = memoryview(self._map.buf).cast("B")
         self._view = view if writable else view.toreadonly()
 

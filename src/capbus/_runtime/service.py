@@ -20,6 +20,7 @@ from .._fdlimit import raise_fd_limit
 from .._protocol import frames
 from .endpoint import ADAPTIVE_SPIN_NS, WAIT_CODES, _readable, timeout_ns
 from .message import TRANSFER_FLAG, Message, Request
+from .region import Region
 
 if TYPE_CHECKING:
     from .process import Process
@@ -38,6 +39,9 @@ class Service(_core.ServiceBase):
         self.handle = handle
         self.name = name
         self.corrupt_channels = 0  # channels dropped for garbage (reported to the kernel)
+        # attachments a message came with but that did not reach its Request (expired, revoked,
+        # a full table, a region that cannot be mapped): counted and logged, never raised
+        self.dropped_attachments = 0
         self._event_fd = event_fd
         self._senders: dict[int, int] = {}  # channel index -> sender ProcessId
         self._warn = _RateLimitedLog(log)
@@ -171,7 +175,10 @@ class Service(_core.ServiceBase):
                     return
                 raise
             self._answer(req, handler)
-            del req  # a request the handler dropped unanswered fails its caller now (NoReply)
+            # Not held while waiting for the next one: a request the handler dropped unanswered
+            # fails its caller now (NoReply), and what it brought (req.caps, regions) goes back
+            # at once unless the handler kept a reference.
+            del req
 
     def _answer(self, req: Request, handler: Callable[[Request], Any]) -> None:
         try:
@@ -206,22 +213,50 @@ class Service(_core.ServiceBase):
     # ---- called by the runtime ----------------------------------------------------------------
 
     def _claim(self, req: Request) -> None:
-        """Take the capabilities delegated with this message into our table."""
-        reply = self._proc._request(frames.Claim(self.handle, req.index, req.tag))
+        """Take what was attached to this message into req.caps and req.regions. Never raises:
+        whatever cannot be taken is dropped (and counted in dropped_attachments).
+
+        The claim names the channel instance (req.generation), so a message never gets the
+        attachments of a former client at the same channel index. Received capabilities are
+        released back to the kernel when the application stops referring to them (see
+        Endpoint.keep), regions when their Region is closed or garbage-collected: what a sender
+        pushes unasked cannot fill this process's capability table."""
+        try:
+            reply = self._proc._request(frames.Claim(self.handle, req.index, req.tag,
+                                                     req.generation))
+        except Exception as exc:  # a closed process, a dead kernel: recv() goes on without them
+            log.warning("service %r: cannot claim the attachments of a message: %s", self.name, exc)
+            return
         assert isinstance(reply, frames.Rows)
+        self.dropped_attachments += max(0, reply.total - len(reply.rows))
         caps, regions = [], []
         for row in reply.rows:
             if row.pop("kind") == "region":
-                regions.append(self._proc._region(
-                    self._proc._request_fds(frames.MapRegion(row["handle"]))))
+                region = self._map_claimed(row["handle"])
+                if region is not None:
+                    regions.append(region)
             else:
-                caps.append(self._proc._endpoint(frames.Granted(**row)))
+                caps.append(self._proc._received_endpoint(frames.Granted(**row)))
         req.caps, req.regions = tuple(caps), tuple(regions)
+
+    def _map_claimed(self, handle: int) -> Region | None:
+        """A claimed region, mapped as its seals allow; None (and the capability given back) if
+        it cannot be mapped at all."""
+        try:
+            return self._proc._region(self._proc._request_fds(frames.MapRegion(handle)))
+        except Exception as exc:
+            self.dropped_attachments += 1
+            log.warning("service %r: dropped a region that came with a message: %s", self.name,
+                        exc)
+            if not self._proc.closed:
+                self._proc._control.request_nowait(frames.Release(handle))
+            return None
 
     def _channel_opened(self, msg: frames.ChannelOpened, fds: list[int]) -> None:
         try:
             self._set.add(msg.index, fds[0], fds[1], msg.nslots, msg.arena_size, msg.sender,
-                          reply_event_fd=fds[2], reply_sleep_fd=fds[3], reply_sleep_keep_fd=fds[4])
+                          reply_event_fd=fds[2], reply_sleep_fd=fds[3], reply_sleep_keep_fd=fds[4],
+                          generation=msg.generation)
             self._senders[msg.index] = msg.sender
         except Exception as exc:  # could not map it: the kernel closes it for its client
             log.warning("service %r cannot map channel %d: %s", self.name, msg.index, exc)
