@@ -1,4 +1,5 @@
-"""Python objects over capbus: pickle protocol 5, buffers out of band, restricted by default."""
+"""Python objects over capbus: data-only msgpack with buffers out of band; pickle only between
+peers that trust each other (the hostile corpus is tests/test_objects_hostile.py)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,9 @@ class Evil:
 
 
 def test_untrusted_payload_cannot_run_code():
-    payload = objects.pack(Evil())
+    with pytest.raises(TypeError, match="pickle=True"):
+        objects.pack(Evil())  # not plain data: the sender must opt in to pickle
+    payload = objects.pack(Evil(), pickle=True)
     with pytest.raises(capbus.ProtocolError, match="trusted=True"):
         objects.loads(payload)
     assert objects.loads(objects.pack({"a": [1, 2.5, "x"], "b": {3}})) == {"a": [1, 2.5, "x"], "b": {3}}
