@@ -199,9 +199,12 @@ class _Writer:
                 self.bufs.append(memoryview(a.reshape(-1).view(np.uint8)))
                 return _Ext(EXT_NDARRAY, _enc((a.dtype.str, a.shape, index)))
             if isinstance(x, np.generic):
-                if not _dtype_ok(x.dtype):
-                    raise _cannot(x, f" (dtype {x.dtype!s}: only plain fixed-size dtypes)")
-                return _Ext(EXT_NPSCALAR, _enc((x.dtype.str, x.tobytes())))
+                dt = x.dtype
+                if dt.itemsize == 0 and dt.kind in "SU":  # b"" or "" (dtype S0/U0): one NUL
+                    dt = np.dtype(dt.kind + "1")
+                if not _dtype_ok(dt):
+                    raise _cannot(x, f" (dtype {dt!s}: only plain fixed-size dtypes)")
+                return _Ext(EXT_NPSCALAR, _enc((dt.str, np.asarray(x, dt).tobytes())))
         raise _cannot(x)
 
 
@@ -259,8 +262,12 @@ def join(size: int, parts: list) -> bytes:
     return bytes(out)
 
 
-def pack(obj: Any, pickle: bool = False) -> bytes:
-    return join(*dumps(obj, pickle))
+def pack(*obj: Any, pickle: bool = False) -> bytes:
+    """The whole payload as bytes. Takes the object as *obj because Request.reply_object (C)
+    calls pack through PyObject_CallMethod(mod, "pack", "O", obj), which spreads a tuple into
+    arguments: a tuple of n != 1 items arrives as n arguments and is rebuilt here, a 1-tuple
+    cannot be told from its item (a fix in _core.c: pass the object as one argument)."""
+    return join(*dumps(obj[0] if len(obj) == 1 else obj, pickle))
 
 
 # ---- decoding ---------------------------------------------------------------------------------
