@@ -10,6 +10,8 @@ import json
 import os
 import pickle
 import struct
+import subprocess
+import sys
 import threading
 import tracemalloc
 
@@ -143,6 +145,76 @@ def test_nesting_within_the_limit_decodes():
         assert type(got) is tuple and len(got) == 1
         got = got[0]
     assert got is None
+
+
+DEEP_UNDER_RAISED_LIMIT = """
+import struct, sys
+sys.setrecursionlimit(10 ** 6)  # an application that needs deep recursion of its own
+import capbus
+from capbus._runtime import objects
+def frame(s):
+    return struct.pack("<4sIQ", objects.MAGIC, 0, len(s)) + s
+deep_tuples = b"\\xc0"
+for _ in range(90):  # within _MAX_DEPTH, but each level holds 20 nested arrays
+    deep_tuples = objects.msgspec.msgpack.encode(objects.msgspec.msgpack.Ext(
+        objects.EXT_TUPLE, b"\\x91" + b"\\x91" * 20 + deep_tuples))
+for stream in (b"\\x91" * 500_000 + b"\\xc0", b"\\x81\\xc0" * 500_000 + b"\\xc0",
+               b"\\xdd\\x00\\x00\\x00\\x01" * 100_000 + b"\\xc0", deep_tuples):
+    try:
+        objects.loads(frame(stream))
+        print("decoded")
+    except capbus.ProtocolError:
+        print("refused")
+print("within", objects.loads(frame(b"\\x91" * 900 + b"\\xc0")) is not None)
+"""
+
+
+def test_deep_nesting_cannot_crash_a_process_that_raised_its_recursion_limit():
+    """On Python 3.11 msgspec's nesting check follows the recursion limit: raised, a deep
+    stream overflowed the C stack (SIGSEGV). Run in a child: a regression kills only it."""
+    r = subprocess.run([sys.executable, "-c", DEEP_UNDER_RAISED_LIMIT], capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ))
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.split() == ["refused"] * 4 + ["within", "True"], r.stdout
+
+
+@pytest.fixture
+def raised_recursion_limit():
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)
+    yield
+    sys.setrecursionlimit(old)
+
+
+def test_nesting_measure_accepts_what_the_sender_makes(raised_recursion_limit):
+    """Where the nesting is measured before decoding, nothing honest is refused."""
+    big = [[i, str(i), {"k": (i, [1.5, None], {i}), b"b": frozenset({(i,)})}, -i * 2**40, 2**70,
+            datetime.date(2020, 1, 1), 1j, b"x" * (i % 7), bytearray(3)] for i in range(2000)]
+    nested: object = None
+    for _ in range(objects._MAX_DEPTH):
+        nested = ([nested],)
+    big.append({"a": np.arange(10), "t": nested})
+    assert len(objects.pack(big)) > 100_000
+    got = objects.loads(objects.pack(big))
+    assert got[:-1] == big[:-1] and (got[-1]["a"] == big[-1]["a"]).all()
+    assert got[-1]["t"] == nested
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4999), st.integers(0, 255)), min_size=1, max_size=8))
+def test_mutated_payloads_with_the_nesting_measure(edits):
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)
+    try:
+        payload = bytearray(_BIG_SEED)
+        for pos, value in edits:
+            payload[pos % len(payload)] = value
+        try:
+            objects.loads(bytes(payload))
+        except capbus.ProtocolError:
+            pass
+    finally:
+        sys.setrecursionlimit(old)
 
 
 @pytest.mark.parametrize("unit,count", [(b"\x80", 1 << 20), (b"\x90", 1 << 20),
@@ -361,6 +433,9 @@ def test_random_bytes_are_only_ever_protocol_errors(raw):
 
 _SEED = objects.pack({"t": (1, 2.5, "x"), "a": np.arange(6, dtype=np.int16).reshape(2, 3), "s": {1, 2},
                       "d": datetime.date(2020, 1, 2), "b": b"q" * 4096, "c": 1j})
+
+
+_BIG_SEED = objects.pack([[i, (i, "s" * (i % 5)), {i: [None, {1.5}]}] for i in range(300)])
 
 
 @settings(max_examples=500, deadline=None)

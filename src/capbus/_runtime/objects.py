@@ -45,6 +45,8 @@ _HEAD = struct.Struct("<4sIQ")  # magic, number of buffers, length of the stream
 _ALIGN = 64
 _MAX_BUFFERS = 1 << 16
 _MAX_DEPTH = 100  # nested tuples/sets (each one a nested decode, i.e. Python frames)
+_SAFE_DEPTH = 1000  # nesting of any kind, where the recursion limit does not bound it
+_LIMIT_FOLLOWS_RECURSION = sys.version_info < (3, 12)  # 3.12+ counts C recursion on its own
 _OOB_MIN = 4096  # bytes-like objects at least this large travel as buffers
 _MAX_NDIM = 64
 _MAX_DIM = 1 << 48
@@ -444,6 +446,74 @@ def _split(payload: Any) -> tuple[bytes, memoryview, list[memoryview]]:
     return magic, stream, bufs
 
 
+# Fixed-size msgpack items after their first byte: scalars, then the length-prefixed ones
+# (str/bin/ext) as the size of their length field.
+_SKIP = {0xca: 4, 0xcb: 8, 0xcc: 1, 0xcd: 2, 0xce: 4, 0xcf: 8, 0xd0: 1, 0xd1: 2, 0xd2: 4, 0xd3: 8}
+_LEN = {0xc4: 1, 0xc5: 2, 0xc6: 4, 0xd9: 1, 0xda: 2, 0xdb: 4}
+_EXT = {0xc7: 1, 0xc8: 2, 0xc9: 4}  # the width of the length; fixext: the length itself
+_FIXEXT = {0xd4: 1, 0xd5: 2, 0xd6: 4, 0xd7: 8, 0xd8: 16}
+_COUNT = {0xdc: (2, 1), 0xdd: (4, 1), 0xde: (2, 2), 0xdf: (4, 2)}
+_CONTAINER_EXTS = (EXT_TUPLE, EXT_SET, EXT_FROZENSET)
+
+
+def _too_deep(b: memoryview, start: int, end: int, depth: int) -> bool:
+    """Whether the one value in b[start:end] nests deeper than _SAFE_DEPTH (counting `depth`
+    levels above it), or is not exactly one value. Iterative but for our container Ext types,
+    whose nested decodes _MAX_DEPTH bounds. Only run where msgspec's own check is not a bound."""
+    pos, todo, stack = start, 1, []
+    while True:
+        if todo == 0:
+            if not stack:
+                return pos != end
+            todo = stack.pop()
+            continue
+        if pos >= end:
+            return True
+        c = b[pos]
+        pos += 1
+        todo -= 1
+        if c <= 0x7f or c >= 0xe0 or c in (0xc0, 0xc2, 0xc3):
+            continue
+        if c <= 0x9f:
+            count = (c & 0x0F) * 2 if c <= 0x8f else c & 0x0F
+        elif c <= 0xbf:
+            pos += c & 0x1F
+            continue
+        elif c in _SKIP:
+            pos += _SKIP[c]
+            continue
+        elif c in _LEN:
+            w = _LEN[c]
+            pos += w + int.from_bytes(b[pos:pos + w], "big")
+            continue
+        elif c in _EXT or c in _FIXEXT:
+            if c in _EXT:
+                w = _EXT[c]
+                n, pos = int.from_bytes(b[pos:pos + w], "big"), pos + w
+            else:
+                n = _FIXEXT[c]
+            if pos >= end:
+                return True
+            code, pos = b[pos], pos + 1
+            inner = depth + len(stack) + 1
+            if code in _CONTAINER_EXTS and (inner > _SAFE_DEPTH or pos + n > end
+                                             or _too_deep(b, pos, pos + n, inner)):
+                return True
+            pos += n
+            continue
+        elif c in _COUNT:
+            w, per = _COUNT[c]
+            count = int.from_bytes(b[pos:pos + w], "big") * per
+            pos += w
+        else:
+            return True  # 0xc1: never used
+        if count:
+            stack.append(todo)
+            todo = count
+            if depth + len(stack) > _SAFE_DEPTH:
+                return True
+
+
 def loads(payload: Any, trusted: bool = False) -> Any:
     """Rebuild an object; its arrays (and memoryviews sent large) are read-only views of
     `payload`, valid while the payload is. Any malformed payload is ProtocolError.
@@ -461,6 +531,12 @@ def loads(payload: Any, trusted: bool = False) -> Any:
             return _pickle.loads(stream, buffers=bufs)
         except Exception as exc:
             raise ProtocolError(f"cannot unpickle the payload: {exc}") from exc
+    # msgspec bounds nesting by Py_EnterRecursiveCall, which on Python 3.11 follows the
+    # recursion limit: raised high, a deep enough stream overflows the C stack (a crash), so
+    # then the nesting is measured first (in Python: only in that configuration).
+    if (_LIMIT_FOLLOWS_RECURSION and len(stream) > _SAFE_DEPTH
+            and sys.getrecursionlimit() > _SAFE_DEPTH and _too_deep(stream, 0, len(stream), 0)):
+        raise _bad(f"not one value, or nested deeper than {_SAFE_DEPTH}")
     st = _State(bufs)
     prev = getattr(_tls, "state", None)
     _tls.state = st
