@@ -584,3 +584,51 @@ def test_hostile_server_replies_are_protocol_errors_for_the_client(kernel, child
         ep.call(100001, timeout=20)
     server.wait(20)
     assert server.returncode == 0, server.stderr.read()
+
+
+SCRIBBLING_CLIENT = """
+import capbus, json, random, sys, threading
+from capbus._runtime import objects
+from capbus._runtime.message import OBJECT_FLAG
+p = capbus.connect()
+ep = p.lookup("objsvc", timeout=10)
+obj = {"s": "a" * 3000 + "\\u00e9", "l": [list(range(50)), ("t", 1.5, {"k": b"v" * 100})] * 20,
+       "big": b"x" * 70_000, "n": 2 ** 100}
+size, parts = objects.dumps(obj)
+stream_end = len(parts[0]) + len(parts[1])
+views, stop = [], []
+
+def scribble():  # rewrites header and stream of every loan it ever had, while the server decodes
+    r = random.Random(int(sys.argv[2]))
+    while not stop:
+        for v in list(views):
+            for _ in range(20):
+                v[r.randrange(stream_end)] = r.randrange(256)
+
+threading.Thread(target=scribble, daemon=True).start()
+counts = {}
+for i in range(int(sys.argv[1])):
+    loan = ep.loan(size)
+    objects.pack_into(loan.buffer, parts)
+    views.append(loan.buffer)
+    reply = loan.call(5, timeout=20, flags=OBJECT_FLAG)
+    counts[reply.opcode] = counts.get(reply.opcode, 0) + 1
+stop.append(1)
+print(json.dumps(counts), flush=True)
+"""
+
+
+def test_a_sender_rewriting_its_loaned_payload_during_decoding_hurts_nobody(kernel, children):
+    """A zero-copy payload stays writable by its sender: whatever it writes while the server
+    decodes, the server gets a value or ProtocolError, never another error or a crash."""
+    server = children.start(OBJECT_SERVER)
+    assert readline(server) == "ready"
+    hostile = children.start(SCRIBBLING_CLIENT, "300", "11")
+    counts = json.loads(readline(hostile, timeout=180))
+    assert sum(counts.values()) == 300 and set(counts) <= {"0", "99"}, counts
+    with capbus.connect(kernel.socket_path) as honest:
+        ep = honest.lookup("objsvc", timeout=10)
+        assert ep.call_object(("still", "serving"), timeout=20).object() == {"echo": ("still", "serving")}
+        assert ep.call_object("stop", timeout=20).opcode == 0
+    server.wait(20)
+    assert server.returncode == 0, server.stderr.read()

@@ -207,6 +207,8 @@ class _Writer:
                 if not _dtype_ok(dt):
                     raise _cannot(x, f" (dtype {dt!s}: only plain fixed-size dtypes)")
                 return _Ext(EXT_NPSCALAR, _enc((dt.str, np.asarray(x, dt).tobytes())))
+            if isinstance(x, np.ndarray):  # a mask, a memmap's file...: what would be dropped?
+                raise _cannot(x, " (an ndarray subclass: send np.asarray(x) to send its data)")
         raise _cannot(x)
 
 
@@ -436,6 +438,11 @@ def _split(payload: Any) -> tuple[bytes, memoryview, list[memoryview]]:
                    f"{len(view)} arrived")
     sizes = struct.unpack_from(f"<{nbufs}Q", view, _HEAD.size)
     stream = view[sizes_end:sizes_end + stream_len]
+    if type(payload) is not bytes:
+        # A zero-copy payload is memory the sender can still write: the decoder must not read a
+        # length, check it and read it again while the sender changes it, so it reads a private
+        # copy of the stream (small: arrays and large buffers are not in it).
+        stream = memoryview(bytes(stream))
     pos = _align(sizes_end + stream_len)
     bufs = []
     for n in sizes:
