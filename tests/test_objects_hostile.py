@@ -12,6 +12,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import tracemalloc
 
@@ -466,11 +467,14 @@ def hostile_corpus() -> dict[str, bytes]:
     return corpus
 
 
-def _write_corpus(tmp_path) -> str:
-    path = str(tmp_path / "corpus.json")
-    with open(path, "w") as f:
+@pytest.fixture
+def corpus_file():
+    """The corpus as a file for the child processes, removed afterwards."""
+    fd, path = tempfile.mkstemp(prefix="cb-corpus-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
         json.dump({k: v.hex() for k, v in hostile_corpus().items()}, f)
-    return path
+    yield path
+    os.unlink(path)
 
 
 OBJECT_SERVER = """
@@ -508,11 +512,11 @@ print("done", flush=True)
 """
 
 
-def test_hostile_client_gets_protocol_errors_and_the_server_serves_others(kernel, children, tmp_path):
+def test_hostile_client_gets_protocol_errors_and_the_server_serves_others(kernel, children, corpus_file):
     corpus = hostile_corpus()
     server = children.start(OBJECT_SERVER)
     assert readline(server) == "ready"
-    hostile = children.start(HOSTILE_CLIENT, _write_corpus(tmp_path))
+    hostile = children.start(HOSTILE_CLIENT, corpus_file)
     with capbus.connect(kernel.socket_path) as honest:
         ep = honest.lookup("objsvc", timeout=10)
         results = {}
@@ -554,9 +558,9 @@ while True:
 """
 
 
-def test_hostile_server_replies_are_protocol_errors_for_the_client(kernel, children, tmp_path):
+def test_hostile_server_replies_are_protocol_errors_for_the_client(kernel, children, corpus_file):
     corpus = hostile_corpus()
-    server = children.start(HOSTILE_SERVER, _write_corpus(tmp_path))
+    server = children.start(HOSTILE_SERVER, corpus_file)
     assert readline(server) == "ready"
     errors: list = []
     with capbus.connect(kernel.socket_path) as me:
@@ -632,3 +636,42 @@ def test_a_sender_rewriting_its_loaned_payload_during_decoding_hurts_nobody(kern
         assert ep.call_object("stop", timeout=20).opcode == 0
     server.wait(20)
     assert server.returncode == 0, server.stderr.read()
+
+
+DYING_SENDER = """
+import capbus, os, sys
+import numpy as np
+from capbus._runtime.message import OBJECT_FLAG
+p = capbus.connect()
+ep = p.lookup("sink", timeout=10)
+ep.send_object({"a": np.arange(1 << 16, dtype=np.int64)})  # 512 KiB: a loan, zero-copy
+bad = bytearray(open(sys.argv[1], "rb").read())
+ep.send_async(2, (), bytes(bad), OBJECT_FLAG)
+os._exit(0)  # gone before the receiver has looked at either
+"""
+
+
+def test_a_sender_dying_right_after_sending_leaves_its_objects_decodable(kernel, children):
+    bad = frame(ndarray("<f8", [1 << 15]), (bytes((1 << 18) + 8),))  # big, and one float too long
+    fd, path = tempfile.mkstemp(prefix="cb-bad-")
+    os.write(fd, bad)
+    os.close(fd)
+    with capbus.connect(kernel.socket_path) as me:
+        svc = me.register("sink")
+        try:
+            p = children.start(DYING_SENDER, path)
+            p.wait(30)
+        finally:
+            os.unlink(path)
+        assert p.returncode == 0, p.stderr.read()
+        first = svc.recv(timeout=20)
+        arr = first.object()["a"]
+        assert arr[-1] == (1 << 16) - 1 and not arr.flags.writeable
+        second = svc.recv(timeout=20)
+        with pytest.raises(capbus.ProtocolError, match="buffer of"):
+            second.object()
+        first.release()
+        second.release()
+        with capbus.connect(kernel.socket_path) as other:
+            other.lookup("sink").send_object(("after", 1))
+            assert svc.recv(timeout=20).object() == ("after", 1)
