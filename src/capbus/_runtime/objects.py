@@ -1,28 +1,30 @@
-"""Python objects over capbus: data-only msgpack (msgspec) with out-of-band buffers; pickle only
-between peers that trust each other. The decoder is the boundary a hostile peer writes to: it
-names no code, allocates no more than what arrived allows, and answers every malformed payload
-with ProtocolError.
+"""Python objects over capbus: data-only msgpack (msgspec), large buffers out of band; pickle
+only between peers that trust each other. The decoder is where a hostile peer's bytes land: it
+names no code, allocates only what arrived pays for, and answers anything malformed with ProtocolError.
 
 Payload layout: [header][stream][buffer 0][buffer 1]..., each buffer 64-byte aligned. The
 header is (magic, number of buffers, stream length, one u64 length per buffer). Magic b"CBM1":
 the stream is msgpack; b"CBP5": it is pickle protocol 5 (refused unless the receiver passes
-trusted=True). numpy arrays and large bytes-like objects are not copied into the stream but
-placed as buffers and referenced from it by index (each buffer exactly once), so the receiver
-rebuilds arrays as read-only views of the payload (no copy).
+trusted=True). numpy arrays and bytes-like objects of 4 KiB or more are not copied into the
+stream but placed as buffers and referenced from it by index (each buffer exactly once), so the
+receiver rebuilds arrays as read-only views of the payload (no copy); bytes and bytearray are
+copied out (they are immutable / owned), memoryviews stay read-only views.
 
-What msgpack carries natively (None, bool, 64-bit ints, float, str, bytes, list, dict) goes as
-itself; everything else plain goes as an Ext type (codes below): tuple, set, frozenset,
-complex, ints outside the 64-bit range, bytearray, memoryview (arrives as a read-only byte
-view), datetime/date/time/timedelta (tz-aware values arrive with a fixed-offset
-datetime.timezone of the same offset), numpy arrays (plain fixed-size dtypes only, sent
-C-contiguous) and numpy scalars. Anything else is a TypeError on the sending side: send it with
-pickle=True to a receiver that trusts you.
+What msgpack carries natively (None, bool, 64-bit ints, float, str, bytes, list, dict with any
+such keys) goes as itself; every other plain type goes as an Ext type (codes below): tuple, set,
+frozenset, complex, ints outside the 64-bit range (any size: they cost their own bytes),
+bytearray, memoryview (arrives as a read-only byte view), datetime/date/time/timedelta (tz-aware
+values arrive with a fixed-offset datetime.timezone of the same offset), numpy arrays (plain
+fixed-size dtypes only, sent C-contiguous) and numpy scalars. Anything else, subclasses
+included, is a TypeError on the sending side: send it with pickle=True to a receiver that
+trusts you.
 
 Bounds: msgspec checks every declared length against the bytes that remain before allocating,
-and counts nesting against the interpreter's recursion limit; nested Ext containers are
-counted too (_MAX_DEPTH). Each buffer is referenced at most once, so no reference can multiply
-it. What remains is the Python object overhead per input byte: at most ~80 bytes of objects per
-byte of payload (a list of empty dicts or sets), plus a fixed amount.
+and counts nesting against the interpreter's recursion limit (on 3.11 with a raised limit, a
+scan measures it first: _too_deep); nested Ext containers are counted too (_MAX_DEPTH). Each
+buffer is referenced at most once, so no reference can multiply it. What remains is the Python
+object overhead per input byte: at most ~80 bytes of objects per byte of payload (a list of
+empty dicts or sets), plus a fixed amount.
 """
 
 from __future__ import annotations
