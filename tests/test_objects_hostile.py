@@ -419,12 +419,16 @@ def _same(a, b) -> bool:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_data)
 def test_round_trip_keeps_values_and_types(obj):
-    assert _same(obj, objects.loads(objects.pack(obj)))
+    payload = objects.pack(obj)
+    assert _same(obj, objects.loads(payload))
+    stream = objects._split(payload)[1]  # the nesting measure (3.11, raised limit) agrees
+    assert not objects._too_deep(stream, 0, len(stream), 0)
 
 
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=300))
 def test_random_bytes_are_only_ever_protocol_errors(raw):
+    assert objects._too_deep(memoryview(raw), 0, len(raw), 0) in (True, False)
     for payload in (raw, frame(raw), frame(raw, (B64,)), frame(raw, magic=objects.PICKLE_MAGIC)):
         try:
             objects.loads(payload)
