@@ -208,20 +208,24 @@ class Endpoint(_core.EndpointBase):
         lane = self._local.__dict__.get("lane") or self._thread_lane()
         return Loan(self, lane, lane.core.loan(size))
 
-    def call_object(self, obj: Any, opcode: int = 0, timeout: float | None = None) -> Message:
-        """Send a Python object (pickle protocol 5, large buffers out of band) and wait for the
-        reply; the server reads it with req.object() and may answer with req.reply_object().
-        Large objects are written straight into an arena loan: one copy, none on receipt."""
-        size, parts = objects.dumps(obj)
+    def call_object(self, obj: Any, opcode: int = 0, timeout: float | None = None,
+                    pickle: bool = False) -> Message:
+        """Send a Python object and wait for the reply; the server reads it with req.object() and
+        may answer with req.reply_object(). The object goes as data-only msgpack (plain data,
+        tuples, sets, datetimes, numpy arrays: see capbus._runtime.objects; TypeError for what it
+        cannot carry), large buffers out of band: written straight into an arena loan, one copy,
+        none on receipt. pickle=True sends pickle instead, which only a server that trusts this
+        process decodes (req.object(trusted=True))."""
+        size, parts = objects.dumps(obj, pickle)
         if size < _core.ZC_THRESHOLD:
             return self.call(opcode, (), objects.join(size, parts), timeout, OBJECT_FLAG)
         with self.loan(size) as loan:
             objects.pack_into(loan.buffer, parts)
             return loan.call(opcode, timeout=timeout, flags=OBJECT_FLAG)
 
-    def send_object(self, obj: Any, opcode: int = 0) -> None:
+    def send_object(self, obj: Any, opcode: int = 0, pickle: bool = False) -> None:
         """send_async() of a Python object (see call_object)."""
-        size, parts = objects.dumps(obj)
+        size, parts = objects.dumps(obj, pickle)
         if size < _core.ZC_THRESHOLD:
             self.send_async(opcode, (), objects.join(size, parts), OBJECT_FLAG)
             return

@@ -10,7 +10,7 @@ from .. import _core
 
 # The top two user flag bits are the runtime's own.
 TRANSFER_FLAG = _core.TRANSFER_FLAG  # capabilities or regions travel with this message
-OBJECT_FLAG = _core.OBJECT_FLAG  # the payload is a pickled object (capbus._runtime.objects)
+OBJECT_FLAG = _core.OBJECT_FLAG  # the payload is an object (capbus._runtime.objects)
 USER_FLAGS = _core.FLAG_USER_MASK & ~(TRANSFER_FLAG | OBJECT_FLAG)
 
 
