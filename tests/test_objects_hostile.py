@@ -95,7 +95,7 @@ def test_pickle_needs_both_sides_to_opt_in():
     with pytest.raises(capbus.ProtocolError, match="trusted=True"):
         objects.loads(payload)
     assert objects.loads(payload, trusted=True) == os.getpid()
-    assert objects.loads(objects.pack(objects.Pickled({1})), trusted=True) == {1}
+    assert objects.loads(objects.pack({1}, pickle=True), trusted=True) == {1}
 
 
 # ---- msgpack bombs: lengths that lie, nesting without end ----------------------------------------

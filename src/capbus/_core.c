@@ -4216,7 +4216,7 @@ static PyTypeObject ZBufType = {
 
 /* The runtime's own user flag bits (capbus._runtime.message takes them from here). */
 #define RT_TRANSFER_FLAG 0x80000000u /* capabilities or regions travel with this message */
-#define RT_OBJECT_FLAG 0x40000000u   /* the payload is a pickled object */
+#define RT_OBJECT_FLAG 0x40000000u   /* the payload is an object (capbus._runtime.objects) */
 
 typedef struct {
     PyObject_HEAD
@@ -4570,7 +4570,7 @@ static PyObject *Request_get_zero_copy(RequestObject *R, void *c)
     return PyBool_FromLong(R->zbuf != NULL);
 }
 
-/* object(trusted=False) and reply_object(obj, opcode=0): pickled payloads, through
+/* object(trusted=False) and reply_object(obj, opcode=0, pickle=False): object payloads, through
  * capbus._runtime.objects (imported on first use; the Request type itself stays native so that
  * receiving and dropping a request costs no Python-level subclass machinery). */
 static PyObject *objects_module(void)
@@ -4704,12 +4704,23 @@ static PyObject *Request_object(RequestObject *R, PyObject *args, PyObject *kw)
 
 static PyObject *Request_reply_object(RequestObject *R, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"obj", "opcode", NULL};
+    static char *kwlist[] = {"obj", "opcode", "pickle", NULL};
     PyObject *obj, *opcode = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O:reply_object", kwlist, &obj, &opcode))
+    int pickle = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|Op:reply_object", kwlist, &obj, &opcode,
+                                     &pickle))
         return NULL;
     PyObject *mod = objects_module();
-    PyObject *packed = mod ? PyObject_CallMethod(mod, "pack", "O", obj) : NULL;
+    PyObject *fn = mod ? PyObject_GetAttrString(mod, "pack") : NULL;
+    if (!fn)
+        return NULL;
+    /* One positional argument, whatever obj is (a tuple must not be spread into arguments). */
+    PyObject *pargs = PyTuple_Pack(1, obj);
+    PyObject *pkw = pargs ? Py_BuildValue("{s:O}", "pickle", pickle ? Py_True : Py_False) : NULL;
+    PyObject *packed = pkw ? PyObject_Call(fn, pargs, pkw) : NULL;
+    Py_DECREF(fn);
+    Py_XDECREF(pargs);
+    Py_XDECREF(pkw);
     if (!packed)
         return NULL;
     PyObject *op = opcode ? Py_NewRef(opcode) : PyLong_FromLong(0);
@@ -4728,13 +4739,14 @@ static PyObject *Request_reply_object(RequestObject *R, PyObject *args, PyObject
 static PyMethodDef Request_methods[] = {
     {"object", (PyCFunction)(void (*)(void))Request_object, METH_VARARGS | METH_KEYWORDS,
      "object(trusted=False): the Python object the payload carries (see Endpoint.send_object /\n"
-     "call_object). Its large buffers (numpy arrays, bytes) are views of the payload, not\n"
-     "copies. Untrusted (the default), only plain data and numpy arrays are rebuilt: unpickling\n"
-     "anything else would let the sender run code here; trusted=True allows it."},
+     "call_object). Its numpy arrays are read-only views of the payload, not copies. The\n"
+     "payload is data-only msgpack, which names no code; a pickled one (the sender passed\n"
+     "pickle=True) is ProtocolError unless trusted=True, which lets the sender run code here."},
     {"reply_object", (PyCFunction)(void (*)(void))Request_reply_object,
      METH_VARARGS | METH_KEYWORDS,
-     "reply_object(obj, opcode=0): answer a call with a Python object (the caller reads it with\n"
-     "reply.object())."},
+     "reply_object(obj, opcode=0, pickle=False): answer a call with a Python object (the\n"
+     "caller reads it with reply.object()); pickle=True for objects msgpack cannot carry, which\n"
+     "only a caller that passes trusted=True will decode."},
     {"release", (PyCFunction)Request_release, METH_NOARGS,
      "release(): done with this request. .payload reads as a released memoryview from now on, "
      "and a zero-copy payload's arena memory goes back to the client once no view taken from it "

@@ -84,16 +84,6 @@ def _align(n: int) -> int:
     return (n + _ALIGN - 1) & ~(_ALIGN - 1)
 
 
-class Pickled:
-    """Wrap an object to send it as pickle (for reply_object, which takes no pickle=...):
-    only a receiver that passes trusted=True will unpickle it, and it lets you run code there."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: Any) -> None:
-        self.obj = obj
-
-
 # ---- encoding ---------------------------------------------------------------------------------
 
 
@@ -222,10 +212,7 @@ def dumps(obj: Any, pickle: bool = False) -> tuple[int, list]:
     """(total size, parts) where parts are what pack_into() writes: the layout is decided here.
 
     pickle=False (the default): data-only msgpack, TypeError for what it cannot carry.
-    pickle=True (or obj wrapped in Pickled): pickle protocol 5, which only a receiver that
-    trusts this sender decodes."""
-    if type(obj) is Pickled:
-        obj, pickle = obj.obj, True
+    pickle=True: pickle protocol 5, which only a receiver that trusts this sender decodes."""
     if pickle:
         pbufs: list[_pickle.PickleBuffer] = []
         stream = _pickle.dumps(obj, protocol=5, buffer_callback=pbufs.append)
@@ -268,12 +255,9 @@ def join(size: int, parts: list) -> bytes:
     return bytes(out)
 
 
-def pack(*obj: Any, pickle: bool = False) -> bytes:
-    """The whole payload as bytes. Takes the object as *obj because Request.reply_object (C)
-    calls pack through PyObject_CallMethod(mod, "pack", "O", obj), which spreads a tuple into
-    arguments: a tuple of n != 1 items arrives as n arguments and is rebuilt here, a 1-tuple
-    cannot be told from its item (a fix in _core.c: pass the object as one argument)."""
-    return join(*dumps(obj[0] if len(obj) == 1 else obj, pickle))
+def pack(obj: Any, pickle: bool = False) -> bytes:
+    """The whole payload as bytes (see dumps)."""
+    return join(*dumps(obj, pickle))
 
 
 # ---- decoding ---------------------------------------------------------------------------------
