@@ -1,7 +1,7 @@
 """Fair in the default wait mode when there are more busy processes than cores: three clients
 calling one service as fast as they can (four busy processes on this project's 2-core machine)
 each get at least half of a fair share of the calls. Adaptive spinning that only burns the CPU a
-sleeper needs would starve one of them (38k : 313k : 304k calls in 3 s before it yielded)."""
+sleeper needs starved one of them (38k : 313k : 304k calls in 3 s before waits noticed it)."""
 
 from __future__ import annotations
 

@@ -295,6 +295,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -840,16 +841,87 @@ static PyObject *py_atomic_add_u64(PyObject *self, PyObject *args)
  * bit a scribbler keeps clearing is still served with bounded delay. */
 #define FULL_SCAN_NS 10000000ull
 #define SPIN_SCAN_NS 1000000ull
-/* Adaptive spinning yields the CPU. A peer on another CPU answers in well under a microsecond,
- * so an adaptive wait first spins plainly for YIELD_AFTER_NS; after that it polls between
- * sched_yield() calls until its spin time is over. When nothing else wants this CPU, a yield
- * returns at once and the wait is as quick as a plain spin; when there are more busy threads than
- * CPUs (a sleeper woken by its reply, the server itself on this CPU), the yield lets them run
- * instead of burning the time they need: on a 2-core machine three clients and a server that all
- * spun plainly got call counts as unequal as 38k : 313k : 304k in 3 s. Clock reads every
- * SPIN_CLOCK_EVERY polls (about 2 us of pause instructions). */
-#define YIELD_AFTER_NS 1000ull
-#define SPIN_CLOCK_EVERY 64u
+/* Adaptive waiting that notices when spinning only burns the CPU a sleeper needs.
+ *
+ * A spin pays off only while the peer runs on another CPU. With more busy threads than CPUs (on a
+ * 2-core machine: three clients calling one server), a spinner holds a CPU that a woken thread
+ * needs, and whoever shares a CPU with the server makes one call per scheduler switch while the
+ * others make a call per microsecond: plain spinning gave three such clients 38k : 313k : 304k
+ * calls in 3 s. The sign is cheap to read: a thread on an oversubscribed CPU is preempted
+ * involuntarily tens of thousands of times a second (48,000/s for the server above), against
+ * about a hundred on a machine with room. So an adaptive wait reads its thread's involuntary
+ * context switches (getrusage, at most every CONTENTION_CHECK_NS), and while they run above
+ * CONTENDED_PER_S it does not spin at all (it sleeps at once, as "block" does, which shares the
+ * CPUs fairly), for CONTENTION_HOLD_NS after the last such reading.
+ *
+ * Besides, a spin that ended in a sleep halves the next one (down to SPIN_FLOOR_NS) and one that
+ * saw its event doubles it (up to spin_ns): spinning for a peer that takes long is waste too. */
+#define CONTENTION_CHECK_NS 10000000ull
+#define CONTENTION_HOLD_NS 200000000ull
+#define CONTENDED_PER_S 2000u
+#define SPIN_FLOOR_NS 1000ull
+
+static inline uint64_t spin_lost(uint64_t cur)
+{
+    return cur / 2 > SPIN_FLOOR_NS ? cur / 2 : SPIN_FLOOR_NS;
+}
+
+static inline uint64_t spin_won(uint64_t cur, uint64_t max)
+{
+    return cur >= max ? cur : (2 * cur < max ? 2 * cur : max);
+}
+
+/* Per thread (the waits run without the GIL): the last reading and until when to hold off. */
+static __thread struct {
+    uint64_t at, nivcsw, hold_until;
+} contention;
+
+/* More runnable threads in the system than CPUs for us (the 4th field of /proc/loadavg counts
+ * the running and runnable ones, the reader included)? Involuntary switches alone also come from
+ * a peer woken on our own CPU: a client and its server that landed on one CPU would then settle
+ * into sleeping ping-pong there, where spinning lets the scheduler move one of them away. */
+static int cpus_oversubscribed(void)
+{
+    static int ncpu;
+    if (!ncpu) {
+        cpu_set_t set;
+        ncpu = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1;
+    }
+    int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 1; /* cannot tell: trust the switches */
+    char buf[128];
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 1;
+    buf[n] = 0;
+    const char *p = buf;
+    for (int field = 0; field < 3 && p; field++) {
+        p = strchr(p, ' ');
+        if (p)
+            p++;
+    }
+    return p ? atoi(p) > ncpu : 1;
+}
+
+/* May an adaptive wait starting at `now` spin? No while this thread's CPU is oversubscribed. */
+static HOT int spin_allowed(uint64_t now)
+{
+    if (__builtin_expect(now - contention.at >= CONTENTION_CHECK_NS, 0)) {
+        struct rusage ru;
+        if (getrusage(RUSAGE_THREAD, &ru) == 0) {
+            uint64_t n = (uint64_t)ru.ru_nivcsw, dt = now - contention.at;
+            if (contention.at && dt < 10 * CONTENTION_CHECK_NS &&
+                (n - contention.nivcsw) * 1000000000ull > (uint64_t)CONTENDED_PER_S * dt &&
+                cpus_oversubscribed())
+                contention.hold_until = now + CONTENTION_HOLD_NS;
+            contention.nivcsw = n;
+        }
+        contention.at = now;
+    }
+    return now >= contention.hold_until;
+}
 
 /* Payload copies (and CRCs) at least this big run without the GIL. */
 #define NOGIL_COPY_BYTES (64u << 10)
@@ -1753,6 +1825,7 @@ typedef struct {
     uint32_t index;
     int mode;
     uint64_t spin_ns;
+    uint64_t spin_cur; /* adaptive: this wait's spin (see spin_won/spin_lost) */
     uint64_t max_payload;
     prod_t req;
     cons_t resp;
@@ -1950,7 +2023,7 @@ static int Lane_init(LaneObject *L, PyObject *args, PyObject *kw)
     }
     L->index = (uint32_t)index;
     L->mode = mode;
-    L->spin_ns = (uint64_t)spin_ns;
+    L->spin_ns = L->spin_cur = (uint64_t)spin_ns;
     L->max_payload = max_payload_for(asize);
     memset(&L->req, 0, sizeof L->req);
     memset(&L->resp, 0, sizeof L->resp);
@@ -2278,27 +2351,23 @@ static HOT int lane_wait(LaneObject *L, uint64_t deadline)
     uint64_t spin_end = start;
     if (L->mode == WAIT_SPIN)
         spin_end = slice_end;
-    else if (L->mode == WAIT_ADAPTIVE)
-        spin_end = slice_end - start > L->spin_ns ? start + L->spin_ns : slice_end;
+    else if (L->mode == WAIT_ADAPTIVE && spin_allowed(start))
+        spin_end = slice_end - start > L->spin_cur ? start + L->spin_cur : slice_end;
     if (spin_end > start) {
-        /* adaptive: a clock read every SPIN_CLOCK_EVERY polls, and yields after YIELD_AFTER_NS */
-        unsigned every = L->mode == WAIT_ADAPTIVE ? SPIN_CLOCK_EVERY : 1024;
-        uint64_t yield_at = L->mode == WAIT_ADAPTIVE ? start + YIELD_AFTER_NS : UINT64_MAX;
         for (unsigned i = 1;; i++) {
             /* RELAXED: only an "anything new?" test; cons_poll re-reads the tail with ACQUIRE. */
-            if (__atomic_load_n(tail, __ATOMIC_RELAXED) != head)
+            if (__atomic_load_n(tail, __ATOMIC_RELAXED) != head) {
+                L->spin_cur = spin_won(L->spin_cur, L->spin_ns);
                 return LW_READY;
+            }
             if (ctrl_state(L->ctrl) != STATE_OPEN)
                 return LW_STATE;
             cpu_relax();
-            if (i % every == 0) {
-                uint64_t now = now_ns();
-                if (now >= spin_end)
-                    break;
-                if (now >= yield_at)
-                    sched_yield();
-            }
+            if (i % 1024 == 0 && now_ns() >= spin_end)
+                break;
         }
+        if (L->mode == WAIT_ADAPTIVE)
+            L->spin_cur = spin_lost(L->spin_cur);
     }
     if (forever) /* adaptive, spun out */
         return lane_sleep(L, tail, sleeping, head, 0, 1);
@@ -3216,6 +3285,7 @@ typedef struct {
     char *db;
     int mode;
     uint64_t spin_ns;
+    uint64_t spin_cur; /* adaptive: this wait's spin (see spin_won/spin_lost) */
     int recv_active;    /* GIL */
     int interrupt;      /* atomic */
     uint32_t rr;        /* round-robin position (recv only) */
@@ -3698,7 +3768,7 @@ static int ServerSet_init(ServerSetObject *S, PyObject *args, PyObject *kw)
     /* RELAXED: read by clients' doorbell rings; see lane_ring_doorbell and ss_poll. */
     __atomic_store_n((uint32_t *)(S->db + DB_SERVER_SPINS_OFF), mode == WAIT_SPIN, __ATOMIC_RELAXED);
     S->mode = mode;
-    S->spin_ns = (uint64_t)spin_ns;
+    S->spin_ns = S->spin_cur = (uint64_t)spin_ns;
     return 0;
 }
 
@@ -3814,8 +3884,13 @@ static PyObject *ServerSet_add(ServerSetObject *S, PyObject *args, PyObject *kw)
     /* And wake a recv asleep already: the client's first request may have rung the doorbell
      * before this channel was ours, and the scan that woke found nothing, so without this the
      * request waited for the next wake-up of any kind (the 50 ms sleep cap or the watchdog: a
-     * fresh channel's first call took ~51 ms in about one process in ten). */
-    ss_kick(S);
+     * fresh channel's first call took ~51 ms in about one process in ten). The seq bump is a
+     * full fence after the table store: a sleeper either scans the new channel or is woken. An
+     * event loop's eventfd only if it is armed. */
+    ss_wake_sleeper(S);
+    if (S->event_efd >= 0 &&
+        __atomic_load_n((uint32_t *)(S->db + DB_EVENT_WANTED_OFF), __ATOMIC_RELAXED))
+        efd_signal(S->event_efd);
     Py_RETURN_NONE;
 fail:
     chan_free(ch);
@@ -3991,8 +4066,8 @@ static HOT int ss_wait(ServerSetObject *S, uint64_t deadline)
     uint64_t spin_end = start;
     if (S->mode == WAIT_SPIN)
         spin_end = slice_end;
-    else if (S->mode == WAIT_ADAPTIVE)
-        spin_end = slice_end - start > S->spin_ns ? start + S->spin_ns : slice_end;
+    else if (S->mode == WAIT_ADAPTIVE && spin_allowed(start))
+        spin_end = slice_end - start > S->spin_cur ? start + S->spin_cur : slice_end;
     if (spin_end > start) {
         /* ACQUIRE: if a later load sees a different seq we rescan anyway; reading seq BEFORE the
          * scan closes the window where a client publishes between our scan and our read. */
@@ -4002,26 +4077,29 @@ static HOT int ss_wait(ServerSetObject *S, uint64_t deadline)
         uint64_t next_scan = start + SPIN_SCAN_NS;
         uint64_t *bm = (uint64_t *)(S->db + DB_BITMAP_OFF);
         uint32_t span = ss_span(S);
-        unsigned every = S->mode == WAIT_ADAPTIVE ? SPIN_CLOCK_EVERY : 1024;
-        uint64_t yield_at = S->mode == WAIT_ADAPTIVE ? start + YIELD_AFTER_NS : UINT64_MAX;
         for (unsigned i = 1;; i++) {
-            if (__atomic_load_n(seq, __ATOMIC_RELAXED) != seen) /* RELAXED: just "look again" */
+            if (__atomic_load_n(seq, __ATOMIC_RELAXED) != seen) { /* RELAXED: "look again" */
+                S->spin_cur = spin_won(S->spin_cur, S->spin_ns);
                 return W_AGAIN;
+            }
             /* The hint bits too: clients of a spinning server set only those (server_spins).
              * RELAXED: "look again" as well; a scribbled bit costs one empty turn. */
             for (uint32_t w = 0; w < span && w < DB_BITMAP_WORDS; w++)
                 if (__atomic_load_n(&bm[w], __ATOMIC_RELAXED) &
-                    __atomic_load_n(&S->active[w], __ATOMIC_RELAXED))
+                    __atomic_load_n(&S->active[w], __ATOMIC_RELAXED)) {
+                    S->spin_cur = spin_won(S->spin_cur, S->spin_ns);
                     return W_AGAIN;
+                }
             if (__atomic_load_n(&S->interrupt, __ATOMIC_RELAXED))
                 return W_INTERRUPT;
             cpu_relax();
-            if (i % every == 0) {
+            if (i % 1024 == 0) {
                 uint64_t now = now_ns();
-                if (now >= spin_end)
+                if (now >= spin_end) {
+                    if (S->mode == WAIT_ADAPTIVE)
+                        S->spin_cur = spin_lost(S->spin_cur);
                     break;
-                if (now >= yield_at)
-                    sched_yield(); /* see YIELD_AFTER_NS */
+                }
                 if (now >= next_scan) { /* a scribbler may hold seq still: trust only rings */
                     if (ss_full_scan(S, coarse_ns()))
                         return W_AGAIN;
