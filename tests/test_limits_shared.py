@@ -127,7 +127,8 @@ def test_bandwidth_is_shared_by_threads(kernel, echo):
         assert bw <= sum(got) <= bound, (sum(got), elapsed)
 
 
-DELEGATE = """
+# A child that is handed a capability (as `ep`) in its first message, then goes on as told below.
+RECEIVE_CAP = """
 import capbus, sys, time
 p = capbus.connect()
 inbox = p.register("inbox")
@@ -135,6 +136,9 @@ print("ready", flush=True)
 req = inbox.recv(timeout=10)
 (ep,) = req.caps
 req.reply(0)
+"""
+
+DELEGATE = RECEIVE_CAP + """
 lower = int(sys.argv[1])
 if lower:
     ep = ep.restrict(rate_limit=lower)
@@ -226,14 +230,7 @@ def test_looking_up_again_buys_no_fresh_burst(kernel, children):
         assert total <= rate * (1 + elapsed) + 2, (total, elapsed)
 
 
-SPEND_AND_DIE = """
-import capbus, time
-p = capbus.connect()
-inbox = p.register("inbox")
-print("ready", flush=True)
-req = inbox.recv(timeout=10)
-(ep,) = req.caps
-req.reply(0)
+SPEND_AND_DIE = RECEIVE_CAP + """
 ok = 0
 try:
     while True:

@@ -404,16 +404,21 @@ def wait_until(predicate, timeout: float) -> bool:
     return predicate()
 
 
+def _one_channel(db, chans):
+    """A test channel (1 MiB arena) between a ServerSet and a Lane in this process."""
+    ch = chans(1)
+    s = _core.ServerSet(db)
+    s.add(1, ch.chan, ch.ctrl, ch.nslots, ch.arena, 7)
+    return ch, s, _core.Lane(ch.chan, ch.ctrl, db, 1, ch.nslots, ch.arena)
+
+
 # ---- the native core alone: a receiver lying about what it released ----------------------------
 
 
 def test_a_receiver_claiming_everything_released_cannot_reach_a_loan_view(db, chans):
     """The receiver writes arena_released (a hostile one can write any legal value): it can make
     the lane think every chunk is free, but the lane still never writes over a live loan view."""
-    ch = chans(1)  # 1 MiB arena
-    s = _core.ServerSet(db)
-    s.add(1, ch.chan, ch.ctrl, ch.nslots, ch.arena, 7)
-    ln = _core.Lane(ch.chan, ch.ctrl, db, 1, ch.nslots, ch.arena)
+    ch, s, ln = _one_channel(db, chans)
     m = ch.map()
     rel_off = ch.layout()["req_arena_released"]
     v = ln.loan(300_000)
@@ -442,10 +447,7 @@ def test_a_receiver_claiming_everything_released_cannot_reach_a_loan_view(db, ch
 def test_a_forked_child_dropping_inherited_views_gives_nothing_back(db, chans):
     """A child forked while the receiver holds views inherits them; when the child drops them,
     the chunks must not go back to the sender: the parent still reads them."""
-    ch = chans(1)  # 1 MiB arena
-    s = _core.ServerSet(db)
-    s.add(1, ch.chan, ch.ctrl, ch.nslots, ch.arena, 7)
-    ln = _core.Lane(ch.chan, ch.ctrl, db, 1, ch.nslots, ch.arena)
+    ch, s, ln = _one_channel(db, chans)
     m = ch.map()
     rel_off = ch.layout()["req_arena_released"]
     for i in range(3):
@@ -483,10 +485,7 @@ def test_a_cancelled_loans_view_keeps_its_chunk_and_the_lane_goes_around_it(db, 
     """A cancelled loan whose view is kept: its chunk (at the lane's position) is never written;
     payloads go to the next lap's start once the receiver has let that go, wait (call) for it
     meanwhile, and get WouldBlock at once when only the lane's own views are in the way."""
-    ch = chans(1)  # 1 MiB arena
-    s = _core.ServerSet(db)
-    s.add(1, ch.chan, ch.ctrl, ch.nslots, ch.arena, 7)
-    ln = _core.Lane(ch.chan, ch.ctrl, db, 1, ch.nslots, ch.arena)
+    ch, s, ln = _one_channel(db, chans)
     ln.send(0, 1, 0, (), b"a" * 300_000)
     r1 = s.poll()  # held: offset 0 is the receiver's
     v = ln.loan(300_000)
