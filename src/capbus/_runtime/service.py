@@ -225,7 +225,8 @@ class Service(_core.ServiceBase):
             reply = self._proc._request(frames.Claim(self.handle, req.index, req.tag,
                                                      req.generation))
         except Exception as exc:  # a closed process, a dead kernel: recv() goes on without them
-            log.warning("service %r: cannot claim the attachments of a message: %s", self.name, exc)
+            self._warn.log("service %r: cannot claim the attachments of a message: %s", self.name,
+                           exc)
             return
         assert isinstance(reply, frames.Rows)
         self.dropped_attachments += max(0, reply.total - len(reply.rows))
@@ -246,8 +247,8 @@ class Service(_core.ServiceBase):
             return self._proc._region(self._proc._request_fds(frames.MapRegion(handle)))
         except Exception as exc:
             self.dropped_attachments += 1
-            log.warning("service %r: dropped a region that came with a message: %s", self.name,
-                        exc)
+            self._warn.log("service %r: dropped a region that came with a message: %s", self.name,
+                           exc)
             if not self._proc.closed:
                 self._proc._control.request_nowait(frames.Release(handle))
             return None
@@ -259,7 +260,7 @@ class Service(_core.ServiceBase):
                           generation=msg.generation)
             self._senders[msg.index] = msg.sender
         except Exception as exc:  # could not map it: the kernel closes it for its client
-            log.warning("service %r cannot map channel %d: %s", self.name, msg.index, exc)
+            self._warn.log("service %r cannot map channel %d: %s", self.name, msg.index, exc)
             self._proc._control.request_nowait(frames.ReportBad(self.handle, msg.index, str(exc)))
 
     def _channel_closed(self, index: int, drain: bool = False) -> None:
@@ -273,8 +274,8 @@ class Service(_core.ServiceBase):
         # Free the index here first: once the kernel hears of it, it may reuse the index.
         self._channel_closed(index)
         self.corrupt_channels += 1
-        log.warning("service %r: garbage on channel %d (%s): channel dropped", self.name, index,
-                    reason)
+        self._warn.log("service %r: garbage on channel %d (%s): channel dropped", self.name, index,
+                       reason)
         self._proc._control.request_nowait(frames.ReportBad(self.handle, index, reason))
 
 
