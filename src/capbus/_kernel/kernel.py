@@ -660,7 +660,8 @@ class Kernel:
 
     def _respond(self, rec: ProcessRecord, request_id: int, msg: frames.Message,
                  fds: tuple[int, ...] = ()) -> None:
-        if not rec.alive or request_id not in rec.proto.in_flight:
+        request = rec.proto.in_flight.get(request_id)
+        if not rec.alive or request is None:
             return
         try:
             frame = rec.proto.respond(request_id, msg)
@@ -673,41 +674,34 @@ class Kernel:
             frame = rec.proto.respond(request_id, frames.Error(
                 IpcError.code, f"the kernel could not encode its {type(msg).__name__} answer "
                 f"({str(exc)[:_LOG_SUMMARY]}); this is a kernel bug, please report it"))
-        if fds:
-            try:
-                if rec.transport.send(frame, fds):
-                    self._sel.modify(rec.transport.sock,
-                                     selectors.EVENT_READ | selectors.EVENT_WRITE, ("conn", rec))
-                return
-            except OSError as exc:
-                if exc.errno not in _RESOURCE_ERRNOS:
-                    self._gone(rec, f"connection error: {exc}")
-                    return
-                # No fd to spare for the answer's fds (EMFILE while queueing them, the socket
-                # out of buffers): the asker hears so, and keeps its connection.
-                err = _request_failed(exc)
-                frame = frames.encode(frames.Error(err.code, str(err)), request_id)
-                fds = ()
-            except ProtocolError as exc:
-                self._violation(rec, exc)
-                return
-        self._send(rec, frame, fds)
+        failed = self._send(rec, frame, fds)
+        if failed is not None and request is not None:
+            # No fd to spare for the answer's fds (EMFILE while queueing them, the socket out
+            # of buffers): still in flight, so the handler undoes what it did and the asker
+            # gets the error (the dispatch answers it), keeping its connection.
+            rec.proto.in_flight[request_id] = request
+            raise _request_failed(failed)
         if rec.proto.state is State.CLOSED:
             self._gone(rec, "refused at Hello")
 
-    def _event(self, rec: ProcessRecord, msg: frames.Message, fds: tuple[int, ...] = ()) -> None:
+    def _event(self, rec: ProcessRecord, msg: frames.Message, fds: tuple[int, ...] = ()) -> bool:
+        """Send an event; False if it could not go (no fds to spare for its fds, or it does not
+        encode), so the caller can undo what it announces."""
         if rec.alive and rec.proto.state is State.READY:
             try:
                 frame = rec.proto.event(msg)
             except ProtocolError as exc:  # dropped, not sent: the receiver would refuse it
                 log.error("event %s to process %d does not encode: %.*s", type(msg).__name__,
                           rec.process_id, _LOG_SUMMARY, exc)
-                return
-            self._send(rec, frame, fds)
+                return False
+            return self._send(rec, frame, fds) is None
+        return True
 
-    def _send(self, rec: ProcessRecord, frame: bytes, fds: tuple[int, ...] = ()) -> None:
+    def _send(self, rec: ProcessRecord, frame: bytes, fds: tuple[int, ...] = ()) -> OSError | None:
+        """Send or queue a frame. A frame with fds that fails for lack of resources is not sent
+        and its OSError returned (the connection stays); any other failure ends the connection."""
         if not rec.alive:
-            return
+            return None
         try:
             if rec.transport.send(frame, fds):
                 self._sel.modify(rec.transport.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
@@ -715,7 +709,11 @@ class Kernel:
         except ProtocolError as exc:
             self._violation(rec, exc)
         except OSError as exc:
+            if fds and exc.errno in _RESOURCE_ERRNOS:
+                log.warning("no room to pass %d fds to process %d: %s", len(fds), rec.process_id, exc)
+                return exc
             self._gone(rec, f"connection error: {exc}")
+        return None
 
     def _flush(self, rec: ProcessRecord) -> None:
         try:
@@ -823,8 +821,12 @@ class Kernel:
             raise exc if isinstance(exc, IpcError) else OutOfMemory(f"no doorbell: {exc}") from None
         rec.services.append(svc)
         self._audit_event(_audit.REGISTER, rec, None, key, kind)
-        self._respond(rec, rid, frames.Registered(svc.handle, key),
-                      (svc.doorbell_fd, svc.bell_event_fd, svc.bell_sleep_fd))
+        try:
+            self._respond(rec, rid, frames.Registered(svc.handle, key),
+                          (svc.doorbell_fd, svc.bell_event_fd, svc.bell_sleep_fd))
+        except IpcError:  # the service never learnt of it: as if never registered
+            self._drop_cap(rec, rec.caps.remove(svc.handle))
+            raise
         self._grant_waiters((kind, key), svc)
         self._notify_registration()
         return None
@@ -1017,13 +1019,21 @@ class Kernel:
         # The server learns of the channel before the client can use it (one ordered socket
         # each, but the server maps it on its own time: a request that arrives first waits in
         # the ring, and the doorbell bit tells the server once it has mapped it).
-        self._event(svc.owner, frames.ChannelOpened(svc.handle, index, rec.process_id, NSLOTS,
-                                                    ARENA_SIZE, ch.generation),
-                    (shm.chan_fd, shm.ctrl_fd, shm.reply_event_fd, shm.reply_pipe[1],
-                     shm.reply_pipe_spare[0]))
-        self._respond(rec, rid, frames.ChannelGranted(index, NSLOTS, ARENA_SIZE),
-                      (shm.chan_fd, shm.ctrl_fd, svc.doorbell_fd, svc.bell_event_fd,
-                       shm.reply_event_fd, svc.bell_sleep_fd, shm.reply_pipe[0]))
+        if not self._event(svc.owner, frames.ChannelOpened(
+                svc.handle, index, rec.process_id, NSLOTS, ARENA_SIZE, ch.generation),
+                (shm.chan_fd, shm.ctrl_fd, shm.reply_event_fd, shm.reply_pipe[1],
+                 shm.reply_pipe_spare[0])):
+            # The server could not be told of it: the channel would never be served.
+            self._close_channel(ch, _core.STATE_CLOSED, tell_server=False)
+            raise OutOfMemory(f"cannot pass a new channel to the server of {svc.name!r} now "
+                              "(out of fds): try again later")
+        try:
+            self._respond(rec, rid, frames.ChannelGranted(index, NSLOTS, ARENA_SIZE),
+                          (shm.chan_fd, shm.ctrl_fd, svc.doorbell_fd, svc.bell_event_fd,
+                           shm.reply_event_fd, svc.bell_sleep_fd, shm.reply_pipe[0]))
+        except IpcError:  # the client never got it: the server hears it closed
+            self._close_channel(ch, _core.STATE_CLOSED)
+            raise
         shm.drop_fds()
 
     def _close_channel(self, ch: Channel, state: int, tell_server: bool = True) -> None:
