@@ -80,8 +80,9 @@ print("sent", flush=True)
 """
 
 
+@pytest.mark.parametrize("at_stop", [False, True], ids=["clients-gone", "stop-with-server"])
 @pytest.mark.parametrize("move", ["move", "copy"])
-def test_claim_into_a_full_table_leaks_no_region(sockdir, move):
+def test_claim_into_a_full_table_leaks_no_region(sockdir, move, at_stop):
     before = nfds()
     kernel = capbus.Kernel(os.path.join(sockdir, "k.sock"))
     children = Children(kernel.socket_path)
@@ -99,12 +100,13 @@ def test_claim_into_a_full_table_leaks_no_region(sockdir, move):
         assert readline(server) == "got 0 15"
         assert readline(sender) == "sent"
         sender.wait(10)
-        server.kill()
-        server.wait(10)
-        assert back_to(baseline), f"{nfds()} > {baseline}: " + " ".join(fd_list())
+        if not at_stop:
+            server.kill()
+            server.wait(10)
+            assert back_to(baseline), f"{nfds()} > {baseline}: " + " ".join(fd_list())
     finally:
+        kernel.stop()  # with the server still connected when at_stop
         children.cleanup()
-        kernel.stop()
     assert back_to(before), (nfds(), before)
 
 
@@ -236,3 +238,56 @@ def test_emfile_in_a_daemon_kernel_is_an_error_and_leaks_nothing(sockdir):
 
 
 
+
+
+FULL_CLIENT = r"""
+import sys, capbus
+p = capbus.connect(wait="block")
+ep = p.lookup("g")
+print("ready", p.id, flush=True)
+sys.stdin.readline()
+for name, fn in (("lookup", lambda: p.lookup("g2")), ("region", lambda: p.create_region(4096)),
+                 ("restrict", lambda: ep.restrict(rate_limit=5)),
+                 ("subscribe", lambda: p.subscribe_registrations()),
+                 ("register", lambda: p.register("g3"))):
+    try:
+        fn()
+        print(name, "ok", flush=True)
+    except capbus.OutOfMemory:
+        print(name, "full", flush=True)
+try:
+    p.lookup("no-such-service")
+except capbus.ServiceNotFound:
+    print("alive", flush=True)
+"""
+
+
+def test_grants_into_a_full_table_leak_nothing(sockdir):
+    before = nfds()
+    kernel = capbus.Kernel(os.path.join(sockdir, "k.sock"))
+    children = Children(kernel.socket_path)
+    try:
+        server = start(children, SERVER, "g")
+        server2 = start(children, SERVER, "g2")
+        readline(server), readline(server2)
+        baseline = nfds()
+        client = children.start(FULL_CLIENT, stdin=-1)
+        _ours.update((client.stdout.fileno(), client.stderr.fileno(), client.stdin.fileno()))
+        cid = int(readline(client).split()[1])
+
+        def fill() -> None:
+            rec = kernel._procs[cid]
+            rec.caps._limit = len(rec.caps)
+
+        kernel._call(fill)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        got = [readline(client) for _ in range(6)]
+        assert got == ["lookup full", "region full", "restrict full", "subscribe full",
+                       "register full", "alive"], got
+        client.wait(10)
+        assert back_to(baseline), f"{nfds()} > {baseline}: " + " ".join(fd_list())
+    finally:
+        children.cleanup()
+        kernel.stop()
+    assert back_to(before), f"{nfds()} > {before}: " + " ".join(fd_list())
