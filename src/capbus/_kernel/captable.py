@@ -29,6 +29,11 @@ LIMIT_KEYS = ("rate", "bandwidth", "max_message_size")
 # token buckets, so a reused id would hand one capability another's budget.
 next_uid = itertools.count(1).__next__
 MAX_BUCKETS = 1 + _core.CTRL_CHAIN_MAX  # a capability's own bucket and its limited ancestors'
+# What the kernel accepts as limits: every value it later sends (Granted, claim rows, listings) and
+# writes into a control page (u64) must stay in range; an expiry beyond a century is refused, so
+# expires_at_ns (monotonic time plus it) always fits the u64 a peer's decoder accepts.
+MAX_LIMIT = (1 << 63) - 1
+MAX_EXPIRES_MS = 100 * 365 * 24 * 3600 * 1000
 
 
 @dataclass(frozen=True)
@@ -85,9 +90,18 @@ class Limits:
 
     @classmethod
     def from_request(cls, raw: dict[str, int] | None, now: float | None = None) -> Limits:
-        """From a process's request: expires_in_ms is relative to now."""
+        """From a process's request: expires_in_ms is relative to now. ValueError (to the
+        sender) on a key or value the kernel could not pass on to the capability's holders."""
         raw = raw or {}
+        if "expires_at_ns" in raw:
+            raise ValueError("limits: expires_at_ns is what the kernel tells; ask with expires_in_ms")
+        for key in LIMIT_KEYS:
+            if not 0 <= raw.get(key, 0) <= MAX_LIMIT:
+                raise ValueError(f"limits: {key} must be in 0..{MAX_LIMIT}, got {raw[key]}")
         expires = raw.get("expires_in_ms", 0)
+        if not 0 <= expires <= MAX_EXPIRES_MS:
+            raise ValueError(f"limits: expires_in_ms must be in 0..{MAX_EXPIRES_MS} (a century), "
+                             f"got {expires}: leave it out for no expiry")
         now = time.monotonic() if now is None else now
         return cls(raw.get("rate", 0), raw.get("bandwidth", 0), raw.get("max_message_size", 0),
                    now + expires / 1000.0 if expires else 0.0)

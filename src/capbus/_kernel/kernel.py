@@ -44,7 +44,7 @@ from .._protocol import frames
 from .._protocol.connection import KernelConnection, State
 from .._protocol.names import check_name
 from . import audit as _audit
-from .allowlist import AccessList
+from .allowlist import AccessList, parse_entry
 from .captable import Capability, CapTable, Limits, check_rights, next_uid
 from .launcher import Child, LaunchSpec, launch
 from .policy import Policy, ProcessInfo
@@ -63,6 +63,14 @@ MAX_TRANSFERS = 4096  # attached capabilities and regions waiting to be claimed,
 MAX_PENDING_PER_CLIENT = 1024  # of those, what one client process may have waiting
 MAX_ATTACH = 64  # the most caps (and regions) a service may let one message carry
 ENDPOINT_RIGHTS = frozenset({"send", "share"})
+WAIT_MODES = ("spin", "adaptive", "block")  # what a Hello may name (the runtime's WAIT_CODES)
+# Every listing page and every row in it fits one frame, whatever the strings in it: a page is
+# filled by encoded size, a row larger than _ROW_ROOM has its lists cut short (and says so).
+_PAGE_ROOM = frames.MAX_FRAME - 1024
+_ROW_ROOM = 16 * 1024
+_LOG_SUMMARY = 200  # characters of a request or an error a log line quotes
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS,
+                              errno.ETOOMANYREFS})
 
 _FRAMES_PER_WAKEUP = 32  # per connection and loop turn, so one chatty process cannot starve others
 
@@ -635,6 +643,16 @@ class Kernel:
                 reply = frames.Error(exc.code, str(exc))
             except (ValueError, TypeError) as exc:
                 reply = frames.Error(VALUE_ERROR_CODE, str(exc))
+            except Exception as exc:
+                # Whatever else one request runs into (an OSError from a seal, a memfd or an
+                # mmap, a kernel bug) is that request's failure: its asker gets an error, nobody
+                # loses a connection. Logged with a bounded summary, never the whole request.
+                log.error("request %s of process %d (pid %d) failed: %s: %.*s",
+                          f"{msg!r:.{_LOG_SUMMARY}}", rec.process_id, rec.pid,
+                          type(exc).__name__, _LOG_SUMMARY, exc, exc_info=log.isEnabledFor(
+                              logging.DEBUG))
+                err = _request_failed(exc)
+                reply = frames.Error(err.code, str(err))
             if reply is not None:  # None: parked, answered later
                 self._respond(rec, request_id, reply)
             if not rec.alive:
@@ -642,19 +660,48 @@ class Kernel:
 
     def _respond(self, rec: ProcessRecord, request_id: int, msg: frames.Message,
                  fds: tuple[int, ...] = ()) -> None:
-        if not rec.alive:
+        request = rec.proto.in_flight.get(request_id)
+        if not rec.alive or request is None:
             return
-        self._send(rec, rec.proto.respond(request_id, msg), fds)
+        try:
+            frame = rec.proto.respond(request_id, msg)
+        except ProtocolError as exc:
+            # The kernel's own answer would be refused by the asker's decoder (a value out of
+            # range, too large a frame): it gets an error instead, and keeps its connection.
+            log.error("answer %s to process %d does not encode: %.*s", type(msg).__name__,
+                      rec.process_id, _LOG_SUMMARY, exc)
+            fds = ()
+            frame = rec.proto.respond(request_id, frames.Error(
+                IpcError.code, f"the kernel could not encode its {type(msg).__name__} answer "
+                f"({str(exc)[:_LOG_SUMMARY]}); this is a kernel bug, please report it"))
+        failed = self._send(rec, frame, fds)
+        if failed is not None and request is not None:
+            # No fd to spare for the answer's fds (EMFILE while queueing them, the socket out
+            # of buffers): still in flight, so the handler undoes what it did and the asker
+            # gets the error (the dispatch answers it), keeping its connection.
+            rec.proto.in_flight[request_id] = request
+            raise _request_failed(failed)
         if rec.proto.state is State.CLOSED:
             self._gone(rec, "refused at Hello")
 
-    def _event(self, rec: ProcessRecord, msg: frames.Message, fds: tuple[int, ...] = ()) -> None:
+    def _event(self, rec: ProcessRecord, msg: frames.Message, fds: tuple[int, ...] = ()) -> bool:
+        """Send an event; False if it could not go (no fds to spare for its fds, or it does not
+        encode), so the caller can undo what it announces."""
         if rec.alive and rec.proto.state is State.READY:
-            self._send(rec, rec.proto.event(msg), fds)
+            try:
+                frame = rec.proto.event(msg)
+            except ProtocolError as exc:  # dropped, not sent: the receiver would refuse it
+                log.error("event %s to process %d does not encode: %.*s", type(msg).__name__,
+                          rec.process_id, _LOG_SUMMARY, exc)
+                return False
+            return self._send(rec, frame, fds) is None
+        return True
 
-    def _send(self, rec: ProcessRecord, frame: bytes, fds: tuple[int, ...] = ()) -> None:
+    def _send(self, rec: ProcessRecord, frame: bytes, fds: tuple[int, ...] = ()) -> OSError | None:
+        """Send or queue a frame. A frame with fds that fails for lack of resources is not sent
+        and its OSError returned (the connection stays); any other failure ends the connection."""
         if not rec.alive:
-            return
+            return None
         try:
             if rec.transport.send(frame, fds):
                 self._sel.modify(rec.transport.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
@@ -662,7 +709,11 @@ class Kernel:
         except ProtocolError as exc:
             self._violation(rec, exc)
         except OSError as exc:
+            if fds and exc.errno in _RESOURCE_ERRNOS:
+                log.warning("no room to pass %d fds to process %d: %s", len(fds), rec.process_id, exc)
+                return exc
             self._gone(rec, f"connection error: {exc}")
+        return None
 
     def _flush(self, rec: ProcessRecord) -> None:
         try:
@@ -738,6 +789,8 @@ class Kernel:
     # ---- requests -----------------------------------------------------------------------------
 
     def _on_hello(self, rec: ProcessRecord, msg: frames.Hello, rid: int) -> frames.Message:
+        if msg.wait_mode not in WAIT_MODES:
+            raise ValueError(f"wait mode {msg.wait_mode!r:.80} is not one of {', '.join(WAIT_MODES)}")
         rec.wait_mode = msg.wait_mode
         return frames.Welcome(rec.process_id, rec.package, max(rec.pid, 0))
 
@@ -746,6 +799,10 @@ class Kernel:
                   bounds: dict[str, int] | None = None) -> None:
         self.policy.may_register(rec.info(), key)
         registry = self._names if kind == "name" else self._packages
+        # Checked here, not at each lookup: defaults a client could not be sent must be refused
+        # to the service that asks for them, never relayed to everyone who looks it up.
+        Limits.from_request(limits)
+        _check_entries(allow)
         svc = Service(key, kind, rec, access=AccessList.from_entries(allow),
                       default_limits=dict(limits or {}), bounds=ServiceBounds.from_request(bounds))
         registry.claim(key, svc)
@@ -764,8 +821,12 @@ class Kernel:
             raise exc if isinstance(exc, IpcError) else OutOfMemory(f"no doorbell: {exc}") from None
         rec.services.append(svc)
         self._audit_event(_audit.REGISTER, rec, None, key, kind)
-        self._respond(rec, rid, frames.Registered(svc.handle, key),
-                      (svc.doorbell_fd, svc.bell_event_fd, svc.bell_sleep_fd))
+        try:
+            self._respond(rec, rid, frames.Registered(svc.handle, key),
+                          (svc.doorbell_fd, svc.bell_event_fd, svc.bell_sleep_fd))
+        except IpcError:  # the service never learnt of it: as if never registered
+            self._drop_cap(rec, rec.caps.remove(svc.handle))
+            raise
         self._grant_waiters((kind, key), svc)
         self._notify_registration()
         return None
@@ -958,13 +1019,21 @@ class Kernel:
         # The server learns of the channel before the client can use it (one ordered socket
         # each, but the server maps it on its own time: a request that arrives first waits in
         # the ring, and the doorbell bit tells the server once it has mapped it).
-        self._event(svc.owner, frames.ChannelOpened(svc.handle, index, rec.process_id, NSLOTS,
-                                                    ARENA_SIZE, ch.generation),
-                    (shm.chan_fd, shm.ctrl_fd, shm.reply_event_fd, shm.reply_pipe[1],
-                     shm.reply_pipe_spare[0]))
-        self._respond(rec, rid, frames.ChannelGranted(index, NSLOTS, ARENA_SIZE),
-                      (shm.chan_fd, shm.ctrl_fd, svc.doorbell_fd, svc.bell_event_fd,
-                       shm.reply_event_fd, svc.bell_sleep_fd, shm.reply_pipe[0]))
+        if not self._event(svc.owner, frames.ChannelOpened(
+                svc.handle, index, rec.process_id, NSLOTS, ARENA_SIZE, ch.generation),
+                (shm.chan_fd, shm.ctrl_fd, shm.reply_event_fd, shm.reply_pipe[1],
+                 shm.reply_pipe_spare[0])):
+            # The server could not be told of it: the channel would never be served.
+            self._close_channel(ch, _core.STATE_CLOSED, tell_server=False)
+            raise OutOfMemory(f"cannot pass a new channel to the server of {svc.name!r} now "
+                              "(out of fds): try again later")
+        try:
+            self._respond(rec, rid, frames.ChannelGranted(index, NSLOTS, ARENA_SIZE),
+                          (shm.chan_fd, shm.ctrl_fd, svc.doorbell_fd, svc.bell_event_fd,
+                           shm.reply_event_fd, svc.bell_sleep_fd, shm.reply_pipe[0]))
+        except IpcError:  # the client never got it: the server hears it closed
+            self._close_channel(ch, _core.STATE_CLOSED)
+            raise
         shm.drop_fds()
 
     def _close_channel(self, ch: Channel, state: int, tell_server: bool = True) -> None:
@@ -1208,7 +1277,12 @@ class Kernel:
         except IpcError:
             region.release()
             raise
-        self._send_region(rec, rid, cap)
+        try:
+            self._send_region(rec, rid, cap)
+        except BaseException:  # the asker never learns the handle: take the region back
+            rec.caps.remove(cap.handle)
+            region.release()
+            raise
 
     def _on_map_region(self, rec: ProcessRecord, msg: frames.MapRegion, rid: int) -> None:
         cap = rec.caps.get(msg.handle, "region")
@@ -1238,6 +1312,8 @@ class Kernel:
 
     def _on_access(self, rec: ProcessRecord, msg: frames.Access, rid: int) -> frames.Message:
         svc: Service = rec.caps.get(msg.handle, "service").target
+        _check_entries(msg.allow)
+        _check_entries(msg.deny)
         svc.access.add_allowed(msg.allow or ())
         svc.access.add_denied(msg.deny or ())
         self._audit_event(_audit.RESTRICT, rec, None, svc.name,
@@ -1261,12 +1337,13 @@ class Kernel:
     def _on_report_bad(self, rec: ProcessRecord, msg: frames.ReportBad, rid: int) -> frames.Message:
         cap = rec.caps.get(msg.handle, "service")
         ch = cap.target.channels.get(msg.index)
+        reason = _printable(msg.reason)
         if ch is not None:
             self._audit_event(_audit.BAD_MESSAGE, rec, None, cap.target.name,
-                              f"from process {ch.client.process_id}: {msg.reason[:200]}")
+                              f"from process {ch.client.process_id}: {reason}")
             log.warning("service %r (process %d) reports garbage from process %d on channel %d: "
                         "%s; channel closed", cap.target.name, rec.process_id,
-                        ch.client.process_id, msg.index, msg.reason[:200])
+                        ch.client.process_id, msg.index, reason)
             self._close_channel(ch, _core.STATE_CLOSED, tell_server=False)
         return frames.Ok()
 
@@ -1276,8 +1353,7 @@ class Kernel:
         if msg.what not in ("processes", "services", "caps", "channels"):
             raise ValueError(f"unknown query {msg.what!r}: processes, services, caps or channels")
         rows = self._rows(msg.what, msg.process_id)
-        limit = min(msg.limit, 50 if msg.what == "channels" else 200)  # a page fits one frame
-        return frames.Rows(rows[msg.offset : msg.offset + limit], len(rows))
+        return frames.Rows(_page(rows, msg.offset, msg.limit), len(rows))
 
     # ---- introspection ------------------------------------------------------------------------
 
@@ -1336,6 +1412,79 @@ class Kernel:
             "notice_pending": rec.notice_pending,
             "notices_sent": rec.notices_sent,
         }
+
+
+def _request_failed(exc: Exception) -> IpcError:
+    """The error a request that failed unexpectedly answers with (what and what to do)."""
+    if isinstance(exc, OSError):
+        if exc.errno in _RESOURCE_ERRNOS or exc.errno == errno.ENOSPC:
+            return OutOfMemory(f"the kernel is out of resources ({exc.strerror}): try again later, "
+                               "or release capabilities, regions and channels this process holds")
+        return IpcError(f"the kernel could not do this: {exc.strerror or exc}")
+    return IpcError(f"the kernel failed on this request ({type(exc).__name__}: "
+                    f"{str(exc)[:_LOG_SUMMARY]}); it is logged, please report it")
+
+
+def _check_entries(entries: Sequence[str] | None) -> None:
+    """Allowlist/denylist entries as they enter: each one a ProcessId, uid:N or a valid package
+    or service name after its kind (so every listing and audit line can carry it)."""
+    for raw in entries or ():
+        entry = parse_entry(raw)
+        kind, sep, value = entry.partition(":")
+        if not sep:
+            if len(entry) > 20:
+                raise ValueError(f"allowlist entry {entry[:40]!r}...: no ProcessId is that long")
+        elif kind == "uid":
+            if len(value) > 10:
+                raise ValueError(f"allowlist entry {entry[:40]!r}: uid out of range")
+        else:
+            check_name(value, f"allowlist entry {kind}: name")
+
+
+def _printable(text: str, limit: int = _LOG_SUMMARY) -> str:
+    """Text from a process as a log or audit line may quote it: bounded, valid UTF-8."""
+    return text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _encoded_size(row: dict[str, Any]) -> int:
+    return len(json.dumps(row, separators=(",", ":"), ensure_ascii=False).encode()) + 1
+
+
+def _fit_row(row: dict[str, Any], room: int = _ROW_ROOM) -> dict[str, Any]:
+    """The row, or a copy whose list fields are cut short to fit `room` bytes, each ending with
+    a "... N more" entry (a service's allowlist can be thousands of names long)."""
+    if _encoded_size(row) <= room:
+        return row
+    row = dict(row)
+    lists = [k for k, v in row.items() if isinstance(v, list)]
+    share = room // (2 * max(1, len(lists)))
+    for key in lists:
+        items, kept, used = row[key], [], 0
+        for item in items:
+            size = len(json.dumps(item, ensure_ascii=False).encode()) + 1
+            if used + size > share:
+                break
+            kept.append(item)
+            used += size
+        if len(kept) < len(items):
+            kept.append(f"... {len(items) - len(kept)} more")
+        row[key] = kept
+    return row
+
+
+def _page(rows: list[dict[str, Any]], offset: int, limit: int) -> list[dict[str, Any]]:
+    """rows[offset:offset + limit], stopped early where the next row would not fit the frame:
+    the asker follows the pages by offset until it has `total` rows (at least one per page)."""
+    page: list[dict[str, Any]] = []
+    room = _PAGE_ROOM
+    for row in rows[offset : offset + min(limit, frames.MAX_LIST)]:
+        row = _fit_row(row)
+        size = _encoded_size(row)
+        if page and size > room:
+            break
+        page.append(row)
+        room -= size
+    return page
 
 
 def _client_key(rec: ProcessRecord) -> int:

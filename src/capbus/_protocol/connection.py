@@ -54,14 +54,19 @@ class KernelConnection:
         return msg, request_id
 
     def respond(self, request_id: int, msg: Message) -> bytes:
-        request = self.in_flight.pop(request_id, None)
+        """The frame answering request_id. Encoded before anything changes: a response that
+        does not fit a frame raises ProtocolError and leaves the request in flight, so the
+        kernel can still answer it with an Error."""
+        request = self.in_flight.get(request_id)
         if request is None:  # pragma: no cover - a kernel bug
             raise AssertionError(f"response to unknown request {request_id}")
         if not isinstance(msg, frames.Error) and type(msg) not in RESPONSES[request]:
             raise AssertionError(f"{type(msg).__name__} does not answer {request.__name__}")
+        frame = frames.encode(msg, request_id)
+        del self.in_flight[request_id]
         if request is frames.Hello:
             self.state = State.READY if not isinstance(msg, frames.Error) else State.CLOSED
-        return frames.encode(msg, request_id)
+        return frame
 
     def event(self, msg: Message) -> bytes:
         assert msg.KIND == KIND_EVENT and self.state is State.READY
@@ -86,11 +91,12 @@ class ProcessConnection:
         if (self.state is State.START) != isinstance(msg, frames.Hello):
             raise ProtocolError(f"{type(msg).__name__} not allowed in state {self.state.value}")
         request_id = self._next_id
+        frame = frames.encode(msg, request_id)  # first: a frame that does not encode changes nothing
         self._next_id = self._next_id % 0xFFFFFFFF + 1  # u32, never 0
         self.pending[request_id] = type(msg)
         if isinstance(msg, frames.Hello):
             self.state = State.HELLO_SENT
-        return request_id, frames.encode(msg, request_id)
+        return request_id, frame
 
     def receive(self, data: bytes, nfds: int = 0) -> tuple[Message, int]:
         """A response (with its request id) or an event (request id 0)."""

@@ -448,9 +448,15 @@ RESPONSES: dict[type[Message], tuple[type[Message], ...]] = {
 
 
 def encode(msg: Message, request_id: int = 0) -> bytes:
-    """One frame. Raises ProtocolError if it would exceed MAX_FRAME."""
-    body = {name: getattr(msg, name) for name, _ in _SCHEMAS[type(msg)]}
-    raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    """One frame. Raises ProtocolError if the receiving side's decode() would refuse it (a value
+    out of its field's range, text that is not UTF-8) or if it would exceed MAX_FRAME: a sender
+    learns of its own mistake, and never costs the receiver its connection."""
+    cls = type(msg)
+    body = {name: _check_value(cls, name, kind, getattr(msg, name)) for name, kind in _SCHEMAS[cls]}
+    try:
+        raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    except (UnicodeEncodeError, ValueError, TypeError) as exc:
+        raise ProtocolError(f"{cls.__name__}: cannot encode ({exc!s:.200})") from None
     frame = HEADER.pack(MAGIC, VERSION, msg.KIND, msg.TYPE, 0, request_id, len(raw)) + raw
     if len(frame) > MAX_FRAME:
         raise ProtocolError(f"{type(msg).__name__} frame of {len(frame)} bytes exceeds {MAX_FRAME}")
