@@ -111,3 +111,22 @@ def test_mesh_refuses_impossible_shapes():
         scale.run_mesh(n=10, channels=100, services=10)
     with pytest.raises(ValueError):
         scale.run_mesh(n=1, channels=1, services=1)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("when", [0.0, 0.3])
+def test_mesh_clients_killed_while_opening_channels(when):
+    """180 clients SIGKILLed at once while they open their channels and call (the worst moment:
+    requests in flight, channels half handed out): the 20 services and the kernel go on (a
+    bystander and fresh processes get real replies from every service) and the kernel's fds come
+    back to idle."""
+    before = _children()
+    rows = scale.run_mesh(n=200, channels=2000, services=20, fresh=20, lookups=200,
+                          kill_clients=when)
+    assert _children() <= before, "the benchmark left child processes behind"
+    by_metric = {r["metric"]: r for r in rows}
+    assert by_metric["killed clients"]["value"] == 180
+    assert "failed processes" not in by_metric, by_metric["failed processes"]["note"]
+    assert by_metric["fresh first call p50"]["n"] == 20
+    idle = by_metric["kernel fds, idle"]["value"]
+    assert by_metric["kernel fds, after all exit"]["value"] == idle, by_metric

@@ -504,12 +504,16 @@ class _Snapshot:
 
 
 def run_mesh(n: int = 1000, channels: int = 10_000, services: int = 100, fresh: int = 100,
-             lookups: int = 2000) -> list[dict]:
+             lookups: int = 2000, kill_clients: float | None = None) -> list[dict]:
     """N processes, `services` of them serving, `channels` live channels (channels / n per
     process, each to another service), then a bystander's `lookups` and `fresh` new processes'
     first calls while all are live; print_table() shows it. Rows as run() returns them; a child
     that failed adds a "failed processes" row, and the fds check a "kernel fds, after all exit"
-    row whose note names the idle count when they differ."""
+    row whose note names the idle count when they differ.
+
+    kill_clients (for tests): this many seconds into the channel-opening phase, SIGKILL every
+    child that does not serve (while they open channels and call); the bystander and the fresh
+    processes then run against the surviving services, and the fds must still come back."""
     if n < 2 or not 1 <= services <= n:
         raise ValueError("need n >= 2 and 1 <= services <= n")
     per = channels // n
@@ -558,10 +562,20 @@ def run_mesh(n: int = 1000, channels: int = 10_000, services: int = 100, fresh: 
             fork(i, _mesh_child, services, per, uid_bound, path, pipes)
         seconds["fork"] = reports.collect("ready", range(n), phase_timeout) - t0
         snaps: dict[str, _Snapshot] = {}
+        killed: list[int] = []
         for phase in MESH_PHASES[1:-1]:
             alive = [i for i in range(n) if i not in reports.failed]
             start = time.perf_counter()
             os.write(pipes.go[phase][1], b"g" * len(alive))
+            if phase == "open" and kill_clients is not None:
+                time.sleep(kill_clients)
+                killed = [i for i in alive if i >= services]
+                for i in killed:
+                    os.kill(pids[i], signal.SIGKILL)
+                for i in killed:
+                    reap(pids[i])
+                reports.failed.update(killed)  # not errors: they were told to die
+                alive = [i for i in alive if i < services]
             seconds[phase] = reports.collect(phase, alive, phase_timeout) - start
             snaps[phase] = _Snapshot(daemon)
         ok = n - len(reports.failed)
@@ -586,7 +600,8 @@ def run_mesh(n: int = 1000, channels: int = 10_000, services: int = 100, fresh: 
         start = time.perf_counter()
         os.write(pipes.go["exit"][1], b"g" * len(alive))
         for i in range(n):
-            reap(pids[i])
+            if pids[i] not in exited:
+                reap(pids[i])
         seconds["exit"] = time.perf_counter() - start
         gc.unfreeze()
         after_fds = daemon.settle_fds(idle.fds, 10.0)
@@ -636,11 +651,15 @@ def run_mesh(n: int = 1000, channels: int = 10_000, services: int = 100, fresh: 
             _row("kernel fds, after all exit", after_fds, "fds", 0, None,
                  "back to idle" if after_fds == idle.fds else f"idle was {idle.fds}"),
         ]
-        bad = {code for code in exited.values() if code != 0}
+        if killed:
+            rows.append(_row("killed clients", len(killed), "processes", n, None,
+                             f"SIGKILL {kill_clients} s into the open phase"))
+        dead = {pids[i] for i in killed}
+        bad = {code for pid, code in exited.items() if code != 0 and pid not in dead}
         if reports.errors or bad:
             note = f"{len(reports.errors)} errors, exit codes {sorted(bad)}: " + "; ".join(
                 reports.errors[:3])
-            rows.append(_row("failed processes", len(reports.failed) or len(bad), "processes",
+            rows.append(_row("failed processes", len(reports.errors) or len(bad), "processes",
                              n, None, note))
     finally:
         _kill_rest(pids, exited)
