@@ -130,3 +130,12 @@ def test_mesh_clients_killed_while_opening_channels(when):
     assert by_metric["fresh first call p50"]["n"] == 20
     idle = by_metric["kernel fds, idle"]["value"]
     assert by_metric["kernel fds, after all exit"]["value"] == idle, by_metric
+
+
+def test_quantiles_are_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert scale._pick(values, 0.5) == 50.0
+    assert scale._pick(values, 0.99) == 99.0  # of 100 values, not the largest
+    assert scale._pick(values, 1.0) == 100.0
+    assert scale._pick([3.0], 0.99) == 3.0
+    assert math.isnan(scale._pick([], 0.5))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import math
 import os
 import resource
 import select
@@ -460,7 +461,7 @@ def _child_setup(pipes: _Pipes) -> None:
 def _quantiles(values: list[float]) -> str:
     """p50 p99 max of `values`, as the text of one report."""
     v = sorted(values)
-    return " ".join(f"{v[min(len(v) - 1, int(q * len(v)))]:.1f}" for q in (0.5, 0.99, 1.0))
+    return " ".join(f"{_pick(v, q):.1f}" for q in (0.5, 0.99, 1.0))
 
 
 def _solo_child(i: int, role: str, services: int, count: int, path: str, pipes: _Pipes) -> None:
@@ -672,9 +673,11 @@ def run_mesh(n: int = 1000, channels: int = 10_000, services: int = 100, fresh: 
 
 
 def _pick(sorted_values: list[float], q: float) -> float:
+    """The nearest-rank quantile: of 100 values, p99 is the 99th (not the largest)."""
     if not sorted_values:
         return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[min(len(sorted_values), rank) - 1]
 
 
 def _core_max_channels() -> int:
