@@ -14,6 +14,12 @@ Its table (it asserts nothing) shows the rates, and the kernel's RSS and fd coun
 with all N connected, and after they have all gone.
 
     python -m capbus._bench.scale --n 1000
+
+run_mesh() (what `capbus bench --only scale` runs) adds live channels: N processes, S of them
+serving, C channels each checked with a real call, then a bystander's lookups and fresh
+processes' first calls while all are live (see its comment block below).
+
+    python -m capbus._bench.scale --n 1000 --channels 10000 --services 100
 """
 
 from __future__ import annotations
