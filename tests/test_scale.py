@@ -64,3 +64,78 @@ def test_scale_command_line(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "capbus scale: 4 processes" in out.stdout
     assert "lookups/s" in out.stdout
+
+
+def _check_mesh(rows: list[dict], n: int, channels: int, fresh: int) -> None:
+    by_metric = {r["metric"]: r for r in rows}
+    assert "failed processes" not in by_metric, by_metric["failed processes"]["note"]
+    # Every child reports each phase, so a count of n means everyone connected, looked up its
+    # services and had a real, checked reply on every one of its channels.
+    for phase in ("connect", "register", "lookup", "exit"):
+        assert by_metric[phase]["n"] == n, by_metric[phase]
+    assert by_metric["open"]["n"] == channels, by_metric["open"]
+    assert by_metric["fresh first call p50"]["n"] == fresh
+    assert by_metric["bystander lookup p50"]["value"] > 0
+    idle = by_metric["kernel fds, idle"]["value"]
+    assert by_metric[f"kernel fds, {n} connected"]["value"] >= idle + 2 * n
+    assert by_metric["kernel fds, after all exit"]["value"] == idle, by_metric
+    # The kernel holds no fd per channel: only its services' doorbells.
+    assert by_metric["kernel fds per channel"]["value"] < 0.1
+
+
+@pytest.mark.timeout(240)
+def test_mesh_200_processes_2000_channels():
+    """200 real processes (20 serving), 2,000 live channels each answering a real call, a
+    bystander and 20 fresh processes while they live; then the kernel is back to its idle fds
+    and no process is left."""
+    before = _children()
+    rows = scale.run_mesh(n=200, channels=2000, services=20, fresh=20, lookups=200)
+    assert _children() <= before, "the benchmark left child processes behind"
+    _check_mesh(rows, 200, 2000, 20)
+    assert scale.mesh_title(200, 2000, 20) in scale.format_table(
+        rows, 200, None, scale.mesh_title(200, 2000, 20))
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(900)
+def test_mesh_soak_1000_processes_10000_channels():
+    """The full scale run (`pytest -m soak`; skipped by default)."""
+    before = _children()
+    rows = scale.run_mesh(n=1000, channels=10_000, services=100, fresh=100)
+    assert _children() <= before, "the benchmark left child processes behind"
+    _check_mesh(rows, 1000, 10_000, 100)
+
+
+def test_mesh_refuses_impossible_shapes():
+    with pytest.raises(ValueError, match="services"):
+        scale.run_mesh(n=10, channels=100, services=10)
+    with pytest.raises(ValueError):
+        scale.run_mesh(n=1, channels=1, services=1)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("when", [0.0, 0.3])
+def test_mesh_clients_killed_while_opening_channels(when):
+    """180 clients SIGKILLed at once while they open their channels and call (the worst moment:
+    requests in flight, channels half handed out): the 20 services and the kernel go on (a
+    bystander and fresh processes get real replies from every service) and the kernel's fds come
+    back to idle."""
+    before = _children()
+    rows = scale.run_mesh(n=200, channels=2000, services=20, fresh=20, lookups=200,
+                          kill_clients=when)
+    assert _children() <= before, "the benchmark left child processes behind"
+    by_metric = {r["metric"]: r for r in rows}
+    assert by_metric["killed clients"]["value"] == 180
+    assert "failed processes" not in by_metric, by_metric["failed processes"]["note"]
+    assert by_metric["fresh first call p50"]["n"] == 20
+    idle = by_metric["kernel fds, idle"]["value"]
+    assert by_metric["kernel fds, after all exit"]["value"] == idle, by_metric
+
+
+def test_quantiles_are_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert scale._pick(values, 0.5) == 50.0
+    assert scale._pick(values, 0.99) == 99.0  # of 100 values, not the largest
+    assert scale._pick(values, 1.0) == 100.0
+    assert scale._pick([3.0], 0.99) == 3.0
+    assert math.isnan(scale._pick([], 0.5))
