@@ -5982,6 +5982,22 @@ typedef struct {
 static const char *const sv_recv_kw[] = {"timeout", NULL};
 
 /* recv(timeout=None) -> Request */
+/* Closed because its kernel is gone for good (the Python side set _lost): recv() then raises
+ * that (KernelUnavailable) rather than the Cancelled a close() gives. Cold: after an interrupt. */
+static int sv_lost(ServiceBaseObject *V)
+{
+    if (!V->closed)
+        return 0;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyObject *lost = PyObject_GetAttrString((PyObject *)V, "_lost");
+    int r = lost && lost != Py_None;
+    Py_XDECREF(lost);
+    PyErr_Clear();
+    PyErr_Restore(et, ev, tb);
+    return r;
+}
+
 static HOT PyObject *SV_recv(ServiceBaseObject *V, PyObject *const *args, Py_ssize_t nargs,
                          PyObject *kwnames)
 {
@@ -5998,7 +6014,7 @@ static HOT PyObject *SV_recv(ServiceBaseObject *V, PyObject *const *args, Py_ssi
     PyObject *req = ss_recv(S, tns);
     /* Interrupted because the service closed (or lost its kernel for good: the Python side says
      * which), or because a reconnect gave it a new ServerSet: go on there, within the time left. */
-    while (!req && PyErr_ExceptionMatches(Cancelled) && (V->closed || V->set != S)) {
+    while (!req && PyErr_ExceptionMatches(Cancelled) && (sv_lost(V) || V->set != S)) {
         PyErr_Clear();
         Py_DECREF(S);
         if (V->closed || !V->set)
