@@ -60,17 +60,31 @@ def test_leftovers_of_a_killed_daemon_never_stop_the_next(sockdir):
             assert wait_for(lambda: _connects(path), 20), daemon.stderr
             with capbus.connect(path) as p:
                 p.register("x")
+                for _ in range(50):  # audit rows still buffered or mid-write at the kill
+                    p.lookup("x").close()
             daemon.send_signal(signal.SIGKILL)
             daemon.wait(10)
         finally:
             if daemon.poll() is None:
                 daemon.kill()
                 daemon.wait(10)
-        # socket, lock and audit log are all left behind by the SIGKILL
+        # socket, lock and audit log (with its write-ahead log) are all left behind
+        audit = os.path.join(sockdir, "audit.db")
         assert os.path.exists(path) and os.path.exists(path + ".lock")
+        assert os.path.exists(audit) and os.path.exists(audit + "-wal")
     with capbus.Kernel(path) as k:
+        assert k.audit_path == audit
         with capbus.connect(k.socket_path) as p:
             p.register("x")  # the name is free: the dead kernel's registry went with it
+    # the next kernel appended to the dead ones' trail: both starts are still in it
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{audit}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+    finally:
+        conn.close()
+    assert rows >= 3
 
 
 def test_connect_finds_this_processs_own_kernel_first(sockdir, monkeypatch):

@@ -1858,7 +1858,24 @@ typedef struct {
     uint64_t call_t0;     /* CLOCK_MONOTONIC at the latest call_start (round-trip counter) */
     uint64_t cst[CSTATS_SIZE / 8]; /* the client metrics block (private copy; see stat_add) */
     unsigned long fork_gen;        /* of the process that made it (check_fork) */
+    /* 0, or a STATE_* the runtime set itself (Lane.mark): with the kernel gone nobody writes the
+     * control page any more, so the runtime's own pidfd watch says "peer dead" here. */
+    uint32_t local_state;
 } LaneObject;
+
+/* The channel's state: the kernel's control page, unless it still says OPEN and the runtime
+ * marked the lane itself. RELAXED: a mark is a hint set from another thread; the waits re-read
+ * it after every wake-up. */
+static inline uint32_t lane_state(const LaneObject *L)
+{
+    uint32_t st = ctrl_state(L->ctrl);
+    if (__builtin_expect(st == STATE_OPEN, 1)) {
+        uint32_t m = __atomic_load_n(&L->local_state, __ATOMIC_RELAXED);
+        if (__builtin_expect(m != 0, 0))
+            return m;
+    }
+    return st;
+}
 
 static void lane_cancel_loan(LaneObject *L);
 
@@ -2042,6 +2059,7 @@ static int Lane_init(LaneObject *L, PyObject *args, PyObject *kw)
     L->call_t0 = 0;
     memset(L->cst, 0, sizeof L->cst);
     L->fork_gen = fork_gen;
+    L->local_state = 0;
     return 0;
 fail:
     if (L->bell_efd == -2)
@@ -2259,7 +2277,7 @@ static HOT int lane_prepare(LaneObject *L, PyObject *const *a, uint32_t extra, o
         to_u32(a[1], &m->opcode, "opcode") < 0 ||
         parse_flags(a[2], &m->flags, extra) < 0 || parse_data(a[3], m->data) < 0)
         return -1;
-    uint32_t st = ctrl_state(L->ctrl);
+    uint32_t st = lane_state(L);
     if (st != STATE_OPEN) {
         raise_for_state(st, "server");
         return -1;
@@ -2301,7 +2319,7 @@ static HOT int lane_sleep(LaneObject *L, uint64_t *tail, uint32_t *sleeping, uin
      * and wakes us, or we see its tail here and do not sleep. */
     store_fence_u32(sleeping, piped ? SLEEP_EFD : SLEEP_FUTEX);
     uint64_t t = __atomic_load_n(tail, __ATOMIC_RELAXED);
-    uint32_t st = ctrl_state(L->ctrl);
+    uint32_t st = lane_state(L);
     if (t != head || st != STATE_OPEN) {
         __atomic_store_n(sleeping, 0, __ATOMIC_RELAXED);
         return t != head ? LW_READY : LW_STATE;
@@ -2360,7 +2378,7 @@ static HOT int lane_wait(LaneObject *L, uint64_t deadline)
                 L->spin_cur = spin_won(L->spin_cur, L->spin_ns);
                 return LW_READY;
             }
-            if (ctrl_state(L->ctrl) != STATE_OPEN)
+            if (lane_state(L) != STATE_OPEN)
                 return LW_STATE;
             cpu_relax();
             if (i % 1024 == 0 && now_ns() >= spin_end)
@@ -2509,7 +2527,7 @@ static HOT PyObject *lane_call_run(LaneObject *L, outmsg_t *m, Py_buffer *view, 
                 goto out;
             }
         }
-        st = ctrl_state(L->ctrl);
+        st = lane_state(L);
         if (st != STATE_OPEN) {
             raise_for_state(st, "server");
             goto out;
@@ -2541,7 +2559,7 @@ static HOT PyObject *lane_call_run(LaneObject *L, outmsg_t *m, Py_buffer *view, 
         int r = lane_take_reply(L, tag, &result);
         if (r != 0)
             goto got;
-        st = ctrl_state(L->ctrl);
+        st = lane_state(L);
         if (st != STATE_OPEN) {
             /* A reply published before the state change is still delivered. */
             r = lane_take_reply(L, tag, &result);
@@ -2710,7 +2728,7 @@ static PyObject *Lane_loan(LaneObject *L, PyObject *arg)
                      (unsigned long long)n, (unsigned long long)L->max_payload);
         return NULL;
     }
-    uint32_t st = ctrl_state(L->ctrl);
+    uint32_t st = lane_state(L);
     if (st != STATE_OPEN) {
         raise_for_state(st, "server");
         return NULL;
@@ -2787,7 +2805,7 @@ static int lane_prepare_loan(LaneObject *L, PyObject *const *a, uint32_t extra, 
         PyErr_SetString(PyExc_RuntimeError, "no loan is out on this lane: call loan(n) first");
         return -1;
     }
-    uint32_t st = ctrl_state(L->ctrl);
+    uint32_t st = lane_state(L);
     if (st != STATE_OPEN) {
         raise_for_state(st, "server");
         return -1;
@@ -2864,7 +2882,7 @@ static PyObject *Lane_call_poll(LaneObject *L, PyObject *const *args, Py_ssize_t
     L->busy = 1; /* take_payload may drop the GIL for a big payload */
     int r = lane_take_reply(L, tag, &result);
     if (r == 0) {
-        uint32_t st = ctrl_state(L->ctrl);
+        uint32_t st = lane_state(L);
         if (st != STATE_OPEN) {
             /* A reply published before the state change is still delivered. */
             r = lane_take_reply(L, tag, &result);
@@ -2885,13 +2903,13 @@ static PyObject *Lane_call_poll(LaneObject *L, PyObject *const *args, Py_ssize_t
             L->armed = 1;
             __atomic_thread_fence(__ATOMIC_SEQ_CST);
             r = lane_take_reply(L, tag, &result);
-            if (r == 0 && ctrl_state(L->ctrl) != STATE_OPEN) {
+            if (r == 0 && lane_state(L) != STATE_OPEN) {
                 /* The kernel changed the state after our first look: report it now rather than
                  * rely on a wake-up the kernel sends to futex sleepers, not to eventfds. */
                 r = lane_take_reply(L, tag, &result);
                 if (r == 0) {
                     lane_cancel(L, tag);
-                    raise_for_state(ctrl_state(L->ctrl), "server");
+                    raise_for_state(lane_state(L), "server");
                     r = -1;
                 }
             }
@@ -2942,7 +2960,7 @@ static PyObject *Lane_send_many(LaneObject *L, PyObject *const *args, Py_ssize_t
     if (!seq)
         return NULL;
     Py_ssize_t total = PySequence_Fast_GET_SIZE(seq), n = total;
-    uint32_t st = ctrl_state(L->ctrl);
+    uint32_t st = lane_state(L);
     if (st != STATE_OPEN) {
         raise_for_state(st, "server");
         Py_DECREF(seq);
@@ -3067,6 +3085,32 @@ static PyObject *Lane_close(LaneObject *L, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* mark(state): the runtime's own verdict on this channel (STATE_PEER_DEAD: the server's pidfd
+ * said it exited; STATE_CLOSED: given up at a reconnect), for when no kernel will write the
+ * control page. Wakes a caller asleep on the reply futex; one asleep in its reply-sleep pipe
+ * sees end of file (a dead server) or the watchdog's kick. A mark never goes back to OPEN. */
+static PyObject *Lane_mark(LaneObject *L, PyObject *arg)
+{
+    unsigned long st = PyLong_AsUnsignedLong(arg);
+    if (st == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    if (st != STATE_PEER_DEAD && st != STATE_CLOSED && st != STATE_REVOKED) {
+        PyErr_SetString(PyExc_ValueError, "mark(state): STATE_PEER_DEAD, STATE_REVOKED or STATE_CLOSED");
+        return NULL;
+    }
+    uint32_t zero = 0;
+    __atomic_compare_exchange_n(&L->local_state, &zero, (uint32_t)st, 0, __ATOMIC_SEQ_CST,
+                                __ATOMIC_SEQ_CST);
+    if (L->chan)
+        sys_futex_wake((const uint32_t *)ring_u64(L->resp.ring, RING_TAIL_OFF), INT_MAX);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lane_get_marked(LaneObject *L, void *c)
+{
+    return PyLong_FromUnsignedLong(__atomic_load_n(&L->local_state, __ATOMIC_RELAXED));
+}
+
 static PyObject *Lane_get_index(LaneObject *L, void *c) { return PyLong_FromUnsignedLong(L->index); }
 static PyObject *Lane_get_broken(LaneObject *L, void *c) { return PyBool_FromLong(L->broken); }
 static PyObject *Lane_get_closed(LaneObject *L, void *c) { return PyBool_FromLong(!L->chan); }
@@ -3115,6 +3159,9 @@ static PyMethodDef Lane_methods[] = {
     {"cancel_loan", (PyCFunction)Lane_cancel_loan, METH_NOARGS,
      "cancel_loan(): give the loaned chunk back (its views are released); no-op without a loan"},
     {"close", (PyCFunction)Lane_close, METH_NOARGS, "Unmap everything; the Lane is unusable."},
+    {"mark", (PyCFunction)Lane_mark, METH_O,
+     "mark(state): treat the channel as in `state` (STATE_PEER_DEAD, ...) from now on, whatever "
+     "the control page says, and wake a caller waiting for its reply"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -3122,6 +3169,7 @@ static PyGetSetDef Lane_getset[] = {
     {"index", (getter)Lane_get_index, NULL, "doorbell index of this channel", NULL},
     {"broken", (getter)Lane_get_broken, NULL, "True after a protocol error", NULL},
     {"closed", (getter)Lane_get_closed, NULL, "True after close()", NULL},
+    {"marked", (getter)Lane_get_marked, NULL, "the state mark() set, or 0", NULL},
     {"last_tag", (getter)Lane_get_last_tag, NULL, "tag of the last request sent", NULL},
     {"max_payload", (getter)Lane_get_max_payload, NULL, "largest payload in bytes", NULL},
     {"refused", (getter)Lane_get_refused, NULL,
@@ -5934,6 +5982,22 @@ typedef struct {
 static const char *const sv_recv_kw[] = {"timeout", NULL};
 
 /* recv(timeout=None) -> Request */
+/* Closed because its kernel is gone for good (the Python side set _lost): recv() then raises
+ * that (KernelUnavailable) rather than the Cancelled a close() gives. Cold: after an interrupt. */
+static int sv_lost(ServiceBaseObject *V)
+{
+    if (!V->closed)
+        return 0;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyObject *lost = PyObject_GetAttrString((PyObject *)V, "_lost");
+    int r = lost && lost != Py_None;
+    Py_XDECREF(lost);
+    PyErr_Clear();
+    PyErr_Restore(et, ev, tb);
+    return r;
+}
+
 static HOT PyObject *SV_recv(ServiceBaseObject *V, PyObject *const *args, Py_ssize_t nargs,
                          PyObject *kwnames)
 {
@@ -5948,6 +6012,17 @@ static HOT PyObject *SV_recv(ServiceBaseObject *V, PyObject *const *args, Py_ssi
     uint64_t deadline = deadline_after(tns);
     ServerSetObject *S = (ServerSetObject *)Py_NewRef(V->set);
     PyObject *req = ss_recv(S, tns);
+    /* Interrupted because the service closed (or lost its kernel for good: the Python side says
+     * which), or because a reconnect gave it a new ServerSet: go on there, within the time left. */
+    while (!req && PyErr_ExceptionMatches(Cancelled) && (sv_lost(V) || V->set != S)) {
+        PyErr_Clear();
+        Py_DECREF(S);
+        if (V->closed || !V->set)
+            return front_slow((PyObject *)V, str_recv_slow, args, nargs, kwnames);
+        S = (ServerSetObject *)Py_NewRef(V->set);
+        uint64_t now = now_ns();
+        req = ss_recv(S, deadline == UINT64_MAX ? -1 : now >= deadline ? 0 : (int64_t)(deadline - now));
+    }
     Py_DECREF(S);
     if (req) {
         if (((RequestObject *)req)->flags & RT_TRANSFER_FLAG) {

@@ -1020,7 +1020,8 @@ class Kernel:
         # each, but the server maps it on its own time: a request that arrives first waits in
         # the ring, and the doorbell bit tells the server once it has mapped it).
         if not self._event(svc.owner, frames.ChannelOpened(
-                svc.handle, index, rec.process_id, NSLOTS, ARENA_SIZE, ch.generation),
+                svc.handle, index, rec.process_id, NSLOTS, ARENA_SIZE, ch.generation,
+                max(rec.pid, 0)),
                 (shm.chan_fd, shm.ctrl_fd, shm.reply_event_fd, shm.reply_pipe[1],
                  shm.reply_pipe_spare[0])):
             # The server could not be told of it: the channel would never be served.
@@ -1028,7 +1029,8 @@ class Kernel:
             raise OutOfMemory(f"cannot pass a new channel to the server of {svc.name!r} now "
                               "(out of fds): try again later")
         try:
-            self._respond(rec, rid, frames.ChannelGranted(index, NSLOTS, ARENA_SIZE),
+            self._respond(rec, rid, frames.ChannelGranted(index, NSLOTS, ARENA_SIZE,
+                                                          max(svc.owner.pid, 0)),
                           (shm.chan_fd, shm.ctrl_fd, svc.doorbell_fd, svc.bell_event_fd,
                            shm.reply_event_fd, svc.bell_sleep_fd, shm.reply_pipe[0]))
         except IpcError:  # the client never got it: the server hears it closed

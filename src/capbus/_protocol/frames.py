@@ -352,7 +352,7 @@ class Subscribed(Message):
     handle: int
 
 
-@message(71, KIND_RESPONSE, fds=7, index="u64", nslots="u64", arena_size="u64")
+@message(71, KIND_RESPONSE, fds=7, index="u64", nslots="u64", arena_size="u64", pid="u64")
 class ChannelGranted(Message):
     """A channel's fds: the channel memfd, its control page, the service's doorbell, its
     eventfd, the channel's reply eventfd, the service's sleep eventfd and the read end of the
@@ -361,6 +361,9 @@ class ChannelGranted(Message):
     index: int
     nslots: int
     arena_size: int
+    # The server's OS pid, vouched for by the kernel now: the runtime opens a pidfd on it at
+    # once, so that it still sees the server die once the kernel is gone (0: unknown).
+    pid: int = 0
 
 
 @message(72, KIND_RESPONSE, fds=1, handle="u64", size="u64", rights="strs?")
@@ -397,7 +400,7 @@ class Death(Message):
 
 
 @message(130, KIND_EVENT, fds=5, handle="u64", index="u64", sender="u64", nslots="u64",
-         arena_size="u64", generation="u64")
+         arena_size="u64", generation="u64", pid="u64")
 class ChannelOpened(Message):
     """To a service: a client opened a channel (fds: channel memfd, control page, the channel's
     reply eventfd, both ends of its reply-sleep pipe: the server writes one and only holds the
@@ -409,6 +412,7 @@ class ChannelOpened(Message):
     nslots: int
     arena_size: int
     generation: int = 0  # this channel instance's, unique per kernel: a claim names it
+    pid: int = 0  # the client's OS pid (see ChannelGranted.pid)
 
 
 @message(131, KIND_EVENT, handle="u64", index="u64")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -37,6 +38,7 @@ class Control:
         sock: socket.socket,
         on_event: Callable[[frames.Message, list[int]], None],
         on_response: Callable[[frames.Message, list[int]], list[int]],
+        on_lost: Callable[[KernelUnavailable], None] | None = None,
     ):
         self.sock = sock
         # Runs on the reader thread before the caller wakes, so that state a response creates
@@ -50,6 +52,10 @@ class Control:
         self._on_event = on_event
         self._closed: BaseException | None = None
         self._reader: threading.Thread | None = None
+        # Called on the reader thread when the kernel goes (not when we close): the runtime then
+        # watches its peers itself and, if asked to, reconnects.
+        self._on_lost = on_lost
+        self.lost = False
 
     def hello(self, wait_mode: str) -> frames.Welcome:
         """The first exchange, done before the reader thread starts."""
@@ -174,10 +180,18 @@ class Control:
         except OSError as exc:
             reason = KernelUnavailable(f"lost the kernel: {exc}")
         with self._lock:
-            if self._closed is None:
+            lost = self._closed is None
+            if lost:
                 self._closed = reason
+                self.lost = True
             for pending in self._pending.values():
                 pending.reply = self._closed
                 pending.done.set()
             self._pending.clear()
             self._proto.close()
+        if lost and self._on_lost is not None:
+            try:
+                self._on_lost(reason if isinstance(reason, KernelUnavailable)
+                              else KernelUnavailable(str(reason)))
+            except Exception:  # the reader thread must end whatever the handler does
+                logging.getLogger("capbus").exception("handling the loss of the kernel failed")

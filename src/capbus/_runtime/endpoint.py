@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -75,17 +76,20 @@ def limits_request(rate_limit: int | None = None, bandwidth: int | None = None,
 class _Lane:
     """A lane and the fds the runtime keeps for it; closing gives the channel back."""
 
-    __slots__ = ("core", "index", "reply_fd", "_ep", "__weakref__")
+    __slots__ = ("core", "index", "reply_fd", "_ep", "_ctl", "_handle", "__weakref__")
 
     def __init__(self, ep: Endpoint, core: Any, index: int, reply_fd: int) -> None:
         self.core, self.index, self.reply_fd, self._ep = core, index, reply_fd, ep
+        # The channel belongs to the kernel (connection) and capability that opened it: after a
+        # reconnect its index means nothing to the new kernel.
+        self._ctl, self._handle = ep._ctl, ep.handle
 
     def __del__(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.reply_fd)
         ep = self._ep
-        if not ep._closed and not ep._proc.closed and os.getpid() == ep._proc._pid:
-            ep._proc._control.request_nowait(frames.CloseChannel(ep.handle, self.index))
+        if not ep._closed and self._ctl.closed is None and os.getpid() == ep._proc._pid:
+            self._ctl.request_nowait(frames.CloseChannel(self._handle, self.index))
 
 
 def timeout_ns(timeout: float | None) -> int:
@@ -109,6 +113,7 @@ class Endpoint(_core.EndpointBase):
 
     def __init__(self, proc: Process, granted: frames.Granted) -> None:
         self._proc = proc
+        self._ctl = proc._control  # the kernel connection its handle belongs to
         self.handle = granted.handle
         self.process_id = granted.process_id  # the serving process
         self.name = granted.name
@@ -125,6 +130,10 @@ class Endpoint(_core.EndpointBase):
         # back to the kernel when this object is garbage-collected, unless keep() was called.
         self._finalizer: Any = None
         self.dead = False
+        # How it was obtained, so that a reconnect can look it up again (None: it cannot be).
+        self._origin: tuple[str, str] | None = None
+        self._server_pid = 0
+        self._lanes: weakref.WeakSet[_Lane] = weakref.WeakSet()
 
     def __repr__(self) -> str:
         return f"<capbus.Endpoint {self.name!r} of process {self.process_id} handle={self.handle:#x}>"
@@ -273,7 +282,7 @@ class Endpoint(_core.EndpointBase):
         revokes it too."""
         reply = self._proc._request(frames.Restrict(
             self.handle, None if rights is None else sorted(rights),
-            limits_request(rate_limit, bandwidth, max_message_size, expires_in)))
+            limits_request(rate_limit, bandwidth, max_message_size, expires_in)), via=self._ctl)
         return self._proc._endpoint(reply)
 
     def keep(self) -> Endpoint:
@@ -299,7 +308,7 @@ class Endpoint(_core.EndpointBase):
         self._closed = True
         self._forget_lanes()
         self._proc._forget(self)
-        self._proc._request(frames.Revoke(self.handle))
+        self._proc._request(frames.Revoke(self.handle), via=self._ctl)
 
     def close(self) -> None:
         """Give the capability back (its lanes close with it)."""
@@ -307,8 +316,8 @@ class Endpoint(_core.EndpointBase):
         self._closed = True
         self._forget_lanes()
         self._proc._forget(self)
-        if not self._proc.closed:
-            self._proc._request(frames.Release(self.handle))
+        if self._ctl.closed is None:
+            self._proc._request(frames.Release(self.handle), via=self._ctl)
 
     # ---- death --------------------------------------------------------------------------------
 
@@ -327,7 +336,7 @@ class Endpoint(_core.EndpointBase):
         if dead:
             self._run_callback(callback)
         elif first:
-            self._proc._request(frames.Watch(self.handle))
+            self._proc._request(frames.Watch(self.handle), via=self._ctl)
 
     def _died(self) -> None:
         with self._lock:
@@ -348,10 +357,13 @@ class Endpoint(_core.EndpointBase):
 
     def _open_lane(self) -> _Lane:
         if self._closed:
-            raise InvalidCapability(f"endpoint {self.name!r} (handle {self.handle:#x}) is closed")
+            lost = getattr(self, "_lost", None)
+            raise InvalidCapability(lost or f"endpoint {self.name!r} (handle {self.handle:#x}) is closed")
         proc = self._proc
-        reply, fds = proc._request_fds(frames.OpenChannel(self.handle))
+        reply, fds = proc._request_fds(frames.OpenChannel(self.handle), via=self._ctl)
         assert isinstance(reply, frames.ChannelGranted)
+        # Now, while the kernel vouches for the server's pid: its pidfd outlives the kernel.
+        alive = proc._peers.watch(reply.pid)
         (chan_fd, ctrl_fd, bell_fd, bell_event_fd, reply_event_fd, bell_sleep_fd,
          reply_sleep_fd) = fds
         try:
@@ -365,7 +377,48 @@ class Endpoint(_core.EndpointBase):
         finally:
             for fd in (chan_fd, ctrl_fd, bell_fd, bell_event_fd, bell_sleep_fd, reply_sleep_fd):
                 os.close(fd)
-        return _Lane(self, core, reply.index, reply_event_fd)
+        lane = _Lane(self, core, reply.index, reply_event_fd)
+        self._server_pid = reply.pid
+        self._lanes.add(lane)
+        proc._lane_endpoints.add(self)
+        if not alive:
+            core.mark(_core.STATE_PEER_DEAD)
+        return lane
+
+    def _mark_lanes(self, state: int) -> None:
+        """The runtime's own verdict on every lane of this endpoint (see Lane.mark)."""
+        for lane in list(self._lanes):
+            lane.core.mark(state)
+
+    def _rebind(self, granted: frames.Granted) -> None:
+        """After a reconnect: the same service through the new kernel. Lanes of the old one are
+        given up (a call still waiting on one fails with InvalidCapability); the next call opens
+        a lane through the new kernel."""
+        old = list(self._lanes)
+        with self._lock:
+            self._ctl = self._proc._control
+            self.handle = granted.handle  # also drops the native one-entry lane cache
+            self.process_id = granted.process_id
+            self.rights = frozenset(granted.rights or ())
+            self.limits = Limits.from_wire(granted.limits)
+            self._local = threading.local()
+            self._pool, self._pool_size = [], 0
+            self._lanes = weakref.WeakSet()
+            self.dead = False
+            watching, self._watching = self._watching, False
+        for lane in old:
+            lane.core.mark(_core.STATE_CLOSED)
+        if watching:
+            with contextlib.suppress(IpcError):
+                self._watching = True
+                self._proc._request(frames.Watch(self.handle), via=self._ctl)
+
+    def _lose(self, why: str) -> None:
+        """After a reconnect that could not bring it back: its handle means nothing any more."""
+        self._closed = True
+        self._mark_lanes(_core.STATE_CLOSED)
+        self._forget_lanes()
+        self._lost = why
 
     def _thread_core(self) -> Any:
         """This thread's native Lane (the native call/send_async cache it per thread)."""
@@ -400,7 +453,7 @@ class Endpoint(_core.EndpointBase):
                 raise TypeError("regions must be Regions held by this Process")
             region.buffer  # noqa: B018 - raises if it was moved or closed already
         self._proc._request(frames.Attach(self.handle, lane.index, tag, [c.handle for c in caps],
-                                          [r.handle for r in regions], move))
+                                          [r.handle for r in regions], move), via=lane._ctl)
         if move:
             for region in regions:
                 region._moved()
@@ -411,7 +464,7 @@ class Endpoint(_core.EndpointBase):
         waiting for ring space): drop them, or they would ride on this lane's next message.
         Moved regions are gone with them."""
         if lane.core.last_tag < tag:
-            self._proc._control.request_nowait(frames.Detach(self.handle, lane.index, tag))
+            lane._ctl.request_nowait(frames.Detach(lane._handle, lane.index, tag))
 
     def _remote_error(self, r: Message) -> Exception:
         """The exception an error reply stands for: a capbus error where capbus itself refused

@@ -6,20 +6,24 @@ that opened it: after fork() the child's copy refuses to act (it must connect on
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 import stat
 import threading
+import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
-from .. import _paths
-from .._errors import KernelUnavailable
+from .. import _core, _paths
+from .._errors import IpcError, KernelUnavailable
 from .._protocol import frames
 from .._protocol.names import check_name
 from .control import Control
 from .endpoint import Endpoint, limits_request
+from .peers import PeerWatch
 from .region import Region
 from .service import Service
 from .subscription import Subscription
@@ -32,12 +36,26 @@ _live: weakref.WeakSet[Process] = weakref.WeakSet()
 class Process:
     """This process's identity and capabilities, as the kernel knows them."""
 
-    def __init__(self, sock: socket.socket, wait: str) -> None:
+    def __init__(self, sock: socket.socket, wait: str, *, path: str | None = None,
+                 reconnect: bool = False,
+                 on_reconnect: Callable[[Process], None] | None = None) -> None:
         if wait not in WAIT_MODES:
             raise ValueError(f"wait must be one of {WAIT_MODES}, not {wait!r}")
+        if reconnect and path is None:
+            raise ValueError("reconnect=True needs a kernel path (not an inherited socket)")
         self.wait_mode = wait
         self._pid = os.getpid()
         self._lock = threading.Lock()
+        self._path = path
+        self._reconnect = reconnect
+        self._reconnect_callbacks: list[Callable[[Process], None]] = (
+            [on_reconnect] if on_reconnect is not None else [])
+        self._user_closed = False
+        # Set while no kernel serves this Process (None: connected): what requests fail with.
+        self.kernel_lost: KernelUnavailable | None = None
+        self._peers = PeerWatch(self._peer_exited)
+        self._lane_endpoints: weakref.WeakSet[Endpoint] = weakref.WeakSet()
+        self._rebinding: Service | None = None
         # Held until released (Endpoint.close/revoke) like the capability it stands for: a dropped
         # reference must not close its lanes behind the caller's back (the kernel bounds these).
         self._endpoints: dict[int, Endpoint] = {}
@@ -46,7 +64,7 @@ class Process:
         self._subscriptions: weakref.WeakValueDictionary[int, Subscription] = (
             weakref.WeakValueDictionary()
         )
-        self._control = Control(sock, self._on_event, self._on_response)
+        self._control = Control(sock, self._on_event, self._on_response, self._on_lost)
         try:
             welcome = self._control.hello(wait)
         except BaseException:
@@ -68,7 +86,15 @@ class Process:
     def close(self) -> None:
         """End this connection: the kernel drops its registrations and tells its watchers."""
         if os.getpid() == self._pid:
+            self._user_closed = True
             self._control.close()
+            self._peers.close()
+
+    def on_reconnect(self, callback: Callable[[Process], None]) -> None:
+        """Call `callback(process)` (on a runtime thread) each time this Process, connected with
+        reconnect=True, has reconnected to a new kernel and re-registered its services and
+        re-opened its endpoints."""
+        self._reconnect_callbacks.append(callback)
 
     @property
     def closed(self) -> bool:
@@ -100,27 +126,27 @@ class Process:
         check_name(name)
         bounds = _bounds(max_caps, max_regions, max_region_bytes, max_channels_per_process,
                          max_channels_per_uid, attach_ttl)
-        return self._service(self._request_fds(
-            frames.Register(name, _allow(allow), limits_request(**(limits or {})), bounds)))
+        frame = frames.Register(name, _allow(allow), limits_request(**(limits or {})), bounds)
+        return self._service(self._request_fds(frame), frame)
 
     def register_package(self, *, allow: list[str | int] | None = None,
                          limits: dict[str, Any] | None = None,
                          **bounds: int | float | None) -> Service:
         """Serve under this process's verified package name (bounds: as for register())."""
-        return self._service(self._request_fds(
-            frames.RegisterPackage(_allow(allow), limits_request(**(limits or {})),
-                                   _bounds(**bounds))))
+        frame = frames.RegisterPackage(_allow(allow), limits_request(**(limits or {})),
+                                       _bounds(**bounds))
+        return self._service(self._request_fds(frame), frame)
 
     def lookup(self, name: str, timeout: float = 0) -> Endpoint:
         """An endpoint capability for a registered name: ServiceNotFound unless it appears
         within `timeout` seconds (the kernel answers when it registers; no polling)."""
         reply = self._request(frames.Lookup(check_name(name), _ms(timeout)), timeout)
-        return self._endpoint(reply)
+        return self._endpoint(reply, ("name", name))
 
     def lookup_package(self, package: str, timeout: float = 0) -> Endpoint:
         check_name(package, "package name")
         reply = self._request(frames.LookupPackage(package, _ms(timeout)), timeout)
-        return self._endpoint(reply)
+        return self._endpoint(reply, ("package", package))
 
     def create_region(self, size: int) -> Region:
         """A new shared memory region of `size` bytes (a memfd the kernel creates), mapped."""
@@ -145,27 +171,40 @@ class Process:
                 "capbus.connect() for its own connection"
             )
 
-    def _request(self, msg: frames.Message, timeout: float | None = None) -> frames.Message:
-        reply, fds = self._request_fds(msg, timeout)
+    def _request(self, msg: frames.Message, timeout: float | None = None,
+                 via: Control | None = None) -> frames.Message:
+        reply, fds = self._request_fds(msg, timeout, via)
         for fd in fds:
             os.close(fd)
         return reply
 
-    def _request_fds(self, msg: frames.Message,
-                     timeout: float | None = None) -> tuple[frames.Message, list[int]]:
-        """A request whose answer carries fds: the caller owns (and closes) them."""
-        self._check()
-        return self._control.request(msg, timeout)
+    def _request_fds(self, msg: frames.Message, timeout: float | None = None,
+                     via: Control | None = None) -> tuple[frames.Message, list[int]]:
+        """A request whose answer carries fds: the caller owns (and closes) them.
 
-    def _service(self, answer: tuple[frames.Message, list[int]]) -> Service:
+        via: the connection a handle in `msg` belongs to (an object's own): after a reconnect a
+        stale handle must fail on its dead connection, never name something in the new kernel."""
+        self._check()
+        return (via or self._control).request(msg, timeout)
+
+    def _service(self, answer: tuple[frames.Message, list[int]],
+                 frame: frames.Message | None = None) -> Service:
         reply, _ = answer
         assert isinstance(reply, frames.Registered)
-        return self._services[reply.handle]
+        svc = self._services[reply.handle]
+        svc._frame = frame
+        return svc
 
     def _on_response(self, msg: frames.Message, fds: list[int]) -> list[int]:
         """Reader thread: a new service exists before its first ChannelOpened is read."""
         if isinstance(msg, frames.Registered):
-            self._services[msg.handle] = Service(self, msg.handle, msg.name, *fds)
+            svc = self._rebinding
+            if svc is not None:  # a reconnect re-registers an existing Service
+                self._rebinding = None
+                svc._rebind(msg.handle, *fds)
+                self._services[msg.handle] = svc
+            else:
+                self._services[msg.handle] = Service(self, msg.handle, msg.name, *fds)
             return []
         return fds
 
@@ -174,17 +213,19 @@ class Process:
         to it (or until Endpoint.keep()); when the last reference goes, it goes back to the
         kernel, so capabilities a sender pushes unasked can never fill this process's table."""
         ep = Endpoint(self, granted)
-        ep._finalizer = weakref.finalize(ep, _release_received, self, granted.handle)
+        ep._finalizer = weakref.finalize(ep, _release_received, self, ep._ctl, granted.handle)
         ep._finalizer.atexit = False
         return ep
 
-    def _endpoint(self, reply: frames.Message) -> Endpoint:
+    def _endpoint(self, reply: frames.Message, origin: tuple[str, str] | None = None) -> Endpoint:
         assert isinstance(reply, frames.Granted)
         with self._lock:  # one Endpoint object per capability handle
             ep = self._endpoints.get(reply.handle)
             if ep is None:
                 ep = Endpoint(self, reply)
                 self._endpoints[reply.handle] = ep
+            if origin is not None and ep._origin is None:
+                ep._origin = origin
         return ep
 
     def _region(self, answer: tuple[frames.Message, list[int]]) -> Region:
@@ -206,7 +247,7 @@ class Process:
         if isinstance(msg, frames.ChannelOpened):
             svc = self._services.get(msg.handle)
             if svc is not None:
-                svc._channel_opened(msg, fds)
+                svc._channel_opened(msg, fds, self._peers.watch(msg.pid))
         elif isinstance(msg, frames.ChannelClosed):
             svc = self._services.get(msg.handle)
             if svc is not None:  # its client left: deliver what it already sent, then drop it
@@ -222,6 +263,130 @@ class Process:
             if sub is not None:
                 sub._notify()
 
+    # ---- losing the kernel ---------------------------------------------------------------------
+
+    def _peer_exited(self, pid: int) -> None:
+        """The peer watch's thread: the OS process `pid` at the other end of some channels exited.
+        Its lanes fail with PeerDied at once (the kernel, if alive, says the same on the control
+        pages); with the kernel gone, services also drop its channels and watchers hear of it."""
+        eps = [ep for ep in list(self._lane_endpoints) if ep._server_pid == pid]
+        for ep in eps:
+            ep._mark_lanes(_core.STATE_PEER_DEAD)
+        lost = self.kernel_lost is not None
+        if lost:
+            for ep in eps:
+                ep._died()
+            for svc in list(self._services.values()):
+                svc._peer_exited(pid, lost)
+        # A caller between its last state check and its futex sleep missed that wake-up: the
+        # window is a few instructions, so two more wakes a little later close it.
+        for pause in (0.005, 0.05):
+            time.sleep(pause)
+            for ep in eps:
+                ep._mark_lanes(_core.STATE_PEER_DEAD)
+
+    def _on_lost(self, reason: KernelUnavailable) -> None:
+        """The control reader thread, as the kernel goes: channels stay (both peers may live);
+        what the kernel would have told us about them we now see ourselves."""
+        if self._user_closed:
+            return
+        what = "reconnecting" if self._reconnect else "connect again once a kernel is back"
+        self.kernel_lost = KernelUnavailable(f"{reason} ({what})")
+        self._control._closed = self.kernel_lost
+        log.warning("capbus: lost the kernel (%s): %s", reason, what)
+        for svc in list(self._services.values()):
+            svc._kernel_lost(self._peers.dead, self._reconnect)
+        if self._reconnect:
+            threading.Thread(target=self._reconnect_loop, name="capbus-reconnect", daemon=True).start()
+
+    def _reconnect_loop(self) -> None:
+        """Connect to the same path again, with backoff (50 ms doubling to 2 s: one attempt costs
+        a failed connect(2)), then bring back what can be brought back."""
+        delay = 0.05
+        while not self._user_closed:
+            try:
+                sock = _open_socket(self._path or "")
+                control = Control(sock, self._on_event, self._on_response, self._on_lost)
+                try:
+                    welcome = control.hello(self.wait_mode)
+                except BaseException:
+                    sock.close()
+                    raise
+                break
+            except (KernelUnavailable, OSError) as exc:
+                log.debug("capbus: reconnect to %s failed: %s", self._path, exc)
+            time.sleep(delay)
+            delay = min(2.0, delay * 2)
+        else:
+            return
+        try:
+            self._rebind_all(control, welcome)
+        except Exception:
+            log.exception("capbus: restoring state after a reconnect failed")
+        for cb in list(self._reconnect_callbacks):
+            try:
+                cb(self)
+            except Exception:
+                log.exception("on_reconnect callback %r raised", cb)
+
+    def _rebind_all(self, control: Control, welcome: frames.Welcome) -> None:
+        old_services = list(self._services.values())
+        old_endpoints = list(self._endpoints.values())
+        with self._lock:
+            self._control = control
+            self._services = {}
+            self._endpoints = {}
+            self.id, self.package = welcome.process_id, welcome.package
+            self.kernel_lost = None
+            self._peers.dead.clear()
+        log.warning("capbus: reconnected to %s as process %d", self._path, self.id)
+        for svc in old_services:
+            if svc._closed and svc._lost is None:
+                continue
+            frame = _rebind_frame(svc._frame)
+            if frame is None:
+                svc._lose("it was not registered by this Process")
+                continue
+            self._rebinding = svc
+            try:
+                control.request(frame)
+                svc._replay_access()
+            except IpcError as exc:
+                self._rebinding = None
+                log.warning("capbus: cannot re-register %r after a reconnect: %s", svc.name, exc)
+                svc._lose(f"service {svc.name!r} could not be re-registered after a reconnect: {exc}")
+
+        def relookup(ep: Endpoint) -> None:
+            kind, name = ep._origin or ("", "")
+            try:
+                msg: frames.Message = (frames.Lookup(name, _ms(_RELOOKUP)) if kind == "name"
+                                       else frames.LookupPackage(name, _ms(_RELOOKUP)))
+                reply, _ = control.request(msg, _RELOOKUP)
+                assert isinstance(reply, frames.Granted)
+            except IpcError as exc:
+                log.warning("capbus: cannot look %r up again after a reconnect: %s", name, exc)
+                ep._lose(f"endpoint {name!r} was lost with the kernel and not found again: {exc}")
+                return
+            ep._rebind(reply)
+            with self._lock:
+                self._endpoints[reply.handle] = ep
+
+        threads = []
+        for ep in old_endpoints:
+            if ep._closed:
+                continue
+            if ep._origin is None:  # restricted or received: the new kernel never granted it
+                ep._lose(f"endpoint {ep.name!r} was derived or delegated under the lost kernel: "
+                         "look the service up again")
+                continue
+            t = threading.Thread(target=relookup, args=(ep,), name="capbus-relookup", daemon=True)
+            t.start()
+            threads.append(t)
+        for t in threads:
+            t.join(_RELOOKUP + 35)
+        self._regions.clear()
+        self._subscriptions.clear()
+
     def _after_fork_in_child(self) -> None:
         self._control.forget_after_fork(
             KernelUnavailable(
@@ -231,9 +396,9 @@ class Process:
         )
 
 
-def _release_received(proc: Process, handle: int) -> None:
-    if not proc.closed and os.getpid() == proc._pid:
-        proc._control.request_nowait(frames.Release(handle))
+def _release_received(proc: Process, ctl: Control, handle: int) -> None:
+    if ctl.closed is None and os.getpid() == proc._pid:
+        ctl.request_nowait(frames.Release(handle))
 
 
 def _bounds(max_caps: int | None = None, max_regions: int | None = None,
@@ -291,36 +456,61 @@ def _inherited_socket() -> socket.socket | None:
     return socket.socket(fileno=fd)
 
 
-def connect(path: str | None = None, wait: str = "adaptive") -> Process:
+def _open_socket(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    from .control import _KERNEL_GRACE  # read at call time: tests shorten it
+
+    sock.settimeout(_KERNEL_GRACE)  # a full backlog (a kernel not accepting) must not hang us
+    try:
+        sock.connect(path)
+    except TimeoutError:
+        sock.close()
+        raise KernelUnavailable(f"the kernel at {path} does not accept connections") from None
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        sock.close()
+        raise KernelUnavailable(
+            f"no capbus kernel at {path} ({exc.strerror}): start one with `capbus kernel` "
+            "or capbus.Kernel(), or set CAPBUS_SOCKET"
+        ) from None
+    except OSError:
+        sock.close()
+        raise
+    sock.settimeout(None)
+    return sock
+
+
+def connect(path: str | None = None, wait: str = "adaptive", *, reconnect: bool = False,
+            on_reconnect: Callable[[Process], None] | None = None) -> Process:
     """Connect this process to the kernel at `path`, or, with no path, to the first of: the
     socket inherited from kernel.spawn(), the kernel this process embeds (capbus.Kernel),
     $CAPBUS_SOCKET, the default per-user path.
 
     wait: how this process waits on the data plane: "adaptive" (spin briefly, then sleep),
     "spin" (lowest latency, burns a core) or "block".
+
+    reconnect: if the kernel goes, keep connecting to the same path (backoff up to 2 s) and,
+    once a kernel is back, re-register this Process's services under the same names, look its
+    endpoints up again and call on_reconnect(process) (see also Process.on_reconnect). In
+    between, requests fail with KernelUnavailable; channels already open keep working while both
+    ends live. Not with an inherited socket (a launched process has no path to return to).
     """
     if wait not in WAIT_MODES:
         raise ValueError(f"wait must be one of {WAIT_MODES}, not {wait!r}")
-    sock = _inherited_socket() if path is None else None
+    sock = _inherited_socket() if path is None and not reconnect else None
     if sock is None:
         path = path or _paths.embedded_socket() or _paths.default_socket()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        from .control import _KERNEL_GRACE  # read at call time: tests shorten it
+        sock = _open_socket(path)
+    return Process(sock, wait, path=path, reconnect=reconnect, on_reconnect=on_reconnect)
 
-        sock.settimeout(_KERNEL_GRACE)  # a full backlog (a kernel not accepting) must not hang us
-        try:
-            sock.connect(path)
-        except TimeoutError:
-            sock.close()
-            raise KernelUnavailable(f"the kernel at {path} does not accept connections") from None
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            sock.close()
-            raise KernelUnavailable(
-                f"no capbus kernel at {path} ({exc.strerror}): start one with `capbus kernel` "
-                "or capbus.Kernel(), or set CAPBUS_SOCKET"
-            ) from None
-        except OSError:
-            sock.close()
-            raise
-        sock.settimeout(None)
-    return Process(sock, wait)
+
+# How long a reconnect waits for each endpoint's service to come back (its server reconnects
+# on its own schedule).
+_RELOOKUP = 30.0
+
+
+def _rebind_frame(frame: frames.Message | None) -> frames.Message | None:
+    """The registration to send again: ProcessIds in its allowlist named processes of the lost
+    kernel (the new one may give those numbers to anyone), so they are left out."""
+    if isinstance(frame, frames.Register | frames.RegisterPackage) and frame.allow is not None:
+        return dataclasses.replace(frame, allow=[a for a in frame.allow if not a.isdigit()])
+    return frame

@@ -29,6 +29,7 @@ _NO_WRITE_SEALS = fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE
 class Region:
     def __init__(self, proc: Process, granted: frames.RegionGranted, fd: int) -> None:
         self._proc = proc
+        self._ctl = proc._control  # its handle means nothing to another kernel
         self.handle = granted.handle
         self.size = granted.size
         self.rights = frozenset(granted.rights or ())
@@ -80,7 +81,7 @@ class Region:
         holder still has it mapped writable). Afterwards it is mapped read-only here too."""
         self._unmap("being sealed")
         try:
-            self._proc._request(frames.SealRegion(self.handle))
+            self._proc._request(frames.SealRegion(self.handle), via=self._ctl)
         finally:
             self._gone = None
             self._map_now()
@@ -93,8 +94,8 @@ class Region:
         os.close(self._fd)
         self._fd = -1
         self._proc._regions.pop(self.handle, None)
-        if not self._proc.closed:
-            self._proc._request(frames.Release(self.handle))
+        if self._ctl.closed is None:
+            self._proc._request(frames.Release(self.handle), via=self._ctl)
 
     def __del__(self) -> None:
         # Dropped without close(): give the fd and the capability back; the mapping itself goes
@@ -102,9 +103,9 @@ class Region:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-            proc = self._proc
-            if not proc.closed and os.getpid() == proc._pid:
-                proc._control.request_nowait(frames.Release(self.handle))
+            proc, ctl = self._proc, getattr(self, "_ctl", None)
+            if ctl is not None and ctl.closed is None and os.getpid() == proc._pid:
+                ctl.request_nowait(frames.Release(self.handle))
 
     # ---- internals ----------------------------------------------------------------------------
 

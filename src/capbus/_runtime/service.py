@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import _core
-from .._errors import IpcError, RemoteError, Timeout
+from .._errors import IpcError, KernelUnavailable, RemoteError, Timeout
 from .._fdlimit import raise_fd_limit
 from .._protocol import frames
 from .endpoint import ADAPTIVE_SPIN_NS, WAIT_CODES, _readable, timeout_ns
@@ -36,6 +36,13 @@ class Service(_core.ServiceBase):
                  event_fd: int, sleep_fd: int) -> None:
         raise_fd_limit()  # a few fds per client channel
         self._proc = proc
+        self._ctl = proc._control  # the kernel connection its handle belongs to
+        self._frame: frames.Message | None = None  # how it was registered (for a reconnect)
+        self._access: list[tuple[list[str] | None, list[str] | None]] = []  # allow/deny, in order
+        # Set when the kernel is gone for good for this service: what recv() raises once its
+        # channels are gone.
+        self._lost: KernelUnavailable | None = None
+        self._chans: dict[int, tuple[int, int]] = {}  # channel index -> (client pid, generation)
         self.handle = handle
         self.name = name
         self.corrupt_channels = 0  # channels dropped for garbage (reported to the kernel)
@@ -69,7 +76,7 @@ class Service(_core.ServiceBase):
         if corrupt is not None:
             self._corrupt(corrupt.index, corrupt.reason)
         if self._closed:
-            raise IpcError(f"service {self.name!r} is closed")
+            raise self._closed_error()
         if timeout is None:
             deadline, ns = 0.0, -1
         else:
@@ -83,7 +90,7 @@ class Service(_core.ServiceBase):
             except _core.CorruptChannel as exc:
                 self._corrupt(exc.index, exc.reason)
             if self._closed:
-                raise IpcError(f"service {self.name!r} is closed")
+                raise self._closed_error()
             if timeout is not None:  # garbage does not extend the caller's timeout
                 ns = timeout_ns(max(0.0, deadline - time.monotonic()))
 
@@ -127,7 +134,7 @@ class Service(_core.ServiceBase):
                     self._claim(req)
                 return req
             if self._closed:
-                raise IpcError(f"service {self.name!r} is closed")
+                raise self._closed_error()
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise Timeout(f"no message for {self.name!r} within {timeout} s")
@@ -165,13 +172,15 @@ class Service(_core.ServiceBase):
         WARNING, and the loop goes on. A caller that died, or does not read its replies, just
         loses its reply (Request.reply returns False): no client can stop this loop.
         """
-        while not self._closed and not self._proc.closed:
+        while not self._closed and not self._proc._user_closed:
             try:
                 req = self.recv(poll)
             except Timeout:
                 continue
             except IpcError:
-                if self._closed or self._proc.closed:
+                if self._lost is not None:  # the kernel went, and with it every channel
+                    raise self._lost from None
+                if self._closed or self._proc._user_closed:
                     return
                 raise
             self._answer(req, handler)
@@ -195,20 +204,83 @@ class Service(_core.ServiceBase):
 
     def allow(self, *who: int | str) -> None:
         """Accept these senders (ProcessIds, "uid:N", "package:P", "name:N") from now on."""
-        self._proc._request(frames.Access(self.handle, [str(w) for w in who], None))
+        self._proc._request(frames.Access(self.handle, [str(w) for w in who], None), via=self._ctl)
+        self._access.append(([str(w) for w in who], None))
 
     def deny(self, *who: int | str) -> None:
         """Refuse these senders from now on; their open channels close at once."""
-        self._proc._request(frames.Access(self.handle, None, [str(w) for w in who]))
+        self._proc._request(frames.Access(self.handle, None, [str(w) for w in who]), via=self._ctl)
+        self._access.append((None, [str(w) for w in who]))
 
     def close(self) -> None:
         """Unregister: the name is free again, and every channel to this service closes."""
         self._closed = True
         self._set.interrupt()
         self._proc._services.pop(self.handle, None)
-        if not self._proc.closed:
-            self._proc._request(frames.Release(self.handle))
+        if self._ctl.closed is None:
+            self._proc._request(frames.Release(self.handle), via=self._ctl)
         os.close(self._event_fd)
+
+    # ---- losing the kernel --------------------------------------------------------------------
+
+    def _closed_error(self) -> IpcError:
+        return self._lost if self._lost is not None else IpcError(f"service {self.name!r} is closed")
+
+    def _kernel_lost(self, dead: set[int], reconnect: bool) -> None:
+        """The kernel is gone: channels whose client died before the kernel could tell us go now;
+        the others are served while their clients live."""
+        for index, (pid, _) in list(self._chans.items()):
+            if pid in dead:
+                self._channel_closed(index, drain=True)
+        if not reconnect:
+            self._maybe_give_up()
+
+    def _peer_exited(self, pid: int, kernel_lost: bool) -> None:
+        if not kernel_lost:
+            return  # the kernel closes its channels (ChannelClosed), in order with new ones
+        for index, (p, _) in list(self._chans.items()):
+            if p == pid:
+                self._channel_closed(index, drain=True)
+        if not self._proc._reconnect:
+            self._maybe_give_up()
+
+    def _maybe_give_up(self) -> None:
+        """No kernel and no channel left: nothing can ever reach this service again, so a
+        waiting recv() raises KernelUnavailable instead of sleeping for ever."""
+        if len(self._set) == 0 and not self._closed:
+            self._lost = self._proc.kernel_lost or KernelUnavailable(
+                f"service {self.name!r}: the kernel is gone")
+            self._closed = True
+            self._set.interrupt()
+
+    def _lose(self, why: str) -> None:
+        self._lost = KernelUnavailable(why)
+        self._closed = True
+        self._set.interrupt()
+
+    def _rebind(self, handle: int, doorbell_fd: int, event_fd: int, sleep_fd: int) -> None:
+        """Reader thread of the new kernel connection, before its first ChannelOpened: the same
+        Service, registered again. The old kernel's channels go (their indices would collide
+        with the new kernel's); their clients open new ones through the new kernel."""
+        try:
+            new = _core.ServerSet(doorbell_fd, WAIT_CODES[self._proc.wait_mode], ADAPTIVE_SPIN_NS,
+                                  event_fd=event_fd, sleep_fd=sleep_fd)
+        finally:
+            os.close(doorbell_fd)
+            os.close(sleep_fd)
+        old, old_event = self._set, self._event_fd
+        self._ctl, self.handle = self._proc._control, handle
+        self._senders, self._chans = {}, {}
+        self._event_fd = event_fd
+        self._set = new
+        self._lost = None
+        old.interrupt()  # a recv asleep on it goes on with the new one
+        os.close(old_event)
+
+    def _replay_access(self) -> None:
+        for allow, deny in self._access:
+            allow = None if allow is None else [a for a in allow if not a.isdigit()]
+            self._proc._request(frames.Access(self.handle, allow, deny), via=self._ctl)
 
     # ---- called by the runtime ----------------------------------------------------------------
 
@@ -223,7 +295,7 @@ class Service(_core.ServiceBase):
         pushes unasked cannot fill this process's capability table."""
         try:
             reply = self._proc._request(frames.Claim(self.handle, req.index, req.tag,
-                                                     req.generation))
+                                                     req.generation), via=self._ctl)
         except Exception as exc:  # a closed process, a dead kernel: recv() goes on without them
             self._warn.log("service %r: cannot claim the attachments of a message: %s", self.name,
                            exc)
@@ -244,27 +316,29 @@ class Service(_core.ServiceBase):
         """A claimed region, mapped as its seals allow; None (and the capability given back) if
         it cannot be mapped at all."""
         try:
-            return self._proc._region(self._proc._request_fds(frames.MapRegion(handle)))
+            return self._proc._region(self._proc._request_fds(frames.MapRegion(handle),
+                                                              via=self._ctl))
         except Exception as exc:
             self.dropped_attachments += 1
             self._warn.log("service %r: dropped a region that came with a message: %s", self.name,
                            exc)
-            if not self._proc.closed:
-                self._proc._control.request_nowait(frames.Release(handle))
+            self._ctl.request_nowait(frames.Release(handle))
             return None
 
-    def _channel_opened(self, msg: frames.ChannelOpened, fds: list[int]) -> None:
+    def _channel_opened(self, msg: frames.ChannelOpened, fds: list[int], alive: bool = True) -> None:
         try:
             self._set.add(msg.index, fds[0], fds[1], msg.nslots, msg.arena_size, msg.sender,
                           reply_event_fd=fds[2], reply_sleep_fd=fds[3], reply_sleep_keep_fd=fds[4],
                           generation=msg.generation)
             self._senders[msg.index] = msg.sender
+            self._chans[msg.index] = (msg.pid, msg.generation)
         except Exception as exc:  # could not map it: the kernel closes it for its client
             self._warn.log("service %r cannot map channel %d: %s", self.name, msg.index, exc)
-            self._proc._control.request_nowait(frames.ReportBad(self.handle, msg.index, str(exc)))
+            self._ctl.request_nowait(frames.ReportBad(self.handle, msg.index, str(exc)))
 
     def _channel_closed(self, index: int, drain: bool = False) -> None:
         self._senders.pop(index, None)
+        self._chans.pop(index, None)
         try:
             self._set.remove(index, drain)
         except KeyError:  # never mapped, or already dropped as corrupt
@@ -276,7 +350,7 @@ class Service(_core.ServiceBase):
         self.corrupt_channels += 1
         self._warn.log("service %r: garbage on channel %d (%s): channel dropped", self.name, index,
                        reason)
-        self._proc._control.request_nowait(frames.ReportBad(self.handle, index, reason))
+        self._ctl.request_nowait(frames.ReportBad(self.handle, index, reason))
 
 
 def _reply_failure(req: Request, exc: Exception) -> None:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 class Subscription:
     def __init__(self, proc: Process, handle: int) -> None:
         self._proc = proc
+        self._ctl = proc._control  # its handle means nothing to another kernel
         self.handle = handle
         self._cond = threading.Condition()
         self._pending = False
@@ -22,18 +23,18 @@ class Subscription:
         """True once some service has registered since the last wait (then re-discover: the
         notice says nothing about which); False on timeout."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._pending or self._proc.closed, timeout):
+            if not self._cond.wait_for(lambda: self._pending or self._ctl.closed is not None, timeout):
                 return False
             if not self._pending:
                 return False
             self._pending = False
         # Acknowledge, so the kernel may send the next (one outstanding at a time).
-        self._proc._request(frames.NotifyAck(self.handle))
+        self._proc._request(frames.NotifyAck(self.handle), via=self._ctl)
         return True
 
     def close(self) -> None:
-        if not self._proc.closed:
-            self._proc._request(frames.Release(self.handle))
+        if self._ctl.closed is None:
+            self._proc._request(frames.Release(self.handle), via=self._ctl)
 
     def _notify(self) -> None:
         with self._cond:
