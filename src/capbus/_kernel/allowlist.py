@@ -44,25 +44,29 @@ class AccessList:
         return out
 
     def change(self, allow: Iterable[str], deny: Iterable[str],
-               max_entries: int | None = None) -> list[str]:
+               max_entries: int | None = None) -> set[str]:
         """Allow, then deny, these entries (all or nothing); returns the denied ones, normalised
         (the only entries that can take a live channel away)."""
-        allowed = [parse_entry(e) for e in allow]
-        denied = [parse_entry(e) for e in deny]
-        new_allow = None if self.allow is None else set(self.allow)
-        new_deny = set(self.deny)
+        allowed = {parse_entry(e) for e in allow}
+        denied = {parse_entry(e) for e in deny}
+        allowed -= denied  # denied last: an entry in both ends up denied
+        # The size after the change, from the changed entries alone (no copy of the lists)
+        size = len(self.deny) + (len(self.allow) if self.allow is not None else 0)
         for e in allowed:
-            new_deny.discard(e)
-            if new_allow is not None:
-                new_allow.add(e)
+            size -= e in self.deny
+            if self.allow is not None:
+                size += e not in self.allow
         for e in denied:
-            new_deny.add(e)
-            if new_allow is not None:
-                new_allow.discard(e)
-        size = len(new_deny) + (len(new_allow) if new_allow is not None else 0)
+            size += e not in self.deny
+            if self.allow is not None:
+                size -= e in self.allow
         if max_entries is not None and size > max_entries:
             raise OutOfMemory(_too_many(size, max_entries))
-        self.allow, self.deny = new_allow, new_deny
+        self.deny -= allowed
+        self.deny |= denied
+        if self.allow is not None:
+            self.allow |= allowed
+            self.allow -= denied
         return denied
 
     def add_allowed(self, entries: Iterable[str]) -> None:

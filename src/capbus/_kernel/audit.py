@@ -438,6 +438,7 @@ class RateLimiter:
         # key -> [window start, rows admitted in it, {event: suppressed}, (process_id, pid, uid)]
         self._windows: dict[tuple[str, int], list[Any]] = {}
         self.suppressed = 0  # rows over the limits since the last summary()
+        self._due: list[tuple[str, int, int, int, str]] = []  # summaries of seconds that ended
 
     def admit(self, event: str, process_id: int, pid: int, uid: int, now: float) -> bool:
         """True: record the row. False: counted for the next summary (the caller arms a timer
@@ -448,9 +449,9 @@ class RateLimiter:
         for key, limit in keys:
             w = self._windows.get(key)
             if w is None or now - w[0] >= 1.0:
-                # A new second; what the old one suppressed waits for summary() (armed already).
-                w = self._windows[key] = [now, 0, w[2] if w is not None else {},
-                                          (process_id, pid, uid)]
+                if w is not None and w[2]:  # a second is over: its summary waits for summary()
+                    self._due.extend(self._rows(key, w))
+                w = self._windows[key] = [now, 0, {}, (process_id, pid, uid)]
             if w[1] >= limit:
                 w[2][event] = w[2].get(event, 0) + 1
                 w[3] = (process_id, pid, uid)
@@ -464,16 +465,17 @@ class RateLimiter:
     def summary(self, now: float, force: bool = False) -> list[tuple[str, int, int, int, str]]:
         """(event, process_id, pid, uid, detail) rows for every window whose second is over (all
         of them if force); forgets idle windows."""
-        out = []
+        out, self._due = self._due, []
         for key, w in list(self._windows.items()):
             if not force and now - w[0] < 1.0:
                 continue
-            process_id, pid, uid = w[3]
-            for event, n in w[2].items():
-                limit = self.per_process if key[0] == "pid" else self.per_uid
-                out.append((event, process_id, pid, uid,
-                            f"{event} x {n:,} in the last second (over the {limit} rows a second "
-                            f"one {'process' if key[0] == 'pid' else 'uid'} may write)"))
+            out.extend(self._rows(key, w))
             del self._windows[key]
         self.suppressed = sum(sum(w[2].values()) for w in self._windows.values())
         return out
+
+    def _rows(self, key: tuple[str, int], w: list[Any]) -> list[tuple[str, int, int, int, str]]:
+        process_id, pid, uid = w[3]
+        who, limit = ("process", self.per_process) if key[0] == "pid" else ("uid", self.per_uid)
+        return [(event, process_id, pid, uid, f"{event} x {n:,} in the last second (over the "
+                 f"{limit} rows a second one {who} may write)") for event, n in w[2].items()]

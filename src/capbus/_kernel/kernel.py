@@ -65,6 +65,9 @@ MAX_ATTACH = 64  # the most caps (and regions) a service may let one message car
 ENDPOINT_RIGHTS = frozenset({"send", "share"})
 
 _FRAMES_PER_WAKEUP = 32  # per connection and loop turn, so one chatty process cannot starve others
+# ... and bytes: a request costs O(its size), so 32 big ones (1024-entry Access frames) in one
+# turn would hold the loop ~40 ms; past this many bytes the connection waits for the next turn.
+_BYTES_PER_WAKEUP = 16 * 1024
 _LOG_CHARS = 200  # of anything a peer chose (a reason, an error's text) in one log line
 _MAX_REFUSED = 64  # refused connections kept at once until their Hello is answered
 _REFUSED_GRACE = 2.0  # seconds a refused connection has to send its Hello
@@ -658,7 +661,10 @@ class Kernel:
         return rec.process_id
 
     def _on_readable(self, rec: ProcessRecord) -> None:
+        budget = _BYTES_PER_WAKEUP
         for _ in range(_FRAMES_PER_WAKEUP):
+            if budget <= 0:
+                return  # level-triggered: the rest is read at the next turn, after the others
             try:
                 got = rec.transport.recv()
             except BlockingIOError:
@@ -673,6 +679,7 @@ class Kernel:
                 self._gone(rec, "closed its connection")
                 return
             data, sender_pid, nfds = got
+            budget -= len(data)
             if rec.pid > 0 and sender_pid != rec.pid:
                 self._violation(rec, ProtocolError(
                     f"frame sent by pid {sender_pid} on the connection of pid {rec.pid} "
@@ -1032,6 +1039,10 @@ class Kernel:
                                                     ARENA_SIZE, ch.generation),
                     (shm.chan_fd, shm.ctrl_fd, shm.reply_event_fd, shm.reply_pipe[1],
                      shm.reply_pipe_spare[0]))
+        if svc.channels.get(index) is not ch:
+            # The server lost its connection over that event (it does not read its socket) and
+            # the channel went with it: its fds are closed, the client hears why (not EBADF).
+            raise PeerDied(f"the process serving {svc.name!r} was disconnected: look it up again")
         self._respond(rec, rid, frames.ChannelGranted(index, NSLOTS, ARENA_SIZE),
                       (shm.chan_fd, shm.ctrl_fd, svc.doorbell_fd, svc.bell_event_fd,
                        shm.reply_event_fd, svc.bell_sleep_fd, shm.reply_pipe[0]))
@@ -1328,7 +1339,7 @@ class Kernel:
         svc: Service = rec.caps.get(msg.handle, "service").target
         denied = svc.access.change(msg.allow or (), msg.deny or (), self.limits.access_entries)
         self._audit_event(_audit.RESTRICT, rec, None, svc.name,
-                          f"allow {msg.allow or []} deny {msg.deny or []}")
+                          f"allow {_few(msg.allow)} deny {_few(msg.deny)}")
         # Applies to live channels at once: a sender that is no longer accepted loses them. Only
         # a deny entry can take a channel away, and the index names the channels each one can:
         # O(entries changed + channels affected), never a scan of every channel per entry.
@@ -1445,6 +1456,13 @@ def _client_key(rec: ProcessRecord) -> int:
     """Whom a client's channels and attachments count against: its OS process (several
     connections from one process are one client), or its connection when the pid is unknown."""
     return rec.pid if rec.pid > 0 else -rec.process_id
+
+
+def _few(entries: list[str] | None, n: int = 20) -> str:
+    """A list for an audit row: its first n entries and how many more (never all of them)."""
+    entries = entries or []
+    more = f" and {len(entries) - n} more" if len(entries) > n else ""
+    return f"{entries[:n]}{more}"
 
 
 def _sender_keys(svc: Service, rec: ProcessRecord) -> list[tuple[dict, Any]]:
