@@ -532,3 +532,15 @@ def test_limits_are_per_process_fields():
     lim = capbus.KernelLimits()
     assert lim.connections_per_pid <= lim.connections_per_uid
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 0
+
+
+def test_audit_rate_windows_stay_bounded_and_every_row_is_counted():
+    r = _audit.RateLimiter(5, 50)
+    for i in range(100_000):  # 100,000 short-lived pids, one row each
+        r.admit("process-start", i, 1000 + i, i % 7, i * 0.001)
+    assert len(r._windows) < 4096
+    r = _audit.RateLimiter(5, 50)
+    admitted = sum(r.admit("denied", 1, 42, 0, 0.0001 * i) for i in range(30_000))
+    rows = r.summary(10.0)
+    assert admitted == 15 and len(rows) == 3  # one summary per second of the flood
+    assert admitted + sum(int(row[4].split(" x ")[1].split()[0].replace(",", "")) for row in rows) == 30_000

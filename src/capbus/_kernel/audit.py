@@ -439,10 +439,13 @@ class RateLimiter:
         self._windows: dict[tuple[str, int], list[Any]] = {}
         self.suppressed = 0  # rows over the limits since the last summary()
         self._due: list[tuple[str, int, int, int, str]] = []  # summaries of seconds that ended
+        self._prune_at = 1024  # windows kept before the ended, quiet ones are forgotten
 
     def admit(self, event: str, process_id: int, pid: int, uid: int, now: float) -> bool:
         """True: record the row. False: counted for the next summary (the caller arms a timer
         when this returns False and `suppressed` was 0)."""
+        if len(self._windows) > self._prune_at:
+            self._prune(now)
         keys = [(("pid", pid), self.per_process)] if pid > 0 else []
         keys.append((("uid", uid), self.per_uid))
         windows = []
@@ -473,6 +476,14 @@ class RateLimiter:
             del self._windows[key]
         self.suppressed = sum(sum(w[2].values()) for w in self._windows.values())
         return out
+
+    def _prune(self, now: float) -> None:
+        """Forget windows whose second ended with nothing suppressed (pids long gone, say);
+        amortised O(1) per row: the next prune waits until the table has doubled."""
+        for key, w in list(self._windows.items()):
+            if now - w[0] >= 1.0 and not w[2]:
+                del self._windows[key]
+        self._prune_at = max(1024, 2 * len(self._windows))
 
     def _rows(self, key: tuple[str, int], w: list[Any]) -> list[tuple[str, int, int, int, str]]:
         process_id, pid, uid = w[3]
