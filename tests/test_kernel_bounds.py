@@ -187,6 +187,31 @@ def test_connections_per_pid_are_refused_at_hello(limited):
     check_bystander(k, "bystander.svc", "after the connection flood")
 
 
+def test_connections_per_uid_are_refused_at_hello(limited):
+    k, kids = limited(connections_per_pid=8, connections_per_uid=12)  # the bystander holds 1
+    base = kernel_fds()
+    code = """
+        socks = [conn() for _ in range(8)]
+        got = [hello(s) for s in socks]
+        out("welcome", sum(isinstance(m, frames.Welcome) for m in got))
+        out("refused", sorted({m.text[:100] for m in got if isinstance(m, frames.Error)}))
+        sys.stdin.readline()
+    """
+    first = start(kids, code)
+    assert readline(first, 30) == "welcome 8"
+    readline(first)
+    second = start(kids, code)
+    assert readline(second, 30) == "welcome 3"
+    assert f"uid {os.getuid()} already holds 12 connections" in readline(second)
+    for p in (first, second):
+        p.stdin.write("\n")
+        p.stdin.flush()
+        p.wait(10)
+    assert settle_fds(base) <= base + 6
+    third = start(kids, code)  # the uid's connections were given back
+    assert readline(third, 30) == "welcome 8"
+
+
 def test_connection_limits_from_toml(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text('[limits]\nconnections_per_pid = 3\noutbox_fds = 99\n')
@@ -526,6 +551,18 @@ def test_log_lines_about_peer_input_are_capped(kernel, caplog):
         assert longest < 1000
     finally:
         s.close()
+    # "kernel error while serving ..." names the record: its ids, never its tables (a process
+    # with many capabilities made that one line 1.43 MB)
+    p = capbus.connect(kernel.socket_path)
+    try:
+        p.register("many.caps")
+        regions = [p.create_region(4096) for _ in range(50)]
+        reprs = kernel._call(lambda: [repr(r) for r in kernel._procs.values()])
+        assert reprs and max(map(len, reprs)) < 200, max(map(len, reprs))
+        for r in regions:
+            r.close()
+    finally:
+        p.close()
 
 
 def test_limits_are_per_process_fields():
