@@ -258,6 +258,42 @@ def test_unread_region_answers_cost_the_reader_its_connection(limited):
     assert settle_fds(base) <= base + 6
 
 
+def test_many_connections_of_one_pid_share_its_fd_budget(limited):
+    k, kids = limited(outbox_fds=64)
+    base = kernel_fds()
+    hog = start(kids, """
+        socks = [conn() for _ in range(8)]
+        handles = []
+        for s in socks:
+            assert isinstance(hello(s), frames.Welcome)
+            send(s, frames.CreateRegion(4096), 2)
+            handles.append(recv(s).handle)
+        live = set(range(8))
+        for i in range(3000):
+            for j in list(live):
+                try:
+                    send(socks[j], frames.MapRegion(handles[j]), 3 + i)
+                except OSError:
+                    live.discard(j)
+            if not live:
+                break
+        out("live", len(live))
+        sys.stdin.readline()
+    """)
+    peak = 0
+    while hog.poll() is None and hog.lines.empty():
+        peak = max(peak, k._call(lambda: sum(r.transport.queued_fds for r in k._procs.values())))
+        time.sleep(0.002)
+    print("peak fds queued for one pid's 8 connections:", peak)
+    assert peak <= 64
+    assert readline(hog, 60) == "live 0"  # every connection that flooded lost itself
+    assert wait_for(lambda: kernel_fds() <= base + 6, 10), (base, kernel_fds())
+    check_bystander(k, "bystander.svc", "one pid's 8 connections left their answers unread")
+    hog.stdin.write("\n")
+    hog.stdin.flush()
+    hog.wait(10)
+
+
 def test_a_server_that_does_not_read_loses_its_own_connection(limited):
     k, kids = limited(outbox_fds=200)
     base = kernel_fds()

@@ -51,7 +51,7 @@ from .policy import KernelLimits, Policy, ProcessInfo
 from .regions import MAX_REGION, REGION_RIGHTS, Region
 from .registry import Registry
 from .shm import ChannelShm, make_doorbell, make_eventfd, make_sleep_eventfd
-from .transport import Transport
+from .transport import FdBudget, Transport
 
 log = logging.getLogger("capbus.kernel")
 
@@ -269,6 +269,7 @@ class Kernel:
         self._conns_by_pid: dict[int, int] = {}
         self._conns_by_uid: dict[int, int] = {}
         self._refused = 0  # refused connections waiting for their Hello
+        self._fd_budgets: dict[tuple[str, int], FdBudget] = {}  # ("pid"|"uid", n): shared
         self._uid = os.getuid()
         self._procs: dict[int, ProcessRecord] = {}
         self._ids = itertools.count(1)  # ProcessIds: never 0, never reused by this kernel
@@ -630,6 +631,18 @@ class Kernel:
             rec.counted = True
             self._conns_by_pid[_client_key(rec)] = self._conns_by_pid.get(_client_key(rec), 0) + 1
             self._conns_by_uid[uid] = self._conns_by_uid.get(uid, 0) + 1
+            lim = self.limits
+            budgets = []
+            for key, limit, what in (
+                (("pid", _client_key(rec)), lim.outbox_fds, f"pid {pid} (outbox_fds)"),
+                (("uid", uid), lim.outbox_fds_per_uid, f"uid {uid} (outbox_fds_per_uid)"),
+            ):
+                budget = self._fd_budgets.get(key)
+                if budget is None:
+                    budget = self._fd_budgets[key] = FdBudget(limit, what, key)
+                budget.users += 1
+                budgets.append(budget)
+            transport.budgets = tuple(budgets)
         self._audit_event(_audit.PROCESS_START, rec, None, package or name or "",
                           refused or ("launched" if child is not None else "connected"))
         self._sel.register(transport.sock, selectors.EVENT_READ, ("conn", rec))
@@ -762,6 +775,11 @@ class Kernel:
             self._sel.unregister(rec.transport.sock)
         rec.transport.close()
         rec.proto.close()
+        for budget in rec.transport.budgets:
+            budget.users -= 1
+            if budget.users <= 0:
+                self._fd_budgets.pop(budget.key, None)
+        rec.transport.budgets = ()
         if rec.pidfd is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self._sel.unregister(rec.pidfd)

@@ -35,7 +35,8 @@ class KernelLimits:
     state" says what happens at each bound).
 
     connections_per_pid / connections_per_uid: connections open at once from one OS process /
-    one uid; outbox_fds: fds queued for one connection that it has not read yet; access_entries:
+    one uid; outbox_fds: fds queued for one connection, and for all connections of one OS
+    process, that they have not read yet; outbox_fds_per_uid: the same for one uid; access_entries:
     entries of one service's allowlist plus denylist; audit_rows_per_second: audit rows one OS
     process may cause per second (beyond: one summary row per event kind and second);
     audit_rows_per_uid_second: the same for all processes of one uid."""
@@ -43,6 +44,7 @@ class KernelLimits:
     connections_per_pid: int = 256
     connections_per_uid: int = 4096
     outbox_fds: int = 4096
+    outbox_fds_per_uid: int = 8192
     access_entries: int = 4096
     audit_rows_per_second: int = 200
     audit_rows_per_uid_second: int = 1000

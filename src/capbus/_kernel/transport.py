@@ -26,6 +26,18 @@ MAX_OUTBOX = 4096 + 256
 DEFAULT_OUTBOX_FDS = 4096
 
 
+class FdBudget:
+    """Queued fds shared by several connections (all of one OS process, or of one uid), so that
+    many connections from one process do not multiply its budget."""
+
+    def __init__(self, limit: int, what: str, key: object = None) -> None:
+        self.limit = limit
+        self.what = what  # for the error: "pid 123 (outbox_fds)"
+        self.key = key  # the kernel's name for it
+        self.used = 0
+        self.users = 0  # connections sharing it
+
+
 class Transport:
     def __init__(self, sock: socket.socket, max_fds: int = DEFAULT_OUTBOX_FDS) -> None:
         sock.setblocking(False)
@@ -33,6 +45,7 @@ class Transport:
         self.sock = sock
         self.max_fds = max_fds
         self.queued_fds = 0  # fds the outbox holds (its duplicates)
+        self.budgets: tuple[FdBudget, ...] = ()  # shared budgets these fds also count against
         self.outbox: collections.deque[tuple[bytes, tuple[int, ...]]] = collections.deque()
 
     def fileno(self) -> int:
@@ -90,7 +103,7 @@ class Transport:
             except BlockingIOError:
                 return True
             self.outbox.popleft()
-            self.queued_fds -= len(fds)
+            self._release(len(fds))
             for fd in fds:
                 os.close(fd)
         return False
@@ -108,6 +121,11 @@ class Transport:
             raise ProtocolError(
                 f"process is not reading its control socket: {self.queued_fds} fds queued for it "
                 f"and the kernel keeps at most {self.max_fds} per connection (outbox_fds)")
+        for budget in self.budgets:
+            if budget.used + len(fds) > budget.limit:
+                raise ProtocolError(
+                    f"process is not reading its control socket: {budget.used} fds are queued for "
+                    f"the connections of {budget.what}, which may have at most {budget.limit}")
         # Queued fds must outlive the caller's copies: the outbox owns duplicates. A dup that
         # fails half-way (out of fds) must not leak the ones already made.
         dups: list[int] = []
@@ -120,13 +138,20 @@ class Transport:
             raise
         self.outbox.append((frame, tuple(dups)))
         self.queued_fds += len(dups)
+        for budget in self.budgets:
+            budget.used += len(dups)
+
+    def _release(self, n: int) -> None:
+        self.queued_fds -= n
+        for budget in self.budgets:
+            budget.used -= n
 
     def close(self) -> None:
         for _, fds in self.outbox:
             for fd in fds:
                 os.close(fd)
         self.outbox.clear()
-        self.queued_fds = 0
+        self._release(self.queued_fds)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
