@@ -25,7 +25,7 @@ from ._errors import (
 )
 from ._kernel.kernel import Kernel
 from ._kernel.launcher import Child
-from ._kernel.policy import Policy, ProcessInfo
+from ._kernel.policy import KernelLimits, Policy, ProcessInfo
 from ._runtime.endpoint import Endpoint, Limits
 from ._runtime.message import LargeMessage, Message, Request, SmallMessage
 from ._runtime.process import Process, connect
@@ -47,6 +47,7 @@ __all__ = [
     "KernelUnavailable",
     "LargeMessage",
     "Limits",
+    "KernelLimits",
     "Message",
     "MessageTooLarge",
     "NameTaken",

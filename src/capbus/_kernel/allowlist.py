@@ -3,13 +3,17 @@
 Entries: a ProcessId (an int, or its decimal string), "uid:N", "package:P" (the verified
 package) and "name:N" (whichever process serves the name N when the check runs). No allowlist
 means everyone; a denylist (from Service.deny) always wins. The kernel checks at lookup and when
-a channel opens, and re-checks every live channel when the lists change.
+a channel opens; when the lists change it re-checks only the live channels a new deny entry can
+name (its index of channels by sender), so a check is O(1 + names the sender serves) and a change
+O(entries changed + channels affected), whatever the lists' sizes (bounded: access_entries).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+from .._errors import OutOfMemory
 
 _KINDS = ("uid", "package", "name")
 
@@ -33,36 +37,59 @@ class AccessList:
     deny: set[str] = field(default_factory=set)
 
     @classmethod
-    def from_entries(cls, entries: Iterable[str] | None) -> AccessList:
-        return cls(None if entries is None else {parse_entry(e) for e in entries})
+    def from_entries(cls, entries: Iterable[str] | None, max_entries: int | None = None) -> AccessList:
+        out = cls(None if entries is None else {parse_entry(e) for e in entries})
+        if max_entries is not None and out.allow is not None and len(out.allow) > max_entries:
+            raise OutOfMemory(_too_many(len(out.allow), max_entries))
+        return out
+
+    def change(self, allow: Iterable[str], deny: Iterable[str],
+               max_entries: int | None = None) -> set[str]:
+        """Allow, then deny, these entries (all or nothing); returns the denied ones, normalised
+        (the only entries that can take a live channel away)."""
+        allowed = {parse_entry(e) for e in allow}
+        denied = {parse_entry(e) for e in deny}
+        allowed -= denied  # denied last: an entry in both ends up denied
+        # The size after the change, from the changed entries alone (no copy of the lists)
+        size = len(self.deny) + (len(self.allow) if self.allow is not None else 0)
+        for e in allowed:
+            size -= e in self.deny
+            if self.allow is not None:
+                size += e not in self.allow
+        for e in denied:
+            size += e not in self.deny
+            if self.allow is not None:
+                size -= e in self.allow
+        if max_entries is not None and size > max_entries:
+            raise OutOfMemory(_too_many(size, max_entries))
+        self.deny -= allowed
+        self.deny |= denied
+        if self.allow is not None:
+            self.allow |= allowed
+            self.allow -= denied
+        return denied
 
     def add_allowed(self, entries: Iterable[str]) -> None:
-        for e in map(parse_entry, entries):
-            self.deny.discard(e)
-            if self.allow is not None:
-                self.allow.add(e)
+        self.change(entries, ())
 
     def add_denied(self, entries: Iterable[str]) -> None:
-        for e in map(parse_entry, entries):
-            self.deny.add(e)
-            if self.allow is not None:
-                self.allow.discard(e)
+        self.change((), entries)
 
     def permits(self, process_id: int, uid: int, package: str | None,
-                serving: Callable[[str], int | None]) -> bool:
+                serving: Callable[[str], int | None] | None = None,
+                names: Iterable[str] = ()) -> bool:
+        """names: the service names this process serves now (for "name:N" entries). serving is
+        the older way to say it (called once per "name:" entry: O(list size), avoid it)."""
+        keys = [str(process_id), f"uid:{uid}"]
+        if package is not None:
+            keys.append(f"package:{package}")
+        keys.extend(f"name:{n}" for n in names)
+
         def matches(entries: set[str]) -> bool:
-            for e in entries:
-                if e.isdigit():
-                    if int(e) == process_id:
-                        return True
-                    continue
-                kind, _, value = e.partition(":")
-                if kind == "uid" and int(value) == uid:
-                    return True
-                if kind == "package" and package is not None and value == package:
-                    return True
-                if kind == "name" and serving(value) == process_id:
-                    return True
+            if any(k in entries for k in keys):
+                return True
+            if serving is not None:
+                return any(e.startswith("name:") and serving(e[5:]) == process_id for e in entries)
             return False
 
         if matches(self.deny):
@@ -72,3 +99,9 @@ class AccessList:
     def describe(self) -> dict[str, list[str] | None]:
         return {"allow": None if self.allow is None else sorted(self.allow),
                 "deny": sorted(self.deny)}
+
+
+def _too_many(size: int, limit: int) -> str:
+    return (f"a service's allow and deny lists may hold {limit} entries in all (the kernel's "
+            f"access_entries limit); this change would make {size}: use uid: or package: entries "
+            "instead of many ProcessIds")

@@ -422,3 +422,71 @@ def query(
         conn.close()
     rows.reverse()
     return [dict(zip(COLUMNS, row, strict=True)) for row in rows]
+
+
+class RateLimiter:
+    """Audit rows one OS process, and one uid, may cause per second; what is over is counted and
+    written as one summary row per (who, event) when its second ends ("denied x 7412 in the last
+    second"), so a flood costs the trail a few rows a second and cannot wash out the others'.
+
+    Windows are per key and start at the key's first row; summary() is cheap when nothing was
+    suppressed (the kernel calls it from its loop, and arms a timer at the first suppression)."""
+
+    def __init__(self, per_process: int, per_uid: int) -> None:
+        self.per_process = per_process
+        self.per_uid = per_uid
+        # key -> [window start, rows admitted in it, {event: suppressed}, (process_id, pid, uid)]
+        self._windows: dict[tuple[str, int], list[Any]] = {}
+        self.suppressed = 0  # rows over the limits since the last summary()
+        self._due: list[tuple[str, int, int, int, str]] = []  # summaries of seconds that ended
+        self._prune_at = 1024  # windows kept before the ended, quiet ones are forgotten
+
+    def admit(self, event: str, process_id: int, pid: int, uid: int, now: float) -> bool:
+        """True: record the row. False: counted for the next summary (the caller arms a timer
+        when this returns False and `suppressed` was 0)."""
+        if len(self._windows) > self._prune_at:
+            self._prune(now)
+        keys = [(("pid", pid), self.per_process)] if pid > 0 else []
+        keys.append((("uid", uid), self.per_uid))
+        windows = []
+        for key, limit in keys:
+            w = self._windows.get(key)
+            if w is None or now - w[0] >= 1.0:
+                if w is not None and w[2]:  # a second is over: its summary waits for summary()
+                    self._due.extend(self._rows(key, w))
+                w = self._windows[key] = [now, 0, {}, (process_id, pid, uid)]
+            if w[1] >= limit:
+                w[2][event] = w[2].get(event, 0) + 1
+                w[3] = (process_id, pid, uid)
+                self.suppressed += 1
+                return False
+            windows.append(w)
+        for w in windows:
+            w[1] += 1
+        return True
+
+    def summary(self, now: float, force: bool = False) -> list[tuple[str, int, int, int, str]]:
+        """(event, process_id, pid, uid, detail) rows for every window whose second is over (all
+        of them if force); forgets idle windows."""
+        out, self._due = self._due, []
+        for key, w in list(self._windows.items()):
+            if not force and now - w[0] < 1.0:
+                continue
+            out.extend(self._rows(key, w))
+            del self._windows[key]
+        self.suppressed = sum(sum(w[2].values()) for w in self._windows.values())
+        return out
+
+    def _prune(self, now: float) -> None:
+        """Forget windows whose second ended with nothing suppressed (pids long gone, say);
+        amortised O(1) per row: the next prune waits until the table has doubled."""
+        for key, w in list(self._windows.items()):
+            if now - w[0] >= 1.0 and not w[2]:
+                del self._windows[key]
+        self._prune_at = max(1024, 2 * len(self._windows))
+
+    def _rows(self, key: tuple[str, int], w: list[Any]) -> list[tuple[str, int, int, int, str]]:
+        process_id, pid, uid = w[3]
+        who, limit = ("process", self.per_process) if key[0] == "pid" else ("uid", self.per_uid)
+        return [(event, process_id, pid, uid, f"{event} x {n:,} in the last second (over the "
+                 f"{limit} rows a second one {who} may write)") for event, n in w[2].items()]

@@ -47,11 +47,11 @@ from . import audit as _audit
 from .allowlist import AccessList, parse_entry
 from .captable import Capability, CapTable, Limits, check_rights, next_uid
 from .launcher import Child, LaunchSpec, launch
-from .policy import Policy, ProcessInfo
+from .policy import KernelLimits, Policy, ProcessInfo
 from .regions import MAX_REGION, REGION_RIGHTS, Region
 from .registry import Registry
 from .shm import ChannelShm, make_doorbell, make_eventfd, make_sleep_eventfd
-from .transport import Transport
+from .transport import FdBudget, Transport
 
 log = logging.getLogger("capbus.kernel")
 
@@ -73,6 +73,17 @@ _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EN
                               errno.ETOOMANYREFS})
 
 _FRAMES_PER_WAKEUP = 32  # per connection and loop turn, so one chatty process cannot starve others
+# ... and bytes: a request costs O(its size), so 32 big ones (1024-entry Access frames) in one
+# turn would hold the loop ~40 ms; past this many bytes the connection waits for the next turn.
+_BYTES_PER_WAKEUP = 16 * 1024
+_LOG_CHARS = 200  # of anything a peer chose (a reason, an error's text) in one log line
+_MAX_REFUSED = 64  # refused connections kept at once until their Hello is answered
+_REFUSED_GRACE = 2.0  # seconds a refused connection has to send its Hello
+
+
+def _brief(text: object) -> str:
+    text = str(text)
+    return text if len(text) <= _LOG_CHARS else text[:_LOG_CHARS] + f"... ({len(text)} chars)"
 
 
 @dataclass(eq=False, order=False)
@@ -162,6 +173,11 @@ class Service:
     pending_by: dict[int, int] = field(default_factory=dict)  # client key -> its share of them
     chans_by_client: dict[int, int] = field(default_factory=dict)  # client key -> channels held
     chans_by_uid: dict[int, int] = field(default_factory=dict)
+    # Live channels indexed by who sent them, so that a deny entry finds the channels it takes
+    # away without a scan of every channel (ProcessId, uid, package -> channels)
+    chans_of_id: dict[int, set[Channel]] = field(default_factory=dict)
+    chans_of_uid: dict[int, set[Channel]] = field(default_factory=dict)
+    chans_of_package: dict[str, set[Channel]] = field(default_factory=dict)
     # generation -> a closed channel the server still drains, with attachments of messages it
     # queued before closing (claimable only by a claim naming that generation)
     draining: dict[int, Channel] = field(default_factory=dict)
@@ -223,6 +239,14 @@ class ProcessRecord:
     notices_sent: int = 0
     wait_mode: str = ""
     alive: bool = True
+    refused: str = ""  # over a connection bound: its Hello gets this as an error
+    counted: bool = False  # in the kernel's per-pid / per-uid connection counts
+
+    def __repr__(self) -> str:  # never the whole record (tables, outbox) in a log line
+        return f"<process {self.process_id} pid {self.pid} uid {self.uid}>"
+
+    def names_served(self) -> list[str]:
+        return [s.name for s in self.services if s.kind == "name" and s.alive]
 
     def info(self) -> ProcessInfo:
         return ProcessInfo(self.process_id, self.pid, self.uid, self.gid, self.package, self.name)
@@ -249,6 +273,11 @@ class Kernel:
     ) -> None:
         self.socket_path = os.path.abspath(socket_path or _paths.default_socket())
         self.policy = Policy.coerce(policy)
+        self.limits: KernelLimits = self.policy.limits
+        self._conns_by_pid: dict[int, int] = {}
+        self._conns_by_uid: dict[int, int] = {}
+        self._refused = 0  # refused connections waiting for their Hello
+        self._fd_budgets: dict[tuple[str, int], FdBudget] = {}  # ("pid"|"uid", n): shared
         self._uid = os.getuid()
         self._procs: dict[int, ProcessRecord] = {}
         self._ids = itertools.count(1)  # ProcessIds: never 0, never reused by this kernel
@@ -297,6 +326,8 @@ class Kernel:
             audit = _audit.default_path(self.socket_path)
         try:
             self._audit = _audit.AuditLog(audit or None)
+            self._audit_rate = _audit.RateLimiter(self.limits.audit_rows_per_second,
+                                                  self.limits.audit_rows_per_uid_second)
         except BaseException:
             self._listener.close()
             os.close(self._lock_fd)
@@ -429,7 +460,7 @@ class Kernel:
                         self._dispatch(what, rec, mask)
                     except Exception:
                         # A kernel bug in serving one process must not stop the others.
-                        log.exception("kernel error while serving %s %s", what, rec)
+                        log.exception("kernel error while serving %s %r", what, rec)
                         if rec is not None:
                             self._gone(rec, "kernel error")
                 self._fire_timers()
@@ -522,6 +553,7 @@ class Kernel:
             self._wake = -1
         if self._reserve_fd >= 0:
             os.close(self._reserve_fd)
+        self._audit_summaries(force=True)
         self._audit.record(_audit.KERNEL_STOP, pid=os.getpid())
         self._audit.close()
         with contextlib.suppress(FileNotFoundError):
@@ -543,8 +575,20 @@ class Kernel:
             except OSError as exc:
                 self._accept_failed(exc)
                 return
-            transport = Transport(sock)
+            transport = Transport(sock, self.limits.outbox_fds)
             pid, uid, gid = transport.peer_creds()
+            refused = self._over_connection_bound(pid, uid)
+            if refused:
+                # Answered with a clear error at its Hello, but it holds no pidfd and counts in
+                # no table; past _MAX_REFUSED of those the newcomer is just closed.
+                if self._refused >= _MAX_REFUSED:
+                    transport.close()
+                    continue
+                rec = self._add_record(transport, pid, uid, gid, None, None, None, None,
+                                       refused=refused)
+                self._refused += 1
+                self._after(_REFUSED_GRACE, lambda rec=rec: self._gone(rec, "refused: no Hello"))
+                continue
             pidfd = None
             if pid > 0:
                 try:
@@ -586,21 +630,50 @@ class Kernel:
         package: str | None,
         name: str | None,
         child: Child | None,
+        refused: str = "",
     ) -> ProcessRecord:
         rec = ProcessRecord(next(self._ids), pid, uid, gid, transport, pidfd, package, name, child)
+        rec.refused = refused
         self._procs[rec.process_id] = rec
+        if not refused:
+            rec.counted = True
+            self._conns_by_pid[_client_key(rec)] = self._conns_by_pid.get(_client_key(rec), 0) + 1
+            self._conns_by_uid[uid] = self._conns_by_uid.get(uid, 0) + 1
+            lim = self.limits
+            budgets = []
+            for key, limit, what in (
+                (("pid", _client_key(rec)), lim.outbox_fds, f"pid {pid} (outbox_fds)"),
+                (("uid", uid), lim.outbox_fds_per_uid, f"uid {uid} (outbox_fds_per_uid)"),
+            ):
+                budget = self._fd_budgets.get(key)
+                if budget is None:
+                    budget = self._fd_budgets[key] = FdBudget(limit, what, key)
+                budget.users += 1
+                budgets.append(budget)
+            transport.budgets = tuple(budgets)
         self._audit_event(_audit.PROCESS_START, rec, None, package or name or "",
-                          "launched" if child is not None else "connected")
+                          refused or ("launched" if child is not None else "connected"))
         self._sel.register(transport.sock, selectors.EVENT_READ, ("conn", rec))
         if pidfd is not None:
             self._sel.register(pidfd, selectors.EVENT_READ, ("pidfd", rec))
         return rec
 
+    def _over_connection_bound(self, pid: int, uid: int) -> str:
+        """Why a new connection from (pid, uid) is refused, or "" if it is not."""
+        lim = self.limits
+        if pid > 0 and self._conns_by_pid.get(pid, 0) >= lim.connections_per_pid:
+            return (f"pid {pid} already holds {lim.connections_per_pid} connections to the kernel "
+                    "(its connections_per_pid limit): close some, or share one Process")
+        if self._conns_by_uid.get(uid, 0) >= lim.connections_per_uid:
+            return (f"uid {uid} already holds {lim.connections_per_uid} connections to the kernel "
+                    "(its connections_per_uid limit): close some")
+        return ""
+
     def _launch_child(self, child: Child) -> int:
         popen, sock = launch(child.spec, self.socket_path)
         pidfd = os.pidfd_open(popen.pid)
         rec = self._add_record(
-            Transport(sock), popen.pid, os.getuid(), os.getgid(), pidfd,
+            Transport(sock, self.limits.outbox_fds), popen.pid, os.getuid(), os.getgid(), pidfd,
             child.spec.package, child.spec.name, child,
         )
         self._children.add(child)
@@ -609,7 +682,10 @@ class Kernel:
         return rec.process_id
 
     def _on_readable(self, rec: ProcessRecord) -> None:
+        budget = _BYTES_PER_WAKEUP
         for _ in range(_FRAMES_PER_WAKEUP):
+            if budget <= 0:
+                return  # level-triggered: the rest is read at the next turn, after the others
             try:
                 got = rec.transport.recv()
             except BlockingIOError:
@@ -624,6 +700,7 @@ class Kernel:
                 self._gone(rec, "closed its connection")
                 return
             data, sender_pid, nfds = got
+            budget -= len(data)
             if rec.pid > 0 and sender_pid != rec.pid:
                 self._violation(rec, ProtocolError(
                     f"frame sent by pid {sender_pid} on the connection of pid {rec.pid} "
@@ -727,14 +804,21 @@ class Kernel:
     def _violation(self, rec: ProcessRecord, exc: ProtocolError) -> None:
         self._audit_event(_audit.PROTOCOL_ERROR, rec, None, "", str(exc))
         log.warning("ProtocolError from process %d (pid %d): %s; closing its connection",
-                    rec.process_id, rec.pid, exc)
-        self._gone(rec, f"protocol error: {exc}")
+                    rec.process_id, rec.pid, _brief(exc))
+        self._gone(rec, f"protocol error: {_brief(exc)}")
 
     def _gone(self, rec: ProcessRecord, why: str, restart: bool = True) -> None:
         """A process is over: drop its registrations, tell its watchers, free what it held."""
         if not rec.alive:
             return
         rec.alive = False
+        if rec.refused:
+            self._refused -= 1
+        if rec.counted:
+            rec.counted = False
+            _count_down(self._conns_by_pid, _client_key(rec))
+            _count_down(self._conns_by_uid, rec.uid)
+        why = _brief(why)
         log.info("process %d (pid %d) gone: %s", rec.process_id, rec.pid, why)
         self._audit_event(_audit.PROCESS_EXIT, rec, None, rec.package or rec.name or "", why)
         self._procs.pop(rec.process_id, None)
@@ -742,6 +826,11 @@ class Kernel:
             self._sel.unregister(rec.transport.sock)
         rec.transport.close()
         rec.proto.close()
+        for budget in rec.transport.budgets:
+            budget.users -= 1
+            if budget.users <= 0:
+                self._fd_budgets.pop(budget.key, None)
+        rec.transport.budgets = ()
         if rec.pidfd is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self._sel.unregister(rec.pidfd)
@@ -789,6 +878,8 @@ class Kernel:
     # ---- requests -----------------------------------------------------------------------------
 
     def _on_hello(self, rec: ProcessRecord, msg: frames.Hello, rid: int) -> frames.Message:
+        if rec.refused:
+            raise OutOfMemory(f"the kernel refuses this connection: {rec.refused}")
         if msg.wait_mode not in WAIT_MODES:
             raise ValueError(f"wait mode {msg.wait_mode!r:.80} is not one of {', '.join(WAIT_MODES)}")
         rec.wait_mode = msg.wait_mode
@@ -803,7 +894,8 @@ class Kernel:
         # to the service that asks for them, never relayed to everyone who looks it up.
         Limits.from_request(limits)
         _check_entries(allow)
-        svc = Service(key, kind, rec, access=AccessList.from_entries(allow),
+        svc = Service(key, kind, rec,
+                      access=AccessList.from_entries(allow, self.limits.access_entries),
                       default_limits=dict(limits or {}), bounds=ServiceBounds.from_request(bounds))
         registry.claim(key, svc)
         try:
@@ -881,7 +973,8 @@ class Kernel:
             self._respond(rec, rid, reply)
 
     def _check_access(self, rec: ProcessRecord, svc: Service) -> None:
-        if not svc.access.permits(rec.process_id, rec.uid, rec.package, self._serving):
+        if not svc.access.permits(rec.process_id, rec.uid, rec.package,
+                                  names=rec.names_served()):
             raise PermissionDenied(
                 f"service {svc.name!r} does not accept process {rec.process_id} "
                 "(not on its allowlist, or denied)"
@@ -1016,14 +1109,20 @@ class Kernel:
         svc.chans_by_uid[rec.uid] = svc.chans_by_uid.get(rec.uid, 0) + 1
         rec.lanes.add(ch)
         lanes.add(ch)
+        for index_, k in _sender_keys(svc, rec):
+            index_.setdefault(k, set()).add(ch)
         # The server learns of the channel before the client can use it (one ordered socket
         # each, but the server maps it on its own time: a request that arrives first waits in
         # the ring, and the doorbell bit tells the server once it has mapped it).
-        if not self._event(svc.owner, frames.ChannelOpened(
-                svc.handle, index, rec.process_id, NSLOTS, ARENA_SIZE, ch.generation,
-                max(rec.pid, 0)),
-                (shm.chan_fd, shm.ctrl_fd, shm.reply_event_fd, shm.reply_pipe[1],
-                 shm.reply_pipe_spare[0])):
+        told = self._event(svc.owner, frames.ChannelOpened(
+            svc.handle, index, rec.process_id, NSLOTS, ARENA_SIZE, ch.generation, max(rec.pid, 0)),
+            (shm.chan_fd, shm.ctrl_fd, shm.reply_event_fd, shm.reply_pipe[1],
+             shm.reply_pipe_spare[0]))
+        if svc.channels.get(index) is not ch:
+            # The server lost its connection over that event (it does not read its socket) and
+            # the channel went with it: its fds are closed, the client hears why (not EBADF).
+            raise PeerDied(f"the process serving {svc.name!r} was disconnected: look it up again")
+        if not told:
             # The server could not be told of it: the channel would never be served.
             self._close_channel(ch, _core.STATE_CLOSED, tell_server=False)
             raise OutOfMemory(f"cannot pass a new channel to the server of {svc.name!r} now "
@@ -1047,6 +1146,12 @@ class Kernel:
         svc.free_indices.append(ch.index)
         _count_down(svc.chans_by_client, _client_key(ch.client))
         _count_down(svc.chans_by_uid, ch.client.uid)
+        for index_, k in _sender_keys(svc, ch.client):
+            chans = index_.get(k)
+            if chans is not None:
+                chans.discard(ch)
+                if not chans:
+                    del index_[k]
         # Attachments never reach a later channel at this index (a claim names the instance).
         # They stay with this instance only while the server drains what its client had queued
         # (a sender may send a region and exit at once); until claimed or expired.
@@ -1309,21 +1414,48 @@ class Kernel:
 
     def _audit_event(self, event: str, rec: ProcessRecord | None, cap: Capability | None = None,
                      target: str = "", detail: str = "") -> None:
+        if rec is not None and self._audit.enabled:
+            armed = self._audit_rate.suppressed > 0
+            if not self._audit_rate.admit(event, rec.process_id, rec.pid, rec.uid, time.monotonic()):
+                if not armed:
+                    self._after(1.0, self._audit_summaries)
+                return
         self._audit.record(event, rec.process_id if rec else 0, rec.pid if rec else 0,
                            rec.uid if rec else -1, cap.handle if cap else 0, target, detail)
+
+    def _audit_summaries(self, force: bool = False) -> None:
+        for event, process_id, pid, uid, detail in self._audit_rate.summary(time.monotonic(), force):
+            self._audit.record(event, process_id, pid, uid, 0, "", detail)
+        if self._audit_rate.suppressed:
+            self._after(1.0, self._audit_summaries)
 
     def _on_access(self, rec: ProcessRecord, msg: frames.Access, rid: int) -> frames.Message:
         svc: Service = rec.caps.get(msg.handle, "service").target
         _check_entries(msg.allow)
         _check_entries(msg.deny)
-        svc.access.add_allowed(msg.allow or ())
-        svc.access.add_denied(msg.deny or ())
+        denied = svc.access.change(msg.allow or (), msg.deny or (), self.limits.access_entries)
         self._audit_event(_audit.RESTRICT, rec, None, svc.name,
-                          f"allow {msg.allow or []} deny {msg.deny or []}")
-        # Applies to live channels at once: a sender that is no longer accepted loses them.
-        for ch in list(svc.channels.values()):
+                          f"allow {_few(msg.allow)} deny {_few(msg.deny)}")
+        # Applies to live channels at once: a sender that is no longer accepted loses them. Only
+        # a deny entry can take a channel away, and the index names the channels each one can:
+        # O(entries changed + channels affected), never a scan of every channel per entry.
+        affected: set[Channel] = set()
+        for e in denied:
+            kind, _, value = e.partition(":")
+            if e.isdigit():
+                affected |= svc.chans_of_id.get(int(e), set())
+            elif kind == "uid":
+                affected |= svc.chans_of_uid.get(int(value), set())
+            elif kind == "package":
+                affected |= svc.chans_of_package.get(value, set())
+            elif kind == "name":
+                serving = self._serving(value)
+                if serving is not None:
+                    affected |= svc.chans_of_id.get(serving, set())
+        for ch in affected:
             client = ch.client
-            if not svc.access.permits(client.process_id, client.uid, client.package, self._serving):
+            if not svc.access.permits(client.process_id, client.uid, client.package,
+                                      names=client.names_served()):
                 self._close_channel(ch, _core.STATE_REVOKED)
         return frames.Ok()
 
@@ -1345,7 +1477,7 @@ class Kernel:
                               f"from process {ch.client.process_id}: {reason}")
             log.warning("service %r (process %d) reports garbage from process %d on channel %d: "
                         "%s; channel closed", cap.target.name, rec.process_id,
-                        ch.client.process_id, msg.index, reason)
+                        ch.client.process_id, msg.index, _brief(reason))
             self._close_channel(ch, _core.STATE_CLOSED, tell_server=False)
         return frames.Ok()
 
@@ -1493,6 +1625,21 @@ def _client_key(rec: ProcessRecord) -> int:
     """Whom a client's channels and attachments count against: its OS process (several
     connections from one process are one client), or its connection when the pid is unknown."""
     return rec.pid if rec.pid > 0 else -rec.process_id
+
+
+def _few(entries: list[str] | None, n: int = 20) -> str:
+    """A list for an audit row: its first n entries and how many more (never all of them)."""
+    entries = entries or []
+    more = f" and {len(entries) - n} more" if len(entries) > n else ""
+    return f"{entries[:n]}{more}"
+
+
+def _sender_keys(svc: Service, rec: ProcessRecord) -> list[tuple[dict, Any]]:
+    """The (index, key) pairs of svc's by-sender channel indexes that rec's channels are in."""
+    keys: list[tuple[dict, Any]] = [(svc.chans_of_id, rec.process_id), (svc.chans_of_uid, rec.uid)]
+    if rec.package is not None:
+        keys.append((svc.chans_of_package, rec.package))
+    return keys
 
 
 def _count_down(counts: dict[int, int], key: int, n: int = 1) -> None:

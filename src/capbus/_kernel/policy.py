@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .._errors import PermissionDenied
 
@@ -29,14 +29,59 @@ class ProcessInfo:
 RegisterFilter = Callable[[ProcessInfo, str], bool]
 
 
+@dataclass(frozen=True)
+class KernelLimits:
+    """What the kernel holds for one process or uid at most (docs/ARCHITECTURE.md "Bounded
+    state" says what happens at each bound).
+
+    connections_per_pid / connections_per_uid: connections open at once from one OS process /
+    one uid; outbox_fds: fds queued for one connection, and for all connections of one OS
+    process, that they have not read yet; outbox_fds_per_uid: the same for one uid; access_entries:
+    entries of one service's allowlist plus denylist; audit_rows_per_second: audit rows one OS
+    process may cause per second (beyond: one summary row per event kind and second);
+    audit_rows_per_uid_second: the same for all processes of one uid."""
+
+    connections_per_pid: int = 256
+    connections_per_uid: int = 4096
+    outbox_fds: int = 4096
+    outbox_fds_per_uid: int = 8192
+    access_entries: int = 4096
+    audit_rows_per_second: int = 200
+    audit_rows_per_uid_second: int = 1000
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"limit {f.name} must be a positive integer, got {value!r}")
+        if self.connections_per_uid < self.connections_per_pid:
+            raise ValueError("limit connections_per_uid must be at least connections_per_pid")
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, object], where: str = "limits") -> KernelLimits:
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"{where}: unknown limits {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**raw)  # type: ignore[arg-type]
+
+
 @dataclass
 class Policy:
     """register(who, name) -> bool: may `who` register `name`; lookup(who, name) -> bool: may
-    `who` look up (and so reach) the service `name`; uid_packages: uid -> package."""
+    `who` look up (and so reach) the service `name`; uid_packages: uid -> package; limits: the
+    kernel's per-process and per-uid bounds (a KernelLimits, or a dict of its fields)."""
 
     register: RegisterFilter | None = None
     uid_packages: Mapping[int, str] = field(default_factory=dict)
     lookup: RegisterFilter | None = None
+    limits: KernelLimits = field(default_factory=KernelLimits)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.limits, Mapping):
+            self.limits = KernelLimits.from_mapping(self.limits)
+        elif not isinstance(self.limits, KernelLimits):
+            raise TypeError("Policy(limits=...) takes a KernelLimits or a dict of its fields")
 
     @classmethod
     def coerce(cls, value: object) -> Policy:
@@ -58,7 +103,7 @@ class Policy:
             except tomllib.TOMLDecodeError as exc:
                 raise ValueError(f"policy file {path}: {exc}") from None
         unknown = set(doc) - {"packages", "register", "default_register", "lookup",
-                              "default_lookup"}
+                              "default_lookup", "limits"}
         if unknown:
             raise ValueError(f"policy file {path}: unknown keys {sorted(unknown)}")
         uid_packages = {int(uid): str(pkg) for uid, pkg in doc.get("packages", {}).items()}
@@ -69,14 +114,15 @@ class Policy:
             if default not in ("allow", "deny"):
                 raise ValueError(f"policy file {path}: default_{what} must be 'allow' or 'deny'")
             filters.append(_RuleFilter(rules, default == "allow"))
-        return cls(register=filters[0], uid_packages=uid_packages, lookup=filters[1])
+        limits = KernelLimits.from_mapping(doc.get("limits", {}), f"policy file {path} [limits]")
+        return cls(register=filters[0], uid_packages=uid_packages, lookup=filters[1],
+                   limits=limits)
 
     def may_register(self, who: ProcessInfo, name: str) -> None:
         if self.register is not None and not self.register(who, name):
             raise PermissionDenied(
                 f"the kernel's policy refuses process {who.process_id} the name {name!r}"
             )
-
 
     def may_lookup(self, who: ProcessInfo, name: str) -> None:
         if self.lookup is not None and not self.lookup(who, name):

@@ -20,13 +20,32 @@ _ANC = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(frames.MAX_FDS * 4)
 # events are bounded by the watcher's capability table; a process that lets more pile up is not
 # reading its socket, and is disconnected.
 MAX_OUTBOX = 4096 + 256
+# Frames are not what costs the kernel: a queued frame holds duplicates of the fds it carries
+# (a ChannelOpened five, a RegionGranted one), and every fd the kernel holds is one fewer for
+# everybody else. So the outbox is also bounded in fds (KernelLimits.outbox_fds).
+DEFAULT_OUTBOX_FDS = 4096
+
+
+class FdBudget:
+    """Queued fds shared by several connections (all of one OS process, or of one uid), so that
+    many connections from one process do not multiply its budget."""
+
+    def __init__(self, limit: int, what: str, key: object = None) -> None:
+        self.limit = limit
+        self.what = what  # for the error: "pid 123 (outbox_fds)"
+        self.key = key  # the kernel's name for it
+        self.used = 0
+        self.users = 0  # connections sharing it
 
 
 class Transport:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, max_fds: int = DEFAULT_OUTBOX_FDS) -> None:
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock = sock
+        self.max_fds = max_fds
+        self.queued_fds = 0  # fds the outbox holds (its duplicates)
+        self.budgets: tuple[FdBudget, ...] = ()  # shared budgets these fds also count against
         self.outbox: collections.deque[tuple[bytes, tuple[int, ...]]] = collections.deque()
 
     def fileno(self) -> int:
@@ -84,6 +103,7 @@ class Transport:
             except BlockingIOError:
                 return True
             self.outbox.popleft()
+            self._release(len(fds))
             for fd in fds:
                 os.close(fd)
         return False
@@ -97,14 +117,41 @@ class Transport:
     def _queue(self, frame: bytes, fds: tuple[int, ...]) -> None:
         if len(self.outbox) >= MAX_OUTBOX:
             raise ProtocolError(f"process is not reading its control socket ({MAX_OUTBOX} queued)")
-        # Queued fds must outlive the caller's copies: the outbox owns duplicates.
-        self.outbox.append((frame, tuple(os.dup(fd) for fd in fds)))
+        if self.queued_fds + len(fds) > self.max_fds:
+            raise ProtocolError(
+                f"process is not reading its control socket: {self.queued_fds} fds queued for it "
+                f"and the kernel keeps at most {self.max_fds} per connection (outbox_fds)")
+        for budget in self.budgets:
+            if budget.used + len(fds) > budget.limit:
+                raise ProtocolError(
+                    f"process is not reading its control socket: {budget.used} fds are queued for "
+                    f"the connections of {budget.what}, which may have at most {budget.limit}")
+        # Queued fds must outlive the caller's copies: the outbox owns duplicates. A dup that
+        # fails half-way (out of fds) must not leak the ones already made.
+        dups: list[int] = []
+        try:
+            for fd in fds:
+                dups.append(os.dup(fd))
+        except BaseException:
+            for fd in dups:
+                os.close(fd)
+            raise
+        self.outbox.append((frame, tuple(dups)))
+        self.queued_fds += len(dups)
+        for budget in self.budgets:
+            budget.used += len(dups)
+
+    def _release(self, n: int) -> None:
+        self.queued_fds -= n
+        for budget in self.budgets:
+            budget.used -= n
 
     def close(self) -> None:
         for _, fds in self.outbox:
             for fd in fds:
                 os.close(fd)
         self.outbox.clear()
+        self._release(self.queued_fds)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
