@@ -68,7 +68,6 @@ WAIT_MODES = ("spin", "adaptive", "block")  # what a Hello may name (the runtime
 # filled by encoded size, a row larger than _ROW_ROOM has its lists cut short (and says so).
 _PAGE_ROOM = frames.MAX_FRAME - 1024
 _ROW_ROOM = 16 * 1024
-_LOG_SUMMARY = 200  # characters of a request or an error a log line quotes
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS,
                               errno.ETOOMANYREFS})
 
@@ -82,7 +81,9 @@ _REFUSED_GRACE = 2.0  # seconds a refused connection has to send its Hello
 
 
 def _brief(text: object) -> str:
-    text = str(text)
+    """Text from a process (or about it) as a log or audit line may quote it: bounded, valid
+    UTF-8."""
+    text = str(text).encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= _LOG_CHARS else text[:_LOG_CHARS] + f"... ({len(text)} chars)"
 
 
@@ -725,8 +726,8 @@ class Kernel:
                 # mmap, a kernel bug) is that request's failure: its asker gets an error, nobody
                 # loses a connection. Logged with a bounded summary, never the whole request.
                 log.error("request %s of process %d (pid %d) failed: %s: %.*s",
-                          f"{msg!r:.{_LOG_SUMMARY}}", rec.process_id, rec.pid,
-                          type(exc).__name__, _LOG_SUMMARY, exc, exc_info=log.isEnabledFor(
+                          f"{msg!r:.{_LOG_CHARS}}", rec.process_id, rec.pid,
+                          type(exc).__name__, _LOG_CHARS, exc, exc_info=log.isEnabledFor(
                               logging.DEBUG))
                 err = _request_failed(exc)
                 reply = frames.Error(err.code, str(err))
@@ -746,11 +747,11 @@ class Kernel:
             # The kernel's own answer would be refused by the asker's decoder (a value out of
             # range, too large a frame): it gets an error instead, and keeps its connection.
             log.error("answer %s to process %d does not encode: %.*s", type(msg).__name__,
-                      rec.process_id, _LOG_SUMMARY, exc)
+                      rec.process_id, _LOG_CHARS, exc)
             fds = ()
             frame = rec.proto.respond(request_id, frames.Error(
                 IpcError.code, f"the kernel could not encode its {type(msg).__name__} answer "
-                f"({str(exc)[:_LOG_SUMMARY]}); this is a kernel bug, please report it"))
+                f"({str(exc)[:_LOG_CHARS]}); this is a kernel bug, please report it"))
         failed = self._send(rec, frame, fds)
         if failed is not None and request is not None:
             # No fd to spare for the answer's fds (EMFILE while queueing them, the socket out
@@ -769,7 +770,7 @@ class Kernel:
                 frame = rec.proto.event(msg)
             except ProtocolError as exc:  # dropped, not sent: the receiver would refuse it
                 log.error("event %s to process %d does not encode: %.*s", type(msg).__name__,
-                          rec.process_id, _LOG_SUMMARY, exc)
+                          rec.process_id, _LOG_CHARS, exc)
                 return False
             return self._send(rec, frame, fds) is None
         return True
@@ -1471,13 +1472,13 @@ class Kernel:
     def _on_report_bad(self, rec: ProcessRecord, msg: frames.ReportBad, rid: int) -> frames.Message:
         cap = rec.caps.get(msg.handle, "service")
         ch = cap.target.channels.get(msg.index)
-        reason = _printable(msg.reason)
+        reason = _brief(msg.reason)
         if ch is not None:
             self._audit_event(_audit.BAD_MESSAGE, rec, None, cap.target.name,
                               f"from process {ch.client.process_id}: {reason}")
             log.warning("service %r (process %d) reports garbage from process %d on channel %d: "
                         "%s; channel closed", cap.target.name, rec.process_id,
-                        ch.client.process_id, msg.index, _brief(reason))
+                        ch.client.process_id, msg.index, reason)
             self._close_channel(ch, _core.STATE_CLOSED, tell_server=False)
         return frames.Ok()
 
@@ -1556,7 +1557,7 @@ def _request_failed(exc: Exception) -> IpcError:
                                "or release capabilities, regions and channels this process holds")
         return IpcError(f"the kernel could not do this: {exc.strerror or exc}")
     return IpcError(f"the kernel failed on this request ({type(exc).__name__}: "
-                    f"{str(exc)[:_LOG_SUMMARY]}); it is logged, please report it")
+                    f"{str(exc)[:_LOG_CHARS]}); it is logged, please report it")
 
 
 def _check_entries(entries: Sequence[str] | None) -> None:
@@ -1573,11 +1574,6 @@ def _check_entries(entries: Sequence[str] | None) -> None:
                 raise ValueError(f"allowlist entry {entry[:40]!r}: uid out of range")
         else:
             check_name(value, f"allowlist entry {kind}: name")
-
-
-def _printable(text: str, limit: int = _LOG_SUMMARY) -> str:
-    """Text from a process as a log or audit line may quote it: bounded, valid UTF-8."""
-    return text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _encoded_size(row: dict[str, Any]) -> int:
