@@ -14,19 +14,27 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .._errors import OutOfMemory
+from .._protocol.names import check_name
 
 _KINDS = ("uid", "package", "name")
 
 
 def parse_entry(raw: str) -> str:
-    """Normalise one entry, or ValueError naming what is accepted."""
+    """Normalise one entry, or ValueError naming what is accepted. Checked as it enters the
+    kernel: a ProcessId or uid in range, a valid package or service name after its kind, so
+    every listing and audit line that later carries it is one its reader accepts."""
     raw = str(raw).strip()
     if raw.isdigit() and int(raw) > 0:
+        if len(raw) > 20:
+            raise ValueError(f"allowlist entry {raw[:40]!r}...: no ProcessId is that long")
         return str(int(raw))
     kind, sep, value = raw.partition(":")
     if sep and kind in _KINDS and value:
-        if kind == "uid" and not value.isdigit():
-            raise ValueError(f"allowlist entry {raw!r}: uid must be a number")
+        if kind == "uid":
+            if not value.isdigit() or len(value) > 10:
+                raise ValueError(f"allowlist entry {raw[:40]!r}: uid must be a number in range")
+        else:
+            check_name(value, f"allowlist entry {kind}: name")
         return f"{kind}:{value}"
     raise ValueError(f"allowlist entry {raw!r}: use a ProcessId, 'uid:N', 'package:P' or 'name:N'")
 

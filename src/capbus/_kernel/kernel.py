@@ -44,7 +44,7 @@ from .._protocol import frames
 from .._protocol.connection import KernelConnection, State
 from .._protocol.names import check_name
 from . import audit as _audit
-from .allowlist import AccessList, parse_entry
+from .allowlist import AccessList
 from .captable import Capability, CapTable, Limits, check_rights, next_uid
 from .launcher import Child, LaunchSpec, launch
 from .policy import KernelLimits, Policy, ProcessInfo
@@ -894,7 +894,6 @@ class Kernel:
         # Checked here, not at each lookup: defaults a client could not be sent must be refused
         # to the service that asks for them, never relayed to everyone who looks it up.
         Limits.from_request(limits)
-        _check_entries(allow)
         svc = Service(key, kind, rec,
                       access=AccessList.from_entries(allow, self.limits.access_entries),
                       default_limits=dict(limits or {}), bounds=ServiceBounds.from_request(bounds))
@@ -1432,8 +1431,6 @@ class Kernel:
 
     def _on_access(self, rec: ProcessRecord, msg: frames.Access, rid: int) -> frames.Message:
         svc: Service = rec.caps.get(msg.handle, "service").target
-        _check_entries(msg.allow)
-        _check_entries(msg.deny)
         denied = svc.access.change(msg.allow or (), msg.deny or (), self.limits.access_entries)
         self._audit_event(_audit.RESTRICT, rec, None, svc.name,
                           f"allow {_few(msg.allow)} deny {_few(msg.deny)}")
@@ -1558,22 +1555,6 @@ def _request_failed(exc: Exception) -> IpcError:
         return IpcError(f"the kernel could not do this: {exc.strerror or exc}")
     return IpcError(f"the kernel failed on this request ({type(exc).__name__}: "
                     f"{str(exc)[:_LOG_CHARS]}); it is logged, please report it")
-
-
-def _check_entries(entries: Sequence[str] | None) -> None:
-    """Allowlist/denylist entries as they enter: each one a ProcessId, uid:N or a valid package
-    or service name after its kind (so every listing and audit line can carry it)."""
-    for raw in entries or ():
-        entry = parse_entry(raw)
-        kind, sep, value = entry.partition(":")
-        if not sep:
-            if len(entry) > 20:
-                raise ValueError(f"allowlist entry {entry[:40]!r}...: no ProcessId is that long")
-        elif kind == "uid":
-            if len(value) > 10:
-                raise ValueError(f"allowlist entry {entry[:40]!r}: uid out of range")
-        else:
-            check_name(value, f"allowlist entry {kind}: name")
 
 
 def _encoded_size(row: dict[str, Any]) -> int:
