@@ -150,6 +150,15 @@ class _Pipes:
         self.report_r, self.report_w = os.pipe()
         self.go = {phase: os.pipe() for phase in phases}  # phase -> (r, w)
 
+    def report(self, i: int, tag: str, text: str = "") -> None:
+        """A child's line to the parent: what child i has done."""
+        os.write(self.report_w, f"{tag} {i} {text}".rstrip().encode()[:500] + b"\n")
+
+    def wait(self, phase: str) -> None:
+        """A child waits for the parent's go for this phase (exits if the parent has gone)."""
+        if os.read(self.go[phase][0], 1) != b"g":
+            os._exit(2)
+
     def close_in_child(self) -> None:
         """A child keeps only what it uses, so that EOF tells it the parent has gone."""
         os.close(self.report_r)
@@ -174,11 +183,9 @@ def _child(i: int, n: int, path: str, pipes: _Pipes) -> None:
         import capbus
 
         def report(tag: str, text: str = "") -> None:
-            os.write(pipes.report_w, f"{tag} {i} {text}".rstrip().encode()[:500] + b"\n")
+            pipes.report(i, tag, text)
 
-        def go(phase: str) -> None:
-            if os.read(pipes.go[phase][0], 1) != b"g":
-                os._exit(2)  # the parent has gone
+        go = pipes.wait
 
         report("ready")
         proc = None
@@ -412,11 +419,9 @@ def _mesh_child(i: int, services: int, per: int, uid_bound: int, path: str,
         import capbus
 
         def report(tag: str, text: str = "") -> None:
-            os.write(pipes.report_w, f"{tag} {i} {text}".rstrip().encode()[:500] + b"\n")
+            pipes.report(i, tag, text)
 
-        def go(phase: str) -> None:
-            if os.read(pipes.go[phase][0], 1) != b"g":
-                os._exit(2)  # the parent has gone
+        go = pipes.wait
 
         report("ready")
         proc = None
