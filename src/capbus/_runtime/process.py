@@ -279,11 +279,13 @@ class Process:
             for svc in list(self._services.values()):
                 svc._peer_exited(pid, lost)
         # A caller between its last state check and its futex sleep missed that wake-up: the
-        # window is a few instructions, so two more wakes a little later close it.
-        for pause in (0.005, 0.05):
-            time.sleep(pause)
-            for ep in eps:
-                ep._mark_lanes(_core.STATE_PEER_DEAD)
+        # window is a few instructions, so two more wakes a little later close it. On timers,
+        # never in the watch's thread: it must keep closing the pidfds of peers that exit (a
+        # server with many short-lived clients held hundreds of them while this thread slept).
+        for pause in (0.005, 0.055) if eps else ():
+            t = threading.Timer(pause, _mark_dead, (eps,))
+            t.daemon = True
+            t.start()
 
     def _on_lost(self, reason: KernelUnavailable) -> None:
         """The control reader thread, as the kernel goes: channels stay (both peers may live);
@@ -477,6 +479,11 @@ def _open_socket(path: str) -> socket.socket:
         raise
     sock.settimeout(None)
     return sock
+
+
+def _mark_dead(eps: list[Endpoint]) -> None:
+    for ep in eps:
+        ep._mark_lanes(_core.STATE_PEER_DEAD)
 
 
 def connect(path: str | None = None, wait: str = "adaptive", *, reconnect: bool = False,
