@@ -82,6 +82,26 @@ def wait_for(predicate, timeout: float = 5.0, interval: float = 0.005) -> bool:
     return predicate()
 
 
+def connects(path: str) -> bool:
+    """Does a kernel answer at `path` (a daemon that is up, not a stale socket file)?"""
+    try:
+        capbus.connect(path).close()
+        return True
+    except capbus.KernelUnavailable:
+        return False
+
+
+def region_fds() -> int:
+    """Region memfds this process holds (an embedded kernel's included)."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:capbus-region")
+        except OSError:
+            pass
+    return n
+
+
 def readline(p: subprocess.Popen, timeout: float = 10.0) -> str:
     """One line of a child's stdout, or fail after `timeout` (never hang the suite)."""
     try:

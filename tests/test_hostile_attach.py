@@ -12,12 +12,11 @@ from __future__ import annotations
 import fcntl
 import gc
 import json
-import os
 import subprocess
 import threading
 
 import pytest
-from conftest import readline, wait_for
+from conftest import readline, region_fds, wait_for
 
 import capbus
 from capbus._protocol import frames
@@ -326,28 +325,18 @@ input()
 """
 
 
-def _region_fds() -> int:
-    n = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            n += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:capbus-region")
-        except OSError:
-            pass
-    return n
-
-
 @pytest.mark.parametrize("then", ["stay", "close", "die"])
 def test_pending_delegations_expire_on_time(kernel, children, server, then):
     srv = server(attach_ttl=0.5)
-    before = _region_fds()  # the embedded kernel's region fds live in this process
+    before = region_fds()  # the embedded kernel's region fds live in this process
     p = children.start(LINGERER, then, stdin=subprocess.PIPE)
     assert readline(p, 30) == "parked"
     if then != "die":
         assert kernel.services()[0]["attachments"] == 10
-        assert _region_fds() == before + 1
+        assert region_fds() == before + 1
     # Nobody delegates anything more: the kernel's timer alone lets them go.
     assert wait_for(lambda: kernel.services()[0]["attachments"] == 0, 5)
-    assert wait_for(lambda: _region_fds() == before, 5)
+    assert wait_for(lambda: region_fds() == before, 5)
     if then != "die":
         p.stdin.write("\n")
     finish(p)

@@ -11,17 +11,9 @@ import sys
 import time
 
 import pytest
-from conftest import Children, readline, wait_for
+from conftest import Children, connects, readline, wait_for
 
 import capbus
-
-
-def _connects(path: str) -> bool:
-    try:
-        capbus.connect(path).close()
-        return True
-    except capbus.KernelUnavailable:
-        return False
 
 
 class Daemon:
@@ -36,7 +28,7 @@ class Daemon:
         env.pop("CAPBUS_FD", None)
         self.proc = subprocess.Popen([sys.executable, "-m", "capbus", "kernel", "--socket", self.path],
                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert wait_for(lambda: _connects(self.path), 20), "the daemon did not come up"
+        assert wait_for(lambda: connects(self.path), 20), "the daemon did not come up"
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -8,7 +8,7 @@ import subprocess
 import threading
 
 import pytest
-from conftest import readline, wait_for
+from conftest import readline, region_fds, wait_for
 
 import capbus
 
@@ -131,16 +131,6 @@ print("done", done, flush=True)
 """
 
 
-def _region_fds() -> int:
-    n = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            n += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:capbus-region")
-        except OSError:
-            pass
-    return n
-
-
 def _fd_kinds() -> dict[str, int]:
     """What this process's fds are, counted by kind (for a failure message)."""
     kinds: dict[str, int] = {}
@@ -184,7 +174,7 @@ def test_1000_create_transfer_exit_cycles_leave_nothing(kernel, children):
         assert got == 1000
         # Nothing left: no region memfd held here (the embedded kernel is this process),
         # no fd growth, nothing in /dev/shm.
-        assert wait_for(lambda: _region_fds() == 0, 5), _region_fds()
+        assert wait_for(lambda: region_fds() == 0, 5), region_fds()
         assert wait_for(lambda: len(os.listdir("/proc/self/fd")) <= base_fds + 2, 5), (
             base_fds, sorted(_fd_kinds().items()))
         # 1000 regions of 64 KiB went through here: 62 MiB if any were kept.

@@ -12,7 +12,7 @@ import tempfile
 import time
 
 import pytest
-from conftest import wait_for
+from conftest import connects, wait_for
 
 import capbus
 
@@ -41,14 +41,6 @@ def test_a_missing_socket_directory_is_created_private(sockdir):
         assert _mode(os.path.dirname(path)) == 0o700
 
 
-def _connects(path: str) -> bool:
-    try:
-        capbus.connect(path).close()
-        return True
-    except capbus.KernelUnavailable:
-        return False
-
-
 def test_leftovers_of_a_killed_daemon_never_stop_the_next(sockdir):
     path = os.path.join(sockdir, "k.sock")
     env = dict(os.environ)
@@ -57,7 +49,7 @@ def test_leftovers_of_a_killed_daemon_never_stop_the_next(sockdir):
         daemon = subprocess.Popen([sys.executable, "-m", "capbus", "kernel", "--socket", path],
                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            assert wait_for(lambda: _connects(path), 20), daemon.stderr
+            assert wait_for(lambda: connects(path), 20), daemon.stderr
             with capbus.connect(path) as p:
                 p.register("x")
                 for _ in range(50):  # audit rows still buffered or mid-write at the kill
