@@ -171,15 +171,20 @@ class _Pipes:
                 os.close(fd)
 
 
+def _child_setup(pipes: _Pipes) -> None:
+    """A forked child's first steps: default signal handlers, an alarm, only its own pipe ends."""
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not whatever handler the parent had
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.alarm(_CHILD_ALARM)
+    pipes.close_in_child()
+
+
 def _child(i: int, n: int, path: str, pipes: _Pipes) -> None:
     """Runs in a forked child; never returns."""
     code = 1
     try:
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not whatever handler the parent had
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.alarm(_CHILD_ALARM)
-        pipes.close_in_child()
+        _child_setup(pipes)
         import capbus
 
         def report(tag: str, text: str = "") -> None:
@@ -459,14 +464,6 @@ def _mesh_child(i: int, services: int, per: int, uid_bound: int, path: str,
                     proc.close()
     finally:
         os._exit(code)
-
-
-def _child_setup(pipes: _Pipes) -> None:
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not whatever handler the parent had
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.alarm(_CHILD_ALARM)
-    pipes.close_in_child()
 
 
 def _quantiles(values: list[float]) -> str:
