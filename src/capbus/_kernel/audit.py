@@ -248,8 +248,8 @@ class AuditLog:
             conn.executemany(_INSERT, rows)
             added: collections.Counter[tuple[int, int]] = collections.Counter(
                 (row[4], row[3]) for row in rows)
-            for (uid, pid), n in added.items():
-                self._tally(uid, pid, n, undo)
+            for (uid, pid), count in added.items():
+                self._tally(uid, pid, count, undo)
             if self._count() > self.max_rows + self._slack:
                 self._trim(undo)
             conn.execute("COMMIT")
@@ -408,7 +408,8 @@ class _Tally:
             removed += step
         keys = [key for count in top for key in self.by_count[count]]
         extra = set(heapq.nsmallest(rem, keys, key=lambda k: (-self.counts[k], k))) if rem else ()
-        return sorted((key, self.counts[key] - level + (key in extra)) for key in keys)
+        cuts = ((key, self.counts[key] - level + (key in extra)) for key in keys)
+        return sorted((key, n) for key, n in cuts if n > 0)  # 0: at the level, not one of extra
 
 
 def _iso(t: float) -> str:
