@@ -15,9 +15,10 @@ Bounded everywhere:
     and counted, and the next successful flush writes one "audit-dropped" event with the count;
   * target and detail are cut to MAX_TARGET / MAX_DETAIL characters when recorded (a detail
     may come from a hostile process: a bad-message reason, say);
-  * the table keeps about max_rows rows: once it holds more than max_rows plus 1%, rows are
-    deleted from whoever holds the most, not from the oldest (see "Fair trimming" below); freed
-    pages are reused, so the file stops growing;
+  * the table keeps at most max_rows rows: a flush that takes it over deletes the excess in the
+    same transaction (so a flush deletes about as many rows as it writes: no periodic spike),
+    from whoever holds the most, not from the oldest (see "Fair trimming" below); freed pages
+    are reused, so the file stops growing;
   * the write-ahead log is truncated back to JOURNAL_SIZE_LIMIT bytes after a checkpoint.
 
 A write that fails (disk full, the file locked by someone else, an I/O error) does not raise:
@@ -27,14 +28,15 @@ failing), the rows stay buffered (bounded as above) and due() backs off before t
 Fair trimming: a row's owner is its (uid, pid) (the kernel's own rows are uid -1 / its pid, an
 owner like any other). The retained window is shared by water-filling, first across uids, then
 within each uid across its processes: the excess is taken from the largest owners down to a
-common level, each losing its own oldest rows, so a quiet process keeps every row it has while a
-flooder (even one under the rate limits below, replacing a whole 1,000,000-row trail in ~17
-minutes) only ever pushes out its own. The rows per owner are counted in memory (one GROUP BY
-over the covering index events_owner(uid, pid, id) at open; then O(rows written) per flush, no
-scan): an entry per distinct (uid, pid) in the table, so at most max_rows + slack + one batch of
-them, and an entry is removed when its count reaches 0. The owners are also grouped by count,
-so a trim looks only at the distinct counts (k of them need 1 + 2 + ... + k rows: at most ~1,414
-for 1,000,000 rows) and at the owners it cuts, and deletes with one indexed statement per owner.
+common level, each losing its own oldest rows. So a quiet process keeps every row it has, while a
+flooder (one within the rate limits below would replace a 1,000,000-row trail in ~17 minutes if
+the oldest rows went first) only ever pushes out its own.
+The rows per owner are counted in memory: one GROUP BY over the covering index
+events_owner(uid, pid, id) at open, then O(rows written) per flush, no scan. There is an entry
+per distinct (uid, pid) in the table, so at most max_rows plus one batch of them, and an entry is
+removed when its count reaches 0. The owners are also grouped by count, so a trim looks only at
+the distinct counts (k of them need 1 + 2 + ... + k rows: at most ~1,414 for 1,000,000 rows) and
+at the owners it cuts, and deletes with one indexed statement per owner cut.
 The index is created IF NOT EXISTS, so a file of an older capbus gets it at its first open and
 keeps schema version 1 (the table is unchanged; an older capbus ignores the index).
 
@@ -131,7 +133,6 @@ class AuditLog:
             raise ValueError(f"max_rows must be at least 1, not {max_rows}")
         self.path = os.path.abspath(path) if path is not None else None
         self.max_rows = max_rows
-        self._slack = max(1, max_rows // 100)  # rows over max_rows tolerated before a trim
         self._pending: collections.deque[_Row] = collections.deque(maxlen=MAX_PENDING)
         self._dropped = 0
         self._dropped_first = 0.0
@@ -223,7 +224,7 @@ class AuditLog:
         return max(0.0, at - now)
 
     def flush(self, max_batch: int | None = MAX_BATCH) -> int:
-        """Write the pending rows, oldest first, in one transaction, and trim the table to about
+        """Write the pending rows, oldest first, in one transaction, and trim the table back to
         max_rows. At most max_batch rows per call (None: all of them), so that a backlog left
         by a failing disk drains over several loop turns instead of stalling one (due() stays
         true while more than FLUSH_BATCH wait). Returns the rows written; 0 if nothing was
@@ -250,7 +251,7 @@ class AuditLog:
                 (row[4], row[3]) for row in rows)
             for (uid, pid), count in added.items():
                 self._tally(uid, pid, count, undo)
-            if self._count() > self.max_rows + self._slack:
+            if self._count() > self.max_rows:
                 self._trim(undo)
             conn.execute("COMMIT")
         except (sqlite3.Error, OSError) as exc:
@@ -533,7 +534,8 @@ def query(
 class RateLimiter:
     """Audit rows one OS process, and one uid, may cause per second; what is over is counted and
     written as one summary row per (who, event) when its second ends ("denied x 7412 in the last
-    second"), so a flood costs the trail a few rows a second and cannot wash out the others'.
+    second"), so a flood costs the trail a few rows a second (and fair trimming keeps even those
+    from pushing out anyone else's rows).
 
     Windows are per key and start at the key's first row; summary() is cheap when nothing was
     suppressed (the kernel calls it from its loop, and arms a timer at the first suppression)."""
