@@ -963,8 +963,9 @@ class Kernel:
         gets OutOfMemory naming the limit; nobody else's lookups are touched)."""
         lim = self.limits
         if self._parked_by_pid.get(_client_key(rec), 0) >= lim.parked_lookups:
+            who = f"pid {rec.pid}" if rec.pid > 0 else "this connection (its pid is unknown)"
             raise OutOfMemory(
-                f"pid {rec.pid} already has {lim.parked_lookups} lookups waiting for a name "
+                f"{who} already has {lim.parked_lookups} lookups waiting for a name "
                 f"(its parked_lookups limit): cannot wait for the {what} {key!r:.80}; wait for "
                 "fewer names at once, or look up without a timeout")
         if self._parked_by_uid.get(rec.uid, 0) >= lim.parked_lookups_per_uid:
