@@ -15,15 +15,30 @@ Bounded everywhere:
     and counted, and the next successful flush writes one "audit-dropped" event with the count;
   * target and detail are cut to MAX_TARGET / MAX_DETAIL characters when recorded (a detail
     may come from a hostile process: a bad-message reason, say);
-  * the table keeps about max_rows rows: once it holds more than max_rows plus 1% the oldest
-    are deleted by id range (ids are assigned in order and only the oldest are ever deleted,
-    so the count is max(id) - min(id) + 1, two index probes, no scan); freed pages are reused,
-    so the file stops growing;
+  * the table keeps at most max_rows rows: a flush that takes it over deletes the excess in the
+    same transaction (so a flush deletes about as many rows as it writes: no periodic spike),
+    from whoever holds the most, not from the oldest (see "Fair trimming" below); freed pages
+    are reused, so the file stops growing;
   * the write-ahead log is truncated back to JOURNAL_SIZE_LIMIT bytes after a checkpoint.
 
 A write that fails (disk full, the file locked by someone else, an I/O error) does not raise:
 a warning goes to the "capbus.kernel" logger (once, then at most once a minute while it keeps
 failing), the rows stay buffered (bounded as above) and due() backs off before the next try.
+
+Fair trimming: a row's owner is its (uid, pid) (the kernel's own rows are uid -1 / its pid, an
+owner like any other). The retained window is shared by water-filling, first across uids, then
+within each uid across its processes: the excess is taken from the largest owners down to a
+common level, each losing its own oldest rows. So a quiet process keeps every row it has, while a
+flooder (one within the rate limits below would replace a 1,000,000-row trail in ~17 minutes if
+the oldest rows went first) only ever pushes out its own.
+The rows per owner are counted in memory: one GROUP BY over the covering index
+events_owner(uid, pid, id) at open, then O(rows written) per flush, no scan. There is an entry
+per distinct (uid, pid) in the table, so at most max_rows plus one batch of them, and an entry is
+removed when its count reaches 0. The owners are also grouped by count, so a trim looks only at
+the distinct counts (k of them need 1 + 2 + ... + k rows: at most ~1,414 for 1,000,000 rows) and
+at the owners it cuts, and deletes with one indexed statement per owner cut.
+The index is created IF NOT EXISTS, so a file of an older capbus gets it at its first open and
+keeps schema version 1 (the table is unchanged; an older capbus ignores the index).
 
 Reading: query() opens the file read-only (SQLite URI mode=ro) and can run beside a live kernel.
 """
@@ -32,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
 import itertools
 import logging
 import os
@@ -88,6 +104,10 @@ CREATE TABLE events (
 CREATE INDEX events_time ON events(time);
 CREATE INDEX events_process ON events(process_id);
 """
+# Also run on every open of an existing file: files written before fair trimming lack it.
+_OWNER_INDEX = "CREATE INDEX IF NOT EXISTS events_owner ON events(uid, pid, id)"
+_DELETE_OLDEST = ("DELETE FROM events WHERE id IN "
+                  "(SELECT id FROM events WHERE uid = ? AND pid = ? ORDER BY id LIMIT ?)")
 _INSERT = ("INSERT INTO events (time, event, process_id, pid, uid, handle, target, detail) "
            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 
@@ -113,7 +133,6 @@ class AuditLog:
             raise ValueError(f"max_rows must be at least 1, not {max_rows}")
         self.path = os.path.abspath(path) if path is not None else None
         self.max_rows = max_rows
-        self._slack = max(1, max_rows // 100)  # rows over max_rows tolerated before a trim
         self._pending: collections.deque[_Row] = collections.deque(maxlen=MAX_PENDING)
         self._dropped = 0
         self._dropped_first = 0.0
@@ -122,23 +141,21 @@ class AuditLog:
         self._retry_at = 0.0
         self._failures = 0
         self._warned_at = -_WARN_EVERY
-        self._min_id: int | None = None  # of the rows in the table (None: empty)
-        self._max_id: int | None = None
+        self._uids = _Tally()  # uid -> its rows in the table
+        self._pids: dict[int, _Tally] = {}  # uid -> (pid -> its rows in the table)
         self._conn: sqlite3.Connection | None = None
         if self.path is not None:
             self._conn = _open_writer(self.path)
             try:
-                self._load_ids()
+                self._load_counts()
                 if self._count() > self.max_rows:  # reopened with a smaller max_rows
+                    undo: list[tuple[int, int, int]] = []
                     try:
                         self._conn.execute("BEGIN IMMEDIATE")
-                        self._trim()
+                        self._trim(undo)
                         self._conn.execute("COMMIT")
                     except sqlite3.Error as exc:  # locked, say: the next flush trims
-                        with contextlib.suppress(sqlite3.Error):
-                            if self._conn.in_transaction:
-                                self._conn.execute("ROLLBACK")
-                        self._load_ids()
+                        self._rollback(undo)
                         log.warning("audit log %s: cannot trim it now (%s)", self.path, exc)
             except BaseException:
                 self._conn.close()
@@ -207,7 +224,7 @@ class AuditLog:
         return max(0.0, at - now)
 
     def flush(self, max_batch: int | None = MAX_BATCH) -> int:
-        """Write the pending rows, oldest first, in one transaction, and trim the table to about
+        """Write the pending rows, oldest first, in one transaction, and trim the table back to
         max_rows. At most max_batch rows per call (None: all of them), so that a backlog left
         by a failing disk drains over several loop turns instead of stalling one (due() stays
         true while more than FLUSH_BATCH wait). Returns the rows written; 0 if nothing was
@@ -226,19 +243,19 @@ class AuditLog:
                 f"{self._dropped} events dropped: the audit buffer was full (oldest lost "
                 f"from {_iso(self._dropped_first)} to {_iso(self._dropped_last)})",
             ))
+        undo: list[tuple[int, int, int]] = []  # (uid, pid, rows) counted in this transaction
         try:
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(_INSERT, rows)
-            self._load_ids()
-            if self._count() > self.max_rows + self._slack:
-                self._trim()
+            added: collections.Counter[tuple[int, int]] = collections.Counter(
+                (row[4], row[3]) for row in rows)
+            for (uid, pid), count in added.items():
+                self._tally(uid, pid, count, undo)
+            if self._count() > self.max_rows:
+                self._trim(undo)
             conn.execute("COMMIT")
         except (sqlite3.Error, OSError) as exc:
-            with contextlib.suppress(sqlite3.Error):
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            with contextlib.suppress(sqlite3.Error):
-                self._load_ids()
+            self._rollback(undo)
             self._failed(exc)
             return 0
         if n == len(self._pending):
@@ -278,23 +295,57 @@ class AuditLog:
 
     # ---- inside ---------------------------------------------------------------------------------
 
-    def _load_ids(self) -> None:
+    def _load_counts(self) -> None:
+        """Count the rows per owner (one pass over the events_owner index: at open only)."""
         assert self._conn is not None
-        self._min_id, self._max_id = self._conn.execute(
-            "SELECT (SELECT min(id) FROM events), (SELECT max(id) FROM events)"
-        ).fetchone()
+        self._uids = _Tally()
+        self._pids = {}
+        for uid, pid, n in self._conn.execute(
+                "SELECT uid, pid, count(*) FROM events GROUP BY uid, pid"):
+            self._tally(uid, pid, n)
 
     def _count(self) -> int:
-        if self._min_id is None or self._max_id is None:
-            return 0
-        return self._max_id - self._min_id + 1  # an upper bound: ids are contiguous but for gaps
+        return self._uids.total
 
-    def _trim(self) -> None:
-        """Delete the oldest rows so that at most max_rows remain (inside a transaction)."""
-        assert self._conn is not None and self._max_id is not None
-        cutoff = self._max_id - self.max_rows  # keep ids cutoff+1 .. max_id
-        self._conn.execute("DELETE FROM events WHERE id <= ?", (cutoff,))
-        self._min_id = cutoff + 1
+    def owners(self) -> dict[tuple[int, int], int]:
+        """(uid, pid) -> rows in the table, as counted in memory (for tests and diagnostics)."""
+        return {(uid, pid): n for uid, t in self._pids.items() for pid, n in t.counts.items()}
+
+    def _tally(self, uid: int, pid: int, n: int,
+               undo: list[tuple[int, int, int]] | None = None) -> None:
+        """Count n rows (negative: deleted) of owner (uid, pid); an owner at 0 is forgotten."""
+        pids = self._pids.get(uid)
+        if pids is None:
+            pids = self._pids[uid] = _Tally()
+        pids.add(pid, n)
+        self._uids.add(uid, n)
+        if not pids.total:
+            del self._pids[uid]
+        if undo is not None:
+            undo.append((uid, pid, n))
+
+    def _rollback(self, undo: list[tuple[int, int, int]]) -> None:
+        """A transaction failed: roll it back and uncount what it counted."""
+        assert self._conn is not None
+        try:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+        except sqlite3.Error:  # the rows' fate is unknown: count them again from the file
+            with contextlib.suppress(sqlite3.Error):
+                self._load_counts()
+            return
+        for uid, pid, n in reversed(undo):
+            self._tally(uid, pid, -n)
+
+    def _trim(self, undo: list[tuple[int, int, int]]) -> None:
+        """Delete rows so that at most max_rows remain (inside a transaction), fairly: water-
+        filling across uids, then within each uid across its pids, each owner losing its oldest
+        rows (see the module's doc). Counts what it deleted (and appends it to undo)."""
+        assert self._conn is not None
+        for uid, uid_cut in self._uids.cuts(self._count() - self.max_rows):
+            for pid, cut in self._pids[uid].cuts(uid_cut):
+                deleted = self._conn.execute(_DELETE_OLDEST, (uid, pid, cut)).rowcount
+                self._tally(uid, pid, -max(0, deleted), undo)
 
     def _failed(self, exc: BaseException) -> None:
         self._failures += 1
@@ -305,6 +356,61 @@ class AuditLog:
             log.warning("audit log %s: cannot write (%s): %d events kept in memory, retrying "
                         "(beyond %d the oldest are dropped)", self.path, exc,
                         len(self._pending), MAX_PENDING)
+
+
+class _Tally:
+    """Rows per key (a uid, or a pid of one uid), the keys also grouped by their count, so that
+    cuts() walks the distinct counts (at most ~sqrt(2 * rows) of them), not every key."""
+
+    __slots__ = ("counts", "by_count", "total")
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self.by_count: dict[int, set[int]] = {}
+        self.total = 0
+
+    def add(self, key: int, n: int) -> None:
+        old = self.counts.get(key, 0)
+        new = old + n
+        if old:
+            group = self.by_count[old]
+            group.discard(key)
+            if not group:
+                del self.by_count[old]
+        if new > 0:
+            self.counts[key] = new
+            self.by_count.setdefault(new, set()).add(key)
+        else:
+            self.counts.pop(key, None)
+        self.total += new - old if new > 0 else -old
+
+    def cuts(self, excess: int) -> list[tuple[int, int]]:
+        """(key, rows it loses) so that `excess` rows go in all, by water-filling: the largest
+        keys are cut down to a common level, and the few that must lose one more to make the sum
+        exact are those that held the most (then the lowest keys). Keys below the level lose
+        nothing. All of everything if excess >= total."""
+        if excess <= 0:
+            return []
+        if excess >= self.total:
+            return sorted(self.counts.items())
+        levels = sorted(self.by_count, reverse=True)
+        removed = above = 0
+        level = rem = 0
+        top = levels
+        for i, count in enumerate(levels):
+            above += len(self.by_count[count])
+            below = levels[i + 1] if i + 1 < len(levels) else 0
+            step = above * (count - below)
+            if removed + step >= excess:
+                drop, rem = divmod(excess - removed, above)
+                level = count - drop  # >= below; and > below when rem > 0
+                top = levels[: i + 1]
+                break
+            removed += step
+        keys = [key for count in top for key in self.by_count[count]]
+        extra = set(heapq.nsmallest(rem, keys, key=lambda k: (-self.counts[k], k))) if rem else ()
+        cuts = ((key, self.counts[key] - level + (key in extra)) for key in keys)
+        return sorted((key, n) for key, n in cuts if n > 0)  # 0: at the level, not one of extra
 
 
 def _iso(t: float) -> str:
@@ -342,6 +448,7 @@ def _open_writer(path: str) -> sqlite3.Connection:
                 if statement.strip():
                     conn.execute(statement)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.execute(_OWNER_INDEX)
         conn.execute("COMMIT")
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")  # from now on: in the loop
     except sqlite3.DatabaseError as exc:
@@ -427,7 +534,8 @@ def query(
 class RateLimiter:
     """Audit rows one OS process, and one uid, may cause per second; what is over is counted and
     written as one summary row per (who, event) when its second ends ("denied x 7412 in the last
-    second"), so a flood costs the trail a few rows a second and cannot wash out the others'.
+    second"), so a flood costs the trail a few rows a second (and fair trimming keeps even those
+    from pushing out anyone else's rows).
 
     Windows are per key and start at the key's first row; summary() is cheap when nothing was
     suppressed (the kernel calls it from its loop, and arms a timer at the first suppression)."""

@@ -286,7 +286,11 @@ class Kernel:
         self._names: Registry[Service] = Registry("service name")
         self._packages: Registry[Service] = Registry("package")
         self._subscribers: set[ProcessRecord] = set()
-        self._waiters: dict[tuple[str, str], list[tuple[ProcessRecord, int]]] = {}
+        # (kind, key) -> the parked lookups waiting for it, oldest first (a dict: O(1) removal)
+        self._waiters: dict[tuple[str, str], dict[tuple[ProcessRecord, int], None]] = {}
+        # Parked lookups per client (see _client_key) and per uid: KernelLimits.parked_lookups*
+        self._parked_by_pid: dict[int, int] = {}
+        self._parked_by_uid: dict[int, int] = {}
         self._timers: list[_Timer] = []
         self._cancelled_timers = 0
         self._timer_seq = itertools.count()
@@ -326,7 +330,7 @@ class Kernel:
         if audit is True:
             audit = _audit.default_path(self.socket_path)
         try:
-            self._audit = _audit.AuditLog(audit or None)
+            self._audit = _audit.AuditLog(audit or None, self.limits.audit_rows)
             self._audit_rate = _audit.RateLimiter(self.limits.audit_rows_per_second,
                                                   self.limits.audit_rows_per_uid_second)
         except BaseException:
@@ -842,14 +846,8 @@ class Kernel:
         rec.services.clear()
         for ch in list(rec.lanes):
             self._close_channel(ch, _core.STATE_PEER_DEAD)
-        for request_id, (key, timer) in rec.parked.items():
-            self._cancel(timer)
-            waiters = self._waiters.get(key, [])
-            with contextlib.suppress(ValueError):
-                waiters.remove((rec, request_id))
-            if not waiters:
-                self._waiters.pop(key, None)
-        rec.parked.clear()
+        for request_id in list(rec.parked):
+            self._unpark(rec, request_id)
         self._subscribers.discard(rec)
         for cap in rec.caps:
             if cap.kind == "endpoint" and cap.watched:
@@ -944,28 +942,61 @@ class Kernel:
             return self._grant(rec, svc)
         if timeout_ms == 0:
             raise ServiceNotFound(f"no live process serves the {registry.what} {key!r}")
+        self._may_park(rec, registry.what, key)
+
         def expire() -> None:
-            if rec.parked.pop(rid, None) is None:
+            if not self._unpark(rec, rid, fired=True):
                 return
-            waiters = self._waiters.get((kind, key), [])
-            with contextlib.suppress(ValueError):
-                waiters.remove((rec, rid))
-            if not waiters:
-                self._waiters.pop((kind, key), None)
             err = ServiceNotFound(f"no process registered the {registry.what} {key!r} "
                                   f"within {timeout_ms} ms")
             self._respond(rec, rid, frames.Error(err.code, str(err)))
 
         rec.parked[rid] = ((kind, key), self._after(timeout_ms / 1000.0, expire))
-        self._waiters.setdefault((kind, key), []).append((rec, rid))
+        self._waiters.setdefault((kind, key), {})[(rec, rid)] = None
+        client = _client_key(rec)
+        self._parked_by_pid[client] = self._parked_by_pid.get(client, 0) + 1
+        self._parked_by_uid[rec.uid] = self._parked_by_uid.get(rec.uid, 0) + 1
         return None
 
+    def _may_park(self, rec: ProcessRecord, what: str, key: str) -> None:
+        """Refuse to park one more lookup of this process or uid past KernelLimits (the asker
+        gets OutOfMemory naming the limit; nobody else's lookups are touched)."""
+        lim = self.limits
+        if self._parked_by_pid.get(_client_key(rec), 0) >= lim.parked_lookups:
+            who = f"pid {rec.pid}" if rec.pid > 0 else "this connection (its pid is unknown)"
+            raise OutOfMemory(
+                f"{who} already has {lim.parked_lookups} lookups waiting for a name "
+                f"(its parked_lookups limit): cannot wait for the {what} {key!r:.80}; wait for "
+                "fewer names at once, or look up without a timeout")
+        if self._parked_by_uid.get(rec.uid, 0) >= lim.parked_lookups_per_uid:
+            raise OutOfMemory(
+                f"uid {rec.uid} already has {lim.parked_lookups_per_uid} lookups waiting for a "
+                f"name (its parked_lookups_per_uid limit): cannot wait for the {what} "
+                f"{key!r:.80}; wait for fewer names at once")
+
+    def _unpark(self, rec: ProcessRecord, rid: int, fired: bool = False) -> bool:
+        """Take a parked lookup off every table and counter (False if it was not parked). Every
+        way out goes through here: granted, expired (fired: its timer is the one running),
+        its connection gone."""
+        parked = rec.parked.pop(rid, None)
+        if parked is None:
+            return False
+        key, timer = parked
+        if not fired:
+            self._cancel(timer)
+        waiters = self._waiters.get(key)
+        if waiters is not None:
+            waiters.pop((rec, rid), None)
+            if not waiters:
+                del self._waiters[key]
+        _count_down(self._parked_by_pid, _client_key(rec))
+        _count_down(self._parked_by_uid, rec.uid)
+        return True
+
     def _grant_waiters(self, key: tuple[str, str], svc: Service) -> None:
-        for rec, rid in self._waiters.pop(key, []):
-            parked = rec.parked.pop(rid, None)
-            if parked is None or not rec.alive:
+        for rec, rid in self._waiters.pop(key, {}):
+            if not self._unpark(rec, rid) or not rec.alive:
                 continue
-            self._cancel(parked[1])
             try:
                 reply: frames.Message = self._grant(rec, svc)
             except IpcError as exc:
@@ -1536,6 +1567,8 @@ class Kernel:
             "outbox": len(rec.transport.outbox),
             "in_flight": len(rec.proto.in_flight),
             "parked": len(rec.parked),
+            "parked_by_pid": self._parked_by_pid.get(_client_key(rec), 0),
+            "parked_by_uid": self._parked_by_uid.get(rec.uid, 0),
             "caps": len(rec.caps),
             "lanes": len(rec.lanes),
             "services": len(rec.services),

@@ -39,7 +39,11 @@ class KernelLimits:
     process, that they have not read yet; outbox_fds_per_uid: the same for one uid; access_entries:
     entries of one service's allowlist plus denylist; audit_rows_per_second: audit rows one OS
     process may cause per second (beyond: one summary row per event kind and second);
-    audit_rows_per_uid_second: the same for all processes of one uid."""
+    audit_rows_per_uid_second: the same for all processes of one uid; audit_rows: rows the audit
+    trail keeps (past that, rows go from whoever holds the most, oldest first: a flooder only
+    pushes out its own); parked_lookups: lookups with a timeout waiting for a name not yet
+    registered, for all connections of one OS process together; parked_lookups_per_uid: the
+    same for all processes of one uid (past either, the lookup is refused with OutOfMemory)."""
 
     connections_per_pid: int = 256
     connections_per_uid: int = 4096
@@ -48,6 +52,9 @@ class KernelLimits:
     access_entries: int = 4096
     audit_rows_per_second: int = 200
     audit_rows_per_uid_second: int = 1000
+    audit_rows: int = 1_000_000
+    parked_lookups: int = 64
+    parked_lookups_per_uid: int = 1024
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -56,6 +63,8 @@ class KernelLimits:
                 raise ValueError(f"limit {f.name} must be a positive integer, got {value!r}")
         if self.connections_per_uid < self.connections_per_pid:
             raise ValueError("limit connections_per_uid must be at least connections_per_pid")
+        if self.parked_lookups_per_uid < self.parked_lookups:
+            raise ValueError("limit parked_lookups_per_uid must be at least parked_lookups")
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, object], where: str = "limits") -> KernelLimits:
