@@ -252,8 +252,9 @@ while not select.select([sys.stdin], [], [], 0)[0]:
     for i in range(32):
         r = frames.decode(s.recv(frames.MAX_FRAME), 0)[0]
         denied += isinstance(r, frames.Error)
+sys.stdin.readline()  # the line that stopped the flood
 print("denied", denied, flush=True)
-sys.stdin.readline()
+sys.stdin.readline()  # the line that ends the process
 """
 
 WINDOW = 2000
