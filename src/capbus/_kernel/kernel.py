@@ -328,6 +328,9 @@ class Kernel:
         self._timer_seq = itertools.count()
         self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple, Future]] = queue.SimpleQueue()
         self._children: set[Child] = set()
+        # OS pid -> the record of a launched process under a lookup list: a connection from it or
+        # from a process it started is under the same lists (see _set_authority)
+        self._restricted_pids: dict[int, ProcessRecord] = {}
         self._stopping = False
         self._shut = False
         self._thread: threading.Thread | None = None
@@ -691,6 +694,7 @@ class Kernel:
         rec.refused = refused
         self._procs[rec.process_id] = rec
         if not refused:
+            self._set_authority(rec)
             rec.counted = True
             self._conns_by_pid[_client_key(rec)] = self._conns_by_pid.get(_client_key(rec), 0) + 1
             self._conns_by_uid[uid] = self._conns_by_uid.get(uid, 0) + 1
@@ -913,6 +917,8 @@ class Kernel:
         watchers, rec.watched_by = rec.watched_by, set()
         for watcher, handle in watchers:
             self._event(watcher, frames.Death(handle, rec.process_id))
+        if self._restricted_pids.get(rec.pid) is rec:
+            del self._restricted_pids[rec.pid]
         if rec.child is not None:
             self._child_exited(rec.child, restart and not self._stopping)
 
@@ -938,17 +944,25 @@ class Kernel:
         if msg.wait_mode not in WAIT_MODES:
             raise ValueError(f"wait mode {msg.wait_mode!r:.80} is not one of {', '.join(WAIT_MODES)}")
         rec.wait_mode = msg.wait_mode
-        self._set_authority(rec)
         return frames.Welcome(rec.process_id, rec.package, max(rec.pid, 0),
                               self._welcome_grants(rec))
 
     # ---- startup grants and lookup lists --------------------------------------------------------
 
     def _set_authority(self, rec: ProcessRecord) -> None:
-        """What rec starts with and may look up: its package's rules in the policy and, for a
-        launched process, its spawn's (both checked, and bounded, where they entered)."""
+        """What rec starts with and may look up, set as it appears (before it can say a word):
+        its package's rules in the policy and, for a launched process, its spawn's (both
+        checked, and bounded, where they entered)."""
         rules = self.policy.package_rules(rec.package)
         spec = rec.child.spec if rec.child is not None else None
+        ancestor = self._restricted_ancestor(rec.pid) if spec is None else None
+        if ancestor is not None:
+            # A restricted launched process (or one it started) that connects again by path
+            # gets no grants and stays under its lists: one revoked-services memory for both
+            rec.lookup_lists.extend((f"{which} (of launched process {ancestor.process_id}, "
+                                     "which this process is or descends from)", patterns)
+                                    for which, patterns in ancestor.lookup_lists)
+            rec.revoked_services = ancestor.revoked_services
         if rules is not None and rules.lookup is not None:
             rec.lookup_lists.append((f"the policy's lookup list for package {rec.package!r}",
                                      rules.lookup))
@@ -962,6 +976,25 @@ class Kernel:
             if key in revoked:
                 state.revoked = True
                 self._remember_revoked(rec, g.lookup_key)
+        if spec is not None and rec.restricted and rec.pid > 0:
+            self._restricted_pids[rec.pid] = rec
+
+    def _restricted_ancestor(self, pid: int) -> ProcessRecord | None:
+        """The restricted launched process that is `pid` or its parent, grandparent... (read
+        from /proc; a process that left its parent's tree, reparented to init, is not found)."""
+        for _ in range(32):
+            if not self._restricted_pids or pid <= 1 or pid == os.getpid():
+                return None
+            rec = self._restricted_pids.get(pid)
+            if rec is not None and rec.alive:
+                return rec
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    stat = f.read()
+                pid = int(stat[stat.rindex(b")") + 2:].split()[1])
+            except (OSError, ValueError, IndexError):
+                return None
+        return None
 
     def _welcome_grants(self, rec: ProcessRecord) -> list[dict[str, Any]]:
         """One row per grant: resolved where its service is there (and admits rec), else
@@ -969,10 +1002,11 @@ class Kernel:
         (long service names) are sent pending too."""
         rows: list[dict[str, Any]] = []
         for key, state in rec.grants.items():
+            if state.revoked:  # by the spawner, before this incarnation said hello
+                continue
             row = _pending_grant(key)
-            if not state.revoked:
-                with contextlib.suppress(IpcError):
-                    row = _grant_row(key, self._resolve_grant(rec, key))
+            with contextlib.suppress(IpcError):
+                row = _grant_row(key, self._resolve_grant(rec, key))
             rows.append(row)
         size = sum(_encoded_size(r) for r in rows)
         for i in sorted(range(len(rows)), key=lambda i: -len(rows[i]["name"])):
@@ -1163,13 +1197,14 @@ class Kernel:
             self._respond(rec, rid, reply)
 
     def _verified_names(self, rec: ProcessRecord) -> list[str]:
-        """The names rec serves that the policy reserves: only those meet "name:N" entries
-        (a name anyone may register says nothing about who registered it first)."""
+        """The names rec serves that the policy reserves: only those meet an allowlist's
+        "name:N" (a name anyone may register says nothing about who registered it first)."""
         return [n for n in rec.names_served() if self.policy.reserves(n)]
 
     def _check_access(self, rec: ProcessRecord, svc: Service) -> None:
         if not svc.access.permits(rec.process_id, rec.uid, rec.package,
-                                  names=self._verified_names(rec)):
+                                  names=rec.names_served(),
+                                  allow_names=self._verified_names(rec)):
             raise PermissionDenied(
                 f"service {svc.name!r} does not accept process {rec.process_id} "
                 "(not on its allowlist, or denied)"
@@ -1656,7 +1691,8 @@ class Kernel:
         for ch in affected:
             client = ch.client
             if not svc.access.permits(client.process_id, client.uid, client.package,
-                                      names=self._verified_names(client)):
+                                      names=client.names_served(),
+                                      allow_names=self._verified_names(client)):
                 self._close_channel(ch, _core.STATE_REVOKED)
         return frames.Ok()
 
