@@ -612,3 +612,58 @@ def test_waiting_grant_answered_when_its_process_goes(kernel, spawn):
     with capbus.connect(kernel.socket_path) as srv:
         srv.register("late")  # nobody waits any more: nothing to answer
         assert [p["id"] for p in kernel.processes()] == [srv.id]
+
+
+def test_restricted_process_may_not_list_the_kernels_tables(kernel, children, spawn):
+    _echo(children, "kv")
+    child, out = spawn("""
+        p = capbus.connect()
+        from capbus._protocol import frames
+        say(outcome(lambda: p._request(frames.Query("services"))))
+        say(p.grants["db"].call(1, timeout=5).opcode)
+        go("listed")
+    """, grants={"db": "kv"}, lookup=[])
+    assert out.lines(2) == ["PermissionDenied", "1"]
+    rows = [r for r in kernel.caps(child.process_id) if r["kind"] == "endpoint"]
+    assert [(r["grant"], r["target"]) for r in rows] == [("db", "kv")]
+    out.go("listed")
+    assert child.wait(20) == 0
+
+
+def test_reconnect_brings_policy_grants_back(sockdir):
+    """A process connected by path with reconnect=True gets its package's grants again from
+    the new kernel (a launched child has no path to reconnect to: its kernel is its parent)."""
+    path = os.path.join(sockdir, "k.sock")
+    policy = capbus.Policy(uid_packages={os.getuid(): "org.example.plugin"},
+                           packages={"org.example.plugin": {"grants": {"db": "kv"}}})
+    kernels = [capbus.Kernel(path, policy, audit=False)]
+    try:
+        srv = capbus.connect(path, reconnect=True)
+        svc = srv.register("kv")
+        threading.Thread(target=svc.serve, args=(lambda r: (r.opcode, r.data),),
+                         daemon=True).start()
+        cl = capbus.connect(path, reconnect=True)
+        back = threading.Event()
+        cl.on_reconnect(lambda proc: back.set())
+        db = cl.grants["db"]
+        assert db.call(1, data=(1,), timeout=5).data[0] == 1
+        kernels[0].stop()
+        kernels.append(capbus.Kernel(path, policy, audit=False))
+        assert back.wait(20)
+        # kv may come back after this process does: then the grant is asked for anew (a new
+        # Endpoint; the old one is rebound only if Welcome already had it)
+        ep = cl.grant("db", timeout=20)
+        assert "db" in cl.grants and (ep is db or db._closed)
+        assert wait_for(lambda: _calls(ep), 10)
+        cl.close()
+        srv.close()
+    finally:
+        for k in kernels:
+            k.stop()
+
+
+def _calls(ep) -> bool:
+    try:
+        return ep.call(1, data=(2,), timeout=2).data[0] == 2
+    except capbus.IpcError:
+        return False

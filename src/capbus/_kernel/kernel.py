@@ -1721,6 +1721,9 @@ class Kernel:
     def _on_query(self, rec: ProcessRecord, msg: frames.Query, rid: int) -> frames.Message:
         if rec.uid not in (self._uid, 0):
             raise PermissionDenied("only the kernel's own user (or root) may list its tables")
+        if rec.restricted:  # the tables name every service: not for one that may reach few
+            raise PermissionDenied("a process under a lookup list may not list the kernel's "
+                                   "tables")
         if msg.what not in ("processes", "services", "caps", "channels"):
             raise ValueError(f"unknown query {msg.what!r}: processes, services, caps or channels")
         rows = self._rows(msg.what, msg.process_id)
@@ -1911,6 +1914,7 @@ def _cap_row(cap: Capability) -> dict[str, Any]:
         "derives_from": (f"{parent.handle:#x} of process {parent.owner.process_id}"
                          if parent is not None and parent.owner is not None else None),
         "children": len(cap.children), "dead": isinstance(target, Service) and not target.alive,
+        "grant": cap.extra.get("grant"),  # the startup grant's key, if it is one
     }
 
 
