@@ -83,7 +83,9 @@ _REFUSED_GRACE = 2.0  # seconds a refused connection has to send its Hello
 # Services a restricted process (one under a lookup list) lost a capability to by revocation,
 # remembered so that it cannot look them up again; past this many it may look nothing up.
 MAX_REVOKED_SERVICES = 4096
-_WELCOME_ROOM = frames.MAX_FRAME - 1024  # what Welcome's grant rows may take of one frame
+# What Welcome's grant rows may take of one frame: the rest holds the header and a package
+# name (255 bytes of UTF-8, at most 1530 bytes as escaped JSON)
+_WELCOME_ROOM = frames.MAX_FRAME - 4096
 
 
 class _Unset:
