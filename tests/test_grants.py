@@ -148,7 +148,7 @@ def test_restricted_rights_and_limits(kernel, children, spawn):
         say(sorted(db.rights), db.limits.rate)
         say(outcome(lambda: db.restrict(rights={"send", "share"})),
             outcome(lambda: db.restrict(rate_limit=1000)), db.call(1, timeout=5).opcode)
-    """, grants={"db": {"service": "kv", "rights": ["send"], "rate_limit": 50}}, lookup=[])
+    """, grants={"db": {"service": "kv", "rights": {"send"}, "rate_limit": 50}}, lookup=[])
     assert out.lines(2) == ["['send'] 50", "PermissionDenied PermissionDenied 1"]
     assert child.wait(20) == 0
 
@@ -325,6 +325,8 @@ def test_grant_respects_the_services_allowlist(kernel, spawn):
     ({"db": ""}, "service name"),
     ({"db": {"service": "kv", "rights": ["receive"]}}, "rights"),
     ({"db": {"service": "kv", "rights": []}}, "rights"),
+    ({"db": {"service": "kv", "rights": [["send"]]}}, "rights"),
+    ({"db": {"service": "kv", "rights": "send"}}, "rights"),
     ({"db": {"service": "kv", "rate_limit": -1}}, "rate_limit"),
     ({"db": {"service": "kv", "rate_limit": 0}}, "rate_limit"),
     ({"db": {"service": "kv", "rate_limit": True}}, "rate_limit"),

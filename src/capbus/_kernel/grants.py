@@ -15,7 +15,6 @@ ValueError naming it, and no process ever holds more than MAX_GRANTS.
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +48,16 @@ class GrantSpec:
         what = self.target if self.kind == "name" else f"package:{self.target}"
         return f"{self.key}={what}"
 
+    def as_table(self) -> dict[str, object]:
+        """The table form parse_grant reads (so a GrantSpec handed on is checked again)."""
+        out: dict[str, object] = {"service" if self.kind == "name" else "package": self.target,
+                                  "rights": sorted(self.rights)}
+        for name, value in (("rate_limit", self.rate), ("bandwidth", self.bandwidth),
+                            ("max_message_size", self.max_message_size)):
+            if value:
+                out[name] = value
+        return out
+
     def limits(self, service_defaults: Limits) -> Limits:
         """The service's default limits, each narrowed to this grant's where it sets one."""
         def tight(mine: int, theirs: int) -> int:
@@ -67,8 +76,8 @@ def parse_grant(key: object, value: object, where: str = "grants") -> GrantSpec:
         key = check_grant_key(key)
     except TypeError as exc:
         raise ValueError(f"{where}: {exc}") from None
-    if isinstance(value, GrantSpec):  # already checked (a manifest's, passed on to spawn)
-        return dataclasses.replace(value, key=key)
+    if isinstance(value, GrantSpec):  # a manifest's, passed on to spawn: checked again
+        value = value.as_table()
     if isinstance(value, str):
         value = {"service": value}
     if not isinstance(value, Mapping):
@@ -87,8 +96,9 @@ def parse_grant(key: object, value: object, where: str = "grants") -> GrantSpec:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}[{key!r}]: {exc}") from None
     rights = value.get("rights", sorted(GRANT_RIGHTS))
-    if isinstance(rights, str) or not isinstance(rights, Sequence) or not rights or not set(
-            rights) <= GRANT_RIGHTS:
+    if isinstance(rights, str) or not isinstance(rights, Sequence | set | frozenset) or (
+            not rights or not all(isinstance(r, str) for r in rights)
+            or not set(rights) <= GRANT_RIGHTS):
         raise ValueError(f"{where}[{key!r}]: rights must be a non-empty list of "
                          f"{sorted(GRANT_RIGHTS)}, got {rights!r:.80}")
     nums = {}
