@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import threading
 import time
@@ -133,8 +134,12 @@ def test_recv_many_is_fair_across_senders(kernel):
             tx.close()
 
 
-def test_allowlist(kernel):
-    with capbus.connect(kernel.socket_path) as rx, capbus.connect(kernel.socket_path) as ok, \
+def test_allowlist(sockdir):
+    # "name:friend" admits the server of "friend" only because the policy says who may
+    # register it (tests/test_grants.py: a squatter of an unreserved name is not admitted)
+    policy = capbus.Policy.from_mapping({"register": [{"name": "friend", "uids": [os.getuid()]}]})
+    with capbus.Kernel(os.path.join(sockdir, "k.sock"), policy, audit=False) as kernel, \
+            capbus.connect(kernel.socket_path) as rx, capbus.connect(kernel.socket_path) as ok, \
             capbus.connect(kernel.socket_path) as other, capbus.connect(kernel.socket_path) as named:
         named.register("friend")
         svc = rx.register("inbox", allow=[ok.id, "name:friend"])

@@ -73,7 +73,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"capbus run: kernel at {kernel.socket_path}", flush=True)
         children = [
             kernel.spawn(s.argv, name=s.name, package=s.package, env=s.env, restart=s.restart,
-                         max_restarts=s.max_restarts, cwd=s.cwd)
+                         max_restarts=s.max_restarts, cwd=s.cwd,
+                         grants={g.key: g for g in s.grants},
+                         # no lookup key in the manifest: spawn's default (TOML has no None)
+                         **({"lookup": s.lookup} if s.lookup is not None else {}))
             for s in specs
         ]
         codes: dict[int, int] = {}

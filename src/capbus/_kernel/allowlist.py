@@ -1,8 +1,10 @@
 """A service's allowlist (Tock's asynchronous mailbox): who may reach it at all.
 
 Entries: a ProcessId (an int, or its decimal string), "uid:N", "package:P" (the verified
-package) and "name:N" (whichever process serves the name N when the check runs). No allowlist
-means everyone; a denylist (from Service.deny) always wins. The kernel checks at lookup and when
+package) and "name:N" (the process that serves the name N when the check runs). No allowlist
+means everyone; a denylist (from Service.deny) always wins. The kernel lets "name:N" on an
+allowlist admit only the server of a name its policy reserves (anyone may have registered any
+other name first); on a denylist it names whoever serves N. The kernel checks at lookup and when
 a channel opens; when the lists change it re-checks only the live channels a new deny entry can
 name (its index of channels by sender), so a check is O(1 + names the sender serves) and a change
 O(entries changed + channels affected), whatever the lists' sizes (bounded: access_entries).
@@ -85,24 +87,27 @@ class AccessList:
 
     def permits(self, process_id: int, uid: int, package: str | None,
                 serving: Callable[[str], int | None] | None = None,
-                names: Iterable[str] = ()) -> bool:
-        """names: the service names this process serves now (for "name:N" entries). serving is
-        the older way to say it (called once per "name:" entry: O(list size), avoid it)."""
+                names: Iterable[str] = (), allow_names: Iterable[str] | None = None) -> bool:
+        """names: the service names this process serves now (for "name:N" entries);
+        allow_names: those of them that may meet an allowlist's "name:N" (None: all of names).
+        serving is the older way to say it (called once per "name:" entry: O(list size))."""
         keys = [str(process_id), f"uid:{uid}"]
         if package is not None:
             keys.append(f"package:{package}")
-        keys.extend(f"name:{n}" for n in names)
+        names = list(names)
+        deny_keys = keys + [f"name:{n}" for n in names]
+        allow_keys = keys + [f"name:{n}" for n in (names if allow_names is None else allow_names)]
 
-        def matches(entries: set[str]) -> bool:
+        def matches(entries: set[str], keys: list[str]) -> bool:
             if any(k in entries for k in keys):
                 return True
             if serving is not None:
                 return any(e.startswith("name:") and serving(e[5:]) == process_id for e in entries)
             return False
 
-        if matches(self.deny):
+        if matches(self.deny, deny_keys):
             return False
-        return self.allow is None or matches(self.allow)
+        return self.allow is None or matches(self.allow, allow_keys)
 
     def describe(self) -> dict[str, list[str] | None]:
         return {"allow": None if self.allow is None else sorted(self.allow),

@@ -8,6 +8,7 @@ closure to the loop (`_call`) and wait for its result.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import heapq
@@ -46,7 +47,8 @@ from .._protocol.names import check_name
 from . import audit as _audit
 from .allowlist import AccessList
 from .captable import Capability, CapTable, Limits, check_rights, next_uid
-from .launcher import Child, LaunchSpec, launch
+from .grants import GrantSpec, combine_grants, lookup_allows, parse_grants, parse_lookup
+from .launcher import Child, LaunchSpec, default_lookup, launch
 from .policy import KernelLimits, Policy, ProcessInfo
 from .regions import MAX_REGION, REGION_RIGHTS, Region
 from .registry import Registry
@@ -78,6 +80,22 @@ _BYTES_PER_WAKEUP = 16 * 1024
 _LOG_CHARS = 200  # of anything a peer chose (a reason, an error's text) in one log line
 _MAX_REFUSED = 64  # refused connections kept at once until their Hello is answered
 _REFUSED_GRACE = 2.0  # seconds a refused connection has to send its Hello
+# Services a restricted process (one under a lookup list) lost a capability to by revocation,
+# remembered so that it cannot look them up again; past this many it may look nothing up.
+MAX_REVOKED_SERVICES = 4096
+# What Welcome's grant rows may take of one frame: the rest holds the header and a package
+# name (255 bytes of UTF-8, at most 1530 bytes as escaped JSON)
+_WELCOME_ROOM = frames.MAX_FRAME - 4096
+
+
+class _Unset:
+    """spawn(lookup=...) not given: the default for the spec (see launcher.default_lookup)."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+_UNSET: Any = _Unset()
 
 
 def _brief(text: object) -> str:
@@ -215,6 +233,17 @@ class Channel:
 
 
 @dataclass(eq=False)
+class _GrantState:
+    """One startup grant of one process: its endpoint once resolved (None until the service is
+    there, or after the process released it); revoked by its spawner for good."""
+
+    spec: GrantSpec
+    uid: int = field(default_factory=next_uid)  # its budget, kept across re-resolutions
+    cap: Capability | None = None
+    revoked: bool = False
+
+
+@dataclass(eq=False)
 class ProcessRecord:
     process_id: int
     pid: int
@@ -242,6 +271,15 @@ class ProcessRecord:
     alive: bool = True
     refused: str = ""  # over a connection bound: its Hello gets this as an error
     counted: bool = False  # in the kernel's per-pid / per-uid connection counts
+    grants: dict[str, _GrantState] = field(default_factory=dict)  # set at Hello
+    grant_waits: dict[int, str] = field(default_factory=dict)  # parked Grant request -> key
+    # (which list, its patterns): a lookup must pass every one; none at all: unrestricted
+    lookup_lists: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    revoked_services: set[tuple[str, str]] = field(default_factory=set)  # (kind, name)
+
+    @property
+    def restricted(self) -> bool:
+        return bool(self.lookup_lists)
 
     def __repr__(self) -> str:  # never the whole record (tables, outbox) in a log line
         return f"<process {self.process_id} pid {self.pid} uid {self.uid}>"
@@ -296,6 +334,9 @@ class Kernel:
         self._timer_seq = itertools.count()
         self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple, Future]] = queue.SimpleQueue()
         self._children: set[Child] = set()
+        # OS pid -> the record of a launched process under a lookup list: a connection from it or
+        # from a process it started is under the same lists (see _set_authority)
+        self._restricted_pids: dict[int, ProcessRecord] = {}
         self._stopping = False
         self._shut = False
         self._thread: threading.Thread | None = None
@@ -311,6 +352,7 @@ class Kernel:
             frames.Watch: self._on_watch,
             frames.Release: self._on_release,
             frames.Query: self._on_query,
+            frames.Grant: self._on_grant,
             frames.OpenChannel: self._on_open_channel,
             frames.CloseChannel: self._on_close_channel,
             frames.ReportBad: self._on_report_bad,
@@ -373,12 +415,29 @@ class Kernel:
         restart: str = "never",
         max_restarts: int = 3,
         cwd: str | None = None,
+        grants: Mapping[str, Any] | None = None,
+        lookup: Sequence[str] | None = _UNSET,
     ) -> Child:
-        """Launch a process that holds a pre-connected socket and the given package identity."""
+        """Launch a process that holds a pre-connected socket and the given package identity.
+
+        grants: what it starts with, key -> service name (or {"service"|"package": ...,
+        "rights": [...], "rate_limit": n, "bandwidth": n, "max_message_size": n}); in the child,
+        capbus.connect().grants[key] is the endpoint. At most 64, with its package's grants in
+        the policy (which win a key both name). lookup: the names it may look up besides
+        (fnmatch patterns, "package:P" for lookup_package): None for any, [] for none; left
+        out, None (a sandboxed process: none). Its package's lookup list in the policy applies
+        as well: a lookup must pass both. ValueError on a bad grant or pattern."""
         if package is not None:
             check_name(package, "package name")
-        spec = LaunchSpec(tuple(argv), name, package, dict(env or {}), restart, max_restarts, cwd)
+        specs = parse_grants(grants, "spawn grants")
+        rules = self.policy.package_rules(package)
+        combine_grants(("the policy", rules.grants if rules else ()), ("spawn", specs))
+        spec = LaunchSpec(tuple(argv), name, package, dict(env or {}), restart, max_restarts, cwd,
+                          specs)
+        spec = dataclasses.replace(spec, lookup=default_lookup(spec) if lookup is _UNSET
+                                   else parse_lookup(lookup, "spawn lookup"))
         child = Child(spec)
+        child._kernel = self
         self._call(self._launch_child, child)
         return child
 
@@ -641,6 +700,7 @@ class Kernel:
         rec.refused = refused
         self._procs[rec.process_id] = rec
         if not refused:
+            self._set_authority(rec)
             rec.counted = True
             self._conns_by_pid[_client_key(rec)] = self._conns_by_pid.get(_client_key(rec), 0) + 1
             self._conns_by_uid[uid] = self._conns_by_uid.get(uid, 0) + 1
@@ -857,6 +917,8 @@ class Kernel:
         watchers, rec.watched_by = rec.watched_by, set()
         for watcher, handle in watchers:
             self._event(watcher, frames.Death(handle, rec.process_id))
+        if self._restricted_pids.get(rec.pid) is rec:
+            del self._restricted_pids[rec.pid]
         if rec.child is not None:
             self._child_exited(rec.child, restart and not self._stopping)
 
@@ -882,7 +944,163 @@ class Kernel:
         if msg.wait_mode not in WAIT_MODES:
             raise ValueError(f"wait mode {msg.wait_mode!r:.80} is not one of {', '.join(WAIT_MODES)}")
         rec.wait_mode = msg.wait_mode
-        return frames.Welcome(rec.process_id, rec.package, max(rec.pid, 0))
+        return frames.Welcome(rec.process_id, rec.package, max(rec.pid, 0),
+                              self._welcome_grants(rec))
+
+    # ---- startup grants and lookup lists --------------------------------------------------------
+
+    def _set_authority(self, rec: ProcessRecord) -> None:
+        """What rec starts with and may look up, set as it appears (before it can say a word):
+        its package's rules in the policy and, for a launched process, its spawn's (both
+        checked, and bounded, where they entered)."""
+        rules = self.policy.package_rules(rec.package)
+        spec = rec.child.spec if rec.child is not None else None
+        ancestor = self._restricted_ancestor(rec.pid) if spec is None else None
+        if ancestor is not None:
+            # A restricted launched process (or one it started) that connects again by path
+            # gets no grants and stays under its lists: one revoked-services memory for both
+            rec.lookup_lists.extend((f"{which} (of launched process {ancestor.process_id}, "
+                                     "which this process is or descends from)", patterns)
+                                    for which, patterns in ancestor.lookup_lists)
+            rec.revoked_services = ancestor.revoked_services
+        if rules is not None and rules.lookup is not None:
+            rec.lookup_lists.append((f"the policy's lookup list for package {rec.package!r}",
+                                     rules.lookup))
+        if spec is not None and spec.lookup is not None:
+            rec.lookup_lists.append(("the lookup list it was spawned with", spec.lookup))
+        grants = combine_grants(("the policy", rules.grants if rules else ()),
+                                ("spawn", spec.grants if spec else ()))
+        revoked = rec.child._revoked_grants if rec.child is not None else set()
+        for key, g in grants.items():
+            state = rec.grants[key] = _GrantState(g)
+            if key in revoked:
+                state.revoked = True
+                self._remember_revoked(rec, g.lookup_key)
+        if spec is not None and rec.restricted and rec.pid > 0:
+            self._restricted_pids[rec.pid] = rec
+
+    def _restricted_ancestor(self, pid: int) -> ProcessRecord | None:
+        """The restricted launched process that is `pid` or its parent, grandparent... (read
+        from /proc; a process that left its parent's tree, reparented to init, is not found)."""
+        for _ in range(32):
+            if not self._restricted_pids or pid <= 1 or pid == os.getpid():
+                return None
+            rec = self._restricted_pids.get(pid)
+            if rec is not None and rec.alive:
+                return rec
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    stat = f.read()
+                pid = int(stat[stat.rindex(b")") + 2:].split()[1])
+            except (OSError, ValueError, IndexError):
+                return None
+        return None
+
+    def _welcome_grants(self, rec: ProcessRecord) -> list[dict[str, Any]]:
+        """One row per grant: resolved where its service is there (and admits rec), else
+        pending (handle 0: the process asks with Grant). Rows that would not fit the frame
+        (long service names) are sent pending too."""
+        rows: list[dict[str, Any]] = []
+        for key, state in rec.grants.items():
+            if state.revoked:  # by the spawner, before this incarnation said hello
+                continue
+            row = _pending_grant(key)
+            with contextlib.suppress(IpcError):
+                row = _grant_row(key, self._resolve_grant(rec, key))
+            rows.append(row)
+        size = sum(_encoded_size(r) for r in rows)
+        for i in sorted(range(len(rows)), key=lambda i: -len(rows[i]["name"])):
+            if size <= _WELCOME_ROOM:
+                break
+            size -= _encoded_size(rows[i])
+            rows[i] = _pending_grant(rows[i]["key"])
+            size += _encoded_size(rows[i])
+        return rows
+
+    def _resolve_grant(self, rec: ProcessRecord, key: str,
+                       svc: Service | None = None) -> frames.Granted:
+        """rec's endpoint for its grant `key`: the one it holds, or a new one if its service is
+        there and admits it (the service's allowlist and the policy's lookup rules apply to a
+        grant as to a lookup; rec's own lookup lists do not: a grant is what it was handed)."""
+        state = rec.grants.get(key)
+        if state is None:
+            raise InvalidCapability(f"this process was given no grant {key!r:.80} (it has "
+                                    f"{sorted(rec.grants)[:20]})")
+        if state.revoked:
+            raise InvalidCapability(f"grant {key!r} was revoked by the process's spawner")
+        spec = state.spec
+        registry = self._names if spec.kind == "name" else self._packages
+        svc = svc or registry.get(spec.target)
+        cap = state.cap
+        if cap is not None and not cap.revoked and (svc is None or cap.target is svc):
+            return _granted(cap)
+        if svc is None:
+            raise ServiceNotFound(f"grant {key!r}: no live process serves the {registry.what} "
+                                  f"{spec.target!r} yet")
+        self.policy.may_lookup(rec.info(), svc.name)
+        self._check_access(rec, svc)
+        if cap is not None and not cap.revoked:  # to a service that is gone: make room for it
+            with contextlib.suppress(IpcError):
+                if rec.caps.get(cap.handle) is cap:
+                    self._drop_cap(rec, rec.caps.remove(cap.handle))
+        cap = Capability("endpoint", svc, spec.rights,
+                         spec.limits(Limits.from_request(svc.default_limits)), owner=rec,
+                         uid=state.uid)
+        cap.extra["grant"] = key
+        rec.caps.insert(cap)
+        state.cap = cap
+        self._audit_event(_audit.GRANT, rec, cap, svc.name, f"startup grant {key}")
+        return _granted(cap)
+
+    def _on_grant(self, rec: ProcessRecord, msg: frames.Grant, rid: int) -> frames.Message | None:
+        key = msg.key
+        state = rec.grants.get(key)
+        if state is None or state.revoked or msg.timeout_ms == 0:
+            return self._resolve_grant(rec, key)
+        spec = state.spec
+        if (self._names if spec.kind == "name" else self._packages).get(spec.target) is not None:
+            return self._resolve_grant(rec, key)
+        # Not registered yet: parked like a lookup, answered when it registers (or times out)
+        reply = self._lookup(rec, spec.kind, spec.target, msg.timeout_ms, rid, check=False)
+        if reply is None:  # parked (a refusal to park must leave nothing behind)
+            rec.grant_waits[rid] = key
+        return reply
+
+    def _remember_revoked(self, rec: ProcessRecord, service: tuple[str, str]) -> None:
+        if rec.restricted and len(rec.revoked_services) < MAX_REVOKED_SERVICES:
+            rec.revoked_services.add(service)
+        elif rec.restricted:
+            rec.revoked_services.add(("*", "*"))  # full: it may look nothing up any more
+
+    def _check_lookup(self, rec: ProcessRecord, kind: str, key: str) -> None:
+        """rec's own lookup lists, and what it lost by revocation (a restricted process)."""
+        what = key if kind == "name" else f"package:{key}"
+        for which, patterns in rec.lookup_lists:
+            if not lookup_allows(patterns, kind, key):
+                raise PermissionDenied(
+                    f"process {rec.process_id} may not look up {what!r:.300}: it is not on "
+                    f"{which} ({list(patterns[:20])}); use what it was granted")
+        if (kind, key) in rec.revoked_services or ("*", "*") in rec.revoked_services:
+            raise PermissionDenied(
+                f"process {rec.process_id} may not look up {what!r:.300} again: a capability "
+                "to it that this process held was revoked")
+
+    def _revoke_grant(self, child: Child, key: str) -> None:
+        rec = self._procs.get(child.process_id)
+        known = {g.key for g in child.spec.grants} | (set(rec.grants) if rec else set())
+        if key not in known:
+            raise KeyError(f"{child!r} was given no grant {key!r}")
+        child._revoked_grants.add(key)
+        state = rec.grants.get(key) if rec is not None else None
+        if rec is None or state is None:
+            return  # not connected yet (or gone): its Hello finds the grant revoked
+        state.revoked = True
+        if state.cap is not None and not state.cap.revoked:
+            self._revoke(state.cap, None)
+        state.cap = None
+        self._remember_revoked(rec, state.spec.lookup_key)
+        self._audit_event(_audit.REVOKE, rec, None, state.spec.target, f"startup grant {key}")
+        self._event(rec, frames.GrantRevoked(key))
 
     def _register(self, rec: ProcessRecord, key: str, kind: str, allow: list[str] | None,
                   rid: int, limits: dict[str, int] | None = None,
@@ -935,7 +1153,10 @@ class Kernel:
         return self._register(rec, rec.package, "package", msg.allow, rid, msg.limits, msg.bounds)
 
     def _lookup(self, rec: ProcessRecord, kind: str, key: str, timeout_ms: int,
-                rid: int) -> frames.Message | None:
+                rid: int, check: bool = True) -> frames.Message | None:
+        """A lookup (or, check=False, a Grant request parked until its service registers)."""
+        if check:
+            self._check_lookup(rec, kind, key)
         registry = self._names if kind == "name" else self._packages
         svc = registry.get(key)
         if svc is not None:
@@ -945,6 +1166,7 @@ class Kernel:
         self._may_park(rec, registry.what, key)
 
         def expire() -> None:
+            rec.grant_waits.pop(rid, None)
             if not self._unpark(rec, rid, fired=True):
                 return
             err = ServiceNotFound(f"no process registered the {registry.what} {key!r} "
@@ -994,18 +1216,30 @@ class Kernel:
         return True
 
     def _grant_waiters(self, key: tuple[str, str], svc: Service) -> None:
-        for rec, rid in self._waiters.pop(key, {}):
+        for rec, rid in list(self._waiters.pop(key, {})):
+            grant_key = rec.grant_waits.pop(rid, None)
             if not self._unpark(rec, rid) or not rec.alive:
                 continue
             try:
-                reply: frames.Message = self._grant(rec, svc)
+                reply: frames.Message
+                if grant_key is not None:
+                    reply = self._resolve_grant(rec, grant_key, svc)
+                else:
+                    self._check_lookup(rec, *key)  # it may have lost the service meanwhile
+                    reply = self._grant(rec, svc)
             except IpcError as exc:
                 reply = frames.Error(exc.code, str(exc))
             self._respond(rec, rid, reply)
 
+    def _verified_names(self, rec: ProcessRecord) -> list[str]:
+        """The names rec serves that the policy reserves: only those meet an allowlist's
+        "name:N" (a name anyone may register says nothing about who registered it first)."""
+        return [n for n in rec.names_served() if self.policy.reserves(n)]
+
     def _check_access(self, rec: ProcessRecord, svc: Service) -> None:
         if not svc.access.permits(rec.process_id, rec.uid, rec.package,
-                                  names=rec.names_served()):
+                                  names=rec.names_served(),
+                                  allow_names=self._verified_names(rec)):
             raise PermissionDenied(
                 f"service {svc.name!r} does not accept process {rec.process_id} "
                 "(not on its allowlist, or denied)"
@@ -1083,7 +1317,11 @@ class Kernel:
             self._end_service(svc, _core.STATE_CLOSED)
             rec.services.remove(svc)
         elif cap.kind == "endpoint":
-            rec.endpoints.pop(id(cap.target), None)
+            if rec.endpoints.get(id(cap.target)) is cap:  # not a grant's or a derived one
+                del rec.endpoints[id(cap.target)]
+            grant = rec.grants.get(cap.extra.get("grant", ""))
+            if grant is not None and grant.cap is cap:
+                grant.cap = None  # released: asking for the grant again resolves it anew
             for ch in list(cap.extra.get("lanes", ())):
                 self._close_channel(ch, _core.STATE_CLOSED)
             if cap.watched:
@@ -1237,8 +1475,10 @@ class Kernel:
         self._revoke(cap, rec)
         return frames.Ok()
 
-    def _revoke(self, cap: Capability, by: ProcessRecord) -> None:
-        """The capability and its whole subtree leave every table; their channels stop at once."""
+    def _revoke(self, cap: Capability, by: ProcessRecord | None) -> None:
+        """The capability and its whole subtree leave every table; their channels stop at once.
+        A restricted holder (under a lookup list) that someone else took one from may not look
+        its service up again."""
         subtree = cap.subtree()
         for c in subtree:
             c.revoked = True
@@ -1246,6 +1486,8 @@ class Kernel:
             if owner is None:
                 _drop_pending(c)  # not claimed yet
             else:
+                if c.kind == "endpoint" and owner is not by:
+                    self._remember_revoked(owner, (c.target.kind, c.target.name))
                 try:
                     if owner.caps.get(c.handle) is c:
                         owner.caps.remove(c.handle)
@@ -1484,7 +1726,8 @@ class Kernel:
         for ch in affected:
             client = ch.client
             if not svc.access.permits(client.process_id, client.uid, client.package,
-                                      names=client.names_served()):
+                                      names=client.names_served(),
+                                      allow_names=self._verified_names(client)):
                 self._close_channel(ch, _core.STATE_REVOKED)
         return frames.Ok()
 
@@ -1513,6 +1756,9 @@ class Kernel:
     def _on_query(self, rec: ProcessRecord, msg: frames.Query, rid: int) -> frames.Message:
         if rec.uid not in (self._uid, 0):
             raise PermissionDenied("only the kernel's own user (or root) may list its tables")
+        if rec.restricted:  # the tables name every service: not for one that may reach few
+            raise PermissionDenied("a process under a lookup list may not list the kernel's "
+                                   "tables")
         if msg.what not in ("processes", "services", "caps", "channels"):
             raise ValueError(f"unknown query {msg.what!r}: processes, services, caps or channels")
         rows = self._rows(msg.what, msg.process_id)
@@ -1679,6 +1925,15 @@ def _claim_row(child: Capability) -> dict[str, Any]:
             "name": svc.name, "rights": sorted(child.rights), "limits": child.limits.wire()}
 
 
+def _pending_grant(key: str) -> dict[str, Any]:
+    return {"key": key, "handle": 0, "process_id": 0, "name": "", "rights": [], "limits": {}}
+
+
+def _grant_row(key: str, g: frames.Granted) -> dict[str, Any]:
+    return {"key": key, "handle": g.handle, "process_id": g.process_id, "name": g.name,
+            "rights": list(g.rights or ()), "limits": dict(g.limits or {})}
+
+
 def _granted(cap: Capability) -> frames.Granted:
     svc: Service = cap.target
     return frames.Granted(cap.handle, svc.owner.process_id, svc.name, sorted(cap.rights),
@@ -1696,6 +1951,7 @@ def _cap_row(cap: Capability) -> dict[str, Any]:
         "derives_from": (f"{parent.handle:#x} of process {parent.owner.process_id}"
                          if parent is not None and parent.owner is not None else None),
         "children": len(cap.children), "dead": isinstance(target, Service) and not target.alive,
+        "grant": cap.extra.get("grant"),  # the startup grant's key, if it is one
     }
 
 

@@ -13,9 +13,11 @@ import subprocess
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .._errors import Timeout
 from .._paths import ENV_FD, ENV_SOCKET
+from .grants import GrantSpec
 
 RESTART_POLICIES = ("never", "on-failure")
 
@@ -29,6 +31,9 @@ class LaunchSpec:
     restart: str = "never"
     max_restarts: int = 3
     cwd: str | None = None
+    # What it starts with (see grants.py) and what else it may look up (None: anything).
+    grants: tuple[GrantSpec, ...] = ()
+    lookup: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.argv or not all(isinstance(a, str) for a in self.argv):
@@ -37,6 +42,13 @@ class LaunchSpec:
             raise ValueError(f"restart must be one of {RESTART_POLICIES}, not {self.restart!r}")
         if self.max_restarts < 0:
             raise ValueError("max_restarts must be >= 0")
+
+
+def default_lookup(spec: LaunchSpec) -> tuple[str, ...] | None:
+    """The lookup list of a process spawned without one: unrestricted, except for a sandboxed
+    process, which may look nothing up (it reaches only what it was granted). The one place
+    that decides it: the sandbox reads spec.sandbox when LaunchSpec has it."""
+    return () if getattr(spec, "sandbox", None) else None
 
 
 def launch(spec: LaunchSpec, socket_path: str) -> tuple[subprocess.Popen, socket.socket]:
@@ -70,6 +82,9 @@ class Child:
         self._stopping = False
         self._done = threading.Event()
         self._returncode: int | None = None
+        self._kernel: Any = None  # the Kernel that launched it (set by Kernel.spawn)
+        # Startup grants the spawner revoked: a restarted incarnation does not get them back.
+        self._revoked_grants: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<capbus.Child {self.spec.name or self.spec.argv[0]} pid={self.pid} id={self.process_id}>"
@@ -101,6 +116,15 @@ class Child:
 
     def terminate(self) -> None:
         self.kill(signal.SIGTERM)
+
+    def revoke_grant(self, key: str) -> None:
+        """Take back the startup grant `key` (thread-safe): the endpoint and everything derived
+        from it are revoked (their calls fail with InvalidCapability), `proc.grants` stops
+        yielding it, the process may not look its service up again, and a restart does not
+        bring it back. KeyError if the process was not given `key`."""
+        if self._kernel is None:
+            raise RuntimeError("this Child was not launched by a Kernel")
+        self._kernel._call(self._kernel._revoke_grant, self, key)
 
     def send_signal(self, sig: int) -> None:
         if self._popen is not None and self._popen.returncode is None:

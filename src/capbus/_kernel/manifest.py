@@ -1,7 +1,8 @@
 """`capbus run` manifests: TOML naming the processes the kernel launches and how to restart them.
 
-Either one process at the top level (argv, package, name, env, restart, max_restarts, cwd) or
-several [[process]] tables with the same keys. Relative cwd is relative to the manifest.
+Either one process at the top level (argv, package, name, env, restart, max_restarts, cwd,
+grants, lookup) or several [[process]] tables with the same keys. Relative cwd is relative to
+the manifest. grants and lookup are checked here, as spawn checks them (see grants.py).
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 import os
 import tomllib
 
+from .grants import parse_grants, parse_lookup
 from .launcher import LaunchSpec
 
-_KEYS = {"argv", "package", "name", "env", "restart", "max_restarts", "cwd"}
+_KEYS = {"argv", "package", "name", "env", "restart", "max_restarts", "cwd", "grants", "lookup"}
 
 
 def load(path: str) -> list[LaunchSpec]:
@@ -35,6 +37,9 @@ def load(path: str) -> list[LaunchSpec]:
         if isinstance(argv, str) or not isinstance(argv, list):
             raise ValueError(f"manifest {path}, process {i}: argv must be a list of strings")
         cwd = os.path.join(base, entry["cwd"]) if "cwd" in entry else base
+        where = f"manifest {path}, process {i}"
+        grants = parse_grants(entry.get("grants"), f"{where}: grants")
+        lookup = parse_lookup(entry.get("lookup"), f"{where}: lookup")
         specs.append(
             LaunchSpec(
                 argv=tuple(argv),
@@ -44,6 +49,8 @@ def load(path: str) -> list[LaunchSpec]:
                 restart=entry.get("restart", "never"),
                 max_restarts=int(entry.get("max_restarts", 3)),
                 cwd=cwd,
+                grants=grants,
+                lookup=lookup,
             )
         )
     return specs

@@ -1,4 +1,5 @@
-"""The kernel's policy: who may register which names, and which uids map to which package.
+"""The kernel's policy: who may register which names, which uids map to which package, and
+what each package's processes start with (grants) and may look up at all (lookup lists).
 
 Embedded kernels take a Policy (or a plain callable, used as the registration filter); the
 daemon reads the same from TOML (see docs/POLICY.md for the file format).
@@ -12,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 
 from .._errors import PermissionDenied
+from .._protocol.names import check_name
+from .grants import GrantSpec, parse_grants, parse_lookup
 
 
 @dataclass(frozen=True)
@@ -75,22 +78,59 @@ class KernelLimits:
         return cls(**raw)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class PackageRules:
+    """What every process of one verified package starts with and may look up (the policy's
+    [package."P"] table): grants, key -> GrantSpec; lookup, its lookup list (None: no list)."""
+
+    grants: tuple[GrantSpec, ...] = ()
+    lookup: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_mapping(cls, raw: object, where: str) -> PackageRules:
+        if not isinstance(raw, Mapping) or set(raw) - {"grants", "lookup"}:
+            raise ValueError(f"{where}: a table of grants and lookup")
+        return cls(parse_grants(raw.get("grants"), f"{where} grants"),
+                   parse_lookup(raw.get("lookup"), f"{where} lookup"))
+
+
 @dataclass
 class Policy:
     """register(who, name) -> bool: may `who` register `name`; lookup(who, name) -> bool: may
     `who` look up (and so reach) the service `name`; uid_packages: uid -> package; limits: the
-    kernel's per-process and per-uid bounds (a KernelLimits, or a dict of its fields)."""
+    kernel's per-process and per-uid bounds (a KernelLimits, or a dict of its fields);
+    packages: package -> {"grants": {...}, "lookup": [...]} (or a PackageRules), applied to
+    every process whose verified package it is (launched with it, or mapped by uid).
+
+    Policy.from_mapping() takes the TOML form as a dict (rules included)."""
 
     register: RegisterFilter | None = None
     uid_packages: Mapping[int, str] = field(default_factory=dict)
     lookup: RegisterFilter | None = None
     limits: KernelLimits = field(default_factory=KernelLimits)
+    packages: Mapping[str, PackageRules] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.limits, Mapping):
             self.limits = KernelLimits.from_mapping(self.limits)
         elif not isinstance(self.limits, KernelLimits):
             raise TypeError("Policy(limits=...) takes a KernelLimits or a dict of its fields")
+        rules = {}
+        for pkg, raw in dict(self.packages).items():
+            where = f"policy package {pkg!r:.80}"
+            check_name(pkg, f"{where}: package name")
+            rules[pkg] = raw if isinstance(raw, PackageRules) else PackageRules.from_mapping(
+                raw, where)
+        self.packages = rules
+
+    def package_rules(self, package: str | None) -> PackageRules | None:
+        return self.packages.get(package) if package is not None else None
+
+    def reserves(self, name: str) -> bool:
+        """Does the policy say who may register `name` (a register rule matches it)? Only then
+        is "whoever serves `name`" an identity: an allowlist entry "name:N" admits the server
+        of N only if the policy reserves N; otherwise anyone could have registered it first."""
+        return isinstance(self.register, _RuleFilter) and self.register.rule_for(name) is not None
 
     @classmethod
     def coerce(cls, value: object) -> Policy:
@@ -111,8 +151,13 @@ class Policy:
                 doc = tomllib.load(f)
             except tomllib.TOMLDecodeError as exc:
                 raise ValueError(f"policy file {path}: {exc}") from None
+        return cls.from_mapping(doc, path)
+
+    @classmethod
+    def from_mapping(cls, doc: Mapping[str, object], path: str = "<dict>") -> Policy:
+        """The TOML form (docs/POLICY.md) as a dict: ValueError on anything it does not know."""
         unknown = set(doc) - {"packages", "register", "default_register", "lookup",
-                              "default_lookup", "limits"}
+                              "default_lookup", "limits", "package"}
         if unknown:
             raise ValueError(f"policy file {path}: unknown keys {sorted(unknown)}")
         uid_packages = {int(uid): str(pkg) for uid, pkg in doc.get("packages", {}).items()}
@@ -124,8 +169,13 @@ class Policy:
                 raise ValueError(f"policy file {path}: default_{what} must be 'allow' or 'deny'")
             filters.append(_RuleFilter(rules, default == "allow"))
         limits = KernelLimits.from_mapping(doc.get("limits", {}), f"policy file {path} [limits]")
+        packages = doc.get("package", {})
+        if not isinstance(packages, Mapping):
+            raise ValueError(f"policy file {path}: [package.\"P\"] tables, one per package")
+        rules = {pkg: PackageRules.from_mapping(raw, f"policy file {path} [package.{pkg!r}]")
+                 for pkg, raw in packages.items()}
         return cls(register=filters[0], uid_packages=uid_packages, lookup=filters[1],
-                   limits=limits)
+                   limits=limits, packages=rules)
 
     def may_register(self, who: ProcessInfo, name: str) -> None:
         if self.register is not None and not self.register(who, name):
@@ -169,8 +219,12 @@ class _RuleFilter:
     rules: list[_Rule]
     default: bool
 
-    def __call__(self, who: ProcessInfo, name: str) -> bool:
+    def rule_for(self, name: str) -> _Rule | None:
         for rule in self.rules:
             if fnmatch.fnmatchcase(name, rule.name):
-                return rule.allows(who)
-        return self.default
+                return rule
+        return None
+
+    def __call__(self, who: ProcessInfo, name: str) -> bool:
+        rule = self.rule_for(name)
+        return rule.allows(who) if rule is not None else self.default

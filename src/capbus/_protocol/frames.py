@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import MISSING, dataclass, fields
+from dataclasses import field as dataclass_field
 from typing import Any, ClassVar
 
 from .._errors import ProtocolError
+from .names import check_grant_key
 
 MAGIC = b"CB"
 VERSION = 1
@@ -29,6 +31,12 @@ LIMIT_KEYS = frozenset({"rate", "bandwidth", "max_message_size", "expires_in_ms"
 # them may hold (the kernel checks the values; see Kernel's ServiceBounds).
 BOUND_KEYS = frozenset({"max_caps", "max_regions", "max_region_bytes", "max_channels_per_process",
                         "max_channels_per_uid", "attach_ttl_ms"})
+
+# Startup grants one process may hold (Welcome lists them all; the kernel refuses more at spawn
+# and when it loads a policy). A grant's rights are at most an endpoint's.
+MAX_GRANTS = 64
+GRANT_KEYS = frozenset({"key", "handle", "process_id", "name", "rights", "limits"})
+GRANT_RIGHTS = frozenset({"send", "share"})
 
 KIND_REQUEST = 1
 KIND_RESPONSE = 2
@@ -82,11 +90,38 @@ def _check_value(cls: type, name: str, kind: str, value: Any) -> Any:
             and len(value) <= MAX_LIST
             and all(type(v) is dict for v in value)
         )
+    elif kind == "grants":
+        ok = type(value) is list and len(value) <= MAX_GRANTS and all(
+            _grant_row_ok(v) for v in value) and len({v["key"] for v in value}) == len(value)
     else:  # pragma: no cover - a schema mistake, caught by the unit tests
         raise AssertionError(f"unknown field kind {kind!r}")
     if not ok:
         raise ProtocolError(f"{cls.__name__}.{name}: bad value {value!r:.80} (expected {kind})")
     return value
+
+
+def _grant_row_ok(row: Any) -> bool:
+    """One Welcome grant: its key, and the endpoint (handle 0: not resolved yet, ask with Grant;
+    then process_id is 0, name empty, rights and limits empty)."""
+    if type(row) is not dict or set(row) != GRANT_KEYS:
+        return False
+    key, handle, pid, name = row["key"], row["handle"], row["process_id"], row["name"]
+    rights, limits = row["rights"], row["limits"]
+    try:
+        check_grant_key(key)
+    except (TypeError, ValueError):
+        return False
+    if not (type(handle) is int and 0 <= handle <= U64_MAX and type(pid) is int
+            and 0 <= pid <= U64_MAX and type(name) is str and len(name) <= MAX_STR):
+        return False
+    if not (type(rights) is list and len(rights) <= len(GRANT_RIGHTS)
+            and all(type(r) is str and r in GRANT_RIGHTS for r in rights)
+            and len(set(rights)) == len(rights)):
+        return False
+    if not (type(limits) is dict and set(limits) <= LIMIT_KEYS
+            and all(type(v) is int and 0 <= v <= U64_MAX for v in limits.values())):
+        return False
+    return handle != 0 or (pid == 0 and name == "" and not rights and not limits)
 
 
 _REGISTRY: dict[int, type[Message]] = {}
@@ -295,6 +330,16 @@ class Claim(Message):
     generation: int = 0
 
 
+@message(24, KIND_REQUEST, key="str", timeout_ms="u64")
+class Grant(Message):
+    """This process's startup grant `key` (one it was launched with, or its package has in the
+    policy): its endpoint, resolved now if the service has registered since Welcome; else
+    ServiceNotFound unless it registers within timeout_ms."""
+
+    key: str
+    timeout_ms: int = 0
+
+
 @message(10, KIND_REQUEST, what="str", offset="u64", limit="u64", process_id="u64")
 class Query(Message):
     """Introspection for the CLI: "processes", "services" or "caps" (of process_id); paged."""
@@ -308,11 +353,15 @@ class Query(Message):
 # ---- responses (kernel -> process) ------------------------------------------------------------
 
 
-@message(64, KIND_RESPONSE, process_id="u64", package="str?", pid="u64")
+@message(64, KIND_RESPONSE, process_id="u64", package="str?", pid="u64", grants="grants")
 class Welcome(Message):
+    """grants: the capabilities the process starts with, one row per key (GRANT_KEYS); a row
+    with handle 0 names a grant whose service was not there yet (ask for it with Grant)."""
+
     process_id: int
     package: str | None
     pid: int
+    grants: list[dict[str, Any]] = dataclass_field(default_factory=list)
 
 
 @message(65, KIND_RESPONSE)
@@ -423,6 +472,14 @@ class ChannelClosed(Message):
     index: int
 
 
+@message(132, KIND_EVENT, key="str")
+class GrantRevoked(Message):
+    """The spawner revoked this process's startup grant `key` (Child.revoke_grant): its
+    endpoint is gone, and asking for it again is refused."""
+
+    key: str
+
+
 # Which responses a request may legitimately get (Error always may).
 RESPONSES: dict[type[Message], tuple[type[Message], ...]] = {
     Hello: (Welcome,),
@@ -435,6 +492,7 @@ RESPONSES: dict[type[Message], tuple[type[Message], ...]] = {
     Watch: (Ok,),
     Release: (Ok,),
     Query: (Rows,),
+    Grant: (Granted,),
     OpenChannel: (ChannelGranted,),
     CloseChannel: (Ok,),
     ReportBad: (Ok,),

@@ -1,5 +1,6 @@
-"""The rule for service and package names, checked by the runtime before sending and by the
-kernel again on receipt (it trusts nothing a process sends)."""
+"""The rules for service and package names (and for the keys of a process's startup grants),
+checked by the runtime before sending and by the kernel again on receipt (it trusts nothing a
+process sends)."""
 
 from __future__ import annotations
 
@@ -17,3 +18,18 @@ def check_name(name: object, what: str = "service name") -> str:
     if raw.strip(b"\0") == b"":
         raise ValueError(f"{what} must not be all NUL bytes")
     return name
+
+
+GRANT_KEY_MAX = 64
+_GRANT_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def check_grant_key(key: object) -> str:
+    """A startup grant's key (what `proc.grants[key]` is looked up by): 1..64 ASCII letters,
+    digits, '_', '.' or '-', so that 64 of them always fit one Welcome frame."""
+    if not isinstance(key, str):
+        raise TypeError(f"a grant key must be a str, not {type(key).__name__}")
+    if not 1 <= len(key) <= GRANT_KEY_MAX or not set(key) <= _GRANT_KEY_CHARS:
+        raise ValueError(f"grant key {key[:80]!r}: use 1..{GRANT_KEY_MAX} ASCII letters, digits, "
+                         "'_', '.' or '-'")
+    return key

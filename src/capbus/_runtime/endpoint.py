@@ -132,6 +132,7 @@ class Endpoint(_core.EndpointBase):
         self.dead = False
         # How it was obtained, so that a reconnect can look it up again (None: it cannot be).
         self._origin: tuple[str, str] | None = None
+        self._grant_key: str | None = None  # a startup grant's key (Process.grants)
         self._server_pid = 0
         self._lanes: weakref.WeakSet[_Lane] = weakref.WeakSet()
 
@@ -413,10 +414,11 @@ class Endpoint(_core.EndpointBase):
                 self._watching = True
                 self._proc._request(frames.Watch(self.handle), via=self._ctl)
 
-    def _lose(self, why: str) -> None:
-        """After a reconnect that could not bring it back: its handle means nothing any more."""
+    def _lose(self, why: str, state: int = _core.STATE_CLOSED) -> None:
+        """After a reconnect that could not bring it back (or a revoked grant): its handle means
+        nothing any more; calls fail with InvalidCapability saying why."""
         self._closed = True
-        self._mark_lanes(_core.STATE_CLOSED)
+        self._mark_lanes(state)
         self._forget_lanes()
         self._lost = why
 

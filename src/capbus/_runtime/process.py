@@ -14,13 +14,13 @@ import stat
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from .. import _core, _paths
 from .._errors import IpcError, KernelUnavailable
 from .._protocol import frames
-from .._protocol.names import check_name
+from .._protocol.names import check_grant_key, check_name
 from .control import Control
 from .endpoint import Endpoint, limits_request
 from .peers import PeerWatch
@@ -72,6 +72,10 @@ class Process:
             raise
         self.id: int = welcome.process_id
         self.package: str | None = welcome.package
+        # Startup grants: key -> its Endpoint, or None while its service has not registered
+        # (resolved on first use, see grant()). A key the spawner revokes leaves the dict.
+        self._grants: dict[str, Endpoint | None] = {}
+        self._take_grants(welcome)
         _live.add(self)
 
     def __repr__(self) -> str:
@@ -99,6 +103,75 @@ class Process:
     @property
     def closed(self) -> bool:
         return self._control.closed is not None
+
+    # ---- startup grants -----------------------------------------------------------------------
+
+    @property
+    def grants(self) -> Mapping[str, Endpoint]:
+        """The capabilities this process was handed at start (Kernel.spawn(grants=...), a
+        manifest's grants, its package's grants in the policy), by key: a read-only mapping.
+        Reading a key whose service had not registered when this process connected asks the
+        kernel for it then (ServiceNotFound if it is still not there; grant(key, timeout)
+        waits). Empty for a process given none."""
+        return _Grants(self)
+
+    def grant(self, key: str, timeout: float = 0) -> Endpoint:
+        """The startup grant `key` as an Endpoint, waiting up to `timeout` seconds for its
+        service to register (ServiceNotFound after that; KeyError if this process was given no
+        such grant, or it was revoked)."""
+        check_grant_key(key)
+        with self._lock:
+            if key not in self._grants:
+                raise KeyError(f"this process holds no grant {key!r} (its grants: "
+                               f"{sorted(self._grants)})")
+            ep = self._grants[key]
+        if ep is not None and not ep._closed:
+            return ep
+        reply = self._request(frames.Grant(key, _ms(timeout)), timeout)
+        ep = self._endpoint(reply)
+        with self._lock:
+            if key in self._grants:
+                self._grants[key] = ep
+                ep._grant_key = key
+        return ep
+
+    def _take_grants(self, welcome: frames.Welcome) -> None:
+        """The grants a Welcome lists (after a reconnect: the new kernel's, replacing ours)."""
+        old = self._grants
+        grants: dict[str, Endpoint | None] = {}
+        for row in welcome.grants:
+            key = row["key"]
+            ep = old.get(key)
+            if not row["handle"]:
+                grants[key] = None
+                if ep is not None:
+                    ep._lose(f"grant {key!r} was not resolved again after a reconnect: ask "
+                             "for it with grant()")
+                continue
+            granted = frames.Granted(row["handle"], row["process_id"], row["name"],
+                                     row["rights"], row["limits"])
+            if ep is not None and not ep._closed:
+                ep._rebind(granted)
+                with self._lock:
+                    self._endpoints[granted.handle] = ep
+            else:
+                ep = self._endpoint(granted)
+                ep._grant_key = key
+            grants[key] = ep
+        for key, ep in old.items():
+            if key not in grants and ep is not None:
+                ep._lose(f"this process holds no grant {key!r} since its reconnect")
+        with self._lock:
+            self._grants = grants
+
+    def _grant_revoked(self, key: str) -> None:
+        """The control thread: the spawner revoked grant `key`."""
+        with self._lock:
+            ep = self._grants.pop(key, None)
+        if ep is not None:
+            self._forget(ep)
+            ep._lose(f"grant {key!r} was revoked by this process's spawner",
+                     _core.STATE_REVOKED)
 
     # ---- registries ---------------------------------------------------------------------------
 
@@ -254,7 +327,9 @@ class Process:
                 svc._channel_closed(msg.index, drain=True)
         for fd in fds:
             os.close(fd)
-        if isinstance(msg, frames.Death):
+        if isinstance(msg, frames.GrantRevoked):
+            self._grant_revoked(msg.key)
+        elif isinstance(msg, frames.Death):
             ep = self._endpoints.get(msg.handle)
             if ep is not None:
                 ep._died()
@@ -341,6 +416,7 @@ class Process:
             self.id, self.package = welcome.process_id, welcome.package
             self.kernel_lost = None
             self._peers.dead.clear()
+        self._take_grants(welcome)
         log.warning("capbus: reconnected to %s as process %d", self._path, self.id)
         for svc in old_services:
             if svc._closed and svc._lost is None:
@@ -375,7 +451,7 @@ class Process:
 
         threads = []
         for ep in old_endpoints:
-            if ep._closed:
+            if ep._closed or ep._grant_key is not None:  # grants: done by _take_grants
                 continue
             if ep._origin is None:  # restricted or received: the new kernel never granted it
                 ep._lose(f"endpoint {ep.name!r} was derived or delegated under the lost kernel: "
@@ -396,6 +472,30 @@ class Process:
                 "capbus.connect() for its own connection"
             )
         )
+
+
+class _Grants(Mapping[str, "Endpoint"]):
+    """Process.grants: a read-only view; a pending grant is asked for when it is read."""
+
+    def __init__(self, proc: Process) -> None:
+        self._proc = proc
+
+    def __getitem__(self, key: str) -> Endpoint:
+        if key not in self._proc._grants:
+            raise KeyError(key)
+        return self._proc.grant(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._proc._grants))
+
+    def __len__(self) -> int:
+        return len(self._proc._grants)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._proc._grants
+
+    def __repr__(self) -> str:
+        return f"<capbus grants {sorted(self._proc._grants)}>"
 
 
 def _release_received(proc: Process, ctl: Control, handle: int) -> None:
