@@ -7,6 +7,7 @@ closure to the loop (`_call`) and wait for its result.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import fcntl
@@ -16,9 +17,11 @@ import json
 import logging
 import os
 import queue
+import select
 import selectors
 import signal
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -240,7 +243,8 @@ class ProcessRecord:
     notices_sent: int = 0
     wait_mode: str = ""
     alive: bool = True
-    refused: str = ""  # over a connection bound: its Hello gets this as an error
+    refused: str = ""  # not admitted, or over a connection bound: its Hello gets this error
+    refused_as: type[IpcError] = OutOfMemory
     counted: bool = False  # in the kernel's per-pid / per-uid connection counts
 
     def __repr__(self) -> str:  # never the whole record (tables, outbox) in a log line
@@ -321,17 +325,20 @@ class Kernel:
             frames.MapRegion: self._on_map_region,
             frames.SealRegion: self._on_seal_region,
         }
+        self.access = self.policy.access
         raise_fd_limit()
-        self._lock_fd, self._listener = _bind(self.socket_path)
+        self._dirfd, self._lock_fd, self._listener = _bind(self.socket_path, bool(self.access))
         if audit is True:
             audit = _audit.default_path(self.socket_path)
         try:
-            self._audit = _audit.AuditLog(audit or None)
+            beside = audit and _audit.default_path(self.socket_path) == os.path.abspath(audit)
+            self._audit = _audit.AuditLog(audit or None, dirfd=self._dirfd if beside else None)
             self._audit_rate = _audit.RateLimiter(self.limits.audit_rows_per_second,
                                                   self.limits.audit_rows_per_uid_second)
         except BaseException:
             self._listener.close()
             os.close(self._lock_fd)
+            os.close(self._dirfd)
             raise
         self.audit_path = audit or None
         self._audit.record(_audit.KERNEL_START, pid=os.getpid(), detail=self.socket_path)
@@ -558,8 +565,9 @@ class Kernel:
         self._audit.record(_audit.KERNEL_STOP, pid=os.getpid())
         self._audit.close()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
+            os.unlink(os.path.basename(self.socket_path), dir_fd=self._dirfd)
         os.close(self._lock_fd)
+        os.close(self._dirfd)
         self._sel.close()
         while not self._calls.empty():
             _, _, fut = self._calls.get_nowait()
@@ -578,7 +586,10 @@ class Kernel:
                 return
             transport = Transport(sock, self.limits.outbox_fds)
             pid, uid, gid = transport.peer_creds()
-            refused = self._over_connection_bound(pid, uid)
+            refused_as: type[IpcError] = PermissionDenied
+            refused = self._not_admitted(sock, pid, uid, gid)
+            if not refused:
+                refused_as, refused = OutOfMemory, self._over_connection_bound(pid, uid)
             if refused:
                 # Answered with a clear error at its Hello, but it holds no pidfd and counts in
                 # no table; past _MAX_REFUSED of those the newcomer is just closed.
@@ -587,6 +598,7 @@ class Kernel:
                     continue
                 rec = self._add_record(transport, pid, uid, gid, None, None, None, None,
                                        refused=refused)
+                rec.refused_as = refused_as
                 self._refused += 1
                 self._after(_REFUSED_GRACE, lambda rec=rec: self._gone(rec, "refused: no Hello"))
                 continue
@@ -658,6 +670,21 @@ class Kernel:
         if pidfd is not None:
             self._sel.register(pidfd, selectors.EVENT_READ, ("pidfd", rec))
         return rec
+
+    def _not_admitted(self, sock: socket.socket, pid: int, uid: int, gid: int) -> str:
+        """Why a connection from (pid, uid, gid) may not use this kernel at all, or "" if it may:
+        the kernel's own user and root may, and whom its Access names (a uid, or a member of a
+        group: primary gid from SO_PEERCRED, supplementary groups from SO_PEERGROUPS, both taken
+        by the OS at connect(), so neither a later setgroups nor a reused pid can change them)."""
+        access = self.access
+        if uid in (self._uid, 0) or uid in access.uids:
+            return ""
+        if access.groups and (gid in access.groups
+                              or not access.groups.isdisjoint(_peer_groups(sock, pid, uid))):
+            return ""
+        return (f"uid {uid} is not one of the users this kernel serves (it runs as uid "
+                f"{self._uid}; its owner may admit others with --allow-uid / --allow-group, or "
+                "[access] in its policy)")
 
     def _over_connection_bound(self, pid: int, uid: int) -> str:
         """Why a new connection from (pid, uid) is refused, or "" if it is not."""
@@ -880,7 +907,7 @@ class Kernel:
 
     def _on_hello(self, rec: ProcessRecord, msg: frames.Hello, rid: int) -> frames.Message:
         if rec.refused:
-            raise OutOfMemory(f"the kernel refuses this connection: {rec.refused}")
+            raise rec.refused_as(f"the kernel refuses this connection: {rec.refused}")
         if msg.wait_mode not in WAIT_MODES:
             raise ValueError(f"wait mode {msg.wait_mode!r:.80} is not one of {', '.join(WAIT_MODES)}")
         rec.wait_mode = msg.wait_mode
@@ -1666,43 +1693,96 @@ def _cap_row(cap: Capability) -> dict[str, Any]:
     }
 
 
-def _bind(path: str) -> tuple[int, socket.socket]:
-    """Lock, then bind the socket: a live kernel on the path refuses; a stale file is replaced.
+def _bind(path: str, shared: bool) -> tuple[int, int, socket.socket]:
+    """Check the directory, lock, then bind the socket: a live kernel on the path refuses; a stale
+    file is replaced. Returns (the directory's O_PATH fd, the lock's fd, the listening socket).
 
-    The socket's directory is created (mode 0700) only when it does not exist; an existing one is
-    used as it is, never chmod-ed (CAPBUS_SOCKET=/tmp/k.sock must not touch /tmp). The socket
-    itself is born 0600, whatever the directory allows."""
+    The directory is created (mode 0700, or 0711 when shared) only when it does not exist; an
+    existing one is used as it is, never chmod-ed (CAPBUS_SOCKET=/srv/k.sock must not touch /srv),
+    once it passed _paths.open_dir's checks. Everything in it is reached through that fd, never
+    by name again (see _paths). The socket is born 0600, or 0666 when shared: a set of uids and
+    groups cannot be written as mode bits, so the socket lets anyone who can reach it connect and
+    the kernel admits or refuses each connection by its SO_PEERCRED (_admits); 0711 lets others
+    through the directory to the socket without listing (or writing) it."""
     directory = os.path.dirname(path) or "."
+    name = os.path.basename(path)
+    if shared and _paths.is_default_dir(directory):
+        raise ValueError(f"a kernel open to other users needs a socket path of its own (--socket, "
+                         f"say /run/capbus/kernel.sock), not this user's private {directory}")
+    dirfd = _paths.open_dir(directory, frozenset({os.getuid(), 0}),
+                            create=0o711 if shared else 0o700, who="the kernel's user")
     try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        pass
-    except FileNotFoundError:
-        os.makedirs(directory, mode=0o700)  # parents the usual way, the socket's own dir 0700
-    st = os.stat(directory)
-    if directory == _paths.default_dir() and st.st_uid != os.getuid():
-        raise PermissionDenied(f"{directory} belongs to uid {st.st_uid}, not to this user: "
-                               "set CAPBUS_SOCKET to a path of your own")
-    lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if shared and not os.fstat(dirfd).st_mode & 0o011:
+            log.warning("%s lets only its owner through (mode %04o): the users this kernel allows "
+                        "cannot reach its socket", directory,
+                        stat.S_IMODE(os.fstat(dirfd).st_mode))
+        lock_fd = _paths.open_private(dirfd, name + ".lock", path + ".lock")
+        assert lock_fd is not None
+    except BaseException:
+        os.close(dirfd)
+        raise
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         os.close(lock_fd)
+        os.close(dirfd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
             raise IpcError(
                 f"another capbus kernel is already serving {path}: stop it, or give this one "
                 "another socket path"
             ) from None
         raise
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)  # stale: its kernel is gone, since we hold the lock
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    old_umask = os.umask(0o177)  # the socket is born 0600: no window where others may connect
     try:
-        sock.bind(path)
-    finally:
-        os.umask(old_umask)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dirfd)  # stale: its kernel is gone, since we hold the lock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        # Born with its final mode: no window where others may connect to a private kernel.
+        old_umask = os.umask(0o111 if shared else 0o177)
+        try:
+            sock.bind(_paths.via_fd(dirfd, name))
+        finally:
+            os.umask(old_umask)
+    except BaseException:
+        os.close(lock_fd)
+        os.close(dirfd)
+        raise
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # inherited by accepted sockets
     sock.listen(1024)
     sock.setblocking(False)
-    return lock_fd, sock
+    return dirfd, lock_fd, sock
+
+
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+
+
+def _peer_groups(sock: socket.socket, pid: int, uid: int) -> set[int]:
+    """The supplementary groups of the process that connected `sock`: SO_PEERGROUPS (taken at
+    connect()); where that fails (an old kernel, or more than 256 groups: Python reads at most
+    1 KiB), /proc/<pid>/status Groups:, trusted only if that pid still runs as `uid` and has not
+    exited by the time it was read (a pidfd opened first tells)."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 1024)
+        return set(array.array("I", raw[: len(raw) // 4 * 4]))
+    except OSError:
+        pass
+    if pid <= 0:
+        return set()
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return set()
+    try:
+        groups: set[int] = set()
+        owner = -1
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    owner = int(line.split()[2])  # effective uid, as SO_PEERCRED has it
+                elif line.startswith(b"Groups:"):
+                    groups = {int(g) for g in line.split()[1:]}
+        exited = bool(select.select([pidfd], [], [], 0)[0])
+        return groups if owner == uid and not exited else set()
+    except (OSError, ValueError):
+        return set()
+    finally:
+        os.close(pidfd)
