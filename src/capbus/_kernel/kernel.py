@@ -218,6 +218,27 @@ class Channel:
 
 
 @dataclass(eq=False)
+class _UidUsage:
+    """What all processes of one uid hold, charged to that uid (per-user accounting, as
+    dbus-broker keeps it: each object is charged to the user who caused it, so one user's many
+    processes cannot add up to more than the user's quota, and another user is untouched).
+
+    caps: capabilities in their tables; channels: channels they hold open as clients;
+    region_bytes: bytes of live regions they created (charged to the creator until the last
+    holder, of whatever uid, lets go); holders: their counted connections. Dropped from the
+    kernel's table once all of these are zero."""
+
+    uid: int
+    caps: int = 0
+    channels: int = 0
+    region_bytes: int = 0
+    holders: int = 0
+
+    def idle(self) -> bool:
+        return not (self.caps or self.channels or self.region_bytes or self.holders)
+
+
+@dataclass(eq=False)
 class ProcessRecord:
     process_id: int
     pid: int
@@ -246,6 +267,7 @@ class ProcessRecord:
     refused: str = ""  # not admitted, or over a connection bound: its Hello gets this error
     refused_as: type[IpcError] = OutOfMemory
     counted: bool = False  # in the kernel's per-pid / per-uid connection counts
+    usage: _UidUsage | None = None  # its uid's, while counted
 
     def __repr__(self) -> str:  # never the whole record (tables, outbox) in a log line
         return f"<process {self.process_id} pid {self.pid} uid {self.uid}>"
@@ -283,6 +305,7 @@ class Kernel:
         self._conns_by_uid: dict[int, int] = {}
         self._refused = 0  # refused connections waiting for their Hello
         self._fd_budgets: dict[tuple[str, int], FdBudget] = {}  # ("pid"|"uid", n): shared
+        self._usage: dict[int, _UidUsage] = {}  # uid -> what its processes hold (quotas)
         self._uid = os.getuid()
         self._procs: dict[int, ProcessRecord] = {}
         self._ids = itertools.count(1)  # ProcessIds: never 0, never reused by this kernel
@@ -664,6 +687,9 @@ class Kernel:
                 budget.users += 1
                 budgets.append(budget)
             transport.budgets = tuple(budgets)
+            usage = rec.usage = self._usage_of(uid)
+            usage.holders += 1
+            rec.caps.charge = lambda n, usage=usage: self._charge_caps(usage, n)
         self._audit_event(_audit.PROCESS_START, rec, None, package or name or "",
                           refused or ("launched" if child is not None else "connected"))
         self._sel.register(transport.sock, selectors.EVENT_READ, ("conn", rec))
@@ -886,8 +912,45 @@ class Kernel:
         watchers, rec.watched_by = rec.watched_by, set()
         for watcher, handle in watchers:
             self._event(watcher, frames.Death(handle, rec.process_id))
+        rec.caps.uncharge()
+        if rec.usage is not None:
+            rec.usage.holders -= 1
+            self._drop_usage(rec.usage)
         if rec.child is not None:
             self._child_exited(rec.child, restart and not self._stopping)
+
+    # ---- per-uid quotas -----------------------------------------------------------------------
+
+    def _usage_of(self, uid: int) -> _UidUsage:
+        usage = self._usage.get(uid)
+        if usage is None:
+            usage = self._usage[uid] = _UidUsage(uid)
+        return usage
+
+    def _drop_usage(self, usage: _UidUsage) -> None:
+        if usage.idle() and self._usage.get(usage.uid) is usage:
+            del self._usage[usage.uid]
+
+    def _charge_caps(self, usage: _UidUsage, n: int) -> None:
+        if n > 0 and usage.caps + n > self.limits.caps_per_uid:
+            raise OutOfMemory(
+                f"uid {usage.uid} already holds {usage.caps} capabilities in all its processes "
+                f"(its caps_per_uid limit is {self.limits.caps_per_uid}): release some")
+        usage.caps += n
+        if n < 0:
+            self._drop_usage(usage)
+
+    def _free_region_bytes(self, usage: _UidUsage, size: int) -> None:
+        usage.region_bytes -= size
+        self._drop_usage(usage)
+
+    def uid_usage(self, uid: int) -> dict[str, int]:
+        """What the processes of one uid hold, as the per-uid quotas count it (all 0: nothing)."""
+        def row() -> dict[str, int]:
+            u = self._usage.get(uid) or _UidUsage(uid)
+            return {"connections": self._conns_by_uid.get(uid, 0), "caps": u.caps,
+                    "channels": u.channels, "region_bytes": u.region_bytes}
+        return self._call(row)
 
     def _child_exited(self, child: Child, restart: bool) -> None:
         if child._popen is None or child._popen.poll() is None:
@@ -1118,6 +1181,11 @@ class Kernel:
             raise OutOfMemory(
                 f"service {svc.name!r} allows {b.max_channels_per_uid} channels per uid (its "
                 f"max_channels_per_uid) and uid {rec.uid} holds them all: close some lanes")
+        usage = rec.usage
+        if usage is not None and usage.channels >= self.limits.channels_per_uid:
+            raise OutOfMemory(
+                f"uid {rec.uid} already holds {usage.channels} channels in all its processes (the "
+                f"kernel's channels_per_uid limit): close lanes it does not use")
         index = svc.alloc_index()
         try:
             shm = ChannelShm(NSLOTS, ARENA_SIZE, rec.process_id)
@@ -1134,6 +1202,8 @@ class Kernel:
         svc.channels[index] = ch
         svc.chans_by_client[client] = svc.chans_by_client.get(client, 0) + 1
         svc.chans_by_uid[rec.uid] = svc.chans_by_uid.get(rec.uid, 0) + 1
+        if usage is not None:
+            usage.channels += 1
         rec.lanes.add(ch)
         lanes.add(ch)
         for index_, k in _sender_keys(svc, rec):
@@ -1173,6 +1243,9 @@ class Kernel:
         svc.free_indices.append(ch.index)
         _count_down(svc.chans_by_client, _client_key(ch.client))
         _count_down(svc.chans_by_uid, ch.client.uid)
+        if ch.client.usage is not None:
+            ch.client.usage.channels -= 1
+            self._drop_usage(ch.client.usage)
         for index_, k in _sender_keys(svc, ch.client):
             chans = index_.get(k)
             if chans is not None:
@@ -1403,7 +1476,16 @@ class Kernel:
     # ---- regions ------------------------------------------------------------------------------
 
     def _on_create_region(self, rec: ProcessRecord, msg: frames.CreateRegion, rid: int) -> None:
+        usage, limit = rec.usage, self.limits.region_bytes_per_uid
+        if usage is not None and usage.region_bytes + msg.size > limit:
+            raise OutOfMemory(
+                f"uid {rec.uid} already has {usage.region_bytes} bytes of regions alive (its "
+                f"region_bytes_per_uid limit is {limit}); a region of {msg.size} bytes more does "
+                "not fit: release regions (every holder must let go) or ask for less")
         region = Region.create(msg.size)
+        if usage is not None:
+            usage.region_bytes += region.size
+            region.on_free = lambda: self._free_region_bytes(usage, region.size)
         cap = Capability("region", region, REGION_RIGHTS, owner=rec)
         region.refs = 1
         try:

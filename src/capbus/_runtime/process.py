@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import _core, _paths
-from .._errors import IpcError, KernelUnavailable
+from .._errors import IpcError, KernelUnavailable, PermissionDenied
 from .._protocol import frames
 from .._protocol.names import check_name
 from .control import Control
