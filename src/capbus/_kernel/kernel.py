@@ -350,7 +350,11 @@ class Kernel:
         }
         self.access = self.policy.access
         raise_fd_limit()
-        self._dirfd, self._lock_fd, self._listener = _bind(self.socket_path, bool(self.access))
+        try:
+            self._dirfd, self._lock_fd, self._listener = _bind(self.socket_path, bool(self.access))
+        except BaseException:
+            self._sel.close()  # a kernel refused at the door holds nothing
+            raise
         if audit is True:
             audit = _audit.default_path(self.socket_path)
         try:
@@ -360,8 +364,11 @@ class Kernel:
                                                   self.limits.audit_rows_per_uid_second)
         except BaseException:
             self._listener.close()
+            with contextlib.suppress(OSError):  # nobody may find a socket nobody serves
+                os.unlink(os.path.basename(self.socket_path), dir_fd=self._dirfd)
             os.close(self._lock_fd)
             os.close(self._dirfd)
+            self._sel.close()
             raise
         self.audit_path = audit or None
         self._audit.record(_audit.KERNEL_START, pid=os.getpid(), detail=self.socket_path)

@@ -489,6 +489,11 @@ def _open_socket(path: str, kernel_uid: int | None = None) -> socket.socket:
             f"no capbus kernel at {path} ({exc.strerror}): start one with `capbus kernel` "
             "or capbus.Kernel(), or set CAPBUS_SOCKET"
         ) from None
+    except PermissionError:
+        sock.close()
+        raise PermissionDenied(
+            f"the kernel at {path} is not open to this user (uid {os.getuid()}): its owner may "
+            "admit it with `capbus kernel --allow-uid` / --allow-group") from None
     except OSError:
         sock.close()
         raise
