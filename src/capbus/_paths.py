@@ -57,6 +57,7 @@ def open_dir(directory: str, owners: set[int] | frozenset[int], *, create: int |
     missing directory with (its parents the usual way); an existing one is never chmod-ed."""
     directory = os.path.abspath(directory)
     default = is_default_dir(directory)
+    made = False
     if create is not None:
         with contextlib.suppress(FileExistsError):
             try:
@@ -64,6 +65,7 @@ def open_dir(directory: str, owners: set[int] | frozenset[int], *, create: int |
             except FileNotFoundError:
                 os.makedirs(os.path.dirname(directory), mode=0o755, exist_ok=True)
                 os.mkdir(directory, create)
+            made = True
     try:
         fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -100,6 +102,8 @@ def open_dir(directory: str, owners: set[int] | frozenset[int], *, create: int |
                     f"the socket directory {directory} has mode {stat.S_IMODE(st.st_mode):04o}: "
                     "others may write in it (and so put their own socket, lock or audit file "
                     "there); use a directory only its owner can write (chmod go-w)")
+        if made and st.st_uid == uid and stat.S_IMODE(st.st_mode) != create:
+            os.chmod(f"/proc/self/fd/{fd}", create)  # ours, just made: the umask took bits off
     except BaseException:
         os.close(fd)
         raise

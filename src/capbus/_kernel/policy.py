@@ -104,7 +104,7 @@ class KernelLimits:
     connections_per_uid: int = 4096
     caps_per_uid: int = 65536
     channels_per_uid: int = 16384
-    region_bytes_per_uid: int = 1 << 36
+    region_bytes_per_uid: int = 1 << 50  # nominal (sparse) sizes: 1024 regions of the largest
     outbox_fds: int = 4096
     outbox_fds_per_uid: int = 8192
     access_entries: int = 4096
