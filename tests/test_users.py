@@ -362,6 +362,30 @@ def test_a_socket_directory_others_may_write_or_own_is_refused(sockdir):
     assert len(os.listdir("/proc/self/fd")) == fds  # no directory or lock fd left behind
 
 
+def test_the_directory_checked_is_the_one_used(sockdir):
+    """Renamed away after the check and a symlink put in its place (what a squatter with a
+    writable parent could do): the socket is still bound, and connected to, in the directory that
+    was checked, through its fd, never by name."""
+    import socket
+
+    checked, elsewhere = os.path.join(sockdir, "d"), os.path.join(sockdir, "elsewhere")
+    os.mkdir(checked, 0o700)
+    os.mkdir(elsewhere, 0o700)
+    fd = _paths.open_dir(checked, frozenset({os.getuid(), 0}))
+    try:
+        os.rename(checked, checked + ".moved")
+        os.symlink(elsewhere, checked)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as srv:
+            srv.bind(_paths.via_fd(fd, "k.sock"))
+            srv.listen(1)
+            assert os.listdir(checked + ".moved") == ["k.sock"] and os.listdir(elsewhere) == []
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:
+                c.connect(_paths.via_fd(fd, "k.sock"))
+                assert _paths.peer_uid(c) == os.getuid()
+    finally:
+        os.close(fd)
+
+
 # ---- lock and audit files -----------------------------------------------------------------------
 
 
@@ -530,6 +554,13 @@ def test_access_and_quotas_from_toml(tmp_path):
     with pytest.raises(ValueError, match="caps_per_uid"):
         capbus.Policy(limits={"caps_per_uid": 0})
     assert _policy.Access.coerce({"uids": [5]}).uids == {5}
+    with pytest.raises(ValueError, match="not a uid"):
+        _policy.Access(uids={-5})
+    r = subprocess.run([sys.executable, "-m", "capbus", "kernel", "--socket",
+                        str(tmp_path / "k.sock"), "--allow-uid", "-5"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "not a uid" in r.stderr, r.stderr
+    assert not (tmp_path / "k.sock").exists()
 
 
 def test_kernel_uid_must_be_a_uid(kernel, monkeypatch):

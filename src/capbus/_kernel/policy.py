@@ -40,8 +40,9 @@ class Access:
     groups: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "uids", frozenset(self.uids))
-        object.__setattr__(self, "groups", frozenset(self.groups))
+        object.__setattr__(self, "uids", frozenset(_id(u, "uid", "access") for u in self.uids))
+        object.__setattr__(self, "groups",
+                           frozenset(_id(g, "gid", "access") for g in self.groups))
 
     @classmethod
     def coerce(cls, value: object, where: str = "access") -> Access:
