@@ -107,7 +107,10 @@ class AuditLog:
     Not thread-safe: one thread at a time (the kernel's loop) may use it; it may be created in
     another thread (the connection is opened with check_same_thread=False).
     Raises ValueError if path is not a capbus audit log of this schema version, OSError if the
-    file cannot be created or opened.
+    file cannot be created or opened, PermissionDenied if it (or its directory, or SQLite's files
+    beside it) is not this user's own (see _open_writer). dirfd: an O_PATH fd on the file's
+    directory that the caller checked already (the kernel's socket directory), used instead of
+    opening it again by name.
     """
 
     def __init__(self, path: str | None, max_rows: int = 1_000_000, *,

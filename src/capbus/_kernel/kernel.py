@@ -1791,7 +1791,7 @@ def _bind(path: str, shared: bool) -> tuple[int, int, socket.socket]:
     once it passed _paths.open_dir's checks. Everything in it is reached through that fd, never
     by name again (see _paths). The socket is born 0600, or 0666 when shared: a set of uids and
     groups cannot be written as mode bits, so the socket lets anyone who can reach it connect and
-    the kernel admits or refuses each connection by its SO_PEERCRED (_admits); 0711 lets others
+    the kernel admits or refuses each connection by its SO_PEERCRED (_not_admitted); 0711 lets others
     through the directory to the socket without listing (or writing) it."""
     directory = os.path.dirname(path) or "."
     name = os.path.basename(path)
