@@ -277,6 +277,19 @@ def quota_user(report, wait, path: str) -> None:
         c.close()
 
 
+def flood(report, wait, path: str, n: int) -> None:
+    """Hold n raw connections to a kernel that does not admit us, never saying Hello."""
+    import socket
+
+    socks = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect(path)
+        socks.append(s)
+    report("holding", len(socks))
+    wait()
+
+
 def regions_ok(report, wait, path: str) -> None:
     with capbus.connect(path) as p:
         rs = [p.create_region(16 << 10) for _ in range(4)]
@@ -520,6 +533,33 @@ def test_per_uid_quotas_stop_one_user_and_leave_the_others(users, base):
         stop.set()
         t.join(5)
         server.close()
+        k.stop()
+
+
+@needs_root
+def test_a_refused_user_flooding_connections_costs_the_kernel_little(users, base):
+    admitted, refused = fresh_ids(2)
+    k = capbus.Kernel(os.path.join(base, "run", "k.sock"),
+                      capbus.Policy(access={"uids": [admitted]}), audit=None)
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+        f = users(refused, flood, k.socket_path, 300)
+        assert f.line() == "holding 300"
+        time.sleep(0.3)  # the kernel has accepted what it will
+        held = len(os.listdir("/proc/self/fd")) - fds - 2  # 2: the pipes to the flooder
+        print(f"kernel fds held for 300 refused connections: {held}")
+        assert held <= 64 + 2  # at most the refused connections kept for their Hello
+        assert k.uid_usage(refused) == {"connections": 0, "caps": 0, "channels": 0,
+                                        "region_bytes": 0}
+        ok = users(admitted, try_connect, k.socket_path)  # meanwhile, an allowed user gets in
+        assert ok.line().startswith("welcome "), "admitted user refused during the flood"
+        ok.go()
+        assert ok.stop() == 0
+        # past their grace the kept ones are let go, though the flooder still holds its ends
+        assert wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds + 2 + 2, 10)
+        f.go()
+        assert f.stop() == 0
+    finally:
         k.stop()
 
 
