@@ -48,8 +48,14 @@ def _query(socket_path: str | None, what: str, process_id: int = 0) -> list[dict
 
 def cmd_kernel(args: argparse.Namespace) -> int:
     from ._kernel.kernel import Kernel
+    from ._kernel.policy import Access, Policy, group_id
 
-    kernel = Kernel(args.socket, args.policy, start=False)
+    policy = Policy.coerce(args.policy)
+    if args.allow_uid or args.allow_group:  # added to the policy's [access]
+        policy.access = Access(
+            policy.access.uids | {int(u) for u in args.allow_uid},
+            policy.access.groups | {group_id(g, "--allow-group") for g in args.allow_group})
+    kernel = Kernel(args.socket, policy, start=False)
     print(f"capbus kernel serving {kernel.socket_path} (pid {os.getpid()})", flush=True)
     kernel.serve_forever()
     print("capbus kernel stopped", flush=True)
@@ -181,6 +187,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = with_socket(sub.add_parser("kernel", help="run the kernel as a daemon (SIGINT/SIGTERM stop it)"))
     p.add_argument("--policy", default=None, help="TOML policy file")
+    p.add_argument("--allow-uid", action="append", default=[], type=int, metavar="UID",
+                   help="also serve this uid (repeatable); opens the socket to other users, "
+                        "who are then admitted or refused by their credentials")
+    p.add_argument("--allow-group", action="append", default=[], metavar="GROUP",
+                   help="also serve members of this group (name or gid; repeatable)")
     p.set_defaults(fn=cmd_kernel)
     p = with_socket(sub.add_parser("run", help="start a kernel and launch a manifest's processes"))
     p.add_argument("manifest")

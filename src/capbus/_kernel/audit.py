@@ -52,10 +52,12 @@ import itertools
 import logging
 import os
 import sqlite3
-import stat
 import time
 import urllib.parse
 from typing import Any
+
+from .. import _paths
+from .._errors import PermissionDenied
 
 log = logging.getLogger("capbus.kernel")
 
@@ -125,10 +127,14 @@ class AuditLog:
     Not thread-safe: one thread at a time (the kernel's loop) may use it; it may be created in
     another thread (the connection is opened with check_same_thread=False).
     Raises ValueError if path is not a capbus audit log of this schema version, OSError if the
-    file cannot be created or opened.
+    file cannot be created or opened, PermissionDenied if it (or its directory, or SQLite's files
+    beside it) is not this user's own (see _open_writer). dirfd: an O_PATH fd on the file's
+    directory that the caller checked already (the kernel's socket directory), used instead of
+    opening it again by name.
     """
 
-    def __init__(self, path: str | None, max_rows: int = 1_000_000) -> None:
+    def __init__(self, path: str | None, max_rows: int = 1_000_000, *,
+                 dirfd: int | None = None) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be at least 1, not {max_rows}")
         self.path = os.path.abspath(path) if path is not None else None
@@ -145,7 +151,7 @@ class AuditLog:
         self._pids: dict[int, _Tally] = {}  # uid -> (pid -> its rows in the table)
         self._conn: sqlite3.Connection | None = None
         if self.path is not None:
-            self._conn = _open_writer(self.path)
+            self._conn = _open_writer(self.path, dirfd)
             try:
                 self._load_counts()
                 if self._count() > self.max_rows:  # reopened with a smaller max_rows
@@ -417,24 +423,46 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
 
 
-def _open_writer(path: str) -> sqlite3.Connection:
-    directory = os.path.dirname(path)
-    if not os.path.isdir(directory):
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-    # Created 0600 before SQLite sees it (its -wal and -shm files take the same mode).
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _open_writer(path: str, held: int | None = None) -> sqlite3.Connection:
+    """The writer's connection. The directory must pass the socket directory's checks
+    (_paths.open_dir: not a symlink, writable by its owner only, owned by this user or root); the
+    file and SQLite's -wal/-shm beside it must be this user's private regular files (never a
+    symlink, never one someone else created first: _paths.open_private), the file itself created
+    with O_EXCL when new. SQLite creates -wal/-shm itself, in a directory nobody else may write.
+    held: an O_PATH fd on the directory, already checked (the kernel's socket directory)."""
+    directory, base = os.path.split(path)
+    dirfd = held if held is not None else _paths.open_dir(
+        directory, frozenset({os.getuid(), 0}), create=0o700, who="the audit log's user")
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{path} is not a regular file: not a capbus audit log")
-        if stat.S_IMODE(st.st_mode) != 0o600 and st.st_uid == os.getuid():
-            os.fchmod(fd, 0o600)
+        fd = _paths.open_private(dirfd, base, path)
+        assert fd is not None
+        try:
+            st = os.fstat(fd)
+            for extra in ("-wal", "-shm", "-journal"):
+                other = _paths.open_private(dirfd, base + extra, path + extra, create=False)
+                if other is not None:
+                    os.close(other)
+        finally:
+            os.close(fd)
+        try:
+            # Through the fd: SQLite resolves the magic link back to a name (it keeps names, to
+            # open -wal/-shm beside), so the file it opened is compared with the one checked.
+            conn = sqlite3.connect(_paths.via_fd(dirfd, base), isolation_level=None,
+                                   check_same_thread=False, timeout=2.0)
+        except sqlite3.Error as exc:
+            raise OSError(f"cannot open the audit log {path}: {exc}") from None
+        try:
+            opened = conn.execute("PRAGMA database_list").fetchone()[2]
+            now = os.stat(opened)
+        except (sqlite3.Error, OSError):
+            conn.close()
+            raise
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            conn.close()
+            raise PermissionDenied(f"{path} was replaced while the kernel opened it: not used")
     finally:
-        os.close(fd)
-    try:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=2.0)
-    except sqlite3.Error as exc:
-        raise OSError(f"cannot open the audit log {path}: {exc}") from None
+        if held is None:
+            os.close(dirfd)
     try:
         _check_version(conn, path, allow_new=True)
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,6 +191,10 @@ class Capability:
 class CapTable:
     def __init__(self, limit: int = MAX_CAPS) -> None:
         self._limit = limit
+        # charge(n): counts n capabilities more (or fewer) against a quota shared with other
+        # tables (the kernel's per-uid one); raises OutOfMemory, before anything changed, at its
+        # bound. None: this table counts only against its own limit.
+        self.charge: Callable[[int], None] | None = None
         self._slots: list[Capability | None] = []
         self._gens: list[int] = []
         self._free: list[int] = []
@@ -199,14 +204,16 @@ class CapTable:
         return len(self._slots) - len(self._free)
 
     def insert(self, cap: Capability) -> int:
+        if not self._free and len(self._slots) >= self._limit:
+            raise OutOfMemory(f"capability table full ({self._limit} handles): release some")
+        if self.charge is not None:
+            self.charge(1)
         if self._free:
             slot = self._free.pop()
-        elif len(self._slots) < self._limit:
+        else:
             slot = len(self._slots)
             self._slots.append(None)
             self._gens.append(self._salt)
-        else:
-            raise OutOfMemory(f"capability table full ({self._limit} handles): release some")
         self._slots[slot] = cap
         cap.handle = (self._gens[slot] << 32) | slot
         return cap.handle
@@ -231,7 +238,15 @@ class CapTable:
         self._slots[slot] = None
         self._gens[slot] = (self._gens[slot] + 1) & _GEN_MASK or 1
         self._free.append(slot)
+        if self.charge is not None:
+            self.charge(-1)
         return cap
+
+    def uncharge(self) -> None:
+        """The table's process is gone: give back what it counted against the shared quota."""
+        if self.charge is not None:
+            self.charge(-len(self))
+            self.charge = None
 
     def __iter__(self):
         return (c for c in list(self._slots) if c is not None)

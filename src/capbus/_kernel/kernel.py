@@ -7,6 +7,7 @@ closure to the loop (`_call`) and wait for its result.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import dataclasses
 import errno
@@ -17,9 +18,11 @@ import json
 import logging
 import os
 import queue
+import select
 import selectors
 import signal
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -244,6 +247,27 @@ class _GrantState:
 
 
 @dataclass(eq=False)
+class _UidUsage:
+    """What all processes of one uid hold, charged to that uid (per-user accounting, as
+    dbus-broker keeps it: each object is charged to the user who caused it, so one user's many
+    processes cannot add up to more than the user's quota, and another user is untouched).
+
+    caps: capabilities in their tables; channels: channels they hold open as clients;
+    region_bytes: bytes of live regions they created (charged to the creator until the last
+    holder, of whatever uid, lets go); holders: their counted connections. Dropped from the
+    kernel's table once all of these are zero."""
+
+    uid: int
+    caps: int = 0
+    channels: int = 0
+    region_bytes: int = 0
+    holders: int = 0
+
+    def idle(self) -> bool:
+        return not (self.caps or self.channels or self.region_bytes or self.holders)
+
+
+@dataclass(eq=False)
 class ProcessRecord:
     process_id: int
     pid: int
@@ -269,7 +293,8 @@ class ProcessRecord:
     notices_sent: int = 0
     wait_mode: str = ""
     alive: bool = True
-    refused: str = ""  # over a connection bound: its Hello gets this as an error
+    refused: str = ""  # not admitted, or over a connection bound: its Hello gets this error
+    refused_as: type[IpcError] = OutOfMemory
     counted: bool = False  # in the kernel's per-pid / per-uid connection counts
     grants: dict[str, _GrantState] = field(default_factory=dict)  # set at Hello
     grant_waits: dict[int, str] = field(default_factory=dict)  # parked Grant request -> key
@@ -280,6 +305,7 @@ class ProcessRecord:
     @property
     def restricted(self) -> bool:
         return bool(self.lookup_lists)
+    usage: _UidUsage | None = None  # its uid's, while counted
 
     def __repr__(self) -> str:  # never the whole record (tables, outbox) in a log line
         return f"<process {self.process_id} pid {self.pid} uid {self.uid}>"
@@ -317,6 +343,7 @@ class Kernel:
         self._conns_by_uid: dict[int, int] = {}
         self._refused = 0  # refused connections waiting for their Hello
         self._fd_budgets: dict[tuple[str, int], FdBudget] = {}  # ("pid"|"uid", n): shared
+        self._usage: dict[int, _UidUsage] = {}  # uid -> what its processes hold (quotas)
         self._uid = os.getuid()
         self._procs: dict[int, ProcessRecord] = {}
         self._ids = itertools.count(1)  # ProcessIds: never 0, never reused by this kernel
@@ -367,17 +394,28 @@ class Kernel:
             frames.MapRegion: self._on_map_region,
             frames.SealRegion: self._on_seal_region,
         }
+        self.access = self.policy.access
         raise_fd_limit()
-        self._lock_fd, self._listener = _bind(self.socket_path)
+        try:
+            self._dirfd, self._lock_fd, self._listener = _bind(self.socket_path, bool(self.access))
+        except BaseException:
+            self._sel.close()  # a kernel refused at the door holds nothing
+            raise
         if audit is True:
             audit = _audit.default_path(self.socket_path)
         try:
-            self._audit = _audit.AuditLog(audit or None, self.limits.audit_rows)
+            beside = audit and _audit.default_path(self.socket_path) == os.path.abspath(audit)
+            self._audit = _audit.AuditLog(audit or None, self.limits.audit_rows,
+                                          dirfd=self._dirfd if beside else None)
             self._audit_rate = _audit.RateLimiter(self.limits.audit_rows_per_second,
                                                   self.limits.audit_rows_per_uid_second)
         except BaseException:
             self._listener.close()
+            with contextlib.suppress(OSError):  # nobody may find a socket nobody serves
+                os.unlink(os.path.basename(self.socket_path), dir_fd=self._dirfd)
             os.close(self._lock_fd)
+            os.close(self._dirfd)
+            self._sel.close()
             raise
         self.audit_path = audit or None
         self._audit.record(_audit.KERNEL_START, pid=os.getpid(), detail=self.socket_path)
@@ -621,8 +659,9 @@ class Kernel:
         self._audit.record(_audit.KERNEL_STOP, pid=os.getpid())
         self._audit.close()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
+            os.unlink(os.path.basename(self.socket_path), dir_fd=self._dirfd)
         os.close(self._lock_fd)
+        os.close(self._dirfd)
         self._sel.close()
         while not self._calls.empty():
             _, _, fut = self._calls.get_nowait()
@@ -641,7 +680,10 @@ class Kernel:
                 return
             transport = Transport(sock, self.limits.outbox_fds)
             pid, uid, gid = transport.peer_creds()
-            refused = self._over_connection_bound(pid, uid)
+            refused_as: type[IpcError] = PermissionDenied
+            refused = self._not_admitted(sock, pid, uid, gid)
+            if not refused:
+                refused_as, refused = OutOfMemory, self._over_connection_bound(pid, uid)
             if refused:
                 # Answered with a clear error at its Hello, but it holds no pidfd and counts in
                 # no table; past _MAX_REFUSED of those the newcomer is just closed.
@@ -650,6 +692,7 @@ class Kernel:
                     continue
                 rec = self._add_record(transport, pid, uid, gid, None, None, None, None,
                                        refused=refused)
+                rec.refused_as = refused_as
                 self._refused += 1
                 self._after(_REFUSED_GRACE, lambda rec=rec: self._gone(rec, "refused: no Hello"))
                 continue
@@ -716,12 +759,30 @@ class Kernel:
                 budget.users += 1
                 budgets.append(budget)
             transport.budgets = tuple(budgets)
+            usage = rec.usage = self._usage_of(uid)
+            usage.holders += 1
+            rec.caps.charge = lambda n, usage=usage: self._charge_caps(usage, n)
         self._audit_event(_audit.PROCESS_START, rec, None, package or name or "",
                           refused or ("launched" if child is not None else "connected"))
         self._sel.register(transport.sock, selectors.EVENT_READ, ("conn", rec))
         if pidfd is not None:
             self._sel.register(pidfd, selectors.EVENT_READ, ("pidfd", rec))
         return rec
+
+    def _not_admitted(self, sock: socket.socket, pid: int, uid: int, gid: int) -> str:
+        """Why a connection from (pid, uid, gid) may not use this kernel at all, or "" if it may:
+        the kernel's own user and root may, and whom its Access names (a uid, or a member of a
+        group: primary gid from SO_PEERCRED, supplementary groups from SO_PEERGROUPS, both taken
+        by the OS at connect(), so neither a later setgroups nor a reused pid can change them)."""
+        access = self.access
+        if uid in (self._uid, 0) or uid in access.uids:
+            return ""
+        if access.groups and (gid in access.groups
+                              or not access.groups.isdisjoint(_peer_groups(sock, pid, uid))):
+            return ""
+        return (f"uid {uid} is not one of the users this kernel serves (it runs as uid "
+                f"{self._uid}; its owner may admit others with --allow-uid / --allow-group, or "
+                "[access] in its policy)")
 
     def _over_connection_bound(self, pid: int, uid: int) -> str:
         """Why a new connection from (pid, uid) is refused, or "" if it is not."""
@@ -919,8 +980,45 @@ class Kernel:
             self._event(watcher, frames.Death(handle, rec.process_id))
         if self._restricted_pids.get(rec.pid) is rec:
             del self._restricted_pids[rec.pid]
+        rec.caps.uncharge()
+        if rec.usage is not None:
+            rec.usage.holders -= 1
+            self._drop_usage(rec.usage)
         if rec.child is not None:
             self._child_exited(rec.child, restart and not self._stopping)
+
+    # ---- per-uid quotas -----------------------------------------------------------------------
+
+    def _usage_of(self, uid: int) -> _UidUsage:
+        usage = self._usage.get(uid)
+        if usage is None:
+            usage = self._usage[uid] = _UidUsage(uid)
+        return usage
+
+    def _drop_usage(self, usage: _UidUsage) -> None:
+        if usage.idle() and self._usage.get(usage.uid) is usage:
+            del self._usage[usage.uid]
+
+    def _charge_caps(self, usage: _UidUsage, n: int) -> None:
+        if n > 0 and usage.caps + n > self.limits.caps_per_uid:
+            raise OutOfMemory(
+                f"uid {usage.uid} already holds {usage.caps} capabilities in all its processes "
+                f"(its caps_per_uid limit is {self.limits.caps_per_uid}): release some")
+        usage.caps += n
+        if n < 0:
+            self._drop_usage(usage)
+
+    def _free_region_bytes(self, usage: _UidUsage, size: int) -> None:
+        usage.region_bytes -= size
+        self._drop_usage(usage)
+
+    def uid_usage(self, uid: int) -> dict[str, int]:
+        """What the processes of one uid hold, as the per-uid quotas count it (all 0: nothing)."""
+        def row() -> dict[str, int]:
+            u = self._usage.get(uid) or _UidUsage(uid)
+            return {"connections": self._conns_by_uid.get(uid, 0), "caps": u.caps,
+                    "channels": u.channels, "region_bytes": u.region_bytes}
+        return self._call(row)
 
     def _child_exited(self, child: Child, restart: bool) -> None:
         if child._popen is None or child._popen.poll() is None:
@@ -940,7 +1038,7 @@ class Kernel:
 
     def _on_hello(self, rec: ProcessRecord, msg: frames.Hello, rid: int) -> frames.Message:
         if rec.refused:
-            raise OutOfMemory(f"the kernel refuses this connection: {rec.refused}")
+            raise rec.refused_as(f"the kernel refuses this connection: {rec.refused}")
         if msg.wait_mode not in WAIT_MODES:
             raise ValueError(f"wait mode {msg.wait_mode!r:.80} is not one of {', '.join(WAIT_MODES)}")
         rec.wait_mode = msg.wait_mode
@@ -1360,6 +1458,11 @@ class Kernel:
             raise OutOfMemory(
                 f"service {svc.name!r} allows {b.max_channels_per_uid} channels per uid (its "
                 f"max_channels_per_uid) and uid {rec.uid} holds them all: close some lanes")
+        usage = rec.usage
+        if usage is not None and usage.channels >= self.limits.channels_per_uid:
+            raise OutOfMemory(
+                f"uid {rec.uid} already holds {usage.channels} channels in all its processes (the "
+                f"kernel's channels_per_uid limit): close lanes it does not use")
         index = svc.alloc_index()
         try:
             shm = ChannelShm(NSLOTS, ARENA_SIZE, rec.process_id)
@@ -1376,6 +1479,8 @@ class Kernel:
         svc.channels[index] = ch
         svc.chans_by_client[client] = svc.chans_by_client.get(client, 0) + 1
         svc.chans_by_uid[rec.uid] = svc.chans_by_uid.get(rec.uid, 0) + 1
+        if usage is not None:
+            usage.channels += 1
         rec.lanes.add(ch)
         lanes.add(ch)
         for index_, k in _sender_keys(svc, rec):
@@ -1415,6 +1520,9 @@ class Kernel:
         svc.free_indices.append(ch.index)
         _count_down(svc.chans_by_client, _client_key(ch.client))
         _count_down(svc.chans_by_uid, ch.client.uid)
+        if ch.client.usage is not None:
+            ch.client.usage.channels -= 1
+            self._drop_usage(ch.client.usage)
         for index_, k in _sender_keys(svc, ch.client):
             chans = index_.get(k)
             if chans is not None:
@@ -1649,7 +1757,16 @@ class Kernel:
     # ---- regions ------------------------------------------------------------------------------
 
     def _on_create_region(self, rec: ProcessRecord, msg: frames.CreateRegion, rid: int) -> None:
+        usage, limit = rec.usage, self.limits.region_bytes_per_uid
+        if usage is not None and usage.region_bytes + msg.size > limit:
+            raise OutOfMemory(
+                f"uid {rec.uid} already has {usage.region_bytes} bytes of regions alive (its "
+                f"region_bytes_per_uid limit is {limit}); a region of {msg.size} bytes more does "
+                "not fit: release regions (every holder must let go) or ask for less")
         region = Region.create(msg.size)
+        if usage is not None:
+            usage.region_bytes += region.size
+            region.on_free = lambda: self._free_region_bytes(usage, region.size)
         cap = Capability("region", region, REGION_RIGHTS, owner=rec)
         region.refs = 1
         try:
@@ -1955,43 +2072,96 @@ def _cap_row(cap: Capability) -> dict[str, Any]:
     }
 
 
-def _bind(path: str) -> tuple[int, socket.socket]:
-    """Lock, then bind the socket: a live kernel on the path refuses; a stale file is replaced.
+def _bind(path: str, shared: bool) -> tuple[int, int, socket.socket]:
+    """Check the directory, lock, then bind the socket: a live kernel on the path refuses; a stale
+    file is replaced. Returns (the directory's O_PATH fd, the lock's fd, the listening socket).
 
-    The socket's directory is created (mode 0700) only when it does not exist; an existing one is
-    used as it is, never chmod-ed (CAPBUS_SOCKET=/tmp/k.sock must not touch /tmp). The socket
-    itself is born 0600, whatever the directory allows."""
+    The directory is created (mode 0700, or 0711 when shared) only when it does not exist; an
+    existing one is used as it is, never chmod-ed (CAPBUS_SOCKET=/srv/k.sock must not touch /srv),
+    once it passed _paths.open_dir's checks. Everything in it is reached through that fd, never
+    by name again (see _paths). The socket is born 0600, or 0666 when shared: a set of uids and
+    groups cannot be written as mode bits, so the socket lets anyone who can reach it connect and
+    the kernel admits or refuses each connection by its SO_PEERCRED (_not_admitted); 0711 lets others
+    through the directory to the socket without listing (or writing) it."""
     directory = os.path.dirname(path) or "."
+    name = os.path.basename(path)
+    if shared and _paths.is_default_dir(directory):
+        raise ValueError(f"a kernel open to other users needs a socket path of its own (--socket, "
+                         f"say /run/capbus/kernel.sock), not this user's private {directory}")
+    dirfd = _paths.open_dir(directory, frozenset({os.getuid(), 0}),
+                            create=0o711 if shared else 0o700, who="the kernel's user")
     try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        pass
-    except FileNotFoundError:
-        os.makedirs(directory, mode=0o700)  # parents the usual way, the socket's own dir 0700
-    st = os.stat(directory)
-    if directory == _paths.default_dir() and st.st_uid != os.getuid():
-        raise PermissionDenied(f"{directory} belongs to uid {st.st_uid}, not to this user: "
-                               "set CAPBUS_SOCKET to a path of your own")
-    lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if shared and not os.fstat(dirfd).st_mode & 0o011:
+            log.warning("%s lets only its owner through (mode %04o): the users this kernel allows "
+                        "cannot reach its socket", directory,
+                        stat.S_IMODE(os.fstat(dirfd).st_mode))
+        lock_fd = _paths.open_private(dirfd, name + ".lock", path + ".lock")
+        assert lock_fd is not None
+    except BaseException:
+        os.close(dirfd)
+        raise
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         os.close(lock_fd)
+        os.close(dirfd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
             raise IpcError(
                 f"another capbus kernel is already serving {path}: stop it, or give this one "
                 "another socket path"
             ) from None
         raise
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)  # stale: its kernel is gone, since we hold the lock
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    old_umask = os.umask(0o177)  # the socket is born 0600: no window where others may connect
     try:
-        sock.bind(path)
-    finally:
-        os.umask(old_umask)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dirfd)  # stale: its kernel is gone, since we hold the lock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        # Born with its final mode: no window where others may connect to a private kernel.
+        old_umask = os.umask(0o111 if shared else 0o177)
+        try:
+            sock.bind(_paths.via_fd(dirfd, name))
+        finally:
+            os.umask(old_umask)
+    except BaseException:
+        os.close(lock_fd)
+        os.close(dirfd)
+        raise
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # inherited by accepted sockets
     sock.listen(1024)
     sock.setblocking(False)
-    return lock_fd, sock
+    return dirfd, lock_fd, sock
+
+
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+
+
+def _peer_groups(sock: socket.socket, pid: int, uid: int) -> set[int]:
+    """The supplementary groups of the process that connected `sock`: SO_PEERGROUPS (taken at
+    connect()); where that fails (an old kernel, or more than 256 groups: Python reads at most
+    1 KiB), /proc/<pid>/status Groups:, trusted only if that pid still runs as `uid` and has not
+    exited by the time it was read (a pidfd opened first tells)."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 1024)
+        return set(array.array("I", raw[: len(raw) // 4 * 4]))
+    except OSError:
+        pass
+    if pid <= 0:
+        return set()
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return set()
+    try:
+        groups: set[int] = set()
+        owner = -1
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    owner = int(line.split()[2])  # effective uid, as SO_PEERCRED has it
+                elif line.startswith(b"Groups:"):
+                    groups = {int(g) for g in line.split()[1:]}
+        exited = bool(select.select([pidfd], [], [], 0)[0])
+        return groups if owner == uid and not exited else set()
+    except (OSError, ValueError):
+        return set()
+    finally:
+        os.close(pidfd)

@@ -8,6 +8,7 @@ daemon reads the same from TOML (see docs/POLICY.md for the file format).
 from __future__ import annotations
 
 import fnmatch
+import grp
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -33,6 +34,62 @@ RegisterFilter = Callable[[ProcessInfo, str], bool]
 
 
 @dataclass(frozen=True)
+class Access:
+    """Who besides the kernel's own user and root may connect: uids, and members of groups (by
+    gid or name; primary or supplementary). Empty (the default): nobody else, and the socket stays
+    0600 in a 0700 directory."""
+
+    uids: frozenset[int] = frozenset()
+    groups: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "uids", frozenset(_id(u, "uid", "access") for u in self.uids))
+        object.__setattr__(self, "groups",
+                           frozenset(_id(g, "gid", "access") for g in self.groups))
+
+    @classmethod
+    def coerce(cls, value: object, where: str = "access") -> Access:
+        if value is None:
+            return cls()
+        if isinstance(value, Access):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{where} takes an Access or a dict with 'uids' and 'groups'")
+        unknown = set(value) - {"uids", "groups"}
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: groups, uids")
+        return cls(frozenset(_id(u, "uid", where) for u in _listed(value.get("uids", []), where)),
+                   frozenset(group_id(g, where) for g in _listed(value.get("groups", []), where)))
+
+    def __bool__(self) -> bool:
+        return bool(self.uids or self.groups)
+
+
+def _listed(raw: object, where: str) -> list:
+    if isinstance(raw, str | bytes) or not isinstance(raw, list | tuple):
+        raise ValueError(f"{where}: uids and groups are lists, got {raw!r:.80}")
+    return list(raw)
+
+
+def _id(raw: object, what: str, where: str) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw < 2**32 - 1:
+        raise ValueError(f"{where}: {what} {raw!r:.80} is not a {what} (0..{2**32 - 2})")
+    return raw
+
+
+def group_id(raw: object, where: str = "access") -> int:
+    """A gid from a number, a numeric string or a group name (looked up once, here)."""
+    if isinstance(raw, str):
+        if raw.isdigit():
+            return _id(int(raw), "gid", where)
+        try:
+            return grp.getgrnam(raw).gr_gid
+        except KeyError:
+            raise ValueError(f"{where}: no group named {raw!r:.80}") from None
+    return _id(raw, "gid", where)
+
+
+@dataclass(frozen=True)
 class KernelLimits:
     """What the kernel holds for one process or uid at most (docs/ARCHITECTURE.md "Bounded
     state" says what happens at each bound).
@@ -46,10 +103,17 @@ class KernelLimits:
     trail keeps (past that, rows go from whoever holds the most, oldest first: a flooder only
     pushes out its own); parked_lookups: lookups with a timeout waiting for a name not yet
     registered, for all connections of one OS process together; parked_lookups_per_uid: the
-    same for all processes of one uid (past either, the lookup is refused with OutOfMemory)."""
+    same for all processes of one uid (past either, the lookup is refused with OutOfMemory);
+    caps_per_uid: capabilities in the tables of all processes of one uid; channels_per_uid:
+    channels the processes of one uid hold open as clients; region_bytes_per_uid: bytes of the
+    shared regions one uid created that are still alive (charged to the creator until the last
+    holder lets go)."""
 
     connections_per_pid: int = 256
     connections_per_uid: int = 4096
+    caps_per_uid: int = 65536
+    channels_per_uid: int = 16384
+    region_bytes_per_uid: int = 1 << 50  # nominal (sparse) sizes: 1024 regions of the largest
     outbox_fds: int = 4096
     outbox_fds_per_uid: int = 8192
     access_entries: int = 4096
@@ -100,7 +164,8 @@ class Policy:
     `who` look up (and so reach) the service `name`; uid_packages: uid -> package; limits: the
     kernel's per-process and per-uid bounds (a KernelLimits, or a dict of its fields);
     packages: package -> {"grants": {...}, "lookup": [...]} (or a PackageRules), applied to
-    every process whose verified package it is (launched with it, or mapped by uid).
+    every process whose verified package it is (launched with it, or mapped by uid); access:
+    which other users may connect at all (an Access, or a dict of uids and groups).
 
     Policy.from_mapping() takes the TOML form as a dict (rules included)."""
 
@@ -109,8 +174,10 @@ class Policy:
     lookup: RegisterFilter | None = None
     limits: KernelLimits = field(default_factory=KernelLimits)
     packages: Mapping[str, PackageRules] = field(default_factory=dict)
+    access: Access = field(default_factory=Access)
 
     def __post_init__(self) -> None:
+        self.access = Access.coerce(self.access, "Policy(access=...)")
         if isinstance(self.limits, Mapping):
             self.limits = KernelLimits.from_mapping(self.limits)
         elif not isinstance(self.limits, KernelLimits):
@@ -157,7 +224,7 @@ class Policy:
     def from_mapping(cls, doc: Mapping[str, object], path: str = "<dict>") -> Policy:
         """The TOML form (docs/POLICY.md) as a dict: ValueError on anything it does not know."""
         unknown = set(doc) - {"packages", "register", "default_register", "lookup",
-                              "default_lookup", "limits", "package"}
+                              "default_lookup", "limits", "package", "access"}
         if unknown:
             raise ValueError(f"policy file {path}: unknown keys {sorted(unknown)}")
         uid_packages = {int(uid): str(pkg) for uid, pkg in doc.get("packages", {}).items()}
@@ -174,8 +241,9 @@ class Policy:
             raise ValueError(f"policy file {path}: [package.\"P\"] tables, one per package")
         rules = {pkg: PackageRules.from_mapping(raw, f"policy file {path} [package.{pkg!r}]")
                  for pkg, raw in packages.items()}
+        access = Access.coerce(doc.get("access", {}), f"policy file {path} [access]")
         return cls(register=filters[0], uid_packages=uid_packages, lookup=filters[1],
-                   limits=limits, packages=rules)
+                   limits=limits, packages=rules, access=access)
 
     def may_register(self, who: ProcessInfo, name: str) -> None:
         if self.register is not None and not self.register(who, name):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .._errors import OutOfMemory, PermissionDenied
@@ -25,6 +26,7 @@ class Region:
     fd: int
     size: int
     refs: int = 0  # capabilities naming it
+    on_free: Callable[[], None] | None = None  # called once, when the last capability goes
 
     @classmethod
     def create(cls, size: int) -> Region:
@@ -85,5 +87,8 @@ class Region:
         if self.refs <= 0 and self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+            if self.on_free is not None:
+                self.on_free, on_free = None, self.on_free
+                on_free()
             return True
         return False

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from .. import _core, _paths
-from .._errors import IpcError, KernelUnavailable
+from .._errors import IpcError, KernelUnavailable, PermissionDenied
 from .._protocol import frames
 from .._protocol.names import check_grant_key, check_name
 from .control import Control
@@ -47,6 +47,7 @@ class Process:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._path = path
+        self._kernel_uid: int | None = None  # also trusted to run the kernel (see connect)
         self._reconnect = reconnect
         self._reconnect_callbacks: list[Callable[[Process], None]] = (
             [on_reconnect] if on_reconnect is not None else [])
@@ -382,7 +383,7 @@ class Process:
         delay = 0.05
         while not self._user_closed:
             try:
-                sock = _open_socket(self._path or "")
+                sock = _open_socket(self._path or "", self._kernel_uid)
                 control = Control(sock, self._on_event, self._on_response, self._on_lost)
                 try:
                     welcome = control.hello(self.wait_mode)
@@ -392,6 +393,8 @@ class Process:
                 break
             except (KernelUnavailable, OSError) as exc:
                 log.debug("capbus: reconnect to %s failed: %s", self._path, exc)
+            except PermissionDenied as exc:  # a squatter took the path: keep waiting for ours
+                log.warning("capbus: reconnect to %s refused: %s", self._path, exc)
             time.sleep(delay)
             delay = min(2.0, delay * 2)
         else:
@@ -558,13 +561,25 @@ def _inherited_socket() -> socket.socket | None:
     return socket.socket(fileno=fd)
 
 
-def _open_socket(path: str) -> socket.socket:
+def _open_socket(path: str, kernel_uid: int | None = None) -> socket.socket:
+    """Connect to the kernel at `path`, once its directory passed the checks (_paths.open_dir:
+    the connection goes through the directory's fd, so a squatter cannot swap it in between) and
+    the kernel on the other end runs as this user, root or kernel_uid (SO_PEERCRED): else
+    PermissionDenied, and nothing was sent to it."""
+    trusted = {os.getuid(), 0} | ({kernel_uid} if kernel_uid is not None else set())
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        dirfd = _paths.open_dir(directory, frozenset(trusted))
+    except FileNotFoundError:
+        raise KernelUnavailable(
+            f"no capbus kernel at {path} (its directory does not exist): start one with "
+            "`capbus kernel` or capbus.Kernel(), or set CAPBUS_SOCKET") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     from .control import _KERNEL_GRACE  # read at call time: tests shorten it
 
     sock.settimeout(_KERNEL_GRACE)  # a full backlog (a kernel not accepting) must not hang us
     try:
-        sock.connect(path)
+        sock.connect(_paths.via_fd(dirfd, os.path.basename(path)))
     except TimeoutError:
         sock.close()
         raise KernelUnavailable(f"the kernel at {path} does not accept connections") from None
@@ -574,9 +589,24 @@ def _open_socket(path: str) -> socket.socket:
             f"no capbus kernel at {path} ({exc.strerror}): start one with `capbus kernel` "
             "or capbus.Kernel(), or set CAPBUS_SOCKET"
         ) from None
+    except PermissionError:
+        sock.close()
+        raise PermissionDenied(
+            f"the kernel at {path} is not open to this user (uid {os.getuid()}): its owner may "
+            "admit it with `capbus kernel --allow-uid` / --allow-group") from None
     except OSError:
         sock.close()
         raise
+    finally:
+        os.close(dirfd)
+    uid = _paths.peer_uid(sock)
+    if uid not in trusted:
+        sock.close()
+        raise PermissionDenied(
+            f"the kernel at {path} runs as uid {uid}, not as this user (uid {os.getuid()}) or "
+            "root: it may be another user's trap, so nothing was sent to it; if you mean to use "
+            f"that user's kernel, say so with connect(kernel_uid={uid}) or "
+            f"{_paths.ENV_KERNEL_UID}={uid}")
     sock.settimeout(None)
     return sock
 
@@ -587,7 +617,8 @@ def _mark_dead(eps: list[Endpoint]) -> None:
 
 
 def connect(path: str | None = None, wait: str = "adaptive", *, reconnect: bool = False,
-            on_reconnect: Callable[[Process], None] | None = None) -> Process:
+            on_reconnect: Callable[[Process], None] | None = None,
+            kernel_uid: int | None = None) -> Process:
     """Connect this process to the kernel at `path`, or, with no path, to the first of: the
     socket inherited from kernel.spawn(), the kernel this process embeds (capbus.Kernel),
     $CAPBUS_SOCKET, the default per-user path.
@@ -600,14 +631,26 @@ def connect(path: str | None = None, wait: str = "adaptive", *, reconnect: bool 
     endpoints up again and call on_reconnect(process) (see also Process.on_reconnect). In
     between, requests fail with KernelUnavailable; channels already open keep working while both
     ends live. Not with an inherited socket (a launched process has no path to return to).
+
+    kernel_uid (default $CAPBUS_KERNEL_UID): a uid besides this user's and root's that may run
+    the kernel (and own its socket's directory), say a shared daemon's. A kernel of any other uid
+    is refused with PermissionDenied before anything is sent to it; so is a socket directory that
+    is a symlink, that others may write, or (the default one) that is not this user's own 0700
+    directory. An inherited socket is trusted as it is: the launcher made it.
     """
     if wait not in WAIT_MODES:
         raise ValueError(f"wait must be one of {WAIT_MODES}, not {wait!r}")
+    if kernel_uid is None:
+        kernel_uid = _paths.kernel_uid_from_env()
+    elif isinstance(kernel_uid, bool) or not isinstance(kernel_uid, int) or kernel_uid < 0:
+        raise ValueError(f"kernel_uid must be a uid (an integer >= 0), not {kernel_uid!r}")
     sock = _inherited_socket() if path is None and not reconnect else None
     if sock is None:
         path = path or _paths.embedded_socket() or _paths.default_socket()
-        sock = _open_socket(path)
-    return Process(sock, wait, path=path, reconnect=reconnect, on_reconnect=on_reconnect)
+        sock = _open_socket(path, kernel_uid)
+    proc = Process(sock, wait, path=path, reconnect=reconnect, on_reconnect=on_reconnect)
+    proc._kernel_uid = kernel_uid
+    return proc
 
 
 # How long a reconnect waits for each endpoint's service to come back (its server reconnects
