@@ -105,12 +105,13 @@ def counts(k: capbus.Kernel) -> tuple[dict, dict, int]:
 
 def test_parked_lookups_are_bounded_per_process_and_per_uid(sockdir):
     need_root()
+    hog_uid = fresh_uid()
     k = capbus.Kernel(os.path.join(sockdir, "k.sock"),
-                      capbus.Policy(limits={"parked_lookups": 8, "parked_lookups_per_uid": 20}))
+                      capbus.Policy(limits={"parked_lookups": 8, "parked_lookups_per_uid": 20},
+                                    access={"uids": [hog_uid]}))
     open_to_other_uids(k.socket_path)
     kids = Children(k.socket_path)
     owner = capbus.connect(k.socket_path)
-    hog_uid = fresh_uid()
     try:
         def hog() -> tuple[subprocess.Popen, int]:
             p = kids.start(become(hog_uid) + textwrap.dedent(_HOG), "4", stdin=subprocess.PIPE)
