@@ -73,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"capbus run: kernel at {kernel.socket_path}", flush=True)
         children = [
             kernel.spawn(s.argv, name=s.name, package=s.package, env=s.env, restart=s.restart,
-                         max_restarts=s.max_restarts, cwd=s.cwd)
+                         max_restarts=s.max_restarts, cwd=s.cwd, sandbox=s.sandbox)
             for s in specs
         ]
         codes: dict[int, int] = {}
@@ -92,7 +92,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(_table(rows, ("id", "pid", "uid", "package", "name", "services", "wait", "since")))
+        print(_table(rows, ("id", "pid", "uid", "package", "name", "services", "wait", "sandboxed",
+                             "since")))
     return 0
 
 

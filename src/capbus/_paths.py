@@ -12,6 +12,7 @@ import threading
 
 ENV_SOCKET = "CAPBUS_SOCKET"
 ENV_FD = "CAPBUS_FD"  # a pre-connected socket inherited from kernel.spawn()
+ENV_SANDBOXED = "CAPBUS_SANDBOXED"  # "1": kernel.spawn() launched us in a capbus.Sandbox
 
 
 def default_dir() -> str:

@@ -37,6 +37,7 @@ from .._errors import (
     PermissionDenied,
     ProcessNotFound,
     ProtocolError,
+    SandboxError,
     ServiceNotFound,
 )
 from .._fdlimit import raise_fd_limit
@@ -50,6 +51,7 @@ from .launcher import Child, LaunchSpec, launch
 from .policy import KernelLimits, Policy, ProcessInfo
 from .regions import MAX_REGION, REGION_RIGHTS, Region
 from .registry import Registry
+from .sandbox import Sandbox
 from .shm import ChannelShm, make_doorbell, make_eventfd, make_sleep_eventfd
 from .transport import FdBudget, Transport
 
@@ -242,6 +244,7 @@ class ProcessRecord:
     alive: bool = True
     refused: str = ""  # over a connection bound: its Hello gets this as an error
     counted: bool = False  # in the kernel's per-pid / per-uid connection counts
+    sandboxed: bool = False  # launched inside a capbus.Sandbox (Landlock + seccomp)
 
     def __repr__(self) -> str:  # never the whole record (tables, outbox) in a log line
         return f"<process {self.process_id} pid {self.pid} uid {self.uid}>"
@@ -369,11 +372,18 @@ class Kernel:
         restart: str = "never",
         max_restarts: int = 3,
         cwd: str | None = None,
+        sandbox: Sandbox | None = None,
     ) -> Child:
-        """Launch a process that holds a pre-connected socket and the given package identity."""
+        """Launch a process that holds a pre-connected socket and the given package identity.
+
+        sandbox: a capbus.Sandbox confining it (and every restart) from before its first
+        instruction; SandboxError, and nothing started, if this Linux cannot enforce it."""
         if package is not None:
             check_name(package, "package name")
-        spec = LaunchSpec(tuple(argv), name, package, dict(env or {}), restart, max_restarts, cwd)
+        spec = LaunchSpec(tuple(argv), name, package, dict(env or {}), restart, max_restarts, cwd,
+                          sandbox)
+        if sandbox is not None:
+            sandbox.check()  # here, in the caller's thread: the loop never waits on a bad one
         child = Child(spec)
         self._call(self._launch_child, child)
         return child
@@ -673,10 +683,14 @@ class Kernel:
     def _launch_child(self, child: Child) -> int:
         popen, sock = launch(child.spec, self.socket_path)
         pidfd = os.pidfd_open(popen.pid)
+        sandbox = child.spec.sandbox
+        # The identity it runs as: a sandbox's user= is what "uid:N" allowlists must see.
+        uid, gid = (sandbox and sandbox.identity()) or (os.getuid(), os.getgid())
         rec = self._add_record(
-            Transport(sock, self.limits.outbox_fds), popen.pid, os.getuid(), os.getgid(), pidfd,
+            Transport(sock, self.limits.outbox_fds), popen.pid, uid, gid, pidfd,
             child.spec.package, child.spec.name, child,
         )
+        rec.sandboxed = sandbox is not None
         self._children.add(child)
         child._started(popen, rec.process_id)
         log.info("launched %s as process %d (pid %d)", child.spec.argv, rec.process_id, popen.pid)
@@ -871,7 +885,7 @@ class Kernel:
             try:
                 self._launch_child(child)
                 return
-            except OSError as exc:
+            except (OSError, SandboxError) as exc:
                 log.warning("restart of %s failed: %s", child.spec.argv, exc)
                 child._abandon(-1)
         self._children.discard(child)
@@ -1482,6 +1496,8 @@ class Kernel:
     def _on_query(self, rec: ProcessRecord, msg: frames.Query, rid: int) -> frames.Message:
         if rec.uid not in (self._uid, 0):
             raise PermissionDenied("only the kernel's own user (or root) may list its tables")
+        if rec.sandboxed:
+            raise PermissionDenied("a sandboxed process may not list the kernel's tables")
         if msg.what not in ("processes", "services", "caps", "channels"):
             raise ValueError(f"unknown query {msg.what!r}: processes, services, caps or channels")
         rows = self._rows(msg.what, msg.process_id)
@@ -1511,7 +1527,7 @@ class Kernel:
                 {
                     "id": r.process_id, "pid": r.pid, "uid": r.uid, "package": r.package,
                     "name": r.name, "services": [s.name for s in r.services],
-                    "since": r.since, "wait": r.wait_mode,
+                    "since": r.since, "wait": r.wait_mode, "sandboxed": r.sandboxed,
                 }
                 for r in self._procs.values()
                 if r.proto.state is State.READY

@@ -2,6 +2,7 @@
 
 A launched process's package identity is the one the kernel launched it with: the socket it
 inherits is the proof, so it never has to claim anything. Restarts get a new ProcessId.
+A spec with a sandbox (capbus.Sandbox, sandbox.py) is confined here, between fork and exec.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .._errors import Timeout
-from .._paths import ENV_FD, ENV_SOCKET
+from .._errors import SandboxError, Timeout
+from .._paths import ENV_FD, ENV_SANDBOXED, ENV_SOCKET
+from .sandbox import Sandbox, prepare
 
 RESTART_POLICIES = ("never", "on-failure")
 
@@ -29,6 +31,7 @@ class LaunchSpec:
     restart: str = "never"
     max_restarts: int = 3
     cwd: str | None = None
+    sandbox: Sandbox | None = None
 
     def __post_init__(self) -> None:
         if not self.argv or not all(isinstance(a, str) for a in self.argv):
@@ -37,25 +40,49 @@ class LaunchSpec:
             raise ValueError(f"restart must be one of {RESTART_POLICIES}, not {self.restart!r}")
         if self.max_restarts < 0:
             raise ValueError("max_restarts must be >= 0")
+        if self.sandbox is not None and not isinstance(self.sandbox, Sandbox):
+            raise TypeError(f"sandbox must be a capbus.Sandbox or None, not {type(self.sandbox).__name__}")
 
 
 def launch(spec: LaunchSpec, socket_path: str) -> tuple[subprocess.Popen, socket.socket]:
-    """Start one incarnation; returns the child and the kernel's end of its socket."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # before the child can send
+    """Start one incarnation; returns the child and the kernel's end of its socket.
+
+    SandboxError if spec.sandbox cannot be enforced or the child cannot start inside it."""
     env = dict(os.environ)
     env.update(spec.env)
+    env.pop(ENV_SANDBOXED, None)
+    kwargs: dict = {}
+    prepared = None
+    if spec.sandbox is not None:
+        prepared = prepare(spec.sandbox, spec.argv, env, spec.cwd)  # before any fd of ours
+        kwargs = prepared.popen_kwargs
+        env[ENV_SANDBOXED] = "1"
+    try:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    except BaseException:
+        if prepared is not None:
+            prepared.close()
+        raise
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # before the child can send
     env[ENV_FD] = str(theirs.fileno())
     env[ENV_SOCKET] = socket_path
     try:
         popen = subprocess.Popen(
-            list(spec.argv), env=env, pass_fds=(theirs.fileno(),), cwd=spec.cwd
+            list(spec.argv), env=env, pass_fds=(theirs.fileno(),), cwd=spec.cwd, **kwargs
         )
-    except BaseException:
+    except BaseException as exc:
         ours.close()
+        if prepared is not None and isinstance(exc, OSError | subprocess.SubprocessError):
+            who = f" as uid {kwargs['user']}" if "user" in kwargs else ""
+            raise SandboxError(
+                f"{spec.argv[0]!r} could not start in its sandbox{who}: {exc} (is it, and what it "
+                "loads, readable there? add the paths it needs to the sandbox's read list)"
+            ) from None
         raise
     finally:
         theirs.close()
+        if prepared is not None:
+            prepared.close()  # the child holds its domain now; the ruleset fd is not needed
     return popen, ours
 
 

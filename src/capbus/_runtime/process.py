@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import _core, _paths
-from .._errors import IpcError, KernelUnavailable
+from .._errors import IpcError, KernelUnavailable, PermissionDenied
 from .._protocol import frames
 from .._protocol.names import check_name
 from .control import Control
@@ -447,6 +447,12 @@ def _inherited_socket() -> socket.socket | None:
     raw = os.environ.pop(_paths.ENV_FD, None)
     if raw is None:
         return None
+    if os.environ.get(_paths.ENV_SANDBOXED) == "1":
+        # The launcher set dumpable 0 before exec, which resets it: other processes of our uid
+        # must not read this sandboxed process's memory. (Skipping this harms only ourselves.)
+        from .. import _sandbox
+
+        _sandbox.set_dumpable(False)
     try:
         fd = int(raw)
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
@@ -459,7 +465,15 @@ def _inherited_socket() -> socket.socket | None:
 
 
 def _open_socket(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    except PermissionError:
+        # EPERM from socket() itself: a seccomp filter, like a capbus sandbox's, refuses it.
+        raise PermissionDenied(
+            f"cannot connect to {path}: new unix sockets are refused here (this process runs in "
+            "a sandbox); use the connection it was launched with (capbus.connect() with no path "
+            "and reconnect=False, once per process)"
+        ) from None
     from .control import _KERNEL_GRACE  # read at call time: tests shorten it
 
     sock.settimeout(_KERNEL_GRACE)  # a full backlog (a kernel not accepting) must not hang us

@@ -1,0 +1,375 @@
+/*
+ * capbus._sandbox -- the native half of sandboxed launch (Landlock, seccomp, prctl).
+ *
+ * Why native and not a binding: Landlock has no syscall wrappers in Python (ctypes would run a
+ * foreign-function call, allocation-heavy, in the forked child), and libseccomp's Python binding
+ * is no maintained wheel on PyPI (it builds against libseccomp headers). The seccomp filter here
+ * is a fixed denylist plus two argument checks: a few dozen lines of classic BPF.
+ *
+ * Python-visible API (internal; src/capbus/_kernel/sandbox.py is its only user):
+ *   landlock_abi() -> int     the running kernel's Landlock ABI version, 0 if Landlock is absent
+ *       or disabled
+ *   seccomp_supported() -> bool   seccomp filters work here and this build knows the arch
+ *   landlock_ruleset(read_paths, write_paths, exec_paths, network, scope) -> fd
+ *       Built in the PARENT: every path is opened O_PATH here, so the child does no path work.
+ *       Handles every filesystem right of the running ABI (nothing left unrestricted), and
+ *       with network=False both TCP rights (ABI >= 4, else OSError EOPNOTSUPP), with scope=True
+ *       abstract unix sockets and signals (ABI >= 6, else OSError EOPNOTSUPP).
+ *       read: READ_FILE | READ_DIR; exec: read + EXECUTE; write: read + write, create, remove,
+ *       rename (REFER), truncate; never device nodes, sockets or execute. A rule on a file (not a
+ *       directory) keeps only the rights a file can have. OSError (with the path) if one cannot
+ *       be opened. The fd is O_CLOEXEC; the caller closes it after the child is started.
+ *   enter(ruleset_fd, network, dumpable=False) -> None
+ *       In the CHILD (subprocess's preexec_fn, after its setgroups/setgid/setuid): no_new_privs,
+ *       dumpable 0, landlock_restrict_self, close(ruleset_fd), then the seccomp filter. Only
+ *       syscalls and no allocation unless one fails (then OSError, and Popen kills the child).
+ *       ruleset_fd < 0: no Landlock (callers refuse such a sandbox before they get here).
+ *   set_dumpable(flag) -> None    prctl(PR_SET_DUMPABLE): execve resets the 0 that enter() set
+ *       (to 1, for a program that is not set-id), so the runtime of a sandboxed child sets it
+ *       again as it connects.
+ *
+ * The seccomp filter (default allow): a foreign arch is killed (x86-64 / AArch64 checked; on
+ * x86-64 every x32 syscall is refused); the denylist below gets EPERM; socket() of AF_UNIX gets
+ * EPERM (socketpair stays: Python and asyncio use it), and with network=False socket() of every
+ * domain does; prlimit64 on a pid other than 0 (this process) gets EPERM.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* Landlock's UAPI, spelled out: the build host's headers may predate the running kernel. */
+#define LL_CREATE_RULESET_VERSION (1U << 0)
+#define LL_RULE_PATH_BENEATH 1
+#define LL_FS_EXECUTE (1ULL << 0)
+#define LL_FS_WRITE_FILE (1ULL << 1)
+#define LL_FS_READ_FILE (1ULL << 2)
+#define LL_FS_READ_DIR (1ULL << 3)
+#define LL_FS_REMOVE_DIR (1ULL << 4)
+#define LL_FS_REMOVE_FILE (1ULL << 5)
+#define LL_FS_MAKE_CHAR (1ULL << 6)
+#define LL_FS_MAKE_DIR (1ULL << 7)
+#define LL_FS_MAKE_REG (1ULL << 8)
+#define LL_FS_MAKE_SOCK (1ULL << 9)
+#define LL_FS_MAKE_FIFO (1ULL << 10)
+#define LL_FS_MAKE_BLOCK (1ULL << 11)
+#define LL_FS_MAKE_SYM (1ULL << 12)
+#define LL_FS_REFER (1ULL << 13)     /* ABI 2 */
+#define LL_FS_TRUNCATE (1ULL << 14)  /* ABI 3 */
+#define LL_FS_IOCTL_DEV (1ULL << 15) /* ABI 5 */
+#define LL_NET_BIND_TCP (1ULL << 0)    /* ABI 4 */
+#define LL_NET_CONNECT_TCP (1ULL << 1) /* ABI 4 */
+#define LL_SCOPE_ABSTRACT_UNIX (1ULL << 0) /* ABI 6 */
+#define LL_SCOPE_SIGNAL (1ULL << 1)        /* ABI 6 */
+/* ABI 7 added audit-logging flags, no access right: the highest ABI whose rights we know. */
+#define LL_KNOWN_ABI 7
+
+/* Rights a rule on a non-directory may carry (others make landlock_add_rule fail EINVAL). */
+#define LL_FS_FILE_RIGHTS (LL_FS_EXECUTE | LL_FS_WRITE_FILE | LL_FS_READ_FILE | LL_FS_TRUNCATE | \
+                           LL_FS_IOCTL_DEV)
+#define LL_READ (LL_FS_READ_FILE | LL_FS_READ_DIR)
+#define LL_WRITE (LL_READ | LL_FS_WRITE_FILE | LL_FS_REMOVE_DIR | LL_FS_REMOVE_FILE | \
+                  LL_FS_MAKE_DIR | LL_FS_MAKE_REG | LL_FS_MAKE_FIFO | LL_FS_MAKE_SYM | \
+                  LL_FS_REFER | LL_FS_TRUNCATE)
+
+struct ll_ruleset_attr {
+    uint64_t handled_access_fs;
+    uint64_t handled_access_net; /* ABI 4 */
+    uint64_t scoped;             /* ABI 6 */
+};
+
+struct ll_path_beneath_attr {
+    uint64_t allowed_access;
+    int32_t parent_fd;
+} __attribute__((packed));
+
+#ifndef __NR_landlock_create_ruleset
+#define __NR_landlock_create_ruleset 444
+#define __NR_landlock_add_rule 445
+#define __NR_landlock_restrict_self 446
+#endif
+
+static int ll_abi(void) {
+    long v = syscall(__NR_landlock_create_ruleset, NULL, 0, LL_CREATE_RULESET_VERSION);
+    return v < 0 ? 0 : (int)v;
+}
+
+static uint64_t ll_handled_fs(int abi) {
+    uint64_t fs = (LL_FS_MAKE_SYM << 1) - 1; /* ABI 1: bits 0..12 */
+    if (abi >= 2) fs |= LL_FS_REFER;
+    if (abi >= 3) fs |= LL_FS_TRUNCATE;
+    if (abi >= 5) fs |= LL_FS_IOCTL_DEV;
+    return fs;
+}
+
+static PyObject *py_landlock_abi(PyObject *self, PyObject *unused) {
+    return PyLong_FromLong(ll_abi());
+}
+
+/* Add one O_PATH rule per path of `seq` with `rights` (masked to what the ABI handles and, for
+ * a non-directory, to file rights). -1 with an exception set on failure. */
+static int add_rules(int ruleset, PyObject *seq, uint64_t rights, uint64_t handled) {
+    PyObject *fast = PySequence_Fast(seq, "paths must be a sequence of str");
+    if (fast == NULL) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
+        PyObject *bytes = NULL;
+        if (!PyUnicode_FSConverter(item, &bytes)) goto fail;
+        const char *path = PyBytes_AS_STRING(bytes);
+        int fd = open(path, O_PATH | O_CLOEXEC);
+        if (fd < 0) {
+            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, item);
+            Py_DECREF(bytes);
+            goto fail;
+        }
+        struct stat st;
+        uint64_t allowed = rights & handled;
+        if (fstat(fd, &st) == 0 && !S_ISDIR(st.st_mode)) allowed &= LL_FS_FILE_RIGHTS;
+        struct ll_path_beneath_attr attr = {.allowed_access = allowed, .parent_fd = fd};
+        long r = syscall(__NR_landlock_add_rule, ruleset, LL_RULE_PATH_BENEATH, &attr, 0);
+        int err = errno;
+        close(fd);
+        if (r < 0) {
+            errno = err;
+            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, item);
+            Py_DECREF(bytes);
+            goto fail;
+        }
+        Py_DECREF(bytes);
+    }
+    Py_DECREF(fast);
+    return 0;
+fail:
+    Py_DECREF(fast);
+    return -1;
+}
+
+static PyObject *py_landlock_ruleset(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"read_paths", "write_paths", "exec_paths", "network", "scope", NULL};
+    PyObject *rd, *wr, *ex;
+    int network, scope;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOpp", kwlist, &rd, &wr, &ex, &network, &scope))
+        return NULL;
+    int abi = ll_abi();
+    if (abi < 1) {
+        errno = EOPNOTSUPP;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    struct ll_ruleset_attr attr = {.handled_access_fs = ll_handled_fs(abi)};
+    size_t size = sizeof(uint64_t);
+    if (!network) {
+        if (abi < 4) {
+            errno = EOPNOTSUPP;
+            return PyErr_Format(PyExc_OSError, "Landlock ABI %d cannot restrict TCP (needs 4)", abi);
+        }
+        attr.handled_access_net = LL_NET_BIND_TCP | LL_NET_CONNECT_TCP;
+        size = 2 * sizeof(uint64_t);
+    }
+    if (scope) {
+        if (abi < 6) {
+            return PyErr_Format(PyExc_OSError, "Landlock ABI %d cannot scope signals and abstract "
+                                "unix sockets (needs 6)", abi);
+        }
+        attr.scoped = LL_SCOPE_ABSTRACT_UNIX | LL_SCOPE_SIGNAL;
+        size = sizeof attr;
+    }
+    int ruleset = (int)syscall(__NR_landlock_create_ruleset, &attr, size, 0);
+    if (ruleset < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    uint64_t h = attr.handled_access_fs;
+    if (add_rules(ruleset, rd, LL_READ, h) < 0 ||
+        add_rules(ruleset, ex, LL_READ | LL_FS_EXECUTE, h) < 0 ||
+        add_rules(ruleset, wr, LL_WRITE, h) < 0) {
+        close(ruleset);
+        return NULL;
+    }
+    return PyLong_FromLong(ruleset);
+}
+
+/* ---- seccomp ------------------------------------------------------------------------------ */
+
+#if defined(__x86_64__)
+#define SB_ARCH AUDIT_ARCH_X86_64
+#elif defined(__aarch64__)
+#define SB_ARCH AUDIT_ARCH_AARCH64
+#endif
+
+#ifdef SB_ARCH
+/* Refused with EPERM. The brief's core: other processes' memory and fds (ptrace,
+ * process_vm_*, pidfd_getfd, process_madvise), mounts (old and new API), kernel code and
+ * objects (bpf, perf, kexec, modules, keyrings), userfaultfd (a race amplifier). Added:
+ * io_uring (its IORING_OP_SOCKET/CONNECT would make sockets past the socket() check below),
+ * namespaces (unshare/setns: a user namespace hands out capabilities), and the admin calls a
+ * child running as root could otherwise make (reboot, swap, clocks, hostname, chroot,
+ * open_by_handle_at, acct, quotactl, syslog, fanotify). */
+static const int denied[] = {
+    __NR_ptrace, __NR_process_vm_readv, __NR_process_vm_writev,
+#ifdef __NR_pidfd_getfd
+    __NR_pidfd_getfd,
+#endif
+#ifdef __NR_process_madvise
+    __NR_process_madvise,
+#endif
+    __NR_mount, __NR_umount2, __NR_pivot_root,
+#ifdef __NR_fsopen
+    __NR_fsopen, __NR_fsconfig, __NR_fsmount, __NR_fspick, __NR_move_mount, __NR_open_tree,
+#endif
+#ifdef __NR_mount_setattr
+    __NR_mount_setattr,
+#endif
+    __NR_bpf, __NR_perf_event_open, __NR_kexec_load,
+#ifdef __NR_kexec_file_load
+    __NR_kexec_file_load,
+#endif
+    __NR_init_module, __NR_finit_module, __NR_delete_module,
+    __NR_keyctl, __NR_add_key, __NR_request_key, __NR_userfaultfd,
+#ifdef __NR_io_uring_setup
+    __NR_io_uring_setup, __NR_io_uring_enter, __NR_io_uring_register,
+#endif
+    __NR_unshare, __NR_setns,
+    __NR_reboot, __NR_swapon, __NR_swapoff, __NR_settimeofday, __NR_clock_settime,
+    __NR_clock_adjtime, __NR_adjtimex, __NR_sethostname, __NR_setdomainname, __NR_chroot,
+    __NR_open_by_handle_at, __NR_acct, __NR_quotactl, __NR_syslog, __NR_fanotify_init,
+#if defined(__x86_64__)
+    __NR_iopl, __NR_ioperm,
+#endif
+};
+#define NDENIED (sizeof denied / sizeof denied[0])
+#define RET_EPERM (SECCOMP_RET_ERRNO | (EPERM & SECCOMP_RET_DATA))
+#define ARG0_LO offsetof(struct seccomp_data, args[0]) /* little-endian: the low 32 bits */
+#endif
+
+static int seccomp_ok(void) {
+#ifdef SB_ARCH
+    return prctl(PR_GET_SECCOMP, 0, 0, 0, 0) >= 0;
+#else
+    return 0;
+#endif
+}
+
+static PyObject *py_seccomp_supported(PyObject *self, PyObject *unused) {
+    return PyBool_FromLong(seccomp_ok());
+}
+
+#ifdef SB_ARCH
+/* Build the filter into `f` (room for NDENIED + 24 instructions); its length. The layout:
+ *   arch check, load nr, [x32 check], socket?, prlimit64?, denylist..., ALLOW, DENY,
+ *   socket: arg0 == AF_UNIX -> EPERM; else network ? ALLOW : EPERM
+ *   prlimit: arg0 == 0 -> ALLOW; else EPERM
+ * Jumps are relative (u8) and forward only: every target is computed from the fixed layout. */
+static int build_filter(struct sock_filter *f, int network) {
+    int n = 0;
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
+    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SB_ARCH, 1, 0);
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS);
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+    /* Where ALLOW, DENY, the socket and prlimit blocks land. */
+    int checks = 2 + (int)NDENIED;
+#if defined(__x86_64__)
+    checks += 1;
+#endif
+    int allow = n + checks, deny = allow + 1, sock = deny + 1, plim = sock + 4;
+#define JUMP_TO(target) ((uint8_t)((target) - (n + 1)))
+#if defined(__x86_64__)
+    f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, 0x40000000U /* __X32_SYSCALL_BIT */,
+                                        0, 0);
+    f[n].jt = JUMP_TO(deny); n++;
+#endif
+    f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_socket, 0, 0);
+    f[n].jt = JUMP_TO(sock); n++;
+    f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_prlimit64, 0, 0);
+    f[n].jt = JUMP_TO(plim); n++;
+    for (size_t i = 0; i < NDENIED; i++) {
+        f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)denied[i], 0, 0);
+        f[n].jt = JUMP_TO(deny); n++;
+    }
+    /* n == allow */
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, RET_EPERM);
+    /* n == sock (classic BPF jumps only forward: each block ends in returns of its own) */
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, ARG0_LO);
+    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AF_UNIX, 1, 0);
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, network ? SECCOMP_RET_ALLOW : RET_EPERM);
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, RET_EPERM);
+    /* n == plim */
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, ARG0_LO);
+    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, 0, 1);
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, RET_EPERM);
+#undef JUMP_TO
+    return n;
+}
+#endif
+
+static PyObject *py_enter(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"ruleset_fd", "network", "dumpable", NULL};
+    int ruleset, network, dumpable = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ip|p", kwlist, &ruleset, &network, &dumpable))
+        return NULL;
+#ifndef SB_ARCH
+    errno = ENOSYS;
+    return PyErr_SetFromErrno(PyExc_OSError);
+#else
+    struct sock_filter f[NDENIED + 24];
+    int len = build_filter(f, network);
+    struct sock_fprog prog = {.len = (unsigned short)len, .filter = f};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    if (prctl(PR_SET_DUMPABLE, dumpable ? 1 : 0, 0, 0, 0) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if (ruleset >= 0) {
+        if (syscall(__NR_landlock_restrict_self, ruleset, 0) < 0)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        close(ruleset);
+    }
+    if (syscall(__NR_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+#endif
+}
+
+static PyObject *py_set_dumpable(PyObject *self, PyObject *arg) {
+    int flag = PyObject_IsTrue(arg);
+    if (flag < 0) return NULL;
+    if (prctl(PR_SET_DUMPABLE, flag, 0, 0, 0) < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef sandbox_methods[] = {
+    {"set_dumpable", py_set_dumpable, METH_O, "prctl(PR_SET_DUMPABLE, flag)."},
+    {"landlock_abi", py_landlock_abi, METH_NOARGS, "The running kernel's Landlock ABI (0: none)."},
+    {"seccomp_supported", py_seccomp_supported, METH_NOARGS,
+     "True if seccomp filters work here and this build knows the CPU arch."},
+    {"landlock_ruleset", (PyCFunction)(void (*)(void))py_landlock_ruleset,
+     METH_VARARGS | METH_KEYWORDS,
+     "landlock_ruleset(read_paths, write_paths, exec_paths, network, scope) -> fd"},
+    {"enter", (PyCFunction)(void (*)(void))py_enter, METH_VARARGS | METH_KEYWORDS,
+     "enter(ruleset_fd, network, dumpable=False): confine this (forked) process for good."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef sandbox_module = {
+    PyModuleDef_HEAD_INIT, "capbus._sandbox",
+    "Landlock rulesets and the seccomp filter of sandboxed launch (see _kernel/sandbox.py).",
+    -1, sandbox_methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__sandbox(void) {
+    PyObject *m = PyModule_Create(&sandbox_module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddIntConstant(m, "KNOWN_ABI", LL_KNOWN_ABI) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
