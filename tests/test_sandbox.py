@@ -52,10 +52,12 @@ def done():
 SYSCALLS = {
     "x86_64": {"pidfd_getfd": 438, "process_vm_readv": 310, "bpf": 321, "keyctl": 250,
                "userfaultfd": 323, "io_uring_setup": 425, "unshare": 272, "ptrace": 101,
-               "prlimit64": 302, "mount": 165, "fsopen": 430, "getpid": 39},
+               "prlimit64": 302, "mount": 165, "fsopen": 430, "getpid": 39, "clone": 56,
+               "clone3": 435},
     "aarch64": {"pidfd_getfd": 438, "process_vm_readv": 270, "bpf": 280, "keyctl": 219,
                 "userfaultfd": 282, "io_uring_setup": 425, "unshare": 97, "ptrace": 117,
-                "prlimit64": 261, "mount": 40, "fsopen": 430, "getpid": 172},
+                "prlimit64": 261, "mount": 40, "fsopen": 430, "getpid": 172, "clone": 220,
+                "clone3": 435},
 }
 
 
@@ -258,6 +260,7 @@ def test_refused_syscalls(kernel, box, spawned):
     nrs = SYSCALLS.get(platform.machine())
     if nrs is None:
         pytest.skip(f"no syscall table here for {platform.machine()}")
+    prio, policy = os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0)
     r = run(kernel, box, spawned, f"""
         import ctypes, resource
         libc = ctypes.CDLL(None, use_errno=True)
@@ -284,16 +287,59 @@ def test_refused_syscalls(kernel, box, spawned):
         attempt("prlimit_other", call("prlimit64", {os.getpid()}, 7, 0, 0))
         attempt("prlimit_self", lambda: resource.getrlimit(resource.RLIMIT_NOFILE))
         attempt("getpid", call("getpid"))
+        def clone_userns():  # CLONE_NEWUSER | SIGCHLD: a namespace would hand out capabilities
+            if call("clone", 0x10000000 | 17, 0, 0, 0, 0)() == 0:
+                os._exit(0)  # only if the filter failed: the test sees "ok" from the parent
+        attempt("clone_userns", clone_userns)
+        attempt("clone3", call("clone3", 0, 0))
+        import threading
+        t = threading.Thread(target=lambda: None)
+        attempt("thread", lambda: (t.start(), t.join()))  # libc falls back from clone3 to clone
+        kernel_pid = {os.getpid()}
+        attempt("affinity_other", lambda: os.sched_setaffinity(kernel_pid, {{0}}))
+        attempt("affinity_self", lambda: os.sched_setaffinity(0, os.sched_getaffinity(0)))
+        attempt("idle_other", lambda: os.sched_setscheduler(kernel_pid, os.SCHED_IDLE,
+                                                            os.sched_param(0)))
+        attempt("renice_other", lambda: os.setpriority(os.PRIO_PROCESS, kernel_pid, 19))
+        attempt("renice_user", lambda: os.setpriority(os.PRIO_USER, os.getuid(), 19))
+        attempt("nice_self", lambda: os.nice(1))
+        import fcntl, termios
+        attempt("tiocsti", lambda: fcntl.ioctl(2, termios.TIOCSTI, b"x"))
         if {platform.machine()!r} == "x86_64":   # an x32 syscall number: refused as a whole
             attempt("x32_getpid", call("getpid_x32"))
     """)
     for name in ("pidfd_getfd", "process_vm_readv", "bpf", "keyctl", "userfaultfd",
                  "io_uring_setup", "unshare", "ptrace_traceme", "mount", "fsopen",
-                 "prlimit_other"):
+                 "prlimit_other", "clone_userns", "affinity_other", "idle_other", "renice_other",
+                 "renice_user", "tiocsti"):
         assert r[name] == ["err", 1], (name, r[name])  # EPERM, from the filter
-    assert r["prlimit_self"][0] == "ok" and r["getpid"][0] == "ok", r
+    assert r["clone3"] == ["err", 38], r  # ENOSYS
+    for name in ("prlimit_self", "getpid", "thread", "affinity_self", "nice_self"):
+        assert r[name][0] == "ok", (name, r[name])
+    assert os.getpriority(os.PRIO_PROCESS, 0) == prio and os.sched_getscheduler(0) == policy
     if platform.machine() == "x86_64":
         assert r["x32_getpid"] == ["err", 1], r
+
+
+def test_a_foreign_arch_syscall_kills(kernel, box, spawned):
+    if platform.machine() != "x86_64":
+        pytest.skip("the i386 entry (int 0x80) is an x86-64 test")
+    script = os.path.join(box["scripts"], "i386.py")
+    with open(script, "w") as f:  # getpid through the i386 entry: mov eax, 20; int 0x80; ret
+        f.write(textwrap.dedent("""
+            import ctypes, mmap
+            buf = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+            buf.write(bytes([0xB8, 20, 0, 0, 0, 0xCD, 0x80, 0xC3]))
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+            ctypes.CFUNCTYPE(ctypes.c_int)(addr)()
+            print("survived")
+        """))
+    child = kernel.spawn([sys.executable, script], sandbox=capbus.Sandbox())
+    spawned.append(child)
+    code = child.wait(30)
+    if code == -signal.SIGSEGV:
+        pytest.skip("this kernel has no i386 emulation (int 0x80 faults)")
+    assert code == -signal.SIGSYS, code  # SECCOMP_RET_KILL_PROCESS
 
 
 ECHO_SERVICE = "test.sandbox.echo"

@@ -28,10 +28,12 @@
  *       (to 1, for a program that is not set-id), so the runtime of a sandboxed child sets it
  *       again as it connects.
  *
- * The seccomp filter (default allow): a foreign arch is killed (x86-64 / AArch64 checked; on
- * x86-64 every x32 syscall is refused); the denylist below gets EPERM; socket() of AF_UNIX gets
- * EPERM (socketpair stays: Python and asyncio use it), and with network=False socket() of every
- * domain does; prlimit64 on a pid other than 0 (this process) gets EPERM.
+ * The seccomp filter (default allow; build_filter says it in full): a foreign arch is killed
+ * (x86-64 / AArch64 checked; on x86-64 every x32 syscall is refused); the denylist below gets
+ * EPERM; socket() of AF_UNIX gets EPERM (socketpair stays: Python and asyncio use it), and with
+ * network=False socket() of every family does; calls that act on another process by pid
+ * (prlimit64, sched_set*, setpriority, ioprio_set, migrate/move_pages) only on 0 (itself);
+ * clone with namespace flags and clone3 (flags unreadable) refused; TIOCSTI/TIOCLINUX refused.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -246,8 +248,6 @@ static const int denied[] = {
 #endif
 };
 #define NDENIED (sizeof denied / sizeof denied[0])
-#define RET_EPERM (SECCOMP_RET_ERRNO | (EPERM & SECCOMP_RET_DATA))
-#define ARG0_LO offsetof(struct seccomp_data, args[0]) /* little-endian: the low 32 bits */
 #endif
 
 static int seccomp_ok(void) {
@@ -263,52 +263,133 @@ static PyObject *py_seccomp_supported(PyObject *self, PyObject *unused) {
 }
 
 #ifdef SB_ARCH
-/* Build the filter into `f` (room for NDENIED + 24 instructions); its length. The layout:
- *   arch check, load nr, [x32 check], socket?, prlimit64?, denylist..., ALLOW, DENY,
- *   socket: arg0 == AF_UNIX -> EPERM; else network ? ALLOW : EPERM
- *   prlimit: arg0 == 0 -> ALLOW; else EPERM
- * Jumps are relative (u8) and forward only: every target is computed from the fixed layout. */
-static int build_filter(struct sock_filter *f, int network) {
-    int n = 0;
-    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
-    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SB_ARCH, 1, 0);
-    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS);
-    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
-    /* Where ALLOW, DENY, the socket and prlimit blocks land. */
-    int checks = 2 + (int)NDENIED;
-#if defined(__x86_64__)
-    checks += 1;
-#endif
-    int allow = n + checks, deny = allow + 1, sock = deny + 1, plim = sock + 4;
-#define JUMP_TO(target) ((uint8_t)((target) - (n + 1)))
-#if defined(__x86_64__)
-    f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, 0x40000000U /* __X32_SYSCALL_BIT */,
-                                        0, 0);
-    f[n].jt = JUMP_TO(deny); n++;
-#endif
-    f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_socket, 0, 0);
-    f[n].jt = JUMP_TO(sock); n++;
-    f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_prlimit64, 0, 0);
-    f[n].jt = JUMP_TO(plim); n++;
-    for (size_t i = 0; i < NDENIED; i++) {
-        f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)denied[i], 0, 0);
-        f[n].jt = JUMP_TO(deny); n++;
+/* A tiny assembler for forward jumps to labels (classic BPF jumps only forward, by u8). */
+enum { L_NONE = -1, L_ALLOW, L_DENY, L_ENOSYS, L_SOCK, L_PID0, L_PRIO, L_IOPRIO, L_IOCTL,
+       L_CLONE, L_COUNT };
+#define MAX_INSNS (NDENIED + 64)
+struct prog {
+    struct sock_filter f[MAX_INSNS];
+    signed char jt[MAX_INSNS], jf[MAX_INSNS]; /* label ids, or L_NONE for a literal 0 */
+    int at[L_COUNT];
+    int n;
+};
+
+static void stmt(struct prog *p, uint16_t code, uint32_t k) {
+    p->f[p->n] = (struct sock_filter)BPF_STMT(code, k);
+    p->jt[p->n] = p->jf[p->n] = L_NONE;
+    p->n++;
+}
+
+/* if (A == k) goto jt else goto jf (L_NONE: the next instruction) */
+static void jeq(struct prog *p, uint32_t k, int jt, int jf) {
+    p->f[p->n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, k, 0, 0);
+    p->jt[p->n] = (signed char)jt;
+    p->jf[p->n] = (signed char)jf;
+    p->n++;
+}
+
+static void jump(struct prog *p, uint16_t op, uint32_t k, int jt, int jf) {
+    jeq(p, k, jt, jf);
+    p->f[p->n - 1].code = BPF_JMP | op | BPF_K;
+}
+
+static void label(struct prog *p, int l) { p->at[l] = p->n; }
+
+static void ld_arg(struct prog *p, int i) { /* little-endian: the low 32 bits of args[i] */
+    stmt(p, BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[0]) + 8 * i);
+}
+
+/* Resolve the labels; -1 if a jump would go backwards or too far. */
+static int resolve(struct prog *p) {
+    for (int i = 0; i < p->n; i++) {
+        int labels[2] = {p->jt[i], p->jf[i]};
+        for (int w = 0; w < 2; w++) {
+            if (labels[w] == L_NONE) continue;
+            int off = p->at[labels[w]] - (i + 1);
+            if (off < 0 || off > 255) return -1;
+            if (w == 0) p->f[i].jt = (uint8_t)off;
+            else p->f[i].jf = (uint8_t)off;
+        }
     }
-    /* n == allow */
-    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
-    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, RET_EPERM);
-    /* n == sock (classic BPF jumps only forward: each block ends in returns of its own) */
-    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, ARG0_LO);
-    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AF_UNIX, 1, 0);
-    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, network ? SECCOMP_RET_ALLOW : RET_EPERM);
-    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, RET_EPERM);
-    /* n == plim */
-    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, ARG0_LO);
-    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, 0, 1);
-    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
-    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, RET_EPERM);
-#undef JUMP_TO
-    return n;
+    return p->n;
+}
+
+#define RET_ERR(e) (SECCOMP_RET_ERRNO | ((e) & SECCOMP_RET_DATA))
+#define CLONE_NS_FLAGS 0x7E020000U /* NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET */
+#define SB_TIOCSTI 0x5412U   /* push input into a terminal: the kernel's own tty if inherited */
+#define SB_TIOCLINUX 0x541CU /* the same on a virtual console (selection paste) */
+
+/* The filter, all returns at the end (jumps only go forward):
+ *   arch != ours -> KILL_PROCESS; x32 -> EPERM; the denylist -> EPERM; clone3 -> ENOSYS (its
+ *   flags sit in memory a filter cannot read: libc falls back to clone); clone with a
+ *   namespace flag -> EPERM; socket(AF_UNIX) -> EPERM, any other family -> network ? allow :
+ *   EPERM; prlimit64, sched_set{affinity,scheduler,param,attr}, migrate_pages, move_pages on a
+ *   pid other than 0 (this thread) -> EPERM (a same-uid child could lower the kernel's limits
+ *   or starve it with SCHED_IDLE); setpriority / ioprio_set other than (PROCESS, 0) -> EPERM;
+ *   ioctl TIOCSTI / TIOCLINUX -> EPERM. */
+static int build_filter(struct prog *p, int network) {
+    p->n = 0;
+    stmt(p, BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
+    jeq(p, SB_ARCH, L_NONE, L_NONE);
+    p->f[p->n - 1].jt = 1; /* skip the kill */
+    stmt(p, BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS);
+    stmt(p, BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+#if defined(__x86_64__)
+    jump(p, BPF_JGE, 0x40000000U /* __X32_SYSCALL_BIT */, L_DENY, L_NONE);
+#endif
+    jeq(p, __NR_socket, L_SOCK, L_NONE);
+    jeq(p, __NR_prlimit64, L_PID0, L_NONE);
+    jeq(p, __NR_sched_setaffinity, L_PID0, L_NONE);
+    jeq(p, __NR_sched_setscheduler, L_PID0, L_NONE);
+    jeq(p, __NR_sched_setparam, L_PID0, L_NONE);
+#ifdef __NR_sched_setattr
+    jeq(p, __NR_sched_setattr, L_PID0, L_NONE);
+#endif
+    jeq(p, __NR_migrate_pages, L_PID0, L_NONE);
+    jeq(p, __NR_move_pages, L_PID0, L_NONE);
+    jeq(p, __NR_setpriority, L_PRIO, L_NONE);
+    jeq(p, __NR_ioprio_set, L_IOPRIO, L_NONE);
+    jeq(p, __NR_ioctl, L_IOCTL, L_NONE);
+    jeq(p, __NR_clone, L_CLONE, L_NONE);
+#ifdef __NR_clone3
+    jeq(p, __NR_clone3, L_ENOSYS, L_NONE);
+#endif
+    for (size_t i = 0; i < NDENIED; i++) jeq(p, (uint32_t)denied[i], L_DENY, L_NONE);
+    jump(p, BPF_JA, 0, L_NONE, L_NONE);
+    int ja = p->n - 1; /* to ALLOW: patched below (BPF_JA's offset is k) */
+
+    label(p, L_SOCK);
+    ld_arg(p, 0);
+    jeq(p, AF_UNIX, L_DENY, network ? L_ALLOW : L_DENY);
+    label(p, L_PID0);
+    ld_arg(p, 0);
+    jeq(p, 0, L_ALLOW, L_DENY);
+    label(p, L_PRIO);
+    ld_arg(p, 0);
+    jeq(p, 0 /* PRIO_PROCESS */, L_NONE, L_DENY);
+    ld_arg(p, 1);
+    jeq(p, 0, L_ALLOW, L_DENY);
+    label(p, L_IOPRIO);
+    ld_arg(p, 0);
+    jeq(p, 1 /* IOPRIO_WHO_PROCESS */, L_NONE, L_DENY);
+    ld_arg(p, 1);
+    jeq(p, 0, L_ALLOW, L_DENY);
+    label(p, L_IOCTL);
+    ld_arg(p, 1);
+    jeq(p, SB_TIOCSTI, L_DENY, L_NONE);
+    jeq(p, SB_TIOCLINUX, L_DENY, L_ALLOW);
+    label(p, L_CLONE);
+    ld_arg(p, 0);
+    jump(p, BPF_JSET, CLONE_NS_FLAGS, L_DENY, L_ALLOW);
+
+    label(p, L_ALLOW);
+    stmt(p, BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    label(p, L_DENY);
+    stmt(p, BPF_RET | BPF_K, RET_ERR(EPERM));
+    label(p, L_ENOSYS);
+    stmt(p, BPF_RET | BPF_K, RET_ERR(ENOSYS));
+    p->f[ja].k = (uint32_t)(p->at[L_ALLOW] - (ja + 1));
+    return resolve(p);
 }
 #endif
 
@@ -321,9 +402,13 @@ static PyObject *py_enter(PyObject *self, PyObject *args, PyObject *kw) {
     errno = ENOSYS;
     return PyErr_SetFromErrno(PyExc_OSError);
 #else
-    struct sock_filter f[NDENIED + 24];
-    int len = build_filter(f, network);
-    struct sock_fprog prog = {.len = (unsigned short)len, .filter = f};
+    struct prog p; /* on the stack: nothing allocated in the forked child */
+    int len = build_filter(&p, network);
+    if (len < 0) {
+        errno = E2BIG;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    struct sock_fprog prog = {.len = (unsigned short)len, .filter = p.f};
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) return PyErr_SetFromErrno(PyExc_OSError);
     if (prctl(PR_SET_DUMPABLE, dumpable ? 1 : 0, 0, 0, 0) < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
