@@ -480,6 +480,18 @@ def test_an_unenforceable_sandbox_never_starts(kernel, box, spawned):
         out = _probe_as(61999, 61999, lambda: capbus.Sandbox(user=62000).check())
         assert out.startswith("SandboxError") and "root" in out, out
 
+    # Write access to code that unsandboxed processes run (the venv, capbus, /usr/lib, or a
+    # directory above them): refused.
+    for above in (sys.prefix, os.path.dirname(capbus.__file__), "/usr/lib", "/"):
+        with pytest.raises(capbus.SandboxError, match="overlaps"):
+            capbus.Sandbox(write=[above]).check()
+    # A script in its own write path: it could make its restart's grants (its directory) "/".
+    inside = os.path.join(box["out"], "plugin.py")
+    with open(inside, "w") as f:
+        f.write("pass\n")
+    with pytest.raises(capbus.SandboxError, match="lies in the sandbox's write path"):
+        kernel.spawn([sys.executable, inside], sandbox=capbus.Sandbox(write=[box["out"]]))
+
     # A path that vanished after the Sandbox was made: spawn refuses, nothing starts.
     gone = os.path.join(box["root"], "gone")
     os.mkdir(gone)

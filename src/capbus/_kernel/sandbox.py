@@ -131,7 +131,13 @@ class Sandbox:
                                f"(it runs as uid {os.geteuid()})")
         self.identity()
         _check_paths("read", self.read)
-        _check_paths("write", self.write)
+        for w in _check_paths("write", self.write):
+            for p in _protected():
+                if _within(p, w) or _within(w, p):
+                    raise SandboxError(
+                        f"Sandbox write path {w!r:.200} overlaps {p!r:.200}, code that processes "
+                        "outside the sandbox run (the interpreter, its libraries, capbus): a "
+                        "sandboxed child could change it. Give it a directory of its own")
 
     def identity(self) -> tuple[int, int] | None:
         """(uid, gid) the child runs as, or None to keep the kernel's."""
@@ -177,7 +183,16 @@ def prepare(sandbox: Sandbox, argv: Sequence[str], env: Mapping[str, str],
             cwd: str | None) -> Prepared:
     """Check `sandbox` and build its ruleset in this (the parent) process."""
     sandbox.check()
-    read, execs, write = _system_paths(argv, env, cwd)
+    read, execs, write, own = _system_paths(argv, env, cwd)
+    # What the child can change must not decide what its next launch (a restart) is given: a
+    # script directory it replaced by a symlink to / would be granted as /.
+    for given in own:
+        for w in sandbox.write:
+            if _within(given, os.path.realpath(w)) or _within(given, w):
+                raise SandboxError(
+                    f"the program or script {given!r:.200} lies in the sandbox's write path "
+                    f"{w!r:.200}: the child could change what its next launch is given; keep "
+                    "code outside what it may write")
     try:
         fd = _sandbox.landlock_ruleset(read + list(sandbox.read), write + list(sandbox.write),
                                        execs, sandbox.network, True)
@@ -208,10 +223,12 @@ def _check_paths(key: str, paths: Sequence[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _system_paths(argv: Sequence[str], env: Mapping[str, str],
-                  cwd: str | None) -> tuple[list[str], list[str], list[str]]:
-    """(read, execute, write) paths every sandboxed child gets: the least a Python child
-    (this interpreter) needs to start and run the capbus runtime. Missing ones are left out."""
+def _system_paths(argv: Sequence[str], env: Mapping[str, str], cwd: str | None
+                  ) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(read, execute, write, own) paths every sandboxed child gets: the least a Python child
+    (this interpreter) needs to start and run the capbus runtime; own: of those, the ones its
+    argv chose (the program, the script's directory), as given and resolved. Missing ones are
+    left out."""
     read: list[str] = []
     execs: list[str] = []
     prog = argv[0]
@@ -220,6 +237,7 @@ def _system_paths(argv: Sequence[str], env: Mapping[str, str],
     elif not os.path.isabs(prog) and cwd:
         prog = os.path.join(cwd, prog)
     execs.append(prog)  # a script: its shebang interpreter is ours (below) or must be in read
+    own = [prog]
     execs.append(sys.executable)
     for pattern in _LOADERS:
         execs.extend(glob.glob(pattern))
@@ -237,7 +255,9 @@ def _system_paths(argv: Sequence[str], env: Mapping[str, str],
         script = os.path.join(cwd or os.getcwd(), script)
         if os.path.isfile(script):
             read.append(os.path.dirname(script))
-    return _existing(read), _existing(execs), ["/dev/null"]
+            own.append(os.path.dirname(script))
+    own += [os.path.realpath(p) for p in own]
+    return _existing(read), _existing(execs), ["/dev/null"], own
 
 
 def _script_of(argv: Sequence[str]) -> str | None:
@@ -251,6 +271,17 @@ def _script_of(argv: Sequence[str]) -> str | None:
         elif not a.startswith("-"):
             return a
     return None
+
+
+def _protected() -> list[str]:
+    """What unsandboxed processes run: never inside (nor above) a write path."""
+    return _existing([sys.prefix, sys.base_prefix, sys.exec_prefix,
+                      os.path.dirname(os.path.abspath(_sandbox.__file__)),
+                      *_LIB_DIRS, "/bin", "/sbin", "/usr/bin", "/usr/sbin", "/etc"])
+
+
+def _within(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
 
 
 def _existing(paths: list[str]) -> list[str]:
