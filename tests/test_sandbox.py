@@ -428,26 +428,52 @@ def _readable_by(uid: int, python: str) -> bool:
 def test_user_runs_with_its_own_uid_and_no_groups(kernel, box, spawned):
     if os.geteuid() != 0:
         pytest.skip("user= needs the kernel to run as root")
+    import sysconfig
+
     uid = 61000 + os.getpid() % 3000
-    python = sys.executable
+    site = sysconfig.get_paths()["purelib"]
+    python, env = sys.executable, {}
     if not _readable_by(uid, python):
         # The venv's interpreter lives where a fresh uid cannot read (e.g. under /root): the
-        # system interpreter runs the identity check (no capbus call then).
+        # system interpreter of the same version runs the child, capbus from the venv.
         python = "/usr/bin/python3"
-        if not (os.path.exists(python) and _probe_as(uid, uid, lambda: os.access(
-                os.path.realpath("/usr/bin/python3"), os.X_OK)) == "True"):
-            pytest.skip(f"neither {sys.executable} nor /usr/bin/python3 is readable by uid {uid}")
+        env = {"PYTHONPATH": site}
+        probe = (f"import os; print(all(os.access(p, os.R_OK) for p in "
+                 f"({os.path.realpath(python)!r}, {site!r}, {os.path.dirname(capbus.__file__)!r})))")
+        if not (os.path.exists(python) and _probe_as(uid, uid, lambda: subprocess.run(
+                [python, "-c", probe], capture_output=True, text=True, timeout=30,
+                env={"PATH": "/usr/bin:/bin"}).stdout.strip()) == "True"):
+            pytest.skip(f"neither {sys.executable} nor {python} (with capbus) is readable by "
+                        f"uid {uid}")
+        ver = subprocess.run([python, "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+        if ver != str(sys.version_info[:2]):
+            pytest.skip(f"{python} is Python {ver}, not this one's: it cannot load capbus's C core")
     os.chmod(box["root"], 0o755)
     os.chmod(box["scripts"], 0o755)
     os.chown(box["out"], uid, uid)
-    r = run(kernel, box, spawned, """
-        attempt("ids", lambda: (os.getuid(), os.geteuid(), os.getgid(), os.getegid(),
-                                os.getgroups()))
-        attempt("write_out", lambda: open(OUT + "/mine", "w").write("x"))
-    """, capbus.Sandbox(write=[box["out"]], user=uid), python=python)
+    # Only this uid may reach the service: the call working shows the kernel recorded it.
+    proc = capbus.connect(kernel.socket_path)
+    svc = proc.register("test.sandbox.uid-only", allow=[f"uid:{uid}"])
+    t = threading.Thread(target=svc.serve, args=(lambda req: (1, (req.sender,)),), daemon=True)
+    t.start()
+    try:
+        r = run(kernel, box, spawned, """
+            attempt("ids", lambda: (os.getuid(), os.geteuid(), os.getgid(), os.getegid(),
+                                    os.getgroups()))
+            attempt("write_out", lambda: open(OUT + "/mine", "w").write("x"))
+            import capbus
+            p = capbus.connect()
+            ep = p.lookup("test.sandbox.uid-only", timeout=10)
+            attempt("call", lambda: ep.call(0, timeout=10).data[0] == p.id)
+        """, capbus.Sandbox(write=[box["out"]], user=uid), python=python, env=env)
+    finally:
+        proc.close()
+        t.join(10)
     assert r["ids"] == ["ok", repr((uid, uid, uid, uid, []))], r
     assert r["write_out"][0] == "ok"
     assert os.stat(os.path.join(box["out"], "mine")).st_uid == uid
+    assert r["call"] == ["ok", "True"], r
 
 
 def test_an_unenforceable_sandbox_never_starts(kernel, box, spawned):
