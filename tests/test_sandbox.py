@@ -369,11 +369,17 @@ def test_capbus_over_the_inherited_connection_works(kernel, box, spawned, echo):
             m = ep.call(41, data=(7,), payload=b"abc", timeout=10)
             return (m.opcode, m.data[0], m.payload)
         attempt("call", call)
+        import asyncio
+        async def acall():  # the event loop's self-pipe is a socketpair: allowed
+            m = await ep.acall(41, data=(8,), payload=b"xyz", timeout=10)
+            return (m.opcode, m.data[0], m.payload)
+        attempt("acall", lambda: asyncio.run(acall()))
         attempt("query", lambda: p._request(frames.Query("processes")))
         attempt("dumpable", lambda: ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))  # PR_GET_DUMPABLE
         attempt("id", lambda: p.id)
     """, package="org.example.plugin")
     assert r["call"] == ["ok", repr((42, 7, b"cba"))], r
+    assert r["acall"] == ["ok", repr((42, 8, b"zyx"))], r
     assert r["query"][0] == "exc" and "PermissionDenied" in r["query"][1], r
     assert r["dumpable"] == ["ok", "0"], r
 
@@ -600,3 +606,40 @@ def test_a_killed_sandboxed_child_is_reaped(kernel, box, spawned):
     child.kill(signal.SIGKILL)
     assert child.wait(10) == -signal.SIGKILL
     assert wait_for(lambda: not any(r["pid"] == child.pid for r in kernel.processes()), 10)
+
+
+def _ruleset_fds() -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += "landlock" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return n
+
+
+def test_the_kernel_keeps_no_ruleset_and_survives_a_failed_restart(kernel, box, spawned):
+    before = _ruleset_fds()
+    # Refused launches (the script may not be executed by /bin/sh: exec fails in the child).
+    prog = os.path.join(box["scripts"], "prog.sh")
+    with open(prog, "w") as f:
+        f.write("#!/bin/sh\nexit 0\n")
+    os.chmod(prog, 0o755)
+    for _ in range(20):
+        with pytest.raises(capbus.SandboxError):
+            kernel.spawn([prog], sandbox=capbus.Sandbox())
+    # A restart whose read path vanished meanwhile: not started weaker, given up; the kernel
+    # goes on serving.
+    gone = os.path.join(box["root"], "gone")
+    os.mkdir(gone)
+    script = os.path.join(box["scripts"], "fail.py")
+    with open(script, "w") as f:
+        f.write("import sys\nsys.exit(3)\n")
+    child = kernel.spawn([sys.executable, script], restart="on-failure", max_restarts=3,
+                         sandbox=capbus.Sandbox(read=[gone]))
+    spawned.append(child)
+    os.rmdir(gone)  # long before the child's interpreter is up and exits
+    assert child.wait(30) == -1 and child.restarts == 1
+    assert _ruleset_fds() == before
+    with capbus.connect(kernel.socket_path) as p:  # still serving
+        p.register("test.sandbox.after")
