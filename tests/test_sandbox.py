@@ -643,3 +643,11 @@ def test_the_kernel_keeps_no_ruleset_and_survives_a_failed_restart(kernel, box, 
     assert _ruleset_fds() == before
     with capbus.connect(kernel.socket_path) as p:  # still serving
         p.register("test.sandbox.after")
+
+
+def test_sandbox_check_command(capsys):
+    from capbus._cli import main
+
+    assert main(["sandbox-check", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is True and out["landlock_abi"] == AVAILABLE["landlock_abi"] >= 6

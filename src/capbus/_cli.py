@@ -160,6 +160,25 @@ def cmd_top(args: argparse.Namespace) -> int:
     return _top.run_top(args.socket, args.interval, args.sort)
 
 
+def cmd_sandbox_check(args: argparse.Namespace) -> int:
+    from ._errors import SandboxError
+    from ._kernel.sandbox import Sandbox
+
+    avail = Sandbox.available()
+    try:
+        Sandbox(network=args.network).check(avail)
+        verdict = "a sandbox can be enforced here"
+    except SandboxError as exc:
+        verdict = f"a sandbox cannot be enforced here: {exc}"
+    if args.json:
+        print(json.dumps(dict(avail, ok=verdict.startswith("a sandbox can"), verdict=verdict)))
+    else:
+        for key, value in avail.items():
+            print(f"{key:13} {value}")
+        print(verdict)
+    return 0 if verdict.startswith("a sandbox can") else 1
+
+
 def cmd_metrics(args: argparse.Namespace) -> int:
     from . import _metrics
 
@@ -204,7 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("demo", help="the tour, on an embedded kernel").set_defaults(fn=cmd_demo)
     p = sub.add_parser("bench", help="benchmarks against the peers, printed as tables")
     p.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
-    p.add_argument("--only", default=None, help="comma-separated: call,async,large,scale")
+    p.add_argument("--only", default=None,
+                   help="comma-separated: call,caps,async,large,scale,sandbox")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="also draw the tables as a chart")
     p.set_defaults(fn=cmd_bench)
@@ -219,6 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     p.add_argument("--sort", choices=("rate", "latency", "refused", "name"), default="rate")
     p.set_defaults(fn=cmd_top)
+    p = sub.add_parser("sandbox-check", help="what this Linux can enforce of a capbus.Sandbox")
+    p.add_argument("--network", action="store_true", help="ask about network=True sandboxes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_sandbox_check)
     p = with_socket(sub.add_parser("metrics", help="serve the figures to Prometheus (/metrics)"))
     p.add_argument("--serve", type=int, required=True, metavar="PORT", help="TCP port (0: any free)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
