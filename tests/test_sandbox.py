@@ -217,9 +217,15 @@ def test_no_ptrace_no_memory_of_capbus_processes(kernel, box, spawned):
         assert refused(r[name]), (name, r[name])
 
 
-def test_no_new_connection_to_the_kernel_from_child_or_grandchild(kernel, box, spawned):
+def test_no_new_connection_to_the_kernel_from_child_or_grandchild(kernel, box, spawned, request):
     path = kernel.socket_path
     before = len(kernel.processes())
+    dgram_path = os.path.join(box["root"], "log.sock")  # like /dev/log: anyone may write
+    log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    request.addfinalizer(log.close)
+    log.bind(dgram_path)
+    os.chmod(dgram_path, 0o777)
+    log.setblocking(False)
     r = run(kernel, box, spawned, f"""
         import socket, capbus
         def raw():
@@ -234,6 +240,11 @@ def test_no_new_connection_to_the_kernel_from_child_or_grandchild(kernel, box, s
         attempt("pair_seqpacket", lambda: pair_then_connect(socket.SOCK_SEQPACKET))
         attempt("pair_dgram", lambda: pair_then_connect(socket.SOCK_DGRAM))
         attempt("abstract", lambda: socket.socket(socket.AF_UNIX).bind("\\0cb-sbx"))
+        def dgram_to(path):  # a datagram end may send to any named socket: none is made
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            a.sendto(b"spam", path)
+        attempt("dgram_sendto", lambda: dgram_to({dgram_path!r}))
+        attempt("pair_stream", lambda: socket.socketpair())
         rd, wr = os.pipe()
         pid = os.fork()
         if pid == 0:          # a grandchild: the same sandbox, the same refusal
@@ -251,7 +262,10 @@ def test_no_new_connection_to_the_kernel_from_child_or_grandchild(kernel, box, s
     assert "sandbox" in r["capbus_connect"][1]
     assert r["reconnect"][0] == "exc" and "PermissionDenied" in r["reconnect"][1], r
     for name in ("pair_seqpacket", "pair_dgram", "abstract"):
-        assert r[name][0] == "err", (name, r[name])  # EISCONN / EPROTOTYPE / EPERM: never ok
+        assert r[name][0] == "err", (name, r[name])  # EISCONN / EPERM: never ok
+    assert r["dgram_sendto"] == ["err", 1] and r["pair_stream"][0] == "ok", r
+    with pytest.raises(BlockingIOError):
+        log.recv(100)
     assert r["grandchild"] == "1", r
     assert len(kernel.processes()) == before
 

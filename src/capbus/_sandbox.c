@@ -30,7 +30,8 @@
  *
  * The seccomp filter (default allow; build_filter says it in full): a foreign arch is killed
  * (x86-64 / AArch64 checked; on x86-64 every x32 syscall is refused); the denylist below gets
- * EPERM; socket() of AF_UNIX gets EPERM (socketpair stays: Python and asyncio use it), and with
+ * EPERM; socket() of AF_UNIX gets EPERM (socketpair stays, stream and seqpacket only: Python
+ * and asyncio use it), and with
  * network=False socket() of every family does; calls that act on another process by pid
  * (prlimit64, sched_set*, setpriority, ioprio_set, migrate/move_pages) only on 0 (itself);
  * clone with namespace flags and clone3 (flags unreadable) refused; TIOCSTI/TIOCLINUX refused.
@@ -264,8 +265,8 @@ static PyObject *py_seccomp_supported(PyObject *self, PyObject *unused) {
 
 #ifdef SB_ARCH
 /* A tiny assembler for forward jumps to labels (classic BPF jumps only forward, by u8). */
-enum { L_NONE = -1, L_ALLOW, L_DENY, L_ENOSYS, L_SOCK, L_PID0, L_PRIO, L_IOPRIO, L_IOCTL,
-       L_CLONE, L_COUNT };
+enum { L_NONE = -1, L_ALLOW, L_DENY, L_ENOSYS, L_SOCK, L_PAIR, L_PID0, L_PRIO, L_IOPRIO,
+       L_IOCTL, L_CLONE, L_COUNT };
 #define MAX_INSNS (NDENIED + 64)
 struct prog {
     struct sock_filter f[MAX_INSNS];
@@ -320,7 +321,9 @@ static int resolve(struct prog *p) {
 #define SB_TIOCLINUX 0x541CU /* the same on a virtual console (selection paste) */
 
 /* The filter, all returns at the end (jumps only go forward):
- *   arch != ours -> KILL_PROCESS; x32 -> EPERM; the denylist -> EPERM; clone3 -> ENOSYS (its
+ *   arch != ours -> KILL_PROCESS; x32 -> EPERM; the denylist -> EPERM; socketpair of a type
+ *   other than STREAM or SEQPACKET -> EPERM (a datagram end could sendto() any named socket by
+ *   path, and Landlock cannot stop that; SOCK_RAW is a datagram socket in AF_UNIX); clone3 -> ENOSYS (its
  *   flags sit in memory a filter cannot read: libc falls back to clone); clone with a
  *   namespace flag -> EPERM; socket(AF_UNIX) -> EPERM, any other family -> network ? allow :
  *   EPERM; prlimit64, sched_set{affinity,scheduler,param,attr}, migrate_pages, move_pages on a
@@ -338,6 +341,7 @@ static int build_filter(struct prog *p, int network) {
     jump(p, BPF_JGE, 0x40000000U /* __X32_SYSCALL_BIT */, L_DENY, L_NONE);
 #endif
     jeq(p, __NR_socket, L_SOCK, L_NONE);
+    jeq(p, __NR_socketpair, L_PAIR, L_NONE);
     jeq(p, __NR_prlimit64, L_PID0, L_NONE);
     jeq(p, __NR_sched_setaffinity, L_PID0, L_NONE);
     jeq(p, __NR_sched_setscheduler, L_PID0, L_NONE);
@@ -361,6 +365,11 @@ static int build_filter(struct prog *p, int network) {
     label(p, L_SOCK);
     ld_arg(p, 0);
     jeq(p, AF_UNIX, L_DENY, network ? L_ALLOW : L_DENY);
+    label(p, L_PAIR); /* the type, less SOCK_NONBLOCK / SOCK_CLOEXEC */
+    ld_arg(p, 1);
+    stmt(p, BPF_ALU | BPF_AND | BPF_K, 0xF);
+    jeq(p, SOCK_STREAM, L_ALLOW, L_NONE);
+    jeq(p, SOCK_SEQPACKET, L_ALLOW, L_DENY);
     label(p, L_PID0);
     ld_arg(p, 0);
     jeq(p, 0, L_ALLOW, L_DENY);
