@@ -665,3 +665,13 @@ def test_sandbox_check_command(capsys):
     assert main(["sandbox-check", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is True and out["landlock_abi"] == AVAILABLE["landlock_abi"] >= 6
+
+
+def test_every_right_this_landlock_knows_is_handled():
+    from capbus import _sandbox
+
+    accepted = _sandbox.accepted_rights()  # probed bit by bit from the running kernel
+    assert accepted[0] and accepted[1] and accepted[2]
+    assert _sandbox.handled_rights(False, True) == accepted  # nothing left unrestricted
+    fs, net, scoped = _sandbox.handled_rights(True, True)
+    assert (fs, net, scoped) == (accepted[0], 0, accepted[2])  # network=True: TCP unhandled

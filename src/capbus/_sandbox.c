@@ -12,13 +12,18 @@
  *   seccomp_supported() -> bool   seccomp filters work here and this build knows the arch
  *   landlock_ruleset(read_paths, write_paths, exec_paths, network, scope) -> fd
  *       Built in the PARENT: every path is opened O_PATH here, so the child does no path work.
- *       Handles every filesystem right of the running ABI (nothing left unrestricted), and
- *       with network=False both TCP rights (ABI >= 4, else OSError EOPNOTSUPP), with scope=True
- *       abstract unix sockets and signals (ABI >= 6, else OSError EOPNOTSUPP).
+ *       Handles every filesystem right of the running ABI (nothing left unrestricted; on an
+ *       ABI newer than this file, the rights it accepts beyond ours are handled and so
+ *       denied: fail closed), and
+ *       with network=False both TCP rights (ABI >= 4, else OSError), with scope=True
+ *       abstract unix sockets and signals (ABI >= 6, else OSError).
  *       read: READ_FILE | READ_DIR; exec: read + EXECUTE; write: read + write, create, remove,
  *       rename (REFER), truncate; never device nodes, sockets or execute. A rule on a file (not a
  *       directory) keeps only the rights a file can have. OSError (with the path) if one cannot
  *       be opened. The fd is O_CLOEXEC; the caller closes it after the child is started.
+ *   handled_rights(network=False, scope=True) -> (fs, net, scoped)   what such a ruleset
+ *       handles on this kernel; accepted_rights() -> (fs, net, scoped): every bit the kernel
+ *       accepts, probed one at a time (the tests hold the two equal: nothing left unhandled)
  *   enter(ruleset_fd, network, dumpable=False) -> None
  *       In the CHILD (subprocess's preexec_fn, after its setgroups/setgid/setuid): no_new_privs,
  *       dumpable 0, landlock_restrict_self, close(ruleset_fd), then the seccomp filter. Only
@@ -46,6 +51,7 @@
 #include <linux/seccomp.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -116,6 +122,72 @@ static uint64_t ll_handled_fs(int abi) {
     return fs;
 }
 
+/* On a kernel newer than this file (ABI > LL_KNOWN_ABI): the rights of `field` (0 fs, 1 net,
+ * 2 scoped) from bit `from` up that it accepts. Handled with no rule granting them, they are
+ * denied: a right we cannot name is refused, never left open. */
+static uint64_t ll_unknown_rights(int field, int from) {
+    uint64_t found = 0;
+    for (int bit = from; bit < 64; bit++) {
+        struct ll_ruleset_attr attr = {0};
+        uint64_t *slot = field == 0 ? &attr.handled_access_fs
+                       : field == 1 ? &attr.handled_access_net : &attr.scoped;
+        *slot = 1ULL << bit;
+        long fd = syscall(__NR_landlock_create_ruleset, &attr, sizeof attr, 0);
+        if (fd >= 0) {
+            found |= 1ULL << bit;
+            close((int)fd);
+        }
+    }
+    return found;
+}
+
+/* The rights a ruleset handles on this kernel (ABI `abi`): every filesystem right, TCP unless
+ * `network`, both scopes if `scope`. -1 with an exception if the ABI lacks what is asked. */
+static int ll_handled(int abi, int network, int scope, struct ll_ruleset_attr *attr, size_t *size) {
+    int newer = abi > LL_KNOWN_ABI;
+    memset(attr, 0, sizeof *attr);
+    attr->handled_access_fs = ll_handled_fs(abi);
+    if (newer) attr->handled_access_fs |= ll_unknown_rights(0, 16);
+    *size = sizeof(uint64_t);
+    if (!network) {
+        if (abi < 4) {
+            PyErr_Format(PyExc_OSError, "Landlock ABI %d cannot restrict TCP (needs 4)", abi);
+            return -1;
+        }
+        attr->handled_access_net = LL_NET_BIND_TCP | LL_NET_CONNECT_TCP;
+        if (newer) attr->handled_access_net |= ll_unknown_rights(1, 2);
+        *size = 2 * sizeof(uint64_t);
+    }
+    if (scope) {
+        if (abi < 6) {
+            PyErr_Format(PyExc_OSError, "Landlock ABI %d cannot scope signals and abstract "
+                         "unix sockets (needs 6)", abi);
+            return -1;
+        }
+        attr->scoped = LL_SCOPE_ABSTRACT_UNIX | LL_SCOPE_SIGNAL;
+        if (newer) attr->scoped |= ll_unknown_rights(2, 2);
+        *size = sizeof *attr;
+    }
+    return 0;
+}
+
+static PyObject *py_handled_rights(PyObject *self, PyObject *args) {
+    int network = 0, scope = 1;
+    if (!PyArg_ParseTuple(args, "|pp", &network, &scope)) return NULL;
+    struct ll_ruleset_attr attr;
+    size_t size;
+    if (ll_handled(ll_abi(), network, scope, &attr, &size) < 0) return NULL;
+    return Py_BuildValue("KKK", (unsigned long long)attr.handled_access_fs,
+                         (unsigned long long)attr.handled_access_net,
+                         (unsigned long long)attr.scoped);
+}
+
+static PyObject *py_accepted_rights(PyObject *self, PyObject *unused) {
+    return Py_BuildValue("KKK", (unsigned long long)ll_unknown_rights(0, 0),
+                         (unsigned long long)ll_unknown_rights(1, 0),
+                         (unsigned long long)ll_unknown_rights(2, 0));
+}
+
 static PyObject *py_landlock_abi(PyObject *self, PyObject *unused) {
     return PyLong_FromLong(ll_abi());
 }
@@ -170,24 +242,9 @@ static PyObject *py_landlock_ruleset(PyObject *self, PyObject *args, PyObject *k
         errno = EOPNOTSUPP;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    struct ll_ruleset_attr attr = {.handled_access_fs = ll_handled_fs(abi)};
-    size_t size = sizeof(uint64_t);
-    if (!network) {
-        if (abi < 4) {
-            errno = EOPNOTSUPP;
-            return PyErr_Format(PyExc_OSError, "Landlock ABI %d cannot restrict TCP (needs 4)", abi);
-        }
-        attr.handled_access_net = LL_NET_BIND_TCP | LL_NET_CONNECT_TCP;
-        size = 2 * sizeof(uint64_t);
-    }
-    if (scope) {
-        if (abi < 6) {
-            return PyErr_Format(PyExc_OSError, "Landlock ABI %d cannot scope signals and abstract "
-                                "unix sockets (needs 6)", abi);
-        }
-        attr.scoped = LL_SCOPE_ABSTRACT_UNIX | LL_SCOPE_SIGNAL;
-        size = sizeof attr;
-    }
+    struct ll_ruleset_attr attr;
+    size_t size;
+    if (ll_handled(abi, network, scope, &attr, &size) < 0) return NULL;
     int ruleset = (int)syscall(__NR_landlock_create_ruleset, &attr, size, 0);
     if (ruleset < 0) return PyErr_SetFromErrno(PyExc_OSError);
     uint64_t h = attr.handled_access_fs;
@@ -441,6 +498,10 @@ static PyObject *py_set_dumpable(PyObject *self, PyObject *arg) {
 
 static PyMethodDef sandbox_methods[] = {
     {"set_dumpable", py_set_dumpable, METH_O, "prctl(PR_SET_DUMPABLE, flag)."},
+    {"handled_rights", py_handled_rights, METH_VARARGS,
+     "handled_rights(network=False, scope=True) -> (fs, net, scoped) a ruleset handles here"},
+    {"accepted_rights", py_accepted_rights, METH_NOARGS,
+     "(fs, net, scoped): every right bit this kernel's Landlock accepts (probed one by one)"},
     {"landlock_abi", py_landlock_abi, METH_NOARGS, "The running kernel's Landlock ABI (0: none)."},
     {"seccomp_supported", py_seccomp_supported, METH_NOARGS,
      "True if seccomp filters work here and this build knows the CPU arch."},
