@@ -675,3 +675,30 @@ def test_every_right_this_landlock_knows_is_handled():
     assert _sandbox.handled_rights(False, True) == accepted  # nothing left unrestricted
     fs, net, scoped = _sandbox.handled_rights(True, True)
     assert (fs, net, scoped) == (accepted[0], 0, accepted[2])  # network=True: TCP unhandled
+
+
+def test_capbus_run_launches_a_sandboxed_manifest(box, sockdir, capsys):
+    from capbus._cli import main
+
+    script = os.path.join(box["scripts"], "plugin.py")
+    with open(script, "w") as f:
+        f.write(textwrap.dedent(f"""
+            import capbus, os, sys
+            p = capbus.connect()
+            try:
+                open({box['secret']!r} + "/file.txt")
+                sys.exit(5)
+            except PermissionError:
+                open(os.path.join({box['out']!r}, "ran"), "w").close()
+        """))
+    path = os.path.join(box["root"], "app.toml")
+    with open(path, "w") as f:
+        f.write(f'argv = [{sys.executable!r}, "scripts/plugin.py"]\n'
+                f'package = "org.example.plugin"\n[sandbox]\nwrite = ["out"]\n')
+    sock = os.path.join(sockdir, "run.sock")
+    assert main(["run", "--socket", sock, path]) == 0, capsys.readouterr().err
+    assert os.path.exists(os.path.join(box["out"], "ran"))
+    with open(path, "a") as f:
+        f.write('user = "cb-sbx-no-such-user"\n')
+    assert main(["run", "--socket", sock, path]) == 1
+    assert "no such user" in capsys.readouterr().err

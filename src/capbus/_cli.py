@@ -61,6 +61,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ._kernel.kernel import Kernel
 
     specs = manifest.load(args.manifest)
+    for spec in specs:  # every sandbox enforceable before any process starts
+        if spec.sandbox is not None:
+            spec.sandbox.check()
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
