@@ -15,13 +15,17 @@ What a sandboxed child gets:
   argv script's directory, and the few files the runtime and libc read) plus `read`; write only
   to `write` and /dev/null; no TCP bind/connect unless network=True; scoped (ABI >= 6): no
   abstract unix sockets and no signals to processes outside its domain.
-* seccomp (capbus/_sandbox.c lists it): EPERM for ptrace, process_vm_*, pidfd_getfd, mounts,
-  bpf, perf, kexec, modules, keyrings, userfaultfd, io_uring, namespaces, admin calls; for
-  socket(AF_UNIX) (so neither it nor a forked grandchild can open an unconfined connection to
-  the kernel's socket: Landlock cannot stop connect() to a named socket) and, with
-  network=False, socket() of every domain; prlimit64 on another process. A foreign arch and
-  x32 syscalls are refused.
+* seccomp (capbus/_sandbox.c, build_filter, has the whole list): EPERM for ptrace,
+  process_vm_*, pidfd_getfd, mounts, bpf, perf, kexec, modules, keyrings, userfaultfd,
+  io_uring, namespaces, admin calls; for socket(AF_UNIX) (so neither it nor a forked
+  grandchild can open an unconfined connection to the kernel's socket: Landlock cannot stop
+  connect() to a named socket), socketpair other than stream/seqpacket and, with
+  network=False, socket() of every family; for prlimit64, sched_set*, setpriority and
+  ioprio_set on another process; for TIOCSTI. A foreign arch is killed, x32 refused.
 * user= (the kernel must run as root): its own uid and gid and no supplementary groups.
+
+Not confined (Landlock has no right for them): stat() and path lookup anywhere (a child learns
+whether a path exists, its size and owner, not its contents), and named sockets it was handed.
 """
 
 from __future__ import annotations
