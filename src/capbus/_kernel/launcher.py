@@ -51,38 +51,40 @@ def launch(spec: LaunchSpec, socket_path: str) -> tuple[subprocess.Popen, socket
     env = dict(os.environ)
     env.update(spec.env)
     env.pop(ENV_SANDBOXED, None)
-    kwargs: dict = {}
-    prepared = None
-    if spec.sandbox is not None:
-        prepared = prepare(spec.sandbox, spec.argv, env, spec.cwd)  # before any fd of ours
-        kwargs = prepared.popen_kwargs
-        env[ENV_SANDBOXED] = "1"
+    if spec.sandbox is None:
+        return _start(spec, socket_path, env, {})
+    prepared = prepare(spec.sandbox, spec.argv, env, spec.cwd)
+    env[ENV_SANDBOXED] = "1"
+    kwargs = prepared.popen_kwargs
     try:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    except BaseException:
-        if prepared is not None:
-            prepared.close()
-        raise
-    ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # before the child can send
-    env[ENV_FD] = str(theirs.fileno())
-    env[ENV_SOCKET] = socket_path
+        return _start(spec, socket_path, env, kwargs)
+    except (PermissionError, subprocess.SubprocessError) as exc:
+        # exec refused inside the domain (EACCES), or enter() failed (preexec_fn raised); a
+        # missing program or cwd stays the FileNotFoundError it is
+        who = f" as uid {kwargs['user']}" if "user" in kwargs else ""
+        raise SandboxError(
+            f"{spec.argv[0]!r} could not start in its sandbox{who}: {exc} (is it, and what it "
+            "loads, readable there? add the paths it needs to the sandbox's read list)"
+        ) from None
+    finally:
+        prepared.close()  # the child holds its domain now; the ruleset fd is not needed
+
+
+def _start(spec: LaunchSpec, socket_path: str, env: dict[str, str],
+           kwargs: dict) -> tuple[subprocess.Popen, socket.socket]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # before the child can send
+        env[ENV_FD] = str(theirs.fileno())
+        env[ENV_SOCKET] = socket_path
         popen = subprocess.Popen(
             list(spec.argv), env=env, pass_fds=(theirs.fileno(),), cwd=spec.cwd, **kwargs
         )
-    except BaseException as exc:
+    except BaseException:
         ours.close()
-        if prepared is not None and isinstance(exc, OSError | subprocess.SubprocessError):
-            who = f" as uid {kwargs['user']}" if "user" in kwargs else ""
-            raise SandboxError(
-                f"{spec.argv[0]!r} could not start in its sandbox{who}: {exc} (is it, and what it "
-                "loads, readable there? add the paths it needs to the sandbox's read list)"
-            ) from None
         raise
     finally:
         theirs.close()
-        if prepared is not None:
-            prepared.close()  # the child holds its domain now; the ruleset fd is not needed
     return popen, ours
 
 
