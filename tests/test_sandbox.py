@@ -702,3 +702,17 @@ def test_capbus_run_launches_a_sandboxed_manifest(box, sockdir, capsys):
         f.write('user = "cb-sbx-no-such-user"\n')
     assert main(["run", "--socket", sock, path]) == 1
     assert "no such user" in capsys.readouterr().err
+
+
+def test_a_failed_enter_never_runs_the_child(box):
+    """enter() failing in the forked child (a bad ruleset fd here): Popen reports it and the
+    program is never executed: no unconfined fallback."""
+    import functools
+
+    from capbus import _sandbox
+
+    marker = os.path.join(box["out"], "ran")
+    with pytest.raises(subprocess.SubprocessError, match="preexec_fn"):
+        subprocess.Popen([sys.executable, "-c", f"open({marker!r}, 'w')"],
+                         preexec_fn=functools.partial(_sandbox.enter, 1_000_000, False))
+    assert not os.path.exists(marker)
