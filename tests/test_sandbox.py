@@ -716,3 +716,21 @@ def test_a_failed_enter_never_runs_the_child(box):
         subprocess.Popen([sys.executable, "-c", f"open({marker!r}, 'w')"],
                          preexec_fn=functools.partial(_sandbox.enter, 1_000_000, False))
     assert not os.path.exists(marker)
+
+
+def test_the_kernels_stdin_is_not_the_childs(kernel, box, spawned):
+    """The kernel's stdin may be the operator's terminal: a sandboxed child reads /dev/null."""
+    rd, wr = os.pipe()
+    os.write(wr, b"typed password\n")
+    os.close(wr)
+    saved = os.dup(0)
+    os.dup2(rd, 0)
+    os.close(rd)
+    try:
+        r = run(kernel, box, spawned, """
+            attempt("stdin", lambda: sys.stdin.read())
+        """)
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+    assert r["stdin"] == ["ok", repr("")], r

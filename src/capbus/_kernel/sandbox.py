@@ -23,6 +23,7 @@ What a sandboxed child gets:
   network=False, socket() of every family; for prlimit64, sched_set*, setpriority and
   ioprio_set on another process; for TIOCSTI. A foreign arch is killed, x32 refused.
 * user= (the kernel must run as root): its own uid and gid and no supplementary groups.
+* stdin from /dev/null, never the kernel's (perhaps the operator's terminal).
 
 Not confined (Landlock has no right for them): stat() and path lookup anywhere (a child learns
 whether a path exists, its size and owner, not its contents), and named sockets it was handed.
@@ -37,6 +38,7 @@ import os
 import platform
 import pwd
 import shutil
+import subprocess
 import sys
 import sysconfig
 from collections.abc import Mapping, Sequence
@@ -202,8 +204,13 @@ def prepare(sandbox: Sandbox, argv: Sequence[str], env: Mapping[str, str],
                                        execs, sandbox.network, True)
     except OSError as exc:
         raise SandboxError(f"cannot build the sandbox's Landlock ruleset: {exc}") from None
-    # functools.partial is C: the forked child runs no Python bytecode before the C call.
-    kwargs: dict[str, Any] = {"preexec_fn": functools.partial(_sandbox.enter, fd, sandbox.network)}
+    kwargs: dict[str, Any] = {
+        # functools.partial is C: the forked child runs no Python bytecode before the C call.
+        "preexec_fn": functools.partial(_sandbox.enter, fd, sandbox.network),
+        # Not the kernel's stdin: that may be the operator's terminal (typed passwords).
+        # stdout and stderr stay inherited, for its logs.
+        "stdin": subprocess.DEVNULL,
+    }
     ident = sandbox.identity()
     if ident is not None:
         # Popen does setgroups([]), setregid, setreuid in C before preexec_fn runs.
