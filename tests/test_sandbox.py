@@ -620,6 +620,11 @@ def test_a_killed_sandboxed_child_is_reaped(kernel, box, spawned):
     child.kill(signal.SIGKILL)
     assert child.wait(10) == -signal.SIGKILL
     assert wait_for(lambda: not any(r["pid"] == child.pid for r in kernel.processes()), 10)
+    kernel.stop()  # flushes the audit log: the launch is recorded as sandboxed
+    from capbus._kernel.audit import query
+
+    starts = [r for r in query(kernel.audit_path, event="process-start") if r["pid"] == child.pid]
+    assert [r["detail"] for r in starts] == ["launched sandboxed"]
 
 
 def _ruleset_fds() -> int:

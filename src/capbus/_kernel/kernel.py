@@ -662,8 +662,10 @@ class Kernel:
                 budget.users += 1
                 budgets.append(budget)
             transport.budgets = tuple(budgets)
+        rec.sandboxed = child is not None and child.spec.sandbox is not None
         self._audit_event(_audit.PROCESS_START, rec, None, package or name or "",
-                          refused or ("launched" if child is not None else "connected"))
+                          refused or ("connected" if child is None else
+                                      "launched sandboxed" if rec.sandboxed else "launched"))
         self._sel.register(transport.sock, selectors.EVENT_READ, ("conn", rec))
         if pidfd is not None:
             self._sel.register(pidfd, selectors.EVENT_READ, ("pidfd", rec))
@@ -690,7 +692,6 @@ class Kernel:
             Transport(sock, self.limits.outbox_fds), popen.pid, uid, gid, pidfd,
             child.spec.package, child.spec.name, child,
         )
-        rec.sandboxed = sandbox is not None
         self._children.add(child)
         child._started(popen, rec.process_id)
         log.info("launched %s as process %d (pid %d)", child.spec.argv, rec.process_id, popen.pid)
