@@ -537,6 +537,20 @@ def test_an_unenforceable_sandbox_never_starts(kernel, box, spawned):
         f.write("pass\n")
     with pytest.raises(capbus.SandboxError, match="lies in the sandbox's write path"):
         kernel.spawn([sys.executable, inside], sandbox=capbus.Sandbox(write=[box["out"]]))
+    # Nor a read path or another write path inside a write path: the child could swap it for
+    # a symlink to / before its restart.
+    sub = os.path.join(box["out"], "sub")
+    os.mkdir(sub)
+    with pytest.raises(capbus.SandboxError, match="read path .* lies in the write path"):
+        capbus.Sandbox(read=[sub], write=[box["out"]]).check()
+    with pytest.raises(capbus.SandboxError, match="write path .* lies in the write path"):
+        capbus.Sandbox(write=[box["out"], sub]).check()
+    link = os.path.join(box["root"], "link")
+    os.symlink(box["out"], link)  # the same through a symlink
+    with pytest.raises(capbus.SandboxError, match="lies in the write path"):
+        capbus.Sandbox(read=[sub], write=[link]).check()
+    with pytest.raises(capbus.SandboxError, match="overlaps"):
+        capbus.Sandbox(write=["/dev"]).check()
 
     # A path that vanished after the Sandbox was made: spawn refuses, nothing starts.
     gone = os.path.join(box["root"], "gone")

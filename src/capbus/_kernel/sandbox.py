@@ -137,6 +137,18 @@ class Sandbox:
                                f"(it runs as uid {os.geteuid()})")
         self.identity()
         _check_paths("read", self.read)
+        # The child may replace anything in a write path, by a symlink say: a path of this
+        # sandbox under a write path would name what the child chose at the next launch.
+        for r in self.read:
+            w = _inside_write(r, self.write)
+            if w is not None:
+                raise SandboxError(f"Sandbox read path {r!r:.200} lies in the write path "
+                                   f"{w!r:.200} (readable already, and the child could swap it)")
+        for i, w in enumerate(self.write):
+            other = _inside_write(w, self.write[:i] + self.write[i + 1:])
+            if other is not None:
+                raise SandboxError(f"Sandbox write path {w!r:.200} lies in the write path "
+                                   f"{other!r:.200}: name only the outer one")
         for w in _check_paths("write", self.write):
             for p in _protected():
                 if _within(p, w) or _within(w, p):
@@ -192,13 +204,13 @@ def prepare(sandbox: Sandbox, argv: Sequence[str], env: Mapping[str, str],
     read, execs, write, own = _system_paths(argv, env, cwd)
     # What the child can change must not decide what its next launch (a restart) is given: a
     # script directory it replaced by a symlink to / would be granted as /.
-    for given in own:
-        for w in sandbox.write:
-            if _within(given, os.path.realpath(w)) or _within(given, w):
-                raise SandboxError(
-                    f"the program or script {given!r:.200} lies in the sandbox's write path "
-                    f"{w!r:.200}: the child could change what its next launch is given; keep "
-                    "code outside what it may write")
+    for given in own + read + execs + write:
+        w = _inside_write(given, sandbox.write)
+        if w is not None:
+            raise SandboxError(
+                f"{given!r:.200}, which a sandboxed child is given to start (its program, script "
+                f"directory or a system path), lies in the sandbox's write path {w!r:.200}: the "
+                "child could change what its next launch is given; keep it outside")
     try:
         fd = _sandbox.landlock_ruleset(read + list(sandbox.read), write + list(sandbox.write),
                                        execs, sandbox.network, True)
@@ -288,7 +300,17 @@ def _protected() -> list[str]:
     """What unsandboxed processes run: never inside (nor above) a write path."""
     return _existing([sys.prefix, sys.base_prefix, sys.exec_prefix,
                       os.path.dirname(os.path.abspath(_sandbox.__file__)),
-                      *_LIB_DIRS, "/bin", "/sbin", "/usr/bin", "/usr/sbin", "/etc"])
+                      *_LIB_DIRS, "/bin", "/sbin", "/usr/bin", "/usr/sbin", "/etc", "/dev",
+                      "/proc", "/sys"])
+
+
+def _inside_write(path: str, writes: Sequence[str]) -> str | None:
+    """The write path that `path` (as given or resolved) lies in, if any."""
+    for w in writes:
+        for top in {w, os.path.realpath(w)}:
+            if _within(path, top) or _within(os.path.realpath(path), top):
+                return w
+    return None
 
 
 def _within(path: str, top: str) -> bool:
