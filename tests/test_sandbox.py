@@ -131,6 +131,7 @@ def test_files_outside_read_and_write_are_refused(kernel, box, spawned):
         attempt("symlink_to_secret", lambda: (os.symlink({box['secret']!r} + "/file.txt",
                                                          OUT + "/link"),
                                               open(OUT + "/link").read()))
+        attempt("hardlink_data", lambda: os.link({box['data']!r} + "/file.txt", OUT + "/hl"))
         import subprocess
         attempt("exec_true", lambda: subprocess.run(["/bin/true"]).returncode)
         attempt("devnull", lambda: open(os.devnull, "w").write("x"))
@@ -143,6 +144,8 @@ def test_files_outside_read_and_write_are_refused(kernel, box, spawned):
                  "read_passwd", "read_home", "exec_true", "symlink_to_secret"):
         assert refused(r[name]), (name, r[name])
     assert r["rename_out_to_data"][0] == "err", r["rename_out_to_data"]  # EXDEV or EACCES
+    # a hard link would make a read-only file writable through the write path: refused
+    assert r["hardlink_data"][0] == "err" and not os.path.exists(os.path.join(box["out"], "hl"))
     assert not os.path.exists("/tmp/cb-sbx-escape.txt")
     with open(os.path.join(box["data"], "file.txt")) as f:
         assert f.read() == "data contents"
