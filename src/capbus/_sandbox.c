@@ -4,7 +4,7 @@
  * Why native and not a binding: Landlock has no syscall wrappers in Python (ctypes would run a
  * foreign-function call, allocation-heavy, in the forked child), and libseccomp's Python binding
  * is no maintained wheel on PyPI (it builds against libseccomp headers). The seccomp filter here
- * is a fixed denylist plus two argument checks: a few dozen lines of classic BPF.
+ * is a fixed denylist plus a few argument checks: some dozens of lines of classic BPF.
  *
  * Python-visible API (internal; src/capbus/_kernel/sandbox.py is its only user):
  *   landlock_abi() -> int     the running kernel's Landlock ABI version, 0 if Landlock is absent
@@ -14,9 +14,8 @@
  *       Built in the PARENT: every path is opened O_PATH here, so the child does no path work.
  *       Handles every filesystem right of the running ABI (nothing left unrestricted; on an
  *       ABI newer than this file, the rights it accepts beyond ours are handled and so
- *       denied: fail closed), and
- *       with network=False both TCP rights (ABI >= 4, else OSError), with scope=True
- *       abstract unix sockets and signals (ABI >= 6, else OSError).
+ *       denied: fail closed), and with network=False both TCP rights (ABI >= 4, else
+ *       OSError), with scope=True abstract unix sockets and signals (ABI >= 6, else OSError).
  *       read: READ_FILE | READ_DIR; exec: read + EXECUTE; write: read + write, create, remove,
  *       rename (REFER), truncate; never device nodes, sockets or execute. A rule on a file (not a
  *       directory) keeps only the rights a file can have. OSError (with the path) if one cannot
@@ -36,9 +35,9 @@
  * The seccomp filter (default allow; build_filter says it in full): a foreign arch is killed
  * (x86-64 / AArch64 checked; on x86-64 every x32 syscall is refused); the denylist below gets
  * EPERM; socket() of AF_UNIX gets EPERM (socketpair stays, stream and seqpacket only: Python
- * and asyncio use it), and with
- * network=False socket() of every family does; calls that act on another process by pid
- * (prlimit64, sched_set*, setpriority, ioprio_set, migrate/move_pages) only on 0 (itself);
+ * and asyncio use it), and with network=False socket() of every family does; calls that act
+ * on another process by pid (prlimit64, sched_set*, setpriority, ioprio_set,
+ * migrate/move_pages) only on 0 (itself);
  * clone with namespace flags and clone3 (flags unreadable) refused; TIOCSTI/TIOCLINUX refused.
  */
 #define PY_SSIZE_T_CLEAN
@@ -266,9 +265,9 @@ static PyObject *py_landlock_ruleset(PyObject *self, PyObject *args, PyObject *k
 #endif
 
 #ifdef SB_ARCH
-/* Refused with EPERM. The brief's core: other processes' memory and fds (ptrace,
+/* Refused with EPERM. Other processes' memory and fds (ptrace,
  * process_vm_*, pidfd_getfd, process_madvise), mounts (old and new API), kernel code and
- * objects (bpf, perf, kexec, modules, keyrings), userfaultfd (a race amplifier). Added:
+ * objects (bpf, perf, kexec, modules, keyrings), userfaultfd (a race amplifier); and
  * io_uring (its IORING_OP_SOCKET/CONNECT would make sockets past the socket() check below),
  * namespaces (unshare/setns: a user namespace hands out capabilities), and the admin calls a
  * child running as root could otherwise make (reboot, swap, clocks, hostname, chroot,
