@@ -313,22 +313,26 @@ def test_refused_syscalls(kernel, box, spawned):
         t = threading.Thread(target=lambda: None)
         attempt("thread", lambda: (t.start(), t.join()))  # libc falls back from clone3 to clone
         kernel_pid = {os.getpid()}
-        attempt("affinity_other", lambda: os.sched_setaffinity(kernel_pid, {{0}}))
-        attempt("affinity_self", lambda: os.sched_setaffinity(0, os.sched_getaffinity(0)))
-        attempt("idle_other", lambda: os.sched_setscheduler(kernel_pid, os.SCHED_IDLE,
-                                                            os.sched_param(0)))
-        attempt("renice_other", lambda: os.setpriority(os.PRIO_PROCESS, kernel_pid, 19))
-        attempt("renice_user", lambda: os.setpriority(os.PRIO_USER, os.getuid(), 19))
+        # Each asks for what the target has already (harmless if let through); the filter
+        # refuses by pid, whatever the value.
+        cpus, nice = os.sched_getaffinity(0), os.getpriority(os.PRIO_PROCESS, 0)
+        attempt("affinity_other", lambda: os.sched_setaffinity(kernel_pid, cpus))
+        attempt("affinity_self", lambda: os.sched_setaffinity(0, cpus))
+        attempt("sched_other", lambda: os.sched_setscheduler(kernel_pid, os.SCHED_OTHER,
+                                                             os.sched_param(0)))
+        attempt("renice_other", lambda: os.setpriority(os.PRIO_PROCESS, kernel_pid, nice))
+        attempt("renice_group", lambda: os.setpriority(os.PRIO_PGRP, 0, nice))
         attempt("nice_self", lambda: os.nice(1))
         import fcntl, termios
-        attempt("tiocsti", lambda: fcntl.ioctl(2, termios.TIOCSTI, b"x"))
+        null = os.open(os.devnull, os.O_RDWR)  # no tty: ENOTTY if let through, never typed
+        attempt("tiocsti", lambda: fcntl.ioctl(null, termios.TIOCSTI, b"x"))
         if {platform.machine()!r} == "x86_64":   # an x32 syscall number: refused as a whole
             attempt("x32_getpid", call("getpid_x32"))
     """)
     for name in ("pidfd_getfd", "process_vm_readv", "bpf", "keyctl", "userfaultfd",
                  "io_uring_setup", "unshare", "ptrace_traceme", "mount", "fsopen",
-                 "prlimit_other", "clone_userns", "affinity_other", "idle_other", "renice_other",
-                 "renice_user", "tiocsti"):
+                 "prlimit_other", "clone_userns", "affinity_other", "sched_other", "renice_other",
+                 "renice_group", "tiocsti"):
         assert r[name] == ["err", 1], (name, r[name])  # EPERM, from the filter
     assert r["clone3"] == ["err", 38], r  # ENOSYS
     for name in ("prlimit_self", "getpid", "thread", "affinity_self", "nice_self"):
