@@ -760,3 +760,25 @@ def test_the_kernels_stdin_is_not_the_childs(kernel, box, spawned):
         os.dup2(saved, 0)
         os.close(saved)
     assert r["stdin"] == ["ok", repr("")], r
+
+
+def test_a_sandboxed_server_serves(kernel, box, spawned):
+    """A plugin usually serves: registering, the channel set-up and replies need nothing the
+    sandbox refuses."""
+    script = os.path.join(box["scripts"], "server.py")
+    with open(script, "w") as f:
+        f.write(textwrap.dedent("""
+            import capbus
+            p = capbus.connect()
+            svc = p.register_package()
+            svc.serve(lambda req: (req.opcode * 2, req.data, bytes(req.payload).upper()))
+        """))
+    child = kernel.spawn([sys.executable, script], package="org.example.plugin",
+                         sandbox=capbus.Sandbox())
+    spawned.append(child)
+    with capbus.connect(kernel.socket_path) as p:
+        ep = p.lookup_package("org.example.plugin", timeout=20)
+        m = ep.call(21, data=(5,), payload=b"abc", timeout=10)
+        assert (m.opcode, m.data[0], m.payload) == (42, 5, b"ABC")
+        big = os.urandom(1 << 20)  # a large payload: the shared arena, not the control socket
+        assert ep.call(1, payload=big, timeout=10).payload == big.upper()
