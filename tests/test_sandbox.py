@@ -782,3 +782,12 @@ def test_a_sandboxed_server_serves(kernel, box, spawned):
         assert (m.opcode, m.data[0], m.payload) == (42, 5, b"ABC")
         big = os.urandom(1 << 20)  # a large payload: the shared arena, not the control socket
         assert ep.call(1, payload=big, timeout=10).payload == big.upper()
+
+
+def test_the_bench_section_runs():
+    """`capbus bench --only sandbox` end to end on two rounds (no figure is asserted)."""
+    from capbus._bench import sandbox_bench
+
+    rows = sandbox_bench.run_spawn(True, rounds=2)
+    assert [r.mechanism for r in rows][:2] == ["kernel.spawn, plain", "kernel.spawn, sandboxed"]
+    assert all(r.samples == 2 and not r.skipped for r in rows), rows

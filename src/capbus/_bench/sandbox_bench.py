@@ -34,13 +34,15 @@ def _row(mechanism: str, samples_s: list[float], note: str) -> Result:
                   p99_us=percentile(us, 0.99), note=note, size_bytes=0, samples=len(us))
 
 
-def run_spawn(quick: bool) -> list[Result]:
+def run_spawn(quick: bool, rounds: int | None = None) -> list[Result]:
+    """Rows: plain spawn, sandboxed spawn, Popen without and with a preexec_fn (in that order).
+    rounds: of each kind (default 30, quick 10)."""
     from .._kernel.kernel import Kernel
     from .._kernel.sandbox import Sandbox
     from .._runtime.process import connect
 
     avail = Sandbox.available()
-    rounds = 10 if quick else 30
+    rounds = rounds or (10 if quick else 30)
     tmp = tempfile.mkdtemp(prefix="cb-bench-sbx-")
     script = os.path.join(tmp, "child.py")
     with open(script, "w") as f:
