@@ -260,7 +260,7 @@ def _system_paths(argv: Sequence[str], env: Mapping[str, str], cwd: str | None
     elif not os.path.isabs(prog) and cwd:
         prog = os.path.join(cwd, prog)
     execs.append(prog)  # a script: its shebang interpreter is ours (below) or must be in read
-    own = [prog]
+    own = [prog] if os.path.isabs(prog) else []  # a name not on PATH: Popen will say so
     execs.append(sys.executable)
     for pattern in _LOADERS:
         execs.extend(glob.glob(pattern))
