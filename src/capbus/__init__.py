@@ -19,6 +19,7 @@ from ._errors import (
     ProtocolError,
     RateLimitExceeded,
     RemoteError,
+    SandboxError,
     ServiceNotFound,
     Timeout,
     WouldBlock,
@@ -26,6 +27,7 @@ from ._errors import (
 from ._kernel.kernel import Kernel
 from ._kernel.launcher import Child
 from ._kernel.policy import KernelLimits, Policy, ProcessInfo
+from ._kernel.sandbox import Sandbox
 from ._runtime.endpoint import Endpoint, Limits
 from ._runtime.message import LargeMessage, Message, Request, SmallMessage
 from ._runtime.process import Process, connect
@@ -64,6 +66,8 @@ __all__ = [
     "Region",
     "RemoteError",
     "Request",
+    "Sandbox",
+    "SandboxError",
     "Service",
     "ServiceNotFound",
     "SmallMessage",

@@ -67,6 +67,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ._kernel.kernel import Kernel
 
     specs = manifest.load(args.manifest)
+    for spec in specs:  # every sandbox enforceable before any process starts
+        if spec.sandbox is not None:
+            spec.sandbox.check()
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -79,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"capbus run: kernel at {kernel.socket_path}", flush=True)
         children = [
             kernel.spawn(s.argv, name=s.name, package=s.package, env=s.env, restart=s.restart,
-                         max_restarts=s.max_restarts, cwd=s.cwd,
+                         max_restarts=s.max_restarts, cwd=s.cwd, sandbox=s.sandbox,
                          grants={g.key: g for g in s.grants},
                          # no lookup key in the manifest: spawn's default (TOML has no None)
                          **({"lookup": s.lookup} if s.lookup is not None else {}))
@@ -101,7 +104,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(_table(rows, ("id", "pid", "uid", "package", "name", "services", "wait", "since")))
+        print(_table(rows, ("id", "pid", "uid", "package", "name", "services", "wait", "sandboxed",
+                             "since")))
     return 0
 
 
@@ -168,6 +172,25 @@ def cmd_top(args: argparse.Namespace) -> int:
     return _top.run_top(args.socket, args.interval, args.sort)
 
 
+def cmd_sandbox_check(args: argparse.Namespace) -> int:
+    from ._errors import SandboxError
+    from ._kernel.sandbox import Sandbox
+
+    avail = Sandbox.available()
+    try:
+        Sandbox(network=args.network).check(avail)
+        verdict = "a sandbox can be enforced here"
+    except SandboxError as exc:
+        verdict = f"a sandbox cannot be enforced here: {exc}"
+    if args.json:
+        print(json.dumps(dict(avail, ok=verdict.startswith("a sandbox can"), verdict=verdict)))
+    else:
+        for key, value in avail.items():
+            print(f"{key:13} {value}")
+        print(verdict)
+    return 0 if verdict.startswith("a sandbox can") else 1
+
+
 def cmd_metrics(args: argparse.Namespace) -> int:
     from . import _metrics
 
@@ -217,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("demo", help="the tour, on an embedded kernel").set_defaults(fn=cmd_demo)
     p = sub.add_parser("bench", help="benchmarks against the peers, printed as tables")
     p.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
-    p.add_argument("--only", default=None, help="comma-separated: call,async,large,scale")
+    p.add_argument("--only", default=None,
+                   help="comma-separated: call,caps,async,large,scale,sandbox")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="also draw the tables as a chart")
     p.set_defaults(fn=cmd_bench)
@@ -232,6 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     p.add_argument("--sort", choices=("rate", "latency", "refused", "name"), default="rate")
     p.set_defaults(fn=cmd_top)
+    p = sub.add_parser("sandbox-check", help="what this Linux can enforce of a capbus.Sandbox")
+    p.add_argument("--network", action="store_true", help="ask about network=True sandboxes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_sandbox_check)
     p = with_socket(sub.add_parser("metrics", help="serve the figures to Prometheus (/metrics)"))
     p.add_argument("--serve", type=int, required=True, metavar="PORT", help="TCP port (0: any free)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")

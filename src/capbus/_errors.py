@@ -98,6 +98,13 @@ class NoReply(IpcError):
     code = 17
 
 
+class SandboxError(IpcError):
+    """A sandbox that cannot be enforced as asked (this Linux lacks a Landlock ABI it needs, a
+    path is missing, user= without root): the process is not started, never started weaker."""
+
+    code = 18
+
+
 ERRORS: dict[int, type[IpcError]] = {
     cls.code: cls
     for cls in (
@@ -117,6 +124,7 @@ ERRORS: dict[int, type[IpcError]] = {
         KernelUnavailable,
         ProtocolError,
         NoReply,
+        SandboxError,
     )
 }
 

@@ -29,6 +29,7 @@ ENV_SOCKET = "CAPBUS_SOCKET"
 ENV_FD = "CAPBUS_FD"  # a pre-connected socket inherited from kernel.spawn()
 ENV_KERNEL_UID = "CAPBUS_KERNEL_UID"  # a uid, besides one's own and root, trusted to run a kernel
 _UCRED = struct.Struct("3i")
+ENV_SANDBOXED = "CAPBUS_SANDBOXED"  # "1": kernel.spawn() launched us in a capbus.Sandbox
 
 
 def default_dir() -> str:

@@ -13,7 +13,7 @@ import os
 from . import capbus_bench, peers
 from .table import Result, machine_info, machine_line, print_table, to_json
 
-SECTIONS = ("call", "caps", "async", "large", "scale")
+SECTIONS = ("call", "caps", "async", "large", "scale", "sandbox")
 
 
 def _find(rows: list[Result], mechanism: str, note_part: str = "") -> Result | None:
@@ -100,6 +100,18 @@ def scale_section(quick: bool) -> list[Result]:
     return []
 
 
+def sandbox_section(quick: bool) -> list[Result]:
+    from . import sandbox_bench
+
+    rows = sandbox_bench.run_spawn(quick)
+    print_table("Launch: kernel.spawn() until the child's first call is answered (alternating runs)",
+                rows, machine_line())
+    print()
+    print(f"Target: sandboxed spawn <= 1.2x plain: {_ratio(rows[1], rows[0])}; Popen with a "
+          f"preexec_fn (fork) {_ratio(rows[3], rows[2])} of one without (vfork)")
+    return rows
+
+
 def main(args: argparse.Namespace) -> int:
     sections = args.only.split(",") if args.only else list(SECTIONS)
     unknown = set(sections) - set(SECTIONS)
@@ -115,7 +127,8 @@ def main(args: argparse.Namespace) -> int:
     everything: list[Result] = []
     for section in sections:
         everything += {"call": call_section, "caps": caps_section, "async": async_section,
-                       "large": large_section, "scale": scale_section}[section](args.quick)
+                       "large": large_section, "scale": scale_section,
+                       "sandbox": sandbox_section}[section](args.quick)
         print()
     if args.json:
         with open(args.json, "w") as f:

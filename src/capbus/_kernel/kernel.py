@@ -41,6 +41,7 @@ from .._errors import (
     PermissionDenied,
     ProcessNotFound,
     ProtocolError,
+    SandboxError,
     ServiceNotFound,
 )
 from .._fdlimit import raise_fd_limit
@@ -55,6 +56,7 @@ from .launcher import Child, LaunchSpec, default_lookup, launch
 from .policy import KernelLimits, Policy, ProcessInfo
 from .regions import MAX_REGION, REGION_RIGHTS, Region
 from .registry import Registry
+from .sandbox import Sandbox
 from .shm import ChannelShm, make_doorbell, make_eventfd, make_sleep_eventfd
 from .transport import FdBudget, Transport
 
@@ -301,11 +303,12 @@ class ProcessRecord:
     # (which list, its patterns): a lookup must pass every one; none at all: unrestricted
     lookup_lists: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     revoked_services: set[tuple[str, str]] = field(default_factory=set)  # (kind, name)
+    usage: _UidUsage | None = None  # its uid's, while counted
+    sandboxed: bool = False  # launched inside a capbus.Sandbox (Landlock + seccomp)
 
     @property
     def restricted(self) -> bool:
         return bool(self.lookup_lists)
-    usage: _UidUsage | None = None  # its uid's, while counted
 
     def __repr__(self) -> str:  # never the whole record (tables, outbox) in a log line
         return f"<process {self.process_id} pid {self.pid} uid {self.uid}>"
@@ -455,6 +458,7 @@ class Kernel:
         cwd: str | None = None,
         grants: Mapping[str, Any] | None = None,
         lookup: Sequence[str] | None = _UNSET,
+        sandbox: Sandbox | None = None,
     ) -> Child:
         """Launch a process that holds a pre-connected socket and the given package identity.
 
@@ -464,14 +468,18 @@ class Kernel:
         the policy (which win a key both name). lookup: the names it may look up besides
         (fnmatch patterns, "package:P" for lookup_package): None for any, [] for none; left
         out, None (a sandboxed process: none). Its package's lookup list in the policy applies
-        as well: a lookup must pass both. ValueError on a bad grant or pattern."""
+        as well: a lookup must pass both. ValueError on a bad grant or pattern.
+        sandbox: a capbus.Sandbox confining it (and every restart) from before its first
+        instruction; SandboxError, and nothing started, if this Linux cannot enforce it."""
         if package is not None:
             check_name(package, "package name")
+        if sandbox is not None:
+            sandbox.check()  # here, in the caller's thread: the loop never waits on a bad one
         specs = parse_grants(grants, "spawn grants")
         rules = self.policy.package_rules(package)
         combine_grants(("the policy", rules.grants if rules else ()), ("spawn", specs))
         spec = LaunchSpec(tuple(argv), name, package, dict(env or {}), restart, max_restarts, cwd,
-                          specs)
+                          specs, sandbox=sandbox)
         spec = dataclasses.replace(spec, lookup=default_lookup(spec) if lookup is _UNSET
                                    else parse_lookup(lookup, "spawn lookup"))
         child = Child(spec)
@@ -741,6 +749,7 @@ class Kernel:
     ) -> ProcessRecord:
         rec = ProcessRecord(next(self._ids), pid, uid, gid, transport, pidfd, package, name, child)
         rec.refused = refused
+        rec.sandboxed = child is not None and child.spec.sandbox is not None
         self._procs[rec.process_id] = rec
         if not refused:
             self._set_authority(rec)
@@ -763,7 +772,8 @@ class Kernel:
             usage.holders += 1
             rec.caps.charge = lambda n, usage=usage: self._charge_caps(usage, n)
         self._audit_event(_audit.PROCESS_START, rec, None, package or name or "",
-                          refused or ("launched" if child is not None else "connected"))
+                          refused or ("connected" if child is None else
+                                      "launched sandboxed" if rec.sandboxed else "launched"))
         self._sel.register(transport.sock, selectors.EVENT_READ, ("conn", rec))
         if pidfd is not None:
             self._sel.register(pidfd, selectors.EVENT_READ, ("pidfd", rec))
@@ -798,8 +808,11 @@ class Kernel:
     def _launch_child(self, child: Child) -> int:
         popen, sock = launch(child.spec, self.socket_path)
         pidfd = os.pidfd_open(popen.pid)
+        sandbox = child.spec.sandbox
+        # The identity it runs as: a sandbox's user= is what "uid:N" allowlists must see.
+        uid, gid = (sandbox and sandbox.identity()) or (os.getuid(), os.getgid())
         rec = self._add_record(
-            Transport(sock, self.limits.outbox_fds), popen.pid, os.getuid(), os.getgid(), pidfd,
+            Transport(sock, self.limits.outbox_fds), popen.pid, uid, gid, pidfd,
             child.spec.package, child.spec.name, child,
         )
         self._children.add(child)
@@ -1029,7 +1042,7 @@ class Kernel:
             try:
                 self._launch_child(child)
                 return
-            except OSError as exc:
+            except (OSError, SandboxError) as exc:
                 log.warning("restart of %s failed: %s", child.spec.argv, exc)
                 child._abandon(-1)
         self._children.discard(child)
@@ -1873,9 +1886,9 @@ class Kernel:
     def _on_query(self, rec: ProcessRecord, msg: frames.Query, rid: int) -> frames.Message:
         if rec.uid not in (self._uid, 0):
             raise PermissionDenied("only the kernel's own user (or root) may list its tables")
-        if rec.restricted:  # the tables name every service: not for one that may reach few
-            raise PermissionDenied("a process under a lookup list may not list the kernel's "
-                                   "tables")
+        if rec.restricted or rec.sandboxed:  # the tables name every service: not for one
+            raise PermissionDenied("a sandboxed process, or one under a lookup list, may not "
+                                   "list the kernel's tables")
         if msg.what not in ("processes", "services", "caps", "channels"):
             raise ValueError(f"unknown query {msg.what!r}: processes, services, caps or channels")
         rows = self._rows(msg.what, msg.process_id)
@@ -1905,7 +1918,7 @@ class Kernel:
                 {
                     "id": r.process_id, "pid": r.pid, "uid": r.uid, "package": r.package,
                     "name": r.name, "services": [s.name for s in r.services],
-                    "since": r.since, "wait": r.wait_mode,
+                    "since": r.since, "wait": r.wait_mode, "sandboxed": r.sandboxed,
                 }
                 for r in self._procs.values()
                 if r.proto.state is State.READY

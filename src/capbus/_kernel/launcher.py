@@ -2,6 +2,7 @@
 
 A launched process's package identity is the one the kernel launched it with: the socket it
 inherits is the proof, so it never has to claim anything. Restarts get a new ProcessId.
+A spec with a sandbox (capbus.Sandbox, sandbox.py) is confined here, between fork and exec.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._errors import Timeout
-from .._paths import ENV_FD, ENV_SOCKET
+from .._errors import SandboxError, Timeout
+from .._paths import ENV_FD, ENV_SANDBOXED, ENV_SOCKET
 from .grants import GrantSpec
+from .sandbox import Sandbox, prepare
 
 RESTART_POLICIES = ("never", "on-failure")
 
@@ -34,6 +36,7 @@ class LaunchSpec:
     # What it starts with (see grants.py) and what else it may look up (None: anything).
     grants: tuple[GrantSpec, ...] = ()
     lookup: tuple[str, ...] | None = None
+    sandbox: Sandbox | None = None
 
     def __post_init__(self) -> None:
         if not self.argv or not all(isinstance(a, str) for a in self.argv):
@@ -42,6 +45,8 @@ class LaunchSpec:
             raise ValueError(f"restart must be one of {RESTART_POLICIES}, not {self.restart!r}")
         if self.max_restarts < 0:
             raise ValueError("max_restarts must be >= 0")
+        if self.sandbox is not None and not isinstance(self.sandbox, Sandbox):
+            raise TypeError(f"sandbox must be a capbus.Sandbox or None, not {type(self.sandbox).__name__}")
 
 
 def default_lookup(spec: LaunchSpec) -> tuple[str, ...] | None:
@@ -52,16 +57,40 @@ def default_lookup(spec: LaunchSpec) -> tuple[str, ...] | None:
 
 
 def launch(spec: LaunchSpec, socket_path: str) -> tuple[subprocess.Popen, socket.socket]:
-    """Start one incarnation; returns the child and the kernel's end of its socket."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # before the child can send
+    """Start one incarnation; returns the child and the kernel's end of its socket.
+
+    SandboxError if spec.sandbox cannot be enforced or the child cannot start inside it."""
     env = dict(os.environ)
     env.update(spec.env)
-    env[ENV_FD] = str(theirs.fileno())
-    env[ENV_SOCKET] = socket_path
+    env.pop(ENV_SANDBOXED, None)
+    if spec.sandbox is None:
+        return _start(spec, socket_path, env, {})
+    prepared = prepare(spec.sandbox, spec.argv, env, spec.cwd)
+    env[ENV_SANDBOXED] = "1"
+    kwargs = prepared.popen_kwargs
     try:
+        return _start(spec, socket_path, env, kwargs)
+    except (PermissionError, subprocess.SubprocessError) as exc:
+        # exec refused inside the domain (EACCES), or enter() failed (preexec_fn raised); a
+        # missing program or cwd stays the FileNotFoundError it is
+        who = f" as uid {kwargs['user']}" if "user" in kwargs else ""
+        raise SandboxError(
+            f"{spec.argv[0]!r} could not start in its sandbox{who}: {exc} (is it, and what it "
+            "loads, readable there? add the paths it needs to the sandbox's read list)"
+        ) from None
+    finally:
+        prepared.close()  # the child holds its domain now; the ruleset fd is not needed
+
+
+def _start(spec: LaunchSpec, socket_path: str, env: dict[str, str],
+           kwargs: dict) -> tuple[subprocess.Popen, socket.socket]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # before the child can send
+        env[ENV_FD] = str(theirs.fileno())
+        env[ENV_SOCKET] = socket_path
         popen = subprocess.Popen(
-            list(spec.argv), env=env, pass_fds=(theirs.fileno(),), cwd=spec.cwd
+            list(spec.argv), env=env, pass_fds=(theirs.fileno(),), cwd=spec.cwd, **kwargs
         )
     except BaseException:
         ours.close()

@@ -3,6 +3,9 @@
 Either one process at the top level (argv, package, name, env, restart, max_restarts, cwd,
 grants, lookup) or several [[process]] tables with the same keys. Relative cwd is relative to
 the manifest. grants and lookup are checked here, as spawn checks them (see grants.py).
+A [sandbox] (or [process.sandbox]) table confines the process: read and write (lists of paths,
+relative ones relative to the manifest), network (bool), user and group (name or number); see
+capbus.Sandbox.
 """
 
 from __future__ import annotations
@@ -10,10 +13,14 @@ from __future__ import annotations
 import os
 import tomllib
 
+from .._errors import SandboxError
 from .grants import parse_grants, parse_lookup
 from .launcher import LaunchSpec
+from .sandbox import Sandbox
 
-_KEYS = {"argv", "package", "name", "env", "restart", "max_restarts", "cwd", "grants", "lookup"}
+_KEYS = {"argv", "package", "name", "env", "restart", "max_restarts", "cwd", "grants", "lookup",
+         "sandbox"}
+_SANDBOX_KEYS = {"read", "write", "network", "user", "group"}
 
 
 def load(path: str) -> list[LaunchSpec]:
@@ -51,6 +58,28 @@ def load(path: str) -> list[LaunchSpec]:
                 cwd=cwd,
                 grants=grants,
                 lookup=lookup,
+                sandbox=_sandbox(entry.get("sandbox"), base, f"manifest {path}, process {i}"),
             )
         )
     return specs
+
+
+def _sandbox(table: object, base: str, where: str) -> Sandbox | None:
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: sandbox must be a table ([process.sandbox])")
+    unknown = set(table) - _SANDBOX_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown sandbox keys {sorted(unknown)} "
+                         f"(known: {sorted(_SANDBOX_KEYS)})")
+    kw = dict(table)
+    for key in ("read", "write"):
+        paths = kw.get(key, [])
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise ValueError(f"{where}: sandbox {key} must be a list of path strings")
+        kw[key] = [os.path.join(base, p) for p in paths]
+    try:
+        return Sandbox(**kw)
+    except SandboxError as exc:
+        raise SandboxError(f"{where}: {exc}") from None

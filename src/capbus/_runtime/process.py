@@ -550,6 +550,12 @@ def _inherited_socket() -> socket.socket | None:
     raw = os.environ.pop(_paths.ENV_FD, None)
     if raw is None:
         return None
+    if os.environ.get(_paths.ENV_SANDBOXED) == "1":
+        # The launcher set dumpable 0 before exec, which resets it: other processes of our uid
+        # must not read this sandboxed process's memory. (Skipping this harms only ourselves.)
+        from .. import _sandbox
+
+        _sandbox.set_dumpable(False)
     try:
         fd = int(raw)
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
@@ -569,12 +575,24 @@ def _open_socket(path: str, kernel_uid: int | None = None) -> socket.socket:
     trusted = {os.getuid(), 0} | ({kernel_uid} if kernel_uid is not None else set())
     directory = os.path.dirname(os.path.abspath(path))
     try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    except PermissionError:
+        # EPERM from socket() itself: a seccomp filter, like a capbus sandbox's, refuses it.
+        raise PermissionDenied(
+            f"cannot connect to {path}: new unix sockets are refused here (this process runs in "
+            "a sandbox); use the connection it was launched with (capbus.connect() with no path "
+            "and reconnect=False, once per process)"
+        ) from None
+    try:
         dirfd = _paths.open_dir(directory, frozenset(trusted))
     except FileNotFoundError:
+        sock.close()
         raise KernelUnavailable(
             f"no capbus kernel at {path} (its directory does not exist): start one with "
             "`capbus kernel` or capbus.Kernel(), or set CAPBUS_SOCKET") from None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    except BaseException:
+        sock.close()
+        raise
     from .control import _KERNEL_GRACE  # read at call time: tests shorten it
 
     sock.settimeout(_KERNEL_GRACE)  # a full backlog (a kernel not accepting) must not hang us
