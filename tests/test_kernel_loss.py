@@ -72,8 +72,9 @@ SERVER = """
         print("lost", type(exc).__name__, flush=True)
 """
 
-# Calls in a loop; prints each change between "ok" and an error type, and (once) the server's
-# ProcessId after each first success following an error.
+# Calls in a loop; prints each change of (state, the server's ProcessId, the kernel its lane was
+# opened through: 0 the first, 1 the next...), state "ok" or an error type. ProcessIds alone may
+# not change: a restarted daemon numbers its processes from 1 again.
 LOOPER = """
     import sys, time, capbus
     reconnect = sys.argv[1] == "1"
@@ -82,6 +83,7 @@ LOOPER = """
     ep = p.lookup("echo", timeout=10)
     print("ready", flush=True)
     last = None
+    kernels = []
     n = 0
     while True:
         try:
@@ -91,9 +93,14 @@ LOOPER = """
         except capbus.IpcError as exc:
             state = type(exc).__name__
             time.sleep(0.01)
-        if (state, ep.process_id) != last:
-            print(state, ep.process_id, flush=True)
-            last = (state, ep.process_id)
+        lane = ep._local.__dict__.get("lane")
+        ctl = lane._ctl if lane is not None else None
+        if ctl not in kernels:
+            kernels.append(ctl)
+        now = (state, ep.process_id, kernels.index(ctl))
+        if now != last:
+            print(*now, flush=True)
+            last = now
         n += 1
 """
 
@@ -207,7 +214,7 @@ def test_reconnect_brings_server_and_clients_back(daemon, kids):
     for lp in loopers:
         # on_reconnect ran, and the same Endpoint object reaches the re-registered service
         # through the new kernel (in either order: the loop runs while the callback is called)
-        want = {"reconnected", f"ok {new_id}"}
+        want = {"reconnected", f"ok {new_id} 1"}
         deadline = time.monotonic() + 15
         seen = []
         while want:

@@ -398,7 +398,9 @@ class Kernel:
         return self._call(self._stats, process_id)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving: every process sees the kernel go; launched children are terminated."""
+        """Stop serving: every process sees the kernel go (reconnect=True ones connect again to
+        the next kernel on this path); channels between processes that live on keep working;
+        launched children are terminated."""
         if self._thread is not None and self._thread.is_alive():
             self._stopping = True
             self._poke()
@@ -764,7 +766,13 @@ class Kernel:
 
     def _event(self, rec: ProcessRecord, msg: frames.Message, fds: tuple[int, ...] = ()) -> bool:
         """Send an event; False if it could not go (no fds to spare for its fds, or it does not
-        encode), so the caller can undo what it announces."""
+        encode), so the caller can undo what it announces.
+
+        None once the kernel stops: processes are not dying, the kernel is (a Death would fire
+        on_death callbacks of a server that lives on; a ChannelClosed would drop live channels);
+        each process sees its connection close, as with a crash, and reconnects if it asked to."""
+        if self._shut:
+            return True
         if rec.alive and rec.proto.state is State.READY:
             try:
                 frame = rec.proto.event(msg)
@@ -1141,7 +1149,10 @@ class Kernel:
         svc = ch.service
         if svc.channels.get(ch.index) is not ch:
             return
-        ch.shm.set_state(state)
+        if not self._shut:
+            # A stopping kernel leaves the page OPEN: both ends live, and the channel needs no
+            # kernel (they watch each other's pidfds; a restarted kernel meets their reconnect).
+            ch.shm.set_state(state)
         del svc.channels[ch.index]
         svc.free_indices.append(ch.index)
         _count_down(svc.chans_by_client, _client_key(ch.client))

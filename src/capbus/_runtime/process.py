@@ -269,21 +269,20 @@ class Process:
         """The peer watch's thread: the OS process `pid` at the other end of some channels exited.
         Its lanes fail with PeerDied at once (the kernel, if alive, says the same on the control
         pages); with the kernel gone, services also drop its channels and watchers hear of it."""
-        eps = [ep for ep in list(self._lane_endpoints) if ep._server_pid == pid]
+        eps = [ep for ep in list(self._lane_endpoints) if ep._served_by(pid)]
         for ep in eps:
-            ep._mark_lanes(_core.STATE_PEER_DEAD)
-        lost = self.kernel_lost is not None
-        if lost:
-            for ep in eps:
+            ep._mark_lanes(_core.STATE_PEER_DEAD, pid)
+            if ep._server_pid == pid and ep._ctl.closed is not None:  # no kernel will say it
                 ep._died()
-            for svc in list(self._services.values()):
-                svc._peer_exited(pid, lost)
+        lost = self.kernel_lost is not None
+        for svc in list(self._services.values()):
+            svc._peer_exited(pid, lost)  # channels of a lost kernel go in any case
         # A caller between its last state check and its futex sleep missed that wake-up: the
         # window is a few instructions, so two more wakes a little later close it. On timers,
         # never in the watch's thread: it must keep closing the pidfds of peers that exit (a
         # server with many short-lived clients held hundreds of them while this thread slept).
         for pause in (0.005, 0.055) if eps else ():
-            t = threading.Timer(pause, _mark_dead, (eps,))
+            t = threading.Timer(pause, _mark_dead, (eps, pid))
             t.daemon = True
             t.start()
 
@@ -367,7 +366,10 @@ class Process:
                 assert isinstance(reply, frames.Granted)
             except IpcError as exc:
                 log.warning("capbus: cannot look %r up again after a reconnect: %s", name, exc)
-                ep._lose(f"endpoint {name!r} was lost with the kernel and not found again: {exc}")
+                alive = bool(ep._lanes) and not self._peers.gone(ep._server_pid)
+                ep._lose(f"endpoint {name!r} was lost with the kernel and not found again: {exc}"
+                         + (" (lanes open before work while its server lives)" if alive else ""),
+                         keep_lanes=alive)
                 return
             ep._rebind(reply)
             with self._lock:
@@ -481,9 +483,9 @@ def _open_socket(path: str) -> socket.socket:
     return sock
 
 
-def _mark_dead(eps: list[Endpoint]) -> None:
+def _mark_dead(eps: list[Endpoint], pid: int) -> None:
     for ep in eps:
-        ep._mark_lanes(_core.STATE_PEER_DEAD)
+        ep._mark_lanes(_core.STATE_PEER_DEAD, pid)
 
 
 def connect(path: str | None = None, wait: str = "adaptive", *, reconnect: bool = False,
