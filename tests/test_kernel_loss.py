@@ -76,12 +76,18 @@ SERVER = """
 # opened through: 0 the first, 1 the next...), state "ok" or an error type. ProcessIds alone may
 # not change: a restarted daemon numbers its processes from 1 again.
 LOOPER = """
-    import sys, time, capbus
+    import sys, threading, time, capbus
+    out = threading.Lock()
+
+    def say(*words):  # whole lines: on_reconnect prints from another thread
+        with out:
+            print(*words, flush=True)
+
     reconnect = sys.argv[1] == "1"
-    kw = dict(reconnect=True, on_reconnect=lambda proc: print("reconnected", proc.id, flush=True))
+    kw = dict(reconnect=True, on_reconnect=lambda proc: say("reconnected", proc.id))
     p = capbus.connect(sys.argv[2], wait=sys.argv[3], **(kw if reconnect else {}))
     ep = p.lookup("echo", timeout=10)
-    print("ready", flush=True)
+    say("ready")
     last = None
     kernels = []
     n = 0
@@ -99,7 +105,7 @@ LOOPER = """
             kernels.append(ctl)
         now = (state, ep.process_id, kernels.index(ctl))
         if now != last:
-            print(*now, flush=True)
+            say(*now)
             last = now
         n += 1
 """
@@ -197,14 +203,17 @@ def test_a_server_that_dies_after_the_kernel_fails_its_blocked_caller(daemon, ki
     assert after < 0.6 + 1.0, after  # 0.6 s of it is this test's own sleeps
 
 
-def test_reconnect_brings_server_and_clients_back(daemon, kids):
+@pytest.mark.parametrize("how", ["kill", "term"])
+def test_reconnect_brings_server_and_clients_back(daemon, kids, how):
+    """how=term is `systemctl restart`: a graceful stop must not make anyone give up, nor
+    break a channel (its pages stay OPEN: both ends live)."""
     server = _start(kids, SERVER, True, daemon.path, "adaptive")
     first_id = int(readline(server).split()[1])
     loopers = [_start(kids, LOOPER, True, daemon.path, "adaptive") for _ in range(2)]
     for lp in loopers:
         assert readline(lp) == "ready"
         assert _expect(lp, "ok").split()[1] == str(first_id)
-    daemon.kill()
+    _stop(daemon, how)
     time.sleep(1.0)  # the outage: open channels keep working meanwhile
     for lp in loopers:
         assert lp.lines.empty(), lp.lines.get()  # type: ignore[attr-defined]
@@ -218,7 +227,10 @@ def test_reconnect_brings_server_and_clients_back(daemon, kids):
         deadline = time.monotonic() + 15
         seen = []
         while want:
-            seen.append(readline(lp, max(0.1, deadline - time.monotonic())))
+            try:
+                seen.append(readline(lp, max(0.1, deadline - time.monotonic())))
+            except AssertionError as exc:
+                raise AssertionError(f"still waiting for {want}, saw {seen}: {exc}") from None
             want.discard(seen[-1].split()[0] if seen[-1].startswith("reconnected") else seen[-1])
     # the server registered "echo" again: a fresh process finds it in the new kernel
     with capbus.connect(daemon.path) as p:
@@ -243,3 +255,191 @@ def test_reconnect_calls_during_the_outage_fail_fast(daemon, kids, sockdir):
         assert wait_for(lambda: done, 15)
         svc = p.register("x")  # works again, through the new kernel
         assert svc.name == "x"
+
+
+# A client driven line by line from stdin, so the test knows each call was made and what it got:
+# "call" (timed), "untimed OP", "timed OP" (30 s), "thread" (a call from a new thread: a new
+# lane). argv[4] (reconnect=1 only): how long a reconnect waits to find "echo" again.
+CALLER = """
+    import sys, threading, time, capbus
+    from capbus._runtime import process as _process
+    out = threading.Lock()
+
+    def say(*words):  # whole lines: death callbacks print from another thread
+        with out:
+            print(*words, flush=True)
+
+    reconnect = sys.argv[1] == "1"
+    if reconnect:
+        _process._RELOOKUP = float(sys.argv[4])
+    kw = dict(reconnect=True, on_reconnect=lambda proc: say("reconnected", proc.id))
+    p = capbus.connect(sys.argv[2], wait=sys.argv[3], **(kw if reconnect else {}))
+    ep = p.lookup("echo", timeout=10)
+    ep.on_death(lambda e: say("death"))
+    ep.call(1, (1,), timeout=10)  # this thread's lane is open from now on
+    say("ready")
+
+    def one(op, timeout):
+        t0 = time.monotonic()
+        try:
+            r = ep.call(op, (5,), timeout=timeout)
+            out = f"reply {r.data[0]}"
+        except capbus.IpcError as exc:
+            out = f"raised {type(exc).__name__}"
+        say(out, round(time.monotonic() - t0, 3))
+
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[0] == "call":
+            one(1, 5)
+        elif cmd[0] == "untimed":
+            one(int(cmd[1]), None)
+        elif cmd[0] == "timed":
+            one(int(cmd[1]), 30)
+        elif cmd[0] == "thread":
+            t = threading.Thread(target=one, args=(1, 5))
+            t.start()
+            t.join(30)
+"""
+
+
+def _ask(p, cmd: str, want: str, timeout: float = 10.0) -> float:
+    """Send a command to a CALLER; its answer must start with `want`; returns how long it took."""
+    p.stdin.write(cmd + "\n")
+    p.stdin.flush()
+    line = _expect(p, "reply" if want.startswith("reply") else "raised", timeout)
+    assert line.startswith(want), (cmd, line)
+    return float(line.split()[-1])
+
+
+def _died(caller) -> str:
+    """The call in flight raised PeerDied, and on_death ran (in either order); that line."""
+    raised, death = None, False
+    deadline = time.monotonic() + 10
+    while raised is None or not death:
+        line = readline(caller, max(0.1, deadline - time.monotonic()))
+        if line == "death":
+            death = True
+        else:
+            assert line.startswith("raised PeerDied"), line
+            raised = line
+    return raised
+
+
+def _stop(daemon: Daemon, how: str) -> None:
+    """SIGKILL (a crash), or SIGTERM (`systemctl stop`: the kernel's graceful shutdown)."""
+    if how == "kill":
+        daemon.kill()
+    else:
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(10) == 0
+
+
+def _fresh_call(path: str, want_id: int) -> None:
+    """A process that never knew the old kernel reaches the service through the new one."""
+    with capbus.connect(path) as p:
+        ep = p.lookup("echo", timeout=10)
+        assert ep.process_id == want_id
+        assert ep.call(1, (41,), timeout=5).data[0] == 42
+
+
+@pytest.mark.parametrize("timed", [False, True], ids=["untimed", "timed"])
+@pytest.mark.parametrize("how", ["kill", "term"])
+def test_a_reconnected_server_keeps_serving_a_client_that_did_not_reconnect(daemon, kids, how,
+                                                                             timed):
+    server = _start(kids, SERVER, True, daemon.path, "adaptive")
+    assert readline(server).startswith("ready")
+    caller = _start(kids, CALLER, False, daemon.path, "adaptive")
+    assert readline(caller) == "ready"
+    _stop(daemon, how)
+    _ask(caller, "call", "reply 6")  # the outage: the channel needs no kernel
+    daemon.start()
+    new_id = int(_expect(server, "reconnected", 15).split()[1])
+    # The server is back under the new kernel, and still serves the channel of the old one: to
+    # the caller nothing happened (no death either: a graceful stop is not the server's death).
+    for _ in range(3):
+        _ask(caller, "call", "reply 6")
+    _ask(caller, "untimed 1", "reply 6")
+    _fresh_call(daemon.path, new_id)  # new channels through the new kernel, side by side
+    _ask(caller, "call", "reply 6")
+    assert caller.lines.empty(), caller.lines.get()  # type: ignore[attr-defined]
+    # A new thread needs a new lane, which only a kernel could open: a clear error, no hang.
+    _ask(caller, "thread", "raised KernelUnavailable")
+    # The server dies with a call in flight: the caller hears PeerDied at once, from its own
+    # watch on the server's pidfd (no kernel it knows of can tell it).
+    caller.stdin.write(("timed 3" if timed else "untimed 3") + "\n")
+    caller.stdin.flush()
+    time.sleep(0.3)  # the call waits in the handler that never answers
+    server.send_signal(signal.SIGKILL)
+    server.wait(10)
+    line = _died(caller)
+    assert float(line.split()[-1]) < 0.3 + 1.5, line
+    assert _ask(caller, "call", "raised PeerDied") < 1.0  # and so does every later call
+
+
+@pytest.mark.parametrize("how", ["kill", "term"])
+def test_a_reconnected_client_keeps_its_lanes_to_a_server_that_did_not(daemon, kids, how):
+    server = _start(kids, SERVER, False, daemon.path, "adaptive")
+    assert readline(server).startswith("ready")
+    caller = _start(kids, CALLER, True, daemon.path, "adaptive", "1.0")
+    assert readline(caller) == "ready"
+    _stop(daemon, how)
+    daemon.start()
+    # It reconnects; "echo" never comes back (its server stays with the lost kernel)...
+    _expect(caller, "reconnected", 15)
+    # ...yet the lane it had keeps reaching that live server; a new lane cannot be had.
+    for _ in range(3):
+        _ask(caller, "call", "reply 6")
+    _ask(caller, "untimed 1", "reply 6")
+    _ask(caller, "thread", "raised InvalidCapability")
+    assert server.poll() is None
+    caller.stdin.write("untimed 3\n")
+    caller.stdin.flush()
+    time.sleep(0.3)
+    server.send_signal(signal.SIGKILL)
+    server.wait(10)
+    line = _died(caller)
+    assert float(line.split()[-1]) < 0.3 + 1.5, line
+
+
+def test_both_reconnect_and_a_call_in_flight_gets_its_answer(daemon, kids):
+    """A call waiting in the server's handler while both ends move to the new kernel: answered
+    on the old channel, never failed for the move; the next call goes through the new kernel."""
+    server = _start(kids, SERVER, True, daemon.path, "adaptive")
+    assert readline(server).startswith("ready")
+    caller = _start(kids, CALLER, True, daemon.path, "adaptive", "10")
+    assert readline(caller) == "ready"
+    daemon.kill()
+    caller.stdin.write("untimed 2\n")  # the handler takes 1 s: both reconnect meanwhile
+    caller.stdin.flush()
+    daemon.start()
+    want = {"reconnected", "reply"}
+    deadline = time.monotonic() + 15
+    while want:
+        line = readline(caller, max(0.1, deadline - time.monotonic()))
+        assert not line.startswith("raised"), line
+        want.discard(line.split()[0])
+    new_id = int(_expect(server, "reconnected", 15).split()[1])
+    _ask(caller, "call", "reply 6")
+    _fresh_call(daemon.path, new_id)
+
+
+@pytest.mark.parametrize("how", ["kill", "term"])
+def test_the_next_daemon_starts_over_what_the_last_one_left(sockdir, how):
+    """A killed daemon leaves its socket file, lock file and audit WAL: none stops the next one
+    on the same path (a stopped one leaves none of them)."""
+    d = Daemon(os.path.join(sockdir, "k.sock"))
+    try:
+        d.start()
+        with capbus.connect(d.path) as p:
+            p.register("before")
+        _stop(d, how)
+        left = set(os.listdir(sockdir))
+        if how == "kill":
+            assert {"k.sock", "k.sock.lock", "audit.db-wal"} <= left, left
+        d.start()
+        with capbus.connect(d.path) as p:
+            p.register("before")  # the name is free: the old registry went with its kernel
+            assert p.lookup("before").process_id == p.id
+    finally:
+        d.kill()

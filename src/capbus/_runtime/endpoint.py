@@ -405,13 +405,15 @@ class Endpoint(_core.EndpointBase):
         thread opens a lane through the new kernel; a call still waiting on a lane of the old
         one gets its answer there (a server that reconnects serves its old channels too), or
         PeerDied if that server dies (the lanes stay in _lanes until dropped, for the watch)."""
-        with self._lock:
-            self._ctl = self._proc._control  # first: _thread_core then opens no old lane again
+        with self._lock:  # _open_lane takes the (connection, handle) pair under it
+            # In this order: a thread between two calls finds no lane in the new local, or an
+            # old lane its _ctl check refuses, and the native cache forgets what it chose then.
+            self._local = threading.local()
+            self._ctl = self._proc._control
             self.handle = granted.handle  # also drops the native one-entry lane cache
             self.process_id = granted.process_id
             self.rights = frozenset(granted.rights or ())
             self.limits = Limits.from_wire(granted.limits)
-            self._local = threading.local()
             self._pool, self._pool_size = [], 0
             self.dead = False
             watching, self._watching = self._watching, False
