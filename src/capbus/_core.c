@@ -295,6 +295,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -6442,6 +6443,26 @@ fail:
     return NULL;
 }
 
+/* prctl(PR_SET_DUMPABLE): here rather than through ctypes, which every capbus process would then
+ * import (and load libc through) only for this; os has no prctl. */
+static PyObject *py_set_dumpable(PyObject *self, PyObject *arg)
+{
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    if (prctl(PR_SET_DUMPABLE, on ? 1 : 0, 0, 0, 0) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_dumpable(PyObject *self, PyObject *unused)
+{
+    int r = prctl(PR_GET_DUMPABLE, 0, 0, 0, 0);
+    if (r < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyBool_FromLong(r == 1);
+}
+
 static PyObject *py_crc32(PyObject *self, PyObject *args)
 {
     Py_buffer view;
@@ -6503,6 +6524,11 @@ static PyMethodDef core_methods[] = {
      "wake_lane(chan, nslots=256) -> int: wake clients blocked on a channel (chan: memfd or "
      "buffer mapping the channel from offset 0)"},
     {"crc32", py_crc32, METH_VARARGS, "crc32(data, value=0) -> int (same as zlib.crc32)"},
+    {"set_dumpable", py_set_dumpable, METH_O,
+     "set_dumpable(flag) -> None   prctl(PR_SET_DUMPABLE, flag): with False, processes of the "
+     "same uid can no longer ptrace this one, read its /proc/<pid>/mem, open its /proc/<pid>/fd "
+     "or take its fds with pidfd_getfd, and it leaves no core dump"},
+    {"dumpable", py_dumpable, METH_NOARGS, "dumpable() -> bool   prctl(PR_GET_DUMPABLE) == 1"},
     {"channel_stats", py_channel_stats, METH_O,
      "channel_stats(buf) -> dict: the client and server metrics of a channel header page"},
     {"set_types", py_set_types, METH_VARARGS,

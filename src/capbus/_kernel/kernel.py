@@ -26,7 +26,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import _core, _paths
+from .. import _core, _paths, _protect
 from .._errors import (
     VALUE_ERROR_CODE,
     InvalidCapability,
@@ -262,6 +262,8 @@ class Kernel:
     path of a TOML policy file.
     audit: the audit log's path; True (the default) for audit.db beside the socket; None or
     False to keep none.
+    debuggable: as for capbus.connect(): unless True (or None with CAPBUS_DEBUGGABLE=1), this
+    process becomes non-dumpable, out of reach of other processes of its uid (capbus._protect).
     """
 
     def __init__(
@@ -271,7 +273,9 @@ class Kernel:
         *,
         audit: str | None | bool = True,
         start: bool = True,
+        debuggable: bool | None = None,
     ) -> None:
+        _protect.protect(debuggable)  # first: this process will hold every channel's memfds
         self.socket_path = os.path.abspath(socket_path or _paths.default_socket())
         self.policy = Policy.coerce(policy)
         self.limits: KernelLimits = self.policy.limits

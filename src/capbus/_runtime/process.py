@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .. import _core, _paths
+from .. import _core, _paths, _protect
 from .._errors import IpcError, KernelUnavailable
 from .._protocol import frames
 from .._protocol.names import check_name
@@ -489,7 +489,8 @@ def _mark_dead(eps: list[Endpoint], pid: int) -> None:
 
 
 def connect(path: str | None = None, wait: str = "adaptive", *, reconnect: bool = False,
-            on_reconnect: Callable[[Process], None] | None = None) -> Process:
+            on_reconnect: Callable[[Process], None] | None = None,
+            debuggable: bool | None = None) -> Process:
     """Connect this process to the kernel at `path`, or, with no path, to the first of: the
     socket inherited from kernel.spawn(), the kernel this process embeds (capbus.Kernel),
     $CAPBUS_SOCKET, the default per-user path.
@@ -501,10 +502,17 @@ def connect(path: str | None = None, wait: str = "adaptive", *, reconnect: bool 
     once a kernel is back, re-register this Process's services under the same names, look its
     endpoints up again and call on_reconnect(process) (see also Process.on_reconnect). In
     between, requests fail with KernelUnavailable; channels already open keep working while both
-    ends live. Not with an inherited socket (a launched process has no path to return to).
+    ends live (a re-registered service serves the old kernel's channels too, until their clients
+    die). Not with an inherited socket (a launched process has no path to return to).
+
+    debuggable: this process becomes non-dumpable (other processes of the same uid cannot ptrace
+    it, read its memory or take its fds, and it leaves no core dump) unless this is True, or it
+    is None and CAPBUS_DEBUGGABLE=1 is set: for a debugger, a profiler such as py-spy, a core
+    dump. True leaves the flag as it is; see capbus._protect.
     """
     if wait not in WAIT_MODES:
         raise ValueError(f"wait must be one of {WAIT_MODES}, not {wait!r}")
+    _protect.protect(debuggable)  # before the connection exists: nothing to take before that
     sock = _inherited_socket() if path is None and not reconnect else None
     if sock is None:
         path = path or _paths.embedded_socket() or _paths.default_socket()
