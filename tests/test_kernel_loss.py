@@ -72,6 +72,33 @@ SERVER = """
         print("lost", type(exc).__name__, flush=True)
 """
 
+# SERVER for asyncio (arecv: the event loop watches the service's eventfds, the retired ones too).
+ASYNC_SERVER = """
+    import asyncio, sys, threading, capbus
+    out = threading.Lock()
+
+    def say(*words):
+        with out:
+            print(*words, flush=True)
+
+    kw = dict(reconnect=True, on_reconnect=lambda proc: say("reconnected", proc.id))
+    p = capbus.connect(sys.argv[2], wait=sys.argv[3], **(kw if sys.argv[1] == "1" else {}))
+    svc = p.register("echo")
+    say("ready", p.id)
+
+    async def main():
+        async for req in svc:
+            if req.opcode == 3:  # never answered (nor anything after it)
+                await asyncio.sleep(3600)
+            elif req.opcode == 2:
+                await asyncio.sleep(1.0)
+                req.reply(0, (7,))
+            else:
+                req.reply(0, (req.data[0] + 1,))
+
+    asyncio.run(main())
+"""
+
 # Calls in a loop; prints each change of (state, the server's ProcessId, the kernel its lane was
 # opened through: 0 the first, 1 the next...), state "ok" or an error type. ProcessIds alone may
 # not change: a restarted daemon numbers its processes from 1 again.
@@ -119,7 +146,8 @@ BLOCKED = """
     sys.stdin.readline()
     t0 = time.monotonic()
     try:
-        r = ep.call(int(sys.argv[4]))  # untimed
+        timeout = float(sys.argv[5]) if len(sys.argv) > 5 else None  # untimed unless given
+        r = ep.call(int(sys.argv[4]), timeout=timeout)
         print("reply", r.data[0], flush=True)
     except capbus.IpcError as exc:
         print("raised", type(exc).__name__, flush=True)
@@ -185,11 +213,12 @@ def test_a_killed_kernel_fails_control_at_once_and_open_channels_keep_working(da
     server.wait(10)
 
 
+@pytest.mark.parametrize("timeout", [None, "30"], ids=["untimed", "timed"])
 @pytest.mark.parametrize("wait", ["block", "adaptive"])
-def test_a_server_that_dies_after_the_kernel_fails_its_blocked_caller(daemon, kids, wait):
+def test_a_server_that_dies_after_the_kernel_fails_its_blocked_caller(daemon, kids, wait, timeout):
     server = _start(kids, SERVER, False, daemon.path, wait)
     assert readline(server).startswith("ready")
-    blocked = _start(kids, BLOCKED, False, daemon.path, wait, "3")
+    blocked = _start(kids, BLOCKED, False, daemon.path, wait, "3", *([timeout] if timeout else []))
     assert readline(blocked) == "ready"
     blocked.stdin.write("\n")
     blocked.stdin.flush()
@@ -343,11 +372,14 @@ def _fresh_call(path: str, want_id: int) -> None:
         assert ep.call(1, (41,), timeout=5).data[0] == 42
 
 
-@pytest.mark.parametrize("timed", [False, True], ids=["untimed", "timed"])
-@pytest.mark.parametrize("how", ["kill", "term"])
+@pytest.mark.parametrize("how, timed, server_code", [
+    ("kill", False, SERVER), ("kill", True, SERVER), ("term", False, SERVER),
+    ("term", True, SERVER), ("kill", False, ASYNC_SERVER), ("term", True, ASYNC_SERVER)],
+    ids=["kill-untimed", "kill-timed", "term-untimed", "term-timed", "kill-untimed-asyncio",
+         "term-timed-asyncio"])
 def test_a_reconnected_server_keeps_serving_a_client_that_did_not_reconnect(daemon, kids, how,
-                                                                             timed):
-    server = _start(kids, SERVER, True, daemon.path, "adaptive")
+                                                                             timed, server_code):
+    server = _start(kids, server_code, True, daemon.path, "adaptive")
     assert readline(server).startswith("ready")
     caller = _start(kids, CALLER, False, daemon.path, "adaptive")
     assert readline(caller) == "ready"
