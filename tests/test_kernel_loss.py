@@ -475,3 +475,63 @@ def test_the_next_daemon_starts_over_what_the_last_one_left(sockdir, how):
             assert p.lookup("before").process_id == p.id
     finally:
         d.kill()
+
+
+# A server that says how many channels it dropped for garbage (opcode 9).
+COUNTING_SERVER = """
+    import sys, capbus
+    p = capbus.connect(sys.argv[2], reconnect=True,
+                       on_reconnect=lambda proc: print("reconnected", proc.id, flush=True))
+    svc = p.register("echo")
+    print("ready", p.id, flush=True)
+    svc.serve(lambda req: (0, (svc.corrupt_channels if req.opcode == 9 else req.data[0] + 1,)))
+"""
+
+# A client that did not reconnect, holding a raw lane; told to, it scribbles its request ring's
+# tail far past its head (garbage the server must find on the old kernel's channel).
+SCRIBBLER = """
+    import mmap, os, struct, sys, capbus
+    from capbus import _core
+    from capbus._protocol import frames
+    p = capbus.connect(sys.argv[2])
+    ep = p.lookup("echo", timeout=10)
+    reply, fds = p._request_fds(frames.OpenChannel(ep.handle))
+    chan_fd, ctrl_fd, bell_fd, bell_event_fd, reply_event_fd, bell_sleep_fd, reply_sleep_fd = fds
+    lane = _core.Lane(chan_fd, ctrl_fd, bell_fd, reply.index, reply.nslots, reply.arena_size, 1,
+                      50000, bell_event_fd=bell_event_fd, reply_event_fd=reply_event_fd,
+                      bell_sleep_fd=bell_sleep_fd, reply_sleep_fd=reply_sleep_fd)
+    assert lane.call(1, 1, 4, (7,), None, 2_000_000_000)[2] == 8
+    print("ready", reply.index, flush=True)
+    sys.stdin.readline()
+    layout = _core.channel_layout(reply.nslots, reply.arena_size)
+    chan = mmap.mmap(chan_fd, layout["size"])
+    chan[layout["req_tail"]:layout["req_tail"] + 8] = struct.pack("<Q", 1 << 40)
+    print("scribbled", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_garbage_on_an_old_kernels_channel_drops_only_that_channel(daemon, kids):
+    """Nothing is reported to the new kernel about a channel it never knew: the index would name
+    one of its own channels (here: a fresh client's, at the same index), and that one lives."""
+    server = _start(kids, COUNTING_SERVER, True, daemon.path, "adaptive")
+    assert readline(server).startswith("ready")
+    hostile = _start(kids, SCRIBBLER, False, daemon.path, "adaptive")
+    assert readline(hostile) == "ready 0"  # index 0 of the old kernel
+    honest = _start(kids, CALLER, False, daemon.path, "adaptive")
+    assert readline(honest) == "ready"
+    daemon.kill()
+    daemon.start()
+    _expect(server, "reconnected", 15)
+    with capbus.connect(daemon.path) as p:
+        fresh = p.lookup("echo", timeout=10)
+        assert fresh.call(1, (1,), timeout=5).data[0] == 2  # holds channel index 0 of the new kernel
+        hostile.stdin.write("\n")
+        hostile.stdin.flush()
+        assert readline(hostile) == "scribbled"
+        assert wait_for(lambda: fresh.call(9, timeout=5).data[0] == 1, 10), "garbage not found"
+        # the honest old client and the fresh one: both still served
+        _ask(honest, "call", "reply 6")
+        for n in range(50):
+            assert fresh.call(1, (n,), timeout=5).data[0] == n + 1
+    assert server.poll() is None
