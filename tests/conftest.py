@@ -142,3 +142,7 @@ def chans():
     yield make
     for c in made:
         c.close()
+
+
+# Processes under a fresh uid (tests/_users.py): as_user(uid, fn, *args) in any test.
+from _users import as_user  # noqa: E402, F401

@@ -29,7 +29,8 @@ _SRC = os.path.dirname(os.path.dirname(os.path.abspath(capbus.__file__)))
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The tests read the daemon's /proc/<pid>/fd: without root, only a dumpable one's.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CAPBUS_DEBUGGABLE="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, env.get("PYTHONPATH")) if p)
     env.pop("CAPBUS_FD", None)
     env.pop("CAPBUS_SOCKET", None)

@@ -175,6 +175,7 @@ import ctypes, os, signal, sys, time
 
 libc = ctypes.CDLL(None, use_errno=True)
 assert libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+os.environ["CAPBUS_DEBUGGABLE"] = "1"  # the test reads our /proc/<pid>/fd (as any uid)
 hold_copy = sys.argv[1] == "1"
 r, w = os.pipe()
 p_pid = os.fork()

@@ -104,7 +104,9 @@ p = capbus.connect()
 ep = p.lookup("target")
 r = p.create_region(4096)
 r.buffer[:8] = b"sealed!!"
-fcntl.fcntl(r._fd, fcntl.F_ADD_SEALS, seals)     # its own fd: the creator may add any seal
+fd = r._fresh_fd()  # a writable fd of its own (the runtime keeps none once mapped)
+fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)     # the creator may add any seal
+os.close(fd)
 print("reply", ep.call(1, regions=[r], timeout=10).data[:2], flush=True)
 if seals & fcntl.F_SEAL_SEAL:
     try:

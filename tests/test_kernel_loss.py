@@ -72,16 +72,51 @@ SERVER = """
         print("lost", type(exc).__name__, flush=True)
 """
 
-# Calls in a loop; prints each change between "ok" and an error type, and (once) the server's
-# ProcessId after each first success following an error.
+# SERVER for asyncio (arecv: the event loop watches the service's eventfds, the retired ones too).
+ASYNC_SERVER = """
+    import asyncio, sys, threading, capbus
+    out = threading.Lock()
+
+    def say(*words):
+        with out:
+            print(*words, flush=True)
+
+    kw = dict(reconnect=True, on_reconnect=lambda proc: say("reconnected", proc.id))
+    p = capbus.connect(sys.argv[2], wait=sys.argv[3], **(kw if sys.argv[1] == "1" else {}))
+    svc = p.register("echo")
+    say("ready", p.id)
+
+    async def main():
+        async for req in svc:
+            if req.opcode == 3:  # never answered (nor anything after it)
+                await asyncio.sleep(3600)
+            elif req.opcode == 2:
+                await asyncio.sleep(1.0)
+                req.reply(0, (7,))
+            else:
+                req.reply(0, (req.data[0] + 1,))
+
+    asyncio.run(main())
+"""
+
+# Calls in a loop; prints each change of (state, the server's ProcessId, the kernel its lane was
+# opened through: 0 the first, 1 the next...), state "ok" or an error type. ProcessIds alone may
+# not change: a restarted daemon numbers its processes from 1 again.
 LOOPER = """
-    import sys, time, capbus
+    import sys, threading, time, capbus
+    out = threading.Lock()
+
+    def say(*words):  # whole lines: on_reconnect prints from another thread
+        with out:
+            print(*words, flush=True)
+
     reconnect = sys.argv[1] == "1"
-    kw = dict(reconnect=True, on_reconnect=lambda proc: print("reconnected", proc.id, flush=True))
+    kw = dict(reconnect=True, on_reconnect=lambda proc: say("reconnected", proc.id))
     p = capbus.connect(sys.argv[2], wait=sys.argv[3], **(kw if reconnect else {}))
     ep = p.lookup("echo", timeout=10)
-    print("ready", flush=True)
+    say("ready")
     last = None
+    kernels = []
     n = 0
     while True:
         try:
@@ -91,9 +126,14 @@ LOOPER = """
         except capbus.IpcError as exc:
             state = type(exc).__name__
             time.sleep(0.01)
-        if (state, ep.process_id) != last:
-            print(state, ep.process_id, flush=True)
-            last = (state, ep.process_id)
+        lane = ep._local.__dict__.get("lane")
+        ctl = lane._ctl if lane is not None else None
+        if ctl not in kernels:
+            kernels.append(ctl)
+        now = (state, ep.process_id, kernels.index(ctl))
+        if now != last:
+            say(*now)
+            last = now
         n += 1
 """
 
@@ -106,7 +146,8 @@ BLOCKED = """
     sys.stdin.readline()
     t0 = time.monotonic()
     try:
-        r = ep.call(int(sys.argv[4]))  # untimed
+        timeout = float(sys.argv[5]) if len(sys.argv) > 5 else None  # untimed unless given
+        r = ep.call(int(sys.argv[4]), timeout=timeout)
         print("reply", r.data[0], flush=True)
     except capbus.IpcError as exc:
         print("raised", type(exc).__name__, flush=True)
@@ -172,11 +213,12 @@ def test_a_killed_kernel_fails_control_at_once_and_open_channels_keep_working(da
     server.wait(10)
 
 
+@pytest.mark.parametrize("timeout", [None, "30"], ids=["untimed", "timed"])
 @pytest.mark.parametrize("wait", ["block", "adaptive"])
-def test_a_server_that_dies_after_the_kernel_fails_its_blocked_caller(daemon, kids, wait):
+def test_a_server_that_dies_after_the_kernel_fails_its_blocked_caller(daemon, kids, wait, timeout):
     server = _start(kids, SERVER, False, daemon.path, wait)
     assert readline(server).startswith("ready")
-    blocked = _start(kids, BLOCKED, False, daemon.path, wait, "3")
+    blocked = _start(kids, BLOCKED, False, daemon.path, wait, "3", *([timeout] if timeout else []))
     assert readline(blocked) == "ready"
     blocked.stdin.write("\n")
     blocked.stdin.flush()
@@ -190,14 +232,17 @@ def test_a_server_that_dies_after_the_kernel_fails_its_blocked_caller(daemon, ki
     assert after < 0.6 + 1.0, after  # 0.6 s of it is this test's own sleeps
 
 
-def test_reconnect_brings_server_and_clients_back(daemon, kids):
+@pytest.mark.parametrize("how", ["kill", "term"])
+def test_reconnect_brings_server_and_clients_back(daemon, kids, how):
+    """how=term is `systemctl restart`: a graceful stop must not make anyone give up, nor
+    break a channel (its pages stay OPEN: both ends live)."""
     server = _start(kids, SERVER, True, daemon.path, "adaptive")
     first_id = int(readline(server).split()[1])
     loopers = [_start(kids, LOOPER, True, daemon.path, "adaptive") for _ in range(2)]
     for lp in loopers:
         assert readline(lp) == "ready"
         assert _expect(lp, "ok").split()[1] == str(first_id)
-    daemon.kill()
+    _stop(daemon, how)
     time.sleep(1.0)  # the outage: open channels keep working meanwhile
     for lp in loopers:
         assert lp.lines.empty(), lp.lines.get()  # type: ignore[attr-defined]
@@ -207,11 +252,14 @@ def test_reconnect_brings_server_and_clients_back(daemon, kids):
     for lp in loopers:
         # on_reconnect ran, and the same Endpoint object reaches the re-registered service
         # through the new kernel (in either order: the loop runs while the callback is called)
-        want = {"reconnected", f"ok {new_id}"}
+        want = {"reconnected", f"ok {new_id} 1"}
         deadline = time.monotonic() + 15
         seen = []
         while want:
-            seen.append(readline(lp, max(0.1, deadline - time.monotonic())))
+            try:
+                seen.append(readline(lp, max(0.1, deadline - time.monotonic())))
+            except AssertionError as exc:
+                raise AssertionError(f"still waiting for {want}, saw {seen}: {exc}") from None
             want.discard(seen[-1].split()[0] if seen[-1].startswith("reconnected") else seen[-1])
     # the server registered "echo" again: a fresh process finds it in the new kernel
     with capbus.connect(daemon.path) as p:
@@ -236,3 +284,254 @@ def test_reconnect_calls_during_the_outage_fail_fast(daemon, kids, sockdir):
         assert wait_for(lambda: done, 15)
         svc = p.register("x")  # works again, through the new kernel
         assert svc.name == "x"
+
+
+# A client driven line by line from stdin, so the test knows each call was made and what it got:
+# "call" (timed), "untimed OP", "timed OP" (30 s), "thread" (a call from a new thread: a new
+# lane). argv[4] (reconnect=1 only): how long a reconnect waits to find "echo" again.
+CALLER = """
+    import sys, threading, time, capbus
+    from capbus._runtime import process as _process
+    out = threading.Lock()
+
+    def say(*words):  # whole lines: death callbacks print from another thread
+        with out:
+            print(*words, flush=True)
+
+    reconnect = sys.argv[1] == "1"
+    if reconnect:
+        _process._RELOOKUP = float(sys.argv[4])
+    kw = dict(reconnect=True, on_reconnect=lambda proc: say("reconnected", proc.id))
+    p = capbus.connect(sys.argv[2], wait=sys.argv[3], **(kw if reconnect else {}))
+    ep = p.lookup("echo", timeout=10)
+    ep.on_death(lambda e: say("death"))
+    ep.call(1, (1,), timeout=10)  # this thread's lane is open from now on
+    say("ready")
+
+    def one(op, timeout):
+        t0 = time.monotonic()
+        try:
+            r = ep.call(op, (5,), timeout=timeout)
+            out = f"reply {r.data[0]}"
+        except capbus.IpcError as exc:
+            out = f"raised {type(exc).__name__}"
+        say(out, round(time.monotonic() - t0, 3))
+
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[0] == "call":
+            one(1, 5)
+        elif cmd[0] == "untimed":
+            one(int(cmd[1]), None)
+        elif cmd[0] == "timed":
+            one(int(cmd[1]), 30)
+        elif cmd[0] == "thread":
+            t = threading.Thread(target=one, args=(1, 5))
+            t.start()
+            t.join(30)
+"""
+
+
+def _ask(p, cmd: str, want: str, timeout: float = 10.0) -> float:
+    """Send a command to a CALLER; its answer must start with `want`; returns how long it took."""
+    p.stdin.write(cmd + "\n")
+    p.stdin.flush()
+    line = _expect(p, "reply" if want.startswith("reply") else "raised", timeout)
+    assert line.startswith(want), (cmd, line)
+    return float(line.split()[-1])
+
+
+def _died(caller) -> str:
+    """The call in flight raised PeerDied, and on_death ran (in either order); that line."""
+    raised, death = None, False
+    deadline = time.monotonic() + 10
+    while raised is None or not death:
+        line = readline(caller, max(0.1, deadline - time.monotonic()))
+        if line == "death":
+            death = True
+        else:
+            assert line.startswith("raised PeerDied"), line
+            raised = line
+    return raised
+
+
+def _stop(daemon: Daemon, how: str) -> None:
+    """SIGKILL (a crash), or SIGTERM (`systemctl stop`: the kernel's graceful shutdown)."""
+    if how == "kill":
+        daemon.kill()
+    else:
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(10) == 0
+
+
+def _fresh_call(path: str, want_id: int) -> None:
+    """A process that never knew the old kernel reaches the service through the new one."""
+    with capbus.connect(path) as p:
+        ep = p.lookup("echo", timeout=10)
+        assert ep.process_id == want_id
+        assert ep.call(1, (41,), timeout=5).data[0] == 42
+
+
+@pytest.mark.parametrize("how, timed, server_code", [
+    ("kill", False, SERVER), ("kill", True, SERVER), ("term", False, SERVER),
+    ("term", True, SERVER), ("kill", False, ASYNC_SERVER), ("term", True, ASYNC_SERVER)],
+    ids=["kill-untimed", "kill-timed", "term-untimed", "term-timed", "kill-untimed-asyncio",
+         "term-timed-asyncio"])
+def test_a_reconnected_server_keeps_serving_a_client_that_did_not_reconnect(daemon, kids, how,
+                                                                             timed, server_code):
+    server = _start(kids, server_code, True, daemon.path, "adaptive")
+    assert readline(server).startswith("ready")
+    caller = _start(kids, CALLER, False, daemon.path, "adaptive")
+    assert readline(caller) == "ready"
+    _stop(daemon, how)
+    _ask(caller, "call", "reply 6")  # the outage: the channel needs no kernel
+    daemon.start()
+    new_id = int(_expect(server, "reconnected", 15).split()[1])
+    # The server is back under the new kernel, and still serves the channel of the old one: to
+    # the caller nothing happened (no death either: a graceful stop is not the server's death).
+    for _ in range(3):
+        _ask(caller, "call", "reply 6")
+    _ask(caller, "untimed 1", "reply 6")
+    _fresh_call(daemon.path, new_id)  # new channels through the new kernel, side by side
+    _ask(caller, "call", "reply 6")
+    assert caller.lines.empty(), caller.lines.get()  # type: ignore[attr-defined]
+    # A new thread needs a new lane, which only a kernel could open: a clear error, no hang.
+    _ask(caller, "thread", "raised KernelUnavailable")
+    # The server dies with a call in flight: the caller hears PeerDied at once, from its own
+    # watch on the server's pidfd (no kernel it knows of can tell it).
+    caller.stdin.write(("timed 3" if timed else "untimed 3") + "\n")
+    caller.stdin.flush()
+    time.sleep(0.3)  # the call waits in the handler that never answers
+    server.send_signal(signal.SIGKILL)
+    server.wait(10)
+    line = _died(caller)
+    assert float(line.split()[-1]) < 0.3 + 1.5, line
+    assert _ask(caller, "call", "raised PeerDied") < 1.0  # and so does every later call
+
+
+@pytest.mark.parametrize("how", ["kill", "term"])
+def test_a_reconnected_client_keeps_its_lanes_to_a_server_that_did_not(daemon, kids, how):
+    server = _start(kids, SERVER, False, daemon.path, "adaptive")
+    assert readline(server).startswith("ready")
+    caller = _start(kids, CALLER, True, daemon.path, "adaptive", "1.0")
+    assert readline(caller) == "ready"
+    _stop(daemon, how)
+    daemon.start()
+    # It reconnects; "echo" never comes back (its server stays with the lost kernel)...
+    _expect(caller, "reconnected", 15)
+    # ...yet the lane it had keeps reaching that live server; a new lane cannot be had.
+    for _ in range(3):
+        _ask(caller, "call", "reply 6")
+    _ask(caller, "untimed 1", "reply 6")
+    _ask(caller, "thread", "raised InvalidCapability")
+    assert server.poll() is None
+    caller.stdin.write("untimed 3\n")
+    caller.stdin.flush()
+    time.sleep(0.3)
+    server.send_signal(signal.SIGKILL)
+    server.wait(10)
+    line = _died(caller)
+    assert float(line.split()[-1]) < 0.3 + 1.5, line
+
+
+def test_both_reconnect_and_a_call_in_flight_gets_its_answer(daemon, kids):
+    """A call waiting in the server's handler while both ends move to the new kernel: answered
+    on the old channel, never failed for the move; the next call goes through the new kernel."""
+    server = _start(kids, SERVER, True, daemon.path, "adaptive")
+    assert readline(server).startswith("ready")
+    caller = _start(kids, CALLER, True, daemon.path, "adaptive", "10")
+    assert readline(caller) == "ready"
+    daemon.kill()
+    caller.stdin.write("untimed 2\n")  # the handler takes 1 s: both reconnect meanwhile
+    caller.stdin.flush()
+    daemon.start()
+    want = {"reconnected", "reply"}
+    deadline = time.monotonic() + 15
+    while want:
+        line = readline(caller, max(0.1, deadline - time.monotonic()))
+        assert not line.startswith("raised"), line
+        want.discard(line.split()[0])
+    new_id = int(_expect(server, "reconnected", 15).split()[1])
+    _ask(caller, "call", "reply 6")
+    _fresh_call(daemon.path, new_id)
+
+
+@pytest.mark.parametrize("how", ["kill", "term"])
+def test_the_next_daemon_starts_over_what_the_last_one_left(sockdir, how):
+    """A killed daemon leaves its socket file, lock file and audit WAL: none stops the next one
+    on the same path (a stopped one leaves none of them)."""
+    d = Daemon(os.path.join(sockdir, "k.sock"))
+    try:
+        d.start()
+        with capbus.connect(d.path) as p:
+            p.register("before")
+        _stop(d, how)
+        left = set(os.listdir(sockdir))
+        if how == "kill":
+            assert {"k.sock", "k.sock.lock", "audit.db-wal"} <= left, left
+        d.start()
+        with capbus.connect(d.path) as p:
+            p.register("before")  # the name is free: the old registry went with its kernel
+            assert p.lookup("before").process_id == p.id
+    finally:
+        d.kill()
+
+
+# A server that says how many channels it dropped for garbage (opcode 9).
+COUNTING_SERVER = """
+    import sys, capbus
+    p = capbus.connect(sys.argv[2], reconnect=True,
+                       on_reconnect=lambda proc: print("reconnected", proc.id, flush=True))
+    svc = p.register("echo")
+    print("ready", p.id, flush=True)
+    svc.serve(lambda req: (0, (svc.corrupt_channels if req.opcode == 9 else req.data[0] + 1,)))
+"""
+
+# A client that did not reconnect, holding a raw lane; told to, it scribbles its request ring's
+# tail far past its head (garbage the server must find on the old kernel's channel).
+SCRIBBLER = """
+    import mmap, os, struct, sys, capbus
+    from capbus import _core
+    from capbus._protocol import frames
+    p = capbus.connect(sys.argv[2])
+    ep = p.lookup("echo", timeout=10)
+    reply, fds = p._request_fds(frames.OpenChannel(ep.handle))
+    chan_fd, ctrl_fd, bell_fd, bell_event_fd, reply_event_fd, bell_sleep_fd, reply_sleep_fd = fds
+    lane = _core.Lane(chan_fd, ctrl_fd, bell_fd, reply.index, reply.nslots, reply.arena_size, 1,
+                      50000, bell_event_fd=bell_event_fd, reply_event_fd=reply_event_fd,
+                      bell_sleep_fd=bell_sleep_fd, reply_sleep_fd=reply_sleep_fd)
+    assert lane.call(1, 1, 4, (7,), None, 2_000_000_000)[2] == 8
+    print("ready", reply.index, flush=True)
+    sys.stdin.readline()
+    layout = _core.channel_layout(reply.nslots, reply.arena_size)
+    chan = mmap.mmap(chan_fd, layout["size"])
+    chan[layout["req_tail"]:layout["req_tail"] + 8] = struct.pack("<Q", 1 << 40)
+    print("scribbled", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_garbage_on_an_old_kernels_channel_drops_only_that_channel(daemon, kids):
+    """Nothing is reported to the new kernel about a channel it never knew: the index would name
+    one of its own channels (here: a fresh client's, at the same index), and that one lives."""
+    server = _start(kids, COUNTING_SERVER, True, daemon.path, "adaptive")
+    assert readline(server).startswith("ready")
+    hostile = _start(kids, SCRIBBLER, False, daemon.path, "adaptive")
+    assert readline(hostile) == "ready 0"  # index 0 of the old kernel
+    honest = _start(kids, CALLER, False, daemon.path, "adaptive")
+    assert readline(honest) == "ready"
+    daemon.kill()
+    daemon.start()
+    _expect(server, "reconnected", 15)
+    with capbus.connect(daemon.path) as p:
+        fresh = p.lookup("echo", timeout=10)
+        assert fresh.call(1, (1,), timeout=5).data[0] == 2  # holds channel index 0 of the new kernel
+        hostile.stdin.write("\n")
+        hostile.stdin.flush()
+        assert readline(hostile) == "scribbled"
+        assert wait_for(lambda: fresh.call(9, timeout=5).data[0] == 1, 10), "garbage not found"
+        # the honest old client and the fresh one: both still served
+        _ask(honest, "call", "reply 6")
+        for n in range(50):
+            assert fresh.call(1, (n,), timeout=5).data[0] == n + 1
+    assert server.poll() is None

@@ -205,7 +205,8 @@ def test_seal_failure_from_a_peer_seal_seal_is_an_error_to_the_sealer(kernel, ch
         import fcntl, capbus
         p = capbus.connect(wait="block")
         r = p.create_region(4096)
-        fcntl.fcntl(r._fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL)
+        fd = r._fresh_fd()  # a writable fd of its own (the runtime keeps none once mapped)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL)
         try:
             r.seal_readonly()
             print("sealed", flush=True)

@@ -89,7 +89,9 @@ def test_sealed_region_is_read_only_everywhere(kernel):
         (got,) = box["regions"]
         assert got.sealed and bytes(got.buffer[:6]) == b"sealed"  # check once, trust it
         # Not even a fresh open through /proc gives a writable mapping.
-        fd = os.open(f"/proc/self/fd/{got._fd}", os.O_RDWR)
+        given = got._fresh_fd()  # the runtime keeps none: it closes the memfd once mapped
+        fd = os.open(f"/proc/self/fd/{given}", os.O_RDWR)
+        os.close(given)
         try:
             with pytest.raises(PermissionError):
                 mmap.mmap(fd, 8192, prot=mmap.PROT_READ | mmap.PROT_WRITE)

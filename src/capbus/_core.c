@@ -295,6 +295,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -5770,6 +5771,7 @@ typedef struct {
     LaneObject *lane;       /* the lane of the thread that called last (strong), or NULL */
     uint64_t lane_tid;      /* that thread's PyThreadState id */
     unsigned long lane_fork_gen;
+    uint64_t lane_epoch;    /* bumped when the handle changes or lanes are forgotten */
 } EndpointBaseObject;
 
 /* This thread's lane (a new reference), or NULL with an exception. */
@@ -5778,6 +5780,7 @@ static HOT LaneObject *ep_lane(EndpointBaseObject *E)
     uint64_t tid = PyThreadState_GetID(PyThreadState_Get());
     if (E->lane && E->lane_tid == tid && E->lane_fork_gen == fork_gen)
         return (LaneObject *)Py_NewRef(E->lane);
+    uint64_t epoch = E->lane_epoch;
     PyObject *core = PyObject_CallMethodNoArgs((PyObject *)E, str_thread_core);
     if (!core)
         return NULL;
@@ -5787,6 +5790,10 @@ static HOT LaneObject *ep_lane(EndpointBaseObject *E)
         Py_DECREF(core);
         return NULL;
     }
+    /* A reconnect changed the handle while _thread_core ran (it can give up the GIL): the lane
+     * it chose may be of the old kernel. Use it for this call, but do not keep it. */
+    if (E->lane_epoch != epoch)
+        return (LaneObject *)core;
     Py_XSETREF(E->lane, (LaneObject *)Py_NewRef(core));
     E->lane_tid = tid;
     E->lane_fork_gen = fork_gen;
@@ -5883,6 +5890,7 @@ static PyObject *EP_send_async(EndpointBaseObject *E, PyObject *const *args, Py_
 /* Drop the cached lane (the endpoint was closed or revoked). */
 static PyObject *EP_forget_lanes(EndpointBaseObject *E, PyObject *unused)
 {
+    E->lane_epoch++;
     Py_CLEAR(E->lane);
     Py_RETURN_NONE;
 }
@@ -5908,6 +5916,7 @@ static int EP_set_handle(EndpointBaseObject *E, PyObject *v, void *c)
     }
     Py_XSETREF(E->handle, Py_NewRef(v));
     E->handle_u64 = h;
+    E->lane_epoch++;
     Py_CLEAR(E->lane); /* a lane belongs to one capability */
     return 0;
 }
@@ -5977,6 +5986,7 @@ typedef struct {
     PyObject_HEAD
     ServerSetObject *set; /* _set (strong), or NULL */
     char closed;          /* _closed */
+    char slow;            /* _slow: more than one ServerSet to serve (see _recv_slow) */
 } ServiceBaseObject;
 
 static const char *const sv_recv_kw[] = {"timeout", NULL};
@@ -6004,7 +6014,7 @@ static HOT PyObject *SV_recv(ServiceBaseObject *V, PyObject *const *args, Py_ssi
     PyObject *a[1];
     if (fast_args("recv", args, nargs, kwnames, sv_recv_kw, 0, a) < 0)
         return NULL;
-    if (V->closed || !V->set)
+    if (V->closed || !V->set || V->slow)
         return front_slow((PyObject *)V, str_recv_slow, args, nargs, kwnames);
     int64_t tns;
     if (front_timeout(a[0], &tns) < 0)
@@ -6013,11 +6023,12 @@ static HOT PyObject *SV_recv(ServiceBaseObject *V, PyObject *const *args, Py_ssi
     ServerSetObject *S = (ServerSetObject *)Py_NewRef(V->set);
     PyObject *req = ss_recv(S, tns);
     /* Interrupted because the service closed (or lost its kernel for good: the Python side says
-     * which), or because a reconnect gave it a new ServerSet: go on there, within the time left. */
-    while (!req && PyErr_ExceptionMatches(Cancelled) && (sv_lost(V) || V->set != S)) {
+     * which), or because a reconnect gave it a new ServerSet: go on there, within the time left
+     * (in Python while the old kernel's channels are still served beside the new ones). */
+    while (!req && PyErr_ExceptionMatches(Cancelled) && (sv_lost(V) || V->set != S || V->slow)) {
         PyErr_Clear();
         Py_DECREF(S);
-        if (V->closed || !V->set)
+        if (V->closed || !V->set || V->slow)
             return front_slow((PyObject *)V, str_recv_slow, args, nargs, kwnames);
         S = (ServerSetObject *)Py_NewRef(V->set);
         uint64_t now = now_ns();
@@ -6105,6 +6116,8 @@ static PyMethodDef SV_methods[] = {
 
 static PyMemberDef SV_members[] = {
     {"_closed", T_BOOL, offsetof(ServiceBaseObject, closed), 0, "unregistered"},
+    {"_slow", T_BOOL, offsetof(ServiceBaseObject, slow), 0,
+     "recv() goes to _recv_slow (channels of a former kernel are served too)"},
     {NULL},
 };
 
@@ -6430,6 +6443,26 @@ fail:
     return NULL;
 }
 
+/* prctl(PR_SET_DUMPABLE): here rather than through ctypes, which every capbus process would then
+ * import (and load libc through) only for this; os has no prctl. */
+static PyObject *py_set_dumpable(PyObject *self, PyObject *arg)
+{
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    if (prctl(PR_SET_DUMPABLE, on ? 1 : 0, 0, 0, 0) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_dumpable(PyObject *self, PyObject *unused)
+{
+    int r = prctl(PR_GET_DUMPABLE, 0, 0, 0, 0);
+    if (r < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyBool_FromLong(r == 1);
+}
+
 static PyObject *py_crc32(PyObject *self, PyObject *args)
 {
     Py_buffer view;
@@ -6491,6 +6524,11 @@ static PyMethodDef core_methods[] = {
      "wake_lane(chan, nslots=256) -> int: wake clients blocked on a channel (chan: memfd or "
      "buffer mapping the channel from offset 0)"},
     {"crc32", py_crc32, METH_VARARGS, "crc32(data, value=0) -> int (same as zlib.crc32)"},
+    {"set_dumpable", py_set_dumpable, METH_O,
+     "set_dumpable(flag) -> None   prctl(PR_SET_DUMPABLE, flag): with False, processes of the "
+     "same uid can no longer ptrace this one, read its /proc/<pid>/mem, open its /proc/<pid>/fd "
+     "or take its fds with pidfd_getfd, and it leaves no core dump"},
+    {"dumpable", py_dumpable, METH_NOARGS, "dumpable() -> bool   prctl(PR_GET_DUMPABLE) == 1"},
     {"channel_stats", py_channel_stats, METH_O,
      "channel_stats(buf) -> dict: the client and server metrics of a channel header page"},
     {"set_types", py_set_types, METH_VARARGS,

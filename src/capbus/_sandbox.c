@@ -28,9 +28,8 @@
  *       dumpable 0, landlock_restrict_self, close(ruleset_fd), then the seccomp filter. Only
  *       syscalls and no allocation unless one fails (then OSError, and Popen kills the child).
  *       ruleset_fd < 0: no Landlock (callers refuse such a sandbox before they get here).
- *   set_dumpable(flag) -> None    prctl(PR_SET_DUMPABLE): execve resets the 0 that enter() set
- *       (to 1, for a program that is not set-id), so the runtime of a sandboxed child sets it
- *       again as it connects.
+ *   (execve resets the dumpable 0 that enter() set, to 1 for a program that is not set-id: the
+ *   runtime of a sandboxed child sets it again with _core.set_dumpable as it connects.)
  *
  * The seccomp filter (default allow; build_filter says it in full): a foreign arch is killed
  * (x86-64 / AArch64 checked; on x86-64 every x32 syscall is refused); the denylist below gets
@@ -488,15 +487,7 @@ static PyObject *py_enter(PyObject *self, PyObject *args, PyObject *kw) {
 #endif
 }
 
-static PyObject *py_set_dumpable(PyObject *self, PyObject *arg) {
-    int flag = PyObject_IsTrue(arg);
-    if (flag < 0) return NULL;
-    if (prctl(PR_SET_DUMPABLE, flag, 0, 0, 0) < 0) return PyErr_SetFromErrno(PyExc_OSError);
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef sandbox_methods[] = {
-    {"set_dumpable", py_set_dumpable, METH_O, "prctl(PR_SET_DUMPABLE, flag)."},
     {"handled_rights", py_handled_rights, METH_VARARGS,
      "handled_rights(network=False, scope=True) -> (fs, net, scoped) a ruleset handles here"},
     {"accepted_rights", py_accepted_rights, METH_NOARGS,

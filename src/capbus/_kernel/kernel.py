@@ -30,7 +30,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import _core, _paths
+from .. import _core, _paths, _protect
 from .._errors import (
     VALUE_ERROR_CODE,
     InvalidCapability,
@@ -329,6 +329,8 @@ class Kernel:
     path of a TOML policy file.
     audit: the audit log's path; True (the default) for audit.db beside the socket; None or
     False to keep none.
+    debuggable: as for capbus.connect(): unless True (or None with CAPBUS_DEBUGGABLE=1), this
+    process becomes non-dumpable, out of reach of other processes of its uid (capbus._protect).
     """
 
     def __init__(
@@ -338,7 +340,9 @@ class Kernel:
         *,
         audit: str | None | bool = True,
         start: bool = True,
+        debuggable: bool | None = None,
     ) -> None:
+        _protect.protect(debuggable)  # first: this process will hold every channel's memfds
         self.socket_path = os.path.abspath(socket_path or _paths.default_socket())
         self.policy = Policy.coerce(policy)
         self.limits: KernelLimits = self.policy.limits
@@ -507,7 +511,9 @@ class Kernel:
         return self._call(self._stats, process_id)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving: every process sees the kernel go; launched children are terminated."""
+        """Stop serving: every process sees the kernel go (reconnect=True ones connect again to
+        the next kernel on this path); channels between processes that live on keep working;
+        launched children are terminated."""
         if self._thread is not None and self._thread.is_alive():
             self._stopping = True
             self._poke()
@@ -902,7 +908,13 @@ class Kernel:
 
     def _event(self, rec: ProcessRecord, msg: frames.Message, fds: tuple[int, ...] = ()) -> bool:
         """Send an event; False if it could not go (no fds to spare for its fds, or it does not
-        encode), so the caller can undo what it announces."""
+        encode), so the caller can undo what it announces.
+
+        None once the kernel stops: processes are not dying, the kernel is (a Death would fire
+        on_death callbacks of a server that lives on; a ChannelClosed would drop live channels);
+        each process sees its connection close, as with a crash, and reconnects if it asked to."""
+        if self._shut:
+            return True
         if rec.alive and rec.proto.state is State.READY:
             try:
                 frame = rec.proto.event(msg)
@@ -1528,7 +1540,10 @@ class Kernel:
         svc = ch.service
         if svc.channels.get(ch.index) is not ch:
             return
-        ch.shm.set_state(state)
+        if not self._shut:
+            # A stopping kernel leaves the page OPEN: both ends live, and the channel needs no
+            # kernel (they watch each other's pidfds; a restarted kernel meets their reconnect).
+            ch.shm.set_state(state)
         del svc.channels[ch.index]
         svc.free_indices.append(ch.index)
         _count_down(svc.chans_by_client, _client_key(ch.client))

@@ -76,13 +76,15 @@ def limits_request(rate_limit: int | None = None, bandwidth: int | None = None,
 class _Lane:
     """A lane and the fds the runtime keeps for it; closing gives the channel back."""
 
-    __slots__ = ("core", "index", "reply_fd", "_ep", "_ctl", "_handle", "__weakref__")
+    __slots__ = ("core", "index", "reply_fd", "pid", "_ep", "_ctl", "_handle", "__weakref__")
 
-    def __init__(self, ep: Endpoint, core: Any, index: int, reply_fd: int) -> None:
+    def __init__(self, ep: Endpoint, core: Any, index: int, reply_fd: int, pid: int,
+                 ctl: Any, handle: int) -> None:
         self.core, self.index, self.reply_fd, self._ep = core, index, reply_fd, ep
+        self.pid = pid  # the serving OS process, as the kernel vouched when it opened
         # The channel belongs to the kernel (connection) and capability that opened it: after a
         # reconnect its index means nothing to the new kernel.
-        self._ctl, self._handle = ep._ctl, ep.handle
+        self._ctl, self._handle = ctl, handle
 
     def __del__(self) -> None:
         with contextlib.suppress(OSError):
@@ -361,7 +363,9 @@ class Endpoint(_core.EndpointBase):
             lost = getattr(self, "_lost", None)
             raise InvalidCapability(lost or f"endpoint {self.name!r} (handle {self.handle:#x}) is closed")
         proc = self._proc
-        reply, fds = proc._request_fds(frames.OpenChannel(self.handle), via=self._ctl)
+        with self._lock:  # one kernel's pair: a reconnect changes both (see _rebind)
+            ctl, handle = self._ctl, self.handle
+        reply, fds = proc._request_fds(frames.OpenChannel(handle), via=ctl)
         assert isinstance(reply, frames.ChannelGranted)
         # Now, while the kernel vouches for the server's pid: its pidfd outlives the kernel.
         alive = proc._peers.watch(reply.pid)
@@ -378,7 +382,7 @@ class Endpoint(_core.EndpointBase):
         finally:
             for fd in (chan_fd, ctrl_fd, bell_fd, bell_event_fd, bell_sleep_fd, reply_sleep_fd):
                 os.close(fd)
-        lane = _Lane(self, core, reply.index, reply_event_fd)
+        lane = _Lane(self, core, reply.index, reply_event_fd, reply.pid, ctl, handle)
         self._server_pid = reply.pid
         self._lanes.add(lane)
         proc._lane_endpoints.add(self)
@@ -386,46 +390,57 @@ class Endpoint(_core.EndpointBase):
             core.mark(_core.STATE_PEER_DEAD)
         return lane
 
-    def _mark_lanes(self, state: int) -> None:
-        """The runtime's own verdict on every lane of this endpoint (see Lane.mark)."""
+    def _mark_lanes(self, state: int, pid: int | None = None) -> None:
+        """The runtime's own verdict on every lane of this endpoint (see Lane.mark), or on those
+        served by OS process `pid` (after a reconnect, lanes of the old kernel may be served by
+        another process than the new ones)."""
         for lane in list(self._lanes):
-            lane.core.mark(state)
+            if pid is None or lane.pid == pid:
+                lane.core.mark(state)
+
+    def _served_by(self, pid: int) -> bool:
+        return any(lane.pid == pid for lane in list(self._lanes))
 
     def _rebind(self, granted: frames.Granted) -> None:
-        """After a reconnect: the same service through the new kernel. Lanes of the old one are
-        given up (a call still waiting on one fails with InvalidCapability); the next call opens
-        a lane through the new kernel."""
-        old = list(self._lanes)
-        with self._lock:
+        """After a reconnect: the same service through the new kernel. The next call of each
+        thread opens a lane through the new kernel; a call still waiting on a lane of the old
+        one gets its answer there (a server that reconnects serves its old channels too), or
+        PeerDied if that server dies (the lanes stay in _lanes until dropped, for the watch)."""
+        with self._lock:  # _open_lane takes the (connection, handle) pair under it
+            # In this order: a thread between two calls finds no lane in the new local, or an
+            # old lane its _ctl check refuses, and the native cache forgets what it chose then.
+            self._local = threading.local()
             self._ctl = self._proc._control
             self.handle = granted.handle  # also drops the native one-entry lane cache
             self.process_id = granted.process_id
             self.rights = frozenset(granted.rights or ())
             self.limits = Limits.from_wire(granted.limits)
-            self._local = threading.local()
             self._pool, self._pool_size = [], 0
-            self._lanes = weakref.WeakSet()
             self.dead = False
             watching, self._watching = self._watching, False
-        for lane in old:
-            lane.core.mark(_core.STATE_CLOSED)
         if watching:
             with contextlib.suppress(IpcError):
                 self._watching = True
                 self._proc._request(frames.Watch(self.handle), via=self._ctl)
 
-    def _lose(self, why: str, state: int = _core.STATE_CLOSED) -> None:
+    def _lose(self, why: str, state: int = _core.STATE_CLOSED, keep_lanes: bool = False) -> None:
         """After a reconnect that could not bring it back (or a revoked grant): its handle means
-        nothing any more; calls fail with InvalidCapability saying why."""
+        nothing any more; calls fail with InvalidCapability saying why. keep_lanes: lanes already
+        open go on working while their server lives (the channel needs no kernel); only new lanes
+        (a new thread, an acall) fail with `why`."""
         self._closed = True
-        self._mark_lanes(state)
-        self._forget_lanes()
         self._lost = why
+        if not keep_lanes:
+            self._mark_lanes(state)
+            self._forget_lanes()
 
     def _thread_core(self) -> Any:
         """This thread's native Lane (the native call/send_async cache it per thread)."""
         self._proc._check()  # a forked child must connect on its own
-        return (self._local.__dict__.get("lane") or self._thread_lane()).core
+        lane = self._local.__dict__.get("lane")
+        if lane is None or lane._ctl is not self._ctl:  # none yet, or of a kernel since lost
+            lane = self._thread_lane()
+        return lane.core
 
     def _thread_lane(self) -> _Lane:
         lane = self._open_lane()

@@ -59,6 +59,13 @@ class PeerWatch:
             self._poll.register(fd, select.EPOLLIN)
         return True
 
+    def gone(self, pid: int) -> bool:
+        """Has `pid`, watched since the kernel vouched for it, exited (or never been watchable)?"""
+        if pid <= 0 or pid == os.getpid():
+            return False
+        with self._lock:
+            return pid in self.dead or (self._poll is not None and pid not in self._fds)
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from .. import _core, _paths
+from .. import _core, _paths, _protect
 from .._errors import IpcError, KernelUnavailable, PermissionDenied
 from .._protocol import frames
 from .._protocol.names import check_grant_key, check_name
@@ -345,21 +345,20 @@ class Process:
         """The peer watch's thread: the OS process `pid` at the other end of some channels exited.
         Its lanes fail with PeerDied at once (the kernel, if alive, says the same on the control
         pages); with the kernel gone, services also drop its channels and watchers hear of it."""
-        eps = [ep for ep in list(self._lane_endpoints) if ep._server_pid == pid]
+        eps = [ep for ep in list(self._lane_endpoints) if ep._served_by(pid)]
         for ep in eps:
-            ep._mark_lanes(_core.STATE_PEER_DEAD)
-        lost = self.kernel_lost is not None
-        if lost:
-            for ep in eps:
+            ep._mark_lanes(_core.STATE_PEER_DEAD, pid)
+            if ep._server_pid == pid and ep._ctl.closed is not None:  # no kernel will say it
                 ep._died()
-            for svc in list(self._services.values()):
-                svc._peer_exited(pid, lost)
+        lost = self.kernel_lost is not None
+        for svc in list(self._services.values()):
+            svc._peer_exited(pid, lost)  # channels of a lost kernel go in any case
         # A caller between its last state check and its futex sleep missed that wake-up: the
         # window is a few instructions, so two more wakes a little later close it. On timers,
         # never in the watch's thread: it must keep closing the pidfds of peers that exit (a
         # server with many short-lived clients held hundreds of them while this thread slept).
         for pause in (0.005, 0.055) if eps else ():
-            t = threading.Timer(pause, _mark_dead, (eps,))
+            t = threading.Timer(pause, _mark_dead, (eps, pid))
             t.daemon = True
             t.start()
 
@@ -446,7 +445,10 @@ class Process:
                 assert isinstance(reply, frames.Granted)
             except IpcError as exc:
                 log.warning("capbus: cannot look %r up again after a reconnect: %s", name, exc)
-                ep._lose(f"endpoint {name!r} was lost with the kernel and not found again: {exc}")
+                alive = bool(ep._lanes) and not self._peers.gone(ep._server_pid)
+                ep._lose(f"endpoint {name!r} was lost with the kernel and not found again: {exc}"
+                         + (" (lanes open before work while its server lives)" if alive else ""),
+                         keep_lanes=alive)
                 return
             ep._rebind(reply)
             with self._lock:
@@ -552,10 +554,9 @@ def _inherited_socket() -> socket.socket | None:
         return None
     if os.environ.get(_paths.ENV_SANDBOXED) == "1":
         # The launcher set dumpable 0 before exec, which resets it: other processes of our uid
-        # must not read this sandboxed process's memory. (Skipping this harms only ourselves.)
-        from .. import _sandbox
-
-        _sandbox.set_dumpable(False)
+        # must not read this sandboxed process's memory, whatever CAPBUS_DEBUGGABLE says.
+        # (Skipping this harms only ourselves.)
+        _core.set_dumpable(False)
     try:
         fd = int(raw)
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
@@ -629,14 +630,14 @@ def _open_socket(path: str, kernel_uid: int | None = None) -> socket.socket:
     return sock
 
 
-def _mark_dead(eps: list[Endpoint]) -> None:
+def _mark_dead(eps: list[Endpoint], pid: int) -> None:
     for ep in eps:
-        ep._mark_lanes(_core.STATE_PEER_DEAD)
+        ep._mark_lanes(_core.STATE_PEER_DEAD, pid)
 
 
 def connect(path: str | None = None, wait: str = "adaptive", *, reconnect: bool = False,
             on_reconnect: Callable[[Process], None] | None = None,
-            kernel_uid: int | None = None) -> Process:
+            kernel_uid: int | None = None, debuggable: bool | None = None) -> Process:
     """Connect this process to the kernel at `path`, or, with no path, to the first of: the
     socket inherited from kernel.spawn(), the kernel this process embeds (capbus.Kernel),
     $CAPBUS_SOCKET, the default per-user path.
@@ -648,13 +649,19 @@ def connect(path: str | None = None, wait: str = "adaptive", *, reconnect: bool 
     once a kernel is back, re-register this Process's services under the same names, look its
     endpoints up again and call on_reconnect(process) (see also Process.on_reconnect). In
     between, requests fail with KernelUnavailable; channels already open keep working while both
-    ends live. Not with an inherited socket (a launched process has no path to return to).
+    ends live (a re-registered service serves the old kernel's channels too, until their clients
+    die). Not with an inherited socket (a launched process has no path to return to).
 
     kernel_uid (default $CAPBUS_KERNEL_UID): a uid besides this user's and root's that may run
     the kernel (and own its socket's directory), say a shared daemon's. A kernel of any other uid
     is refused with PermissionDenied before anything is sent to it; so is a socket directory that
     is a symlink, that others may write, or (the default one) that is not this user's own 0700
     directory. An inherited socket is trusted as it is: the launcher made it.
+
+    debuggable: this process becomes non-dumpable (other processes of the same uid cannot ptrace
+    it, read its memory or take its fds, and it leaves no core dump) unless this is True, or it
+    is None and CAPBUS_DEBUGGABLE=1 is set: for a debugger, a profiler such as py-spy, a core
+    dump. True leaves the flag as it is; see capbus._protect.
     """
     if wait not in WAIT_MODES:
         raise ValueError(f"wait must be one of {WAIT_MODES}, not {wait!r}")
@@ -662,6 +669,7 @@ def connect(path: str | None = None, wait: str = "adaptive", *, reconnect: bool 
         kernel_uid = _paths.kernel_uid_from_env()
     elif isinstance(kernel_uid, bool) or not isinstance(kernel_uid, int) or kernel_uid < 0:
         raise ValueError(f"kernel_uid must be a uid (an integer >= 0), not {kernel_uid!r}")
+    _protect.protect(debuggable)  # before the connection exists: nothing to take before that
     sock = _inherited_socket() if path is None and not reconnect else None
     if sock is None:
         path = path or _paths.embedded_socket() or _paths.default_socket()

@@ -3,9 +3,14 @@
 Transfer it with call(..., regions=[r], move=True): this side loses it (.buffer raises, and any
 view still held reads zeros instead of the shared memory). Share it with move=False (needs the
 share right). seal_readonly() makes it read-only for every holder, for good: a receiver that sees
-.sealed (checked on its own fd, trusting no one) can check the contents once and rely on them.
-A region is mapped as its seals allow: read-only when any holder sealed it against new writable
-mappings (F_SEAL_WRITE or F_SEAL_FUTURE_WRITE, which its creator can add on its own fd).
+.sealed (read from the memfd itself, trusting no holder) can check the contents once and rely on
+them. A region is mapped as its seals allow: read-only when any holder sealed it against new
+writable mappings (F_SEAL_WRITE or F_SEAL_FUTURE_WRITE, which its creator can add on its fd).
+
+The memfd is closed as soon as it is mapped: an fd left open is one more way in for whoever can
+reach this process's fds (/proc/<pid>/fd, pidfd_getfd), and one fd less for channels. When an fd
+is needed again (to map it anew after a seal, to read seals a holder may have added since), the
+kernel hands out a fresh one for the capability (MapRegion), used and closed at once.
 """
 
 from __future__ import annotations
@@ -33,16 +38,14 @@ class Region:
         self.handle = granted.handle
         self.size = granted.size
         self.rights = frozenset(granted.rights or ())
-        self._fd = fd  # kept: the seals are read from our own fd
+        self._held = True  # the capability, until close() / a move gives it back
+        self._seals = 0  # as last read (a seal is never lifted)
         self._map: Mapping | None = None
         self._view: memoryview | None = None
         self._gone: str | None = None
         self._writable = False  # how it is mapped now
-        try:
-            self._map_now()
-        except BaseException:
-            self._fd = -1  # the caller closes it (and gives the capability back)
-            raise
+        self._map_now(fd)  # on failure the caller closes fd (and gives the capability back)
+        os.close(fd)
 
     def __repr__(self) -> str:
         state = self._gone or ("sealed" if self.sealed else "writable" if self.writable else "read-only")
@@ -55,10 +58,22 @@ class Region:
 
     @property
     def sealed(self) -> bool:
-        """True if the memfd is sealed against writes (checked now, on this process's fd)."""
-        if self._fd < 0:
+        """True if the memfd is sealed against writes: read from the memfd (on a fresh fd the
+        kernel gives for this capability) unless seen sealed already; False once closed, or
+        while no kernel can give that fd (not sealed as far as this process knows)."""
+        if self._seals & fcntl.F_SEAL_WRITE:
+            return True
+        if not self._held:
             return False
-        return bool(fcntl.fcntl(self._fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE)
+        try:
+            fd = self._fresh_fd()
+        except IpcError:
+            return False
+        try:
+            self._seals |= fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        finally:
+            os.close(fd)
+        return bool(self._seals & fcntl.F_SEAL_WRITE)
 
     @property
     def buffer(self) -> memoryview:
@@ -83,47 +98,58 @@ class Region:
         try:
             self._proc._request(frames.SealRegion(self.handle), via=self._ctl)
         finally:
-            self._gone = None
-            self._map_now()
+            fd = self._fresh_fd()
+            try:
+                self._gone = None
+                self._map_now(fd)
+            finally:
+                os.close(fd)
 
     def close(self) -> None:
         """Unmap it and give the capability back (the memory goes with its last holder)."""
-        if self._fd < 0:
+        if not self._held:
             return
         self._unmap("closed")
-        os.close(self._fd)
-        self._fd = -1
+        self._held = False
         self._proc._regions.pop(self.handle, None)
         if self._ctl.closed is None:
             self._proc._request(frames.Release(self.handle), via=self._ctl)
 
     def __del__(self) -> None:
-        # Dropped without close(): give the fd and the capability back; the mapping itself goes
-        # when the last view of it does (see _mapping.Mapping).
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        # Dropped without close(): give the capability back; the mapping itself goes when the
+        # last view of it does (see _mapping.Mapping).
+        if getattr(self, "_held", False):
+            self._held = False
             proc, ctl = self._proc, getattr(self, "_ctl", None)
             if ctl is not None and ctl.closed is None and os.getpid() == proc._pid:
                 ctl.request_nowait(frames.Release(self.handle))
 
     # ---- internals ----------------------------------------------------------------------------
 
-    def _map_now(self) -> None:
+    def _fresh_fd(self) -> int:
+        """An fd of the memfd, from the kernel (the caller closes it)."""
+        reply, fds = self._proc._request_fds(frames.MapRegion(self.handle), via=self._ctl)
+        for extra in fds[1:]:
+            os.close(extra)
+        if not fds:
+            raise IpcError("the kernel sent no fd for the region")
+        return fds[0]
+
+    def _map_now(self, fd: int) -> None:
         # The kernel sized it and sealed it against growing and shrinking, but the check is
         # ours: a mapping past the end of the file would crash this process on first touch.
-        if os.fstat(self._fd).st_size < self.size:
+        if os.fstat(fd).st_size < self.size:
             raise PermissionDenied(f"a region of {self.size} bytes is shorter than announced")
-        writable = ("write" in self.rights
-                    and not fcntl.fcntl(self._fd, fcntl.F_GET_SEALS) & _NO_WRITE_SEALS)
+        self._seals |= fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        writable = "write" in self.rights and not self._seals & _NO_WRITE_SEALS
         try:
-            self._map = Mapping(self._fd, self.size, writable)
+            self._map = Mapping(fd, self.size, writable)
         except OSError as exc:
             # A seal added between the check and the mmap (or an fd opened read-only).
             if not writable or exc.errno not in (errno.EPERM, errno.EACCES):
                 raise
             writable = False
-            self._map = Mapping(self._fd, self.size, False)
+            self._map = Mapping(fd, self.size, False)
         self._writable = writable
         view = memoryview(self._map.buf).cast("B")
         self._view = view if writable else view.toreadonly()
@@ -137,7 +163,5 @@ class Region:
 
     def _moved(self) -> None:
         self._unmap("moved to another process")
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._held = False
         self._proc._regions.pop(self.handle, None)

@@ -3,13 +3,21 @@
 All of a service's channels share one doorbell; the native ServerSet waits on it and serves the
 channels round robin. Garbage found on a channel closes that channel only, and is reported to
 the kernel. For asyncio the doorbell has an eventfd the event loop watches.
+
+After a reconnect (connect(reconnect=True)) the new kernel gives the service a new doorbell and
+ServerSet; the channels of the lost kernel stay in their old ServerSet (a _Retired), served
+beside the new ones until their clients die, so a caller that did not reconnect keeps its
+answers. Their indices mean nothing to the new kernel: nothing about them is ever reported to it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import select
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -18,7 +26,7 @@ from .. import _core
 from .._errors import IpcError, KernelUnavailable, RemoteError, Timeout
 from .._fdlimit import raise_fd_limit
 from .._protocol import frames
-from .endpoint import ADAPTIVE_SPIN_NS, WAIT_CODES, _readable, timeout_ns
+from .endpoint import _EVENT_POLL, ADAPTIVE_SPIN_NS, WAIT_CODES, _readable, timeout_ns
 from .message import TRANSFER_FLAG, Message, Request
 from .region import Region
 
@@ -51,6 +59,9 @@ class Service(_core.ServiceBase):
         self.dropped_attachments = 0
         self._event_fd = event_fd
         self._senders: dict[int, int] = {}  # channel index -> sender ProcessId
+        self._retired: list[_Retired] = []  # channels of former kernels, still served
+        self._retired_lock = threading.Lock()  # the reader and the peer watch change the list
+        self._turn = 0  # which ServerSet _poll_all asks first (round robin across them)
         self._warn = _RateLimitedLog(log)
         try:
             self._set = _core.ServerSet(doorbell_fd, WAIT_CODES[proc.wait_mode], ADAPTIVE_SPIN_NS,
@@ -82,6 +93,15 @@ class Service(_core.ServiceBase):
         else:
             deadline, ns = time.monotonic() + timeout, timeout_ns(timeout)
         while True:
+            if self._retired:
+                req = self._recv_all(None if timeout is None else deadline)
+                if req is not None:
+                    return req
+                if self._closed:
+                    raise self._closed_error()
+                if timeout is not None:  # the last retired channel went: on with the time left
+                    ns = timeout_ns(max(0.0, deadline - time.monotonic()))
+                continue
             try:
                 req = self._set.recv(ns)
                 if req.flags & TRANSFER_FLAG:
@@ -96,6 +116,8 @@ class Service(_core.ServiceBase):
 
     def poll(self) -> Request | None:
         """A waiting message, or None at once."""
+        if self._retired:
+            return self._poll_all(False)
         while True:
             try:
                 req = self._set.poll()
@@ -108,6 +130,14 @@ class Service(_core.ServiceBase):
 
     def recv_many(self, n: int, timeout: float | None = None) -> list[Request]:
         """Up to n messages, fair across senders; waits up to timeout for the first ([] then)."""
+        if self._retired:
+            try:
+                reqs = [self._recv_slow(timeout)]
+            except Timeout:
+                return []
+            while len(reqs) < n and (req := self._poll_all(False)) is not None:
+                reqs.append(req)
+            return reqs
         while True:
             try:
                 reqs = self._set.recv_many(n, -1 if timeout is None else timeout_ns(timeout))
@@ -124,21 +154,27 @@ class Service(_core.ServiceBase):
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            try:
-                req = self._set.poll_armed()
-            except _core.CorruptChannel as exc:
-                self._corrupt(exc.index, exc.reason)
-                continue
-            if req is not None:
-                if req.flags & TRANSFER_FLAG:
+            if self._retired:
+                req = self._poll_all(True)
+            else:
+                try:
+                    req = self._set.poll_armed()
+                except _core.CorruptChannel as exc:
+                    self._corrupt(exc.index, exc.reason)
+                    continue
+                if req is not None and req.flags & TRANSFER_FLAG:
                     self._claim(req)
+            if req is not None:
                 return req
             if self._closed:
                 raise self._closed_error()
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise Timeout(f"no message for {self.name!r} within {timeout} s")
-            await _readable(loop, self._event_fd, left)
+            if self._retired:
+                await _readable_any(loop, self._event_fds(), left)
+            else:
+                await _readable(loop, self._event_fd, left)
 
     def __aiter__(self) -> Service:
         return self
@@ -219,7 +255,108 @@ class Service(_core.ServiceBase):
         self._proc._services.pop(self.handle, None)
         if self._ctl.closed is None:
             self._proc._request(frames.Release(self.handle), via=self._ctl)
+        with self._retired_lock:
+            retired, self._retired = self._retired, []
+        if retired:  # a receiver waiting on the eventfds: wake it now, not at its next re-poll
+            with contextlib.suppress(OSError):
+                os.eventfd_write(self._event_fd, 1)
+        for r in retired:
+            r.close()
         os.close(self._event_fd)
+
+    # ---- channels of former kernels -----------------------------------------------------------
+
+    def _event_fds(self) -> list[int]:
+        return [self._event_fd, *(r.event_fd for r in self._retired)]
+
+    def _poll_all(self, arm: bool) -> Request | None:
+        """One message from the current ServerSet or a retired one, taking turns; None if none
+        (arm: and every eventfd armed, as ServerSet.poll_armed)."""
+        sets: list[_Retired | None] = [None, *self._retired]
+        start = self._turn % len(sets)
+        self._turn += 1
+        for r in sets[start:] + sets[:start]:
+            ss = self._set if r is None else r.set
+            try:
+                req = ss.poll_armed() if arm else ss.poll()
+            except _core.CorruptChannel as exc:
+                if r is None:
+                    self._corrupt(exc.index, exc.reason)
+                else:
+                    self._retired_corrupt(r, exc.index, exc.reason)
+                continue
+            except ValueError:  # closed meanwhile (the service, or a retired set just emptied)
+                continue
+            if req is None:
+                continue
+            if req.flags & TRANSFER_FLAG:
+                if r is None:
+                    self._claim(req)
+                else:  # attached under the lost kernel: nothing can claim them now
+                    self.dropped_attachments += 1
+            return req
+        return None
+
+    def _recv_all(self, deadline: float | None) -> Request | None:
+        """recv() while channels of a former kernel are served too: poll every ServerSet, then
+        sleep on all their eventfds (as arecv does: a client can swallow a wake-up on a shared
+        eventfd, so the wait is capped at _EVENT_POLL). None once no retired set is left (or
+        the service closed); Timeout at the deadline."""
+        while self._retired and not self._closed:
+            self._prune_retired()  # drained channels of clients that died
+            req = self._poll_all(False) or self._poll_all(True)
+            if req is not None:
+                return req
+            left = _EVENT_POLL if deadline is None else min(_EVENT_POLL, deadline - time.monotonic())
+            if left <= 0:
+                raise Timeout(f"no message for {self.name!r} within the timeout")
+            p = select.poll()
+            for fd in self._event_fds():
+                p.register(fd, select.POLLIN)
+            with contextlib.suppress(InterruptedError):
+                p.poll(left * 1000)
+        return None
+
+    def _retire(self, old: _core.ServerSet, event_fd: int) -> None:
+        """Keep the lost kernel's channels served (reader thread of the new connection)."""
+        r = _Retired(old, event_fd, dict(self._chans))
+        with self._retired_lock:  # a client's exit is either seen here or dropped after
+            for index, (pid, _) in list(r.chans.items()):
+                if self._proc._peers.gone(pid):
+                    r.drop(index)
+            if r.live():
+                self._retired = [*self._retired, r]
+                self._slow = True
+                return
+        r.close()
+
+    def _retired_peer_exited(self, pid: int) -> None:
+        with self._retired_lock:
+            for r in self._retired:
+                for index, (p, _) in list(r.chans.items()):
+                    if p == pid:
+                        r.drop(index)
+        self._prune_retired()
+
+    def _retired_corrupt(self, r: _Retired, index: int, reason: str) -> None:
+        r.drop(index)  # nobody to report to: its kernel is gone
+        self.corrupt_channels += 1
+        self._warn.log("service %r: garbage on a channel of the lost kernel (%s): channel dropped",
+                       self.name, reason)
+        self._prune_retired()
+
+    def _prune_retired(self) -> None:
+        """Retired sets without channels go; with none left, recv() is native again."""
+        with self._retired_lock:
+            keep = [r for r in self._retired if r.live()]
+            gone = [r for r in self._retired if r not in keep]
+            if not gone:
+                return
+            self._retired = keep
+            if not keep and not self._closed:
+                self._slow = False
+        for r in gone:
+            r.close()
 
     # ---- losing the kernel --------------------------------------------------------------------
 
@@ -232,10 +369,13 @@ class Service(_core.ServiceBase):
         for index, (pid, _) in list(self._chans.items()):
             if pid in dead:
                 self._channel_closed(index, drain=True)
+        for pid in dead:
+            self._retired_peer_exited(pid)
         if not reconnect:
             self._maybe_give_up()
 
     def _peer_exited(self, pid: int, kernel_lost: bool) -> None:
+        self._retired_peer_exited(pid)  # no kernel will ever tell us about those
         if not kernel_lost:
             return  # the kernel closes its channels (ChannelClosed), in order with new ones
         for index, (p, _) in list(self._chans.items()):
@@ -247,7 +387,7 @@ class Service(_core.ServiceBase):
     def _maybe_give_up(self) -> None:
         """No kernel and no channel left: nothing can ever reach this service again, so a
         waiting recv() raises KernelUnavailable instead of sleeping for ever."""
-        if len(self._set) == 0 and not self._closed:
+        if len(self._set) == 0 and not self._retired and not self._closed:
             self._lost = self._proc.kernel_lost or KernelUnavailable(
                 f"service {self.name!r}: the kernel is gone")
             self._closed = True
@@ -260,8 +400,9 @@ class Service(_core.ServiceBase):
 
     def _rebind(self, handle: int, doorbell_fd: int, event_fd: int, sleep_fd: int) -> None:
         """Reader thread of the new kernel connection, before its first ChannelOpened: the same
-        Service, registered again. The old kernel's channels go (their indices would collide
-        with the new kernel's); their clients open new ones through the new kernel."""
+        Service, registered again. The old kernel's channels stay in their ServerSet, served
+        beside the new one until their clients die (their indices would collide with the new
+        kernel's); clients that reconnect open new channels through the new kernel."""
         try:
             new = _core.ServerSet(doorbell_fd, WAIT_CODES[self._proc.wait_mode], ADAPTIVE_SPIN_NS,
                                   event_fd=event_fd, sleep_fd=sleep_fd)
@@ -269,13 +410,13 @@ class Service(_core.ServiceBase):
             os.close(doorbell_fd)
             os.close(sleep_fd)
         old, old_event = self._set, self._event_fd
+        self._retire(old, old_event)  # before the swap: a receiver woken below must see it
         self._ctl, self.handle = self._proc._control, handle
         self._senders, self._chans = {}, {}
         self._event_fd = event_fd
         self._set = new
         self._lost = None
-        old.interrupt()  # a recv asleep on it goes on with the new one
-        os.close(old_event)
+        old.interrupt()  # a recv asleep on it goes on with the new one (and the retired)
 
     def _replay_access(self) -> None:
         for allow, deny in self._access:
@@ -351,6 +492,45 @@ class Service(_core.ServiceBase):
         self._warn.log("service %r: garbage on channel %d (%s): channel dropped", self.name, index,
                        reason)
         self._ctl.request_nowait(frames.ReportBad(self.handle, index, reason))
+
+
+class _Retired:
+    """A ServerSet of a lost kernel and what we know of its channels (index -> client pid,
+    generation); it goes once its last channel does."""
+
+    __slots__ = ("set", "event_fd", "chans")
+
+    def __init__(self, ss: _core.ServerSet, event_fd: int, chans: dict[int, tuple[int, int]]) -> None:
+        self.set, self.event_fd, self.chans = ss, event_fd, chans
+
+    def live(self) -> bool:
+        return len(self.set) > 0 or self.set.draining > 0
+
+    def drop(self, index: int) -> None:
+        self.chans.pop(index, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.set.remove(index, True)  # what the client sent before it died is delivered
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.event_fd)
+        # The set itself goes with its last reference (a Request may still hold one to reply).
+
+
+async def _readable_any(loop: asyncio.AbstractEventLoop, fds: list[int],
+                        timeout: float | None) -> None:
+    """_readable for several eventfds: until one is readable, at most _EVENT_POLL."""
+    fut = loop.create_future()
+    for fd in fds:
+        loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+    wait = _EVENT_POLL if timeout is None else min(timeout, _EVENT_POLL)
+    try:
+        await asyncio.wait_for(fut, wait)
+    except TimeoutError:
+        pass
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)
 
 
 def _reply_failure(req: Request, exc: Exception) -> None:
