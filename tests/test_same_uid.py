@@ -46,7 +46,9 @@ def _run_daemon(link, path: str) -> None:
 
 
 def _run_victim(link, path: str, debuggable: bool | None) -> None:
-    """Serves a service, calls it (both ends of a channel here) and holds a region."""
+    """Serves a service, calls it (both ends of a channel here) and holds a region. Reports the
+    fds it opened (not those the fork inherited from pytest, which earlier tests may have left)."""
+    inherited = set(os.listdir("/proc/self/fd"))
     p = capbus.connect(path, debuggable=debuggable)
     svc = p.register("secret")
     threading.Thread(target=svc.serve, args=(lambda req: (0, (7,)),), daemon=True).start()
@@ -55,7 +57,7 @@ def _run_victim(link, path: str, debuggable: bool | None) -> None:
     region.buffer[:len(SECRET)] = SECRET
     addr = ctypes.addressof(ctypes.c_char.from_buffer(region.buffer))
     fds = {}
-    for fd in os.listdir("/proc/self/fd"):
+    for fd in set(os.listdir("/proc/self/fd")) - inherited:
         try:
             fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:

@@ -109,7 +109,16 @@ def sandbox_section(quick: bool) -> list[Result]:
     print()
     print(f"Target: sandboxed spawn <= 1.2x plain: {_ratio(rows[1], rows[0])}; Popen with a "
           f"preexec_fn (fork) {_ratio(rows[3], rows[2])} of one without (vfork)")
-    return rows
+    print()
+    calls = sandbox_bench.run_calls(quick)
+    print_table("Hot path: small call round trip from a launched child, plain or sandboxed "
+                "(alternating children)", calls, machine_line())
+    print()
+    for mode in ("spin", "block"):
+        plain = _find(calls, f"capbus {mode} call from a plain child")
+        boxed = _find(calls, f"capbus {mode} call from a sandboxed child")
+        print(f"Target: no cost on the hot path: sandboxed/plain {mode} {_ratio(boxed, plain)}")
+    return rows + calls
 
 
 def main(args: argparse.Namespace) -> int:
