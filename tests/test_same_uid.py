@@ -48,7 +48,7 @@ def _run_daemon(link, path: str) -> None:
 def _run_victim(link, path: str, debuggable: bool | None) -> None:
     """Serves a service, calls it (both ends of a channel here) and holds a region. Reports the
     fds it opened (not those the fork inherited from pytest, which earlier tests may have left)."""
-    inherited = set(os.listdir("/proc/self/fd"))
+    inherited = _fds()
     p = capbus.connect(path, debuggable=debuggable)
     svc = p.register("secret")
     threading.Thread(target=svc.serve, args=(lambda req: (0, (7,)),), daemon=True).start()
@@ -56,14 +56,20 @@ def _run_victim(link, path: str, debuggable: bool | None) -> None:
     region = p.create_region(4096)
     region.buffer[:len(SECRET)] = SECRET
     addr = ctypes.addressof(ctypes.c_char.from_buffer(region.buffer))
+    fds = {fd: what for fd, what in _fds().items() if inherited.get(fd) != what}
+    link.send({"pid": os.getpid(), "addr": addr, "fds": fds, "dumpable": _core.dumpable()})
+    link.recv(120)
+
+
+def _fds() -> dict[str, str]:
+    """This process's fds and what each is (a number alone may be reused)."""
     fds = {}
-    for fd in set(os.listdir("/proc/self/fd")) - inherited:
+    for fd in os.listdir("/proc/self/fd"):
         try:
             fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             pass
-    link.send({"pid": os.getpid(), "addr": addr, "fds": fds, "dumpable": _core.dumpable()})
-    link.recv(120)
+    return fds
 
 
 def _errno(fn) -> str:
