@@ -1,4 +1,6 @@
-"""Forked processes under a fresh uid, for tests of what one process of a uid can do to another.
+"""Processes under a fresh uid, for tests of what one process of a uid can do to another, and
+of what a kernel lets other uids do: forked ones (AsUser, the as_user fixture) and the prelude of
+a child started with conftest.Children that drops to one (become()).
 
 A fresh uid needs no account: the child calls setgroups/setgid/setuid itself (root only: see
 need_root). The child then runs fn(link, *args) and exits; `link` carries JSON values both ways
@@ -13,6 +15,7 @@ import contextlib
 import ctypes
 import json
 import os
+import pwd
 import random
 import signal
 import socket
@@ -33,8 +36,42 @@ def need_root() -> None:
 
 
 def fresh_uid() -> int:
-    """A uid (and gid, the same number) no account has, random so that runs do not meet."""
-    return 60000 + random.randrange(20000)
+    """A uid (and gid, the same number) that no account and no live process has, random so that
+    runs do not meet."""
+    used = {p.pw_uid for p in pwd.getpwall()}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            with contextlib.suppress(OSError):
+                used.add(os.stat(f"/proc/{pid}").st_uid)
+    while True:
+        uid = 60000 + random.randrange(20000)
+        if uid not in used:
+            return uid
+
+
+def become(uid: int | None = None) -> str:
+    """The lines a child (started by conftest.Children, as root) runs before anything else: the
+    modules it needs are imported while it is still root (the interpreter may live under /root),
+    then it drops to `uid` for good (None: it stays as it is). Connections it opens afterwards
+    carry that uid (SO_PEERCRED)."""
+    return f"""
+import array, collections, os, select, socket, sys, time
+import capbus, capbus._runtime.process
+from capbus._protocol import frames
+_uid = {uid!r}
+if _uid is not None:
+    os.setgroups([])
+    os.setgid(_uid)
+    os.setuid(_uid)
+    assert os.getuid() == _uid and os.geteuid() == _uid
+"""
+
+
+def open_to_other_uids(socket_path: str) -> None:
+    """Let other uids reach a kernel's socket (as a daemon serving several users is set up): the
+    socket is born 0600 in a 0700 directory; the test's own sockdir is made traversable."""
+    os.chmod(os.path.dirname(socket_path), 0o711)
+    os.chmod(socket_path, 0o666)
 
 
 class Link:

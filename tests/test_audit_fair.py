@@ -17,7 +17,7 @@ import textwrap
 import time
 
 import pytest
-from _other_uid import become, fresh_uid, need_root, open_to_other_uids
+from _users import become, fresh_uid, need_root, open_to_other_uids
 from conftest import Children, readline, wait_for
 
 import capbus

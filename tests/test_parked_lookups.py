@@ -18,7 +18,8 @@ import threading
 import time
 
 import pytest
-from _other_uid import become, fresh_uid, need_root, open_to_other_uids
+from _raw import RAW
+from _users import become, fresh_uid, need_root, open_to_other_uids
 from conftest import Children, readline, wait_for
 
 import capbus
@@ -30,15 +31,10 @@ pytestmark = pytest.mark.timeout(120)
 # WAIT" it reports what was answered since. Fds that come with an answer are closed.
 _HOG = """
 import itertools, json
-ANC = socket.CMSG_SPACE(frames.MAX_FDS * 4)
 socks = []
 for _ in range(int(sys.argv[1])):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    s.settimeout(10)
-    s.connect(os.environ["CAPBUS_SOCKET"])
-    s.send(frames.encode(frames.Hello(frames.VERSION, "block"), 1))
-    data, anc, _, _ = s.recvmsg(frames.MAX_FRAME + 1, ANC)
-    assert isinstance(frames.decode(data, 0)[0], frames.Welcome)
+    s = conn()
+    assert isinstance(hello(s), frames.Welcome)
     socks.append(s)
 rids = itertools.count(2)
 
@@ -49,16 +45,7 @@ def read(wait):
     while socks and (left := deadline - time.monotonic()) > 0:
         ready, _, _ = select.select(socks, [], [], left)
         for s in ready:
-            data, anc, _, _ = s.recvmsg(frames.MAX_FRAME + 1, ANC)
-            n = 0
-            for _, kind, payload in anc:
-                if kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(payload[: len(payload) - len(payload) % 4])
-                    for fd in fds:
-                        os.close(fd)
-                    n += len(fds)
-            msg = frames.decode(data, n)[0]
+            msg = recv(s)
             if isinstance(msg, frames.Error):
                 got[f"error {msg.code}"] += 1
                 reasons.add(msg.text)
@@ -114,7 +101,7 @@ def test_parked_lookups_are_bounded_per_process_and_per_uid(sockdir):
     owner = capbus.connect(k.socket_path)
     try:
         def hog() -> tuple[subprocess.Popen, int]:
-            p = kids.start(become(hog_uid) + textwrap.dedent(_HOG), "4", stdin=subprocess.PIPE)
+            p = kids.start(become(hog_uid) + RAW + textwrap.dedent(_HOG), "4", stdin=subprocess.PIPE)
             line = readline(p, 30).split()
             assert line[0] == "ready" and int(line[2]) == hog_uid
             return p, int(line[1])

@@ -566,16 +566,26 @@ class Loan:
         self._open = False
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float | None) -> None:
-    """Wait until an eventfd is readable (at most _EVENT_POLL, or the timeout), then drain it."""
+async def _readable_any(loop: asyncio.AbstractEventLoop, fds: list[int],
+                        timeout: float | None) -> None:
+    """Wait until one of some eventfds is readable (at most _EVENT_POLL, or the timeout)."""
     fut = loop.create_future()
-    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+    for fd in fds:
+        loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
     wait = _EVENT_POLL if timeout is None else min(timeout, _EVENT_POLL)
     try:
         await asyncio.wait_for(fut, wait)
     except TimeoutError:
         pass
     finally:
-        loop.remove_reader(fd)
+        for fd in fds:
+            loop.remove_reader(fd)
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float | None) -> None:
+    """Wait until an eventfd is readable (at most _EVENT_POLL, or the timeout), then drain it."""
+    try:
+        await _readable_any(loop, [fd], timeout)
+    finally:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(fd)

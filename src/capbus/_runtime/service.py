@@ -26,7 +26,7 @@ from .. import _core
 from .._errors import IpcError, KernelUnavailable, RemoteError, Timeout
 from .._fdlimit import raise_fd_limit
 from .._protocol import frames
-from .endpoint import _EVENT_POLL, ADAPTIVE_SPIN_NS, WAIT_CODES, _readable, timeout_ns
+from .endpoint import _EVENT_POLL, ADAPTIVE_SPIN_NS, WAIT_CODES, _readable, _readable_any, timeout_ns
 from .message import TRANSFER_FLAG, Message, Request
 from .region import Region
 
@@ -515,22 +515,6 @@ class _Retired:
         with contextlib.suppress(OSError):
             os.close(self.event_fd)
         # The set itself goes with its last reference (a Request may still hold one to reply).
-
-
-async def _readable_any(loop: asyncio.AbstractEventLoop, fds: list[int],
-                        timeout: float | None) -> None:
-    """_readable for several eventfds: until one is readable, at most _EVENT_POLL."""
-    fut = loop.create_future()
-    for fd in fds:
-        loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
-    wait = _EVENT_POLL if timeout is None else min(timeout, _EVENT_POLL)
-    try:
-        await asyncio.wait_for(fut, wait)
-    except TimeoutError:
-        pass
-    finally:
-        for fd in fds:
-            loop.remove_reader(fd)
 
 
 def _reply_failure(req: Request, exc: Exception) -> None:
