@@ -1,4 +1,9 @@
-/* _native/bases.c: Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/bases.c: EndpointBase / ServiceBase: the native halves of capbus.Endpoint (call,
+ * send_async) and capbus.Service (recv), with the slow paths called back in Python; set_types.
+ * HOT; GIL held.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 
 /* =============================================================================================
  * Fronts: the native halves of capbus.Endpoint and capbus.Service.

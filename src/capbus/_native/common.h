@@ -1,7 +1,9 @@
-/* _native/common.h: Part B, the data plane: wait modes and tunables (spin, slices, sleep caps, scans), the
- * adaptive spin's contention estimate, cpu_relax, deadlines, the control-page state and the
- * errors it raises (raise_for_state, raise_corrupt, CorruptChannel, Cancelled).
- * Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/common.h: Part B, the data plane: wait modes and tunables (spin, slices, sleep caps,
+ * scans), the adaptive spin's contention estimate, cpu_relax, deadlines, the control-page state
+ * and the errors it raises (raise_for_state, raise_corrupt, CorruptChannel, Cancelled).
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 #ifndef CAPBUS_NATIVE_COMMON_H
 #define CAPBUS_NATIVE_COMMON_H
 

@@ -1,6 +1,9 @@
-/* _native/convert.c: Parsing arguments on the hot path: fast_args, flags, data, payloads, timeouts, and
- * turning a received payload into bytes. GIL held. HOT functions are on a round trip.
- * Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/convert.c: Parsing arguments on the hot path: fast_args, flags, data, payloads,
+ * timeouts, and turning a received payload into bytes. GIL held. HOT functions are on a round
+ * trip.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 
 /* ---- Parsing arguments. --------------------------------------------------------------------- */
 

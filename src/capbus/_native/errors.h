@@ -1,6 +1,9 @@
-/* _native/errors.h: The capbus._errors classes (looked up once at module init), the fork check every Lane and
- * ServerSet runs (fork_gen), and the error codes sent in automatic error replies. GIL held.
- * Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/errors.h: The capbus._errors classes (looked up once at module init), the fork check
+ * every Lane and ServerSet runs (fork_gen), and the error codes sent in automatic error replies.
+ * GIL held.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 #ifndef CAPBUS_NATIVE_ERRORS_H
 #define CAPBUS_NATIVE_ERRORS_H
 

@@ -1,6 +1,8 @@
-/* _native/futex.h: Engine (no Python API): shared futex syscalls, store fences and the producer's publish
- * fence (the Dekker pairs with a sleeping peer). Any thread, with or without the GIL.
- * Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/futex.h: Engine (no Python API): shared futex syscalls, store fences and the producer's
+ * publish fence (the Dekker pairs with a sleeping peer). Any thread, with or without the GIL.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 #ifndef CAPBUS_NATIVE_FUTEX_H
 #define CAPBUS_NATIVE_FUTEX_H
 

@@ -1,6 +1,8 @@
-/* _native/gil_lock.h: gil_lock_t: a lock only ever TAKEN with the GIL held (recv_mu, a channel's reply lock),
- * released with or without it.
- * Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/gil_lock.h: gil_lock_t: a lock only ever TAKEN with the GIL held (recv_mu, a channel's
+ * reply lock), released with or without it.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 #ifndef CAPBUS_NATIVE_GIL_LOCK_H
 #define CAPBUS_NATIVE_GIL_LOCK_H
 

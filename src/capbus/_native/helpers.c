@@ -1,4 +1,8 @@
-/* _native/helpers.c: Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/helpers.c: Module-level helpers for the kernel and tests: channel geometry and layout,
+ * sealed memfds (create_channel, create_page), wake_lane. GIL held.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 
 /* ---------------------------------------------------------------------------------------------
  * Module-level helpers for the kernel (and tests).

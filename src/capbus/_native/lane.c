@@ -1,6 +1,8 @@
-/* _native/lane.c: The Lane type: call_poll, cancel, send_many, close, mark, getters, the method table and
- * LaneType. GIL held.
- * Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/lane.c: The Lane type: call_poll, cancel, send_many, close, mark, getters, the method
+ * table and LaneType. GIL held.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 
 /* call_poll(tag, arm=False) -> Message | None: the reply of a call_start, if it is there. */
 static PyObject *Lane_call_poll(LaneObject *L, PyObject *const *args, Py_ssize_t nargs,

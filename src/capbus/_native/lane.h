@@ -1,4 +1,8 @@
-/* _native/lane.h: Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/lane.h: LaneObject, the client end of one channel (its fields, lane_state), and the
+ * forward declaration lane_cancel_loan needs. The Lane's rules are in the section comment below.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 #ifndef CAPBUS_NATIVE_LANE_H
 #define CAPBUS_NATIVE_LANE_H
 

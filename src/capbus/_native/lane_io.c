@@ -1,6 +1,9 @@
-/* _native/lane_io.c: The Lane's call path: client metrics, limit checks, prepare, sleep/wait for a reply, take
- * it, write a request, call_run, and Lane.call / send / call_start. HOT: a round trip runs here.
- * Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/lane_io.c: The Lane's call path: client metrics, limit checks, prepare, sleep/wait for a
+ * reply, take it, write a request, call_run, and Lane.call / send / call_start. HOT: a round trip
+ * runs here.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 
 /* ---- Client metrics (the CSTATS block; see stat_add for why plain stores suffice). --------- */
 

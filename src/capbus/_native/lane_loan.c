@@ -1,4 +1,8 @@
-/* _native/lane_loan.c: Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/lane_loan.c: Loans: payloads written in place in the request arena (loan, cancel_loan,
+ * call_loan, send_loan); a loan's views never outlive their memory (lane_pinned). GIL held.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 
 /* ---- Loans: payloads written in place. ------------------------------------------------------ */
 

@@ -1,6 +1,9 @@
-/* _native/lane_setup.c: The Lane's mapping and pins, its type's new/dealloc/init, the usable/broken checks, the
- * doorbell, cancel and refused counters. GIL held unless said; HOT functions are on a call.
- * Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/lane_setup.c: The Lane's mapping and pins, its type's new/dealloc/init, the
+ * usable/broken checks, the doorbell, cancel and refused counters. GIL held unless said; HOT
+ * functions are on a call.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 
 /* Unmap everything; the channel itself stays mapped while loan views live (lane_unpin). */
 static void lane_unmap(LaneObject *L)

@@ -1,6 +1,8 @@
-/* _native/mapping.c: Validating and mapping the kernel's memfds (sealed against shrinking, big enough),
- * the ring geometry and wait-mode checks. GIL held.
- * Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/mapping.c: Validating and mapping the kernel's memfds (sealed against shrinking, big
+ * enough), the ring geometry and wait-mode checks. GIL held.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 
 /* ---- Validating and mapping the kernel's memfds. ---------------------------------------------
  * A peer holding a writable fd of a memfd could ftruncate it under us, and touching a page past

@@ -1,4 +1,8 @@
-/* _native/message.c: Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/message.c: Message: a call's reply, a tuple subclass with native getters, and
+ * MessageType. GIL held.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 
 /* ---- Message: a call's reply, (opcode, flags, d0, d1, d2, d3, payload or None). -------------
  * A tuple subclass defined here rather than in Python: make_message allocates it directly, and a

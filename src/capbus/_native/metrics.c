@@ -1,6 +1,8 @@
-/* _native/metrics.c: The metrics reader: channel_stats(buf), from a header page the peer may write (every
- * number untrusted, read once). GIL held.
- * Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/metrics.c: The metrics reader: channel_stats(buf), from a header page the peer may write
+ * (every number untrusted, read once). GIL held.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 
 /* Copy n u64 out of a buffer the peer may write: RELAXED atomic loads when aligned (each value
  * untorn), else a plain copy (a torn number is still just a number). */

@@ -1,6 +1,8 @@
-/* _native/metrics.h: The metrics writers: plain stores of private counters into the CSTATS / SSTATS blocks of
- * the channel header page (single writer each). With or without the GIL.
- * Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/metrics.h: The metrics writers: plain stores of private counters into the CSTATS /
+ * SSTATS blocks of the channel header page (single writer each). With or without the GIL.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 #ifndef CAPBUS_NATIVE_METRICS_H
 #define CAPBUS_NATIVE_METRICS_H
 

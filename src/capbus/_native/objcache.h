@@ -1,6 +1,8 @@
-/* _native/objcache.h: Result objects: cached small ints, free lists of Message and Request, and the Message
- * allocation that call() results are made with. GIL held; HOT.
- * Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/objcache.h: Result objects: cached small ints, free lists of Message and Request, and
+ * the Message allocation that call() results are made with. GIL held; HOT.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 #ifndef CAPBUS_NATIVE_OBJCACHE_H
 #define CAPBUS_NATIVE_OBJCACHE_H
 

@@ -1,6 +1,9 @@
-/* _native/primitives.c: Part A of the module: futex and atomics on any buffer-protocol object at an offset (what
- * the kernel and tests use), and the u32/u64 argument conversions. GIL held; the waits let it go.
- * Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/primitives.c: Part A of the module: futex and atomics on any buffer-protocol object at
+ * an offset (what the kernel and tests use), and the u32/u64 argument conversions. GIL held; the
+ * waits let it go.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 
 /* ---------------------------------------------------------------------------------------------
  * Part A: primitives on a buffer at an offset.

@@ -1,4 +1,9 @@
-/* _native/request.c: Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/request.c: Request: one received message, answered with .reply() / reply_error (HOT: the
+ * reply path), its getters, payload object and transfers, and RequestType. Replies only to the
+ * channel instance it came from. GIL held.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 
 /* ---- Request: one received message, answered with .reply(). -------------------------------- */
 

@@ -1,6 +1,8 @@
-/* _native/serverset.c: The ServerSet type: reply, interrupt, close, contains/is_dead/refused/drops, getters, the
- * method table and ServerSetType. GIL held.
- * Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/serverset.c: The ServerSet type: reply, interrupt, close,
+ * contains/is_dead/refused/drops, getters, the method table and ServerSetType. GIL held.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 
 /* reply(index, tag, opcode, flags, data, payload=None): never blocks. */
 static PyObject *ServerSet_reply(ServerSetObject *S, PyObject *const *args, Py_ssize_t nargs)

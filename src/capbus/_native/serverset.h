@@ -1,4 +1,8 @@
-/* _native/serverset.h: Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/serverset.h: chan_t, zent_t and ServerSetObject, the service end; the ServerSet's trust
+ * and thread rules are in the section comment below.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 #ifndef CAPBUS_NATIVE_SERVERSET_H
 #define CAPBUS_NATIVE_SERVERSET_H
 

@@ -1,7 +1,9 @@
-/* _native/sleep.c: Eventfds (event-loop waiters), sleep eventfds and reply-sleep pipes, kicks, and the sleep
- * watchdog (which walks ServerSets, so it comes after serverset.h). Process-wide machinery: the
- * kick signal handler and the watchdog thread run without the GIL.
- * Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/sleep.c: Eventfds (event-loop waiters), sleep eventfds and reply-sleep pipes, kicks, and
+ * the sleep watchdog (which walks ServerSets, so it comes after serverset.h). Process-wide
+ * machinery: the kick signal handler and the watchdog thread run without the GIL.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 
 /* ---- Eventfds (event-loop waiters; see poll_armed and call_poll). ---------------------------- */
 

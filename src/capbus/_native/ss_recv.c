@@ -1,4 +1,9 @@
-/* _native/ss_recv.c: Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/ss_recv.c: Receiving: the server's limit checks and automatic refusals (untrusted
+ * clients: every value from the ring is checked here), zero-copy payloads, pop/take, and recv /
+ * recv_many / poll / poll_armed. HOT; the recv holder runs the scan and wait without the GIL.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 
 /* ---- Receiving. ------------------------------------------------------------------------------ */
 

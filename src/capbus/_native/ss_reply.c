@@ -1,6 +1,8 @@
-/* _native/ss_reply.c: Writing a reply into a channel's response ring (its lock held; the copy of a big payload
- * without the GIL) and the outcome as a Python result. HOT.
- * Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/ss_reply.c: Writing a reply into a channel's response ring (its lock held; the copy of a
+ * big payload without the GIL) and the outcome as a Python result. HOT.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 
 /* Write one reply into ch's response ring; never blocks. GIL held on entry and exit (a big
  * payload's copy, and a contended lock, run without it). RG_OK, RG_FULL, or RG_CORRUPT (ch is

@@ -1,7 +1,9 @@
-/* _native/ss_table.c: The ServerSet's table: freeing and reaping channels, buckets, unlink/wake/kick, the held-
- * chunk queue (zero-copy receive), the type's new/dealloc/init, add and remove. GIL held unless
- * said (ss_reap runs in the recv holder).
- * Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/ss_table.c: The ServerSet's table: freeing and reaping channels, buckets,
+ * unlink/wake/kick, the held- chunk queue (zero-copy receive), the type's new/dealloc/init, add
+ * and remove. GIL held unless said (ss_reap runs in the recv holder).
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 
 static void chan_free(chan_t *ch)
 {

@@ -1,6 +1,8 @@
-/* _native/ss_wait.c: The ServerSet's scan and wait: full scan, ready hints, pick, and the wait (spin, futex,
- * sleep eventfd) run by the recv holder with or without the GIL. HOT.
- * Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/ss_wait.c: The ServerSet's scan and wait: full scan, ready hints, pick, and the wait
+ * (spin, futex, sleep eventfd) run by the recv holder with or without the GIL. HOT.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 
 /* Full scan: mark every alive channel whose request ring is non-empty (and every draining one)
  * as ready. Called by the recv holder, with or without the GIL. Returns whether anything is.

@@ -1,6 +1,9 @@
-/* _native/zbuf.c: ZBuf: views of shared memory (zero-copy payloads and loans) that keep their memory for as
- * long as any view lives. Its lifetime (release to its owner) is in zbuf_release.c. GIL held.
- * Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/zbuf.c: ZBuf: views of shared memory (zero-copy payloads and loans) that keep their
+ * memory for as long as any view lives. Its lifetime (release to its owner) is in zbuf_release.c.
+ * GIL held.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 
 /* ---- Views of shared memory (zero-copy payloads and loans). -----------------------------------
  * Request.payload (zero-copy) and Lane.loan() hand out memoryviews of a ZBuf, a tiny exporter

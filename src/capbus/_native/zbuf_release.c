@@ -1,4 +1,9 @@
-/* _native/zbuf_release.c: Not compiled alone: module.c #includes it (one translation unit, see there). */
+/*
+ * _native/zbuf_release.c: ZBuf lifetime: a zero-copy payload's chunk goes back to its owner (the
+ * ServerSet's held-chunk queue, or a Lane's pins) when its Request is done and its last view is
+ * gone; ZBufType. GIL held. Comes after the ServerSet, whose queue it releases to.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
 
 /* ---- ZBuf lifetime (the type is described with the views of shared memory, before Lane). ---- */
 
