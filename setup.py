@@ -1,14 +1,16 @@
 # Two small compiled parts: the native core (_core) and the sandbox's Landlock/seccomp calls
 # (_sandbox, only the launcher uses it); everything else is pure Python (see pyproject.toml).
+from glob import glob
+
 from setuptools import Extension, setup
 
 setup(
     ext_modules=[
         Extension(
             "capbus._core",
-            sources=["src/capbus/_core.c"],
-            depends=["src/capbus/_core_layout.h", "src/capbus/_core_ring.h",
-                     "src/capbus/_core_limits.h"],
+            # One translation unit: module.c #includes every other file of _native/ (see there).
+            sources=["src/capbus/_native/module.c"],
+            depends=sorted(glob("src/capbus/_native/*")),
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         ),
         Extension(

@@ -43,7 +43,7 @@ def make_eventfd() -> int:
 
 
 def make_sleep_eventfd() -> int:
-    """A service's sleep eventfd: BLOCKING, for the server's read (see _core.c, "Sleep eventfds
+    """A service's sleep eventfd: BLOCKING, for the server's read (see _native/sleep.c, "Sleep eventfds
     and kicks"); its clients write it to wake the server."""
     return os.eventfd(0, os.EFD_CLOEXEC)
 

@@ -16,14 +16,14 @@
  * (see "Buckets per capability" below): every channel, thread and process using one capability,
  * or one derived from it, draws on the same buckets.
  */
-#ifndef CAPBUS_CORE_LIMITS_H
-#define CAPBUS_CORE_LIMITS_H
+#ifndef CAPBUS_NATIVE_LIMITS_H
+#define CAPBUS_NATIVE_LIMITS_H
 
 #include <stdint.h>
 #include <stdlib.h>
 #include <time.h>
 
-#include "_core_layout.h"
+#include "layout.h"
 
 /* Everything here is small and sits on the per-message path: always inlined, even into the
  * out-of-line (cold) functions that call it (GCC would otherwise compile those calls for size). */

@@ -1,10 +1,10 @@
 /*
- * capbus shared-memory layout: the ONE definition of every size and offset. _core.c exports each
+ * capbus shared-memory layout: the ONE definition of every size and offset. module.c exports each
  * of these as a module attribute; Python code reads them from capbus._core and never redefines
  * them. All multi-byte fields are little-endian (native; the build refuses big-endian hosts).
  */
-#ifndef CAPBUS_CORE_LAYOUT_H
-#define CAPBUS_CORE_LAYOUT_H
+#ifndef CAPBUS_NATIVE_LAYOUT_H
+#define CAPBUS_NATIVE_LAYOUT_H
 
 #include <stddef.h>
 #include <stdint.h>

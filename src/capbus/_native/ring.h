@@ -23,16 +23,16 @@
  * release them in any order; it then publishes arena_released itself, only ever as the end of the
  * contiguous released prefix (cons_publish_released), so a held chunk is never reused.
  */
-#ifndef CAPBUS_CORE_RING_H
-#define CAPBUS_CORE_RING_H
+#ifndef CAPBUS_NATIVE_RING_H
+#define CAPBUS_NATIVE_RING_H
 
 #include <stdint.h>
 #include <string.h>
 
-#include "_core_layout.h"
+#include "layout.h"
 
 #ifndef HOT
-#define HOT /* _core.c marks the functions of a round trip (see there) */
+#define HOT /* module.c marks the functions of a round trip (see there) */
 #endif
 
 enum { RG_OK = 0, RG_EMPTY = 1, RG_FULL = 2, RG_CORRUPT = -1 };
@@ -41,46 +41,7 @@ static inline uint64_t *ring_u64(char *ring, uint32_t off) { return (uint64_t *)
 static inline uint32_t *ring_u32(char *ring, uint32_t off) { return (uint32_t *)(ring + off); }
 static inline char *ring_slot(char *ring, uint64_t i) { return ring + RING_SLOTS_OFF + i * SLOT_SIZE; }
 
-/* ---------------------------------------------------------------------------------------------
- * CRC-32 (IEEE 802.3, reflected, poly 0xEDB88320; identical to zlib.crc32), slice-by-8.
- * ------------------------------------------------------------------------------------------- */
-
-static uint32_t crc_tab[8][256];
-
-static void crc32_init(void)
-{
-    for (uint32_t i = 0; i < 256; i++) {
-        uint32_t c = i;
-        for (int k = 0; k < 8; k++)
-            c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-        crc_tab[0][i] = c;
-    }
-    for (uint32_t i = 0; i < 256; i++)
-        for (int t = 1; t < 8; t++)
-            crc_tab[t][i] = (crc_tab[t - 1][i] >> 8) ^ crc_tab[0][crc_tab[t - 1][i] & 0xff];
-}
-
-static uint32_t crc32_update(uint32_t crc, const uint8_t *p, size_t n)
-{
-    crc = ~crc;
-    while (n && ((uintptr_t)p & 7)) {
-        crc = crc_tab[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
-        n--;
-    }
-    while (n >= 8) {
-        uint64_t w;
-        memcpy(&w, p, 8);
-        w ^= crc;
-        crc = crc_tab[7][w & 0xff] ^ crc_tab[6][(w >> 8) & 0xff] ^ crc_tab[5][(w >> 16) & 0xff] ^
-              crc_tab[4][(w >> 24) & 0xff] ^ crc_tab[3][(w >> 32) & 0xff] ^
-              crc_tab[2][(w >> 40) & 0xff] ^ crc_tab[1][(w >> 48) & 0xff] ^ crc_tab[0][w >> 56];
-        p += 8;
-        n -= 8;
-    }
-    while (n--)
-        crc = crc_tab[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
-    return ~crc;
-}
+#include "crc32.h"
 
 /* Copy n bytes (a multiple of 8, 8-aligned) out of peer-writable memory with relaxed atomic
  * loads: the peer may be writing concurrently (only if hostile), and atomic loads make that a

@@ -1,0 +1,514 @@
+/*
+ * _native/bases.c: EndpointBase / ServiceBase: the native halves of capbus.Endpoint (call,
+ * send_async) and capbus.Service (recv), with the slow paths called back in Python; set_types.
+ * HOT; GIL held.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
+
+/* =============================================================================================
+ * Fronts: the native halves of capbus.Endpoint and capbus.Service.
+ *
+ * Endpoint.call, Endpoint.send_async and Service.recv are the calls every message goes through.
+ * Here they run without a Python frame of their own: on one CPU a blocking round trip costs the
+ * sum of both sides' work, and a frame on each side was ~10% of it (and ~40% of an unbatched
+ * send_async). Only the plain case runs here; anything else (flags, delegated capabilities or
+ * regions, a closed service, a corrupt channel) calls the Python method of the same name with
+ * "_slow" appended, which is the reference behaviour. A thread's lane comes from the Python
+ * method _thread_core() and is cached for that thread (its PyThreadState id, never reused in
+ * this interpreter) and this process (fork_gen: a forked child asks again, and is refused).
+ * ============================================================================================= */
+
+static PyObject *str_call_slow, *str_send_async_slow, *str_recv_slow, *str_thread_core,
+    *str_remote_error, *str_claim, *int_zero;
+
+/* Call self.<name>(*args, **kw) with the arguments of a METH_FASTCALL|METH_KEYWORDS call. */
+static PyObject *front_slow(PyObject *self, PyObject *name, PyObject *const *args,
+                            Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *stack[1 + 16];
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs + nkw > 16) {
+        PyErr_SetString(PyExc_TypeError, "too many arguments");
+        return NULL;
+    }
+    stack[0] = self;
+    memcpy(stack + 1, args, (size_t)(nargs + nkw) * sizeof(PyObject *));
+    return PyObject_VectorcallMethod(name, stack, 1 + nargs, kwnames);
+}
+
+/* timeout (seconds, None = no deadline) -> ns, -1 for none: as endpoint.timeout_ns(). */
+static HOT int front_timeout(PyObject *o, int64_t *out)
+{
+    *out = -1;
+    if (!o || o == Py_None)
+        return 0;
+    double t = PyFloat_AsDouble(o);
+    if (t == -1.0 && PyErr_Occurred())
+        return -1;
+    if (!(t >= 0)) {
+        PyErr_SetString(PyExc_ValueError, "timeout must be >= 0 or None");
+        return -1;
+    }
+    if (t * 1e9 < 9.2e18) /* beyond ~292 years: no deadline */
+        *out = (int64_t)(t * 1e9);
+    return 0;
+}
+
+/* The payload argument of Endpoint.call/send_async: NULL for none (None, or any empty
+ * bytes-like object). Judged by its length in bytes, never by truthiness: a numpy array is its
+ * bytes (np.zeros(1) is 8 bytes, not "false"). Anything else goes on to parse_payload, which
+ * says what it needs. */
+static HOT int front_payload(PyObject *o, PyObject **out)
+{
+    *out = NULL;
+    if (!o || o == Py_None)
+        return 0;
+    if (PyBytes_CheckExact(o)) {
+        if (PyBytes_GET_SIZE(o))
+            *out = o;
+        return 0;
+    }
+    if (PyMemoryView_Check(o)) {
+        if (PyMemoryView_GET_BUFFER(o)->len)
+            *out = o;
+        return 0;
+    }
+    if (PyObject_CheckBuffer(o)) {
+        Py_buffer v;
+        if (PyObject_GetBuffer(o, &v, PyBUF_SIMPLE) < 0)
+            return payload_type_error(o);
+        Py_ssize_t n = v.len;
+        PyBuffer_Release(&v);
+        if (!n)
+            return 0;
+    }
+    *out = o;
+    return 0;
+}
+
+/* Anything the native path does not handle: nonzero flags, or capabilities/regions to pass. */
+static HOT int front_plain(PyObject *flags, PyObject *caps, PyObject *regions)
+{
+    if (flags && flags != int_zero) { /* 0 is a cached small int: usually the same object */
+        if (!PyLong_Check(flags))
+            return 0;
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(flags, &overflow);
+        if (v == -1 && PyErr_Occurred())
+            PyErr_Clear(); /* the Python path raises it again */
+        if (v != 0 || overflow)
+            return 0;
+    }
+    for (int i = 0; i < 2; i++) {
+        PyObject *o = i ? regions : caps;
+        if (!o)
+            continue;
+        if ((PyTuple_CheckExact(o) && PyTuple_GET_SIZE(o) == 0) ||
+            (PyList_CheckExact(o) && PyList_GET_SIZE(o) == 0))
+            continue;
+        return 0; /* the Python path decides (an empty generator is not "no caps" there either) */
+    }
+    return 1;
+}
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *handle;       /* the capability's handle (an int), or NULL before it is set */
+    uint64_t handle_u64;    /* the same, converted once */
+    LaneObject *lane;       /* the lane of the thread that called last (strong), or NULL */
+    uint64_t lane_tid;      /* that thread's PyThreadState id */
+    unsigned long lane_fork_gen;
+    uint64_t lane_epoch;    /* bumped when the handle changes or lanes are forgotten */
+} EndpointBaseObject;
+
+/* This thread's lane (a new reference), or NULL with an exception. */
+static HOT LaneObject *ep_lane(EndpointBaseObject *E)
+{
+    uint64_t tid = PyThreadState_GetID(PyThreadState_Get());
+    if (E->lane && E->lane_tid == tid && E->lane_fork_gen == fork_gen)
+        return (LaneObject *)Py_NewRef(E->lane);
+    uint64_t epoch = E->lane_epoch;
+    PyObject *core = PyObject_CallMethodNoArgs((PyObject *)E, str_thread_core);
+    if (!core)
+        return NULL;
+    if (!PyObject_TypeCheck(core, &LaneType)) {
+        PyErr_Format(PyExc_TypeError, "_thread_core() returned %.100s, not a Lane",
+                     Py_TYPE(core)->tp_name);
+        Py_DECREF(core);
+        return NULL;
+    }
+    /* A reconnect changed the handle while _thread_core ran (it can give up the GIL): the lane
+     * it chose may be of the old kernel. Use it for this call, but do not keep it. */
+    if (E->lane_epoch != epoch)
+        return (LaneObject *)core;
+    Py_XSETREF(E->lane, (LaneObject *)Py_NewRef(core));
+    E->lane_tid = tid;
+    E->lane_fork_gen = fork_gen;
+    return (LaneObject *)core;
+}
+
+static HOT int ep_handle(EndpointBaseObject *E)
+{
+    if (!E->handle) {
+        PyErr_SetString(PyExc_AttributeError, "the endpoint has no handle yet");
+        return -1;
+    }
+    return 0;
+}
+
+static const char *const ep_call_kw[] = {"opcode", "data", "payload", "timeout", "flags", "caps",
+                                         "regions", "move", NULL};
+static const char *const ep_send_kw[] = {"opcode", "data", "payload", "flags", "caps", "regions",
+                                         "move", NULL};
+
+/* The plain case of call/send_async up to a prepared message: this thread's lane (a new
+ * reference), or NULL with an exception. payload_arg as given (`payload or None` is applied). */
+static HOT LaneObject *ep_prepare(EndpointBaseObject *E, PyObject *opcode, PyObject *data,
+                              PyObject *payload_arg, uint32_t extra, outmsg_t *m, Py_buffer *view,
+                              charge_t *c)
+{
+    PyObject *payload;
+    if (ep_handle(E) < 0 || front_payload(payload_arg, &payload) < 0)
+        return NULL;
+    LaneObject *L = ep_lane(E);
+    if (!L)
+        return NULL;
+    PyObject *la[5] = {NULL, opcode, int_zero, data ? data : empty_tuple, payload};
+    m->capability = E->handle_u64;
+    if (lane_prepare(L, la, extra, m, view, c) < 0) {
+        Py_DECREF(L);
+        return NULL;
+    }
+    return L;
+}
+
+/* call(opcode, data=(), payload=b"", timeout=None, flags=0, caps=(), regions=(), move=False) */
+static HOT PyObject *EP_call(EndpointBaseObject *E, PyObject *const *args, Py_ssize_t nargs,
+                         PyObject *kwnames)
+{
+    PyObject *a[8];
+    if (fast_args("call", args, nargs, kwnames, ep_call_kw, 1, a) < 0)
+        return NULL;
+    if (!front_plain(a[4], a[5], a[6]))
+        return front_slow((PyObject *)E, str_call_slow, args, nargs, kwnames);
+    int64_t tns;
+    if (front_timeout(a[3], &tns) < 0)
+        return NULL;
+    outmsg_t m;
+    Py_buffer view;
+    charge_t c;
+    LaneObject *L = ep_prepare(E, a[0], a[1], a[2], FLAG_REPLY_EXPECTED, &m, &view, &c);
+    if (!L)
+        return NULL;
+    PyObject *r = lane_call_run(L, &m, &view, &c, tns, 0);
+    Py_DECREF(L);
+    if (r && (PyLong_AsUnsignedLong(PyTuple_GET_ITEM(r, 1)) & FLAG_ERROR)) {
+        PyObject *exc = PyObject_CallMethodOneArg((PyObject *)E, str_remote_error, r);
+        Py_DECREF(r);
+        if (exc) {
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+            Py_DECREF(exc);
+        }
+        return NULL;
+    }
+    return r;
+}
+
+/* send_async(opcode, data=(), payload=b"", flags=0, caps=(), regions=(), move=False) */
+static PyObject *EP_send_async(EndpointBaseObject *E, PyObject *const *args, Py_ssize_t nargs,
+                               PyObject *kwnames)
+{
+    PyObject *a[7];
+    if (fast_args("send_async", args, nargs, kwnames, ep_send_kw, 1, a) < 0)
+        return NULL;
+    if (!front_plain(a[3], a[4], a[5]))
+        return front_slow((PyObject *)E, str_send_async_slow, args, nargs, kwnames);
+    outmsg_t m;
+    Py_buffer view;
+    charge_t c;
+    LaneObject *L = ep_prepare(E, a[0], a[1], a[2], 0, &m, &view, &c);
+    if (!L)
+        return NULL;
+    PyObject *r = lane_send_prepared(L, &m, &view, &c);
+    Py_DECREF(L);
+    return r;
+}
+
+/* Drop the cached lane (the endpoint was closed or revoked). */
+static PyObject *EP_forget_lanes(EndpointBaseObject *E, PyObject *unused)
+{
+    E->lane_epoch++;
+    Py_CLEAR(E->lane);
+    Py_RETURN_NONE;
+}
+
+static PyObject *EP_get_handle(EndpointBaseObject *E, void *c)
+{
+    if (ep_handle(E) < 0)
+        return NULL;
+    return Py_NewRef(E->handle);
+}
+
+static int EP_set_handle(EndpointBaseObject *E, PyObject *v, void *c)
+{
+    uint64_t h;
+    if (!v) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete handle");
+        return -1;
+    }
+    if (!PyLong_Check(v) || to_u64(v, &h, "handle") < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "handle must be an int");
+        return -1;
+    }
+    Py_XSETREF(E->handle, Py_NewRef(v));
+    E->handle_u64 = h;
+    E->lane_epoch++;
+    Py_CLEAR(E->lane); /* a lane belongs to one capability */
+    return 0;
+}
+
+/* Instances are of the Python subclasses, whose traverse visits the type itself (this base is a
+ * static type): ours visits only our own references. */
+static int EP_traverse(EndpointBaseObject *E, visitproc visit, void *arg)
+{
+    Py_VISIT(E->lane);
+    return 0;
+}
+
+static int EP_clear(EndpointBaseObject *E)
+{
+    Py_CLEAR(E->lane);
+    Py_CLEAR(E->handle);
+    return 0;
+}
+
+static void EP_dealloc(EndpointBaseObject *E)
+{
+    PyTypeObject *tp = Py_TYPE(E);
+    PyObject_GC_UnTrack(E);
+    EP_clear(E);
+    tp->tp_free((PyObject *)E);
+}
+
+static PyMethodDef EP_methods[] = {
+    {"call", (PyCFunction)(void (*)(void))EP_call, METH_FASTCALL | METH_KEYWORDS,
+     "call($self, /, opcode, data=(), payload=b'', timeout=None, flags=0, caps=(), regions=(),"
+     " move=False)\n--\n\n"
+     "Send a request and wait for the reply (a Message).\n\n"
+     "Timeout cancels the transaction (a late reply is dropped); PeerDied if the server exits;\n"
+     "ValueError / MessageTooLarge / RateLimitExceeded before anything is sent if the arguments\n"
+     "or the capability's limits do not allow it. caps: capabilities to delegate with it (each\n"
+     "needs the share right); they arrive as req.caps. regions: shared memory regions to pass\n"
+     "on, arriving as req.regions; move=True transfers them (this side loses them), else they\n"
+     "are shared (needs the share right)."},
+    {"send_async", (PyCFunction)(void (*)(void))EP_send_async, METH_FASTCALL | METH_KEYWORDS,
+     "send_async($self, /, opcode, data=(), payload=b'', flags=0, caps=(), regions=(), "
+     "move=False)\n--\n\n"
+     "Queue a one-way message; never blocks: WouldBlock when the receiver's ring for this\n"
+     "sender is full (back-pressure: nothing is dropped silently)."},
+    {"_forget_lanes", (PyCFunction)EP_forget_lanes, METH_NOARGS, "drop the cached lane"},
+    {NULL},
+};
+
+static PyGetSetDef EP_getset[] = {
+    {"handle", (getter)EP_get_handle, (setter)EP_set_handle, "the capability's handle", NULL},
+    {NULL},
+};
+
+static PyTypeObject EndpointBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "capbus._core.EndpointBase",
+    .tp_basicsize = sizeof(EndpointBaseObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The native half of capbus.Endpoint (call and send_async).",
+    .tp_traverse = (traverseproc)EP_traverse,
+    .tp_clear = (inquiry)EP_clear,
+    .tp_dealloc = (destructor)EP_dealloc,
+    .tp_methods = EP_methods,
+    .tp_getset = EP_getset,
+    .tp_new = PyType_GenericNew,
+};
+
+typedef struct {
+    PyObject_HEAD
+    ServerSetObject *set; /* _set (strong), or NULL */
+    char closed;          /* _closed */
+    char slow;            /* _slow: more than one ServerSet to serve (see _recv_slow) */
+} ServiceBaseObject;
+
+static const char *const sv_recv_kw[] = {"timeout", NULL};
+
+/* recv(timeout=None) -> Request */
+/* Closed because its kernel is gone for good (the Python side set _lost): recv() then raises
+ * that (KernelUnavailable) rather than the Cancelled a close() gives. Cold: after an interrupt. */
+static int sv_lost(ServiceBaseObject *V)
+{
+    if (!V->closed)
+        return 0;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyObject *lost = PyObject_GetAttrString((PyObject *)V, "_lost");
+    int r = lost && lost != Py_None;
+    Py_XDECREF(lost);
+    PyErr_Clear();
+    PyErr_Restore(et, ev, tb);
+    return r;
+}
+
+static HOT PyObject *SV_recv(ServiceBaseObject *V, PyObject *const *args, Py_ssize_t nargs,
+                         PyObject *kwnames)
+{
+    PyObject *a[1];
+    if (fast_args("recv", args, nargs, kwnames, sv_recv_kw, 0, a) < 0)
+        return NULL;
+    if (V->closed || !V->set || V->slow)
+        return front_slow((PyObject *)V, str_recv_slow, args, nargs, kwnames);
+    int64_t tns;
+    if (front_timeout(a[0], &tns) < 0)
+        return NULL;
+    uint64_t deadline = deadline_after(tns);
+    ServerSetObject *S = (ServerSetObject *)Py_NewRef(V->set);
+    PyObject *req = ss_recv(S, tns);
+    /* Interrupted because the service closed (or lost its kernel for good: the Python side says
+     * which), or because a reconnect gave it a new ServerSet: go on there, within the time left
+     * (in Python while the old kernel's channels are still served beside the new ones). */
+    while (!req && PyErr_ExceptionMatches(Cancelled) && (sv_lost(V) || V->set != S || V->slow)) {
+        PyErr_Clear();
+        Py_DECREF(S);
+        if (V->closed || !V->set || V->slow)
+            return front_slow((PyObject *)V, str_recv_slow, args, nargs, kwnames);
+        S = (ServerSetObject *)Py_NewRef(V->set);
+        uint64_t now = now_ns();
+        req = ss_recv(S, deadline == UINT64_MAX ? -1 : now >= deadline ? 0 : (int64_t)(deadline - now));
+    }
+    Py_DECREF(S);
+    if (req) {
+        if (((RequestObject *)req)->flags & RT_TRANSFER_FLAG) {
+            PyObject *r = PyObject_CallMethodOneArg((PyObject *)V, str_claim, req);
+            if (!r)
+                Py_CLEAR(req);
+            Py_XDECREF(r);
+        }
+        return req;
+    }
+    if (!PyErr_ExceptionMatches(CorruptChannel))
+        return NULL;
+    /* Garbage on a channel: the Python loop reports it and goes on, within what is left of the
+     * caller's timeout (garbage does not extend it). */
+    PyObject *etype, *exc, *tb;
+    PyErr_Fetch(&etype, &exc, &tb);
+    PyErr_NormalizeException(&etype, &exc, &tb);
+    Py_XDECREF(etype);
+    Py_XDECREF(tb);
+    if (!exc)
+        return NULL;
+    PyObject *left = Py_NewRef(Py_None);
+    if (deadline != UINT64_MAX) {
+        uint64_t now = now_ns();
+        Py_SETREF(left, PyFloat_FromDouble(now >= deadline ? 0.0 : (deadline - now) / 1e9));
+    }
+    PyObject *out = NULL;
+    if (left)
+        out = PyObject_CallMethodObjArgs((PyObject *)V, str_recv_slow, left, exc, NULL);
+    Py_XDECREF(left);
+    Py_DECREF(exc);
+    return out;
+}
+
+static PyObject *SV_get_set(ServiceBaseObject *V, void *c)
+{
+    if (!V->set) {
+        PyErr_SetString(PyExc_AttributeError, "_set");
+        return NULL;
+    }
+    return Py_NewRef(V->set);
+}
+
+static int SV_set_set(ServiceBaseObject *V, PyObject *v, void *c)
+{
+    if (v && !PyObject_TypeCheck(v, &ServerSetType)) {
+        PyErr_SetString(PyExc_TypeError, "_set must be a ServerSet");
+        return -1;
+    }
+    Py_XSETREF(V->set, (ServerSetObject *)Py_XNewRef(v));
+    return 0;
+}
+
+static int SV_traverse(ServiceBaseObject *V, visitproc visit, void *arg)
+{
+    Py_VISIT(V->set);
+    return 0;
+}
+
+static int SV_clear(ServiceBaseObject *V)
+{
+    Py_CLEAR(V->set);
+    return 0;
+}
+
+static void SV_dealloc(ServiceBaseObject *V)
+{
+    PyTypeObject *tp = Py_TYPE(V);
+    PyObject_GC_UnTrack(V);
+    SV_clear(V);
+    tp->tp_free((PyObject *)V);
+}
+
+static PyMethodDef SV_methods[] = {
+    {"recv", (PyCFunction)(void (*)(void))SV_recv, METH_FASTCALL | METH_KEYWORDS,
+     "recv($self, /, timeout=None)\n--\n\n"
+     "The next message from any client (round robin across them); Timeout if none."},
+    {NULL},
+};
+
+static PyMemberDef SV_members[] = {
+    {"_closed", T_BOOL, offsetof(ServiceBaseObject, closed), 0, "unregistered"},
+    {"_slow", T_BOOL, offsetof(ServiceBaseObject, slow), 0,
+     "recv() goes to _recv_slow (channels of a former kernel are served too)"},
+    {NULL},
+};
+
+static PyGetSetDef SV_getset[] = {
+    {"_set", (getter)SV_get_set, (setter)SV_set_set, "the ServerSet", NULL},
+    {NULL},
+};
+
+static PyTypeObject ServiceBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "capbus._core.ServiceBase",
+    .tp_basicsize = sizeof(ServiceBaseObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The native half of capbus.Service (recv).",
+    .tp_traverse = (traverseproc)SV_traverse,
+    .tp_clear = (inquiry)SV_clear,
+    .tp_dealloc = (destructor)SV_dealloc,
+    .tp_methods = SV_methods,
+    .tp_members = SV_members,
+    .tp_getset = SV_getset,
+    .tp_new = PyType_GenericNew,
+};
+
+/* set_types(message_type, request_type): the classes recv/call results are made of. */
+static PyObject *py_set_types(PyObject *self, PyObject *args)
+{
+    PyObject *mt, *rt;
+    if (!PyArg_ParseTuple(args, "OO:set_types", &mt, &rt))
+        return NULL;
+    if (mt != Py_None &&
+        (!PyType_Check(mt) || !PyType_IsSubtype((PyTypeObject *)mt, &PyTuple_Type))) {
+        PyErr_SetString(PyExc_TypeError, "message_type must be a subclass of tuple (or None)");
+        return NULL;
+    }
+    if (rt != Py_None &&
+        (!PyType_Check(rt) || !PyType_IsSubtype((PyTypeObject *)rt, &RequestType))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "request_type must be a subclass of capbus._core.Request (or None)");
+        return NULL;
+    }
+    PyTypeObject *new_mt = mt == Py_None ? NULL : (PyTypeObject *)mt;
+    PyTypeObject *new_rt = rt == Py_None ? &RequestType : (PyTypeObject *)rt;
+    Py_XINCREF(new_mt);
+    Py_INCREF(new_rt);
+    Py_XSETREF(msg_type, new_mt);
+    Py_XSETREF(req_type, new_rt);
+    Py_RETURN_NONE;
+}

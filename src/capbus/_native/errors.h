@@ -1,0 +1,36 @@
+/*
+ * _native/errors.h: The capbus._errors classes (looked up once at module init), the fork check
+ * every Lane and ServerSet runs (fork_gen), and the error codes sent in automatic error replies.
+ * GIL held.
+ * Not compiled alone: module.c #includes it (one translation unit, see there).
+ */
+#ifndef CAPBUS_NATIVE_ERRORS_H
+#define CAPBUS_NATIVE_ERRORS_H
+
+/* ---------------------------------------------------------------------------------------------
+ * capbus._errors classes, looked up once at module init.
+ * ------------------------------------------------------------------------------------------- */
+
+static PyObject *IpcError, *Timeout, *PeerDied, *InvalidCapability, *WouldBlock, *MessageTooLarge,
+    *ProtocolError, *PermissionDenied, *RateLimitExceeded, *KernelUnavailable, *NoReply;
+
+/* How many fork()s this process descends through (bumped in the child by wd_atfork_child). A Lane
+ * or ServerSet belongs to the process that made it: in a forked child it refuses to work (it
+ * would share rings and locks with the parent: a second producer on an SPSC ring, a recv lock
+ * held by a parent thread that does not exist here). */
+static unsigned long fork_gen;
+
+static int check_fork(unsigned long made_in, const char *what)
+{
+    if (__builtin_expect(made_in == fork_gen, 1))
+        return 0;
+    PyErr_Format(KernelUnavailable,
+                 "this %s belongs to the parent process; a forked child must call "
+                 "capbus.connect() for its own connection",
+                 what);
+    return -1;
+}
+/* Their .code values, sent in data[0] of the server's automatic error replies. */
+static uint64_t code_invalid_capability, code_message_too_large, code_rate_limit, code_no_reply;
+
+#endif /* CAPBUS_NATIVE_ERRORS_H */

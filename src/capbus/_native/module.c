@@ -1,0 +1,382 @@
+/*
+ * capbus._core -- the native core of capbus: _native/module.c, its one translation unit.
+ *
+ * The Python-visible API (internal; only the capbus kernel, runtime and tests use it) is
+ * described in src/capbus/_core.pyi, the contract of this module. This file holds the method
+ * table, the module constants and PyInit; it #includes every part of _native/ in layer order
+ * (a unity build: each part keeps its static functions, so the compiler sees one translation
+ * unit and inlines across parts as before). Parts, bottom up:
+ *   engine, no Python API: layout.h (every offset), limits.h (control-page reads, token
+ *     buckets), crc32.h, ring.h (SPSC rings + FIFO arena), clock.h, futex.h
+ *   process-wide: errors.h (the _errors classes, fork check), common.h (wait modes, tunables,
+ *     contention), gil_lock.h, sleep.c (eventfds, kicks, the sleep watchdog)
+ *   Python glue: primitives.c, mapping.c, convert.c, objcache.h, metrics.h/.c, zbuf.c,
+ *     zbuf_release.c, request.c, message.c
+ *   one binding per type: lane*.c (Lane), serverset.h, ss_*.c, serverset.c (ServerSet),
+ *     bases.c (EndpointBase, ServiceBase), helpers.c (module-level helpers for the kernel)
+ * Where define-before-use forces an order, the part's .h has the forward declaration.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#ifdef Py_GIL_DISABLED
+#error "capbus's native core relies on the GIL (gil_lock_t, free lists): no free-threaded CPython"
+#endif
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+/* HOT: a function on the path of a call or a receive. GCC places these together (.text.hot), so
+ * a round trip runs from 6 pages of this module's code instead of 13 spread over it: after each
+ * context switch, fewer instruction-cache lines and TLB entries to refill. */
+#define HOT __attribute__((hot))
+
+#include "layout.h"
+#include "limits.h"
+#include "ring.h"
+
+#include "errors.h"
+#include "clock.h"
+#include "futex.h"
+#include "primitives.c"
+#include "common.h"
+#include "mapping.c"
+#include "convert.c"
+#include "gil_lock.h"
+#include "serverset.h"
+#include "sleep.c"
+#include "objcache.h"
+#include "metrics.h"
+#include "zbuf.c"
+#include "lane.h"
+#include "lane_setup.c"
+#include "lane_io.c"
+#include "lane_loan.c"
+#include "lane.c"
+#include "ss_table.c"
+#include "ss_wait.c"
+#include "ss_reply.c"
+#include "zbuf_release.c"
+#include "message.h"
+#include "request.c"
+#include "message.c"
+#include "ss_recv.c"
+#include "serverset.c"
+#include "bases.c"
+#include "helpers.c"
+#include "metrics.c"
+
+/* prctl(PR_SET_DUMPABLE): here rather than through ctypes, which every capbus process would then
+ * import (and load libc through) only for this; os has no prctl. */
+static PyObject *py_set_dumpable(PyObject *self, PyObject *arg)
+{
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    if (prctl(PR_SET_DUMPABLE, on ? 1 : 0, 0, 0, 0) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_dumpable(PyObject *self, PyObject *unused)
+{
+    int r = prctl(PR_GET_DUMPABLE, 0, 0, 0, 0);
+    if (r < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyBool_FromLong(r == 1);
+}
+
+static PyObject *py_crc32(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    unsigned int value = 0;
+    if (!PyArg_ParseTuple(args, "y*|I:crc32", &view, &value))
+        return NULL;
+    uint32_t c;
+    if (view.len >= (Py_ssize_t)NOGIL_COPY_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        c = crc32_update(value, view.buf, (size_t)view.len);
+        Py_END_ALLOW_THREADS
+    } else {
+        c = crc32_update(value, view.buf, (size_t)view.len);
+    }
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLong(c);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Module.
+ * ------------------------------------------------------------------------------------------- */
+
+static PyMethodDef core_methods[] = {
+    {"futex_wait", (PyCFunction)(void (*)(void))py_futex_wait, METH_VARARGS | METH_KEYWORDS,
+     "futex_wait(buf, offset, expected, timeout=None) -> bool\n\n"
+     "Sleep on the u32 at buf[offset] while it equals `expected` (shared futex). True if woken\n"
+     "or the value differed, False on timeout (seconds; None = forever)."},
+    {"futex_wake", (PyCFunction)(void (*)(void))py_futex_wake, METH_VARARGS | METH_KEYWORDS,
+     "futex_wake(buf, offset, n=INT_MAX) -> int\n\nWake up to n waiters; returns how many."},
+    {"atomic_load_u32", py_atomic_load_u32, METH_VARARGS, "atomic_load_u32(buf, off) -> int"},
+    {"atomic_load_u64", py_atomic_load_u64, METH_VARARGS, "atomic_load_u64(buf, off) -> int"},
+    {"atomic_store_u32", py_atomic_store_u32, METH_VARARGS, "atomic_store_u32(buf, off, v)"},
+    {"atomic_store_u64", py_atomic_store_u64, METH_VARARGS, "atomic_store_u64(buf, off, v)"},
+    {"atomic_cas_u32", py_atomic_cas_u32, METH_VARARGS,
+     "atomic_cas_u32(buf, off, expected, desired) -> bool"},
+    {"atomic_cas_u64", py_atomic_cas_u64, METH_VARARGS,
+     "atomic_cas_u64(buf, off, expected, desired) -> bool"},
+    {"atomic_add_u64", py_atomic_add_u64, METH_VARARGS,
+     "atomic_add_u64(buf, off, v) -> int (old value, wraps modulo 2**64)"},
+    {"channel_size", (PyCFunction)(void (*)(void))py_channel_size, METH_VARARGS | METH_KEYWORDS,
+     "channel_size(nslots=256, arena_size=128 MiB) -> int: bytes of a channel memfd"},
+    {"channel_layout", (PyCFunction)(void (*)(void))py_channel_layout,
+     METH_VARARGS | METH_KEYWORDS,
+     "channel_layout(nslots=256, arena_size=128 MiB) -> dict of absolute offsets in a channel"},
+    {"max_payload", py_max_payload, METH_O, "max_payload(arena_size) -> int"},
+    {"latency_clock", py_latency_clock, METH_NOARGS,
+     "latency_clock() -> str: 'tsc' when calls time their round trips with the TSC (the kernel's\n"
+     "clocksource is the TSC and its rate has been measured), else 'monotonic...'"},
+    {"resp_ring_off", py_resp_ring_off, METH_O,
+     "resp_ring_off(nslots) -> int: offset of the response ring in a channel (its tail word, at\n"
+     "+RING_TAIL_OFF, is what clients futex-wait on; see wake_lane)"},
+    {"create_channel", (PyCFunction)(void (*)(void))py_create_channel,
+     METH_VARARGS | METH_KEYWORDS,
+     "create_channel(nslots=256, arena_size=128 MiB) -> fd of a new sealed, sized channel memfd"},
+    {"create_page", (PyCFunction)(void (*)(void))py_create_page, METH_VARARGS | METH_KEYWORDS,
+     "create_page(name='capbus-page') -> fd of a new sealed 4096-byte memfd (control page or "
+     "doorbell)"},
+    {"wake_lane", (PyCFunction)(void (*)(void))py_wake_lane, METH_VARARGS | METH_KEYWORDS,
+     "wake_lane(chan, nslots=256) -> int: wake clients blocked on a channel (chan: memfd or "
+     "buffer mapping the channel from offset 0)"},
+    {"crc32", py_crc32, METH_VARARGS, "crc32(data, value=0) -> int (same as zlib.crc32)"},
+    {"set_dumpable", py_set_dumpable, METH_O,
+     "set_dumpable(flag) -> None   prctl(PR_SET_DUMPABLE, flag): with False, processes of the "
+     "same uid can no longer ptrace this one, read its /proc/<pid>/mem, open its /proc/<pid>/fd "
+     "or take its fds with pidfd_getfd, and it leaves no core dump"},
+    {"dumpable", py_dumpable, METH_NOARGS, "dumpable() -> bool   prctl(PR_GET_DUMPABLE) == 1"},
+    {"channel_stats", py_channel_stats, METH_O,
+     "channel_stats(buf) -> dict: the client and server metrics of a channel header page"},
+    {"set_types", py_set_types, METH_VARARGS,
+     "set_types(message_type, request_type): call results become message_type (a tuple\n"
+     "subclass) instances and received messages request_type (a Request subclass) instances."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef core_module = {
+    PyModuleDef_HEAD_INIT, "capbus._core",
+    "capbus native core (its API: src/capbus/_core.pyi).",
+    -1, core_methods, NULL, NULL, NULL, NULL,
+};
+
+static int add_u64(PyObject *m, const char *name, uint64_t v)
+{
+    PyObject *o = PyLong_FromUnsignedLongLong(v);
+    if (!o || PyModule_AddObject(m, name, o) < 0) {
+        Py_XDECREF(o);
+        return -1;
+    }
+    return 0;
+}
+
+PyMODINIT_FUNC PyInit__core(void)
+{
+    crc32_init();
+    if (!tsc_state)
+        tsc_init();
+    if (small_ints_init() < 0)
+        return NULL;
+    static int atfork_done; /* once per process, however often this module is initialised */
+    if (!atfork_done) {
+        if (pthread_atfork(wd_lock, wd_unlock, wd_atfork_child) != 0) {
+            PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
+            return NULL;
+        }
+        atfork_done = 1;
+    }
+    PyObject *errors = PyImport_ImportModule("capbus._errors");
+    if (!errors)
+        return NULL;
+    struct {
+        PyObject **slot;
+        const char *name;
+    } errs[] = {
+        {&IpcError, "IpcError"},         {&Timeout, "Timeout"},
+        {&PeerDied, "PeerDied"},         {&InvalidCapability, "InvalidCapability"},
+        {&WouldBlock, "WouldBlock"},     {&MessageTooLarge, "MessageTooLarge"},
+        {&ProtocolError, "ProtocolError"}, {&Cancelled, "Cancelled"},
+        {&PermissionDenied, "PermissionDenied"}, {&RateLimitExceeded, "RateLimitExceeded"},
+        {&KernelUnavailable, "KernelUnavailable"}, {&NoReply, "NoReply"},
+    };
+    for (size_t i = 0; i < sizeof errs / sizeof errs[0]; i++) {
+        *errs[i].slot = PyObject_GetAttrString(errors, errs[i].name);
+        if (!*errs[i].slot) {
+            Py_DECREF(errors);
+            return NULL;
+        }
+    }
+    Py_DECREF(errors);
+    struct {
+        uint64_t *slot;
+        PyObject *cls;
+    } codes[] = {
+        {&code_invalid_capability, InvalidCapability},
+        {&code_message_too_large, MessageTooLarge},
+        {&code_rate_limit, RateLimitExceeded},
+        {&code_no_reply, NoReply},
+    };
+    for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++) {
+        PyObject *c = PyObject_GetAttrString(codes[i].cls, "code");
+        if (!c)
+            return NULL;
+        int bad = to_u64(c, codes[i].slot, "error code");
+        Py_DECREF(c);
+        if (bad < 0)
+            return NULL;
+    }
+    empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
+    empty_tuple = PyTuple_New(0);
+    if (!empty_bytes || !empty_tuple)
+        return NULL;
+    CorruptChannel = PyErr_NewExceptionWithDoc(
+        "capbus._core.CorruptChannel",
+        "A client wrote garbage into its channel. The ServerSet has marked the channel dead and "
+        "will not read it again; .index is the channel index, .reason says what was wrong.",
+        ProtocolError, NULL);
+    if (!CorruptChannel)
+        return NULL;
+    MessageType.tp_base = &PyTuple_Type;
+    if (PyType_Ready(&MessageType) < 0 || PyType_Ready(&LaneType) < 0 ||
+        PyType_Ready(&ServerSetType) < 0 ||
+        PyType_Ready(&RequestType) < 0 || PyType_Ready(&ZBufType) < 0 ||
+        PyType_Ready(&EndpointBaseType) < 0 || PyType_Ready(&ServiceBaseType) < 0)
+        return NULL;
+    struct {
+        PyObject **slot;
+        const char *s;
+    } names[] = {
+        {&str_call_slow, "_call_slow"},         {&str_send_async_slow, "_send_async_slow"},
+        {&str_recv_slow, "_recv_slow"},         {&str_thread_core, "_thread_core"},
+        {&str_remote_error, "_remote_error"},   {&str_claim, "_claim"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (!(*names[i].slot = PyUnicode_InternFromString(names[i].s)))
+            return NULL;
+    if (!(int_zero = PyLong_FromLong(0)))
+        return NULL;
+    released_view = PyMemoryView_FromMemory((char *)"", 0, PyBUF_READ);
+    if (!released_view)
+        return NULL;
+    PyObject *rel = PyObject_CallMethod(released_view, "release", NULL);
+    if (!rel)
+        return NULL;
+    Py_DECREF(rel);
+    if (!req_type) {
+        Py_INCREF(&RequestType);
+        req_type = &RequestType;
+    }
+
+    PyObject *m = PyModule_Create(&core_module);
+    if (!m)
+        return NULL;
+    Py_INCREF(CorruptChannel);
+    Py_INCREF(&LaneType);
+    Py_INCREF(&ServerSetType);
+    Py_INCREF(&RequestType);
+    Py_INCREF(&MessageType);
+    if (PyModule_AddObject(m, "Message", (PyObject *)&MessageType) < 0 ||
+        PyModule_AddObject(m, "CorruptChannel", CorruptChannel) < 0 ||
+        PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0 ||
+        PyModule_AddObject(m, "ServerSet", (PyObject *)&ServerSetType) < 0 ||
+        PyModule_AddObject(m, "Request", (PyObject *)&RequestType) < 0)
+        goto fail;
+    Py_INCREF(&EndpointBaseType);
+    Py_INCREF(&ServiceBaseType);
+    if (PyModule_AddObject(m, "EndpointBase", (PyObject *)&EndpointBaseType) < 0 ||
+        PyModule_AddObject(m, "ServiceBase", (PyObject *)&ServiceBaseType) < 0)
+        goto fail;
+
+    static const struct {
+        const char *name;
+        uint64_t v;
+    } consts[] = {
+#define C(x) {#x, (uint64_t)(x)}
+        C(CTRL_SIZE), C(CTRL_STATE_OFF), C(CTRL_GENERATION_OFF), C(CTRL_EXPIRY_OFF),
+        C(CTRL_MAX_MESSAGE_SIZE_OFF), C(CTRL_RATE_LIMIT_OFF), C(CTRL_BANDWIDTH_OFF),
+        C(CTRL_RIGHTS_OFF), C(CTRL_FLAGS_OFF), C(CTRL_SENDER_ID_OFF), C(CTRL_F_ENFORCE),
+        C(CTRL_CAP_ID_OFF), C(CTRL_CHAIN_LEN_OFF), C(CTRL_CHAIN_OFF), C(CTRL_CHAIN_ENTRY_SIZE),
+        C(CTRL_CHAIN_MAX), C(BUCKET_IDLE_MAX),
+        C(RIGHT_SEND), C(RIGHT_RECEIVE), C(RIGHT_SHARE), C(RIGHT_MAP), C(RIGHT_READ),
+        C(RIGHT_WRITE),
+        C(STATE_OPEN), C(STATE_REVOKED), C(STATE_PEER_DEAD), C(STATE_CLOSED),
+        C(DOORBELL_SIZE), C(DB_SEQ_OFF), C(DB_SERVER_SLEEPING_OFF), C(DB_EVENT_WANTED_OFF),
+        C(DB_SERVER_SPINS_OFF),
+        C(DB_BITMAP_OFF),
+        C(MAX_CHANNELS),
+        C(CHAN_HEADER_SIZE), C(CHAN_MAGIC_OFF), C(CHAN_VERSION_OFF), C(CHAN_NSLOTS_OFF),
+        C(CHAN_ARENA_SIZE_OFF), C(CHAN_CANCEL_BELOW_OFF), C(CHAN_REFUSED_OFF), C(CHAN_MAGIC),
+        C(CHAN_VERSION), C(RING_TAIL_OFF), C(RING_HEAD_OFF), C(RING_CONSUMER_SLEEPING_OFF),
+        C(RING_CONSUMER_EVENT_OFF),
+        C(RING_ARENA_RELEASED_OFF), C(RING_SLOTS_OFF), C(REQ_RING_OFF),
+        C(DEFAULT_NSLOTS), C(MIN_NSLOTS), C(MAX_NSLOTS), C(DEFAULT_ARENA_SIZE),
+        C(MIN_ARENA_SIZE), C(MAX_ARENA_SIZE),
+        C(SLOT_SIZE), C(SMALL_MESSAGE_SIZE),
+        {"SLOT_CAPABILITY_OFF", offsetof(slot_t, capability)},
+        {"SLOT_OPCODE_OFF", offsetof(slot_t, opcode)},
+        {"SLOT_FLAGS_OFF", offsetof(slot_t, flags)},
+        {"SLOT_DATA_OFF", offsetof(slot_t, data)},
+        {"SLOT_TAG_OFF", offsetof(slot_t, tag)},
+        {"SLOT_PAYLOAD_LEN_OFF", offsetof(slot_t, payload_len)},
+        {"SLOT_PAYLOAD_OFF_OFF", offsetof(slot_t, payload_off)},
+        C(FLAG_LARGE), C(FLAG_CHECKSUM), C(FLAG_REPLY_EXPECTED), C(FLAG_ERROR), C(FLAG_LOANED), C(FLAG_IPC_ERROR),
+        C(FLAG_USER_MASK), C(FLAG_KNOWN_MASK), C(ZC_THRESHOLD), {"TRANSFER_FLAG", RT_TRANSFER_FLAG},
+        {"OBJECT_FLAG", RT_OBJECT_FLAG},
+        C(CHAN_CSTATS_OFF), C(CSTATS_SENT_OFF), C(CSTATS_BYTES_SENT_OFF), C(CSTATS_CALLS_OFF),
+        C(CSTATS_TIMEOUTS_OFF), C(CSTATS_REFUSED_RATE_OFF), C(CSTATS_REFUSED_SIZE_OFF),
+        C(CSTATS_REFUSED_PERM_OFF), C(CSTATS_LATENCY_MAX_OFF), C(CSTATS_LATENCY_SUM_OFF),
+        C(CSTATS_LATENCY_COUNT_OFF), C(CSTATS_SEC_INDEX_OFF), C(CSTATS_SEC_COUNT_OFF),
+        C(CSTATS_PREV_COUNT_OFF), C(CSTATS_HIST_OFF), C(CSTATS_SIZE), C(STATS_HIST_BUCKETS),
+        C(STATS_HIST_BASE_NS), C(STATS_SEC_INDEX_OFF), C(STATS_SEC_COUNT_OFF),
+        C(STATS_PREV_COUNT_OFF),
+        C(CHAN_SSTATS_OFF), C(SSTATS_RECEIVED_OFF), C(SSTATS_BYTES_RECEIVED_OFF),
+        C(SSTATS_REPLIES_OFF), C(SSTATS_REPLY_FAILED_OFF), C(SSTATS_DROPS_RATE_OFF),
+        C(SSTATS_DROPS_BANDWIDTH_OFF), C(SSTATS_DROPS_SIZE_OFF), C(SSTATS_DROPS_EXPIRED_OFF),
+        C(SSTATS_DROPS_RIGHTS_OFF), C(SSTATS_CANCELLED_OFF), C(SSTATS_SEC_INDEX_OFF),
+        C(SSTATS_SEC_COUNT_OFF), C(SSTATS_PREV_COUNT_OFF), C(SSTATS_SIZE),
+        C(LARGE_MSG_SIZE), C(LM_CAPABILITY_OFF), C(LM_OPCODE_OFF), C(LM_FLAGS_OFF),
+        C(LM_TOTAL_SIZE_OFF), C(LM_CHECKSUM_OFF), C(LM_PAD_OFF), C(LM_REGION_BASE_OFF),
+        C(LM_REGION_SIZE_OFF), C(LM_REGION_PERMISSIONS_OFF), C(LM_REGION_CACHE_POLICY_OFF),
+        C(LM_INLINE_OFF), C(LM_INLINE_SIZE), C(REGION_PERM_READ), C(CHUNK_ALIGN),
+        C(WAIT_SPIN), C(WAIT_ADAPTIVE), C(WAIT_BLOCK), C(DEFAULT_SPIN_NS),
+        C(SLEEP_CAP_NS), C(SLICE_NS), C(FULL_SCAN_NS), C(BATCH_MAX),
+        {"DEFAULT_RESP_RING_OFF", REQ_RING_OFF + RING_SLOTS_OFF + DEFAULT_NSLOTS * SLOT_SIZE},
+        {"RESP_TAIL_OFF", REQ_RING_OFF + RING_SLOTS_OFF + DEFAULT_NSLOTS * SLOT_SIZE + RING_TAIL_OFF},
+#undef C
+    };
+    for (size_t i = 0; i < sizeof consts / sizeof consts[0]; i++)
+        if (add_u64(m, consts[i].name, consts[i].v) < 0)
+            goto fail;
+    PyObject *magic = PyBytes_FromStringAndSize("CAPBUSC1", 8);
+    if (!magic || PyModule_AddObject(m, "CHAN_MAGIC_BYTES", magic) < 0) {
+        Py_XDECREF(magic);
+        goto fail;
+    }
+    return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
+}
