@@ -185,7 +185,10 @@ class _Attached:
 
 
 @dataclass(eq=False)
-class Service:
+class ServiceRecord:
+    """A registered service as the kernel keeps it (the runtime's capbus.Service is the other
+    end): its owner, access list, bounds, doorbells and the channels its clients hold."""
+
     name: str
     kind: str  # "name" | "package"
     owner: ProcessRecord
@@ -227,7 +230,7 @@ class Channel:
     """One lane between a client and a service: the kernel's bookkeeping and mappings."""
 
     index: int
-    service: Service
+    service: ServiceRecord
     client: ProcessRecord
     cap: Capability
     shm: ChannelShm
@@ -283,11 +286,11 @@ class ProcessRecord:
     since: float = field(default_factory=time.time)
     proto: KernelConnection = field(default_factory=KernelConnection)
     caps: CapTable = field(default_factory=CapTable)
-    services: list[Service] = field(default_factory=list)
+    services: list[ServiceRecord] = field(default_factory=list)
     lanes: set[Channel] = field(default_factory=set)  # channels it opened as a client
     watched_by: set[tuple[ProcessRecord, int]] = field(default_factory=set)
-    endpoints: dict[int, Capability] = field(default_factory=dict)  # id(Service) -> its cap
-    budgets: dict[int, int] = field(default_factory=dict)  # id(Service) -> its endpoints' uid
+    endpoints: dict[int, Capability] = field(default_factory=dict)  # id(ServiceRecord) -> its cap
+    budgets: dict[int, int] = field(default_factory=dict)  # id(ServiceRecord) -> its endpoints' uid
     # request id -> (waiting key, its expiry timer)
     parked: dict[int, tuple[tuple[str, str], _Timer]] = field(default_factory=dict)
     subscription: int = 0  # handle of its registration subscription, 0 if none
@@ -355,8 +358,8 @@ class Kernel:
         self._procs: dict[int, ProcessRecord] = {}
         self._ids = itertools.count(1)  # ProcessIds: never 0, never reused by this kernel
         self._channel_gens = itertools.count(1)  # channel instances: never 0, never reused
-        self._names: Registry[Service] = Registry("service name")
-        self._packages: Registry[Service] = Registry("package")
+        self._names: Registry[ServiceRecord] = Registry("service name")
+        self._packages: Registry[ServiceRecord] = Registry("package")
         self._subscribers: set[ProcessRecord] = set()
         # (kind, key) -> the parked lookups waiting for it, oldest first (a dict: O(1) removal)
         self._waiters: dict[tuple[str, str], dict[tuple[ProcessRecord, int], None]] = {}
@@ -1141,7 +1144,7 @@ class Kernel:
         return rows
 
     def _resolve_grant(self, rec: ProcessRecord, key: str,
-                       svc: Service | None = None) -> frames.Granted:
+                       svc: ServiceRecord | None = None) -> frames.Granted:
         """rec's endpoint for its grant `key`: the one it holds, or a new one if its service is
         there and admits it (the service's allowlist and the policy's lookup rules apply to a
         grant as to a lookup; rec's own lookup lists do not: a grant is what it was handed)."""
@@ -1233,9 +1236,10 @@ class Kernel:
         # Checked here, not at each lookup: defaults a client could not be sent must be refused
         # to the service that asks for them, never relayed to everyone who looks it up.
         Limits.from_request(limits)
-        svc = Service(key, kind, rec,
-                      access=AccessList.from_entries(allow, self.limits.access_entries),
-                      default_limits=dict(limits or {}), bounds=ServiceBounds.from_request(bounds))
+        svc = ServiceRecord(key, kind, rec,
+                            access=AccessList.from_entries(allow, self.limits.access_entries),
+                            default_limits=dict(limits or {}),
+                            bounds=ServiceBounds.from_request(bounds))
         registry.claim(key, svc)
         try:
             svc.handle = rec.caps.insert(Capability("service", svc, frozenset({"receive"}), owner=rec))
@@ -1338,7 +1342,7 @@ class Kernel:
         _count_down(self._parked_by_uid, rec.uid)
         return True
 
-    def _grant_waiters(self, key: tuple[str, str], svc: Service) -> None:
+    def _grant_waiters(self, key: tuple[str, str], svc: ServiceRecord) -> None:
         for rec, rid in list(self._waiters.pop(key, {})):
             grant_key = rec.grant_waits.pop(rid, None)
             if not self._unpark(rec, rid) or not rec.alive:
@@ -1359,7 +1363,7 @@ class Kernel:
         "name:N" (a name anyone may register says nothing about who registered it first)."""
         return [n for n in rec.names_served() if self.policy.reserves(n)]
 
-    def _check_access(self, rec: ProcessRecord, svc: Service) -> None:
+    def _check_access(self, rec: ProcessRecord, svc: ServiceRecord) -> None:
         if not svc.access.permits(rec.process_id, rec.uid, rec.package,
                                   names=rec.names_served(),
                                   allow_names=self._verified_names(rec)):
@@ -1372,7 +1376,7 @@ class Kernel:
         svc = self._names.get(name)
         return svc.owner.process_id if svc is not None else None
 
-    def _grant(self, rec: ProcessRecord, svc: Service) -> frames.Message:
+    def _grant(self, rec: ProcessRecord, svc: ServiceRecord) -> frames.Message:
         self.policy.may_lookup(rec.info(), svc.name)
         self._check_access(rec, svc)
         # One endpoint capability per (holder, service): looking a service up again returns the
@@ -1436,7 +1440,7 @@ class Kernel:
     def _drop_cap(self, rec: ProcessRecord, cap: Capability) -> None:
         """A capability left rec's table (released, moved away): undo what it held."""
         if cap.kind == "service":
-            svc: Service = cap.target
+            svc: ServiceRecord = cap.target
             self._end_service(svc, _core.STATE_CLOSED)
             rec.services.remove(svc)
         elif cap.kind == "endpoint":
@@ -1460,7 +1464,7 @@ class Kernel:
 
     def _on_open_channel(self, rec: ProcessRecord, msg: frames.OpenChannel, rid: int) -> None:
         cap = rec.caps.get(msg.handle, "endpoint")
-        svc: Service = cap.target
+        svc: ServiceRecord = cap.target
         if not svc.alive:
             raise PeerDied(f"the process serving {svc.name!r} has exited: look it up again")
         self._check_access(rec, svc)
@@ -1571,7 +1575,7 @@ class Kernel:
             self._event(svc.owner, frames.ChannelClosed(svc.handle, ch.index))
         ch.shm.close()
 
-    def _end_service(self, svc: Service, state: int) -> None:
+    def _end_service(self, svc: ServiceRecord, state: int) -> None:
         """Unregistered or its process gone: every channel to it ends, its clients are woken."""
         svc.alive = False
         (self._names if svc.kind == "name" else self._packages).release(svc.name, svc)
@@ -1658,7 +1662,7 @@ class Kernel:
         refusal leaves nothing attached; the sender hears why before its message goes. move:
         the regions are moved (the capabilities are always delegated)."""
         via = rec.caps.get(via_handle, "endpoint")
-        svc: Service = via.target
+        svc: ServiceRecord = via.target
         if not svc.alive:
             raise PeerDied(f"the process serving {svc.name!r} has exited")
         ch = svc.channels.get(index)
@@ -1716,7 +1720,7 @@ class Kernel:
         return frames.Ok()
 
     def _on_detach(self, rec: ProcessRecord, msg: frames.Detach, rid: int) -> frames.Message:
-        svc: Service = rec.caps.get(msg.via, "endpoint").target
+        svc: ServiceRecord = rec.caps.get(msg.via, "endpoint").target
         ch = svc.channels.get(msg.index)
         if ch is None or ch.client is not rec:
             raise InvalidCapability(f"channel {msg.index} is not one of this process's lanes")
@@ -1749,7 +1753,7 @@ class Kernel:
             self._discard_attached(ch, tag)
 
     def _on_claim(self, rec: ProcessRecord, msg: frames.Claim, rid: int) -> frames.Message:
-        svc: Service = rec.caps.get(msg.handle, "service").target
+        svc: ServiceRecord = rec.caps.get(msg.handle, "service").target
         ch = svc.channels.get(msg.index)
         if ch is None or ch.generation != msg.generation:
             ch = svc.draining.get(msg.generation)
@@ -1848,7 +1852,7 @@ class Kernel:
             self._after(1.0, self._audit_summaries)
 
     def _on_access(self, rec: ProcessRecord, msg: frames.Access, rid: int) -> frames.Message:
-        svc: Service = rec.caps.get(msg.handle, "service").target
+        svc: ServiceRecord = rec.caps.get(msg.handle, "service").target
         denied = svc.access.change(msg.allow or (), msg.deny or (), self.limits.access_entries)
         self._audit_event(_audit.RESTRICT, rec, None, svc.name,
                           f"allow {_few(msg.allow)} deny {_few(msg.deny)}")
@@ -2035,7 +2039,7 @@ def _few(entries: list[str] | None, n: int = 20) -> str:
     return f"{entries[:n]}{more}"
 
 
-def _sender_keys(svc: Service, rec: ProcessRecord) -> list[tuple[dict, Any]]:
+def _sender_keys(svc: ServiceRecord, rec: ProcessRecord) -> list[tuple[dict, Any]]:
     """The (index, key) pairs of svc's by-sender channel indexes that rec's channels are in."""
     keys: list[tuple[dict, Any]] = [(svc.chans_of_id, rec.process_id), (svc.chans_of_uid, rec.uid)]
     if rec.package is not None:
@@ -2065,7 +2069,7 @@ def _claim_row(child: Capability) -> dict[str, Any]:
     if child.kind == "region":
         return {"kind": "region", "handle": frames.U64_MAX, "size": child.target.size,
                 "rights": sorted(child.rights)}
-    svc: Service = child.target
+    svc: ServiceRecord = child.target
     return {"kind": "endpoint", "handle": frames.U64_MAX, "process_id": svc.owner.process_id,
             "name": svc.name, "rights": sorted(child.rights), "limits": child.limits.wire()}
 
@@ -2080,7 +2084,7 @@ def _grant_row(key: str, g: frames.Granted) -> dict[str, Any]:
 
 
 def _granted(cap: Capability) -> frames.Granted:
-    svc: Service = cap.target
+    svc: ServiceRecord = cap.target
     return frames.Granted(cap.handle, svc.owner.process_id, svc.name, sorted(cap.rights),
                           cap.limits.wire())
 
@@ -2091,11 +2095,11 @@ def _cap_row(cap: Capability) -> dict[str, Any]:
     return {
         "handle": f"{cap.handle:#x}", "kind": cap.kind,
         "target": getattr(target, "name", "") if target is not None else "",
-        "serving_process": target.owner.process_id if isinstance(target, Service) else None,
+        "serving_process": target.owner.process_id if isinstance(target, ServiceRecord) else None,
         "rights": sorted(cap.rights), "limits": cap.limits.wire(),
         "derives_from": (f"{parent.handle:#x} of process {parent.owner.process_id}"
                          if parent is not None and parent.owner is not None else None),
-        "children": len(cap.children), "dead": isinstance(target, Service) and not target.alive,
+        "children": len(cap.children), "dead": isinstance(target, ServiceRecord) and not target.alive,
         "grant": cap.extra.get("grant"),  # the startup grant's key, if it is one
     }
 
