@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 from .._errors import InvalidCapability, IpcError, OutOfMemory, PeerDied, PermissionDenied
 from .._protocol import frames
@@ -20,6 +19,7 @@ from .shm import STATE_CLOSED, STATE_REVOKED, ChannelShm
 from .state import (
     Attached,
     Channel,
+    Handler,
     KernelState,
     Outbox,
     ProcessRecord,
@@ -243,8 +243,8 @@ def discard_attached(st: KernelState, out: Outbox, ch: Channel, tag: int) -> Non
         drop_pending(child)
 
 
-# What this module answers: frame type -> handler(st, out, rec, msg, request_id).
-HANDLERS: dict[type, Any] = {
+# What this module answers (see state.Handler).
+HANDLERS: dict[type[frames.Message], Handler] = {
     frames.OpenChannel: on_open_channel,
     frames.CloseChannel: on_close_channel,
     frames.ReportBad: on_report_bad,

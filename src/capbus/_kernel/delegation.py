@@ -21,6 +21,7 @@ from .shm import STATE_REVOKED
 from .state import (
     Attached,
     Channel,
+    Handler,
     KernelState,
     Outbox,
     ProcessRecord,
@@ -270,8 +271,8 @@ def _claim_row(child: Capability) -> dict[str, Any]:
             "name": svc.name, "rights": sorted(child.rights), "limits": child.limits.wire()}
 
 
-# What this module answers: frame type -> handler(st, out, rec, msg, request_id).
-HANDLERS: dict[type, Any] = {
+# What this module answers (see state.Handler).
+HANDLERS: dict[type[frames.Message], Handler] = {
     frames.Restrict: on_restrict,
     frames.Revoke: on_revoke,
     frames.Delegate: on_delegate,

@@ -12,7 +12,16 @@ from .._errors import InvalidCapability, PermissionDenied, ProcessNotFound
 from .._protocol import frames
 from .._protocol.connection import State
 from .captable import Capability
-from .state import KernelState, Outbox, ProcessRecord, ServiceRecord, UidUsage, client_key, encoded_size
+from .state import (
+    Handler,
+    KernelState,
+    Outbox,
+    ProcessRecord,
+    ServiceRecord,
+    UidUsage,
+    client_key,
+    encoded_size,
+)
 
 # Every listing page and every row in it fits one frame, whatever the strings in it: a page is
 # filled by encoded size, a row larger than _ROW_ROOM has its lists cut short (and says so).
@@ -151,7 +160,7 @@ def uid_usage(st: KernelState, uid: int) -> dict[str, int]:
             "channels": u.channels, "region_bytes": u.region_bytes}
 
 
-# What this module answers: frame type -> handler(st, out, rec, msg, request_id).
-HANDLERS: dict[type, Any] = {
+# What this module answers (see state.Handler).
+HANDLERS: dict[type[frames.Message], Handler] = {
     frames.Query: on_query,
 }

@@ -44,7 +44,7 @@ from .listener import bind, not_admitted
 from .policy import KernelLimits, Policy, ProcessInfo
 from .sandbox import Sandbox
 from .shm import STATE_PEER_DEAD
-from .state import _LOG_CHARS, KernelState, Outbox, ProcessRecord, Timer, brief, client_key, count_down
+from .state import LOG_CHARS, KernelState, Outbox, ProcessRecord, Timer, brief, client_key, count_down
 from .transport import FdBudget, Transport
 
 log = logging.getLogger("capbus.kernel")
@@ -606,8 +606,8 @@ class Kernel:
                 # mmap, a kernel bug) is that request's failure: its asker gets an error, nobody
                 # loses a connection. Logged with a bounded summary, never the whole request.
                 log.error("request %s of process %d (pid %d) failed: %s: %.*s",
-                          f"{msg!r:.{_LOG_CHARS}}", rec.process_id, rec.pid,
-                          type(exc).__name__, _LOG_CHARS, exc, exc_info=log.isEnabledFor(
+                          f"{msg!r:.{LOG_CHARS}}", rec.process_id, rec.pid,
+                          type(exc).__name__, LOG_CHARS, exc, exc_info=log.isEnabledFor(
                               logging.DEBUG))
                 err = _request_failed(exc)
                 reply = frames.Error(err.code, str(err))
@@ -627,11 +627,11 @@ class Kernel:
             # The kernel's own answer would be refused by the asker's decoder (a value out of
             # range, too large a frame): it gets an error instead, and keeps its connection.
             log.error("answer %s to process %d does not encode: %.*s", type(msg).__name__,
-                      rec.process_id, _LOG_CHARS, exc)
+                      rec.process_id, LOG_CHARS, exc)
             fds = ()
             frame = rec.proto.respond(request_id, frames.Error(
                 IpcError.code, f"the kernel could not encode its {type(msg).__name__} answer "
-                f"({str(exc)[:_LOG_CHARS]}); this is a kernel bug, please report it"))
+                f"({str(exc)[:LOG_CHARS]}); this is a kernel bug, please report it"))
         failed = self._send(rec, frame, fds)
         if failed is not None and request is not None:
             # No fd to spare for the answer's fds (EMFILE while queueing them, the socket out
@@ -656,7 +656,7 @@ class Kernel:
                 frame = rec.proto.event(msg)
             except ProtocolError as exc:  # dropped, not sent: the receiver would refuse it
                 log.error("event %s to process %d does not encode: %.*s", type(msg).__name__,
-                          rec.process_id, _LOG_CHARS, exc)
+                          rec.process_id, LOG_CHARS, exc)
                 return False
             return self._send(rec, frame, fds) is None
         return True
@@ -788,4 +788,4 @@ def _request_failed(exc: Exception) -> IpcError:
                                "or release capabilities, regions and channels this process holds")
         return IpcError(f"the kernel could not do this: {exc.strerror or exc}")
     return IpcError(f"the kernel failed on this request ({type(exc).__name__}: "
-                    f"{str(exc)[:_LOG_CHARS]}); it is logged, please report it")
+                    f"{str(exc)[:LOG_CHARS]}); it is logged, please report it")

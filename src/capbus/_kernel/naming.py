@@ -24,6 +24,7 @@ from .shm import STATE_REVOKED, make_doorbell, make_eventfd, make_sleep_eventfd
 from .state import (
     Channel,
     GrantState,
+    Handler,
     KernelState,
     Outbox,
     ProcessRecord,
@@ -427,8 +428,8 @@ def _grant_row(key: str, g: frames.Granted) -> dict[str, Any]:
             "rights": list(g.rights or ()), "limits": dict(g.limits or {})}
 
 
-# What this module answers: frame type -> handler(st, out, rec, msg, request_id).
-HANDLERS: dict[type, Any] = {
+# What this module answers (see state.Handler).
+HANDLERS: dict[type[frames.Message], Handler] = {
     frames.Grant: on_grant,
     frames.Register: on_register,
     frames.RegisterPackage: on_register_package,

@@ -6,13 +6,12 @@ The Region object itself (a sealed memfd and its reference count) is in regions.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from .._errors import IpcError, OutOfMemory, PermissionDenied
 from .._protocol import frames
 from .captable import Capability
 from .regions import REGION_RIGHTS, Region
-from .state import KernelState, Outbox, ProcessRecord
+from .state import Handler, KernelState, Outbox, ProcessRecord
 
 
 def on_create_region(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.CreateRegion,
@@ -67,8 +66,8 @@ def on_seal_region(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames
     return frames.Ok()
 
 
-# What this module answers: frame type -> handler(st, out, rec, msg, request_id).
-HANDLERS: dict[type, Any] = {
+# What this module answers (see state.Handler).
+HANDLERS: dict[type[frames.Message], Handler] = {
     frames.CreateRegion: on_create_region,
     frames.MapRegion: on_map_region,
     frames.SealRegion: on_seal_region,

@@ -34,19 +34,20 @@ from .shm import MAX_CHANNELS, ChannelShm
 from .transport import Transport
 
 MAX_ATTACH = 64  # the most caps (and regions) a service may let one message carry
-_LOG_CHARS = 200  # of anything a peer chose (a reason, an error's text) in one log line
-
+LOG_CHARS = 200  # of anything a peer chose (a reason, an error's text) in one log line
 
 
 def brief(text: object) -> str:
     """Text from a process (or about it) as a log or audit line may quote it: bounded, valid
     UTF-8."""
     text = str(text).encode("utf-8", "backslashreplace").decode("utf-8")
-    return text if len(text) <= _LOG_CHARS else text[:_LOG_CHARS] + f"... ({len(text)} chars)"
+    return text if len(text) <= LOG_CHARS else text[:LOG_CHARS] + f"... ({len(text)} chars)"
 
 
 @dataclass(eq=False, order=False)
 class Timer:
+    """fn, due on the loop at `deadline` (time.monotonic); seq keeps the order of equal ones."""
+
     deadline: float
     seq: int
     fn: Callable[[], None] | None  # None: cancelled
@@ -257,6 +258,7 @@ class ProcessRecord:
     def info(self) -> ProcessInfo:
         return ProcessInfo(self.process_id, self.pid, self.uid, self.gid, self.package, self.name)
 
+
 class Outbox(Protocol):
     """How a domain answers and schedules: the Kernel implements it over its connections, its
     audit log and its timer heap. A handler that returns a frame is answered by the loop; one
@@ -269,7 +271,6 @@ class Outbox(Protocol):
 
     def event(self, rec: ProcessRecord, msg: frames.Message, fds: tuple[int, ...] = ()) -> bool:
         """Send an event; False if it could not go, so the caller can undo what it announces."""
-        ...
 
     def audit(self, event: str, rec: ProcessRecord | None, cap: Capability | None = None,
               target: str = "", detail: str = "") -> None:
@@ -277,10 +278,15 @@ class Outbox(Protocol):
 
     def after(self, delay: float, fn: Callable[[], None]) -> Timer:
         """Run fn on the loop in `delay` seconds."""
-        ...
 
     def cancel(self, timer: Timer) -> None:
         """Drop a timer (and what its closure holds)."""
+
+
+# A request handler: (st, out, rec, msg, request_id) -> the answer, or None if it answered
+# itself (out.respond, with fds) or will answer later (a parked lookup). Each domain module
+# lists its handlers in HANDLERS (frame type -> handler); the Kernel dispatches on them.
+Handler = Callable[["KernelState", Outbox, "ProcessRecord", Any, int], "frames.Message | None"]
 
 
 class KernelState:
