@@ -662,7 +662,7 @@ def test_per_process_state_stays_small_after_hostile_bursts(kernel, bystander, r
 
 
 def test_parked_lookup_timers_do_not_outlive_their_process(kernel, bystander, raw):
-    from capbus._kernel.kernel import ProcessRecord
+    from capbus._kernel.state import ProcessRecord
 
     for round_ in range(20):
         conn = raw()

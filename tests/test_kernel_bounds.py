@@ -264,7 +264,7 @@ def test_many_connections_of_one_pid_share_its_fd_budget(limited):
     """)
     peak = 0
     while hog.poll() is None and hog.lines.empty():
-        peak = max(peak, k._call(lambda: sum(r.transport.queued_fds for r in k._procs.values())))
+        peak = max(peak, k._call(lambda: sum(r.transport.queued_fds for r in k._st.procs.values())))
         time.sleep(0.002)
     print("peak fds queued for one pid's 8 connections:", peak)
     assert peak <= 64
@@ -575,7 +575,7 @@ def test_log_lines_about_peer_input_are_capped(kernel, caplog):
     try:
         p.register("many.caps")
         regions = [p.create_region(4096) for _ in range(50)]
-        reprs = kernel._call(lambda: [repr(r) for r in kernel._procs.values()])
+        reprs = kernel._call(lambda: [repr(r) for r in kernel._st.procs.values()])
         assert reprs and max(map(len, reprs)) < 200, max(map(len, reprs))
         for r in regions:
             r.close()

@@ -92,7 +92,7 @@ def test_claim_into_a_full_table_leaks_no_region(sockdir, move, at_stop):
         sid = int(readline(server).split()[1])
 
         def fill() -> None:  # the server's table has room for nothing more
-            rec = kernel._procs[sid]
+            rec = kernel._st.procs[sid]
             rec.caps._limit = len(rec.caps)
 
         kernel._call(fill)
@@ -276,7 +276,7 @@ def test_grants_into_a_full_table_leak_nothing(sockdir):
         cid = int(readline(client).split()[1])
 
         def fill() -> None:
-            rec = kernel._procs[cid]
+            rec = kernel._st.procs[cid]
             rec.caps._limit = len(rec.caps)
 
         kernel._call(fill)

@@ -15,7 +15,7 @@ from conftest import readline
 from test_hostile_control import Raw, raw_frame
 
 import capbus
-from capbus._kernel import kernel as kernel_mod
+from capbus._kernel import naming, regions
 from capbus._protocol import frames
 from capbus._protocol.frames import KIND_REQUEST
 
@@ -225,7 +225,7 @@ def test_seal_raising_oserror_is_answered_per_request(kernel, children, monkeypa
     def broken_seal(self):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(kernel_mod.Region, "seal", broken_seal)
+    monkeypatch.setattr(regions.Region, "seal", broken_seal)
     c = children.start(r"""
         import capbus
         p = capbus.connect(wait="block")
@@ -243,7 +243,7 @@ def test_seal_raising_oserror_is_answered_per_request(kernel, children, monkeypa
 
 
 def test_an_answer_that_does_not_encode_becomes_an_error(kernel, children, monkeypatch):
-    real = kernel_mod._granted
+    real = naming.granted
 
     def bad_granted(cap):
         g = real(cap)
@@ -257,7 +257,7 @@ def test_an_answer_that_does_not_encode_becomes_an_error(kernel, children, monke
         sys.stdin.read()
     """, stdin=-1)
     assert readline(svc) == "ready"
-    monkeypatch.setattr(kernel_mod, "_granted", bad_granted)
+    monkeypatch.setattr(naming, "granted", bad_granted)
     v = children.start(VICTIM_LOOKUP, "enc")
     assert readline(v) == "error IpcError"
     assert readline(v) == "alive"

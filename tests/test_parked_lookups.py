@@ -87,7 +87,7 @@ def ask(p: subprocess.Popen, command: str, timeout: float = 30) -> dict:
 
 def counts(k: capbus.Kernel) -> tuple[dict, dict, int]:
     """The kernel's parked-lookup counters (per client, per uid) and the keys waited for."""
-    return k._call(lambda: (dict(k._parked_by_pid), dict(k._parked_by_uid), len(k._waiters)))
+    return k._call(lambda: (dict(k._st.parked_by_pid), dict(k._st.parked_by_uid), len(k._st.waiters)))
 
 
 def test_parked_lookups_are_bounded_per_process_and_per_uid(sockdir):

@@ -536,7 +536,7 @@ def test_per_uid_quotas_stop_one_user_and_leave_the_others(users, base):
         zero = {"connections": 0, "caps": 0, "channels": 0, "region_bytes": 0}
         assert wait_until(lambda: k.uid_usage(a) == zero and k.uid_usage(b) == zero), \
             (k.uid_usage(a), k.uid_usage(b))
-        assert k._usage.keys() == {0}  # nothing kept for uids that hold nothing
+        assert k._st.usage.keys() == {0}  # nothing kept for uids that hold nothing
     finally:
         stop.set()
         t.join(5)

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import _core
 from .._errors import InvalidCapability, OutOfMemory, PermissionDenied
+from .shm import CTRL_CHAIN_MAX
 
 MAX_CAPS = 4096
 _GEN_MASK = 0xFFFFFFFF
@@ -29,7 +29,7 @@ LIMIT_KEYS = ("rate", "bandwidth", "max_message_size")
 # Kernel-unique capability ids (never reused while the kernel runs): they name the receivers'
 # token buckets, so a reused id would hand one capability another's budget.
 next_uid = itertools.count(1).__next__
-MAX_BUCKETS = 1 + _core.CTRL_CHAIN_MAX  # a capability's own bucket and its limited ancestors'
+MAX_BUCKETS = 1 + CTRL_CHAIN_MAX  # a capability's own bucket and its limited ancestors'
 # What the kernel accepts as limits: every value it later sends (Granted, claim rows, listings) and
 # writes into a control page (u64) must stay in range; an expiry beyond a century is refused, so
 # expires_at_ns (monotonic time plus it) always fits the u64 a peer's decoder accepts.

@@ -4,6 +4,11 @@ Only the kernel creates memfds. Each is sealed against shrinking and growing (a 
 truncate a mapping under the other end would crash it with SIGBUS); a control page is also sealed
 with F_SEAL_FUTURE_WRITE after the kernel mapped it, so no process can get a writable mapping of
 it, not even by reopening its fd through /proc. Layout constants come from the native core.
+
+This is the one module of the kernel that touches the native data plane (capbus._core): the
+layout constants and atomic stores above, futex_wake, channel_size/resp_ring_off, and
+channel_stats (read by introspect through ChannelShm.stats). The rest of the kernel takes the
+few names it needs from here (MAX_CHANNELS, the channel states).
 """
 
 from __future__ import annotations
@@ -12,9 +17,18 @@ import contextlib
 import fcntl
 import mmap
 import os
+from typing import Any
 
 from .. import _core
 from .._mapping import Mapping
+
+MAX_CHANNELS = _core.MAX_CHANNELS  # channels one service may have open at once
+# A channel's state in its control page, as both ends read it.
+STATE_OPEN = _core.STATE_OPEN
+STATE_CLOSED = _core.STATE_CLOSED
+STATE_REVOKED = _core.STATE_REVOKED
+STATE_PEER_DEAD = _core.STATE_PEER_DEAD
+CTRL_CHAIN_MAX = _core.CTRL_CHAIN_MAX  # token buckets a control page holds besides its own
 
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)  # Linux 5.1
 _BASE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
@@ -101,6 +115,11 @@ class ChannelShm:
         """The channel's header page (where both ends keep their counters)."""
         assert self._wake is not None
         return self._wake.buf
+
+    def stats(self) -> dict[str, Any]:
+        """The traffic counters both ends keep in the header page, read through the kernel's
+        own mapping (watching costs the watched processes nothing)."""
+        return _core.channel_stats(self.header)
 
     def set_limits(self, rights: frozenset[str], limits,
                    chain: list[tuple[int, int, int]] | None = None) -> None:
