@@ -18,13 +18,14 @@ demo: setup
 	$(VENV)/bin/capbus demo
 
 test: setup
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests bench
 	$(PY) -m pytest -q
 
+# The benchmarks (bench/, not in the wheel) run from here: make bench BENCH_ARGS="--quick --only caps".
 # The peers (pyzmq, iceoryx2, faster-fifo) are optional: a missing one is skipped with a note.
 bench: setup
 	-$(PY) -m pip install -q --disable-pip-version-check ".[bench]"
-	$(VENV)/bin/capbus bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
