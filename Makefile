@@ -11,6 +11,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	rm -rf build/lib.*  # pip builds in ./build: a module moved or deleted must not ship from there
 	$(PY) -m pip install -q --disable-pip-version-check ".[test]"
 	touch $@
 

@@ -87,9 +87,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """The benchmarks are not part of the installed package (they start peers, compile C
     anchors and need optional libraries): they live in bench/ at the top of a clone. Run from
     there (the current directory), `capbus bench ARGS` is `python -m bench ARGS`, in this
-    process; anywhere else it says where to find them."""
+    process; anywhere else it says where to find them. (It runs the code of the directory it
+    is started in, as `python -m` does: only where that is a capbus clone.)"""
     here = os.getcwd()
-    if not os.path.isfile(os.path.join(here, "bench", "main.py")):
+    try:
+        with open(os.path.join(here, "pyproject.toml"), encoding="utf-8") as f:
+            clone = '\nname = "capbus"\n' in f.read()
+    except OSError:
+        clone = False
+    if not (clone and os.path.isfile(os.path.join(here, "bench", "main.py"))):
         print("capbus bench: the benchmarks live in a clone of the capbus repository, not in the "
               "installed package: run `make bench` (or `python -m bench --help`) at its top",
               file=sys.stderr)
