@@ -90,3 +90,13 @@ def test_a_sandboxed_process_may_not_query(kernel, asker, launched):
     child = kernel.spawn([sys.executable, asker, "processes"], sandbox=capbus.Sandbox())
     launched.append(child)
     assert child.wait(30) == 0
+
+
+def test_bad_arguments_get_clear_errors_and_leave_the_connection_usable(kernel):
+    with capbus.connect(kernel.socket_path) as me:
+        for what, process_id in [("caps", -1), ("caps", 1 << 64), ("x" * 100_000, 0), (None, 0)]:
+            with pytest.raises(capbus.ProtocolError, match="Query"):  # refused before it is sent
+                me.query(what, process_id)
+        with pytest.raises(capbus.ProcessNotFound):
+            me.query("caps", 999_999)
+        assert [r["id"] for r in me.query("processes")] == [me.id]
