@@ -11,6 +11,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	rm -rf build/lib.*  # pip builds in ./build: a module moved or deleted must not ship from there
 	$(PY) -m pip install -q --disable-pip-version-check ".[test]"
 	touch $@
 
@@ -18,13 +19,14 @@ demo: setup
 	$(VENV)/bin/capbus demo
 
 test: setup
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests bench
 	$(PY) -m pytest -q
 
+# The benchmarks (bench/, not in the wheel) run from here: make bench BENCH_ARGS="--quick --only caps".
 # The peers (pyzmq, iceoryx2, faster-fifo) are optional: a missing one is skipped with a note.
 bench: setup
 	-$(PY) -m pip install -q --disable-pip-version-check ".[bench]"
-	$(VENV)/bin/capbus bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

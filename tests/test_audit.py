@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from capbus import _audit_cli
+from capbus._cli import audit as _audit_cli
 from capbus._kernel import audit
 from capbus._kernel.audit import AuditLog, query
 

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from capbus._bench import peers
-from capbus._bench.table import (
+from bench import peers
+from bench.results import (
     METRIC_ROUND_TRIP,
     METRIC_THROUGHPUT,
     Result,
@@ -222,7 +222,7 @@ def test_percentile_nearest_rank() -> None:
 def test_block_same_cpu_rounds_alternate_with_the_c_anchor() -> None:
     """The same-CPU block row and its C anchor come from alternating rounds against one echo
     server: two rows, capbus first, each saying how it was measured."""
-    from capbus._bench import capbus_bench
+    from bench import capbus_calls as capbus_bench
 
     rows = capbus_bench.block_same_cpu_interleaved(rounds=2, n=300, anchor_iterations=300)
     assert [r.mechanism for r in rows] == ["capbus block", "C futex ping-pong (same CPU)"]

@@ -1,4 +1,4 @@
-"""capbus._bench.plot: charts of benchmark results (hand-made results; no benchmark is run)."""
+"""bench.plot: charts of benchmark results (hand-made results; no benchmark is run)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from capbus._bench import plot as bench_plot
-from capbus._bench.table import METRIC_ROUND_TRIP, METRIC_THROUGHPUT, Result, from_json, to_json
+from bench import plot as bench_plot
+from bench.results import METRIC_ROUND_TRIP, METRIC_THROUGHPUT, Result, from_json, to_json
 
 pytest.importorskip("matplotlib")
 
@@ -108,7 +108,7 @@ def test_cli_module_entry(tmp_path):
     env = dict(os.environ)
     pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(bench_plot.__file__)))
     env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "capbus._bench.plot", str(src), str(out)],
+    proc = subprocess.run([sys.executable, "-m", "bench.plot", str(src), str(out)],
                           capture_output=True, text=True, env=env, timeout=100)
     assert proc.returncode == 0, proc.stderr
     assert str(out) in proc.stdout
@@ -121,8 +121,8 @@ def test_cli_module_entry_missing_file(tmp_path):
 
 def test_bench_command_plot_option(tmp_path, monkeypatch):
     """`capbus bench --only call --plot F` plots what the sections returned (sections faked)."""
-    from capbus import _cli
-    from capbus._bench import main as bench_main
+    from bench import main as bench_main
+    from capbus._cli import main as _cli
 
     rows = [r for r in sample_results() if r.metric == RT and r.size_bytes == 48]
     monkeypatch.setattr(bench_main, "call_section", lambda quick: rows)

@@ -42,7 +42,7 @@ print("alive", flush=True)
 
 ADMIN = r"""
 import sys, capbus
-from capbus._cli import _query
+from capbus._cli.query import rows as _query
 for what in sys.argv[1:]:
     pid = 0
     if ":" in what:

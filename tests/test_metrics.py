@@ -23,8 +23,10 @@ import pytest
 from conftest import readline, wait_for
 
 import capbus
-import capbus._cli
-from capbus import _metrics, _top
+from capbus._cli import main as cli
+from capbus._cli import metrics as _metrics
+from capbus._cli import query, top
+from capbus._cli import stats as _top
 
 # Where the capbus under test is imported from (the installed package in CI, src/ in a checkout
 # with an in-place build): children must import the same one.
@@ -179,7 +181,7 @@ def test_counters_match_traffic(kernel, children):
         assert snk["refused_rate"] == snk["calls"] == 0
 
         # The aggregates.
-        snap = _top.snapshot(kernel.socket_path)
+        snap = query.snapshot(kernel.socket_path)
         svc = {s["name"]: s["stats"] for s in snap["services"]}
         assert svc["m-echo"]["sent"] == n_calls + n_async + 1 + rate_ok
         assert svc["m-echo"]["received"] == echo_total
@@ -371,7 +373,7 @@ def test_metrics_serve(kernel, children):
 
 
 def test_metrics_refuses_a_remote_host(capsys):
-    assert capbus._cli.main(["metrics", "--serve", "0", "--host", "0.0.0.0"]) == 1
+    assert cli.main(["metrics", "--serve", "0", "--host", "0.0.0.0"]) == 1
     assert "--allow-remote" in capsys.readouterr().err
     _metrics.check_host("127.0.0.1", False)
     _metrics.check_host("::1", False)
@@ -436,7 +438,7 @@ def test_aggregates_per_service_and_process():
     assert p[3]["sent"] == 4 and p[3]["refused"] == 5
     assert snap["totals"]["sent"] == 21 and snap["totals"]["refused"] == 11
     assert snap["totals"]["channels"] == 3 and snap["totals"]["processes"] == 3
-    text = _top.format_stats(snap, channels=True)
+    text = top.format_stats(snap, channels=True)
     assert "rate=5" in text and "(this view)" in text
     json.dumps(snap)  # --json
 
@@ -472,7 +474,7 @@ def test_sorting_and_rendering():
 
     console = Console(width=200, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
     with contextlib.closing(console.file):
-        console.print(_top.render_top(snap, _top.rates(None, snap), "latency", "/k"))
+        console.print(top.render_top(snap, _top.rates(None, snap), "latency", "/k"))
     screen = console.export_text()
     assert "slow" in screen and "SERVICES" in screen and "9ms" in screen
 

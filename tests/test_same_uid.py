@@ -34,7 +34,7 @@ _libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_
 
 def _run_daemon(link, path: str) -> None:
     """`capbus kernel --socket PATH`, the daemon's own code, in this process."""
-    from capbus import _cli
+    from capbus._cli import main as _cli
 
     def report() -> None:
         while not os.path.exists(path):

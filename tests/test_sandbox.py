@@ -689,7 +689,7 @@ def test_the_kernel_keeps_no_ruleset_and_survives_a_failed_restart(kernel, box, 
 
 
 def test_sandbox_check_command(capsys):
-    from capbus._cli import main
+    from capbus._cli.main import main
 
     assert main(["sandbox-check", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -707,7 +707,7 @@ def test_every_right_this_landlock_knows_is_handled():
 
 
 def test_capbus_run_launches_a_sandboxed_manifest(box, sockdir, capsys):
-    from capbus._cli import main
+    from capbus._cli.main import main
 
     script = os.path.join(box["scripts"], "plugin.py")
     with open(script, "w") as f:
@@ -789,7 +789,7 @@ def test_a_sandboxed_server_serves(kernel, box, spawned):
 
 def test_the_bench_section_runs():
     """`capbus bench --only sandbox` end to end on two rounds (no figure is asserted)."""
-    from capbus._bench import sandbox_bench
+    from bench import sandbox as sandbox_bench
 
     rows = sandbox_bench.run_spawn(True, rounds=2)
     assert [r.mechanism for r in rows][:2] == ["kernel.spawn, plain", "kernel.spawn, sandboxed"]

@@ -1,4 +1,4 @@
-"""A small run of the scale benchmark (capbus._bench.scale): it completes, leaves no process
+"""A small run of the scale benchmark (bench.scale): it completes, leaves no process
 behind, and returns well-formed rows."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import capbus
-from capbus._bench import scale
+from bench import scale
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,7 +58,7 @@ def test_scale_command_line(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     out = subprocess.run(
-        [sys.executable, "-m", "capbus._bench.scale", "--n", "4"],
+        [sys.executable, "-m", "bench.scale", "--n", "4"],
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 0, out.stderr

@@ -481,7 +481,7 @@ def test_a_root_daemon_serves_the_users_and_groups_it_names(users, base):
             assert u.stop() == 0
         # the daemon's own user still lists its tables; b left no trace in them
         with capbus.connect(path) as p:
-            from capbus._cli import _query
+            from capbus._cli.query import rows as _query
             rows = _query(path, "processes")
             assert {r["uid"] for r in rows} == {0} and p.id > 0
     finally:

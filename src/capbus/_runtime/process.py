@@ -236,6 +236,25 @@ class Process:
                 sub = self._subscriptions[reply.handle] = Subscription(self, reply.handle)
         return sub
 
+    # ---- introspection ------------------------------------------------------------------------
+
+    def query(self, what: str, process_id: int = 0, *,
+              timeout: float | None = None) -> list[dict[str, Any]]:
+        """The kernel's tables, for tools (the `capbus` command, metrics): every row of
+        "processes", "services", "channels" (with their counters), or "caps" (of process_id),
+        as dicts; the kernel answers in pages, this follows them all.
+
+        Only the kernel's own user (or root) may ask, and not from a sandboxed process or one
+        under a lookup list: the tables name every process and service (PermissionDenied).
+        An unknown `what` is a ValueError from the kernel. timeout: seconds per page."""
+        rows: list[dict[str, Any]] = []
+        while True:
+            reply = self._request(frames.Query(what, len(rows), 200, process_id), timeout)
+            assert isinstance(reply, frames.Rows)
+            rows.extend(reply.rows)
+            if not reply.rows or len(rows) >= reply.total:
+                return rows
+
     # ---- internals ----------------------------------------------------------------------------
 
     def _check(self) -> None:

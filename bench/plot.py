@@ -13,7 +13,7 @@ matplotlib is optional (``pip install matplotlib`` or ``capbus[top]``) and is im
 when a chart is drawn; this module draws on a bare :class:`matplotlib.figure.Figure` with the
 Agg canvas and never touches pyplot's global state.  Command line, to re-plot a saved run::
 
-    python -m capbus._bench.plot RESULTS.json OUT.png
+    python -m bench.plot RESULTS.json OUT.png
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from .table import METRIC_ROUND_TRIP, METRIC_THROUGHPUT, Result
+from .results import METRIC_ROUND_TRIP, METRIC_THROUGHPUT, Result
 
 __all__ = ["PlotUnavailable", "main", "plot", "require_matplotlib"]
 
@@ -421,7 +421,7 @@ def plot(results: list[Result], machine: dict[str, Any] | None, path: str, *,
          date: str | None = None) -> None:
     """Draw ``results`` into one PNG at ``path`` (about 1600 x 900 pixels).
 
-    ``machine`` is a :func:`capbus._bench.table.machine_info` dict (the title line); ``date``
+    ``machine`` is a :func:`bench.results.machine_info` dict (the title line); ``date``
     defaults to today.  Raises :class:`PlotUnavailable` when matplotlib is not installed.
     """
     require_matplotlib()
@@ -497,13 +497,13 @@ def plot(results: list[Result], machine: dict[str, Any] | None, path: str, *,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m capbus._bench.plot",
+    parser = argparse.ArgumentParser(prog="python -m bench.plot",
                                      description="Re-plot a `capbus bench --json` file as a PNG chart.")
     parser.add_argument("results", help="JSON written by `capbus bench --json FILE`")
     parser.add_argument("out", help="PNG file to write")
     parser.add_argument("--date", default=None, help="date in the title (default: the JSON file's mtime)")
     args = parser.parse_args(argv)
-    from .table import from_json
+    from .results import from_json
 
     try:
         with open(args.results, encoding="utf-8") as f:

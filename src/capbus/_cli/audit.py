@@ -12,8 +12,9 @@ import sys
 import time
 from typing import Any
 
-from . import _paths
-from ._kernel import audit
+from .. import _paths
+from .._kernel import audit
+from .fmt import render_text, rich_table
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _AGO = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhdw])")
@@ -89,10 +90,7 @@ def format_table(rows: list[dict[str, Any]], width: int | None = None) -> str:
     for r in cells:
         if len(r[-1]) > room:
             r[-1] = r[-1][: room - 3] + "..."
-    widths[-1] = max([len(_COLUMNS[-1])] + [len(r[-1]) for r in cells])
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(_COLUMNS, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(line.rstrip() for line in lines)
+    return render_text(rich_table([dict(zip(_COLUMNS, r, strict=True)) for r in cells], _COLUMNS))
 
 
 def run(args: Any) -> int:

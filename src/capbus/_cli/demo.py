@@ -83,7 +83,8 @@ def worker() -> int:
 
 def main() -> int:
     import capbus
-    from capbus._cli import _table
+
+    from .fmt import table
 
     def step(text: str) -> None:
         print(f"\n== {text}")
@@ -91,14 +92,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, capbus.Kernel(os.path.join(tmp, "k.sock")) as kernel:
         print(f"capbus demo: kernel embedded at {kernel.socket_path}")
         step("registries: the kernel launches two processes under verified packages")
-        kv_child = kernel.spawn([sys.executable, "-m", "capbus._demo", "kv"], name="kv", package=KV)
-        w_child = kernel.spawn([sys.executable, "-m", "capbus._demo", "worker"], name="worker",
+        kv_child = kernel.spawn([sys.executable, "-m", "capbus._cli.demo", "kv"], name="kv", package=KV)
+        w_child = kernel.spawn([sys.executable, "-m", "capbus._cli.demo", "worker"], name="worker",
                                package=WORKER)
         me = capbus.connect(kernel.socket_path)
         kv = me.lookup_package(KV, timeout=10)
         w = me.lookup_package(WORKER, timeout=10)
         print(f"  discovered {KV} -> process {kv.process_id}, {WORKER} -> process {w.process_id}")
-        print("  " + _table(kernel.processes(), ("id", "pid", "package", "services")).replace("\n", "\n  "))
+        print("  " + table(kernel.processes(), ("id", "pid", "package", "services")).replace("\n", "\n  "))
 
         step("synchronous calls over shared memory")
         kv.call(1, (7, 42))
@@ -143,9 +144,10 @@ def main() -> int:
         w.call(0, timeout=10)
         time.sleep(0.5)
 
-        from capbus import _top
+        from .query import snapshot
+        from .top import format_stats
 
-        snap = _top.snapshot(kernel.socket_path)  # before the death below takes channels with it
+        snap = snapshot(kernel.socket_path)  # before the death below takes channels with it
 
         step("death: the worker is killed, watchers are told at once")
         told = threading.Event()
@@ -161,7 +163,7 @@ def main() -> int:
             print("ServiceNotFound")
 
         step("what the kernel counted on the channels (capbus stats, read before the death)")
-        print("  " + _top.format_stats(snap, channels=True).replace("\n", "\n  "))
+        print("  " + format_stats(snap, channels=True).replace("\n", "\n  "))
         me.close()
         for child in (kv_child, w_child, sender):
             child.kill()

@@ -14,7 +14,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 
-from .table import METRIC_ROUND_TRIP, Result, percentile
+from .results import METRIC_ROUND_TRIP, Result, percentile
 
 _SERVER = """
 import os, sys, capbus

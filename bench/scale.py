@@ -13,13 +13,13 @@ is timed on its own, as wall time from the parent's go to the last child's repor
 Its table (it asserts nothing) shows the rates, and the kernel's RSS and fd count when idle,
 with all N connected, and after they have all gone.
 
-    python -m capbus._bench.scale --n 1000
+    python -m bench.scale --n 1000
 
 run_mesh() (what `capbus bench --only scale` runs) adds live channels: N processes, S of them
 serving, C channels each checked with a real call, then a bystander's lookups and fresh
 processes' first calls while all are live (see its comment block below).
 
-    python -m capbus._bench.scale --n 1000 --channels 10000 --services 100
+    python -m bench.scale --n 1000 --channels 10000 --services 100
 """
 
 from __future__ import annotations
@@ -689,7 +689,7 @@ def _pick(sorted_values: list[float], q: float) -> float:
 
 
 def _core_max_channels() -> int:
-    from .. import _core
+    from capbus import _core
 
     return int(_core.MAX_CHANNELS)
 
@@ -708,7 +708,7 @@ def _kill_rest(pids: dict[int, int], exited: dict[int, int]) -> None:
 def format_table(rows: list[dict[str, Any]], n: int, nofile: int | None = None,
                  title: str | None = None) -> str:
     try:
-        from .table import machine_line
+        from .results import machine_line
 
         machine = machine_line()
     except Exception:  # the shared table module is optional here
@@ -752,7 +752,7 @@ def mesh_title(n: int, channels: int, services: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m capbus._bench.scale", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1000, help="number of processes (default 1000)")
     parser.add_argument("--quick", action="store_true", help="at most 50 processes")

@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any
 
-from .table import METRIC_ROUND_TRIP, Result, percentile
+from .results import METRIC_ROUND_TRIP, Result, percentile
 
 METRIC_SPAWN = "spawn_to_first_call"  # not a round trip: the plot leaves these rows out
 _SERVICE = "bench.sandbox.echo"
@@ -59,9 +59,9 @@ def _row(mechanism: str, samples_s: list[float], note: str) -> Result:
 def run_spawn(quick: bool, rounds: int | None = None) -> list[Result]:
     """Rows: plain spawn, sandboxed spawn, Popen without and with a preexec_fn (in that order).
     rounds: of each kind (default 30, quick 10)."""
-    from .._kernel.kernel import Kernel
-    from .._kernel.sandbox import Sandbox
-    from .._runtime.process import connect
+    from capbus._kernel.kernel import Kernel
+    from capbus._kernel.sandbox import Sandbox
+    from capbus._runtime.process import connect
 
     avail = Sandbox.available()
     rounds = rounds or (10 if quick else 30)
@@ -128,9 +128,9 @@ def run_calls(quick: bool, rounds: int | None = None) -> list[Result]:
     """Rows: the round trip from a plain and from a sandboxed child, for each wait mode ("spin",
     "block"), children alternating; each row is the median over its children of their medians.
     The server is a thread of this process waiting in the same mode."""
-    from .._kernel.kernel import Kernel
-    from .._kernel.sandbox import Sandbox
-    from .._runtime.process import connect
+    from capbus._kernel.kernel import Kernel
+    from capbus._kernel.sandbox import Sandbox
+    from capbus._runtime.process import connect
 
     rounds = rounds or (2 if quick else 5)
     n = 2_000 if quick else 20_000

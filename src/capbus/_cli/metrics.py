@@ -25,8 +25,9 @@ from collections.abc import Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from . import _top
-from ._errors import IpcError
+from .._errors import IpcError
+from .query import KernelSource, default_socket
+from .stats import aggregate, bucket_bounds_ns
 
 LABELS = ("service", "server", "client")
 _COUNTERS = (
@@ -52,7 +53,7 @@ def _group(channels: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[st
     for c in channels:
         key = (str(c.get("service")), str(c.get("server")), str(c.get("client")))
         by.setdefault(key, []).append(c)
-    return {k: _top.aggregate(v) for k, v in sorted(by.items())}
+    return {k: aggregate(v) for k, v in sorted(by.items())}
 
 
 def latency_buckets(hist: list[int]) -> list[tuple[str, float]]:
@@ -62,7 +63,7 @@ def latency_buckets(hist: list[int]) -> list[tuple[str, float]]:
     out, cum = [], 0
     for i, n in enumerate(hist):
         cum += n
-        _, high_ns = _top.bucket_bounds_ns(i)
+        _, high_ns = bucket_bounds_ns(i)
         if i == len(hist) - 1:
             high_ns = float("inf")
         out.append((floatToGoString(high_ns / 1e9), float(cum)))
@@ -119,7 +120,7 @@ class Collector:
     """A prometheus_client collector that takes a snapshot from the kernel on each scrape."""
 
     def __init__(self, socket_path: str | None = None) -> None:
-        self.source = _top.KernelSource(socket_path)
+        self.source = KernelSource(socket_path)
 
     def describe(self) -> list[Any]:
         return []  # nothing to describe ahead: registering must not query the kernel
@@ -190,7 +191,7 @@ def serve(socket_path: str | None, port: int, host: str = "127.0.0.1",
     thread.start()
     try:
         print(f"capbus metrics: http://{host}:{httpd.server_port}/metrics "
-              f"(kernel {socket_path or _top._default_socket()}); Ctrl-C stops", flush=True)
+              f"(kernel {socket_path or default_socket()}); Ctrl-C stops", flush=True)
         while not stop.wait(0.5):
             pass
     finally:

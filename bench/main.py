@@ -1,6 +1,7 @@
-"""`capbus bench`: capbus next to its peers, in one run, on this machine, as tables.
+"""`make bench` (`python -m bench`, or `capbus bench` in a clone): capbus next to its peers,
+in one run, on this machine, as tables.
 
-Each section measures capbus first, then the peers (capbus._bench.peers) one at a time (never
+Each section measures capbus first, then the peers (bench.peers) one at a time (never
 two at once: a spinning pair uses both cores of a 2-core machine), then states capbus's targets
 against the anchors measured in the same run.
 """
@@ -10,8 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import capbus_bench, peers
-from .table import Result, machine_info, machine_line, print_table, to_json
+from . import capbus_calls, peers
+from .results import Result, machine_info, machine_line, print_table, to_json
 
 SECTIONS = ("call", "caps", "async", "large", "scale", "sandbox")
 
@@ -30,7 +31,7 @@ def _ratio(a: Result | None, b: Result | None) -> str:
 
 
 def call_section(quick: bool) -> list[Result]:
-    ours = capbus_bench.run_calls(quick)
+    ours = capbus_calls.run_calls(quick)
     rows = ours[:-1] + peers.run_peers("call", quick, given={"c_futex_same": ours[-1]})
     print_table("Round trip, 48-byte message, two processes", rows, machine_line())
     spin = _find(rows, "capbus spin")
@@ -51,7 +52,7 @@ def call_section(quick: bool) -> list[Result]:
 
 
 def caps_section(quick: bool) -> list[Result]:
-    rows = capbus_bench.capability_check_cost(20_000 if quick else 400_000)
+    rows = capbus_calls.capability_check_cost(20_000 if quick else 400_000)
     print_table("Cost of capability checks on the call path", rows, machine_line())
     print()
     print(f"Target: limits checked within 5% of none: {_ratio(rows[1], rows[0])}")
@@ -59,7 +60,7 @@ def caps_section(quick: bool) -> list[Result]:
 
 
 def async_section(quick: bool) -> list[Result]:
-    rows = capbus_bench.run_async(quick) + peers.run_peers("async", quick)
+    rows = capbus_calls.run_async(quick) + peers.run_peers("async", quick)
     print_table("One-way throughput, 48-byte messages (sender -> receiver)", rows, machine_line())
     unbatched = _find(rows, "capbus send_async")
     batched = max((r for r in rows if r.mechanism.startswith("capbus send_many") and r.msgs_per_s),
@@ -76,7 +77,7 @@ def async_section(quick: bool) -> list[Result]:
 
 
 def large_section(quick: bool) -> list[Result]:
-    rows = capbus_bench.run_large(quick) + peers.run_peers("large", quick)
+    rows = capbus_calls.run_large(quick) + peers.run_peers("large", quick)
     print_table("Large message round trip (two processes)", rows, machine_line())
     small = _find(rows, "capbus small call")
     loans = {r.size_bytes: r for r in rows if r.mechanism == "capbus loan"}
@@ -101,16 +102,16 @@ def scale_section(quick: bool) -> list[Result]:
 
 
 def sandbox_section(quick: bool) -> list[Result]:
-    from . import sandbox_bench
+    from . import sandbox
 
-    rows = sandbox_bench.run_spawn(quick)
+    rows = sandbox.run_spawn(quick)
     print_table("Launch: kernel.spawn() until the child's first call is answered (alternating runs)",
                 rows, machine_line())
     print()
     print(f"Target: sandboxed spawn <= 1.2x plain: {_ratio(rows[1], rows[0])}; Popen with a "
           f"preexec_fn (fork) {_ratio(rows[3], rows[2])} of one without (vfork)")
     print()
-    calls = sandbox_bench.run_calls(quick)
+    calls = sandbox.run_calls(quick)
     print_table("Hot path: small call round trip from a launched child, plain or sandboxed "
                 "(alternating children)", calls, machine_line())
     print()
@@ -121,7 +122,17 @@ def sandbox_section(quick: bool) -> list[Result]:
     return rows + calls
 
 
-def main(args: argparse.Namespace) -> int:
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
+    p.add_argument("--only", default=None, help="comma-separated: " + ",".join(SECTIONS))
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="also draw the tables as a chart")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     sections = args.only.split(",") if args.only else list(SECTIONS)
     unknown = set(sections) - set(SECTIONS)
     if unknown:
@@ -142,7 +153,7 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             f.write(to_json(everything, machine_info()))
-    if getattr(args, "plot", None):
+    if args.plot:
         from . import plot
 
         plot.plot(everything, machine_info(), args.plot)

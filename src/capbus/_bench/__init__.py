@@ -1,1 +1,0 @@
-"""Benchmarks for capbus: result model, printer and comparison ("peer") mechanisms."""
