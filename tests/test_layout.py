@@ -55,7 +55,7 @@ KNOWN_OBJECT_PRIVATES: dict[tuple[str, str], str] = {
     **_known("capbus._runtime.process", "_channel_closed _channel_opened _closed _ctl _died "
              "_finalizer _frame _grant_key _kernel_lost _lanes _lose _lost _mark_lanes _notify "
              "_origin _rebind _replay_access _served_by _server_pid", _RUNTIME_DOWN),
-    **_known("capbus._kernel.kernel", "_abandon _exited _kernel _popen _revoked_grants _started",
+    **_known("capbus._kernel.kernel", "_abandon _exited _kernel _popen _started",
              _KERNEL_CHILD),
     **_known("capbus._kernel.launcher", "_call _revoke_grant", _KERNEL_CHILD),
 }
@@ -76,10 +76,18 @@ class Tree:
             self.modules[".".join(parts)] = path
         self.trees = {name: ast.parse(path.read_text(encoding="utf-8"), str(path))
                       for name, path in self.modules.items()}
-        # The compiled modules (setup.py builds capbus._core from _core.c, capbus._sandbox from
-        # _sandbox.c): leaves of the graph here. (_core.c imports capbus._runtime.objects by
-        # name: an arrow from C this reader does not see; the native step hands the codec in.)
-        self.native = {f"{top}.{p.stem}" for p in (src / top).glob("*.c")}
+        # The compiled modules, as setup.py names its Extensions (capbus._core from _native/,
+        # capbus._sandbox from _sandbox.c): leaves of the graph here. (The native core imports
+        # capbus._runtime.objects by name: an arrow from C this reader does not see.)
+        setup_py = src.parent / "setup.py"
+        if setup_py.exists():
+            setup = ast.parse(setup_py.read_text(encoding="utf-8"))
+            self.native = {node.args[0].value for node in ast.walk(setup)
+                           if isinstance(node, ast.Call)
+                           and getattr(node.func, "id", "") == "Extension"
+                           and node.args and isinstance(node.args[0], ast.Constant)}
+        else:  # a tree a test made: its .c files are its modules
+            self.native = {f"{top}.{p.stem}" for p in (src / top).glob("*.c")}
 
     def package(self, module: str) -> str:
         """The package a module belongs to (a package belongs to itself)."""

@@ -247,7 +247,7 @@ def revoke_grant(st: KernelState, out: Outbox, child: Child, key: str) -> None:
     known = {g.key for g in child.spec.grants} | (set(rec.grants) if rec else set())
     if key not in known:
         raise KeyError(f"{child!r} was given no grant {key!r}")
-    child._revoked_grants.add(key)
+    child.revoked_grants.add(key)
     state = rec.grants.get(key) if rec is not None else None
     if rec is None or state is None:
         return  # not connected yet (or gone): its Hello finds the grant revoked

@@ -113,7 +113,7 @@ class Child:
         self._returncode: int | None = None
         self._kernel: Any = None  # the Kernel that launched it (set by Kernel.spawn)
         # Startup grants the spawner revoked: a restarted incarnation does not get them back.
-        self._revoked_grants: set[str] = set()
+        self.revoked_grants: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<capbus.Child {self.spec.name or self.spec.argv[0]} pid={self.pid} id={self.process_id}>"

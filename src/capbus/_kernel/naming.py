@@ -66,7 +66,7 @@ def set_authority(st: KernelState, rec: ProcessRecord) -> None:
         rec.lookup_lists.append(("the lookup list it was spawned with", spec.lookup))
     grants = combine_grants(("the policy", rules.grants if rules else ()),
                             ("spawn", spec.grants if spec else ()))
-    revoked = rec.child._revoked_grants if rec.child is not None else set()
+    revoked = rec.child.revoked_grants if rec.child is not None else set()
     for key, g in grants.items():
         state = rec.grants[key] = GrantState(g)
         if key in revoked:
