@@ -122,7 +122,7 @@ class Attached:
 
 @dataclass(eq=False)
 class ServiceRecord:
-    """A registered service as the kernel keeps it (the runtime's capbus.ServiceRecord is the other
+    """A registered service as the kernel keeps it (the runtime's capbus.Service is the other
     end): its owner, access list, bounds, doorbells and the channels its clients hold."""
 
     name: str

@@ -1,5 +1,6 @@
-"""Messages as Python sees them, and the wire layouts of the VeridianOS design as ctypes
-structures (the native core uses the same layout; a test checks sizes and offsets).
+"""Messages as Python sees them, and their wire layouts as ctypes structures: the 48-byte small
+message (capability u64, opcode u32, flags u32, data 4 x u64) and the large message's header (the
+native core uses the same layout; a test checks sizes and offsets).
 """
 
 from __future__ import annotations
