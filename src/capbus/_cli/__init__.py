@@ -3,5 +3,5 @@
 main (argparse and dispatch only) -> admin (kernel, run, ps, services, caps, sandbox-check),
 top (stats, top), metrics, audit, demo -> query (reading the kernel, over Process.query()),
 stats (pure aggregation of the kernel's counters) -> fmt (the one table formatter). Arrows run
-down only; tests/test_layout.py keeps it so.
+down only; tests/tools/test_layout.py keeps it so.
 """

@@ -12,21 +12,16 @@ before the first call to after the last reply, and SLACK_MSGS covers the coarse 
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
+from _core_util import RawClient, set_limits  # noqa: E402
 from conftest import readline, wait_for
 
 import capbus
 from capbus import _core
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _core_util import RawClient, set_limits  # noqa: E402
 
 ECHO = """
 import capbus, sys

@@ -18,9 +18,6 @@ import time
 import zlib
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 from _core_util import Chan, RawClient, reap, result, spawn  # noqa: E402
 from _ring_stress_child import memfd_ranges, view_address  # noqa: E402
 

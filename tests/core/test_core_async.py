@@ -11,14 +11,10 @@ from __future__ import annotations
 import os
 import select
 import struct
-import sys
 import threading
 import time
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 from _core_util import Chan, reap, result, spawn  # noqa: E402
 
 from capbus import _core  # noqa: E402

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # tests/tools/ -> the repository
 SRC = ROOT / "src"
 
 # (module, name it takes from a module of another package): why it is allowed. A package is one

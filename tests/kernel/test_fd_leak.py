@@ -58,7 +58,8 @@ class Daemon:
         self.out: queue.Queue[str | None] = queue.Queue()
         self.err: list[str] = []
         threading.Thread(target=self._pump_out, daemon=True).start()
-        threading.Thread(target=self._pump_err, daemon=True).start()
+        self._err_pump = threading.Thread(target=self._pump_err, daemon=True)
+        self._err_pump.start()
 
     def wait_ready(self) -> None:
         line = self.line(10)
@@ -80,6 +81,9 @@ class Daemon:
             self.err.append(line)
 
     def stderr(self) -> str:
+        """What it wrote to stderr so far; all of it once it has exited (the pump may lag)."""
+        if self.proc.poll() is not None:
+            self._err_pump.join(5)
         return "".join(self.err)
 
     def line(self, timeout: float = 10) -> str:

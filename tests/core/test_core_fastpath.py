@@ -15,14 +15,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import sys
 import threading
 import time
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 from _core_util import RawClient  # noqa: E402
 
 from capbus import _core  # noqa: E402

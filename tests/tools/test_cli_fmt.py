@@ -11,7 +11,7 @@ import pytest
 
 from capbus._cli import fmt, main, stats, top
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # tests/tools/ -> the repository
 
 
 def test_table_is_plain_aligned_text():

@@ -136,7 +136,7 @@ def test_recv_many_is_fair_across_senders(kernel):
 
 def test_allowlist(sockdir):
     # "name:friend" admits the server of "friend" only because the policy says who may
-    # register it (tests/test_grants.py: a squatter of an unreserved name is not admitted)
+    # register it (tests/kernel/test_grants.py: a squatter of an unreserved name is not admitted)
     policy = capbus.Policy.from_mapping({"register": [{"name": "friend", "uids": [os.getuid()]}]})
     with capbus.Kernel(os.path.join(sockdir, "k.sock"), policy, audit=False) as kernel, \
             capbus.connect(kernel.socket_path) as rx, capbus.connect(kernel.socket_path) as ok, \

@@ -1,15 +1,15 @@
 """Micro-benchmarks of capbus._core (not a test; run by hand, one at a time, on an idle machine).
 
-    PYTHONPATH=src python tests/_core_bench.py rt [--n 200000] [--limits none|rate] [--runs 1]
+    PYTHONPATH=src python tests/core/_core_bench.py rt [--n 200000] [--limits none|rate] [--runs 1]
         [--size BYTES [--loan]]   a payload of BYTES with each call: copied in (call), or
         written in place (loan + call_loan, the loan's bytes left as they are); the server
         replies without touching it (zero-copy receive from ZC_THRESHOLD on, or with --loan)
-    PYTHONPATH=src python tests/_core_bench.py ab [--n 200000] [--runs 3]
+    PYTHONPATH=src python tests/core/_core_bench.py ab [--n 200000] [--runs 3]
         alternating runs of rt with limits none and rate (CTRL_F_ENFORCE set, rate 10**12/s)
-    PYTHONPATH=src python tests/_core_bench.py many [--n 2000000] [--batch 0|64|...] [--no-verify]
+    PYTHONPATH=src python tests/core/_core_bench.py many [--n 2000000] [--batch 0|64|...] [--no-verify]
         recv_many(256) throughput: a producer process sends with send() (batch 0) or
         send_many(batch); the receiver checks every sequence number (or only counts)
-    PYTHONPATH=src python tests/_core_bench.py inproc [--n 1000000] [--limits none|rate]
+    PYTHONPATH=src python tests/core/_core_bench.py inproc [--n 1000000] [--limits none|rate]
         the CPU cost of one whole call in one thread, with no waiting and no cache-line
         ping-pong: call_start, poll, reply, call_poll (isolates the cost of the checks)
 
@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: _core_util
 
 from _core_util import make_chan  # noqa: E402
 

@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import os
 import struct
-import sys
 import threading
 import time
 import zlib
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 from _core_util import Chan, make_chan, reap, result, spawn  # noqa: E402
 
 from capbus import _core  # noqa: E402

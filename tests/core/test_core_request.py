@@ -4,14 +4,9 @@ with .reply) and the Message type of call results (set_types)."""
 from __future__ import annotations
 
 import gc
-import os
-import sys
 import threading
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 
 from capbus import _core  # noqa: E402
 from capbus._errors import IpcError, MessageTooLarge  # noqa: E402

@@ -8,15 +8,10 @@ its checks (tests/_core_util.RawClient writes the ring memory directly) is still
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 import threading
 import time
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 from _core_util import Chan, RawClient, make_chan, set_limits  # noqa: E402
 
 from capbus import _core  # noqa: E402

@@ -5,16 +5,11 @@ through a separate mapping of the channel memfd)."""
 
 from __future__ import annotations
 
-import os
 import random
-import sys
 import threading
 import time
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 from _core_util import Chan, RawClient, set_limits  # noqa: E402
 
 from capbus import _core  # noqa: E402

@@ -1,5 +1,5 @@
 """Python objects over capbus: data-only msgpack with buffers out of band; pickle only between
-peers that trust each other (the hostile corpus is tests/test_objects_hostile.py)."""
+peers that trust each other (the hostile corpus is tests/hostile/test_objects_hostile.py)."""
 
 from __future__ import annotations
 

@@ -13,15 +13,10 @@ sends, sees no sleeper and skips the futex wake.
 
 from __future__ import annotations
 
-import os
 import platform
-import sys
 import time
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 from _core_util import Chan, reap, result, spawn  # noqa: E402
 
 from capbus import _core  # noqa: E402
