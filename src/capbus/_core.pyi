@@ -280,9 +280,9 @@ also work on read-only mappings. All of these atomics are seq_cst.
 # without keywords take positional arguments only (`/`). `Any` is left only where the value is
 # whatever a peer's payload decodes to (object()).
 from collections.abc import Iterable, Sequence
-from typing import Any, TypedDict
+from typing import Any, TypeAlias, TypedDict
 
-from typing_extensions import Buffer, TypeAlias
+from typing_extensions import Buffer
 
 from capbus._errors import ProtocolError
 from capbus._runtime.endpoint import Endpoint
