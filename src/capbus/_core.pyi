@@ -356,7 +356,7 @@ class CorruptChannel(ProtocolError):
     index: int
     reason: str
 
-class Message(tuple[int | bytes | None, ...]):
+class Message(tuple[int, int, int, int, int, int, bytes | None]):
     """A call's reply: (opcode, flags, d0, d1, d2, d3, payload bytes or None), made by the core."""
 
     @property
@@ -486,7 +486,7 @@ class ServiceBase:
 
     _closed: bool
     _slow: bool
-    _set: ServerSet | None
+    _set: ServerSet  # never None: unset reads raise AttributeError, None is refused
     def recv(self, timeout: float | None = None) -> Request: ...
 
 # ---- Constants (from _native/layout.h and the module's own; all int)
