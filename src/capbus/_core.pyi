@@ -280,9 +280,9 @@ also work on read-only mappings. All of these atomics are seq_cst.
 # without keywords take positional arguments only (`/`). `Any` is left only where the value is
 # whatever a peer's payload decodes to (object()).
 from collections.abc import Iterable, Sequence
-from typing import Any, TypeAlias, TypedDict
+from typing import Any, TypeAlias, TypedDict, final
 
-from typing_extensions import Buffer
+from typing_extensions import Buffer, disjoint_base
 
 from capbus._errors import ProtocolError
 from capbus._runtime.endpoint import Endpoint
@@ -369,6 +369,7 @@ class Message(tuple[int, int, int, int, int, int, bytes | None]):
     def payload(self) -> bytes: ...  # b"" when none
     def object(self, trusted: bool = False) -> Any: ...  # what the peer's payload decodes to
 
+@final  # not subclassable (no Py_TPFLAGS_BASETYPE)
 class Lane:
     @property
     def index(self) -> int: ...
@@ -407,6 +408,7 @@ class Lane:
     def close(self) -> None: ...
     def mark(self, state: int, /) -> None: ...
 
+@disjoint_base  # a C layout of its own
 class Request:
     """A received message (made only by the core: recv/poll/recv_many)."""
 
@@ -444,6 +446,7 @@ class Request:
     def object(self, trusted: bool = False) -> Any: ...  # what the peer's payload decodes to
     def release(self) -> None: ...
 
+@final  # not subclassable (no Py_TPFLAGS_BASETYPE)
 class ServerSet:
     @property
     def draining(self) -> int: ...
@@ -469,6 +472,7 @@ class ServerSet:
     def __contains__(self, index: object, /) -> bool: ...
     def __len__(self) -> int: ...
 
+@disjoint_base  # a C layout of its own
 class EndpointBase:
     """The native half of capbus.Endpoint: call and send_async (slow paths: _call_slow, ...)."""
 
@@ -481,6 +485,7 @@ class EndpointBase:
                    move: bool = False) -> None: ...
     def _forget_lanes(self) -> None: ...
 
+@disjoint_base  # a C layout of its own
 class ServiceBase:
     """The native half of capbus.Service: recv (slow path: _recv_slow)."""
 
