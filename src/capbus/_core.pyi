@@ -226,14 +226,18 @@ also work on read-only mappings. All of these atomics are seq_cst.
   .caps (default ()). Holds a strong reference to its ServerSet, and replies only to the
   channel instance it came from (never to a later channel at the same index).
   .generation (internal): its channel instance's, as given to ServerSet.add(generation=).
-  .reply(opcode=0, data=(), payload=b"", flags=0)   flags: FLAG_USER_MASK (and FLAG_CHECKSUM)
-      bits, else ValueError; b"" = no payload. IpcError("...already been replied to") the
-      second time, IpcError("...send_async: it takes no reply") for a one-way message; PeerDied
-      when the client is gone; WouldBlock when its response ring is full (the request stays
-      unanswered: try again).
-  .reply_error(code, text)   FLAG_ERROR, data[0] = code, payload = text (str: UTF-8; at most
-      4096 bytes); a no-op if answered already, one-way, or the client is gone (no PeerDied:
-      error paths need not catch it); WouldBlock / CorruptChannel as reply().
+  .reply(opcode=0, data=(), payload=b"", flags=0) -> bool   flags: FLAG_USER_MASK (and
+      FLAG_CHECKSUM) bits, else ValueError; b"" = no payload. True if the reply was written;
+      False if it was dropped (and counted in reply_failed): the client is gone, its channel is
+      not open, it does not read its replies (a full response ring) or it scribbled that ring;
+      the request counts as answered either way, and a client can never make this raise.
+      IpcError("...already been replied to") the second time, IpcError("...send_async: it
+      takes no reply") for a one-way message; bad arguments raise (ValueError, TypeError,
+      MessageTooLarge).
+  .reply_error(code, text) -> bool   FLAG_ERROR, data[0] = code, payload = text (str: UTF-8,
+      or bytes-like; cut to 4096 bytes); False if answered already, one-way, or undeliverable
+      (as reply()): error paths need not catch anything. reply_object(obj, opcode=0,
+      pickle=False) -> bool: reply() with an object payload.
   .payload is bytes, or a read-only memoryview for a zero-copy payload (.zero_copy True; see
   ServerSet). .release(): the request is done with a zero-copy payload before (or without)
   replying (its chunk goes back once no view of it is left); a no-op otherwise and the second
@@ -440,8 +444,8 @@ class Request:
     regions: tuple[Region, ...]
     caps: tuple[Endpoint, ...]
     def reply(self, opcode: int = 0, data: Data = (), payload: Payload = b"", flags: int = 0) -> bool: ...
-    def reply_error(self, code: int, text: str | bytes) -> bool: ...
-    def _reply_ipc_error(self, code: int, text: str | bytes) -> bool: ...
+    def reply_error(self, code: int, text: str | Buffer) -> bool: ...
+    def _reply_ipc_error(self, code: int, text: str | Buffer) -> bool: ...
     def reply_object(self, obj: object, opcode: int = 0, pickle: bool = False) -> bool: ...
     def object(self, trusted: bool = False) -> Any: ...  # what the peer's payload decodes to
     def release(self) -> None: ...
