@@ -127,6 +127,13 @@ def client(proc: capbus.Process) -> None:
     print(asyncio.run(main()))
 
 
+async def aserve(svc: capbus.Service) -> None:
+    req: capbus.Request = await svc.arecv(timeout=1.0)
+    req.reply(0)
+    async for r in svc:
+        r.reply_error(1, b"bytes are text too")
+
+
 def errors(ep: capbus.Endpoint) -> None:
     try:
         ep.call(1, timeout=0.1)

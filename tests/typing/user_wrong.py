@@ -26,5 +26,6 @@ def wrong(kernel: capbus.Kernel, proc: capbus.Process, ep: capbus.Endpoint,
     capbus.Kernel(policy=42)  # E: arg-type
     capbus.Sandbox(network="yes")  # E: arg-type
     kernel.spawn(["python3"], grants=["store"])  # E: arg-type
+    kernel.spawn(["python3"], grants={"store": 5})  # E: dict-item
     opcode: str = ep.call(1).opcode  # E: assignment
     print(text, opcode)

@@ -38,7 +38,7 @@ from .._protocol.names import check_name
 from . import audit as _audit
 from . import channels, delegation, introspect, naming, region_requests
 from .captable import Capability
-from .grants import combine_grants, parse_grants, parse_lookup
+from .grants import GrantSpec, combine_grants, parse_grants, parse_lookup
 from .launcher import Child, LaunchSpec, default_lookup, launch
 from .listener import bind, not_admitted
 from .policy import KernelLimits, Policy, ProcessInfo
@@ -181,7 +181,7 @@ class Kernel:
         restart: str = "never",
         max_restarts: int = 3,
         cwd: str | None = None,
-        grants: Mapping[str, Any] | None = None,
+        grants: Mapping[str, str | Mapping[str, object] | GrantSpec] | None = None,
         lookup: Sequence[str] | None = _UNSET,
         sandbox: Sandbox | None = None,
     ) -> Child:
