@@ -87,7 +87,8 @@ class RemoteError(IpcError):
         self.text = text
         self.remote_type = remote_type
 
-    def __reduce__(self):  # picklable although __init__ takes more than the message
+    # Picklable although __init__ takes more than the message.
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[int | None, str, str | None]]:
         return (type(self), (self.code, self.text, self.remote_type))
 
 

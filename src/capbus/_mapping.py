@@ -40,7 +40,7 @@ class Mapping:
         self.buf = (ctypes.c_char * size).from_address(addr)
         # Any memoryview of .buf keeps .buf alive, and .buf keeps us: we are never unmapped
         # (by __del__) while a view of the memory exists.
-        self.buf._mapping = self
+        self.buf._mapping = self  # type: ignore[attr-defined]  # a ctypes instance takes any attribute
 
     def detach(self) -> None:
         """Replace the mapping with private zero pages at the same address: the shared memory is

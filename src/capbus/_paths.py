@@ -103,7 +103,7 @@ def open_dir(directory: str, owners: set[int] | frozenset[int], *, create: int |
                     f"the socket directory {directory} has mode {stat.S_IMODE(st.st_mode):04o}: "
                     "others may write in it (and so put their own socket, lock or audit file "
                     "there); use a directory only its owner can write (chmod go-w)")
-        if made and st.st_uid == uid and stat.S_IMODE(st.st_mode) != create:
+        if made and create is not None and st.st_uid == uid and stat.S_IMODE(st.st_mode) != create:
             os.chmod(f"/proc/self/fd/{fd}", create)  # ours, just made: the umask took bits off
     except BaseException:
         os.close(fd)
@@ -118,7 +118,8 @@ def via_fd(dirfd: int, name: str) -> str:
 
 def peer_uid(sock: socket.socket) -> int:
     """The uid of the process at the other end of a connected AF_UNIX socket (SO_PEERCRED)."""
-    return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[1]
+    uid: int = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[1]
+    return uid
 
 
 def kernel_uid_from_env() -> int | None:

@@ -35,7 +35,7 @@ def kv_service() -> int:
 
     threading.Thread(target=drain, daemon=True).start()
 
-    def handle(req: capbus.Request):
+    def handle(req: capbus.Request) -> int | tuple[int, tuple[int, ...]]:
         op, key, value = req.opcode, req.data[0], req.data[1]
         if op == 1:  # put
             store[key] = value

@@ -179,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        return args.fn(args)
+        rc: int = args.fn(args)
+        return rc
     except IpcError as exc:
         print(f"capbus: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -103,17 +103,17 @@ def families(snap: dict[str, Any]) -> Iterator[Any]:
     for key, agg in groups.items():
         hist.add_metric(key, latency_buckets(agg["hist"]), agg["latency_sum_ns"] / 1e9)
     yield hist
-    fam = GaugeMetricFamily("capbus_call_latency_max_seconds", "Longest call round trip.",
-                            labels=LABELS)
+    gauge = GaugeMetricFamily("capbus_call_latency_max_seconds", "Longest call round trip.",
+                              labels=LABELS)
     for key, agg in groups.items():
-        fam.add_metric(key, agg["latency_max_ns"] / 1e9)
-    yield fam
-    fam = GaugeMetricFamily("capbus_messages_last_second", "Messages in the last second, as sent by "
-                            "the client or received by the service.", labels=(*LABELS, "direction"))
+        gauge.add_metric(key, agg["latency_max_ns"] / 1e9)
+    yield gauge
+    gauge = GaugeMetricFamily("capbus_messages_last_second", "Messages in the last second, as sent by "
+                              "the client or received by the service.", labels=(*LABELS, "direction"))
     for key, agg in groups.items():
-        fam.add_metric((*key, "sent"), agg["sent_last_second"])
-        fam.add_metric((*key, "received"), agg["received_last_second"])
-    yield fam
+        gauge.add_metric((*key, "sent"), agg["sent_last_second"])
+        gauge.add_metric((*key, "received"), agg["received_last_second"])
+    yield gauge
 
 
 class Collector:

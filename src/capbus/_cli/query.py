@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import _paths
 from .._errors import IpcError
 from .stats import build
+
+if TYPE_CHECKING:
+    from .._runtime.process import Process
 
 
 def default_socket() -> str:
@@ -39,7 +42,7 @@ class KernelSource:
 
     def __init__(self, socket_path: str | None = None) -> None:
         self.socket_path = socket_path
-        self._proc: Any = None
+        self._proc: Process | None = None
         self._lock = threading.Lock()
 
     def __enter__(self) -> KernelSource:

@@ -125,7 +125,7 @@ def aggregate(channels: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return _derive(out)
 
 
-def process_aggregate(process_id: int, channels: Iterable[dict[str, Any]]) -> dict[str, Any]:
+def process_aggregate(process_id: int | None, channels: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """A process's figures: what it sent as a client (calls, their latency, its messages refused
     at either end) and what it received as a server (messages, replies it sent, what it dropped)."""
     chs = list(channels)

@@ -492,7 +492,7 @@ def _check_version(conn: sqlite3.Connection, path: str, allow_new: bool) -> int:
     """The file's schema version: SCHEMA_VERSION, or 0 for an empty database (when allow_new).
     ValueError for anything else."""
     try:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        version: int = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
     except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed", ...
         raise ValueError(f"{path} is not a capbus audit log ({exc})") from None
@@ -532,7 +532,8 @@ def query(
         raise OSError(f"cannot open the audit log {path}: {exc}") from None
     try:
         _check_version(conn, path, allow_new=False)
-        where, params = [], []
+        where: list[str] = []
+        params: list[float | int | str] = []
         if since is not None:
             where.append("time >= ?")
             params.append(float(since))

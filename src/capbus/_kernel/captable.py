@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,11 +109,11 @@ class Limits:
 
 
 def check_rights(rights: Any) -> frozenset[str]:
-    rights = frozenset(rights)
-    unknown = rights - set(RIGHTS)
+    checked: frozenset[str] = frozenset(rights)
+    unknown = checked - set(RIGHTS)
     if unknown:
         raise ValueError(f"unknown rights {sorted(unknown)}: rights are {', '.join(RIGHTS)}")
-    return rights
+    return checked
 
 
 @dataclass(eq=False)
@@ -248,5 +248,5 @@ class CapTable:
             self.charge(-len(self))
             self.charge = None
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Capability]:
         return (c for c in list(self._slots) if c is not None)

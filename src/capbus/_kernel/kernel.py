@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import _paths, _protect
 from .._errors import VALUE_ERROR_CODE, IpcError, OutOfMemory, PermissionDenied, ProtocolError, SandboxError
@@ -38,7 +38,7 @@ from .._protocol.names import check_name
 from . import audit as _audit
 from . import channels, delegation, introspect, naming, region_requests
 from .captable import Capability
-from .grants import combine_grants, parse_grants, parse_lookup
+from .grants import GrantSpec, combine_grants, parse_grants, parse_lookup
 from .launcher import Child, LaunchSpec, default_lookup, launch
 from .listener import bind, not_admitted
 from .policy import KernelLimits, Policy, ProcessInfo
@@ -46,6 +46,8 @@ from .sandbox import Sandbox
 from .shm import STATE_PEER_DEAD
 from .state import LOG_CHARS, KernelState, Outbox, ProcessRecord, Timer, brief, client_key, count_down
 from .transport import FdBudget, Transport
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("capbus.kernel")
 
@@ -106,7 +108,8 @@ class Kernel:
         self._timers: list[Timer] = []
         self._cancelled_timers = 0
         self._timer_seq = itertools.count()
-        self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple, Future]] = queue.SimpleQueue()
+        self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]] = (
+            queue.SimpleQueue())
         self._children: set[Child] = set()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -178,7 +181,7 @@ class Kernel:
         restart: str = "never",
         max_restarts: int = 3,
         cwd: str | None = None,
-        grants: Mapping[str, Any] | None = None,
+        grants: Mapping[str, str | Mapping[str, object] | GrantSpec] | None = None,
         lookup: Sequence[str] | None = _UNSET,
         sandbox: Sandbox | None = None,
     ) -> Child:
@@ -263,12 +266,12 @@ class Kernel:
 
     # ---- the loop and its timers -----------------------------------------------------------------
 
-    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
         if self._thread is None or threading.current_thread() is self._thread:
             return fn(*args)
         if self._stopping or not self._thread.is_alive():
             raise IpcError(f"the kernel at {self.socket_path} is stopped")
-        fut: Future = Future()
+        fut: Future[_T] = Future()
         self._calls.put((fn, args, fut))
         if not self._poke():
             raise IpcError(f"the kernel at {self.socket_path} is stopped")
@@ -430,7 +433,7 @@ class Kernel:
                                        refused=refused)
                 rec.refused_as = refused_as
                 self._refused += 1
-                self._after(_REFUSED_GRACE, lambda rec=rec: self._gone(rec, "refused: no Hello"))
+                self._after(_REFUSED_GRACE, functools.partial(self._gone, rec, "refused: no Hello"))
                 continue
             pidfd = None
             if pid > 0:
@@ -734,7 +737,7 @@ class Kernel:
         rec.proto.close()
         for budget in rec.transport.budgets:
             budget.users -= 1
-            if budget.users <= 0:
+            if budget.users <= 0 and budget.key is not None:
                 self._fd_budgets.pop(budget.key, None)
         rec.transport.budgets = ()
         if rec.pidfd is not None:

@@ -56,7 +56,7 @@ def default_lookup(spec: LaunchSpec) -> tuple[str, ...] | None:
     return () if getattr(spec, "sandbox", None) else None
 
 
-def launch(spec: LaunchSpec, socket_path: str) -> tuple[subprocess.Popen, socket.socket]:
+def launch(spec: LaunchSpec, socket_path: str) -> tuple[subprocess.Popen[bytes], socket.socket]:
     """Start one incarnation; returns the child and the kernel's end of its socket.
 
     SandboxError if spec.sandbox cannot be enforced or the child cannot start inside it."""
@@ -83,7 +83,7 @@ def launch(spec: LaunchSpec, socket_path: str) -> tuple[subprocess.Popen, socket
 
 
 def _start(spec: LaunchSpec, socket_path: str, env: dict[str, str],
-           kwargs: dict) -> tuple[subprocess.Popen, socket.socket]:
+           kwargs: dict[str, Any]) -> tuple[subprocess.Popen[bytes], socket.socket]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # before the child can send
@@ -106,7 +106,7 @@ class Child:
     def __init__(self, spec: LaunchSpec) -> None:
         self.spec = spec
         self.restarts = 0
-        self._popen: subprocess.Popen | None = None
+        self._popen: subprocess.Popen[bytes] | None = None
         self._process_id = 0
         self._stopping = False
         self._done = threading.Event()
@@ -164,7 +164,7 @@ class Child:
 
     # -- called by the kernel thread ------------------------------------------------------------
 
-    def _started(self, popen: subprocess.Popen, process_id: int) -> None:
+    def _started(self, popen: subprocess.Popen[bytes], process_id: int) -> None:
         self._popen, self._process_id = popen, process_id
 
     def _exited(self) -> bool:

@@ -12,6 +12,7 @@ import grp
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from .._errors import PermissionDenied
 from .._protocol.names import check_name
@@ -65,7 +66,7 @@ class Access:
         return bool(self.uids or self.groups)
 
 
-def _listed(raw: object, where: str) -> list:
+def _listed(raw: object, where: str) -> list[object]:
     if isinstance(raw, str | bytes) or not isinstance(raw, list | tuple):
         raise ValueError(f"{where}: uids and groups are lists, got {raw!r:.80}")
     return list(raw)
@@ -208,7 +209,7 @@ class Policy:
         if isinstance(value, str):
             return cls.from_toml(value)
         if callable(value):
-            return cls(register=value)  # type: ignore[arg-type]
+            return cls(register=value)
         raise TypeError("policy must be a Policy, a callable registration filter or a TOML path")
 
     @classmethod
@@ -221,7 +222,7 @@ class Policy:
         return cls.from_mapping(doc, path)
 
     @classmethod
-    def from_mapping(cls, doc: Mapping[str, object], path: str = "<dict>") -> Policy:
+    def from_mapping(cls, doc: Mapping[str, Any], path: str = "<dict>") -> Policy:
         """The TOML form (docs/POLICY.md) as a dict: ValueError on anything it does not know."""
         unknown = set(doc) - {"packages", "register", "default_register", "lookup",
                               "default_lookup", "limits", "package", "access"}
@@ -239,11 +240,11 @@ class Policy:
         packages = doc.get("package", {})
         if not isinstance(packages, Mapping):
             raise ValueError(f"policy file {path}: [package.\"P\"] tables, one per package")
-        rules = {pkg: PackageRules.from_mapping(raw, f"policy file {path} [package.{pkg!r}]")
-                 for pkg, raw in packages.items()}
+        package_rules = {pkg: PackageRules.from_mapping(raw, f"policy file {path} [package.{pkg!r}]")
+                         for pkg, raw in packages.items()}
         access = Access.coerce(doc.get("access", {}), f"policy file {path} [access]")
         return cls(register=filters[0], uid_packages=uid_packages, lookup=filters[1],
-                   limits=limits, packages=rules, access=access)
+                   limits=limits, packages=package_rules, access=access)
 
     def may_register(self, who: ProcessInfo, name: str) -> None:
         if self.register is not None and not self.register(who, name):
@@ -265,7 +266,7 @@ class _Rule:
     packages: tuple[str, ...] | None
 
     @classmethod
-    def parse(cls, path: str, raw: dict) -> _Rule:
+    def parse(cls, path: str, raw: dict[str, Any]) -> _Rule:
         if set(raw) - {"name", "uids", "packages"} or "name" not in raw:
             raise ValueError(f"policy file {path}: a rule has name, uids, packages")
         uids = tuple(int(u) for u in raw["uids"]) if "uids" in raw else None

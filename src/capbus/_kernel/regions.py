@@ -88,7 +88,7 @@ class Region:
             os.close(self.fd)
             self.fd = -1
             if self.on_free is not None:
-                self.on_free, on_free = None, self.on_free
+                on_free, self.on_free = self.on_free, None
                 on_free()
             return True
         return False

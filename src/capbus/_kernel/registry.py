@@ -6,6 +6,7 @@ to a live process; the kernel drops it the moment that process is gone.
 
 from __future__ import annotations
 
+from collections.abc import ItemsView
 from typing import Generic, TypeVar
 
 from .._errors import NameTaken
@@ -33,6 +34,6 @@ class Registry(Generic[T]):
     def __len__(self) -> int:
         return len(self._entries)
 
-    def items(self):
+    def items(self) -> ItemsView[str, T]:
         return self._entries.items()
 

@@ -145,7 +145,7 @@ class Sandbox:
                 raise SandboxError(f"Sandbox read path {r!r:.200} lies in the write path "
                                    f"{w!r:.200} (readable already, and the child could swap it)")
         for i, w in enumerate(self.write):
-            other = _inside_write(w, self.write[:i] + self.write[i + 1:])
+            other = _inside_write(w, (*self.write[:i], *self.write[i + 1:]))
             if other is not None:
                 raise SandboxError(f"Sandbox write path {w!r:.200} lies in the write path "
                                    f"{other!r:.200}: name only the outer one")

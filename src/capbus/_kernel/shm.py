@@ -17,10 +17,15 @@ import contextlib
 import fcntl
 import mmap
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .. import _core
 from .._mapping import Mapping
+
+if TYPE_CHECKING:  # annotations only (captable imports this module)
+    import ctypes
+
+    from . import captable
 
 MAX_CHANNELS = _core.MAX_CHANNELS  # channels one service may have open at once
 # A channel's state in its control page, as both ends read it.
@@ -106,22 +111,22 @@ class ChannelShm:
             raise
 
     @property
-    def ctrl(self):
+    def ctrl(self) -> ctypes.Array[ctypes.c_char]:
         assert self._ctrl is not None
         return self._ctrl.buf
 
     @property
-    def header(self):
+    def header(self) -> ctypes.Array[ctypes.c_char]:
         """The channel's header page (where both ends keep their counters)."""
         assert self._wake is not None
         return self._wake.buf
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> _core.ChannelStats:
         """The traffic counters both ends keep in the header page, read through the kernel's
         own mapping (watching costs the watched processes nothing)."""
         return _core.channel_stats(self.header)
 
-    def set_limits(self, rights: frozenset[str], limits,
+    def set_limits(self, rights: frozenset[str], limits: captable.Limits,
                    chain: list[tuple[int, int, int]] | None = None) -> None:
         """What the receiving side enforces on this channel (captable.Limits, rights by name).
 

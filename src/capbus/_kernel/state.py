@@ -371,9 +371,9 @@ def count_down(counts: dict[int, int], key: int, n: int = 1) -> None:
         counts.pop(key, None)
 
 
-def sender_keys(svc: ServiceRecord, rec: ProcessRecord) -> list[tuple[dict, Any]]:
+def sender_keys(svc: ServiceRecord, rec: ProcessRecord) -> list[tuple[dict[Any, Any], Any]]:
     """The (index, key) pairs of svc's by-sender channel indexes that rec's channels are in."""
-    keys: list[tuple[dict, Any]] = [(svc.chans_of_id, rec.process_id), (svc.chans_of_uid, rec.uid)]
+    keys: list[tuple[dict[Any, Any], Any]] = [(svc.chans_of_id, rec.process_id), (svc.chans_of_uid, rec.uid)]
     if rec.package is not None:
         keys.append((svc.chans_of_package, rec.package))
     return keys

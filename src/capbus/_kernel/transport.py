@@ -30,7 +30,7 @@ class FdBudget:
     """Queued fds shared by several connections (all of one OS process, or of one uid), so that
     many connections from one process do not multiply its budget."""
 
-    def __init__(self, limit: int, what: str, key: object = None) -> None:
+    def __init__(self, limit: int, what: str, key: tuple[str, int] | None = None) -> None:
         self.limit = limit
         self.what = what  # for the error: "pid 123 (outbox_fds)"
         self.key = key  # the kernel's name for it

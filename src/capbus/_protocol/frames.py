@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from dataclasses import field as dataclass_field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 from .._errors import ProtocolError
 from .names import check_grant_key
@@ -129,10 +130,16 @@ _SCHEMAS: dict[type[Message], tuple[tuple[str, str], ...]] = {}
 _REQUIRED: dict[type[Message], frozenset[str]] = {}  # fields without a default
 
 
-def message(type_code: int, kind: int, fds: int = 0, **schema: str):
+_M = TypeVar("_M", bound=Message)
+
+
+# dataclass_transform: type checkers see each frame class as the frozen dataclass wrap() makes of
+# it (its generated __init__), as at run time.
+@dataclass_transform(frozen_default=True)
+def message(type_code: int, kind: int, fds: int = 0, **schema: str) -> Callable[[type[_M]], type[_M]]:
     """Class decorator: register a frame type with its field kinds (see _check_value)."""
 
-    def wrap(cls: type[Message]) -> type[Message]:
+    def wrap(cls: type[_M]) -> type[_M]:
         cls = dataclass(frozen=True)(cls)
         names = tuple(f.name for f in fields(cls))
         if set(names) != set(schema):  # pragma: no cover - schema mistake

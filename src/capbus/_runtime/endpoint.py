@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +78,7 @@ class _Lane:
 
     __slots__ = ("core", "index", "reply_fd", "pid", "_ep", "_ctl", "_handle", "__weakref__")
 
-    def __init__(self, ep: Endpoint, core: Any, index: int, reply_fd: int, pid: int,
+    def __init__(self, ep: Endpoint, core: _core.Lane, index: int, reply_fd: int, pid: int,
                  ctl: Any, handle: int) -> None:
         self.core, self.index, self.reply_fd, self._ep = core, index, reply_fd, ep
         self.pid = pid  # the serving OS process, as the kernel vouched when it opened
@@ -143,7 +143,7 @@ class Endpoint(_core.EndpointBase):
 
     # ---- synchronous calls --------------------------------------------------------------------
 
-    def _call_slow(self, opcode: int, data: Sequence[int] = (), payload: bytes = b"",
+    def _call_slow(self, opcode: int, data: _core.Data = (), payload: _core.Payload = b"",
                    timeout: float | None = None, flags: int = 0,
                    caps: Iterable[Endpoint] = (), regions: Iterable[Region] = (),
                    move: bool = False) -> Message:
@@ -177,7 +177,7 @@ class Endpoint(_core.EndpointBase):
 
     # ---- asynchronous messages ----------------------------------------------------------------
 
-    def _send_async_slow(self, opcode: int, data: Sequence[int] = (), payload: bytes = b"",
+    def _send_async_slow(self, opcode: int, data: _core.Data = (), payload: _core.Payload = b"",
                          flags: int = 0, caps: Iterable[Endpoint] = (),
                          regions: Iterable[Region] = (), move: bool = False) -> None:
         """send_async(): queue a one-way message; never blocks: WouldBlock when the receiver's
@@ -196,7 +196,7 @@ class Endpoint(_core.EndpointBase):
             self._undo_attach(lane, tag)
             raise
 
-    def send_many(self, messages: Sequence[tuple], flags: int = 0) -> int:
+    def send_many(self, messages: _core.Batch, flags: int = 0) -> int:
         """Queue several one-way messages, (opcode, data) or (opcode, data, payload) each, with
         one wake-up for the batch; returns how many were accepted (the rest would block)."""
         lane = self._local.__dict__.get("lane") or self._thread_lane()
@@ -245,7 +245,7 @@ class Endpoint(_core.EndpointBase):
             objects.pack_into(loan.buffer, parts)
             loan.send_async(opcode, flags=OBJECT_FLAG)
 
-    async def acall(self, opcode: int, data: Sequence[int] = (), payload: bytes = b"",
+    async def acall(self, opcode: int, data: _core.Data = (), payload: _core.Payload = b"",
                     timeout: float | None = None, flags: int = 0) -> Message:
         """call() for asyncio: waits on an eventfd the event loop watches, no thread blocks."""
         if flags & ~USER_FLAGS:
@@ -434,7 +434,7 @@ class Endpoint(_core.EndpointBase):
             self._mark_lanes(state)
             self._forget_lanes()
 
-    def _thread_core(self) -> Any:
+    def _thread_core(self) -> _core.Lane:
         """This thread's native Lane (the native call/send_async cache it per thread)."""
         self._proc._check()  # a forked child must connect on its own
         lane = self._local.__dict__.get("lane")
@@ -518,6 +518,7 @@ class Loan:
     """A loaned arena buffer (see Endpoint.loan); unsent loans are given back on exit."""
 
     __slots__ = ("_ep", "_lane", "_buffer", "_open")
+    _buffer: memoryview | None  # None once given back unsent
 
     def __init__(self, ep: Endpoint, lane: _Lane, buffer: memoryview) -> None:
         self._ep, self._lane, self._buffer = ep, lane, buffer
@@ -541,7 +542,7 @@ class Loan:
             # next loan in a loop (this Loan still bound to its variable) can have it.
             self._buffer = None
 
-    def call(self, opcode: int, data: Sequence[int] = (), timeout: float | None = None,
+    def call(self, opcode: int, data: _core.Data = (), timeout: float | None = None,
              flags: int = 0) -> Message:
         """Send the loaned buffer as a call's payload, no copy; wait for the reply."""
         if not self._open or flags:  # the checks of _commit, without its frame when plain
@@ -553,7 +554,7 @@ class Loan:
             raise self._ep._remote_error(r)
         return r
 
-    def send_async(self, opcode: int, data: Sequence[int] = (), flags: int = 0) -> None:
+    def send_async(self, opcode: int, data: _core.Data = (), flags: int = 0) -> None:
         """Send the loaned buffer as a one-way message's payload, no copy."""
         self._commit(flags)
         self._lane.core.send_loan(self._ep.handle, opcode, flags, data)
@@ -569,9 +570,14 @@ class Loan:
 async def _readable_any(loop: asyncio.AbstractEventLoop, fds: list[int],
                         timeout: float | None) -> None:
     """Wait until one of some eventfds is readable (at most _EVENT_POLL, or the timeout)."""
-    fut = loop.create_future()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
     for fd in fds:
-        loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+        loop.add_reader(fd, ready)
     wait = _EVENT_POLL if timeout is None else min(timeout, _EVENT_POLL)
     try:
         await asyncio.wait_for(fut, wait)

@@ -67,10 +67,12 @@ def bad_flags(flags: int) -> ValueError:
 
 # A call's reply is the native tuple subclass (opcode, flags, d0, d1, d2, d3, payload or None):
 # .opcode, .flags, .data, .payload and .object() are native, and so is its deallocation.
-Message = _core.Message
-
+# (An import, not `Message = _core.Message`: a type checker reads that assignment as an alias of
+# a tuple type, which isinstance() may not take.)
+from .._core import Message as Message  # noqa: E402
 
 # A received request is the native type itself: no Python subclass to build and tear down for
 # every message (object() and reply_object() are native too, calling capbus._runtime.objects).
-Request = _core.Request
+from .._core import Request as Request  # noqa: E402
+
 _core.set_types(Message, Request)

@@ -35,11 +35,14 @@ import re
 import struct
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from .._errors import ProtocolError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 MAGIC = b"CBM1"
 PICKLE_MAGIC = b"CBP5"
@@ -92,7 +95,7 @@ class _Key:
 
     __slots__ = ("code", "data")
 
-    def __init__(self, code: int, data: bytes) -> None:
+    def __init__(self, code: int, data: Buffer) -> None:
         self.code, self.data = code, data
 
     def __hash__(self) -> int:
@@ -208,7 +211,7 @@ def _offset(off: _dt.timedelta | None) -> int | None:
     return None if off is None else off // _US
 
 
-def dumps(obj: Any, pickle: bool = False) -> tuple[int, list]:
+def dumps(obj: Any, pickle: bool = False) -> tuple[int, list[Any]]:
     """(total size, parts) where parts are what pack_into() writes: the layout is decided here.
 
     pickle=False (the default): data-only msgpack, TypeError for what it cannot carry.
@@ -238,7 +241,7 @@ def dumps(obj: Any, pickle: bool = False) -> tuple[int, list]:
     return size, [head, stream, *raws]
 
 
-def pack_into(buf: memoryview, parts: list) -> None:
+def pack_into(buf: memoryview, parts: list[Any]) -> None:
     head, stream, *raws = parts
     pos = len(head)
     buf[:pos] = head
@@ -249,7 +252,7 @@ def pack_into(buf: memoryview, parts: list) -> None:
         pos += _align(r.nbytes)
 
 
-def join(size: int, parts: list) -> bytes:
+def join(size: int, parts: list[Any]) -> bytes:
     out = bytearray(size)
     pack_into(memoryview(out), parts)
     return bytes(out)
@@ -365,7 +368,7 @@ def _ext_hook(code: int, data: memoryview) -> Any:  # noqa: C901 - one dispatch 
         kind, index = _dec_buffer.decode(data)
         if kind not in (0, 1, 2):
             raise _bad(f"buffer kind {kind}")
-        raw = _take(index)
+        raw: bytes | memoryview = _take(index)
         return bytes(raw) if kind == 0 else bytearray(raw) if kind == 1 else raw
     if code == EXT_NDARRAY:
         dstr, shape, index = _dec_ndarray.decode(data)
@@ -453,7 +456,8 @@ def _too_deep(b: memoryview, start: int, end: int, depth: int) -> bool:
     """Whether the one value in b[start:end] nests deeper than _SAFE_DEPTH (counting `depth`
     levels above it), or is not exactly one value. Iterative but for our container Ext types,
     whose nested decodes _MAX_DEPTH bounds. Only run where msgspec's own check is not a bound."""
-    pos, todo, stack = start, 1, []
+    pos, todo = start, 1
+    stack: list[int] = []
     while True:
         if todo == 0:
             if not stack:

@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from .. import _core, _paths, _protect
 from .._errors import IpcError, KernelUnavailable, PermissionDenied
@@ -205,7 +205,7 @@ class Process:
 
     def register_package(self, *, allow: list[str | int] | None = None,
                          limits: dict[str, Any] | None = None,
-                         **bounds: int | float | None) -> Service:
+                         **bounds: Unpack[_Bounds]) -> Service:
         """Serve under this process's verified package name (bounds: as for register())."""
         frame = frames.RegisterPackage(_allow(allow), limits_request(**(limits or {})),
                                        _bounds(**bounds))
@@ -525,6 +525,17 @@ class _Grants(Mapping[str, "Endpoint"]):
 def _release_received(proc: Process, ctl: Control, handle: int) -> None:
     if ctl.closed is None and os.getpid() == proc._pid:
         ctl.request_nowait(frames.Release(handle))
+
+
+class _Bounds(TypedDict, total=False):
+    """register_package()'s bounds: the keywords register() takes for them."""
+
+    max_caps: int | None
+    max_regions: int | None
+    max_region_bytes: int | None
+    max_channels_per_process: int | None
+    max_channels_per_uid: int | None
+    attach_ttl: float | None
 
 
 def _bounds(max_caps: int | None = None, max_regions: int | None = None,
