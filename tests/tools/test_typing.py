@@ -1,6 +1,6 @@
 """The typed contract: `mypy --strict` (configured in pyproject.toml) is clean on src/capbus and
-on a user-style program that calls the whole public API (tests/typing/user_api.py), and rejects
-exactly the wrong calls of tests/typing/user_wrong.py, each marked `# E: <error code>` on its line.
+on a user-style program that calls the whole public API (tests/tools/typed/user_api.py), and rejects
+exactly the wrong calls of tests/tools/typed/user_wrong.py, each marked `# E: <error code>` on its line.
 
 One mypy run checks all three (about 3 s here with a cold cache: the cache goes to a temporary
 directory, never into the tree). The native core is checked through its stub,
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-USER_API = "tests/typing/user_api.py"
-USER_WRONG = "tests/typing/user_wrong.py"
-STUBTEST_ALLOWLIST = "tests/typing/stubtest_allowlist.txt"
+ROOT = Path(__file__).resolve().parents[2]  # tests/tools/ -> the repository
+USER_API = "tests/tools/typed/user_api.py"
+USER_WRONG = "tests/tools/typed/user_wrong.py"
+STUBTEST_ALLOWLIST = "tests/tools/typed/stubtest_allowlist.txt"
 
 _ERROR = re.compile(r"^(?P<path>[^:\n]+):(?P<line>\d+): error: (?P<msg>.*?)\s+\[(?P<code>[a-z-]+)\]$")
 _MARK = re.compile(r"#\s*E:\s*(?P<code>[a-z-]+)\s*$")
