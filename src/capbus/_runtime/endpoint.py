@@ -110,10 +110,14 @@ class Endpoint(_core.EndpointBase):
 
     call() and send_async() are native (_core.EndpointBase): the plain case runs there with no
     Python frame; flags, delegated capabilities and regions come back to _call_slow and
-    _send_async_slow below, which are the reference behaviour.
+    _send_async_slow below (handed to the base in __init__), which are the reference behaviour.
     """
 
     def __init__(self, proc: Process, granted: frames.Granted) -> None:
+        # What the native call()/send_async() call up to (plain functions, called with the
+        # endpoint first): this thread's lane, the reference paths, the error an error reply is.
+        super().__init__(open_lane=Endpoint._lane_for_thread, slow_call=Endpoint._call_slow,
+                         slow_send=Endpoint._send_async_slow, remote_error=Endpoint._remote_error)
         self._proc = proc
         self._ctl = proc._control  # the kernel connection its handle belongs to
         self.handle = granted.handle
@@ -434,7 +438,7 @@ class Endpoint(_core.EndpointBase):
             self._mark_lanes(state)
             self._forget_lanes()
 
-    def _thread_core(self) -> Any:
+    def _lane_for_thread(self) -> Any:
         """This thread's native Lane (the native call/send_async cache it per thread)."""
         self._proc._check()  # a forked child must connect on its own
         lane = self._local.__dict__.get("lane")

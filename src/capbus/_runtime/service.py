@@ -38,10 +38,14 @@ log = logging.getLogger("capbus")
 
 class Service(_core.ServiceBase):
     """The capability to serve a registered name. recv() is native (_core.ServiceBase); a closed
-    service or a corrupt channel comes back to _recv_slow below, the reference behaviour."""
+    service or a corrupt channel comes back to _recv_slow below (handed to the base as
+    slow_recv), the reference behaviour."""
 
     def __init__(self, proc: Process, handle: int, name: str, doorbell_fd: int,
                  event_fd: int, sleep_fd: int) -> None:
+        # What the native recv() calls up to: the reference recv for what it does not handle,
+        # and the claim of a message's attachments.
+        super().__init__(slow_recv=Service._recv_slow, claim=Service._claim)
         raise_fd_limit()  # a few fds per client channel
         self._proc = proc
         self._ctl = proc._control  # the kernel connection its handle belongs to
