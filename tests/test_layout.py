@@ -31,9 +31,6 @@ def _known(module: str, names: str, why: str) -> dict[tuple[str, str], str]:
     return {(module, name): why for name in names.split()}
 
 
-_RUNTIME_UP = ("known, to be removed: Endpoint, Service, Region and Subscription reach up into "
-               "their Process (its control connection, requests, tables); the runtime step hands "
-               "them a Session instead (session.request/request_fds/check/adopt/forget)")
 _RUNTIME_DOWN = ("known, to be removed: Process drives its objects' private hooks (events, loss, "
                  "rebinding after a reconnect); with the Session they become hooks registered "
                  "with it")
@@ -44,19 +41,14 @@ _KERNEL_CHILD = ("known: the kernel and its launcher share a launched child's li
 # (module, private member of a class of another module, reached through an object other than
 # self/cls): why it is allowed.
 KNOWN_OBJECT_PRIVATES: dict[tuple[str, str], str] = {
-    **_known("capbus._runtime.endpoint", "_check _control _endpoint _endpoints _forget "
-             "_lane_endpoints _peers _pid _request _request_fds", _RUNTIME_UP),
     **_known("capbus._runtime.endpoint", "_moved", "known, to be removed: sending a Region marks "
              "it moved (Region could say so through a method of its own)"),
-    **_known("capbus._runtime.region", "_control _pid _regions _request _request_fds", _RUNTIME_UP),
-    **_known("capbus._runtime.service", "_control _peers _received_endpoint _reconnect _region "
-             "_request _request_fds _services _user_closed", _RUNTIME_UP),
-    **_known("capbus._runtime.subscription", "_control _request", _RUNTIME_UP),
     **_known("capbus._runtime.process", "_channel_closed _channel_opened _closed _ctl _died "
-             "_finalizer _frame _grant_key _kernel_lost _lanes _lose _lost _mark_lanes _notify "
+             "_frame _grant_key _kernel_lost _lanes _lose _lost _mark_lanes _notify "
              "_origin _rebind _replay_access _served_by _server_pid", _RUNTIME_DOWN),
-    **_known("capbus._kernel.kernel", "_abandon _exited _kernel _popen _revoked_grants _started",
-             _KERNEL_CHILD),
+    **_known("capbus._kernel.kernel", "_abandon _exited _kernel _popen _started", _KERNEL_CHILD),
+    **_known("capbus._kernel.naming", "_revoked_grants", _KERNEL_CHILD),
+    **_known("capbus._kernel.delegation", "_revoked_grants", _KERNEL_CHILD),
     **_known("capbus._kernel.launcher", "_call _revoke_grant", _KERNEL_CHILD),
 }
 
