@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import time
 import weakref
@@ -22,11 +21,12 @@ from .._errors import InvalidCapability, IpcError, RemoteError, Timeout, error_f
 from .._protocol import frames
 from . import objects
 from .control import Control
+from .lane import LaneHandle, open_lane
 from .limits import Limits, limits_request
 from .loan import Loan
 from .message import OBJECT_FLAG, TRANSFER_FLAG, USER_FLAGS, Message, bad_flags
 from .region import Region
-from .wait import ADAPTIVE_SPIN_NS, WAIT_CODES, readable, timeout_ns
+from .wait import readable, timeout_ns
 
 if TYPE_CHECKING:
     from .session import Session
@@ -36,29 +36,6 @@ _REPLY = _core.FLAG_REPLY_EXPECTED
 _ERROR = _core.FLAG_ERROR
 _IPC_ERROR = _core.FLAG_IPC_ERROR
 _MAX_ASYNC_LANES = 16
-
-
-class LaneHandle:
-    """The runtime's handle on a lane (the client end of a channel): the native Lane, and what
-    the runtime keeps beside it (its reply eventfd, who serves it, whose it is). Dropping the
-    last reference gives the channel back."""
-
-    __slots__ = ("native", "index", "reply_fd", "pid", "_ep", "_ctl", "_handle", "__weakref__")
-
-    def __init__(self, ep: Endpoint, native: _core.Lane, index: int, reply_fd: int, pid: int,
-                 ctl: Control, handle: int) -> None:
-        self.native, self.index, self.reply_fd, self._ep = native, index, reply_fd, ep
-        self.pid = pid  # the serving OS process, as the kernel vouched when it opened
-        # The channel belongs to the kernel (connection) and capability that opened it: after a
-        # reconnect its index means nothing to the new kernel.
-        self._ctl, self._handle = ctl, handle
-
-    def __del__(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.reply_fd)
-        ep = self._ep
-        if not ep._closed and ep._session.live(self._ctl):
-            self._ctl.request_nowait(frames.CloseChannel(self._handle, self.index))
 
 
 class Endpoint(_core.EndpointBase):
@@ -321,33 +298,16 @@ class Endpoint(_core.EndpointBase):
         if self._closed:
             lost = getattr(self, "_lost", None)
             raise InvalidCapability(lost or f"endpoint {self.name!r} (handle {self.handle:#x}) is closed")
-        session = self._session
         with self._lock:  # one kernel's pair: a reconnect changes both (see _rebind)
             ctl, handle = self._ctl, self.handle
-        reply, fds = session.request_fds(frames.OpenChannel(handle), via=ctl)
-        assert isinstance(reply, frames.ChannelGranted)
-        # Now, while the kernel vouches for the server's pid: its pidfd outlives the kernel.
-        alive = session.peers.watch(reply.pid)
-        (chan_fd, ctrl_fd, bell_fd, bell_event_fd, reply_event_fd, bell_sleep_fd,
-         reply_sleep_fd) = fds
-        try:
-            native = _core.Lane(chan_fd, ctrl_fd, bell_fd, reply.index, reply.nslots,
-                                reply.arena_size, WAIT_CODES[session.wait_mode], ADAPTIVE_SPIN_NS,
-                                bell_event_fd=bell_event_fd, reply_event_fd=reply_event_fd,
-                                bell_sleep_fd=bell_sleep_fd, reply_sleep_fd=reply_sleep_fd)
-        except BaseException:
-            os.close(reply_event_fd)
-            raise
-        finally:
-            for fd in (chan_fd, ctrl_fd, bell_fd, bell_event_fd, bell_sleep_fd, reply_sleep_fd):
-                os.close(fd)
-        lane = LaneHandle(self, native, reply.index, reply_event_fd, reply.pid, ctl, handle)
-        self._server_pid = reply.pid
+        lane = open_lane(self._session, ctl, handle, self._is_closed)
+        self._server_pid = lane.pid
         self._lanes.add(lane)
-        session.lane_endpoints.add(self)
-        if not alive:
-            native.mark(_core.STATE_PEER_DEAD)
+        self._session.lane_endpoints.add(self)
         return lane
+
+    def _is_closed(self) -> bool:
+        return self._closed
 
     def _mark_lanes(self, state: int, pid: int | None = None) -> None:
         """The runtime's own verdict on every lane of this endpoint (see Lane.mark), or on those

@@ -13,7 +13,7 @@ from .wait import timeout_ns
 
 if TYPE_CHECKING:
     from .._core import EndpointBase
-    from .endpoint import LaneHandle
+    from .lane import LaneHandle
 
 _REPLY = _core.FLAG_REPLY_EXPECTED
 _ERROR = _core.FLAG_ERROR
