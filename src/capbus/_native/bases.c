@@ -456,8 +456,9 @@ static HOT PyObject *SV_recv(ServiceBaseObject *V, PyObject *const *args, Py_ssi
     Py_DECREF(S);
     if (req) {
         if (((RequestObject *)req)->flags & RT_TRANSFER_FLAG) {
-            PyObject *r = V->claim ? PyObject_CallFunctionObjArgs(V->claim, (PyObject *)V, req, NULL)
-                                   : front_unset((PyObject *)V, "claim");
+            PyObject *r = V->claim
+                              ? PyObject_CallFunctionObjArgs(V->claim, (PyObject *)V, req, NULL)
+                              : front_unset((PyObject *)V, "claim");
             if (!r)
                 Py_CLEAR(req);
             Py_XDECREF(r);
@@ -482,8 +483,9 @@ static HOT PyObject *SV_recv(ServiceBaseObject *V, PyObject *const *args, Py_ssi
     }
     PyObject *out = NULL;
     if (left)
-        out = V->slow_recv ? PyObject_CallFunctionObjArgs(V->slow_recv, (PyObject *)V, left, exc, NULL)
-                           : front_unset((PyObject *)V, "slow_recv");
+        out = V->slow_recv
+                  ? PyObject_CallFunctionObjArgs(V->slow_recv, (PyObject *)V, left, exc, NULL)
+                  : front_unset((PyObject *)V, "slow_recv");
     Py_XDECREF(left);
     Py_DECREF(exc);
     return out;
