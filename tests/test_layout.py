@@ -379,3 +379,41 @@ def test_no_new_reach_into_other_objects_privates(tree):
                      "reason):\n" + "\n".join(f"  {m} uses {n}: {w}" for (m, n), w in sorted(new.items())))
     gone = set(KNOWN_OBJECT_PRIVATES) - set(found)
     assert not gone, f"no longer used, remove from KNOWN_OBJECT_PRIVATES: {sorted(gone)}"
+
+
+# ---- the runtime's objects and the native core: calls go down ---------------------------------
+
+_BELOW_PROCESS = ("endpoint", "service", "region", "subscription", "lane", "loan", "limits", "wait",
+                  "session")
+
+
+def test_runtime_objects_never_see_the_process(tree):
+    """Endpoint, Service, Region, Subscription and the lane code are handed the Session: none of
+    them imports process.py or names Process, not even for a type checker (whose imports the
+    circle check leaves out)."""
+    bad = []
+    for short in _BELOW_PROCESS:
+        name = f"capbus._runtime.{short}"
+        for node in ast.walk(tree.trees[name]):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("process"):
+                bad.append(f"{name}:{node.lineno} imports {node.module}")
+            elif isinstance(node, ast.Name) and node.id == "Process":
+                bad.append(f"{name}:{node.lineno} names Process")
+    assert not bad, "an object below Process sees it:\n" + "\n".join(bad)
+
+
+def test_native_core_imports_nothing_and_calls_no_method_by_name():
+    """The C sources import no Python module and look no Python method up by name: what they need
+    is handed in (_core.register, the bases' __init__). The one name looked up is a builtin
+    memoryview's own release(), at init; attributes are read only from what register() is given
+    (its errors module, the classes' .code)."""
+    native = SRC / "capbus" / "_native"
+    found = []
+    for path in sorted(native.iterdir()):
+        for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if "PyImport_" in line or "VectorcallMethod" in line or (
+                    "CallMethod" in line and '"release"' not in line):
+                found.append(f"{path.name}:{no}: {line.strip()}")
+            if "GetAttrString" in line and path.name != "module.c":
+                found.append(f"{path.name}:{no}: {line.strip()}")
+    assert not found, "the native core reaches up into Python by name:\n" + "\n".join(found)
