@@ -2,6 +2,12 @@
 
 A Process is one connection to the kernel with its own ProcessId. It belongs to the OS process
 that opened it: after fork() the child's copy refuses to act (it must connect on its own).
+
+The Process is the face: connect, register, lookup, create_region, subscribe, query, grants,
+and the reconnect. The plumbing its objects share (the control connection, the fork check,
+requests, the tables by handle) is its Session (session.py): Endpoint, Service, Region and
+Subscription are handed that, never the Process. The Process builds them, and routes the
+control thread's events to them.
 """
 
 from __future__ import annotations
