@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import mmap
 import os
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -14,9 +16,41 @@ from capbus import _core
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_ring_stress_child.py")
 
 
+def channel_layout(nslots: int = _core.DEFAULT_NSLOTS,
+                   arena_size: int = _core.DEFAULT_ARENA_SIZE) -> dict[str, int]:
+    """Absolute offsets in a channel, from the layout constants the native core exports
+    (_native/layout.h is their one definition); ValueError for a geometry it refuses."""
+    c = _core
+    size = c.channel_size(nslots, arena_size)
+    ring = c.RING_SLOTS_OFF + nslots * c.SLOT_SIZE
+    rq, rs = c.REQ_RING_OFF, c.resp_ring_off(nslots)
+    req_arena = -(-(rq + 2 * ring) // 4096) * 4096
+    return {
+        "size": size, "nslots": nslots, "arena_size": arena_size, "ring_size": ring,
+        "cancel_below": c.CHAN_CANCEL_BELOW_OFF, "refused": c.CHAN_REFUSED_OFF,
+        "resp_consumer_event": rs + c.RING_CONSUMER_EVENT_OFF, "req_ring": rq,
+        "req_tail": rq + c.RING_TAIL_OFF, "req_head": rq + c.RING_HEAD_OFF,
+        "req_arena_released": rq + c.RING_ARENA_RELEASED_OFF, "req_slots": rq + c.RING_SLOTS_OFF,
+        "resp_ring": rs, "resp_tail": rs + c.RING_TAIL_OFF, "resp_head": rs + c.RING_HEAD_OFF,
+        "resp_consumer_sleeping": rs + c.RING_CONSUMER_SLEEPING_OFF,
+        "resp_arena_released": rs + c.RING_ARENA_RELEASED_OFF, "resp_slots": rs + c.RING_SLOTS_OFF,
+        "req_arena": req_arena, "resp_arena": req_arena + arena_size,
+        "cstats": c.CHAN_CSTATS_OFF, "sstats": c.CHAN_SSTATS_OFF,
+    }
+
+
+def _sealed_memfd(name: str, size: int, seals: int) -> int:
+    fd = os.memfd_create(f"capbus-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | seals)
+    return fd
+
+
 @dataclass
 class Chan:
-    """One channel as the kernel would hold it: memfds plus an RW mapping of the control page."""
+    """One channel as the kernel makes it (see capbus._kernel.shm.ChannelShm: a sealed channel
+    memfd with its header written, a control page the kernel writes), but holding no mapping of
+    the channel: the tests count the mappings the two ends make."""
 
     index: int
     nslots: int
@@ -27,9 +61,12 @@ class Chan:
     maps: list = field(default_factory=list)
 
     def set_state(self, state: int) -> None:
-        # As the kernel does: store the state, then wake whoever waits for a reply.
+        # As the kernel does (ChannelShm.set_state): store the state, then wake whoever waits for
+        # a reply, on the response ring's tail word.
         _core.atomic_store_u32(self.ctrl_map, _core.CTRL_STATE_OFF, state)
-        _core.wake_lane(self.chan, self.nslots)
+        tail = _core.resp_ring_off(self.nslots) + _core.RING_TAIL_OFF
+        with mmap.mmap(self.chan, -(-(tail + 8) // mmap.PAGESIZE) * mmap.PAGESIZE) as m:
+            _core.futex_wake(m, tail)
 
     def map(self) -> mmap.mmap:
         """A fresh RW mapping of the whole channel (for poking at it like a hostile peer)."""
@@ -38,7 +75,7 @@ class Chan:
         return m
 
     def layout(self) -> dict:
-        return _core.channel_layout(self.nslots, self.arena)
+        return channel_layout(self.nslots, self.arena)
 
     def args(self, db: int, **kw) -> dict:
         d = {"chan": self.chan, "ctrl": self.ctrl, "db": db, "index": self.index,
@@ -55,8 +92,12 @@ class Chan:
 
 
 def make_chan(index: int, nslots: int = 256, arena: int = 1 << 20, sender: int = 0) -> Chan:
-    chan = _core.create_channel(nslots, arena)
-    ctrl = _core.create_page("ctrl")
+    """A channel made as the kernel makes one: the channel memfd sealed (F_SEAL_SEAL too: no end
+    may add seals) with its informational header, the control page with its sender and state."""
+    chan = _sealed_memfd("channel", _core.channel_size(nslots, arena), fcntl.F_SEAL_SEAL)
+    os.pwrite(chan, struct.pack("<QIIQ", _core.CHAN_MAGIC, _core.CHAN_VERSION, nslots, arena),
+              _core.CHAN_MAGIC_OFF)
+    ctrl = _sealed_memfd("ctrl", _core.CTRL_SIZE, 0)
     m = mmap.mmap(ctrl, _core.CTRL_SIZE)
     _core.atomic_store_u64(m, _core.CTRL_SENDER_ID_OFF, sender)
     _core.atomic_store_u32(m, _core.CTRL_STATE_OFF, _core.STATE_OPEN)

@@ -20,8 +20,11 @@ import sys
 import threading
 import time
 
+from _core_util import Chan, channel_layout, make_chan
+
 from capbus import _core
 from capbus._errors import IpcError, Timeout, WouldBlock
+from capbus._kernel.shm import make_doorbell
 
 OP_ECHO = 1
 OP_STOP = 2
@@ -155,7 +158,7 @@ def scribble_channel(a: dict) -> None:
     size = _core.channel_size(a["nslots"], a["arena"])
     m = mmap.mmap(a["chan"], size)
     db = mmap.mmap(a["db"], _core.DOORBELL_SIZE)
-    lay = _core.channel_layout(a["nslots"], a["arena"])
+    lay = channel_layout(a["nslots"], a["arena"])
     rng = random.Random(a.get("seed", 1))
     end = time.monotonic() + a["seconds"]
     idx = a["index"]
@@ -227,7 +230,7 @@ def hostile_events(a: dict) -> None:
     saturating maximum), and set/clear this channel's consumer-event flag, at random."""
     db = mmap.mmap(a["db"], _core.DOORBELL_SIZE)
     chan = mmap.mmap(a["chan"], _core.channel_size(a["nslots"], a["arena"])) if "chan" in a else None
-    lay = _core.channel_layout(a["nslots"], a["arena"]) if chan is not None else None
+    lay = channel_layout(a["nslots"], a["arena"]) if chan is not None else None
     rng = random.Random(a.get("seed", 3))
     end = time.monotonic() + a["seconds"]
     writes = 0
@@ -418,12 +421,13 @@ def own_set(a: dict) -> tuple[_core.ServerSet, _core.Lane, mmap.mmap]:
 
 def fresh_channel(a: dict, index: int) -> dict:
     """`a` with a doorbell and a channel made here, as the kernel makes them."""
-    chan = _core.create_channel(256, 1 << 20)
-    ctrl = _core.create_page("ctrl")
-    with mmap.mmap(ctrl, _core.CTRL_SIZE) as m:
-        _core.atomic_store_u32(m, _core.CTRL_STATE_OFF, _core.STATE_OPEN)
-    return dict(a, db=_core.create_page("doorbell"), chan=chan, ctrl=ctrl, index=index, nslots=256,
+    ch = make_chan(index)
+    _KEEP.append(ch)  # its fds and mapping live as long as this process
+    return dict(a, db=make_doorbell(), chan=ch.chan, ctrl=ch.ctrl, index=index, nslots=256,
                 arena=1 << 20)
+
+
+_KEEP: list[Chan] = []
 
 
 def lost_wakeup(a: dict) -> None:

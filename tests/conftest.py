@@ -120,9 +120,9 @@ def readline(p: subprocess.Popen, timeout: float = 10.0) -> str:
 @pytest.fixture
 def db():
     """A service doorbell page, as the kernel would create it."""
-    from capbus import _core
+    from capbus._kernel.shm import make_doorbell
 
-    fd = _core.create_page("doorbell")
+    fd = make_doorbell()
     yield fd
     os.close(fd)
 

@@ -20,30 +20,34 @@ also work on read-only mappings. All of these atomics are seq_cst.
 
 ---- Layout helpers -------------------------------------------------------------------------
   channel_size(nslots=256, arena_size=128 MiB) -> int
-  channel_layout(nslots=256, arena_size=128 MiB) -> dict of absolute offsets (req_tail,
-      resp_tail, resp_consumer_sleeping, resp_consumer_event, req_arena, resp_arena,
-      cancel_below, refused, cstats, sstats, size, ...)
   resp_ring_off(nslots) -> int      the client futex-waits on the u32 at
-      resp_ring_off(nslots) + RING_TAIL_OFF (= RESP_TAIL_OFF for the default 256 slots)
+      resp_ring_off(nslots) + RING_TAIL_OFF (= RESP_TAIL_OFF for the default 256 slots); the
+      kernel futex_wakes it on its own mapping after changing a control page, and writes the
+      channel's reply eventfd (if it made one) for clients waiting in an event loop
   max_payload(arena_size) -> int    arena_size - 128 (one chunk header)
-  create_channel(nslots=256, arena_size=128 MiB) -> fd   memfd, sized, header written,
-      sealed SHRINK|GROW|SEAL
-  create_page(name="capbus-page") -> fd   4096-byte memfd sealed SHRINK|GROW (more seals,
-      e.g. F_SEAL_FUTURE_WRITE for a control page, may still be added)
-  wake_lane(chan, nslots=256) -> int   futex_wake every client blocked in call() on a channel
-      (chan = the channel memfd, or a buffer mapping it from offset 0); the kernel calls this
-      (or futex_wake on its own mapping at that offset) after changing a control page, and
-      writes the channel's reply eventfd (if it made one) for clients waiting in an event loop
+  (Channels and pages are made by the kernel alone, in capbus._kernel.shm; tests make them the
+  same way. Every other offset is a module constant.)
   crc32(data, value=0) -> int       = zlib.crc32, the payload checksum
   channel_stats(buf) -> dict        the metrics of a channel (see "Metrics" below) from any
       buffer holding its header page (>= CHAN_SSTATS_OFF + SSTATS_SIZE bytes, else ValueError)
 
+---- What the Python side hands in (calls go down only) -------------------------------------
+  This module imports no capbus Python module and calls no Python method by name.
+  register(*, errors, object_loads, object_pack)   called once by the runtime at import
+      (capbus._runtime.message); a second call is RuntimeError. errors: the capbus._errors
+      module (its classes are read once, here: a missing one is AttributeError, a non-class
+      TypeError, and nothing is registered); object_loads(payload, trusted) -> object and
+      object_pack(obj, pickle) -> bytes: the codec of Message.object(), Request.object() and
+      Request.reply_object(). Adds CorruptChannel. Until it is called, Lane, ServerSet,
+      EndpointBase and ServiceBase refuse to be made (RuntimeError).
+  EndpointBase.__init__(self, *, open_lane, slow_call, slow_send, remote_error) and
+  ServiceBase.__init__(self, *, slow_recv, claim): the up-calls of the fronts, each a plain
+  function called with the object first (see "Fronts" below).
+
 ---- Result types ----------------------------------------------------------------------------
-  set_types(message_type, request_type)   called once by the runtime at import. message_type: a
-      tuple subclass (capbus.Message); call()/call_poll() results are its instances, allocated
-      directly by the core (no Python constructor runs): (opcode, flags, d0, d1, d2, d3,
-      payload bytes or None). request_type: a subclass of Request (slot-free: __slots__ = ());
-      recv/poll/recv_many return its instances. None restores the default (tuple / Request).
+  call()/call_poll() results are Message instances (a tuple subclass), allocated directly by
+  the core (no Python constructor runs): (opcode, flags, d0, d1, d2, d3, payload bytes or
+  None); recv/poll/recv_many return Request instances. Neither can be replaced.
 
 ---- Lane: the client end of one channel ----------------------------------------------------
   Lane(chan_fd, ctrl_fd, doorbell_fd, index, nslots=256, arena_size=128 MiB, wait_mode=1,
@@ -268,10 +272,23 @@ also work on read-only mappings. All of these atomics are seq_cst.
   *_last_second: prev_count if sec_index is the current second, sec_count if it is the one
   before, else 0 (i.e. the messages of the last whole second).
 
+---- Fronts: EndpointBase and ServiceBase (bases of capbus.Endpoint and capbus.Service) ------
+  EndpointBase.call(opcode, data=(), payload=b"", timeout=None, flags=0, caps=(), regions=(),
+  move=False) and .send_async(opcode, data=(), payload=b"", flags=0, caps=(), regions=(),
+  move=False) run the plain case natively (flags 0, no caps or regions); anything else goes to
+  slow_call(self, *args, **kw) / slow_send(self, *args, **kw) with the same arguments. A
+  thread's lane comes from open_lane(self) -> Lane on a cache miss (kept per thread and fork
+  generation; dropped by ._forget_lanes() or a new .handle). An error reply raises what
+  remote_error(self, reply) returns. ServiceBase.recv(timeout=None) runs natively unless ._closed,
+  ._slow or no ._set: then slow_recv(self, timeout=None); a CorruptChannel met natively goes to
+  slow_recv(self, time_left, corrupt); a request with TRANSFER_FLAG is passed to claim(self,
+  request) before it is returned. ._lost (a KernelUnavailable or None): why a closed service's
+  recv fails. A subclass that never called the base's __init__ gets TypeError from these.
+
 ---- Exceptions -----------------------------------------------------------------------------
   capbus._errors classes (IpcError, Timeout, PeerDied, InvalidCapability, WouldBlock,
-  MessageTooLarge, ProtocolError, Cancelled, PermissionDenied, RateLimitExceeded), plus
-  CorruptChannel(ProtocolError) defined here.
+  MessageTooLarge, ProtocolError, Cancelled, PermissionDenied, RateLimitExceeded), as
+  register() handed them in, plus CorruptChannel(ProtocolError) defined by register().
 
 ---- Memfd requirements ---------------------------------------------------------------------
   Every memfd handed to Lane/ServerSet must be sealed against shrinking (F_SEAL_SHRINK; we add
@@ -283,7 +300,8 @@ also work on read-only mappings. All of these atomics are seq_cst.
 # PyMethodDef/PyMemberDef/PyGetSetDef): METH_O, METH_VARARGS without keywords and METH_FASTCALL
 # without keywords take positional arguments only (`/`). `Any` is left only where the value is
 # whatever a peer's payload decodes to (object()).
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from types import ModuleType
 from typing import Any, TypeAlias, TypedDict, final
 
 from typing_extensions import Buffer, disjoint_base
@@ -314,13 +332,9 @@ def atomic_add_u64(buf: Buffer, off: int, v: int, /) -> int: ...
 
 # ---- Layout helpers and module-level functions
 def channel_size(nslots: int = 256, arena_size: int = ...) -> int: ...
-def channel_layout(nslots: int = 256, arena_size: int = ...) -> dict[str, int]: ...
 def resp_ring_off(nslots: int, /) -> int: ...
 def max_payload(arena_size: int, /) -> int: ...
 def latency_clock() -> str: ...  # "monotonic", "monotonic (tsc rate not measured yet)" or "tsc"
-def create_channel(nslots: int = 256, arena_size: int = ...) -> int: ...
-def create_page(name: str = "capbus-page") -> int: ...
-def wake_lane(chan: int | Buffer, nslots: int = 256) -> int: ...
 def crc32(data: Buffer, value: int = 0, /) -> int: ...
 
 class ChannelStats(TypedDict):
@@ -354,7 +368,8 @@ class ChannelStats(TypedDict):
 def channel_stats(buf: Buffer, /) -> ChannelStats: ...
 def set_dumpable(on: bool, /) -> None: ...
 def dumpable() -> bool: ...
-def set_types(message_type: type[tuple[Any, ...]] | None, request_type: type[Request] | None, /) -> None: ...
+def register(*, errors: ModuleType, object_loads: Callable[[Any, bool], Any],
+             object_pack: Callable[[Any, bool], bytes]) -> None: ...
 
 class CorruptChannel(ProtocolError):
     index: int
@@ -481,6 +496,9 @@ class EndpointBase:
     """The native half of capbus.Endpoint: call and send_async (slow paths: _call_slow, ...)."""
 
     handle: int
+    def __init__(self, *, open_lane: Callable[[Any], Lane], slow_call: Callable[..., Any],
+                 slow_send: Callable[..., Any],
+                 remote_error: Callable[[Any, Message], Exception]) -> None: ...
     def call(self, opcode: int, data: Data = (), payload: Payload = b"", timeout: float | None = None,
              flags: int = 0, caps: Iterable[Endpoint] = (), regions: Iterable[Region] = (),
              move: bool = False) -> Message: ...
@@ -495,6 +513,9 @@ class ServiceBase:
 
     _closed: bool
     _slow: bool
+    _lost: Any  # KernelUnavailable | None: set by the runtime when the kernel is gone
+    def __init__(self, *, slow_recv: Callable[..., Any],
+                 claim: Callable[[Any, Request], None]) -> None: ...
     _set: ServerSet  # never None: unset reads raise AttributeError, None is refused
     def recv(self, timeout: float | None = None) -> Request: ...
 

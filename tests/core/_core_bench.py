@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from _core_util import make_chan  # noqa: E402
 
 from capbus import _core  # noqa: E402
+from capbus._kernel.shm import make_doorbell  # noqa: E402
 
 SERVER = r"""
 import json, os, sys
@@ -98,7 +99,7 @@ def _set_limits(ch, limits: str) -> None:
 
 def round_trip(n: int, limits: str, mode: int = 0, size: int = 0, loan: bool = False) -> dict:
     scpu, ccpu = _cpus()
-    db = _core.create_page("db")
+    db = make_doorbell()
     arena = 1 << 20
     while arena < 2 * (size + 4096):
         arena *= 2
@@ -162,7 +163,7 @@ def round_trip(n: int, limits: str, mode: int = 0, size: int = 0, loan: bool = F
 
 def many(n: int, batch: int, max_n: int = 256, verify: bool = True) -> dict:
     scpu, ccpu = _cpus()
-    db = _core.create_page("db")
+    db = make_doorbell()
     ch = make_chan(1, nslots=1024, arena=1 << 20)
     args = {"db": db, "chan": ch.chan, "ctrl": ch.ctrl, "nslots": ch.nslots, "arena": ch.arena,
             "mode": 1, "cpu": ccpu, "n": n, "batch": batch}
@@ -210,7 +211,7 @@ def inproc(n: int, limits: str) -> dict:
     cpus = sorted(os.sched_getaffinity(0))
     old = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {cpus[-1]})
-    db = _core.create_page("db")
+    db = make_doorbell()
     ch = make_chan(1)
     _set_limits(ch, limits)
     try:

@@ -13,7 +13,7 @@ import time
 import zlib
 
 import pytest
-from _core_util import Chan, make_chan, reap, result, spawn  # noqa: E402
+from _core_util import Chan, channel_layout, make_chan, reap, result, spawn  # noqa: E402
 
 from capbus import _core  # noqa: E402
 from capbus._errors import (  # noqa: E402
@@ -25,6 +25,7 @@ from capbus._errors import (  # noqa: E402
     Timeout,
     WouldBlock,
 )
+from capbus._kernel.shm import ChannelShm, make_doorbell  # noqa: E402
 
 OP_ECHO, OP_STOP, OP_SLOW = 1, 2, 3
 SEC = 1_000_000_000
@@ -85,14 +86,14 @@ def test_layout_constants():
     assert c.CHAN_REFUSED_OFF == 128 and c.CHAN_REFUSED_OFF // 64 != c.CHAN_CANCEL_BELOW_OFF // 64
     assert c.CHAN_REFUSED_OFF + 8 <= c.CHAN_HEADER_SIZE and c.CHAN_REFUSED_OFF >= c.CHAN_ARENA_SIZE_OFF + 8
     assert (c.CTRL_FLAGS_OFF, c.CTRL_F_ENFORCE, c.BATCH_MAX) == (44, 1, 1024)
-    lay = c.channel_layout(256, 1 << 20)
+    lay = channel_layout(256, 1 << 20)
     assert lay["refused"] == c.CHAN_REFUSED_OFF
     assert lay["resp_consumer_event"] == lay["resp_ring"] + c.RING_CONSUMER_EVENT_OFF
 
 
 @pytest.mark.parametrize("nslots,arena", [(256, 128 << 20), (1, 4096), (1024, 1 << 20), (64, 8192)])
 def test_channel_layout(nslots, arena):
-    lay = _core.channel_layout(nslots, arena)
+    lay = channel_layout(nslots, arena)
     ring = 256 + 64 * nslots
     assert lay["ring_size"] == ring
     assert lay["req_ring"] == 4096 and lay["resp_ring"] == 4096 + ring
@@ -116,7 +117,8 @@ def test_bad_geometry(nslots, arena):
 def test_create_channel_header_and_seals():
     import fcntl
 
-    fd = _core.create_channel(64, 8192)
+    shm = ChannelShm(64, 8192, 0)  # as the kernel makes a channel
+    fd = shm.chan_fd
     try:
         assert os.fstat(fd).st_size == _core.channel_size(64, 8192)
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
@@ -125,14 +127,14 @@ def test_create_channel_header_and_seals():
         assert hdr[:8] == b"CAPBUSC1"
         assert struct.unpack_from("<IIQ", hdr, 8) == (_core.CHAN_VERSION, 64, 8192)
     finally:
-        os.close(fd)
+        shm.close()
 
 
 def test_unsealed_or_short_memfd_rejected(db, chans):
     ch = chans(1)
     bad = os.memfd_create("unsealable", os.MFD_CLOEXEC)  # no MFD_ALLOW_SEALING
     os.ftruncate(bad, _core.channel_size(256, 1 << 20))
-    short = _core.create_page("short")
+    short = make_doorbell()  # a sealed page: far too short for a channel
     try:
         with pytest.raises(ValueError, match="sealed"):
             _core.Lane(bad, ch.ctrl, db, 1, 256, 1 << 20)
@@ -1046,10 +1048,12 @@ def test_doorbell_scribbler_never_hangs_server(db, chans, mode):
     assert res["worst"] < 2.0, res
 
 
-def test_wake_lane_helper(db, chans):
+def test_waking_a_channel_as_the_kernel_does(db, chans):
+    # How the kernel wakes a channel's clients (ChannelShm.set_state): futex_wake on the response
+    # tail word, which resp_ring_off places (and checks the geometry of).
     ch = chans(1)
-    assert _core.wake_lane(ch.chan) == 0
     m = ch.map()
-    assert _core.wake_lane(m, ch.nslots) == 0
+    assert _core.futex_wake(m, _core.resp_ring_off(ch.nslots) + _core.RING_TAIL_OFF) == 0
+    assert _core.futex_wake(m, _core.resp_ring_off(ch.nslots) + _core.RING_TAIL_OFF) == 0
     with pytest.raises(ValueError):
-        _core.wake_lane(m, 3)
+        _core.resp_ring_off(3)

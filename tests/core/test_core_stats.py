@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from _core_util import Chan, RawClient, set_limits  # noqa: E402
+from _core_util import Chan, RawClient, channel_layout, set_limits  # noqa: E402
 
 from capbus import _core  # noqa: E402
 from capbus._errors import (  # noqa: E402
@@ -80,7 +80,7 @@ def test_layout():
     assert c.STATS_HIST_BASE_NS == 100 and c.CHAN_REFUSED_OFF + 8 <= c.CHAN_CSTATS_OFF
     assert c.CHAN_CSTATS_OFF + c.CSTATS_SIZE <= c.CHAN_SSTATS_OFF
     assert c.CHAN_SSTATS_OFF + c.SSTATS_SIZE <= c.CHAN_HEADER_SIZE
-    lay = c.channel_layout()
+    lay = channel_layout()
     assert (lay["cstats"], lay["sstats"]) == (1024, 2048)
 
 

@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from _core_util import channel_layout
 from conftest import readline
 
 import capbus
@@ -186,7 +187,7 @@ def test_service_recv_goes_on_after_a_corrupt_channel(kernel):
                 fd = os.open(f"/proc/self/fd/{chan_fd}", os.O_RDWR)
                 m = mmap.mmap(fd, _core.channel_size(reply.nslots, reply.arena_size))
                 os.close(fd)
-                lay = _core.channel_layout(reply.nslots, reply.arena_size)
+                lay = channel_layout(reply.nslots, reply.arena_size)
                 struct.pack_into("<Q", m, lay["req_tail"], 10_000)
                 mapped.append((m, lane))
             finally:
@@ -242,7 +243,7 @@ def test_serve_survives_a_client_scribbling_its_response_ring(kernel, children):
             fd = os.open(f"/proc/self/fd/{chan_fd}", os.O_RDWR)
             m = mmap.mmap(fd, _core.channel_size(reply.nslots, reply.arena_size))
             os.close(fd)
-            lay = _core.channel_layout(reply.nslots, reply.arena_size)
+            lay = channel_layout(reply.nslots, reply.arena_size)
             struct.pack_into("<Q", m, lay["resp_arena_released"], 2**40)  # nonsense
             with pytest.raises(capbus.IpcError):  # the reply (with a payload) cannot be written
                 lane.call(ep_h.handle, 1, 0, (8,), b"y" * 100, 10**9)

@@ -503,7 +503,8 @@ SCRIBBLER = """
     assert lane.call(1, 1, 4, (7,), None, 2_000_000_000)[2] == 8
     print("ready", reply.index, flush=True)
     sys.stdin.readline()
-    layout = _core.channel_layout(reply.nslots, reply.arena_size)
+    layout = {"size": _core.channel_size(reply.nslots, reply.arena_size),
+              "req_tail": _core.REQ_RING_OFF + _core.RING_TAIL_OFF}
     chan = mmap.mmap(chan_fd, layout["size"])
     chan[layout["req_tail"]:layout["req_tail"] + 8] = struct.pack("<Q", 1 << 40)
     print("scribbled", flush=True)

@@ -15,6 +15,7 @@ import pytest
 from conftest import readline
 
 import capbus
+from capbus import _core
 
 # A server process: echoes opcode+1, data reversed, payload with its crc32 in data[0] when asked.
 ECHO_SERVER = """
@@ -238,7 +239,8 @@ def test_fair_round_robin_across_three_clients(kernel, children):
 #
 # capbus.Endpoint subclasses _core.EndpointBase: call() and send_async() run natively when flags are
 # 0 and no capabilities or regions travel, else they call Endpoint._call_slow / _send_async_slow
-# (the reference behaviour). The native side caches the calling thread's lane per endpoint.
+# (the reference behaviour, handed to the native base by Endpoint.__init__). The native side
+# caches the calling thread's lane per endpoint.
 
 
 class InProcess:
@@ -385,7 +387,7 @@ def test_user_flags_caps_and_regions_choose_the_path(inproc):
     flags=0 with empty caps=[] and regions=() stay native. The service sees the flag bits."""
     ep = inproc.ep
     slow: list[str] = []
-    call_slow, send_slow = ep._call_slow, ep._send_async_slow
+    call_slow, send_slow = type(ep)._call_slow, type(ep)._send_async_slow
 
     def spy_call(*a, **kw):
         slow.append("call")
@@ -395,7 +397,9 @@ def test_user_flags_caps_and_regions_choose_the_path(inproc):
         slow.append("send")
         return send_slow(*a, **kw)
 
-    ep._call_slow, ep._send_async_slow = spy_call, spy_send
+    # The up-calls are handed to the native base at construction (nothing is looked up by name).
+    _core.EndpointBase.__init__(ep, open_lane=type(ep)._lane_for_thread, slow_call=spy_call,
+                                slow_send=spy_send, remote_error=type(ep)._remote_error)
     r = ep.call(1, data=(4,), flags=0x10000, timeout=5)
     assert r.data[0] == 0x10000 and inproc.seen[-1][2] == 0x10000
     assert slow == ["call"]

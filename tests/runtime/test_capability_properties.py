@@ -73,7 +73,7 @@ def test_no_widening_and_revocation_is_total(kernel, ops):
                 parent[len(caps)] = i
                 caps.append(child)
             elif op[0] == "delegate":
-                if cap._proc is not a:
+                if cap._session is not a._session:  # held by A (the objects see its Session)
                     continue  # only A delegates (to B) in this model
                 box: dict = {}
 

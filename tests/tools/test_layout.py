@@ -31,9 +31,6 @@ def _known(module: str, names: str, why: str) -> dict[tuple[str, str], str]:
     return {(module, name): why for name in names.split()}
 
 
-_RUNTIME_UP = ("known, to be removed: Endpoint, Service, Region and Subscription reach up into "
-               "their Process (its control connection, requests, tables); the runtime step hands "
-               "them a Session instead (session.request/request_fds/check/adopt/forget)")
 _RUNTIME_DOWN = ("known, to be removed: Process drives its objects' private hooks (events, loss, "
                  "rebinding after a reconnect); with the Session they become hooks registered "
                  "with it")
@@ -44,16 +41,10 @@ _KERNEL_CHILD = ("known: the kernel and its launcher share a launched child's li
 # (module, private member of a class of another module, reached through an object other than
 # self/cls): why it is allowed.
 KNOWN_OBJECT_PRIVATES: dict[tuple[str, str], str] = {
-    **_known("capbus._runtime.endpoint", "_check _control _endpoint _endpoints _forget "
-             "_lane_endpoints _peers _pid _request _request_fds", _RUNTIME_UP),
     **_known("capbus._runtime.endpoint", "_moved", "known, to be removed: sending a Region marks "
              "it moved (Region could say so through a method of its own)"),
-    **_known("capbus._runtime.region", "_control _pid _regions _request _request_fds", _RUNTIME_UP),
-    **_known("capbus._runtime.service", "_control _peers _received_endpoint _reconnect _region "
-             "_request _request_fds _services _user_closed", _RUNTIME_UP),
-    **_known("capbus._runtime.subscription", "_control _request", _RUNTIME_UP),
     **_known("capbus._runtime.process", "_channel_closed _channel_opened _closed _ctl _died "
-             "_finalizer _frame _grant_key _kernel_lost _lanes _lose _lost _mark_lanes _notify "
+             "_frame _grant_key _kernel_lost _lanes _lose _lost _mark_lanes _notify "
              "_origin _rebind _replay_access _served_by _server_pid", _RUNTIME_DOWN),
     **_known("capbus._kernel.kernel", "_abandon _exited _kernel _popen _started",
              _KERNEL_CHILD),
@@ -77,8 +68,9 @@ class Tree:
         self.trees = {name: ast.parse(path.read_text(encoding="utf-8"), str(path))
                       for name, path in self.modules.items()}
         # The compiled modules, as setup.py names its Extensions (capbus._core from _native/,
-        # capbus._sandbox from _sandbox.c): leaves of the graph here. (The native core imports
-        # capbus._runtime.objects by name: an arrow from C this reader does not see.)
+        # capbus._sandbox from _sandbox.c): leaves of the graph here, and truly so: the native
+        # core imports no capbus module (the runtime hands it the error classes and the object
+        # codec, _core.register).
         setup_py = src.parent / "setup.py"
         if setup_py.exists():
             setup = ast.parse(setup_py.read_text(encoding="utf-8"))
@@ -393,3 +385,41 @@ def test_no_new_reach_into_other_objects_privates(tree):
                      "reason):\n" + "\n".join(f"  {m} uses {n}: {w}" for (m, n), w in sorted(new.items())))
     gone = set(KNOWN_OBJECT_PRIVATES) - set(found)
     assert not gone, f"no longer used, remove from KNOWN_OBJECT_PRIVATES: {sorted(gone)}"
+
+
+# ---- the runtime's objects and the native core: calls go down ---------------------------------
+
+_BELOW_PROCESS = ("endpoint", "service", "region", "subscription", "lane", "loan", "limits", "wait",
+                  "session")
+
+
+def test_runtime_objects_never_see_the_process(tree):
+    """Endpoint, Service, Region, Subscription and the lane code are handed the Session: none of
+    them imports process.py or names Process, not even for a type checker (whose imports the
+    circle check leaves out)."""
+    bad = []
+    for short in _BELOW_PROCESS:
+        name = f"capbus._runtime.{short}"
+        for node in ast.walk(tree.trees[name]):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("process"):
+                bad.append(f"{name}:{node.lineno} imports {node.module}")
+            elif isinstance(node, ast.Name) and node.id == "Process":
+                bad.append(f"{name}:{node.lineno} names Process")
+    assert not bad, "an object below Process sees it:\n" + "\n".join(bad)
+
+
+def test_native_core_imports_nothing_and_calls_no_method_by_name():
+    """The C sources import no Python module and look no Python method up by name: what they need
+    is handed in (_core.register, the bases' __init__). The one name looked up is a builtin
+    memoryview's own release(), at init; attributes are read only from what register() is given
+    (its errors module, the classes' .code)."""
+    native = SRC / "capbus" / "_native"
+    found = []
+    for path in sorted(native.iterdir()):
+        for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if "PyImport_" in line or "VectorcallMethod" in line or (
+                    "CallMethod" in line and '"release"' not in line):
+                found.append(f"{path.name}:{no}: {line.strip()}")
+            if "GetAttrString" in line and path.name != "module.c":
+                found.append(f"{path.name}:{no}: {line.strip()}")
+    assert not found, "the native core reaches up into Python by name:\n" + "\n".join(found)

@@ -1,6 +1,7 @@
 /*
  * _native/bases.c: EndpointBase / ServiceBase: the native halves of capbus.Endpoint (call,
- * send_async) and capbus.Service (recv), with the slow paths called back in Python; set_types.
+ * send_async) and capbus.Service (recv). What they need of Python (a thread's lane, the slow
+ * paths, error replies, claiming attachments) is handed to their __init__ as functions.
  * HOT; GIL held.
  * Not compiled alone: module.c #includes it (one translation unit, see there).
  */
@@ -12,19 +13,51 @@
  * Here they run without a Python frame of their own: on one CPU a blocking round trip costs the
  * sum of both sides' work, and a frame on each side was ~10% of it (and ~40% of an unbatched
  * send_async). Only the plain case runs here; anything else (flags, delegated capabilities or
- * regions, a closed service, a corrupt channel) calls the Python method of the same name with
- * "_slow" appended, which is the reference behaviour. A thread's lane comes from the Python
- * method _thread_core() and is cached for that thread (its PyThreadState id, never reused in
- * this interpreter) and this process (fork_gen: a forked child asks again, and is refused).
+ * regions, a closed service, a corrupt channel) goes to the slow function the Python subclass
+ * handed in (slow_call, slow_send, slow_recv), which is the reference behaviour. A thread's lane
+ * comes from open_lane(self) and is cached for that thread (its PyThreadState id, never reused
+ * in this interpreter) and this process (fork_gen: a forked child asks again, and is refused).
+ *
+ * Calls go down only: this file names no Python method or module. Each up-call is a function the
+ * subclass passes to EndpointBase.__init__ / ServiceBase.__init__ (so a rename fails at
+ * construction, and grep finds every caller), called with the object first: plain functions,
+ * not bound methods, because a bound method kept here would make every endpoint a reference
+ * cycle, and a received capability goes back to the kernel when its last reference goes.
  * ============================================================================================= */
 
-static PyObject *str_call_slow, *str_send_async_slow, *str_recv_slow, *str_thread_core,
-    *str_remote_error, *str_claim, *int_zero;
+static PyObject *int_zero;
 
-/* Call self.<name>(*args, **kw) with the arguments of a METH_FASTCALL|METH_KEYWORDS call. */
-static PyObject *front_slow(PyObject *self, PyObject *name, PyObject *const *args,
+/* Store a callable handed to __init__ in *slot, or TypeError naming the keyword. */
+static int front_set(PyObject **slot, PyObject *o, const char *what)
+{
+    if (!o || !PyCallable_Check(o)) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s= must be a function taking the object first, got %.100s", what,
+                     o ? Py_TYPE(o)->tp_name : "nothing");
+        return -1;
+    }
+    Py_XSETREF(*slot, Py_NewRef(o));
+    return 0;
+}
+
+/* An up-call that __init__ never set: a subclass that did not call the base's __init__. Cold and
+ * out of line: on the call path it costs one test of a pointer. */
+static __attribute__((cold, noinline)) PyObject *front_unset(PyObject *self, const char *what)
+{
+    PyErr_Format(PyExc_TypeError,
+                 "%.100s: %s is not set (the subclass's __init__ must call "
+                 "super().__init__(...) with it)",
+                 Py_TYPE(self)->tp_name, what);
+    return NULL;
+}
+
+/* fn(self, *args, **kw) with the arguments of a METH_FASTCALL|METH_KEYWORDS call (fn NULL: the
+ * base's __init__ was never called). */
+static PyObject *front_slow(PyObject *self, PyObject *fn, PyObject *const *args,
                             Py_ssize_t nargs, PyObject *kwnames)
 {
+    if (!fn)
+        return front_unset(self, "the slow path");
     PyObject *stack[1 + 16];
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     if (nargs + nkw > 16) {
@@ -33,7 +66,7 @@ static PyObject *front_slow(PyObject *self, PyObject *name, PyObject *const *arg
     }
     stack[0] = self;
     memcpy(stack + 1, args, (size_t)(nargs + nkw) * sizeof(PyObject *));
-    return PyObject_VectorcallMethod(name, stack, 1 + nargs, kwnames);
+    return PyObject_Vectorcall(fn, stack, 1 + nargs, kwnames);
 }
 
 /* timeout (seconds, None = no deadline) -> ns, -1 for none: as endpoint.timeout_ns(). */
@@ -119,6 +152,10 @@ typedef struct {
     uint64_t lane_tid;      /* that thread's PyThreadState id */
     unsigned long lane_fork_gen;
     uint64_t lane_epoch;    /* bumped when the handle changes or lanes are forgotten */
+    /* The up-calls (strong; NULL until __init__), each called with the endpoint first:
+     * open_lane(self) -> Lane, slow_call(self, ...) / slow_send(self, ...) with call's and
+     * send_async's arguments, remote_error(self, reply) -> the exception an error reply means. */
+    PyObject *open_lane, *slow_call, *slow_send, *remote_error;
 } EndpointBaseObject;
 
 /* This thread's lane (a new reference), or NULL with an exception. */
@@ -128,17 +165,19 @@ static HOT LaneObject *ep_lane(EndpointBaseObject *E)
     if (E->lane && E->lane_tid == tid && E->lane_fork_gen == fork_gen)
         return (LaneObject *)Py_NewRef(E->lane);
     uint64_t epoch = E->lane_epoch;
-    PyObject *core = PyObject_CallMethodNoArgs((PyObject *)E, str_thread_core);
+    if (!E->open_lane)
+        return (LaneObject *)front_unset((PyObject *)E, "open_lane");
+    PyObject *core = PyObject_CallOneArg(E->open_lane, (PyObject *)E);
     if (!core)
         return NULL;
     if (!PyObject_TypeCheck(core, &LaneType)) {
-        PyErr_Format(PyExc_TypeError, "_thread_core() returned %.100s, not a Lane",
+        PyErr_Format(PyExc_TypeError, "open_lane() returned %.100s, not a Lane",
                      Py_TYPE(core)->tp_name);
         Py_DECREF(core);
         return NULL;
     }
-    /* A reconnect changed the handle while _thread_core ran (it can give up the GIL): the lane
-     * it chose may be of the old kernel. Use it for this call, but do not keep it. */
+    /* A reconnect changed the handle while open_lane ran (it can give up the GIL): the lane it
+     * chose may be of the old kernel. Use it for this call, but do not keep it. */
     if (E->lane_epoch != epoch)
         return (LaneObject *)core;
     Py_XSETREF(E->lane, (LaneObject *)Py_NewRef(core));
@@ -182,6 +221,20 @@ static HOT LaneObject *ep_prepare(EndpointBaseObject *E, PyObject *opcode, PyObj
     return L;
 }
 
+/* An error reply: raise what remote_error(self, reply) says it stands for. Steals r. Cold: only
+ * an error reply comes here. */
+static __attribute__((cold, noinline)) void ep_raise_remote(EndpointBaseObject *E, PyObject *r)
+{
+    PyObject *exc = E->remote_error
+                        ? PyObject_CallFunctionObjArgs(E->remote_error, (PyObject *)E, r, NULL)
+                        : front_unset((PyObject *)E, "remote_error");
+    Py_DECREF(r);
+    if (exc) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+}
+
 /* call(opcode, data=(), payload=b"", timeout=None, flags=0, caps=(), regions=(), move=False) */
 static HOT PyObject *EP_call(EndpointBaseObject *E, PyObject *const *args, Py_ssize_t nargs,
                          PyObject *kwnames)
@@ -190,7 +243,7 @@ static HOT PyObject *EP_call(EndpointBaseObject *E, PyObject *const *args, Py_ss
     if (fast_args("call", args, nargs, kwnames, ep_call_kw, 1, a) < 0)
         return NULL;
     if (!front_plain(a[4], a[5], a[6]))
-        return front_slow((PyObject *)E, str_call_slow, args, nargs, kwnames);
+        return front_slow((PyObject *)E, E->slow_call, args, nargs, kwnames);
     int64_t tns;
     if (front_timeout(a[3], &tns) < 0)
         return NULL;
@@ -203,12 +256,7 @@ static HOT PyObject *EP_call(EndpointBaseObject *E, PyObject *const *args, Py_ss
     PyObject *r = lane_call_run(L, &m, &view, &c, tns, 0);
     Py_DECREF(L);
     if (r && (PyLong_AsUnsignedLong(PyTuple_GET_ITEM(r, 1)) & FLAG_ERROR)) {
-        PyObject *exc = PyObject_CallMethodOneArg((PyObject *)E, str_remote_error, r);
-        Py_DECREF(r);
-        if (exc) {
-            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-            Py_DECREF(exc);
-        }
+        ep_raise_remote(E, r);
         return NULL;
     }
     return r;
@@ -222,7 +270,7 @@ static PyObject *EP_send_async(EndpointBaseObject *E, PyObject *const *args, Py_
     if (fast_args("send_async", args, nargs, kwnames, ep_send_kw, 1, a) < 0)
         return NULL;
     if (!front_plain(a[3], a[4], a[5]))
-        return front_slow((PyObject *)E, str_send_async_slow, args, nargs, kwnames);
+        return front_slow((PyObject *)E, E->slow_send, args, nargs, kwnames);
     outmsg_t m;
     Py_buffer view;
     charge_t c;
@@ -273,6 +321,10 @@ static int EP_set_handle(EndpointBaseObject *E, PyObject *v, void *c)
 static int EP_traverse(EndpointBaseObject *E, visitproc visit, void *arg)
 {
     Py_VISIT(E->lane);
+    Py_VISIT(E->open_lane);
+    Py_VISIT(E->slow_call);
+    Py_VISIT(E->slow_send);
+    Py_VISIT(E->remote_error);
     return 0;
 }
 
@@ -280,6 +332,29 @@ static int EP_clear(EndpointBaseObject *E)
 {
     Py_CLEAR(E->lane);
     Py_CLEAR(E->handle);
+    Py_CLEAR(E->open_lane);
+    Py_CLEAR(E->slow_call);
+    Py_CLEAR(E->slow_send);
+    Py_CLEAR(E->remote_error);
+    return 0;
+}
+
+/* __init__(self, *, open_lane, slow_call, slow_send, remote_error): the up-calls (see the head
+ * of this file), all required. */
+static int EP_init(EndpointBaseObject *E, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"open_lane", "slow_call", "slow_send", "remote_error", NULL};
+    PyObject *f[4] = {NULL, NULL, NULL, NULL};
+    if (core_registered() < 0)
+        return -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$OOOO:EndpointBase", kwlist, &f[0], &f[1],
+                                     &f[2], &f[3]))
+        return -1;
+    if (front_set(&E->open_lane, f[0], kwlist[0]) < 0 ||
+        front_set(&E->slow_call, f[1], kwlist[1]) < 0 ||
+        front_set(&E->slow_send, f[2], kwlist[2]) < 0 ||
+        front_set(&E->remote_error, f[3], kwlist[3]) < 0)
+        return -1;
     return 0;
 }
 
@@ -326,6 +401,7 @@ static PyTypeObject EndpointBaseType = {
     .tp_dealloc = (destructor)EP_dealloc,
     .tp_methods = EP_methods,
     .tp_getset = EP_getset,
+    .tp_init = (initproc)EP_init,
     .tp_new = PyType_GenericNew,
 };
 
@@ -333,7 +409,12 @@ typedef struct {
     PyObject_HEAD
     ServerSetObject *set; /* _set (strong), or NULL */
     char closed;          /* _closed */
-    char slow;            /* _slow: more than one ServerSet to serve (see _recv_slow) */
+    char slow;            /* _slow: more than one ServerSet to serve (recv goes to slow_recv) */
+    PyObject *lost;       /* _lost: why it closed when its kernel is gone for good, or NULL */
+    /* The up-calls (strong; NULL until __init__), each called with the service first:
+     * slow_recv(self, timeout=None, corrupt=None) -> Request, with recv's arguments (and a
+     * CorruptChannel to report first); claim(self, request): take its attachments. */
+    PyObject *slow_recv, *claim;
 } ServiceBaseObject;
 
 static const char *const sv_recv_kw[] = {"timeout", NULL};
@@ -343,16 +424,7 @@ static const char *const sv_recv_kw[] = {"timeout", NULL};
  * that (KernelUnavailable) rather than the Cancelled a close() gives. Cold: after an interrupt. */
 static int sv_lost(ServiceBaseObject *V)
 {
-    if (!V->closed)
-        return 0;
-    PyObject *et, *ev, *tb;
-    PyErr_Fetch(&et, &ev, &tb);
-    PyObject *lost = PyObject_GetAttrString((PyObject *)V, "_lost");
-    int r = lost && lost != Py_None;
-    Py_XDECREF(lost);
-    PyErr_Clear();
-    PyErr_Restore(et, ev, tb);
-    return r;
+    return V->closed && V->lost && V->lost != Py_None;
 }
 
 static HOT PyObject *SV_recv(ServiceBaseObject *V, PyObject *const *args, Py_ssize_t nargs,
@@ -362,7 +434,7 @@ static HOT PyObject *SV_recv(ServiceBaseObject *V, PyObject *const *args, Py_ssi
     if (fast_args("recv", args, nargs, kwnames, sv_recv_kw, 0, a) < 0)
         return NULL;
     if (V->closed || !V->set || V->slow)
-        return front_slow((PyObject *)V, str_recv_slow, args, nargs, kwnames);
+        return front_slow((PyObject *)V, V->slow_recv, args, nargs, kwnames);
     int64_t tns;
     if (front_timeout(a[0], &tns) < 0)
         return NULL;
@@ -376,7 +448,7 @@ static HOT PyObject *SV_recv(ServiceBaseObject *V, PyObject *const *args, Py_ssi
         PyErr_Clear();
         Py_DECREF(S);
         if (V->closed || !V->set || V->slow)
-            return front_slow((PyObject *)V, str_recv_slow, args, nargs, kwnames);
+            return front_slow((PyObject *)V, V->slow_recv, args, nargs, kwnames);
         S = (ServerSetObject *)Py_NewRef(V->set);
         uint64_t now = now_ns();
         req = ss_recv(S, deadline == UINT64_MAX ? -1 : now >= deadline ? 0 : (int64_t)(deadline - now));
@@ -384,7 +456,9 @@ static HOT PyObject *SV_recv(ServiceBaseObject *V, PyObject *const *args, Py_ssi
     Py_DECREF(S);
     if (req) {
         if (((RequestObject *)req)->flags & RT_TRANSFER_FLAG) {
-            PyObject *r = PyObject_CallMethodOneArg((PyObject *)V, str_claim, req);
+            PyObject *r = V->claim
+                              ? PyObject_CallFunctionObjArgs(V->claim, (PyObject *)V, req, NULL)
+                              : front_unset((PyObject *)V, "claim");
             if (!r)
                 Py_CLEAR(req);
             Py_XDECREF(r);
@@ -409,7 +483,9 @@ static HOT PyObject *SV_recv(ServiceBaseObject *V, PyObject *const *args, Py_ssi
     }
     PyObject *out = NULL;
     if (left)
-        out = PyObject_CallMethodObjArgs((PyObject *)V, str_recv_slow, left, exc, NULL);
+        out = V->slow_recv
+                  ? PyObject_CallFunctionObjArgs(V->slow_recv, (PyObject *)V, left, exc, NULL)
+                  : front_unset((PyObject *)V, "slow_recv");
     Py_XDECREF(left);
     Py_DECREF(exc);
     return out;
@@ -437,12 +513,32 @@ static int SV_set_set(ServiceBaseObject *V, PyObject *v, void *c)
 static int SV_traverse(ServiceBaseObject *V, visitproc visit, void *arg)
 {
     Py_VISIT(V->set);
+    Py_VISIT(V->lost);
+    Py_VISIT(V->slow_recv);
+    Py_VISIT(V->claim);
     return 0;
 }
 
 static int SV_clear(ServiceBaseObject *V)
 {
     Py_CLEAR(V->set);
+    Py_CLEAR(V->lost);
+    Py_CLEAR(V->slow_recv);
+    Py_CLEAR(V->claim);
+    return 0;
+}
+
+/* __init__(self, *, slow_recv, claim): the up-calls (see the head of this file), required. */
+static int SV_init(ServiceBaseObject *V, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"slow_recv", "claim", NULL};
+    PyObject *f[2] = {NULL, NULL};
+    if (core_registered() < 0)
+        return -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$OO:ServiceBase", kwlist, &f[0], &f[1]))
+        return -1;
+    if (front_set(&V->slow_recv, f[0], kwlist[0]) < 0 || front_set(&V->claim, f[1], kwlist[1]) < 0)
+        return -1;
     return 0;
 }
 
@@ -464,7 +560,9 @@ static PyMethodDef SV_methods[] = {
 static PyMemberDef SV_members[] = {
     {"_closed", T_BOOL, offsetof(ServiceBaseObject, closed), 0, "unregistered"},
     {"_slow", T_BOOL, offsetof(ServiceBaseObject, slow), 0,
-     "recv() goes to _recv_slow (channels of a former kernel are served too)"},
+     "recv() goes to slow_recv (channels of a former kernel are served too)"},
+    {"_lost", T_OBJECT, offsetof(ServiceBaseObject, lost), 0,
+     "why it closed when its kernel is gone for good (KernelUnavailable), or None"},
     {NULL},
 };
 
@@ -484,31 +582,6 @@ static PyTypeObject ServiceBaseType = {
     .tp_methods = SV_methods,
     .tp_members = SV_members,
     .tp_getset = SV_getset,
+    .tp_init = (initproc)SV_init,
     .tp_new = PyType_GenericNew,
 };
-
-/* set_types(message_type, request_type): the classes recv/call results are made of. */
-static PyObject *py_set_types(PyObject *self, PyObject *args)
-{
-    PyObject *mt, *rt;
-    if (!PyArg_ParseTuple(args, "OO:set_types", &mt, &rt))
-        return NULL;
-    if (mt != Py_None &&
-        (!PyType_Check(mt) || !PyType_IsSubtype((PyTypeObject *)mt, &PyTuple_Type))) {
-        PyErr_SetString(PyExc_TypeError, "message_type must be a subclass of tuple (or None)");
-        return NULL;
-    }
-    if (rt != Py_None &&
-        (!PyType_Check(rt) || !PyType_IsSubtype((PyTypeObject *)rt, &RequestType))) {
-        PyErr_SetString(PyExc_TypeError,
-                        "request_type must be a subclass of capbus._core.Request (or None)");
-        return NULL;
-    }
-    PyTypeObject *new_mt = mt == Py_None ? NULL : (PyTypeObject *)mt;
-    PyTypeObject *new_rt = rt == Py_None ? &RequestType : (PyTypeObject *)rt;
-    Py_XINCREF(new_mt);
-    Py_INCREF(new_rt);
-    Py_XSETREF(msg_type, new_mt);
-    Py_XSETREF(req_type, new_rt);
-    Py_RETURN_NONE;
-}

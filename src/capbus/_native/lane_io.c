@@ -184,7 +184,7 @@ static HOT int lane_sleep(LaneObject *L, uint64_t *tail, uint32_t *sleeping, uin
     }
     /* The futex word is the low 32 bits of the u64 tail (little-endian). A new reply changes
      * it, so FUTEX_WAIT either sees the change (EAGAIN) or is woken by the server. The kernel
-     * wakes this same word after changing the control page (see wake_lane). */
+     * wakes this same word after changing the control page (_kernel/shm.py, set_state). */
     int r = sys_futex_wait((const uint32_t *)tail, (uint32_t)t, rel_ns, forever);
     /* RELAXED: the flag only saves the server a syscall; a stale 1 costs one spurious wake. */
     __atomic_store_n(sleeping, 0, __ATOMIC_RELAXED);

@@ -123,6 +123,8 @@ static int Lane_init(LaneObject *L, PyObject *args, PyObject *kw)
         rs_fd = -1;
     unsigned long long index, nslots = DEFAULT_NSLOTS, asize = DEFAULT_ARENA_SIZE;
     long long spin_ns = DEFAULT_SPIN_NS;
+    if (core_registered() < 0)
+        return -1;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiK|KKiLiiii:Lane", kwlist, &chan_fd,
                                      &ctrl_fd, &db_fd, &index, &nslots, &asize, &mode, &spin_ns,
                                      &bell_fd, &reply_fd, &sleep_fd, &rs_fd))

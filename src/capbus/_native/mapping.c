@@ -7,8 +7,8 @@
 /* ---- Validating and mapping the kernel's memfds. ---------------------------------------------
  * A peer holding a writable fd of a memfd could ftruncate it under us, and touching a page past
  * EOF is SIGBUS, i.e. a crashed server. So every memfd we map must carry F_SEAL_SHRINK (we add
- * it if the memfd allows sealing; create memfds with MFD_ALLOW_SEALING, or use create_channel()/
- * create_page()). The seal goes on first and the size is checked after, so no shrink can slip
+ * it if the memfd allows sealing; create memfds with MFD_ALLOW_SEALING, as capbus._kernel.shm
+ * does). The seal goes on first and the size is checked after, so no shrink can slip
  * in between. */
 static void *map_memfd(int fd, uint64_t need, int writable, const char *what)
 {
@@ -17,7 +17,7 @@ static void *map_memfd(int fd, uint64_t need, int writable, const char *what)
         if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) < 0) {
             PyErr_Format(PyExc_ValueError,
                          "the %s fd must be a memfd sealed against shrinking (create it with "
-                         "os.MFD_ALLOW_SEALING, or with capbus._core.create_channel/create_page)",
+                         "os.MFD_ALLOW_SEALING, as capbus._kernel.shm does)",
                          what);
             return NULL;
         }

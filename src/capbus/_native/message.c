@@ -56,17 +56,17 @@ static PyObject *Message_get_payload(PyObject *t, void *c)
     return Py_NewRef(truth ? p : empty_bytes);
 }
 
-/* object(trusted=False) of a Message or a Request: objects.loads(payload, trusted). */
+/* object(trusted=False) of a Message or a Request: object_loads(payload, trusted), the codec
+ * handed in by _core.register (see request.c). */
 static PyObject *payload_object(PyObject *payload, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"trusted", NULL};
     int trusted = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|p:object", kwlist, &trusted))
         return NULL;
-    PyObject *mod = objects_module();
-    if (!mod)
+    if (core_registered() < 0)
         return NULL;
-    return PyObject_CallMethod(mod, "loads", "OO", payload, trusted ? Py_True : Py_False);
+    return PyObject_CallFunctionObjArgs(object_loads, payload, trusted ? Py_True : Py_False, NULL);
 }
 
 static PyObject *Message_object(PyObject *t, PyObject *args, PyObject *kw)

@@ -8,8 +8,8 @@
  * unit and inlines across parts as before). Parts, bottom up:
  *   engine, no Python API: layout.h (every offset), limits.h (control-page reads, token
  *     buckets), crc32.h, ring.h (SPSC rings + FIFO arena), clock.h, futex.h
- *   process-wide: errors.h (the _errors classes, fork check), common.h (wait modes, tunables,
- *     contention), gil_lock.h, sleep.c (eventfds, kicks, the sleep watchdog)
+ *   process-wide: errors.h (the _errors classes register() hands in, fork check), common.h
+ *     (wait modes, tunables, contention), gil_lock.h, sleep.c (eventfds, kicks, the sleep watchdog)
  *   Python glue: primitives.c, mapping.c, convert.c, objcache.h, metrics.h/.c, zbuf.c,
  *     zbuf_release.c, request.c, message.c
  *   one binding per type: lane*.c (Lane), serverset.h, ss_*.c, serverset.c (ServerSet),
@@ -121,6 +121,91 @@ static PyObject *py_crc32(PyObject *self, PyObject *args)
     return PyLong_FromUnsignedLong(c);
 }
 
+/* register(*, errors, object_loads, object_pack): what this module needs of capbus's Python side,
+ * handed in once by the runtime at import (capbus._runtime.message), so that no C code imports a
+ * capbus module or looks a Python function up by name. errors: the capbus._errors module (its
+ * classes are read here, once: a missing one fails now, not at the first error); object_loads /
+ * object_pack: the object codec of Request.object()/reply_object() and Message.object(). Adds
+ * CorruptChannel (a ProtocolError) to the module. A second call is refused: the classes are
+ * baked into every error raised from here on. */
+static PyObject *py_register(PyObject *module, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"errors", "object_loads", "object_pack", NULL};
+    PyObject *errors = NULL, *loads = NULL, *pack = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$OOO:register", kwlist, &errors, &loads, &pack))
+        return NULL;
+    if (core_ready) {
+        PyErr_SetString(PyExc_RuntimeError, "capbus._core.register() was called already");
+        return NULL;
+    }
+    if (!errors || !loads || !pack || !PyCallable_Check(loads) || !PyCallable_Check(pack)) {
+        PyErr_SetString(PyExc_TypeError, "register() needs errors=, and object_loads= and "
+                                         "object_pack= callables");
+        return NULL;
+    }
+    struct {
+        PyObject **slot;
+        const char *name;
+    } errs[] = {
+        {&IpcError, "IpcError"},         {&Timeout, "Timeout"},
+        {&PeerDied, "PeerDied"},         {&InvalidCapability, "InvalidCapability"},
+        {&WouldBlock, "WouldBlock"},     {&MessageTooLarge, "MessageTooLarge"},
+        {&ProtocolError, "ProtocolError"}, {&Cancelled, "Cancelled"},
+        {&PermissionDenied, "PermissionDenied"}, {&RateLimitExceeded, "RateLimitExceeded"},
+        {&KernelUnavailable, "KernelUnavailable"}, {&NoReply, "NoReply"},
+    };
+    enum { NERRS = sizeof errs / sizeof errs[0] };
+    PyObject *cls[NERRS];
+    uint64_t code[4];
+    for (size_t i = 0; i < NERRS; i++) {
+        cls[i] = PyObject_GetAttrString(errors, errs[i].name);
+        if (cls[i] && !PyExceptionClass_Check(cls[i])) {
+            PyErr_Format(PyExc_TypeError, "errors.%s is not an exception class", errs[i].name);
+            Py_CLEAR(cls[i]);
+        }
+        if (!cls[i]) {
+            while (i--)
+                Py_DECREF(cls[i]);
+            return NULL;
+        }
+    }
+    /* The codes of the errors a server's automatic replies carry (InvalidCapability,
+     * MessageTooLarge, RateLimitExceeded, NoReply: cls[3], [5], [9], [11]). */
+    static const int coded[4] = {3, 5, 9, 11};
+    for (size_t i = 0; i < 4; i++) {
+        PyObject *c = PyObject_GetAttrString(cls[coded[i]], "code");
+        int bad = !c || to_u64(c, &code[i], "error code") < 0;
+        Py_XDECREF(c);
+        if (bad) {
+            for (size_t k = 0; k < NERRS; k++)
+                Py_DECREF(cls[k]);
+            return NULL;
+        }
+    }
+    PyObject *corrupt = PyErr_NewExceptionWithDoc(
+        "capbus._core.CorruptChannel",
+        "A client wrote garbage into its channel. The ServerSet has marked the channel dead and "
+        "will not read it again; .index is the channel index, .reason says what was wrong.",
+        cls[6], NULL);
+    if (!corrupt || PyModule_AddObjectRef(module, "CorruptChannel", corrupt) < 0) {
+        Py_XDECREF(corrupt);
+        for (size_t k = 0; k < NERRS; k++)
+            Py_DECREF(cls[k]);
+        return NULL;
+    }
+    for (size_t i = 0; i < NERRS; i++)
+        *errs[i].slot = cls[i];
+    code_invalid_capability = code[0];
+    code_message_too_large = code[1];
+    code_rate_limit = code[2];
+    code_no_reply = code[3];
+    CorruptChannel = corrupt;
+    object_loads = Py_NewRef(loads);
+    object_pack = Py_NewRef(pack);
+    core_ready = 1;
+    Py_RETURN_NONE;
+}
+
 /* ---------------------------------------------------------------------------------------------
  * Module.
  * ------------------------------------------------------------------------------------------- */
@@ -144,36 +229,28 @@ static PyMethodDef core_methods[] = {
      "atomic_add_u64(buf, off, v) -> int (old value, wraps modulo 2**64)"},
     {"channel_size", (PyCFunction)(void (*)(void))py_channel_size, METH_VARARGS | METH_KEYWORDS,
      "channel_size(nslots=256, arena_size=128 MiB) -> int: bytes of a channel memfd"},
-    {"channel_layout", (PyCFunction)(void (*)(void))py_channel_layout,
-     METH_VARARGS | METH_KEYWORDS,
-     "channel_layout(nslots=256, arena_size=128 MiB) -> dict of absolute offsets in a channel"},
     {"max_payload", py_max_payload, METH_O, "max_payload(arena_size) -> int"},
     {"latency_clock", py_latency_clock, METH_NOARGS,
      "latency_clock() -> str: 'tsc' when calls time their round trips with the TSC (the kernel's\n"
      "clocksource is the TSC and its rate has been measured), else 'monotonic...'"},
     {"resp_ring_off", py_resp_ring_off, METH_O,
      "resp_ring_off(nslots) -> int: offset of the response ring in a channel (its tail word, at\n"
-     "+RING_TAIL_OFF, is what clients futex-wait on; see wake_lane)"},
-    {"create_channel", (PyCFunction)(void (*)(void))py_create_channel,
-     METH_VARARGS | METH_KEYWORDS,
-     "create_channel(nslots=256, arena_size=128 MiB) -> fd of a new sealed, sized channel memfd"},
-    {"create_page", (PyCFunction)(void (*)(void))py_create_page, METH_VARARGS | METH_KEYWORDS,
-     "create_page(name='capbus-page') -> fd of a new sealed 4096-byte memfd (control page or "
-     "doorbell)"},
-    {"wake_lane", (PyCFunction)(void (*)(void))py_wake_lane, METH_VARARGS | METH_KEYWORDS,
-     "wake_lane(chan, nslots=256) -> int: wake clients blocked on a channel (chan: memfd or "
-     "buffer mapping the channel from offset 0)"},
+     "+RING_TAIL_OFF, is what clients futex-wait on: the kernel wakes it after changing a\n"
+     "control page)"},
     {"crc32", py_crc32, METH_VARARGS, "crc32(data, value=0) -> int (same as zlib.crc32)"},
     {"set_dumpable", py_set_dumpable, METH_O,
      "set_dumpable(flag) -> None   prctl(PR_SET_DUMPABLE, flag): with False, processes of the "
      "same uid can no longer ptrace this one, read its /proc/<pid>/mem, open its /proc/<pid>/fd "
      "or take its fds with pidfd_getfd, and it leaves no core dump"},
+    {"register", (PyCFunction)(void (*)(void))py_register, METH_VARARGS | METH_KEYWORDS,
+     "register(*, errors, object_loads, object_pack) -> None: what this module needs of\n"
+     "capbus's Python side, handed in once by the runtime at import (errors: the capbus._errors\n"
+     "module; object_loads(payload, trusted) and object_pack(obj, pickle): the object codec).\n"
+     "Adds CorruptChannel. Lane, ServerSet, EndpointBase and ServiceBase refuse to be made\n"
+     "before it; a second call is refused."},
     {"dumpable", py_dumpable, METH_NOARGS, "dumpable() -> bool   prctl(PR_GET_DUMPABLE) == 1"},
     {"channel_stats", py_channel_stats, METH_O,
      "channel_stats(buf) -> dict: the client and server metrics of a channel header page"},
-    {"set_types", py_set_types, METH_VARARGS,
-     "set_types(message_type, request_type): call results become message_type (a tuple\n"
-     "subclass) instances and received messages request_type (a Request subclass) instances."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -208,56 +285,9 @@ PyMODINIT_FUNC PyInit__core(void)
         }
         atfork_done = 1;
     }
-    PyObject *errors = PyImport_ImportModule("capbus._errors");
-    if (!errors)
-        return NULL;
-    struct {
-        PyObject **slot;
-        const char *name;
-    } errs[] = {
-        {&IpcError, "IpcError"},         {&Timeout, "Timeout"},
-        {&PeerDied, "PeerDied"},         {&InvalidCapability, "InvalidCapability"},
-        {&WouldBlock, "WouldBlock"},     {&MessageTooLarge, "MessageTooLarge"},
-        {&ProtocolError, "ProtocolError"}, {&Cancelled, "Cancelled"},
-        {&PermissionDenied, "PermissionDenied"}, {&RateLimitExceeded, "RateLimitExceeded"},
-        {&KernelUnavailable, "KernelUnavailable"}, {&NoReply, "NoReply"},
-    };
-    for (size_t i = 0; i < sizeof errs / sizeof errs[0]; i++) {
-        *errs[i].slot = PyObject_GetAttrString(errors, errs[i].name);
-        if (!*errs[i].slot) {
-            Py_DECREF(errors);
-            return NULL;
-        }
-    }
-    Py_DECREF(errors);
-    struct {
-        uint64_t *slot;
-        PyObject *cls;
-    } codes[] = {
-        {&code_invalid_capability, InvalidCapability},
-        {&code_message_too_large, MessageTooLarge},
-        {&code_rate_limit, RateLimitExceeded},
-        {&code_no_reply, NoReply},
-    };
-    for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++) {
-        PyObject *c = PyObject_GetAttrString(codes[i].cls, "code");
-        if (!c)
-            return NULL;
-        int bad = to_u64(c, codes[i].slot, "error code");
-        Py_DECREF(c);
-        if (bad < 0)
-            return NULL;
-    }
     empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
     empty_tuple = PyTuple_New(0);
     if (!empty_bytes || !empty_tuple)
-        return NULL;
-    CorruptChannel = PyErr_NewExceptionWithDoc(
-        "capbus._core.CorruptChannel",
-        "A client wrote garbage into its channel. The ServerSet has marked the channel dead and "
-        "will not read it again; .index is the channel index, .reason says what was wrong.",
-        ProtocolError, NULL);
-    if (!CorruptChannel)
         return NULL;
     MessageType.tp_base = &PyTuple_Type;
     if (PyType_Ready(&MessageType) < 0 || PyType_Ready(&LaneType) < 0 ||
@@ -265,17 +295,6 @@ PyMODINIT_FUNC PyInit__core(void)
         PyType_Ready(&RequestType) < 0 || PyType_Ready(&ZBufType) < 0 ||
         PyType_Ready(&EndpointBaseType) < 0 || PyType_Ready(&ServiceBaseType) < 0)
         return NULL;
-    struct {
-        PyObject **slot;
-        const char *s;
-    } names[] = {
-        {&str_call_slow, "_call_slow"},         {&str_send_async_slow, "_send_async_slow"},
-        {&str_recv_slow, "_recv_slow"},         {&str_thread_core, "_thread_core"},
-        {&str_remote_error, "_remote_error"},   {&str_claim, "_claim"},
-    };
-    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
-        if (!(*names[i].slot = PyUnicode_InternFromString(names[i].s)))
-            return NULL;
     if (!(int_zero = PyLong_FromLong(0)))
         return NULL;
     released_view = PyMemoryView_FromMemory((char *)"", 0, PyBUF_READ);
@@ -289,17 +308,19 @@ PyMODINIT_FUNC PyInit__core(void)
         Py_INCREF(&RequestType);
         req_type = &RequestType;
     }
+    if (!msg_type) {
+        Py_INCREF(&MessageType);
+        msg_type = &MessageType;
+    }
 
     PyObject *m = PyModule_Create(&core_module);
     if (!m)
         return NULL;
-    Py_INCREF(CorruptChannel);
     Py_INCREF(&LaneType);
     Py_INCREF(&ServerSetType);
     Py_INCREF(&RequestType);
     Py_INCREF(&MessageType);
     if (PyModule_AddObject(m, "Message", (PyObject *)&MessageType) < 0 ||
-        PyModule_AddObject(m, "CorruptChannel", CorruptChannel) < 0 ||
         PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0 ||
         PyModule_AddObject(m, "ServerSet", (PyObject *)&ServerSetType) < 0 ||
         PyModule_AddObject(m, "Request", (PyObject *)&RequestType) < 0)

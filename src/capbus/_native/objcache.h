@@ -8,8 +8,9 @@
 
 /* ---- Result objects. ------------------------------------------------------------------------ */
 
-/* set_types(): the capbus.Message class (a tuple subclass) and the Python Request subclass.
- * msg_type NULL = plain tuples; req_type defaults to _core.Request. Strong references. */
+/* The classes call() results and received requests are made of: _core.Message and _core.Request,
+ * set at module init (variables rather than the types themselves, so that the allocation paths
+ * stay as they were tuned: NULL msg_type would mean plain tuples). Strong references. */
 static PyTypeObject *msg_type;
 static PyTypeObject *req_type;
 

@@ -364,15 +364,11 @@ static PyObject *Request_get_zero_copy(RequestObject *R, void *c)
 }
 
 /* object(trusted=False) and reply_object(obj, opcode=0, pickle=False): object payloads, through
- * capbus._runtime.objects (imported on first use; the Request type itself stays native so that
- * receiving and dropping a request costs no Python-level subclass machinery). */
-static PyObject *objects_module(void)
-{
-    static PyObject *mod;
-    if (!mod)
-        mod = PyImport_ImportModule("capbus._runtime.objects");
-    return mod;
-}
+ * the codec the runtime handed in (_core.register: object_loads(payload, trusted) and
+ * object_pack(obj, pickle) -> bytes, capbus._runtime.objects); the Request type itself stays
+ * native so that receiving and dropping a request costs no Python-level subclass machinery.
+ * Strong references, set once. */
+static PyObject *object_loads, *object_pack;
 
 static PyObject *Request_object(RequestObject *R, PyObject *args, PyObject *kw)
 {
@@ -387,17 +383,10 @@ static PyObject *Request_reply_object(RequestObject *R, PyObject *args, PyObject
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|Op:reply_object", kwlist, &obj, &opcode,
                                      &pickle))
         return NULL;
-    PyObject *mod = objects_module();
-    PyObject *fn = mod ? PyObject_GetAttrString(mod, "pack") : NULL;
-    if (!fn)
+    if (core_registered() < 0)
         return NULL;
-    /* One positional argument, whatever obj is (a tuple must not be spread into arguments). */
-    PyObject *pargs = PyTuple_Pack(1, obj);
-    PyObject *pkw = pargs ? Py_BuildValue("{s:O}", "pickle", pickle ? Py_True : Py_False) : NULL;
-    PyObject *packed = pkw ? PyObject_Call(fn, pargs, pkw) : NULL;
-    Py_DECREF(fn);
-    Py_XDECREF(pargs);
-    Py_XDECREF(pkw);
+    PyObject *packed = PyObject_CallFunctionObjArgs(object_pack, obj, pickle ? Py_True : Py_False,
+                                                    NULL);
     if (!packed)
         return NULL;
     PyObject *op = opcode ? Py_NewRef(opcode) : PyLong_FromLong(0);

@@ -306,6 +306,8 @@ static int ServerSet_init(ServerSetObject *S, PyObject *args, PyObject *kw)
     static char *kwlist[] = {"doorbell_fd", "wait_mode", "spin_ns", "event_fd", "sleep_fd", NULL};
     int db_fd, mode = WAIT_ADAPTIVE, event_fd = -1, sleep_fd = -1;
     long long spin_ns = DEFAULT_SPIN_NS;
+    if (core_registered() < 0)
+        return -1;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "i|iLii:ServerSet", kwlist, &db_fd, &mode,
                                      &spin_ns, &event_fd, &sleep_fd))
         return -1;

@@ -10,99 +10,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import _core
 from .._errors import InvalidCapability, IpcError, RemoteError, Timeout, error_from_code
 from .._protocol import frames
 from . import objects
+from .control import Control
+from .lane import LaneHandle, open_lane
+from .limits import Limits, limits_request
+from .loan import Loan
 from .message import OBJECT_FLAG, TRANSFER_FLAG, USER_FLAGS, Message, bad_flags
 from .region import Region
+from .wait import readable, timeout_ns
 
 if TYPE_CHECKING:
-    from .process import Process
+    from .session import Session
 
 log = logging.getLogger("capbus")
-WAIT_CODES = {"spin": _core.WAIT_SPIN, "adaptive": _core.WAIT_ADAPTIVE, "block": _core.WAIT_BLOCK}
-ADAPTIVE_SPIN_NS = 50_000
 _REPLY = _core.FLAG_REPLY_EXPECTED
 _ERROR = _core.FLAG_ERROR
 _IPC_ERROR = _core.FLAG_IPC_ERROR
 _MAX_ASYNC_LANES = 16
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a capability allows: rate (messages/s), bandwidth (payload bytes/s),
-    max_message_size (payload bytes), expires_at (time.monotonic() seconds). None: no limit."""
-
-    rate: int | None = None
-    bandwidth: int | None = None
-    max_message_size: int | None = None
-    expires_at: float | None = None
-
-    @classmethod
-    def from_wire(cls, raw: dict[str, int] | None) -> Limits:
-        raw = raw or {}
-        exp = raw.get("expires_at_ns")
-        return cls(raw.get("rate"), raw.get("bandwidth"), raw.get("max_message_size"),
-                   exp / 1e9 if exp else None)
-
-
-def limits_request(rate_limit: int | None = None, bandwidth: int | None = None,
-                   max_message_size: int | None = None,
-                   expires_in: float | None = None) -> dict[str, int]:
-    """The wire form of limits a process asks for (ValueError on nonsense)."""
-    out: dict[str, int] = {}
-    for key, value in (("rate", rate_limit), ("bandwidth", bandwidth),
-                       ("max_message_size", max_message_size)):
-        if value is not None:
-            if type(value) is not int or value <= 0:
-                raise ValueError(f"{key} must be a positive int, got {value!r}")
-            out[key] = value
-    if expires_in is not None:
-        if expires_in <= 0:
-            raise ValueError("expires_in must be > 0 seconds")
-        out["expires_in_ms"] = max(1, int(expires_in * 1000))
-    return out
-
-
-class _Lane:
-    """A lane and the fds the runtime keeps for it; closing gives the channel back."""
-
-    __slots__ = ("core", "index", "reply_fd", "pid", "_ep", "_ctl", "_handle", "__weakref__")
-
-    def __init__(self, ep: Endpoint, core: _core.Lane, index: int, reply_fd: int, pid: int,
-                 ctl: Any, handle: int) -> None:
-        self.core, self.index, self.reply_fd, self._ep = core, index, reply_fd, ep
-        self.pid = pid  # the serving OS process, as the kernel vouched when it opened
-        # The channel belongs to the kernel (connection) and capability that opened it: after a
-        # reconnect its index means nothing to the new kernel.
-        self._ctl, self._handle = ctl, handle
-
-    def __del__(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.reply_fd)
-        ep = self._ep
-        if not ep._closed and self._ctl.closed is None and os.getpid() == ep._proc._pid:
-            self._ctl.request_nowait(frames.CloseChannel(self._handle, self.index))
-
-
-def timeout_ns(timeout: float | None) -> int:
-    """Seconds -> ns for the native core; -1 for no deadline (None, or beyond ~292 years), as
-    the native call()/recv() read it."""
-    if timeout is None:
-        return -1
-    if not timeout >= 0:  # negative or NaN
-        raise ValueError("timeout must be >= 0 or None")
-    ns = timeout * 1e9
-    return int(ns) if ns < 9.2e18 else -1
 
 
 class Endpoint(_core.EndpointBase):
@@ -110,12 +43,16 @@ class Endpoint(_core.EndpointBase):
 
     call() and send_async() are native (_core.EndpointBase): the plain case runs there with no
     Python frame; flags, delegated capabilities and regions come back to _call_slow and
-    _send_async_slow below, which are the reference behaviour.
+    _send_async_slow below (handed to the base in __init__), which are the reference behaviour.
     """
 
-    def __init__(self, proc: Process, granted: frames.Granted) -> None:
-        self._proc = proc
-        self._ctl = proc._control  # the kernel connection its handle belongs to
+    def __init__(self, session: Session, granted: frames.Granted) -> None:
+        # What the native call()/send_async() call up to (plain functions, called with the
+        # endpoint first): this thread's lane, the reference paths, the error an error reply is.
+        super().__init__(open_lane=Endpoint._lane_for_thread, slow_call=Endpoint._call_slow,
+                         slow_send=Endpoint._send_async_slow, remote_error=Endpoint._remote_error)
+        self._session = session
+        self._ctl = session.control  # the kernel connection its handle belongs to
         self.handle = granted.handle
         self.process_id = granted.process_id  # the serving process
         self.name = granted.name
@@ -123,12 +60,12 @@ class Endpoint(_core.EndpointBase):
         self.limits = Limits.from_wire(granted.limits)
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._pool: list[_Lane] = []  # idle lanes for asyncio calls
+        self._pool: list[LaneHandle] = []  # idle lanes for asyncio calls
         self._pool_size = 0
         self._death_callbacks: list[Callable[[Endpoint], None]] = []
         self._watching = False
         self._closed = False
-        # Set for a capability received with a message (Process._received_endpoint): it goes
+        # Set for a capability received with a message (received_endpoint()): it goes
         # back to the kernel when this object is garbage-collected, unless keep() was called.
         self._finalizer: Any = None
         self.dead = False
@@ -136,7 +73,7 @@ class Endpoint(_core.EndpointBase):
         self._origin: tuple[str, str] | None = None
         self._grant_key: str | None = None  # a startup grant's key (Process.grants)
         self._server_pid = 0
-        self._lanes: weakref.WeakSet[_Lane] = weakref.WeakSet()
+        self._lanes: weakref.WeakSet[LaneHandle] = weakref.WeakSet()
 
     def __repr__(self) -> str:
         return f"<capbus.Endpoint {self.name!r} of process {self.process_id} handle={self.handle:#x}>"
@@ -160,13 +97,13 @@ class Endpoint(_core.EndpointBase):
         if flags & ~USER_FLAGS and flags != OBJECT_FLAG:
             raise bad_flags(flags)
         if not (caps or regions):
-            r = lane.core.call(self.handle, opcode, flags | _REPLY, data, _payload_arg(payload),
+            r = lane.native.call(self.handle, opcode, flags | _REPLY, data, _payload_arg(payload),
                                -1 if timeout is None else timeout_ns(timeout))
         else:
-            tag = lane.core.last_tag + 1
+            tag = lane.native.last_tag + 1
             flags |= self._delegate(lane, caps, regions, move)
             try:
-                r = lane.core.call(self.handle, opcode, flags | _REPLY, data, _payload_arg(payload),
+                r = lane.native.call(self.handle, opcode, flags | _REPLY, data, _payload_arg(payload),
                                    -1 if timeout is None else timeout_ns(timeout))
             except BaseException:
                 self._undo_attach(lane, tag)
@@ -186,12 +123,12 @@ class Endpoint(_core.EndpointBase):
         if flags & ~USER_FLAGS and flags != OBJECT_FLAG:
             raise bad_flags(flags)
         if not (caps or regions):
-            lane.core.send(self.handle, opcode, flags, data, _payload_arg(payload))
+            lane.native.send(self.handle, opcode, flags, data, _payload_arg(payload))
             return
-        tag = lane.core.last_tag + 1
+        tag = lane.native.last_tag + 1
         flags |= self._delegate(lane, caps, regions, move)
         try:
-            lane.core.send(self.handle, opcode, flags, data, _payload_arg(payload))
+            lane.native.send(self.handle, opcode, flags, data, _payload_arg(payload))
         except BaseException:
             self._undo_attach(lane, tag)
             raise
@@ -202,7 +139,7 @@ class Endpoint(_core.EndpointBase):
         lane = self._local.__dict__.get("lane") or self._thread_lane()
         if flags & ~USER_FLAGS:
             raise bad_flags(flags)
-        return lane.core.send_many(self.handle, flags, messages)
+        return lane.native.send_many(self.handle, flags, messages)
 
     def loan(self, size: int) -> Loan:
         """A writable buffer of `size` bytes in this thread's channel arena, to fill in place and
@@ -218,7 +155,7 @@ class Endpoint(_core.EndpointBase):
         change a loaned payload while the receiver reads it: to check once and trust, send a
         sealed Region instead."""
         lane = self._local.__dict__.get("lane") or self._thread_lane()
-        return Loan(self, lane, lane.core.loan(size))
+        return Loan(self, lane, lane.native.loan(size), self._remote_error)
 
     def call_object(self, obj: Any, opcode: int = 0, timeout: float | None = None,
                     pickle: bool = False) -> Message:
@@ -254,16 +191,16 @@ class Endpoint(_core.EndpointBase):
         lane = self._pooled_lane()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            tag = lane.core.call_start(self.handle, opcode, flags | _REPLY, data, _payload_arg(payload))
+            tag = lane.native.call_start(self.handle, opcode, flags | _REPLY, data, _payload_arg(payload))
             while True:
-                r = lane.core.call_poll(tag, True)
+                r = lane.native.call_poll(tag, True)
                 if r is not None:
                     break
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    lane.core.cancel(tag)
+                    lane.native.cancel(tag)
                     raise Timeout(f"no reply from {self.name!r} within {timeout} s")
-                await _readable(loop, lane.reply_fd, left)
+                await readable(loop, lane.reply_fd, left)
         except BaseException:
             self._pool_size -= 1  # its state is unknown: drop it (its channel closes with it)
             lane = None  # type: ignore[assignment]
@@ -283,10 +220,10 @@ class Endpoint(_core.EndpointBase):
         """A new capability to the same service with fewer rights and/or tighter limits
         (PermissionDenied on any attempt to widen). It derives from this one: revoking this
         revokes it too."""
-        reply = self._proc._request(frames.Restrict(
+        reply = self._session.request(frames.Restrict(
             self.handle, None if rights is None else sorted(rights),
             limits_request(rate_limit, bandwidth, max_message_size, expires_in)), via=self._ctl)
-        return self._proc._endpoint(reply)
+        return endpoint_for(self._session, reply)
 
     def keep(self) -> Endpoint:
         """Hold a capability received with a message (req.caps) for good, like a looked-up one:
@@ -295,8 +232,7 @@ class Endpoint(_core.EndpointBase):
         long as `db` does). A no-op for any other endpoint; returns self."""
         fin, self._finalizer = self._finalizer, None
         if fin is not None and fin.detach() is not None:
-            with self._proc._lock:
-                self._proc._endpoints[self.handle] = self
+            self._session.adopt_endpoint(self)
         return self
 
     def _unfinalize(self) -> None:
@@ -310,17 +246,17 @@ class Endpoint(_core.EndpointBase):
         self._unfinalize()
         self._closed = True
         self._forget_lanes()
-        self._proc._forget(self)
-        self._proc._request(frames.Revoke(self.handle), via=self._ctl)
+        self._session.forget_endpoint(self)
+        self._session.request(frames.Revoke(self.handle), via=self._ctl)
 
     def close(self) -> None:
         """Give the capability back (its lanes close with it)."""
         self._unfinalize()
         self._closed = True
         self._forget_lanes()
-        self._proc._forget(self)
+        self._session.forget_endpoint(self)
         if self._ctl.closed is None:
-            self._proc._request(frames.Release(self.handle), via=self._ctl)
+            self._session.request(frames.Release(self.handle), via=self._ctl)
 
     # ---- death --------------------------------------------------------------------------------
 
@@ -339,7 +275,7 @@ class Endpoint(_core.EndpointBase):
         if dead:
             self._run_callback(callback)
         elif first:
-            self._proc._request(frames.Watch(self.handle), via=self._ctl)
+            self._session.request(frames.Watch(self.handle), via=self._ctl)
 
     def _died(self) -> None:
         with self._lock:
@@ -358,37 +294,20 @@ class Endpoint(_core.EndpointBase):
 
     # ---- lanes --------------------------------------------------------------------------------
 
-    def _open_lane(self) -> _Lane:
+    def _open_lane(self) -> LaneHandle:
         if self._closed:
             lost = getattr(self, "_lost", None)
             raise InvalidCapability(lost or f"endpoint {self.name!r} (handle {self.handle:#x}) is closed")
-        proc = self._proc
         with self._lock:  # one kernel's pair: a reconnect changes both (see _rebind)
             ctl, handle = self._ctl, self.handle
-        reply, fds = proc._request_fds(frames.OpenChannel(handle), via=ctl)
-        assert isinstance(reply, frames.ChannelGranted)
-        # Now, while the kernel vouches for the server's pid: its pidfd outlives the kernel.
-        alive = proc._peers.watch(reply.pid)
-        (chan_fd, ctrl_fd, bell_fd, bell_event_fd, reply_event_fd, bell_sleep_fd,
-         reply_sleep_fd) = fds
-        try:
-            core = _core.Lane(chan_fd, ctrl_fd, bell_fd, reply.index, reply.nslots,
-                              reply.arena_size, WAIT_CODES[proc.wait_mode], ADAPTIVE_SPIN_NS,
-                              bell_event_fd=bell_event_fd, reply_event_fd=reply_event_fd,
-                              bell_sleep_fd=bell_sleep_fd, reply_sleep_fd=reply_sleep_fd)
-        except BaseException:
-            os.close(reply_event_fd)
-            raise
-        finally:
-            for fd in (chan_fd, ctrl_fd, bell_fd, bell_event_fd, bell_sleep_fd, reply_sleep_fd):
-                os.close(fd)
-        lane = _Lane(self, core, reply.index, reply_event_fd, reply.pid, ctl, handle)
-        self._server_pid = reply.pid
+        lane = open_lane(self._session, ctl, handle, self._is_closed)
+        self._server_pid = lane.pid
         self._lanes.add(lane)
-        proc._lane_endpoints.add(self)
-        if not alive:
-            core.mark(_core.STATE_PEER_DEAD)
+        self._session.lane_endpoints.add(self)
         return lane
+
+    def _is_closed(self) -> bool:
+        return self._closed
 
     def _mark_lanes(self, state: int, pid: int | None = None) -> None:
         """The runtime's own verdict on every lane of this endpoint (see Lane.mark), or on those
@@ -396,7 +315,7 @@ class Endpoint(_core.EndpointBase):
         another process than the new ones)."""
         for lane in list(self._lanes):
             if pid is None or lane.pid == pid:
-                lane.core.mark(state)
+                lane.native.mark(state)
 
     def _served_by(self, pid: int) -> bool:
         return any(lane.pid == pid for lane in list(self._lanes))
@@ -410,7 +329,7 @@ class Endpoint(_core.EndpointBase):
             # In this order: a thread between two calls finds no lane in the new local, or an
             # old lane its _ctl check refuses, and the native cache forgets what it chose then.
             self._local = threading.local()
-            self._ctl = self._proc._control
+            self._ctl = self._session.control
             self.handle = granted.handle  # also drops the native one-entry lane cache
             self.process_id = granted.process_id
             self.rights = frozenset(granted.rights or ())
@@ -421,7 +340,7 @@ class Endpoint(_core.EndpointBase):
         if watching:
             with contextlib.suppress(IpcError):
                 self._watching = True
-                self._proc._request(frames.Watch(self.handle), via=self._ctl)
+                self._session.request(frames.Watch(self.handle), via=self._ctl)
 
     def _lose(self, why: str, state: int = _core.STATE_CLOSED, keep_lanes: bool = False) -> None:
         """After a reconnect that could not bring it back (or a revoked grant): its handle means
@@ -434,20 +353,21 @@ class Endpoint(_core.EndpointBase):
             self._mark_lanes(state)
             self._forget_lanes()
 
-    def _thread_core(self) -> _core.Lane:
-        """This thread's native Lane (the native call/send_async cache it per thread)."""
-        self._proc._check()  # a forked child must connect on its own
+    def _lane_for_thread(self) -> Any:
+        """This thread's native Lane: open_lane of the native base, which caches it per thread
+        (and fork generation) for call/send_async."""
+        self._session.check()  # a forked child must connect on its own
         lane = self._local.__dict__.get("lane")
         if lane is None or lane._ctl is not self._ctl:  # none yet, or of a kernel since lost
             lane = self._thread_lane()
-        return lane.core
+        return lane.native
 
-    def _thread_lane(self) -> _Lane:
+    def _thread_lane(self) -> LaneHandle:
         lane = self._open_lane()
         self._local.lane = lane
         return lane
 
-    def _pooled_lane(self) -> _Lane:
+    def _pooled_lane(self) -> LaneHandle:
         if self._pool:
             return self._pool.pop()
         if self._pool_size >= _MAX_ASYNC_LANES:
@@ -455,32 +375,32 @@ class Endpoint(_core.EndpointBase):
         self._pool_size += 1
         return self._open_lane()
 
-    def _delegate(self, lane: _Lane, caps: Iterable[Endpoint], regions: Iterable[Region],
+    def _delegate(self, lane: LaneHandle, caps: Iterable[Endpoint], regions: Iterable[Region],
                   move: bool) -> int:
         """Attach capabilities to the next message on this lane (bound to its tag), in one
         request: over the service's bounds (max_caps, max_regions, max_region_bytes) the kernel
         refuses them all with MessageTooLarge, and nothing is sent."""
-        tag = lane.core.last_tag + 1
+        tag = lane.native.last_tag + 1
         caps, regions = list(caps), list(regions)
         for cap in caps:
-            if not isinstance(cap, Endpoint) or cap._proc is not self._proc:
+            if not isinstance(cap, Endpoint) or cap._session is not self._session:
                 raise TypeError("caps must be Endpoints held by this Process")
         for region in regions:
-            if not isinstance(region, Region) or region._proc is not self._proc:
+            if not isinstance(region, Region) or not region.held_by(self._session):
                 raise TypeError("regions must be Regions held by this Process")
             region.buffer  # noqa: B018 - raises if it was moved or closed already
-        self._proc._request(frames.Attach(self.handle, lane.index, tag, [c.handle for c in caps],
+        self._session.request(frames.Attach(self.handle, lane.index, tag, [c.handle for c in caps],
                                           [r.handle for r in regions], move), via=lane._ctl)
         if move:
             for region in regions:
                 region._moved()
         return TRANSFER_FLAG
 
-    def _undo_attach(self, lane: _Lane, tag: int) -> None:
+    def _undo_attach(self, lane: LaneHandle, tag: int) -> None:
         """The message the attachments were for was not written (WouldBlock, a limit, a timeout
         waiting for ring space): drop them, or they would ride on this lane's next message.
         Moved regions are gone with them."""
-        if lane.core.last_tag < tag:
+        if lane.native.last_tag < tag:
             lane._ctl.request_nowait(frames.Detach(lane._handle, lane.index, tag))
 
     def _remote_error(self, r: Message) -> Exception:
@@ -493,6 +413,36 @@ class Endpoint(_core.EndpointBase):
             kind, sep, msg = text.partition(": ")
             return RemoteError(None, msg if sep else text, kind if sep else "Exception", self.name)
         return error_from_code(r[2], f"{self.name!r}: {text}")
+
+
+def endpoint_for(session: Session, reply: frames.Message,
+                 origin: tuple[str, str] | None = None) -> Endpoint:
+    """The Endpoint of a Granted reply: one object per capability handle (held in the session's
+    table until closed). origin: how it was looked up, so that a reconnect can look it up again."""
+    assert isinstance(reply, frames.Granted)
+    with session.lock:
+        ep = session.endpoints.get(reply.handle)
+        if ep is None:
+            ep = Endpoint(session, reply)
+            session.endpoints[reply.handle] = ep
+        if origin is not None and ep._origin is None:
+            ep._origin = origin
+    return ep
+
+
+def received_endpoint(session: Session, granted: frames.Granted) -> Endpoint:
+    """A capability that came with a message: it lives as long as the application refers to it
+    (or until Endpoint.keep()); when the last reference goes, it goes back to the kernel, so
+    capabilities a sender pushes unasked can never fill this process's table."""
+    ep = Endpoint(session, granted)
+    ep._finalizer = weakref.finalize(ep, _release_received, session, ep._ctl, granted.handle)
+    ep._finalizer.atexit = False
+    return ep
+
+
+def _release_received(session: Session, ctl: Control, handle: int) -> None:
+    if session.live(ctl):
+        ctl.request_nowait(frames.Release(handle))
 
 
 def _payload_arg(payload: Any) -> Any:
@@ -508,90 +458,3 @@ def _payload_arg(payload: Any) -> Any:
     return payload if n else None
 
 
-# An eventfd wake-up can be swallowed by a peer that shares the eventfd (any client of a service
-# can read the service's), and a peer's death is published on the control page, not the eventfd:
-# every wait re-polls at least this often.
-_EVENT_POLL = _core.SLEEP_CAP_NS / 1e9
-
-
-class Loan:
-    """A loaned arena buffer (see Endpoint.loan); unsent loans are given back on exit."""
-
-    __slots__ = ("_ep", "_lane", "_buffer", "_open")
-    _buffer: memoryview | None  # None once given back unsent
-
-    def __init__(self, ep: Endpoint, lane: _Lane, buffer: memoryview) -> None:
-        self._ep, self._lane, self._buffer = ep, lane, buffer
-        self._open = True
-
-    @property
-    def buffer(self) -> memoryview:
-        """The loaned bytes: fill them, then call() or send_async()."""
-        if self._buffer is None:
-            raise IpcError("this loan was given back unsent: its buffer is gone")
-        return self._buffer
-
-    def __enter__(self) -> Loan:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._open:
-            self._open = False
-            self._lane.core.cancel_loan()
-            # A cancelled chunk stays reserved while a view of it lives: drop ours, so that the
-            # next loan in a loop (this Loan still bound to its variable) can have it.
-            self._buffer = None
-
-    def call(self, opcode: int, data: _core.Data = (), timeout: float | None = None,
-             flags: int = 0) -> Message:
-        """Send the loaned buffer as a call's payload, no copy; wait for the reply."""
-        if not self._open or flags:  # the checks of _commit, without its frame when plain
-            self._commit(flags)
-        self._open = False
-        r = self._lane.core.call_loan(self._ep.handle, opcode, flags | _REPLY, data,
-                                      -1 if timeout is None else timeout_ns(timeout))
-        if r[1] & _ERROR:
-            raise self._ep._remote_error(r)
-        return r
-
-    def send_async(self, opcode: int, data: _core.Data = (), flags: int = 0) -> None:
-        """Send the loaned buffer as a one-way message's payload, no copy."""
-        self._commit(flags)
-        self._lane.core.send_loan(self._ep.handle, opcode, flags, data)
-
-    def _commit(self, flags: int) -> None:
-        if not self._open:
-            raise IpcError("this loan was already sent or given back")
-        if flags & ~USER_FLAGS and flags != OBJECT_FLAG:
-            raise bad_flags(flags)
-        self._open = False
-
-
-async def _readable_any(loop: asyncio.AbstractEventLoop, fds: list[int],
-                        timeout: float | None) -> None:
-    """Wait until one of some eventfds is readable (at most _EVENT_POLL, or the timeout)."""
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    for fd in fds:
-        loop.add_reader(fd, ready)
-    wait = _EVENT_POLL if timeout is None else min(timeout, _EVENT_POLL)
-    try:
-        await asyncio.wait_for(fut, wait)
-    except TimeoutError:
-        pass
-    finally:
-        for fd in fds:
-            loop.remove_reader(fd)
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float | None) -> None:
-    """Wait until an eventfd is readable (at most _EVENT_POLL, or the timeout), then drain it."""
-    try:
-        await _readable_any(loop, [fd], timeout)
-    finally:
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(fd)

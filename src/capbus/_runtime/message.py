@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import ctypes
 
-from .. import _core
+from .. import _core, _errors
+from . import objects
 
 # The top two user flag bits are the runtime's own.
 TRANSFER_FLAG = _core.TRANSFER_FLAG  # capabilities or regions travel with this message
@@ -72,7 +73,9 @@ def bad_flags(flags: int) -> ValueError:
 from .._core import Message as Message  # noqa: E402
 
 # A received request is the native type itself: no Python subclass to build and tear down for
-# every message (object() and reply_object() are native too, calling capbus._runtime.objects).
+# every message (object() and reply_object() are native too, calling the codec handed in below).
 from .._core import Request as Request  # noqa: E402
 
-_core.set_types(Message, Request)
+# What the native core needs of the Python side, handed in once (it imports no capbus module):
+# the error classes it raises and the object codec of object()/reply_object().
+_core.register(errors=_errors, object_loads=objects.loads, object_pack=objects.pack)

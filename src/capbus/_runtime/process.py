@@ -2,6 +2,12 @@
 
 A Process is one connection to the kernel with its own ProcessId. It belongs to the OS process
 that opened it: after fork() the child's copy refuses to act (it must connect on its own).
+
+The Process is the face: connect, register, lookup, create_region, subscribe, query, grants,
+and the reconnect. The plumbing its objects share (the control connection, the fork check,
+requests, the tables by handle) is its Session (session.py): Endpoint, Service, Region and
+Subscription are handed that, never the Process. The Process builds them, and routes the
+control thread's events to them.
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ from .._errors import IpcError, KernelUnavailable, PermissionDenied
 from .._protocol import frames
 from .._protocol.names import check_grant_key, check_name
 from .control import Control
-from .endpoint import Endpoint, limits_request
+from .endpoint import Endpoint, endpoint_for
+from .limits import limits_request
 from .peers import PeerWatch
-from .region import Region
+from .region import Region, region_from
 from .service import Service
+from .session import Session
 from .subscription import Subscription
 
 log = logging.getLogger("capbus")
@@ -43,35 +51,21 @@ class Process:
             raise ValueError(f"wait must be one of {WAIT_MODES}, not {wait!r}")
         if reconnect and path is None:
             raise ValueError("reconnect=True needs a kernel path (not an inherited socket)")
-        self.wait_mode = wait
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
+        # The plumbing every object this Process hands out shares (they never see the Process).
+        self._session = Session(wait, reconnect, PeerWatch(self._peer_exited))
+        self._lock = self._session.lock  # also guards _grants
         self._path = path
         self._kernel_uid: int | None = None  # also trusted to run the kernel (see connect)
-        self._reconnect = reconnect
         self._reconnect_callbacks: list[Callable[[Process], None]] = (
             [on_reconnect] if on_reconnect is not None else [])
-        self._user_closed = False
-        # Set while no kernel serves this Process (None: connected): what requests fail with.
-        self.kernel_lost: KernelUnavailable | None = None
-        self._peers = PeerWatch(self._peer_exited)
-        self._lane_endpoints: weakref.WeakSet[Endpoint] = weakref.WeakSet()
         self._rebinding: Service | None = None
-        # Held until released (Endpoint.close/revoke) like the capability it stands for: a dropped
-        # reference must not close its lanes behind the caller's back (the kernel bounds these).
-        self._endpoints: dict[int, Endpoint] = {}
-        self._services: dict[int, Service] = {}
-        self._regions: weakref.WeakValueDictionary[int, Region] = weakref.WeakValueDictionary()
-        self._subscriptions: weakref.WeakValueDictionary[int, Subscription] = (
-            weakref.WeakValueDictionary()
-        )
-        self._control = Control(sock, self._on_event, self._on_response, self._on_lost)
+        self._session.control = Control(sock, self._on_event, self._on_response, self._on_lost)
         try:
-            welcome = self._control.hello(wait)
+            welcome = self._session.control.hello(wait)
         except BaseException:
             sock.close()
             raise
-        self.id: int = welcome.process_id
+        self._session.process_id = welcome.process_id
         self.package: str | None = welcome.package
         # Startup grants: key -> its Endpoint, or None while its service has not registered
         # (resolved on first use, see grant()). A key the spawner revokes leaves the dict.
@@ -82,6 +76,34 @@ class Process:
     def __repr__(self) -> str:
         return f"<capbus.Process id={self.id} package={self.package}>"
 
+    @property
+    def id(self) -> int:
+        """This connection's ProcessId, as the kernel knows it (a reconnect gives a new one)."""
+        return self._session.process_id
+
+    @property
+    def wait_mode(self) -> str:
+        """How calls and receives wait: "adaptive", "spin" or "block" (see connect)."""
+        return self._session.wait_mode
+
+    @property
+    def kernel_lost(self) -> KernelUnavailable | None:
+        """Set while no kernel serves this Process (None: connected): what requests fail with."""
+        return self._session.kernel_lost
+
+    # The connection's plumbing lives in the Session; these names stay for tools and tests.
+    @property
+    def _control(self) -> Control:
+        return self._session.control
+
+    @property
+    def _pid(self) -> int:
+        return self._session.pid
+
+    @property
+    def _endpoints(self) -> dict[int, Endpoint]:
+        return self._session.endpoints
+
     def __enter__(self) -> Process:
         return self
 
@@ -90,10 +112,10 @@ class Process:
 
     def close(self) -> None:
         """End this connection: the kernel drops its registrations and tells its watchers."""
-        if os.getpid() == self._pid:
-            self._user_closed = True
-            self._control.close()
-            self._peers.close()
+        if os.getpid() == self._session.pid:
+            self._session.user_closed = True
+            self._session.control.close()
+            self._session.peers.close()
 
     def on_reconnect(self, callback: Callable[[Process], None]) -> None:
         """Call `callback(process)` (on a runtime thread) each time this Process, connected with
@@ -103,7 +125,7 @@ class Process:
 
     @property
     def closed(self) -> bool:
-        return self._control.closed is not None
+        return self._session.control.closed is not None
 
     # ---- startup grants -----------------------------------------------------------------------
 
@@ -154,7 +176,7 @@ class Process:
             if ep is not None and not ep._closed:
                 ep._rebind(granted)
                 with self._lock:
-                    self._endpoints[granted.handle] = ep
+                    self._session.endpoints[granted.handle] = ep
             else:
                 ep = self._endpoint(granted)
                 ep._grant_key = key
@@ -231,9 +253,10 @@ class Process:
         reply = self._request(frames.Subscribe())
         assert isinstance(reply, frames.Subscribed)
         with self._lock:
-            sub = self._subscriptions.get(reply.handle)
+            sub = self._session.subscriptions.get(reply.handle)
             if sub is None:
-                sub = self._subscriptions[reply.handle] = Subscription(self, reply.handle)
+                sub = Subscription(self._session, reply.handle)
+                self._session.subscriptions[reply.handle] = sub
         return sub
 
     # ---- introspection ------------------------------------------------------------------------
@@ -258,33 +281,22 @@ class Process:
     # ---- internals ----------------------------------------------------------------------------
 
     def _check(self) -> None:
-        if os.getpid() != self._pid:
-            raise KernelUnavailable(
-                f"this capbus Process belongs to pid {self._pid}; a forked child must call "
-                "capbus.connect() for its own connection"
-            )
+        self._session.check()
 
     def _request(self, msg: frames.Message, timeout: float | None = None,
                  via: Control | None = None) -> frames.Message:
-        reply, fds = self._request_fds(msg, timeout, via)
-        for fd in fds:
-            os.close(fd)
-        return reply
+        return self._session.request(msg, timeout, via)
 
     def _request_fds(self, msg: frames.Message, timeout: float | None = None,
                      via: Control | None = None) -> tuple[frames.Message, list[int]]:
-        """A request whose answer carries fds: the caller owns (and closes) them.
-
-        via: the connection a handle in `msg` belongs to (an object's own): after a reconnect a
-        stale handle must fail on its dead connection, never name something in the new kernel."""
-        self._check()
-        return (via or self._control).request(msg, timeout)
+        """A request whose answer carries fds: the caller owns (and closes) them."""
+        return self._session.request_fds(msg, timeout, via)
 
     def _service(self, answer: tuple[frames.Message, list[int]],
                  frame: frames.Message | None = None) -> Service:
         reply, _ = answer
         assert isinstance(reply, frames.Registered)
-        svc = self._services[reply.handle]
+        svc = self._session.services[reply.handle]
         svc._frame = frame
         return svc
 
@@ -295,54 +307,30 @@ class Process:
             if svc is not None:  # a reconnect re-registers an existing Service
                 self._rebinding = None
                 svc._rebind(msg.handle, *fds)
-                self._services[msg.handle] = svc
+                self._session.services[msg.handle] = svc
             else:
-                self._services[msg.handle] = Service(self, msg.handle, msg.name, *fds)
+                self._session.services[msg.handle] = Service(self._session, msg.handle, msg.name,
+                                                             *fds)
             return []
         return fds
 
-    def _received_endpoint(self, granted: frames.Granted) -> Endpoint:
-        """A capability that came with a message: it lives as long as the application refers
-        to it (or until Endpoint.keep()); when the last reference goes, it goes back to the
-        kernel, so capabilities a sender pushes unasked can never fill this process's table."""
-        ep = Endpoint(self, granted)
-        ep._finalizer = weakref.finalize(ep, _release_received, self, ep._ctl, granted.handle)
-        ep._finalizer.atexit = False
-        return ep
-
     def _endpoint(self, reply: frames.Message, origin: tuple[str, str] | None = None) -> Endpoint:
-        assert isinstance(reply, frames.Granted)
-        with self._lock:  # one Endpoint object per capability handle
-            ep = self._endpoints.get(reply.handle)
-            if ep is None:
-                ep = Endpoint(self, reply)
-                self._endpoints[reply.handle] = ep
-            if origin is not None and ep._origin is None:
-                ep._origin = origin
-        return ep
+        return endpoint_for(self._session, reply, origin)
 
     def _region(self, answer: tuple[frames.Message, list[int]]) -> Region:
-        reply, fds = answer
-        assert isinstance(reply, frames.RegionGranted)
-        try:
-            region = Region(self, reply, fds[0])
-        except BaseException:
-            os.close(fds[0])
-            raise
-        self._regions[reply.handle] = region
-        return region
+        return region_from(self._session, answer)
 
     def _forget(self, ep: Endpoint) -> None:
-        self._endpoints.pop(ep.handle, None)
+        self._session.forget_endpoint(ep)
 
     def _on_event(self, msg: frames.Message, fds: list[int]) -> None:
         """Called on the control reader thread."""
         if isinstance(msg, frames.ChannelOpened):
-            svc = self._services.get(msg.handle)
+            svc = self._session.services.get(msg.handle)
             if svc is not None:
-                svc._channel_opened(msg, fds, self._peers.watch(msg.pid))
+                svc._channel_opened(msg, fds, self._session.peers.watch(msg.pid))
         elif isinstance(msg, frames.ChannelClosed):
-            svc = self._services.get(msg.handle)
+            svc = self._session.services.get(msg.handle)
             if svc is not None:  # its client left: deliver what it already sent, then drop it
                 svc._channel_closed(msg.index, drain=True)
         for fd in fds:
@@ -350,11 +338,11 @@ class Process:
         if isinstance(msg, frames.GrantRevoked):
             self._grant_revoked(msg.key)
         elif isinstance(msg, frames.Death):
-            ep = self._endpoints.get(msg.handle)
+            ep = self._session.endpoints.get(msg.handle)
             if ep is not None:
                 ep._died()
         elif isinstance(msg, frames.RegistrationNotice):
-            sub = self._subscriptions.get(msg.handle)
+            sub = self._session.subscriptions.get(msg.handle)
             if sub is not None:
                 sub._notify()
 
@@ -364,13 +352,13 @@ class Process:
         """The peer watch's thread: the OS process `pid` at the other end of some channels exited.
         Its lanes fail with PeerDied at once (the kernel, if alive, says the same on the control
         pages); with the kernel gone, services also drop its channels and watchers hear of it."""
-        eps = [ep for ep in list(self._lane_endpoints) if ep._served_by(pid)]
+        eps = [ep for ep in list(self._session.lane_endpoints) if ep._served_by(pid)]
         for ep in eps:
             ep._mark_lanes(_core.STATE_PEER_DEAD, pid)
             if ep._server_pid == pid and ep._ctl.closed is not None:  # no kernel will say it
                 ep._died()
-        lost = self.kernel_lost is not None
-        for svc in list(self._services.values()):
+        lost = self._session.kernel_lost is not None
+        for svc in list(self._session.services.values()):
             svc._peer_exited(pid, lost)  # channels of a lost kernel go in any case
         # A caller between its last state check and its futex sleep missed that wake-up: the
         # window is a few instructions, so two more wakes a little later close it. On timers,
@@ -384,27 +372,27 @@ class Process:
     def _on_lost(self, reason: KernelUnavailable) -> None:
         """The control reader thread, as the kernel goes: channels stay (both peers may live);
         what the kernel would have told us about them we now see ourselves."""
-        if self._user_closed:
+        if self._session.user_closed:
             return
-        what = "reconnecting" if self._reconnect else "connect again once a kernel is back"
-        self.kernel_lost = KernelUnavailable(f"{reason} ({what})")
-        self._control._closed = self.kernel_lost
+        what = "reconnecting" if self._session.reconnect else "connect again once a kernel is back"
+        self._session.kernel_lost = KernelUnavailable(f"{reason} ({what})")
+        self._session.control._closed = self._session.kernel_lost
         log.warning("capbus: lost the kernel (%s): %s", reason, what)
-        for svc in list(self._services.values()):
-            svc._kernel_lost(self._peers.dead, self._reconnect)
-        if self._reconnect:
+        for svc in list(self._session.services.values()):
+            svc._kernel_lost(self._session.peers.dead, self._session.reconnect)
+        if self._session.reconnect:
             threading.Thread(target=self._reconnect_loop, name="capbus-reconnect", daemon=True).start()
 
     def _reconnect_loop(self) -> None:
         """Connect to the same path again, with backoff (50 ms doubling to 2 s: one attempt costs
         a failed connect(2)), then bring back what can be brought back."""
         delay = 0.05
-        while not self._user_closed:
+        while not self._session.user_closed:
             try:
                 sock = _open_socket(self._path or "", self._kernel_uid)
                 control = Control(sock, self._on_event, self._on_response, self._on_lost)
                 try:
-                    welcome = control.hello(self.wait_mode)
+                    welcome = control.hello(self._session.wait_mode)
                 except BaseException:
                     sock.close()
                     raise
@@ -428,15 +416,15 @@ class Process:
                 log.exception("on_reconnect callback %r raised", cb)
 
     def _rebind_all(self, control: Control, welcome: frames.Welcome) -> None:
-        old_services = list(self._services.values())
-        old_endpoints = list(self._endpoints.values())
+        old_services = list(self._session.services.values())
+        old_endpoints = list(self._session.endpoints.values())
         with self._lock:
-            self._control = control
-            self._services = {}
-            self._endpoints = {}
-            self.id, self.package = welcome.process_id, welcome.package
-            self.kernel_lost = None
-            self._peers.dead.clear()
+            self._session.control = control
+            self._session.services = {}
+            self._session.endpoints = {}
+            self._session.process_id, self.package = welcome.process_id, welcome.package
+            self._session.kernel_lost = None
+            self._session.peers.dead.clear()
         self._take_grants(welcome)
         log.warning("capbus: reconnected to %s as process %d", self._path, self.id)
         for svc in old_services:
@@ -464,14 +452,14 @@ class Process:
                 assert isinstance(reply, frames.Granted)
             except IpcError as exc:
                 log.warning("capbus: cannot look %r up again after a reconnect: %s", name, exc)
-                alive = bool(ep._lanes) and not self._peers.gone(ep._server_pid)
+                alive = bool(ep._lanes) and not self._session.peers.gone(ep._server_pid)
                 ep._lose(f"endpoint {name!r} was lost with the kernel and not found again: {exc}"
                          + (" (lanes open before work while its server lives)" if alive else ""),
                          keep_lanes=alive)
                 return
             ep._rebind(reply)
             with self._lock:
-                self._endpoints[reply.handle] = ep
+                self._session.endpoints[reply.handle] = ep
 
         threads = []
         for ep in old_endpoints:
@@ -486,13 +474,13 @@ class Process:
             threads.append(t)
         for t in threads:
             t.join(_RELOOKUP + 35)
-        self._regions.clear()
-        self._subscriptions.clear()
+        self._session.regions.clear()
+        self._session.subscriptions.clear()
 
     def _after_fork_in_child(self) -> None:
-        self._control.forget_after_fork(
+        self._session.control.forget_after_fork(
             KernelUnavailable(
-                f"this capbus Process belongs to pid {self._pid}; a forked child must call "
+                f"this capbus Process belongs to pid {self._session.pid}; a forked child must call "
                 "capbus.connect() for its own connection"
             )
         )
@@ -520,11 +508,6 @@ class _Grants(Mapping[str, "Endpoint"]):
 
     def __repr__(self) -> str:
         return f"<capbus grants {sorted(self._proc._grants)}>"
-
-
-def _release_received(proc: Process, ctl: Control, handle: int) -> None:
-    if ctl.closed is None and os.getpid() == proc._pid:
-        ctl.request_nowait(frames.Release(handle))
 
 
 class _Bounds(TypedDict, total=False):

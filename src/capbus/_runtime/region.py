@@ -25,16 +25,16 @@ from .._mapping import Mapping
 from .._protocol import frames
 
 if TYPE_CHECKING:
-    from .process import Process
+    from .session import Session
 
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)  # Linux 5.1
 _NO_WRITE_SEALS = fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE
 
 
 class Region:
-    def __init__(self, proc: Process, granted: frames.RegionGranted, fd: int) -> None:
-        self._proc = proc
-        self._ctl = proc._control  # its handle means nothing to another kernel
+    def __init__(self, session: Session, granted: frames.RegionGranted, fd: int) -> None:
+        self._session = session
+        self._ctl = session.control  # its handle means nothing to another kernel
         self.handle = granted.handle
         self.size = granted.size
         self.rights = frozenset(granted.rights or ())
@@ -96,7 +96,7 @@ class Region:
         holder still has it mapped writable). Afterwards it is mapped read-only here too."""
         self._unmap("being sealed")
         try:
-            self._proc._request(frames.SealRegion(self.handle), via=self._ctl)
+            self._session.request(frames.SealRegion(self.handle), via=self._ctl)
         finally:
             fd = self._fresh_fd()
             try:
@@ -111,24 +111,28 @@ class Region:
             return
         self._unmap("closed")
         self._held = False
-        self._proc._regions.pop(self.handle, None)
+        self._session.forget_region(self.handle)
         if self._ctl.closed is None:
-            self._proc._request(frames.Release(self.handle), via=self._ctl)
+            self._session.request(frames.Release(self.handle), via=self._ctl)
 
     def __del__(self) -> None:
         # Dropped without close(): give the capability back; the mapping itself goes when the
         # last view of it does (see _mapping.Mapping).
         if getattr(self, "_held", False):
             self._held = False
-            proc, ctl = self._proc, getattr(self, "_ctl", None)
-            if ctl is not None and ctl.closed is None and os.getpid() == proc._pid:
+            ctl = getattr(self, "_ctl", None)
+            if ctl is not None and self._session.live(ctl):
                 ctl.request_nowait(frames.Release(self.handle))
+
+    def held_by(self, session: Session) -> bool:
+        """Whether this region is a capability of that connection (what a message may carry)."""
+        return self._session is session
 
     # ---- internals ----------------------------------------------------------------------------
 
     def _fresh_fd(self) -> int:
         """An fd of the memfd, from the kernel (the caller closes it)."""
-        reply, fds = self._proc._request_fds(frames.MapRegion(self.handle), via=self._ctl)
+        reply, fds = self._session.request_fds(frames.MapRegion(self.handle), via=self._ctl)
         for extra in fds[1:]:
             os.close(extra)
         if not fds:
@@ -164,4 +168,18 @@ class Region:
     def _moved(self) -> None:
         self._unmap("moved to another process")
         self._held = False
-        self._proc._regions.pop(self.handle, None)
+        self._session.forget_region(self.handle)
+
+
+def region_from(session: Session, answer: tuple[frames.Message, list[int]]) -> Region:
+    """The Region of a RegionGranted answer (its fd mapped, then closed), in the session's
+    table; on failure the fd is closed here."""
+    reply, fds = answer
+    assert isinstance(reply, frames.RegionGranted)
+    try:
+        region = Region(session, reply, fds[0])
+    except BaseException:
+        os.close(fds[0])
+        raise
+    session.regions[reply.handle] = region
+    return region

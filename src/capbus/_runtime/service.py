@@ -26,25 +26,30 @@ from .. import _core
 from .._errors import IpcError, KernelUnavailable, RemoteError, Timeout
 from .._fdlimit import raise_fd_limit
 from .._protocol import frames
-from .endpoint import _EVENT_POLL, ADAPTIVE_SPIN_NS, WAIT_CODES, _readable, _readable_any, timeout_ns
+from .endpoint import received_endpoint
 from .message import TRANSFER_FLAG, Message, Request
-from .region import Region
+from .region import Region, region_from
+from .wait import ADAPTIVE_SPIN_NS, EVENT_POLL, WAIT_CODES, readable, readable_any, timeout_ns
 
 if TYPE_CHECKING:
-    from .process import Process
+    from .session import Session
 
 log = logging.getLogger("capbus")
 
 
 class Service(_core.ServiceBase):
     """The capability to serve a registered name. recv() is native (_core.ServiceBase); a closed
-    service or a corrupt channel comes back to _recv_slow below, the reference behaviour."""
+    service or a corrupt channel comes back to _recv_slow below (handed to the base as
+    slow_recv), the reference behaviour."""
 
-    def __init__(self, proc: Process, handle: int, name: str, doorbell_fd: int,
+    def __init__(self, session: Session, handle: int, name: str, doorbell_fd: int,
                  event_fd: int, sleep_fd: int) -> None:
+        # What the native recv() calls up to: the reference recv for what it does not handle,
+        # and the claim of a message's attachments.
+        super().__init__(slow_recv=Service._recv_slow, claim=Service._claim)
         raise_fd_limit()  # a few fds per client channel
-        self._proc = proc
-        self._ctl = proc._control  # the kernel connection its handle belongs to
+        self._session = session
+        self._ctl = session.control  # the kernel connection its handle belongs to
         self._frame: frames.Message | None = None  # how it was registered (for a reconnect)
         self._access: list[tuple[list[str] | None, list[str] | None]] = []  # allow/deny, in order
         # Set when the kernel is gone for good for this service: what recv() raises once its
@@ -64,15 +69,15 @@ class Service(_core.ServiceBase):
         self._turn = 0  # which ServerSet _poll_all asks first (round robin across them)
         self._warn = _RateLimitedLog(log)
         try:
-            self._set = _core.ServerSet(doorbell_fd, WAIT_CODES[proc.wait_mode], ADAPTIVE_SPIN_NS,
-                                        event_fd=event_fd, sleep_fd=sleep_fd)
+            self._set = _core.ServerSet(doorbell_fd, WAIT_CODES[session.wait_mode],
+                                        ADAPTIVE_SPIN_NS, event_fd=event_fd, sleep_fd=sleep_fd)
         finally:
             os.close(doorbell_fd)
             os.close(sleep_fd)  # the ServerSet keeps its own duplicate
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"<capbus.Service {self.name!r} of process {self._proc.id}>"
+        return f"<capbus.Service {self.name!r} of process {self._session.process_id}>"
 
     def fileno(self) -> int:
         """An fd that becomes readable when messages may be waiting (for event loops)."""
@@ -172,9 +177,9 @@ class Service(_core.ServiceBase):
             if left is not None and left <= 0:
                 raise Timeout(f"no message for {self.name!r} within {timeout} s")
             if self._retired:
-                await _readable_any(loop, self._event_fds(), left)
+                await readable_any(loop, self._event_fds(), left)
             else:
-                await _readable(loop, self._event_fd, left)
+                await readable(loop, self._event_fd, left)
 
     def __aiter__(self) -> Service:
         return self
@@ -208,7 +213,7 @@ class Service(_core.ServiceBase):
         WARNING, and the loop goes on. A caller that died, or does not read its replies, just
         loses its reply (Request.reply returns False): no client can stop this loop.
         """
-        while not self._closed and not self._proc._user_closed:
+        while not self._closed and not self._session.user_closed:
             try:
                 req = self.recv(poll)
             except Timeout:
@@ -216,7 +221,7 @@ class Service(_core.ServiceBase):
             except IpcError:
                 if self._lost is not None:  # the kernel went, and with it every channel
                     raise self._lost from None
-                if self._closed or self._proc._user_closed:
+                if self._closed or self._session.user_closed:
                     return
                 raise
             self._answer(req, handler)
@@ -240,21 +245,23 @@ class Service(_core.ServiceBase):
 
     def allow(self, *who: int | str) -> None:
         """Accept these senders (ProcessIds, "uid:N", "package:P", "name:N") from now on."""
-        self._proc._request(frames.Access(self.handle, [str(w) for w in who], None), via=self._ctl)
+        self._session.request(frames.Access(self.handle, [str(w) for w in who], None),
+                              via=self._ctl)
         self._access.append(([str(w) for w in who], None))
 
     def deny(self, *who: int | str) -> None:
         """Refuse these senders from now on; their open channels close at once."""
-        self._proc._request(frames.Access(self.handle, None, [str(w) for w in who]), via=self._ctl)
+        self._session.request(frames.Access(self.handle, None, [str(w) for w in who]),
+                              via=self._ctl)
         self._access.append((None, [str(w) for w in who]))
 
     def close(self) -> None:
         """Unregister: the name is free again, and every channel to this service closes."""
         self._closed = True
         self._set.interrupt()
-        self._proc._services.pop(self.handle, None)
+        self._session.forget_service(self.handle)
         if self._ctl.closed is None:
-            self._proc._request(frames.Release(self.handle), via=self._ctl)
+            self._session.request(frames.Release(self.handle), via=self._ctl)
         with self._retired_lock:
             retired, self._retired = self._retired, []
         if retired:  # a receiver waiting on the eventfds: wake it now, not at its next re-poll
@@ -300,14 +307,14 @@ class Service(_core.ServiceBase):
     def _recv_all(self, deadline: float | None) -> Request | None:
         """recv() while channels of a former kernel are served too: poll every ServerSet, then
         sleep on all their eventfds (as arecv does: a client can swallow a wake-up on a shared
-        eventfd, so the wait is capped at _EVENT_POLL). None once no retired set is left (or
+        eventfd, so the wait is capped at EVENT_POLL). None once no retired set is left (or
         the service closed); Timeout at the deadline."""
         while self._retired and not self._closed:
             self._prune_retired()  # drained channels of clients that died
             req = self._poll_all(False) or self._poll_all(True)
             if req is not None:
                 return req
-            left = _EVENT_POLL if deadline is None else min(_EVENT_POLL, deadline - time.monotonic())
+            left = EVENT_POLL if deadline is None else min(EVENT_POLL, deadline - time.monotonic())
             if left <= 0:
                 raise Timeout(f"no message for {self.name!r} within the timeout")
             p = select.poll()
@@ -322,7 +329,7 @@ class Service(_core.ServiceBase):
         r = _Retired(old, event_fd, dict(self._chans))
         with self._retired_lock:  # a client's exit is either seen here or dropped after
             for index, (pid, _) in list(r.chans.items()):
-                if self._proc._peers.gone(pid):
+                if self._session.peers.gone(pid):
                     r.drop(index)
             if r.live():
                 self._retired = [*self._retired, r]
@@ -381,14 +388,14 @@ class Service(_core.ServiceBase):
         for index, (p, _) in list(self._chans.items()):
             if p == pid:
                 self._channel_closed(index, drain=True)
-        if not self._proc._reconnect:
+        if not self._session.reconnect:
             self._maybe_give_up()
 
     def _maybe_give_up(self) -> None:
         """No kernel and no channel left: nothing can ever reach this service again, so a
         waiting recv() raises KernelUnavailable instead of sleeping for ever."""
         if len(self._set) == 0 and not self._retired and not self._closed:
-            self._lost = self._proc.kernel_lost or KernelUnavailable(
+            self._lost = self._session.kernel_lost or KernelUnavailable(
                 f"service {self.name!r}: the kernel is gone")
             self._closed = True
             self._set.interrupt()
@@ -404,14 +411,14 @@ class Service(_core.ServiceBase):
         beside the new one until their clients die (their indices would collide with the new
         kernel's); clients that reconnect open new channels through the new kernel."""
         try:
-            new = _core.ServerSet(doorbell_fd, WAIT_CODES[self._proc.wait_mode], ADAPTIVE_SPIN_NS,
-                                  event_fd=event_fd, sleep_fd=sleep_fd)
+            new = _core.ServerSet(doorbell_fd, WAIT_CODES[self._session.wait_mode],
+                                  ADAPTIVE_SPIN_NS, event_fd=event_fd, sleep_fd=sleep_fd)
         finally:
             os.close(doorbell_fd)
             os.close(sleep_fd)
         old, old_event = self._set, self._event_fd
         self._retire(old, old_event)  # before the swap: a receiver woken below must see it
-        self._ctl, self.handle = self._proc._control, handle
+        self._ctl, self.handle = self._session.control, handle
         self._senders, self._chans = {}, {}
         self._event_fd = event_fd
         self._set = new
@@ -421,7 +428,7 @@ class Service(_core.ServiceBase):
     def _replay_access(self) -> None:
         for allow, deny in self._access:
             allow = None if allow is None else [a for a in allow if not a.isdigit()]
-            self._proc._request(frames.Access(self.handle, allow, deny), via=self._ctl)
+            self._session.request(frames.Access(self.handle, allow, deny), via=self._ctl)
 
     # ---- called by the runtime ----------------------------------------------------------------
 
@@ -435,8 +442,8 @@ class Service(_core.ServiceBase):
         Endpoint.keep), regions when their Region is closed or garbage-collected: what a sender
         pushes unasked cannot fill this process's capability table."""
         try:
-            reply = self._proc._request(frames.Claim(self.handle, req.index, req.tag,
-                                                     req.generation), via=self._ctl)
+            reply = self._session.request(frames.Claim(self.handle, req.index, req.tag,
+                                                       req.generation), via=self._ctl)
         except Exception as exc:  # a closed process, a dead kernel: recv() goes on without them
             self._warn.log("service %r: cannot claim the attachments of a message: %s", self.name,
                            exc)
@@ -450,15 +457,15 @@ class Service(_core.ServiceBase):
                 if region is not None:
                     regions.append(region)
             else:
-                caps.append(self._proc._received_endpoint(frames.Granted(**row)))
+                caps.append(received_endpoint(self._session, frames.Granted(**row)))
         req.caps, req.regions = tuple(caps), tuple(regions)
 
     def _map_claimed(self, handle: int) -> Region | None:
         """A claimed region, mapped as its seals allow; None (and the capability given back) if
         it cannot be mapped at all."""
         try:
-            return self._proc._region(self._proc._request_fds(frames.MapRegion(handle),
-                                                              via=self._ctl))
+            return region_from(self._session,
+                               self._session.request_fds(frames.MapRegion(handle), via=self._ctl))
         except Exception as exc:
             self.dropped_attachments += 1
             self._warn.log("service %r: dropped a region that came with a message: %s", self.name,

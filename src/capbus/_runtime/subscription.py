@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 from .._protocol import frames
 
 if TYPE_CHECKING:
-    from .process import Process
+    from .session import Session
 
 
 class Subscription:
-    def __init__(self, proc: Process, handle: int) -> None:
-        self._proc = proc
-        self._ctl = proc._control  # its handle means nothing to another kernel
+    def __init__(self, session: Session, handle: int) -> None:
+        self._session = session
+        self._ctl = session.control  # its handle means nothing to another kernel
         self.handle = handle
         self._cond = threading.Condition()
         self._pending = False
@@ -29,12 +29,12 @@ class Subscription:
                 return False
             self._pending = False
         # Acknowledge, so the kernel may send the next (one outstanding at a time).
-        self._proc._request(frames.NotifyAck(self.handle), via=self._ctl)
+        self._session.request(frames.NotifyAck(self.handle), via=self._ctl)
         return True
 
     def close(self) -> None:
         if self._ctl.closed is None:
-            self._proc._request(frames.Release(self.handle), via=self._ctl)
+            self._session.request(frames.Release(self.handle), via=self._ctl)
 
     def _notify(self) -> None:
         with self._cond:
