@@ -28,7 +28,8 @@ from ._kernel.kernel import Kernel
 from ._kernel.launcher import Child
 from ._kernel.policy import KernelLimits, Policy, ProcessInfo
 from ._kernel.sandbox import Sandbox
-from ._runtime.endpoint import Endpoint, Limits
+from ._runtime.endpoint import Endpoint
+from ._runtime.limits import Limits
 from ._runtime.message import LargeMessage, Message, Request, SmallMessage
 from ._runtime.process import Process, connect
 from ._runtime.region import Region

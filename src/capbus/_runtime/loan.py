@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import _core
@@ -50,7 +50,7 @@ class Loan:
             # next loan in a loop (this Loan still bound to its variable) can have it.
             self._buffer = None
 
-    def call(self, opcode: int, data: Sequence[int] = (), timeout: float | None = None,
+    def call(self, opcode: int, data: _core.Data = (), timeout: float | None = None,
              flags: int = 0) -> Message:
         """Send the loaned buffer as a call's payload, no copy; wait for the reply."""
         if not self._open or flags:  # the checks of _commit, without its frame when plain
@@ -62,7 +62,7 @@ class Loan:
             raise self._remote_error(r)
         return r
 
-    def send_async(self, opcode: int, data: Sequence[int] = (), flags: int = 0) -> None:
+    def send_async(self, opcode: int, data: _core.Data = (), flags: int = 0) -> None:
         """Send the loaned buffer as a one-way message's payload, no copy."""
         self._commit(flags)
         self._lane.native.send_loan(self._ep.handle, opcode, flags, data)
