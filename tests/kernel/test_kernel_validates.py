@@ -2,7 +2,7 @@
 allowlist entries, names) are checked where they enter, listings are paged by encoded size, and
 every per-request failure is an error reply to the asker alone, never a lost connection.
 
-Hostile parties are raw sockets speaking the frame format by hand (as in test_hostile_control);
+Hostile parties are raw sockets speaking the frame format by hand (tests/_raw.py, as in test_hostile_control);
 victims and admins are real child processes using the runtime.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from _raw import Raw, raw_frame
 from conftest import readline
-from test_hostile_control import Raw, raw_frame
 
 import capbus
 from capbus._kernel import naming, regions
