@@ -62,3 +62,21 @@ def test_every_request_has_one_handler():
             seen[kind] = module.__name__
     requests = {c for c in frames._REGISTRY.values() if c.KIND == frames.KIND_REQUEST}
     assert requests - {frames.Hello} == set(seen), sorted(c.__name__ for c in requests ^ set(seen))
+
+
+def test_connections_sit_between_the_driver_and_the_domains():
+    # connections.py frees what a process held (channels, naming) and is driven by kernel.py: it
+    # never imports the driver, and no request domain reaches up into it.
+    imported = _kernel_imports("connections")
+    assert "kernel" not in imported
+    assert imported & set(DOMAINS) <= {"channels", "naming"}, sorted(imported & set(DOMAINS))
+    for name in (*DOMAINS, "state"):
+        assert "connections" not in _kernel_imports(name), f"{name}.py imports connections.py"
+
+
+def test_hello_is_answered_by_connections_alone():
+    from capbus._kernel import connections
+
+    assert list(connections.HANDLERS) == [frames.Hello]
+    for module in (channels, naming, delegation, region_requests, introspect):
+        assert frames.Hello not in module.HANDLERS, module.__name__

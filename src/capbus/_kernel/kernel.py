@@ -4,10 +4,12 @@ listening socket, every process connection, every process's pidfd and a wake-up 
 Other threads (the embedding program, signal handlers) never touch the state: they hand a
 closure to the loop (`_call`) and wait for its result.
 
-This module is the driver: lifecycle, the thread-safe API, the loop, timers, connections
-(admission, framing, sending), a process's death, and dispatch. What each request does is in the domain
-modules (naming, channels, delegation, region_requests, introspect), functions over the shared
-state (state.KernelState) that answer through the Outbox this module implements (_KernelOutbox).
+This module is the driver: lifecycle, the thread-safe API, the loop, timers, launched children,
+and dispatch: reading requests, framing and sending answers and events (the Outbox this module
+implements, _KernelOutbox) and the audit glue. A connection's admission, accounting and end are
+in connections.py (Connections); what each request does is in the domain modules (naming,
+channels, delegation, region_requests, introspect), functions over the shared state
+(state.KernelState) that answer through the Outbox.
 """
 
 from __future__ import annotations
@@ -36,22 +38,21 @@ from .._protocol import frames
 from .._protocol.connection import State
 from .._protocol.names import check_name
 from . import audit as _audit
-from . import channels, delegation, introspect, naming, region_requests
+from . import channels, connections, delegation, introspect, naming, region_requests
 from .captable import Capability
+from .connections import Connections
 from .grants import GrantSpec, combine_grants, parse_grants, parse_lookup
 from .launcher import Child, LaunchSpec, default_lookup, launch
-from .listener import bind, not_admitted
+from .listener import bind
 from .policy import KernelLimits, Policy, ProcessInfo
 from .sandbox import Sandbox
-from .shm import STATE_PEER_DEAD
-from .state import LOG_CHARS, KernelState, Outbox, ProcessRecord, Timer, brief, client_key, count_down
-from .transport import FdBudget, Transport
+from .state import LOG_CHARS, KernelState, Outbox, ProcessRecord, Timer
+from .transport import Transport
 
 _T = TypeVar("_T")
 
 log = logging.getLogger("capbus.kernel")
 
-WAIT_MODES = ("spin", "adaptive", "block")  # what a Hello may name (the runtime's WAIT_CODES)
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS,
                               errno.ETOOMANYREFS})
 
@@ -59,8 +60,6 @@ _FRAMES_PER_WAKEUP = 32  # per connection and loop turn, so one chatty process c
 # ... and bytes: a request costs O(its size), so 32 big ones (1024-entry Access frames) in one
 # turn would hold the loop ~40 ms; past this many bytes the connection waits for the next turn.
 _BYTES_PER_WAKEUP = 16 * 1024
-_MAX_REFUSED = 64  # refused connections kept at once until their Hello is answered
-_REFUSED_GRACE = 2.0  # seconds a refused connection has to send its Hello
 
 
 class _Unset:
@@ -102,9 +101,6 @@ class Kernel:
         # The tables every domain shares (processes, registries, parked lookups, usage...)
         self._st = KernelState(self.policy)
         self._out: Outbox = _KernelOutbox(self)
-        self._refused = 0  # refused connections waiting for their Hello
-        self._fd_budgets: dict[tuple[str, int], FdBudget] = {}  # ("pid"|"uid", n): shared
-        self._ids = itertools.count(1)  # ProcessIds: never 0, never reused by this kernel
         self._timers: list[Timer] = []
         self._cancelled_timers = 0
         self._timer_seq = itertools.count()
@@ -115,11 +111,9 @@ class Kernel:
         self._thread: threading.Thread | None = None
         self._sel = selectors.DefaultSelector()
         # frame type -> handler(rec, msg, request_id): each domain module's HANDLERS, bound to
-        # this kernel's state and outbox; Hello is the loop's own (it admits or refuses).
-        self._handlers: dict[type, Callable[[ProcessRecord, Any, int], frames.Message | None]] = {
-            frames.Hello: self._on_hello,
-        }
-        for domain in (naming, channels, delegation, region_requests, introspect):
+        # this kernel's state and outbox (Hello is the connections' own: it admits or refuses).
+        self._handlers: dict[type, Callable[[ProcessRecord, Any, int], frames.Message | None]] = {}
+        for domain in (connections, naming, channels, delegation, region_requests, introspect):
             for kind, handler in domain.HANDLERS.items():
                 self._handlers[kind] = functools.partial(handler, self._st, self._out)
         self.access = self.policy.access
@@ -151,8 +145,11 @@ class Kernel:
         # Other threads poke the loop through _wake; the loop closes it when it shuts down. The
         # lock keeps a poke from racing that close (and from writing into a reused fd number).
         self._wake_lock = threading.Lock()
-        # Kept in reserve so that an accept failing for lack of fds can still shed the connection.
-        self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        # Admission, records and their accounting, each connection's end (a launched child's
+        # end comes back here: it may restart, unless the kernel is stopping).
+        self._conns = Connections(self._st, self._out, self._sel, self._listener, self.access,
+                                  lambda child, restart: self._child_exited(
+                                      child, restart and not self._stopping))
         self._sel.register(self._listener, selectors.EVENT_READ, ("listen", None))
         self._sel.register(self._wake, selectors.EVENT_READ, ("wake", None))
         _paths.announce_embedded(self.socket_path)  # capbus.connect() in this process finds us
@@ -303,7 +300,7 @@ class Kernel:
                         # A kernel bug in serving one process must not stop the others.
                         log.exception("kernel error while serving %s %r", what, rec)
                         if rec is not None:
-                            self._gone(rec, "kernel error")
+                            self._conns.gone(rec, "kernel error")
                 self._fire_timers()
                 if self._audit.due():
                     self._audit.flush()
@@ -322,9 +319,9 @@ class Kernel:
                 self._on_readable(rec)
         elif what == "pidfd":
             assert rec is not None
-            self._gone(rec, "exited")
+            self._conns.gone(rec, "exited")
         elif what == "listen":
-            self._accept()
+            self._conns.accept()
         elif what == "wake":
             self._drain_calls()
 
@@ -373,7 +370,7 @@ class Kernel:
         self._st.shut = True
         _paths.withdraw_embedded(self.socket_path)
         for rec in list(self._st.procs.values()):
-            self._gone(rec, "kernel stopping", restart=False)
+            self._conns.gone(rec, "kernel stopping", restart=False)
         for child in list(self._children):
             child.terminate()
         deadline = time.monotonic() + 2.0
@@ -392,8 +389,7 @@ class Kernel:
         with self._wake_lock:
             os.close(self._wake)
             self._wake = -1
-        if self._reserve_fd >= 0:
-            os.close(self._reserve_fd)
+        self._conns.close()
         self._audit_summaries(force=True)
         self._audit.record(_audit.KERNEL_STOP, pid=os.getpid())
         self._audit.close()
@@ -406,129 +402,7 @@ class Kernel:
             _, _, fut = self._calls.get_nowait()
             fut.set_exception(IpcError("the kernel stopped"))
 
-    # ---- connections and launched children -------------------------------------------------------
-
-    def _accept(self) -> None:
-        for _ in range(64):
-            try:
-                sock, _ = self._listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._accept_failed(exc)
-                return
-            transport = Transport(sock, self.limits.outbox_fds)
-            pid, uid, gid = transport.peer_creds()
-            refused_as: type[IpcError] = PermissionDenied
-            refused = not_admitted(self.access, self._st.uid, sock, pid, uid, gid)
-            if not refused:
-                refused_as, refused = OutOfMemory, self._over_connection_bound(pid, uid)
-            if refused:
-                # Answered with a clear error at its Hello, but it holds no pidfd and counts in
-                # no table; past _MAX_REFUSED of those the newcomer is just closed.
-                if self._refused >= _MAX_REFUSED:
-                    transport.close()
-                    continue
-                rec = self._add_record(transport, pid, uid, gid, None, None, None, None,
-                                       refused=refused)
-                rec.refused_as = refused_as
-                self._refused += 1
-                self._after(_REFUSED_GRACE, functools.partial(self._gone, rec, "refused: no Hello"))
-                continue
-            pidfd = None
-            if pid > 0:
-                try:
-                    pidfd = os.pidfd_open(pid)
-                except OSError:  # already gone (or not visible from here): the socket tells
-                    pidfd = None
-            package = self.policy.uid_packages.get(uid)
-            self._add_record(transport, pid, uid, gid, pidfd, package, None, None)
-
-    def _accept_failed(self, exc: OSError) -> None:
-        """Out of fds (or memory): the pending connection would keep the listener readable and
-        the loop spinning. Shed it with the reserve fd, then stop accepting for a moment."""
-        log.warning("accept failed (%s): refusing new connections for 0.5 s", exc)
-        if self._reserve_fd >= 0:
-            os.close(self._reserve_fd)
-            self._reserve_fd = -1
-            with contextlib.suppress(OSError):
-                self._listener.accept()[0].close()  # the client sees its connection closed
-        with contextlib.suppress(KeyError, ValueError):
-            self._sel.unregister(self._listener)
-
-        def resume() -> None:
-            if self._reserve_fd < 0:
-                with contextlib.suppress(OSError):
-                    self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            if not self._st.shut:
-                with contextlib.suppress(KeyError, ValueError):
-                    self._sel.register(self._listener, selectors.EVENT_READ, ("listen", None))
-
-        self._after(0.5, resume)
-
-    def _add_record(
-        self,
-        transport: Transport,
-        pid: int,
-        uid: int,
-        gid: int,
-        pidfd: int | None,
-        package: str | None,
-        name: str | None,
-        child: Child | None,
-        refused: str = "",
-    ) -> ProcessRecord:
-        rec = ProcessRecord(next(self._ids), pid, uid, gid, transport, pidfd, package, name, child)
-        rec.refused = refused
-        rec.sandboxed = child is not None and child.spec.sandbox is not None
-        self._st.procs[rec.process_id] = rec
-        if not refused:
-            naming.set_authority(self._st, rec)
-            rec.counted = True
-            self._st.conns_by_pid[client_key(rec)] = self._st.conns_by_pid.get(client_key(rec), 0) + 1
-            self._st.conns_by_uid[uid] = self._st.conns_by_uid.get(uid, 0) + 1
-            lim = self.limits
-            budgets = []
-            for key, limit, what in (
-                (("pid", client_key(rec)), lim.outbox_fds, f"pid {pid} (outbox_fds)"),
-                (("uid", uid), lim.outbox_fds_per_uid, f"uid {uid} (outbox_fds_per_uid)"),
-            ):
-                budget = self._fd_budgets.get(key)
-                if budget is None:
-                    budget = self._fd_budgets[key] = FdBudget(limit, what, key)
-                budget.users += 1
-                budgets.append(budget)
-            transport.budgets = tuple(budgets)
-            usage = rec.usage = self._st.usage_of(uid)
-            usage.holders += 1
-            rec.caps.charge = lambda n, usage=usage: self._st.charge_caps(usage, n)
-        self._audit_event(_audit.PROCESS_START, rec, None, package or name or "",
-                          refused or ("connected" if child is None else
-                                      "launched sandboxed" if rec.sandboxed else "launched"))
-        self._sel.register(transport.sock, selectors.EVENT_READ, ("conn", rec))
-        if pidfd is not None:
-            self._sel.register(pidfd, selectors.EVENT_READ, ("pidfd", rec))
-        return rec
-
-    def _over_connection_bound(self, pid: int, uid: int) -> str:
-        """Why a new connection from (pid, uid) is refused, or "" if it is not."""
-        lim = self.limits
-        if pid > 0 and self._st.conns_by_pid.get(pid, 0) >= lim.connections_per_pid:
-            return (f"pid {pid} already holds {lim.connections_per_pid} connections to the kernel "
-                    "(its connections_per_pid limit): close some, or share one Process")
-        if self._st.conns_by_uid.get(uid, 0) >= lim.connections_per_uid:
-            return (f"uid {uid} already holds {lim.connections_per_uid} connections to the kernel "
-                    "(its connections_per_uid limit): close some")
-        return ""
-
-    def _on_hello(self, rec: ProcessRecord, msg: frames.Hello, rid: int) -> frames.Message:
-        if rec.refused:
-            raise rec.refused_as(f"the kernel refuses this connection: {rec.refused}")
-        if msg.wait_mode not in WAIT_MODES:
-            raise ValueError(f"wait mode {msg.wait_mode!r:.80} is not one of {', '.join(WAIT_MODES)}")
-        rec.wait_mode = msg.wait_mode
-        return frames.Welcome(rec.process_id, rec.package, max(rec.pid, 0),
-                              naming.welcome_grants(self._st, self._out, rec))
+    # ---- launched children -----------------------------------------------------------------------
 
     def _launch_child(self, child: Child) -> int:
         popen, sock = launch(child.spec, self.socket_path)
@@ -536,7 +410,7 @@ class Kernel:
         sandbox = child.spec.sandbox
         # The identity it runs as: a sandbox's user= is what "uid:N" allowlists must see.
         uid, gid = (sandbox and sandbox.identity()) or (os.getuid(), os.getgid())
-        rec = self._add_record(
+        rec = self._conns.add(
             Transport(sock, self.limits.outbox_fds), popen.pid, uid, gid, pidfd,
             child.spec.package, child.spec.name, child,
         )
@@ -575,18 +449,18 @@ class Kernel:
             except BlockingIOError:
                 return
             except ProtocolError as exc:
-                self._violation(rec, exc)
+                self._conns.violation(rec, exc)
                 return
             except OSError as exc:
-                self._gone(rec, f"connection error: {exc}")
+                self._conns.gone(rec, f"connection error: {exc}")
                 return
             if got is None:
-                self._gone(rec, "closed its connection")
+                self._conns.gone(rec, "closed its connection")
                 return
             data, sender_pid, nfds = got
             budget -= len(data)
             if rec.pid > 0 and sender_pid != rec.pid:
-                self._violation(rec, ProtocolError(
+                self._conns.violation(rec, ProtocolError(
                     f"frame sent by pid {sender_pid} on the connection of pid {rec.pid} "
                     "(a forked child must open its own connection)"
                 ))
@@ -594,7 +468,7 @@ class Kernel:
             try:
                 msg, request_id = rec.proto.receive(data, nfds)
             except ProtocolError as exc:
-                self._violation(rec, exc)
+                self._conns.violation(rec, exc)
                 return
             try:
                 reply = self._handlers[type(msg)](rec, msg, request_id)
@@ -643,7 +517,7 @@ class Kernel:
             rec.proto.in_flight[request_id] = request
             raise _request_failed(failed)
         if rec.proto.state is State.CLOSED:
-            self._gone(rec, "refused at Hello")
+            self._conns.gone(rec, "refused at Hello")
 
     def _event(self, rec: ProcessRecord, msg: frames.Message, fds: tuple[int, ...] = ()) -> bool:
         """Send an event; False if it could not go (no fds to spare for its fds, or it does not
@@ -674,19 +548,19 @@ class Kernel:
                 self._sel.modify(rec.transport.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
                                  ("conn", rec))
         except ProtocolError as exc:
-            self._violation(rec, exc)
+            self._conns.violation(rec, exc)
         except OSError as exc:
             if fds and exc.errno in _RESOURCE_ERRNOS:
                 log.warning("no room to pass %d fds to process %d: %s", len(fds), rec.process_id, exc)
                 return exc
-            self._gone(rec, f"connection error: {exc}")
+            self._conns.gone(rec, f"connection error: {exc}")
         return None
 
     def _flush(self, rec: ProcessRecord) -> None:
         try:
             pending = rec.transport.flush()
         except OSError as exc:
-            self._gone(rec, f"connection error: {exc}")
+            self._conns.gone(rec, f"connection error: {exc}")
             return
         if not pending:
             self._sel.modify(rec.transport.sock, selectors.EVENT_READ, ("conn", rec))
@@ -708,67 +582,6 @@ class Kernel:
         if self._audit_rate.suppressed:
             self._after(1.0, self._audit_summaries)
 
-    # ---- death -----------------------------------------------------------------------------------
-
-    def _violation(self, rec: ProcessRecord, exc: ProtocolError) -> None:
-        self._audit_event(_audit.PROTOCOL_ERROR, rec, None, "", str(exc))
-        log.warning("ProtocolError from process %d (pid %d): %s; closing its connection",
-                    rec.process_id, rec.pid, brief(exc))
-        self._gone(rec, f"protocol error: {brief(exc)}")
-
-    def _gone(self, rec: ProcessRecord, why: str, restart: bool = True) -> None:
-        """A process is over: drop its registrations, tell its watchers, free what it held."""
-        if not rec.alive:
-            return
-        rec.alive = False
-        if rec.refused:
-            self._refused -= 1
-        if rec.counted:
-            rec.counted = False
-            count_down(self._st.conns_by_pid, client_key(rec))
-            count_down(self._st.conns_by_uid, rec.uid)
-        why = brief(why)
-        log.info("process %d (pid %d) gone: %s", rec.process_id, rec.pid, why)
-        self._audit_event(_audit.PROCESS_EXIT, rec, None, rec.package or rec.name or "", why)
-        self._st.procs.pop(rec.process_id, None)
-        with contextlib.suppress(KeyError, ValueError):
-            self._sel.unregister(rec.transport.sock)
-        rec.transport.close()
-        rec.proto.close()
-        for budget in rec.transport.budgets:
-            budget.users -= 1
-            if budget.users <= 0 and budget.key is not None:
-                self._fd_budgets.pop(budget.key, None)
-        rec.transport.budgets = ()
-        if rec.pidfd is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self._sel.unregister(rec.pidfd)
-            os.close(rec.pidfd)
-            rec.pidfd = None
-        for svc in rec.services:
-            channels.end_service(self._st, self._out, svc, STATE_PEER_DEAD)
-        rec.services.clear()
-        for ch in list(rec.lanes):
-            channels.close_channel(self._st, self._out, ch, STATE_PEER_DEAD)
-        for request_id in list(rec.parked):
-            naming.unpark(self._st, self._out, rec, request_id)
-        self._st.subscribers.discard(rec)
-        for cap in rec.caps:
-            if cap.kind == "endpoint" and cap.watched:
-                cap.target.owner.watched_by.discard((rec, cap.handle))
-            elif cap.kind == "region":
-                cap.target.release()
-        watchers, rec.watched_by = rec.watched_by, set()
-        for watcher, handle in watchers:
-            self._event(watcher, frames.Death(handle, rec.process_id))
-        if self._st.restricted_pids.get(rec.pid) is rec:
-            del self._st.restricted_pids[rec.pid]
-        rec.caps.uncharge()
-        if rec.usage is not None:
-            rec.usage.holders -= 1
-            self._st.drop_usage(rec.usage)
-        if rec.child is not None:
-            self._child_exited(rec.child, restart and not self._stopping)
 
 
 class _KernelOutbox:
