@@ -68,12 +68,12 @@ class Raw:
         else:
             self.sock.send(data)
 
-    def recv(self, timeout: float = 2.0) -> tuple[frames.Message, int] | None:
+    def recv(self, timeout: float = 2.0) -> tuple[frames.Frame, int] | None:
         """One decoded frame from the kernel, or None at end of stream."""
         self.sock.settimeout(timeout)
         return self._recv_one()
 
-    def _recv_one(self) -> tuple[frames.Message, int] | None:
+    def _recv_one(self) -> tuple[frames.Frame, int] | None:
         # Some responses carry fds (e.g. a service's doorbell): take and close them.
         data, anc, _, _ = self.sock.recvmsg(MAX_FRAME + 1, _ANC)
         nfds = 0
@@ -96,10 +96,10 @@ class Raw:
         assert isinstance(msg, frames.Welcome) and rid == 1, msg
         return msg
 
-    def wait_closed(self, timeout: float = 2.0) -> list[frames.Message]:
+    def wait_closed(self, timeout: float = 2.0) -> list[frames.Frame]:
         """Read until the kernel closes the connection (fail if it does not within `timeout`);
         returns what it sent before closing."""
-        got: list[frames.Message] = []
+        got: list[frames.Frame] = []
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()

@@ -480,7 +480,7 @@ def test_per_process_state_stays_small_after_hostile_bursts(kernel, bystander, r
     rids = itertools.cycle(range(1, 1 << 32))
     next(rids)
 
-    def ask(data_for_rid) -> frames.Message:
+    def ask(data_for_rid) -> frames.Frame:
         rid = next(rids)
         prober.send(data_for_rid(rid))
         got = prober.recv()

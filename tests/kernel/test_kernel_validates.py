@@ -59,7 +59,7 @@ def raw_ready(kernel) -> Raw:
     return r
 
 
-def ask(r: Raw, type_code: int, body: dict, rid: int) -> frames.Message:
+def ask(r: Raw, type_code: int, body: dict, rid: int) -> frames.Frame:
     r.send(raw_frame(KIND_REQUEST, type_code, body, rid))
     got = r.recv(5)
     assert got is not None, "the kernel closed the asker's connection"

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import capbus
-from capbus._kernel.captable import Limits
+from capbus._kernel.captable import CapLimits
 
 RIGHT_SETS = st.sets(st.sampled_from(["send", "share", "receive"]), max_size=3)
 OPS = st.lists(
@@ -125,7 +125,7 @@ def test_limits_model_never_loosens():
     @given(st.lists(st.tuples(st.integers(0, 1000), st.integers(0, 1000), st.integers(0, 100)),
                     max_size=10))
     def check(steps):
-        cur = Limits(0, 0, 0, 0.0)
+        cur = CapLimits(0, 0, 0, 0.0)
         for rate, size, exp in steps:
             try:
                 nxt = cur.tightened(rate=rate, max_message_size=size, expires_at=float(exp))

@@ -38,7 +38,7 @@ MAX_EXPIRES_MS = 100 * 365 * 24 * 3600 * 1000
 
 
 @dataclass(frozen=True)
-class Limits:
+class CapLimits:
     """rate: messages/s; bandwidth: payload bytes/s; max_message_size: payload bytes;
     expires_at: time.monotonic() seconds. 0 means no limit."""
 
@@ -52,7 +52,7 @@ class Limits:
         return bool(self.rate or self.bandwidth or self.max_message_size or self.expires_at)
 
     def tightened(self, rate: int = 0, bandwidth: int = 0, max_message_size: int = 0,
-                  expires_at: float = 0.0) -> Limits:
+                  expires_at: float = 0.0) -> CapLimits:
         """These limits narrowed by the given ones; PermissionDenied if one would widen.
 
         0 asks for "no change". A child can never lift a limit its parent has."""
@@ -63,14 +63,14 @@ class Limits:
                 raise PermissionDenied(f"restrict cannot raise {name} from {parent} to {child}")
             return child
 
-        return Limits(
+        return CapLimits(
             int(narrow("rate", self.rate, rate)),
             int(narrow("bandwidth", self.bandwidth, bandwidth)),
             int(narrow("max_message_size", self.max_message_size, max_message_size)),
             narrow("expiry", self.expires_at, expires_at),
         )
 
-    def within(self, parent: Limits) -> bool:
+    def within(self, parent: CapLimits) -> bool:
         """True if these limits are at least as tight as the parent's."""
         for mine, theirs in ((self.rate, parent.rate), (self.bandwidth, parent.bandwidth),
                              (self.max_message_size, parent.max_message_size),
@@ -90,7 +90,7 @@ class Limits:
         return out
 
     @classmethod
-    def from_request(cls, raw: dict[str, int] | None, now: float | None = None) -> Limits:
+    def from_request(cls, raw: dict[str, int] | None, now: float | None = None) -> CapLimits:
         """From a process's request: expires_in_ms is relative to now. ValueError (to the
         sender) on a key or value the kernel could not pass on to the capability's holders."""
         raw = raw or {}
@@ -121,7 +121,7 @@ class Capability:
     kind: str  # "endpoint" | "service" | "subscription" | "region"
     target: Any  # the kernel object it names (a Service for endpoints and services)
     rights: frozenset[str] = frozenset()
-    limits: Limits = field(default_factory=Limits)
+    limits: CapLimits = field(default_factory=CapLimits)
     parent: Capability | None = None
     children: list[Capability] = field(default_factory=list)
     owner: Any = None  # the ProcessRecord whose table holds it
@@ -131,7 +131,7 @@ class Capability:
     extra: dict[str, Any] = field(default_factory=dict)
     uid: int = field(default_factory=next_uid)
 
-    def derive(self, rights: frozenset[str] | None = None, limits: Limits | None = None,
+    def derive(self, rights: frozenset[str] | None = None, limits: CapLimits | None = None,
                kind: str | None = None) -> Capability:
         """A child with at most our rights and at least our limits (PermissionDenied if not)."""
         rights = self.rights if rights is None else rights
@@ -157,7 +157,7 @@ class Capability:
         """(id, rate, bandwidth) of the token buckets a message through this capability is
         charged to: its own first, then each limited ancestor's, nearest first.
 
-        Limits only tighten down the tree, so an ancestor with the same (rate, bandwidth) as the
+        CapLimits only tighten down the tree, so an ancestor with the same (rate, bandwidth) as the
         one below it bounds everything that one does: the run shares the topmost one's bucket
         (a delegated copy adds no bucket of its own). [] if there is no rate or bandwidth."""
         chain: list[tuple[int, int, int]] = []

@@ -173,7 +173,7 @@ def end_service(st: KernelState, out: Outbox, svc: ServiceRecord, state: int) ->
 
 
 def on_close_channel(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.CloseChannel,
-                     rid: int) -> frames.Message:
+                     rid: int) -> frames.Frame:
     cap = rec.caps.get(msg.handle, "endpoint")
     ch = cap.target.channels.get(msg.index)
     if ch is None or ch.client is not rec or ch.cap is not cap:
@@ -183,7 +183,7 @@ def on_close_channel(st: KernelState, out: Outbox, rec: ProcessRecord, msg: fram
 
 
 def on_report_bad(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.ReportBad,
-                  rid: int) -> frames.Message:
+                  rid: int) -> frames.Frame:
     cap = rec.caps.get(msg.handle, "service")
     ch = cap.target.channels.get(msg.index)
     reason = brief(msg.reason)
@@ -244,7 +244,7 @@ def discard_attached(st: KernelState, out: Outbox, ch: Channel, tag: int) -> Non
 
 
 # What this module answers (see state.Handler).
-HANDLERS: dict[type[frames.Message], Handler] = {
+HANDLERS: dict[type[frames.Frame], Handler] = {
     frames.OpenChannel: on_open_channel,
     frames.CloseChannel: on_close_channel,
     frames.ReportBad: on_report_bad,

@@ -239,7 +239,7 @@ class Connections:
 
 
 def on_hello(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Hello,
-             rid: int) -> frames.Message:
+             rid: int) -> frames.Frame:
     if rec.refused:
         raise rec.refused_as(f"the kernel refuses this connection: {rec.refused}")
     if msg.wait_mode not in WAIT_MODES:
@@ -250,6 +250,6 @@ def on_hello(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Hello
 
 
 # What this module answers: Hello, which admits a connection (or tells it why not).
-HANDLERS: dict[type[frames.Message], Handler] = {
+HANDLERS: dict[type[frames.Frame], Handler] = {
     frames.Hello: on_hello,
 }

@@ -15,7 +15,7 @@ from .._errors import InvalidCapability, IpcError, MessageTooLarge, OutOfMemory,
 from .._protocol import frames
 from . import audit as _audit
 from . import channels, naming
-from .captable import Capability, Limits, check_rights
+from .captable import Capability, CapLimits, check_rights
 from .launcher import Child
 from .shm import STATE_REVOKED
 from .state import (
@@ -36,10 +36,10 @@ MAX_PENDING_PER_CLIENT = 1024  # of those, what one client process may have wait
 
 
 def on_restrict(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Restrict,
-                rid: int) -> frames.Message:
+                rid: int) -> frames.Frame:
     cap = rec.caps.get(msg.handle, "endpoint")
     rights = cap.rights if msg.rights is None else check_rights(msg.rights)
-    asked = Limits.from_request(msg.limits)
+    asked = CapLimits.from_request(msg.limits)
     limits = cap.limits.tightened(asked.rate, asked.bandwidth, asked.max_message_size,
                                   asked.expires_at)
     child = cap.derive(rights, limits)
@@ -55,7 +55,7 @@ def on_restrict(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Re
 
 
 def on_revoke(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Revoke,
-              rid: int) -> frames.Message:
+              rid: int) -> frames.Frame:
     cap = rec.caps.get(msg.handle)
     revoke(st, out, cap, rec)
     return frames.Ok()
@@ -93,7 +93,7 @@ def revoke(st: KernelState, out: Outbox, cap: Capability, by: ProcessRecord | No
 
 
 def on_delegate(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Delegate,
-                rid: int) -> frames.Message:
+                rid: int) -> frames.Frame:
     """One capability or region at a time (Attach does a whole message at once)."""
     cap = rec.caps.get(msg.handle)
     if msg.move and cap.kind != "region":
@@ -103,12 +103,12 @@ def on_delegate(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.De
 
 
 def on_attach(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Attach,
-              rid: int) -> frames.Message:
+              rid: int) -> frames.Frame:
     return _attach(st, out, rec, msg.via, msg.index, msg.tag, msg.caps, msg.regions, msg.move)
 
 
 def _attach(st: KernelState, out: Outbox, rec: ProcessRecord, via_handle: int, index: int, tag: int,
-            cap_handles: list[int], region_handles: list[int], move: bool) -> frames.Message:
+            cap_handles: list[int], region_handles: list[int], move: bool) -> frames.Frame:
     """Attach children of these capabilities to (channel, tag): every check first, so a
     refusal leaves nothing attached; the sender hears why before its message goes. move:
     the regions are moved (the capabilities are always delegated)."""
@@ -172,7 +172,7 @@ def _attach(st: KernelState, out: Outbox, rec: ProcessRecord, via_handle: int, i
 
 
 def on_detach(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Detach,
-              rid: int) -> frames.Message:
+              rid: int) -> frames.Frame:
     svc: ServiceRecord = rec.caps.get(msg.via, "endpoint").target
     ch = svc.channels.get(msg.index)
     if ch is None or ch.client is not rec:
@@ -187,7 +187,7 @@ def _expire_attached(st: KernelState, out: Outbox, ch: Channel, tag: int, att: A
         channels.discard_attached(st, out, ch, tag)
 
 
-def on_claim(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Claim, rid: int) -> frames.Message:
+def on_claim(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Claim, rid: int) -> frames.Frame:
     svc: ServiceRecord = rec.caps.get(msg.handle, "service").target
     ch = svc.channels.get(msg.index)
     if ch is None or ch.generation != msg.generation:
@@ -222,7 +222,7 @@ def on_claim(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Claim
     return frames.Rows(rows, len(att.children))
 
 
-def on_watch(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Watch, rid: int) -> frames.Message:
+def on_watch(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Watch, rid: int) -> frames.Frame:
     cap = rec.caps.get(msg.handle, "endpoint")
     if not cap.watched:
         cap.watched = True
@@ -234,7 +234,7 @@ def on_watch(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Watch
 
 
 def on_release(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Release,
-               rid: int) -> frames.Message:
+               rid: int) -> frames.Frame:
     cap = rec.caps.remove(msg.handle)
     channels.drop_cap(st, out, rec, cap)
     return frames.Ok()
@@ -272,7 +272,7 @@ def _claim_row(child: Capability) -> dict[str, Any]:
 
 
 # What this module answers (see state.Handler).
-HANDLERS: dict[type[frames.Message], Handler] = {
+HANDLERS: dict[type[frames.Frame], Handler] = {
     frames.Restrict: on_restrict,
     frames.Revoke: on_revoke,
     frames.Delegate: on_delegate,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .._protocol.frames import GRANT_RIGHTS, MAX_GRANTS
 from .._protocol.names import check_grant_key, check_name
-from .captable import MAX_LIMIT, Limits
+from .captable import MAX_LIMIT, CapLimits
 
 MAX_LOOKUP_PATTERNS = 256  # patterns in one lookup list
 _GRANT_FIELDS = {"service", "package", "rights", "rate_limit", "bandwidth", "max_message_size"}
@@ -58,12 +58,12 @@ class GrantSpec:
                 out[name] = value
         return out
 
-    def limits(self, service_defaults: Limits) -> Limits:
+    def limits(self, service_defaults: CapLimits) -> CapLimits:
         """The service's default limits, each narrowed to this grant's where it sets one."""
         def tight(mine: int, theirs: int) -> int:
             return min(mine, theirs) if mine and theirs else (mine or theirs)
 
-        return Limits(tight(self.rate, service_defaults.rate),
+        return CapLimits(tight(self.rate, service_defaults.rate),
                       tight(self.bandwidth, service_defaults.bandwidth),
                       tight(self.max_message_size, service_defaults.max_message_size),
                       service_defaults.expires_at)

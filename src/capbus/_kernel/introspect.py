@@ -29,7 +29,7 @@ _PAGE_ROOM = frames.MAX_FRAME - 1024
 _ROW_ROOM = 16 * 1024
 
 
-def on_query(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Query, rid: int) -> frames.Message:
+def on_query(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Query, rid: int) -> frames.Frame:
     if rec.uid not in (st.uid, 0):
         raise PermissionDenied("only the kernel's own user (or root) may list its tables")
     if rec.restricted or rec.sandboxed:  # the tables name every service: not for one
@@ -161,6 +161,6 @@ def uid_usage(st: KernelState, uid: int) -> dict[str, int]:
 
 
 # What this module answers (see state.Handler).
-HANDLERS: dict[type[frames.Message], Handler] = {
+HANDLERS: dict[type[frames.Frame], Handler] = {
     frames.Query: on_query,
 }

@@ -112,7 +112,7 @@ class Kernel:
         self._sel = selectors.DefaultSelector()
         # frame type -> handler(rec, msg, request_id): each domain module's HANDLERS, bound to
         # this kernel's state and outbox (Hello is the connections' own: it admits or refuses).
-        self._handlers: dict[type, Callable[[ProcessRecord, Any, int], frames.Message | None]] = {}
+        self._handlers: dict[type, Callable[[ProcessRecord, Any, int], frames.Frame | None]] = {}
         for domain in (connections, naming, channels, delegation, region_requests, introspect):
             for kind, handler in domain.HANDLERS.items():
                 self._handlers[kind] = functools.partial(handler, self._st, self._out)
@@ -493,7 +493,7 @@ class Kernel:
             if not rec.alive:
                 return
 
-    def _respond(self, rec: ProcessRecord, request_id: int, msg: frames.Message,
+    def _respond(self, rec: ProcessRecord, request_id: int, msg: frames.Frame,
                  fds: tuple[int, ...] = ()) -> None:
         request = rec.proto.in_flight.get(request_id)
         if not rec.alive or request is None:
@@ -519,7 +519,7 @@ class Kernel:
         if rec.proto.state is State.CLOSED:
             self._conns.gone(rec, "refused at Hello")
 
-    def _event(self, rec: ProcessRecord, msg: frames.Message, fds: tuple[int, ...] = ()) -> bool:
+    def _event(self, rec: ProcessRecord, msg: frames.Frame, fds: tuple[int, ...] = ()) -> bool:
         """Send an event; False if it could not go (no fds to spare for its fds, or it does not
         encode), so the caller can undo what it announces.
 

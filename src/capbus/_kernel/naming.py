@@ -18,7 +18,7 @@ from .._protocol.names import check_name
 from . import audit as _audit
 from . import channels
 from .allowlist import AccessList
-from .captable import Capability, Limits, next_uid
+from .captable import Capability, CapLimits, next_uid
 from .grants import combine_grants, lookup_allows
 from .shm import STATE_REVOKED, make_doorbell, make_eventfd, make_sleep_eventfd
 from .state import (
@@ -143,7 +143,7 @@ def _resolve_grant(st: KernelState, out: Outbox, rec: ProcessRecord, key: str,
             if rec.caps.get(cap.handle) is cap:
                 channels.drop_cap(st, out, rec, rec.caps.remove(cap.handle))
     cap = Capability("endpoint", svc, spec.rights,
-                     spec.limits(Limits.from_request(svc.default_limits)), owner=rec,
+                     spec.limits(CapLimits.from_request(svc.default_limits)), owner=rec,
                      uid=state.uid)
     cap.extra["grant"] = key
     rec.caps.insert(cap)
@@ -153,7 +153,7 @@ def _resolve_grant(st: KernelState, out: Outbox, rec: ProcessRecord, key: str,
 
 
 def on_grant(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Grant,
-             rid: int) -> frames.Message | None:
+             rid: int) -> frames.Frame | None:
     key = msg.key
     state = rec.grants.get(key)
     if state is None or state.revoked or msg.timeout_ms == 0:
@@ -196,7 +196,7 @@ def _register(st: KernelState, out: Outbox, rec: ProcessRecord, key: str, kind: 
     registry = st.names if kind == "name" else st.packages
     # Checked here, not at each lookup: defaults a client could not be sent must be refused
     # to the service that asks for them, never relayed to everyone who looks it up.
-    Limits.from_request(limits)
+    CapLimits.from_request(limits)
     svc = ServiceRecord(key, kind, rec,
                         access=AccessList.from_entries(allow, st.limits.access_entries),
                         default_limits=dict(limits or {}),
@@ -244,7 +244,7 @@ def on_register_package(st: KernelState, out: Outbox, rec: ProcessRecord, msg: f
 
 
 def _lookup(st: KernelState, out: Outbox, rec: ProcessRecord, kind: str, key: str, timeout_ms: int,
-            rid: int, check: bool = True) -> frames.Message | None:
+            rid: int, check: bool = True) -> frames.Frame | None:
     """A lookup (or, check=False, a Grant request parked until its service registers)."""
     if check:
         _check_lookup(st, rec, kind, key)
@@ -315,7 +315,7 @@ def _grant_waiters(st: KernelState, out: Outbox, key: tuple[str, str], svc: Serv
         if not unpark(st, out, rec, rid) or not rec.alive:
             continue
         try:
-            reply: frames.Message
+            reply: frames.Frame
             if grant_key is not None:
                 reply = _resolve_grant(st, out, rec, grant_key, svc)
             else:
@@ -326,7 +326,7 @@ def _grant_waiters(st: KernelState, out: Outbox, key: tuple[str, str], svc: Serv
         out.respond(rec, rid, reply)
 
 
-def _grant(st: KernelState, out: Outbox, rec: ProcessRecord, svc: ServiceRecord) -> frames.Message:
+def _grant(st: KernelState, out: Outbox, rec: ProcessRecord, svc: ServiceRecord) -> frames.Frame:
     st.policy.may_lookup(rec.info(), svc.name)
     st.check_access(rec, svc)
     # One endpoint capability per (holder, service): looking a service up again returns the
@@ -338,7 +338,7 @@ def _grant(st: KernelState, out: Outbox, rec: ProcessRecord, svc: ServiceRecord)
         # buy a fresh burst.
         uid = rec.budgets.setdefault(id(svc), next_uid())
         cap = Capability("endpoint", svc, ENDPOINT_RIGHTS,
-                         Limits.from_request(svc.default_limits), owner=rec, uid=uid)
+                         CapLimits.from_request(svc.default_limits), owner=rec, uid=uid)
         rec.caps.insert(cap)
         rec.endpoints[id(svc)] = cap
         out.audit(_audit.GRANT, rec, cap, svc.name)
@@ -346,18 +346,18 @@ def _grant(st: KernelState, out: Outbox, rec: ProcessRecord, svc: ServiceRecord)
 
 
 def on_lookup(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Lookup,
-              rid: int) -> frames.Message | None:
+              rid: int) -> frames.Frame | None:
     return _lookup(st, out, rec, "name", check_name(msg.name), msg.timeout_ms, rid)
 
 
 def on_lookup_package(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.LookupPackage,
-                      rid: int) -> frames.Message | None:
+                      rid: int) -> frames.Frame | None:
     return _lookup(st, out, rec, "package", check_name(msg.package, "package name"),
                    msg.timeout_ms, rid)
 
 
 def on_subscribe(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Subscribe,
-                 rid: int) -> frames.Message:
+                 rid: int) -> frames.Frame:
     if not rec.subscription:
         rec.subscription = rec.caps.insert(Capability("subscription", None, owner=rec))
         st.subscribers.add(rec)
@@ -375,14 +375,14 @@ def _notify_registration(st: KernelState, out: Outbox) -> None:
 
 
 def on_notify_ack(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.NotifyAck,
-                  rid: int) -> frames.Message:
+                  rid: int) -> frames.Frame:
     rec.caps.get(msg.handle, "subscription")
     rec.notice_pending = False
     return frames.Ok()
 
 
 def on_access(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Access,
-              rid: int) -> frames.Message:
+              rid: int) -> frames.Frame:
     svc: ServiceRecord = rec.caps.get(msg.handle, "service").target
     denied = svc.access.change(msg.allow or (), msg.deny or (), st.limits.access_entries)
     out.audit(_audit.RESTRICT, rec, None, svc.name,
@@ -429,7 +429,7 @@ def _grant_row(key: str, g: frames.Granted) -> dict[str, Any]:
 
 
 # What this module answers (see state.Handler).
-HANDLERS: dict[type[frames.Message], Handler] = {
+HANDLERS: dict[type[frames.Frame], Handler] = {
     frames.Grant: on_grant,
     frames.Register: on_register,
     frames.RegisterPackage: on_register_package,

@@ -58,7 +58,7 @@ def _send_region(st: KernelState, out: Outbox, rec: ProcessRecord, rid: int, cap
 
 
 def on_seal_region(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.SealRegion,
-                   rid: int) -> frames.Message:
+                   rid: int) -> frames.Frame:
     cap = rec.caps.get(msg.handle, "region")
     if "write" not in cap.rights:
         raise PermissionDenied(f"handle {cap.handle:#x} lacks the write right: it cannot seal")
@@ -67,7 +67,7 @@ def on_seal_region(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames
 
 
 # What this module answers (see state.Handler).
-HANDLERS: dict[type[frames.Message], Handler] = {
+HANDLERS: dict[type[frames.Frame], Handler] = {
     frames.CreateRegion: on_create_region,
     frames.MapRegion: on_map_region,
     frames.SealRegion: on_seal_region,

@@ -126,9 +126,9 @@ class ChannelShm:
         own mapping (watching costs the watched processes nothing)."""
         return _core.channel_stats(self.header)
 
-    def set_limits(self, rights: frozenset[str], limits: captable.Limits,
+    def set_limits(self, rights: frozenset[str], limits: captable.CapLimits,
                    chain: list[tuple[int, int, int]] | None = None) -> None:
-        """What the receiving side enforces on this channel (captable.Limits, rights by name).
+        """What the receiving side enforces on this channel (captable.CapLimits, rights by name).
 
         chain: the capability's token buckets, (id, rate, bandwidth), its own first
         (Capability.bucket_chain); the receiver charges each, so every channel of the capability

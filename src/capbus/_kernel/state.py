@@ -264,12 +264,12 @@ class Outbox(Protocol):
     audit log and its timer heap. A handler that returns a frame is answered by the loop; one
     that answers itself (with fds, or later: a parked lookup) calls respond and returns None."""
 
-    def respond(self, rec: ProcessRecord, request_id: int, msg: frames.Message,
+    def respond(self, rec: ProcessRecord, request_id: int, msg: frames.Frame,
                 fds: tuple[int, ...] = ()) -> None:
         """Answer rec's request; raises IpcError (the request is still open) if its fds cannot
         be passed now, so the handler can undo what it did."""
 
-    def event(self, rec: ProcessRecord, msg: frames.Message, fds: tuple[int, ...] = ()) -> bool:
+    def event(self, rec: ProcessRecord, msg: frames.Frame, fds: tuple[int, ...] = ()) -> bool:
         """Send an event; False if it could not go, so the caller can undo what it announces."""
 
     def audit(self, event: str, rec: ProcessRecord | None, cap: Capability | None = None,
@@ -286,7 +286,7 @@ class Outbox(Protocol):
 # A request handler: (st, out, rec, msg, request_id) -> the answer, or None if it answered
 # itself (out.respond, with fds) or will answer later (a parked lookup). Each domain module
 # lists its handlers in HANDLERS (frame type -> handler); the Kernel dispatches on them.
-Handler = Callable[["KernelState", Outbox, "ProcessRecord", Any, int], "frames.Message | None"]
+Handler = Callable[["KernelState", Outbox, "ProcessRecord", Any, int], "frames.Frame | None"]
 
 
 class KernelState:

@@ -11,7 +11,7 @@ import enum
 
 from .._errors import ProtocolError
 from . import frames
-from .frames import KIND_EVENT, KIND_REQUEST, KIND_RESPONSE, RESPONSES, Message
+from .frames import KIND_EVENT, KIND_REQUEST, KIND_RESPONSE, RESPONSES, Frame
 
 # A process may have this many requests awaiting an answer (parked lookups included).
 MAX_IN_FLIGHT = 64
@@ -29,9 +29,9 @@ class KernelConnection:
 
     def __init__(self) -> None:
         self.state = State.START
-        self.in_flight: dict[int, type[Message]] = {}
+        self.in_flight: dict[int, type[Frame]] = {}
 
-    def receive(self, data: bytes, nfds: int = 0) -> tuple[Message, int]:
+    def receive(self, data: bytes, nfds: int = 0) -> tuple[Frame, int]:
         if self.state is State.CLOSED:
             raise ProtocolError("frame on a closed connection")
         msg, request_id = frames.decode(data, nfds)
@@ -53,7 +53,7 @@ class KernelConnection:
         self.in_flight[request_id] = type(msg)
         return msg, request_id
 
-    def respond(self, request_id: int, msg: Message) -> bytes:
+    def respond(self, request_id: int, msg: Frame) -> bytes:
         """The frame answering request_id. Encoded before anything changes: a response that
         does not fit a frame raises ProtocolError and leaves the request in flight, so the
         kernel can still answer it with an Error."""
@@ -68,7 +68,7 @@ class KernelConnection:
             self.state = State.READY if not isinstance(msg, frames.Error) else State.CLOSED
         return frame
 
-    def event(self, msg: Message) -> bytes:
+    def event(self, msg: Frame) -> bytes:
         assert msg.KIND == KIND_EVENT and self.state is State.READY
         return frames.encode(msg, 0)
 
@@ -82,10 +82,10 @@ class ProcessConnection:
 
     def __init__(self) -> None:
         self.state = State.START
-        self.pending: dict[int, type[Message]] = {}
+        self.pending: dict[int, type[Frame]] = {}
         self._next_id = 1
 
-    def request(self, msg: Message) -> tuple[int, bytes]:
+    def request(self, msg: Frame) -> tuple[int, bytes]:
         if self.state is State.CLOSED:
             raise ProtocolError("connection closed")
         if (self.state is State.START) != isinstance(msg, frames.Hello):
@@ -98,7 +98,7 @@ class ProcessConnection:
             self.state = State.HELLO_SENT
         return request_id, frame
 
-    def receive(self, data: bytes, nfds: int = 0) -> tuple[Message, int]:
+    def receive(self, data: bytes, nfds: int = 0) -> tuple[Frame, int]:
         """A response (with its request id) or an event (request id 0)."""
         msg, request_id = frames.decode(data, nfds)
         if msg.KIND == KIND_EVENT:

@@ -45,7 +45,7 @@ KIND_EVENT = 3
 
 
 @dataclass(frozen=True)
-class Message:
+class Frame:
     """Base of every frame body. Subclasses set TYPE, KIND and, when fds travel with it, FDS."""
 
     TYPE: ClassVar[int] = 0
@@ -125,12 +125,12 @@ def _grant_row_ok(row: Any) -> bool:
     return handle != 0 or (pid == 0 and name == "" and not rights and not limits)
 
 
-_REGISTRY: dict[int, type[Message]] = {}
-_SCHEMAS: dict[type[Message], tuple[tuple[str, str], ...]] = {}
-_REQUIRED: dict[type[Message], frozenset[str]] = {}  # fields without a default
+_REGISTRY: dict[int, type[Frame]] = {}
+_SCHEMAS: dict[type[Frame], tuple[tuple[str, str], ...]] = {}
+_REQUIRED: dict[type[Frame], frozenset[str]] = {}  # fields without a default
 
 
-_M = TypeVar("_M", bound=Message)
+_M = TypeVar("_M", bound=Frame)
 
 
 # dataclass_transform: type checkers see each frame class as the frozen dataclass wrap() makes of
@@ -160,13 +160,13 @@ def message(type_code: int, kind: int, fds: int = 0, **schema: str) -> Callable[
 
 
 @message(1, KIND_REQUEST, version="u64", wait_mode="str")
-class Hello(Message):
+class Hello(Frame):
     version: int
     wait_mode: str
 
 
 @message(2, KIND_REQUEST, name="str", allow="strs?", limits="limits", bounds="bounds")
-class Register(Message):
+class Register(Frame):
     """limits: the defaults for every endpoint the service hands out. bounds: what one message
     may carry and how many channels one client may hold (BOUND_KEYS; None: the defaults)."""
 
@@ -177,63 +177,63 @@ class Register(Message):
 
 
 @message(3, KIND_REQUEST, allow="strs?", limits="limits", bounds="bounds")
-class RegisterPackage(Message):
+class RegisterPackage(Frame):
     allow: list[str] | None = None
     limits: dict[str, int] | None = None
     bounds: dict[str, int] | None = None
 
 
 @message(4, KIND_REQUEST, name="str", timeout_ms="u64")
-class Lookup(Message):
+class Lookup(Frame):
     name: str
     timeout_ms: int = 0
 
 
 @message(5, KIND_REQUEST, package="str", timeout_ms="u64")
-class LookupPackage(Message):
+class LookupPackage(Frame):
     package: str
     timeout_ms: int = 0
 
 
 @message(6, KIND_REQUEST)
-class Subscribe(Message):
+class Subscribe(Frame):
     pass
 
 
 @message(7, KIND_REQUEST, handle="u64")
-class NotifyAck(Message):
+class NotifyAck(Frame):
     """The subscriber consumed its pending notification: the kernel may send the next one."""
 
     handle: int
 
 
 @message(8, KIND_REQUEST, handle="u64")
-class Watch(Message):
+class Watch(Frame):
     handle: int
 
 
 @message(9, KIND_REQUEST, handle="u64")
-class Release(Message):
+class Release(Frame):
     """Drop a capability (close an endpoint, unregister a service, end a subscription)."""
 
     handle: int
 
 
 @message(11, KIND_REQUEST, handle="u64")
-class OpenChannel(Message):
+class OpenChannel(Frame):
     """A channel (one lane: rings and arenas) to the service an endpoint names."""
 
     handle: int
 
 
 @message(12, KIND_REQUEST, handle="u64", index="u64")
-class CloseChannel(Message):
+class CloseChannel(Frame):
     handle: int
     index: int
 
 
 @message(13, KIND_REQUEST, handle="u64", index="u64", reason="str")
-class ReportBad(Message):
+class ReportBad(Frame):
     """A service found garbage on one of its channels; the kernel closes and records it."""
 
     handle: int
@@ -242,7 +242,7 @@ class ReportBad(Message):
 
 
 @message(14, KIND_REQUEST, handle="u64", allow="strs?", deny="strs?")
-class Access(Message):
+class Access(Frame):
     """A service changes who may reach it (applies to live channels too)."""
 
     handle: int
@@ -251,7 +251,7 @@ class Access(Message):
 
 
 @message(15, KIND_REQUEST, handle="u64", rights="strs?", limits="limits")
-class Restrict(Message):
+class Restrict(Frame):
     """A child capability with fewer rights / tighter limits (rights None: keep them)."""
 
     handle: int
@@ -260,14 +260,14 @@ class Restrict(Message):
 
 
 @message(16, KIND_REQUEST, handle="u64")
-class Revoke(Message):
+class Revoke(Frame):
     """Invalidate a capability and everything derived from it."""
 
     handle: int
 
 
 @message(17, KIND_REQUEST, handle="u64", via="u64", index="u64", tag="u64", move="bool")
-class Delegate(Message):
+class Delegate(Frame):
     """Attach a child of `handle` to the message with `tag` on channel `index` of endpoint `via`;
     only the process serving that endpoint can claim it, for that message. move: the sender
     gives its own capability up (a region transfer)."""
@@ -281,7 +281,7 @@ class Delegate(Message):
 
 @message(22, KIND_REQUEST, via="u64", index="u64", tag="u64", caps="u64s", regions="u64s",
          move="bool")
-class Attach(Message):
+class Attach(Frame):
     """Attach children of these capabilities and regions to the message with `tag` on this
     process's channel `index` of endpoint `via`, all or nothing: refused as a whole when the
     message would exceed the service's bounds. move: the regions are moved (the sender gives
@@ -296,7 +296,7 @@ class Attach(Message):
 
 
 @message(23, KIND_REQUEST, via="u64", index="u64", tag="u64")
-class Detach(Message):
+class Detach(Frame):
     """Drop what this process attached to `tag` on its channel `index` of endpoint `via`: the
     message it was meant for was never sent (so it cannot ride on the next one)."""
 
@@ -306,26 +306,26 @@ class Detach(Message):
 
 
 @message(19, KIND_REQUEST, size="u64")
-class CreateRegion(Message):
+class CreateRegion(Frame):
     size: int
 
 
 @message(20, KIND_REQUEST, handle="u64")
-class MapRegion(Message):
+class MapRegion(Frame):
     """The fd of a region this process holds a capability to (e.g. one it claimed)."""
 
     handle: int
 
 
 @message(21, KIND_REQUEST, handle="u64")
-class SealRegion(Message):
+class SealRegion(Frame):
     """Seal a region against writes for good (no writable mapping may remain anywhere)."""
 
     handle: int
 
 
 @message(18, KIND_REQUEST, handle="u64", index="u64", tag="u64", generation="u64")
-class Claim(Message):
+class Claim(Frame):
     """A service takes the capabilities attached to one received message: the message with
     `tag` on the channel instance (`index`, `generation`) it came from (generation 0 names no
     channel). The answer has at most the service's per-message bounds of rows; its total says
@@ -338,7 +338,7 @@ class Claim(Message):
 
 
 @message(24, KIND_REQUEST, key="str", timeout_ms="u64")
-class Grant(Message):
+class Grant(Frame):
     """This process's startup grant `key` (one it was launched with, or its package has in the
     policy): its endpoint, resolved now if the service has registered since Welcome; else
     ServiceNotFound unless it registers within timeout_ms."""
@@ -348,7 +348,7 @@ class Grant(Message):
 
 
 @message(10, KIND_REQUEST, what="str", offset="u64", limit="u64", process_id="u64")
-class Query(Message):
+class Query(Frame):
     """Introspection for the CLI: "processes", "services" or "caps" (of process_id); paged."""
 
     what: str
@@ -361,7 +361,7 @@ class Query(Message):
 
 
 @message(64, KIND_RESPONSE, process_id="u64", package="str?", pid="u64", grants="grants")
-class Welcome(Message):
+class Welcome(Frame):
     """grants: the capabilities the process starts with, one row per key (GRANT_KEYS); a row
     with handle 0 names a grant whose service was not there yet (ask for it with Grant)."""
 
@@ -372,18 +372,18 @@ class Welcome(Message):
 
 
 @message(65, KIND_RESPONSE)
-class Ok(Message):
+class Ok(Frame):
     pass
 
 
 @message(66, KIND_RESPONSE, code="u64", text="str")
-class Error(Message):
+class Error(Frame):
     code: int
     text: str
 
 
 @message(67, KIND_RESPONSE, fds=3, handle="u64", name="str")
-class Registered(Message):
+class Registered(Frame):
     """A service capability, with its doorbell, the doorbell's eventfd (for asyncio) and its
     sleep eventfd (a blocking server sleeps on it)."""
 
@@ -393,7 +393,7 @@ class Registered(Message):
 
 @message(68, KIND_RESPONSE, handle="u64", process_id="u64", name="str", rights="strs?",
          limits="limits")
-class Granted(Message):
+class Granted(Frame):
     """An endpoint capability: the handle, the serving process, its rights and limits."""
 
     handle: int
@@ -404,12 +404,12 @@ class Granted(Message):
 
 
 @message(69, KIND_RESPONSE, handle="u64")
-class Subscribed(Message):
+class Subscribed(Frame):
     handle: int
 
 
 @message(71, KIND_RESPONSE, fds=7, index="u64", nslots="u64", arena_size="u64", pid="u64")
-class ChannelGranted(Message):
+class ChannelGranted(Frame):
     """A channel's fds: the channel memfd, its control page, the service's doorbell, its
     eventfd, the channel's reply eventfd, the service's sleep eventfd and the read end of the
     channel's reply-sleep pipe."""
@@ -423,7 +423,7 @@ class ChannelGranted(Message):
 
 
 @message(72, KIND_RESPONSE, fds=1, handle="u64", size="u64", rights="strs?")
-class RegionGranted(Message):
+class RegionGranted(Frame):
     """A region capability and its memfd (read-only unless the capability has the write right)."""
 
     handle: int
@@ -432,7 +432,7 @@ class RegionGranted(Message):
 
 
 @message(70, KIND_RESPONSE, rows="rows", total="u64")
-class Rows(Message):
+class Rows(Frame):
     rows: list[dict[str, Any]]
     total: int
 
@@ -441,14 +441,14 @@ class Rows(Message):
 
 
 @message(128, KIND_EVENT, handle="u64")
-class RegistrationNotice(Message):
+class RegistrationNotice(Frame):
     """Some service registered. Carries no identity: the subscriber re-discovers."""
 
     handle: int
 
 
 @message(129, KIND_EVENT, handle="u64", process_id="u64")
-class Death(Message):
+class Death(Frame):
     """A watched endpoint's serving process has exited."""
 
     handle: int
@@ -457,7 +457,7 @@ class Death(Message):
 
 @message(130, KIND_EVENT, fds=5, handle="u64", index="u64", sender="u64", nslots="u64",
          arena_size="u64", generation="u64", pid="u64")
-class ChannelOpened(Message):
+class ChannelOpened(Frame):
     """To a service: a client opened a channel (fds: channel memfd, control page, the channel's
     reply eventfd, both ends of its reply-sleep pipe: the server writes one and only holds the
     other, so that a write never meets a pipe without a reader)."""
@@ -472,7 +472,7 @@ class ChannelOpened(Message):
 
 
 @message(131, KIND_EVENT, handle="u64", index="u64")
-class ChannelClosed(Message):
+class ChannelClosed(Frame):
     """To a service: that channel's client is gone or closed it."""
 
     handle: int
@@ -480,7 +480,7 @@ class ChannelClosed(Message):
 
 
 @message(132, KIND_EVENT, key="str")
-class GrantRevoked(Message):
+class GrantRevoked(Frame):
     """The spawner revoked this process's startup grant `key` (Child.revoke_grant): its
     endpoint is gone, and asking for it again is refused."""
 
@@ -488,7 +488,7 @@ class GrantRevoked(Message):
 
 
 # Which responses a request may legitimately get (Error always may).
-RESPONSES: dict[type[Message], tuple[type[Message], ...]] = {
+RESPONSES: dict[type[Frame], tuple[type[Frame], ...]] = {
     Hello: (Welcome,),
     Register: (Registered,),
     RegisterPackage: (Registered,),
@@ -516,7 +516,7 @@ RESPONSES: dict[type[Message], tuple[type[Message], ...]] = {
 }
 
 
-def encode(msg: Message, request_id: int = 0) -> bytes:
+def encode(msg: Frame, request_id: int = 0) -> bytes:
     """One frame. Raises ProtocolError if the receiving side's decode() would refuse it (a value
     out of its field's range, text that is not UTF-8) or if it would exceed MAX_FRAME: a sender
     learns of its own mistake, and never costs the receiver its connection."""
@@ -532,7 +532,7 @@ def encode(msg: Message, request_id: int = 0) -> bytes:
     return frame
 
 
-def decode(data: bytes, nfds: int = 0) -> tuple[Message, int]:
+def decode(data: bytes, nfds: int = 0) -> tuple[Frame, int]:
     """Parse one frame into (message, request_id); ProtocolError on anything malformed."""
     if len(data) > MAX_FRAME:
         raise ProtocolError(f"frame of {len(data)} bytes exceeds the maximum of {MAX_FRAME}")

@@ -28,7 +28,7 @@ class _Pending:
     def __init__(self, waited: bool = True) -> None:
         self.waited = waited
         self.done = threading.Event()
-        self.reply: frames.Message | BaseException | None = None
+        self.reply: frames.Frame | BaseException | None = None
         self.fds: list[int] = []
 
 
@@ -36,8 +36,8 @@ class Control:
     def __init__(
         self,
         sock: socket.socket,
-        on_event: Callable[[frames.Message, list[int]], None],
-        on_response: Callable[[frames.Message, list[int]], list[int]],
+        on_event: Callable[[frames.Frame, list[int]], None],
+        on_response: Callable[[frames.Frame, list[int]], list[int]],
         on_lost: Callable[[KernelUnavailable], None] | None = None,
     ):
         self.sock = sock
@@ -84,7 +84,7 @@ class Control:
         self._reader.start()
         return msg
 
-    def request(self, msg: frames.Message, timeout: float | None = None) -> tuple[frames.Message, list[int]]:
+    def request(self, msg: frames.Frame, timeout: float | None = None) -> tuple[frames.Frame, list[int]]:
         """Send one request and wait for its answer; kernel errors are raised here."""
         pending = _Pending()
         with self._lock:
@@ -108,7 +108,7 @@ class Control:
             raise error_from_code(reply.code, reply.text)
         return reply, pending.fds
 
-    def request_nowait(self, msg: frames.Message) -> None:
+    def request_nowait(self, msg: frames.Frame) -> None:
         """Send a request whose answer nobody waits for (it is read and dropped); never raises."""
         with self._lock:
             if self._closed is not None:

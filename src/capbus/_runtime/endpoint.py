@@ -415,7 +415,7 @@ class Endpoint(_core.EndpointBase):
         return error_from_code(r[2], f"{self.name!r}: {text}")
 
 
-def endpoint_for(session: Session, reply: frames.Message,
+def endpoint_for(session: Session, reply: frames.Frame,
                  origin: tuple[str, str] | None = None) -> Endpoint:
     """The Endpoint of a Granted reply: one object per capability handle (held in the session's
     table until closed). origin: how it was looked up, so that a reconnect can look it up again."""

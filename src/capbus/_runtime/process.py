@@ -283,24 +283,24 @@ class Process:
     def _check(self) -> None:
         self._session.check()
 
-    def _request(self, msg: frames.Message, timeout: float | None = None,
-                 via: Control | None = None) -> frames.Message:
+    def _request(self, msg: frames.Frame, timeout: float | None = None,
+                 via: Control | None = None) -> frames.Frame:
         return self._session.request(msg, timeout, via)
 
-    def _request_fds(self, msg: frames.Message, timeout: float | None = None,
-                     via: Control | None = None) -> tuple[frames.Message, list[int]]:
+    def _request_fds(self, msg: frames.Frame, timeout: float | None = None,
+                     via: Control | None = None) -> tuple[frames.Frame, list[int]]:
         """A request whose answer carries fds: the caller owns (and closes) them."""
         return self._session.request_fds(msg, timeout, via)
 
-    def _service(self, answer: tuple[frames.Message, list[int]],
-                 frame: frames.Message | None = None) -> Service:
+    def _service(self, answer: tuple[frames.Frame, list[int]],
+                 frame: frames.Frame | None = None) -> Service:
         reply, _ = answer
         assert isinstance(reply, frames.Registered)
         svc = self._session.services[reply.handle]
         svc._frame = frame
         return svc
 
-    def _on_response(self, msg: frames.Message, fds: list[int]) -> list[int]:
+    def _on_response(self, msg: frames.Frame, fds: list[int]) -> list[int]:
         """Reader thread: a new service exists before its first ChannelOpened is read."""
         if isinstance(msg, frames.Registered):
             svc = self._rebinding
@@ -314,16 +314,16 @@ class Process:
             return []
         return fds
 
-    def _endpoint(self, reply: frames.Message, origin: tuple[str, str] | None = None) -> Endpoint:
+    def _endpoint(self, reply: frames.Frame, origin: tuple[str, str] | None = None) -> Endpoint:
         return endpoint_for(self._session, reply, origin)
 
-    def _region(self, answer: tuple[frames.Message, list[int]]) -> Region:
+    def _region(self, answer: tuple[frames.Frame, list[int]]) -> Region:
         return region_from(self._session, answer)
 
     def _forget(self, ep: Endpoint) -> None:
         self._session.forget_endpoint(ep)
 
-    def _on_event(self, msg: frames.Message, fds: list[int]) -> None:
+    def _on_event(self, msg: frames.Frame, fds: list[int]) -> None:
         """Called on the control reader thread."""
         if isinstance(msg, frames.ChannelOpened):
             svc = self._session.services.get(msg.handle)
@@ -446,7 +446,7 @@ class Process:
         def relookup(ep: Endpoint) -> None:
             kind, name = ep._origin or ("", "")
             try:
-                msg: frames.Message = (frames.Lookup(name, _ms(_RELOOKUP)) if kind == "name"
+                msg: frames.Frame = (frames.Lookup(name, _ms(_RELOOKUP)) if kind == "name"
                                        else frames.LookupPackage(name, _ms(_RELOOKUP)))
                 reply, _ = control.request(msg, _RELOOKUP)
                 assert isinstance(reply, frames.Granted)
@@ -697,7 +697,7 @@ def connect(path: str | None = None, wait: str = "adaptive", *, reconnect: bool 
 _RELOOKUP = 30.0
 
 
-def _rebind_frame(frame: frames.Message | None) -> frames.Message | None:
+def _rebind_frame(frame: frames.Frame | None) -> frames.Frame | None:
     """The registration to send again: ProcessIds in its allowlist named processes of the lost
     kernel (the new one may give those numbers to anyone), so they are left out."""
     if isinstance(frame, frames.Register | frames.RegisterPackage) and frame.allow is not None:

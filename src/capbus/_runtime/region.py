@@ -171,7 +171,7 @@ class Region:
         self._session.forget_region(self.handle)
 
 
-def region_from(session: Session, answer: tuple[frames.Message, list[int]]) -> Region:
+def region_from(session: Session, answer: tuple[frames.Frame, list[int]]) -> Region:
     """The Region of a RegionGranted answer (its fd mapped, then closed), in the session's
     table; on failure the fd is closed here."""
     reply, fds = answer

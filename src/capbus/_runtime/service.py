@@ -50,7 +50,7 @@ class Service(_core.ServiceBase):
         raise_fd_limit()  # a few fds per client channel
         self._session = session
         self._ctl = session.control  # the kernel connection its handle belongs to
-        self._frame: frames.Message | None = None  # how it was registered (for a reconnect)
+        self._frame: frames.Frame | None = None  # how it was registered (for a reconnect)
         self._access: list[tuple[list[str] | None, list[str] | None]] = []  # allow/deny, in order
         # Set when the kernel is gone for good for this service: what recv() raises once its
         # channels are gone.

@@ -78,16 +78,16 @@ class Session:
         and this is the process it belongs to (a finalizer in a forked child sends nothing)."""
         return ctl.closed is None and os.getpid() == self.pid
 
-    def request(self, msg: frames.Message, timeout: float | None = None,
-                via: Control | None = None) -> frames.Message:
+    def request(self, msg: frames.Frame, timeout: float | None = None,
+                via: Control | None = None) -> frames.Frame:
         """Send a request and wait for its answer (fds that came with it are closed)."""
         reply, fds = self.request_fds(msg, timeout, via)
         for fd in fds:
             os.close(fd)
         return reply
 
-    def request_fds(self, msg: frames.Message, timeout: float | None = None,
-                    via: Control | None = None) -> tuple[frames.Message, list[int]]:
+    def request_fds(self, msg: frames.Frame, timeout: float | None = None,
+                    via: Control | None = None) -> tuple[frames.Frame, list[int]]:
         """A request whose answer carries fds: the caller owns (and closes) them.
 
         via: the connection a handle in `msg` belongs to (an object's own): after a reconnect a
@@ -95,7 +95,7 @@ class Session:
         self.check()
         return (via or self.control).request(msg, timeout)
 
-    def request_nowait(self, msg: frames.Message, via: Control | None = None) -> None:
+    def request_nowait(self, msg: frames.Frame, via: Control | None = None) -> None:
         """Send without waiting for the answer (releases, reports: best effort)."""
         (via or self.control).request_nowait(msg)
 
