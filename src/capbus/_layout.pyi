@@ -2,8 +2,8 @@
 
 Built from the same C parts as capbus._core (src/capbus/_native/layout_module.c #includes them),
 and only those that need no ring: the kernel (capbus._kernel.shm, capbus._protect) imports this
-module, so a kernel process never loads the rings, arenas, Lane, ServerSet, Request or Message
-code of capbus._core. Every name here is also in capbus._core, with the same value and behaviour
+module, not capbus._core, so the rings, arenas, Lane, ServerSet, Request and Message code is not
+in the kernel's import closure. Every name here is also in capbus._core, with the same value and behaviour
 (_core.pyi documents them); raises only ValueError, TypeError and OSError (no register() needed).
 
   channel_size(nslots=256, arena_size=128 MiB) -> int    bytes of a channel memfd

@@ -8,9 +8,10 @@ it, not even by reopening its fd through /proc. Layout constants come from the n
 This is the one module of the kernel that touches the native data plane, and only through
 capbus._layout, the small module built from the same C parts as capbus._core with just what the
 kernel uses: the layout constants and atomic stores above, futex_wake, channel_size/resp_ring_off,
-and channel_stats (read by introspect through ChannelShm.stats). A kernel process never loads
-capbus._core (its rings, Lane, ServerSet: the code that parses what peers write). The rest of the
-kernel takes the few names it needs from here (MAX_CHANNELS, the channel states).
+and channel_stats (read by introspect through ChannelShm.stats). No module of the kernel imports
+capbus._core (its rings, Lane, ServerSet: the code that parses what peers write; the package's
+__init__ still does, for the public names). The rest of the kernel takes the few names it needs
+from here (MAX_CHANNELS, the channel states).
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@
  * resp_ring_off, two atomic stores, futex_wake (to wake a client after a state change),
  * channel_stats (introspection reads the counters both ends keep) and set_dumpable
  * (capbus._protect). That is all this module holds. The rings, arenas, Lane, ServerSet, Request,
- * Message and the waits stay in capbus._core, which a kernel process never loads: the code that
- * parses what peers write into a channel is not mapped into the trusted process at all.
+ * Message and the waits stay in capbus._core, which no module of the kernel imports: the code
+ * that parses what peers write into a channel is not in the kernel's import closure (the capbus
+ * package's __init__ still imports the runtime, and so _core, for the public names).
  *
  * Nothing is copied from capbus._core: this file #includes the same parts of _native/ that
  * module.c does (each function, constant and method-table entry has one definition), and only

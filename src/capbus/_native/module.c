@@ -15,7 +15,7 @@
  *     dumpable.c
  *   one binding per type: lane*.c (Lane), serverset.h, ss_*.c, serverset.c (ServerSet),
  *     bases.c (EndpointBase, ServiceBase)
- * The trusted kernel loads none of this: capbus._layout (layout_module.c) is built from the few
+ * The trusted kernel imports none of this: capbus._layout (layout_module.c) is built from the few
  * parts it uses (layout.h, limits.h, clock.h, futex.h, primitives.c, helpers.c, metrics.c,
  * dumpable.c), the same files, so each definition stays one.
  * Where define-before-use forces an order, the part's .h has the forward declaration.
