@@ -302,11 +302,12 @@ also work on read-only mappings. All of these atomics are seq_cst.
 # whatever a peer's payload decodes to (object()).
 from collections.abc import Callable, Iterable, Sequence
 from types import ModuleType
-from typing import Any, TypeAlias, TypedDict, final
+from typing import Any, TypeAlias, final
 
 from typing_extensions import Buffer, disjoint_base
 
 from capbus._errors import ProtocolError
+from capbus._layout import ChannelStats as ChannelStats  # one definition: the kernel's module
 from capbus._runtime.endpoint import Endpoint
 from capbus._runtime.region import Region
 
@@ -336,34 +337,6 @@ def resp_ring_off(nslots: int, /) -> int: ...
 def max_payload(arena_size: int, /) -> int: ...
 def latency_clock() -> str: ...  # "monotonic", "monotonic (tsc rate not measured yet)" or "tsc"
 def crc32(data: Buffer, value: int = 0, /) -> int: ...
-
-class ChannelStats(TypedDict):
-    """channel_stats(): a channel's metrics (untrusted numbers: both ends write them)."""
-
-    sent: int
-    bytes_sent: int
-    calls: int
-    timeouts: int
-    refused_wouldblock: int
-    refused_rate: int
-    refused_size: int
-    refused_perm: int
-    latency_max_ns: int
-    latency_sum_ns: int
-    latency_count: int
-    sent_last_second: int
-    hist: list[int]  # STATS_HIST_BUCKETS counts
-    received: int
-    bytes_received: int
-    replies: int
-    reply_failed: int
-    drops_rate: int
-    drops_bandwidth: int
-    drops_size: int
-    drops_expired: int
-    drops_rights: int
-    cancelled: int
-    received_last_second: int
 
 def channel_stats(buf: Buffer, /) -> ChannelStats: ...
 def set_dumpable(on: bool, /) -> None: ...

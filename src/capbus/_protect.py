@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 
-from . import _core
+from . import _layout  # not _core: the kernel calls this too, and never loads the data plane
 
 ENV_DEBUGGABLE = "CAPBUS_DEBUGGABLE"
 
@@ -30,4 +30,4 @@ def protect(debuggable: bool | None = None) -> None:
     if debuggable is None:
         debuggable = os.environ.get(ENV_DEBUGGABLE, "") == "1"
     if not debuggable:
-        _core.set_dumpable(False)
+        _layout.set_dumpable(False)

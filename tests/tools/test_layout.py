@@ -67,7 +67,7 @@ class Tree:
             self.modules[".".join(parts)] = path
         self.trees = {name: ast.parse(path.read_text(encoding="utf-8"), str(path))
                       for name, path in self.modules.items()}
-        # The compiled modules, as setup.py names its Extensions (capbus._core from _native/,
+        # The compiled modules, as setup.py names its Extensions (capbus._core and _layout from _native/,
         # capbus._sandbox from _sandbox.c): leaves of the graph here, and truly so: the native
         # core imports no capbus module (the runtime hands it the error classes and the object
         # codec, _core.register).
@@ -300,7 +300,7 @@ def _write(root: Path, files: dict[str, str]) -> Tree:
 
 def test_the_tree_is_read(tree):
     """The reader sees the parts it checks, and resolves relative imports as Python does."""
-    assert tree.native == {"capbus._core", "capbus._sandbox"}
+    assert tree.native == {"capbus._core", "capbus._layout", "capbus._sandbox"}
     assert {"capbus", "capbus._kernel.kernel", "capbus._runtime.process", "capbus._cli.main",
             "capbus._protocol.frames"} <= set(tree.modules)
     graph = tree.import_graph()

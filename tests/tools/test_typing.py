@@ -5,7 +5,7 @@ exactly the wrong calls of tests/tools/typed/user_wrong.py, each marked `# E: <e
 One mypy run checks all three (about 3 s here with a cold cache: the cache goes to a temporary
 directory, never into the tree). The native core is checked through its stub,
 src/capbus/_core.pyi, so a stub that drifts from what the code does with it fails here; and
-mypy's stubtest holds the stubs (_core.pyi, _sandbox.pyi) against the built modules: every name
+mypy's stubtest holds the stubs (_core.pyi, _layout.pyi, _sandbox.pyi) against the built modules: every name
 on both sides, the signatures the C functions declare, which types can be subclassed.
 """
 
@@ -80,10 +80,10 @@ def test_wrong_calls_are_rejected_exactly_where_marked(
 
 
 def test_the_native_stubs_match_the_built_modules() -> None:
-    """stubtest imports the built capbus._core and capbus._sandbox (the installed ones: `make
+    """stubtest imports the built capbus._core, _layout and _sandbox (the installed ones: `make
     setup` builds them from this tree) and compares them with the stubs in src/capbus."""
     pytest.importorskip("mypy", reason="mypy is in the test extra: pip install '.[test]'")
-    cmd = [sys.executable, "-m", "mypy.stubtest", "capbus._core", "capbus._sandbox",
+    cmd = [sys.executable, "-m", "mypy.stubtest", "capbus._core", "capbus._layout", "capbus._sandbox",
            "--mypy-config-file", "pyproject.toml", "--allowlist", STUBTEST_ALLOWLIST]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr

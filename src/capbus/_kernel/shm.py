@@ -5,10 +5,13 @@ truncate a mapping under the other end would crash it with SIGBUS); a control pa
 with F_SEAL_FUTURE_WRITE after the kernel mapped it, so no process can get a writable mapping of
 it, not even by reopening its fd through /proc. Layout constants come from the native core.
 
-This is the one module of the kernel that touches the native data plane (capbus._core): the
-layout constants and atomic stores above, futex_wake, channel_size/resp_ring_off, and
-channel_stats (read by introspect through ChannelShm.stats). The rest of the kernel takes the
-few names it needs from here (MAX_CHANNELS, the channel states).
+This is the one module of the kernel that touches the native data plane, and only through
+capbus._layout, the small module built from the same C parts as capbus._core with just what the
+kernel uses: the layout constants and atomic stores above, futex_wake, channel_size/resp_ring_off,
+and channel_stats (read by introspect through ChannelShm.stats). No module of the kernel imports
+capbus._core (its rings, Lane, ServerSet: the code that parses what peers write; the package's
+__init__ still does, for the public names). The rest of the kernel takes the few names it needs
+from here (MAX_CHANNELS, the channel states).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import mmap
 import os
 from typing import TYPE_CHECKING
 
-from .. import _core
+from .. import _layout
 from .._mapping import Mapping
 
 if TYPE_CHECKING:  # annotations only (captable imports this module)
@@ -27,13 +30,13 @@ if TYPE_CHECKING:  # annotations only (captable imports this module)
 
     from . import captable
 
-MAX_CHANNELS = _core.MAX_CHANNELS  # channels one service may have open at once
+MAX_CHANNELS = _layout.MAX_CHANNELS  # channels one service may have open at once
 # A channel's state in its control page, as both ends read it.
-STATE_OPEN = _core.STATE_OPEN
-STATE_CLOSED = _core.STATE_CLOSED
-STATE_REVOKED = _core.STATE_REVOKED
-STATE_PEER_DEAD = _core.STATE_PEER_DEAD
-CTRL_CHAIN_MAX = _core.CTRL_CHAIN_MAX  # token buckets a control page holds besides its own
+STATE_OPEN = _layout.STATE_OPEN
+STATE_CLOSED = _layout.STATE_CLOSED
+STATE_REVOKED = _layout.STATE_REVOKED
+STATE_PEER_DEAD = _layout.STATE_PEER_DEAD
+CTRL_CHAIN_MAX = _layout.CTRL_CHAIN_MAX  # token buckets a control page holds besides its own
 
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)  # Linux 5.1
 _BASE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
@@ -51,7 +54,7 @@ def _memfd(name: str, size: int) -> int:
 
 def make_doorbell() -> int:
     """A service's doorbell: one futex word and a ready bitmap, writable by all its clients."""
-    fd = _memfd("doorbell", _core.DOORBELL_SIZE)
+    fd = _memfd("doorbell", _layout.DOORBELL_SIZE)
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _BASE_SEALS | fcntl.F_SEAL_SEAL)
     return fd
 
@@ -78,22 +81,22 @@ class ChannelShm:
         self.reply_pipe = self.reply_pipe_spare = (-1, -1)
         self._wake: Mapping | None = None
         self._ctrl: Mapping | None = None
-        self.chan_fd = _memfd("channel", _core.channel_size(nslots, arena_size))
+        self.chan_fd = _memfd("channel", _layout.channel_size(nslots, arena_size))
         try:
             fcntl.fcntl(self.chan_fd, fcntl.F_ADD_SEALS, _BASE_SEALS | fcntl.F_SEAL_SEAL)
-            self._resp_tail = _core.resp_ring_off(nslots) + _core.RING_TAIL_OFF
+            self._resp_tail = _layout.resp_ring_off(nslots) + _layout.RING_TAIL_OFF
             self._wake = Mapping(self.chan_fd, _page_round(self._resp_tail + 8))
             head = self._wake.buf
-            _core.atomic_store_u64(head, _core.CHAN_MAGIC_OFF, _core.CHAN_MAGIC)
-            _core.atomic_store_u32(head, _core.CHAN_VERSION_OFF, _core.CHAN_VERSION)
-            _core.atomic_store_u32(head, _core.CHAN_NSLOTS_OFF, nslots)
-            _core.atomic_store_u64(head, _core.CHAN_ARENA_SIZE_OFF, arena_size)
-            self.ctrl_fd = _memfd("control", _core.CTRL_SIZE)
-            self._ctrl = Mapping(self.ctrl_fd, _core.CTRL_SIZE)
+            _layout.atomic_store_u64(head, _layout.CHAN_MAGIC_OFF, _layout.CHAN_MAGIC)
+            _layout.atomic_store_u32(head, _layout.CHAN_VERSION_OFF, _layout.CHAN_VERSION)
+            _layout.atomic_store_u32(head, _layout.CHAN_NSLOTS_OFF, nslots)
+            _layout.atomic_store_u64(head, _layout.CHAN_ARENA_SIZE_OFF, arena_size)
+            self.ctrl_fd = _memfd("control", _layout.CTRL_SIZE)
+            self._ctrl = Mapping(self.ctrl_fd, _layout.CTRL_SIZE)
             ctrl = self._ctrl.buf
-            _core.atomic_store_u64(ctrl, _core.CTRL_SENDER_ID_OFF, sender_id)
-            _core.atomic_store_u32(ctrl, _core.CTRL_GENERATION_OFF, 1)
-            _core.atomic_store_u32(ctrl, _core.CTRL_STATE_OFF, _core.STATE_OPEN)
+            _layout.atomic_store_u64(ctrl, _layout.CTRL_SENDER_ID_OFF, sender_id)
+            _layout.atomic_store_u32(ctrl, _layout.CTRL_GENERATION_OFF, 1)
+            _layout.atomic_store_u32(ctrl, _layout.CTRL_STATE_OFF, _layout.STATE_OPEN)
             # From here on no new writable mapping or write() of the control page can be made.
             fcntl.fcntl(self.ctrl_fd, fcntl.F_ADD_SEALS,
                         _BASE_SEALS | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL)
@@ -121,10 +124,10 @@ class ChannelShm:
         assert self._wake is not None
         return self._wake.buf
 
-    def stats(self) -> _core.ChannelStats:
+    def stats(self) -> _layout.ChannelStats:
         """The traffic counters both ends keep in the header page, read through the kernel's
         own mapping (watching costs the watched processes nothing)."""
-        return _core.channel_stats(self.header)
+        return _layout.channel_stats(self.header)
 
     def set_limits(self, rights: frozenset[str], limits: captable.CapLimits,
                    chain: list[tuple[int, int, int]] | None = None) -> None:
@@ -133,30 +136,30 @@ class ChannelShm:
         chain: the capability's token buckets, (id, rate, bandwidth), its own first
         (Capability.bucket_chain); the receiver charges each, so every channel of the capability
         and of its descendants shares them. Written once, before the page is handed out."""
-        bits = sum(getattr(_core, f"RIGHT_{r.upper()}") for r in rights)
+        bits = sum(getattr(_layout, f"RIGHT_{r.upper()}") for r in rights)
         ctrl = self.ctrl
         chain = chain or []
-        if len(chain) > 1 + _core.CTRL_CHAIN_MAX:
+        if len(chain) > 1 + _layout.CTRL_CHAIN_MAX:
             raise ValueError(f"{len(chain)} token buckets do not fit a control page")
-        _core.atomic_store_u64(ctrl, _core.CTRL_CAP_ID_OFF, chain[0][0] if chain else 0)
+        _layout.atomic_store_u64(ctrl, _layout.CTRL_CAP_ID_OFF, chain[0][0] if chain else 0)
         for i, entry in enumerate(chain[1:]):
-            off = _core.CTRL_CHAIN_OFF + i * _core.CTRL_CHAIN_ENTRY_SIZE
+            off = _layout.CTRL_CHAIN_OFF + i * _layout.CTRL_CHAIN_ENTRY_SIZE
             for j, value in enumerate(entry):
-                _core.atomic_store_u64(ctrl, off + 8 * j, value)
-        _core.atomic_store_u32(ctrl, _core.CTRL_CHAIN_LEN_OFF, max(0, len(chain) - 1))
-        _core.atomic_store_u32(ctrl, _core.CTRL_RIGHTS_OFF, bits)
-        _core.atomic_store_u64(ctrl, _core.CTRL_EXPIRY_OFF, int(limits.expires_at * 1e9))
-        _core.atomic_store_u64(ctrl, _core.CTRL_MAX_MESSAGE_SIZE_OFF, limits.max_message_size)
-        _core.atomic_store_u64(ctrl, _core.CTRL_RATE_LIMIT_OFF, limits.rate)
-        _core.atomic_store_u64(ctrl, _core.CTRL_BANDWIDTH_OFF, limits.bandwidth)
+                _layout.atomic_store_u64(ctrl, off + 8 * j, value)
+        _layout.atomic_store_u32(ctrl, _layout.CTRL_CHAIN_LEN_OFF, max(0, len(chain) - 1))
+        _layout.atomic_store_u32(ctrl, _layout.CTRL_RIGHTS_OFF, bits)
+        _layout.atomic_store_u64(ctrl, _layout.CTRL_EXPIRY_OFF, int(limits.expires_at * 1e9))
+        _layout.atomic_store_u64(ctrl, _layout.CTRL_MAX_MESSAGE_SIZE_OFF, limits.max_message_size)
+        _layout.atomic_store_u64(ctrl, _layout.CTRL_RATE_LIMIT_OFF, limits.rate)
+        _layout.atomic_store_u64(ctrl, _layout.CTRL_BANDWIDTH_OFF, limits.bandwidth)
         # Only channels with something to enforce pay for the checks.
         enforce = limits.any or "send" not in rights
-        _core.atomic_store_u32(ctrl, _core.CTRL_FLAGS_OFF, _core.CTRL_F_ENFORCE if enforce else 0)
+        _layout.atomic_store_u32(ctrl, _layout.CTRL_FLAGS_OFF, _layout.CTRL_F_ENFORCE if enforce else 0)
 
     def set_state(self, state: int) -> None:
         """Publish a state change and wake whoever waits for a reply on this channel."""
-        _core.atomic_store_u32(self.ctrl, _core.CTRL_STATE_OFF, state)
-        _core.futex_wake(self.header, self._resp_tail)
+        _layout.atomic_store_u32(self.ctrl, _layout.CTRL_STATE_OFF, state)
+        _layout.futex_wake(self.header, self._resp_tail)
 
     def drop_fds(self) -> None:
         """Both ends hold the fds now; the kernel keeps only its mappings."""

@@ -2,7 +2,7 @@
  * _native/clock.h: Engine (no Python API): the monotonic clock and the call-latency clock (TSC
  * where the kernel's clocksource is the TSC, else CLOCK_MONOTONIC). Any thread, with or without
  * the GIL.
- * Not compiled alone: module.c #includes it (one translation unit, see there).
+ * Not compiled alone: module.c and layout_module.c (capbus._layout) #include it (see there).
  */
 #ifndef CAPBUS_NATIVE_CLOCK_H
 #define CAPBUS_NATIVE_CLOCK_H

@@ -1,13 +1,30 @@
 /*
- * _native/helpers.c: Module-level helpers for the kernel: channel geometry (channel_size,
- * resp_ring_off, max_payload) and latency_clock. Tests build channels as the kernel does
- * (capbus._kernel.shm), so there is no entry point here for them alone. GIL held.
- * Not compiled alone: module.c #includes it (one translation unit, see there).
+ * _native/helpers.c: Module-level helpers for the kernel: channel geometry (check_geometry, which
+ * Lane and ServerSet use too; channel_size, resp_ring_off, max_payload) and latency_clock. Tests
+ * build channels as the kernel does (capbus._kernel.shm), so there is no entry point here for
+ * them alone. GIL held. Needs layout.h and clock.h only.
+ * Not compiled alone: module.c and layout_module.c (capbus._layout) #include it (see there).
  */
 
 /* ---------------------------------------------------------------------------------------------
  * Module-level helpers for the kernel.
  * ------------------------------------------------------------------------------------------- */
+
+static int check_geometry(uint64_t nslots, uint64_t asize)
+{
+    if (nslots < MIN_NSLOTS || nslots > MAX_NSLOTS || (nslots & (nslots - 1))) {
+        PyErr_Format(PyExc_ValueError, "nslots must be a power of two in %u..%u", MIN_NSLOTS,
+                     MAX_NSLOTS);
+        return -1;
+    }
+    if (asize < MIN_ARENA_SIZE || asize > MAX_ARENA_SIZE || asize % PAGE_SIZE_) {
+        PyErr_Format(PyExc_ValueError,
+                     "arena_size must be a multiple of 4096 in %llu..%llu",
+                     (unsigned long long)MIN_ARENA_SIZE, (unsigned long long)MAX_ARENA_SIZE);
+        return -1;
+    }
+    return 0;
+}
 
 static int parse_geometry(PyObject *args, PyObject *kw, const char *fmt, uint64_t *n, uint64_t *a)
 {
@@ -56,3 +73,15 @@ static PyObject *py_max_payload(PyObject *self, PyObject *arg)
         return NULL;
     return PyLong_FromUnsignedLongLong(max_payload_for(a));
 }
+
+/* Its entry in a module's method table (capbus._core and capbus._layout share it). */
+#define METHOD_CHANNEL_SIZE \
+    {"channel_size", (PyCFunction)(void (*)(void))py_channel_size, METH_VARARGS | METH_KEYWORDS, \
+        "channel_size(nslots=256, arena_size=128 MiB) -> int: bytes of a channel memfd"}
+
+/* Its entry in a module's method table (capbus._core and capbus._layout share it). */
+#define METHOD_RESP_RING_OFF \
+    {"resp_ring_off", py_resp_ring_off, METH_O, \
+        "resp_ring_off(nslots) -> int: offset of the response ring in a channel (its tail word, at\n" \
+        "+RING_TAIL_OFF, is what clients futex-wait on: the kernel wakes it after changing a\n" \
+        "control page)"}

@@ -1,6 +1,6 @@
 /*
  * _native/mapping.c: Validating and mapping the kernel's memfds (sealed against shrinking, big
- * enough), the ring geometry and wait-mode checks. GIL held.
+ * enough), the wait-mode check (the geometry check is in helpers.c). GIL held.
  * Not compiled alone: module.c #includes it (one translation unit, see there).
  */
 
@@ -44,22 +44,6 @@ static void *map_memfd(int fd, uint64_t need, int writable, const char *what)
         return NULL;
     }
     return p;
-}
-
-static int check_geometry(uint64_t nslots, uint64_t asize)
-{
-    if (nslots < MIN_NSLOTS || nslots > MAX_NSLOTS || (nslots & (nslots - 1))) {
-        PyErr_Format(PyExc_ValueError, "nslots must be a power of two in %u..%u", MIN_NSLOTS,
-                     MAX_NSLOTS);
-        return -1;
-    }
-    if (asize < MIN_ARENA_SIZE || asize > MAX_ARENA_SIZE || asize % PAGE_SIZE_) {
-        PyErr_Format(PyExc_ValueError,
-                     "arena_size must be a multiple of 4096 in %llu..%llu",
-                     (unsigned long long)MIN_ARENA_SIZE, (unsigned long long)MAX_ARENA_SIZE);
-        return -1;
-    }
-    return 0;
 }
 
 static int check_wait(int mode, long long spin_ns)

@@ -1,7 +1,7 @@
 /*
  * _native/metrics.c: The metrics reader: channel_stats(buf), from a header page the peer may write
  * (every number untrusted, read once). GIL held.
- * Not compiled alone: module.c #includes it (one translation unit, see there).
+ * Not compiled alone: module.c and layout_module.c (capbus._layout) #include it (see there).
  */
 
 /* Copy n u64 out of a buffer the peer may write: RELAXED atomic loads when aligned (each value
@@ -112,3 +112,8 @@ fail:
     Py_DECREF(d);
     return NULL;
 }
+
+/* Its entry in a module's method table (capbus._core and capbus._layout share it). */
+#define METHOD_CHANNEL_STATS \
+    {"channel_stats", py_channel_stats, METH_O, \
+        "channel_stats(buf) -> dict: the client and server metrics of a channel header page"}

@@ -7,13 +7,17 @@
  * (a unity build: each part keeps its static functions, so the compiler sees one translation
  * unit and inlines across parts as before). Parts, bottom up:
  *   engine, no Python API: layout.h (every offset), limits.h (control-page reads, token
- *     buckets), crc32.h, ring.h (SPSC rings + FIFO arena), clock.h, futex.h
+ *     buckets), crc32.h, ring.h (SPSC rings + FIFO arena), clock.h, futex.h, fence.h
  *   process-wide: errors.h (the _errors classes register() hands in, fork check), common.h
  *     (wait modes, tunables, contention), gil_lock.h, sleep.c (eventfds, kicks, the sleep watchdog)
- *   Python glue: primitives.c, mapping.c, convert.c, objcache.h, metrics.h/.c, zbuf.c,
- *     zbuf_release.c, request.c, message.c
+ *   Python glue: primitives.c, mapping.c, helpers.c (channel geometry, for the kernel too),
+ *     convert.c, objcache.h, metrics.h/.c, zbuf.c, zbuf_release.c, request.c, message.c,
+ *     dumpable.c
  *   one binding per type: lane*.c (Lane), serverset.h, ss_*.c, serverset.c (ServerSet),
- *     bases.c (EndpointBase, ServiceBase), helpers.c (module-level helpers for the kernel)
+ *     bases.c (EndpointBase, ServiceBase)
+ * The trusted kernel imports none of this: capbus._layout (layout_module.c) is built from the few
+ * parts it uses (layout.h, limits.h, clock.h, futex.h, primitives.c, helpers.c, metrics.c,
+ * dumpable.c), the same files, so each definition stays one.
  * Where define-before-use forces an order, the part's .h has the forward declaration.
  */
 
@@ -55,9 +59,11 @@
 #include "errors.h"
 #include "clock.h"
 #include "futex.h"
+#include "fence.h"
 #include "primitives.c"
 #include "common.h"
 #include "mapping.c"
+#include "helpers.c"
 #include "convert.c"
 #include "gil_lock.h"
 #include "serverset.h"
@@ -80,28 +86,8 @@
 #include "ss_recv.c"
 #include "serverset.c"
 #include "bases.c"
-#include "helpers.c"
 #include "metrics.c"
-
-/* prctl(PR_SET_DUMPABLE): here rather than through ctypes, which every capbus process would then
- * import (and load libc through) only for this; os has no prctl. */
-static PyObject *py_set_dumpable(PyObject *self, PyObject *arg)
-{
-    int on = PyObject_IsTrue(arg);
-    if (on < 0)
-        return NULL;
-    if (prctl(PR_SET_DUMPABLE, on ? 1 : 0, 0, 0, 0) != 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_dumpable(PyObject *self, PyObject *unused)
-{
-    int r = prctl(PR_GET_DUMPABLE, 0, 0, 0, 0);
-    if (r < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    return PyBool_FromLong(r == 1);
-}
+#include "dumpable.c"
 
 static PyObject *py_crc32(PyObject *self, PyObject *args)
 {
@@ -215,33 +201,25 @@ static PyMethodDef core_methods[] = {
      "futex_wait(buf, offset, expected, timeout=None) -> bool\n\n"
      "Sleep on the u32 at buf[offset] while it equals `expected` (shared futex). True if woken\n"
      "or the value differed, False on timeout (seconds; None = forever)."},
-    {"futex_wake", (PyCFunction)(void (*)(void))py_futex_wake, METH_VARARGS | METH_KEYWORDS,
-     "futex_wake(buf, offset, n=INT_MAX) -> int\n\nWake up to n waiters; returns how many."},
+    METHOD_FUTEX_WAKE,
     {"atomic_load_u32", py_atomic_load_u32, METH_VARARGS, "atomic_load_u32(buf, off) -> int"},
     {"atomic_load_u64", py_atomic_load_u64, METH_VARARGS, "atomic_load_u64(buf, off) -> int"},
-    {"atomic_store_u32", py_atomic_store_u32, METH_VARARGS, "atomic_store_u32(buf, off, v)"},
-    {"atomic_store_u64", py_atomic_store_u64, METH_VARARGS, "atomic_store_u64(buf, off, v)"},
+    METHOD_ATOMIC_STORE_U32,
+    METHOD_ATOMIC_STORE_U64,
     {"atomic_cas_u32", py_atomic_cas_u32, METH_VARARGS,
      "atomic_cas_u32(buf, off, expected, desired) -> bool"},
     {"atomic_cas_u64", py_atomic_cas_u64, METH_VARARGS,
      "atomic_cas_u64(buf, off, expected, desired) -> bool"},
     {"atomic_add_u64", py_atomic_add_u64, METH_VARARGS,
      "atomic_add_u64(buf, off, v) -> int (old value, wraps modulo 2**64)"},
-    {"channel_size", (PyCFunction)(void (*)(void))py_channel_size, METH_VARARGS | METH_KEYWORDS,
-     "channel_size(nslots=256, arena_size=128 MiB) -> int: bytes of a channel memfd"},
+    METHOD_CHANNEL_SIZE,
     {"max_payload", py_max_payload, METH_O, "max_payload(arena_size) -> int"},
     {"latency_clock", py_latency_clock, METH_NOARGS,
      "latency_clock() -> str: 'tsc' when calls time their round trips with the TSC (the kernel's\n"
      "clocksource is the TSC and its rate has been measured), else 'monotonic...'"},
-    {"resp_ring_off", py_resp_ring_off, METH_O,
-     "resp_ring_off(nslots) -> int: offset of the response ring in a channel (its tail word, at\n"
-     "+RING_TAIL_OFF, is what clients futex-wait on: the kernel wakes it after changing a\n"
-     "control page)"},
+    METHOD_RESP_RING_OFF,
     {"crc32", py_crc32, METH_VARARGS, "crc32(data, value=0) -> int (same as zlib.crc32)"},
-    {"set_dumpable", py_set_dumpable, METH_O,
-     "set_dumpable(flag) -> None   prctl(PR_SET_DUMPABLE, flag): with False, processes of the "
-     "same uid can no longer ptrace this one, read its /proc/<pid>/mem, open its /proc/<pid>/fd "
-     "or take its fds with pidfd_getfd, and it leaves no core dump"},
+    METHOD_SET_DUMPABLE,
     {"register", (PyCFunction)(void (*)(void))py_register, METH_VARARGS | METH_KEYWORDS,
      "register(*, errors, object_loads, object_pack) -> None: what this module needs of\n"
      "capbus's Python side, handed in once by the runtime at import (errors: the capbus._errors\n"
@@ -249,8 +227,7 @@ static PyMethodDef core_methods[] = {
      "Adds CorruptChannel. Lane, ServerSet, EndpointBase and ServiceBase refuse to be made\n"
      "before it; a second call is refused."},
     {"dumpable", py_dumpable, METH_NOARGS, "dumpable() -> bool   prctl(PR_GET_DUMPABLE) == 1"},
-    {"channel_stats", py_channel_stats, METH_O,
-     "channel_stats(buf) -> dict: the client and server metrics of a channel header page"},
+    METHOD_CHANNEL_STATS,
     {NULL, NULL, 0, NULL},
 };
 

@@ -2,7 +2,7 @@
  * _native/primitives.c: Part A of the module: futex and atomics on any buffer-protocol object at
  * an offset (what the kernel and tests use), and the u32/u64 argument conversions. GIL held; the
  * waits let it go.
- * Not compiled alone: module.c #includes it (one translation unit, see there).
+ * Not compiled alone: module.c and layout_module.c (capbus._layout) #include it (see there).
  */
 
 /* ---------------------------------------------------------------------------------------------
@@ -347,3 +347,16 @@ static PyObject *py_atomic_add_u64(PyObject *self, PyObject *args)
     PyBuffer_Release(&view);
     return PyLong_FromUnsignedLongLong(old);
 }
+
+/* Its entry in a module's method table (capbus._core and capbus._layout share it). */
+#define METHOD_FUTEX_WAKE \
+    {"futex_wake", (PyCFunction)(void (*)(void))py_futex_wake, METH_VARARGS | METH_KEYWORDS, \
+        "futex_wake(buf, offset, n=INT_MAX) -> int\n\nWake up to n waiters; returns how many."}
+
+/* Its entry in a module's method table (capbus._core and capbus._layout share it). */
+#define METHOD_ATOMIC_STORE_U32 \
+    {"atomic_store_u32", py_atomic_store_u32, METH_VARARGS, "atomic_store_u32(buf, off, v)"}
+
+/* Its entry in a module's method table (capbus._core and capbus._layout share it). */
+#define METHOD_ATOMIC_STORE_U64 \
+    {"atomic_store_u64", py_atomic_store_u64, METH_VARARGS, "atomic_store_u64(buf, off, v)"}
