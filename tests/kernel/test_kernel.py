@@ -88,3 +88,9 @@ def test_ps_pages_large_tables(kernel):
 def test_cli_without_kernel(sockdir):
     r = _cli("ps", "--socket", os.path.join(sockdir, "none.sock"))
     assert r.returncode == 1 and "KernelUnavailable" in r.stderr
+
+
+def test_spawn_refuses_one_string_for_argv(kernel):
+    # A str is a sequence of strings too: "python3 app.py" would launch "p" with "y", "t", ...
+    with pytest.raises(TypeError, match="list of strings"):
+        kernel.spawn("python3 -c pass")

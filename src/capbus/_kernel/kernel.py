@@ -193,6 +193,9 @@ class Kernel:
         as well: a lookup must pass both. ValueError on a bad grant or pattern.
         sandbox: a capbus.Sandbox confining it (and every restart) from before its first
         instruction; SandboxError, and nothing started, if this Linux cannot enforce it."""
+        if isinstance(argv, (str, bytes)):  # a str is a sequence of 1-character arguments
+            raise TypeError(f"argv must be a list of strings, not one string: {argv!r:.80} "
+                            "(say [sys.executable, 'app.py'], or shlex.split() a command line)")
         if package is not None:
             check_name(package, "package name")
         if sandbox is not None:
