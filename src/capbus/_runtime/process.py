@@ -569,7 +569,7 @@ def _inherited_socket() -> socket.socket | None:
         # The launcher set dumpable 0 before exec, which resets it: other processes of our uid
         # must not read this sandboxed process's memory, whatever CAPBUS_DEBUGGABLE says.
         # (Skipping this harms only ourselves.)
-        _core.set_dumpable(False)
+        _protect.protect(debuggable=False)
     try:
         fd = int(raw)
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
