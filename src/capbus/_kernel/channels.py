@@ -35,8 +35,8 @@ log = logging.getLogger("capbus.kernel")
 
 NSLOTS = 256  # slots per ring
 ARENA_SIZE = 128 << 20  # bytes per direction: virtual, a sparse memfd costs only what is touched
-MAX_LANES_PER_CAP = 64  # channels one holder may open on one endpoint (one per calling thread)
-MAX_LANES_PER_PROCESS = 1024  # channels one process may hold open in all
+MAX_CHANNELS_PER_CAP = 64  # channels one holder may open on one endpoint (one per calling thread)
+MAX_CHANNELS_PER_PROCESS = 1024  # channels one process may hold open in all
 
 
 def on_open_channel(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.OpenChannel,
@@ -48,11 +48,11 @@ def on_open_channel(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frame
     st.check_access(rec, svc)
     if "send" not in cap.rights:
         raise PermissionDenied(f"handle {cap.handle:#x} lacks the send right")
-    if len(rec.lanes) >= MAX_LANES_PER_PROCESS:
-        raise OutOfMemory(f"this process already holds {MAX_LANES_PER_PROCESS} channels")
-    lanes: set[Channel] = cap.extra.setdefault("lanes", set())
-    if len(lanes) >= MAX_LANES_PER_CAP:
-        raise OutOfMemory(f"{MAX_LANES_PER_CAP} threads already call {svc.name!r} from here")
+    if len(rec.channels) >= MAX_CHANNELS_PER_PROCESS:
+        raise OutOfMemory(f"this process already holds {MAX_CHANNELS_PER_PROCESS} channels")
+    held: set[Channel] = cap.extra.setdefault("channels", set())
+    if len(held) >= MAX_CHANNELS_PER_CAP:
+        raise OutOfMemory(f"{MAX_CHANNELS_PER_CAP} threads already call {svc.name!r} from here")
     # Per client process and per uid, so that no client can take every channel of a service.
     # Counted by OS process: connecting again from the same process gains it nothing.
     client, b = client_key(rec), svc.bounds
@@ -88,8 +88,8 @@ def on_open_channel(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frame
     svc.chans_by_uid[rec.uid] = svc.chans_by_uid.get(rec.uid, 0) + 1
     if usage is not None:
         usage.channels += 1
-    rec.lanes.add(ch)
-    lanes.add(ch)
+    rec.channels.add(ch)
+    held.add(ch)
     for index_, k in sender_keys(svc, rec):
         index_.setdefault(k, set()).add(ch)
     # The server learns of the channel before the client can use it (one ordered socket
@@ -148,8 +148,8 @@ def close_channel(st: KernelState, out: Outbox, ch: Channel, state: int, tell_se
     else:
         for tag in list(ch.transfers):
             discard_attached(st, out, ch, tag)
-    ch.client.lanes.discard(ch)
-    ch.cap.extra.get("lanes", set()).discard(ch)
+    ch.client.channels.discard(ch)
+    ch.cap.extra.get("channels", set()).discard(ch)
     if tell_server and svc.alive:
         out.event(svc.owner, frames.ChannelClosed(svc.handle, ch.index))
     ch.shm.close()
@@ -209,7 +209,7 @@ def drop_cap(st: KernelState, out: Outbox, rec: ProcessRecord, cap: Capability) 
         grant = rec.grants.get(cap.extra.get("grant", ""))
         if grant is not None and grant.cap is cap:
             grant.cap = None  # released: asking for the grant again resolves it anew
-        for ch in list(cap.extra.get("lanes", ())):
+        for ch in list(cap.extra.get("channels", ())):
             close_channel(st, out, ch, STATE_CLOSED)
         if cap.watched:
             cap.target.owner.watched_by.discard((rec, cap.handle))

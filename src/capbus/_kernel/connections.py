@@ -215,7 +215,7 @@ class Connections:
         for svc in rec.services:
             channels.end_service(self._st, self._out, svc, STATE_PEER_DEAD)
         rec.services.clear()
-        for ch in list(rec.lanes):
+        for ch in list(rec.channels):
             channels.close_channel(self._st, self._out, ch, STATE_PEER_DEAD)
         for request_id in list(rec.parked):
             naming.unpark(self._st, self._out, rec, request_id)

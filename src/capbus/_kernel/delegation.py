@@ -85,7 +85,7 @@ def revoke(st: KernelState, out: Outbox, cap: Capability, by: ProcessRecord | No
                 del owner.endpoints[id(c.target)]
             if c.kind == "endpoint" and c.watched:
                 c.target.owner.watched_by.discard((owner, c.handle))
-        for ch in list(c.extra.get("lanes", ())):
+        for ch in list(c.extra.get("channels", ())):
             channels.close_channel(st, out, ch, STATE_REVOKED)
     cap.detach()
     out.audit(_audit.REVOKE, by, cap, getattr(cap.target, "name", ""),

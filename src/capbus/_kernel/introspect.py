@@ -92,7 +92,7 @@ def process_stats(st: KernelState, process_id: int) -> dict[str, Any]:
         "parked_by_pid": st.parked_by_pid.get(client_key(rec), 0),
         "parked_by_uid": st.parked_by_uid.get(rec.uid, 0),
         "caps": len(rec.caps),
-        "lanes": len(rec.lanes),
+        "lanes": len(rec.channels),
         "services": len(rec.services),
         "attachments": sum(svc.pending for svc in rec.services),
         "watchers": len(rec.watched_by),

@@ -1,6 +1,6 @@
 """Regions as processes ask for them: create (charged to the creator's uid), map, seal.
 
-The Region object itself (a sealed memfd and its reference count) is in regions.py.
+The RegionObject itself (a sealed memfd and its reference count) is in regions.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 from .._errors import IpcError, OutOfMemory, PermissionDenied
 from .._protocol import frames
 from .captable import Capability
-from .regions import REGION_RIGHTS, Region
+from .regions import REGION_RIGHTS, RegionObject
 from .state import Handler, KernelState, Outbox, ProcessRecord
 
 
@@ -22,7 +22,7 @@ def on_create_region(st: KernelState, out: Outbox, rec: ProcessRecord, msg: fram
             f"uid {rec.uid} already has {usage.region_bytes} bytes of regions alive (its "
             f"region_bytes_per_uid limit is {limit}); a region of {msg.size} bytes more does "
             "not fit: release regions (every holder must let go) or ask for less")
-    region = Region.create(msg.size)
+    region = RegionObject.create(msg.size)
     if usage is not None:
         usage.region_bytes += region.size
         region.on_free = lambda: st.free_region_bytes(usage, region.size)

@@ -22,14 +22,14 @@ REGION_RIGHTS = frozenset({"map", "read", "write", "share"})
 
 
 @dataclass(eq=False)
-class Region:
+class RegionObject:
     fd: int
     size: int
     refs: int = 0  # capabilities naming it
     on_free: Callable[[], None] | None = None  # called once, when the last capability goes
 
     @classmethod
-    def create(cls, size: int) -> Region:
+    def create(cls, size: int) -> RegionObject:
         if not 0 < size <= MAX_REGION:
             raise ValueError(f"region size must be 1..{MAX_REGION} bytes, got {size}")
         try:

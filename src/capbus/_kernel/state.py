@@ -163,7 +163,7 @@ class ServiceRecord:
 
 @dataclass(eq=False)
 class Channel:
-    """One lane between a client and a service: the kernel's bookkeeping and mappings."""
+    """One channel between a client (its lane) and a service: the kernel's bookkeeping and mappings."""
 
     index: int
     service: ServiceRecord
@@ -223,7 +223,7 @@ class ProcessRecord:
     proto: KernelConnection = field(default_factory=KernelConnection)
     caps: CapTable = field(default_factory=CapTable)
     services: list[ServiceRecord] = field(default_factory=list)
-    lanes: set[Channel] = field(default_factory=set)  # channels it opened as a client
+    channels: set[Channel] = field(default_factory=set)  # channels it opened as a client (its lanes)
     watched_by: set[tuple[ProcessRecord, int]] = field(default_factory=set)
     endpoints: dict[int, Capability] = field(default_factory=dict)  # id(ServiceRecord) -> its cap
     budgets: dict[int, int] = field(default_factory=dict)  # id(ServiceRecord) -> its endpoints' uid
