@@ -13,6 +13,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import time
 
 from conftest import Children, readline
 
@@ -67,20 +68,14 @@ def test_only_shm_touches_the_native_core():
     assert _kernel_imports("shm") & set(NATIVE) == {"_layout"}  # and only its kernel part
 
 
-# The kernel process: capbus/__init__.py imports the runtime for the public names (and the
-# runtime is the data plane: it loads capbus._core), so the package is entered without it here,
-# as a process that runs only the kernel would; everything below capbus._kernel.kernel is
-# imported as usual. It serves until told, reads the channels' counters once (channel_stats),
-# and prints which capbus modules it holds.
+# The kernel process: `import capbus` loads its public names on first use, so a process that
+# runs only the kernel names capbus.Kernel and nothing else; it serves until told, reads the
+# channels' counters once (channel_stats), and prints which capbus modules it holds.
 KERNEL_PROCESS = """
-    import importlib.util, json, sys, time, types
+    import json, sys, time
+    import capbus
 
-    spec = importlib.util.find_spec("capbus")
-    package = types.ModuleType("capbus")
-    package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
-    sys.modules["capbus"] = package
-    from capbus._kernel.kernel import Kernel
-
+    Kernel = capbus.Kernel
     kernel = Kernel(sys.argv[1])
     print("ready", flush=True)
     sys.stdin.readline()
@@ -140,6 +135,32 @@ def test_a_kernel_process_loads_only_the_layout_of_the_native_core(sockdir):
     assert {"capbus._kernel.kernel", "capbus._kernel.shm", "capbus._layout"} <= modules
     assert "capbus._core" not in modules, sorted(modules)
     assert not {m for m in modules if m.startswith("capbus._runtime")}, sorted(modules)
+
+
+def test_the_daemon_maps_no_data_plane(sockdir):
+    """`capbus kernel` serving a client that called through it: its memory maps hold the kernel's
+    native module (capbus._layout) and never the data plane's (capbus._core)."""
+    path = os.path.join(sockdir, "k.sock")
+    d = subprocess.Popen([sys.executable, "-m", "capbus", "kernel", "--socket", path],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    procs = Children(path)
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(path) and d.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        client = procs.start(CLIENT, stdin=subprocess.PIPE)
+        assert readline(client, 30) == "looked up True 3"
+        with open(f"/proc/{d.pid}/maps") as f:
+            maps = {os.path.basename(line.split()[-1]).split(".")[0]
+                    for line in f if line.rstrip().endswith(".so")}
+        client.stdin.close()
+        assert client.wait(timeout=10) == 0
+    finally:
+        procs.cleanup()
+        d.terminate()
+        d.wait(timeout=10)
+    assert "_layout" in maps, sorted(maps)
+    assert "_core" not in maps, sorted(maps)
 
 
 def _pump(p: subprocess.Popen) -> None:

@@ -114,6 +114,14 @@ class Tree:
                         continue
                     elif base in self.modules:
                         yield base, alias.name, node.lineno
+            elif (isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
+                  and any(isinstance(t, ast.Name) and t.id == "_LAZY" for t in node.targets)):
+                # A package's names loaded on first use (PEP 562): {name: ".module"}.
+                for value in node.value.values:
+                    if isinstance(value, ast.Constant) and str(value.value).startswith("."):
+                        target = module + str(value.value)
+                        if target in self.modules:
+                            yield target, None, node.lineno
 
     def import_graph(self) -> dict[str, set[str]]:
         graph: dict[str, set[str]] = {m: set() for m in self.modules}
@@ -305,7 +313,7 @@ def test_the_tree_is_read(tree):
             "capbus._protocol.frames"} <= set(tree.modules)
     graph = tree.import_graph()
     assert "capbus._protocol.frames" in graph["capbus._runtime.process"]
-    assert "capbus._kernel.kernel" in graph["capbus"]  # `from ._kernel.kernel import Kernel`
+    assert "capbus._kernel.kernel" in graph["capbus"]  # _LAZY: {"Kernel": "._kernel.kernel"}
     # A function-level import counts: main imports each verb's module only when it runs.
     assert {"capbus._cli.admin", "capbus._cli.top"} <= graph["capbus._cli.main"]
 

@@ -24,7 +24,7 @@ static int core_registered(void)
     if (__builtin_expect(core_ready, 1))
         return 0;
     PyErr_SetString(PyExc_RuntimeError,
-                    "capbus._core.register() has not been called: import capbus first (its "
+                    "capbus._core.register() has not been called: import capbus._runtime first (its "
                     "runtime hands the error classes and the object codec to the native core)");
     return -1;
 }
