@@ -7,6 +7,7 @@ stale socket file is replaced.
 from __future__ import annotations
 
 import collections
+import gc
 import json
 import os
 import queue
@@ -475,3 +476,32 @@ def test_open_channels_cost_the_kernel_no_fds(sockdir, daemons):
         assert settle(d.fds, base, 5) == base  # (it frees them when the lanes close)
         grown = with_lanes - base - 2  # the caller's own socket and pidfd
         assert grown <= 2, f"{lanes} open channels cost the kernel {grown} fds: {kinds}"
+
+
+def _own_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("how", ["process-closed", "kernel-stopped"])
+def test_a_service_dropped_without_close_leaves_no_fd(sockdir, how):
+    """A Service whose process closed (or whose kernel stopped) without svc.close(), then
+    dropped: its eventfd goes with it (each such service once left one eventfd behind, and a
+    long-lived test process collected hundreds)."""
+    path = os.path.join(sockdir, "k.sock")
+
+    def cycle() -> None:
+        with capbus.Kernel(path) as kernel:
+            proc = capbus.connect(kernel.socket_path, wait="block")
+            proc.register("dropped")  # never closed, never kept
+            if how == "process-closed":
+                proc.close()
+        if how == "kernel-stopped":
+            proc.close()
+
+    cycle()
+    gc.collect()
+    before = _own_fds()
+    for _ in range(20):
+        cycle()
+    gc.collect()
+    assert _own_fds() - before < 5, f"{_own_fds() - before} fds left by 20 dropped services"

@@ -63,6 +63,7 @@ class Service(_core.ServiceBase):
         # a full table, a region that cannot be mapped): counted and logged, never raised
         self.dropped_attachments = 0
         self._event_fd = event_fd
+        self._event_closed = False
         self._senders: dict[int, int] = {}  # channel index -> sender ProcessId
         self._retired: list[_Retired] = []  # channels of former kernels, still served
         self._retired_lock = threading.Lock()  # the reader and the peer watch change the list
@@ -269,7 +270,21 @@ class Service(_core.ServiceBase):
                 os.eventfd_write(self._event_fd, 1)
         for r in retired:
             r.close()
-        os.close(self._event_fd)
+        self._close_event_fd()
+
+    def __del__(self) -> None:
+        # Dropped without close() (its process closed it, or its kernel went): nothing can wait
+        # on its eventfds once the Service is unreachable, so they go with it.
+        if hasattr(self, "_retired_lock"):
+            for r in self._retired:
+                r.close()
+            self._close_event_fd()
+
+    def _close_event_fd(self) -> None:
+        if not self._event_closed:
+            self._event_closed = True
+            with contextlib.suppress(OSError):
+                os.close(self._event_fd)
 
     # ---- channels of former kernels -----------------------------------------------------------
 
