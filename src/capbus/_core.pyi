@@ -307,7 +307,10 @@ from typing import Any, TypeAlias, final
 from typing_extensions import Buffer, disjoint_base
 
 from capbus._errors import ProtocolError
-from capbus._layout import ChannelStats as ChannelStats  # one definition: the kernel's module
+
+# What capbus._layout (the kernel's small module) exports too (ChannelStats, the channel layout
+# constants, futex_wake, the atomic stores, set_dumpable): declared once, there.
+from capbus._layout import *  # noqa: F403
 from capbus._runtime.endpoint import Endpoint
 from capbus._runtime.region import Region
 
@@ -322,24 +325,17 @@ Batch: TypeAlias = Sequence[tuple[int, Data] | tuple[int, Data, Payload]]
 
 # ---- Primitives on any buffer-protocol object at a byte offset
 def futex_wait(buf: Buffer, offset: int, expected: int, timeout: float | None = None) -> bool: ...
-def futex_wake(buf: Buffer, offset: int, n: int = ...) -> int: ...
 def atomic_load_u32(buf: Buffer, off: int, /) -> int: ...
 def atomic_load_u64(buf: Buffer, off: int, /) -> int: ...
-def atomic_store_u32(buf: Buffer, off: int, v: int, /) -> None: ...
-def atomic_store_u64(buf: Buffer, off: int, v: int, /) -> None: ...
 def atomic_cas_u32(buf: Buffer, off: int, expected: int, desired: int, /) -> bool: ...
 def atomic_cas_u64(buf: Buffer, off: int, expected: int, desired: int, /) -> bool: ...
 def atomic_add_u64(buf: Buffer, off: int, v: int, /) -> int: ...
 
 # ---- Layout helpers and module-level functions
-def channel_size(nslots: int = 256, arena_size: int = ...) -> int: ...
-def resp_ring_off(nslots: int, /) -> int: ...
 def max_payload(arena_size: int, /) -> int: ...
 def latency_clock() -> str: ...  # "monotonic", "monotonic (tsc rate not measured yet)" or "tsc"
 def crc32(data: Buffer, value: int = 0, /) -> int: ...
 
-def channel_stats(buf: Buffer, /) -> ChannelStats: ...
-def set_dumpable(on: bool, /) -> None: ...
 def dumpable() -> bool: ...
 def register(*, errors: ModuleType, object_loads: Callable[[Any, bool], Any],
              object_pack: Callable[[Any, bool], bytes]) -> None: ...
@@ -495,50 +491,15 @@ class ServiceBase:
 # ---- Constants (from _native/layout.h and the module's own; all int)
 CHAN_MAGIC_BYTES: bytes
 
-CTRL_SIZE: int
-CTRL_STATE_OFF: int
-CTRL_GENERATION_OFF: int
-CTRL_EXPIRY_OFF: int
-CTRL_MAX_MESSAGE_SIZE_OFF: int
-CTRL_RATE_LIMIT_OFF: int
-CTRL_BANDWIDTH_OFF: int
-CTRL_RIGHTS_OFF: int
-CTRL_FLAGS_OFF: int
-CTRL_SENDER_ID_OFF: int
-CTRL_F_ENFORCE: int
-CTRL_CAP_ID_OFF: int
-CTRL_CHAIN_LEN_OFF: int
-CTRL_CHAIN_OFF: int
-CTRL_CHAIN_ENTRY_SIZE: int
-CTRL_CHAIN_MAX: int
 BUCKET_IDLE_MAX: int
-RIGHT_SEND: int
-RIGHT_RECEIVE: int
-RIGHT_SHARE: int
-RIGHT_MAP: int
-RIGHT_READ: int
-RIGHT_WRITE: int
-STATE_OPEN: int
-STATE_REVOKED: int
-STATE_PEER_DEAD: int
-STATE_CLOSED: int
-DOORBELL_SIZE: int
 DB_SEQ_OFF: int
 DB_SERVER_SLEEPING_OFF: int
 DB_EVENT_WANTED_OFF: int
 DB_SERVER_SPINS_OFF: int
 DB_BITMAP_OFF: int
-MAX_CHANNELS: int
 CHAN_HEADER_SIZE: int
-CHAN_MAGIC_OFF: int
-CHAN_VERSION_OFF: int
-CHAN_NSLOTS_OFF: int
-CHAN_ARENA_SIZE_OFF: int
 CHAN_CANCEL_BELOW_OFF: int
 CHAN_REFUSED_OFF: int
-CHAN_MAGIC: int
-CHAN_VERSION: int
-RING_TAIL_OFF: int
 RING_HEAD_OFF: int
 RING_CONSUMER_SLEEPING_OFF: int
 RING_CONSUMER_EVENT_OFF: int

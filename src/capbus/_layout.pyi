@@ -57,7 +57,7 @@ class ChannelStats(TypedDict):
 def channel_stats(buf: Buffer, /) -> ChannelStats: ...
 def set_dumpable(on: bool, /) -> None: ...
 
-# ---- Layout constants (values from _native/layout.h; see _core.pyi for what each is)
+# ---- Layout constants (values from _native/layout.h; _core.pyi takes these declarations)
 CTRL_SIZE: int
 CTRL_STATE_OFF: int
 CTRL_GENERATION_OFF: int
