@@ -83,3 +83,16 @@ def test_kernel_stop_reaches_processes(sockdir):
     with pytest.raises(capbus.KernelUnavailable):
         p.register("x")
     assert not os.path.exists(k.socket_path)
+
+
+def test_what_close_gives_back_is_free_when_it_returns(kernel):
+    """Process.close() returns once the kernel has let go of everything the connection held:
+    its name can be registered by another connection at once, every time (the kernel handles
+    connections in turn, so without waiting for its end of file the next Register could come
+    first and find the name taken)."""
+    with capbus.connect(kernel.socket_path) as keeper:
+        for i in range(200):
+            p = capbus.connect(kernel.socket_path)
+            p.register(f"handover-{i % 2}")
+            p.close()
+            keeper.register(f"handover-{i % 2}").close()

@@ -122,12 +122,21 @@ class Control:
 
     def close(self, reason: BaseException | None = None) -> None:
         with self._lock:
+            graceful = self._closed is None and reason is None
             if self._closed is None:
                 self._closed = reason or KernelUnavailable("this capbus Process is closed")
+        reader = self._reader if self._reader is not threading.current_thread() else None
+        if graceful and reader is not None:
+            # Tell the kernel we are done and wait (briefly) for its end of file: it closes its
+            # end once it has let go of everything this connection held, so what close()
+            # gives back (quota, names) is free for the next request of any connection.
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
+            reader.join(2)
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        if self._reader is not None and self._reader is not threading.current_thread():
-            self._reader.join(5)
+        if reader is not None:
+            reader.join(5)
         self.sock.close()
 
     def forget_after_fork(self, reason: BaseException) -> None:
