@@ -6,6 +6,8 @@ leading underscore is private and may change.
 
 from ._errors import (
     Cancelled,
+    InterfaceMismatch,
+    InvalidArgument,
     InvalidCapability,
     IpcError,
     KernelUnavailable,
@@ -29,6 +31,7 @@ from ._kernel.launcher import Child
 from ._kernel.policy import KernelLimits, Policy, ProcessInfo
 from ._kernel.sandbox import Sandbox
 from ._runtime.endpoint import Endpoint
+from ._runtime.interface import Interface
 from ._runtime.limits import Limits
 from ._runtime.message import LargeMessage, Message, Request, SmallMessage
 from ._runtime.process import Process, connect
@@ -44,6 +47,9 @@ __all__ = [
     "Cancelled",
     "Child",
     "Endpoint",
+    "Interface",
+    "InterfaceMismatch",
+    "InvalidArgument",
     "InvalidCapability",
     "IpcError",
     "Kernel",
