@@ -500,13 +500,13 @@ class Dispatcher:
                 req.reply(0, (), self.spec.description)
                 return None
             return self._fail(req, InterfaceMismatch(
-                f"{self.service!r}: interface {self.spec.name} has no method with opcode "
+                f"interface {self.spec.name} has no method with opcode "
                 f"{req.opcode:#x}: the caller was built from another interface or version"))
         m, fn, is_async = entry
         d = req.data
         if d[2] != self.spec.digest64:
             return self._fail(req, InterfaceMismatch(
-                f"{self.service!r}: the caller's {self.spec.name} is another version than the "
+                f"the caller's {self.spec.name} is another version than the "
                 "service's (their digests differ): build both from the same interface"))
         try:
             args = decode(m.arg_dec, req.payload, d[0], d[1], m.oob)
@@ -701,14 +701,18 @@ def _check(spec: Spec, ep: Endpoint, answer: Any) -> None:
     ours = {m.name: m.text for m in spec.methods.values()}
     diff = []
     if desc.get("name") != spec.name:
-        diff.append(f"it serves interface {desc.get('name')!r}, this proxy is for {spec.name!r}")
-    for name in sorted(set(ours) | set(theirs)):
-        if name not in theirs:
-            diff.append(f"{name} is missing on the service")
-        elif name not in ours:
-            diff.append(f"the service also has {str(theirs[name])[:200]}")
-        elif ours[name] != theirs[name]:
+        diff.append(f"it serves interface {str(desc.get('name'))[:100]!r}, this proxy is for "
+                    f"{spec.name!r}")
+    missing = sorted(set(ours) - set(theirs))
+    extra = sorted(str(n)[:100] for n in set(theirs) - set(ours))
+    for name in sorted(set(ours) & set(theirs)):
+        if ours[name] != theirs[name]:
             diff.append(f"{name}: here {ours[name]}, there {str(theirs[name])[:200]}")
+    if missing:
+        diff.append(f"the service lacks {', '.join(missing[:10])}")
+    if extra:
+        diff.append(f"only the service has {', '.join(extra[:10])}"
+                    + (f" and {len(extra) - 10} more" if len(extra) > 10 else ""))
     if desc.get("errors") != [e.__qualname__ for e in spec.errors]:
         diff.append(f"errors: here {[e.__qualname__ for e in spec.errors]}, there "
                     f"{str(desc.get('errors'))[:200]}")
