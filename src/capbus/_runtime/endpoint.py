@@ -215,20 +215,22 @@ class Endpoint(_core.EndpointBase):
 
     # ---- typed interfaces ---------------------------------------------------------------------
 
-    def proxy(self, iface: type[_I], *, timeout: float | None = None,
+    # Typed as a Callable returning the interface, not type[_I]: mypy refuses abstract classes
+    # (interfaces with @abstractmethod declarations) where a type[...] is expected.
+    def proxy(self, iface: Callable[..., _I], *, timeout: float | None = None,
               check_timeout: float = 10.0) -> _I:
         """A proxy calling the typed service behind this endpoint: `kv = ep.proxy(KV)`, then
         `kv.get("a")` with Python arguments, results and exceptions (capbus.Interface). Asks the
         service for its interface first (within check_timeout): InterfaceMismatch, naming the
         methods that differ, if it serves another version (or no interface). timeout: of each
         call (Timeout), None to wait for ever."""
-        return interface.make_proxy(self, iface, timeout, check_timeout)
+        return interface.make_proxy(self, iface, timeout, check_timeout)  # type: ignore[arg-type]
 
-    def aproxy(self, iface: type[interface.Interface], *, timeout: float | None = None,
+    def aproxy(self, iface: Callable[..., interface.Interface], *, timeout: float | None = None,
                check_timeout: float = 10.0) -> Any:
         """proxy() for asyncio: its methods are coroutines (`await akv.get("a")`), calls go
         through acall(); the interface check runs with the first call."""
-        return interface.make_aproxy(self, iface, timeout, check_timeout)
+        return interface.make_aproxy(self, iface, timeout, check_timeout)  # type: ignore[arg-type]
 
     # ---- capabilities -------------------------------------------------------------------------
 

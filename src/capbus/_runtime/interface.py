@@ -31,12 +31,15 @@ argument binding are built once per interface (and cached on the class).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import dis
 import enum
+import functools
 import hashlib
 import inspect
 import math
+import operator
 import struct
 import sys
 import threading
@@ -67,9 +70,10 @@ _QUERY = "__interface__"
 _BYTES, _ARRAY = 1, 2  # kinds of top-level values that may go out of band
 
 
-class Interface:
+class Interface(abc.ABC):  # noqa: B024 - an ABC so that declarations may be @abstractmethod
     """Base of typed service interfaces. Declare methods with annotated parameters and return,
-    bodies `...`; `errors = (KeyError, ...)` are the exceptions that travel as themselves.
+    bodies `...` (or `@abc.abstractmethod`, which mypy's empty-body check wants for methods that
+    return a value); `errors = (KeyError, ...)` are the exceptions that travel as themselves.
     Subclass the interface to implement it (methods may be `async def`) and serve it with
     Service.serve_interface; call it through Endpoint.proxy(Interface) / aproxy.
 
@@ -78,6 +82,7 @@ class Interface:
 
     errors: ClassVar[tuple[type[BaseException], ...]] = ()
     interface_name: ClassVar[str | None] = None
+    _capbus_declares: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -92,7 +97,10 @@ _STUB_BODIES = ([("LOAD_CONST", None), ("RETURN_VALUE", None)], [("RETURN_CONST"
 
 
 def _is_stub(fn: Any) -> bool:
-    """A declaration: a body of `...`, `pass` and/or a docstring (it returns None, nothing else)."""
+    """A declaration: an abstract method, or a body of `...`, `pass` and/or a docstring (it
+    returns None, nothing else)."""
+    if getattr(fn, "__isabstractmethod__", False):
+        return True
     if inspect.iscoroutinefunction(fn) or not hasattr(fn, "__code__"):
         return False
     ops = [(i.opname, i.argval) for i in dis.get_instructions(fn)
@@ -105,7 +113,7 @@ def interface_of(cls: type) -> type[Interface]:
     declares methods only."""
     for c in cls.__mro__:
         if c.__dict__.get("_capbus_declares"):
-            return c  # type: ignore[no-any-return]
+            return c
     raise TypeError(f"{cls.__qualname__} implements no capbus.Interface that declares methods "
                     "(an interface's methods have `...` bodies): pass interface= explicitly")
 
@@ -162,9 +170,9 @@ class Spec:
         self.by_opcode: dict[int, _Method] = {}
         for m in self.methods.values():
             if m.opcode in self.by_opcode or m.opcode == self.query_opcode:
-                raise TypeError(f"interface {self.name}: methods {m.name!r} and "
-                                f"{self.by_opcode[m.opcode].name if m.opcode in self.by_opcode else _QUERY!r} "
-                                "map to the same opcode: rename one")
+                other = self.by_opcode[m.opcode].name if m.opcode in self.by_opcode else _QUERY
+                raise TypeError(f"interface {self.name}: methods {m.name!r} and {other!r} map to "
+                                "the same opcode: rename one")
             self.by_opcode[m.opcode] = m
         text = "\n".join([f"interface {self.name}",
                           *(m.text for m in self.methods.values()),
@@ -216,7 +224,7 @@ class Spec:
                                                 dec_hook=_dec_hook)
         except TypeError as exc:
             raise TypeError(f"{where}: a type msgspec cannot decode ({exc})") from exc
-        m.text = (f"{name}(" + ", ".join(f"{n}: {_render(t)}" for n, t in zip(names, types_))
+        m.text = (f"{name}(" + ", ".join(f"{n}: {_render(t)}" for n, t in zip(names, types_, strict=True))
                   + f") -> {_render(ret)}")
         return m
 
@@ -267,7 +275,7 @@ def _wire(t: Any) -> Any:
     if new == args:
         return t
     if origin is typing.Union or origin is types.UnionType:
-        return typing.Union[new]
+        return functools.reduce(operator.or_, new)
     return origin[new]
 
 
@@ -394,7 +402,8 @@ def encode(kind: tuple[tuple[int, int], ...], values: tuple[Any, ...]) -> tuple[
 def layout(stream: bytes, bufs: list[memoryview]) -> tuple[int, list[tuple[int, Any]]]:
     """Total size and (offset, bytes) parts of a message with out-of-band buffers."""
     off = (len(stream) + 7) & ~7
-    parts: list[tuple[int, Any]] = [(0, stream), (off, struct.pack(f"<{len(bufs)}Q", *(b.nbytes for b in bufs)))]
+    lengths = struct.pack(f"<{len(bufs)}Q", *(b.nbytes for b in bufs))
+    parts: list[tuple[int, Any]] = [(0, stream), (off, lengths)]
     off += 8 * len(bufs)
     for b in bufs:
         off = (off + _ALIGN - 1) & ~(_ALIGN - 1)
@@ -499,22 +508,25 @@ class Dispatcher:
             if req.opcode == self.spec.query_opcode:
                 req.reply(0, (), self.spec.description)
                 return None
-            return self._fail(req, InterfaceMismatch(
+            self._fail(req, InterfaceMismatch(
                 f"interface {self.spec.name} has no method with opcode "
                 f"{req.opcode:#x}: the caller was built from another interface or version"))
+            return None
         m, fn, is_async = entry
         d = req.data
         if d[2] != self.spec.digest64:
-            return self._fail(req, InterfaceMismatch(
+            self._fail(req, InterfaceMismatch(
                 f"the caller's {self.spec.name} is another version than the "
                 "service's (their digests differ): build both from the same interface"))
+            return None
         try:
             args = decode(m.arg_dec, req.payload, d[0], d[1], m.oob)
         except msgspec.ValidationError as exc:
-            return self._fail(req, InvalidArgument(f"{self.spec.name}.{m.name}: {exc}"))
+            self._fail(req, InvalidArgument(f"{self.spec.name}.{m.name}: {exc}"))
+            return None
         except (msgspec.DecodeError, ProtocolError) as exc:
-            return self._fail(req, ProtocolError(f"{self.spec.name}.{m.name}: malformed "
-                                                 f"arguments ({exc})"))
+            self._fail(req, ProtocolError(f"{self.spec.name}.{m.name}: malformed arguments ({exc})"))
+            return None
         if is_async:
             return self._finish(req, m, fn, args)
         try:
@@ -570,7 +582,6 @@ class Dispatcher:
         self._warn("service %r: refused a call: %s", self.service, exc)
         if req.expects_reply:
             req._reply_ipc_error(type(exc).code, str(exc))
-        return None
 
 
 # ---- the client side ---------------------------------------------------------------------------
@@ -732,13 +743,13 @@ def make_proxy(ep: Endpoint, iface: type[T], timeout: float | None, check_timeou
     _check(spec, ep, answer)
     proxy = object.__new__(cls)
     proxy.__dict__.update(_ep=ep, _timeout=timeout, _checked=True)
-    return proxy  # type: ignore[no-any-return]
+    return typing.cast(T, proxy)
 
 
 def make_aproxy(ep: Endpoint, iface: type[Interface], timeout: float | None,
                 check_timeout: float) -> Any:
     cls = _proxy_class(iface, True)
-    proxy = object.__new__(cls)
+    proxy: Any = object.__new__(cls)
     proxy.__dict__.update(_ep=ep, _timeout=timeout, _check_timeout=check_timeout, _checked=False)
     return proxy
 
