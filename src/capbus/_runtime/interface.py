@@ -741,7 +741,7 @@ def make_proxy(ep: Endpoint, iface: type[T], timeout: float | None, check_timeou
         raise InterfaceMismatch(f"{ep.name!r} does not serve capbus interface {spec.name} "
                                 f"(the interface query failed: {exc})") from None
     _check(spec, ep, answer)
-    proxy = object.__new__(cls)
+    proxy: object = object.__new__(cls)
     proxy.__dict__.update(_ep=ep, _timeout=timeout, _checked=True)
     return typing.cast(T, proxy)
 
