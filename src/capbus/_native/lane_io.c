@@ -416,9 +416,10 @@ static HOT PyObject *lane_call_run(LaneObject *L, outmsg_t *m, Py_buffer *view, 
         if (deadline != UINT64_MAX && now_ns() >= deadline) {
             lane_cancel(L, tag);
             lane_stat(L, CSTATS_TIMEOUTS_OFF, 1);
-            PyErr_Format(Timeout, "no reply within %.6g s (the call is cancelled: a late reply is "
-                         "dropped); give a longer timeout if the service is only slow",
-                         (double)timeout_ns / 1e9);
+            char secs[32]; /* PyErr_Format has no %g: timeouts print in seconds, as given */
+            snprintf(secs, sizeof secs, "%.6g", (double)timeout_ns / 1e9);
+            PyErr_Format(Timeout, "no reply within %s s (the call is cancelled: a late reply is "
+                         "dropped); give a longer timeout if the service is only slow", secs);
             goto out;
         }
         Py_BEGIN_ALLOW_THREADS
