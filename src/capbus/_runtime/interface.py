@@ -520,7 +520,10 @@ class Dispatcher:
                 "service's (their digests differ): build both from the same interface"))
             return None
         try:
-            args = decode(m.arg_dec, req.payload, d[0], d[1], m.oob)
+            if d[1] or m.oob:
+                args = decode(m.arg_dec, req.payload, d[0], d[1], m.oob)
+            else:  # no out-of-band buffer: the stream is the payload
+                args = m.arg_dec.decode(req.payload)
         except msgspec.ValidationError as exc:
             self._fail(req, InvalidArgument(f"{self.spec.name}.{m.name}: {exc}"))
             return None
@@ -550,7 +553,10 @@ class Dispatcher:
         if not req.expects_reply:
             return
         try:
-            stream, bufs = encode(((0, m.ret_kind),) if m.ret_kind else (), (result,))
+            if not m.ret_kind:  # the common case: no out-of-band buffer possible
+                req.reply(0, (), _encode(result))
+                return
+            stream, bufs = encode(((0, m.ret_kind),), (result,))
         except (TypeError, ValueError, OverflowError) as exc:
             self._error(req, m, TypeError(f"{self.spec.name}.{m.name} returned a "
                                           f"{type(result).__qualname__} it cannot send: {exc}"))
@@ -617,6 +623,8 @@ def _declared(spec: Spec, exc: RemoteError) -> BaseException:
 
 def _result(spec: Spec, m: _Method, ep: Endpoint, r: Message) -> Any:
     try:
+        if not r[3] and not m.ret_kind:
+            return m.ret_dec.decode(r[6] or b"")
         return decode(m.ret_dec, r[6], r[2], r[3], m.ret_kind)
     except (msgspec.ValidationError, msgspec.DecodeError, ProtocolError) as exc:
         raise ProtocolError(f"{ep.name!r} answered {spec.name}.{m.name} with a value that does "
@@ -631,7 +639,10 @@ def _sync_method(spec: Spec, m: _Method) -> Callable[..., Any]:
             args = m.bind(args, kwargs)
         ep = self._ep
         try:
-            stream, bufs = encode(oob, args)
+            if not oob:  # no argument can go out of band: the stream is the payload
+                stream, bufs = _encode(args), None
+            else:
+                stream, bufs = encode(oob, args)
         except (TypeError, ValueError, OverflowError) as exc:
             raise InvalidArgument(f"{spec.name}.{m.name}: {exc}") from None
         try:

@@ -241,19 +241,31 @@ class Service(_core.ServiceBase):
         to completion one at a time on a private event loop (aserve_interface runs them
         concurrently). interface: which one impl serves (default: the nearest interface among its
         classes, i.e. a class whose methods are all `...`)."""
-        d = self._dispatcher(impl, interface)
+        handle = self._dispatcher(impl, interface).handle
         loop: asyncio.AbstractEventLoop | None = None
-
-        def handler(req: Request) -> None:
-            nonlocal loop
-            coro = d.handle(req)
-            if coro is not None:
-                if loop is None:
-                    loop = asyncio.new_event_loop()
-                loop.run_until_complete(coro)
-
-        try:
-            self.serve(handler, poll=poll)
+        try:  # serve()'s loop, without its per-request handler frames (the hot path of a proxy)
+            while not self._closed and not self._session.user_closed:
+                try:
+                    req = self.recv(poll)
+                except Timeout:
+                    continue
+                except IpcError:
+                    if self._lost is not None:
+                        raise self._lost from None
+                    if self._closed or self._session.user_closed:
+                        return
+                    raise
+                try:
+                    coro = handle(req)
+                    if coro is not None:
+                        if loop is None:
+                            loop = asyncio.new_event_loop()
+                        loop.run_until_complete(coro)
+                except Exception as exc:  # not the method's (handle answers those): still answered
+                    self._warn.log("service %r: %s: %s", self.name, type(exc).__name__, exc, exc=exc)
+                    if req.expects_reply and not req.replied:
+                        _reply_failure(req, exc)
+                del req  # a request dropped unanswered fails its caller now (NoReply)
         finally:
             if loop is not None:
                 loop.close()
