@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -44,6 +45,7 @@ class KV(capbus.Interface):
     def double(self, a: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]: ...
     def liar(self) -> int: ...
     def whoami(self) -> str: ...
+    def depth(self, v: list[Any]) -> int: ...
 
 
 class KVImpl(KV):
@@ -92,6 +94,12 @@ class KVImpl(KV):
     def whoami(self) -> str:
         return "sync"
 
+    def depth(self, v: list[Any]) -> int:
+        n = 0
+        while isinstance(v, list) and v:
+            v, n = v[0], n + 1
+        return n
+
 
 class AsyncKVImpl(KVImpl):
     """The same service with coroutine methods (some of them)."""
@@ -123,6 +131,9 @@ import sys, asyncio
 sys.path.insert(0, sys.argv[1])
 import capbus, iface_kv
 mode = sys.argv[2]
+if mode == "deep":  # an application that raised the recursion limit: msgspec's bound with it
+    sys.setrecursionlimit(1_000_000)
+    mode = "sync"
 svc = capbus.connect().register(sys.argv[3])
 print("ready", flush=True)
 if mode == "sync":

@@ -53,7 +53,7 @@ import msgspec
 
 from .. import _core
 from .._errors import InterfaceMismatch, InvalidArgument, IpcError, ProtocolError, RemoteError
-from .objects import _DTYPE_RE
+from .objects import _DTYPE_RE, _LIMIT_FOLLOWS_RECURSION, _SAFE_DEPTH, _too_deep
 
 if TYPE_CHECKING:
     from .endpoint import Endpoint
@@ -450,11 +450,23 @@ def split(payload: Any, stream_len: int, nbufs: int) -> tuple[Any, list[memoryvi
     return mv[:stream_len], bufs
 
 
+def check_depth(stream: Any) -> None:
+    """ProtocolError for a stream nested deeper than _SAFE_DEPTH where msgspec's own bound is the
+    recursion limit and the application raised it (Python < 3.12): there, nesting a peer chose
+    could overflow the C stack of a type that takes Any (as in objects.loads)."""
+    if (_LIMIT_FOLLOWS_RECURSION and len(stream) > _SAFE_DEPTH
+            and sys.getrecursionlimit() > _SAFE_DEPTH):
+        view = memoryview(stream)
+        if _too_deep(view, 0, view.nbytes, 0):
+            raise ProtocolError(f"not one value, or nested deeper than {_SAFE_DEPTH}")
+
+
 def decode(dec: msgspec.msgpack.Decoder[Any], payload: Any, stream_len: int, nbufs: int,
            oob: tuple[tuple[int, int], ...] | int) -> Any:
     """Decode a payload; top-level bytes that went out of band come back as read-only views.
     msgspec.ValidationError (wrong types) / DecodeError, ProtocolError propagate."""
     stream, bufs = split(payload, stream_len, nbufs)
+    check_depth(stream)
     _ctx.bufs = bufs
     try:
         value = dec.decode(stream)
@@ -523,11 +535,13 @@ class Dispatcher:
             if d[1] or m.oob:
                 args = decode(m.arg_dec, req.payload, d[0], d[1], m.oob)
             else:  # no out-of-band buffer: the stream is the payload
-                args = m.arg_dec.decode(req.payload)
+                payload = req.payload
+                check_depth(payload)
+                args = m.arg_dec.decode(payload)
         except msgspec.ValidationError as exc:
             self._fail(req, InvalidArgument(f"{self.spec.name}.{m.name}: {exc}"))
             return None
-        except (msgspec.DecodeError, ProtocolError) as exc:
+        except (msgspec.DecodeError, ProtocolError, RecursionError) as exc:
             self._fail(req, ProtocolError(f"{self.spec.name}.{m.name}: malformed arguments ({exc})"))
             return None
         if is_async:
@@ -624,9 +638,11 @@ def _declared(spec: Spec, exc: RemoteError) -> BaseException:
 def _result(spec: Spec, m: _Method, ep: Endpoint, r: Message) -> Any:
     try:
         if not r[3] and not m.ret_kind:
-            return m.ret_dec.decode(r[6] or b"")
+            payload = r[6] or b""
+            check_depth(payload)
+            return m.ret_dec.decode(payload)
         return decode(m.ret_dec, r[6], r[2], r[3], m.ret_kind)
-    except (msgspec.ValidationError, msgspec.DecodeError, ProtocolError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, ProtocolError, RecursionError) as exc:
         raise ProtocolError(f"{ep.name!r} answered {spec.name}.{m.name} with a value that does "
                             f"not match its annotation: {exc}") from None
 
