@@ -299,22 +299,35 @@ def test_interface_definitions():
         Dispatcher(object(), KV, lambda r, e: None, lambda *a: None, "x")
 
 
-def test_served_until_closed(kernel):
-    """serve_interface returns when the service is closed (from another thread)."""
+@pytest.mark.parametrize("how", ["sync", "async"])
+def test_served_until_closed(kernel, how):
+    """serve_interface / aserve_interface return when the service is closed (the sync one from
+    another thread, the async one from its event loop)."""
     import threading
 
     server = capbus.connect(kernel.socket_path)
     svc = server.register("kv-local")
-    t = threading.Thread(target=svc.serve_interface, args=(KVImpl(),), kwargs={"poll": 0.05})
+    loops: list[asyncio.AbstractEventLoop] = []
+    if how == "sync":
+        t = threading.Thread(target=svc.serve_interface, args=(AsyncKVImpl(),), kwargs={"poll": 0.05})
+    else:
+        async def main() -> None:
+            loops.append(asyncio.get_running_loop())
+            await svc.aserve_interface(AsyncKVImpl())
+
+        t = threading.Thread(target=asyncio.run, args=(main(),))
     t.start()
     try:
         client = capbus.connect(kernel.socket_path)
         kv = client.lookup("kv-local", timeout=10).proxy(KV, timeout=10)
         kv.put("x", b"y")
-        assert kv.get("x") == b"y"
+        assert kv.get("x") == b"y" and kv.whoami() == "async"
         client.close()
     finally:
-        svc.close()
+        if loops:
+            loops[0].call_soon_threadsafe(svc.close)
+        else:
+            svc.close()
         t.join(10)
         server.close()
     assert not t.is_alive()

@@ -298,6 +298,11 @@ class Service(_core.ServiceBase):
                     if self._closed or self._session.user_closed:
                         return
                     raise
+                except OSError:
+                    # close() closes the eventfd an arecv may be waiting on (EBADF as it wakes)
+                    if self._closed:
+                        return
+                    raise
                 coro = d.handle(req)
                 del req
                 if coro is not None:
