@@ -149,6 +149,7 @@ class Spec:
 
     def __init__(self, iface: type[Interface]) -> None:
         self.iface = iface
+        self.proxies: dict[bool, type] = {}  # the generated proxy classes: sync, async
         self.name = iface.interface_name or iface.__name__
         self.errors: tuple[type[BaseException], ...] = tuple(iface.errors)
         for e in self.errors:
@@ -229,18 +230,20 @@ class Spec:
         return m
 
 
-_specs: dict[type, Spec] = {}
 _specs_lock = threading.Lock()
 
 
 def spec_of(iface: type[Interface]) -> Spec:
-    s = _specs.get(iface)
+    """The interface's Spec, built at its first use and kept on the class itself (so it goes
+    with the class: no registry holds interfaces made at run time)."""
+    s = iface.__dict__.get("_capbus_spec") if isinstance(iface, type) else None
     if s is None:
         if not (isinstance(iface, type) and issubclass(iface, Interface)) or iface is Interface:
             raise TypeError(f"{iface!r} is not a capbus.Interface subclass")
         with _specs_lock:
-            s = _specs.get(iface) or Spec(iface)
-            _specs[iface] = s
+            s = iface.__dict__.get("_capbus_spec") or Spec(iface)
+            type.__setattr__(iface, "_capbus_spec", s)
+    assert isinstance(s, Spec)
     return s
 
 
@@ -705,20 +708,16 @@ def _async_method(spec: Spec, m: _Method) -> Callable[..., Any]:
     return method
 
 
-_proxy_classes: dict[tuple[type, bool], type] = {}
-
-
 def _proxy_class(iface: type[Interface], asynchronous: bool) -> type:
-    key = (iface, asynchronous)
-    cls = _proxy_classes.get(key)
+    spec = spec_of(iface)
+    cls = spec.proxies.get(asynchronous)
     if cls is None:
-        spec = spec_of(iface)
         make = _async_method if asynchronous else _sync_method
         ns: dict[str, Any] = {name: make(spec, m) for name, m in spec.methods.items()}
         ns["_capbus_proxy"] = True
         ns["_spec"] = spec
         cls = type(f"{iface.__name__}{'Async' if asynchronous else ''}Proxy", (_ProxyBase, iface), ns)
-        _proxy_classes[key] = cls
+        spec.proxies[asynchronous] = cls
     return cls
 
 
