@@ -14,7 +14,7 @@ import os
 from . import capbus_calls, peers
 from .results import Result, machine_info, machine_line, print_table, to_json
 
-SECTIONS = ("call", "caps", "async", "large", "scale", "sandbox")
+SECTIONS = ("call", "caps", "async", "large", "typed", "scale", "sandbox")
 
 
 def _find(rows: list[Result], mechanism: str, note_part: str = "") -> Result | None:
@@ -90,6 +90,22 @@ def large_section(quick: bool) -> list[Result]:
     return rows
 
 
+def typed_section(quick: bool) -> list[Result]:
+    from . import typed
+
+    rows = typed.run_typed(quick)
+    print_table("Typed call (capbus.Interface proxy) next to a plain call and grpcio unary, small "
+                "arguments (a + b)", rows, machine_line())
+    grpc = _find(rows, "grpcio unary")
+    print()
+    print("Targets:")
+    for mode in ("spin", "adaptive", "block"):
+        plain, typed_row = _find(rows, f"capbus {mode} plain call"), _find(rows, f"capbus {mode} typed call")
+        print(f"  {mode}: typed call {_ratio(typed_row, plain)} of a plain call (target <= 3x); "
+              f"grpcio unary {_ratio(grpc, typed_row)} of the typed call (target >= 10x)")
+    return rows
+
+
 def scale_section(quick: bool) -> list[Result]:
     from . import scale
 
@@ -147,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     everything: list[Result] = []
     for section in sections:
         everything += {"call": call_section, "caps": caps_section, "async": async_section,
-                       "large": large_section, "scale": scale_section,
+                       "large": large_section, "typed": typed_section, "scale": scale_section,
                        "sandbox": sandbox_section}[section](args.quick)
         print()
     if args.json:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from ._errors import (
     Cancelled,
+    InterfaceMismatch,
+    InvalidArgument,
     InvalidCapability,
     IpcError,
     KernelUnavailable,
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from ._kernel.policy import KernelLimits, Policy, ProcessInfo
     from ._kernel.sandbox import Sandbox
     from ._runtime.endpoint import Endpoint
+    from ._runtime.interface import Interface
     from ._runtime.limits import Limits
     from ._runtime.message import LargeMessage, Message, Request, SmallMessage
     from ._runtime.process import Process, connect
@@ -57,6 +60,7 @@ _LAZY = {
     "ProcessInfo": "._kernel.policy",
     "Sandbox": "._kernel.sandbox",
     "Endpoint": "._runtime.endpoint",
+    "Interface": "._runtime.interface",
     "Limits": "._runtime.limits",
     "LargeMessage": "._runtime.message",
     "Message": "._runtime.message",
@@ -97,6 +101,9 @@ __all__ = [
     "Cancelled",
     "Child",
     "Endpoint",
+    "Interface",
+    "InterfaceMismatch",
+    "InvalidArgument",
     "InvalidCapability",
     "IpcError",
     "Kernel",

@@ -2,6 +2,11 @@
 
 Every error has a stable numeric code so the kernel can send it over the control plane and the
 runtime can raise the same class on its side. Messages say what was wrong and what to do.
+Where Python has a built-in class for the same condition, the capbus error is one too
+(Timeout is a TimeoutError, PeerDied a ConnectionError, WouldBlock a BlockingIOError,
+PermissionDenied a PermissionError, InvalidArgument a TypeError), so code written against
+sockets or multiprocessing catches them; they are built with one message argument (never an
+errno), and pickle as (class, (message,)).
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ class NameTaken(IpcError):
     code = 5
 
 
-class PermissionDenied(IpcError):
+class PermissionDenied(IpcError, PermissionError):
+    """The capability, the policy or a service's access list does not allow this: ask whoever
+    grants it (the policy, the service, the process that delegated the capability)."""
+
     code = 6
 
 
@@ -43,7 +51,10 @@ class OutOfMemory(IpcError):
     code = 8
 
 
-class WouldBlock(IpcError):
+class WouldBlock(IpcError, BlockingIOError):
+    """The receiver's ring or arena is full (back-pressure): retry later, or call() (which waits
+    for room) instead of send_async()."""
+
     code = 9
 
 
@@ -51,7 +62,10 @@ class RateLimitExceeded(IpcError):
     code = 10
 
 
-class Timeout(IpcError):
+class Timeout(IpcError, TimeoutError):
+    """Nothing came within the timeout (given and printed in seconds); the call is cancelled,
+    a late reply is dropped."""
+
     code = 11
 
 
@@ -59,7 +73,10 @@ class Cancelled(IpcError):
     code = 12
 
 
-class PeerDied(IpcError):
+class PeerDied(IpcError, ConnectionError):
+    """The process at the other end exited: look the service up again once it is back
+    (Endpoint.on_death says when it goes)."""
+
     code = 13
 
 
@@ -106,6 +123,21 @@ class SandboxError(IpcError):
     code = 18
 
 
+class InvalidArgument(IpcError, TypeError):
+    """A typed call's arguments (capbus.Interface) do not match the method's annotations: raised
+    at the caller, the message says which argument and what was expected."""
+
+    code = 19
+
+
+class InterfaceMismatch(ProtocolError):
+    """A proxy and the service it calls were built from different versions of an interface
+    (capbus.Interface): the message names the methods that differ. Rebuild both from the same
+    interface definition."""
+
+    code = 20
+
+
 ERRORS: dict[int, type[IpcError]] = {
     cls.code: cls
     for cls in (
@@ -126,6 +158,8 @@ ERRORS: dict[int, type[IpcError]] = {
         ProtocolError,
         NoReply,
         SandboxError,
+        InvalidArgument,
+        InterfaceMismatch,
     )
 }
 

@@ -14,4 +14,4 @@ def test_hello_example(sockdir):
     r = subprocess.run([sys.executable, os.path.join(HERE, "..", "..", "examples", "hello.py")],
                        capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 0, r.stderr
-    assert "get(7) = 42" in r.stdout and "rights: ['send'] rate: 100" in r.stdout
+    assert "get('seven') = b'42'" in r.stdout and "rights: ['send'] rate: 100" in r.stdout

@@ -145,7 +145,7 @@ static inline uint32_t ctrl_state(const char *ctrl)
 static void raise_for_state(uint32_t st, const char *who)
 {
     if (st == STATE_PEER_DEAD)
-        PyErr_Format(PeerDied, "the %s process died", who);
+        PyErr_Format(PeerDied, "the %s process died: look the service up again once it is back", who);
     else if (st == STATE_REVOKED)
         PyErr_SetString(InvalidCapability, "the capability for this channel was revoked");
     else

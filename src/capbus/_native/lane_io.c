@@ -377,7 +377,8 @@ static HOT PyObject *lane_call_run(LaneObject *L, outmsg_t *m, Py_buffer *view, 
         }
         if (now_ns() >= deadline) {
             lane_stat(L, CSTATS_TIMEOUTS_OFF, 1);
-            PyErr_SetString(Timeout, "timed out waiting for room in the request ring");
+            PyErr_SetString(Timeout, "timed out waiting for room in the request ring (the server is "
+                                     "not reading): nothing was sent");
             goto out;
         }
         struct timespec ts = {0, backoff_ns};
@@ -415,7 +416,10 @@ static HOT PyObject *lane_call_run(LaneObject *L, outmsg_t *m, Py_buffer *view, 
         if (deadline != UINT64_MAX && now_ns() >= deadline) {
             lane_cancel(L, tag);
             lane_stat(L, CSTATS_TIMEOUTS_OFF, 1);
-            PyErr_Format(Timeout, "no reply within %lld ns", (long long)timeout_ns);
+            char secs[32]; /* PyErr_Format has no %g: timeouts print in seconds, as given */
+            snprintf(secs, sizeof secs, "%.6g", (double)timeout_ns / 1e9);
+            PyErr_Format(Timeout, "no reply within %s s (the call is cancelled: a late reply is "
+                         "dropped); give a longer timeout if the service is only slow", secs);
             goto out;
         }
         Py_BEGIN_ALLOW_THREADS

@@ -406,7 +406,7 @@ static HOT PyObject *ss_recv(ServerSetObject *S, int64_t timeout_ns)
         if (t == TK_GOT)
             ss_clear_event(S);
         else if (t == TK_NONE)
-            PyErr_SetString(Timeout, "no request arrived in time");
+            PyErr_SetString(Timeout, "no request arrived within the timeout");
     }
     ss_leave(S);
     return result;

@@ -14,12 +14,12 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import _core
 from .._errors import InvalidCapability, IpcError, RemoteError, Timeout, error_from_code
 from .._protocol import frames
-from . import objects
+from . import interface, objects
 from .control import Control
 from .lane import LaneHandle, open_lane
 from .limits import Limits, limits_request
@@ -36,6 +36,7 @@ _REPLY = _core.FLAG_REPLY_EXPECTED
 _ERROR = _core.FLAG_ERROR
 _IPC_ERROR = _core.FLAG_IPC_ERROR
 _MAX_ASYNC_LANES = 16
+_I = TypeVar("_I", bound=interface.Interface)
 
 
 class Endpoint(_core.EndpointBase):
@@ -211,6 +212,25 @@ class Endpoint(_core.EndpointBase):
         if r[1] & _ERROR:
             raise self._remote_error(r)
         return r
+
+    # ---- typed interfaces ---------------------------------------------------------------------
+
+    # Typed as a Callable returning the interface, not type[_I]: mypy refuses abstract classes
+    # (interfaces with @abstractmethod declarations) where a type[...] is expected.
+    def proxy(self, iface: Callable[..., _I], *, timeout: float | None = None,
+              check_timeout: float = 10.0) -> _I:
+        """A proxy calling the typed service behind this endpoint: `kv = ep.proxy(KV)`, then
+        `kv.get("a")` with Python arguments, results and exceptions (capbus.Interface). Asks the
+        service for its interface first (within check_timeout): InterfaceMismatch, naming the
+        methods that differ, if it serves another version (or no interface). timeout: of each
+        call (Timeout), None to wait for ever."""
+        return interface.make_proxy(self, iface, timeout, check_timeout)  # type: ignore[arg-type]
+
+    def aproxy(self, iface: Callable[..., interface.Interface], *, timeout: float | None = None,
+               check_timeout: float = 10.0) -> Any:
+        """proxy() for asyncio: its methods are coroutines (`await akv.get("a")`), calls go
+        through acall(); the interface check runs with the first call."""
+        return interface.make_aproxy(self, iface, timeout, check_timeout)  # type: ignore[arg-type]
 
     # ---- capabilities -------------------------------------------------------------------------
 

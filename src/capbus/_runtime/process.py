@@ -397,10 +397,11 @@ class Process:
                     sock.close()
                     raise
                 break
-            except (KernelUnavailable, OSError) as exc:
-                log.debug("capbus: reconnect to %s failed: %s", self._path, exc)
+            # PermissionDenied first: it is an OSError (a PermissionError) too.
             except PermissionDenied as exc:  # a squatter took the path: keep waiting for ours
                 log.warning("capbus: reconnect to %s refused: %s", self._path, exc)
+            except (KernelUnavailable, OSError) as exc:
+                log.debug("capbus: reconnect to %s failed: %s", self._path, exc)
             time.sleep(delay)
             delay = min(2.0, delay * 2)
         else:

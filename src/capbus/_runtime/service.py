@@ -27,6 +27,7 @@ from .._errors import IpcError, KernelUnavailable, RemoteError, Timeout
 from .._fdlimit import raise_fd_limit
 from .._protocol import frames
 from .endpoint import received_endpoint
+from .interface import Dispatcher, Interface
 from .message import TRANSFER_FLAG, Message, Request
 from .region import Region, region_from
 from .wait import ADAPTIVE_SPIN_NS, EVENT_POLL, WAIT_CODES, readable, readable_any, timeout_ns
@@ -230,6 +231,92 @@ class Service(_core.ServiceBase):
             # fails its caller now (NoReply), and what it brought (req.caps, regions) goes back
             # at once unless the handler kept a reference.
             del req
+
+    def serve_interface(self, impl: Interface, interface: type[Interface] | None = None, *,
+                        poll: float = 0.2) -> None:
+        """serve() an implementation of a typed interface (capbus.Interface) until the service
+        is closed: each request is decoded against the method's annotations, the method called,
+        its result encoded; a declared error (Interface.errors) travels as itself, any other
+        exception as RemoteError, arguments of the wrong type fail their caller with
+        InvalidArgument, garbage with ProtocolError; the loop goes on. `async def` methods run
+        to completion one at a time on a private event loop (aserve_interface runs them
+        concurrently). interface: which one impl serves (default: the nearest interface among its
+        classes, i.e. a class whose methods are all `...`)."""
+        handle = self._dispatcher(impl, interface).handle
+        loop: asyncio.AbstractEventLoop | None = None
+        try:  # serve()'s loop, without its per-request handler frames (the hot path of a proxy)
+            while not self._closed and not self._session.user_closed:
+                try:
+                    req = self.recv(poll)
+                except Timeout:
+                    continue
+                except IpcError:
+                    if self._lost is not None:
+                        raise self._lost from None
+                    if self._closed or self._session.user_closed:
+                        return
+                    raise
+                try:
+                    coro = handle(req)
+                    if coro is not None:
+                        if loop is None:
+                            loop = asyncio.new_event_loop()
+                        loop.run_until_complete(coro)
+                except Exception as exc:  # not the method's (handle answers those): still answered
+                    self._warn.log("service %r: %s: %s", self.name, type(exc).__name__, exc, exc=exc)
+                    if req.expects_reply and not req.replied:
+                        _reply_failure(req, exc)
+                del req  # a request dropped unanswered fails its caller now (NoReply)
+        finally:
+            if loop is not None:
+                loop.close()
+
+    async def aserve_interface(self, impl: Interface, interface: type[Interface] | None = None,
+                               *, concurrency: int = 64) -> None:
+        """serve_interface() for asyncio: `async def` methods run as tasks, at most `concurrency`
+        at a time (then receiving waits: a caller cannot make this service hold more); plain
+        methods run inline, on the event loop. Returns once the service is closed and its tasks
+        are done."""
+        d = self._dispatcher(impl, interface)
+        slots = asyncio.Semaphore(concurrency)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def run(coro: Any) -> None:
+            try:
+                await coro
+            finally:
+                slots.release()
+
+        try:
+            while not self._closed and not self._session.user_closed:
+                try:
+                    req = await self.arecv(0.5)
+                except Timeout:
+                    continue
+                except IpcError:
+                    if self._lost is not None:
+                        raise self._lost from None
+                    if self._closed or self._session.user_closed:
+                        return
+                    raise
+                except OSError:
+                    # close() closes the eventfd an arecv may be waiting on (EBADF as it wakes)
+                    if self._closed:
+                        return
+                    raise
+                coro = d.handle(req)
+                del req
+                if coro is not None:
+                    await slots.acquire()
+                    task = asyncio.get_running_loop().create_task(run(coro))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+        finally:
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _dispatcher(self, impl: Interface, interface: type[Interface] | None) -> Dispatcher:
+        return Dispatcher(impl, interface, _reply_failure, self._warn.log, self.name)
 
     def _answer(self, req: Request, handler: Callable[[Request], Any]) -> None:
         try:

@@ -7,6 +7,7 @@ native core's contract, src/capbus/_core.pyi) drifts from what users are told, m
 
 from __future__ import annotations
 
+import abc
 import asyncio
 from collections.abc import Mapping, Sequence
 
@@ -134,6 +135,48 @@ async def aserve(svc: capbus.Service) -> None:
         r.reply_error(1, b"bytes are text too")
 
 
+class KV(capbus.Interface):
+    errors = (KeyError,)
+
+    @abc.abstractmethod  # a declaration returning a value: abstract, for mypy's empty-body check
+    def get(self, key: str) -> bytes: ...
+    def put(self, key: str, value: bytes) -> None: ...
+    @abc.abstractmethod
+    def keys(self) -> list[str]: ...
+
+
+class KVImpl(KV):
+    def __init__(self) -> None:
+        self.store: dict[str, bytes] = {}
+
+    def get(self, key: str) -> bytes:
+        return self.store[key]
+
+    def put(self, key: str, value: bytes) -> None:
+        self.store[key] = value
+
+    def keys(self) -> list[str]:
+        return list(self.store)
+
+
+def typed(proc: capbus.Process) -> None:
+    svc = proc.register("kv")
+    svc.serve_interface(KVImpl(), KV, poll=0.5)
+    kv: KV = proc.lookup("kv").proxy(KV, timeout=1.0, check_timeout=5.0)
+    value: bytes = kv.get("a")
+    kv.put("a", value)
+    names: list[str] = kv.keys()
+    print(names)
+
+    async def main() -> bytes:
+        await svc.aserve_interface(KVImpl(), concurrency=8)
+        akv = proc.lookup("kv").aproxy(KV, timeout=1.0)
+        got: bytes = await akv.get("a")
+        return got
+
+    asyncio.run(main())
+
+
 def errors(ep: capbus.Endpoint) -> None:
     try:
         ep.call(1, timeout=0.1)
@@ -141,7 +184,8 @@ def errors(ep: capbus.Endpoint) -> None:
         print(exc.code, exc.text, exc.remote_type)
     except (capbus.Timeout, capbus.PeerDied, capbus.InvalidCapability, capbus.WouldBlock,
             capbus.MessageTooLarge, capbus.ProtocolError, capbus.PermissionDenied,
-            capbus.RateLimitExceeded, capbus.NoReply, capbus.Cancelled) as exc:
+            capbus.RateLimitExceeded, capbus.NoReply, capbus.Cancelled, capbus.InvalidArgument,
+            capbus.InterfaceMismatch) as exc:
         code: int = exc.code
         print(code)
     except (capbus.KernelUnavailable, capbus.NameTaken, capbus.OutOfMemory,
@@ -149,6 +193,23 @@ def errors(ep: capbus.Endpoint) -> None:
         print(exc)
     except capbus.IpcError as exc:
         print(exc)
+    # capbus errors are Python's built-in kinds too.
+    try:
+        ep.call(1, timeout=0.1)
+    except TimeoutError as exc:
+        print(exc)
+    except ConnectionError as exc:
+        print(exc)
+    except BlockingIOError as exc:
+        print(exc)
+    except PermissionError as exc:
+        print(exc)
+    timeout: TimeoutError = capbus.Timeout("no reply within 0.1 s")
+    died: ConnectionError = capbus.PeerDied("gone")
+    full: BlockingIOError = capbus.WouldBlock("full")
+    denied: PermissionError = capbus.PermissionDenied("no")
+    wrong: TypeError = capbus.InvalidArgument("KV.get: Expected `str`")
+    print(timeout, died, full, denied, wrong)
 
 
 def main() -> None:

@@ -5,7 +5,14 @@ and expects exactly the marked lines, no more and no fewer. Never run, never col
 
 from __future__ import annotations
 
+import abc
+
 import capbus
+
+
+class KV(capbus.Interface):
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes: ...
 
 
 def wrong(kernel: capbus.Kernel, proc: capbus.Process, ep: capbus.Endpoint,
@@ -28,4 +35,10 @@ def wrong(kernel: capbus.Kernel, proc: capbus.Process, ep: capbus.Endpoint,
     kernel.spawn(["python3"], grants=["store"])  # E: arg-type
     kernel.spawn(["python3"], grants={"store": 5})  # E: dict-item
     opcode: str = ep.call(1).opcode  # E: assignment
-    print(text, opcode)
+    kv = proc.lookup("kv").proxy(KV)
+    kv.get(1)  # E: arg-type
+    name: str = kv.get("a")  # E: assignment
+    kv.put("a", b"b")  # E: attr-defined
+    proc.lookup("kv").proxy(int)  # E: type-var
+    svc.serve_interface(object())  # E: arg-type
+    print(text, opcode, name)
