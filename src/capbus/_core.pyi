@@ -84,6 +84,10 @@ also work on read-only mappings. All of these atomics are seq_cst.
       outstanding call_start per lane.
   .cancel(tag)   the call with this tag (and every earlier one) is not waited for any more:
       cancel_below = tag + 1 (never moves back); ValueError for a tag never sent.
+  .want_room(on)   on=True: empties the reply eventfd, sets RING_PRODUCER_WAITING_OFF in the
+      request ring and fences; from then on the server writes the reply eventfd whenever it
+      frees a slot or arena bytes (it looks without a fence: a waiter re-checks at least every
+      SLEEP_CAP_NS). on=False clears the flag. The caller retries its send after arming.
   .loan(n) -> memoryview   reserve a chunk of the request arena for an n-byte payload and
       return a WRITABLE view of exactly its n payload bytes (after the 128-byte LargeMessage
       struct; for n <= 64, its inline area). Nothing is sent yet. One loan per lane at a time
@@ -275,7 +279,8 @@ also work on read-only mappings. All of these atomics are seq_cst.
 ---- Fronts: EndpointBase and ServiceBase (bases of capbus.Endpoint and capbus.Service) ------
   EndpointBase.call(opcode, data=(), payload=b"", timeout=None, flags=0, caps=(), regions=(),
   move=False) and .send_async(opcode, data=(), payload=b"", flags=0, caps=(), regions=(),
-  move=False) run the plain case natively (flags 0, no caps or regions); anything else goes to
+  move=False, timeout=0) run the plain case natively (flags 0, no caps or regions, send_async's
+  timeout 0: never wait for room); anything else goes to
   slow_call(self, *args, **kw) / slow_send(self, *args, **kw) with the same arguments. A
   thread's lane comes from open_lane(self) -> Lane on a cache miss (kept per thread and fork
   generation; dropped by ._forget_lanes() or a new .handle). An error reply raises what
@@ -392,6 +397,7 @@ class Lane:
                    payload: Payload = None) -> int: ...
     def call_poll(self, tag: int, arm: bool = False) -> Message | None: ...
     def cancel(self, tag: int, /) -> None: ...
+    def want_room(self, on: bool, /) -> None: ...
     def loan(self, n: int, /) -> memoryview: ...
     def call_loan(self, capability: int, opcode: int, flags: int, data: Data,
                   timeout_ns: int = -1) -> Message: ...
@@ -477,7 +483,7 @@ class EndpointBase:
              move: bool = False) -> Message: ...
     def send_async(self, opcode: int, data: Data = (), payload: Payload = b"", flags: int = 0,
                    caps: Iterable[Endpoint] = (), regions: Iterable[Region] = (),
-                   move: bool = False) -> None: ...
+                   move: bool = False, timeout: float | None = 0) -> None: ...
     def _forget_lanes(self) -> None: ...
 
 @disjoint_base  # a C layout of its own
@@ -542,6 +548,7 @@ RING_TAIL_OFF: int
 RING_HEAD_OFF: int
 RING_CONSUMER_SLEEPING_OFF: int
 RING_CONSUMER_EVENT_OFF: int
+RING_PRODUCER_WAITING_OFF: int
 RING_ARENA_RELEASED_OFF: int
 RING_SLOTS_OFF: int
 REQ_RING_OFF: int

@@ -198,7 +198,7 @@ static HOT int ep_handle(EndpointBaseObject *E)
 static const char *const ep_call_kw[] = {"opcode", "data", "payload", "timeout", "flags", "caps",
                                          "regions", "move", NULL};
 static const char *const ep_send_kw[] = {"opcode", "data", "payload", "flags", "caps", "regions",
-                                         "move", NULL};
+                                         "move", "timeout", NULL};
 
 /* The plain case of call/send_async up to a prepared message: this thread's lane (a new
  * reference), or NULL with an exception. payload_arg as given (`payload or None` is applied). */
@@ -262,14 +262,15 @@ static HOT PyObject *EP_call(EndpointBaseObject *E, PyObject *const *args, Py_ss
     return r;
 }
 
-/* send_async(opcode, data=(), payload=b"", flags=0, caps=(), regions=(), move=False) */
+/* send_async(opcode, data=(), payload=b"", flags=0, caps=(), regions=(), move=False,
+ * timeout=0). A timeout other than 0 (wait for room) goes to the Python path. */
 static PyObject *EP_send_async(EndpointBaseObject *E, PyObject *const *args, Py_ssize_t nargs,
                                PyObject *kwnames)
 {
-    PyObject *a[7];
+    PyObject *a[8];
     if (fast_args("send_async", args, nargs, kwnames, ep_send_kw, 1, a) < 0)
         return NULL;
-    if (!front_plain(a[3], a[4], a[5]))
+    if (!front_plain(a[3], a[4], a[5]) || (a[7] && a[7] != int_zero))
         return front_slow((PyObject *)E, E->slow_send, args, nargs, kwnames);
     outmsg_t m;
     Py_buffer view;
@@ -379,9 +380,10 @@ static PyMethodDef EP_methods[] = {
      "are shared (needs the share right)."},
     {"send_async", (PyCFunction)(void (*)(void))EP_send_async, METH_FASTCALL | METH_KEYWORDS,
      "send_async($self, /, opcode, data=(), payload=b'', flags=0, caps=(), regions=(), "
-     "move=False)\n--\n\n"
-     "Queue a one-way message; never blocks: WouldBlock when the receiver's ring for this\n"
-     "sender is full (back-pressure: nothing is dropped silently)."},
+     "move=False, timeout=0)\n--\n\n"
+     "Queue a one-way message. timeout=0 (the default) never blocks: WouldBlock when the\n"
+     "receiver's ring for this sender is full (back-pressure: nothing is dropped silently);\n"
+     "a timeout in seconds (None: no limit) waits that long for room, then WouldBlock."},
     {"_forget_lanes", (PyCFunction)EP_forget_lanes, METH_NOARGS, "drop the cached lane"},
     {NULL},
 };

@@ -198,6 +198,22 @@ static inline int ch_zq_full(const chan_t *ch)
     return ch->zq_cap && ch->zq_next - ch->zq_first == ch->zq_cap;
 }
 
+/* The server freed room in ch's request ring (a slot, arena bytes): wake a producer that waits
+ * for room (RING_PRODUCER_WAITING_OFF, client-written: a hostile value costs that client a
+ * spurious wake-up). A RELAXED load with no fence before it, on the cache line we have just
+ * written head to: a full fence per consumed message would tax every receive for a rare waiter.
+ * Without it the Dekker pair can miss (our load passes our head store in the store buffer while
+ * the client stores its flag, fences, and still sees the old head); the waiter then wakes at
+ * the next room we free (a full ring has more to free) or at its own re-check, at most
+ * SLEEP_CAP_NS later (Endpoint._wait_room): bounded latency, never a hang. */
+static HOT inline void ch_room_freed(const chan_t *ch)
+{
+    if (__builtin_expect(__atomic_load_n(ring_u32(ch->req.ring, RING_PRODUCER_WAITING_OFF),
+                                         __ATOMIC_RELAXED) != 0, 0) &&
+        ch->reply_efd >= 0)
+        efd_signal(ch->reply_efd);
+}
+
 /* Consume the message at head (its slot goes back to the client). hold: its chunk stays ours
  * (a zero-copy payload); returns its queue entry. Otherwise the chunk is released: at once when
  * nothing is held (the ordinary path), else behind the held ones. The queue is not full. */
@@ -205,6 +221,7 @@ static HOT uint64_t ch_consume(chan_t *ch, const inmsg_t *m, int hold)
 {
     if (!hold && (!m->has_payload || ch->zq_first == ch->zq_next)) {
         cons_release(&ch->req, m);
+        ch_room_freed(ch);
         return 0;
     }
     uint64_t seq = ch->zq_next, mask = ch->zq_cap - 1;
@@ -217,6 +234,7 @@ static HOT uint64_t ch_consume(chan_t *ch, const inmsg_t *m, int hold)
         ch->zq_next++;
     }
     cons_consume(&ch->req, m);
+    ch_room_freed(ch);
     return seq;
 }
 
@@ -236,6 +254,7 @@ static void ch_release_chunk(ServerSetObject *S, chan_t *ch, uint64_t seq)
         ch->zq_first++;
     } while (ch->zq_first != ch->zq_next && !ch->zq[ch->zq_first & mask].held);
     cons_publish_released(&ch->req, v);
+    ch_room_freed(ch);
     /* RELAXED: the flag only steers scans; the kick below makes a waiting recv look again. */
     if (__atomic_load_n(&ch->zc_blocked, __ATOMIC_RELAXED)) {
         __atomic_store_n(&ch->zc_blocked, 0, __ATOMIC_RELAXED);
