@@ -8,7 +8,9 @@ slot or arena bytes while the flag is up (ch_room_freed in the native core). No 
 waiter sleeps in poll(2) (a thread, the GIL released) or in the event loop (add_reader). The
 server's look at the flag is unfenced and the flag is peer-visible (a hostile server need never
 wake us), so every wait is also capped at EVENT_POLL: a missed wake-up costs that much latency,
-never a hang, and a deadline is always honoured.
+never a hang, and a deadline is always honoured. Whoever can write that eventfd (the server
+holds it) can wake us for nothing: after FRUITLESS wake-ups in a row each wait starts with a
+short sleep, so a flood costs the waiter a few hundred tries a second, not a core.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ if TYPE_CHECKING:
     from .lane import LaneHandle
 
 T = TypeVar("T")
+
+FRUITLESS = 8  # wake-ups in a row that found no room, before each wait starts with BACKOFF
+BACKOFF = 0.002
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -62,6 +67,7 @@ def until_room(lane: LaneHandle, attempt: Callable[[], T], timeout: float | None
     native = lane.native
     poller = select.poll()
     poller.register(lane.reply_fd, select.POLLIN)
+    fruitless = 0
     try:
         while True:
             native.want_room(True)
@@ -71,8 +77,10 @@ def until_room(lane: LaneHandle, attempt: Callable[[], T], timeout: float | None
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise _no_room(what, timeout) from None
+            if fruitless >= FRUITLESS:
+                time.sleep(BACKOFF if left is None else min(left, BACKOFF))
             wait = EVENT_POLL if left is None else min(left, EVENT_POLL)
-            poller.poll(max(1, int(wait * 1000)))  # the GIL is let go while it sleeps
+            fruitless += 1 if poller.poll(max(1, int(wait * 1000))) else 0  # without the GIL
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(lane.reply_fd)
     finally:
@@ -91,6 +99,7 @@ async def until_room_async(lane: LaneHandle, attempt: Callable[[], T], timeout: 
     deadline = _deadline(timeout)
     loop = asyncio.get_running_loop()
     native = lane.native
+    fruitless = 0
     try:
         while True:
             native.want_room(True)
@@ -100,6 +109,11 @@ async def until_room_async(lane: LaneHandle, attempt: Callable[[], T], timeout: 
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise _no_room(what, timeout) from None
+            if fruitless >= FRUITLESS:
+                await asyncio.sleep(BACKOFF if left is None else min(left, BACKOFF))
+            t0 = time.monotonic()
             await readable(loop, lane.reply_fd, left)  # at most EVENT_POLL, then drained
+            if time.monotonic() - t0 < EVENT_POLL / 2:  # woken (not timed out) for nothing
+                fruitless += 1
     finally:
         _stop_waiting(lane)
