@@ -58,6 +58,7 @@ def until_room(lane: LaneHandle, attempt: Callable[[], T], timeout: float | None
     """attempt() (something that raises WouldBlock while the ring or arena is full) until it
     goes through, waiting for room up to `timeout` seconds (None: no limit; 0: not at all, the
     first WouldBlock is raised). WouldBlock when the time is up."""
+    _deadline(timeout)  # a bad timeout is refused even when there is room
     try:
         return attempt()
     except WouldBlock:
@@ -91,6 +92,7 @@ async def until_room_async(lane: LaneHandle, attempt: Callable[[], T], timeout: 
                            what: str) -> T:
     """until_room for an event loop: the wait is on the reply eventfd in the loop, no thread
     blocks. The caller makes sure one task at a time waits on a lane (one reader per fd)."""
+    _deadline(timeout)
     try:
         return attempt()
     except WouldBlock:
