@@ -279,8 +279,9 @@ also work on read-only mappings. All of these atomics are seq_cst.
 ---- Fronts: EndpointBase and ServiceBase (bases of capbus.Endpoint and capbus.Service) ------
   EndpointBase.call(opcode, data=(), payload=b"", timeout=None, flags=0, caps=(), regions=(),
   move=False) and .send_async(opcode, data=(), payload=b"", flags=0, caps=(), regions=(),
-  move=False, timeout=0) run the plain case natively (flags 0, no caps or regions, send_async's
-  timeout 0: never wait for room); anything else goes to
+  move=False, timeout=0) run the plain case natively (flags 0, no caps or regions; a
+  send_async with a timeout other than 0 is tried natively, and only a full ring or arena goes
+  on to slow_send, which waits for room); anything else goes to
   slow_call(self, *args, **kw) / slow_send(self, *args, **kw) with the same arguments. A
   thread's lane comes from open_lane(self) -> Lane on a cache miss (kept per thread and fork
   generation; dropped by ._forget_lanes() or a new .handle). An error reply raises what

@@ -263,15 +263,23 @@ static HOT PyObject *EP_call(EndpointBaseObject *E, PyObject *const *args, Py_ss
 }
 
 /* send_async(opcode, data=(), payload=b"", flags=0, caps=(), regions=(), move=False,
- * timeout=0). A timeout other than 0 (wait for room) goes to the Python path. */
+ * timeout=0). A timeout other than 0 means "wait for room": the message is tried here first,
+ * and only a full ring or arena goes to the Python path, which waits (room.until_room). */
 static PyObject *EP_send_async(EndpointBaseObject *E, PyObject *const *args, Py_ssize_t nargs,
                                PyObject *kwnames)
 {
     PyObject *a[8];
     if (fast_args("send_async", args, nargs, kwnames, ep_send_kw, 1, a) < 0)
         return NULL;
-    if (!front_plain(a[3], a[4], a[5]) || (a[7] && a[7] != int_zero))
+    if (!front_plain(a[3], a[4], a[5]))
         return front_slow((PyObject *)E, E->slow_send, args, nargs, kwnames);
+    int wait = 0;
+    if (a[7] && a[7] != int_zero) { /* 0 is a cached small int: usually the same object */
+        int64_t tns;
+        if (front_timeout(a[7], &tns) < 0)
+            return NULL;
+        wait = tns != 0;
+    }
     outmsg_t m;
     Py_buffer view;
     charge_t c;
@@ -280,6 +288,10 @@ static PyObject *EP_send_async(EndpointBaseObject *E, PyObject *const *args, Py_
         return NULL;
     PyObject *r = lane_send_prepared(L, &m, &view, &c);
     Py_DECREF(L);
+    if (!r && wait && PyErr_ExceptionMatches(WouldBlock)) {
+        PyErr_Clear();
+        return front_slow((PyObject *)E, E->slow_send, args, nargs, kwnames);
+    }
     return r;
 }
 

@@ -54,6 +54,8 @@ typedef struct chan {
     cons_t req;         /* consumer of the client's requests (recv thread only) */
     prod_t resp;        /* producer of replies (under lock) */
     uint64_t last_tag;  /* request tags must increase */
+    uint32_t room_woken; /* the producer-waiting target we last woke the client for (recv
+                            thread; see ch_room_freed) */
     uint64_t drain_end; /* draining: deliver requests below this tail, then retire */
     int draining;       /* atomic: set (GIL) before the channel is published in its drain
                            slot; read by recv, which may be scanning without the GIL */

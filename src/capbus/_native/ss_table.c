@@ -198,18 +198,35 @@ static inline int ch_zq_full(const chan_t *ch)
     return ch->zq_cap && ch->zq_next - ch->zq_first == ch->zq_cap;
 }
 
-/* The server freed room in ch's request ring (a slot, arena bytes): wake a producer that waits
- * for room (RING_PRODUCER_WAITING_OFF, client-written: a hostile value costs that client a
- * spurious wake-up). A RELAXED load with no fence before it, on the cache line we have just
- * written head to: a full fence per consumed message would tax every receive for a rare waiter.
- * Without it the Dekker pair can miss (our load passes our head store in the store buffer while
- * the client stores its flag, fences, and still sees the old head); the waiter then wakes at
- * the next room we free (a full ring has more to free) or at its own re-check, at most
- * SLEEP_CAP_NS later (Endpoint._wait_room): bounded latency, never a hang. */
-static HOT inline void ch_room_freed(const chan_t *ch)
+/* Waking a producer that waits for room (RING_PRODUCER_WAITING_OFF: 0, or the low 32 bits of
+ * the request-ring head at which to wake it, which Lane.want_room puts half-way through what is
+ * outstanding, so that a waiter is woken once per half ring, not once per message). The value
+ * is client-written: any value only makes us write that client's own reply eventfd, at most once
+ * per distinct value while we consume (ch->room_woken) and once per held chunk released.
+ *
+ * After a consumption: a RELAXED load with no fence before it, on the cache line we have just
+ * written head to (a full fence per received message would tax every receive for a rare
+ * waiter). So the Dekker pair can miss (our load passes our head store in the store buffer while
+ * the client stores its flag, fences, and still sees the old head); the waiter is then woken by
+ * a later consumption (the target is half-way: more is queued behind it) or by its own re-check,
+ * at most SLEEP_CAP_NS later (room.py): bounded latency, never a hang. */
+static HOT inline void ch_room_freed(chan_t *ch)
 {
-    if (__builtin_expect(__atomic_load_n(ring_u32(ch->req.ring, RING_PRODUCER_WAITING_OFF),
-                                         __ATOMIC_RELAXED) != 0, 0) &&
+    uint32_t t = __atomic_load_n(ring_u32(ch->req.ring, RING_PRODUCER_WAITING_OFF),
+                                 __ATOMIC_RELAXED);
+    if (__builtin_expect(t == 0, 1))
+        return;
+    if (t != ch->room_woken && (int32_t)((uint32_t)ch->req.head - t) >= 0 && ch->reply_efd >= 0) {
+        ch->room_woken = t;
+        efd_signal(ch->reply_efd);
+    }
+}
+
+/* A held chunk went back (arena room, the head did not move): wake a waiter whatever its
+ * target. */
+static inline void ch_chunk_freed(const chan_t *ch)
+{
+    if (__atomic_load_n(ring_u32(ch->req.ring, RING_PRODUCER_WAITING_OFF), __ATOMIC_RELAXED) &&
         ch->reply_efd >= 0)
         efd_signal(ch->reply_efd);
 }
@@ -254,7 +271,7 @@ static void ch_release_chunk(ServerSetObject *S, chan_t *ch, uint64_t seq)
         ch->zq_first++;
     } while (ch->zq_first != ch->zq_next && !ch->zq[ch->zq_first & mask].held);
     cons_publish_released(&ch->req, v);
-    ch_room_freed(ch);
+    ch_chunk_freed(ch);
     /* RELAXED: the flag only steers scans; the kick below makes a waiting recv look again. */
     if (__atomic_load_n(&ch->zc_blocked, __ATOMIC_RELAXED)) {
         __atomic_store_n(&ch->zc_blocked, 0, __ATOMIC_RELAXED);

@@ -164,18 +164,21 @@ class Endpoint(_core.EndpointBase):
         server frees some, up to `timeout` seconds (None: no limit; 0: WouldBlock at once);
         WouldBlock when the time is up (nothing was sent). Messages of one thread's tasks go
         out in the order their asends were awaited."""
-        lane = self._local.__dict__.get("lane") or self._thread_lane()
-        gate = self._room_gate(lane)
-        attempt, undo = self._one_way(lane, opcode, data, payload, flags, caps, regions, move)
-        try:
-            if not gate.locked():  # nobody waits for room before us: try at once
+        if timeout is not None and not timeout >= 0:
+            raise ValueError("timeout must be >= 0 or None")
+        if not (caps or regions):
+            # Nobody of this thread waits for room before us: the native send, at once.
+            gate = self._local.__dict__.get("room_gate")
+            if gate is None or not gate[2].locked():
                 try:
-                    attempt()
-                    return
+                    return self.send_async(opcode, data, payload, flags)
                 except WouldBlock:
                     if timeout == 0:
                         raise
-            async with gate:
+        lane = self._local.__dict__.get("lane") or self._thread_lane()
+        attempt, undo = self._one_way(lane, opcode, data, payload, flags, caps, regions, move)
+        try:
+            async with self._room_gate(lane):
                 await until_room_async(lane, attempt, timeout, f"asend to {self.name!r}")
         except BaseException:
             undo()
