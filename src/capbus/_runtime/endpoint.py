@@ -565,7 +565,10 @@ class Endpoint(_core.EndpointBase):
             self.process_id = granted.process_id
             self.rights = frozenset(granted.rights or ())
             self.limits = Limits.from_wire(granted.limits)
-            self._pool, self._pool_size = [], 0
+            # Idle lanes of the old kernel go; those in use are dropped as their acalls end
+            # (_give_lane), and count until then.
+            self._pool_size -= len(self._pool)
+            self._pool = []
             self.dead = False
             watching, self._watching = self._watching, False
         if watching:

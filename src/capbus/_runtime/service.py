@@ -404,7 +404,7 @@ class Service(_core.ServiceBase):
                 self._retired = [*self._retired, r]
                 self._slow = True
                 return
-        r.close()
+        r.close(self._close_fd)  # an arecv may be waiting on its eventfd
 
     def _retired_peer_exited(self, pid: int) -> None:
         with self._retired_lock:
@@ -432,7 +432,7 @@ class Service(_core.ServiceBase):
             if not keep and not self._closed:
                 self._slow = False
         for r in gone:
-            r.close()
+            r.close(self._close_fd)  # an arecv may be waiting on its eventfd
 
     # ---- losing the kernel --------------------------------------------------------------------
 
