@@ -63,6 +63,9 @@ while True:
             print("got", expect, flush=True)
     elif req.opcode == 4:
         req.reply(payload=repr(req.object()).encode())
+    elif req.opcode == 5:
+        print("saw", req.data[0], flush=True)
+        req.reply(data=(req.data[0],))
 """
 
 
@@ -153,6 +156,30 @@ def test_cancelled_acall_then_the_next_call_gets_its_own_reply(kernel, children,
                 assert (await ep.acall(1, (i,), timeout=10)).data[0] == i + 1
 
     run(main)
+
+
+def test_cancelled_acall_not_yet_taken_is_skipped_by_the_server(kernel, children, run):
+    """The server is busy with another caller's request while ours waits in its ring: once
+    cancelled, the server never runs it (the lane's cancel_below says so)."""
+    s = _server(children, "skip")
+
+    async def main():
+        async with capbus.connect(kernel.socket_path) as me:
+            ep = me.lookup("skip", timeout=10)
+            busy = threading.Thread(target=lambda: ep.call(3, (0, 500), timeout=10))
+            busy.start()  # the server sleeps 0.5 s in this call (a thread's own lane)
+            await asyncio.sleep(0.1)
+            task = asyncio.ensure_future(ep.acall(5, (99,)))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            r = await ep.acall(5, (100,), timeout=10)  # the same pooled lane
+            assert r.data[0] == 100
+            busy.join(10)
+
+    run(main)
+    assert readline(s, 10) == "saw 100"  # never "saw 99"
 
 
 def test_acall_cancelled_while_queued_for_a_lane(kernel, children, run):
@@ -550,4 +577,7 @@ def test_async_with_and_with_everywhere(kernel, run):
         ep.close()  # a second close does nothing
         svc.close()
         sub.close()
+        me.register("ctx3")
+        with me.lookup("ctx3") as ep3:
+            ep3.revoke()  # and the close on exit has nothing left to give back
     assert me.closed

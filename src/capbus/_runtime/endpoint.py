@@ -472,6 +472,7 @@ class Endpoint(_core.EndpointBase):
         their calls fail with InvalidCapability and their receivers accept nothing more."""
         self._unfinalize()
         self._closed = True
+        self._released = True  # gone: a close() after it (`with ep:`) has nothing to give back
         self._forget_lanes()
         self._session.forget_endpoint(self)
         self._session.request(frames.Revoke(self.handle), via=self._ctl)
