@@ -84,10 +84,12 @@ also work on read-only mappings. All of these atomics are seq_cst.
       outstanding call_start per lane.
   .cancel(tag)   the call with this tag (and every earlier one) is not waited for any more:
       cancel_below = tag + 1 (never moves back); ValueError for a tag never sent.
-  .want_room(on)   on=True: empties the reply eventfd, sets RING_PRODUCER_WAITING_OFF in the
-      request ring and fences; from then on the server writes the reply eventfd whenever it
-      frees a slot or arena bytes (it looks without a fence: a waiter re-checks at least every
-      SLEEP_CAP_NS). on=False clears the flag. The caller retries its send after arming.
+  .want_room(on)   on=True: empties the reply eventfd, stores the wake target in
+      RING_PRODUCER_WAITING_OFF of the request ring (the head, low 32 bits, half-way through what
+      is outstanding; never 0) and fences; the server then writes the reply eventfd once its
+      head reaches the target (once per target) and whenever a held chunk goes back (it looks
+      without a fence: a waiter re-checks at least every SLEEP_CAP_NS). on=False stores 0. The
+      caller retries its send after arming.
   .loan(n) -> memoryview   reserve a chunk of the request arena for an n-byte payload and
       return a WRITABLE view of exactly its n payload bytes (after the 128-byte LargeMessage
       struct; for n <= 64, its inline area). Nothing is sent yet. One loan per lane at a time
