@@ -175,6 +175,22 @@ def send_all(ep, n, batch):  # in a function, as the peers' senders are: fast lo
                 sent += 1
             except full:
                 pass
+    elif batch == 0:  # send_async(timeout=None): the thread sleeps while the ring is full
+        send = ep.send_async
+        while sent < n:
+            send(1, data, timeout=None)
+            sent += 1
+    elif batch < 0:  # asyncio: await asend, which waits for room in the event loop
+        import asyncio
+
+        async def go():
+            s, asend = 0, ep.asend
+            while s < n:
+                await asend(1, data)
+                s += 1
+            return s
+
+        sent = asyncio.run(go())
     else:
         msgs = [(1, data)] * batch
         while sent < n:
@@ -191,7 +207,8 @@ def one_way_throughput(batch: int, n: int) -> Result:
 
     cpus = sorted(os.sched_getaffinity(0))
     sender_cpu, receiver_cpu = (cpus[0], cpus[1]) if len(cpus) > 1 else (-1, -1)
-    name = "capbus send_async" if batch == 1 else f"capbus send_many x{batch}"
+    name = {1: "capbus send_async", 0: "capbus send_async(timeout=None)",
+            -1: "capbus await asend"}.get(batch, f"capbus send_many x{batch}")
     with tempfile.TemporaryDirectory(prefix="cb-bench-") as tmp, \
             capbus.Kernel(os.path.join(tmp, "k.sock"), audit=None) as kernel, \
             capbus.connect(kernel.socket_path, wait="spin") as me, _pinned(receiver_cpu):
@@ -223,7 +240,8 @@ def one_way_throughput(batch: int, n: int) -> Result:
 
 def run_async(quick: bool = False) -> list[Result]:
     n = 20_000 if quick else 2_000_000
-    return [one_way_throughput(1, n), one_way_throughput(64, n), one_way_throughput(256, n)]
+    return [one_way_throughput(1, n), one_way_throughput(0, n), one_way_throughput(-1, n),
+            one_way_throughput(64, n), one_way_throughput(256, n)]
 
 
 # ---- large payloads --------------------------------------------------------------------------------

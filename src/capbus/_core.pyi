@@ -84,6 +84,12 @@ also work on read-only mappings. All of these atomics are seq_cst.
       outstanding call_start per lane.
   .cancel(tag)   the call with this tag (and every earlier one) is not waited for any more:
       cancel_below = tag + 1 (never moves back); ValueError for a tag never sent.
+  .want_room(on)   on=True: empties the reply eventfd, stores the wake target in
+      RING_PRODUCER_WAITING_OFF of the request ring (the head, low 32 bits, half-way through what
+      is outstanding; never 0) and fences; the server then writes the reply eventfd once its
+      head reaches the target (once per target) and whenever a held chunk goes back (it looks
+      without a fence: a waiter re-checks at least every SLEEP_CAP_NS). on=False stores 0. The
+      caller retries its send after arming.
   .loan(n) -> memoryview   reserve a chunk of the request arena for an n-byte payload and
       return a WRITABLE view of exactly its n payload bytes (after the 128-byte LargeMessage
       struct; for n <= 64, its inline area). Nothing is sent yet. One loan per lane at a time
@@ -275,7 +281,9 @@ also work on read-only mappings. All of these atomics are seq_cst.
 ---- Fronts: EndpointBase and ServiceBase (bases of capbus.Endpoint and capbus.Service) ------
   EndpointBase.call(opcode, data=(), payload=b"", timeout=None, flags=0, caps=(), regions=(),
   move=False) and .send_async(opcode, data=(), payload=b"", flags=0, caps=(), regions=(),
-  move=False) run the plain case natively (flags 0, no caps or regions); anything else goes to
+  move=False, timeout=0) run the plain case natively (flags 0, no caps or regions; a
+  send_async with a timeout other than 0 is tried natively, and only a full ring or arena goes
+  on to slow_send, which waits for room); anything else goes to
   slow_call(self, *args, **kw) / slow_send(self, *args, **kw) with the same arguments. A
   thread's lane comes from open_lane(self) -> Lane on a cache miss (kept per thread and fork
   generation; dropped by ._forget_lanes() or a new .handle). An error reply raises what
@@ -388,6 +396,7 @@ class Lane:
                    payload: Payload = None) -> int: ...
     def call_poll(self, tag: int, arm: bool = False) -> Message | None: ...
     def cancel(self, tag: int, /) -> None: ...
+    def want_room(self, on: bool, /) -> None: ...
     def loan(self, n: int, /) -> memoryview: ...
     def call_loan(self, capability: int, opcode: int, flags: int, data: Data,
                   timeout_ns: int = -1) -> Message: ...
@@ -473,7 +482,7 @@ class EndpointBase:
              move: bool = False) -> Message: ...
     def send_async(self, opcode: int, data: Data = (), payload: Payload = b"", flags: int = 0,
                    caps: Iterable[Endpoint] = (), regions: Iterable[Region] = (),
-                   move: bool = False) -> None: ...
+                   move: bool = False, timeout: float | None = 0) -> None: ...
     def _forget_lanes(self) -> None: ...
 
 @disjoint_base  # a C layout of its own
@@ -503,6 +512,7 @@ CHAN_REFUSED_OFF: int
 RING_HEAD_OFF: int
 RING_CONSUMER_SLEEPING_OFF: int
 RING_CONSUMER_EVENT_OFF: int
+RING_PRODUCER_WAITING_OFF: int
 RING_ARENA_RELEASED_OFF: int
 RING_SLOTS_OFF: int
 REQ_RING_OFF: int

@@ -641,3 +641,74 @@ def test_eventfd_arguments(db, chans):
     ln.close()
     s2.close()
     s.close()
+
+
+# ---- waiting for room: Lane.want_room and the server's wake-up --------------------------------
+
+
+def test_want_room_makes_the_server_write_the_reply_eventfd_as_it_frees_room(db, chans, efd):
+    ch = chans(1, nslots=4, arena=1 << 18)
+    s = _core.ServerSet(db)
+    s.add(1, ch.chan, ch.ctrl, ch.nslots, ch.arena, 5, reply_event_fd=efd)
+    ln = lane(ch, db, reply_event_fd=efd)
+    flag = ch.layout()["req_ring"] + _core.RING_PRODUCER_WAITING_OFF
+    m = ch.map()
+    for i in range(4):
+        ln.send(0, 1, 0, (i,))
+    with pytest.raises(WouldBlock):
+        ln.send(0, 1, 0, (4,))
+    # Not waiting: consuming frees room, and nobody is told.
+    assert s.poll().data[0] == 0
+    assert efd_count(efd) == 0
+    ln.send(0, 1, 0, (4,))
+    os.eventfd_write(efd, 5)  # a stale count: arming empties it
+    ln.want_room(True)
+    # The target: head 1 + half of the 4 outstanding (woken once per half ring, not per message).
+    assert _core.atomic_load_u32(m, flag) == 3 and efd_count(efd) == 0
+    with pytest.raises(WouldBlock):
+        ln.send(0, 1, 0, (5,))
+    assert s.poll().data[0] == 1
+    assert efd_count(efd) == 0  # head 2: not yet
+    assert s.poll().data[0] == 2
+    assert efd_count(efd) == 1  # head 3: woken
+    assert s.poll().data[0] == 3
+    assert efd_count(efd) == 0  # once per target
+    ln.send(0, 1, 0, (5,))
+    ln.want_room(False)
+    assert _core.atomic_load_u32(m, flag) == 0
+    assert [s.poll().data[0] for _ in range(2)] == [4, 5]
+    assert efd_count(efd) == 0
+    # Arena room: a held zero-copy payload fills the arena; its release wakes the waiter.
+    big = 150_000  # >= ZC_THRESHOLD: received in place, held until released
+    ln.send(0, 1, 0, (), b"x" * big)
+    req = s.poll()
+    assert len(req.payload) == big
+    with pytest.raises(WouldBlock):
+        ln.send(0, 1, 0, (), b"y" * big)
+    ln.want_room(True)
+    req.release()
+    assert efd_count(efd) == 1
+    ln.send(0, 1, 0, (), b"y" * big)
+    ln.want_room(False)
+    assert bytes(s.poll().payload) == b"y" * big
+
+
+def test_a_scribbled_producer_waiting_flag_only_wakes_that_client(db, chans, efd):
+    """The flag is client-written: any value only makes the server write that client's own
+    eventfd (no error, no effect on another channel)."""
+    a, b = chans(1, nslots=4), chans(2, nslots=4)
+    other = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        s = _core.ServerSet(db)
+        s.add(1, a.chan, a.ctrl, a.nslots, a.arena, 5, reply_event_fd=efd)
+        s.add(2, b.chan, b.ctrl, b.nslots, b.arena, 6, reply_event_fd=other)
+        la, lb = lane(a, db, reply_event_fd=efd), lane(b, db, reply_event_fd=other)
+        flag = a.layout()["req_ring"] + _core.RING_PRODUCER_WAITING_OFF
+        _core.atomic_store_u32(a.map(), flag, 0xDEADBEEF)
+        la.send(0, 1, 0, (1,))
+        lb.send(0, 1, 0, (2,))
+        assert sorted(s.poll().data[0] for _ in range(2)) == [1, 2]
+        assert efd_count(efd) == 1 and efd_count(other) == 0
+        assert not s.is_dead(1) and not s.is_dead(2)
+    finally:
+        os.close(other)

@@ -373,7 +373,8 @@ def test_call_keywords_and_payload_forms(inproc):
         ep.call()
     with pytest.raises(TypeError):
         ep.call(1, (), b"", None, 0, (), (), False, "one too many")
-    for kw, exc in [(dict(timeout=1), TypeError), (dict(bogus=1), TypeError),
+    for kw, exc in [(dict(timeout=-1), ValueError), (dict(timeout="1"), TypeError),
+                    (dict(bogus=1), TypeError),
                     (dict(data=(1, 2, 3, 4, 5)), ValueError), (dict(flags=1), ValueError)]:
         with pytest.raises(exc):
             ep.send_async(1, **kw)
@@ -428,7 +429,8 @@ def test_front_signatures():
                                                                          False]
     send = inspect.signature(capbus.Endpoint.send_async)
     assert list(send.parameters) == ["self", "opcode", "data", "payload", "flags", "caps", "regions",
-                                     "move"]
+                                     "move", "timeout"]
+    assert send.parameters["timeout"].default == 0  # never waits for room unless asked
     recv = inspect.signature(capbus.Service.recv)
     assert list(recv.parameters) == ["self", "timeout"]
     assert recv.parameters["timeout"].default is None

@@ -198,7 +198,7 @@ static HOT int ep_handle(EndpointBaseObject *E)
 static const char *const ep_call_kw[] = {"opcode", "data", "payload", "timeout", "flags", "caps",
                                          "regions", "move", NULL};
 static const char *const ep_send_kw[] = {"opcode", "data", "payload", "flags", "caps", "regions",
-                                         "move", NULL};
+                                         "move", "timeout", NULL};
 
 /* The plain case of call/send_async up to a prepared message: this thread's lane (a new
  * reference), or NULL with an exception. payload_arg as given (`payload or None` is applied). */
@@ -262,15 +262,24 @@ static HOT PyObject *EP_call(EndpointBaseObject *E, PyObject *const *args, Py_ss
     return r;
 }
 
-/* send_async(opcode, data=(), payload=b"", flags=0, caps=(), regions=(), move=False) */
+/* send_async(opcode, data=(), payload=b"", flags=0, caps=(), regions=(), move=False,
+ * timeout=0). A timeout other than 0 means "wait for room": the message is tried here first,
+ * and only a full ring or arena goes to the Python path, which waits (room.until_room). */
 static PyObject *EP_send_async(EndpointBaseObject *E, PyObject *const *args, Py_ssize_t nargs,
                                PyObject *kwnames)
 {
-    PyObject *a[7];
+    PyObject *a[8];
     if (fast_args("send_async", args, nargs, kwnames, ep_send_kw, 1, a) < 0)
         return NULL;
     if (!front_plain(a[3], a[4], a[5]))
         return front_slow((PyObject *)E, E->slow_send, args, nargs, kwnames);
+    int wait = 0;
+    if (a[7] && a[7] != int_zero) { /* 0 is a cached small int: usually the same object */
+        int64_t tns;
+        if (front_timeout(a[7], &tns) < 0)
+            return NULL;
+        wait = tns != 0;
+    }
     outmsg_t m;
     Py_buffer view;
     charge_t c;
@@ -279,6 +288,10 @@ static PyObject *EP_send_async(EndpointBaseObject *E, PyObject *const *args, Py_
         return NULL;
     PyObject *r = lane_send_prepared(L, &m, &view, &c);
     Py_DECREF(L);
+    if (!r && wait && PyErr_ExceptionMatches(WouldBlock)) {
+        PyErr_Clear();
+        return front_slow((PyObject *)E, E->slow_send, args, nargs, kwnames);
+    }
     return r;
 }
 
@@ -379,9 +392,10 @@ static PyMethodDef EP_methods[] = {
      "are shared (needs the share right)."},
     {"send_async", (PyCFunction)(void (*)(void))EP_send_async, METH_FASTCALL | METH_KEYWORDS,
      "send_async($self, /, opcode, data=(), payload=b'', flags=0, caps=(), regions=(), "
-     "move=False)\n--\n\n"
-     "Queue a one-way message; never blocks: WouldBlock when the receiver's ring for this\n"
-     "sender is full (back-pressure: nothing is dropped silently)."},
+     "move=False, timeout=0)\n--\n\n"
+     "Queue a one-way message. timeout=0 (the default) never blocks: WouldBlock when the\n"
+     "receiver's ring for this sender is full (back-pressure: nothing is dropped silently);\n"
+     "a timeout in seconds (None: no limit) waits that long for room, then WouldBlock."},
     {"_forget_lanes", (PyCFunction)EP_forget_lanes, METH_NOARGS, "drop the cached lane"},
     {NULL},
 };

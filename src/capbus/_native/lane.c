@@ -83,6 +83,38 @@ static PyObject *Lane_cancel(LaneObject *L, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* want_room(on): say (on=True) or stop saying that this lane's producer waits for room in the
+ * request ring or arena. The flag is the head position (low 32 bits, never 0) at which the
+ * server is to wake us: half-way through what is outstanding, so that a producer that outruns
+ * its consumer is woken once per half ring and then writes that much without waiting, instead
+ * of one wake-up per message (a held chunk released wakes us whatever the target). Arming
+ * drains the reply eventfd first (a stale count would only wake the waiter for nothing), then
+ * store + full fence: the caller's next try to send comes after it, so either that try sees the
+ * room the server freed or the server sees the flag (up to the server's unfenced look, see
+ * ch_room_freed: the waiter re-checks at least every SLEEP_CAP_NS). */
+static PyObject *Lane_want_room(LaneObject *L, PyObject *arg)
+{
+    int on = PyObject_IsTrue(arg);
+    if (on < 0 || !lane_usable(L))
+        return NULL;
+    uint32_t *flag = ring_u32(L->req.ring, RING_PRODUCER_WAITING_OFF);
+    if (!on) {
+        __atomic_store_n(flag, 0, __ATOMIC_RELAXED);
+        Py_RETURN_NONE;
+    }
+    if (L->reply_efd >= 0)
+        efd_drain(L->reply_efd);
+    /* The consumer's head is only a hint here (a value out of range just moves the target):
+     * prod_slots_free validates it for real on the next send. */
+    uint64_t h = __atomic_load_n(ring_u64(L->req.ring, RING_HEAD_OFF), __ATOMIC_ACQUIRE);
+    if (h < L->req.head_seen || h > L->req.published)
+        h = L->req.head_seen;
+    uint64_t out = L->req.published - h;
+    uint32_t target = (uint32_t)(h + (out > 1 ? out / 2 : 1));
+    store_fence_u32(flag, target ? target : 1);
+    Py_RETURN_NONE;
+}
+
 /* send_many(capability, flags, [(opcode, data[, payload]), ...]) -> accepted count.
  * Every message that could fit is parsed and checked first (nothing is written if one is bad),
  * then they are written in order until the ring, the arena or the rate/bandwidth buckets say
@@ -289,6 +321,9 @@ static PyMethodDef Lane_methods[] = {
      "call_start(capability, opcode, flags, data, payload=None) -> tag; WouldBlock if full"},
     {"call_poll", (PyCFunction)(void (*)(void))Lane_call_poll, METH_FASTCALL | METH_KEYWORDS,
      "call_poll(tag, arm=False) -> Message or None"},
+    {"want_room", (PyCFunction)Lane_want_room, METH_O,
+     "want_room(on): while on, the server writes this lane's reply eventfd whenever it frees "
+     "room in the request ring or arena (arming drains it first and fences)"},
     {"cancel", (PyCFunction)Lane_cancel, METH_O,
      "cancel(tag): the call with this tag (and every earlier one) is not waited for any more"},
     {"loan", (PyCFunction)Lane_loan, METH_O,

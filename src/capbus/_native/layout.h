@@ -135,6 +135,10 @@ _Static_assert(CHAN_SSTATS_OFF + SSTATS_SIZE <= CHAN_HEADER_SIZE, "server stats 
 #define RING_HEAD_OFF 64u              /* u64, written by the consumer */
 #define RING_CONSUMER_SLEEPING_OFF 72u /* u32, resp ring: client asleep: 1 on tail, 2 on its pipe */
 #define RING_CONSUMER_EVENT_OFF 76u    /* u32, response ring only: client waits on its eventfd */
+/* u32, request ring only, written by the client: a producer waits for room (ring slots or arena
+ * bytes) on its reply eventfd; the server writes that eventfd whenever it frees some. In the
+ * consumer's cache line on purpose: the server has just written head there when it looks. */
+#define RING_PRODUCER_WAITING_OFF 80u
 #define RING_ARENA_RELEASED_OFF 128u   /* u64, written by the consumer: arena bytes released */
 #define RING_SLOTS_OFF 256u
 #define REQ_RING_OFF CHAN_HEADER_SIZE

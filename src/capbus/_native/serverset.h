@@ -90,6 +90,8 @@ typedef struct chan {
     int zc_blocked;     /* atomic: queue full (read by scans without the GIL) */
     int views;          /* live ZBufs of this channel: the mapping stays while > 0 */
     uint64_t sst[SSTATS_SIZE / 8]; /* the server metrics block (private copy; see stat_add) */
+    uint32_t room_woken; /* the producer-waiting target we last woke the client for (recv
+                            thread; see ch_room_freed). Last: the hot fields keep their lines. */
 } chan_t;
 
 typedef struct zent {

@@ -198,6 +198,39 @@ static inline int ch_zq_full(const chan_t *ch)
     return ch->zq_cap && ch->zq_next - ch->zq_first == ch->zq_cap;
 }
 
+/* Waking a producer that waits for room (RING_PRODUCER_WAITING_OFF: 0, or the low 32 bits of
+ * the request-ring head at which to wake it, which Lane.want_room puts half-way through what is
+ * outstanding, so that a waiter is woken once per half ring, not once per message). The value
+ * is client-written: any value only makes us write that client's own reply eventfd, at most once
+ * per distinct value while we consume (ch->room_woken) and once per held chunk released.
+ *
+ * After a consumption: a RELAXED load with no fence before it, on the cache line we have just
+ * written head to (a full fence per received message would tax every receive for a rare
+ * waiter). So the Dekker pair can miss (our load passes our head store in the store buffer while
+ * the client stores its flag, fences, and still sees the old head); the waiter is then woken by
+ * a later consumption (the target is half-way: more is queued behind it) or by its own re-check,
+ * at most SLEEP_CAP_NS later (room.py): bounded latency, never a hang. */
+static HOT inline void ch_room_freed(chan_t *ch)
+{
+    uint32_t t = __atomic_load_n(ring_u32(ch->req.ring, RING_PRODUCER_WAITING_OFF),
+                                 __ATOMIC_RELAXED);
+    if (__builtin_expect(t == 0, 1))
+        return;
+    if (t != ch->room_woken && (int32_t)((uint32_t)ch->req.head - t) >= 0 && ch->reply_efd >= 0) {
+        ch->room_woken = t;
+        efd_signal(ch->reply_efd);
+    }
+}
+
+/* A held chunk went back (arena room, the head did not move): wake a waiter whatever its
+ * target. */
+static inline void ch_chunk_freed(const chan_t *ch)
+{
+    if (__atomic_load_n(ring_u32(ch->req.ring, RING_PRODUCER_WAITING_OFF), __ATOMIC_RELAXED) &&
+        ch->reply_efd >= 0)
+        efd_signal(ch->reply_efd);
+}
+
 /* Consume the message at head (its slot goes back to the client). hold: its chunk stays ours
  * (a zero-copy payload); returns its queue entry. Otherwise the chunk is released: at once when
  * nothing is held (the ordinary path), else behind the held ones. The queue is not full. */
@@ -205,6 +238,7 @@ static HOT uint64_t ch_consume(chan_t *ch, const inmsg_t *m, int hold)
 {
     if (!hold && (!m->has_payload || ch->zq_first == ch->zq_next)) {
         cons_release(&ch->req, m);
+        ch_room_freed(ch);
         return 0;
     }
     uint64_t seq = ch->zq_next, mask = ch->zq_cap - 1;
@@ -217,6 +251,7 @@ static HOT uint64_t ch_consume(chan_t *ch, const inmsg_t *m, int hold)
         ch->zq_next++;
     }
     cons_consume(&ch->req, m);
+    ch_room_freed(ch);
     return seq;
 }
 
@@ -236,6 +271,7 @@ static void ch_release_chunk(ServerSetObject *S, chan_t *ch, uint64_t seq)
         ch->zq_first++;
     } while (ch->zq_first != ch->zq_next && !ch->zq[ch->zq_first & mask].held);
     cons_publish_released(&ch->req, v);
+    ch_chunk_freed(ch);
     /* RELAXED: the flag only steers scans; the kick below makes a waiting recv look again. */
     if (__atomic_load_n(&ch->zc_blocked, __ATOMIC_RELAXED)) {
         __atomic_store_n(&ch->zc_blocked, 0, __ATOMIC_RELAXED);

@@ -2,7 +2,8 @@
 
 Each calling thread gets its own lane (a channel with its own rings, opened on first use), so
 calls from several threads run concurrently and every ring keeps a single producer. asyncio
-callers take lanes from a small pool, one per call in flight.
+callers take lanes from a small pool, one per call in flight; past the pool's cap, acalls wait
+their turn for a lane in FIFO order (never fail for being many).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import logging
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import _core
-from .._errors import InvalidCapability, IpcError, RemoteError, Timeout, error_from_code
+from .._errors import InvalidCapability, IpcError, RemoteError, Timeout, WouldBlock, error_from_code
 from .._protocol import frames
 from . import interface, objects
 from .control import Control
@@ -26,6 +28,7 @@ from .limits import Limits, limits_request
 from .loan import Loan
 from .message import OBJECT_FLAG, TRANSFER_FLAG, USER_FLAGS, Message, bad_flags
 from .region import Region
+from .room import until_room, until_room_async
 from .wait import readable, timeout_ns
 
 if TYPE_CHECKING:
@@ -35,7 +38,7 @@ log = logging.getLogger("capbus")
 _REPLY = _core.FLAG_REPLY_EXPECTED
 _ERROR = _core.FLAG_ERROR
 _IPC_ERROR = _core.FLAG_IPC_ERROR
-_MAX_ASYNC_LANES = 16
+_MAX_ASYNC_LANES = 16  # pooled lanes per endpoint for acall; more acalls wait their turn
 _I = TypeVar("_I", bound=interface.Interface)
 
 
@@ -62,10 +65,14 @@ class Endpoint(_core.EndpointBase):
         self._lock = threading.Lock()
         self._local = threading.local()
         self._pool: list[LaneHandle] = []  # idle lanes for asyncio calls
-        self._pool_size = 0
+        self._pool_size = 0  # pooled lanes that exist (idle or in use), <= _MAX_ASYNC_LANES
+        # acalls waiting for a pooled lane, oldest first: each gets a lane, or None ("open one:
+        # a pool place is yours"). Under _lock (acalls may run in several threads' loops).
+        self._lane_waiters: deque[asyncio.Future[LaneHandle | None]] = deque()
         self._death_callbacks: list[Callable[[Endpoint], None]] = []
         self._watching = False
         self._closed = False
+        self._released = False  # close() was called
         # Set for a capability received with a message (received_endpoint()): it goes
         # back to the kernel when this object is garbage-collected, unless keep() was called.
         self._finalizer: Any = None
@@ -117,22 +124,103 @@ class Endpoint(_core.EndpointBase):
 
     def _send_async_slow(self, opcode: int, data: _core.Data = (), payload: _core.Payload = b"",
                          flags: int = 0, caps: Iterable[Endpoint] = (),
-                         regions: Iterable[Region] = (), move: bool = False) -> None:
-        """send_async(): queue a one-way message; never blocks: WouldBlock when the receiver's
-        ring for this sender is full (back-pressure: nothing is dropped silently)."""
+                         regions: Iterable[Region] = (), move: bool = False,
+                         timeout: float | None = 0) -> None:
+        """send_async(): queue a one-way message. timeout=0 (the default) never blocks:
+        WouldBlock when the receiver's ring for this sender is full (back-pressure: nothing is
+        dropped silently). A timeout in seconds (None: no limit) waits for room that long (the
+        thread sleeps; the server's draining wakes it), then raises WouldBlock."""
         lane = self._local.__dict__.get("lane") or self._thread_lane()
+        attempt, undo = self._one_way(lane, opcode, data, payload, flags, caps, regions, move)
+        try:
+            until_room(lane, attempt, timeout, f"send_async to {self.name!r}")
+        except BaseException:
+            undo()
+            raise
+
+    def _one_way(self, lane: LaneHandle, opcode: int, data: _core.Data, payload: _core.Payload,
+                 flags: int, caps: Iterable[Endpoint], regions: Iterable[Region],
+                 move: bool) -> tuple[Callable[[], None], Callable[[], None]]:
+        """A one-way message on `lane` as (attempt, undo): attempt() writes it (WouldBlock while
+        full: it may be tried again), undo() drops the capabilities and regions attached for it
+        (once, in the kernel) if it was never written."""
         if flags & ~USER_FLAGS and flags != OBJECT_FLAG:
             raise bad_flags(flags)
+        native, handle, pl = lane.native, self.handle, _payload_arg(payload)
+
+        def attempt() -> None:
+            native.send(handle, opcode, flags, data, pl)
+
         if not (caps or regions):
-            lane.native.send(self.handle, opcode, flags, data, _payload_arg(payload))
-            return
-        tag = lane.native.last_tag + 1
+            return attempt, _nothing
+        tag = native.last_tag + 1
         flags |= self._delegate(lane, caps, regions, move)
+        return attempt, lambda: self._undo_attach(lane, tag)
+
+    async def asend(self, opcode: int, data: _core.Data = (), payload: _core.Payload = b"",
+                    flags: int = 0, caps: Iterable[Endpoint] = (), regions: Iterable[Region] = (),
+                    move: bool = False, timeout: float | None = None) -> None:
+        """send_async() for asyncio that waits for room: when the receiver's ring or arena for
+        this sender is full, the task waits (on the lane's eventfd, in the event loop) until the
+        server frees some, up to `timeout` seconds (None: no limit; 0: WouldBlock at once);
+        WouldBlock when the time is up (nothing was sent). Messages of one thread's tasks go
+        out in the order their asends were awaited."""
+        if timeout is not None and not timeout >= 0:
+            raise ValueError("timeout must be >= 0 or None")
+        if not (caps or regions):
+            # Nobody of this thread waits for room before us: the native send, at once.
+            gate = self._local.__dict__.get("room_gate")
+            if gate is None or not gate[2].locked():
+                try:
+                    return self.send_async(opcode, data, payload, flags)
+                except WouldBlock:
+                    if timeout == 0:
+                        raise
+        lane = self._local.__dict__.get("lane") or self._thread_lane()
+        attempt, undo = self._one_way(lane, opcode, data, payload, flags, caps, regions, move)
         try:
-            lane.native.send(self.handle, opcode, flags, data, _payload_arg(payload))
+            async with self._room_gate(lane):
+                await until_room_async(lane, attempt, timeout, f"asend to {self.name!r}")
         except BaseException:
-            self._undo_attach(lane, tag)
+            undo()
             raise
+
+    async def asend_many(self, messages: _core.Batch, flags: int = 0,
+                         timeout: float | None = None) -> int:
+        """send_many() for asyncio that waits for room: sends every message, (opcode, data) or
+        (opcode, data, payload) each, in order, waiting for room as asend does. Returns how many
+        were sent: all of them, or fewer only when `timeout` (seconds for the whole batch;
+        None: no limit) ran out first; the rest were not sent."""
+        lane = self._local.__dict__.get("lane") or self._thread_lane()
+        if flags & ~USER_FLAGS:
+            raise bad_flags(flags)
+        batch = list(messages)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sent = 0
+
+        def attempt() -> None:
+            nonlocal sent
+            while sent < len(batch):
+                n = lane.native.send_many(self.handle, flags, batch[sent:])
+                if not n:
+                    raise WouldBlock("request ring or arena is full")
+                sent += n
+
+        async with self._room_gate(lane):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            with contextlib.suppress(WouldBlock):  # the time ran out: `sent` says how far
+                await until_room_async(lane, attempt, left, f"asend_many to {self.name!r}")
+        return sent
+
+    def _room_gate(self, lane: LaneHandle) -> asyncio.Lock:
+        """The lock that lets one task of this thread's loop at a time wait for room on `lane`
+        (one reader per eventfd; FIFO, so messages keep the order of their asends)."""
+        loop = asyncio.get_running_loop()
+        gate = self._local.__dict__.get("room_gate")
+        if gate is None or gate[0] is not loop or gate[1] is not lane:
+            gate = (loop, lane, asyncio.Lock())
+            self._local.room_gate = gate
+        return gate[2]
 
     def send_many(self, messages: _core.Batch, flags: int = 0) -> int:
         """Queue several one-way messages, (opcode, data) or (opcode, data, payload) each, with
@@ -142,7 +230,7 @@ class Endpoint(_core.EndpointBase):
             raise bad_flags(flags)
         return lane.native.send_many(self.handle, flags, messages)
 
-    def loan(self, size: int) -> Loan:
+    def loan(self, size: int, timeout: float | None = 0) -> Loan:
         """A writable buffer of `size` bytes in this thread's channel arena, to fill in place and
         send without a copy: `with ep.loan(n) as loan: loan.buffer[:] = ...; loan.call(op)`.
 
@@ -152,11 +240,14 @@ class Endpoint(_core.EndpointBase):
         stays valid after the commit too: while any view of it lives, this thread's lane does not
         reuse that memory (a payload that would need it gets WouldBlock). A loan given back
         unsent drops its buffer. WouldBlock while the arena is full (the receiver still holds
-        earlier payloads); MessageTooLarge above the arena size. Note that the sender can still
-        change a loaned payload while the receiver reads it: to check once and trust, send a
-        sealed Region instead."""
+        earlier payloads); timeout (seconds, None: no limit) waits that long for the receiver to
+        free room first, then WouldBlock. MessageTooLarge above the arena size. Note that the
+        sender can still change a loaned payload while the receiver reads it: to check once and
+        trust, send a sealed Region instead."""
         lane = self._local.__dict__.get("lane") or self._thread_lane()
-        return Loan(self, lane, lane.native.loan(size), self._remote_error)
+        native = lane.native
+        buf = until_room(lane, lambda: native.loan(size), timeout, f"loan from {self.name!r}")
+        return Loan(self, lane, buf, self._remote_error)
 
     def call_object(self, obj: Any, opcode: int = 0, timeout: float | None = None,
                     pickle: bool = False) -> Message:
@@ -185,14 +276,29 @@ class Endpoint(_core.EndpointBase):
 
     async def acall(self, opcode: int, data: _core.Data = (), payload: _core.Payload = b"",
                     timeout: float | None = None, flags: int = 0) -> Message:
-        """call() for asyncio: waits on an eventfd the event loop watches, no thread blocks."""
-        if flags & ~USER_FLAGS:
+        """call() for asyncio: waits on an eventfd the event loop watches, no thread blocks.
+
+        Any number may run at once: each takes a pooled lane (up to 16 per endpoint), the rest
+        wait their turn for one, oldest first. The timeout counts from the await, queueing
+        included. Cancelling the task cancels the call: the server skips it if it has not taken
+        it yet, a reply that comes anyway is dropped, and the lane goes back to the pool."""
+        if flags & ~USER_FLAGS and flags != OBJECT_FLAG:
             raise bad_flags(flags)
         loop = asyncio.get_running_loop()
-        lane = self._pooled_lane()
         deadline = None if timeout is None else time.monotonic() + timeout
+        if deadline is None:
+            lane = await self._take_lane(loop)
+        else:
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    lane = await self._take_lane(loop)
+            except TimeoutError:
+                raise Timeout(f"no lane free for a call to {self.name!r} within {timeout} s "
+                              "(every pooled lane is busy)") from None
+        tag = 0
         try:
-            tag = lane.native.call_start(self.handle, opcode, flags | _REPLY, data, _payload_arg(payload))
+            tag = lane.native.call_start(self.handle, opcode, flags | _REPLY, data,
+                                         _payload_arg(payload))
             while True:
                 r = lane.native.call_poll(tag, True)
                 if r is not None:
@@ -202,13 +308,20 @@ class Endpoint(_core.EndpointBase):
                     lane.native.cancel(tag)
                     raise Timeout(f"no reply from {self.name!r} within {timeout} s")
                 await readable(loop, lane.reply_fd, left)
-        except BaseException:
-            self._pool_size -= 1  # its state is unknown: drop it (its channel closes with it)
-            lane = None  # type: ignore[assignment]
+        except (asyncio.CancelledError, Timeout):
+            # The task gave up: the call is cancelled (cancel_below tells the server; a late
+            # reply is dropped by its tag), and the lane is fit for the next call.
+            if tag and not lane.native.closed:
+                with contextlib.suppress(Exception):
+                    lane.native.cancel(tag)
+                self._give_lane(lane)
+            else:
+                self._drop_lane()
             raise
-        finally:
-            if lane is not None:
-                self._pool.append(lane)
+        except BaseException:
+            self._drop_lane()  # its state is unknown: drop it (its channel closes with it)
+            raise
+        self._give_lane(lane)
         if r[1] & _ERROR:
             raise self._remote_error(r)
         return r
@@ -231,6 +344,120 @@ class Endpoint(_core.EndpointBase):
         """proxy() for asyncio: its methods are coroutines (`await akv.get("a")`), calls go
         through acall(); the interface check runs with the first call."""
         return interface.make_aproxy(self, iface, timeout, check_timeout)  # type: ignore[arg-type]
+
+    async def acall_object(self, obj: Any, opcode: int = 0, timeout: float | None = None,
+                           pickle: bool = False) -> Message:
+        """call_object() for asyncio (see there and acall); the server reads it with
+        req.object(). A large object is copied once more than call_object does (into a bytes,
+        then into the arena): the pooled lanes take no loans."""
+        size, parts = objects.dumps(obj, pickle)
+        return await self.acall(opcode, (), objects.join(size, parts), timeout, OBJECT_FLAG)
+
+    async def _take_lane(self, loop: asyncio.AbstractEventLoop) -> LaneHandle:
+        """A pooled lane for one acall: an idle one, a new one while the pool is under its cap,
+        else the task waits its turn (FIFO) for one that another acall gives back."""
+        with self._lock:
+            if self._pool:
+                return self._pool.pop()
+            opening = self._pool_size < _MAX_ASYNC_LANES and not self._lane_waiters
+            if opening:
+                self._pool_size += 1
+            else:
+                fut: asyncio.Future[LaneHandle | None] = loop.create_future()
+                self._lane_waiters.append(fut)
+        if not opening:
+            try:
+                lane = await fut
+            except asyncio.CancelledError:
+                with self._lock:
+                    if not fut.done() or fut.cancelled():
+                        with contextlib.suppress(ValueError):
+                            self._lane_waiters.remove(fut)
+                        raise
+                handed = fut.result()  # handed over as we were cancelled: pass it on
+                if handed is None:
+                    self._drop_lane()
+                else:
+                    self._give_lane(handed)
+                raise
+            if lane is not None:
+                return lane
+        try:  # a place in the pool is ours: open its lane (a request to the kernel)
+            return self._open_lane()
+        except BaseException:
+            self._drop_lane()
+            raise
+
+    def _give_lane(self, lane: LaneHandle) -> None:
+        """A pooled lane is free again: to the oldest waiting acall, else back to the pool."""
+        with self._lock:
+            if lane._ctl is not self._ctl:  # of a kernel since lost (see _rebind)
+                waiter = None
+            else:
+                waiter = self._next_waiter()
+                if waiter is None:
+                    self._pool.append(lane)
+                    return
+        if waiter is None:
+            self._drop_lane()
+        else:
+            self._hand(waiter, lane)
+
+    def _drop_lane(self) -> None:
+        """A pooled lane went (dropped, or never opened): its place goes to the oldest waiting
+        acall (which opens a lane of its own), else the pool shrinks."""
+        with self._lock:
+            waiter = self._next_waiter()
+            if waiter is None:
+                self._pool_size = max(0, self._pool_size - 1)
+                return
+        self._hand(waiter, None)
+
+    def _hand(self, fut: asyncio.Future[LaneHandle | None], lane: LaneHandle | None) -> None:
+        """Give a waiting acall its lane (or None: "open one"), in the thread of its own loop
+        (acalls of other threads' loops may wait on the same endpoint)."""
+        def hand() -> None:
+            if not fut.done():
+                fut.set_result(lane)
+            elif lane is None:  # cancelled meanwhile: on to the next waiter
+                self._drop_lane()
+            else:
+                self._give_lane(lane)
+
+        loop = fut.get_loop()
+        try:
+            mine = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            mine = False
+        if mine:
+            hand()
+            return
+        try:
+            loop.call_soon_threadsafe(hand)
+        except RuntimeError:  # that loop is closed, and its acall with it
+            fut.cancel()
+            hand()
+
+    def _next_waiter(self) -> asyncio.Future[LaneHandle | None] | None:
+        while self._lane_waiters:  # (_lock held)
+            fut = self._lane_waiters.popleft()
+            if not fut.done():
+                return fut
+        return None
+
+    # ---- context managers ---------------------------------------------------------------------
+
+    def __enter__(self) -> Endpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Endpoint:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
 
     # ---- capabilities -------------------------------------------------------------------------
 
@@ -265,12 +492,17 @@ class Endpoint(_core.EndpointBase):
         their calls fail with InvalidCapability and their receivers accept nothing more."""
         self._unfinalize()
         self._closed = True
+        self._released = True  # gone: a close() after it (`with ep:`) has nothing to give back
         self._forget_lanes()
         self._session.forget_endpoint(self)
         self._session.request(frames.Revoke(self.handle), via=self._ctl)
 
     def close(self) -> None:
-        """Give the capability back (its lanes close with it)."""
+        """Give the capability back (its lanes close with it). A second close does nothing."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
         self._unfinalize()
         self._closed = True
         self._forget_lanes()
@@ -354,7 +586,10 @@ class Endpoint(_core.EndpointBase):
             self.process_id = granted.process_id
             self.rights = frozenset(granted.rights or ())
             self.limits = Limits.from_wire(granted.limits)
-            self._pool, self._pool_size = [], 0
+            # Idle lanes of the old kernel go; those in use are dropped as their acalls end
+            # (_give_lane), and count until then.
+            self._pool_size -= len(self._pool)
+            self._pool = []
             self.dead = False
             watching, self._watching = self._watching, False
         if watching:
@@ -386,14 +621,6 @@ class Endpoint(_core.EndpointBase):
         lane = self._open_lane()
         self._local.lane = lane
         return lane
-
-    def _pooled_lane(self) -> LaneHandle:
-        if self._pool:
-            return self._pool.pop()
-        if self._pool_size >= _MAX_ASYNC_LANES:
-            raise InvalidCapability(f"more than {_MAX_ASYNC_LANES} acalls in flight on {self.name!r}")
-        self._pool_size += 1
-        return self._open_lane()
 
     def _delegate(self, lane: LaneHandle, caps: Iterable[Endpoint], regions: Iterable[Region],
                   move: bool) -> int:
@@ -463,6 +690,10 @@ def received_endpoint(session: Session, granted: frames.Granted) -> Endpoint:
 def _release_received(session: Session, ctl: Control, handle: int) -> None:
     if session.live(ctl):
         ctl.request_nowait(frames.Release(handle))
+
+
+def _nothing() -> None:
+    pass
 
 
 def _payload_arg(payload: Any) -> Any:

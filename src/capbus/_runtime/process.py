@@ -110,12 +110,22 @@ class Process:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    async def __aenter__(self) -> Process:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
-        """End this connection: the kernel drops its registrations and tells its watchers."""
+        """End this connection: the kernel drops its registrations and tells its watchers. Its
+        services close here too: a recv/arecv waiting on one (in any thread or task) ends, and
+        `async for` over one stops."""
         if os.getpid() == self._session.pid:
             self._session.user_closed = True
             self._session.control.close()
             self._session.peers.close()
+            for svc in list(self._session.services.values()):
+                svc.close()
 
     def on_reconnect(self, callback: Callable[[Process], None]) -> None:
         """Call `callback(process)` (on a runtime thread) each time this Process, connected with

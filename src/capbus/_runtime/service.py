@@ -64,7 +64,6 @@ class Service(_core.ServiceBase):
         # a full table, a region that cannot be mapped): counted and logged, never raised
         self.dropped_attachments = 0
         self._event_fd = event_fd
-        self._event_closed = False
         self._senders: dict[int, int] = {}  # channel index -> sender ProcessId
         self._retired: list[_Retired] = []  # channels of former kernels, still served
         self._retired_lock = threading.Lock()  # the reader and the peer watch change the list
@@ -77,6 +76,12 @@ class Service(_core.ServiceBase):
             os.close(doorbell_fd)
             os.close(sleep_fd)  # the ServerSet keeps its own duplicate
         self._closed = False
+        # Event-loop receivers waiting on our eventfds right now (arecv): close() wakes them
+        # and leaves the closing of those fds to the last of them, so that no loop ever watches
+        # or reads a closed fd (EBADF), or one whose number open() has since given to another.
+        self._async_lock = threading.Lock()
+        self._async_waiters = 0
+        self._fds_to_close: list[int] = []
 
     def __repr__(self) -> str:
         return f"<capbus.Service {self.name!r} of process {self._session.process_id}>"
@@ -157,10 +162,15 @@ class Service(_core.ServiceBase):
         return reqs
 
     async def arecv(self, timeout: float | None = None) -> Request:
-        """recv() for asyncio: the event loop watches the doorbell's eventfd; no thread waits."""
+        """recv() for asyncio: the event loop watches the doorbell's eventfd; no thread waits.
+        Once the service is closed (close(), its Process closed, the kernel gone for good),
+        from this task, another task or another thread, it raises the IpcError recv() raises
+        (a waiting arecv is woken for it at once)."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            if self._closed:
+                raise self._closed_error()
             if self._retired:
                 req = self._poll_all(True)
             else:
@@ -169,27 +179,75 @@ class Service(_core.ServiceBase):
                 except _core.CorruptChannel as exc:
                     self._corrupt(exc.index, exc.reason)
                     continue
+                except ValueError:  # its ServerSet closed meanwhile
+                    if self._closed:
+                        raise self._closed_error() from None
+                    raise
                 if req is not None and req.flags & TRANSFER_FLAG:
                     self._claim(req)
             if req is not None:
                 return req
-            if self._closed:
-                raise self._closed_error()
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise Timeout(f"no message for {self.name!r} within {timeout} s")
-            if self._retired:
-                await readable_any(loop, self._event_fds(), left)
-            else:
-                await readable(loop, self._event_fd, left)
+            with self._async_lock:
+                if self._closed:
+                    raise self._closed_error()
+                self._async_waiters += 1
+                fds = self._event_fds() if self._retired else [self._event_fd]
+            try:
+                if len(fds) > 1:
+                    await readable_any(loop, fds, left)
+                else:
+                    await readable(loop, fds[0], left)
+            finally:
+                self._async_waiter_done()
+
+    def _async_waiter_done(self) -> None:
+        with self._async_lock:
+            self._async_waiters -= 1
+            if self._async_waiters:
+                return
+            fds, self._fds_to_close = self._fds_to_close, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _close_fd(self, fd: int) -> None:
+        """Close one of our eventfds now, or once the last arecv waiting on it has woken."""
+        with self._async_lock:
+            if self._async_waiters:
+                self._fds_to_close.append(fd)
+                return
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
     def __aiter__(self) -> Service:
         return self
 
     async def __anext__(self) -> Request:
+        """The next message; the loop ends (StopAsyncIteration) once the service is closed,
+        also while this waits (close() from another task or thread)."""
         if self._closed:
             raise StopAsyncIteration
-        return await self.arecv()
+        try:
+            return await self.arecv()
+        except IpcError:
+            if self._closed:
+                raise StopAsyncIteration from None
+            raise
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Service:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
 
     def refused(self, sender: int) -> int:
         """How many messages `sender` (a ProcessId) saw refused with WouldBlock (Tock's
@@ -344,34 +402,41 @@ class Service(_core.ServiceBase):
         self._access.append((None, [str(w) for w in who]))
 
     def close(self) -> None:
-        """Unregister: the name is free again, and every channel to this service closes."""
-        self._closed = True
+        """Unregister: the name is free again, and every channel to this service closes. A
+        recv or arecv waiting in any thread or task ends (IpcError; `async for` just stops).
+        A second close() does nothing."""
+        with self._async_lock:
+            if self._closed and self._event_fd < 0:
+                return
+            self._closed = True
         self._set.interrupt()
         self._session.forget_service(self.handle)
         if self._ctl.closed is None:
-            self._session.request(frames.Release(self.handle), via=self._ctl)
+            with contextlib.suppress(KernelUnavailable):  # gone meanwhile: nothing to release
+                self._session.request(frames.Release(self.handle), via=self._ctl)
         with self._retired_lock:
             retired, self._retired = self._retired, []
-        if retired:  # a receiver waiting on the eventfds: wake it now, not at its next re-poll
-            with contextlib.suppress(OSError):
-                os.eventfd_write(self._event_fd, 1)
+        # Wake every event-loop receiver now (an fd write works from any thread), not at its
+        # next re-poll; the last of them closes the fds (_close_fd).
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self._event_fd, 1)
         for r in retired:
-            r.close()
-        self._close_event_fd()
+            with contextlib.suppress(OSError):
+                os.eventfd_write(r.event_fd, 1)
+            r.close(self._close_fd)
+        fd, self._event_fd = self._event_fd, -1
+        self._close_fd(fd)
 
     def __del__(self) -> None:
-        # Dropped without close() (its process closed it, or its kernel went): nothing can wait
-        # on its eventfds once the Service is unreachable, so they go with it.
-        if hasattr(self, "_retired_lock"):
-            for r in self._retired:
-                r.close()
-            self._close_event_fd()
-
-    def _close_event_fd(self) -> None:
-        if not self._event_closed:
-            self._event_closed = True
+        # Dropped without close() (its kernel went, or it was never closed): nothing can wait on
+        # its eventfds once the Service is unreachable, so they go with it.
+        fd = getattr(self, "_event_fd", -1)
+        if fd >= 0:
+            self._event_fd = -1
             with contextlib.suppress(OSError):
-                os.close(self._event_fd)
+                os.close(fd)
+        for r in getattr(self, "_retired", ()):
+            r.close()
 
     # ---- channels of former kernels -----------------------------------------------------------
 
@@ -437,7 +502,7 @@ class Service(_core.ServiceBase):
                 self._retired = [*self._retired, r]
                 self._slow = True
                 return
-        r.close()
+        r.close(self._close_fd)  # an arecv may be waiting on its eventfd
 
     def _retired_peer_exited(self, pid: int) -> None:
         with self._retired_lock:
@@ -465,7 +530,7 @@ class Service(_core.ServiceBase):
             if not keep and not self._closed:
                 self._slow = False
         for r in gone:
-            r.close()
+            r.close(self._close_fd)  # an arecv may be waiting on its eventfd
 
     # ---- losing the kernel --------------------------------------------------------------------
 
@@ -620,7 +685,10 @@ class _Retired:
         with contextlib.suppress(KeyError, ValueError):
             self.set.remove(index, True)  # what the client sent before it died is delivered
 
-    def close(self) -> None:
+    def close(self, close_fd: Callable[[int], None] | None = None) -> None:
+        if close_fd is not None:
+            close_fd(self.event_fd)
+            return
         with contextlib.suppress(OSError):
             os.close(self.event_fd)
         # The set itself goes with its last reference (a Request may still hold one to reply).

@@ -18,6 +18,7 @@ class Subscription:
         self.handle = handle
         self._cond = threading.Condition()
         self._pending = False
+        self._closed = False
 
     def wait(self, timeout: float | None = None) -> bool:
         """True once some service has registered since the last wait (then re-discover: the
@@ -33,8 +34,22 @@ class Subscription:
         return True
 
     def close(self) -> None:
-        if self._ctl.closed is None:
+        """Stop the notices (a second close does nothing)."""
+        closed, self._closed = self._closed, True
+        if not closed and self._ctl.closed is None:
             self._session.request(frames.Release(self.handle), via=self._ctl)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
 
     def _notify(self) -> None:
         with self._cond:
