@@ -155,8 +155,8 @@ def test_1000_create_transfer_exit_cycles_leave_nothing(kernel, children):
 
     with capbus.connect(kernel.socket_path) as me:
         svc = me.register("sink")
-        base_fds = len(os.listdir("/proc/self/fd"))
         got = 0
+        warm = threading.Event()
 
         def drain():
             nonlocal got
@@ -166,11 +166,17 @@ def test_1000_create_transfer_exit_cycles_leave_nothing(kernel, children):
                     assert int.from_bytes(r.buffer[:8], "little") == req.data[0]
                     r.close()
                     got += 1
+                    if got == 20:
+                        warm.set()
 
         t = threading.Thread(target=drain, daemon=True)
         t.start()
         rss_before = rss_mb()  # the embedded kernel lives in this process
         p = children.start(CYCLER, "1000", stdin=subprocess.DEVNULL)
+        # The baseline once what the first messages start for good is there (the child's pipes,
+        # the runtime's peer watch: its epoll and eventfd).
+        assert warm.wait(60)
+        base_fds = len(os.listdir("/proc/self/fd"))
         assert readline(p, 200) == "done 1000"
         t.join(60)
         assert got == 1000
@@ -178,7 +184,8 @@ def test_1000_create_transfer_exit_cycles_leave_nothing(kernel, children):
         # no fd growth, nothing in /dev/shm.
         assert wait_for(lambda: region_fds() == 0, 5), region_fds()
         assert wait_for(lambda: len(os.listdir("/proc/self/fd")) <= base_fds + 2, 15, 0.05), (
-            base_fds, sorted(_fd_kinds().items(), key=lambda kv: -kv[1])[:12])
+            base_fds, len(os.listdir("/proc/self/fd")),
+            sorted(_fd_kinds().items(), key=lambda kv: -kv[1])[:12])
         # 1000 regions of 64 KiB went through here: 62 MiB if any were kept.
         assert rss_mb() - rss_before < 30, (rss_before, rss_mb())
     assert set(os.listdir("/dev/shm")) == shm_before
