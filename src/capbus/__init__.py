@@ -35,6 +35,7 @@ from ._runtime.process import Process, connect
 from ._runtime.region import Region
 from ._runtime.service import Service
 from ._runtime.subscription import Subscription
+from ._runtime.topic import Loan, Publisher, Sample, Subscriber
 
 INVALID_PROCESS = 0
 __version__ = "0.1.0"
@@ -49,6 +50,7 @@ __all__ = [
     "Kernel",
     "KernelUnavailable",
     "LargeMessage",
+    "Loan",
     "Limits",
     "KernelLimits",
     "Message",
@@ -63,15 +65,18 @@ __all__ = [
     "ProcessInfo",
     "ProcessNotFound",
     "ProtocolError",
+    "Publisher",
     "RateLimitExceeded",
     "Region",
     "RemoteError",
     "Request",
+    "Sample",
     "Sandbox",
     "SandboxError",
     "Service",
     "ServiceNotFound",
     "SmallMessage",
+    "Subscriber",
     "Subscription",
     "Timeout",
     "WouldBlock",

@@ -465,6 +465,19 @@ class ServerSet:
     def __len__(self) -> int: ...
 
 @disjoint_base  # a C layout of its own
+class SampleView:
+    """One topic sample's memory (topic_view.c): on_free(arg) runs once, when done() was called
+    and no view of it is left (or the object dies); then it refuses new exports (BufferError)."""
+
+    def __new__(cls, mapping: Buffer, offset: int, length: int, readonly: bool,
+                on_free: Callable[[Any], object], arg: Any) -> SampleView: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+    def done(self) -> None: ...
+    @property
+    def exports(self) -> int: ...
+    @property
+    def freed(self) -> bool: ...
+
 class EndpointBase:
     """The native half of capbus.Endpoint: call and send_async (slow paths: _call_slow, ...)."""
 

@@ -14,7 +14,7 @@ from typing import Any
 from .._errors import InvalidCapability, IpcError, MessageTooLarge, OutOfMemory, PeerDied, PermissionDenied
 from .._protocol import frames
 from . import audit as _audit
-from . import channels, naming
+from . import channels, naming, topics
 from .captable import Capability, CapLimits, check_rights
 from .launcher import Child
 from .shm import STATE_REVOKED
@@ -85,6 +85,8 @@ def revoke(st: KernelState, out: Outbox, cap: Capability, by: ProcessRecord | No
                 del owner.endpoints[id(c.target)]
             if c.kind == "endpoint" and c.watched:
                 c.target.owner.watched_by.discard((owner, c.handle))
+            if c.kind in ("topic", "subscriber"):
+                topics.drop_cap(st, out, owner, c, revoked=True)
         for ch in list(c.extra.get("lanes", ())):
             channels.close_channel(st, out, ch, STATE_REVOKED)
     cap.detach()

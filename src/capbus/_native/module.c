@@ -12,7 +12,7 @@
  *     (wait modes, tunables, contention), gil_lock.h, sleep.c (eventfds, kicks, the sleep watchdog)
  *   Python glue: primitives.c, mapping.c, helpers.c (channel geometry, for the kernel too),
  *     convert.c, objcache.h, metrics.h/.c, zbuf.c, zbuf_release.c, request.c, message.c,
- *     dumpable.c
+ *     dumpable.c, topic_view.c (SampleView: a topic sample's views)
  *   one binding per type: lane*.c (Lane), serverset.h, ss_*.c, serverset.c (ServerSet),
  *     bases.c (EndpointBase, ServiceBase)
  * The trusted kernel imports none of this: capbus._layout (layout_module.c) is built from the few
@@ -88,6 +88,7 @@
 #include "bases.c"
 #include "metrics.c"
 #include "dumpable.c"
+#include "topic_view.c"
 
 static PyObject *py_crc32(PyObject *self, PyObject *args)
 {
@@ -269,7 +270,7 @@ PyMODINIT_FUNC PyInit__core(void)
     MessageType.tp_base = &PyTuple_Type;
     if (PyType_Ready(&MessageType) < 0 || PyType_Ready(&LaneType) < 0 ||
         PyType_Ready(&ServerSetType) < 0 ||
-        PyType_Ready(&RequestType) < 0 || PyType_Ready(&ZBufType) < 0 ||
+        PyType_Ready(&RequestType) < 0 || PyType_Ready(&ZBufType) < 0 || PyType_Ready(&SampleViewType) < 0 ||
         PyType_Ready(&EndpointBaseType) < 0 || PyType_Ready(&ServiceBaseType) < 0)
         return NULL;
     if (!(int_zero = PyLong_FromLong(0)))
@@ -301,6 +302,9 @@ PyMODINIT_FUNC PyInit__core(void)
         PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0 ||
         PyModule_AddObject(m, "ServerSet", (PyObject *)&ServerSetType) < 0 ||
         PyModule_AddObject(m, "Request", (PyObject *)&RequestType) < 0)
+        goto fail;
+    Py_INCREF(&SampleViewType);
+    if (PyModule_AddObject(m, "SampleView", (PyObject *)&SampleViewType) < 0)
         goto fail;
     Py_INCREF(&EndpointBaseType);
     Py_INCREF(&ServiceBaseType);
