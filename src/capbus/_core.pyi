@@ -464,7 +464,7 @@ class ServerSet:
     def __contains__(self, index: object, /) -> bool: ...
     def __len__(self) -> int: ...
 
-@disjoint_base  # a C layout of its own
+@final
 class SampleView:
     """One topic sample's memory (topic_view.c): on_free(arg) runs once, when done() was called
     and no view of it is left (or the object dies); then it refuses new exports (BufferError)."""
@@ -478,6 +478,7 @@ class SampleView:
     @property
     def freed(self) -> bool: ...
 
+@disjoint_base  # a C layout of its own
 class EndpointBase:
     """The native half of capbus.Endpoint: call and send_async (slow paths: _call_slow, ...)."""
 

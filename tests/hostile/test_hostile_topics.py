@@ -5,6 +5,7 @@ writes garbage and worst values into its subscribers' rings. The honest side get
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import threading
 import time
@@ -93,10 +94,7 @@ def test_releasing_a_slot_not_held_cuts_off_that_subscriber(kernel):
     other = b.subscribe("t")
     assert wait_for(lambda: pub.subscribers == 2)
     ring = liar._ring
-    L.ENTRY  # the release ring entry: a slot index it never held
-    import struct
-
-    struct.pack_into("<I", ring, liar._rel_off, 5)
+    struct.pack_into("<I", ring, liar._rel_off, 5)  # a slot it never held
     _core.atomic_store_u64(ring, L.R_REL_HEAD_OFF, 1)
     pub.publish(payload=b"x")  # the publisher finds out here
     with pytest.raises(capbus.ProtocolError, match="cut this subscription off"):

@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import mmap
 import os
+import struct
 from typing import TYPE_CHECKING
 
 from .. import _layout
@@ -263,7 +264,7 @@ class TopicSubShm:
         ring = self._ring.buf
         # Any change of the wake word wakes it (the publisher bumps it too: a lost increment
         # costs nothing, the subscriber re-reads the control page whenever it wakes).
-        woke = int.from_bytes(bytes(ring[_topic.R_WAKE_OFF:_topic.R_WAKE_OFF + 4]), "little")
+        woke = struct.unpack_from("<I", ring, _topic.R_WAKE_OFF)[0]
         _layout.atomic_store_u32(ring, _topic.R_WAKE_OFF, (woke + 1) & 0xFFFFFFFF)
         _layout.futex_wake(ring, _topic.R_WAKE_OFF)
         _layout.futex_wake(ring, _topic.R_PUB_WAKE_OFF)
@@ -272,10 +273,10 @@ class TopicSubShm:
         """The ring's counters (untrusted numbers: both ends write them)."""
         if self._ring is None:
             return {"delivered": 0, "taken": 0, "dropped": 0}
-        raw = bytes(self._ring.buf[:_topic.R_DROPPED_OFF + 8])
+        raw = self._ring.buf
 
         def u64(off: int) -> int:
-            return int.from_bytes(raw[off:off + 8], "little")
+            return int(struct.unpack_from("<Q", raw, off)[0])
 
         return {"delivered": u64(_topic.R_DELIVERED_OFF), "taken": u64(_topic.R_TAKEN_OFF),
                 "dropped": u64(_topic.R_DROPPED_OFF)}

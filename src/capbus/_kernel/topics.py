@@ -18,6 +18,7 @@ every subscription, and releasing or revoking one ends just that subscription.
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,8 +90,7 @@ class TopicRecord:
     def published(self) -> int:
         if self.header is None:
             return 0
-        raw = bytes(self.header.buf[_tl.POOL_PUBLISHED_OFF:_tl.POOL_PUBLISHED_OFF + 8])
-        return int.from_bytes(raw, "little")
+        return int(struct.unpack_from("<Q", self.header.buf, _tl.POOL_PUBLISHED_OFF)[0])
 
 
 def slots_for(history: int, max_subscribers: int, max_depth: int, max_held: int) -> int:

@@ -470,17 +470,17 @@ class RegionGranted(Frame):
     rights: list[str] | None = None
 
 
-@message(73, KIND_RESPONSE, fds=1, handle="u64", slots="u64", slot_size="u64")
+@message(73, KIND_RESPONSE, fds=1, handle="u64", nslots="u64", slot_size="u64")
 class TopicCreated(Frame):
     """A topic capability (publish, subscribe) and its sample pool's memfd, to map writable
     before SealTopic."""
 
     handle: int
-    slots: int
+    nslots: int
     slot_size: int
 
 
-@message(74, KIND_RESPONSE, fds=4, handle="u64", index="u64", publisher="u64", slots="u64",
+@message(74, KIND_RESPONSE, fds=4, handle="u64", index="u64", publisher="u64", nslots="u64",
          slot_size="u64", max_size="u64", depth="u64", max_held="u64")
 class TopicSubscribed(Frame):
     """A subscription (subscribe right): the sealed pool, the subscription's control page
@@ -489,7 +489,7 @@ class TopicSubscribed(Frame):
     handle: int
     index: int
     publisher: int
-    slots: int
+    nslots: int
     slot_size: int
     max_size: int
     depth: int

@@ -281,7 +281,7 @@ class Process:
         assert isinstance(reply, frames.TopicCreated)
         ctl = self._session.control
         try:
-            pub = Publisher(self._session, reply.handle, name, fds[0], reply.slots,
+            pub = Publisher(self._session, reply.handle, name, fds[0], reply.nslots,
                             reply.slot_size, max_size, history, overflow, max_held)
         except BaseException:
             self._session.request_nowait(frames.Release(reply.handle), via=ctl)
@@ -401,9 +401,9 @@ class Process:
             if pub is not None:
                 pub._left(msg.index)
         elif isinstance(msg, frames.TopicClosed):
-            sub = self._session.subscribers.get(msg.handle)
-            if sub is not None:
-                sub._ended(msg.reason)
+            tsub = self._session.subscribers.get(msg.handle)
+            if tsub is not None:
+                tsub._ended(msg.reason)
         if isinstance(msg, frames.ChannelOpened):
             svc = self._session.services.get(msg.handle)
             if svc is not None:

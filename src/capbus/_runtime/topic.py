@@ -445,7 +445,7 @@ class Loan:
 
     def __init__(self, pub: Publisher, view: _core.SampleView, slot: int, n: int) -> None:
         self._pub, self._view, self._slot, self._n = pub, view, slot, n
-        self.buffer = memoryview(view)  # type: ignore[arg-type]
+        self.buffer: memoryview | None = memoryview(view)
         self._done = False
         self.opcode = 0
         self.data: Sequence[int] = ()
@@ -475,7 +475,7 @@ class Loan:
     def _finish(self) -> None:
         if not self._done:
             self._done = True
-            self.buffer = None  # type: ignore[assignment]
+            self.buffer = None
             self._view.done()  # the loan's reference goes when its last view does
 
 
@@ -490,7 +490,8 @@ class Sample:
 
     def __init__(self, sub: Subscriber, view: _core.SampleView, opcode: int,
                  data: tuple[int, int, int, int], publisher: int, seq: int, dropped: int) -> None:
-        self._sub, self._view = sub, view
+        self._sub = sub
+        self._view: _core.SampleView | None = view
         self._mv: memoryview | None = None
         self.opcode, self.data, self.publisher, self.seq, self.dropped = (
             opcode, data, publisher, seq, dropped)
@@ -505,7 +506,7 @@ class Sample:
             if self._view is None:
                 raise InvalidCapability("this sample was released (keep a view of its payload "
                                         "from before, or a copy)")
-            self._mv = memoryview(self._view)  # type: ignore[arg-type]
+            self._mv = memoryview(self._view)
         return self._mv
 
     def release(self) -> None:
