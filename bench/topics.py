@@ -280,8 +280,9 @@ def _iox2_pub(cfg: dict[str, Any], n: int, go: Any, ready: Any) -> None:
 def iox2_fanout(n: int) -> Result:
     name = "iceoryx2 publish-subscribe"
     try:
-        import iceoryx2  # noqa: F401
         from importlib.metadata import version
+
+        import iceoryx2  # noqa: F401
     except ImportError as exc:
         return Result.skip(name, METRIC_THROUGHPUT, f"iceoryx2 not importable ({exc})")
     root = tempfile.mkdtemp(prefix="capbus-bench-iox2-")
