@@ -320,3 +320,25 @@ def test_revoking_the_topic_ends_every_subscription(kernel):
     with pytest.raises(capbus.InvalidCapability, match="revoked"):
         sub.recv(2)
     assert not [r for r in a.query("topics") if r["topic"] == "r"]
+
+
+def test_counters_reach_stats_top_and_prometheus(kernel):
+    from capbus._cli import metrics, query, top
+
+    a = capbus.connect(kernel.socket_path)
+    b = capbus.connect(kernel.socket_path)
+    pub = a.publish("temps", max_size=16, max_depth=4)
+    sub = b.subscribe("temps")
+    assert wait_for(lambda: pub.subscribers == 1)
+    for _ in range(10):
+        pub.publish(payload=b"x")
+    sub.recv(1).release()
+    snap = query.snapshot(kernel.socket_path)
+    text = top.format_stats(snap)
+    assert "TOPICS" in text
+    line = next(li for li in text.splitlines() if li.startswith("temps"))
+    assert line.split()[:7] == ["temps", str(a.id), str(b.id), "10", "10", "1", "6"]
+    fams = {f.name: f for f in metrics.families(snap)}
+    dropped = fams["capbus_topic_dropped"].samples
+    assert [(s.labels["subscriber"], s.value) for s in dropped] == [(str(b.id), 6)]
+    pub.close()
