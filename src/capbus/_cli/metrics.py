@@ -120,10 +120,10 @@ def families(snap: dict[str, Any]) -> Iterator[Any]:
                                     "published.", labels=("topic", "publisher"))
     seen: set[tuple[str, str]] = set()
     for t in snap.get("topics", ()):
-        key = (str(t.get("topic")), str(t.get("publisher")))
-        if key not in seen:
-            seen.add(key)
-            published.add_metric(key, t.get("published", 0))
+        pair = (str(t.get("topic")), str(t.get("publisher")))
+        if pair not in seen:
+            seen.add(pair)
+            published.add_metric(pair, t.get("published", 0))
     yield published
     for field, text in (("delivered", "Samples put into a subscriber's ring."),
                         ("dropped", "Samples a subscriber lost to drop-oldest (it was more than "
