@@ -158,8 +158,9 @@ _EVIL_PUBLISHER = """
         pub.publish(payload=b"ok%d" % i)
     print("published", flush=True)
     sys.stdin.readline()
-    p = pub._port_list[0]
-    ring, h = p.ring, p.head
+    p = next(iter(pub._ports.values()))
+    ring = p.ring
+    h = _core.atomic_load_u64(ring, L.R_HEAD_OFF)
     off = L.R_ENTRIES_OFF + (h % p.depth) * L.ENTRY_SIZE
 
     def entry(slot, n, seq, state=h * 4 + 1, head=h + 1):

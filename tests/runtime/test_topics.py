@@ -185,13 +185,15 @@ def test_publisher_death_reaches_subscribers(kernel, children):
     b = capbus.connect(kernel.socket_path)
     shm_before = set(os.listdir("/dev/shm"))
     p = children.start("""
-        import capbus, os, sys
+        import capbus, os, sys, time
         proc = capbus.connect()
         pub = proc.publish("dying", max_size=8, history=3)
         for i in range(3):
             pub.publish(payload=bytes([i]))
         print("ready", flush=True)
         sys.stdin.readline()
+        while pub.subscribers < 1:  # it has put its history into the subscriber's ring
+            time.sleep(0.001)
         os._exit(0)
     """, stdin=__import__("subprocess").PIPE)
     assert readline(p) == "ready"
@@ -234,7 +236,7 @@ def test_subscriber_death_frees_its_slots(kernel, children):
     p.wait(5)
     assert wait_for(lambda: pub.subscribers == 0)
     with pub._lock:
-        assert sum(pub._refs) == 0  # every slot is free again
+        assert pub._core.refs() == 0  # every slot is free again
     pub.close()
 
 

@@ -28,7 +28,6 @@ import collections
 import contextlib
 import mmap
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -55,12 +54,8 @@ _load32 = _core.atomic_load_u32
 _load64 = _core.atomic_load_u64
 _store32 = _core.atomic_store_u32
 _store64 = _core.atomic_store_u64
-_cas64 = _core.atomic_cas_u64
-_ENTRY = L.ENTRY
-_U32 = struct.Struct("<I")
 _SPIN_NS = 50_000  # adaptive: spin this long before sleeping (as lanes do)
 _SLICE = 0.5  # a sleeper re-reads its control page at least this often
-_CORRUPT_SPINS = 200_000  # an entry that stays half-written this long is garbage
 _DATA_ZERO = (0, 0, 0, 0)
 
 
@@ -83,35 +78,31 @@ def _corrupt(reason: str) -> _core.CorruptChannel:
 
 
 class _Port:
-    """The publisher's side of one subscription: the ring, and its PRIVATE accounting."""
+    """The publisher's side of one subscription as Python keeps it: the ring's mapping (for
+    waiting on it in block mode) and its eventfd. The accounting is the native TopicPub's."""
 
-    __slots__ = ("index", "process_id", "depth", "ring", "event_fd", "head", "placed", "refs",
-                 "nrefs", "relcap", "rel_off", "rel_tail", "bound")
+    __slots__ = ("index", "process_id", "depth", "ring", "event_fd")
 
     def __init__(self, index: int, process_id: int, depth: int, max_held: int, ring_fd: int,
                  event_fd: int) -> None:
         self.index, self.process_id, self.depth = index, process_id, depth
-        self.relcap = L.relcap_for(depth, max_held)
-        self.rel_off = L.rel_off(depth)
-        size = L.ring_size(depth, self.relcap)
+        size = L.ring_size(depth, L.relcap_for(depth, max_held))
         if os.fstat(ring_fd).st_size != size:
             raise ProtocolError(f"a subscription ring of {os.fstat(ring_fd).st_size} bytes, "
                                 f"expected {size}")
         self.ring = mmap.mmap(ring_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.event_fd = event_fd
-        self.head = 0  # entries written (the next ring seq)
-        self.placed = [-1] * depth  # slot behind each entry, as WE wrote it
-        self.refs: dict[int, int] = {}  # slot -> references this subscriber holds
-        self.nrefs = 0
-        self.rel_tail = 0
-        self.bound = depth + max_held
 
 
 class Publisher:
     """The one publisher of a topic (proc.publish()). publish() copies a payload into a free
     slot; loan(n) hands a slot to write in place. Every live subscriber gets every sample,
     unless it is more than its depth behind (drop-oldest: it loses its oldest, counted) or,
-    with overflow="block", the publisher waits for room (WouldBlock when it may not wait)."""
+    with overflow="block", the publisher waits for room (WouldBlock when it may not wait).
+
+    The data path is the native TopicPub (_native/topic_pub.c): slots, the private count of
+    what each subscriber holds, delivery and take-back; this class adds the lock, waiting,
+    the kernel's events and telling the kernel whom it cut off."""
 
     def __init__(self, session: Session, handle: int, name: str, pool_fd: int, slots: int,
                  slot_size: int, max_size: int, history: int, overflow: str,
@@ -123,25 +114,18 @@ class Publisher:
         self.max_size = max_size
         self.overflow = overflow
         self._block = overflow == "block"
-        self._slots, self._slot_size, self._max_held = slots, slot_size, max_held
-        self._history_n = history
+        self._slot_size, self._max_held = slot_size, max_held
         size = L.pool_size(slots, slot_size)
         if os.fstat(pool_fd).st_size != size:
             raise ProtocolError("a topic pool whose size is not the one the kernel announced")
         self._pool = mmap.mmap(pool_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         _store64(self._pool, L.POOL_MAGIC_OFF, L.POOL_MAGIC)
+        self._core = _core.TopicPub(self._pool, slots, slot_size, history, max_held)
         self._lock = threading.Lock()
-        self._refs = [0] * slots  # every reference to each slot (history, loans, subscribers)
-        self._free: collections.deque[int] = collections.deque(range(slots))
         self._freed: collections.deque[int] = collections.deque()  # loan views gone (any thread)
-        self._history: collections.deque[tuple[int, int, int, tuple[int, int, int, int], int]] = (
-            collections.deque())
         self._ports: dict[int, _Port] = {}
-        self._port_list: list[_Port] = []
         self._loans = 0
-        self._seq = 0  # samples published
         self._closed: IpcError | None = None
-        self.published = 0
         self.cut_off = 0  # subscribers cut off for holding or releasing what they may not
 
     # ---- public -----------------------------------------------------------------------------
@@ -160,29 +144,34 @@ class Publisher:
         """Live subscribers right now."""
         return len(self._ports)
 
+    @property
+    def published(self) -> int:
+        """Samples published so far (the last sequence number)."""
+        return int(self._core.seq)
+
     def publish(self, opcode: int = 0, data: Sequence[int] = (), payload: Any = b"",
                 timeout: float | None = 0) -> int:
         """Copy `payload` (bytes-like, at most max_size) into a slot and deliver it to every
         subscriber; returns its sequence number. With overflow="block", a subscriber without
         room makes it wait up to `timeout` seconds (None: forever) and then WouldBlock."""
-        words = _data(data) if data else _DATA_ZERO
-        mv = memoryview(payload).cast("B") if not isinstance(payload, bytes) else payload
-        n = len(mv)
+        n = len(payload) if type(payload) in (bytes, bytearray) else memoryview(payload).nbytes
         if n > self.max_size:
             raise ValueError(f"a payload of {n} bytes exceeds the topic's max_size "
                              f"{self.max_size}")
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            self._check()
-            self._room(deadline)
-            slot = self._alloc()
-            off = L.POOL_HEADER + slot * self._slot_size
-            if n:
-                self._pool[off:off + n] = mv
-            self._refs[slot] += 1  # ours while delivering
-            seq = self._deliver(slot, n, opcode, words)
-            self._unref(slot)
-            return seq
+            if self._closed is not None:
+                raise self._closed
+            if self._block:
+                self._room(None if timeout is None else time.monotonic() + timeout)
+            if self._freed:
+                self._drain_freed()
+            seq = self._core.publish(payload, opcode, data)
+            if self._core.cuts:
+                self._handle_cuts()
+            if seq is None:
+                raise OutOfMemory(f"topic {self.name!r}: no free slot (loans, or views of "
+                                  "them, hold them)")
+            return int(seq)
 
     def loan(self, n: int) -> Loan:
         """A slot of n bytes to write in place: `with pub.loan(n) as s: s.buffer[:] = ...;
@@ -195,8 +184,11 @@ class Publisher:
             if self._loans >= _LOANS:
                 raise WouldBlock(f"{_LOANS} loans of topic {self.name!r} are still out (or views "
                                  "of them alive): publish or drop them first")
-            slot = self._alloc()
-            self._refs[slot] += 1
+            slot = self._core.alloc()
+            if self._core.cuts:
+                self._handle_cuts()
+            if slot is None:
+                raise OutOfMemory(f"topic {self.name!r}: no free slot")
             self._loans += 1
         view = _core.SampleView(self._pool, L.POOL_HEADER + slot * self._slot_size, n, False,
                                 self._freed.append, slot)
@@ -208,91 +200,35 @@ class Publisher:
             if self._closed is not None:
                 return
             self._closed = InvalidCapability(f"topic {self.name!r} was closed")
-            ports, self._ports, self._port_list = list(self._port_list), {}, []
-        for p in ports:
-            self._close_port(p)
+            ports, self._ports = list(self._ports.values()), {}
+            for p in ports:
+                self._core.remove(p.index)
+                self._close_port(p)
         self._session.forget_publisher(self.handle)
         if self._session.live(self._ctl):
             with contextlib.suppress(IpcError):
                 self._session.request_nowait(frames.Release(self.handle), via=self._ctl)
 
-    # ---- the data path (lock held) ------------------------------------------------------------
+    # ---- under the lock -------------------------------------------------------------------------
 
     def _check(self) -> None:
         if self._closed is not None:
             raise self._closed
         self._session.check()
 
-    def _unref(self, slot: int) -> None:
-        left = self._refs[slot] - 1
-        self._refs[slot] = left
-        if left == 0:
-            self._free.append(slot)
-
     def _drain_freed(self) -> None:
         freed = self._freed
         while freed:
-            self._unref(freed.popleft())
+            self._core.unref(freed.popleft())
             self._loans -= 1
-
-    def _alloc(self) -> int:
-        self._drain_freed()
-        for p in self._port_list:
-            self._collect(p)
-        if not self._free:
-            # The pool is sized for every reference that may live at once: only a subscriber
-            # over its bounds can be the cause. Cut off whoever holds the most.
-            worst = max(self._port_list, key=lambda p: p.nrefs, default=None)
-            if worst is None:
-                raise OutOfMemory(f"topic {self.name!r}: no free slot (loans or their views "
-                                  "still hold them)")
-            self._cut(worst, f"holds {worst.nrefs} samples when the pool is full")
-            return self._alloc()
-        return self._free.popleft()
-
-    def _collect(self, p: _Port) -> None:
-        """Take back what subscriber p released (every value checked against our own count)."""
-        ring = p.ring
-        head = _load64(ring, L.R_REL_HEAD_OFF)
-        tail = p.rel_tail
-        if head == tail:
-            return
-        if head - tail > p.relcap or head < tail:
-            self._cut(p, f"its release ring says {head} after {tail}")
-            return
-        refs = p.refs
-        while tail != head:
-            slot = _U32.unpack_from(ring, p.rel_off + (tail % p.relcap) * 4)[0]
-            tail += 1
-            held = refs.get(slot, 0)
-            if held <= 0:
-                p.rel_tail = tail
-                self._cut(p, f"released slot {slot}, which it does not hold")
-                return
-            if held == 1:
-                del refs[slot]
-            else:
-                refs[slot] = held - 1
-            p.nrefs -= 1
-            self._unref(slot)
-        p.rel_tail = tail
-        _store64(ring, L.R_REL_TAIL_OFF, tail)
 
     def _room(self, deadline: float | None) -> None:
         """Block mode: wait until every subscriber's next entry is free (claimed)."""
-        if not self._block:
-            return
         while True:
-            full = None
-            for p in self._port_list:
-                if p.head >= p.depth:
-                    s = p.head - p.depth
-                    state = _load64(p.ring, L.R_ENTRIES_OFF + (s % p.depth) * L.ENTRY_SIZE)
-                    if state == s * 4 + L.ST_WRITTEN:
-                        full = p
-                        break
-            if full is None:
+            index = self._core.full()
+            if index < 0:
                 return
+            full = self._ports[index]
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise WouldBlock(f"topic {self.name!r}: subscriber {full.process_id} has "
@@ -300,96 +236,29 @@ class Publisher:
             ring = full.ring
             w = _load32(ring, L.R_PUB_WAKE_OFF)
             _store32(ring, L.R_PUB_WAITING_OFF, 1)
-            state = _load64(ring, L.R_ENTRIES_OFF + ((full.head - full.depth) % full.depth)
-                            * L.ENTRY_SIZE)
-            if state == (full.head - full.depth) * 4 + L.ST_WRITTEN:
+            if self._core.full() == index:
                 self._lock.release()  # subscribers may join or leave meanwhile
                 try:
                     _core.futex_wait(ring, L.R_PUB_WAKE_OFF, w,
                                      _SLICE if left is None else min(left, _SLICE))
                 finally:
                     self._lock.acquire()
-            if self._ports.get(full.index) is full:  # else it left: its ring is unmapped
+            if self._ports.get(index) is full:  # else it left: its ring is unmapped
                 _store32(ring, L.R_PUB_WAITING_OFF, 0)
             self._check()
 
-    def _deliver(self, slot: int, n: int, opcode: int, words: tuple[int, int, int, int]) -> int:
-        self._seq += 1
-        seq = self._seq
-        for p in list(self._port_list):
-            self._place(p, slot, n, opcode, words, seq)
-        if self._history_n:
-            self._refs[slot] += 1
-            self._history.append((slot, n, opcode, words, seq))
-            if len(self._history) > self._history_n:
-                self._unref(self._history.popleft()[0])
-        self.published = seq
-        _store64(self._pool, L.POOL_PUBLISHED_OFF, seq)
-        return seq
-
-    def _place(self, p: _Port, slot: int, n: int, opcode: int,
-               words: tuple[int, int, int, int], seq: int) -> None:
-        ring = p.ring
-        s = p.head
-        i = s % p.depth
-        off = L.R_ENTRIES_OFF + i * L.ENTRY_SIZE
-        old_slot = p.placed[i]
-        if old_slot >= 0:
-            # Never claimed: take the reference back ourselves (the subscriber counts the gap).
-            # Claimed (or scribbled on): the subscriber holds it until it releases it.
-            if _cas64(ring, off, (s - p.depth) * 4 + L.ST_WRITTEN, s * 4 + L.ST_BUSY):
-                held = p.refs.get(old_slot, 0)
-                if held <= 0:
-                    self._cut(p, f"released slot {old_slot} before it claimed it")
-                    return
-                if held == 1:
-                    del p.refs[old_slot]
-                else:
-                    p.refs[old_slot] = held - 1
-                p.nrefs -= 1
-                self._unref(old_slot)
-            else:
-                _store64(ring, off, s * 4 + L.ST_BUSY)
-        if p.nrefs >= p.bound:
-            self._cut(p, f"holds {p.nrefs} samples (its depth {p.depth} plus max_held "
-                         f"{p.bound - p.depth})")
-            return
-        _ENTRY.pack_into(ring, off + 8, slot, n, opcode, 0, *words, seq)
-        _store64(ring, off, s * 4 + L.ST_WRITTEN)
-        p.placed[i] = slot
-        p.refs[slot] = p.refs.get(slot, 0) + 1
-        p.nrefs += 1
-        self._refs[slot] += 1
-        p.head = s + 1
-        _store64(ring, L.R_HEAD_OFF, s + 1)
-        _store64(ring, L.R_DELIVERED_OFF, s + 1)
-        sleeping = _load32(ring, L.R_SLEEPING_OFF)
-        if sleeping:
-            _store32(ring, L.R_WAKE_OFF, (_load32(ring, L.R_WAKE_OFF) + 1) & 0xFFFFFFFF)
-            _core.futex_wake(ring, L.R_WAKE_OFF)
-            if sleeping == 2:
-                with contextlib.suppress(OSError):
-                    os.eventfd_write(p.event_fd, 1)
-
-    def _cut(self, p: _Port, why: str) -> None:
-        """Subscriber p broke the rules: it loses its subscription, and only it."""
-        if self._ports.pop(p.index, None) is None:
-            return
-        self._port_list = list(self._ports.values())
-        self.cut_off += 1
-        self._release_port(p)
-        if self._session.live(self._ctl):
-            with contextlib.suppress(IpcError):
-                self._session.request_nowait(
-                    frames.DropSubscriber(self.handle, p.index, why[:200]), via=self._ctl)
-
-    def _release_port(self, p: _Port) -> None:
-        for slot, held in p.refs.items():
-            for _ in range(held):
-                self._unref(slot)
-        p.refs.clear()
-        p.nrefs = 0
-        self._close_port(p)
+    def _handle_cuts(self) -> None:
+        """Subscribers that broke the rules lose their subscription, and only they."""
+        for index, why in self._core.take_cuts():
+            self._core.remove(index)
+            p = self._ports.pop(index, None)
+            self.cut_off += 1
+            if p is not None:
+                self._close_port(p)
+            if self._session.live(self._ctl):
+                with contextlib.suppress(IpcError):
+                    self._session.request_nowait(
+                        frames.DropSubscriber(self.handle, index, why[:200]), via=self._ctl)
 
     @staticmethod
     def _close_port(p: _Port) -> None:
@@ -416,18 +285,18 @@ class Publisher:
                 return
             old = self._ports.pop(msg.index, None)
             if old is not None:
-                self._release_port(old)
+                self._close_port(old)
             self._ports[msg.index] = p
-            self._port_list = list(self._ports.values())
-            for slot, n, opcode, words, seq in list(self._history)[-p.depth:]:
-                self._place(p, slot, n, opcode, words, seq)
+            self._core.add(msg.index, p.ring, msg.depth, p.event_fd)
+            if self._core.cuts:
+                self._handle_cuts()
 
     def _left(self, index: int) -> None:
         with self._lock:
             p = self._ports.pop(index, None)
             if p is not None:
-                self._port_list = list(self._ports.values())
-                self._release_port(p)
+                self._core.remove(index)
+                self._close_port(p)
 
     def _lost(self, why: IpcError) -> None:
         with self._lock:
@@ -467,8 +336,11 @@ class Loan:
         deadline = None if timeout is None else time.monotonic() + timeout
         with pub._lock:
             pub._check()
-            pub._room(deadline)
-            seq = pub._deliver(self._slot, self._n, op, words)
+            if pub._block:
+                pub._room(deadline)
+            seq = int(pub._core.deliver(self._slot, self._n, op, words))
+            if pub._core.cuts:
+                pub._handle_cuts()
         self._finish()
         return seq
 
@@ -560,16 +432,11 @@ class Subscriber:
         finally:
             for fd in (pool_fd, ctrl_fd, ring_fd):
                 os.close(fd)
+        self._core = _core.TopicSub(self._ring, self._slots, self.depth, self.max_size,
+                                    self._relcap)
         self._lock = threading.Lock()
         self._freed: collections.deque[int] = collections.deque()  # views gone (any thread)
-        self._next = 0  # ring seq of the next entry to claim
-        self._head_seen = 0
-        self._last_seq = 0
         self._held = 0
-        self._rel_head = 0
-        self._taken = 0
-        self.dropped = 0  # samples lost to drop-oldest, in all
-        self._gap = 0  # lost since the last sample handed out
         self._closed: IpcError | None = None
         self._death_callbacks: list[Callable[[Subscriber], None]] = []
         self._dead = False
@@ -602,6 +469,11 @@ class Subscriber:
             return await self.arecv()
         except (PeerDied, InvalidCapability):
             raise StopAsyncIteration from None
+
+    @property
+    def dropped(self) -> int:
+        """Samples this subscriber lost to drop-oldest, in all."""
+        return int(self._core.dropped)
 
     def on_death(self, callback: Callable[[Subscriber], None]) -> None:
         """callback(self) once the publisher's process has exited (at once if it has)."""
@@ -648,7 +520,7 @@ class Subscriber:
             ring = self._ring
             _store32(ring, L.R_SLEEPING_OFF, 2)
             try:
-                if _load64(ring, L.R_HEAD_OFF) != self._next or self._closed is not None:
+                if self._core.pending() or self._closed is not None:
                     continue
                 await readable(loop, self._event_fd, left)
             finally:
@@ -678,7 +550,7 @@ class Subscriber:
         try:
             # Dekker: the flag is visible before we look again; the publisher stores the head
             # before it looks at the flag. So one of us sees the other.
-            if _load64(ring, L.R_HEAD_OFF) != self._next or self._closed is not None:
+            if self._core.pending() or self._closed is not None:
                 return
             if _load32(self._ctrl, L.CTRL_STATE_OFF) != _core.STATE_OPEN:
                 return
@@ -708,64 +580,21 @@ class Subscriber:
         return PeerDied(f"the publisher closed topic {self.name!r}")
 
     def _take(self) -> Sample | None:
-        """Lock held: claim the next entry, checking all the publisher wrote."""
+        """Lock held: claim the next entry (the native TopicSub checks all the publisher
+        wrote) and make its Sample."""
         self._flush_locked()
         if self._closed is not None and not isinstance(self._closed, PeerDied):
             return None
-        ring = self._ring
-        depth = self.depth
-        spins = 0
-        while True:
-            head = _load64(ring, L.R_HEAD_OFF)
-            if head < self._head_seen:
-                self._drop_topic(f"the ring's head went back from {self._head_seen} to {head}")
-            self._head_seen = head
-            nxt = self._next
-            if nxt >= head:
-                return None
-            if head - nxt > depth:  # lapped: the oldest are gone
-                lost = head - depth - nxt
-                self._gap += lost
-                self.dropped += lost
-                nxt = self._next = head - depth
-            off = L.R_ENTRIES_OFF + (nxt % depth) * L.ENTRY_SIZE
-            state = _load64(ring, off)
-            if state == nxt * 4 + L.ST_WRITTEN:
-                fields = _ENTRY.unpack_from(ring, off + 8)
-                if _cas64(ring, off, state, nxt * 4 + L.ST_TAKEN):
-                    self._next = nxt + 1
-                    return self._sample(fields)
-                continue  # the publisher took it back just now: we were lapped
-            if state >> 2 < nxt:
-                self._drop_topic(f"entry {nxt} is not written though the head is {head}")
-            spins += 1  # the publisher is rewriting it (it lapped us): look at the head again
-            if spins > _CORRUPT_SPINS:
-                self._drop_topic(f"entry {nxt} stayed half-written")
-
-    def _sample(self, fields: tuple[int, ...]) -> Sample:
-        slot, n, opcode, _flags, d0, d1, d2, d3, seq = fields
-        if slot >= self._slots:
-            self._drop_topic(f"slot {slot} of a pool of {self._slots}")
-        if n > self.max_size:
-            self._drop_topic(f"a sample of {n} bytes, max_size is {self.max_size}")
-        if seq <= self._last_seq:
-            self._drop_topic(f"sequence {seq} after {self._last_seq}")
-        self._last_seq = seq
-        if self._held >= self.max_held:
-            # Cannot happen: the caller checked. Kept as the bound the publisher also counts.
-            raise OutOfMemory("holding max_held samples")
+        got = self._core.take()
+        if got is None:
+            return None
+        if isinstance(got, str):
+            self._drop_topic(got)
+            return None  # not reached: _drop_topic raises
+        slot, n, opcode, d0, d1, d2, d3, seq, gap = got
         self._held += 1
-        self._taken += 1
-        ring = self._ring
-        _store64(ring, L.R_TAKEN_OFF, self._taken)
-        if self._gap:
-            _store64(ring, L.R_DROPPED_OFF, self.dropped)
-        if _load32(ring, L.R_PUB_WAITING_OFF):
-            _store32(ring, L.R_PUB_WAKE_OFF, (_load32(ring, L.R_PUB_WAKE_OFF) + 1) & 0xFFFFFFFF)
-            _core.futex_wake(ring, L.R_PUB_WAKE_OFF)
         view = _core.SampleView(self._pool, L.POOL_HEADER + slot * self._slot_size, n, True,
                                 self._freed.append, slot)
-        gap, self._gap = self._gap, 0
         return Sample(self, view, opcode, (d0, d1, d2, d3), self.publisher, seq, gap)
 
     def _drop_topic(self, reason: str) -> None:
@@ -794,26 +623,16 @@ class Subscriber:
 
     def _push_releases(self) -> None:
         freed = self._freed
-        ring = self._ring
-        relcap = self._relcap
-        head = self._rel_head
+        release = self._core.release
         while freed:
             slot = freed.popleft()
             self._held -= 1
             if self._closed is not None and not isinstance(self._closed, PeerDied):
                 continue
-            tail = _load64(ring, L.R_REL_TAIL_OFF)
-            if tail > head or head - tail >= relcap:
+            if not release(slot):
                 # The publisher has not taken back what we released, which it always does
                 # before it delivers: this subscription cannot go on.
-                self._drop_topic(f"its release ring is stuck ({tail} of {head})")
-            _U32.pack_into(ring, self._rel_off + (head % relcap) * 4, slot)
-            head += 1
-            _store64(ring, L.R_REL_HEAD_OFF, head)
-        self._rel_head = head
-        if _load32(ring, L.R_PUB_WAITING_OFF):
-            _store32(ring, L.R_PUB_WAKE_OFF, (_load32(ring, L.R_PUB_WAKE_OFF) + 1) & 0xFFFFFFFF)
-            _core.futex_wake(ring, L.R_PUB_WAKE_OFF)
+                self._drop_topic("its release ring is stuck")
 
     # ---- the control thread -----------------------------------------------------------------
 
