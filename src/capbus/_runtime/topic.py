@@ -385,8 +385,9 @@ class Sample:
         view, self._view = self._view, None
         self._mv = None
         if view is not None:
+            # The slot goes back at this subscriber's next receive (a batch of releases costs
+            # one pass), or at once if that was the last view and it is waiting for room.
             view.done()
-            self._sub._flush_releases()
 
     def __enter__(self) -> Sample:
         return self
@@ -582,7 +583,8 @@ class Subscriber:
     def _take(self) -> Sample | None:
         """Lock held: claim the next entry (the native TopicSub checks all the publisher
         wrote) and make its Sample."""
-        self._flush_locked()
+        if self._freed or self._held >= self.max_held:
+            self._flush_locked()
         if self._closed is not None and not isinstance(self._closed, PeerDied):
             return None
         got = self._core.take()
@@ -605,11 +607,6 @@ class Subscriber:
             with contextlib.suppress(IpcError):
                 self._session.request_nowait(frames.Release(self.handle), via=self._ctl)
         raise exc
-
-    def _flush_releases(self) -> None:
-        if self._freed:
-            with self._lock:
-                self._push_releases()
 
     def _flush_locked(self) -> None:
         """Lock held: hand the slots whose last view went back to the publisher."""
