@@ -34,6 +34,7 @@ _CTX = multiprocessing.get_context("spawn")
 SUBSCRIBERS = 4
 MSG = 48
 BIG = 4 << 20
+_DEPTH = 4096  # samples that may wait for a subscriber (pyzmq: no high-water mark)
 _TIMEOUT = 60.0
 
 
@@ -120,14 +121,14 @@ def _capbus_pub(cfg: dict[str, Any], n: int, go: Any, ready: Any) -> None:
 
 
 def _publisher_48(proc: Any) -> Any:
-    return proc.publish("bench-topics", max_size=MSG, overflow="block", max_depth=256,
+    return proc.publish("bench-topics", max_size=MSG, overflow="block", max_depth=_DEPTH,
                         max_subscribers=SUBSCRIBERS)
 
 
 def capbus_fanout(path: str, n: int, wait: str) -> Result:
-    cfg = {"path": path, "topic": "bench-topics", "wait": wait, "depth": 256,
+    cfg = {"path": path, "topic": "bench-topics", "wait": wait, "depth": _DEPTH,
            "publisher": _publisher_48}
-    return _fanout(f"capbus topic ({wait})", "overflow=block, depth 256, publish(copy)",
+    return _fanout(f"capbus topic ({wait})", f"overflow=block, depth {_DEPTH}, publish(copy)",
                    _capbus_pub, _capbus_sub, cfg, n)
 
 
