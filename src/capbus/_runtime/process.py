@@ -330,7 +330,8 @@ class Process:
     def query(self, what: str, process_id: int = 0, *,
               timeout: float | None = None) -> list[dict[str, Any]]:
         """The kernel's tables, for tools (the `capbus` command, metrics): every row of
-        "processes", "services", "channels" (with their counters), or "caps" (of process_id),
+        "processes", "services", "channels" (with their counters), "topics" (one row per
+        subscription, with its counters), or "caps" (of process_id),
         as dicts; the kernel answers in pages, this follows them all.
 
         Only the kernel's own user (or root) may ask, and not from a sandboxed process or one
