@@ -344,3 +344,42 @@ def test_counters_reach_stats_top_and_prometheus(kernel):
     dropped = fams["capbus_topic_dropped"].samples
     assert [(s.labels["subscriber"], s.value) for s in dropped] == [(str(b.id), 6)]
     pub.close()
+
+
+def test_a_forked_child_cannot_use_or_disturb_the_parents_topics(kernel, children):
+    a = capbus.connect(kernel.socket_path)
+    pub = a.publish("forked", max_size=8, max_depth=8)
+    p = children.start(r"""
+        import capbus, os, signal, sys, time
+        proc = capbus.connect()
+        sub = proc.subscribe("forked", timeout=10)
+        print("ready", flush=True)
+        held = [sub.recv(10) for _ in range(3)]
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(20)
+            for s in held:
+                s.release()  # the child's copies: nothing may reach the parent's ring
+            del held[:]
+            try:
+                sub.poll()
+                os._exit(3)
+            except capbus.KernelUnavailable:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status), flush=True)
+        for s in held:
+            s.release()
+        got = [sub.recv(10).seq for _ in range(2)]
+        print("parent", got, flush=True)
+    """)
+    assert readline(p) == "ready"
+    assert wait_for(lambda: pub.subscribers == 1)
+    for i in range(3):
+        pub.publish(payload=bytes([i]))
+    assert readline(p) == "child 0"
+    pub.publish(payload=b"a")
+    pub.publish(payload=b"b")
+    assert readline(p) == "parent [4, 5]"
+    assert pub.cut_off == 0
+    pub.close()

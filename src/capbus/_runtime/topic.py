@@ -126,6 +126,7 @@ class Publisher:
         self._ports: dict[int, _Port] = {}
         self._loans = 0
         self._closed: IpcError | None = None
+        self._pid = os.getpid()  # a forked child's copy must not publish into the parent's rings
         self.cut_off = 0  # subscribers cut off for holding or releasing what they may not
 
     # ---- public -----------------------------------------------------------------------------
@@ -161,6 +162,8 @@ class Publisher:
         with self._lock:
             if self._closed is not None:
                 raise self._closed
+            if self._pid != os.getpid():
+                self._session.check()  # a forked child: KernelUnavailable
             if self._block:
                 self._room(None if timeout is None else time.monotonic() + timeout)
             if self._freed:
@@ -438,6 +441,7 @@ class Subscriber:
         self._lock = threading.Lock()
         self._freed: collections.deque[int] = collections.deque()  # views gone (any thread)
         self._held = 0
+        self._pid = os.getpid()
         self._closed: IpcError | None = None
         self._death_callbacks: list[Callable[[Subscriber], None]] = []
         self._dead = False
@@ -485,6 +489,8 @@ class Subscriber:
 
     def poll(self) -> Sample | None:
         """The next sample, or None; raises once the topic is gone and nothing is left."""
+        if self._pid != os.getpid():
+            self._session.check()  # a forked child: KernelUnavailable
         with self._lock:
             sample = self._take()
             if sample is None:
@@ -620,6 +626,9 @@ class Subscriber:
 
     def _push_releases(self) -> None:
         freed = self._freed
+        if self._pid != os.getpid():  # a forked child dropping views it inherited: not ours
+            freed.clear()
+            return
         release = self._core.release
         while freed:
             slot = freed.popleft()
