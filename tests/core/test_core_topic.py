@@ -4,6 +4,7 @@ process: the layout numbers agree with the kernel's, and the accounting rules ho
 from __future__ import annotations
 
 import mmap
+import struct
 
 import pytest
 
@@ -26,23 +27,32 @@ def _pair(slots=16, depth=4, max_held=2, history=0, max_size=64):
     ring = mmap.mmap(-1, L.ring_size(depth, relcap))
     pub = _core.TopicPub(pool, slots, L.slot_size_for(max_size), history, max_held)
     pub.add(0, ring, depth, -1)
-    sub = _core.TopicSub(ring, slots, depth, max_size, relcap)
+    sub = _core.TopicSub(ring, pool, slots, depth, L.slot_size_for(max_size), max_size, relcap,
+                         max_held, 7)
     return pool, ring, pub, sub
 
 
 def test_publish_take_release_and_drops():
     pool, ring, pub, sub = _pair()
     assert pub.publish(b"abc", 7, (1, 2)) == 1
-    slot, n, opcode, d0, d1, d2, d3, seq, gap = sub.take()
-    assert (n, opcode, d0, d1, seq, gap) == (3, 7, 1, 2, 1, 0)
-    assert bytes(pool[L.POOL_HEADER + slot * 64:][:3]) == b"abc"
+    s = sub.take()
+    assert (bytes(s.payload), s.opcode, s.data, s.seq, s.dropped, s.publisher) == (
+        b"abc", 7, (1, 2, 0, 0), 1, 0, 7)
+    assert s.payload.readonly
     assert sub.take() is None
-    assert sub.release(slot)
+    view = s.payload[1:]
+    s.release()
+    assert sub.held == 1  # a view is left
+    del view
+    assert sub.held == 0 and sub.flush()
     for _ in range(10):  # four fit; six are taken back by the publisher itself
         pub.publish(b"x", 0, ())
     got = sub.take()
-    assert got[-2:] == (8, 6) and sub.dropped == 6  # sequence 8 after 1: 2..7 lost
+    assert (got.seq, got.dropped) == (8, 6) and sub.dropped == 6  # 8 after 1: 2..7 lost
     assert pub.refs() == 4  # the ring's four entries (one now claimed), nothing leaked
+    held = [got, sub.take()]
+    assert sub.take() is False  # max_held 2: release some first
+    del held
     with pytest.raises(ValueError):
         pub.publish(b"x", 0, (1 << 64,))
 
@@ -50,7 +60,8 @@ def test_publish_take_release_and_drops():
 def test_a_false_release_cuts_that_subscriber_off():
     pool, ring, pub, sub = _pair()
     pub.publish(b"x", 0, ())
-    assert sub.release(9)  # a slot it does not hold
+    struct.pack_into("<I", ring, L.rel_off(4), 9)  # a slot it does not hold
+    _core.atomic_store_u64(ring, L.R_REL_HEAD_OFF, 1)
     pub.publish(b"y", 0, ())
     assert pub.take_cuts() == [(0, "released slot 9, which it does not hold")]
     pub.remove(0)

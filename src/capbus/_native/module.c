@@ -13,7 +13,8 @@
  *   Python glue: primitives.c, mapping.c, helpers.c (channel geometry, for the kernel too),
  *     convert.c, objcache.h, metrics.h/.c, zbuf.c, zbuf_release.c, request.c, message.c,
  *     dumpable.c, topic_view.c (SampleView: a topic sample's views), topic.h (a topic's
- *     layout), topic_pub.c (TopicPub), topic_sub.c (TopicSub)
+ *     layout), topic_pub.c (TopicPub), topic_sample.c (Sample),
+ *     topic_sub.c (TopicSub)
  *   one binding per type: lane*.c (Lane), serverset.h, ss_*.c, serverset.c (ServerSet),
  *     bases.c (EndpointBase, ServiceBase)
  * The trusted kernel imports none of this: capbus._layout (layout_module.c) is built from the few
@@ -92,6 +93,7 @@
 #include "topic_view.c"
 #include "topic.h"
 #include "topic_pub.c"
+#include "topic_sample.c"
 #include "topic_sub.c"
 
 static PyObject *py_crc32(PyObject *self, PyObject *args)
@@ -276,6 +278,7 @@ PyMODINIT_FUNC PyInit__core(void)
         PyType_Ready(&ServerSetType) < 0 ||
         PyType_Ready(&RequestType) < 0 || PyType_Ready(&ZBufType) < 0 || PyType_Ready(&SampleViewType) < 0 ||
         PyType_Ready(&TopicPubType) < 0 || PyType_Ready(&TopicSubType) < 0 ||
+        PyType_Ready(&TopicSampleType) < 0 ||
         PyType_Ready(&EndpointBaseType) < 0 || PyType_Ready(&ServiceBaseType) < 0)
         return NULL;
     if (!(int_zero = PyLong_FromLong(0)))
@@ -311,9 +314,11 @@ PyMODINIT_FUNC PyInit__core(void)
     Py_INCREF(&SampleViewType);
     Py_INCREF(&TopicPubType);
     Py_INCREF(&TopicSubType);
+    Py_INCREF(&TopicSampleType);
     if (PyModule_AddObject(m, "SampleView", (PyObject *)&SampleViewType) < 0 ||
         PyModule_AddObject(m, "TopicPub", (PyObject *)&TopicPubType) < 0 ||
-        PyModule_AddObject(m, "TopicSub", (PyObject *)&TopicSubType) < 0)
+        PyModule_AddObject(m, "TopicSub", (PyObject *)&TopicSubType) < 0 ||
+        PyModule_AddObject(m, "Sample", (PyObject *)&TopicSampleType) < 0)
         goto fail;
     Py_INCREF(&EndpointBaseType);
     Py_INCREF(&ServiceBaseType);

@@ -45,4 +45,20 @@ static inline tp_entry_t *tp_entry(char *ring, uint64_t i)
     return (tp_entry_t *)(ring + TP_R_ENTRIES_OFF + i * TP_ENTRY_SIZE);
 }
 
+/* A subscriber's data path (topic_sub.c); here because its samples (topic_sample.c, included
+ * before it) give their slots back to it. */
+typedef struct {
+    PyObject_HEAD
+    Py_buffer rb;      /* the ring, held writable */
+    Py_buffer pb;      /* the pool, held read-only: samples point into it */
+    char *ring;
+    uint64_t slots, depth, slot_size, max_size, relcap, rel_off, publisher;
+    uint64_t next, head_seen, last_seq, rel_head, taken, dropped, gap;
+    uint32_t max_held, held; /* samples handed out whose slot is not back yet */
+    uint32_t nfreed;
+    uint32_t *freed;   /* slots whose sample is released and viewless: to give back */
+    pid_t pid;         /* a forked child's copy gives nothing back */
+    int stuck;         /* the publisher stopped taking releases back */
+} TopicSubObject;
+
 #endif /* CAPBUS_NATIVE_TOPIC_H */

@@ -6,29 +6,24 @@
  * Trust: the ring is written by the publisher, possibly hostile: every value is checked (the
  * head never goes back, an entry's slot below the kernel's slot count and its length at most
  * max_size, sequence numbers increase, an entry is never half-written for long); garbage is
- * reported as a reason string (Python drops the topic with CorruptChannel). Hot path: take().
+ * reported as a reason string (Python drops the topic with CorruptChannel). Hot path: take(),
+ * which makes the Sample (topic_sample.c) and gives back released slots.
  * Not compiled alone: module.c #includes it (one translation unit, see there).
  */
 
 #define TP_CORRUPT_SPINS 2000000 /* an entry half-written this long is garbage */
 
-typedef struct {
-    PyObject_HEAD
-    Py_buffer rb;
-    char *ring;
-    uint64_t slots, depth, max_size, relcap, rel_off;
-    uint64_t next, head_seen, last_seq, rel_head, taken, dropped, gap;
-} TopicSubObject;
-
 static PyTypeObject TopicSubType;
 
 static PyObject *tsub_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"ring", "slots", "depth", "max_size", "relcap", NULL};
-    PyObject *ring;
-    unsigned long long slots, depth, max_size, relcap;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OKKKK", kwlist, &ring, &slots, &depth, &max_size,
-                                     &relcap))
+    static char *kwlist[] = {"ring", "pool", "slots", "depth", "slot_size", "max_size", "relcap",
+                             "max_held", "publisher", NULL};
+    PyObject *ring, *pool;
+    unsigned long long slots, depth, slot_size, max_size, relcap, publisher;
+    unsigned int max_held;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOKKKKKIK", kwlist, &ring, &pool, &slots, &depth,
+                                     &slot_size, &max_size, &relcap, &max_held, &publisher))
         return NULL;
     TopicSubObject *S = (TopicSubObject *)type->tp_alloc(type, 0);
     if (!S)
@@ -37,17 +32,36 @@ static PyObject *tsub_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         Py_DECREF(S);
         return NULL;
     }
+    if (PyObject_GetBuffer(pool, &S->pb, PyBUF_SIMPLE) < 0) {
+        Py_DECREF(S);
+        return NULL;
+    }
     S->rel_off = TP_R_ENTRIES_OFF + depth * TP_ENTRY_SIZE;
-    if (!depth || !relcap || (uint64_t)S->rb.len < S->rel_off + relcap * 4) {
+    if (!depth || !relcap || !max_held || (uint64_t)S->rb.len < S->rel_off + relcap * 4) {
         PyErr_SetString(PyExc_ValueError, "a subscription ring too small for its depth");
         Py_DECREF(S);
         return NULL;
     }
+    if (max_size > slot_size || (uint64_t)S->pb.len < TP_POOL_HEADER ||
+        ((uint64_t)S->pb.len - TP_POOL_HEADER) / slot_size < slots) {
+        PyErr_SetString(PyExc_ValueError, "a pool too small for its slots");
+        Py_DECREF(S);
+        return NULL;
+    }
+    S->freed = PyMem_Calloc(max_held, sizeof(uint32_t));
+    if (!S->freed) {
+        Py_DECREF(S);
+        return PyErr_NoMemory();
+    }
     S->ring = S->rb.buf;
     S->slots = slots;
     S->depth = depth;
+    S->slot_size = slot_size;
     S->max_size = max_size;
     S->relcap = relcap;
+    S->max_held = max_held;
+    S->publisher = publisher;
+    S->pid = getpid();
     return (PyObject *)S;
 }
 
@@ -55,7 +69,43 @@ static void tsub_dealloc(TopicSubObject *S)
 {
     if (S->rb.obj)
         PyBuffer_Release(&S->rb);
+    if (S->pb.obj)
+        PyBuffer_Release(&S->pb);
+    PyMem_Free(S->freed);
     Py_TYPE(S)->tp_free((PyObject *)S);
+}
+
+/* Give back the slots of released, viewless samples (the release ring); 0, or -1 if the
+ * publisher stopped taking them back (it always does before it delivers). */
+static int tsub_push(TopicSubObject *S)
+{
+    if (!S->nfreed)
+        return 0;
+    if (S->pid != getpid()) { /* a forked child dropping what it inherited: not ours */
+        S->nfreed = 0;
+        return 0;
+    }
+    char *ring = S->ring;
+    uint64_t tail = __atomic_load_n(tp_u64(ring, TP_R_REL_TAIL_OFF), __ATOMIC_ACQUIRE);
+    uint64_t head = S->rel_head;
+    for (uint32_t k = 0; k < S->nfreed; k++) {
+        if (tail > head || head - tail >= S->relcap) {
+            S->stuck = 1;
+            S->nfreed = 0;
+            return -1;
+        }
+        __atomic_store_n(tp_u32(ring, S->rel_off + (head % S->relcap) * 4), S->freed[k],
+                         __ATOMIC_RELAXED);
+        head++;
+    }
+    S->nfreed = 0;
+    S->rel_head = head;
+    __atomic_store_n(tp_u64(ring, TP_R_REL_HEAD_OFF), head, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(tp_u32(ring, TP_R_PUB_WAITING_OFF), __ATOMIC_SEQ_CST)) {
+        __atomic_add_fetch(tp_u32(ring, TP_R_PUB_WAKE_OFF), 1, __ATOMIC_SEQ_CST);
+        sys_futex_wake(tp_u32(ring, TP_R_PUB_WAKE_OFF), INT_MAX);
+    }
+    return 0;
 }
 
 static PyObject *tsub_corrupt(const char *fmt, unsigned long long a, unsigned long long b)
@@ -63,10 +113,14 @@ static PyObject *tsub_corrupt(const char *fmt, unsigned long long a, unsigned lo
     return PyUnicode_FromFormat(fmt, a, b);
 }
 
-/* take() -> None (nothing new), (slot, length, opcode, data, seq, gap), or a str: what the
- * publisher got wrong. */
+/* take() -> a Sample, None (nothing new), False (it holds max_held samples: release some), or
+ * a str: what the publisher got wrong. Gives back released slots first. */
 static PyObject *tsub_take(TopicSubObject *S, PyObject *unused)
 {
+    if (tsub_push(S) < 0 || S->stuck)
+        return PyUnicode_FromString("its release ring is stuck (the publisher takes nothing back)");
+    if (S->held >= S->max_held)
+        Py_RETURN_FALSE;
     char *ring = S->ring;
     uint64_t depth = S->depth;
     long spins = 0;
@@ -111,12 +165,7 @@ static PyObject *tsub_take(TopicSubObject *S, PyObject *unused)
                     __atomic_add_fetch(tp_u32(ring, TP_R_PUB_WAKE_OFF), 1, __ATOMIC_SEQ_CST);
                     sys_futex_wake(tp_u32(ring, TP_R_PUB_WAKE_OFF), INT_MAX);
                 }
-                return Py_BuildValue("(IIIKKKKKK)", copy.slot, copy.length, copy.opcode,
-                                     (unsigned long long)copy.data[0],
-                                     (unsigned long long)copy.data[1],
-                                     (unsigned long long)copy.data[2],
-                                     (unsigned long long)copy.data[3],
-                                     (unsigned long long)copy.seq, (unsigned long long)gap);
+                return (PyObject *)ts_make(S, &copy, gap);
             }
             continue; /* the publisher took it back just now: we were lapped */
         }
@@ -127,26 +176,10 @@ static PyObject *tsub_take(TopicSubObject *S, PyObject *unused)
     }
 }
 
-/* release(slot) -> True, or False if the release ring is stuck (the publisher's fault) */
-static PyObject *tsub_release(TopicSubObject *S, PyObject *arg)
+/* flush() -> False if the release ring is stuck: give back what was released now */
+static PyObject *tsub_flush(TopicSubObject *S, PyObject *unused)
 {
-    unsigned long slot = PyLong_AsUnsignedLong(arg);
-    if (PyErr_Occurred())
-        return NULL;
-    char *ring = S->ring;
-    uint64_t tail = __atomic_load_n(tp_u64(ring, TP_R_REL_TAIL_OFF), __ATOMIC_ACQUIRE);
-    uint64_t head = S->rel_head;
-    if (tail > head || head - tail >= S->relcap)
-        Py_RETURN_FALSE;
-    __atomic_store_n(tp_u32(ring, S->rel_off + (head % S->relcap) * 4), (uint32_t)slot,
-                     __ATOMIC_RELAXED);
-    S->rel_head = head + 1;
-    __atomic_store_n(tp_u64(ring, TP_R_REL_HEAD_OFF), head + 1, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(tp_u32(ring, TP_R_PUB_WAITING_OFF), __ATOMIC_SEQ_CST)) {
-        __atomic_add_fetch(tp_u32(ring, TP_R_PUB_WAKE_OFF), 1, __ATOMIC_SEQ_CST);
-        sys_futex_wake(tp_u32(ring, TP_R_PUB_WAKE_OFF), INT_MAX);
-    }
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(tsub_push(S) == 0 && !S->stuck);
 }
 
 /* pending() -> the ring's head differs from our next entry (something may be there) */
@@ -158,8 +191,9 @@ static PyObject *tsub_pending(TopicSubObject *S, PyObject *unused)
 
 static PyMethodDef tsub_methods[] = {
     {"take", (PyCFunction)tsub_take, METH_NOARGS,
-     "take() -> None, (slot, length, opcode, d0, d1, d2, d3, seq, gap), or a str (garbage)"},
-    {"release", (PyCFunction)tsub_release, METH_O, "release(slot) -> False if the ring is stuck"},
+     "take() -> a Sample, None, False (max_held reached) or a str (the publisher's garbage)"},
+    {"flush", (PyCFunction)tsub_flush, METH_NOARGS,
+     "flush() -> False if the release ring is stuck: give released slots back now"},
     {"pending", (PyCFunction)tsub_pending, METH_NOARGS, "pending() -> head != next"},
     {NULL, NULL, 0, NULL},
 };
@@ -169,8 +203,14 @@ static PyObject *tsub_get_dropped(TopicSubObject *S, void *c)
     return PyLong_FromUnsignedLongLong(S->dropped);
 }
 
+static PyObject *tsub_get_held(TopicSubObject *S, void *c)
+{
+    return PyLong_FromUnsignedLong(S->held);
+}
+
 static PyGetSetDef tsub_getset[] = {
     {"dropped", (getter)tsub_get_dropped, NULL, "samples lost to drop-oldest, in all", NULL},
+    {"held", (getter)tsub_get_held, NULL, "samples handed out whose slot is not back yet", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -182,5 +222,6 @@ static PyTypeObject TopicSubType = {
     .tp_new = tsub_new,
     .tp_methods = tsub_methods,
     .tp_getset = tsub_getset,
-    .tp_doc = "TopicSub(ring, slots, depth, max_size, relcap): a subscriber's data path",
+    .tp_doc = "TopicSub(ring, pool, slots, depth, slot_size, max_size, relcap, max_held, "
+              "publisher): a subscriber's data path",
 };

@@ -354,49 +354,8 @@ class Loan:
             self._view.done()  # the loan's reference goes when its last view does
 
 
-class Sample:
-    """One received sample: .payload (a read-only view of the publisher's memory, no copy),
-    .opcode, .data, .publisher (the kernel-verified ProcessId), .seq (the publisher's
-    sequence number) and .dropped (samples this subscriber lost just before it). release() (or
-    the end of a with block, or garbage collection) gives it back; views of the payload stay
-    valid after that, and the slot is reused only once the last of them is gone."""
-
-    __slots__ = ("_view", "_mv", "opcode", "data", "publisher", "seq", "dropped", "_sub")
-
-    def __init__(self, sub: Subscriber, view: _core.SampleView, opcode: int,
-                 data: tuple[int, int, int, int], publisher: int, seq: int, dropped: int) -> None:
-        self._sub = sub
-        self._view: _core.SampleView | None = view
-        self._mv: memoryview | None = None
-        self.opcode, self.data, self.publisher, self.seq, self.dropped = (
-            opcode, data, publisher, seq, dropped)
-
-    def __repr__(self) -> str:
-        return (f"<capbus.Sample seq={self.seq} opcode={self.opcode} from {self.publisher} "
-                f"dropped={self.dropped}>")
-
-    @property
-    def payload(self) -> memoryview:
-        if self._mv is None:
-            if self._view is None:
-                raise InvalidCapability("this sample was released (keep a view of its payload "
-                                        "from before, or a copy)")
-            self._mv = memoryview(self._view)
-        return self._mv
-
-    def release(self) -> None:
-        view, self._view = self._view, None
-        self._mv = None
-        if view is not None:
-            # The slot goes back at this subscriber's next receive (a batch of releases costs
-            # one pass), or at once if that was the last view and it is waiting for room.
-            view.done()
-
-    def __enter__(self) -> Sample:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+# One received sample: the native type (topic_sample.c), public as capbus.Sample.
+Sample = _core.Sample
 
 
 class Subscriber:
@@ -436,11 +395,10 @@ class Subscriber:
         finally:
             for fd in (pool_fd, ctrl_fd, ring_fd):
                 os.close(fd)
-        self._core = _core.TopicSub(self._ring, self._slots, self.depth, self.max_size,
-                                    self._relcap)
+        self._core = _core.TopicSub(self._ring, self._pool, self._slots, self.depth,
+                                    self._slot_size, self.max_size, self._relcap, self.max_held,
+                                    self.publisher)
         self._lock = threading.Lock()
-        self._freed: collections.deque[int] = collections.deque()  # views gone (any thread)
-        self._held = 0
         self._pid = os.getpid()
         self._closed: IpcError | None = None
         self._death_callbacks: list[Callable[[Subscriber], None]] = []
@@ -588,22 +546,17 @@ class Subscriber:
 
     def _take(self) -> Sample | None:
         """Lock held: claim the next entry (the native TopicSub checks all the publisher
-        wrote) and make its Sample."""
-        if self._freed or self._held >= self.max_held:
-            self._flush_locked()
+        wrote, gives back released slots first, and makes the Sample)."""
         if self._closed is not None and not isinstance(self._closed, PeerDied):
             return None
         got = self._core.take()
-        if got is None:
-            return None
-        if isinstance(got, str):
-            self._drop_topic(got)
-            return None  # not reached: _drop_topic raises
-        slot, n, opcode, d0, d1, d2, d3, seq, gap = got
-        self._held += 1
-        view = _core.SampleView(self._pool, L.POOL_HEADER + slot * self._slot_size, n, True,
-                                self._freed.append, slot)
-        return Sample(self, view, opcode, (d0, d1, d2, d3), self.publisher, seq, gap)
+        if got is None or isinstance(got, Sample):
+            return got
+        if got is False:
+            raise OutOfMemory(f"this subscriber holds {self.max_held} samples of {self.name!r} "
+                              "or views of them (max_held): release some before receiving more")
+        self._drop_topic(str(got))
+        return None  # not reached: _drop_topic raises
 
     def _drop_topic(self, reason: str) -> None:
         """The publisher's garbage: drop the subscription, tell the kernel, raise."""
@@ -613,32 +566,6 @@ class Subscriber:
             with contextlib.suppress(IpcError):
                 self._session.request_nowait(frames.Release(self.handle), via=self._ctl)
         raise exc
-
-    def _flush_locked(self) -> None:
-        """Lock held: hand the slots whose last view went back to the publisher."""
-        freed = self._freed
-        if not freed:
-            if self._held >= self.max_held:
-                raise OutOfMemory(f"this subscriber holds {self._held} samples of "
-                                  f"{self.name!r} (max_held): release some before receiving more")
-            return
-        self._push_releases()
-
-    def _push_releases(self) -> None:
-        freed = self._freed
-        if self._pid != os.getpid():  # a forked child dropping views it inherited: not ours
-            freed.clear()
-            return
-        release = self._core.release
-        while freed:
-            slot = freed.popleft()
-            self._held -= 1
-            if self._closed is not None and not isinstance(self._closed, PeerDied):
-                continue
-            if not release(slot):
-                # The publisher has not taken back what we released, which it always does
-                # before it delivers: this subscription cannot go on.
-                self._drop_topic("its release ring is stuck")
 
     # ---- the control thread -----------------------------------------------------------------
 
