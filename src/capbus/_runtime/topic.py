@@ -460,6 +460,7 @@ class Subscriber:
         PeerDied (the publisher exited or closed the topic), CorruptChannel (its garbage)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         spin_until = time.monotonic_ns() + self._spin_ns if self._spin_ns > 0 else 0
+        yielded = False
         while True:
             sample = self.poll()
             if sample is not None:
@@ -469,6 +470,14 @@ class Subscriber:
                 raise Timeout(f"no sample on topic {self.name!r} within {timeout} s")
             if self._spin_ns < 0 or time.monotonic_ns() < spin_until:
                 continue
+            if not yielded:
+                # Once, before a futex sleep: give the CPU to whoever is runnable (on a busy
+                # machine, often the publisher), which saves the publisher a wake-up per
+                # sample when samples come faster than a wake-up takes.
+                yielded = True
+                os.sched_yield()
+                continue
+            yielded = False
             self._sleep(1, left)
 
     async def arecv(self, timeout: float | None = None) -> Sample:
