@@ -54,6 +54,7 @@ _load32 = _core.atomic_load_u32
 _load64 = _core.atomic_load_u64
 _store32 = _core.atomic_store_u32
 _store64 = _core.atomic_store_u64
+_getpid = os.getpid
 _SPIN_NS = 50_000  # adaptive: spin this long before sleeping (as lanes do)
 _SLICE = 0.5  # a sleeper re-reads its control page at least this often
 _DATA_ZERO = (0, 0, 0, 0)
@@ -447,10 +448,14 @@ class Subscriber:
 
     def poll(self) -> Sample | None:
         """The next sample, or None; raises once the topic is gone and nothing is left."""
-        if self._pid != os.getpid():
+        if self._pid != _getpid():
             self._session.check()  # a forked child: KernelUnavailable
         with self._lock:
-            sample = self._take()
+            if self._closed is None:
+                got = self._core.take()
+                if type(got) is Sample:  # the hot path
+                    return got
+            sample = self._take() if self._closed is not None else self._taken(got)
             if sample is None:
                 self._raise_if_over()
             return sample
@@ -458,6 +463,9 @@ class Subscriber:
     def recv(self, timeout: float | None = None) -> Sample:
         """The next sample, waiting up to `timeout` seconds (None: forever): Timeout,
         PeerDied (the publisher exited or closed the topic), CorruptChannel (its garbage)."""
+        sample = self.poll()
+        if sample is not None:  # the hot path: no clock read
+            return sample
         deadline = None if timeout is None else time.monotonic() + timeout
         spin_until = time.monotonic_ns() + self._spin_ns if self._spin_ns > 0 else 0
         yielded = False
@@ -558,7 +566,10 @@ class Subscriber:
         wrote, gives back released slots first, and makes the Sample)."""
         if self._closed is not None and not isinstance(self._closed, PeerDied):
             return None
-        got = self._core.take()
+        return self._taken(self._core.take())
+
+    def _taken(self, got: Sample | str | bool | None) -> Sample | None:
+        """What TopicSub.take() said, other than a Sample on the hot path."""
         if got is None or isinstance(got, Sample):
             return got
         if got is False:
