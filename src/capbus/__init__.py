@@ -35,7 +35,7 @@ from ._runtime.process import Process, connect
 from ._runtime.region import Region
 from ._runtime.service import Service
 from ._runtime.subscription import Subscription
-from ._runtime.topic import Loan, Publisher, Sample, Subscriber
+from ._runtime.topic import Publisher, Sample, Subscriber, TopicCapability, TopicLoan
 
 INVALID_PROCESS = 0
 __version__ = "0.1.0"
@@ -50,7 +50,6 @@ __all__ = [
     "Kernel",
     "KernelUnavailable",
     "LargeMessage",
-    "Loan",
     "Limits",
     "KernelLimits",
     "Message",
@@ -79,6 +78,8 @@ __all__ = [
     "Subscriber",
     "Subscription",
     "Timeout",
+    "TopicCapability",
+    "TopicLoan",
     "WouldBlock",
     "connect",
 ]

@@ -310,6 +310,7 @@ from capbus._errors import ProtocolError
 from capbus._layout import ChannelStats as ChannelStats  # one definition: the kernel's module
 from capbus._runtime.endpoint import Endpoint
 from capbus._runtime.region import Region
+from capbus._runtime.topic import TopicCapability
 
 # The four data words: a tuple or list of up to 4 u64 (zero-padded); parse_data takes no other
 # sequence.
@@ -431,6 +432,7 @@ class Request:
     # Read-write, () until the runtime's claim fills them (Service._claim).
     regions: tuple[Region, ...]
     caps: tuple[Endpoint, ...]
+    topics: tuple[TopicCapability, ...]  # topic capabilities that came with it
     def reply(self, opcode: int = 0, data: Data = (), payload: Payload = b"", flags: int = 0) -> bool: ...
     def reply_error(self, code: int, text: str | Buffer) -> bool: ...
     def _reply_ipc_error(self, code: int, text: str | Buffer) -> bool: ...
@@ -566,10 +568,10 @@ class EndpointBase:
                  slow_send: Callable[..., Any],
                  remote_error: Callable[[Any, Message], Exception]) -> None: ...
     def call(self, opcode: int, data: Data = (), payload: Payload = b"", timeout: float | None = None,
-             flags: int = 0, caps: Iterable[Endpoint] = (), regions: Iterable[Region] = (),
+             flags: int = 0, caps: Iterable[Endpoint | TopicCapability] = (), regions: Iterable[Region] = (),
              move: bool = False) -> Message: ...
     def send_async(self, opcode: int, data: Data = (), payload: Payload = b"", flags: int = 0,
-                   caps: Iterable[Endpoint] = (), regions: Iterable[Region] = (),
+                   caps: Iterable[Endpoint | TopicCapability] = (), regions: Iterable[Region] = (),
                    move: bool = False) -> None: ...
     def _forget_lanes(self) -> None: ...
 

@@ -383,3 +383,57 @@ def test_a_forked_child_cannot_use_or_disturb_the_parents_topics(kernel, childre
     assert readline(p) == "parent [4, 5]"
     assert pub.cut_off == 0
     pub.close()
+
+
+def test_topic_capabilities_restrict_delegate_and_revoke(kernel):
+    a = capbus.connect(kernel.socket_path)
+    c = capbus.connect(kernel.socket_path)
+    pub = a.publish("secret", max_size=8, allow=[])  # nobody may subscribe by name
+    with pytest.raises(capbus.PermissionDenied):
+        c.subscribe("secret")
+    with pytest.raises(capbus.PermissionDenied):
+        pub.restrict(["publish"])  # one publisher per topic
+    # a hands a subscribe ticket to c through a message to c's service
+    svc = c.register("inbox")
+    ep = a.lookup("inbox")
+    ticket = pub.restrict()  # subscribe and share: share is what lets it be passed on
+    assert ticket.rights == {"subscribe", "share"}
+    got: list = []
+
+    def serve() -> None:
+        req = svc.recv(5)
+        assert req.caps == ()
+        got.extend(req.topics)
+        req.reply()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    ep.call(1, caps=[ticket], timeout=5)
+    t.join(5)
+    [received] = got
+    assert isinstance(received, capbus.TopicCapability) and received.name == "secret"
+    assert received.publisher == a.id
+    sub = c.subscribe(received)
+    assert wait_for(lambda: pub.subscribers == 1)
+    pub.publish(payload=b"hi")
+    with sub.recv(2) as s:
+        assert bytes(s.payload) == b"hi"
+    with pytest.raises(TypeError):
+        ep.call(1, caps=[sub], timeout=1)  # not a capability one can pass
+    # without the share right, c cannot hand it on
+    narrow = received.restrict(["subscribe"])
+    with pytest.raises(capbus.PermissionDenied):
+        c.lookup("inbox").call(1, caps=[narrow], timeout=1)
+    # revoking the ticket ends the subscription made through it, and only that
+    other = a.subscribe(pub.restrict(["subscribe"]))  # a ticket of its own
+    assert wait_for(lambda: pub.subscribers == 2)
+    ticket.revoke()
+    with pytest.raises(capbus.InvalidCapability, match="revoked"):
+        sub.recv(2)
+    assert wait_for(lambda: pub.subscribers == 1)
+    pub.publish(payload=b"on")
+    with other.recv(2) as s:
+        assert bytes(s.payload) == b"on"
+    audit = [r for r in a.query("caps", c.id) if r["kind"] == "topic"]
+    assert audit == []
+    pub.close()

@@ -40,7 +40,7 @@ from .shm import (
 )
 from .state import Handler, KernelState, Outbox, ProcessRecord, UidUsage, brief
 
-TOPIC_RIGHTS = frozenset({"publish", "subscribe"})
+TOPIC_RIGHTS = frozenset({"publish", "subscribe", "share"})
 OVERFLOW = ("drop-oldest", "block")
 MAX_TOPICS_PER_PROCESS = 64
 MAX_SUBSCRIPTIONS_PER_PROCESS = 256
@@ -165,16 +165,47 @@ def on_seal_topic(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.
     return frames.Ok()
 
 
+def restrict(st: KernelState, rec: ProcessRecord, cap: Capability,
+             rights: frozenset[str]) -> Capability:
+    """A child of a topic capability with these rights (at most its own), in rec's table."""
+    child = cap.derive(rights, kind="topic")
+    child.owner = rec
+    try:
+        rec.caps.insert(child)
+    except BaseException:
+        child.detach()
+        raise
+    return child
+
+
+def granted(cap: Capability) -> frames.Granted:
+    topic: TopicRecord = cap.target
+    return frames.Granted(cap.handle, topic.owner.process_id, topic.name, sorted(cap.rights), {})
+
+
 def on_subscribe_topic(st: KernelState, out: Outbox, rec: ProcessRecord,
                        msg: frames.SubscribeTopic, rid: int) -> None:
-    name = check_name(msg.name, "topic name")
-    topic: TopicRecord | None = st.topics.get(name)
-    if topic is None or not topic.sealed or topic.cap is None:
-        raise ServiceNotFound(f"no live process publishes the topic {name!r}")
-    if not topic.access.permits(rec.process_id, rec.uid, rec.package, names=rec.names_served(),
-                                allow_names=st.verified_names(rec)):
-        raise PermissionDenied(f"topic {name!r} does not accept process {rec.process_id} "
-                               "(not on its allowlist, or denied)")
+    via: Capability | None = None
+    if msg.handle:
+        # Through a capability: it is the authority (the allowlist is for subscribing by name)
+        via = rec.caps.get(msg.handle, "topic")
+        if "subscribe" not in via.rights:
+            raise PermissionDenied(f"handle {msg.handle:#x} lacks the subscribe right")
+        topic: TopicRecord | None = via.target
+        name = via.target.name
+        if topic is None or topic.pool_fd < 0 or not topic.sealed:
+            raise ServiceNotFound(f"the topic {name!r} is no longer published")
+    else:
+        name = check_name(msg.name, "topic name")
+        topic = st.topics.get(name)
+        if topic is None or not topic.sealed or topic.cap is None:
+            raise ServiceNotFound(f"no live process publishes the topic {name!r}")
+        if not topic.access.permits(rec.process_id, rec.uid, rec.package,
+                                    names=rec.names_served(),
+                                    allow_names=st.verified_names(rec)):
+            raise PermissionDenied(f"topic {name!r} does not accept process {rec.process_id} "
+                                   "(not on its allowlist, or denied)")
+    assert topic is not None and topic.cap is not None
     depth = msg.depth or topic.max_depth
     _check_range(f"depth (topic {name!r} allows at most {topic.max_depth})", depth, 1,
                  topic.max_depth)
@@ -194,7 +225,9 @@ def on_subscribe_topic(st: KernelState, out: Outbox, rec: ProcessRecord,
     except BaseException:
         topic.free_indices.append(index)
         raise
-    cap = topic.cap.derive(frozenset({"subscribe"}), kind="subscriber")
+    # Derived from what it came through: revoking that (a handed-on topic capability, or the
+    # publisher's own) ends this subscription too.
+    cap = (via or topic.cap).derive(frozenset({"subscribe"}), kind="subscriber")
     cap.owner = rec
     try:
         rec.caps.insert(cap)
@@ -254,7 +287,10 @@ def close_sub(st: KernelState, out: Outbox, sub: SubRecord, state: int, reason: 
             sub.rec.caps.remove(handle)
     except Exception:  # already gone from its table (released, revoked)
         pass
+    parent = sub.cap.parent
     sub.cap.detach()
+    if parent is not None and parent.extra.get("released") and not parent.children:
+        parent.detach()  # a released topic capability kept only for this subscription
     if tell_subscriber and sub.rec.alive:
         out.event(sub.rec, frames.TopicClosed(handle, reason))
     if tell_publisher and topic.owner.alive:
@@ -287,8 +323,14 @@ def drop_cap(st: KernelState, out: Outbox, rec: ProcessRecord, cap: Capability,
     """A topic or subscriber capability left rec's table (released or revoked)."""
     state, reason = (STATE_REVOKED, _tl.REASON_REVOKED) if revoked else (STATE_CLOSED,
                                                                            _tl.REASON_CLOSED)
-    if cap.kind == "topic":
+    if cap.kind == "topic" and cap is cap.target.cap:  # the publisher's own: the topic ends
         end_topic(st, out, cap.target, state, reason)
+    elif cap.kind == "topic":
+        # A handed-on one: subscriptions made through it live on (revocation still reaches
+        # them through the tree), so it stays in the tree while they do
+        cap.extra["released"] = True
+        if not cap.children:
+            cap.detach()
     elif cap.kind == "subscriber":
         sub: SubRecord | None = cap.extra.get("sub")
         if sub is not None:
@@ -302,6 +344,9 @@ def process_gone(st: KernelState, out: Outbox, rec: ProcessRecord) -> None:
         end_topic(st, out, topic, STATE_PEER_DEAD, _tl.REASON_PEER_DEAD)
     for sub in list(rec.topic_subs):
         close_sub(st, out, sub, STATE_CLOSED, _tl.REASON_CLOSED, tell_subscriber=False)
+    for cap in rec.caps:
+        if cap.kind == "topic" and cap is not cap.target.cap:
+            drop_cap(st, out, rec, cap)
 
 
 def rows(st: KernelState) -> list[dict[str, Any]]:

@@ -371,10 +371,14 @@ class SealTopic(Frame):
     handle: int
 
 
-@message(27, KIND_REQUEST, name="str", depth="u64")
+@message(27, KIND_REQUEST, name="str", depth="u64", handle="u64")
 class SubscribeTopic(Frame):
+    """By name (the topic's allowlist decides), or through a topic capability with the
+    subscribe right (handle: one this process was handed; its name is ignored)."""
+
     name: str
     depth: int = 0  # 0: the topic's max_depth
+    handle: int = 0
 
 
 @message(28, KIND_REQUEST, handle="u64", index="u64", reason="str")

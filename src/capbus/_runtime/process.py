@@ -35,7 +35,7 @@ from .region import Region, region_from
 from .service import Service
 from .session import Session
 from .subscription import Subscription
-from .topic import Publisher, Subscriber
+from .topic import Publisher, Subscriber, TopicCapability
 
 log = logging.getLogger("capbus")
 WAIT_MODES = ("adaptive", "spin", "block")
@@ -298,16 +298,22 @@ class Process:
             raise
         return pub
 
-    def subscribe(self, name: str, depth: int = 0, timeout: float = 0) -> Subscriber:
+    def subscribe(self, name: str | TopicCapability, depth: int = 0,
+                  timeout: float = 0) -> Subscriber:
         """Subscribe to the topic `name`: ServiceNotFound unless it is published within
         `timeout` seconds. depth: how many samples may wait for this subscriber before it
-        loses the oldest (0: the topic's max_depth, also the most it may ask for)."""
+        loses the oldest (0: the topic's max_depth, also the most it may ask for).
+        name may be a TopicCapability this process holds (handed on by the publisher or
+        someone it shared it with): the capability is the authority, not the allowlist."""
+        handle = 0
+        if isinstance(name, TopicCapability):
+            handle, name = name.handle, name.name
         check_name(name, "topic name")
         deadline = time.monotonic() + timeout
         pause = 0.002
         while True:
             try:
-                reply, fds = self._request_fds(frames.SubscribeTopic(name, depth))
+                reply, fds = self._request_fds(frames.SubscribeTopic(name, depth, handle))
                 break
             except ServiceNotFound:
                 left = deadline - time.monotonic()

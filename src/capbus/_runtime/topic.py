@@ -30,6 +30,7 @@ import mmap
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +77,55 @@ def _corrupt(reason: str) -> _core.CorruptChannel:
     exc.index = 0
     exc.reason = reason
     return exc
+
+
+class TopicCapability:
+    """A topic capability to hand on (Publisher.restrict, or one that came with a message:
+    Request.topics): its holder may subscribe through it (proc.subscribe(cap)) whatever the
+    topic's allowlist says, and pass it on if it has the share right. Revoking it (or the
+    publisher's topic) ends the subscriptions made through it."""
+
+    def __init__(self, session: Session, granted: frames.Granted, received: bool = False) -> None:
+        self._session = session
+        self._ctl = session.control
+        self.handle = granted.handle
+        self.name = granted.name
+        self.publisher = granted.process_id  # the topic's publisher, as the kernel says
+        self.rights = frozenset(granted.rights or ())
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        if received:  # pushed by a sender: back to the kernel once nobody refers to it
+            self._finalizer = weakref.finalize(self, _release_handle, session, self._ctl,
+                                               self.handle)
+            self._finalizer.atexit = False
+
+    def __repr__(self) -> str:
+        return f"<capbus.TopicCapability {self.name!r} rights={sorted(self.rights)}>"
+
+    def restrict(self, rights: Sequence[str] = ("subscribe",)) -> TopicCapability:
+        """A child with fewer rights (subscribe, share)."""
+        reply = self._session.request(frames.Restrict(self.handle, sorted(rights), {}),
+                                      via=self._ctl)
+        assert isinstance(reply, frames.Granted)
+        return TopicCapability(self._session, reply)
+
+    def revoke(self) -> None:
+        """This capability and all derived from it (and the subscriptions made through them)
+        end, in every process."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self._session.request(frames.Revoke(self.handle), via=self._ctl)
+
+    def close(self) -> None:
+        """Give it back (subscriptions made through it live on)."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        _release_handle(self._session, self._ctl, self.handle)
+
+
+def _release_handle(session: Session, ctl: Any, handle: int) -> None:
+    if session.live(ctl):
+        with contextlib.suppress(IpcError):
+            ctl.request_nowait(frames.Release(handle))
 
 
 class _Port:
@@ -177,7 +227,7 @@ class Publisher:
                                   "them, hold them)")
             return int(seq)
 
-    def loan(self, n: int) -> Loan:
+    def loan(self, n: int) -> TopicLoan:
         """A slot of n bytes to write in place: `with pub.loan(n) as s: s.buffer[:] = ...;
         s.publish()`. Leaving the block without publish() gives the slot back."""
         if not 0 <= n <= self.max_size:
@@ -196,7 +246,21 @@ class Publisher:
             self._loans += 1
         view = _core.SampleView(self._pool, L.POOL_HEADER + slot * self._slot_size, n, False,
                                 self._freed.append, slot)
-        return Loan(self, view, slot, n)
+        return TopicLoan(self, view, slot, n)
+
+    def restrict(self, rights: Sequence[str] = ("subscribe", "share")) -> TopicCapability:
+        """A topic capability to hand on (attach it to a message: `ep.call(..., caps=[cap])`):
+        whoever holds it may subscribe through it, even when not on the allowlist; with share,
+        pass it on. Never publish: a topic has one publisher."""
+        reply = self._session.request(frames.Restrict(self.handle, sorted(rights), {}),
+                                      via=self._ctl)
+        assert isinstance(reply, frames.Granted)
+        return TopicCapability(self._session, reply)
+
+    def revoke(self) -> None:
+        """End the topic and every capability and subscription derived from it, everywhere."""
+        self._session.request(frames.Revoke(self.handle), via=self._ctl)
+        self.close()
 
     def close(self) -> None:
         """Stop publishing: every subscriber sees the topic end; the name is free again."""
@@ -311,7 +375,7 @@ class Publisher:
 _LOANS = 4  # as the kernel sizes the pool (topics.LOANS)
 
 
-class Loan:
+class TopicLoan:
     """A publisher's slot to write in place (Publisher.loan)."""
 
     __slots__ = ("_pub", "_view", "_slot", "_n", "buffer", "_done", "opcode", "data")
@@ -323,7 +387,7 @@ class Loan:
         self.opcode = 0
         self.data: Sequence[int] = ()
 
-    def __enter__(self) -> Loan:
+    def __enter__(self) -> TopicLoan:
         return self
 
     def __exit__(self, *exc: object) -> None:
