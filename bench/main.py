@@ -14,7 +14,7 @@ import os
 from . import capbus_calls, peers
 from .results import Result, machine_info, machine_line, print_table, to_json
 
-SECTIONS = ("call", "caps", "async", "large", "typed", "scale", "sandbox")
+SECTIONS = ("call", "caps", "async", "large", "typed", "scale", "sandbox", "topics")
 
 
 def _find(rows: list[Result], mechanism: str, note_part: str = "") -> Result | None:
@@ -138,6 +138,12 @@ def sandbox_section(quick: bool) -> list[Result]:
     return rows + calls
 
 
+def topics_section(quick: bool) -> list[Result]:
+    from . import topics
+
+    return topics.run(quick)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
@@ -164,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     for section in sections:
         everything += {"call": call_section, "caps": caps_section, "async": async_section,
                        "large": large_section, "typed": typed_section, "scale": scale_section,
-                       "sandbox": sandbox_section}[section](args.quick)
+                       "sandbox": sandbox_section, "topics": topics_section}[section](args.quick)
         print()
     if args.json:
         with open(args.json, "w") as f:

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from ._runtime.region import Region
     from ._runtime.service import Service
     from ._runtime.subscription import Subscription
+    from ._runtime.topic import Publisher, Sample, Subscriber, TopicCapability, TopicLoan
 
 # name -> the module that defines it, imported on first use.
 _LAZY = {
@@ -71,6 +72,11 @@ _LAZY = {
     "Region": "._runtime.region",
     "Service": "._runtime.service",
     "Subscription": "._runtime.subscription",
+    "Publisher": "._runtime.topic",
+    "Sample": "._runtime.topic",
+    "Subscriber": "._runtime.topic",
+    "TopicCapability": "._runtime.topic",
+    "TopicLoan": "._runtime.topic",
 }
 
 
@@ -123,17 +129,22 @@ __all__ = [
     "ProcessInfo",
     "ProcessNotFound",
     "ProtocolError",
+    "Publisher",
     "RateLimitExceeded",
     "Region",
     "RemoteError",
     "Request",
+    "Sample",
     "Sandbox",
     "SandboxError",
     "Service",
     "ServiceNotFound",
     "SmallMessage",
+    "Subscriber",
     "Subscription",
     "Timeout",
+    "TopicCapability",
+    "TopicLoan",
     "WouldBlock",
     "connect",
 ]

@@ -18,19 +18,20 @@ import time
 from conftest import Children, readline
 
 import capbus
-from capbus._kernel import channels, delegation, introspect, naming, region_requests
+from capbus._kernel import channels, delegation, introspect, naming, region_requests, topics
 from capbus._protocol import frames
 
 KERNEL_DIR = pathlib.Path(capbus.__file__).parent / "_kernel"
 NATIVE = ("_core", "_layout")  # the compiled modules of capbus the kernel could import
-DOMAINS = ("channels", "naming", "delegation", "region_requests", "introspect")
+DOMAINS = ("channels", "naming", "delegation", "region_requests", "introspect", "topics")
 # What each domain may import of its siblings (besides the leaf modules of _kernel)
 ALLOWED = {
-    "channels": set(),
+    "channels": {"topics"},  # a released topic capability ends its topic (drop_cap)
     "naming": {"channels"},
-    "delegation": {"channels", "naming"},
+    "delegation": {"channels", "naming", "topics"},
     "region_requests": set(),
-    "introspect": set(),
+    "introspect": {"topics"},
+    "topics": set(),
 }
 
 
@@ -180,7 +181,7 @@ def _pump(p: subprocess.Popen) -> None:
 
 def test_every_request_has_one_handler():
     seen: dict[type, str] = {}
-    for module in (channels, naming, delegation, region_requests, introspect):
+    for module in (channels, naming, delegation, region_requests, introspect, topics):
         for kind in module.HANDLERS:
             assert kind not in seen, f"{kind.__name__} handled by {seen[kind]} and {module.__name__}"
             seen[kind] = module.__name__
@@ -193,7 +194,7 @@ def test_connections_sit_between_the_driver_and_the_domains():
     # never imports the driver, and no request domain reaches up into it.
     imported = _kernel_imports("connections")
     assert "kernel" not in imported
-    assert imported & set(DOMAINS) <= {"channels", "naming"}, sorted(imported & set(DOMAINS))
+    assert imported & set(DOMAINS) <= {"channels", "naming", "topics"}, sorted(imported & set(DOMAINS))
     for name in (*DOMAINS, "state"):
         assert "connections" not in _kernel_imports(name), f"{name}.py imports connections.py"
 
@@ -202,5 +203,5 @@ def test_hello_is_answered_by_connections_alone():
     from capbus._kernel import connections
 
     assert list(connections.HANDLERS) == [frames.Hello]
-    for module in (channels, naming, delegation, region_requests, introspect):
+    for module in (channels, naming, delegation, region_requests, introspect, topics):
         assert frames.Hello not in module.HANDLERS, module.__name__

@@ -46,6 +46,10 @@ KNOWN_OBJECT_PRIVATES: dict[tuple[str, str], str] = {
     **_known("capbus._runtime.process", "_channel_closed _channel_opened _closed _ctl _died "
              "_frame _grant_key _kernel_lost _lanes _lose _lost _mark_lanes _notify "
              "_origin _rebind _replay_access _served_by _server_pid", _RUNTIME_DOWN),
+    **_known("capbus._runtime.process", "_ended _joined _left",
+             _RUNTIME_DOWN + " (topics: the control thread's SubscriberJoined, SubscriberLeft "
+             "and TopicClosed reach their Publisher and Subscriber as ChannelOpened reaches a "
+             "Service)"),
     **_known("capbus._kernel.kernel", "_abandon _exited _kernel _popen _started",
              _KERNEL_CHILD),
     **_known("capbus._kernel.launcher", "_call _revoke_grant", _KERNEL_CHILD),

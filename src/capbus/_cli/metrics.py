@@ -114,6 +114,27 @@ def families(snap: dict[str, Any]) -> Iterator[Any]:
         gauge.add_metric((*key, "sent"), agg["sent_last_second"])
         gauge.add_metric((*key, "received"), agg["received_last_second"])
     yield gauge
+    yield GaugeMetricFamily("capbus_topics", "Published topics.",
+                            value=len({t.get("topic") for t in snap.get("topics", ())}))
+    published = CounterMetricFamily("capbus_topic_published", "Samples a topic's publisher "
+                                    "published.", labels=("topic", "publisher"))
+    seen: set[tuple[str, str]] = set()
+    for t in snap.get("topics", ()):
+        pair = (str(t.get("topic")), str(t.get("publisher")))
+        if pair not in seen:
+            seen.add(pair)
+            published.add_metric(pair, t.get("published", 0))
+    yield published
+    for field, text in (("delivered", "Samples put into a subscriber's ring."),
+                        ("dropped", "Samples a subscriber lost to drop-oldest (it was more than "
+                                    "its depth behind).")):
+        fam = CounterMetricFamily(f"capbus_topic_{field}", text,
+                                  labels=("topic", "publisher", "subscriber"))
+        for t in snap.get("topics", ()):
+            if t.get("subscriber"):
+                fam.add_metric((str(t.get("topic")), str(t.get("publisher")),
+                                str(t.get("subscriber"))), t.get(field, 0))
+        yield fam
 
 
 class Collector:

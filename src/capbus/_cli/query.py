@@ -90,8 +90,15 @@ class KernelSource:
                 raise
             channels = []
             errors.append(f"channels query failed: {type(exc).__name__}: {exc}")
+        try:
+            topics = self.query("topics")
+        except IpcError as exc:  # a kernel without topics: show the rest
+            if self._proc is None:
+                raise
+            topics = []
+            errors.append(f"topics query failed: {type(exc).__name__}: {exc}")
         return build(processes, services, channels, socket=self.socket_path or default_socket(),
-                     viewer=self.viewer, errors=errors)
+                     viewer=self.viewer, errors=errors, topics=topics)
 
 
 def snapshot(socket_path: str | None = None) -> dict[str, Any]:

@@ -147,8 +147,10 @@ def process_aggregate(process_id: int | None, channels: Iterable[dict[str, Any]]
 
 def build(processes: list[dict[str, Any]], services: list[dict[str, Any]],
           channels: list[dict[str, Any]], *, socket: str | None = None, now: float | None = None,
-          viewer: int | None = None, errors: Sequence[str] = ()) -> dict[str, Any]:
-    """A snapshot from the three queries' rows: every service and process row gets "stats"."""
+          viewer: int | None = None, errors: Sequence[str] = (),
+          topics: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """A snapshot from the queries' rows: every service and process row gets "stats"; topics
+    are the kernel's rows, one per subscription (published, delivered, taken, dropped)."""
     chans = [channel_view(c) for c in channels]
     svcs = []
     for s in services:
@@ -162,11 +164,13 @@ def build(processes: list[dict[str, Any]], services: list[dict[str, Any]],
         p["stats"] = process_aggregate(p.get("id"), chans)
         procs.append(p)
     totals = aggregate(chans)
-    totals.update(processes=len(procs), services=len(svcs), channels=len(chans))
+    totals.update(processes=len(procs), services=len(svcs), channels=len(chans),
+                  topics=len({t.get("topic") for t in topics}))
     return {
         "socket": socket, "time": time.time() if now is None else now,
         "monotonic": time.monotonic(), "viewer": viewer,
         "processes": procs, "services": svcs, "channels": chans, "totals": totals,
+        "topics": [dict(t) for t in topics],
         "errors": list(errors),
     }
 
@@ -284,6 +288,30 @@ def _channel_sort_rows(snap: dict[str, Any],
     return rows
 
 
+def topic_key(t: dict[str, Any]) -> tuple[Any, ...]:
+    return (t.get("topic"), t.get("publisher"), t.get("subscriber"))
+
+
+def _topic_sort_rows(snap: dict[str, Any], prev: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One row per subscription; delivered/s from the previous snapshot when there is one."""
+    before = {topic_key(t): t for t in (prev or {}).get("topics", ())}
+    dt = max(snap["monotonic"] - prev["monotonic"], 1e-6) if prev else None
+    rows = []
+    for t in snap.get("topics", ()):
+        was = before.get(topic_key(t))
+        rate = None
+        if dt is not None:
+            now_, then = _n(t, "delivered"), _n(was, "delivered") if was else 0
+            rate = (now_ - then if now_ >= then else now_) / dt
+        rows.append({
+            "topic": t.get("topic"), "publisher": t.get("publisher"),
+            "subscriber": t.get("subscriber") or None, "subscribers": _n(t, "subscribers"),
+            "published": _n(t, "published"), "delivered": _n(t, "delivered"),
+            "taken": _n(t, "taken"), "dropped": _n(t, "dropped"), "delivered/s": rate,
+        })
+    return sorted(rows, key=lambda r: (str(r["topic"]), r["subscriber"] or 0))
+
+
 def _add(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a + b
 
@@ -307,9 +335,11 @@ def sort_rows(rows: list[dict[str, Any]], by: str, rate_cols: Sequence[str],
 
 
 def view_rows(snap: dict[str, Any], chan_rates: dict[tuple[Any, ...], dict[str, Any]] | None = None,
-              sort: str = "rate") -> dict[str, list[dict[str, Any]]]:
-    """The three tables' rows (raw numbers), sorted: {"processes", "services", "channels"}."""
+              sort: str = "rate", prev: dict[str, Any] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """The tables' rows (raw numbers), sorted: {"processes", "services", "channels",
+    "topics"} (topics by name; prev: the snapshot before, for delivered/s)."""
     return {
+        "topics": _topic_sort_rows(snap, prev),
         "processes": sort_rows(_process_sort_rows(snap, chan_rates), sort, ("out/s", "in/s"), "name"),
         "services": sort_rows(_service_sort_rows(snap, chan_rates), sort, ("msg/s",), "name"),
         "channels": sort_rows(_channel_sort_rows(snap, chan_rates), sort, ("msg/s",), "service"),

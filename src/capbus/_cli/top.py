@@ -29,6 +29,7 @@ STATS_COLUMNS = {
     "channels": ("service", "server", "client", "index", "sent", "received", "bytes", "calls",
                  "replies", "timeouts", "refused", "dropped", "p50", "p99", "max", "msg/s",
                  "refused_by"),
+    "topics": ("topic", "publisher", "subscriber", "published", "delivered", "taken", "dropped"),
 }
 
 
@@ -45,7 +46,8 @@ def format_stats(snap: dict[str, Any], channels: bool = False, sort: str = "name
         LATENCY_NOTE + "; msg/s: messages in the last second",
         *(f"warning: {e}" for e in snap.get("errors") or ()),
     ]
-    sections = ["services", "processes"] + (["channels"] if channels else [])
+    sections = ["services", "processes"] + (["channels"] if channels else []) + (
+        ["topics"] if rows["topics"] else [])
     for name in sections:
         cols = STATS_COLUMNS[name]
         out += ["", name.upper(), render_text(rich_table(cells(rows[name], cols), cols))]
@@ -73,6 +75,8 @@ TOP_COLUMNS = {
                  "p99", "max", "refused", "refused/s", "timeouts"),
     "channels": ("service", "server", "client", "index", "msg/s", "recv/s", "bytes/s", "sent",
                  "p50", "p99", "refused", "dropped", "timeouts"),
+    "topics": ("topic", "publisher", "subscriber", "delivered/s", "published", "delivered",
+               "taken", "dropped"),
 }
 _TOP_CHANNEL_ROWS = 30
 
@@ -83,14 +87,16 @@ _TOP_DROP = {
     "services": ("kind", "refused/s", "max", "timeouts", "recv/s", "bytes/s", "clients", "calls",
                  "p50"),
     "channels": ("index", "dropped", "sent", "recv/s", "timeouts", "bytes/s", "p50", "server"),
+    "topics": ("taken", "published", "publisher"),
 }
 _NUMERIC = {"msg/s", "recv/s", "out/s", "in/s", "bytes/s", "calls", "p50", "p99", "max", "refused",
-            "refused/s", "timeouts", "sent", "dropped", "clients"}
+            "refused/s", "timeouts", "sent", "dropped", "clients", "delivered/s", "published",
+            "delivered", "taken"}
 
 
 def render_top(snap: dict[str, Any] | None, chan_rates: dict[tuple[Any, ...], dict[str, Any]] | None,
                sort: str, socket_path: str, error: str | None = None, interval: float = 1.0,
-               width: int = 200) -> Any:
+               width: int = 200, prev: dict[str, Any] | None = None) -> Any:
     """The screen of `capbus top` as a rich renderable (for a terminal `width` columns wide)."""
     from rich.console import Group
     from rich.text import Text
@@ -117,9 +123,11 @@ def render_top(snap: dict[str, Any] | None, chan_rates: dict[tuple[Any, ...], di
                          style="dim")]
     for e in snap.get("errors") or ():
         parts.append(Text(f"warning: {e}", style="yellow"))
-    rows = view_rows(snap, chan_rates, sort)
-    for name in ("processes", "services", "channels"):
-        shown = rows[name][:_TOP_CHANNEL_ROWS] if name == "channels" else rows[name]
+    rows = view_rows(snap, chan_rates, sort, prev)
+    for name in ("processes", "services", "channels", "topics"):
+        if name == "topics" and not rows[name]:
+            continue
+        shown = rows[name][:_TOP_CHANNEL_ROWS] if name in ("channels", "topics") else rows[name]
         title = name.upper() + (f" (top {_TOP_CHANNEL_ROWS} of {len(rows[name])})"
                                 if len(rows[name]) > len(shown) else "")
         texts = cells(shown, TOP_COLUMNS[name])
@@ -208,10 +216,11 @@ def run_top(socket_path: str | None, interval: float = 1.0, sort: str = "rate",
                 except (IpcError, OSError) as exc:
                     snap, error = None, f"{type(exc).__name__}: {exc}"
                 chan_rates = rates(prev, snap) if snap is not None else None
+                before = prev
                 if snap is not None:
                     prev = snap
                 live.update(render_top(snap, chan_rates, sort, shown_socket, error, interval,
-                                       console.width), refresh=True)
+                                       console.width, before), refresh=True)
                 frames += 1
                 if max_frames is not None and frames >= max_frames:
                     return 0
@@ -224,7 +233,8 @@ def run_top(socket_path: str | None, interval: float = 1.0, sort: str = "rate",
                         if ch.lower() in SORT_KEYS:
                             sort = SORT_KEYS[ch.lower()]
                             live.update(render_top(snap, chan_rates, sort, shown_socket, error,
-                                                   interval, console.width), refresh=True)
+                                                   interval, console.width, before),
+                                        refresh=True)
     except KeyboardInterrupt:
         return 0
     finally:

@@ -24,7 +24,7 @@ from .shm import CTRL_CHAIN_MAX
 
 MAX_CAPS = 4096
 _GEN_MASK = 0xFFFFFFFF
-RIGHTS = ("send", "receive", "share", "map", "read", "write")
+RIGHTS = ("send", "receive", "share", "map", "read", "write", "publish", "subscribe")
 LIMIT_KEYS = ("rate", "bandwidth", "max_message_size")
 # Kernel-unique capability ids (never reused while the kernel runs): they name the receivers'
 # token buckets, so a reused id would hand one capability another's budget.
@@ -118,7 +118,7 @@ def check_rights(rights: Any) -> frozenset[str]:
 
 @dataclass(eq=False)
 class Capability:
-    kind: str  # "endpoint" | "service" | "subscription" | "region"
+    kind: str  # "endpoint" | "service" | "subscription" | "region" | "topic" | "subscriber"
     target: Any  # the kernel object it names (a Service for endpoints and services)
     rights: frozenset[str] = frozenset()
     limits: CapLimits = field(default_factory=CapLimits)

@@ -14,6 +14,7 @@ import os
 from .._errors import InvalidCapability, IpcError, OutOfMemory, PeerDied, PermissionDenied
 from .._protocol import frames
 from . import audit as _audit
+from . import topics
 from .captable import Capability
 from .shm import STATE_CLOSED, STATE_REVOKED, ChannelShm
 from .state import (
@@ -219,6 +220,8 @@ def drop_cap(st: KernelState, out: Outbox, rec: ProcessRecord, cap: Capability) 
         st.subscribers.discard(rec)
     elif cap.kind == "region":
         cap.target.release()
+    elif cap.kind in ("topic", "subscriber"):
+        topics.drop_cap(st, out, rec, cap)
 
 
 def take_attached(st: KernelState, out: Outbox, ch: Channel, tag: int) -> Attached | None:

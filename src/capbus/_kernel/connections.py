@@ -23,7 +23,7 @@ from collections.abc import Callable
 from .._errors import IpcError, OutOfMemory, PermissionDenied, ProtocolError
 from .._protocol import frames
 from . import audit as _audit
-from . import channels, naming
+from . import channels, naming, topics
 from .launcher import Child
 from .listener import not_admitted
 from .policy import Access
@@ -217,6 +217,7 @@ class Connections:
         rec.services.clear()
         for ch in list(rec.channels):
             channels.close_channel(self._st, self._out, ch, STATE_PEER_DEAD)
+        topics.process_gone(self._st, self._out, rec)
         for request_id in list(rec.parked):
             naming.unpark(self._st, self._out, rec, request_id)
         self._st.subscribers.discard(rec)

@@ -14,7 +14,7 @@ from typing import Any
 from .._errors import InvalidCapability, IpcError, MessageTooLarge, OutOfMemory, PeerDied, PermissionDenied
 from .._protocol import frames
 from . import audit as _audit
-from . import channels, naming
+from . import channels, naming, topics
 from .captable import Capability, CapLimits, check_rights
 from .launcher import Child
 from .shm import STATE_REVOKED
@@ -37,8 +37,19 @@ MAX_PENDING_PER_CLIENT = 1024  # of those, what one client process may have wait
 
 def on_restrict(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Restrict,
                 rid: int) -> frames.Frame:
-    cap = rec.caps.get(msg.handle, "endpoint")
+    cap = rec.caps.get(msg.handle)
+    if cap.kind not in ("endpoint", "topic"):
+        raise InvalidCapability(f"handle {msg.handle:#x} is a {cap.kind}: only endpoints and "
+                                "topics can be restricted")
     rights = cap.rights if msg.rights is None else check_rights(msg.rights)
+    if cap.kind == "topic":  # a topic capability to hand on (share, subscribe; never publish)
+        if "publish" in rights:
+            raise PermissionDenied("a topic has one publisher: a restricted topic capability "
+                                   "may carry subscribe and share, not publish")
+        child = topics.restrict(st, rec, cap, frozenset(rights))
+        out.audit(_audit.RESTRICT, rec, child, cap.target.name,
+                  f"from {cap.handle:#x}: rights {sorted(rights)}")
+        return topics.granted(child)
     asked = CapLimits.from_request(msg.limits)
     limits = cap.limits.tightened(asked.rate, asked.bandwidth, asked.max_message_size,
                                   asked.expires_at)
@@ -85,6 +96,8 @@ def revoke(st: KernelState, out: Outbox, cap: Capability, by: ProcessRecord | No
                 del owner.endpoints[id(c.target)]
             if c.kind == "endpoint" and c.watched:
                 c.target.owner.watched_by.discard((owner, c.handle))
+            if c.kind in ("topic", "subscriber"):
+                topics.drop_cap(st, out, owner, c, revoked=True)
         for ch in list(c.extra.get("channels", ())):
             channels.close_channel(st, out, ch, STATE_REVOKED)
     cap.detach()
@@ -121,7 +134,12 @@ def _attach(st: KernelState, out: Outbox, rec: ProcessRecord, via_handle: int, i
         raise InvalidCapability(f"channel {index} is not one of this process's lanes")
     if len(set(region_handles)) != len(region_handles):
         raise ValueError("a region is attached twice to one message")
-    caps = [rec.caps.get(h, "endpoint") for h in cap_handles]
+    caps = [rec.caps.get(h) for h in cap_handles]
+    for cap in caps:
+        if cap.kind not in ("endpoint", "topic") or (cap.kind == "topic" and "publish" in cap.rights):
+            raise InvalidCapability(
+                f"handle {cap.handle:#x} ({cap.kind}) cannot be passed on: endpoints, and topic "
+                "capabilities made with restrict (a publisher's own cannot), can")
     regions = [rec.caps.get(h, "region") for h in region_handles]
     for cap in caps + ([] if move else regions):
         if "share" not in cap.rights:
@@ -266,6 +284,10 @@ def _claim_row(child: Capability) -> dict[str, Any]:
     if child.kind == "region":
         return {"kind": "region", "handle": frames.U64_MAX, "size": child.target.size,
                 "rights": sorted(child.rights)}
+    if child.kind == "topic":
+        return {"kind": "topic", "handle": frames.U64_MAX,
+                "process_id": child.target.owner.process_id, "name": child.target.name,
+                "rights": sorted(child.rights), "limits": {}}
     svc: ServiceRecord = child.target
     return {"kind": "endpoint", "handle": frames.U64_MAX, "process_id": svc.owner.process_id,
             "name": svc.name, "rights": sorted(child.rights), "limits": child.limits.wire()}

@@ -11,6 +11,7 @@ from typing import Any
 from .._errors import InvalidCapability, PermissionDenied, ProcessNotFound
 from .._protocol import frames
 from .._protocol.connection import State
+from . import topics
 from .captable import Capability
 from .state import (
     Handler,
@@ -35,13 +36,18 @@ def on_query(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Query
     if rec.restricted or rec.sandboxed:  # the tables name every service: not for one
         raise PermissionDenied("a sandboxed process, or one under a lookup list, may not "
                                "list the kernel's tables")
-    if msg.what not in ("processes", "services", "caps", "channels"):
-        raise ValueError(f"unknown query {msg.what!r}: processes, services, caps or channels")
+    if msg.what not in ("processes", "services", "caps", "channels", "topics"):
+        raise ValueError(f"unknown query {msg.what!r}: processes, services, caps, channels "
+                         "or topics")
     table = rows(st, msg.what, msg.process_id)
     return frames.Rows(_page(table, msg.offset, msg.limit), len(table))
 
 
 def rows(st: KernelState, what: str, process_id: int = 0) -> list[dict[str, Any]]:
+    if what == "topics":
+        # One row per subscription: published (the publisher's pool header), delivered,
+        # taken and dropped (the ring's counters), read through the kernel's own mappings.
+        return topics.rows(st)
     if what == "channels":
         # The counters both ends keep in the channel's header page, read through the
         # kernel's own mapping: watching costs the watched processes nothing.

@@ -38,7 +38,7 @@ from .._protocol import frames
 from .._protocol.connection import State
 from .._protocol.names import check_name
 from . import audit as _audit
-from . import channels, connections, delegation, introspect, naming, region_requests
+from . import channels, connections, delegation, introspect, naming, region_requests, topics
 from .captable import Capability
 from .connections import Connections
 from .grants import GrantSpec, combine_grants, parse_grants, parse_lookup
@@ -113,7 +113,8 @@ class Kernel:
         # frame type -> handler(rec, msg, request_id): each domain module's HANDLERS, bound to
         # this kernel's state and outbox (Hello is the connections' own: it admits or refuses).
         self._handlers: dict[type, Callable[[ProcessRecord, Any, int], frames.Frame | None]] = {}
-        for domain in (connections, naming, channels, delegation, region_requests, introspect):
+        for domain in (connections, naming, channels, delegation, region_requests, introspect,
+                       topics):
             for kind, handler in domain.HANDLERS.items():
                 self._handlers[kind] = functools.partial(handler, self._st, self._out)
         self.access = self.policy.access

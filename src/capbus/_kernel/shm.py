@@ -1,4 +1,5 @@
-"""The shared-memory objects the kernel creates: service doorbells, channels, control pages.
+"""The shared-memory objects the kernel creates: service doorbells, channels, control pages,
+topic pools and subscription rings.
 
 Only the kernel creates memfds. Each is sealed against shrinking and growing (a peer that could
 truncate a mapping under the other end would crash it with SIGBUS); a control page is also sealed
@@ -20,9 +21,11 @@ import contextlib
 import fcntl
 import mmap
 import os
+import struct
 from typing import TYPE_CHECKING
 
 from .. import _layout
+from .. import _topic_layout as _topic
 from .._mapping import Mapping
 
 if TYPE_CHECKING:  # annotations only (captable imports this module)
@@ -190,3 +193,103 @@ def _spare_read_end(fd: int) -> int:
 
 def _page_round(n: int) -> int:
     return (n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+
+
+# ---- topics (see capbus._topic_layout and _kernel/topics.py) ----------------------------------
+
+_TOPIC_POOL_SEALS = _BASE_SEALS | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
+
+
+def make_topic_pool(size: int) -> int:
+    """A topic's sample pool: unsealed until its publisher has mapped it writable (seal_topic_pool)."""
+    return _memfd("topic-pool", size)
+
+
+def seal_topic_pool(fd: int, size: int) -> Mapping:
+    """Seal a pool so that nobody can ever get a new writable mapping of it (the publisher's,
+    made before, stays writable), and check the seals and size took: a subscriber is handed
+    only a pool it cannot write. Returns the kernel's read-only view of its header page."""
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _TOPIC_POOL_SEALS)
+    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    if seals & _TOPIC_POOL_SEALS != _TOPIC_POOL_SEALS or os.fstat(fd).st_size != size:
+        raise OSError(f"a topic pool's seals did not take ({seals:#x})")
+    return Mapping(fd, _topic.PAGE, writable=False)
+
+
+class TopicSubShm:
+    """One subscription's memfds as the kernel keeps them: the control page (its only writer,
+    sealed against everyone else) and the first page of the ring (counters, the wake word)."""
+
+    def __init__(self, publisher: int, slots: int, slot_size: int, max_size: int, depth: int,
+                 max_held: int, index: int) -> None:
+        self.ctrl_fd = self.ring_fd = self.event_fd = -1
+        self._ctrl: Mapping | None = None
+        self._ring: Mapping | None = None
+        try:
+            relcap = _topic.relcap_for(depth, max_held)
+            self.ctrl_fd = _memfd("topic-control", _topic.CTRL_SIZE)
+            self._ctrl = Mapping(self.ctrl_fd, _topic.CTRL_SIZE)
+            c = self._ctrl.buf
+            for off, value in ((_topic.CTRL_PUBLISHER_OFF, publisher),
+                               (_topic.CTRL_SLOT_SIZE_OFF, slot_size),
+                               (_topic.CTRL_MAX_SIZE_OFF, max_size),
+                               (_topic.CTRL_MAGIC_OFF, _topic.CTRL_MAGIC)):
+                _layout.atomic_store_u64(c, off, value)
+            for off, value in ((_topic.CTRL_SLOTS_OFF, slots), (_topic.CTRL_DEPTH_OFF, depth),
+                               (_topic.CTRL_MAX_HELD_OFF, max_held),
+                               (_topic.CTRL_RELCAP_OFF, relcap),
+                               (_topic.CTRL_STATE_OFF, STATE_OPEN)):
+                _layout.atomic_store_u32(c, off, value)
+            fcntl.fcntl(self.ctrl_fd, fcntl.F_ADD_SEALS,
+                        _BASE_SEALS | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL)
+            self.ring_fd = _memfd("topic-ring", _topic.ring_size(depth, relcap))
+            fcntl.fcntl(self.ring_fd, fcntl.F_ADD_SEALS, _BASE_SEALS | fcntl.F_SEAL_SEAL)
+            self._ring = Mapping(self.ring_fd, _topic.PAGE)
+            self.event_fd = make_eventfd()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def ring(self) -> ctypes.Array[ctypes.c_char]:
+        assert self._ring is not None
+        return self._ring.buf
+
+    def set_state(self, state: int, reason: int) -> None:
+        """Kernel-written: the subscription is over; wake a subscriber asleep on its ring."""
+        if self._ctrl is None or self._ring is None:
+            return
+        _layout.atomic_store_u32(self._ctrl.buf, _topic.CTRL_REASON_OFF, reason)
+        _layout.atomic_store_u32(self._ctrl.buf, _topic.CTRL_STATE_OFF, state)
+        ring = self._ring.buf
+        # Any change of the wake word wakes it (the publisher bumps it too: a lost increment
+        # costs nothing, the subscriber re-reads the control page whenever it wakes).
+        woke = struct.unpack_from("<I", ring, _topic.R_WAKE_OFF)[0]
+        _layout.atomic_store_u32(ring, _topic.R_WAKE_OFF, (woke + 1) & 0xFFFFFFFF)
+        _layout.futex_wake(ring, _topic.R_WAKE_OFF)
+        _layout.futex_wake(ring, _topic.R_PUB_WAKE_OFF)
+
+    def stats(self) -> dict[str, int]:
+        """The ring's counters (untrusted numbers: both ends write them)."""
+        if self._ring is None:
+            return {"delivered": 0, "taken": 0, "dropped": 0}
+        raw = self._ring.buf
+
+        def u64(off: int) -> int:
+            return int(struct.unpack_from("<Q", raw, off)[0])
+
+        return {"delivered": u64(_topic.R_DELIVERED_OFF), "taken": u64(_topic.R_TAKEN_OFF),
+                "dropped": u64(_topic.R_DROPPED_OFF)}
+
+    def drop_fds(self) -> None:
+        for fd in (self.ctrl_fd, self.ring_fd, self.event_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.ctrl_fd = self.ring_fd = self.event_fd = -1
+
+    def close(self) -> None:
+        self.drop_fds()
+        for m in (self._ctrl, self._ring):
+            if m is not None:
+                m.close()
+        self._ctrl = self._ring = None

@@ -244,6 +244,8 @@ class ProcessRecord:
     revoked_services: set[tuple[str, str]] = field(default_factory=set)  # (kind, name)
     usage: UidUsage | None = None  # its uid's, while counted
     sandboxed: bool = False  # launched inside a capbus.Sandbox (Landlock + seccomp)
+    topics: list[Any] = field(default_factory=list)  # topics.TopicRecord it publishes
+    topic_subs: set[Any] = field(default_factory=set)  # topics.SubRecord it holds
 
     @property
     def restricted(self) -> bool:
@@ -303,6 +305,7 @@ class KernelState:
         self.names: Registry[ServiceRecord] = Registry("service name")
         self.packages: Registry[ServiceRecord] = Registry("package")
         self.subscribers: set[ProcessRecord] = set()
+        self.topics: Registry[Any] = Registry("topic")  # name -> topics.TopicRecord
         # (kind, key) -> the parked lookups waiting for it, oldest first (a dict: O(1) removal)
         self.waiters: dict[tuple[str, str], dict[tuple[ProcessRecord, int], None]] = {}
         # Parked lookups per client (see client_key) and per uid: KernelLimits.parked_lookups*

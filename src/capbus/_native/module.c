@@ -12,7 +12,9 @@
  *     (wait modes, tunables, contention), gil_lock.h, sleep.c (eventfds, kicks, the sleep watchdog)
  *   Python glue: primitives.c, mapping.c, helpers.c (channel geometry, for the kernel too),
  *     convert.c, objcache.h, metrics.h/.c, zbuf.c, zbuf_release.c, request.c, message.c,
- *     dumpable.c
+ *     dumpable.c, topic_view.c (SampleView: a topic sample's views), topic.h (a topic's
+ *     layout), topic_pub.c (TopicPub), topic_sample.c (Sample),
+ *     topic_sub.c (TopicSub)
  *   one binding per type: lane*.c (Lane), serverset.h, ss_*.c, serverset.c (ServerSet),
  *     bases.c (EndpointBase, ServiceBase)
  * The trusted kernel imports none of this: capbus._layout (layout_module.c) is built from the few
@@ -88,6 +90,11 @@
 #include "bases.c"
 #include "metrics.c"
 #include "dumpable.c"
+#include "topic_view.c"
+#include "topic.h"
+#include "topic_pub.c"
+#include "topic_sample.c"
+#include "topic_sub.c"
 
 static PyObject *py_crc32(PyObject *self, PyObject *args)
 {
@@ -269,7 +276,9 @@ PyMODINIT_FUNC PyInit__core(void)
     MessageType.tp_base = &PyTuple_Type;
     if (PyType_Ready(&MessageType) < 0 || PyType_Ready(&LaneType) < 0 ||
         PyType_Ready(&ServerSetType) < 0 ||
-        PyType_Ready(&RequestType) < 0 || PyType_Ready(&ZBufType) < 0 ||
+        PyType_Ready(&RequestType) < 0 || PyType_Ready(&ZBufType) < 0 || PyType_Ready(&SampleViewType) < 0 ||
+        PyType_Ready(&TopicPubType) < 0 || PyType_Ready(&TopicSubType) < 0 ||
+        PyType_Ready(&TopicSampleType) < 0 ||
         PyType_Ready(&EndpointBaseType) < 0 || PyType_Ready(&ServiceBaseType) < 0)
         return NULL;
     if (!(int_zero = PyLong_FromLong(0)))
@@ -301,6 +310,15 @@ PyMODINIT_FUNC PyInit__core(void)
         PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0 ||
         PyModule_AddObject(m, "ServerSet", (PyObject *)&ServerSetType) < 0 ||
         PyModule_AddObject(m, "Request", (PyObject *)&RequestType) < 0)
+        goto fail;
+    Py_INCREF(&SampleViewType);
+    Py_INCREF(&TopicPubType);
+    Py_INCREF(&TopicSubType);
+    Py_INCREF(&TopicSampleType);
+    if (PyModule_AddObject(m, "SampleView", (PyObject *)&SampleViewType) < 0 ||
+        PyModule_AddObject(m, "TopicPub", (PyObject *)&TopicPubType) < 0 ||
+        PyModule_AddObject(m, "TopicSub", (PyObject *)&TopicSubType) < 0 ||
+        PyModule_AddObject(m, "Sample", (PyObject *)&TopicSampleType) < 0)
         goto fail;
     Py_INCREF(&EndpointBaseType);
     Py_INCREF(&ServiceBaseType);
@@ -361,6 +379,9 @@ PyMODINIT_FUNC PyInit__core(void)
         C(LM_INLINE_OFF), C(LM_INLINE_SIZE), C(REGION_PERM_READ), C(CHUNK_ALIGN),
         C(WAIT_SPIN), C(WAIT_ADAPTIVE), C(WAIT_BLOCK), C(DEFAULT_SPIN_NS),
         C(SLEEP_CAP_NS), C(SLICE_NS), C(FULL_SCAN_NS), C(BATCH_MAX),
+        C(TP_POOL_PUBLISHED_OFF), C(TP_POOL_HEADER), C(TP_R_HEAD_OFF), C(TP_R_WAKE_OFF), C(TP_R_PUB_WAITING_OFF), C(TP_R_REL_TAIL_OFF),
+        C(TP_R_DELIVERED_OFF), C(TP_R_SLEEPING_OFF), C(TP_R_PUB_WAKE_OFF), C(TP_R_REL_HEAD_OFF), C(TP_R_TAKEN_OFF), C(TP_R_DROPPED_OFF),
+        C(TP_R_ENTRIES_OFF), C(TP_ENTRY_SIZE), C(TP_ST_WRITTEN), C(TP_ST_TAKEN), C(TP_ST_BUSY),
         {"DEFAULT_RESP_RING_OFF", REQ_RING_OFF + RING_SLOTS_OFF + DEFAULT_NSLOTS * SLOT_SIZE},
         {"RESP_TAIL_OFF", REQ_RING_OFF + RING_SLOTS_OFF + DEFAULT_NSLOTS * SLOT_SIZE + RING_TAIL_OFF},
 #undef C

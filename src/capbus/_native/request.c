@@ -28,6 +28,7 @@ typedef struct {
     uint64_t plen;        /* payload bytes */
     PyObject *regions;    /* NULL reads as () */
     PyObject *caps;       /* NULL reads as () */
+    PyObject *topics;     /* topic capabilities that came with it; NULL reads as () */
     uint64_t tag;
     uint64_t capability;
     uint64_t sender;
@@ -48,6 +49,7 @@ static int Request_traverse(RequestObject *R, visitproc visit, void *arg)
     Py_VISIT(R->data_t);
     Py_VISIT(R->regions);
     Py_VISIT(R->caps);
+    Py_VISIT(R->topics);
     return 0;
 }
 
@@ -57,6 +59,7 @@ static HOT int Request_clear(RequestObject *R)
     Py_CLEAR(R->data_t);
     Py_CLEAR(R->regions);
     Py_CLEAR(R->caps);
+    Py_CLEAR(R->topics);
     return 0;
 }
 
@@ -102,7 +105,7 @@ static HOT RequestObject *request_alloc(void)
         RequestObject *R = (RequestObject *)free_list_pop(&req_free_list);
         if (R) {
             PyObject_Init((PyObject *)R, &RequestType);
-            R->data_t = R->regions = R->caps = NULL;
+            R->data_t = R->regions = R->caps = R->topics = NULL;
             R->zbuf = NULL;
             R->done = 0;
             PyObject_GC_Track(R);
@@ -336,6 +339,20 @@ static int Request_set_caps(RequestObject *R, PyObject *v, void *c)
     return 0;
 }
 
+static PyObject *Request_get_topics(RequestObject *R, void *c)
+{
+    PyObject *v = R->topics ? R->topics : empty_tuple;
+    Py_INCREF(v);
+    return v;
+}
+
+static int Request_set_topics(RequestObject *R, PyObject *v, void *c)
+{
+    Py_XINCREF(v);
+    Py_XSETREF(R->topics, v);
+    return 0;
+}
+
 static PyObject *Request_repr(RequestObject *R)
 {
     PyObject *data = Request_get_data(R, NULL);
@@ -467,6 +484,8 @@ static PyGetSetDef Request_getset[] = {
      "shared regions (set by the runtime)", NULL},
     {"caps", (getter)Request_get_caps, (setter)Request_set_caps,
      "capabilities (set by the runtime)", NULL},
+    {"topics", (getter)Request_get_topics, (setter)Request_set_topics,
+     "topic capabilities (set by the runtime)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

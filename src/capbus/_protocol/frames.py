@@ -347,6 +347,49 @@ class Grant(Frame):
     timeout_ms: int = 0
 
 
+@message(25, KIND_REQUEST, name="str", max_size="u64", history="u64", overflow="str",
+         allow="strs?", max_subscribers="u64", max_depth="u64", max_held="u64")
+class PublishTopic(Frame):
+    """Own the topic `name` (one publisher per name): the kernel sizes and makes its sample
+    pool and answers TopicCreated with the pool's fd. Nobody can subscribe until SealTopic."""
+
+    name: str
+    max_size: int
+    history: int = 0
+    overflow: str = "drop-oldest"
+    allow: list[str] | None = None
+    max_subscribers: int = 8
+    max_depth: int = 16
+    max_held: int = 8
+
+
+@message(26, KIND_REQUEST, handle="u64")
+class SealTopic(Frame):
+    """The publisher has mapped its pool writable: the kernel seals it against every other
+    write and opens the topic to subscribers."""
+
+    handle: int
+
+
+@message(27, KIND_REQUEST, name="str", depth="u64", handle="u64")
+class SubscribeTopic(Frame):
+    """By name (the topic's allowlist decides), or through a topic capability with the
+    subscribe right (handle: one this process was handed; its name is ignored)."""
+
+    name: str
+    depth: int = 0  # 0: the topic's max_depth
+    handle: int = 0
+
+
+@message(28, KIND_REQUEST, handle="u64", index="u64", reason="str")
+class DropSubscriber(Frame):
+    """The publisher cuts one subscriber off (it held or released what it may not)."""
+
+    handle: int
+    index: int
+    reason: str
+
+
 @message(10, KIND_REQUEST, what="str", offset="u64", limit="u64", process_id="u64")
 class Query(Frame):
     """Introspection for the CLI: "processes", "services" or "caps" (of process_id); paged."""
@@ -431,6 +474,32 @@ class RegionGranted(Frame):
     rights: list[str] | None = None
 
 
+@message(73, KIND_RESPONSE, fds=1, handle="u64", nslots="u64", slot_size="u64")
+class TopicCreated(Frame):
+    """A topic capability (publish, subscribe) and its sample pool's memfd, to map writable
+    before SealTopic."""
+
+    handle: int
+    nslots: int
+    slot_size: int
+
+
+@message(74, KIND_RESPONSE, fds=4, handle="u64", index="u64", publisher="u64", nslots="u64",
+         slot_size="u64", max_size="u64", depth="u64", max_held="u64")
+class TopicSubscribed(Frame):
+    """A subscription (subscribe right): the sealed pool, the subscription's control page
+    (sealed), its ring and its eventfd."""
+
+    handle: int
+    index: int
+    publisher: int
+    nslots: int
+    slot_size: int
+    max_size: int
+    depth: int
+    max_held: int
+
+
 @message(70, KIND_RESPONSE, rows="rows", total="u64")
 class Rows(Frame):
     rows: list[dict[str, Any]]
@@ -487,6 +556,33 @@ class GrantRevoked(Frame):
     key: str
 
 
+@message(133, KIND_EVENT, fds=2, handle="u64", index="u64", process_id="u64", depth="u64")
+class SubscriberJoined(Frame):
+    """To a publisher: a subscriber joined (fds: the subscription's ring and eventfd)."""
+
+    handle: int
+    index: int
+    process_id: int
+    depth: int
+
+
+@message(134, KIND_EVENT, handle="u64", index="u64")
+class SubscriberLeft(Frame):
+    """To a publisher: that subscriber is gone (closed, died, revoked, cut off): every
+    sample it held is free."""
+
+    handle: int
+    index: int
+
+
+@message(135, KIND_EVENT, handle="u64", reason="u64")
+class TopicClosed(Frame):
+    """To a subscriber: its subscription ended (reason: _topic_layout.REASON_*)."""
+
+    handle: int
+    reason: int
+
+
 # Which responses a request may legitimately get (Error always may).
 RESPONSES: dict[type[Frame], tuple[type[Frame], ...]] = {
     Hello: (Welcome,),
@@ -513,6 +609,10 @@ RESPONSES: dict[type[Frame], tuple[type[Frame], ...]] = {
     CreateRegion: (RegionGranted,),
     MapRegion: (RegionGranted,),
     SealRegion: (Ok,),
+    PublishTopic: (TopicCreated,),
+    SealTopic: (Ok,),
+    SubscribeTopic: (TopicSubscribed,),
+    DropSubscriber: (Ok,),
 }
 
 

@@ -29,6 +29,7 @@ from .loan import Loan
 from .message import OBJECT_FLAG, TRANSFER_FLAG, USER_FLAGS, Message, bad_flags
 from .region import Region
 from .room import until_room, until_room_async
+from .topic import TopicCapability
 from .wait import readable, timeout_ns
 
 if TYPE_CHECKING:
@@ -90,15 +91,16 @@ class Endpoint(_core.EndpointBase):
 
     def _call_slow(self, opcode: int, data: _core.Data = (), payload: _core.Payload = b"",
                    timeout: float | None = None, flags: int = 0,
-                   caps: Iterable[Endpoint] = (), regions: Iterable[Region] = (),
+                   caps: Iterable[Endpoint | TopicCapability] = (), regions: Iterable[Region] = (),
                    move: bool = False) -> Message:
         """call(): send a request and wait for the reply.
 
         Timeout cancels the transaction (a late reply is dropped); PeerDied if the server exits;
         ValueError / MessageTooLarge / RateLimitExceeded before anything is sent if the arguments
         or the capability's limits do not allow it. caps: capabilities to delegate with it (each
-        needs the share right); they arrive as req.caps. regions: shared memory regions to pass
-        on, arriving as req.regions; move=True transfers them (this side loses them), else
+        needs the share right); they arrive as req.caps (TopicCapabilities as req.topics).
+        regions: shared memory regions to pass on, arriving as req.regions; move=True transfers
+        them (this side loses them), else
         they are shared (needs the share right).
         """
         lane = self._local.__dict__.get("lane") or self._thread_lane()
@@ -123,7 +125,7 @@ class Endpoint(_core.EndpointBase):
     # ---- asynchronous messages ----------------------------------------------------------------
 
     def _send_async_slow(self, opcode: int, data: _core.Data = (), payload: _core.Payload = b"",
-                         flags: int = 0, caps: Iterable[Endpoint] = (),
+                         flags: int = 0, caps: Iterable[Endpoint | TopicCapability] = (),
                          regions: Iterable[Region] = (), move: bool = False,
                          timeout: float | None = 0) -> None:
         """send_async(): queue a one-way message. timeout=0 (the default) never blocks:
@@ -622,16 +624,16 @@ class Endpoint(_core.EndpointBase):
         self._local.lane = lane
         return lane
 
-    def _delegate(self, lane: LaneHandle, caps: Iterable[Endpoint], regions: Iterable[Region],
-                  move: bool) -> int:
+    def _delegate(self, lane: LaneHandle, caps: Iterable[Endpoint | TopicCapability],
+                  regions: Iterable[Region], move: bool) -> int:
         """Attach capabilities to the next message on this lane (bound to its tag), in one
         request: over the service's bounds (max_caps, max_regions, max_region_bytes) the kernel
         refuses them all with MessageTooLarge, and nothing is sent."""
         tag = lane.native.last_tag + 1
         caps, regions = list(caps), list(regions)
         for cap in caps:
-            if not isinstance(cap, Endpoint) or cap._session is not self._session:
-                raise TypeError("caps must be Endpoints held by this Process")
+            if not isinstance(cap, (Endpoint, TopicCapability)) or cap._session is not self._session:
+                raise TypeError("caps must be Endpoints or TopicCapabilities held by this Process")
         for region in regions:
             if not isinstance(region, Region) or not region.held_by(self._session):
                 raise TypeError("regions must be Regions held by this Process")

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypedDict, Unpack
 
 from .. import _core, _paths, _protect
-from .._errors import IpcError, KernelUnavailable, PermissionDenied
+from .._errors import IpcError, KernelUnavailable, PermissionDenied, ServiceNotFound
 from .._protocol import frames
 from .._protocol.names import check_grant_key, check_name
 from .control import Control
@@ -35,6 +35,7 @@ from .region import Region, region_from
 from .service import Service
 from .session import Session
 from .subscription import Subscription
+from .topic import Publisher, Subscriber, TopicCapability
 
 log = logging.getLogger("capbus")
 WAIT_MODES = ("adaptive", "spin", "block")
@@ -269,12 +270,84 @@ class Process:
                 self._session.subscriptions[reply.handle] = sub
         return sub
 
+    # ---- topics -------------------------------------------------------------------------------
+
+    def publish(self, name: str, *, max_size: int = 4096, history: int = 0,
+                overflow: str = "drop-oldest", allow: list[str | int] | None = None,
+                max_subscribers: int = 8, max_depth: int = 16, max_held: int = 8) -> Publisher:
+        """Publish the topic `name` (one publisher per name: NameTaken): samples of at most
+        max_size bytes, written once into memory this process owns and read in place by every
+        subscriber. history: the last N samples a late subscriber gets first. overflow:
+        "drop-oldest" (a subscriber more than its depth behind loses its oldest samples,
+        counted; nobody waits) or "block" (publish waits for room, or WouldBlock).
+        allow: who may subscribe (as for register). max_subscribers, max_depth (the deepest
+        ring a subscriber may ask for) and max_held (samples one subscriber may hold besides
+        its ring) size the pool: max_size x (history + 4 + max_subscribers x (max_depth +
+        max_held) + 1) bytes, counted against this uid's region bytes."""
+        check_name(name, "topic name")
+        frame = frames.PublishTopic(name, max_size, history, overflow, _allow(allow),
+                                    max_subscribers, max_depth, max_held)
+        reply, fds = self._request_fds(frame)
+        assert isinstance(reply, frames.TopicCreated)
+        ctl = self._session.control
+        try:
+            pub = Publisher(self._session, reply.handle, name, fds[0], reply.nslots,
+                            reply.slot_size, max_size, history, overflow, max_held)
+        except BaseException:
+            self._session.request_nowait(frames.Release(reply.handle), via=ctl)
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        with self._lock:
+            self._session.publishers[reply.handle] = pub
+        try:
+            self._request(frames.SealTopic(reply.handle), via=ctl)
+        except BaseException:
+            pub.close()
+            raise
+        return pub
+
+    def subscribe(self, name: str | TopicCapability, depth: int = 0,
+                  timeout: float = 0) -> Subscriber:
+        """Subscribe to the topic `name`: ServiceNotFound unless it is published within
+        `timeout` seconds. depth: how many samples may wait for this subscriber before it
+        loses the oldest (0: the topic's max_depth, also the most it may ask for).
+        name may be a TopicCapability this process holds (handed on by the publisher or
+        someone it shared it with): the capability is the authority, not the allowlist."""
+        handle = 0
+        if isinstance(name, TopicCapability):
+            handle, name = name.handle, name.name
+        check_name(name, "topic name")
+        deadline = time.monotonic() + timeout
+        pause = 0.002
+        while True:
+            try:
+                reply, fds = self._request_fds(frames.SubscribeTopic(name, depth, handle))
+                break
+            except ServiceNotFound:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 0.05)
+        assert isinstance(reply, frames.TopicSubscribed)
+        try:
+            sub = Subscriber(self._session, reply, name, fds)
+        except BaseException:
+            self._session.request_nowait(frames.Release(reply.handle))
+            raise
+        with self._lock:
+            self._session.subscribers[reply.handle] = sub
+        return sub
+
     # ---- introspection ------------------------------------------------------------------------
 
     def query(self, what: str, process_id: int = 0, *,
               timeout: float | None = None) -> list[dict[str, Any]]:
         """The kernel's tables, for tools (the `capbus` command, metrics): every row of
-        "processes", "services", "channels" (with their counters), or "caps" (of process_id),
+        "processes", "services", "channels" (with their counters), "topics" (one row per
+        subscription, with its counters), or "caps" (of process_id),
         as dicts; the kernel answers in pages, this follows them all.
 
         Only the kernel's own user (or root) may ask, and not from a sandboxed process or one
@@ -335,6 +408,19 @@ class Process:
 
     def _on_event(self, msg: frames.Frame, fds: list[int]) -> None:
         """Called on the control reader thread."""
+        if isinstance(msg, frames.SubscriberJoined):
+            pub = self._session.publishers.get(msg.handle)
+            if pub is not None:
+                pub._joined(msg, fds)
+                return
+        elif isinstance(msg, frames.SubscriberLeft):
+            pub = self._session.publishers.get(msg.handle)
+            if pub is not None:
+                pub._left(msg.index)
+        elif isinstance(msg, frames.TopicClosed):
+            tsub = self._session.subscribers.get(msg.handle)
+            if tsub is not None:
+                tsub._ended(msg.reason)
         if isinstance(msg, frames.ChannelOpened):
             svc = self._session.services.get(msg.handle)
             if svc is not None:

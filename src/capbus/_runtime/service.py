@@ -26,10 +26,11 @@ from .. import _core
 from .._errors import IpcError, KernelUnavailable, RemoteError, Timeout
 from .._fdlimit import raise_fd_limit
 from .._protocol import frames
-from .endpoint import received_endpoint
+from .endpoint import Endpoint, received_endpoint
 from .interface import Dispatcher, Interface
 from .message import TRANSFER_FLAG, Message, Request
 from .region import Region, region_from
+from .topic import TopicCapability
 from .wait import ADAPTIVE_SPIN_NS, EVENT_POLL, WAIT_CODES, readable, readable_any, timeout_ns
 
 if TYPE_CHECKING:
@@ -617,15 +618,21 @@ class Service(_core.ServiceBase):
             return
         assert isinstance(reply, frames.Rows)
         self.dropped_attachments += max(0, reply.total - len(reply.rows))
-        caps, regions = [], []
+        caps: list[Endpoint] = []
+        topics: list[TopicCapability] = []
+        regions: list[Region] = []
         for row in reply.rows:
-            if row.pop("kind") == "region":
+            kind = row.pop("kind")
+            if kind == "region":
                 region = self._map_claimed(row["handle"])
                 if region is not None:
                     regions.append(region)
+            elif kind == "topic":
+                topics.append(TopicCapability(self._session, frames.Granted(**row),
+                                              received=True))
             else:
                 caps.append(received_endpoint(self._session, frames.Granted(**row)))
-        req.caps, req.regions = tuple(caps), tuple(regions)
+        req.caps, req.regions, req.topics = tuple(caps), tuple(regions), tuple(topics)
 
     def _map_claimed(self, handle: int) -> Region | None:
         """A claimed region, mapped as its seals allow; None (and the capability given back) if

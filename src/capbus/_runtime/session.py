@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .region import Region
     from .service import Service
     from .subscription import Subscription
+    from .topic import Publisher, Subscriber
 
 
 class Session:
@@ -51,6 +52,9 @@ class Session:
             weakref.WeakValueDictionary()
         )
         self.lane_endpoints: weakref.WeakSet[Endpoint] = weakref.WeakSet()  # with lanes open
+        # Topics, held until closed like the capabilities they stand for
+        self.publishers: dict[int, Publisher] = {}
+        self.subscribers: dict[int, Subscriber] = {}
 
     # ---- the connection -----------------------------------------------------------------------
 
@@ -112,6 +116,14 @@ class Session:
     def forget_service(self, handle: int) -> None:
         with self.lock:
             self.services.pop(handle, None)
+
+    def forget_publisher(self, handle: int) -> None:
+        with self.lock:
+            self.publishers.pop(handle, None)
+
+    def forget_subscriber(self, handle: int) -> None:
+        with self.lock:
+            self.subscribers.pop(handle, None)
 
     def forget_region(self, handle: int) -> None:
         self.regions.pop(handle, None)
