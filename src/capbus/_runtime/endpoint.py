@@ -141,7 +141,7 @@ class Endpoint(_core.EndpointBase):
             raise
 
     def _one_way(self, lane: LaneHandle, opcode: int, data: _core.Data, payload: _core.Payload,
-                 flags: int, caps: Iterable[Endpoint], regions: Iterable[Region],
+                 flags: int, caps: Iterable[Endpoint | TopicCapability], regions: Iterable[Region],
                  move: bool) -> tuple[Callable[[], None], Callable[[], None]]:
         """A one-way message on `lane` as (attempt, undo): attempt() writes it (WouldBlock while
         full: it may be tried again), undo() drops the capabilities and regions attached for it
