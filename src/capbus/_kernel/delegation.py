@@ -41,7 +41,7 @@ def on_restrict(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Re
     rights = cap.rights if msg.rights is None else check_rights(msg.rights)
     asked = CapLimits.from_request(msg.limits)
     limits = cap.limits.tightened(asked.rate, asked.bandwidth, asked.max_message_size,
-                                  asked.expires_at)
+                                  asked.expires_at, asked.max_priority)
     child = cap.derive(rights, limits)
     child.owner = rec
     try:

@@ -152,6 +152,10 @@ class ChannelShm:
         _layout.atomic_store_u64(ctrl, _layout.CTRL_MAX_MESSAGE_SIZE_OFF, limits.max_message_size)
         _layout.atomic_store_u64(ctrl, _layout.CTRL_RATE_LIMIT_OFF, limits.rate)
         _layout.atomic_store_u64(ctrl, _layout.CTRL_BANDWIDTH_OFF, limits.bandwidth)
+        # The receiver clamps every call's priority with it (0: no limit of the capability's).
+        _layout.atomic_store_u32(ctrl, _layout.CTRL_MAX_PRIORITY_OFF,
+                                 0 if limits.max_priority is None
+                                 else limits.max_priority + _layout.PRIO_CTRL_BIAS)
         # Only channels with something to enforce pay for the checks.
         enforce = limits.any or "send" not in rights
         _layout.atomic_store_u32(ctrl, _layout.CTRL_FLAGS_OFF, _layout.CTRL_F_ENFORCE if enforce else 0)

@@ -290,8 +290,12 @@ static void ss_free_all(ServerSetObject *S)
 static PyObject *ServerSet_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
     ServerSetObject *S = (ServerSetObject *)PyType_GenericNew(type, args, kw);
-    if (S)
+    if (S) {
         S->event_efd = S->sleep_efd = -1; /* never close fd 0 by accident */
+        S->prio_lo = PRIO_MIN; /* the default range: see Service (set_priority) */
+        S->prio_hi = 0;
+        S->prio_adopt = 1;
+    }
     return (PyObject *)S;
 }
 

@@ -29,6 +29,7 @@ from .._protocol import frames
 from .endpoint import received_endpoint
 from .message import TRANSFER_FLAG, Message, Request
 from .region import Region, region_from
+from .limits import DEFAULT_PRIORITY_RANGE
 from .wait import ADAPTIVE_SPIN_NS, EVENT_POLL, WAIT_CODES, readable, readable_any, timeout_ns
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ class Service(_core.ServiceBase):
         self._retired: list[_Retired] = []  # channels of former kernels, still served
         self._retired_lock = threading.Lock()  # the reader and the peer watch change the list
         self._turn = 0  # which ServerSet _poll_all asks first (round robin across them)
+        self._priority = DEFAULT_PRIORITY_RANGE  # set_priority(): kept across a reconnect
         self._warn = _RateLimitedLog(log)
         try:
             self._set = _core.ServerSet(doorbell_fd, WAIT_CODES[session.wait_mode],
@@ -224,7 +226,10 @@ class Service(_core.ServiceBase):
                 if self._closed or self._session.user_closed:
                     return
                 raise
-            self._answer(req, handler)
+            try:
+                self._answer(req, handler)
+            finally:
+                _core.restore_priority()  # the caller's priority ends with its handler
             # Not held while waiting for the next one: a request the handler dropped unanswered
             # fails its caller now (NoReply), and what it brought (req.caps, regions) goes back
             # at once unless the handler kept a reference.
@@ -240,6 +245,30 @@ class Service(_core.ServiceBase):
                            type(exc).__name__, exc, exc=exc)
             if req.expects_reply and not req.replied:
                 _reply_failure(req, exc)
+
+    # ---- priority -----------------------------------------------------------------------------
+
+    @property
+    def priority(self) -> tuple[int, int]:
+        """The range (lo, hi) of caller priorities this service serves at (see set_priority)."""
+        return self._priority
+
+    def set_priority(self, lo: int, hi: int) -> None:
+        """Serve each call at its caller's priority, clamped to [lo, hi] (and to what the
+        caller's capability allows: Endpoint.restrict(max_priority=)).
+
+        A priority is -nice (-19 = nice 19 ... 20 = nice -20) or 20 + a SCHED_FIFO/SCHED_RR
+        priority (21 ... 119). recv() runs the receiving thread at the request's priority until
+        reply() or the next recv() (serve(): until the handler returns or raises), then at its
+        own again. The default range is (-19, 0): callers can lower it, not raise it above
+        nice 0. A priority this process may not set (RLIMIT_NICE, RLIMIT_RTPRIO, no
+        CAP_SYS_NICE) becomes the most urgent one it may; a thread that could not go back to
+        its own priority afterwards adopts none. asyncio servers (arecv) never change the event
+        loop thread's priority: req.priority tells the handler what the caller asked for."""
+        if type(lo) is not int or type(hi) is not int:
+            raise TypeError(f"priority range must be two ints, got ({lo!r}, {hi!r})")
+        self._set.set_priority(lo, hi)  # ValueError on a range outside PRIO_MIN..PRIO_MAX
+        self._priority = (lo, hi)
 
     # ---- access -------------------------------------------------------------------------------
 
@@ -421,6 +450,7 @@ class Service(_core.ServiceBase):
         self._ctl, self.handle = self._session.control, handle
         self._senders, self._chans = {}, {}
         self._event_fd = event_fd
+        new.set_priority(*self._priority)
         self._set = new
         self._lost = None
         old.interrupt()  # a recv asleep on it goes on with the new one (and the retired)
