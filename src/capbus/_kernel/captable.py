@@ -82,10 +82,8 @@ class CapLimits:
                              (self.expires_at, parent.expires_at)):
             if theirs and (not mine or mine > theirs):
                 return False
-        if parent.max_priority is not None and (
-                self.max_priority is None or self.max_priority > parent.max_priority):
-            return False
-        return True
+        return parent.max_priority is None or (
+            self.max_priority is not None and self.max_priority <= parent.max_priority)
 
     def expired(self, now: float | None = None) -> bool:
         return bool(self.expires_at) and (now if now is not None else time.monotonic()) >= self.expires_at

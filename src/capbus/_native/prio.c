@@ -39,6 +39,7 @@ typedef struct {
     uint32_t bits;  /* FLAG_PRIO bits for mine */
     uint64_t at;    /* coarse_ns() when mine was read */
     int adopted;    /* the thread runs at a caller's priority: base_* is its own */
+    uint64_t stuck_until; /* coarse_ns(): it could not go back, so it adopts nothing till then */
     int base_policy;
     int base_nice;
     struct sched_param base_param;
@@ -215,11 +216,18 @@ static void prio_adopt(int p, int rr)
     if (p == my_prio.mine && (p <= PRIO_RT_BASE || rr == my_prio.rr))
         return;
     if (!my_prio.adopted) {
+        /* A thread that may not go back is asked again once a second, not per call (the
+         * checks are four syscalls). */
+        uint64_t now = coarse_ns();
+        if (now < my_prio.stuck_until)
+            return;
         struct sched_param param;
         int policy, nice;
         prio_read(&policy, &nice, &param);
-        if (!prio_restorable(policy, nice))
+        if (!prio_restorable(policy, nice)) {
+            my_prio.stuck_until = now + 1000000000ull;
             return;
+        }
         my_prio.base_policy = policy;
         my_prio.base_nice = nice;
         my_prio.base_param = param;

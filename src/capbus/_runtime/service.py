@@ -27,9 +27,9 @@ from .._errors import IpcError, KernelUnavailable, RemoteError, Timeout
 from .._fdlimit import raise_fd_limit
 from .._protocol import frames
 from .endpoint import received_endpoint
+from .limits import DEFAULT_PRIORITY_RANGE
 from .message import TRANSFER_FLAG, Message, Request
 from .region import Region, region_from
-from .limits import DEFAULT_PRIORITY_RANGE
 from .wait import ADAPTIVE_SPIN_NS, EVENT_POLL, WAIT_CODES, readable, readable_any, timeout_ns
 
 if TYPE_CHECKING:
@@ -205,8 +205,8 @@ class Service(_core.ServiceBase):
                     out[k] = out.get(k, 0) + v
         return out
 
-    def serve(self, handler: Callable[[Request], Any], *, poll: float = 0.2) -> None:
-        """Receive and answer until the service is closed.
+    def serve(self, handler: Callable[[Request], Any], *, poll: float | None = None) -> None:
+        """Receive and answer until the service (or its Process) is closed.
 
         handler(req) returns None (reply opcode 0), an opcode, (opcode, data),
         (opcode, data, payload) or a Message, or replies itself. A handler that raises, or
@@ -214,6 +214,12 @@ class Service(_core.ServiceBase):
         as that class, any other exception as RemoteError naming its type), is logged at
         WARNING, and the loop goes on. A caller that died, or does not read its replies, just
         loses its reply (Request.reply returns False): no client can stop this loop.
+
+        Each handler runs at its caller's priority (see set_priority), the loop's own in
+        between. The loop waits untimed (the fastest wait): close() and Process.close() wake it,
+        and a signal (KeyboardInterrupt) interrupts it as any recv(). poll (seconds) makes each
+        wait a timed one instead: as fast since timed waits sleep as untimed ones do (kept for
+        callers that passed it).
         """
         while not self._closed and not self._session.user_closed:
             try:
@@ -427,6 +433,11 @@ class Service(_core.ServiceBase):
             self._lost = self._session.kernel_lost or KernelUnavailable(
                 f"service {self.name!r}: the kernel is gone")
             self._closed = True
+            self._set.interrupt()
+
+    def _stop_serving(self) -> None:
+        """Process.close(): a serve() loop waiting in recv wakes (Cancelled) and returns."""
+        with contextlib.suppress(ValueError):  # the set is closed already
             self._set.interrupt()
 
     def _lose(self, why: str) -> None:
