@@ -236,7 +236,7 @@ static HOT int lane_wait(LaneObject *L, uint64_t *dl, int64_t timeout_ns)
             if (lane_state(L) != STATE_OPEN)
                 return LW_STATE;
             cpu_relax();
-            if (i % 1024 == 0 && now_ns() >= spin_end)
+            if (i % SPIN_CLOCK_EVERY == 0 && now_ns() >= spin_end)
                 break;
         }
         if (L->mode == WAIT_ADAPTIVE)

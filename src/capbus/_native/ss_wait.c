@@ -154,7 +154,7 @@ static HOT int ss_wait(ServerSetObject *S, uint64_t *dl, int64_t timeout_ns)
             if (__atomic_load_n(&S->interrupt, __ATOMIC_RELAXED))
                 return W_INTERRUPT;
             cpu_relax();
-            if (i % 1024 == 0) {
+            if (i % SPIN_CLOCK_EVERY == 0) {
                 uint64_t now = now_ns();
                 if (now >= spin_end) {
                     if (S->mode == WAIT_ADAPTIVE)
