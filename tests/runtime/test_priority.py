@@ -117,15 +117,24 @@ def test_stamp_reads_the_calling_thread():
 
 def test_handler_runs_at_the_callers_nice(kernel, children):
     need_root()
-    start_server(children, kernel)  # default range (-19, 0)
+    start_server(children, kernel, prio="-19,0")
     with capbus.connect(kernel.socket_path) as me:
         ep = me.lookup("prio", timeout=10)
         assert call_at(ep, nice=10) == (-10, -10, 10)
         assert call_at(ep, nice=19) == (-19, -19, 19)
         assert call_at(ep, nice=0) == (0, 0, 0)
-        # Above the default range: clamped to nice 0.
+        # Above the range: clamped to nice 0.
         assert call_at(ep, nice=-5) == (0, 0, 0)
         assert call_at(ep, policy=10) == (0, 0, 0)
+
+
+def test_no_range_declared_adopts_nothing(kernel, children):
+    need_root()
+    start_server(children, kernel)
+    with capbus.connect(kernel.socket_path) as me:
+        ep = me.lookup("prio", timeout=10)
+        assert call_at(ep, nice=10) == (0, -10, 0)  # req.priority says it; the thread stays
+        assert call_at(ep, nice=-5) == (0, 5, 0)
 
 
 def test_service_range_clamps(kernel, children):

@@ -292,9 +292,9 @@ static PyObject *ServerSet_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     ServerSetObject *S = (ServerSetObject *)PyType_GenericNew(type, args, kw);
     if (S) {
         S->event_efd = S->sleep_efd = -1; /* never close fd 0 by accident */
-        S->prio_lo = PRIO_MIN; /* the default range: see Service (set_priority) */
-        S->prio_hi = 0;
-        S->prio_adopt = 1;
+        S->prio_lo = PRIO_MIN; /* no range declared: req.priority as the capability allows, */
+        S->prio_hi = PRIO_MAX; /* and recv() adopts nothing (Service.set_priority) */
+        S->prio_adopt = 0;
     }
     return (PyObject *)S;
 }

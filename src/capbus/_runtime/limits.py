@@ -9,9 +9,9 @@ from .. import _core
 
 # A priority is -nice (PRIO_MIN = nice 19 .. 20 = nice -20) or 20 + a real-time priority (.. 119).
 PRIO_MIN, PRIO_MAX = _core.PRIO_MIN, _core.PRIO_MAX
-# What a service serves at unless it says otherwise (Service.set_priority): down to nice 19, up
-# to nice 0 -- a caller may lower a server thread's priority, never raise it, by default.
-DEFAULT_PRIORITY_RANGE = (PRIO_MIN, 0)
+# A service that declares no range (Service.set_priority) adopts no caller's priority: req.priority
+# still says what the caller asked for (within its capability).
+DEFAULT_PRIORITY_RANGE: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -223,7 +223,7 @@ class Process:
         attach_ttl [60 s]: how long an attachment waits for its message to be received.
 
         priority: (lo, hi), the range of caller priorities its handlers run at (see
-        Service.set_priority; None: (-19, 0), i.e. nice 19 up to nice 0).
+        Service.set_priority; None: every handler runs at the serving thread's own).
         """
         check_name(name)
         bounds = _bounds(max_caps, max_regions, max_region_bytes, max_channels_per_process,

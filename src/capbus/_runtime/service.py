@@ -255,8 +255,9 @@ class Service(_core.ServiceBase):
     # ---- priority -----------------------------------------------------------------------------
 
     @property
-    def priority(self) -> tuple[int, int]:
-        """The range (lo, hi) of caller priorities this service serves at (see set_priority)."""
+    def priority(self) -> tuple[int, int] | None:
+        """The range (lo, hi) of caller priorities this service serves at (see set_priority);
+        None: it serves every call at the receiving thread's own priority."""
         return self._priority
 
     def set_priority(self, lo: int, hi: int) -> None:
@@ -266,8 +267,10 @@ class Service(_core.ServiceBase):
         A priority is -nice (-19 = nice 19 ... 20 = nice -20) or 20 + a SCHED_FIFO/SCHED_RR
         priority (21 ... 119). recv() runs the receiving thread at the request's priority until
         reply() or the next recv() (serve(): until the handler returns or raises), then at its
-        own again. The default range is (-19, 0): callers can lower it, not raise it above
-        nice 0. A priority this process may not set (RLIMIT_NICE, RLIMIT_RTPRIO, no
+        own again. A service that never calls this adopts nothing. Mind a range below the
+        serving thread's own priority (lo < -nice): with ONE serving thread, a handler run at a
+        background caller's nice 19 delays the urgent call queued behind it (priority
+        inversion; Binder avoids it with a pool of threads). A priority this process may not set (RLIMIT_NICE, RLIMIT_RTPRIO, no
         CAP_SYS_NICE) becomes the most urgent one it may; a thread that could not go back to
         its own priority afterwards adopts none. asyncio servers (arecv) never change the event
         loop thread's priority: req.priority tells the handler what the caller asked for."""
@@ -461,7 +464,8 @@ class Service(_core.ServiceBase):
         self._ctl, self.handle = self._session.control, handle
         self._senders, self._chans = {}, {}
         self._event_fd = event_fd
-        new.set_priority(*self._priority)
+        if self._priority is not None:
+            new.set_priority(*self._priority)
         self._set = new
         self._lost = None
         old.interrupt()  # a recv asleep on it goes on with the new one (and the retired)
