@@ -270,8 +270,8 @@ class Service(_core.ServiceBase):
         own again. A service that never calls this adopts nothing. Mind a range below the
         serving thread's own priority (lo < -nice): with ONE serving thread, a handler run at a
         background caller's nice 19 delays the urgent call queued behind it (priority
-        inversion; Binder avoids it with a pool of threads). A priority this process may not set (RLIMIT_NICE, RLIMIT_RTPRIO, no
-        CAP_SYS_NICE) becomes the most urgent one it may; a thread that could not go back to
+        inversion; Binder avoids it with a pool of threads). A priority this process may not
+        set (RLIMIT_NICE, RLIMIT_RTPRIO, no CAP_SYS_NICE) becomes the most urgent one it may; a thread that could not go back to
         its own priority afterwards adopts none. asyncio servers (arecv) never change the event
         loop thread's priority: req.priority tells the handler what the caller asked for."""
         if type(lo) is not int or type(hi) is not int:
