@@ -271,9 +271,10 @@ class Service(_core.ServiceBase):
         serving thread's own priority (lo < -nice): with ONE serving thread, a handler run at a
         background caller's nice 19 delays the urgent call queued behind it (priority
         inversion; Binder avoids it with a pool of threads). A priority this process may not
-        set (RLIMIT_NICE, RLIMIT_RTPRIO, no CAP_SYS_NICE) becomes the most urgent one it may; a thread that could not go back to
-        its own priority afterwards adopts none. asyncio servers (arecv) never change the event
-        loop thread's priority: req.priority tells the handler what the caller asked for."""
+        set (RLIMIT_NICE, RLIMIT_RTPRIO, no CAP_SYS_NICE) becomes the most urgent one it may;
+        a thread that could not go back to its own priority afterwards adopts none. asyncio
+        servers (arecv), recv_many and poll never change the thread's priority: req.priority
+        tells the handler what the caller asked for."""
         if type(lo) is not int or type(hi) is not int:
             raise TypeError(f"priority range must be two ints, got ({lo!r}, {hi!r})")
         self._set.set_priority(lo, hi)  # ValueError on a range outside PRIO_MIN..PRIO_MAX
