@@ -116,8 +116,8 @@ class Process:
             self._session.user_closed = True
             self._session.control.close()
             self._session.peers.close()
-            for svc in list(self._session.services.values()):
-                svc._stop_serving()  # serve() sleeps untimed: wake it to see user_closed
+            for hook in list(self._session.on_user_close):
+                hook()  # a serve() loop asleep in an untimed recv wakes to see user_closed
 
     def on_reconnect(self, callback: Callable[[Process], None]) -> None:
         """Call `callback(process)` (on a runtime thread) each time this Process, connected with

@@ -69,6 +69,7 @@ class Service(_core.ServiceBase):
         self._retired_lock = threading.Lock()  # the reader and the peer watch change the list
         self._turn = 0  # which ServerSet _poll_all asks first (round robin across them)
         self._priority = DEFAULT_PRIORITY_RANGE  # set_priority(): kept across a reconnect
+        session.on_user_close.append(self._stop_serving)
         self._warn = _RateLimitedLog(log)
         try:
             self._set = _core.ServerSet(doorbell_fd, WAIT_CODES[session.wait_mode],
@@ -298,6 +299,8 @@ class Service(_core.ServiceBase):
         """Unregister: the name is free again, and every channel to this service closes."""
         self._closed = True
         self._set.interrupt()
+        with contextlib.suppress(ValueError):
+            self._session.on_user_close.remove(self._stop_serving)
         self._session.forget_service(self.handle)
         if self._ctl.closed is None:
             self._session.request(frames.Release(self.handle), via=self._ctl)
