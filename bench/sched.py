@@ -216,8 +216,9 @@ while True:
 def run_priority(quick: bool) -> list[Result]:
     """All on one CPU: the server (block mode, two serving threads, a handler of ~1 ms of CPU
     that releases the GIL), a nice-19 client calling it flat out, a nice-0 busy loop, and the
-    foreground caller measuring its calls: at nice -5, then SCHED_FIFO 10 (where permitted). Without propagation (no range declared) every handler
-    runs at the server's nice 0, sharing the CPU with the hog; with it, range (0, 119): the
+    foreground caller measuring its calls: at nice -5, then SCHED_FIFO 10 (where permitted).
+    Without propagation (no range declared) every handler runs at the server's nice 0, sharing
+    the CPU with the hog; with it, range (0, 119): the
     foreground's handlers at its own priority, the background's at the server's nice 0; and
     range (-19, 119), the background's at nice 19 too (with ONE serving thread that would be a
     priority inversion for the call queued behind such a handler; with two, the other thread
