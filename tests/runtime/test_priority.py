@@ -348,3 +348,35 @@ def test_a_far_timed_recv_gets_its_message_at_once(kernel, children, wait):
             took = time.monotonic() - t0
         t.join(10)
         assert got and took < 0.02, took
+
+
+NICE_CALLER = """
+import os, sys, capbus
+os.setpriority(os.PRIO_PROCESS, 0, int(sys.argv[1]))
+p = capbus.connect()
+ep = p.lookup("plain", timeout=10)
+for _ in range(2):
+    ep.call(1, timeout=10)
+print("done", flush=True)
+"""
+
+
+def test_plain_recv_runs_at_the_callers_priority_until_reply(kernel, children):
+    need_root()
+    seen: list = []
+    with capbus.connect(kernel.socket_path) as me:
+        svc = me.register("plain", priority=(-19, 0))
+
+        def server() -> None:
+            for _ in range(2):
+                req = svc.recv(10)
+                during = _core.thread_priority()
+                req.reply(0)
+                seen.append((req.priority, during, _core.thread_priority()))
+
+        t = threading.Thread(target=server)
+        t.start()
+        c = children.start(NICE_CALLER, "9", stdin=subprocess.DEVNULL)
+        assert readline(c, 20) == "done"
+        t.join(10)
+    assert seen == [(-9, -9, 0), (-9, -9, 0)]

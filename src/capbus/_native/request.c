@@ -131,6 +131,7 @@ static HOT PyObject *req_send(RequestObject *R, outmsg_t *m, PyObject *payload_o
         if (ch) /* a removed channel has no header to count in any more */
             stat_add(ch->map + CHAN_SSTATS_OFF, ch->sst, SSTATS_REPLY_FAILED_OFF, 1);
         req_release_payload(R);
+        prio_restore(); /* answered, if to no one: the caller's priority ends here too */
         Py_RETURN_FALSE;
     }
     Py_buffer view;
