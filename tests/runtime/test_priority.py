@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import subprocess
 import threading
 import time
@@ -380,3 +381,44 @@ def test_plain_recv_runs_at_the_callers_priority_until_reply(kernel, children):
         assert readline(c, 20) == "done"
         t.join(10)
     assert seen == [(-9, -9, 0), (-9, -9, 0)]
+
+
+def test_serve_waits_untimed_yet_stops_on_close(kernel):
+    """serve() sleeps without a timer; Process.close() and Service.close() still end it."""
+    for how in ("process", "service"):
+        me = capbus.connect(kernel.socket_path, wait="block")
+        svc = me.register(f"stop-{how}")
+        t = threading.Thread(target=svc.serve, args=(lambda req: 0,))
+        t.start()
+        time.sleep(0.3)  # asleep in recv by now
+        t0 = time.monotonic()
+        if how == "process":
+            me.close()
+        else:
+            svc.close()
+        t.join(5)
+        assert not t.is_alive(), how
+        assert time.monotonic() - t0 < 1.0, how
+        me.close()
+
+
+SERVE_FOREVER = """
+import capbus
+p = capbus.connect(wait="block")
+svc = p.register("sigint")
+print("ready", flush=True)
+try:
+    svc.serve(lambda req: 0)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_serve_is_interrupted_by_a_signal(kernel, children):
+    p = children.start(SERVE_FOREVER, stdin=subprocess.DEVNULL)
+    assert readline(p, 20) == "ready"
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    assert readline(p, 10) == "interrupted"
+    assert time.monotonic() - t0 < 1.0
