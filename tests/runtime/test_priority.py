@@ -251,7 +251,8 @@ chan_fd = fds[0]
 size = _core.channel_size(reply.nslots, reply.arena_size)
 chan = mmap.mmap(os.open(f"/proc/self/fd/{chan_fd}", os.O_RDWR), size)
 req, resp = _core.REQ_RING_OFF, _core.resp_ring_off(reply.nslots)
-flags = _core.FLAG_REPLY_EXPECTED | 0x40 | (0xFF << 8) | 0x80   # FLAG_PRIO, the top value, RR
+flags = (_core.FLAG_REPLY_EXPECTED | _core.FLAG_PRIO | _core.FLAG_PRIO_RR
+         | _core.FLAG_PRIO_MASK)                  # the top value a slot can carry, SCHED_RR
 slot = struct.pack("<QII4QQII", ep.handle, 1, flags, 0, 0, 0, 0, 1, 0, 0)
 chan[req + _core.RING_SLOTS_OFF:req + _core.RING_SLOTS_OFF + 64] = slot
 struct.pack_into("<Q", chan, req + _core.RING_TAIL_OFF, 1)

@@ -81,13 +81,13 @@ static HOT int parse_flags(PyObject *o, uint32_t *flags, uint32_t extra)
     uint32_t f;
     if (to_u32(o, &f, "flags") < 0)
         return -1;
-    if (f & ~FLAG_KNOWN_MASK) {
-        PyErr_Format(PyExc_ValueError, "unknown flag bits 0x%x", f & ~FLAG_KNOWN_MASK);
+    /* The priority bits are the runtime's (prio_stamp), never the caller's: unknown here. */
+    const uint32_t prio = FLAG_PRIO | FLAG_PRIO_RR | FLAG_PRIO_MASK;
+    if (f & ~(FLAG_KNOWN_MASK & ~prio)) {
+        PyErr_Format(PyExc_ValueError, "unknown flag bits 0x%x", f & ~(FLAG_KNOWN_MASK & ~prio));
         return -1;
     }
-    /* The priority bits are the runtime's (prio_stamp), never the caller's argument. */
-    *flags = (f & ~(FLAG_LARGE | FLAG_REPLY_EXPECTED | FLAG_LOANED | FLAG_PRIO | FLAG_PRIO_RR |
-                    FLAG_PRIO_MASK)) | extra;
+    *flags = (f & ~(FLAG_LARGE | FLAG_REPLY_EXPECTED | FLAG_LOANED)) | extra;
     return 0;
 }
 

@@ -453,6 +453,7 @@ static PyObject *ServerSet_recv_many(ServerSetObject *S, PyObject *const *args, 
         return NULL;
     }
     PyObject *one = NULL;
+    prio_restore(); /* recv_many adopts nothing (its requests may ask for different ones) */
     if (ss_raise_pending(S) < 0)
         goto fail;
     int t = ss_take_wait(S, &one, timeout_ns);
