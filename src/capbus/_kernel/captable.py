@@ -19,9 +19,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import _layout
 from .._errors import InvalidCapability, OutOfMemory, PermissionDenied
-from .shm import CTRL_CHAIN_MAX
+from .shm import CTRL_CHAIN_MAX, PRIO_CTRL_BIAS, PRIO_MAX, PRIO_MIN
 
 MAX_CAPS = 4096
 _GEN_MASK = 0xFFFFFFFF
@@ -94,7 +93,7 @@ class CapLimits:
         if self.expires_at:
             out["expires_at_ns"] = int(self.expires_at * 1e9)
         if self.max_priority is not None:
-            out["max_priority"] = self.max_priority + _layout.PRIO_CTRL_BIAS
+            out["max_priority"] = self.max_priority + PRIO_CTRL_BIAS
         return out
 
     @classmethod
@@ -112,15 +111,15 @@ class CapLimits:
             raise ValueError(f"limits: expires_in_ms must be in 0..{MAX_EXPIRES_MS} (a century), "
                              f"got {expires}: leave it out for no expiry")
         prio = raw.get("max_priority")
-        if prio is not None and not (_layout.PRIO_MIN <= prio - _layout.PRIO_CTRL_BIAS
-                                     <= _layout.PRIO_MAX):
-            raise ValueError(f"limits: max_priority must be in {_layout.PRIO_MIN}.."
-                             f"{_layout.PRIO_MAX} (+{_layout.PRIO_CTRL_BIAS} on the wire), "
-                             f"got {prio - _layout.PRIO_CTRL_BIAS}")
+        if prio is not None and not (PRIO_MIN <= prio - PRIO_CTRL_BIAS
+                                     <= PRIO_MAX):
+            raise ValueError(f"limits: max_priority must be in {PRIO_MIN}.."
+                             f"{PRIO_MAX} (+{PRIO_CTRL_BIAS} on the wire), "
+                             f"got {prio - PRIO_CTRL_BIAS}")
         now = time.monotonic() if now is None else now
         return cls(raw.get("rate", 0), raw.get("bandwidth", 0), raw.get("max_message_size", 0),
                    now + expires / 1000.0 if expires else 0.0,
-                   None if prio is None else prio - _layout.PRIO_CTRL_BIAS)
+                   None if prio is None else prio - PRIO_CTRL_BIAS)
 
 
 def _narrow_priority(parent: int | None, child: int | None) -> int | None:
