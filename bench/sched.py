@@ -12,6 +12,7 @@ Sections (python -m bench --only X):
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -136,21 +137,32 @@ def run_timed(quick: bool) -> list[Result]:
                     _ready(timed)
                     with capbus.connect(kernel.socket_path, wait=wait) as me:
                         ep_u, ep_t = me.lookup("bench", timeout=10), me.lookup("bench-t", timeout=10)
-                        with _pinned(ccpu):
-                            _calls(ep_u.call, nn // 4)
-                            _calls_timed(ep_t.call, nn // 4)
                         a, b, anchor = [], [], []
-                        for _ in range(rounds):
+                        for i in range(rounds + 1):  # round 0 warms up
                             with _pinned(ccpu):  # (the anchors pin their own processes)
-                                a.append(_calls(ep_u.call, nn))
-                                b.append(_calls_timed(ep_t.call, nn))
-                            if wait == "block":
-                                r = peers.c_futex_round_trip(iterations=nn,
-                                                             same_cpu=where == "same CPU")
-                            elif wait == "spin":
-                                r = py_spin_round_trip(iterations=nn)
-                            else:
+                                # The other server is stopped meanwhile: two spinning servers
+                                # pinned to one CPU would halve each other.
+                                timed.send_signal(signal.SIGSTOP)
+                                ua = _calls(ep_u.call, nn)
+                                timed.send_signal(signal.SIGCONT)
+                                untimed.send_signal(signal.SIGSTOP)
+                                tb = _calls_timed(ep_t.call, nn)
+                                untimed.send_signal(signal.SIGCONT)
+                            if i == 0:
                                 continue
+                            a.append(ua)
+                            b.append(tb)
+                            if wait == "adaptive":
+                                continue
+                            untimed.send_signal(signal.SIGSTOP)  # nor beside the anchor
+                            timed.send_signal(signal.SIGSTOP)
+                            try:
+                                r = (peers.c_futex_round_trip(iterations=nn,
+                                                              same_cpu=where == "same CPU")
+                                     if wait == "block" else py_spin_round_trip(iterations=nn))
+                            finally:
+                                untimed.send_signal(signal.SIGCONT)
+                                timed.send_signal(signal.SIGCONT)
                             if not r.skipped and r.median_us:
                                 anchor.append(r.median_us * 1000)
                 finally:
