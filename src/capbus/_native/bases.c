@@ -69,38 +69,6 @@ static PyObject *front_slow(PyObject *self, PyObject *fn, PyObject *const *args,
     return PyObject_Vectorcall(fn, stack, 1 + nargs, kwnames);
 }
 
-/* timeout (seconds, None = no deadline) -> ns, -1 for none: as endpoint.timeout_ns(). */
-static HOT int front_timeout(PyObject *o, int64_t *out)
-{
-    *out = -1;
-    if (!o || o == Py_None)
-        return 0;
-    if (PyLong_CheckExact(o)) { /* timeout=10: no float made (PyFloat_AsDouble would allocate) */
-        int overflow;
-        long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
-        if (!overflow && v >= 0 && v < 9000000000ll) {
-            *out = (int64_t)v * 1000000000ll;
-            return 0;
-        }
-        if (overflow > 0 || (!overflow && v >= 0))
-            return 0; /* beyond ~285 years: no deadline */
-        if (PyErr_Occurred())
-            return -1;
-        PyErr_SetString(PyExc_ValueError, "timeout must be >= 0 or None");
-        return -1;
-    }
-    double t = PyFloat_AsDouble(o);
-    if (t == -1.0 && PyErr_Occurred())
-        return -1;
-    if (!(t >= 0)) {
-        PyErr_SetString(PyExc_ValueError, "timeout must be >= 0 or None");
-        return -1;
-    }
-    if (t * 1e9 < 9.2e18) /* beyond ~292 years: no deadline */
-        *out = (int64_t)(t * 1e9);
-    return 0;
-}
-
 /* The payload argument of Endpoint.call/send_async: NULL for none (None, or any empty
  * bytes-like object). Judged by its length in bytes, never by truthiness: a numpy array is its
  * bytes (np.zeros(1) is 8 bytes, not "false"). Anything else goes on to parse_payload, which
