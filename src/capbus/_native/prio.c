@@ -32,20 +32,26 @@
 #define PRIO_REFRESH_NS 10000000ull /* how stale a thread's cached own priority may be */
 #define PRIO_NONE INT16_MIN         /* a request without FLAG_PRIO (a raw client) */
 
+/* Per thread, in two parts. The hot one (read per message) is initial-exec TLS, 16 bytes: the
+ * static TLS that a dlopen()ed module may take is small and shared with every other extension.
+ * The rest (read when a priority changes) uses the default model. */
 typedef struct {
-    int valid;      /* mine/bits are this thread's current priority */
-    int mine;       /* priority of this thread as last read or set */
-    int rr;         /* ... and it is SCHED_RR (when mine > PRIO_RT_BASE) */
-    uint32_t bits;  /* FLAG_PRIO bits for mine */
-    uint64_t at;    /* coarse_ns() when mine was read */
-    int adopted;    /* the thread runs at a caller's priority: base_* is its own */
-    uint64_t stuck_until; /* coarse_ns(): it could not go back, so it adopts nothing till then */
-    int base_policy;
+    uint32_t bits;    /* FLAG_PRIO bits of the thread's current priority; 0 = not read yet */
+    uint32_t adopted; /* the thread runs at a caller's priority (prio_cold_t.base_* is its own) */
+    uint64_t at;      /* coarse_ns() when bits were read */
+} prio_hot_t;
+
+typedef struct {
+    int mine;             /* the priority in bits */
+    int rr;               /* ... and it is SCHED_RR (when mine > PRIO_RT_BASE) */
+    int base_policy;      /* the thread's own, while adopted */
     int base_nice;
     struct sched_param base_param;
-} prio_tls_t;
+    uint64_t stuck_until; /* coarse_ns(): it could not go back, so it adopts nothing till then */
+} prio_cold_t;
 
-static __thread __attribute__((tls_model("initial-exec"))) prio_tls_t my_prio;
+static __thread __attribute__((tls_model("initial-exec"))) prio_hot_t my_prio;
+static __thread prio_cold_t my_prio_c;
 
 static inline int prio_clamp(int p, int lo, int hi) { return p < lo ? lo : p > hi ? hi : p; }
 
@@ -78,17 +84,16 @@ static __attribute__((noinline)) void prio_refresh(void)
 {
     int policy, nice;
     struct sched_param param;
-    my_prio.mine = prio_read(&policy, &nice, &param);
-    my_prio.rr = policy == SCHED_RR;
-    my_prio.bits = prio_bits(my_prio.mine, my_prio.rr);
+    my_prio_c.mine = prio_read(&policy, &nice, &param);
+    my_prio_c.rr = policy == SCHED_RR;
+    my_prio.bits = prio_bits(my_prio_c.mine, my_prio_c.rr);
     my_prio.at = coarse_ns();
-    my_prio.valid = 1;
-}
+    }
 
 /* FLAG_PRIO bits of this thread's priority (cached; see above). */
 static HOT inline uint32_t prio_stamp(void)
 {
-    if (__builtin_expect(!my_prio.valid, 0))
+    if (__builtin_expect(!my_prio.bits, 0))
         prio_refresh();
     return my_prio.bits;
 }
@@ -98,7 +103,7 @@ static HOT inline uint32_t prio_stamp(void)
 static HOT inline void prio_tick(uint64_t now)
 {
     if (__builtin_expect(now - my_prio.at > PRIO_REFRESH_NS, 0) && !my_prio.adopted)
-        my_prio.valid = 0;
+        my_prio.bits = 0;
 }
 
 /* The priority a request asks for, clamped (see the head comment), or PRIO_NONE. `ctrl`: the
@@ -163,13 +168,13 @@ static int prio_set(int p, int rr, int tpolicy)
         struct sched_param z = {.sched_priority = 0};
         if (sched_setscheduler(0, tpolicy, &z) != 0 && policy != SCHED_OTHER &&
             policy != SCHED_BATCH)
-            return my_prio.mine; /* cannot leave a real-time policy: unchanged */
+            return my_prio_c.mine; /* cannot leave a real-time policy: unchanged */
     }
     int nice = -p;
     if (setpriority(PRIO_PROCESS, 0, nice) != 0) {
         int fl = nice_floor();
         if (nice >= fl || setpriority(PRIO_PROCESS, 0, fl) != 0)
-            return my_prio.mine;
+            return my_prio_c.mine;
         nice = fl;
     }
     return -nice;
@@ -188,12 +193,12 @@ static int prio_restorable(int policy, int nice)
 /* Back to the thread's own priority (as it was when it adopted one). */
 static __attribute__((noinline)) void prio_restore_slow(void)
 {
-    int policy = my_prio.base_policy;
+    int policy = my_prio_c.base_policy;
     my_prio.adopted = 0;
     if (sched_getscheduler(0) != policy || policy == SCHED_FIFO || policy == SCHED_RR)
-        sched_setscheduler(0, policy, &my_prio.base_param);
+        sched_setscheduler(0, policy, &my_prio_c.base_param);
     if (policy != SCHED_FIFO && policy != SCHED_RR)
-        setpriority(PRIO_PROCESS, 0, my_prio.base_nice);
+        setpriority(PRIO_PROCESS, 0, my_prio_c.base_nice);
     prio_refresh(); /* what it runs at now, whatever failed above */
 }
 
@@ -211,34 +216,33 @@ static void prio_adopt(int p, int rr)
             prio_restore_slow();
         return;
     }
-    if (!my_prio.valid)
+    if (!my_prio.bits)
         prio_refresh();
-    if (p == my_prio.mine && (p <= PRIO_RT_BASE || rr == my_prio.rr))
+    if (p == my_prio_c.mine && (p <= PRIO_RT_BASE || rr == my_prio_c.rr))
         return;
     if (!my_prio.adopted) {
         /* A thread that may not go back is asked again once a second, not per call (the
          * checks are four syscalls). */
         uint64_t now = coarse_ns();
-        if (now < my_prio.stuck_until)
+        if (now < my_prio_c.stuck_until)
             return;
         struct sched_param param;
         int policy, nice;
         prio_read(&policy, &nice, &param);
         if (!prio_restorable(policy, nice)) {
-            my_prio.stuck_until = now + 1000000000ull;
+            my_prio_c.stuck_until = now + 1000000000ull;
             return;
         }
-        my_prio.base_policy = policy;
-        my_prio.base_nice = nice;
-        my_prio.base_param = param;
+        my_prio_c.base_policy = policy;
+        my_prio_c.base_nice = nice;
+        my_prio_c.base_param = param;
         my_prio.adopted = 1;
     }
-    int tpolicy = my_prio.base_policy == SCHED_BATCH ? SCHED_BATCH : SCHED_OTHER;
-    my_prio.mine = prio_set(p, rr, tpolicy);
-    my_prio.rr = rr && my_prio.mine > PRIO_RT_BASE;
-    my_prio.bits = prio_bits(my_prio.mine, my_prio.rr); /* nested calls pass it on */
-    my_prio.valid = 1;
-}
+    int tpolicy = my_prio_c.base_policy == SCHED_BATCH ? SCHED_BATCH : SCHED_OTHER;
+    my_prio_c.mine = prio_set(p, rr, tpolicy);
+    my_prio_c.rr = rr && my_prio_c.mine > PRIO_RT_BASE;
+    my_prio.bits = prio_bits(my_prio_c.mine, my_prio_c.rr); /* nested calls pass it on */
+    }
 
 /* ---- Module functions. ----------------------------------------------------------------------- */
 
@@ -252,7 +256,7 @@ static PyObject *py_thread_priority(PyObject *self, PyObject *unused)
 static PyObject *py_refresh_priority(PyObject *self, PyObject *unused)
 {
     if (!my_prio.adopted)
-        my_prio.valid = 0;
+        my_prio.bits = 0;
     Py_RETURN_NONE;
 }
 
