@@ -14,7 +14,8 @@ import os
 from . import capbus_calls, peers
 from .results import Result, machine_info, machine_line, print_table, to_json
 
-SECTIONS = ("call", "caps", "async", "large", "typed", "scale", "sandbox", "topics")
+SECTIONS = ("call", "caps", "async", "large", "typed", "scale", "sandbox", "topics", "timed", "sched",
+            "clients")
 
 
 def _find(rows: list[Result], mechanism: str, note_part: str = "") -> Result | None:
@@ -144,6 +145,39 @@ def topics_section(quick: bool) -> list[Result]:
     return topics.run(quick)
 
 
+def timed_section(quick: bool) -> list[Result]:
+    from . import sched
+
+    rows = sched.run_timed(quick)
+    print_table("Timeouts: round trip with and without one, per wait mode (alternating rounds)",
+                rows, machine_line())
+    print()
+    print("Targets: a timeout costs <= 5% in every mode; block with a timeout <= 1.2x the C futex "
+          "ping-pong; spin with a timeout <= 2.5x the pure-Python spin (ratios in the notes)")
+    return rows
+
+
+def sched_section(quick: bool) -> list[Result]:
+    from . import sched
+
+    rows = sched.run_priority(quick)
+    print_table("Priority propagation: a foreground caller under background load (one CPU)",
+                rows, machine_line())
+    return rows
+
+
+def clients_section(quick: bool) -> list[Result]:
+    from . import sched
+
+    rows = sched.run_clients(quick)
+    print_table("Many clients, one service (default wait mode)", rows, machine_line())
+    best = max((r.msgs_per_s or 0 for r in rows), default=0)
+    last = rows[-1].msgs_per_s or 0 if rows else 0
+    print()
+    print(f"Target: 16 clients >= 0.8x the best aggregate: {last / best if best else 0:.2f}x")
+    return rows
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
@@ -170,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     for section in sections:
         everything += {"call": call_section, "caps": caps_section, "async": async_section,
                        "large": large_section, "typed": typed_section, "scale": scale_section,
-                       "sandbox": sandbox_section, "topics": topics_section}[section](args.quick)
+                       "sandbox": sandbox_section, "topics": topics_section, "timed": timed_section,
+                       "sched": sched_section, "clients": clients_section}[section](args.quick)
         print()
     if args.json:
         with open(args.json, "w") as f:

@@ -77,7 +77,9 @@ def test_layout_constants():
              c.FLAG_IPC_ERROR]
     assert len(set(flags)) == 6 and all(f & (f - 1) == 0 for f in flags)
     assert not any(f & c.FLAG_USER_MASK for f in flags)
-    assert sum(flags) | c.FLAG_USER_MASK == c.FLAG_KNOWN_MASK
+    prio = c.FLAG_PRIO | c.FLAG_PRIO_RR | c.FLAG_PRIO_MASK  # the runtime's priority stamp
+    assert not prio & (sum(flags) | c.FLAG_USER_MASK)
+    assert sum(flags) | prio | c.FLAG_USER_MASK == c.FLAG_KNOWN_MASK
     assert (c.WAIT_SPIN, c.WAIT_ADAPTIVE, c.WAIT_BLOCK) == (0, 1, 2)
     # Added for the event-loop hand-shakes, refused counts and limits: each in the cache line of
     # the side that writes it.

@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 
+from .._layout import PRIO_CTRL_BIAS
 from . import query
 from .fmt import table
 
@@ -102,8 +103,9 @@ def cmd_caps(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    for r in rows:
-        r["limits"] = ",".join(f"{k}={v}" for k, v in r["limits"].items()) or "-"
+    for r in rows:  # max_priority travels biased (every wire value is a u64): print the priority
+        r["limits"] = ",".join(f"{k}={v - PRIO_CTRL_BIAS if k == 'max_priority' else v}"
+                               for k, v in r["limits"].items()) or "-"
     print(f"capabilities of process {process_id}")
     print(table(rows, ("handle", "kind", "target", "serving_process", "rights", "limits",
                         "derives_from", "children")))

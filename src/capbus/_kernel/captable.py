@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._errors import InvalidCapability, OutOfMemory, PermissionDenied
-from .shm import CTRL_CHAIN_MAX
+from .shm import CTRL_CHAIN_MAX, PRIO_CTRL_BIAS, PRIO_MAX, PRIO_MIN
 
 MAX_CAPS = 4096
 _GEN_MASK = 0xFFFFFFFF
@@ -40,19 +40,22 @@ MAX_EXPIRES_MS = 100 * 365 * 24 * 3600 * 1000
 @dataclass(frozen=True)
 class CapLimits:
     """rate: messages/s; bandwidth: payload bytes/s; max_message_size: payload bytes;
-    expires_at: time.monotonic() seconds. 0 means no limit."""
+    expires_at: time.monotonic() seconds. 0 means no limit. max_priority: the highest priority
+    (-nice, or 20 + a real-time priority) a call may ask its server for, written into the
+    control page (CTRL_MAX_PRIORITY_OFF) where the server clamps with it; None: no limit."""
 
     rate: int = 0
     bandwidth: int = 0
     max_message_size: int = 0
     expires_at: float = 0.0
+    max_priority: int | None = None
 
     @property
     def any(self) -> bool:
         return bool(self.rate or self.bandwidth or self.max_message_size or self.expires_at)
 
     def tightened(self, rate: int = 0, bandwidth: int = 0, max_message_size: int = 0,
-                  expires_at: float = 0.0) -> CapLimits:
+                  expires_at: float = 0.0, max_priority: int | None = None) -> CapLimits:
         """These limits narrowed by the given ones; PermissionDenied if one would widen.
 
         0 asks for "no change". A child can never lift a limit its parent has."""
@@ -68,6 +71,7 @@ class CapLimits:
             int(narrow("bandwidth", self.bandwidth, bandwidth)),
             int(narrow("max_message_size", self.max_message_size, max_message_size)),
             narrow("expiry", self.expires_at, expires_at),
+            _narrow_priority(self.max_priority, max_priority),
         )
 
     def within(self, parent: CapLimits) -> bool:
@@ -77,7 +81,8 @@ class CapLimits:
                              (self.expires_at, parent.expires_at)):
             if theirs and (not mine or mine > theirs):
                 return False
-        return True
+        return parent.max_priority is None or (
+            self.max_priority is not None and self.max_priority <= parent.max_priority)
 
     def expired(self, now: float | None = None) -> bool:
         return bool(self.expires_at) and (now if now is not None else time.monotonic()) >= self.expires_at
@@ -87,6 +92,8 @@ class CapLimits:
         out = {k: getattr(self, k) for k in LIMIT_KEYS if getattr(self, k)}
         if self.expires_at:
             out["expires_at_ns"] = int(self.expires_at * 1e9)
+        if self.max_priority is not None:
+            out["max_priority"] = self.max_priority + PRIO_CTRL_BIAS
         return out
 
     @classmethod
@@ -103,9 +110,26 @@ class CapLimits:
         if not 0 <= expires <= MAX_EXPIRES_MS:
             raise ValueError(f"limits: expires_in_ms must be in 0..{MAX_EXPIRES_MS} (a century), "
                              f"got {expires}: leave it out for no expiry")
+        prio = raw.get("max_priority")
+        if prio is not None and not (PRIO_MIN <= prio - PRIO_CTRL_BIAS
+                                     <= PRIO_MAX):
+            raise ValueError(f"limits: max_priority must be in {PRIO_MIN}.."
+                             f"{PRIO_MAX} (+{PRIO_CTRL_BIAS} on the wire), "
+                             f"got {prio - PRIO_CTRL_BIAS}")
         now = time.monotonic() if now is None else now
         return cls(raw.get("rate", 0), raw.get("bandwidth", 0), raw.get("max_message_size", 0),
-                   now + expires / 1000.0 if expires else 0.0)
+                   now + expires / 1000.0 if expires else 0.0,
+                   None if prio is None else prio - PRIO_CTRL_BIAS)
+
+
+def _narrow_priority(parent: int | None, child: int | None) -> int | None:
+    """A restricted capability's max_priority: None asks for no change; never above the
+    parent's (PermissionDenied)."""
+    if child is None:
+        return parent
+    if parent is not None and child > parent:
+        raise PermissionDenied(f"restrict cannot raise max_priority from {parent} to {child}")
+    return child
 
 
 def check_rights(rights: Any) -> frozenset[str]:

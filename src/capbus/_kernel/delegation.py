@@ -52,7 +52,7 @@ def on_restrict(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Re
         return topics.granted(child)
     asked = CapLimits.from_request(msg.limits)
     limits = cap.limits.tightened(asked.rate, asked.bandwidth, asked.max_message_size,
-                                  asked.expires_at)
+                                  asked.expires_at, asked.max_priority)
     child = cap.derive(rights, limits)
     child.owner = rec
     try:

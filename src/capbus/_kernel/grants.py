@@ -66,7 +66,7 @@ class GrantSpec:
         return CapLimits(tight(self.rate, service_defaults.rate),
                       tight(self.bandwidth, service_defaults.bandwidth),
                       tight(self.max_message_size, service_defaults.max_message_size),
-                      service_defaults.expires_at)
+                      service_defaults.expires_at, service_defaults.max_priority)
 
 
 def parse_grant(key: object, value: object, where: str = "grants") -> GrantSpec:

@@ -40,6 +40,9 @@ STATE_CLOSED = _layout.STATE_CLOSED
 STATE_REVOKED = _layout.STATE_REVOKED
 STATE_PEER_DEAD = _layout.STATE_PEER_DEAD
 CTRL_CHAIN_MAX = _layout.CTRL_CHAIN_MAX  # token buckets a control page holds besides its own
+# Priorities (-nice, or 20 + a real-time priority) a capability's max_priority may name, and the
+# bias it carries on the wire and in the control page (CTRL_MAX_PRIORITY_OFF: 0 means no limit).
+PRIO_MIN, PRIO_MAX, PRIO_CTRL_BIAS = _layout.PRIO_MIN, _layout.PRIO_MAX, _layout.PRIO_CTRL_BIAS
 
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)  # Linux 5.1
 _BASE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
@@ -155,6 +158,10 @@ class ChannelShm:
         _layout.atomic_store_u64(ctrl, _layout.CTRL_MAX_MESSAGE_SIZE_OFF, limits.max_message_size)
         _layout.atomic_store_u64(ctrl, _layout.CTRL_RATE_LIMIT_OFF, limits.rate)
         _layout.atomic_store_u64(ctrl, _layout.CTRL_BANDWIDTH_OFF, limits.bandwidth)
+        # The receiver clamps every call's priority with it (0: no limit of the capability's).
+        _layout.atomic_store_u32(ctrl, _layout.CTRL_MAX_PRIORITY_OFF,
+                                 0 if limits.max_priority is None
+                                 else limits.max_priority + _layout.PRIO_CTRL_BIAS)
         # Only channels with something to enforce pay for the checks.
         enforce = limits.any or "send" not in rights
         _layout.atomic_store_u32(ctrl, _layout.CTRL_FLAGS_OFF, _layout.CTRL_F_ENFORCE if enforce else 0)

@@ -69,24 +69,6 @@ static PyObject *front_slow(PyObject *self, PyObject *fn, PyObject *const *args,
     return PyObject_Vectorcall(fn, stack, 1 + nargs, kwnames);
 }
 
-/* timeout (seconds, None = no deadline) -> ns, -1 for none: as endpoint.timeout_ns(). */
-static HOT int front_timeout(PyObject *o, int64_t *out)
-{
-    *out = -1;
-    if (!o || o == Py_None)
-        return 0;
-    double t = PyFloat_AsDouble(o);
-    if (t == -1.0 && PyErr_Occurred())
-        return -1;
-    if (!(t >= 0)) {
-        PyErr_SetString(PyExc_ValueError, "timeout must be >= 0 or None");
-        return -1;
-    }
-    if (t * 1e9 < 9.2e18) /* beyond ~292 years: no deadline */
-        *out = (int64_t)(t * 1e9);
-    return 0;
-}
-
 /* The payload argument of Endpoint.call/send_async: NULL for none (None, or any empty
  * bytes-like object). Judged by its length in bytes, never by truthiness: a numpy array is its
  * bytes (np.zeros(1) is 8 bytes, not "false"). Anything else goes on to parse_payload, which
@@ -452,7 +434,11 @@ static HOT PyObject *SV_recv(ServiceBaseObject *V, PyObject *const *args, Py_ssi
     int64_t tns;
     if (front_timeout(a[0], &tns) < 0)
         return NULL;
-    uint64_t deadline = deadline_after(tns);
+    /* The coarse clock (no CLOCK_MONOTONIC read on the hot path: see "Lazy deadlines"); only a
+     * reconnect below needs the time left, and a tick more or less does not matter there. */
+    uint64_t deadline = tns < 0 ? UINT64_MAX : coarse_ns() + (uint64_t)tns;
+    if (deadline < (uint64_t)tns) /* wrapped: beyond ~292 years */
+        deadline = UINT64_MAX;
     ServerSetObject *S = (ServerSetObject *)Py_NewRef(V->set);
     PyObject *req = ss_recv(S, tns);
     /* Interrupted because the service closed (or lost its kernel for good: the Python side says
@@ -464,7 +450,7 @@ static HOT PyObject *SV_recv(ServiceBaseObject *V, PyObject *const *args, Py_ssi
         if (V->closed || !V->set || V->slow)
             return front_slow((PyObject *)V, V->slow_recv, args, nargs, kwnames);
         S = (ServerSetObject *)Py_NewRef(V->set);
-        uint64_t now = now_ns();
+        uint64_t now = coarse_ns();
         req = ss_recv(S, deadline == UINT64_MAX ? -1 : now >= deadline ? 0 : (int64_t)(deadline - now));
     }
     Py_DECREF(S);
@@ -492,7 +478,7 @@ static HOT PyObject *SV_recv(ServiceBaseObject *V, PyObject *const *args, Py_ssi
         return NULL;
     PyObject *left = Py_NewRef(Py_None);
     if (deadline != UINT64_MAX) {
-        uint64_t now = now_ns();
+        uint64_t now = coarse_ns();
         Py_SETREF(left, PyFloat_FromDouble(now >= deadline ? 0.0 : (deadline - now) / 1e9));
     }
     PyObject *out = NULL;

@@ -46,6 +46,13 @@
 #define CONTENDED_PER_S 2000u
 #define SPIN_FLOOR_NS 1000ull
 
+/* Spins read the clock every SPIN_CLOCK_EVERY pauses. A pause is 40-140 cycles (by CPU model),
+ * so 1024 of them made every spin last 20-50 us whatever spin_cur said (SPIN_FLOOR_NS meant
+ * nothing): with 16 adaptive clients on 2 cores those spins took the CPU the server needed
+ * (aggregate calls/s fell to a third). 64 pauses are ~1-3 us; a clock read (~25 ns) per 64 is
+ * noise. */
+#define SPIN_CLOCK_EVERY 64u
+
 static inline uint64_t spin_lost(uint64_t cur)
 {
     return cur / 2 > SPIN_FLOOR_NS ? cur / 2 : SPIN_FLOOR_NS;
@@ -125,12 +132,45 @@ static inline void cpu_relax(void)
 #endif
 }
 
-static inline uint64_t deadline_after(int64_t timeout_ns)
+#define DEADLINE_UNSET (UINT64_MAX - 1) /* see "Lazy deadlines" below */
+#define DEADLINE_FAR_NS (2 * SLEEP_CAP_NS)
+
+/* `timeout_ns` after `now` (timeout_ns >= 0): never DEADLINE_UNSET; UINT64_MAX = none. */
+static inline uint64_t deadline_from(uint64_t now, int64_t timeout_ns)
 {
     if (timeout_ns < 0)
         return UINT64_MAX;
-    uint64_t now = now_ns();
-    return (uint64_t)timeout_ns > UINT64_MAX - now ? UINT64_MAX : now + (uint64_t)timeout_ns;
+    uint64_t d = now + (uint64_t)timeout_ns;
+    return (uint64_t)timeout_ns > UINT64_MAX - now || d >= DEADLINE_UNSET ? UINT64_MAX : d;
+}
+
+static inline uint64_t deadline_after(int64_t timeout_ns)
+{
+    return timeout_ns < 0 ? UINT64_MAX : deadline_from(now_ns(), timeout_ns);
+}
+
+/* ---- Lazy deadlines ----------------------------------------------------------------------------
+ * A call or a receive with a timeout used to read CLOCK_MONOTONIC up to four times more than one
+ * without (~25 ns each on a VM: 10-20% of a spin round trip). Now the deadline is DEADLINE_UNSET
+ * until the first wait needs the clock anyway (lane_wait, ss_wait: they read it for their slice),
+ * which fixes it to that reading + timeout (a few hundred ns after the call began: a timeout is
+ * never early, and late by no more than that). A timeout of 0 is deadline 0: expired at once,
+ * no clock. A wait whose deadline is more than DEADLINE_FAR_NS away sleeps as an untimed one does
+ * (the eventfd / pipe, under the watchdog's kicks, which end any such sleep within ~2 watchdog
+ * ticks, well inside DEADLINE_FAR_NS); only the last stretch before the deadline is a timed
+ * futex sleep. So `timeout=10` costs what no timeout costs. */
+
+static inline uint64_t deadline_lazy(int64_t timeout_ns)
+{
+    return timeout_ns < 0 ? UINT64_MAX : timeout_ns == 0 ? 0 : DEADLINE_UNSET;
+}
+
+/* *d fixed at `now` if still unset; returns it. */
+static inline uint64_t deadline_fix(uint64_t *d, int64_t timeout_ns, uint64_t now)
+{
+    if (*d == DEADLINE_UNSET)
+        *d = deadline_from(now, timeout_ns);
+    return *d;
 }
 
 /* The control page is written only by the trusted kernel, but its state is still range-checked:

@@ -130,7 +130,7 @@ static PyObject *Lane_send_many(LaneObject *L, PyObject *const *args, Py_ssize_t
         return NULL;
     uint64_t cap;
     uint32_t flags;
-    if (to_u64(args[0], &cap, "capability") < 0 || parse_flags(args[1], &flags, 0) < 0)
+    if (to_u64(args[0], &cap, "capability") < 0 || parse_flags(args[1], &flags, prio_stamp()) < 0)
         return NULL;
     PyObject *seq = PySequence_Fast(args[2], "send_many expects a list or tuple of tuples");
     if (!seq)

@@ -24,6 +24,7 @@ static inline void lane_count_sent(LaneObject *L, uint64_t n, uint64_t bytes, ui
     if (calls)
         stat_add(blk, L->cst, CSTATS_CALLS_OFF, calls);
     stat_second(blk, L->cst, now, n);
+    prio_tick(now);
 }
 
 /* A call's reply arrived `ns` after the call was started. */
@@ -118,7 +119,7 @@ static HOT int lane_prepare(LaneObject *L, PyObject *const *a, uint32_t extra, o
         return -1;
     if ((a[0] && to_u64(a[0], &m->capability, "capability") < 0) ||
         to_u32(a[1], &m->opcode, "opcode") < 0 ||
-        parse_flags(a[2], &m->flags, extra) < 0 || parse_data(a[3], m->data) < 0)
+        parse_flags(a[2], &m->flags, extra | prio_stamp()) < 0 || parse_data(a[3], m->data) < 0)
         return -1;
     uint32_t st = lane_state(L);
     if (st != STATE_OPEN) {
@@ -146,17 +147,21 @@ static HOT int lane_prepare(LaneObject *L, PyObject *const *a, uint32_t extra, o
     return 0;
 }
 
-enum { LW_READY, LW_STATE, LW_SLICE, LW_AGAIN };
+enum { LW_READY, LW_STATE, LW_SLICE, LW_AGAIN, LW_EXPIRED };
+enum { LS_TIMED, LS_FOREVER, LS_FAR }; /* lane_sleep's `how` */
 
-/* One futex sleep until the response ring's tail moves (at most rel_ns unless `forever`):
- * LW_READY / LW_STATE if there is no need to sleep, LW_SLICE after a signal, else LW_AGAIN. */
+/* One sleep until the response ring's tail moves: LW_READY / LW_STATE if there is no need to
+ * sleep, LW_SLICE after a signal (or a kick), else LW_AGAIN. `how`: LS_FOREVER, untimed (the
+ * pipe, else the futex); LS_FAR, a deadline more than DEADLINE_FAR_NS away (the pipe, whose
+ * sleep the watchdog's kick ends within ~2 ticks, else a futex sleep of at most rel_ns);
+ * LS_TIMED, a futex sleep of at most rel_ns. */
 static HOT int lane_sleep(LaneObject *L, uint64_t *tail, uint32_t *sleeping, uint64_t head,
-                      uint64_t rel_ns, int forever)
+                      uint64_t rel_ns, int how)
 {
     /* An untimed sleep reads the reply-sleep pipe (see "Sleep eventfds and kicks": cheaper than
      * a futex), under a kick: the server can reopen its end for reading and steal the byte. */
     kick_slot_t *k = NULL;
-    int piped = forever && L->rs_fd >= 0 && !L->rs_off && (k = kick_mine()) != NULL;
+    int piped = how != LS_TIMED && L->rs_fd >= 0 && !L->rs_off && (k = kick_mine()) != NULL;
     /* Store + full fence (store_fence_u32) + re-check: the Dekker half matching the server's
      * "store tail; fence; load sleeping" in ss_write_reply. Either the server sees our flag
      * and wakes us, or we see its tail here and do not sleep. */
@@ -185,29 +190,36 @@ static HOT int lane_sleep(LaneObject *L, uint64_t *tail, uint32_t *sleeping, uin
     /* The futex word is the low 32 bits of the u64 tail (little-endian). A new reply changes
      * it, so FUTEX_WAIT either sees the change (EAGAIN) or is woken by the server. The kernel
      * wakes this same word after changing the control page (_kernel/shm.py, set_state). */
-    int r = sys_futex_wait((const uint32_t *)tail, (uint32_t)t, rel_ns, forever);
+    int r = sys_futex_wait((const uint32_t *)tail, (uint32_t)t, rel_ns, how == LS_FOREVER);
     /* RELAXED: the flag only saves the server a syscall; a stale 1 costs one spurious wake. */
     __atomic_store_n(sleeping, 0, __ATOMIC_RELAXED);
     return r == -EINTR ? LW_SLICE : LW_AGAIN; /* EINTR: let the caller run signal handlers */
 }
 
 /* Wait (WITHOUT the GIL) until something is in the response ring, the control page leaves OPEN,
- * or the slice (<= SLICE_NS, <= deadline) is over. */
-static HOT int lane_wait(LaneObject *L, uint64_t deadline)
+ * or the slice (<= SLICE_NS, <= deadline) is over; LW_EXPIRED if the deadline had passed. *dl:
+ * the deadline, fixed here if DEADLINE_UNSET (see "Lazy deadlines"). */
+static HOT int lane_wait(LaneObject *L, uint64_t *dl, int64_t timeout_ns)
 {
     uint64_t *tail = ring_u64(L->resp.ring, RING_TAIL_OFF);
     uint32_t *sleeping = ring_u32(L->resp.ring, RING_CONSUMER_SLEEPING_OFF);
     uint64_t head = L->resp.head;
+    uint64_t deadline = *dl;
     /* No deadline and no spin: sleep until woken, without reading the clock or arming a timer
      * (a timed FUTEX_WAIT costs ~0.2 us more per sleep on this kind of VM). Nothing is lost by
      * that: a reply wakes this word (ss_write_reply), so does the kernel after any change of the
      * control page (peer dead, revoked, closed), and a signal interrupts the wait (EINTR). */
     int forever = deadline == UINT64_MAX && L->mode != WAIT_SPIN;
     if (forever && L->mode == WAIT_BLOCK)
-        return lane_sleep(L, tail, sleeping, head, 0, 1);
+        return lane_sleep(L, tail, sleeping, head, 0, LS_FOREVER);
     uint64_t start = now_ns();
+    deadline = deadline_fix(dl, timeout_ns, start);
     if (start >= deadline)
-        return LW_SLICE;
+        return LW_EXPIRED;
+    /* A far deadline sleeps as no deadline does (see "Lazy deadlines"). */
+    int far = !forever && L->mode != WAIT_SPIN && deadline - start > DEADLINE_FAR_NS;
+    if (far && L->mode == WAIT_BLOCK)
+        return lane_sleep(L, tail, sleeping, head, SLEEP_CAP_NS, LS_FAR);
     uint64_t slice_end = deadline - start > SLICE_NS ? start + SLICE_NS : deadline;
     uint64_t spin_end = start;
     if (L->mode == WAIT_SPIN)
@@ -224,20 +236,22 @@ static HOT int lane_wait(LaneObject *L, uint64_t deadline)
             if (lane_state(L) != STATE_OPEN)
                 return LW_STATE;
             cpu_relax();
-            if (i % 1024 == 0 && now_ns() >= spin_end)
+            if (i % SPIN_CLOCK_EVERY == 0 && now_ns() >= spin_end)
                 break;
         }
         if (L->mode == WAIT_ADAPTIVE)
             L->spin_cur = spin_lost(L->spin_cur);
     }
     if (forever) /* adaptive, spun out */
-        return lane_sleep(L, tail, sleeping, head, 0, 1);
+        return lane_sleep(L, tail, sleeping, head, 0, LS_FOREVER);
+    if (far)
+        return lane_sleep(L, tail, sleeping, head, SLEEP_CAP_NS, LS_FAR);
     for (;;) {
         uint64_t now = now_ns();
         if (now >= slice_end)
             return LW_SLICE;
         uint64_t rel = slice_end - now < SLEEP_CAP_NS ? slice_end - now : SLEEP_CAP_NS;
-        int r = lane_sleep(L, tail, sleeping, head, rel, 0);
+        int r = lane_sleep(L, tail, sleeping, head, rel, LS_TIMED);
         if (r != LW_AGAIN)
             return r;
     }
@@ -339,7 +353,7 @@ static HOT PyObject *lane_call_run(LaneObject *L, outmsg_t *m, Py_buffer *view, 
 {
     /* The round trip for the metrics (lat_*); CLOCK_MONOTONIC only for a timeout. */
     lat_t t0 = lat_start();
-    uint64_t deadline = deadline_after(timeout_ns);
+    uint64_t deadline = deadline_lazy(timeout_ns); /* see "Lazy deadlines" */
     uint64_t tag = L->last_tag + 1;
     m->tag = tag;
     const char *why = NULL;
@@ -375,7 +389,7 @@ static HOT PyObject *lane_call_run(LaneObject *L, outmsg_t *m, Py_buffer *view, 
             raise_for_state(st, "server");
             goto out;
         }
-        if (now_ns() >= deadline) {
+        if (deadline_fix(&deadline, timeout_ns, now_ns()) <= now_ns()) {
             lane_stat(L, CSTATS_TIMEOUTS_OFF, 1);
             PyErr_SetString(Timeout, "timed out waiting for room in the request ring (the server is "
                                      "not reading): nothing was sent");
@@ -399,6 +413,7 @@ static HOT PyObject *lane_call_run(LaneObject *L, outmsg_t *m, Py_buffer *view, 
     lane_count_sent(L, 1, m->plen, 1, coarse_ns());
 
     /* 2. The reply. */
+    int expired = deadline == 0;
     for (;;) {
         int r = lane_take_reply(L, tag, &result);
         if (r != 0)
@@ -413,7 +428,7 @@ static HOT PyObject *lane_call_run(LaneObject *L, outmsg_t *m, Py_buffer *view, 
             raise_for_state(st, "server");
             goto out;
         }
-        if (deadline != UINT64_MAX && now_ns() >= deadline) {
+        if (expired) {
             lane_cancel(L, tag);
             lane_stat(L, CSTATS_TIMEOUTS_OFF, 1);
             char secs[32]; /* PyErr_Format has no %g: timeouts print in seconds, as given */
@@ -422,9 +437,11 @@ static HOT PyObject *lane_call_run(LaneObject *L, outmsg_t *m, Py_buffer *view, 
                          "dropped); give a longer timeout if the service is only slow", secs);
             goto out;
         }
+        int w;
         Py_BEGIN_ALLOW_THREADS
-        lane_wait(L, deadline);
+        w = lane_wait(L, &deadline, timeout_ns);
         Py_END_ALLOW_THREADS
+        expired = w == LW_EXPIRED; /* one more look at the ring first, then Timeout */
         if (PyErr_CheckSignals() < 0) {
             lane_cancel(L, tag);
             goto out;

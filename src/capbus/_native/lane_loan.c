@@ -106,7 +106,7 @@ static int lane_prepare_loan(LaneObject *L, PyObject *const *a, uint32_t extra, 
     if (!lane_usable(L))
         return -1;
     if (to_u64(a[0], &m->capability, "capability") < 0 || to_u32(a[1], &m->opcode, "opcode") < 0 ||
-        parse_flags(a[2], &m->flags, extra | FLAG_LOANED) < 0 || parse_data(a[3], m->data) < 0)
+        parse_flags(a[2], &m->flags, extra | FLAG_LOANED | prio_stamp()) < 0 || parse_data(a[3], m->data) < 0)
         return -1;
     if (!L->loan_active) {
         PyErr_SetString(PyExc_RuntimeError, "no loan is out on this lane: call loan(n) first");

@@ -33,6 +33,10 @@
  * and never changed: the receiver reads them once, when it adds the channel. */
 #define CTRL_CAP_ID_OFF 72u            /* u64: id of the leaf's bucket, 0 = the channel's own */
 #define CTRL_CHAIN_LEN_OFF 80u         /* u32: entries at CTRL_CHAIN_OFF (<= CTRL_CHAIN_MAX) */
+/* u32: the highest priority (PRIO_* below) a caller on this channel may ask for, plus
+ * PRIO_CTRL_BIAS; 0 = no limit beyond the service's own range. The receiver reads it per call
+ * (it clamps the slot's FLAG_PRIO_MASK with it: the caller's own word is never trusted). */
+#define CTRL_MAX_PRIORITY_OFF 84u
 #define CTRL_CHAIN_OFF 128u            /* CTRL_CHAIN_MAX x {u64 id, u64 rate, u64 bandwidth} */
 #define CTRL_CHAIN_ENTRY_SIZE 24u
 #define CTRL_CHAIN_MAX 4u              /* limited ancestors (with limits of their own) at most */
@@ -180,10 +184,25 @@ _Static_assert(offsetof(slot_t, opcode) == 8 && offsetof(slot_t, flags) == 12 &&
  * application's own code (Request.reply_error): the caller raises RemoteError, never a capbus
  * error that merely shares the number. */
 #define FLAG_IPC_ERROR 0x20u
+/* Priority propagation (requests only; see prio.c): FLAG_PRIO says the caller's runtime stamped
+ * its thread's priority into FLAG_PRIO_MASK as (priority + PRIO_SLOT_BIAS), FLAG_PRIO_RR that the
+ * thread was SCHED_RR (else SCHED_FIFO) when the priority is a real-time one. A priority is
+ * -nice for SCHED_OTHER/BATCH/IDLE (PRIO_MIN = nice 19 .. 20 = nice -20) and 20 + the real-time
+ * priority for SCHED_FIFO/RR (21 .. PRIO_MAX). The stamped value is the caller's word only: the
+ * receiver clamps it to the capability's CTRL_MAX_PRIORITY_OFF and the service's own range. */
+#define FLAG_PRIO 0x40u
+#define FLAG_PRIO_RR 0x80u
+#define FLAG_PRIO_MASK 0xFF00u
+#define FLAG_PRIO_SHIFT 8u
+#define PRIO_SLOT_BIAS 19
+#define PRIO_MIN (-19)
+#define PRIO_MAX 119
+#define PRIO_RT_BASE 20 /* priority 20 + r is SCHED_FIFO/RR priority r */
+#define PRIO_CTRL_BIAS 20
 #define FLAG_USER_MASK 0xFFFF0000u /* passed through untouched for the protocol layer above */
 #define FLAG_KNOWN_MASK                                                                            \
     (FLAG_LARGE | FLAG_CHECKSUM | FLAG_REPLY_EXPECTED | FLAG_ERROR | FLAG_LOANED | FLAG_IPC_ERROR |  \
-     FLAG_USER_MASK)
+     FLAG_PRIO | FLAG_PRIO_RR | FLAG_PRIO_MASK | FLAG_USER_MASK)
 
 /* A request payload of at least this many bytes (or any FLAG_LOANED one) is delivered zero-copy:
  * Request.payload is a read-only view of the arena, held until reply/release. */

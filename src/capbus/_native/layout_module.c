@@ -81,7 +81,8 @@ PyMODINIT_FUNC PyInit__layout(void)
         C(CTRL_SIZE), C(CTRL_STATE_OFF), C(CTRL_GENERATION_OFF), C(CTRL_EXPIRY_OFF),
         C(CTRL_MAX_MESSAGE_SIZE_OFF), C(CTRL_RATE_LIMIT_OFF), C(CTRL_BANDWIDTH_OFF),
         C(CTRL_RIGHTS_OFF), C(CTRL_FLAGS_OFF), C(CTRL_SENDER_ID_OFF), C(CTRL_F_ENFORCE),
-        C(CTRL_CAP_ID_OFF), C(CTRL_CHAIN_LEN_OFF), C(CTRL_CHAIN_OFF), C(CTRL_CHAIN_ENTRY_SIZE),
+        C(CTRL_CAP_ID_OFF), C(CTRL_CHAIN_LEN_OFF), C(CTRL_MAX_PRIORITY_OFF),
+        C(PRIO_MAX), C(PRIO_CTRL_BIAS), C(PRIO_RT_BASE), C(CTRL_CHAIN_OFF), C(CTRL_CHAIN_ENTRY_SIZE),
         C(CTRL_CHAIN_MAX),
         C(RIGHT_SEND), C(RIGHT_RECEIVE), C(RIGHT_SHARE), C(RIGHT_MAP), C(RIGHT_READ),
         C(RIGHT_WRITE),
@@ -98,6 +99,10 @@ PyMODINIT_FUNC PyInit__layout(void)
             Py_DECREF(m);
             return NULL;
         }
+    }
+    if (PyModule_AddIntConstant(m, "PRIO_MIN", PRIO_MIN) < 0) { /* the one negative constant */
+        Py_DECREF(m);
+        return NULL;
     }
     return m;
 }

@@ -70,6 +70,7 @@
 #include "gil_lock.h"
 #include "serverset.h"
 #include "sleep.c"
+#include "prio.c"
 #include "objcache.h"
 #include "metrics.h"
 #include "zbuf.c"
@@ -226,6 +227,14 @@ static PyMethodDef core_methods[] = {
      "clocksource is the TSC and its rate has been measured), else 'monotonic...'"},
     METHOD_RESP_RING_OFF,
     {"crc32", py_crc32, METH_VARARGS, "crc32(data, value=0) -> int (same as zlib.crc32)"},
+    {"thread_priority", py_thread_priority, METH_NOARGS,
+     "thread_priority() -> int: the calling thread's priority, read now (-nice, or 20 + its "
+     "SCHED_FIFO/RR priority)"},
+    {"refresh_priority", py_refresh_priority, METH_NOARGS,
+     "refresh_priority(): the next call stamps the thread's priority read afresh (after "
+     "os.setpriority / os.sched_setscheduler; otherwise seen within ~10 ms)"},
+    {"restore_priority", py_restore_priority, METH_NOARGS,
+     "restore_priority(): a thread running at a caller's priority (recv) goes back to its own"},
     METHOD_SET_DUMPABLE,
     {"register", (PyCFunction)(void (*)(void))py_register, METH_VARARGS | METH_KEYWORDS,
      "register(*, errors, object_loads, object_pack) -> None: what this module needs of\n"
@@ -334,7 +343,8 @@ PyMODINIT_FUNC PyInit__core(void)
         C(CTRL_SIZE), C(CTRL_STATE_OFF), C(CTRL_GENERATION_OFF), C(CTRL_EXPIRY_OFF),
         C(CTRL_MAX_MESSAGE_SIZE_OFF), C(CTRL_RATE_LIMIT_OFF), C(CTRL_BANDWIDTH_OFF),
         C(CTRL_RIGHTS_OFF), C(CTRL_FLAGS_OFF), C(CTRL_SENDER_ID_OFF), C(CTRL_F_ENFORCE),
-        C(CTRL_CAP_ID_OFF), C(CTRL_CHAIN_LEN_OFF), C(CTRL_CHAIN_OFF), C(CTRL_CHAIN_ENTRY_SIZE),
+        C(CTRL_CAP_ID_OFF), C(CTRL_CHAIN_LEN_OFF), C(CTRL_MAX_PRIORITY_OFF),
+        C(PRIO_MAX), C(PRIO_CTRL_BIAS), C(PRIO_RT_BASE), C(CTRL_CHAIN_OFF), C(CTRL_CHAIN_ENTRY_SIZE),
         C(CTRL_CHAIN_MAX), C(BUCKET_IDLE_MAX),
         C(RIGHT_SEND), C(RIGHT_RECEIVE), C(RIGHT_SHARE), C(RIGHT_MAP), C(RIGHT_READ),
         C(RIGHT_WRITE),
@@ -359,7 +369,8 @@ PyMODINIT_FUNC PyInit__core(void)
         {"SLOT_PAYLOAD_LEN_OFF", offsetof(slot_t, payload_len)},
         {"SLOT_PAYLOAD_OFF_OFF", offsetof(slot_t, payload_off)},
         C(FLAG_LARGE), C(FLAG_CHECKSUM), C(FLAG_REPLY_EXPECTED), C(FLAG_ERROR), C(FLAG_LOANED), C(FLAG_IPC_ERROR),
-        C(FLAG_USER_MASK), C(FLAG_KNOWN_MASK), C(ZC_THRESHOLD), {"TRANSFER_FLAG", RT_TRANSFER_FLAG},
+        C(FLAG_USER_MASK), C(FLAG_KNOWN_MASK), C(FLAG_PRIO), C(FLAG_PRIO_RR), C(FLAG_PRIO_MASK),
+        C(FLAG_PRIO_SHIFT), C(PRIO_SLOT_BIAS), C(ZC_THRESHOLD), {"TRANSFER_FLAG", RT_TRANSFER_FLAG},
         {"OBJECT_FLAG", RT_OBJECT_FLAG},
         C(CHAN_CSTATS_OFF), C(CSTATS_SENT_OFF), C(CSTATS_BYTES_SENT_OFF), C(CSTATS_CALLS_OFF),
         C(CSTATS_TIMEOUTS_OFF), C(CSTATS_REFUSED_RATE_OFF), C(CSTATS_REFUSED_SIZE_OFF),
@@ -389,6 +400,8 @@ PyMODINIT_FUNC PyInit__core(void)
     for (size_t i = 0; i < sizeof consts / sizeof consts[0]; i++)
         if (add_u64(m, consts[i].name, consts[i].v) < 0)
             goto fail;
+    if (PyModule_AddIntConstant(m, "PRIO_MIN", PRIO_MIN) < 0) /* the one negative constant */
+        goto fail;
     PyObject *magic = PyBytes_FromStringAndSize("CAPBUSC1", 8);
     if (!magic || PyModule_AddObject(m, "CHAN_MAGIC_BYTES", magic) < 0) {
         Py_XDECREF(magic);

@@ -39,6 +39,8 @@ typedef struct {
     uint32_t opcode;
     uint32_t flags;       /* as received (FLAG_REPLY_EXPECTED etc.) */
     int done;
+    int16_t prio;         /* the priority it asks for, clamped (prio_of), or PRIO_NONE */
+    int8_t prio_rr;       /* ... SCHED_RR rather than SCHED_FIFO */
     /* A new field: set it in ss_pop, or clear it in request_alloc (free-list reuse). */
 } RequestObject;
 
@@ -132,6 +134,7 @@ static HOT PyObject *req_send(RequestObject *R, outmsg_t *m, PyObject *payload_o
         if (ch) /* a removed channel has no header to count in any more */
             stat_add(ch->map + CHAN_SSTATS_OFF, ch->sst, SSTATS_REPLY_FAILED_OFF, 1);
         req_release_payload(R);
+        prio_restore(); /* answered, if to no one: the caller's priority ends here too */
         Py_RETURN_FALSE;
     }
     Py_buffer view;
@@ -144,6 +147,7 @@ static HOT PyObject *req_send(RequestObject *R, outmsg_t *m, PyObject *payload_o
     int r = ss_write_reply(S, ch, m, &why, APP_REPLY_DEFER); /* ch may be gone after this */
     release_view(&view);
     req_release_payload(R); /* answered (or dropped): the payload is the request's no more */
+    prio_restore(); /* a thread that adopted its caller's priority goes back to its own */
     return Py_NewRef(r == RG_OK ? Py_True : Py_False);
 }
 
@@ -295,6 +299,13 @@ static HOT PyObject *Request_get_data(RequestObject *R, void *c)
     if (!R->data_t && !(R->data_t = data_tuple(R->data)))
         return NULL;
     return Py_NewRef(R->data_t);
+}
+
+static PyObject *Request_get_priority(RequestObject *R, void *c)
+{
+    if (R->prio == PRIO_NONE)
+        Py_RETURN_NONE;
+    return PyLong_FromLong(R->prio);
 }
 
 static PyObject *Request_get_flags(RequestObject *R, void *c)
@@ -474,6 +485,9 @@ static PyMemberDef Request_members[] = {
 
 static PyGetSetDef Request_getset[] = {
     {"flags", (getter)Request_get_flags, NULL, "user flags (FLAG_USER_MASK bits)", NULL},
+    {"priority", (getter)Request_get_priority, NULL,
+     "the caller's priority (-nice, or 20 + real-time priority), clamped to what its capability "
+     "and the service allow; None if the caller did not send one", NULL},
     {"data", (getter)Request_get_data, NULL, "the four u64 data words", NULL},
     {"zero_copy", (getter)Request_get_zero_copy, NULL,
      "True if .payload is a view of the arena (zero-copy)", NULL},

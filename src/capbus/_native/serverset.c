@@ -121,7 +121,30 @@ static PyObject *ServerSet_get_draining(ServerSetObject *S, void *c)
     return PyLong_FromSsize_t(n);
 }
 
+/* set_priority(lo, hi, adopt=True): the priorities this service serves at (prio.c). */
+static PyObject *ServerSet_set_priority(ServerSetObject *S, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"lo", "hi", "adopt", NULL};
+    int lo, hi, adopt = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ii|p:set_priority", kwlist, &lo, &hi, &adopt))
+        return NULL;
+    if (lo < PRIO_MIN || hi > PRIO_MAX || lo > hi) {
+        PyErr_Format(PyExc_ValueError,
+                     "priority range (%d, %d): need %d <= lo <= hi <= %d (-nice, or 20 + a "
+                     "real-time priority)", lo, hi, PRIO_MIN, PRIO_MAX);
+        return NULL;
+    }
+    S->prio_lo = lo;
+    S->prio_hi = hi;
+    S->prio_adopt = adopt;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef ServerSet_methods[] = {
+    {"set_priority", (PyCFunction)(void (*)(void))ServerSet_set_priority,
+     METH_VARARGS | METH_KEYWORDS,
+     "set_priority(lo, hi, adopt=True): clamp callers' priorities to [lo, hi]; adopt: recv() "
+     "runs the receiving thread at the request's priority until reply() or the next recv()"},
     {"add", (PyCFunction)(void (*)(void))ServerSet_add, METH_VARARGS | METH_KEYWORDS,
      "add(index, chan_fd, ctrl_fd, nslots=256, arena_size=128 MiB, sender_id=None, "
      "reply_event_fd=-1, reply_sleep_fd=-1, reply_sleep_keep_fd=-1, generation=0)"},

@@ -103,6 +103,8 @@ typedef struct {
     PyObject_HEAD
     char *db;
     int mode;
+    int prio_lo, prio_hi; /* the service's priority range (prio.c; set_priority) */
+    int prio_adopt;       /* recv() runs the caller's priority (prio_adopt) */
     uint64_t spin_ns;
     uint64_t spin_cur; /* adaptive: this wait's spin (see spin_won/spin_lost) */
     int recv_active;    /* GIL */

@@ -210,6 +210,9 @@ static HOT int ss_pop(ServerSetObject *S, chan_t *ch, PyObject **out, const char
     R->index = ch->index;
     R->opcode = m.s.opcode;
     R->flags = m.s.flags;
+    int rr = 0;
+    R->prio = (int16_t)prio_of(m.s.flags, ch->ctrl, S->prio_lo, S->prio_hi, &rr);
+    R->prio_rr = (int8_t)rr;
     ch->last_tag = m.s.tag;
     uint64_t seq = ch_consume(ch, &m, zc);
     if (zc) {
@@ -346,10 +349,12 @@ static HOT void ss_leave(ServerSetObject *S)
 
 /* Wait (per wait mode) until a message is taken or the deadline passes. TK_GOT, TK_NONE (deadline)
  * or TK_ERROR (CorruptChannel, Cancelled, a signal handler's exception). recv_mu held. */
-static HOT int ss_take_wait(ServerSetObject *S, PyObject **out, uint64_t deadline)
+static HOT int ss_take_wait(ServerSetObject *S, PyObject **out, int64_t timeout_ns)
 {
     int refreshes = 2;
     unsigned budget = 2 * MAX_CHANNELS;
+    uint64_t deadline = deadline_lazy(timeout_ns); /* see "Lazy deadlines" (common.h) */
+    int expired = deadline == 0;
     for (;;) {
         /* Load first: the locked exchange only when interrupt() was called. */
         if (__atomic_load_n(&S->interrupt, __ATOMIC_RELAXED) &&
@@ -357,17 +362,20 @@ static HOT int ss_take_wait(ServerSetObject *S, PyObject **out, uint64_t deadlin
             PyErr_SetString(Cancelled, "recv interrupted");
             return TK_ERROR;
         }
-        /* With no deadline, nothing found means ss_wait next: its full scan comes after the
-         * fence, so the one before it would only repeat it. */
-        int t = ss_take(S, out, &refreshes, &budget, 0, deadline == UINT64_MAX);
+        /* Before the deadline, nothing found means ss_wait next: its full scan comes after the
+         * fence, so the one before it would only repeat it. Once it has passed, this is the last
+         * look, with a full scan. */
+        int t = ss_take(S, out, &refreshes, &budget, 0, !expired);
         if (t == TK_GOT || t == TK_ERROR)
             return t;
-        if (deadline != UINT64_MAX && now_ns() >= deadline)
+        if (expired)
             return TK_NONE;
         int w;
         Py_BEGIN_ALLOW_THREADS
-        w = ss_wait(S, deadline);
+        w = ss_wait(S, &deadline, timeout_ns);
         Py_END_ALLOW_THREADS
+        if (w == W_EXPIRED)
+            expired = 1;
         refreshes = 2;
         budget = 2 * MAX_CHANNELS;
         if (w == W_INTERRUPT)
@@ -397,16 +405,21 @@ static HOT PyObject *ss_recv(ServerSetObject *S, int64_t timeout_ns)
 {
     if (!ss_usable(S))
         return NULL;
-    uint64_t deadline = deadline_after(timeout_ns);
     if (ss_enter(S, 1) < 0)
         return NULL;
     PyObject *result = NULL;
+    prio_restore(); /* the last request's priority ends here at the latest */
     if (ss_raise_pending(S) == 0) {
-        int t = ss_take_wait(S, &result, deadline);
-        if (t == TK_GOT)
+        int t = ss_take_wait(S, &result, timeout_ns);
+        if (t == TK_GOT) {
             ss_clear_event(S);
-        else if (t == TK_NONE)
+            if (S->prio_adopt) { /* see prio.c */
+                RequestObject *R = (RequestObject *)result;
+                prio_adopt(R->prio, R->prio_rr);
+            }
+        } else if (t == TK_NONE) {
             PyErr_SetString(Timeout, "no request arrived within the timeout");
+        }
     }
     ss_leave(S);
     return result;
@@ -432,7 +445,6 @@ static PyObject *ServerSet_recv_many(ServerSetObject *S, PyObject *const *args, 
         return NULL;
     if (!ss_usable(S))
         return NULL;
-    uint64_t deadline = deadline_after(timeout_ns);
     PyObject *list = PyList_New(0);
     if (!list)
         return NULL;
@@ -441,9 +453,10 @@ static PyObject *ServerSet_recv_many(ServerSetObject *S, PyObject *const *args, 
         return NULL;
     }
     PyObject *one = NULL;
+    prio_restore(); /* recv_many adopts nothing (its requests may ask for different ones) */
     if (ss_raise_pending(S) < 0)
         goto fail;
-    int t = ss_take_wait(S, &one, deadline);
+    int t = ss_take_wait(S, &one, timeout_ns);
     if (t == TK_ERROR)
         goto fail;
     if (t == TK_GOT) {

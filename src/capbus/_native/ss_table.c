@@ -326,8 +326,12 @@ static void ss_free_all(ServerSetObject *S)
 static PyObject *ServerSet_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
     ServerSetObject *S = (ServerSetObject *)PyType_GenericNew(type, args, kw);
-    if (S)
+    if (S) {
         S->event_efd = S->sleep_efd = -1; /* never close fd 0 by accident */
+        S->prio_lo = PRIO_MIN; /* no range declared: req.priority as the capability allows, */
+        S->prio_hi = PRIO_MAX; /* and recv() adopts nothing (Service.set_priority) */
+        S->prio_adopt = 0;
+    }
     return (PyObject *)S;
 }
 

@@ -96,22 +96,32 @@ static HOT int ss_pick(ServerSetObject *S, int *refreshes, int will_wait)
     return ss_find_from(S, 0);
 }
 
-enum { W_AGAIN, W_INTERRUPT };
+enum { W_AGAIN, W_INTERRUPT, W_EXPIRED };
 
-/* Wait WITHOUT the GIL for work: at most one slice (or, with no deadline and no spinning left,
- * one untimed sleep under the watchdog), then the caller re-checks everything. */
-static HOT int ss_wait(ServerSetObject *S, uint64_t deadline)
+/* Wait WITHOUT the GIL for work: at most one slice (or, with no deadline or a far one and no
+ * spinning left, one untimed sleep under the watchdog), then the caller re-checks everything.
+ * W_EXPIRED: the deadline had passed (nothing was scanned). *dl: the deadline, fixed here if
+ * DEADLINE_UNSET (see "Lazy deadlines" in common.h). */
+static HOT int ss_wait(ServerSetObject *S, uint64_t *dl, int64_t timeout_ns)
 {
     uint32_t *seq = (uint32_t *)(S->db + DB_SEQ_OFF);
     uint32_t *sleeping = (uint32_t *)(S->db + DB_SERVER_SLEEPING_OFF);
-    int forever = deadline == UINT64_MAX && S->mode != WAIT_SPIN;
-    if (forever && !S->wd_registered && wd_register(S) < 0)
-        forever = 0;
+    uint64_t deadline = *dl;
+    int timed = deadline != UINT64_MAX;
     uint64_t start = 0, slice_end = UINT64_MAX;
-    if (!forever || S->mode == WAIT_ADAPTIVE) /* block mode with no deadline reads no clock */
+    if (timed || S->mode != WAIT_BLOCK) { /* block mode with no deadline reads no clock */
         start = now_ns();
-    if (start >= deadline)
-        return W_AGAIN;
+        deadline = deadline_fix(dl, timeout_ns, start);
+        if (start >= deadline)
+            return W_EXPIRED;
+    }
+    /* A far deadline sleeps as no deadline does: the watchdog ends the sleep in time. */
+    int forever = S->mode != WAIT_SPIN && (!timed || deadline - start > DEADLINE_FAR_NS);
+    if (forever && !S->wd_registered && wd_register(S) < 0) {
+        forever = 0;
+        if (!start)
+            start = now_ns();
+    }
     if (start)
         slice_end = deadline - start > SLICE_NS ? start + SLICE_NS : deadline;
     uint64_t spin_end = start;
@@ -144,7 +154,7 @@ static HOT int ss_wait(ServerSetObject *S, uint64_t deadline)
             if (__atomic_load_n(&S->interrupt, __ATOMIC_RELAXED))
                 return W_INTERRUPT;
             cpu_relax();
-            if (i % 1024 == 0) {
+            if (i % SPIN_CLOCK_EVERY == 0) {
                 uint64_t now = now_ns();
                 if (now >= spin_end) {
                     if (S->mode == WAIT_ADAPTIVE)

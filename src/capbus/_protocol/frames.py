@@ -27,7 +27,9 @@ U64_MAX = (1 << 64) - 1
 MAX_STR = 4096
 MAX_LIST = 1024
 # Limits travel as a small dict: a process asks with expires_in_ms, the kernel tells expires_at_ns.
-LIMIT_KEYS = frozenset({"rate", "bandwidth", "max_message_size", "expires_in_ms", "expires_at_ns"})
+# max_priority travels as the priority + PRIO_CTRL_BIAS (every value is a u64; see Endpoint.restrict).
+LIMIT_KEYS = frozenset({"rate", "bandwidth", "max_message_size", "expires_in_ms", "expires_at_ns",
+                        "max_priority"})
 # A service's bounds on what its clients may attach to one message and how many channels one of
 # them may hold (the kernel checks the values; see Kernel's ServiceBounds).
 BOUND_KEYS = frozenset({"max_caps", "max_regions", "max_region_bytes", "max_channels_per_process",

@@ -465,13 +465,17 @@ class Endpoint(_core.EndpointBase):
 
     def restrict(self, rights: Iterable[str] | None = None, *, rate_limit: int | None = None,
                  bandwidth: int | None = None, max_message_size: int | None = None,
-                 expires_in: float | None = None) -> Endpoint:
+                 expires_in: float | None = None,
+                 max_priority: int | None = None) -> Endpoint:
         """A new capability to the same service with fewer rights and/or tighter limits
         (PermissionDenied on any attempt to widen). It derives from this one: revoking this
-        revokes it too."""
+        revokes it too. max_priority: the highest priority its calls may have the server run
+        them at (-nice, or 20 + a real-time priority; see Service.set_priority): the server
+        clamps every call to it, whatever the caller stamps."""
         reply = self._session.request(frames.Restrict(
             self.handle, None if rights is None else sorted(rights),
-            limits_request(rate_limit, bandwidth, max_message_size, expires_in)), via=self._ctl)
+            limits_request(rate_limit, bandwidth, max_message_size, expires_in, max_priority)),
+            via=self._ctl)
         return endpoint_for(self._session, reply)
 
     def keep(self) -> Endpoint:

@@ -29,7 +29,7 @@ from .._protocol import frames
 from .._protocol.names import check_grant_key, check_name
 from .control import Control
 from .endpoint import Endpoint, endpoint_for
-from .limits import limits_request
+from .limits import PRIO_MAX, PRIO_MIN, limits_request
 from .peers import PeerWatch
 from .region import Region, region_from
 from .service import Service
@@ -125,6 +125,8 @@ class Process:
             self._session.user_closed = True
             self._session.control.close()
             self._session.peers.close()
+            for hook in list(self._session.on_user_close):
+                hook()  # a serve() loop asleep in an untimed recv wakes to see user_closed
             for svc in list(self._session.services.values()):
                 svc.close()
 
@@ -214,7 +216,8 @@ class Process:
                  max_regions: int | None = None, max_region_bytes: int | None = None,
                  max_channels_per_process: int | None = None,
                  max_channels_per_uid: int | None = None,
-                 attach_ttl: float | None = None) -> Service:
+                 attach_ttl: float | None = None,
+                 priority: tuple[int, int] | None = None) -> Service:
         """Serve under a string name (first come, first served): NameTaken, PermissionDenied.
 
         allow: who may reach it (ProcessIds, "uid:N", "package:P", "name:N"; None: everyone).
@@ -229,12 +232,23 @@ class Process:
         process (every connection of one OS process together) and one uid may hold to it; past
         that, opening one more (a new calling thread, an acall) raises OutOfMemory.
         attach_ttl [60 s]: how long an attachment waits for its message to be received.
+
+        priority: (lo, hi), the range of caller priorities its handlers run at (see
+        Service.set_priority; None: every handler runs at the serving thread's own).
         """
         check_name(name)
         bounds = _bounds(max_caps, max_regions, max_region_bytes, max_channels_per_process,
                          max_channels_per_uid, attach_ttl)
+        if priority is not None:
+            lo, hi = priority  # checked before the name is taken
+            if not (type(lo) is int and type(hi) is int and PRIO_MIN <= lo <= hi <= PRIO_MAX):
+                raise ValueError(f"priority must be (lo, hi) with {PRIO_MIN} <= lo <= hi <= "
+                                 f"{PRIO_MAX}, got {priority!r}")
         frame = frames.Register(name, _allow(allow), limits_request(**(limits or {})), bounds)
-        return self._service(self._request_fds(frame), frame)
+        svc = self._service(self._request_fds(frame), frame)
+        if priority is not None:
+            svc.set_priority(*priority)
+        return svc
 
     def register_package(self, *, allow: list[str | int] | None = None,
                          limits: dict[str, Any] | None = None,

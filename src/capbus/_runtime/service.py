@@ -28,6 +28,7 @@ from .._fdlimit import raise_fd_limit
 from .._protocol import frames
 from .endpoint import Endpoint, received_endpoint
 from .interface import Dispatcher, Interface
+from .limits import DEFAULT_PRIORITY_RANGE
 from .message import TRANSFER_FLAG, Message, Request
 from .region import Region, region_from
 from .topic import TopicCapability
@@ -69,6 +70,8 @@ class Service(_core.ServiceBase):
         self._retired: list[_Retired] = []  # channels of former kernels, still served
         self._retired_lock = threading.Lock()  # the reader and the peer watch change the list
         self._turn = 0  # which ServerSet _poll_all asks first (round robin across them)
+        self._priority = DEFAULT_PRIORITY_RANGE  # set_priority(): kept across a reconnect
+        session.on_user_close.append(self._stop_serving)
         self._warn = _RateLimitedLog(log)
         try:
             self._set = _core.ServerSet(doorbell_fd, WAIT_CODES[session.wait_mode],
@@ -264,8 +267,8 @@ class Service(_core.ServiceBase):
                     out[k] = out.get(k, 0) + v
         return out
 
-    def serve(self, handler: Callable[[Request], Any], *, poll: float = 0.2) -> None:
-        """Receive and answer until the service is closed.
+    def serve(self, handler: Callable[[Request], Any], *, poll: float | None = None) -> None:
+        """Receive and answer until the service (or its Process) is closed.
 
         handler(req) returns None (reply opcode 0), an opcode, (opcode, data),
         (opcode, data, payload) or a Message, or replies itself. A handler that raises, or
@@ -273,6 +276,12 @@ class Service(_core.ServiceBase):
         as that class, any other exception as RemoteError naming its type), is logged at
         WARNING, and the loop goes on. A caller that died, or does not read its replies, just
         loses its reply (Request.reply returns False): no client can stop this loop.
+
+        Each handler runs at its caller's priority (see set_priority), the loop's own in
+        between. The loop waits untimed (the fastest wait): close() and Process.close() wake it,
+        and a signal (KeyboardInterrupt) interrupts it as any recv(). poll (seconds) makes each
+        wait a timed one instead: as fast since timed waits sleep as untimed ones do (kept for
+        callers that passed it).
         """
         while not self._closed and not self._session.user_closed:
             try:
@@ -285,7 +294,10 @@ class Service(_core.ServiceBase):
                 if self._closed or self._session.user_closed:
                     return
                 raise
-            self._answer(req, handler)
+            try:
+                self._answer(req, handler)
+            finally:
+                _core.restore_priority()  # the caller's priority ends with its handler
             # Not held while waiting for the next one: a request the handler dropped unanswered
             # fails its caller now (NoReply), and what it brought (req.caps, regions) goes back
             # at once unless the handler kept a reference.
@@ -388,6 +400,34 @@ class Service(_core.ServiceBase):
             if req.expects_reply and not req.replied:
                 _reply_failure(req, exc)
 
+    # ---- priority -----------------------------------------------------------------------------
+
+    @property
+    def priority(self) -> tuple[int, int] | None:
+        """The range (lo, hi) of caller priorities this service serves at (see set_priority);
+        None: it serves every call at the receiving thread's own priority."""
+        return self._priority
+
+    def set_priority(self, lo: int, hi: int) -> None:
+        """Serve each call at its caller's priority, clamped to [lo, hi] (and to what the
+        caller's capability allows: Endpoint.restrict(max_priority=)).
+
+        A priority is -nice (-19 = nice 19 ... 20 = nice -20) or 20 + a SCHED_FIFO/SCHED_RR
+        priority (21 ... 119). recv() runs the receiving thread at the request's priority until
+        reply() or the next recv() (serve(): until the handler returns or raises), then at its
+        own again. A service that never calls this adopts nothing. Mind a range below the
+        serving thread's own priority (lo < -nice): with ONE serving thread, a handler run at a
+        background caller's nice 19 delays the urgent call queued behind it (priority
+        inversion; Binder avoids it with a pool of threads). A priority this process may not
+        set (RLIMIT_NICE, RLIMIT_RTPRIO, no CAP_SYS_NICE) becomes the most urgent one it may;
+        a thread that could not go back to its own priority afterwards adopts none. asyncio
+        servers (arecv), recv_many and poll never change the thread's priority: req.priority
+        tells the handler what the caller asked for."""
+        if type(lo) is not int or type(hi) is not int:
+            raise TypeError(f"priority range must be two ints, got ({lo!r}, {hi!r})")
+        self._set.set_priority(lo, hi)  # ValueError on a range outside PRIO_MIN..PRIO_MAX
+        self._priority = (lo, hi)
+
     # ---- access -------------------------------------------------------------------------------
 
     def allow(self, *who: int | str) -> None:
@@ -411,6 +451,8 @@ class Service(_core.ServiceBase):
                 return
             self._closed = True
         self._set.interrupt()
+        with contextlib.suppress(ValueError):
+            self._session.on_user_close.remove(self._stop_serving)
         self._session.forget_service(self.handle)
         if self._ctl.closed is None:
             with contextlib.suppress(KernelUnavailable):  # gone meanwhile: nothing to release
@@ -568,6 +610,11 @@ class Service(_core.ServiceBase):
             self._closed = True
             self._set.interrupt()
 
+    def _stop_serving(self) -> None:
+        """Process.close(): a serve() loop waiting in recv wakes (Cancelled) and returns."""
+        with contextlib.suppress(ValueError):  # the set is closed already
+            self._set.interrupt()
+
     def _lose(self, why: str) -> None:
         self._lost = KernelUnavailable(why)
         self._closed = True
@@ -589,6 +636,8 @@ class Service(_core.ServiceBase):
         self._ctl, self.handle = self._session.control, handle
         self._senders, self._chans = {}, {}
         self._event_fd = event_fd
+        if self._priority is not None:
+            new.set_priority(*self._priority)
         self._set = new
         self._lost = None
         old.interrupt()  # a recv asleep on it goes on with the new one (and the retired)

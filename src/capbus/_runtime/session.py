@@ -22,6 +22,8 @@ from .control import Control
 from .peers import PeerWatch
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .endpoint import Endpoint
     from .region import Region
     from .service import Service
@@ -42,6 +44,9 @@ class Session:
         # Set while no kernel serves this connection (None: connected): what requests fail with.
         self.kernel_lost: KernelUnavailable | None = None
         self.user_closed = False  # Process.close() was called
+        # Called by Process.close() after user_closed is set: a Service's serve() loop, asleep
+        # in an untimed recv, wakes to see it (Service registers its hook; close() removes it).
+        self.on_user_close: list[Callable[[], None]] = []
         self._control: Control | None = None
         # Held until released (Endpoint.close/revoke) like the capability it stands for: a dropped
         # reference must not close its lanes behind the caller's back (the kernel bounds these).
