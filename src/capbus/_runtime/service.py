@@ -304,7 +304,7 @@ class Service(_core.ServiceBase):
             del req
 
     def serve_interface(self, impl: Interface, interface: type[Interface] | None = None, *,
-                        poll: float = 0.2) -> None:
+                        poll: float | None = None) -> None:
         """serve() an implementation of a typed interface (capbus.Interface) until the service
         is closed: each request is decoded against the method's annotations, the method called,
         its result encoded; a declared error (Interface.errors) travels as itself, any other
@@ -337,6 +337,8 @@ class Service(_core.ServiceBase):
                     self._warn.log("service %r: %s: %s", self.name, type(exc).__name__, exc, exc=exc)
                     if req.expects_reply and not req.replied:
                         _reply_failure(req, exc)
+                finally:
+                    _core.restore_priority()  # as serve(): the caller's priority ends here
                 del req  # a request dropped unanswered fails its caller now (NoReply)
         finally:
             if loop is not None:
