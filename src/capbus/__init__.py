@@ -4,6 +4,8 @@ This module is the public surface (docs/ARCHITECTURE.md lists the parts); everyt
 leading underscore is private and may change.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._errors import (
     Cancelled,
     InvalidCapability,
@@ -36,14 +38,28 @@ from ._runtime.region import Region
 from ._runtime.service import Service
 from ._runtime.subscription import Subscription
 
+if TYPE_CHECKING:
+    from ._gateway.gateway import Gateway
+
 INVALID_PROCESS = 0
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # capbus.Gateway is imported when first used: it needs the gateway extra (eclipse-zenoh,
+    # cryptography), and names it in its ImportError when they are missing.
+    if name == "Gateway":
+        from ._gateway import Gateway
+
+        return Gateway
+    raise AttributeError(f"module 'capbus' has no attribute {name!r}")
 
 __all__ = [
     "INVALID_PROCESS",
     "Cancelled",
     "Child",
     "Endpoint",
+    "Gateway",
     "InvalidCapability",
     "IpcError",
     "Kernel",

@@ -203,7 +203,7 @@ class Process:
                  max_regions: int | None = None, max_region_bytes: int | None = None,
                  max_channels_per_process: int | None = None,
                  max_channels_per_uid: int | None = None,
-                 attach_ttl: float | None = None) -> Service:
+                 attach_ttl: float | None = None, gateway: bool = False) -> Service:
         """Serve under a string name (first come, first served): NameTaken, PermissionDenied.
 
         allow: who may reach it (ProcessIds, "uid:N", "package:P", "name:N"; None: everyone).
@@ -218,11 +218,15 @@ class Process:
         process (every connection of one OS process together) and one uid may hold to it; past
         that, opening one more (a new calling thread, an acall) raises OutOfMemory.
         attach_ttl [60 s]: how long an attachment waits for its message to be received.
+
+        gateway: serve a NAME@HOST name (a remote service) as a gateway; the kernel refuses
+        such names to anyone else (capbus.Gateway sets it; docs/POLICY.md [gateways]).
         """
         check_name(name)
         bounds = _bounds(max_caps, max_regions, max_region_bytes, max_channels_per_process,
                          max_channels_per_uid, attach_ttl)
-        frame = frames.Register(name, _allow(allow), limits_request(**(limits or {})), bounds)
+        frame = frames.Register(name, _allow(allow), limits_request(**(limits or {})), bounds,
+                                bool(gateway))
         return self._service(self._request_fds(frame), frame)
 
     def register_package(self, *, allow: list[str | int] | None = None,
