@@ -202,7 +202,7 @@ def test_peers_pinned_by_key(sockdir):
 
 def _certs(d: str) -> dict[str, str]:
     """A CA and one certificate (for 127.0.0.1 / localhost) signed by it, as PEM files."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "capbus test CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)

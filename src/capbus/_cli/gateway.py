@@ -1,0 +1,56 @@
+"""`capbus gateway`: run a gateway (capbus.Gateway) in the foreground until SIGINT/SIGTERM.
+
+SIGHUP reloads the config file's `revoked` list (token ids, hex) and `[peers]`' cut-offs: the
+way to revoke a token from the command line is to add its id there and `kill -HUP` the gateway
+(the ids are in its log, one INFO line per token issued).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+
+log = logging.getLogger("capbus.gateway")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from .. import _gateway
+    except ImportError as exc:
+        print(f"capbus gateway: {exc}")
+        return 2
+    from .._gateway.config import GatewayConfig
+
+    kw = {"listen": args.listen, "connect": args.connect, "export": args.export,
+          "config": args.config}
+    if args.name:
+        kw["name"] = args.name
+    if args.lease:
+        kw["lease"] = args.lease
+    logging.getLogger("capbus.gateway").setLevel(logging.INFO)  # each token issued: its id
+    gw = _gateway.Gateway(args.socket, **kw)
+    done = threading.Event()
+    reload = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGHUP, lambda *_: (reload.set(), done.set()))
+    with gw:
+        print(f"gateway {gw.name}: public key {gw.public_key}", flush=True)
+        while True:
+            done.wait()
+            if not reload.is_set():
+                break
+            done.clear()
+            reload.clear()
+            if args.config:
+                try:
+                    cfg = GatewayConfig.load(args.config)
+                except (OSError, ValueError) as exc:
+                    log.warning("gateway %s: config not reloaded: %s", gw.name, exc)
+                    continue
+                for tid in cfg.revoked:
+                    gw.revoke(tid.hex())
+                log.info("gateway %s: %d revoked token ids applied", gw.name, len(cfg.revoked))
+    return 0
