@@ -14,7 +14,7 @@ import os
 from . import capbus_calls, peers
 from .results import Result, machine_info, machine_line, print_table, to_json
 
-SECTIONS = ("call", "caps", "async", "large", "scale", "sandbox")
+SECTIONS = ("call", "caps", "async", "large", "scale", "sandbox", "gateway")
 
 
 def _find(rows: list[Result], mechanism: str, note_part: str = "") -> Result | None:
@@ -122,6 +122,27 @@ def sandbox_section(quick: bool) -> list[Result]:
     return rows + calls
 
 
+def gateway_section(quick: bool) -> list[Result]:
+    try:
+        from . import gateway
+        rows = gateway.run(quick)
+    except ImportError as exc:
+        print(f"gateway: skipped ({exc}; pip install 'capbus[gateway]')")
+        return []
+    print_table("Across hosts: capbus through two gateways (Eclipse Zenoh, loopback TCP) beside raw "
+                "zenoh-python", rows, machine_line())
+    print()
+    rt = _find(rows, "capbus remote call via 2 gateways")
+    raw = _find(rows, "raw zenoh-python get/queryable")
+    send = _find(rows, "capbus remote send_async via 2 gateways")
+    put = _find(rows, "raw zenoh-python put/subscriber")
+    one_way = (f"{send.msgs_per_s / put.msgs_per_s:.2f}x" if send and put and send.msgs_per_s
+               and put.msgs_per_s else "n/a")
+    print(f"Target: remote round trip <= 1.5x raw Zenoh: {_ratio(rt, raw)}; one-way >= 0.7x raw "
+          f"Zenoh: {one_way}")
+    return rows
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
@@ -148,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     for section in sections:
         everything += {"call": call_section, "caps": caps_section, "async": async_section,
                        "large": large_section, "scale": scale_section,
-                       "sandbox": sandbox_section}[section](args.quick)
+                       "sandbox": sandbox_section,
+                       "gateway": gateway_section}[section](args.quick)
         print()
     if args.json:
         with open(args.json, "w") as f:

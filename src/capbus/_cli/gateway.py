@@ -35,7 +35,11 @@ def run(args: argparse.Namespace) -> int:
     reload = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: done.set())
     signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGHUP, lambda *_: (reload.set(), done.set()))
+    def hup(*_: object) -> None:
+        reload.set()
+        done.set()
+
+    signal.signal(signal.SIGHUP, hup)
     with gw:
         print(f"gateway {gw.name}: public key {gw.public_key}", flush=True)
         while True:

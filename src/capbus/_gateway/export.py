@@ -201,7 +201,7 @@ class Exporter:
             e = _Exported(name, live, ep, tok)
             with self._lock:
                 self.exported[name] = e
-            ep.on_death(lambda _ep, e=e: self._gone(e))
+            ep.on_death(_ender(self, e))
 
     def _gone(self, e: _Exported) -> None:
         with self._lock:
@@ -440,6 +440,12 @@ class Exporter:
 
         with contextlib.suppress(IpcError):
             self.origin_svc.serve(handler)
+
+
+def _ender(exporter: Exporter, e: _Exported) -> Any:
+    def gone(_ep: Endpoint) -> None:
+        exporter._gone(e)
+    return gone
 
 
 def _fits(name: str, pattern: str) -> bool:

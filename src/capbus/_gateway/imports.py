@@ -309,7 +309,7 @@ class Importer:
                     opcode, flags, d0, d1, d2, d3 = REP.unpack(a.to_bytes())
                     req.reply(opcode, (d0, d1, d2, d3), ok.payload.to_bytes(), flags)
                 else:
-                    reply_failure(req, _error(reply.err.payload.to_bytes(), imp))
+                    reply_failure(req, _error(_err_bytes(reply), imp))
             except Exception as exc:  # a malformed reply: the caller learns, nothing else does
                 with contextlib.suppress(Exception):
                     reply_failure(req, exc if isinstance(exc, IpcError) else PeerDied(
@@ -357,7 +357,7 @@ class Importer:
                 with contextlib.suppress(Exception):
                     log.warning("gateway %s: %d one-way messages to %s@%s refused: %s",
                                 self.name, len(batch), imp.name, imp.peer,
-                                _error(reply.err.payload.to_bytes(), imp))
+                                _error(_err_bytes(reply), imp))
 
         try:
             imp.querier.get(zenoh.handlers.Callback(on_reply, imp.idle.set, indirect=False),
@@ -365,6 +365,11 @@ class Importer:
         except Exception:
             imp.idle.set()
             raise
+
+
+def _err_bytes(reply: zenoh.Reply) -> bytes:
+    err = reply.err
+    return err.payload.to_bytes() if err is not None else b""
 
 
 def _error(raw: bytes, imp: _Import) -> IpcError:

@@ -98,7 +98,7 @@ def pack_batch(msgs: list[tuple[int, int, tuple[int, ...], bytes]]) -> bytes:
 def unpack_batch(raw: bytes | memoryview) -> list[tuple[int, int, tuple[int, int, int, int],
                                                        memoryview]]:
     view = memoryview(raw)
-    out = []
+    out: list[tuple[int, int, tuple[int, int, int, int], memoryview]] = []
     off = 0
     while off < len(view):
         if len(view) - off < MSG.size or len(out) >= MAX_BATCH:
