@@ -1,8 +1,10 @@
 """`capbus gateway`: run a gateway (capbus.Gateway) in the foreground until SIGINT/SIGTERM.
 
-SIGHUP reloads the config file's `revoked` list (token ids, hex) and `[peers]`' cut-offs: the
-way to revoke a token from the command line is to add its id there and `kill -HUP` the gateway
-(the ids are in its log, one INFO line per token issued).
+SIGHUP rereads the config file's `revoked` (token ids, hex) and `revoked_peers` (gateway
+names) and applies them at once: the way to revoke from the command line is to add the id or
+the name there and `kill -HUP` the gateway (token ids are in its log, one INFO line per token
+issued). Revoking one token ends that token; the peer may say hello for a new one unless it is
+cut off (revoked_peers, or left out of [peers]).
 """
 
 from __future__ import annotations
@@ -56,5 +58,8 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 for tid in cfg.revoked:
                     gw.revoke(tid.hex())
-                log.info("gateway %s: %d revoked token ids applied", gw.name, len(cfg.revoked))
+                for peer in cfg.revoked_peers:
+                    gw.revoke_peer(peer)
+                log.info("gateway %s: %d revoked token ids and %d cut-off peers applied",
+                         gw.name, len(cfg.revoked), len(cfg.revoked_peers))
     return 0

@@ -66,6 +66,7 @@ class GatewayConfig:
     max_origins: int = 32
     imports: tuple[str, ...] | None = None  # gateways to import from (None: every one seen)
     revoked: set[bytes] = field(default_factory=set)
+    revoked_peers: set[str] = field(default_factory=set)  # gateways cut off (hellos too)
 
     @classmethod
     def load(cls, source: str | Mapping[str, Any] | None) -> GatewayConfig:
@@ -84,7 +85,7 @@ class GatewayConfig:
     def from_mapping(cls, doc: Mapping[str, Any], where: str = "<dict>") -> GatewayConfig:
         known = {"name", "listen", "connect", "export", "peers", "key", "tls", "lease_ms",
                  "call_timeout", "send_timeout", "token_ttl", "workers", "max_origins",
-                 "import", "revoked"}
+                 "import", "revoked", "revoked_peers"}
         unknown = set(doc) - known
         if unknown:
             raise ValueError(f"gateway config {where}: unknown keys {sorted(unknown)}; known: "
@@ -135,6 +136,8 @@ class GatewayConfig:
                 c.revoked.add(bytes.fromhex(r))
             except ValueError:
                 raise ValueError(f"{where} revoked: {r!r:.80} is not a token id (hex)") from None
+        c.revoked_peers = {check_host(h) for h in _strs(doc.get("revoked_peers", []),
+                                                          f"{where} revoked_peers")}
         return c
 
 

@@ -104,6 +104,7 @@ class Exporter:
         self.socket_path = socket_path
         self.verifier = Verifier(cfg.name, key_)
         self.verifier.revoked_ids |= cfg.revoked
+        self.verifier.revoked_holders |= cfg.revoked_peers
         self.exported: dict[str, _Exported] = {}
         self.issued: dict[bytes, dict[str, Any]] = {}  # token id -> what it allows
         self._reuse: dict[tuple[str, bytes, str], tuple[bytes, float]] = {}
