@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("capbus.gateway")
 
 HELLO_SKEW = 120.0  # seconds a hello's clock may be off (a replayed old hello is refused)
+_FLAGS = 0x7FFF0000  # user flags and the object bit; never the transfer bit
 QUEUE = 1024  # queries waiting for a worker, at most
 ORIGIN_OPCODE = 1  # capbus.gateway@NAME: data[0] = a sender ProcessId -> its remote origin
 
@@ -340,9 +341,10 @@ class Exporter:
             raise WireError("a request without its header")
         kind, token, name, opcode, flags, data, tmo, origin = unpack_request(att.to_bytes())
         zb = query.payload
-        payload = zb.to_bytes() if zb is not None else b""
+        # the token first: nothing of an unchecked request is copied or kept
         checked = self.verifier.check(token, name, "call" if kind == CALL else "send",
-                                      len(payload) if kind == CALL else 0)
+                                      (len(zb) if zb is not None else 0) if kind == CALL else 0)
+        payload = zb.to_bytes() if zb is not None else b""
         if name not in self.exported:
             raise ServiceNotFound(f"{self.name} exports no live service {name[:200]!r}")
         o = self._origin(checked.body.holder, origin)
@@ -351,8 +353,9 @@ class Exporter:
             if kind == CALL:
                 timeout = min(tmo / 1000.0, self.cfg.call_timeout) if tmo else self.cfg.call_timeout
                 msg = ep.call(opcode, data, payload, timeout=timeout, flags=flags)
+                # msg[1]: the flags as sent, the runtime's object bit included (.flags drops it)
                 query.reply(query.key_expr, msg.payload or b"",
-                            attachment=REP.pack(msg.opcode, msg.flags, *msg.data))
+                            attachment=REP.pack(msg.opcode, msg[1] & _FLAGS, *msg.data))
             else:
                 msgs = unpack_batch(payload)
                 now = time.monotonic()

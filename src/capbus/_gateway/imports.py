@@ -61,6 +61,9 @@ from .wire import (
 
 log = logging.getLogger("capbus.gateway")
 _TRANSFER = 0x80000000  # capabilities and regions never cross hosts
+# Imports from one gateway at most (each is a local connection and a thread here; the kernel's
+# connections_per_pid bounds them all): an exporter cannot make this side hold more.
+MAX_IMPORTS = 128
 
 
 @dataclass
@@ -205,7 +208,7 @@ class Importer:
                         self.name, peer)
             return
         seen = set()
-        for e in welcome.exports[:4096]:
+        for e in welcome.exports[:MAX_IMPORTS]:
             try:
                 body = body_of(e.token)
                 if not verify_signature(welcome.key, e.token[-64:], e.token[:-64]):
