@@ -141,6 +141,24 @@ def test_garbage_and_forged_tokens_reach_no_service(world):
     assert world["gb"].stats()["refused"] > 0
 
 
+def test_liveliness_flood_does_not_disturb_the_importer(world):
+    ep = world["pa"].lookup("kv@host-b", timeout=10)
+    s = _raw_session(world["port"])
+    try:
+        tokens = [s.liveliness().declare_token(f"capbus/gw/host-b/svc/{os.urandom(8).hex()}")
+                  for _ in range(300)]
+        tokens += [s.liveliness().declare_token(f"capbus/gw/evil{i}/alive") for i in range(20)]
+        tokens += [s.liveliness().declare_token(f"capbus/gw/x/{'y/' * i}z") for i in range(20)]
+        time.sleep(1.0)
+        assert ep.call(1, timeout=10).payload == b"ok"
+        for t in tokens:
+            t.undeclare()
+    finally:
+        s.close()
+    assert ep.call(1, timeout=10).payload == b"ok"
+    assert world["ga"].imports() == ["kv@host-b"]
+
+
 def test_revoking_a_peer_cuts_it_off_at_once(world):
     ep = world["pa"].lookup("kv@host-b", timeout=10)
     assert ep.call(1, timeout=10).payload == b"ok"

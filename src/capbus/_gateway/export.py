@@ -325,6 +325,8 @@ class Exporter:
                           bandwidth=rule.bandwidth, max_message_size=rule.max_message_size,
                           ttl=self.cfg.token_ttl)
         with self._lock:
+            if len(self._reuse) >= 65536:  # a cache: the oldest go (a new hello re-issues)
+                self._reuse.pop(next(iter(self._reuse)))
             self._reuse[k] = (tok, body.expires)
             self.issued[body.id] = {"id": body.id.hex(), "holder": holder,
                                     "service": rule.pattern, "rights": sorted(rule.rights),
@@ -400,11 +402,16 @@ class Exporter:
                 return o
             mine = [x for x in self.origins.values() if x.holder == holder]
             victim = None
-            if len(mine) >= self.cfg.max_origins:
-                victim = next((x for x in mine if x.busy == 0), None)
+            # max_origins per remote gateway, and 4x that for all together (each one is a
+            # connection to the kernel: its connections_per_pid bounds this process)
+            pool = mine if len(mine) >= self.cfg.max_origins else (
+                list(self.origins.values())
+                if len(self.origins) >= 4 * self.cfg.max_origins else None)
+            if pool is not None:
+                victim = next((x for x in pool if x.busy == 0), None)
                 if victim is None:
-                    raise OutOfMemory(f"{self.name}: {len(mine)} remote processes of {holder} "
-                                      "are calling at once (max_origins)")
+                    raise OutOfMemory(f"{self.name}: {len(pool)} remote processes are calling "
+                                      "at once (max_origins)")
                 self._forget(victim)
         if victim is not None:
             with contextlib.suppress(Exception):

@@ -64,6 +64,10 @@ _TRANSFER = 0x80000000  # capabilities and regions never cross hosts
 # Imports from one gateway at most (each is a local connection and a thread here; the kernel's
 # connections_per_pid bounds them all): an exporter cannot make this side hold more.
 MAX_IMPORTS = 128
+MAX_PEERS = 256  # gateways greeted at most (a stray peer can declare any number of names)
+EVENTS = 4096  # liveliness events waiting, at most
+RESYNC = 30.0  # seconds between hellos to every gateway seen
+HELLO_WAIT = 3.0  # seconds a hello waits for its answer
 
 
 @dataclass
@@ -91,7 +95,11 @@ class Importer:
         self.socket_path = socket_path
         self.imports: dict[tuple[str, str], _Import] = {}
         self.peers: set[str] = set()
-        self._events: queue.Queue[tuple[str, ...]] = queue.Queue()
+        # Bounded: a peer declaring liveliness tokens in a loop fills it, and what does not fit
+        # is dropped; the resync (a hello to every gateway seen, every RESYNC seconds) brings
+        # the imports back in line with what each exporter says, whatever was missed.
+        self._events: queue.Queue[tuple[str, ...]] = queue.Queue(EVENTS)
+        self._next_resync = time.monotonic() + RESYNC
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -128,13 +136,19 @@ class Importer:
             return
         peer = parts[2]
         put = sample.kind == zenoh.SampleKind.PUT
-        if parts[3:] == ["alive"]:
-            self._events.put(("alive", peer, "put" if put else "del"))
-        elif len(parts) == 5 and parts[3] == "svc":
-            self._events.put(("svc", peer, parts[4], "put" if put else "del"))
+        with contextlib.suppress(queue.Full):
+            if parts[3:] == ["alive"]:
+                self._events.put_nowait(("alive", peer, "put" if put else "del"))
+            elif len(parts) == 5 and parts[3] == "svc":
+                self._events.put_nowait(("svc", peer, parts[4], "put" if put else "del"))
 
     def _manage(self) -> None:
         while not self._stop.is_set():
+            if time.monotonic() >= self._next_resync:
+                self._next_resync = time.monotonic() + RESYNC
+                for peer in sorted(self.peers):
+                    with contextlib.suppress(Exception):
+                        self.hello(peer)
             try:
                 ev = self._events.get(timeout=1.0)
             except queue.Empty:
@@ -157,6 +171,11 @@ class Importer:
             return
         if ev[0] == "alive":
             if ev[2] == "put":
+                if peer not in self.peers and len(self.peers) >= MAX_PEERS:
+                    log.warning("gateway %s: more than %d gateways seen; %s ignored (list the "
+                                "ones to import from in the config's import)", self.name,
+                                MAX_PEERS, peer)
+                    return
                 self.peers.add(peer)
                 self.hello(peer)
             else:
@@ -173,8 +192,8 @@ class Importer:
                 for imp in [i for i in self.imports.values() if i.peer == peer and
                             i.live == live]:
                     self._kill(imp, f"{imp.name} on {peer} died")
-            elif not any(i.live == live for i in self.imports.values()):
-                self.hello(peer)
+            elif peer in self.peers and not any(i.live == live for i in self.imports.values()):
+                self.hello(peer)  # only a gateway seen alive (a stray token greets nobody)
 
     def _renew(self) -> None:
         now = time.time()
@@ -190,7 +209,7 @@ class Importer:
         h = Hello(1, self.name, public_bytes(self.key), peer, time.time(), os.urandom(16))
         h = Hello(h.v, h.name, h.key, h.to, h.ts, h.nonce, sign(self.key, hello_signed_part(h)))
         welcome = None
-        for reply in self.session.get(key(peer, "hello"), payload=encode(h), timeout=5.0):
+        for reply in self.session.get(key(peer, "hello"), payload=encode(h), timeout=HELLO_WAIT):
             if reply.ok is not None:
                 try:
                     welcome = decode_welcome(reply.ok.payload.to_bytes())
