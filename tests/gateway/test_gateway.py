@@ -44,10 +44,25 @@ def test_remote_call_keeps_the_endpoint_api(hosts):
         return await ep.acall(1, (5,), b"ab", timeout=10)
 
     assert asyncio.run(acall()).payload == b"ba"
+    with ep.loan(200_000) as loan:  # a loaned payload: a view of the arena on the importer's side
+        loan.buffer[:3] = b"abc"
+        assert bytes(loan.call(1, timeout=10).payload[-3:]) == b"cba"
     deadline = time.monotonic() + 10
     while ep.call(6, timeout=10).data[0] < 3:
         assert time.monotonic() < deadline, "one-way messages did not all arrive"
         time.sleep(0.05)
+
+
+def test_timeout_then_the_gateway_serves_on(hosts):
+    hosts.service("host-b", "kv")
+    hosts.pair()
+    pa = hosts.connect("host-a")
+    ep = pa.lookup("kv@host-b", timeout=10)
+    t0 = time.monotonic()
+    with pytest.raises(capbus.Timeout):
+        ep.call(2, (1500,), timeout=0.3)
+    assert time.monotonic() - t0 < 1.5  # the caller's own timeout, not the gateway's
+    assert ep.call(1, (), b"ab", timeout=10).payload == b"ba"  # the late reply was dropped
 
 
 def test_only_exports_are_visible(hosts):
