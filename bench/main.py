@@ -15,7 +15,7 @@ from . import capbus_calls, peers
 from .results import Result, machine_info, machine_line, print_table, to_json
 
 SECTIONS = ("call", "caps", "async", "large", "typed", "scale", "sandbox", "topics", "timed", "sched",
-            "clients")
+            "clients", "gateway")
 
 
 def _find(rows: list[Result], mechanism: str, note_part: str = "") -> Result | None:
@@ -175,6 +175,26 @@ def clients_section(quick: bool) -> list[Result]:
     last = rows[-1].msgs_per_s or 0 if rows else 0
     print()
     print(f"Target: 16 clients >= 0.8x the best aggregate: {last / best if best else 0:.2f}x")
+
+
+def gateway_section(quick: bool) -> list[Result]:
+    try:
+        from . import gateway
+        rows = gateway.run(quick)
+    except ImportError as exc:
+        print(f"gateway: skipped ({exc}; pip install 'capbus[gateway]')")
+        return []
+    print_table("Across hosts: capbus through two gateways (Eclipse Zenoh, loopback TCP) beside raw "
+                "zenoh-python", rows, machine_line())
+    print()
+    rt = _find(rows, "capbus remote call via 2 gateways")
+    raw = _find(rows, "raw zenoh-python get/queryable")
+    send = _find(rows, "capbus remote send_async via 2 gateways")
+    put = _find(rows, "raw zenoh-python put/subscriber")
+    one_way = (f"{send.msgs_per_s / put.msgs_per_s:.2f}x" if send and put and send.msgs_per_s
+               and put.msgs_per_s else "n/a")
+    print(f"Target: remote round trip <= 1.5x raw Zenoh: {_ratio(rt, raw)}; one-way >= 0.7x raw "
+          f"Zenoh: {one_way}")
     return rows
 
 
@@ -205,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         everything += {"call": call_section, "caps": caps_section, "async": async_section,
                        "large": large_section, "typed": typed_section, "scale": scale_section,
                        "sandbox": sandbox_section, "topics": topics_section, "timed": timed_section,
-                       "sched": sched_section, "clients": clients_section}[section](args.quick)
+                       "sched": sched_section, "clients": clients_section,
+                       "gateway": gateway_section}[section](args.quick)
         print()
     if args.json:
         with open(args.json, "w") as f:

@@ -38,6 +38,7 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:
+    from ._gateway.gateway import Gateway
     from ._kernel.kernel import Kernel
     from ._kernel.launcher import Child
     from ._kernel.policy import KernelLimits, Policy, ProcessInfo
@@ -54,6 +55,9 @@ if TYPE_CHECKING:
 
 # name -> the module that defines it, imported on first use.
 _LAZY = {
+    # capbus.Gateway needs the gateway extra (eclipse-zenoh, cryptography): its package's
+    # ImportError names the extra when they are missing.
+    "Gateway": "._gateway",
     "Kernel": "._kernel.kernel",
     "Child": "._kernel.launcher",
     "KernelLimits": "._kernel.policy",
@@ -110,6 +114,7 @@ __all__ = [
     "Interface",
     "InterfaceMismatch",
     "InvalidArgument",
+    "Gateway",
     "InvalidCapability",
     "IpcError",
     "Kernel",

@@ -59,6 +59,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return audit.run(args)
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from . import gateway
+
+    return gateway.run(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
@@ -171,6 +177,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
     p.set_defaults(fn=cmd_metrics)
+    p = with_socket(sub.add_parser(
+        "gateway", help="export this host's services to other hosts' gateways and import "
+        "theirs as NAME@HOST (Eclipse Zenoh; needs capbus[gateway]); SIGHUP reloads revoked"))
+    p.add_argument("--name", default=None, help="this gateway's name: the HOST of NAME@HOST")
+    p.add_argument("--listen", action="append", default=[], metavar="ENDPOINT",
+                   help="a Zenoh endpoint to listen on, e.g. tcp/0.0.0.0:7447 (repeatable)")
+    p.add_argument("--connect", action="append", default=[], metavar="ENDPOINT",
+                   help="another gateway's Zenoh endpoint (repeatable)")
+    p.add_argument("--export", action="append", default=[], metavar="NAME",
+                   help="a local service name or glob to export (repeatable)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="TOML: rights and limits per export, peers and their keys, TLS, revoked")
+    p.add_argument("--lease", type=float, default=None,
+                   help="Zenoh lease in seconds: a lost link is noticed within it (default 10)")
+    p.set_defaults(fn=cmd_gateway)
 
     args, rest = parser.parse_known_args(argv)
     if rest and args.fn is not cmd_bench:

@@ -40,6 +40,9 @@ ENDPOINT_RIGHTS = frozenset({"send", "share"})
 # Services a restricted process (one under a lookup list) lost a capability to by revocation,
 # remembered so that it cannot look them up again; past this many it may look nothing up.
 MAX_REVOKED_SERVICES = 4096
+# The kernel's own user: besides root, the one user a gateway (NAME@HOST names) may run as
+# unless the policy's [gateways] admits more.
+_KERNEL_UID = os.geteuid()
 # What Welcome's grant rows may take of one frame: the rest holds the header and a package
 # name (255 bytes of UTF-8, at most 1530 bytes as escaped JSON)
 _WELCOME_ROOM = frames.MAX_FRAME - 4096
@@ -191,7 +194,9 @@ def _check_lookup(st: KernelState, rec: ProcessRecord, kind: str, key: str) -> N
 
 def _register(st: KernelState, out: Outbox, rec: ProcessRecord, key: str, kind: str, allow: list[str] | None,
               rid: int, limits: dict[str, int] | None = None,
-              bounds: dict[str, int] | None = None) -> None:
+              bounds: dict[str, int] | None = None, gateway: bool = False) -> None:
+    if kind == "name":  # NAME@HOST: only a gateway the policy admits (a package never has one)
+        st.policy.may_serve_remote(rec.info(), key, gateway, _KERNEL_UID)
     st.policy.may_register(rec.info(), key)
     registry = st.names if kind == "name" else st.packages
     # Checked here, not at each lookup: defaults a client could not be sent must be refused
@@ -230,7 +235,7 @@ def _register(st: KernelState, out: Outbox, rec: ProcessRecord, key: str, kind: 
 
 def on_register(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Register, rid: int) -> None:
     return _register(st, out, rec, check_name(msg.name), "name", msg.allow, rid, msg.limits,
-                     msg.bounds)
+                     msg.bounds, msg.gateway)
 
 
 def on_register_package(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.RegisterPackage,

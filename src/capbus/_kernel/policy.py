@@ -159,6 +159,37 @@ class PackageRules:
                    parse_lookup(raw.get("lookup"), f"{where} lookup"))
 
 
+@dataclass(frozen=True)
+class Gateways:
+    """Who may serve names with an '@' (NAME@HOST: a remote service a gateway stands in for), on
+    top of the kernel's own user and root: uids, and verified packages (fnmatch globs). A
+    process must also ask to (Register's gateway flag, `Process.register(..., gateway=True)`):
+    an ordinary registration of such a name is refused whoever makes it."""
+
+    uids: frozenset[int] = frozenset()
+    packages: tuple[str, ...] = ()
+
+    @classmethod
+    def coerce(cls, value: object, where: str = "gateways") -> Gateways:
+        if value is None:
+            return cls()
+        if isinstance(value, Gateways):
+            return value
+        if not isinstance(value, Mapping) or set(value) - {"uids", "packages"}:
+            raise ValueError(f"{where}: a table of uids and packages")
+        packages = value.get("packages", [])
+        if not isinstance(packages, list | tuple) or not all(isinstance(p, str) for p in packages):
+            raise ValueError(f"{where}: packages is a list of package globs")
+        return cls(frozenset(_id(u, "uid", where) for u in _listed(value.get("uids", []), where)),
+                   tuple(packages))
+
+    def allows(self, who: ProcessInfo, kernel_uid: int) -> bool:
+        if who.uid in (0, kernel_uid) or who.uid in self.uids:
+            return True
+        return who.package is not None and any(fnmatch.fnmatchcase(who.package, p)
+                                               for p in self.packages)
+
+
 @dataclass
 class Policy:
     """register(who, name) -> bool: may `who` register `name`; lookup(who, name) -> bool: may
@@ -166,7 +197,9 @@ class Policy:
     kernel's per-process and per-uid bounds (a KernelLimits, or a dict of its fields);
     packages: package -> {"grants": {...}, "lookup": [...]} (or a PackageRules), applied to
     every process whose verified package it is (launched with it, or mapped by uid); access:
-    which other users may connect at all (an Access, or a dict of uids and groups).
+    which other users may connect at all (an Access, or a dict of uids and groups); gateways:
+    who besides the kernel's own user and root may serve NAME@HOST names (a Gateways, or a
+    dict of uids and packages).
 
     Policy.from_mapping() takes the TOML form as a dict (rules included)."""
 
@@ -176,9 +209,11 @@ class Policy:
     limits: KernelLimits = field(default_factory=KernelLimits)
     packages: Mapping[str, PackageRules] = field(default_factory=dict)
     access: Access = field(default_factory=Access)
+    gateways: Gateways = field(default_factory=Gateways)
 
     def __post_init__(self) -> None:
         self.access = Access.coerce(self.access, "Policy(access=...)")
+        self.gateways = Gateways.coerce(self.gateways, "Policy(gateways=...)")
         if isinstance(self.limits, Mapping):
             self.limits = KernelLimits.from_mapping(self.limits)
         elif not isinstance(self.limits, KernelLimits):
@@ -225,7 +260,7 @@ class Policy:
     def from_mapping(cls, doc: Mapping[str, Any], path: str = "<dict>") -> Policy:
         """The TOML form (docs/POLICY.md) as a dict: ValueError on anything it does not know."""
         unknown = set(doc) - {"packages", "register", "default_register", "lookup",
-                              "default_lookup", "limits", "package", "access"}
+                              "default_lookup", "limits", "package", "access", "gateways"}
         if unknown:
             raise ValueError(f"policy file {path}: unknown keys {sorted(unknown)}")
         uid_packages = {int(uid): str(pkg) for uid, pkg in doc.get("packages", {}).items()}
@@ -243,14 +278,30 @@ class Policy:
         package_rules = {pkg: PackageRules.from_mapping(raw, f"policy file {path} [package.{pkg!r}]")
                          for pkg, raw in packages.items()}
         access = Access.coerce(doc.get("access", {}), f"policy file {path} [access]")
+        gateways = Gateways.coerce(doc.get("gateways", {}), f"policy file {path} [gateways]")
         return cls(register=filters[0], uid_packages=uid_packages, lookup=filters[1],
-                   limits=limits, packages=package_rules, access=access)
+                   limits=limits, packages=package_rules, access=access, gateways=gateways)
 
     def may_register(self, who: ProcessInfo, name: str) -> None:
         if self.register is not None and not self.register(who, name):
             raise PermissionDenied(
                 f"the kernel's policy refuses process {who.process_id} the name {name!r}"
             )
+
+    def may_serve_remote(self, who: ProcessInfo, name: str, gateway: bool, kernel_uid: int) -> None:
+        """A name with an '@' stands for a remote service (NAME@HOST): only a gateway serves
+        one. PermissionDenied unless the process asked as a gateway and is one the policy
+        admits (the kernel's own user, root, or [gateways])."""
+        if "@" not in name:
+            return
+        if not gateway:
+            raise PermissionDenied(
+                f"the name {name!r:.300} has an '@': NAME@HOST names stand for remote services and "
+                "only a gateway (capbus.Gateway) may serve them; choose a name without '@'")
+        if not self.gateways.allows(who, kernel_uid):
+            raise PermissionDenied(
+                f"process {who.process_id} (uid {who.uid}) may not act as a gateway: the kernel's "
+                "policy admits its own user, root and [gateways] uids/packages only")
 
     def may_lookup(self, who: ProcessInfo, name: str) -> None:
         if self.lookup is not None and not self.lookup(who, name):

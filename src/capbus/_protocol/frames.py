@@ -167,15 +167,19 @@ class Hello(Frame):
     wait_mode: str
 
 
-@message(2, KIND_REQUEST, name="str", allow="strs?", limits="limits", bounds="bounds")
+@message(2, KIND_REQUEST, name="str", allow="strs?", limits="limits", bounds="bounds",
+         gateway="bool")
 class Register(Frame):
     """limits: the defaults for every endpoint the service hands out. bounds: what one message
-    may carry and how many channels one client may hold (BOUND_KEYS; None: the defaults)."""
+    may carry and how many channels one client may hold (BOUND_KEYS; None: the defaults).
+    gateway: the process asks to serve a NAME@HOST name as a gateway (the kernel's policy
+    decides whether it may)."""
 
     name: str
     allow: list[str] | None = None
     limits: dict[str, int] | None = None
     bounds: dict[str, int] | None = None
+    gateway: bool = False
 
 
 @message(3, KIND_REQUEST, allow="strs?", limits="limits", bounds="bounds")

@@ -217,7 +217,7 @@ class Process:
                  max_channels_per_process: int | None = None,
                  max_channels_per_uid: int | None = None,
                  attach_ttl: float | None = None,
-                 priority: tuple[int, int] | None = None) -> Service:
+                 priority: tuple[int, int] | None = None, gateway: bool = False) -> Service:
         """Serve under a string name (first come, first served): NameTaken, PermissionDenied.
 
         allow: who may reach it (ProcessIds, "uid:N", "package:P", "name:N"; None: everyone).
@@ -235,6 +235,8 @@ class Process:
 
         priority: (lo, hi), the range of caller priorities its handlers run at (see
         Service.set_priority; None: every handler runs at the serving thread's own).
+        gateway: serve a NAME@HOST name (a remote service) as a gateway; the kernel refuses
+        such names to anyone else (capbus.Gateway sets it; docs/POLICY.md [gateways]).
         """
         check_name(name)
         bounds = _bounds(max_caps, max_regions, max_region_bytes, max_channels_per_process,
@@ -244,7 +246,8 @@ class Process:
             if not (type(lo) is int and type(hi) is int and PRIO_MIN <= lo <= hi <= PRIO_MAX):
                 raise ValueError(f"priority must be (lo, hi) with {PRIO_MIN} <= lo <= hi <= "
                                  f"{PRIO_MAX}, got {priority!r}")
-        frame = frames.Register(name, _allow(allow), limits_request(**(limits or {})), bounds)
+        frame = frames.Register(name, _allow(allow), limits_request(**(limits or {})), bounds,
+                                bool(gateway))
         svc = self._service(self._request_fds(frame), frame)
         if priority is not None:
             svc.set_priority(*priority)

@@ -400,7 +400,7 @@ class Service(_core.ServiceBase):
             self._warn.log("service %r: handler failed on %r: %s: %s", self.name, req,
                            type(exc).__name__, exc, exc=exc)
             if req.expects_reply and not req.replied:
-                _reply_failure(req, exc)
+                reply_failure(req, exc)
 
     # ---- priority -----------------------------------------------------------------------------
 
@@ -752,7 +752,7 @@ class _Retired:
         # The set itself goes with its last reference (a Request may still hold one to reply).
 
 
-def _reply_failure(req: Request, exc: Exception) -> None:
+def reply_failure(req: Request, exc: Exception) -> None:
     """Tell the caller its request failed: a capbus error as its class, an application's
     RemoteError as it came, anything else as RemoteError with the exception's type name."""
     if isinstance(exc, RemoteError) and exc.code is not None:

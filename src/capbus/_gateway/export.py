@@ -1,0 +1,469 @@
+"""The export side of a gateway: what remote gateways may reach here, and the door they knock on.
+
+It watches the local kernel's services (a registration notice, then one `query("services")`),
+and for each one an export rule matches it holds an endpoint (whose on_death ends the export)
+and a Zenoh liveliness token `svc/<live id>` (its loss tells every importer at once). A remote
+gateway says hello (signed with its key; pinned in [peers] when the config has any) and gets
+the exports it may have, each with a token this gateway signed. Every request on `q` carries a
+token: checked (signature once, cached), then its expiry, revocation, service, right and limits;
+only then does it reach a service, through a local connection of its own per remote origin
+(remote gateway, remote ProcessId): the service sees that connection's ProcessId as the sender,
+and `capbus.gateway@<this name>` tells it which remote host and process that is. Queries are
+taken from a bounded Zenoh channel by a few worker threads (a slow service never blocks Zenoh's
+own threads). Nothing a remote peer sends can make this side hold more than the channel, the
+origin table (max_origins per peer) and the token cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import zenoh
+
+from .._errors import (
+    IpcError,
+    OutOfMemory,
+    PermissionDenied,
+    ProcessNotFound,
+    RemoteError,
+    ServiceNotFound,
+    WouldBlock,
+)
+from .._runtime.endpoint import Endpoint
+from .._runtime.process import Process, connect
+from .config import ExportRule, GatewayConfig
+from .token import Verifier, issue, verify_signature
+from .wire import (
+    ACK,
+    CALL,
+    REP,
+    Export,
+    Welcome,
+    WireError,
+    check_host,
+    decode_hello,
+    encode,
+    hello_signed_part,
+    key,
+    pack_error,
+    unpack_batch,
+    unpack_request,
+)
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+log = logging.getLogger("capbus.gateway")
+
+HELLO_SKEW = 120.0  # seconds a hello's clock may be off (a replayed old hello is refused)
+_FLAGS = 0x7FFF0000  # user flags and the object bit; never the transfer bit
+QUEUE = 1024  # queries waiting for a worker, at most
+ORIGIN_OPCODE = 1  # capbus.gateway@NAME: data[0] = a sender ProcessId -> its remote origin
+
+
+@dataclass
+class _Exported:
+    name: str
+    live: str
+    endpoint: Endpoint
+    token: Any  # zenoh.LivelinessToken
+
+
+@dataclass
+class _Origin:
+    """One remote caller (remote gateway, its ProcessId there) as a local process."""
+
+    holder: str
+    remote: int
+    proc: Process
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)
+    busy: int = 0
+
+    def endpoint(self, name: str) -> Endpoint:
+        ep = self.endpoints.get(name)
+        if ep is None or ep.dead:
+            ep = self.endpoints[name] = self.proc.lookup(name)
+        return ep
+
+
+class Exporter:
+    def __init__(self, cfg: GatewayConfig, session: zenoh.Session, proc: Process,
+                 key_: Ed25519PrivateKey, socket_path: str | None) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.session = session
+        self.proc = proc
+        self.key = key_
+        self.socket_path = socket_path
+        self.verifier = Verifier(cfg.name, key_)
+        self.verifier.revoked_ids |= cfg.revoked
+        self.verifier.revoked_holders |= cfg.revoked_peers
+        self.exported: dict[str, _Exported] = {}
+        self.issued: dict[bytes, dict[str, Any]] = {}  # token id -> what it allows
+        self._reuse: dict[tuple[str, bytes, str], tuple[bytes, float]] = {}
+        self.origins: OrderedDict[tuple[str, int], _Origin] = OrderedDict()
+        self.by_pid: dict[int, _Origin] = {}
+        self.refused = 0  # requests refused (bad bytes, bad token, no such export)
+        self.dropped = 0  # one-way messages a full local ring kept refusing past send_timeout
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # ---- life --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.alive = self.session.liveliness().declare_token(key(self.name, "alive"))
+        self._queue: queue.Queue[zenoh.Query] = queue.Queue(QUEUE)
+        self.queryable = self.session.declare_queryable(
+            key(self.name, "**"), zenoh.handlers.Callback(self._enqueue, indirect=False))
+        self.origin_svc = self.proc.register(f"capbus.gateway@{self.name}", gateway=True)
+        self._sub = self.proc.subscribe_registrations()
+        self._scan()
+        for i in range(self.cfg.workers):
+            self._spawn(self._work, f"capbus-gw-export-{i}")
+        self._spawn(self._watch, "capbus-gw-scan")
+        self._spawn(self._serve_origin, "capbus-gw-origin")
+
+    def _spawn(self, fn: Any, name: str) -> None:
+        t = threading.Thread(target=fn, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            self.queryable.undeclare()
+        with contextlib.suppress(Exception):
+            self.alive.undeclare()
+        for e in list(self.exported.values()):
+            with contextlib.suppress(Exception):
+                e.token.undeclare()
+        with contextlib.suppress(Exception):
+            self.origin_svc.close()
+        for t in self._threads:
+            t.join(timeout=2)
+        for o in list(self.origins.values()):
+            with contextlib.suppress(Exception):
+                o.proc.close()
+        self.origins.clear()
+
+    # ---- what is exported --------------------------------------------------------------------
+
+    def rule_for(self, name: str, peer: str | None = None) -> ExportRule | None:
+        allowed = None
+        if peer is not None and self.cfg.peers:
+            p = self.cfg.peers.get(peer)
+            allowed = p.exports if p is not None else ()
+        for r in self.cfg.exports:
+            if (allowed is None or r.pattern in allowed) and _fits(name, r.pattern):
+                return r
+        return None
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                # A notice says something registered; a service closed without its process
+                # exiting sends none, and no on_death: a scan every second notices that too.
+                self._sub.wait(timeout=1.0)
+                self._scan()
+            except IpcError:
+                if self._stop.wait(0.5):
+                    return
+
+    def _scan(self) -> None:
+        try:
+            rows = self.proc.query("services")
+        except IpcError as exc:
+            log.warning("gateway %s cannot list the local services: %s", self.name, exc)
+            return
+        owners = {row.get("name"): row.get("id") for row in rows if row.get("kind") == "name"}
+        for e in list(self.exported.values()):
+            if owners.get(e.name) != e.endpoint.process_id:
+                self._gone(e)
+        for row in rows:
+            name = row.get("name")
+            if row.get("kind") != "name" or not isinstance(name, str) or "@" in name:
+                continue
+            if name in self.exported or self.rule_for(name) is None:
+                continue
+            try:
+                ep = self.proc.lookup(name)
+            except IpcError:
+                continue
+            live = os.urandom(8).hex()
+            tok = self.session.liveliness().declare_token(key(self.name, f"svc/{live}"))
+            e = _Exported(name, live, ep, tok)
+            with self._lock:
+                self.exported[name] = e
+            ep.on_death(_ender(self, e))
+
+    def _gone(self, e: _Exported) -> None:
+        with self._lock:
+            if self.exported.get(e.name) is e:
+                del self.exported[e.name]
+        with contextlib.suppress(Exception):
+            e.token.undeclare()
+        with contextlib.suppress(Exception):
+            e.endpoint.close()
+
+    # ---- revocation --------------------------------------------------------------------------
+
+    def revoke(self, token_id: bytes) -> None:
+        self.verifier.revoke(token_id)
+        with self._lock:
+            for k, (tok, _) in list(self._reuse.items()):
+                if tok[:-64].find(token_id) >= 0:
+                    del self._reuse[k]
+
+    def revoke_peer(self, peer: str) -> None:
+        self.verifier.revoke_holder(peer)
+        with self._lock:
+            for k in [k for k in self._reuse if k[0] == peer]:
+                del self._reuse[k]
+            gone = [o for o in self.origins.values() if o.holder == peer]
+        for o in gone:
+            self._drop_origin(o)
+
+    # ---- the queryable -----------------------------------------------------------------------
+
+    def _enqueue(self, query: zenoh.Query) -> None:
+        """On a Zenoh thread: queue it for a worker (never block Zenoh); a full queue is an
+        OutOfMemory answer at once."""
+        try:
+            self._queue.put_nowait(query)
+        except queue.Full:
+            self.refused += 1
+            self._fail(query, OutOfMemory(f"gateway {self.name} has {QUEUE} requests waiting"))
+
+    def _work(self) -> None:
+        hello_key = key(self.name, "hello")
+        q_key = key(self.name, "q")
+        while not self._stop.is_set():
+            try:
+                query = self._queue.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            try:
+                k = str(query.key_expr)
+                if k == q_key:
+                    self._request(query)
+                elif k == hello_key:
+                    self._hello(query)
+                else:
+                    raise WireError(f"nothing is served at {k[:120]}")
+            except (WireError, IpcError) as exc:
+                self.refused += 1
+                self._fail(query, exc)
+            except Exception as exc:  # never let one query end a worker
+                self.refused += 1
+                log.exception("gateway %s: a query failed", self.name)
+                self._fail(query, exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    query.drop()
+
+    def _fail(self, query: zenoh.Query, exc: Exception) -> None:
+        if isinstance(exc, RemoteError):
+            kind, code = (1, exc.code) if exc.code is not None else (2, 0)
+            raw = pack_error(kind, code, exc.text if isinstance(exc.text, str) else str(exc))
+        elif isinstance(exc, IpcError):
+            raw = pack_error(0, type(exc).code, str(exc))
+        else:
+            raw = pack_error(0, PermissionDenied.code if isinstance(exc, WireError) else 1,
+                             f"{type(exc).__name__}: {exc}"[:1000])
+        with contextlib.suppress(Exception):
+            query.reply_err(raw)
+
+    def _hello(self, query: zenoh.Query) -> None:
+        payload = query.payload
+        if payload is None or len(payload) > 4096:
+            raise WireError("a hello is at most 4096 bytes")
+        try:
+            h = decode_hello(payload.to_bytes())
+            check_host(h.name)
+        except Exception:
+            raise WireError("not a gateway hello") from None
+        if h.v != 1 or h.to != self.name or len(h.key) != 32 or len(h.nonce) != 16:
+            raise WireError("a hello for another gateway, or malformed")
+        if abs(time.time() - h.ts) > HELLO_SKEW:
+            raise PermissionDenied("hello too old or from the future (check the clocks)")
+        if not verify_signature(h.key, h.sig, hello_signed_part(h)):
+            raise PermissionDenied("hello not signed by the key it names")
+        if self.cfg.peers:
+            peer = self.cfg.peers.get(h.name)
+            if peer is None or peer.key != h.key:
+                raise PermissionDenied(f"gateway {h.name!r} (with this key) is not one of "
+                                       f"{self.name}'s peers")
+        if h.name in self.verifier.revoked_holders or h.name == self.name:
+            raise PermissionDenied(f"gateway {h.name!r} is cut off by {self.name}")
+        exports = []
+        with self._lock:
+            current = list(self.exported.values())
+        for e in current:
+            rule = self.rule_for(e.name, h.name)
+            if rule is not None:
+                exports.append(Export(e.name, e.live, self._token(h.name, h.key, rule)))
+        query.reply(query.key_expr, encode(Welcome(1, _pub(self.key), exports)))
+
+    def _token(self, holder: str, holder_key: bytes, rule: ExportRule) -> bytes:
+        k = (holder, holder_key, rule.pattern)
+        now = time.time()
+        with self._lock:
+            hit = self._reuse.get(k)
+            if hit is not None and hit[1] - now > self.cfg.token_ttl / 2:
+                return hit[0]
+        tok, body = issue(self.key, issuer=self.name, holder=holder, holder_key=holder_key,
+                          service=rule.pattern, rights=rule.rights, rate=rule.rate,
+                          bandwidth=rule.bandwidth, max_message_size=rule.max_message_size,
+                          ttl=self.cfg.token_ttl)
+        with self._lock:
+            if len(self._reuse) >= 65536:  # a cache: the oldest go (a new hello re-issues)
+                self._reuse.pop(next(iter(self._reuse)))
+            self._reuse[k] = (tok, body.expires)
+            self.issued[body.id] = {"id": body.id.hex(), "holder": holder,
+                                    "service": rule.pattern, "rights": sorted(rule.rights),
+                                    "expires": body.expires}
+            if len(self.issued) > 65536:  # bookkeeping only: the oldest go
+                self.issued.pop(next(iter(self.issued)))
+        log.info("gateway %s issued token %s to %s for %s", self.name, body.id.hex(), holder,
+                 rule.pattern)
+        return tok
+
+    def _request(self, query: zenoh.Query) -> None:
+        att = query.attachment
+        if att is None:
+            raise WireError("a request without its header")
+        kind, token, name, opcode, flags, data, tmo, origin = unpack_request(att.to_bytes())
+        zb = query.payload
+        # the token first: nothing of an unchecked request is copied or kept
+        checked = self.verifier.check(token, name, "call" if kind == CALL else "send",
+                                      (len(zb) if zb is not None else 0) if kind == CALL else 0)
+        payload = zb.to_bytes() if zb is not None else b""
+        if name not in self.exported:
+            raise ServiceNotFound(f"{self.name} exports no live service {name[:200]!r}")
+        o = self._origin(checked.body.holder, origin)
+        try:
+            ep = o.endpoint(name)
+            if kind == CALL:
+                timeout = min(tmo / 1000.0, self.cfg.call_timeout) if tmo else self.cfg.call_timeout
+                msg = ep.call(opcode, data, payload, timeout=timeout, flags=flags)
+                # msg[1]: the flags as sent, the runtime's object bit included (.flags drops it)
+                query.reply(query.key_expr, msg.payload or b"",
+                            attachment=REP.pack(msg.opcode, msg[1] & _FLAGS, *msg.data))
+            else:
+                msgs = unpack_batch(payload)
+                now = time.monotonic()
+                for m in msgs:
+                    checked.admit(len(m[3]), now)
+                sent = self._send(ep, msgs)
+                query.reply(query.key_expr, ACK.pack(sent, len(msgs) - sent))
+        finally:
+            with self._lock:
+                o.busy -= 1
+
+    def _send(self, ep: Endpoint, msgs: list[Any]) -> int:
+        """Queue the batch on the local service, waiting (never dropping silently) while its
+        ring is full: the importer holds its next batch meanwhile, its ring fills, and its
+        senders see WouldBlock. Past send_timeout the rest is refused and counted."""
+        deadline = time.monotonic() + self.cfg.send_timeout
+        sent = 0
+        delay = 0.0002
+        for opcode, flags, data, p in msgs:
+            while True:
+                try:
+                    ep.send_async(opcode, data, p, flags=flags)
+                    sent += 1
+                    break
+                except WouldBlock:
+                    if time.monotonic() > deadline or self._stop.is_set():
+                        self.dropped += len(msgs) - sent
+                        return sent
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.02)
+        return sent
+
+    # ---- remote origins as local processes ---------------------------------------------------
+
+    def _origin(self, holder: str, remote: int) -> _Origin:
+        k = (holder, remote)
+        with self._lock:
+            o = self.origins.get(k)
+            if o is not None and not o.proc.closed:
+                self.origins.move_to_end(k)
+                o.busy += 1
+                return o
+            mine = [x for x in self.origins.values() if x.holder == holder]
+            victim = None
+            # max_origins per remote gateway, and 4x that for all together (each one is a
+            # connection to the kernel: its connections_per_pid bounds this process)
+            pool = mine if len(mine) >= self.cfg.max_origins else (
+                list(self.origins.values())
+                if len(self.origins) >= 4 * self.cfg.max_origins else None)
+            if pool is not None:
+                victim = next((x for x in pool if x.busy == 0), None)
+                if victim is None:
+                    raise OutOfMemory(f"{self.name}: {len(pool)} remote processes are calling "
+                                      "at once (max_origins)")
+                self._forget(victim)
+        if victim is not None:
+            with contextlib.suppress(Exception):
+                victim.proc.close()
+        proc = connect(self.socket_path)
+        o = _Origin(holder, remote, proc, busy=1)
+        with self._lock:
+            self.origins[k] = o
+            self.by_pid[proc.id] = o
+        return o
+
+    def _forget(self, o: _Origin) -> None:
+        self.origins.pop((o.holder, o.remote), None)
+        self.by_pid.pop(o.proc.id, None)
+
+    def _drop_origin(self, o: _Origin) -> None:
+        with self._lock:
+            self._forget(o)
+        with contextlib.suppress(Exception):
+            o.proc.close()
+
+    def origin_of(self, pid: int) -> dict[str, Any] | None:
+        o = self.by_pid.get(pid)
+        return None if o is None else {"gateway": self.name, "host": o.holder,
+                                       "process": o.remote}
+
+    def _serve_origin(self) -> None:
+        def handler(req: Any) -> Any:
+            if req.opcode != ORIGIN_OPCODE:
+                raise ValueError(f"capbus.gateway@{self.name}: opcode 1 only")
+            found = self.origin_of(req.data[0])
+            if found is None:
+                raise ProcessNotFound(f"process {req.data[0]} is no remote caller of "
+                                      f"{self.name}")
+            req.reply_object(found)
+            return None
+
+        with contextlib.suppress(IpcError):
+            self.origin_svc.serve(handler)
+
+
+def _ender(exporter: Exporter, e: _Exported) -> Any:
+    def gone(_ep: Endpoint) -> None:
+        exporter._gone(e)
+    return gone
+
+
+def _fits(name: str, pattern: str) -> bool:
+    from fnmatch import fnmatchcase
+    return name == pattern or fnmatchcase(name, pattern)
+
+
+def _pub(k: Ed25519PrivateKey) -> bytes:
+    from .token import public_bytes
+    return public_bytes(k)

@@ -1,0 +1,406 @@
+"""The import side of a gateway: remote services as local NAME@HOST services.
+
+It watches the liveliness of every gateway (`capbus/gw/*/alive`, `.../svc/*`): a gateway that
+appears is greeted (a hello signed with this gateway's key); its answer lists the exports this
+gateway may have, each with the token its owner signed. Each import is a local connection of its
+own that registers NAME@HOST as a gateway (the kernel admits it, see docs/POLICY.md), so that
+the import's end is a process's end to its local clients: when the remote service's liveliness
+token goes (its death, its gateway's stop, or the link's loss within the Zenoh lease) the
+connection is closed, and every local caller gets PeerDied and its on_death callbacks.
+
+One thread per import takes requests from the local ring; a call goes out as a Zenoh query
+(a pack of a fixed header, the token and the name) and is answered from the Zenoh thread that
+receives its reply (no thread waits for it); one-way messages go in batches, one batch in flight
+per import, so that a full remote ring holds this side's ring full and the local sender sees
+WouldBlock rather than a drop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zenoh
+
+from .._errors import (
+    ERRORS,
+    IpcError,
+    PeerDied,
+    PermissionDenied,
+    RemoteError,
+    Timeout,
+)
+from .._runtime.process import Process, connect
+from .._runtime.service import Service, reply_failure
+from .config import GatewayConfig
+from .token import body_of, public_bytes, sign, verify_signature
+from .wire import (
+    ACK,
+    CALL,
+    MAX_BATCH,
+    PREFIX,
+    REP,
+    SEND,
+    Hello,
+    WireError,
+    check_host,
+    decode_welcome,
+    encode,
+    hello_signed_part,
+    key,
+    pack_batch,
+    pack_request,
+    unpack_error,
+)
+
+log = logging.getLogger("capbus.gateway")
+_TRANSFER = 0x80000000  # capabilities and regions never cross hosts
+# Imports from one gateway at most (each is a local connection and a thread here; the kernel's
+# connections_per_pid bounds them all): an exporter cannot make this side hold more.
+MAX_IMPORTS = 128
+MAX_PEERS = 256  # gateways greeted at most (a stray peer can declare any number of names)
+EVENTS = 4096  # liveliness events waiting, at most
+RESYNC = 30.0  # seconds between hellos to every gateway seen
+HELLO_WAIT = 3.0  # seconds a hello waits for its answer
+
+
+@dataclass
+class _Import:
+    peer: str
+    name: str
+    live: str
+    token: bytes
+    proc: Process
+    svc: Service
+    querier: Any
+    expires: float
+    dead: threading.Event = field(default_factory=threading.Event)
+    idle: threading.Event = field(default_factory=threading.Event)  # no one-way batch in flight
+    refused: int = 0  # one-way messages the remote side could not queue in time
+
+
+class Importer:
+    def __init__(self, cfg: GatewayConfig, session: zenoh.Session, key_: Any,
+                 socket_path: str | None) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.session = session
+        self.key = key_
+        self.socket_path = socket_path
+        self.imports: dict[tuple[str, str], _Import] = {}
+        self.peers: set[str] = set()
+        # Bounded: a peer declaring liveliness tokens in a loop fills it, and what does not fit
+        # is dropped; the resync (a hello to every gateway seen, every RESYNC seconds) brings
+        # the imports back in line with what each exporter says, whatever was missed.
+        self._events: queue.Queue[tuple[str, ...]] = queue.Queue(EVENTS)
+        self._next_resync = time.monotonic() + RESYNC
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._queriers: dict[str, Any] = {}
+
+    def start(self) -> None:
+        self._spawn(self._manage, "capbus-gw-import")
+        self.sub = self.session.liveliness().declare_subscriber(
+            f"{PREFIX}/*/**", zenoh.handlers.Callback(self._on_live, indirect=False),
+            history=True)
+
+    def _spawn(self, fn: Any, name: str, *args: Any) -> threading.Thread:
+        t = threading.Thread(target=fn, args=args, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+        return t
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._events.put(("stop",))
+        with contextlib.suppress(Exception):
+            self.sub.undeclare()
+        for imp in list(self.imports.values()):
+            self._kill(imp, "the gateway stopped")
+        for t in self._threads:
+            t.join(timeout=2)
+
+    # ---- liveliness --------------------------------------------------------------------------
+
+    def _on_live(self, sample: zenoh.Sample) -> None:
+        """On a Zenoh thread: only parse and queue."""
+        parts = str(sample.key_expr).split("/")
+        if len(parts) < 4 or parts[2] == self.name:
+            return
+        peer = parts[2]
+        put = sample.kind == zenoh.SampleKind.PUT
+        with contextlib.suppress(queue.Full):
+            if parts[3:] == ["alive"]:
+                self._events.put_nowait(("alive", peer, "put" if put else "del"))
+            elif len(parts) == 5 and parts[3] == "svc":
+                self._events.put_nowait(("svc", peer, parts[4], "put" if put else "del"))
+
+    def _manage(self) -> None:
+        while not self._stop.is_set():
+            if time.monotonic() >= self._next_resync:
+                self._next_resync = time.monotonic() + RESYNC
+                for peer in sorted(self.peers):
+                    with contextlib.suppress(Exception):
+                        self.hello(peer)
+            try:
+                ev = self._events.get(timeout=1.0)
+            except queue.Empty:
+                self._renew()
+                continue
+            try:
+                self._event(ev)
+            except Exception:
+                log.exception("gateway %s: import event %r failed", self.name, ev)
+
+    def _event(self, ev: tuple[str, ...]) -> None:
+        if ev[0] == "stop":
+            return
+        peer = ev[1]
+        try:
+            check_host(peer)
+        except ValueError:
+            return
+        if self.cfg.imports is not None and peer not in self.cfg.imports:
+            return
+        if ev[0] == "alive":
+            if ev[2] == "put":
+                if peer not in self.peers and len(self.peers) >= MAX_PEERS:
+                    log.warning("gateway %s: more than %d gateways seen; %s ignored (list the "
+                                "ones to import from in the config's import)", self.name,
+                                MAX_PEERS, peer)
+                    return
+                self.peers.add(peer)
+                self.hello(peer)
+            else:
+                self.peers.discard(peer)
+                for imp in [i for i in self.imports.values() if i.peer == peer]:
+                    self._kill(imp, f"gateway {peer} is gone (stopped, or its link lost)")
+                q = self._queriers.pop(peer, None)
+                with contextlib.suppress(Exception):
+                    if q is not None:
+                        q.undeclare()
+        elif ev[0] == "svc":
+            live = ev[2]
+            if ev[3] == "del":
+                for imp in [i for i in self.imports.values() if i.peer == peer and
+                            i.live == live]:
+                    self._kill(imp, f"{imp.name} on {peer} died")
+            elif peer in self.peers and not any(i.live == live for i in self.imports.values()):
+                self.hello(peer)  # only a gateway seen alive (a stray token greets nobody)
+
+    def _renew(self) -> None:
+        now = time.time()
+        due = {i.peer for i in self.imports.values()
+               if i.expires - now < self.cfg.token_ttl / 4}
+        for peer in due:
+            self.hello(peer)
+
+    # ---- hello -------------------------------------------------------------------------------
+
+    def hello(self, peer: str) -> None:
+        """Greet `peer` and bring the imports from it in line with its answer."""
+        h = Hello(1, self.name, public_bytes(self.key), peer, time.time(), os.urandom(16))
+        h = Hello(h.v, h.name, h.key, h.to, h.ts, h.nonce, sign(self.key, hello_signed_part(h)))
+        welcome = None
+        for reply in self.session.get(key(peer, "hello"), payload=encode(h), timeout=HELLO_WAIT):
+            if reply.ok is not None:
+                try:
+                    welcome = decode_welcome(reply.ok.payload.to_bytes())
+                except Exception:
+                    log.warning("gateway %s: %s sent a malformed welcome", self.name, peer)
+            elif reply.err is not None:
+                with contextlib.suppress(WireError):
+                    _, _, text = unpack_error(reply.err.payload.to_bytes())
+                    log.warning("gateway %s: %s refused our hello: %s", self.name, peer, text)
+        if welcome is None:
+            return
+        pinned = self.cfg.peers.get(peer)
+        if pinned is not None and welcome.key != pinned.key:
+            log.warning("gateway %s: %s answered with a key that is not its pinned one",
+                        self.name, peer)
+            return
+        seen = set()
+        for e in welcome.exports[:MAX_IMPORTS]:
+            try:
+                body = body_of(e.token)
+                if not verify_signature(welcome.key, e.token[-64:], e.token[:-64]):
+                    continue
+                if body.issuer != peer or body.holder != self.name or "@" in e.name:
+                    continue
+                if len(f"{e.name}@{peer}".encode()) > 255:
+                    continue
+            except Exception:
+                continue
+            seen.add(e.name)
+            cur = self.imports.get((peer, e.name))
+            if cur is not None and cur.live == e.live and not cur.dead.is_set():
+                cur.token, cur.expires = e.token, body.expires
+                continue
+            if cur is not None:
+                self._kill(cur, f"{e.name} on {peer} was replaced")
+            self._open(peer, e.name, e.live, e.token, body.expires)
+        for imp in [i for i in self.imports.values() if i.peer == peer and i.name not in seen]:
+            self._kill(imp, f"{peer} no longer exports {imp.name} to {self.name}")
+
+    def _querier(self, peer: str) -> Any:
+        q = self._queriers.get(peer)
+        if q is None:
+            q = self._queriers[peer] = self.session.declare_querier(
+                key(peer, "q"), timeout=self.cfg.call_timeout + 1.0,
+                consolidation=zenoh.ConsolidationMode.NONE)
+        return q
+
+    def _open(self, peer: str, name: str, live: str, token: bytes, expires: float) -> None:
+        proc = connect(self.socket_path)
+        try:
+            svc = proc.register(f"{name}@{peer}", gateway=True)
+        except IpcError as exc:
+            proc.close()
+            log.warning("gateway %s cannot serve %s@%s here: %s", self.name, name, peer, exc)
+            return
+        imp = _Import(peer, name, live, token, proc, svc, self._querier(peer), expires)
+        imp.idle.set()
+        with self._lock:
+            self.imports[(peer, name)] = imp
+        self._spawn(self._serve, f"capbus-gw-{name}@{peer}"[:60], imp)
+
+    def _kill(self, imp: _Import, why: str) -> None:
+        """The remote service is gone: so is its stand-in here (its callers get PeerDied)."""
+        if imp.dead.is_set():
+            return
+        imp.dead.set()
+        imp.idle.set()
+        with self._lock:
+            if self.imports.get((imp.peer, imp.name)) is imp:
+                del self.imports[(imp.peer, imp.name)]
+        log.info("gateway %s: %s@%s ends: %s", self.name, imp.name, imp.peer, why)
+        with contextlib.suppress(Exception):
+            imp.proc.close()
+
+    # ---- forwarding --------------------------------------------------------------------------
+
+    def _serve(self, imp: _Import) -> None:
+        name = imp.name.encode()
+        timeout_ms = int(self.cfg.call_timeout * 1000)
+        while not imp.dead.is_set():
+            try:
+                reqs = imp.svc.recv_many(MAX_BATCH, timeout=0.5)
+            except IpcError:
+                break
+            batch = []
+            for req in reqs:
+                if req.caps or req.regions:
+                    if req.expects_reply:
+                        reply_failure(req, PermissionDenied(
+                            "capabilities and regions do not cross hosts (a gateway forwards "
+                            "bytes only)"))
+                    continue
+                if req.expects_reply:
+                    self._call(imp, req, name, timeout_ms)
+                else:
+                    p = req.payload
+                    batch.append((req.opcode, req.flags & ~_TRANSFER, req.data,
+                                  p if type(p) is bytes else bytes(p)))
+                    req.release()
+            if batch:
+                self._send(imp, batch, name)
+
+    def _call(self, imp: _Import, req: Any, name: bytes, timeout_ms: int) -> None:
+        p = req.payload
+        att = pack_request(CALL, imp.token, name, req.opcode, req.flags & ~_TRANSFER, req.data,
+                           timeout_ms, req.sender)
+        answered = [False]
+
+        def on_reply(reply: zenoh.Reply) -> None:
+            if answered[0]:
+                return
+            answered[0] = True
+            ok = reply.ok
+            try:
+                if ok is not None:
+                    a = ok.attachment
+                    if a is None:
+                        raise WireError("a reply without its header")
+                    opcode, flags, d0, d1, d2, d3 = REP.unpack(a.to_bytes())
+                    req.reply(opcode, (d0, d1, d2, d3), ok.payload.to_bytes(), flags)
+                else:
+                    reply_failure(req, _error(_err_bytes(reply), imp))
+            except Exception as exc:  # a malformed reply: the caller learns, nothing else does
+                with contextlib.suppress(Exception):
+                    reply_failure(req, exc if isinstance(exc, IpcError) else PeerDied(
+                        f"{imp.name}@{imp.peer}: a malformed reply ({exc})"))
+
+        started = time.monotonic()
+
+        def on_done() -> None:
+            # No reply and the query is over: at its deadline, a Timeout; before it, the
+            # exporter went away with the query (its death, its stop, the link's loss).
+            if not answered[0]:
+                answered[0] = True
+                late = time.monotonic() - started >= timeout_ms / 1000.0
+                with contextlib.suppress(Exception):
+                    reply_failure(req, Timeout(
+                        f"{imp.name}@{imp.peer}: no answer from gateway {imp.peer} "
+                        f"within {timeout_ms} ms") if late else PeerDied(
+                        f"{imp.name}@{imp.peer}: gateway {imp.peer} went away"))
+
+        try:
+            imp.querier.get(zenoh.handlers.Callback(on_reply, on_done, indirect=False),
+                            payload=p if type(p) is bytes else bytes(p), attachment=att)
+        except Exception as exc:
+            reply_failure(req, PeerDied(f"{imp.name}@{imp.peer}: {exc}"))
+
+    def _send(self, imp: _Import, batch: list[Any], name: bytes) -> None:
+        # One batch in flight: wait for the last one's answer before sending this one (the
+        # ring fills meanwhile, and the local senders see WouldBlock: back-pressure).
+        while not imp.idle.wait(0.5):
+            if imp.dead.is_set():
+                return
+        if imp.dead.is_set():
+            return
+        imp.idle.clear()
+        att = pack_request(SEND, imp.token, name, 0, 0, (0, 0, 0, 0), 0, 0)
+
+        def on_reply(reply: zenoh.Reply) -> None:
+            ok = reply.ok
+            if ok is not None:
+                with contextlib.suppress(Exception):
+                    _, refused = ACK.unpack(ok.payload.to_bytes())
+                    imp.refused += refused
+            else:
+                imp.refused += len(batch)
+                with contextlib.suppress(Exception):
+                    log.warning("gateway %s: %d one-way messages to %s@%s refused: %s",
+                                self.name, len(batch), imp.name, imp.peer,
+                                _error(_err_bytes(reply), imp))
+
+        try:
+            imp.querier.get(zenoh.handlers.Callback(on_reply, imp.idle.set, indirect=False),
+                            payload=pack_batch(batch), attachment=att)
+        except Exception:
+            imp.idle.set()
+            raise
+
+
+def _err_bytes(reply: zenoh.Reply) -> bytes:
+    err = reply.err
+    return err.payload.to_bytes() if err is not None else b""
+
+
+def _error(raw: bytes, imp: _Import) -> IpcError:
+    kind, code, text = unpack_error(raw)
+    if kind == 1:
+        return RemoteError(code, text, service=f"{imp.name}@{imp.peer}")
+    if kind == 2:
+        return RemoteError(None, text, service=f"{imp.name}@{imp.peer}")
+    cls = ERRORS.get(code, IpcError)
+    if cls is RemoteError:
+        return RemoteError(None, text, service=f"{imp.name}@{imp.peer}")
+    return cls(f"{imp.peer}: {text}")
