@@ -336,7 +336,7 @@ class Service(_core.ServiceBase):
                 except Exception as exc:  # not the method's (handle answers those): still answered
                     self._warn.log("service %r: %s: %s", self.name, type(exc).__name__, exc, exc=exc)
                     if req.expects_reply and not req.replied:
-                        _reply_failure(req, exc)
+                        reply_failure(req, exc)
                 finally:
                     _core.restore_priority()  # as serve(): the caller's priority ends here
                 del req  # a request dropped unanswered fails its caller now (NoReply)
@@ -389,7 +389,7 @@ class Service(_core.ServiceBase):
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     def _dispatcher(self, impl: Interface, interface: type[Interface] | None) -> Dispatcher:
-        return Dispatcher(impl, interface, _reply_failure, self._warn.log, self.name)
+        return Dispatcher(impl, interface, reply_failure, self._warn.log, self.name)
 
     def _answer(self, req: Request, handler: Callable[[Request], Any]) -> None:
         try:
