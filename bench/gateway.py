@@ -45,6 +45,7 @@ _RAW = """
 import json, sys, threading, zenoh
 c = zenoh.Config()
 c.insert_json5("mode", '"peer"'); c.insert_json5("scouting/multicast/enabled", "false")
+c.insert_json5("transport/shared_memory/enabled", "false")
 c.insert_json5("listen/endpoints", json.dumps([sys.argv[1]]))
 s = zenoh.open(c)
 seen = [0]
@@ -118,6 +119,7 @@ def run(quick: bool) -> list[Result]:
         c = zenoh.Config()
         c.insert_json5("mode", '"peer"')
         c.insert_json5("scouting/multicast/enabled", "false")
+        c.insert_json5("transport/shared_memory/enabled", "false")
         c.insert_json5("connect/endpoints", json.dumps([f"tcp/127.0.0.1:{rport}"]))
         raw = zenoh.open(c)
         time.sleep(0.5)

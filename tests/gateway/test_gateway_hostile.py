@@ -74,6 +74,7 @@ def _raw_session(port: int):
     c = zenoh.Config()
     c.insert_json5("mode", '"peer"')
     c.insert_json5("scouting/multicast/enabled", "false")
+    c.insert_json5("transport/shared_memory/enabled", "false")
     c.insert_json5("connect/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
     return zenoh.open(c)
 
@@ -271,6 +272,7 @@ def test_mutual_tls_between_gateways(sockdir):
         c = zenoh.Config()
         c.insert_json5("mode", '"peer"')
         c.insert_json5("scouting/multicast/enabled", "false")
+        c.insert_json5("transport/shared_memory/enabled", "false")
         c.insert_json5("connect/endpoints", json.dumps([f"tls/localhost:{port}"]))
         c.insert_json5("transport/link/tls/root_ca_certificate", json.dumps(paths["root_ca"]))
         try:

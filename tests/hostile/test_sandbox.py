@@ -40,7 +40,10 @@ def attempt(name, fn):
     try:
         results[name] = ["ok", repr(fn())[:200]]
     except OSError as e:
-        results[name] = ["err", e.errno]
+        if type(e).__module__.startswith("capbus"):  # PermissionDenied is a PermissionError too
+            results[name] = ["exc", type(e).__name__ + ": " + str(e)[:300]]
+        else:
+            results[name] = ["err", e.errno]
     except Exception as e:
         results[name] = ["exc", type(e).__name__ + ": " + str(e)[:300]]
 def done():

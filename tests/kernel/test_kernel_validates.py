@@ -225,7 +225,7 @@ def test_seal_raising_oserror_is_answered_per_request(kernel, children, monkeypa
     def broken_seal(self):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(regions.Region, "seal", broken_seal)
+    monkeypatch.setattr(regions.RegionObject, "seal", broken_seal)
     c = children.start(r"""
         import capbus
         p = capbus.connect(wait="block")

@@ -67,6 +67,9 @@ class Gateway:
         z.insert_json5("mode", '"peer"')
         z.insert_json5("scouting/multicast/enabled", "false")
         z.insert_json5("scouting/gossip/enabled", "false")
+        # No Zenoh shared memory: gateways talk over the network, and a gateway killed with a
+        # segment open would leave its file in /dev/shm.
+        z.insert_json5("transport/shared_memory/enabled", "false")
         z.insert_json5("listen/endpoints", json.dumps(c.listen))
         z.insert_json5("connect/endpoints", json.dumps(c.connect))
         z.insert_json5("transport/link/tx/lease", str(c.lease_ms))
