@@ -560,6 +560,13 @@ def test_async_with_and_with_everywhere(kernel, run):
                     ep.send_async(1, (2,))
                 async with me.subscribe_registrations() as sub:
                     assert isinstance(sub, capbus.Subscription)
+                async with me.publish("ctx/topic") as pub:
+                    async with me.subscribe("ctx/topic", timeout=5) as tsub:
+                        assert isinstance(tsub, capbus.Subscriber)
+                    with pytest.raises(capbus.IpcError):
+                        tsub.recv(timeout=0)
+                with pytest.raises(capbus.IpcError):
+                    pub.publish(1)
             assert svc._closed
             with pytest.raises(capbus.IpcError):
                 await svc.arecv(timeout=1)

@@ -191,6 +191,12 @@ class Publisher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    async def __aenter__(self) -> Publisher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def subscribers(self) -> int:
         """Live subscribers right now."""
@@ -478,6 +484,12 @@ class Subscriber:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Subscriber:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
         self.close()
 
     def __iter__(self) -> Subscriber:
