@@ -158,6 +158,8 @@ _EVIL_PUBLISHER = """
         pub.publish(payload=b"ok%d" % i)
     print("published", flush=True)
     sys.stdin.readline()
+    for i in range(int(sys.argv[2]) if len(sys.argv) > 2 else 0):  # good ones before the garbage
+        pub.publish(payload=b"ok%d" % (3 + i))
     p = next(iter(pub._ports.values()))
     ring = p.ring
     h = _core.atomic_load_u64(ring, L.R_HEAD_OFF)
@@ -226,3 +228,25 @@ def test_garbage_from_the_publisher_drops_the_topic(kernel, children, mode):
         assert isinstance(outcome, capbus.ProtocolError)
         with pytest.raises(_core.CorruptChannel):  # dropped for good, never a hang
             sub.recv(0.1)
+
+
+@pytest.mark.parametrize("mode", ["slot", "length", "seq", "half"])
+def test_garbage_behind_good_samples_in_one_batch(kernel, children, mode):
+    """recv_many claims the good samples before the garbage and returns them; the garbage is
+    reported by the next receive (CorruptChannel), and the topic stays dropped."""
+    b = capbus.connect(kernel.socket_path)
+    p = children.start(_EVIL_PUBLISHER, mode, "2", stdin=subprocess.PIPE)
+    assert readline(p) == "ready"
+    sub = b.subscribe("evil", timeout=5)
+    assert readline(p) == "published"
+    p.stdin.write("go\n")
+    p.stdin.flush()
+    assert readline(p, 10) == "corrupted"
+    got = sub.recv_many(64, timeout=5)
+    assert [bytes(s.payload) for s in got] == [b"ok%d" % i for i in range(5)]
+    for s in got:
+        s.release()
+    with pytest.raises(_core.CorruptChannel):
+        sub.recv_many(64, timeout=5)
+    with pytest.raises(_core.CorruptChannel):  # dropped for good, never a hang
+        sub.recv(0.1)

@@ -59,6 +59,8 @@ typedef struct {
     uint32_t *freed;   /* slots whose sample is released and viewless: to give back */
     pid_t pid;         /* a forked child's copy gives nothing back */
     int stuck;         /* the publisher stopped taking releases back */
+    PyObject *pending; /* what the publisher got wrong, found by take_many() behind samples it
+                        * returned: the next take() or take_many() reports it */
 } TopicSubObject;
 
 #endif /* CAPBUS_NATIVE_TOPIC_H */

@@ -227,6 +227,42 @@ class Publisher:
                                   "them, hold them)")
             return int(seq)
 
+    def publish_many(self, items: Sequence[tuple[int, Sequence[int], Any]],
+                     timeout: float | None = 0) -> int:
+        """publish() for a batch: `items` are (opcode, data, payload) tuples, copied and
+        delivered in one native call, with at most one wake-up per subscriber per batch (a
+        subscriber that sleeps sees the whole batch at once). Returns the last sequence number.
+        With overflow="block", it waits (up to `timeout` in all, None: forever) wherever a
+        subscriber has no room, then WouldBlock; the items before that point (and before a bad
+        item's ValueError) are published: the error says how many."""
+        batch = items if type(items) is list else list(items)
+        done = 0
+        deadline: float | None = None
+        with self._lock:
+            if self._closed is not None:
+                raise self._closed
+            if self._pid != os.getpid():
+                self._session.check()  # a forked child: KernelUnavailable
+            while True:
+                if self._freed:
+                    self._drain_freed()
+                count, seq, full = self._core.publish_many(batch, done, self._block,
+                                                           self.max_size)
+                if self._core.cuts:
+                    self._handle_cuts()
+                done += count
+                if done >= len(batch):
+                    return int(seq)
+                if not full:
+                    raise OutOfMemory(f"topic {self.name!r}: no free slot after {done} of "
+                                      f"{len(batch)} samples (loans, or views of them, hold them)")
+                if deadline is None and timeout is not None:
+                    deadline = time.monotonic() + timeout
+                try:
+                    self._room(deadline)
+                except WouldBlock as exc:
+                    raise WouldBlock(f"{exc} ({done} of {len(batch)} samples published)") from None
+
     def loan(self, n: int) -> TopicLoan:
         """A slot of n bytes to write in place: `with pub.loan(n) as s: s.buffer[:] = ...;
         s.publish()`. Leaving the block without publish() gives the slot back."""
@@ -530,13 +566,43 @@ class Subscriber:
         sample = self.poll()
         if sample is not None:  # the hot path: no clock read
             return sample
+        return self._wait(self.poll, timeout)
+
+    def poll_many(self, n: int = 256) -> list[Sample]:
+        """Up to n samples that are there now (one native call; an empty list if none); raises
+        once the topic is gone and nothing is left."""
+        if self._pid != _getpid():
+            self._session.check()  # a forked child: KernelUnavailable
+        with self._lock:
+            if self._closed is None:
+                got = self._core.take_many(n)
+                if type(got) is list:  # the hot path
+                    return got
+            sample = self._take() if self._closed is not None else self._taken(got)
+            if sample is None:
+                self._raise_if_over()
+                return []
+            return [sample]
+
+    def recv_many(self, n: int = 256, timeout: float | None = None) -> list[Sample]:
+        """1..n samples, waiting up to `timeout` seconds (None: forever) for the first, as
+        recv(): one native call claims all that are there (at most n, and at most what
+        max_held leaves room for). Release them as usual; dropping them (the list) gives
+        their slots back in one pass at the next receive."""
+        got = self.poll_many(n)
+        if got:
+            return got
+        return self._wait(lambda: self.poll_many(n) or None, timeout)
+
+    def _wait(self, poll: Callable[[], Any], timeout: float | None) -> Any:
+        """Wait as the process's wait mode says until poll() returns something."""
         deadline = None if timeout is None else time.monotonic() + timeout
         spin_until = time.monotonic_ns() + self._spin_ns if self._spin_ns > 0 else 0
         yielded = False
         while True:
-            sample = self.poll()
-            if sample is not None:
-                return sample
+            got = poll()
+            if got is not None:
+                return got
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise Timeout(f"no sample on topic {self.name!r} within {timeout} s")
