@@ -32,7 +32,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import _core
 from .. import _topic_layout as L
@@ -59,6 +59,7 @@ _getpid = os.getpid
 _SPIN_NS = 50_000  # adaptive: spin this long before sleeping (as lanes do)
 _SLICE = 0.5  # a sleeper re-reads its control page at least this often
 _DATA_ZERO = (0, 0, 0, 0)
+_T = TypeVar("_T")
 
 
 def _data(data: Sequence[int]) -> tuple[int, int, int, int]:
@@ -575,10 +576,12 @@ class Subscriber:
             self._session.check()  # a forked child: KernelUnavailable
         with self._lock:
             if self._closed is None:
-                got = self._core.take_many(n)
-                if type(got) is list:  # the hot path
-                    return got
-            sample = self._take() if self._closed is not None else self._taken(got)
+                many = self._core.take_many(n)
+                if isinstance(many, list):  # the hot path
+                    return many
+                sample = self._taken(many)
+            else:
+                sample = self._take()
             if sample is None:
                 self._raise_if_over()
                 return []
@@ -594,7 +597,7 @@ class Subscriber:
             return got
         return self._wait(lambda: self.poll_many(n) or None, timeout)
 
-    def _wait(self, poll: Callable[[], Any], timeout: float | None) -> Any:
+    def _wait(self, poll: Callable[[], _T | None], timeout: float | None) -> _T:
         """Wait as the process's wait mode says until poll() returns something."""
         deadline = None if timeout is None else time.monotonic() + timeout
         spin_until = time.monotonic_ns() + self._spin_ns if self._spin_ns > 0 else 0
