@@ -39,6 +39,7 @@ from .. import _topic_layout as L
 from .._errors import (
     InvalidCapability,
     IpcError,
+    KernelUnavailable,
     OutOfMemory,
     PeerDied,
     ProtocolError,
@@ -166,13 +167,10 @@ class Publisher:
         self.max_size = max_size
         self.overflow = overflow
         self._block = overflow == "block"
-        self._slot_size, self._max_held = slot_size, max_held
-        size = L.pool_size(slots, slot_size)
-        if os.fstat(pool_fd).st_size != size:
-            raise ProtocolError("a topic pool whose size is not the one the kernel announced")
-        self._pool = mmap.mmap(pool_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        _store64(self._pool, L.POOL_MAGIC_OFF, L.POOL_MAGIC)
-        self._core = _core.TopicPub(self._pool, slots, slot_size, history, max_held)
+        self._slot_size, self._max_held, self._history = slot_size, max_held, history
+        self._pool, self._core = self._map_pool(pool_fd, slots, slot_size)
+        self._frame: frames.PublishTopic | None = None  # what made it (Process.publish sets it)
+        self._gen = 0  # a reconnect's new pool: loans from before it are void
         self._lock = threading.Lock()
         self._freed: collections.deque[int] = collections.deque()  # loan views gone (any thread)
         self._ports: dict[int, _Port] = {}
@@ -180,6 +178,14 @@ class Publisher:
         self._closed: IpcError | None = None
         self._pid = os.getpid()  # a forked child's copy must not publish into the parent's rings
         self.cut_off = 0  # subscribers cut off for holding or releasing what they may not
+
+    def _map_pool(self, pool_fd: int, slots: int, slot_size: int) -> tuple[mmap.mmap, Any]:
+        size = L.pool_size(slots, slot_size)
+        if os.fstat(pool_fd).st_size != size:
+            raise ProtocolError("a topic pool whose size is not the one the kernel announced")
+        pool = mmap.mmap(pool_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        _store64(pool, L.POOL_MAGIC_OFF, L.POOL_MAGIC)
+        return pool, _core.TopicPub(pool, slots, slot_size, self._history, self._max_held)
 
     # ---- public -----------------------------------------------------------------------------
 
@@ -408,6 +414,39 @@ class Publisher:
             if self._closed is None:
                 self._closed = why
 
+    # ---- a lost kernel and a reconnect ------------------------------------------------------
+
+    def _kernel_lost(self) -> None:
+        """The control thread, as the kernel goes: its subscriptions go with it (the
+        subscribers lose that kernel too: they drain what they got, then KernelUnavailable).
+        Publishing goes on, to nobody, until a reconnect publishes the name again."""
+        with self._lock:
+            ports, self._ports = list(self._ports.values()), {}
+            for p in ports:
+                self._core.remove(p.index)
+                self._close_port(p)
+
+    def _republish(self, handle: int, ctl: Any, pool_fd: int, slots: int,
+                   slot_size: int) -> None:
+        """A reconnect: the new kernel made a new pool for the same name. Subscribers join
+        anew (as any late subscriber: the history starts over, so do sequence numbers); loans
+        made before are void (their publish() raises KernelUnavailable)."""
+        pool, core = self._map_pool(pool_fd, slots, slot_size)
+        with self._lock:
+            if self._closed is not None:
+                return
+            ports, self._ports = list(self._ports.values()), {}
+            for p in ports:
+                self._close_port(p)
+            old_pool = self._pool
+            self._pool, self._core, self._slot_size = pool, core, slot_size
+            self.handle, self._ctl = handle, ctl
+            self._freed = collections.deque()  # old loans' views append to the old one
+            self._loans = 0
+            self._gen += 1
+        with contextlib.suppress(BufferError):  # old loans' views keep it until they go
+            old_pool.close()
+
 
 _LOANS = 4  # as the kernel sizes the pool (topics.LOANS)
 
@@ -415,10 +454,11 @@ _LOANS = 4  # as the kernel sizes the pool (topics.LOANS)
 class TopicLoan:
     """A publisher's slot to write in place (Publisher.loan)."""
 
-    __slots__ = ("_pub", "_view", "_slot", "_n", "buffer", "_done", "opcode", "data")
+    __slots__ = ("_pub", "_view", "_slot", "_n", "buffer", "_done", "opcode", "data", "_gen")
 
     def __init__(self, pub: Publisher, view: _core.SampleView, slot: int, n: int) -> None:
         self._pub, self._view, self._slot, self._n = pub, view, slot, n
+        self._gen = pub._gen
         self.buffer: memoryview | None = memoryview(view)
         self._done = False
         self.opcode = 0
@@ -441,8 +481,17 @@ class TopicLoan:
         deadline = None if timeout is None else time.monotonic() + timeout
         with pub._lock:
             pub._check()
+            if self._gen != pub._gen:
+                self._finish()
+                raise KernelUnavailable(f"this loan of topic {pub.name!r} was made before the "
+                                        "kernel was lost; the topic was published again since: "
+                                        "take a new loan")
             if pub._block:
                 pub._room(deadline)
+                if self._gen != pub._gen:  # a reconnect while it waited
+                    self._finish()
+                    raise KernelUnavailable(f"this loan of topic {pub.name!r} was made before "
+                                            "the kernel was lost: take a new loan")
             seq = int(pub._core.deliver(self._slot, self._n, op, words))
             if pub._core.cuts:
                 pub._handle_cuts()
@@ -505,6 +554,7 @@ class Subscriber:
         self._closed: IpcError | None = None
         self._death_callbacks: list[Callable[[Subscriber], None]] = []
         self._dead = False
+        self._kernel_gone: IpcError | None = None  # its kernel was lost: drain, then raise
         mode = session.wait_mode
         self._spin_ns = {"spin": -1, "adaptive": _SPIN_NS, "block": 0}[mode]
 
@@ -665,7 +715,7 @@ class Subscriber:
         try:
             # Dekker: the flag is visible before we look again; the publisher stores the head
             # before it looks at the flag. So one of us sees the other.
-            if self._core.pending() or self._closed is not None:
+            if self._core.pending() or self._closed is not None or self._kernel_gone is not None:
                 return
             if _load32(self._ctrl, L.CTRL_STATE_OFF) != _core.STATE_OPEN:
                 return
@@ -676,6 +726,9 @@ class Subscriber:
     def _raise_if_over(self) -> None:
         """Lock held; nothing left to take."""
         if self._closed is not None:
+            raise self._closed
+        if self._kernel_gone is not None:
+            self._closed = self._kernel_gone
             raise self._closed
         state = _load32(self._ctrl, L.CTRL_STATE_OFF)
         if state != _core.STATE_OPEN:
@@ -721,6 +774,15 @@ class Subscriber:
         raise exc
 
     # ---- the control thread -----------------------------------------------------------------
+
+    def _kernel_lost(self) -> None:
+        """The control thread, as the kernel goes: the subscription was the kernel's (a
+        reconnected publisher publishes anew): what is in the ring is still received, then
+        KernelUnavailable. Subscribe again (on_reconnect) for the new kernel's."""
+        self._kernel_gone = KernelUnavailable(
+            f"the kernel that made the subscription to {self.name!r} was lost: subscribe again "
+            "(after a reconnect, proc.on_reconnect is the place)")
+        self._ended(0)
 
     def _ended(self, reason: int) -> None:
         """The kernel said the subscription is over (TopicClosed)."""
