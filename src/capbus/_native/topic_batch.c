@@ -21,6 +21,8 @@ static PyObject *tpub_publish_many(TopicPubObject *P, PyObject *const *args, Py_
         PyErr_SetString(PyExc_TypeError, "publish_many(items: list, start, block, max_size)");
         return NULL;
     }
+    if (tp_forked(P->gen, "topic publisher") < 0)
+        return NULL;
     PyObject *items = args[0];
     Py_ssize_t start = PyLong_AsSsize_t(args[1]);
     int block = PyObject_IsTrue(args[2]);

@@ -43,6 +43,7 @@ typedef struct {
     uint64_t seq;
     tp_port_t ports[TP_MAX_PORTS];
     int ncut;
+    unsigned long gen; /* fork_gen when made (tp_forked) */
 } TopicPubObject;
 
 static PyTypeObject TopicPubType;
@@ -331,6 +332,7 @@ static PyObject *tpub_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     for (uint32_t s = 0; s < slots; s++)
         P->free_[s] = slots - 1 - s; /* slot 0 first */
     P->nfree = slots;
+    P->gen = fork_gen;
     return (PyObject *)P;
 }
 
@@ -420,6 +422,8 @@ static PyObject *tpub_publish(TopicPubObject *P, PyObject *const *args, Py_ssize
         PyErr_SetString(PyExc_TypeError, "publish(payload, opcode, data)");
         return NULL;
     }
+    if (tp_forked(P->gen, "topic publisher") < 0)
+        return NULL;
     uint64_t data[4];
     unsigned long opcode = PyLong_AsUnsignedLong(args[1]);
     if ((opcode == (unsigned long)-1 && PyErr_Occurred()) || tp_data(args[2], data) < 0)

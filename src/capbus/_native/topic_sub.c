@@ -61,7 +61,7 @@ static PyObject *tsub_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     S->relcap = relcap;
     S->max_held = max_held;
     S->publisher = publisher;
-    S->pid = getpid();
+    S->gen = fork_gen;
     return (PyObject *)S;
 }
 
@@ -82,7 +82,7 @@ static int tsub_push(TopicSubObject *S)
 {
     if (!S->nfreed)
         return 0;
-    if (S->pid != getpid()) { /* a forked child dropping what it inherited: not ours */
+    if (S->gen != fork_gen) { /* a forked child dropping what it inherited: not ours */
         S->nfreed = 0;
         return 0;
     }
@@ -188,6 +188,8 @@ static PyObject *tsub_stuck_reason(void)
  * a str: what the publisher got wrong. Gives back released slots first. */
 static PyObject *tsub_take(TopicSubObject *S, PyObject *unused)
 {
+    if (tp_forked(S->gen, "topic subscription") < 0)
+        return NULL;
     if (S->pending)
         return Py_NewRef(S->pending);
     if (tsub_push(S) < 0 || S->stuck)
@@ -213,6 +215,8 @@ static PyObject *tsub_take_many(TopicSubObject *S, PyObject *arg)
         PyErr_SetString(PyExc_ValueError, "take_many(n): n must be at least 1");
         return NULL;
     }
+    if (tp_forked(S->gen, "topic subscription") < 0)
+        return NULL;
     if (S->pending)
         return Py_NewRef(S->pending);
     if (tsub_push(S) < 0 || S->stuck)

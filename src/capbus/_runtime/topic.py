@@ -56,7 +56,6 @@ _load32 = _core.atomic_load_u32
 _load64 = _core.atomic_load_u64
 _store32 = _core.atomic_store_u32
 _store64 = _core.atomic_store_u64
-_getpid = os.getpid
 _SPIN_NS = 50_000  # adaptive: spin this long before sleeping (as lanes do)
 _SLICE = 0.5  # a sleeper re-reads its control page at least this often
 _DATA_ZERO = (0, 0, 0, 0)
@@ -176,7 +175,6 @@ class Publisher:
         self._ports: dict[int, _Port] = {}
         self._loans = 0
         self._closed: IpcError | None = None
-        self._pid = os.getpid()  # a forked child's copy must not publish into the parent's rings
         self.cut_off = 0  # subscribers cut off for holding or releasing what they may not
 
     def _map_pool(self, pool_fd: int, slots: int, slot_size: int) -> tuple[mmap.mmap, Any]:
@@ -217,11 +215,9 @@ class Publisher:
         if n > self.max_size:
             raise ValueError(f"a payload of {n} bytes exceeds the topic's max_size "
                              f"{self.max_size}")
-        with self._lock:
+        with self._lock:  # a forked child: the native publish raises KernelUnavailable
             if self._closed is not None:
                 raise self._closed
-            if self._pid != os.getpid():
-                self._session.check()  # a forked child: KernelUnavailable
             if self._block:
                 self._room(None if timeout is None else time.monotonic() + timeout)
             if self._freed:
@@ -245,11 +241,9 @@ class Publisher:
         batch = items if type(items) is list else list(items)
         done = 0
         deadline: float | None = None
-        with self._lock:
+        with self._lock:  # a forked child: the native publish_many raises KernelUnavailable
             if self._closed is not None:
                 raise self._closed
-            if self._pid != os.getpid():
-                self._session.check()  # a forked child: KernelUnavailable
             while True:
                 if self._freed:
                     self._drain_freed()
@@ -550,7 +544,6 @@ class Subscriber:
                                     self._slot_size, self.max_size, self._relcap, self.max_held,
                                     self.publisher)
         self._lock = threading.Lock()
-        self._pid = os.getpid()
         self._closed: IpcError | None = None
         self._death_callbacks: list[Callable[[Subscriber], None]] = []
         self._dead = False
@@ -599,9 +592,7 @@ class Subscriber:
 
     def poll(self) -> Sample | None:
         """The next sample, or None; raises once the topic is gone and nothing is left."""
-        if self._pid != _getpid():
-            self._session.check()  # a forked child: KernelUnavailable
-        with self._lock:
+        with self._lock:  # a forked child: the native take raises KernelUnavailable
             if self._closed is None:
                 got = self._core.take()
                 if type(got) is Sample:  # the hot path
@@ -622,9 +613,7 @@ class Subscriber:
     def poll_many(self, n: int = 256) -> list[Sample]:
         """Up to n samples that are there now (one native call; an empty list if none); raises
         once the topic is gone and nothing is left."""
-        if self._pid != _getpid():
-            self._session.check()  # a forked child: KernelUnavailable
-        with self._lock:
+        with self._lock:  # a forked child: the native take_many raises KernelUnavailable
             if self._closed is None:
                 many = self._core.take_many(n)
                 if isinstance(many, list):  # the hot path
