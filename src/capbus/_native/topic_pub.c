@@ -44,6 +44,8 @@ typedef struct {
     tp_port_t ports[TP_MAX_PORTS];
     int ncut;
     unsigned long gen; /* fork_gen when made (tp_forked) */
+    int block;         /* overflow="block": publish() answers False while a subscriber is full */
+    uint64_t max_size; /* the topic's: a larger payload is refused (subscribers check it too) */
 } TopicPubObject;
 
 static PyTypeObject TopicPubType;
@@ -264,6 +266,21 @@ static int64_t tp_alloc(TopicPubObject *P)
     return P->free_[--P->nfree];
 }
 
+/* The index of a subscriber whose next entry is still unclaimed (no room in block mode), or -1 */
+static int tp_full(TopicPubObject *P)
+{
+    for (int k = 0; k < TP_MAX_PORTS; k++) {
+        tp_port_t *p = &P->ports[k];
+        if (!p->used || p->cut || p->head < p->depth)
+            continue;
+        uint64_t s = p->head - p->depth;
+        if (__atomic_load_n(&tp_entry(p->ring, s % p->depth)->state, __ATOMIC_ACQUIRE) ==
+            s * 4 + TP_ST_WRITTEN)
+            return k;
+    }
+    return -1;
+}
+
 static int tp_data(PyObject *seq, uint64_t out[4])
 {
     out[0] = out[1] = out[2] = out[3] = 0;
@@ -297,12 +314,14 @@ static int tp_data(PyObject *seq, uint64_t out[4])
 
 static PyObject *tpub_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"pool", "slots", "slot_size", "history", "max_held", NULL};
+    static char *kwlist[] = {"pool", "slots", "slot_size", "history", "max_held", "block",
+                             "max_size", NULL};
     PyObject *pool;
     unsigned int slots, history, max_held;
-    unsigned long long slot_size;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OIKII", kwlist, &pool, &slots, &slot_size,
-                                     &history, &max_held))
+    unsigned long long slot_size, max_size = 0;
+    int block = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OIKII|pK", kwlist, &pool, &slots, &slot_size,
+                                     &history, &max_held, &block, &max_size))
         return NULL;
     TopicPubObject *P = (TopicPubObject *)type->tp_alloc(type, 0);
     if (!P)
@@ -333,6 +352,8 @@ static PyObject *tpub_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         P->free_[s] = slots - 1 - s; /* slot 0 first */
     P->nfree = slots;
     P->gen = fork_gen;
+    P->block = block;
+    P->max_size = max_size && max_size < slot_size ? max_size : slot_size;
     return (PyObject *)P;
 }
 
@@ -435,10 +456,15 @@ static PyObject *tpub_publish(TopicPubObject *P, PyObject *const *args, Py_ssize
     Py_buffer b;
     if (PyObject_GetBuffer(args[0], &b, PyBUF_SIMPLE) < 0)
         return NULL;
-    if ((uint64_t)b.len > P->slot_size) {
+    if ((uint64_t)b.len > P->max_size) {
         PyBuffer_Release(&b);
-        PyErr_Format(PyExc_ValueError, "a payload of %zd bytes exceeds the slot", b.len);
+        PyErr_Format(PyExc_ValueError, "a payload of %zd bytes exceeds the topic's max_size %llu",
+                     b.len, (unsigned long long)P->max_size);
         return NULL;
+    }
+    if (P->block && tp_full(P) >= 0) {
+        PyBuffer_Release(&b);
+        Py_RETURN_FALSE; /* Python waits for room */
     }
     int64_t slot = tp_alloc(P);
     if (slot < 0) {
@@ -493,21 +519,6 @@ static PyObject *tpub_deliver(TopicPubObject *P, PyObject *args)
     return PyLong_FromUnsignedLongLong(tp_deliver(P, slot, n, opcode, data, 0));
 }
 
-/* The index of a subscriber whose next entry is still unclaimed (no room in block mode), or -1 */
-static int tp_full(TopicPubObject *P)
-{
-    for (int k = 0; k < TP_MAX_PORTS; k++) {
-        tp_port_t *p = &P->ports[k];
-        if (!p->used || p->cut || p->head < p->depth)
-            continue;
-        uint64_t s = p->head - p->depth;
-        if (__atomic_load_n(&tp_entry(p->ring, s % p->depth)->state, __ATOMIC_ACQUIRE) ==
-            s * 4 + TP_ST_WRITTEN)
-            return k;
-    }
-    return -1;
-}
-
 /* full() -> the index of a subscriber whose next entry is still unclaimed, or -1 (block mode) */
 static PyObject *tpub_full(TopicPubObject *P, PyObject *unused)
 {
@@ -551,7 +562,8 @@ static PyMethodDef tpub_methods[] = {
      "add(index, ring, depth, event_fd): a subscriber (its history first)"},
     {"remove", (PyCFunction)tpub_remove, METH_O, "remove(index): it left; free what it held"},
     {"publish", (PyCFunction)(void (*)(void))tpub_publish, METH_FASTCALL,
-     "publish(payload, opcode, data) -> seq, or None when no slot is free"},
+     "publish(payload, opcode, data) -> seq, None when no slot is free, False when a "
+     "subscriber has no room (block)"},
     {"publish_many", (PyCFunction)(void (*)(void))tpub_publish_many, METH_FASTCALL,
      "publish_many(items, start, block, max_size) -> (published, last seq, full)"},
     {"alloc", (PyCFunction)tpub_alloc, METH_NOARGS, "alloc() -> a slot (one reference) or None"},

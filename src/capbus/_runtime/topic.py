@@ -183,7 +183,8 @@ class Publisher:
             raise ProtocolError("a topic pool whose size is not the one the kernel announced")
         pool = mmap.mmap(pool_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         _store64(pool, L.POOL_MAGIC_OFF, L.POOL_MAGIC)
-        return pool, _core.TopicPub(pool, slots, slot_size, self._history, self._max_held)
+        return pool, _core.TopicPub(pool, slots, slot_size, self._history, self._max_held,
+                                    self._block, self.max_size)
 
     # ---- public -----------------------------------------------------------------------------
 
@@ -211,24 +212,32 @@ class Publisher:
         """Copy `payload` (bytes-like, at most max_size) into a slot and deliver it to every
         subscriber; returns its sequence number. With overflow="block", a subscriber without
         room makes it wait up to `timeout` seconds (None: forever) and then WouldBlock."""
-        n = len(payload) if type(payload) in (bytes, bytearray) else memoryview(payload).nbytes
-        if n > self.max_size:
-            raise ValueError(f"a payload of {n} bytes exceeds the topic's max_size "
-                             f"{self.max_size}")
         with self._lock:  # a forked child: the native publish raises KernelUnavailable
             if self._closed is not None:
                 raise self._closed
-            if self._block:
-                self._room(None if timeout is None else time.monotonic() + timeout)
             if self._freed:
                 self._drain_freed()
+            # The native publish checks the size (max_size) and, in block mode, the room
             seq = self._core.publish(payload, opcode, data)
+            if type(seq) is not int:
+                seq = self._publish_slow(seq, opcode, data, payload, timeout)
             if self._core.cuts:
                 self._handle_cuts()
-            if seq is None:
-                raise OutOfMemory(f"topic {self.name!r}: no free slot (loans, or views of "
-                                  "them, hold them)")
-            return int(seq)
+            return seq
+
+    def _publish_slow(self, seq: int | bool | None, opcode: int, data: Sequence[int], payload: Any,
+                      timeout: float | None) -> int:
+        """Lock held: no room (block mode: wait, then again) or no free slot."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while seq is False:
+            self._room(deadline)
+            seq = self._core.publish(payload, opcode, data)
+        if seq is None:
+            if self._core.cuts:
+                self._handle_cuts()
+            raise OutOfMemory(f"topic {self.name!r}: no free slot (loans, or views of them, "
+                              "hold them)")
+        return int(seq)
 
     def publish_many(self, items: Sequence[tuple[int, Sequence[int], Any]],
                      timeout: float | None = 0) -> int:
