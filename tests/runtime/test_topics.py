@@ -493,6 +493,16 @@ def test_publish_many_checks_each_item_and_says_how_far_it_got(kernel):
     assert sub.poll_many() == []
     for s in got:
         s.release()
+    batch: list = []
+
+    class Emptier:  # data whose iteration empties the very list being published
+        def __iter__(self):
+            batch.clear()
+            return iter(())
+
+    batch += [(0, Emptier(), b"0"), (0, (), b"never")]
+    assert pub.publish_many(batch) == 5 and batch == []  # item 0 went out; then nothing left
+    assert [bytes(s.payload) for s in sub.recv_many(4, timeout=1)] == [b"0"]
     pub.close()
     with pytest.raises(capbus.PeerDied):
         sub.recv_many(4, timeout=5)

@@ -8,6 +8,51 @@
  * Not compiled alone: module.c #includes it after topic_pub.c (one translation unit).
  */
 
+/* One item of a batch: 1 published, 0 no free slot, 2 no room (block), -1 an error set. */
+static int tp_batch_one(TopicPubObject *P, PyObject *it, Py_ssize_t i, uint64_t limit, int block,
+                        int first)
+{
+    if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) != 3) {
+        PyErr_Format(PyExc_TypeError, "publish_many: item %zd is not an (opcode, data, "
+                     "payload) tuple", i);
+        return -1;
+    }
+    uint64_t data[4];
+    unsigned long opcode = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(it, 0));
+    if ((opcode == (unsigned long)-1 && PyErr_Occurred()) ||
+        tp_data(PyTuple_GET_ITEM(it, 1), data) < 0)
+        return -1;
+    if (opcode > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "opcode is a u32");
+        return -1;
+    }
+    if (block && tp_full(P) >= 0)
+        return 2;
+    Py_buffer b;
+    if (PyObject_GetBuffer(PyTuple_GET_ITEM(it, 2), &b, PyBUF_SIMPLE) < 0)
+        return -1;
+    if ((uint64_t)b.len > limit) {
+        PyErr_Format(PyExc_ValueError, "item %zd: a payload of %zd bytes exceeds the topic's "
+                     "max_size %llu (the items before it were published)", i, b.len,
+                     (unsigned long long)limit);
+        PyBuffer_Release(&b);
+        return -1;
+    }
+    /* The first item collects releases; later ones only when the free stack is empty */
+    int64_t slot = (!first && P->nfree) ? (int64_t)P->free_[--P->nfree] : tp_alloc(P);
+    if (slot < 0) {
+        PyBuffer_Release(&b);
+        return 0; /* Python explains */
+    }
+    memcpy(P->pool + TP_POOL_HEADER + (uint64_t)slot * P->slot_size, b.buf, (size_t)b.len);
+    uint32_t n = (uint32_t)b.len;
+    PyBuffer_Release(&b);
+    P->refs[slot]++;
+    tp_deliver(P, (uint32_t)slot, n, (uint32_t)opcode, data, 1);
+    tp_unref(P, (uint32_t)slot);
+    return 1;
+}
+
 /* publish_many(items, start, block, max_size) -> (published, last seq,
  * full): copy and deliver items[start:],
  * each an (opcode, data, payload) tuple, in one call; one fence and at most one wake per
@@ -35,53 +80,17 @@ static PyObject *tpub_publish_many(TopicPubObject *P, PyObject *const *args, Py_
     Py_ssize_t i = start < 0 ? 0 : start, count = 0;
     int failed = 0, full = 0;
     for (; i < PyList_GET_SIZE(items); i++) {
-        PyObject *it = PyList_GET_ITEM(items, i);
-        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) != 3) {
-            PyErr_Format(PyExc_TypeError, "publish_many: item %zd is not an (opcode, data, "
-                         "payload) tuple", i);
+        /* Ours while we use it: converting its fields may run Python code (__index__, a
+         * sequence's __iter__) that empties the list. */
+        PyObject *it = Py_NewRef(PyList_GET_ITEM(items, i));
+        int r = tp_batch_one(P, it, i, limit, block, count == 0);
+        Py_DECREF(it);
+        if (r < 0)
             failed = 1;
-            break;
-        }
-        uint64_t data[4];
-        unsigned long opcode = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(it, 0));
-        if ((opcode == (unsigned long)-1 && PyErr_Occurred()) ||
-            tp_data(PyTuple_GET_ITEM(it, 1), data) < 0) {
-            failed = 1;
-            break;
-        }
-        if (opcode > UINT32_MAX) {
-            PyErr_SetString(PyExc_ValueError, "opcode is a u32");
-            failed = 1;
-            break;
-        }
-        if (block && tp_full(P) >= 0) {
+        if (r == 2)
             full = 1;
+        if (r != 1)
             break;
-        }
-        Py_buffer b;
-        if (PyObject_GetBuffer(PyTuple_GET_ITEM(it, 2), &b, PyBUF_SIMPLE) < 0) {
-            failed = 1;
-            break;
-        }
-        if ((uint64_t)b.len > limit) {
-            PyErr_Format(PyExc_ValueError, "item %zd: a payload of %zd bytes exceeds the topic's "
-                         "max_size %llu (the items before it were published)", i, b.len, limit);
-            PyBuffer_Release(&b);
-            failed = 1;
-            break;
-        }
-        /* The first item collects releases; later ones only when the free stack is empty */
-        int64_t slot = (count && P->nfree) ? (int64_t)P->free_[--P->nfree] : tp_alloc(P);
-        if (slot < 0) {
-            PyBuffer_Release(&b);
-            break; /* Python explains */
-        }
-        memcpy(P->pool + TP_POOL_HEADER + (uint64_t)slot * P->slot_size, b.buf, (size_t)b.len);
-        uint32_t n = (uint32_t)b.len;
-        PyBuffer_Release(&b);
-        P->refs[slot]++;
-        tp_deliver(P, (uint32_t)slot, n, (uint32_t)opcode, data, 1);
-        tp_unref(P, (uint32_t)slot);
         count++;
     }
     tp_wake_dirty(P);
