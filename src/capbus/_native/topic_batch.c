@@ -8,6 +8,21 @@
  * Not compiled alone: module.c #includes it after topic_pub.c (one translation unit).
  */
 
+/* The end of a batch: one full fence (after every head store), then each subscriber that got
+ * something is woken if it sleeps. */
+static void tp_wake_dirty(TopicPubObject *P)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    for (int k = 0; k < TP_MAX_PORTS; k++) {
+        tp_port_t *p = &P->ports[k];
+        if (p->dirty) {
+            p->dirty = 0;
+            if (p->used && !p->cut)
+                tp_wake(p);
+        }
+    }
+}
+
 /* One item of a batch: 1 published, 0 no free slot, 2 no room (block), -1 an error set. */
 static int tp_batch_one(TopicPubObject *P, PyObject *it, Py_ssize_t i, uint64_t limit, int block,
                         int first)

@@ -201,21 +201,6 @@ static void tp_place(TopicPubObject *P, tp_port_t *p, uint32_t slot, uint32_t n,
     tp_wake(p);
 }
 
-/* The end of a batch: one full fence (after every head store), then each subscriber that got
- * something is woken if it sleeps. */
-static void tp_wake_dirty(TopicPubObject *P)
-{
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    for (int k = 0; k < TP_MAX_PORTS; k++) {
-        tp_port_t *p = &P->ports[k];
-        if (p->dirty) {
-            p->dirty = 0;
-            if (p->used && !p->cut)
-                tp_wake(p);
-        }
-    }
-}
-
 static uint64_t tp_deliver(TopicPubObject *P, uint32_t slot, uint32_t n, uint32_t opcode,
                            const uint64_t *data, int defer)
 {
