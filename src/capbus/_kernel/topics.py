@@ -349,8 +349,11 @@ def drop_cap(st: KernelState, out: Outbox, rec: ProcessRecord, cap: Capability,
 def process_gone(st: KernelState, out: Outbox, rec: ProcessRecord) -> None:
     """rec exited: the topics it published end (subscribers see PeerDied), its subscriptions
     end (publishers free what it held)."""
+    # A stopping kernel lets go of everyone alive: not a death (a reconnect publishes again)
+    state, reason = ((STATE_CLOSED, _tl.REASON_KERNEL_STOPPED) if st.shut
+                     else (STATE_PEER_DEAD, _tl.REASON_PEER_DEAD))
     for topic in list(rec.topics):
-        end_topic(st, out, topic, STATE_PEER_DEAD, _tl.REASON_PEER_DEAD)
+        end_topic(st, out, topic, state, reason)
     for sub in list(rec.topic_subs):
         close_sub(st, out, sub, STATE_CLOSED, _tl.REASON_CLOSED, tell_subscriber=False)
     for cap in rec.caps:

@@ -737,6 +737,10 @@ class Subscriber:
         if reason == L.REASON_PEER_DEAD or state == _core.STATE_PEER_DEAD:
             return PeerDied(f"the publisher of topic {self.name!r} (process {self.publisher}) "
                             "exited")
+        if reason == L.REASON_KERNEL_STOPPED:
+            return KernelUnavailable(f"the kernel that made the subscription to {self.name!r} "
+                                     "stopped: subscribe again (after a reconnect, "
+                                     "proc.on_reconnect is the place)")
         if reason == L.REASON_REVOKED:
             return InvalidCapability(f"the subscription to {self.name!r} was revoked")
         if reason == L.REASON_CUT_OFF:
