@@ -49,6 +49,7 @@ REASON_CLOSED = 1  # the publisher closed the topic, or the subscriber its subsc
 REASON_PEER_DEAD = 2  # the publisher's process exited
 REASON_REVOKED = 3
 REASON_CUT_OFF = 4  # the publisher cut this subscriber off: it held or released what it may not
+REASON_KERNEL_STOPPED = 5  # the kernel stopped (both ends may live on; a reconnect publishes again)
 
 # ---- the subscription ring (both ends write it) ---------------------------------------------
 # Publisher-written words

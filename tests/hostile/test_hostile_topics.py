@@ -42,7 +42,10 @@ _SCRIBBLER = """
 """
 
 
-def test_scribbling_subscriber_harms_only_itself(kernel, children):
+@pytest.mark.parametrize("batched", [False, True], ids=["per-sample", "batches"])
+def test_scribbling_subscriber_harms_only_itself(kernel, children, batched):
+    """batches: publish_many and recv_many (deferred wake-ups, releases collected per batch)
+    meet the same scribblers with the same outcome."""
     a = capbus.connect(kernel.socket_path)
     b = capbus.connect(kernel.socket_path)
     pub = a.publish("t", max_size=32, max_depth=256, max_subscribers=4)
@@ -54,24 +57,37 @@ def test_scribbling_subscriber_harms_only_itself(kernel, children):
     got: list[int] = []
     errors: list[BaseException] = []
 
+    def check(s: capbus.Sample) -> None:
+        assert bytes(s.payload) == s.seq.to_bytes(8, "little") * 4
+        got.append(s.seq)
+
     def reader() -> None:
         try:
             while len(got) < 3000:
-                with honest.recv(10) as s:
-                    assert bytes(s.payload) == s.seq.to_bytes(8, "little") * 4
-                    got.append(s.seq)
+                if batched:
+                    for s in honest.recv_many(64, timeout=10):
+                        check(s)
+                        s.release()
+                else:
+                    with honest.recv(10) as s:
+                        check(s)
         except BaseException as exc:  # reported below
             errors.append(exc)
 
     t = threading.Thread(target=reader)
     t.start()
     end = time.monotonic() + 30
-    for i in range(1, 3001):
+    step = 10 if batched else 1
+    for i in range(1, 3001, step):
         while True:  # keep pace with the honest reader: drop-oldest must cost it nothing here
             if len(got) >= i - 200 or time.monotonic() > end:
                 break
             time.sleep(0.0005)
-        pub.publish(payload=i.to_bytes(8, "little") * 4)  # never raises: nobody can stop it
+        # never raises: nobody can stop it
+        if batched:
+            pub.publish_many([(0, (), k.to_bytes(8, "little") * 4) for k in range(i, i + step)])
+        else:
+            pub.publish(payload=i.to_bytes(8, "little") * 4)
     t.join(30)
     assert not errors, errors
     assert got == list(range(1, 3001)) and honest.dropped == 0
@@ -158,6 +174,8 @@ _EVIL_PUBLISHER = """
         pub.publish(payload=b"ok%d" % i)
     print("published", flush=True)
     sys.stdin.readline()
+    for i in range(int(sys.argv[2]) if len(sys.argv) > 2 else 0):  # good ones before the garbage
+        pub.publish(payload=b"ok%d" % (3 + i))
     p = next(iter(pub._ports.values()))
     ring = p.ring
     h = _core.atomic_load_u64(ring, L.R_HEAD_OFF)
@@ -226,3 +244,25 @@ def test_garbage_from_the_publisher_drops_the_topic(kernel, children, mode):
         assert isinstance(outcome, capbus.ProtocolError)
         with pytest.raises(_core.CorruptChannel):  # dropped for good, never a hang
             sub.recv(0.1)
+
+
+@pytest.mark.parametrize("mode", ["slot", "length", "seq", "half"])
+def test_garbage_behind_good_samples_in_one_batch(kernel, children, mode):
+    """recv_many claims the good samples before the garbage and returns them; the garbage is
+    reported by the next receive (CorruptChannel), and the topic stays dropped."""
+    b = capbus.connect(kernel.socket_path)
+    p = children.start(_EVIL_PUBLISHER, mode, "2", stdin=subprocess.PIPE)
+    assert readline(p) == "ready"
+    sub = b.subscribe("evil", timeout=5)
+    assert readline(p) == "published"
+    p.stdin.write("go\n")
+    p.stdin.flush()
+    assert readline(p, 10) == "corrupted"
+    got = sub.recv_many(64, timeout=5)
+    assert [bytes(s.payload) for s in got] == [b"ok%d" % i for i in range(5)]
+    for s in got:
+        s.release()
+    with pytest.raises(_core.CorruptChannel):
+        sub.recv_many(64, timeout=5)
+    with pytest.raises(_core.CorruptChannel):  # dropped for good, never a hang
+        sub.recv(0.1)

@@ -523,7 +523,8 @@ def test_per_uid_quotas_stop_one_user_and_leave_the_others(users, base):
         uc = users(c, try_connect, k.socket_path)  # not allowed: refused, counted nowhere
         line = uc.line()
         assert line.startswith("refused PermissionDenied"), line
-        assert k.uid_usage(c) == {"connections": 0, "caps": 0, "channels": 0, "region_bytes": 0}
+        assert k.uid_usage(c) == {"connections": 0, "caps": 0, "channels": 0, "region_bytes": 0,
+        "subscriptions": 0}
         uc.go()
         assert uc.stop() == 0
         ua.go()
@@ -533,7 +534,8 @@ def test_per_uid_quotas_stop_one_user_and_leave_the_others(users, base):
         assert k.uid_usage(a)["channels"] == 3
         ua.go()
         assert ua.stop() == 0
-        zero = {"connections": 0, "caps": 0, "channels": 0, "region_bytes": 0}
+        zero = {"connections": 0, "caps": 0, "channels": 0, "region_bytes": 0,
+        "subscriptions": 0}
         assert wait_until(lambda: k.uid_usage(a) == zero and k.uid_usage(b) == zero), \
             (k.uid_usage(a), k.uid_usage(b))
         assert k._st.usage.keys() == {0}  # nothing kept for uids that hold nothing
@@ -558,7 +560,8 @@ def test_a_refused_user_flooding_connections_costs_the_kernel_little(users, base
         print(f"kernel fds held for 300 refused connections: {held}")
         assert held <= 64 + 2  # at most the refused connections kept for their Hello
         assert k.uid_usage(refused) == {"connections": 0, "caps": 0, "channels": 0,
-                                        "region_bytes": 0}
+                                        "region_bytes": 0,
+        "subscriptions": 0}
         ok = users(admitted, try_connect, k.socket_path)  # meanwhile, an allowed user gets in
         assert ok.line().startswith("welcome "), "admitted user refused during the flood"
         ok.go()

@@ -583,6 +583,51 @@ def test_log_lines_about_peer_input_are_capped(kernel, caplog):
         p.close()
 
 
+# ---- topics ---------------------------------------------------------------------------------------
+
+
+def test_topics_and_subscriptions_are_bounded_per_process_and_charged_to_the_uid(limited):
+    k, _ = limited(topics_per_process=2, subscriptions_per_process=3, subscriptions_per_uid=5)
+    uid = os.getuid()
+    a = capbus.connect(k.socket_path)
+    pubs = [a.publish(f"t{i}", max_size=8) for i in range(2)]
+    with pytest.raises(capbus.OutOfMemory, match="publishes 2 topics .*topics_per_process"):
+        a.publish("t2", max_size=8)
+    b = capbus.connect(k.socket_path)
+    c = capbus.connect(k.socket_path)
+    bs = [b.subscribe(f"t{i % 2}") for i in range(3)]
+    with pytest.raises(capbus.OutOfMemory, match="holds 3 subscriptions .*_per_process limit"):
+        b.subscribe("t0")
+    cs = [c.subscribe("t1") for _ in range(2)]
+    assert k.uid_usage(uid)["subscriptions"] == 5
+    with pytest.raises(capbus.OutOfMemory, match=f"uid {uid} already holds 5 subscriptions"):
+        c.subscribe("t0")  # c holds only 2 of its 3: the uid's bound says no
+    bs.pop().close()  # given back: the uid may subscribe again
+    assert wait_for(lambda: k.uid_usage(uid)["subscriptions"] == 4)
+    cs.append(c.subscribe("t0"))
+    pubs[0].close()  # the topic ends: its subscriptions (one of b's, one of c's) are given back
+    assert wait_for(lambda: k.uid_usage(uid)["subscriptions"] == 3)
+    b.close()  # a subscriber's death gives back what it held
+    assert wait_for(lambda: k.uid_usage(uid)["subscriptions"] == 2)
+    for s in cs:
+        s.close()
+    assert wait_for(lambda: k.uid_usage(uid)["subscriptions"] == 0)
+    pubs[1].close()
+    c.close()
+    a.close()
+
+
+def test_topic_limits_from_toml(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text("[limits]\ntopics_per_process = 3\nsubscriptions_per_process = 7\n"
+                    "subscriptions_per_uid = 9\n")
+    lim = capbus.Policy.from_toml(str(path)).limits
+    assert (lim.topics_per_process, lim.subscriptions_per_process,
+            lim.subscriptions_per_uid) == (3, 7, 9)
+    with pytest.raises(ValueError, match="subscriptions_per_uid must be at least"):
+        capbus.KernelLimits(subscriptions_per_process=10, subscriptions_per_uid=9)
+
+
 def test_limits_are_per_process_fields():
     lim = capbus.KernelLimits()
     assert lim.connections_per_pid <= lim.connections_per_uid

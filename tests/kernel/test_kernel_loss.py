@@ -536,3 +536,74 @@ def test_garbage_on_an_old_kernels_channel_drops_only_that_channel(daemon, kids)
         for n in range(50):
             assert fresh.call(1, (n,), timeout=5).data[0] == n + 1
     assert server.poll() is None
+
+
+# ---- topics ---------------------------------------------------------------------------------------
+
+TOPIC_PUBLISHER = """
+    import sys, threading, time, capbus
+    back = threading.Event()
+    p = capbus.connect(sys.argv[2], wait=sys.argv[3], reconnect=True,
+                       on_reconnect=lambda proc: back.set())
+    pub = p.publish("news", max_size=16, history=2)
+    old = pub.loan(4)  # made under the first kernel: void after the reconnect
+    print("ready", p.id, flush=True)
+    i = 0
+    end = time.monotonic() + 60
+    while time.monotonic() < end:  # publishing goes on through the outage (to nobody)
+        i += 1
+        pub.publish(opcode=1, data=(i,), payload=b"n%d" % i)
+        if back.is_set():
+            back.clear()
+            print("reconnected", p.id, flush=True)
+            try:
+                old.publish()
+            except capbus.KernelUnavailable as exc:
+                print("old loan", type(exc).__name__, flush=True)
+        time.sleep(0.005)
+"""
+
+TOPIC_SUBSCRIBER = """
+    import sys, threading, capbus
+    back = threading.Event()
+    p = capbus.connect(sys.argv[2], wait=sys.argv[3], reconnect=True,
+                       on_reconnect=lambda proc: back.set())
+    sub = p.subscribe("news", timeout=10)
+    s = sub.recv(10)
+    print("got", s.publisher, flush=True)
+    s.release()
+    try:
+        while True:
+            sub.recv(30).release()
+    except (capbus.KernelUnavailable, capbus.PeerDied) as exc:
+        print("lost", type(exc).__name__, flush=True)
+    assert back.wait(30)
+    sub = p.subscribe("news", timeout=10)  # the publisher published the name again
+    s = sub.recv(10)
+    print("again", s.publisher, s.seq, flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["kill", "term"])
+def test_reconnect_publishes_a_topic_again_and_subscribers_subscribe_again(daemon, kids, how):
+    """A publisher with reconnect=True publishes its name again in the new kernel; the old
+    subscriptions end (drained, then KernelUnavailable: a stopping kernel says so too, never
+    PeerDied) and subscribing again reaches the same Publisher object."""
+    pub = _start(kids, TOPIC_PUBLISHER, True, daemon.path, "adaptive")
+    first_id = int(_expect(pub, "ready").split()[1])
+    sub = _start(kids, TOPIC_SUBSCRIBER, True, daemon.path, "adaptive")
+    assert _expect(sub, "got", 15) == f"got {first_id}"
+    _stop(daemon, how)
+    assert _expect(sub, "lost", 15) == "lost KernelUnavailable"  # never PeerDied: it lives
+    daemon.start()
+    new_id = int(_expect(pub, "reconnected", 15).split()[1])
+    assert _expect(pub, "old loan", 5) == "old loan KernelUnavailable"
+    again = _expect(sub, "again", 20).split()
+    assert int(again[1]) == new_id and int(again[2]) >= 1
+    # a process that never knew the old kernel finds the topic in the new one
+    with capbus.connect(daemon.path) as p:
+        s = p.subscribe("news", timeout=5)
+        first = s.recv(5)
+        assert first.publisher == new_id and bytes(first.payload).startswith(b"n")
+        first.release()
+        s.close()

@@ -437,3 +437,72 @@ def test_topic_capabilities_restrict_delegate_and_revoke(kernel):
     audit = [r for r in a.query("caps", c.id) if r["kind"] == "topic"]
     assert audit == []
     pub.close()
+
+
+def test_batches_publish_many_and_recv_many_in_order(kernel, children):
+    pub_proc = capbus.connect(kernel.socket_path)
+    pub = pub_proc.publish("batch", max_size=16, max_subscribers=4, max_depth=64,
+                           overflow="block", max_held=32)
+    code = """
+        import capbus
+        proc = capbus.connect()
+        sub = proc.subscribe("batch", timeout=10)
+        print("ready", flush=True)
+        last, batches = 0, 0
+        while last < 1000:
+            got = sub.recv_many(48, timeout=10)
+            assert 1 <= len(got) <= 32, len(got)  # never more than max_held
+            batches += 1
+            for s in got:
+                assert s.seq == last + 1 and bytes(s.payload) == s.seq.to_bytes(4, "little")
+                assert s.opcode == s.seq % 5 and s.data == (s.seq, 0, 0, 0), s
+                last = s.seq
+            del got  # dropped: the slots go back in one pass at the next receive
+        print("ok", last, sub.dropped, sub.poll_many(8), flush=True)
+    """
+    kids = [children.start(code) for _ in range(3)]
+    for k in kids:
+        assert readline(k) == "ready"
+    assert wait_for(lambda: pub.subscribers == 3)
+    items = [(i % 5, (i,), i.to_bytes(4, "little")) for i in range(1, 1001)]
+    for at in range(0, 1000, 100):  # more than a ring's depth per batch: it waits for room
+        assert pub.publish_many(items[at:at + 100], timeout=20) == at + 100
+    for k in kids:
+        assert readline(k, 20) == "ok 1000 0 []"
+    assert pub.publish_many([]) == 1000
+    pub.close()
+
+
+def test_publish_many_checks_each_item_and_says_how_far_it_got(kernel):
+    a = capbus.connect(kernel.socket_path)
+    b = capbus.connect(kernel.socket_path)
+    pub = a.publish("pm", max_size=8, overflow="block", max_depth=4)
+    sub = b.subscribe("pm")
+    assert wait_for(lambda: pub.subscribers == 1)
+    with pytest.raises(ValueError, match="item 1: a payload of 9 bytes exceeds .* max_size 8"):
+        pub.publish_many([(0, (), b"1"), (0, (), b"x" * 9), (0, (), b"3")])
+    with pytest.raises(ValueError, match="data words are u64"):
+        pub.publish_many([(0, (-1,), b"")])
+    with pytest.raises(TypeError, match="item 0 is not an"):
+        pub.publish_many([b"not a tuple"])  # type: ignore[list-item]
+    with pytest.raises(capbus.WouldBlock, match=r"\(3 of 5 samples published\)"):
+        pub.publish_many([(0, (), b"%d" % i) for i in range(2, 7)], timeout=0.1)
+    assert pub.published == 4
+    got = sub.recv_many(10, timeout=1)
+    assert [bytes(s.payload) for s in got] == [b"1", b"2", b"3", b"4"]
+    assert sub.poll_many() == []
+    for s in got:
+        s.release()
+    batch: list = []
+
+    class Emptier:  # data whose iteration empties the very list being published
+        def __iter__(self):
+            batch.clear()
+            return iter(())
+
+    batch += [(0, Emptier(), b"0"), (0, (), b"never")]
+    assert pub.publish_many(batch) == 5 and batch == []  # item 0 went out; then nothing left
+    assert [bytes(s.payload) for s in sub.recv_many(4, timeout=1)] == [b"0"]
+    pub.close()
+    with pytest.raises(capbus.PeerDied):
+        sub.recv_many(4, timeout=5)

@@ -163,7 +163,8 @@ def uid_usage(st: KernelState, uid: int) -> dict[str, int]:
     """What the processes of one uid hold, as the per-uid quotas count it (all 0: nothing)."""
     u = st.usage.get(uid) or UidUsage(uid)
     return {"connections": st.conns_by_uid.get(uid, 0), "caps": u.caps,
-            "channels": u.channels, "region_bytes": u.region_bytes}
+            "channels": u.channels, "region_bytes": u.region_bytes,
+            "subscriptions": u.subscriptions}
 
 
 # What this module answers (see state.Handler).

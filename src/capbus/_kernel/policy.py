@@ -108,7 +108,9 @@ class KernelLimits:
     caps_per_uid: capabilities in the tables of all processes of one uid; channels_per_uid:
     channels the processes of one uid hold open as clients; region_bytes_per_uid: bytes of the
     shared regions one uid created that are still alive (charged to the creator until the last
-    holder lets go)."""
+    holder lets go); topics_per_process: topics one process publishes at once;
+    subscriptions_per_process / subscriptions_per_uid: topic subscriptions (each a ring the
+    kernel made) one process / all processes of one uid hold at once."""
 
     connections_per_pid: int = 256
     connections_per_uid: int = 4096
@@ -123,6 +125,9 @@ class KernelLimits:
     audit_rows: int = 1_000_000
     parked_lookups: int = 64
     parked_lookups_per_uid: int = 1024
+    topics_per_process: int = 64
+    subscriptions_per_process: int = 256
+    subscriptions_per_uid: int = 4096
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -133,6 +138,9 @@ class KernelLimits:
             raise ValueError("limit connections_per_uid must be at least connections_per_pid")
         if self.parked_lookups_per_uid < self.parked_lookups:
             raise ValueError("limit parked_lookups_per_uid must be at least parked_lookups")
+        if self.subscriptions_per_uid < self.subscriptions_per_process:
+            raise ValueError("limit subscriptions_per_uid must be at least "
+                             "subscriptions_per_process")
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, object], where: str = "limits") -> KernelLimits:

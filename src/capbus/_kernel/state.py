@@ -194,6 +194,7 @@ class UidUsage:
     processes cannot add up to more than the user's quota, and another user is untouched).
 
     caps: capabilities in their tables; channels: channels they hold open as clients;
+    subscriptions: topic subscriptions they hold (a ring each);
     region_bytes: bytes of live regions they created (charged to the creator until the last
     holder, of whatever uid, lets go); holders: their counted connections. Dropped from the
     kernel's table once all of these are zero."""
@@ -203,9 +204,11 @@ class UidUsage:
     channels: int = 0
     region_bytes: int = 0
     holders: int = 0
+    subscriptions: int = 0
 
     def idle(self) -> bool:
-        return not (self.caps or self.channels or self.region_bytes or self.holders)
+        return not (self.caps or self.channels or self.region_bytes or self.holders
+                    or self.subscriptions)
 
 
 @dataclass(eq=False)

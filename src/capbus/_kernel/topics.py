@@ -42,8 +42,6 @@ from .state import Handler, KernelState, Outbox, ProcessRecord, UidUsage, brief
 
 TOPIC_RIGHTS = frozenset({"publish", "subscribe", "share"})
 OVERFLOW = ("drop-oldest", "block")
-MAX_TOPICS_PER_PROCESS = 64
-MAX_SUBSCRIPTIONS_PER_PROCESS = 256
 MAX_SUBSCRIBERS = 64  # per topic
 MAX_DEPTH = 4096  # delivery entries per subscription
 MAX_HELD = 1024  # samples one subscriber may hold past its ring
@@ -115,9 +113,9 @@ def on_publish_topic(st: KernelState, out: Outbox, rec: ProcessRecord, msg: fram
     _check_range("max_subscribers", msg.max_subscribers, 1, MAX_SUBSCRIBERS)
     _check_range("max_depth", msg.max_depth, 1, MAX_DEPTH)
     _check_range("max_held", msg.max_held, 1, MAX_HELD)
-    if len(rec.topics) >= MAX_TOPICS_PER_PROCESS:
-        raise OutOfMemory(f"this process already publishes {MAX_TOPICS_PER_PROCESS} topics: "
-                          "close some")
+    if len(rec.topics) >= st.limits.topics_per_process:
+        raise OutOfMemory(f"this process already publishes {st.limits.topics_per_process} topics "
+                          "(the kernel's topics_per_process limit): close some")
     st.policy.may_register(rec.info(), name)
     access = AccessList.from_entries(msg.allow, st.limits.access_entries)
     slot_size = _tl.slot_size_for(msg.max_size)
@@ -212,9 +210,15 @@ def on_subscribe_topic(st: KernelState, out: Outbox, rec: ProcessRecord,
     if len(topic.subs) >= topic.max_subscribers:
         raise OutOfMemory(f"topic {name!r} has its {topic.max_subscribers} subscribers "
                           "(its max_subscribers)")
-    if len(rec.topic_subs) >= MAX_SUBSCRIPTIONS_PER_PROCESS:
-        raise OutOfMemory(f"this process already holds {MAX_SUBSCRIPTIONS_PER_PROCESS} "
-                          "subscriptions: close some")
+    if len(rec.topic_subs) >= st.limits.subscriptions_per_process:
+        raise OutOfMemory(f"this process already holds {st.limits.subscriptions_per_process} "
+                          "subscriptions (the kernel's subscriptions_per_process limit): close "
+                          "some")
+    usage = rec.usage
+    if usage is not None and usage.subscriptions >= st.limits.subscriptions_per_uid:
+        raise OutOfMemory(f"uid {rec.uid} already holds {usage.subscriptions} subscriptions in "
+                          "all its processes (the kernel's subscriptions_per_uid limit): close "
+                          "some")
     if topic.free_indices:
         index = topic.free_indices.pop()
     else:
@@ -240,6 +244,8 @@ def on_subscribe_topic(st: KernelState, out: Outbox, rec: ProcessRecord,
     cap.extra["sub"] = sub
     topic.subs[index] = sub
     rec.topic_subs.add(sub)
+    if usage is not None:  # its ring, charged to its uid until close_sub (as a channel is)
+        usage.subscriptions += 1
     try:
         out.respond(rec, rid, frames.TopicSubscribed(
             cap.handle, index, topic.owner.process_id, topic.slots, topic.slot_size,
@@ -280,6 +286,9 @@ def close_sub(st: KernelState, out: Outbox, sub: SubRecord, state: int, reason: 
     del topic.subs[sub.index]
     topic.free_indices.append(sub.index)
     sub.rec.topic_subs.discard(sub)
+    if sub.rec.usage is not None:
+        sub.rec.usage.subscriptions -= 1
+        st.drop_usage(sub.rec.usage)
     sub.shm.set_state(state, reason)
     handle = sub.cap.handle
     try:
@@ -340,8 +349,11 @@ def drop_cap(st: KernelState, out: Outbox, rec: ProcessRecord, cap: Capability,
 def process_gone(st: KernelState, out: Outbox, rec: ProcessRecord) -> None:
     """rec exited: the topics it published end (subscribers see PeerDied), its subscriptions
     end (publishers free what it held)."""
+    # A stopping kernel lets go of everyone alive: not a death (a reconnect publishes again)
+    state, reason = ((STATE_CLOSED, _tl.REASON_KERNEL_STOPPED) if st.shut
+                     else (STATE_PEER_DEAD, _tl.REASON_PEER_DEAD))
     for topic in list(rec.topics):
-        end_topic(st, out, topic, STATE_PEER_DEAD, _tl.REASON_PEER_DEAD)
+        end_topic(st, out, topic, state, reason)
     for sub in list(rec.topic_subs):
         close_sub(st, out, sub, STATE_CLOSED, _tl.REASON_CLOSED, tell_subscriber=False)
     for cap in rec.caps:

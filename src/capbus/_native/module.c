@@ -94,6 +94,7 @@
 #include "topic_view.c"
 #include "topic.h"
 #include "topic_pub.c"
+#include "topic_batch.c"
 #include "topic_sample.c"
 #include "topic_sub.c"
 

@@ -40,6 +40,17 @@ _Static_assert(sizeof(tp_entry_t) == TP_ENTRY_SIZE, "a topic entry is 64 bytes")
 
 static inline uint64_t *tp_u64(char *base, size_t off) { return (uint64_t *)(base + off); }
 static inline uint32_t *tp_u32(char *base, size_t off) { return (uint32_t *)(base + off); }
+/* A forked child's copy of a TopicPub/TopicSub must not touch the parent's rings. */
+static inline int tp_forked(unsigned long gen, const char *what)
+{
+    if (__builtin_expect(gen == fork_gen, 1))
+        return 0;
+    PyErr_Format(KernelUnavailable ? KernelUnavailable : PyExc_RuntimeError,
+                 "this %s belongs to the parent process; a forked child must call "
+                 "capbus.connect() for its own connection", what);
+    return -1;
+}
+
 static inline tp_entry_t *tp_entry(char *ring, uint64_t i)
 {
     return (tp_entry_t *)(ring + TP_R_ENTRIES_OFF + i * TP_ENTRY_SIZE);
@@ -57,8 +68,11 @@ typedef struct {
     uint32_t max_held, held; /* samples handed out whose slot is not back yet */
     uint32_t nfreed;
     uint32_t *freed;   /* slots whose sample is released and viewless: to give back */
-    pid_t pid;         /* a forked child's copy gives nothing back */
+    unsigned long gen; /* fork_gen when made: a forked child's copy takes and gives back
+                        * nothing (fork_gen, not getpid(): that is a system call) */
     int stuck;         /* the publisher stopped taking releases back */
+    PyObject *pending; /* what the publisher got wrong, found by take_many() behind samples it
+                        * returned: the next take() or take_many() reports it */
 } TopicSubObject;
 
 #endif /* CAPBUS_NATIVE_TOPIC_H */

@@ -24,6 +24,7 @@ typedef struct {
     int32_t *placed;   /* slot behind each entry, as we wrote it (-1: none) */
     uint32_t *refs;    /* slot -> references this subscriber holds */
     int event_fd;
+    int dirty;         /* placed entries whose wake-up check is deferred (a batch) */
     char reason[160];
 } tp_port_t;
 
@@ -42,6 +43,9 @@ typedef struct {
     uint64_t seq;
     tp_port_t ports[TP_MAX_PORTS];
     int ncut;
+    unsigned long gen; /* fork_gen when made (tp_forked) */
+    int block;         /* overflow="block": publish() answers False while a subscriber is full */
+    uint64_t max_size; /* the topic's: a larger payload is refused (subscribers check it too) */
 } TopicPubObject;
 
 static PyTypeObject TopicPubType;
@@ -123,8 +127,28 @@ static void tp_collect(TopicPubObject *P, tp_port_t *p)
     __atomic_store_n(tp_u64(ring, TP_R_REL_TAIL_OFF), tail, __ATOMIC_RELEASE);
 }
 
+/* Wake the subscriber if it sleeps. The head was stored before, then a full fence, then the
+ * sleeping flag is read: the Dekker pair with the subscriber (it stores its flag, fences, then
+ * reads the head), so one of us sees the other. */
+static inline void tp_wake(tp_port_t *p)
+{
+    char *ring = p->ring;
+    uint32_t sleeping = __atomic_load_n(tp_u32(ring, TP_R_SLEEPING_OFF), __ATOMIC_SEQ_CST);
+    if (sleeping) {
+        __atomic_add_fetch(tp_u32(ring, TP_R_WAKE_OFF), 1, __ATOMIC_SEQ_CST);
+        sys_futex_wake(tp_u32(ring, TP_R_WAKE_OFF), INT_MAX);
+        if (sleeping == 2 && p->event_fd >= 0) {
+            uint64_t one = 1;
+            ssize_t w = write(p->event_fd, &one, sizeof one); /* EAGAIN: it is awake already */
+            (void)w;
+        }
+    }
+}
+
+/* defer: a batch; the head is stored with release only and the wake-up check is left to
+ * tp_wake_dirty() at the end of the batch (one fence and at most one wake per subscriber). */
 static void tp_place(TopicPubObject *P, tp_port_t *p, uint32_t slot, uint32_t n, uint32_t opcode,
-                     const uint64_t *data, uint64_t seq)
+                     const uint64_t *data, uint64_t seq, int defer)
 {
     char *ring = p->ring;
     uint64_t s = p->head, i = s % p->depth;
@@ -142,6 +166,11 @@ static void tp_place(TopicPubObject *P, tp_port_t *p, uint32_t slot, uint32_t n,
             __atomic_store_n(&e->state, s * 4 + TP_ST_BUSY, __ATOMIC_SEQ_CST);
     }
     if (p->nrefs >= p->bound) {
+        tp_collect(P, p); /* a batch collects once: what it released since may be waiting */
+        if (p->cut)
+            return;
+    }
+    if (p->nrefs >= p->bound) {
         tp_cut(P, p, "it holds more samples than its depth and max_held");
         return;
     }
@@ -157,35 +186,29 @@ static void tp_place(TopicPubObject *P, tp_port_t *p, uint32_t slot, uint32_t n,
     p->nrefs++;
     P->refs[slot]++;
     p->head = s + 1;
-    /* The head with a full fence, then the sleeping flag: the Dekker pair with the subscriber
-     * (it stores its flag, fences, then reads the head). */
+    __atomic_store_n(tp_u64(ring, TP_R_DELIVERED_OFF), s + 1, __ATOMIC_RELAXED);
+    if (defer) {
+        __atomic_store_n(tp_u64(ring, TP_R_HEAD_OFF), s + 1, __ATOMIC_RELEASE);
+        p->dirty = 1;
+        return;
+    }
 #if CB_X86
     __atomic_exchange_n(tp_u64(ring, TP_R_HEAD_OFF), s + 1, __ATOMIC_SEQ_CST);
 #else
     __atomic_store_n(tp_u64(ring, TP_R_HEAD_OFF), s + 1, __ATOMIC_SEQ_CST);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
 #endif
-    __atomic_store_n(tp_u64(ring, TP_R_DELIVERED_OFF), s + 1, __ATOMIC_RELAXED);
-    uint32_t sleeping = __atomic_load_n(tp_u32(ring, TP_R_SLEEPING_OFF), __ATOMIC_SEQ_CST);
-    if (sleeping) {
-        __atomic_add_fetch(tp_u32(ring, TP_R_WAKE_OFF), 1, __ATOMIC_SEQ_CST);
-        sys_futex_wake(tp_u32(ring, TP_R_WAKE_OFF), INT_MAX);
-        if (sleeping == 2 && p->event_fd >= 0) {
-            uint64_t one = 1;
-            ssize_t w = write(p->event_fd, &one, sizeof one); /* EAGAIN: it is awake already */
-            (void)w;
-        }
-    }
+    tp_wake(p);
 }
 
 static uint64_t tp_deliver(TopicPubObject *P, uint32_t slot, uint32_t n, uint32_t opcode,
-                           const uint64_t *data)
+                           const uint64_t *data, int defer)
 {
     uint64_t seq = ++P->seq;
     for (int k = 0; k < TP_MAX_PORTS; k++) {
         tp_port_t *p = &P->ports[k];
         if (p->used && !p->cut)
-            tp_place(P, p, slot, n, opcode, data, seq);
+            tp_place(P, p, slot, n, opcode, data, seq, defer);
     }
     if (P->hist_n) {
         tp_entry_t *h;
@@ -228,6 +251,21 @@ static int64_t tp_alloc(TopicPubObject *P)
     return P->free_[--P->nfree];
 }
 
+/* The index of a subscriber whose next entry is still unclaimed (no room in block mode), or -1 */
+static int tp_full(TopicPubObject *P)
+{
+    for (int k = 0; k < TP_MAX_PORTS; k++) {
+        tp_port_t *p = &P->ports[k];
+        if (!p->used || p->cut || p->head < p->depth)
+            continue;
+        uint64_t s = p->head - p->depth;
+        if (__atomic_load_n(&tp_entry(p->ring, s % p->depth)->state, __ATOMIC_ACQUIRE) ==
+            s * 4 + TP_ST_WRITTEN)
+            return k;
+    }
+    return -1;
+}
+
 static int tp_data(PyObject *seq, uint64_t out[4])
 {
     out[0] = out[1] = out[2] = out[3] = 0;
@@ -261,12 +299,14 @@ static int tp_data(PyObject *seq, uint64_t out[4])
 
 static PyObject *tpub_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"pool", "slots", "slot_size", "history", "max_held", NULL};
+    static char *kwlist[] = {"pool", "slots", "slot_size", "history", "max_held", "block",
+                             "max_size", NULL};
     PyObject *pool;
     unsigned int slots, history, max_held;
-    unsigned long long slot_size;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OIKII", kwlist, &pool, &slots, &slot_size,
-                                     &history, &max_held))
+    unsigned long long slot_size, max_size = 0;
+    int block = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OIKII|pK", kwlist, &pool, &slots, &slot_size,
+                                     &history, &max_held, &block, &max_size))
         return NULL;
     TopicPubObject *P = (TopicPubObject *)type->tp_alloc(type, 0);
     if (!P)
@@ -296,6 +336,9 @@ static PyObject *tpub_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     for (uint32_t s = 0; s < slots; s++)
         P->free_[s] = slots - 1 - s; /* slot 0 first */
     P->nfree = slots;
+    P->gen = fork_gen;
+    P->block = block;
+    P->max_size = max_size && max_size < slot_size ? max_size : slot_size;
     return (PyObject *)P;
 }
 
@@ -359,7 +402,7 @@ static PyObject *tpub_add(TopicPubObject *P, PyObject *args)
     uint32_t skip = P->hist_len > depth ? P->hist_len - depth : 0;
     for (uint32_t k = skip; k < P->hist_len && !p->cut; k++) {
         tp_entry_t *h = &P->hist[(P->hist_at + k) % P->hist_n];
-        tp_place(P, p, h->slot, h->length, h->opcode, h->data, h->seq);
+        tp_place(P, p, h->slot, h->length, h->opcode, h->data, h->seq, 0);
     }
     Py_RETURN_NONE;
 }
@@ -385,6 +428,8 @@ static PyObject *tpub_publish(TopicPubObject *P, PyObject *const *args, Py_ssize
         PyErr_SetString(PyExc_TypeError, "publish(payload, opcode, data)");
         return NULL;
     }
+    if (tp_forked(P->gen, "topic publisher") < 0)
+        return NULL;
     uint64_t data[4];
     unsigned long opcode = PyLong_AsUnsignedLong(args[1]);
     if ((opcode == (unsigned long)-1 && PyErr_Occurred()) || tp_data(args[2], data) < 0)
@@ -396,10 +441,15 @@ static PyObject *tpub_publish(TopicPubObject *P, PyObject *const *args, Py_ssize
     Py_buffer b;
     if (PyObject_GetBuffer(args[0], &b, PyBUF_SIMPLE) < 0)
         return NULL;
-    if ((uint64_t)b.len > P->slot_size) {
+    if ((uint64_t)b.len > P->max_size) {
         PyBuffer_Release(&b);
-        PyErr_Format(PyExc_ValueError, "a payload of %zd bytes exceeds the slot", b.len);
+        PyErr_Format(PyExc_ValueError, "a payload of %zd bytes exceeds the topic's max_size %llu",
+                     b.len, (unsigned long long)P->max_size);
         return NULL;
+    }
+    if (P->block && tp_full(P) >= 0) {
+        PyBuffer_Release(&b);
+        Py_RETURN_FALSE; /* Python waits for room */
     }
     int64_t slot = tp_alloc(P);
     if (slot < 0) {
@@ -410,7 +460,7 @@ static PyObject *tpub_publish(TopicPubObject *P, PyObject *const *args, Py_ssize
     uint32_t n = (uint32_t)b.len;
     PyBuffer_Release(&b);
     P->refs[slot]++; /* ours while delivering */
-    uint64_t seq = tp_deliver(P, (uint32_t)slot, n, (uint32_t)opcode, data);
+    uint64_t seq = tp_deliver(P, (uint32_t)slot, n, (uint32_t)opcode, data, 0);
     tp_unref(P, (uint32_t)slot);
     return PyLong_FromUnsignedLongLong(seq);
 }
@@ -451,22 +501,13 @@ static PyObject *tpub_deliver(TopicPubObject *P, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "deliver: not a loaned slot, or too long");
         return NULL;
     }
-    return PyLong_FromUnsignedLongLong(tp_deliver(P, slot, n, opcode, data));
+    return PyLong_FromUnsignedLongLong(tp_deliver(P, slot, n, opcode, data, 0));
 }
 
 /* full() -> the index of a subscriber whose next entry is still unclaimed, or -1 (block mode) */
 static PyObject *tpub_full(TopicPubObject *P, PyObject *unused)
 {
-    for (int k = 0; k < TP_MAX_PORTS; k++) {
-        tp_port_t *p = &P->ports[k];
-        if (!p->used || p->cut || p->head < p->depth)
-            continue;
-        uint64_t s = p->head - p->depth;
-        if (__atomic_load_n(&tp_entry(p->ring, s % p->depth)->state, __ATOMIC_ACQUIRE) ==
-            s * 4 + TP_ST_WRITTEN)
-            return PyLong_FromLong(k);
-    }
-    return PyLong_FromLong(-1);
+    return PyLong_FromLong(tp_full(P));
 }
 
 /* take_cuts() -> [(index, reason)] of subscribers cut off since the last call (still listed
@@ -499,12 +540,17 @@ static PyObject *tpub_refs(TopicPubObject *P, PyObject *unused)
     return PyLong_FromUnsignedLongLong(total);
 }
 
+static PyObject *tpub_publish_many(TopicPubObject *P, PyObject *const *args, Py_ssize_t nargs);
+
 static PyMethodDef tpub_methods[] = {
     {"add", (PyCFunction)tpub_add, METH_VARARGS,
      "add(index, ring, depth, event_fd): a subscriber (its history first)"},
     {"remove", (PyCFunction)tpub_remove, METH_O, "remove(index): it left; free what it held"},
     {"publish", (PyCFunction)(void (*)(void))tpub_publish, METH_FASTCALL,
-     "publish(payload, opcode, data) -> seq, or None when no slot is free"},
+     "publish(payload, opcode, data) -> seq, None when no slot is free, False when a "
+     "subscriber has no room (block)"},
+    {"publish_many", (PyCFunction)(void (*)(void))tpub_publish_many, METH_FASTCALL,
+     "publish_many(items, start, block, max_size) -> (published, last seq, full)"},
     {"alloc", (PyCFunction)tpub_alloc, METH_NOARGS, "alloc() -> a slot (one reference) or None"},
     {"unref", (PyCFunction)tpub_unref, METH_O, "unref(slot): drop one reference"},
     {"deliver", (PyCFunction)tpub_deliver, METH_VARARGS,

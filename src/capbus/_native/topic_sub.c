@@ -61,7 +61,7 @@ static PyObject *tsub_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     S->relcap = relcap;
     S->max_held = max_held;
     S->publisher = publisher;
-    S->pid = getpid();
+    S->gen = fork_gen;
     return (PyObject *)S;
 }
 
@@ -72,6 +72,7 @@ static void tsub_dealloc(TopicSubObject *S)
     if (S->pb.obj)
         PyBuffer_Release(&S->pb);
     PyMem_Free(S->freed);
+    Py_XDECREF(S->pending);
     Py_TYPE(S)->tp_free((PyObject *)S);
 }
 
@@ -81,7 +82,7 @@ static int tsub_push(TopicSubObject *S)
 {
     if (!S->nfreed)
         return 0;
-    if (S->pid != getpid()) { /* a forked child dropping what it inherited: not ours */
+    if (S->gen != fork_gen) { /* a forked child dropping what it inherited: not ours */
         S->nfreed = 0;
         return 0;
     }
@@ -113,14 +114,21 @@ static PyObject *tsub_corrupt(const char *fmt, unsigned long long a, unsigned lo
     return PyUnicode_FromFormat(fmt, a, b);
 }
 
-/* take() -> a Sample, None (nothing new), False (it holds max_held samples: release some), or
- * a str: what the publisher got wrong. Gives back released slots first. */
-static PyObject *tsub_take(TopicSubObject *S, PyObject *unused)
+/* A block-mode publisher waits for room: tell it we claimed some (once per take or batch). */
+static inline void tsub_room(TopicSubObject *S)
 {
-    if (tsub_push(S) < 0 || S->stuck)
-        return PyUnicode_FromString("its release ring is stuck (the publisher takes nothing back)");
-    if (S->held >= S->max_held)
-        Py_RETURN_FALSE;
+    char *ring = S->ring;
+    __atomic_store_n(tp_u64(ring, TP_R_TAKEN_OFF), S->taken, __ATOMIC_RELAXED);
+    if (__atomic_load_n(tp_u32(ring, TP_R_PUB_WAITING_OFF), __ATOMIC_SEQ_CST)) {
+        __atomic_add_fetch(tp_u32(ring, TP_R_PUB_WAKE_OFF), 1, __ATOMIC_SEQ_CST);
+        sys_futex_wake(tp_u32(ring, TP_R_PUB_WAKE_OFF), INT_MAX);
+    }
+}
+
+/* Claim one entry: a new Sample, None (nothing new), or a str (the publisher's garbage). The
+ * caller checked held < max_held and calls tsub_room() once it has claimed what it wants. */
+static PyObject *tsub_take_one(TopicSubObject *S)
+{
     char *ring = S->ring;
     uint64_t depth = S->depth;
     long spins = 0;
@@ -156,15 +164,10 @@ static PyObject *tsub_take(TopicSubObject *S, PyObject *unused)
                     return tsub_corrupt("sequence %llu after %llu", copy.seq, S->last_seq);
                 S->last_seq = copy.seq;
                 S->taken++;
-                __atomic_store_n(tp_u64(ring, TP_R_TAKEN_OFF), S->taken, __ATOMIC_RELAXED);
                 uint64_t gap = S->gap;
                 if (gap)
                     __atomic_store_n(tp_u64(ring, TP_R_DROPPED_OFF), S->dropped, __ATOMIC_RELAXED);
                 S->gap = 0;
-                if (__atomic_load_n(tp_u32(ring, TP_R_PUB_WAITING_OFF), __ATOMIC_SEQ_CST)) {
-                    __atomic_add_fetch(tp_u32(ring, TP_R_PUB_WAKE_OFF), 1, __ATOMIC_SEQ_CST);
-                    sys_futex_wake(tp_u32(ring, TP_R_PUB_WAKE_OFF), INT_MAX);
-                }
                 return (PyObject *)ts_make(S, &copy, gap);
             }
             continue; /* the publisher took it back just now: we were lapped */
@@ -174,6 +177,88 @@ static PyObject *tsub_take(TopicSubObject *S, PyObject *unused)
         if (++spins > TP_CORRUPT_SPINS) /* it is rewriting it (it lapped us): look again */
             return tsub_corrupt("entry %llu stayed half-written (head %llu)", nxt, head);
     }
+}
+
+static PyObject *tsub_stuck_reason(void)
+{
+    return PyUnicode_FromString("its release ring is stuck (the publisher takes nothing back)");
+}
+
+/* take() -> a Sample, None (nothing new), False (it holds max_held samples: release some), or
+ * a str: what the publisher got wrong. Gives back released slots first. */
+static PyObject *tsub_take(TopicSubObject *S, PyObject *unused)
+{
+    if (tp_forked(S->gen, "topic subscription") < 0)
+        return NULL;
+    if (S->pending)
+        return Py_NewRef(S->pending);
+    if (tsub_push(S) < 0 || S->stuck)
+        return tsub_stuck_reason();
+    if (S->held >= S->max_held)
+        Py_RETURN_FALSE;
+    PyObject *got = tsub_take_one(S);
+    if (got && Py_IS_TYPE(got, &TopicSampleType))
+        tsub_room(S);
+    return got;
+}
+
+/* take_many(n) -> a list of 1..n Samples, or what take() says when there is not even one.
+ * One pass gives back every slot released since (a dropped list of samples is one pass), one
+ * wake of a waiting publisher per batch. Garbage found behind samples already claimed is kept
+ * and reported by the next call (the samples before it were checked and are good). */
+static PyObject *tsub_take_many(TopicSubObject *S, PyObject *arg)
+{
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 1) {
+        PyErr_SetString(PyExc_ValueError, "take_many(n): n must be at least 1");
+        return NULL;
+    }
+    if (tp_forked(S->gen, "topic subscription") < 0)
+        return NULL;
+    if (S->pending)
+        return Py_NewRef(S->pending);
+    if (tsub_push(S) < 0 || S->stuck)
+        return tsub_stuck_reason();
+    if (S->held >= S->max_held)
+        Py_RETURN_FALSE;
+    uint64_t room = S->max_held - S->held;
+    if ((uint64_t)n > room)
+        n = (Py_ssize_t)room;
+    uint64_t head = __atomic_load_n(tp_u64(S->ring, TP_R_HEAD_OFF), __ATOMIC_ACQUIRE);
+    if (head > S->next && head - S->next < (uint64_t)n)
+        n = (Py_ssize_t)(head - S->next); /* what is there now: the list's size, exactly */
+    PyObject *out = PyList_New(n);
+    if (!out)
+        return NULL;
+    Py_ssize_t k = 0;
+    while (k < n) {
+        PyObject *got = tsub_take_one(S);
+        if (!got) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        if (!Py_IS_TYPE(got, &TopicSampleType)) {
+            if (k == 0) {
+                Py_DECREF(out);
+                return got; /* None, or garbage with nothing before it */
+            }
+            if (got != Py_None)
+                S->pending = got;
+            else
+                Py_DECREF(got);
+            break;
+        }
+        PyList_SET_ITEM(out, k++, got);
+    }
+    if (k < n) /* fewer than the head promised (lapped, or garbage): shrink */
+        if (PyList_SetSlice(out, k, n, NULL) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    tsub_room(S);
+    return out;
 }
 
 /* flush() -> False if the release ring is stuck: give back what was released now */
@@ -192,6 +277,8 @@ static PyObject *tsub_pending(TopicSubObject *S, PyObject *unused)
 static PyMethodDef tsub_methods[] = {
     {"take", (PyCFunction)tsub_take, METH_NOARGS,
      "take() -> a Sample, None, False (max_held reached) or a str (the publisher's garbage)"},
+    {"take_many", (PyCFunction)tsub_take_many, METH_O,
+     "take_many(n) -> a list of 1..n Samples, or None, False or a str as take() says"},
     {"flush", (PyCFunction)tsub_flush, METH_NOARGS,
      "flush() -> False if the release ring is stuck: give released slots back now"},
     {"pending", (PyCFunction)tsub_pending, METH_NOARGS, "pending() -> head != next"},

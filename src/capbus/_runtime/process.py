@@ -316,6 +316,7 @@ class Process:
         finally:
             for fd in fds:
                 os.close(fd)
+        pub._frame = frame
         with self._lock:
             self._session.publishers[reply.handle] = pub
         try:
@@ -493,6 +494,10 @@ class Process:
         log.warning("capbus: lost the kernel (%s): %s", reason, what)
         for svc in list(self._session.services.values()):
             svc._kernel_lost(self._session.peers.dead, self._session.reconnect)
+        for pub in list(self._session.publishers.values()):
+            pub._kernel_lost()
+        for tsub in list(self._session.subscribers.values()):
+            tsub._kernel_lost()
         if self._session.reconnect:
             threading.Thread(target=self._reconnect_loop, name="capbus-reconnect", daemon=True).start()
 
@@ -532,10 +537,13 @@ class Process:
     def _rebind_all(self, control: Control, welcome: frames.Welcome) -> None:
         old_services = list(self._session.services.values())
         old_endpoints = list(self._session.endpoints.values())
+        old_publishers = list(self._session.publishers.values())
         with self._lock:
             self._session.control = control
             self._session.services = {}
             self._session.endpoints = {}
+            self._session.publishers = {}
+            self._session.subscribers = {}  # the lost kernel's: they raise KernelUnavailable
             self._session.process_id, self.package = welcome.process_id, welcome.package
             self._session.kernel_lost = None
             self._session.peers.dead.clear()
@@ -556,6 +564,9 @@ class Process:
                 self._rebinding = None
                 log.warning("capbus: cannot re-register %r after a reconnect: %s", svc.name, exc)
                 svc._lose(f"service {svc.name!r} could not be re-registered after a reconnect: {exc}")
+
+        for pub in old_publishers:
+            self._republish(control, pub)
 
         def relookup(ep: Endpoint) -> None:
             kind, name = ep._origin or ("", "")
@@ -590,6 +601,29 @@ class Process:
             t.join(_RELOOKUP + 35)
         self._session.regions.clear()
         self._session.subscriptions.clear()
+
+    def _republish(self, control: Control, pub: Publisher) -> None:
+        """A reconnect: publish the topic's name again in the new kernel, with what made it
+        (a new pool; subscribers subscribe anew). If the name is taken meanwhile, or the new
+        kernel refuses it, the Publisher is closed with that error."""
+        if pub._closed is not None or pub._frame is None:
+            return
+        try:
+            reply, fds = control.request(pub._frame)
+            assert isinstance(reply, frames.TopicCreated)
+            try:
+                with self._lock:
+                    self._session.publishers[reply.handle] = pub
+                pub._republish(reply.handle, control, fds[0], reply.nslots, reply.slot_size)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            control.request(frames.SealTopic(reply.handle))
+        except (IpcError, OSError, ValueError) as exc:
+            log.warning("capbus: cannot publish topic %r again after a reconnect: %s", pub.name,
+                        exc)
+            pub._lost(KernelUnavailable(f"topic {pub.name!r} could not be published again after "
+                                        f"a reconnect: {exc}"))
 
     def _after_fork_in_child(self) -> None:
         self._session.control.forget_after_fork(

@@ -32,13 +32,14 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import _core
 from .. import _topic_layout as L
 from .._errors import (
     InvalidCapability,
     IpcError,
+    KernelUnavailable,
     OutOfMemory,
     PeerDied,
     ProtocolError,
@@ -55,10 +56,10 @@ _load32 = _core.atomic_load_u32
 _load64 = _core.atomic_load_u64
 _store32 = _core.atomic_store_u32
 _store64 = _core.atomic_store_u64
-_getpid = os.getpid
 _SPIN_NS = 50_000  # adaptive: spin this long before sleeping (as lanes do)
 _SLICE = 0.5  # a sleeper re-reads its control page at least this often
 _DATA_ZERO = (0, 0, 0, 0)
+_T = TypeVar("_T")
 
 
 def _data(data: Sequence[int]) -> tuple[int, int, int, int]:
@@ -165,20 +166,25 @@ class Publisher:
         self.max_size = max_size
         self.overflow = overflow
         self._block = overflow == "block"
-        self._slot_size, self._max_held = slot_size, max_held
-        size = L.pool_size(slots, slot_size)
-        if os.fstat(pool_fd).st_size != size:
-            raise ProtocolError("a topic pool whose size is not the one the kernel announced")
-        self._pool = mmap.mmap(pool_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        _store64(self._pool, L.POOL_MAGIC_OFF, L.POOL_MAGIC)
-        self._core = _core.TopicPub(self._pool, slots, slot_size, history, max_held)
+        self._slot_size, self._max_held, self._history = slot_size, max_held, history
+        self._pool, self._core = self._map_pool(pool_fd, slots, slot_size)
+        self._frame: frames.PublishTopic | None = None  # what made it (Process.publish sets it)
+        self._gen = 0  # a reconnect's new pool: loans from before it are void
         self._lock = threading.Lock()
         self._freed: collections.deque[int] = collections.deque()  # loan views gone (any thread)
         self._ports: dict[int, _Port] = {}
         self._loans = 0
         self._closed: IpcError | None = None
-        self._pid = os.getpid()  # a forked child's copy must not publish into the parent's rings
         self.cut_off = 0  # subscribers cut off for holding or releasing what they may not
+
+    def _map_pool(self, pool_fd: int, slots: int, slot_size: int) -> tuple[mmap.mmap, Any]:
+        size = L.pool_size(slots, slot_size)
+        if os.fstat(pool_fd).st_size != size:
+            raise ProtocolError("a topic pool whose size is not the one the kernel announced")
+        pool = mmap.mmap(pool_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        _store64(pool, L.POOL_MAGIC_OFF, L.POOL_MAGIC)
+        return pool, _core.TopicPub(pool, slots, slot_size, self._history, self._max_held,
+                                    self._block, self.max_size)
 
     # ---- public -----------------------------------------------------------------------------
 
@@ -212,26 +218,66 @@ class Publisher:
         """Copy `payload` (bytes-like, at most max_size) into a slot and deliver it to every
         subscriber; returns its sequence number. With overflow="block", a subscriber without
         room makes it wait up to `timeout` seconds (None: forever) and then WouldBlock."""
-        n = len(payload) if type(payload) in (bytes, bytearray) else memoryview(payload).nbytes
-        if n > self.max_size:
-            raise ValueError(f"a payload of {n} bytes exceeds the topic's max_size "
-                             f"{self.max_size}")
-        with self._lock:
+        with self._lock:  # a forked child: the native publish raises KernelUnavailable
             if self._closed is not None:
                 raise self._closed
-            if self._pid != os.getpid():
-                self._session.check()  # a forked child: KernelUnavailable
-            if self._block:
-                self._room(None if timeout is None else time.monotonic() + timeout)
             if self._freed:
                 self._drain_freed()
+            # The native publish checks the size (max_size) and, in block mode, the room
             seq = self._core.publish(payload, opcode, data)
+            if type(seq) is not int:
+                seq = self._publish_slow(seq, opcode, data, payload, timeout)
             if self._core.cuts:
                 self._handle_cuts()
-            if seq is None:
-                raise OutOfMemory(f"topic {self.name!r}: no free slot (loans, or views of "
-                                  "them, hold them)")
-            return int(seq)
+            return seq
+
+    def _publish_slow(self, seq: int | bool | None, opcode: int, data: Sequence[int], payload: Any,
+                      timeout: float | None) -> int:
+        """Lock held: no room (block mode: wait, then again) or no free slot."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while seq is False:
+            self._room(deadline)
+            seq = self._core.publish(payload, opcode, data)
+        if seq is None:
+            if self._core.cuts:
+                self._handle_cuts()
+            raise OutOfMemory(f"topic {self.name!r}: no free slot (loans, or views of them, "
+                              "hold them)")
+        return int(seq)
+
+    def publish_many(self, items: Sequence[tuple[int, Sequence[int], Any]],
+                     timeout: float | None = 0) -> int:
+        """publish() for a batch: `items` are (opcode, data, payload) tuples, copied and
+        delivered in one native call, with at most one wake-up per subscriber per batch (a
+        subscriber that sleeps sees the whole batch at once). Returns the last sequence number.
+        With overflow="block", it waits (up to `timeout` in all, None: forever) wherever a
+        subscriber has no room, then WouldBlock; the items before that point (and before a bad
+        item's ValueError) are published: the error says how many."""
+        batch = items if type(items) is list else list(items)
+        done = 0
+        deadline: float | None = None
+        with self._lock:  # a forked child: the native publish_many raises KernelUnavailable
+            if self._closed is not None:
+                raise self._closed
+            while True:
+                if self._freed:
+                    self._drain_freed()
+                count, seq, full = self._core.publish_many(batch, done, self._block,
+                                                           self.max_size)
+                if self._core.cuts:
+                    self._handle_cuts()
+                done += count
+                if done >= len(batch):
+                    return int(seq)
+                if not full:
+                    raise OutOfMemory(f"topic {self.name!r}: no free slot after {done} of "
+                                      f"{len(batch)} samples (loans, or views of them, hold them)")
+                if deadline is None and timeout is not None:
+                    deadline = time.monotonic() + timeout
+                try:
+                    self._room(deadline)
+                except WouldBlock as exc:
+                    raise WouldBlock(f"{exc} ({done} of {len(batch)} samples published)") from None
 
     def loan(self, n: int) -> TopicLoan:
         """A slot of n bytes to write in place: `with pub.loan(n) as s: s.buffer[:] = ...;
@@ -377,6 +423,39 @@ class Publisher:
             if self._closed is None:
                 self._closed = why
 
+    # ---- a lost kernel and a reconnect ------------------------------------------------------
+
+    def _kernel_lost(self) -> None:
+        """The control thread, as the kernel goes: its subscriptions go with it (the
+        subscribers lose that kernel too: they drain what they got, then KernelUnavailable).
+        Publishing goes on, to nobody, until a reconnect publishes the name again."""
+        with self._lock:
+            ports, self._ports = list(self._ports.values()), {}
+            for p in ports:
+                self._core.remove(p.index)
+                self._close_port(p)
+
+    def _republish(self, handle: int, ctl: Any, pool_fd: int, slots: int,
+                   slot_size: int) -> None:
+        """A reconnect: the new kernel made a new pool for the same name. Subscribers join
+        anew (as any late subscriber: the history starts over, so do sequence numbers); loans
+        made before are void (their publish() raises KernelUnavailable)."""
+        pool, core = self._map_pool(pool_fd, slots, slot_size)
+        with self._lock:
+            if self._closed is not None:
+                return
+            ports, self._ports = list(self._ports.values()), {}
+            for p in ports:
+                self._close_port(p)
+            old_pool = self._pool
+            self._pool, self._core, self._slot_size = pool, core, slot_size
+            self.handle, self._ctl = handle, ctl
+            self._freed = collections.deque()  # old loans' views append to the old one
+            self._loans = 0
+            self._gen += 1
+        with contextlib.suppress(BufferError):  # old loans' views keep it until they go
+            old_pool.close()
+
 
 _LOANS = 4  # as the kernel sizes the pool (topics.LOANS)
 
@@ -384,10 +463,11 @@ _LOANS = 4  # as the kernel sizes the pool (topics.LOANS)
 class TopicLoan:
     """A publisher's slot to write in place (Publisher.loan)."""
 
-    __slots__ = ("_pub", "_view", "_slot", "_n", "buffer", "_done", "opcode", "data")
+    __slots__ = ("_pub", "_view", "_slot", "_n", "buffer", "_done", "opcode", "data", "_gen")
 
     def __init__(self, pub: Publisher, view: _core.SampleView, slot: int, n: int) -> None:
         self._pub, self._view, self._slot, self._n = pub, view, slot, n
+        self._gen = pub._gen
         self.buffer: memoryview | None = memoryview(view)
         self._done = False
         self.opcode = 0
@@ -410,8 +490,17 @@ class TopicLoan:
         deadline = None if timeout is None else time.monotonic() + timeout
         with pub._lock:
             pub._check()
+            if self._gen != pub._gen:
+                self._finish()
+                raise KernelUnavailable(f"this loan of topic {pub.name!r} was made before the "
+                                        "kernel was lost; the topic was published again since: "
+                                        "take a new loan")
             if pub._block:
                 pub._room(deadline)
+                if self._gen != pub._gen:  # a reconnect while it waited
+                    self._finish()
+                    raise KernelUnavailable(f"this loan of topic {pub.name!r} was made before "
+                                            "the kernel was lost: take a new loan")
             seq = int(pub._core.deliver(self._slot, self._n, op, words))
             if pub._core.cuts:
                 pub._handle_cuts()
@@ -470,10 +559,10 @@ class Subscriber:
                                     self._slot_size, self.max_size, self._relcap, self.max_held,
                                     self.publisher)
         self._lock = threading.Lock()
-        self._pid = os.getpid()
         self._closed: IpcError | None = None
         self._death_callbacks: list[Callable[[Subscriber], None]] = []
         self._dead = False
+        self._kernel_gone: IpcError | None = None  # its kernel was lost: drain, then raise
         mode = session.wait_mode
         self._spin_ns = {"spin": -1, "adaptive": _SPIN_NS, "block": 0}[mode]
 
@@ -524,9 +613,7 @@ class Subscriber:
 
     def poll(self) -> Sample | None:
         """The next sample, or None; raises once the topic is gone and nothing is left."""
-        if self._pid != _getpid():
-            self._session.check()  # a forked child: KernelUnavailable
-        with self._lock:
+        with self._lock:  # a forked child: the native take raises KernelUnavailable
             if self._closed is None:
                 got = self._core.take()
                 if type(got) is Sample:  # the hot path
@@ -542,13 +629,43 @@ class Subscriber:
         sample = self.poll()
         if sample is not None:  # the hot path: no clock read
             return sample
+        return self._wait(self.poll, timeout)
+
+    def poll_many(self, n: int = 256) -> list[Sample]:
+        """Up to n samples that are there now (one native call; an empty list if none); raises
+        once the topic is gone and nothing is left."""
+        with self._lock:  # a forked child: the native take_many raises KernelUnavailable
+            if self._closed is None:
+                many = self._core.take_many(n)
+                if isinstance(many, list):  # the hot path
+                    return many
+                sample = self._taken(many)
+            else:
+                sample = self._take()
+            if sample is None:
+                self._raise_if_over()
+                return []
+            return [sample]
+
+    def recv_many(self, n: int = 256, timeout: float | None = None) -> list[Sample]:
+        """1..n samples, waiting up to `timeout` seconds (None: forever) for the first, as
+        recv(): one native call claims all that are there (at most n, and at most what
+        max_held leaves room for). Release them as usual; dropping them (the list) gives
+        their slots back in one pass at the next receive."""
+        got = self.poll_many(n)
+        if got:
+            return got
+        return self._wait(lambda: self.poll_many(n) or None, timeout)
+
+    def _wait(self, poll: Callable[[], _T | None], timeout: float | None) -> _T:
+        """Wait as the process's wait mode says until poll() returns something."""
         deadline = None if timeout is None else time.monotonic() + timeout
         spin_until = time.monotonic_ns() + self._spin_ns if self._spin_ns > 0 else 0
         yielded = False
         while True:
-            sample = self.poll()
-            if sample is not None:
-                return sample
+            got = poll()
+            if got is not None:
+                return got
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise Timeout(f"no sample on topic {self.name!r} within {timeout} s")
@@ -608,7 +725,7 @@ class Subscriber:
         try:
             # Dekker: the flag is visible before we look again; the publisher stores the head
             # before it looks at the flag. So one of us sees the other.
-            if self._core.pending() or self._closed is not None:
+            if self._core.pending() or self._closed is not None or self._kernel_gone is not None:
                 return
             if _load32(self._ctrl, L.CTRL_STATE_OFF) != _core.STATE_OPEN:
                 return
@@ -620,6 +737,9 @@ class Subscriber:
         """Lock held; nothing left to take."""
         if self._closed is not None:
             raise self._closed
+        if self._kernel_gone is not None:
+            self._closed = self._kernel_gone
+            raise self._closed
         state = _load32(self._ctrl, L.CTRL_STATE_OFF)
         if state != _core.STATE_OPEN:
             self._closed = self._over_error(state, _load32(self._ctrl, L.CTRL_REASON_OFF))
@@ -629,6 +749,10 @@ class Subscriber:
         if reason == L.REASON_PEER_DEAD or state == _core.STATE_PEER_DEAD:
             return PeerDied(f"the publisher of topic {self.name!r} (process {self.publisher}) "
                             "exited")
+        if reason == L.REASON_KERNEL_STOPPED:
+            return KernelUnavailable(f"the kernel that made the subscription to {self.name!r} "
+                                     "stopped: subscribe again (after a reconnect, "
+                                     "proc.on_reconnect is the place)")
         if reason == L.REASON_REVOKED:
             return InvalidCapability(f"the subscription to {self.name!r} was revoked")
         if reason == L.REASON_CUT_OFF:
@@ -664,6 +788,15 @@ class Subscriber:
         raise exc
 
     # ---- the control thread -----------------------------------------------------------------
+
+    def _kernel_lost(self) -> None:
+        """The control thread, as the kernel goes: the subscription was the kernel's (a
+        reconnected publisher publishes anew): what is in the ring is still received, then
+        KernelUnavailable. Subscribe again (on_reconnect) for the new kernel's."""
+        self._kernel_gone = KernelUnavailable(
+            f"the kernel that made the subscription to {self.name!r} was lost: subscribe again "
+            "(after a reconnect, proc.on_reconnect is the place)")
+        self._ended(0)
 
     def _ended(self, reason: int) -> None:
         """The kernel said the subscription is over (TopicClosed)."""
