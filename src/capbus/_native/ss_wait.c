@@ -99,10 +99,10 @@ static HOT int ss_pick(ServerSetObject *S, int *refreshes, int will_wait)
 enum { W_AGAIN, W_INTERRUPT, W_EXPIRED, W_END };
 
 /* Busy-watch the doorbell from `now` until `end`: W_AGAIN (something may have come: seq moved, a
- * hint bit, a full scan found work), W_INTERRUPT, or W_END. Between looks: the pause instruction
- * (the clock every SPIN_CLOCK_EVERY pauses) or, with `yield`, sched_yield() (see "Yielding waits"
- * in common.h; a syscall, so the clock each time). */
-static HOT int ss_watch(ServerSetObject *S, uint64_t now, uint64_t end, int yield)
+ * hint bit, a full scan found work), W_INTERRUPT, or W_END. Between looks (`how`, see watch_pass):
+ * the pause instruction (the clock every SPIN_CLOCK_EVERY pauses) or sched_yield() (see "Yielding
+ * waits" in common.h; a syscall, so the clock each time). */
+static HOT int ss_watch(ServerSetObject *S, uint64_t now, uint64_t end, int how)
 {
     uint32_t *seq = (uint32_t *)(S->db + DB_SEQ_OFF);
     /* ACQUIRE: if a later load sees a different seq we rescan anyway; reading seq BEFORE the
@@ -113,7 +113,7 @@ static HOT int ss_watch(ServerSetObject *S, uint64_t now, uint64_t end, int yiel
     uint64_t next_scan = now + SPIN_SCAN_NS;
     uint64_t *bm = (uint64_t *)(S->db + DB_BITMAP_OFF);
     uint32_t span = ss_span(S);
-    unsigned every = yield ? 1 : SPIN_CLOCK_EVERY;
+    unsigned every = how == WATCH_YIELD ? 1 : SPIN_CLOCK_EVERY;
     for (unsigned i = 1;; i++) {
         if (__atomic_load_n(seq, __ATOMIC_RELAXED) != seen) /* RELAXED: "look again" */
             return W_AGAIN;
@@ -125,10 +125,7 @@ static HOT int ss_watch(ServerSetObject *S, uint64_t now, uint64_t end, int yiel
                 return W_AGAIN;
         if (__atomic_load_n(&S->interrupt, __ATOMIC_RELAXED))
             return W_INTERRUPT;
-        if (yield)
-            sched_yield();
-        else
-            cpu_relax();
+        watch_pass(how, i);
         if (i % every == 0) {
             now = now_ns();
             if (now >= end)
@@ -174,7 +171,7 @@ static HOT int ss_wait(ServerSetObject *S, uint64_t *dl, int64_t timeout_ns)
     else if (S->mode == WAIT_ADAPTIVE && spin_allowed(start))
         spin_end = slice_end - start > S->spin_cur ? start + S->spin_cur : slice_end;
     if (spin_end > start) {
-        int w = ss_watch(S, start, spin_end, 0);
+        int w = ss_watch(S, start, spin_end, S->mode == WAIT_SPIN ? WATCH_SPIN : WATCH_ADAPTIVE);
         if (w == W_AGAIN)
             S->spin_cur = spin_won(S->spin_cur, S->spin_ns);
         if (w != W_END)
@@ -186,7 +183,7 @@ static HOT int ss_wait(ServerSetObject *S, uint64_t *dl, int64_t timeout_ns)
         uint64_t now = spin_end > start ? now_ns() : start;
         if (now < slice_end) {
             uint64_t end = slice_end - now > S->yield_cur ? now + S->yield_cur : slice_end;
-            int w = ss_watch(S, now, end, 1);
+            int w = ss_watch(S, now, end, WATCH_YIELD);
             if (w == W_AGAIN)
                 S->yield_cur = spin_won(S->yield_cur, YIELD_MAX_NS);
             if (w != W_END)
