@@ -198,7 +198,7 @@ static HOT int lane_sleep(LaneObject *L, uint64_t *tail, uint32_t *sleeping, uin
 
 /* Busy-watch the response ring until `end`: LW_READY, LW_STATE, or LW_SLICE at `end`. Between
  * looks (`how`, see watch_pass): the pause instruction (a spin, the clock every SPIN_CLOCK_EVERY
- * pauses) or sched_yield() (see "Yielding waits" in common.h; a syscall, so the clock each time). */
+ * pauses) or sched_yield() ("Yielding waits" in common.h; a syscall, so the clock each time). */
 static HOT int lane_watch(LaneObject *L, const uint64_t *tail, uint64_t head, uint64_t end,
                           int how)
 {

@@ -1,6 +1,6 @@
 /*
  * _native/ss_wait.c: The ServerSet's scan and wait: full scan, ready hints, pick, and the wait
- * (spin, futex, sleep eventfd) run by the recv holder with or without the GIL. HOT.
+ * (spin, yield, futex, sleep eventfd) run by the recv holder with or without the GIL. HOT.
  * Not compiled alone: module.c #includes it (one translation unit, see there).
  */
 
