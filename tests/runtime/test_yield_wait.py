@@ -11,6 +11,8 @@ import time
 
 from conftest import readline
 
+import capbus
+
 SLOW_SERVER = """
 import capbus, time
 p = capbus.connect()                       # the default wait mode: adaptive
@@ -123,4 +125,48 @@ def test_eight_busy_callers_on_few_cores_all_progress_fairly(kernel, children):
     # Nine busy processes on this project's 2 cores: a yielder must not keep the CPU from the
     # others (nor from the server), and nobody is starved.
     assert min(counts) >= 0.25 * mean, counts
+    assert server.poll() is None
+
+
+# A client that keeps every hint bit of the doorbell set, bumps seq and clears the sleeping flag
+# as fast as it can, past the library: the adaptive server's spin and yield phases watch those
+# words, so they return at once, over and over. The honest caller must still be served, in time.
+SCRIBBLER = """
+import mmap, sys, time
+import capbus
+from capbus import _core
+from capbus._protocol import frames
+p = capbus.connect()
+ep = p.lookup("busy", timeout=10)
+ep.call(0, timeout=10)
+reply, fds = p._request_fds(frames.OpenChannel(ep.handle))   # raw fds, past the library
+bell = mmap.mmap(fds[2], _core.DOORBELL_SIZE)
+print("go", flush=True)
+stop = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < stop:
+    for w in range(8):
+        _core.atomic_store_u64(bell, _core.DB_BITMAP_OFF + 8 * w, 2**64 - 1)
+    _core.atomic_add_u64(bell, _core.DB_SEQ_OFF, 1)
+    _core.atomic_store_u32(bell, _core.DB_SERVER_SLEEPING_OFF, 0)
+print("done", flush=True)
+"""
+
+
+def test_a_doorbell_scribbler_does_not_stall_an_honest_caller(kernel, children):
+    server = children.start(BUSY_SERVER, stdin=subprocess.DEVNULL)
+    assert readline(server, 20) == "ready"
+    scribbler = children.start(SCRIBBLER, "3", stdin=subprocess.DEVNULL)
+    assert readline(scribbler, 30) == "go"
+    p = capbus.connect(kernel.socket_path)
+    try:
+        ep = p.lookup("busy", timeout=10)
+        worst, n, end = 0.0, 0, time.monotonic() + 2.0
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            assert ep.call(3, (1, 2, 3, 4), timeout=5).opcode == 3
+            worst, n = max(worst, time.monotonic() - t0), n + 1
+    finally:
+        p.close()
+    assert readline(scribbler, 30) == "done"
+    assert n > 100 and worst < 0.5, (n, worst)
     assert server.poll() is None
