@@ -146,3 +146,17 @@ def chans():
 
 # Processes under a fresh uid (tests/_users.py): as_user(uid, fn, *args) in any test.
 from _users import as_user  # noqa: E402, F401
+
+
+@pytest.fixture(autouse=True)
+def no_zenoh_segments_left(request):
+    """A gateway test leaves nothing in /dev/shm: Zenoh's shared-memory transport is off in every
+    config a gateway, the bench or a test makes (a Zenoh process killed with a segment open would
+    leave <n>.zenoh there)."""
+    if "gateway" not in request.node.path.parts:
+        yield
+        return
+    before = {n for n in os.listdir("/dev/shm") if n.endswith(".zenoh")}
+    yield
+    left = {n for n in os.listdir("/dev/shm") if n.endswith(".zenoh")} - before
+    assert not left, f"Zenoh segments left in /dev/shm: {sorted(left)}"
