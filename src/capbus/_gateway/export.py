@@ -12,6 +12,13 @@ and `capbus.gateway@<this name>` tells it which remote host and process that is.
 taken from a bounded Zenoh channel by a few worker threads (a slow service never blocks Zenoh's
 own threads). Nothing a remote peer sends can make this side hold more than the channel, the
 origin table (max_origins per peer) and the token cache.
+
+Topics the export rules match (with the right "subscribe") are exported too: this gateway
+subscribes to each once, as an ordinary local subscriber, and a pump thread `put`s each sample
+to Zenoh once per importing gateway that asked for it with a SUB request carrying its token
+(key t/<holder>/<live id>). Whatever a holder's token no longer allows (revoked, its holder cut
+off, expired and not renewed) gets nothing more. A slow link slows the pump (its puts block), so
+the local ring fills and drops its oldest samples, counted (drop-oldest, as a local subscriber).
 """
 
 from __future__ import annotations
@@ -35,16 +42,20 @@ from .._errors import (
     ProcessNotFound,
     RemoteError,
     ServiceNotFound,
+    Timeout,
     WouldBlock,
 )
 from .._runtime.endpoint import Endpoint
 from .._runtime.process import Process, connect
+from .._runtime.topic import Subscriber
 from .config import ExportRule, GatewayConfig
 from .token import Verifier, issue, verify_signature
 from .wire import (
     ACK,
     CALL,
     REP,
+    SAMPLE,
+    SUB,
     Export,
     Welcome,
     WireError,
@@ -77,6 +88,18 @@ class _Exported:
     token: Any  # zenoh.LivelinessToken
 
 
+@dataclass(eq=False)
+class _ExportedTopic:
+    name: str
+    live: str
+    max_size: int
+    sub: Subscriber
+    token: Any  # zenoh.LivelinessToken
+    # importing gateway -> (id, expiry) of the token it asked with: the flow's authority
+    holders: dict[str, tuple[bytes, float]] = field(default_factory=dict)
+    dead: threading.Event = field(default_factory=threading.Event)
+
+
 @dataclass
 class _Origin:
     """One remote caller (remote gateway, its ProcessId there) as a local process."""
@@ -107,6 +130,8 @@ class Exporter:
         self.verifier.revoked_ids |= cfg.revoked
         self.verifier.revoked_holders |= cfg.revoked_peers
         self.exported: dict[str, _Exported] = {}
+        self.topics: dict[str, _ExportedTopic] = {}
+        self.puts = 0  # topic samples put to Zenoh (one per sample and importing gateway)
         self.issued: dict[bytes, dict[str, Any]] = {}  # token id -> what it allows
         self._reuse: dict[tuple[str, bytes, str], tuple[bytes, float]] = {}
         self.origins: OrderedDict[tuple[str, int], _Origin] = OrderedDict()
@@ -132,8 +157,8 @@ class Exporter:
         self._spawn(self._watch, "capbus-gw-scan")
         self._spawn(self._serve_origin, "capbus-gw-origin")
 
-    def _spawn(self, fn: Any, name: str) -> None:
-        t = threading.Thread(target=fn, name=name, daemon=True)
+    def _spawn(self, fn: Any, name: str, *args: Any) -> None:
+        t = threading.Thread(target=fn, args=args, name=name, daemon=True)
         t.start()
         self._threads.append(t)
 
@@ -146,6 +171,8 @@ class Exporter:
         for e in list(self.exported.values()):
             with contextlib.suppress(Exception):
                 e.token.undeclare()
+        for t in list(self.topics.values()):
+            self._topic_gone(t)
         with contextlib.suppress(Exception):
             self.origin_svc.close()
         for t in self._threads:
@@ -204,6 +231,81 @@ class Exporter:
             with self._lock:
                 self.exported[name] = e
             ep.on_death(_ender(self, e))
+        self._scan_topics()
+
+    def _scan_topics(self) -> None:
+        try:
+            rows = self.proc.query("topics")
+        except IpcError as exc:
+            log.warning("gateway %s cannot list the local topics: %s", self.name, exc)
+            return
+        live = {row.get("topic"): row for row in rows}
+        for t in list(self.topics.values()):
+            if t.name not in live or t.dead.is_set():
+                self._topic_gone(t)
+        for name in live:
+            if not isinstance(name, str) or "@" in name or name in self.topics:
+                continue
+            rule = self.rule_for(name)
+            if rule is None or "subscribe" not in rule.rights:
+                continue
+            try:
+                sub = self.proc.subscribe(name)
+            except IpcError:
+                continue
+            tok = self.session.liveliness().declare_token(
+                key(self.name, f"svc/{(lv := os.urandom(8).hex())}"))
+            t = _ExportedTopic(name, lv, int(sub.max_size), sub, tok)
+            with self._lock:
+                self.topics[name] = t
+            self._spawn(self._pump, f"capbus-gw-topic-{name}"[:60], t)
+
+    def _topic_gone(self, t: _ExportedTopic) -> None:
+        t.dead.set()
+        with self._lock:
+            if self.topics.get(t.name) is t:
+                del self.topics[t.name]
+        with contextlib.suppress(Exception):
+            t.token.undeclare()  # the importers close their stand-ins: PeerDied there
+        with contextlib.suppress(Exception):
+            t.sub.close()
+
+    def _pump(self, t: _ExportedTopic) -> None:
+        """One local subscriber per exported topic; each sample goes out once per holder."""
+        keys: dict[str, str] = {}
+        block = zenoh.CongestionControl.BLOCK
+        v = self.verifier
+        while not self._stop.is_set() and not t.dead.is_set():
+            try:
+                s = t.sub.recv(timeout=0.5)
+            except Timeout:
+                continue
+            except IpcError:  # the publisher died or closed the topic: the export ends
+                break
+            try:
+                now = time.time()
+                holders = [h for h, (tid, exp) in list(t.holders.items())
+                           if exp > now and tid not in v.revoked_ids
+                           and h not in v.revoked_holders]
+                if not holders:
+                    continue
+                body = bytes(s.payload)
+                att = SAMPLE.pack(s.seq, s.opcode, *s.data)
+                for h in holders:
+                    k = keys.get(h) or keys.setdefault(h, key(self.name, f"t/{h}/{t.live}"))
+                    self.session.put(k, body, attachment=att, congestion_control=block)
+                    self.puts += 1
+            except Exception:
+                if self._stop.is_set():
+                    break
+                log.exception("gateway %s: topic %s: a put failed", self.name, t.name)
+            finally:
+                s.release()
+        self._topic_gone(t)
+
+    def topic_dropped(self) -> int:
+        """Samples the exported topics' local subscriptions lost to drop-oldest (a slow link)."""
+        return sum(int(t.sub.dropped) for t in list(self.topics.values()))
 
     def _gone(self, e: _Exported) -> None:
         with self._lock:
@@ -311,6 +413,13 @@ class Exporter:
             rule = self.rule_for(e.name, h.name)
             if rule is not None:
                 exports.append(Export(e.name, e.live, self._token(h.name, h.key, rule)))
+        with self._lock:
+            topics = list(self.topics.values())
+        for t in topics:
+            rule = self.rule_for(t.name, h.name)
+            if rule is not None and "subscribe" in rule.rights:
+                exports.append(Export(t.name, t.live, self._token(h.name, h.key, rule), "topic",
+                                      t.max_size))
         query.reply(query.key_expr, encode(Welcome(1, _pub(self.key), exports)))
 
     def _token(self, holder: str, holder_key: bytes, rule: ExportRule) -> bytes:
@@ -344,6 +453,9 @@ class Exporter:
         kind, token, name, opcode, flags, data, tmo, origin = unpack_request(att.to_bytes())
         zb = query.payload
         # the token first: nothing of an unchecked request is copied or kept
+        if kind == SUB:
+            self._subscribe(self.verifier.check(token, name, "subscribe", 0), name, query)
+            return
         checked = self.verifier.check(token, name, "call" if kind == CALL else "send",
                                       (len(zb) if zb is not None else 0) if kind == CALL else 0)
         payload = zb.to_bytes() if zb is not None else b""
@@ -368,6 +480,15 @@ class Exporter:
         finally:
             with self._lock:
                 o.busy -= 1
+
+    def _subscribe(self, checked: Any, name: str, query: zenoh.Query) -> None:
+        """A remote gateway asks for (or renews) a topic's flow, with its checked token."""
+        t = self.topics.get(name)
+        if t is None:
+            raise ServiceNotFound(f"{self.name} exports no live topic {name[:200]!r}")
+        b = checked.body
+        t.holders[b.holder] = (b.id, b.expires)  # one entry per importing gateway: bounded
+        query.reply(query.key_expr, ACK.pack(1, 0))
 
     def _send(self, ep: Endpoint, msgs: list[Any]) -> int:
         """Queue the batch on the local service, waiting (never dropping silently) while its

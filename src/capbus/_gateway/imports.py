@@ -13,6 +13,13 @@ One thread per import takes requests from the local ring; a call goes out as a Z
 receives its reply (no thread waits for it); one-way messages go in batches, one batch in flight
 per import, so that a full remote ring holds this side's ring full and the local sender sees
 WouldBlock rather than a drop.
+
+An exported topic is imported once per host however many subscribe here: a local connection
+publishes NAME@HOST as a gateway (its pool here, so local subscribers read samples in place),
+a Zenoh subscriber on the exporter's t/<this gateway>/<live id> re-publishes each sample it
+receives (drop-oldest for slow local subscribers, as any publisher), and a SUB request with the
+token (again at each renewal) asks the exporter for the flow. Its end is the stand-in's end, as
+for a service: the local subscribers get PeerDied.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from .._errors import (
 )
 from .._runtime.process import Process, connect
 from .._runtime.service import Service, reply_failure
+from .._runtime.topic import Publisher
 from .config import GatewayConfig
 from .token import body_of, public_bytes, sign, verify_signature
 from .wire import (
@@ -46,7 +54,9 @@ from .wire import (
     MAX_BATCH,
     PREFIX,
     REP,
+    SAMPLE,
     SEND,
+    SUB,
     Hello,
     WireError,
     check_host,
@@ -68,6 +78,13 @@ MAX_PEERS = 256  # gateways greeted at most (a stray peer can declare any number
 EVENTS = 4096  # liveliness events waiting, at most
 RESYNC = 30.0  # seconds between hellos to every gateway seen
 HELLO_WAIT = 3.0  # seconds a hello waits for its answer
+# A remote topic's stand-in here: its largest sample (an exporter saying more is cut to this, and
+# larger samples are dropped, counted) and the pool's shape (samples ~ max_size x 101 bytes of
+# sparse memfd, counted against this uid's region bytes).
+MAX_TOPIC_SAMPLE = 64 << 20
+TOPIC_SUBSCRIBERS = 8
+TOPIC_DEPTH = 8
+TOPIC_HELD = 4
 
 
 @dataclass
@@ -85,6 +102,22 @@ class _Import:
     refused: int = 0  # one-way messages the remote side could not queue in time
 
 
+@dataclass(eq=False)
+class _TopicImport:
+    peer: str
+    name: str
+    live: str
+    token: bytes
+    proc: Process
+    pub: Publisher
+    expires: float
+    zsub: Any = None
+    dead: threading.Event = field(default_factory=threading.Event)
+    last: int = 0  # the exporter's last sequence number seen
+    lost: int = 0  # samples the exporter's sequence numbers say never arrived
+    bad: int = 0  # samples dropped here: malformed, too large, out of order
+
+
 class Importer:
     def __init__(self, cfg: GatewayConfig, session: zenoh.Session, key_: Any,
                  socket_path: str | None) -> None:
@@ -94,6 +127,7 @@ class Importer:
         self.key = key_
         self.socket_path = socket_path
         self.imports: dict[tuple[str, str], _Import] = {}
+        self.topics: dict[tuple[str, str], _TopicImport] = {}
         self.peers: set[str] = set()
         # Bounded: a peer declaring liveliness tokens in a loop fills it, and what does not fit
         # is dropped; the resync (a hello to every gateway seen, every RESYNC seconds) brings
@@ -124,6 +158,8 @@ class Importer:
             self.sub.undeclare()
         for imp in list(self.imports.values()):
             self._kill(imp, "the gateway stopped")
+        for ti in list(self.topics.values()):
+            self._kill_topic(ti, "the gateway stopped")
         for t in self._threads:
             t.join(timeout=2)
 
@@ -182,6 +218,8 @@ class Importer:
                 self.peers.discard(peer)
                 for imp in [i for i in self.imports.values() if i.peer == peer]:
                     self._kill(imp, f"gateway {peer} is gone (stopped, or its link lost)")
+                for ti in [i for i in self.topics.values() if i.peer == peer]:
+                    self._kill_topic(ti, f"gateway {peer} is gone (stopped, or its link lost)")
                 q = self._queriers.pop(peer, None)
                 with contextlib.suppress(Exception):
                     if q is not None:
@@ -192,12 +230,16 @@ class Importer:
                 for imp in [i for i in self.imports.values() if i.peer == peer and
                             i.live == live]:
                     self._kill(imp, f"{imp.name} on {peer} died")
-            elif peer in self.peers and not any(i.live == live for i in self.imports.values()):
+                for ti in [i for i in self.topics.values() if i.peer == peer and
+                           i.live == live]:
+                    self._kill_topic(ti, f"topic {ti.name} on {peer} ended")
+            elif peer in self.peers and not any(
+                    i.live == live for i in [*self.imports.values(), *self.topics.values()]):
                 self.hello(peer)  # only a gateway seen alive (a stray token greets nobody)
 
     def _renew(self) -> None:
         now = time.time()
-        due = {i.peer for i in self.imports.values()
+        due = {i.peer for i in [*self.imports.values(), *self.topics.values()]
                if i.expires - now < self.cfg.token_ttl / 4}
         for peer in due:
             self.hello(peer)
@@ -238,6 +280,11 @@ class Importer:
                     continue
             except Exception:
                 continue
+            if e.kind == "topic":
+                self._topic_export(peer, e, body.expires, seen)
+                continue
+            if e.kind != "service":
+                continue
             seen.add(e.name)
             cur = self.imports.get((peer, e.name))
             if cur is not None and cur.live == e.live and not cur.dead.is_set():
@@ -248,6 +295,76 @@ class Importer:
             self._open(peer, e.name, e.live, e.token, body.expires)
         for imp in [i for i in self.imports.values() if i.peer == peer and i.name not in seen]:
             self._kill(imp, f"{peer} no longer exports {imp.name} to {self.name}")
+        for ti in [i for i in self.topics.values() if i.peer == peer and
+                   ("topic", i.name) not in seen]:
+            self._kill_topic(ti, f"{peer} no longer exports topic {ti.name} to {self.name}")
+
+    # ---- remote topics -----------------------------------------------------------------------
+
+    def _topic_export(self, peer: str, e: Any, expires: float, seen: set[Any]) -> None:
+        seen.add(("topic", e.name))
+        cur = self.topics.get((peer, e.name))
+        if cur is not None and cur.live == e.live and not cur.dead.is_set():
+            cur.token, cur.expires = e.token, expires
+            self._ask_flow(cur)  # renew: the exporter keeps the flow while the token allows
+            return
+        if cur is not None:
+            self._kill_topic(cur, f"topic {e.name} on {peer} was replaced")
+        if len(self.topics) >= MAX_IMPORTS * 4:
+            log.warning("gateway %s: %d remote topics already; %s@%s left out", self.name,
+                        len(self.topics), e.name, peer)
+            return
+        proc = connect(self.socket_path)
+        try:
+            pub = proc.publish(f"{e.name}@{peer}", max_size=max(1, min(e.max_size,
+                                                                       MAX_TOPIC_SAMPLE)),
+                               max_subscribers=TOPIC_SUBSCRIBERS, max_depth=TOPIC_DEPTH,
+                               max_held=TOPIC_HELD, gateway=True)
+        except IpcError as exc:
+            proc.close()
+            log.warning("gateway %s cannot publish topic %s@%s here: %s", self.name, e.name,
+                        peer, exc)
+            return
+        ti = _TopicImport(peer, e.name, e.live, e.token, proc, pub, expires)
+        with self._lock:
+            self.topics[(peer, e.name)] = ti
+        try:
+            # subscribed before asking for the flow: no sample of it is missed
+            ti.zsub = self.session.declare_subscriber(
+                key(peer, f"t/{self.name}/{e.live}"),
+                zenoh.handlers.Callback(_sampler(ti), indirect=False))
+        except Exception as exc:
+            self._kill_topic(ti, f"no Zenoh subscriber: {exc}")
+            raise
+        self._ask_flow(ti)
+
+    def _ask_flow(self, ti: _TopicImport) -> None:
+        """A SUB request with the token: refused (revoked, cut off), the stand-in ends."""
+        att = pack_request(SUB, ti.token, ti.name.encode(), 0, 0, (0, 0, 0, 0), 0, 0)
+        why = f"no answer from {ti.peer}"
+        try:
+            for reply in self._querier(ti.peer).get(payload=b"", attachment=att):
+                if reply.ok is not None:
+                    return
+                why = str(_error(_err_bytes(reply), ti))
+        except Exception as exc:
+            why = str(exc)
+        self._kill_topic(ti, f"{ti.peer} refused the flow of topic {ti.name}: {why}")
+
+    def _kill_topic(self, ti: _TopicImport, why: str) -> None:
+        if ti.dead.is_set():
+            return
+        ti.dead.set()
+        with self._lock:
+            if self.topics.get((ti.peer, ti.name)) is ti:
+                del self.topics[(ti.peer, ti.name)]
+        log.info("gateway %s: topic %s@%s ends: %s", self.name, ti.name, ti.peer, why)
+        with contextlib.suppress(Exception):
+            ti.zsub.undeclare()
+        with contextlib.suppress(Exception):
+            ti.pub.close()  # its subscribers here: PeerDied
+        with contextlib.suppress(Exception):
+            ti.proc.close()
 
     def _querier(self, peer: str) -> Any:
         q = self._queriers.get(peer)
@@ -389,12 +506,37 @@ class Importer:
             raise
 
 
+def _sampler(ti: _TopicImport) -> Any:
+    """On a Zenoh thread: one remote sample, checked, re-published here (never blocks: the
+    stand-in's overflow is drop-oldest)."""
+    def on_sample(s: zenoh.Sample) -> None:
+        if ti.dead.is_set():
+            return
+        try:
+            a = s.attachment
+            if a is None:
+                raise WireError("a sample without its header")
+            seq, opcode, d0, d1, d2, d3 = SAMPLE.unpack(a.to_bytes())
+            if seq <= ti.last:
+                raise WireError("a sample out of order")
+            payload = s.payload.to_bytes()
+            if len(payload) > ti.pub.max_size:
+                raise WireError("a sample larger than the topic's max_size")
+            if ti.last:
+                ti.lost += seq - ti.last - 1
+            ti.last = seq
+            ti.pub.publish(opcode, (d0, d1, d2, d3), payload)
+        except Exception:  # garbage from the network, or the stand-in closing: dropped
+            ti.bad += 1
+    return on_sample
+
+
 def _err_bytes(reply: zenoh.Reply) -> bytes:
     err = reply.err
     return err.payload.to_bytes() if err is not None else b""
 
 
-def _error(raw: bytes, imp: _Import) -> IpcError:
+def _error(raw: bytes, imp: _Import | _TopicImport) -> IpcError:
     kind, code, text = unpack_error(raw)
     if kind == 1:
         return RemoteError(code, text, service=f"{imp.name}@{imp.peer}")

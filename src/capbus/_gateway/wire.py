@@ -6,7 +6,10 @@ Key space of a gateway H (every key under capbus/gw/H/):
   q                queryable: one call (kind CALL) or a batch of one-way messages (kind SEND)
   origin/...       (nothing: the origin of a remote caller is asked locally, see export.py)
   alive            liveliness token: the gateway is up (its loss: every import from H dies)
-  svc/<live id>    liveliness token per exported service incarnation (its loss: that one died)
+  svc/<live id>    liveliness token per exported service or topic incarnation (its loss: that
+                   one died)
+  t/<holder>/<live id>  the samples of an exported topic, put once per importing gateway (the
+                   holder) that asked for them with its token (a SUB request on q)
 Everything read here comes from the network: each decoder checks sizes and raises WireError.
 """
 
@@ -22,6 +25,7 @@ _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 
 CALL = 1
 SEND = 2
+SUB = 3  # start (or renew) a topic's flow to the importing gateway; answered with an ACK
 # request attachment: version, kind, name length, token length, opcode, flags, d0..d3,
 # timeout (ms), origin ProcessId (the caller on the importing host); then token, then name
 REQ = struct.Struct("<BBHHIIQQQQQIQ")
@@ -35,6 +39,8 @@ ERR = struct.Struct("<BQ")
 MSG = struct.Struct("<IIQQQQI")
 # SEND batch reply: delivered, refused (the service's ring stayed full past the send timeout)
 ACK = struct.Struct("<II")
+# a topic sample's attachment: its sequence number on the exporting host, opcode, d0..d3
+SAMPLE = struct.Struct("<QIQQQQ")
 MAX_TEXT = 4096
 MAX_BATCH = 256
 
@@ -66,7 +72,7 @@ def unpack_request(att: bytes) -> tuple[int, bytes, str, int, int, tuple[int, in
     if len(att) < REQ.size:
         raise WireError("short request header")
     v, kind, nlen, tlen, opcode, flags, d0, d1, d2, d3, _pad, tmo, origin = REQ.unpack_from(att)
-    if v != 1 or kind not in (CALL, SEND) or len(att) != REQ.size + nlen + tlen or not nlen:
+    if v != 1 or kind not in (CALL, SEND, SUB) or len(att) != REQ.size + nlen + tlen or not nlen:
         raise WireError("bad request header")
     token = att[REQ.size:REQ.size + tlen]
     try:
@@ -126,9 +132,13 @@ class Hello(msgspec.Struct, array_like=True, frozen=True):
 
 
 class Export(msgspec.Struct, array_like=True, frozen=True):
+    """One export: kind "service" or "topic" (then max_size: its samples' largest size)."""
+
     name: str
     live: str
     token: bytes
+    kind: str = "service"
+    max_size: int = 0
 
 
 class Welcome(msgspec.Struct, array_like=True, frozen=True):
