@@ -171,8 +171,8 @@ class Exporter:
         for e in list(self.exported.values()):
             with contextlib.suppress(Exception):
                 e.token.undeclare()
-        for t in list(self.topics.values()):
-            self._topic_gone(t)
+        for tp in list(self.topics.values()):
+            self._topic_gone(tp)
         with contextlib.suppress(Exception):
             self.origin_svc.close()
         for t in self._threads:

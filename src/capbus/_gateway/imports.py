@@ -233,14 +233,16 @@ class Importer:
                 for ti in [i for i in self.topics.values() if i.peer == peer and
                            i.live == live]:
                     self._kill_topic(ti, f"topic {ti.name} on {peer} ended")
-            elif peer in self.peers and not any(
-                    i.live == live for i in [*self.imports.values(), *self.topics.values()]):
+            elif peer in self.peers and live not in (
+                    {i.live for i in self.imports.values()} |
+                    {t.live for t in self.topics.values()}):
                 self.hello(peer)  # only a gateway seen alive (a stray token greets nobody)
 
     def _renew(self) -> None:
         now = time.time()
-        due = {i.peer for i in [*self.imports.values(), *self.topics.values()]
-               if i.expires - now < self.cfg.token_ttl / 4}
+        soon = now + self.cfg.token_ttl / 4
+        due = ({i.peer for i in self.imports.values() if i.expires < soon} |
+               {t.peer for t in self.topics.values() if t.expires < soon})
         for peer in due:
             self.hello(peer)
 
@@ -268,7 +270,7 @@ class Importer:
             log.warning("gateway %s: %s answered with a key that is not its pinned one",
                         self.name, peer)
             return
-        seen = set()
+        seen: set[Any] = set()
         for e in welcome.exports[:MAX_IMPORTS]:
             try:
                 body = body_of(e.token)
