@@ -8,10 +8,13 @@ the exports it may have, each with a token this gateway signed. Every request on
 token: checked (signature once, cached), then its expiry, revocation, service, right and limits;
 only then does it reach a service, through a local connection of its own per remote origin
 (remote gateway, remote ProcessId): the service sees that connection's ProcessId as the sender,
-and `capbus.gateway@<this name>` tells it which remote host and process that is. Queries are
-taken from a bounded Zenoh channel by a few worker threads (a slow service never blocks Zenoh's
-own threads). Nothing a remote peer sends can make this side hold more than the channel, the
-origin table (max_origins per peer) and the token cache.
+and `capbus.gateway@<this name>` tells it which remote host and process that is. A call is
+handed from Zenoh's thread to this gateway's event loop, where it is an `acall` task (no thread
+waits for a service: a slow one never stalls the others); a CANCEL from the importing gateway
+(its caller stopped waiting) cancels the task, and so the local call. One-way batches, topic
+subscriptions and hellos are taken from a bounded queue by a few worker threads. Nothing a
+remote peer sends can make this side hold more than the queue, the calls in flight (QUEUE),
+the origin table (max_origins per peer) and the token cache.
 
 Topics the export rules match (with the right "subscribe") are exported too: this gateway
 subscribes to each once, as an ordinary local subscriber, and a pump thread `put`s each sample
@@ -23,6 +26,7 @@ the local ring fills and drops its oldest samples, counted (drop-oldest, as a lo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -53,12 +57,15 @@ from .token import Verifier, issue, verify_signature
 from .wire import (
     ACK,
     CALL,
+    CANCEL,
     REP,
     SAMPLE,
+    SEND,
     SUB,
     Export,
     Welcome,
     WireError,
+    call_id,
     check_host,
     decode_hello,
     encode,
@@ -141,12 +148,17 @@ class Exporter:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.calls = 0  # calls in flight (tasks on the loop), at most QUEUE
+        self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}  # (holder, call id)
+        self._loop = asyncio.new_event_loop()
 
     # ---- life --------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._spawn(self._loop.run_forever, "capbus-gw-calls")
         self.alive = self.session.liveliness().declare_token(key(self.name, "alive"))
         self._queue: queue.Queue[zenoh.Query] = queue.Queue(QUEUE)
+        self._q_key = key(self.name, "q")
         self.queryable = self.session.declare_queryable(
             key(self.name, "**"), zenoh.handlers.Callback(self._enqueue, indirect=False))
         self.origin_svc = self.proc.register(f"capbus.gateway@{self.name}", gateway=True)
@@ -175,6 +187,8 @@ class Exporter:
             self._topic_gone(tp)
         with contextlib.suppress(Exception):
             self.origin_svc.close()
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._end_loop)
         for t in self._threads:
             t.join(timeout=2)
         for o in list(self.origins.values()):
@@ -336,14 +350,142 @@ class Exporter:
 
     # ---- the queryable -----------------------------------------------------------------------
 
+    def _end_loop(self) -> None:
+        for task in asyncio.all_tasks(self._loop):
+            task.cancel()
+        self._loop.call_later(0.2, self._loop.stop)
+
     def _enqueue(self, query: zenoh.Query) -> None:
-        """On a Zenoh thread: queue it for a worker (never block Zenoh); a full queue is an
-        OutOfMemory answer at once."""
+        """On a Zenoh thread: a request goes to the event loop (a call is a task there), a hello
+        to a worker; never block Zenoh. Too many in flight is an OutOfMemory answer at once."""
+        if str(query.key_expr) == self._q_key:
+            with self._lock:
+                full = self.calls >= QUEUE
+                if not full:
+                    self.calls += 1
+            if full:
+                self.refused += 1
+                self._fail(query, OutOfMemory(f"gateway {self.name} has {QUEUE} calls in "
+                                              "flight"))
+                with contextlib.suppress(Exception):
+                    query.drop()
+                return
+            try:
+                self._loop.call_soon_threadsafe(self._begin, query)
+            except RuntimeError:  # stopping
+                with self._lock:
+                    self.calls -= 1
+            return
         try:
             self._queue.put_nowait(query)
         except queue.Full:
             self.refused += 1
             self._fail(query, OutOfMemory(f"gateway {self.name} has {QUEUE} requests waiting"))
+
+    def _begin(self, query: zenoh.Query) -> None:
+        """On the loop: a call becomes a task; anything else goes to the workers."""
+        try:
+            att = query.attachment
+            if att is None:
+                raise WireError("a request without its header")
+            raw = att.to_bytes()
+            req = unpack_request(raw)
+            kind = req[0]
+            if kind == CALL:
+                self._loop.create_task(self._call(query, req, call_id(raw)))
+                return
+            if kind == CANCEL:
+                self._cancel(query, req, call_id(raw))
+                self._done(query)
+                return
+        except (WireError, IpcError) as exc:
+            self.refused += 1
+            self._fail(query, exc)
+            self._done(query)
+            return
+        with self._lock:
+            self.calls -= 1  # not a call: the workers' queue bounds it
+        self._enqueue_worker(query)
+
+    def _done(self, query: zenoh.Query) -> None:
+        with self._lock:
+            self.calls -= 1
+        with contextlib.suppress(Exception):
+            query.drop()
+
+    def _cancel(self, query: zenoh.Query, req: Any, cid: int) -> None:
+        """The importing gateway's caller stopped waiting: cancel its call here (the service
+        skips it if it has not taken it yet). Only the token's holder may cancel its calls."""
+        kind, token, name, *_ = req
+        checked = self.verifier.check(token, name, "call", 0)
+        task = self._tasks.get((checked.body.holder, cid))
+        if task is not None:
+            task.cancel()
+        query.reply(query.key_expr, ACK.pack(int(task is not None), 0))
+
+    async def _call(self, query: zenoh.Query, req: Any, cid: int) -> None:
+        kind, token, name, opcode, flags, data, tmo, origin = req
+        tk = None
+        try:
+            zb = query.payload
+            checked = self.verifier.check(token, name, "call", len(zb) if zb is not None else 0)
+            payload = zb.to_bytes() if zb is not None else b""
+            if name not in self.exported:
+                raise ServiceNotFound(f"{self.name} exports no live service {name[:200]!r}")
+            holder = checked.body.holder
+            task = asyncio.current_task()
+            if cid and task is not None and len(self._tasks) < QUEUE:
+                tk = (holder, cid)
+                self._tasks[tk] = task  # a later call with the same id replaces it: its own
+            o = self._origin_now(holder, origin)
+            if o is None:  # a new origin: its connection is a kernel round trip, off the loop
+                o = await asyncio.to_thread(self._origin, holder, origin)
+            try:
+                ep = o.endpoints.get(name)
+                if ep is None or ep.dead:
+                    ep = await asyncio.to_thread(o.endpoint, name)
+                timeout = (min(tmo / 1000.0, self.cfg.call_timeout) if tmo
+                           else self.cfg.call_timeout)
+                msg = await ep.acall(opcode, data, payload, timeout=timeout, flags=flags)
+                # msg[1]: the flags as sent, the runtime's object bit included (.flags drops it)
+                query.reply(query.key_expr, msg.payload or b"",
+                            attachment=REP.pack(msg.opcode, msg[1] & _FLAGS, *msg.data))
+            finally:
+                with self._lock:
+                    o.busy -= 1
+        except asyncio.CancelledError:
+            # cancelled by the caller's gateway (or our stop): nobody waits for an answer
+            self._fail(query, Timeout(f"{name[:200]!r}: the caller stopped waiting"))
+        except (WireError, IpcError) as exc:
+            self.refused += 1
+            self._fail(query, exc)
+        except Exception as exc:
+            self.refused += 1
+            log.exception("gateway %s: a call failed", self.name)
+            self._fail(query, exc)
+        finally:
+            if tk is not None and self._tasks.get(tk) is asyncio.current_task():
+                del self._tasks[tk]
+            self._done(query)
+
+    def _origin_now(self, holder: str, remote: int) -> _Origin | None:
+        """The origin's stand-in if it is open already (busy counted), else None."""
+        with self._lock:
+            o = self.origins.get((holder, remote))
+            if o is None or o.proc.closed:
+                return None
+            self.origins.move_to_end((holder, remote))
+            o.busy += 1
+            return o
+
+    def _enqueue_worker(self, query: zenoh.Query) -> None:
+        try:
+            self._queue.put_nowait(query)
+        except queue.Full:
+            self.refused += 1
+            self._fail(query, OutOfMemory(f"gateway {self.name} has {QUEUE} requests waiting"))
+            with contextlib.suppress(Exception):
+                query.drop()
 
     def _work(self) -> None:
         hello_key = key(self.name, "hello")
@@ -447,36 +589,32 @@ class Exporter:
         return tok
 
     def _request(self, query: zenoh.Query) -> None:
+        """On a worker: a batch of one-way messages, or a topic subscription (calls are tasks
+        on the loop, see _call)."""
         att = query.attachment
         if att is None:
             raise WireError("a request without its header")
-        kind, token, name, opcode, flags, data, tmo, origin = unpack_request(att.to_bytes())
+        kind, token, name, _opcode, _flags, _data, _tmo, origin = unpack_request(att.to_bytes())
         zb = query.payload
         # the token first: nothing of an unchecked request is copied or kept
         if kind == SUB:
             self._subscribe(self.verifier.check(token, name, "subscribe", 0), name, query)
             return
-        checked = self.verifier.check(token, name, "call" if kind == CALL else "send",
-                                      (len(zb) if zb is not None else 0) if kind == CALL else 0)
+        if kind != SEND:
+            raise WireError("only one-way batches and topic subscriptions reach the workers")
+        checked = self.verifier.check(token, name, "send", 0)
         payload = zb.to_bytes() if zb is not None else b""
         if name not in self.exported:
             raise ServiceNotFound(f"{self.name} exports no live service {name[:200]!r}")
         o = self._origin(checked.body.holder, origin)
         try:
             ep = o.endpoint(name)
-            if kind == CALL:
-                timeout = min(tmo / 1000.0, self.cfg.call_timeout) if tmo else self.cfg.call_timeout
-                msg = ep.call(opcode, data, payload, timeout=timeout, flags=flags)
-                # msg[1]: the flags as sent, the runtime's object bit included (.flags drops it)
-                query.reply(query.key_expr, msg.payload or b"",
-                            attachment=REP.pack(msg.opcode, msg[1] & _FLAGS, *msg.data))
-            else:
-                msgs = unpack_batch(payload)
-                now = time.monotonic()
-                for m in msgs:
-                    checked.admit(len(m[3]), now)
-                sent = self._send(ep, msgs)
-                query.reply(query.key_expr, ACK.pack(sent, len(msgs) - sent))
+            msgs = unpack_batch(payload)
+            now = time.monotonic()
+            for m in msgs:
+                checked.admit(len(m[3]), now)
+            sent = self._send(ep, msgs)
+            query.reply(query.key_expr, ACK.pack(sent, len(msgs) - sent))
         finally:
             with self._lock:
                 o.busy -= 1

@@ -10,9 +10,11 @@ connection is closed, and every local caller gets PeerDied and its on_death call
 
 One thread per import takes requests from the local ring; a call goes out as a Zenoh query
 (a pack of a fixed header, the token and the name) and is answered from the Zenoh thread that
-receives its reply (no thread waits for it); one-way messages go in batches, one batch in flight
-per import, so that a full remote ring holds this side's ring full and the local sender sees
-WouldBlock rather than a drop.
+receives its reply (no thread waits for it); a watcher polls the calls in flight for their
+caller's cancel mark (Request.cancelled: its timeout, its task cancelled, its death) and sends
+the exporter a CANCEL for each, which cancels the call there; one-way messages go in batches,
+one batch in flight per import, so that a full remote ring holds this side's ring full and the
+local sender sees WouldBlock rather than a drop.
 
 An exported topic is imported once per host however many subscribe here: a local connection
 publishes NAME@HOST as a gateway (its pool here, so local subscribers read samples in place),
@@ -51,6 +53,7 @@ from .token import body_of, public_bytes, sign, verify_signature
 from .wire import (
     ACK,
     CALL,
+    CANCEL,
     MAX_BATCH,
     PREFIX,
     REP,
@@ -78,6 +81,7 @@ MAX_PEERS = 256  # gateways greeted at most (a stray peer can declare any number
 EVENTS = 4096  # liveliness events waiting, at most
 RESYNC = 30.0  # seconds between hellos to every gateway seen
 HELLO_WAIT = 3.0  # seconds a hello waits for its answer
+CANCEL_POLL = 0.005  # seconds between looks at the cancel marks of the calls in flight
 # A remote topic's stand-in here: its largest sample (an exporter saying more is cut to this, and
 # larger samples are dropped, counted) and the pool's shape (samples ~ max_size x 101 bytes of
 # sparse memfd, counted against this uid's region bytes).
@@ -138,9 +142,14 @@ class Importer:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._queriers: dict[str, Any] = {}
+        # calls in flight: call id -> (request, import, answered flag); the watcher's work
+        self._pending: dict[int, tuple[Any, _Import, list[bool]]] = {}
+        self._pending_added = threading.Event()
+        self._next_call = 0
 
     def start(self) -> None:
         self._spawn(self._manage, "capbus-gw-import")
+        self._spawn(self._watch_cancels, "capbus-gw-cancels")
         self.sub = self.session.liveliness().declare_subscriber(
             f"{PREFIX}/*/**", zenoh.handlers.Callback(self._on_live, indirect=False),
             history=True)
@@ -153,6 +162,7 @@ class Importer:
 
     def stop(self) -> None:
         self._stop.set()
+        self._pending_added.set()
         self._events.put(("stop",))
         with contextlib.suppress(Exception):
             self.sub.undeclare()
@@ -433,14 +443,19 @@ class Importer:
 
     def _call(self, imp: _Import, req: Any, name: bytes, timeout_ms: int) -> None:
         p = req.payload
+        with self._lock:
+            self._next_call += 1
+            cid = self._next_call
         att = pack_request(CALL, imp.token, name, req.opcode, req.flags & ~_TRANSFER, req.data,
-                           timeout_ms, req.sender)
+                           timeout_ms, req.sender, cid)
         answered = [False]
+        pending = self._pending
 
         def on_reply(reply: zenoh.Reply) -> None:
             if answered[0]:
                 return
             answered[0] = True
+            pending.pop(cid, None)
             ok = reply.ok
             try:
                 if ok is not None:
@@ -461,6 +476,7 @@ class Importer:
         def on_done() -> None:
             # No reply and the query is over: at its deadline, a Timeout; before it, the
             # exporter went away with the query (its death, its stop, the link's loss).
+            pending.pop(cid, None)
             if not answered[0]:
                 answered[0] = True
                 late = time.monotonic() - started >= timeout_ms / 1000.0
@@ -470,11 +486,44 @@ class Importer:
                         f"within {timeout_ms} ms") if late else PeerDied(
                         f"{imp.name}@{imp.peer}: gateway {imp.peer} went away"))
 
+        pending[cid] = (req, imp, answered)
+        if len(pending) == 1:
+            self._pending_added.set()
         try:
             imp.querier.get(zenoh.handlers.Callback(on_reply, on_done, indirect=False),
                             payload=p if type(p) is bytes else bytes(p), attachment=att)
         except Exception as exc:
+            pending.pop(cid, None)
             reply_failure(req, PeerDied(f"{imp.name}@{imp.peer}: {exc}"))
+
+    def _watch_cancels(self) -> None:
+        """Every CANCEL_POLL while calls are in flight: a call whose caller stopped waiting is
+        cancelled at the exporter (its service skips it, or its late answer is not waited for)
+        and answered here (to no one: the caller is gone) at once."""
+        pending = self._pending
+        while not self._stop.is_set():
+            if not pending:
+                self._pending_added.wait(1.0)
+                self._pending_added.clear()
+                continue
+            time.sleep(CANCEL_POLL)
+            for cid, (req, imp, answered) in list(pending.items()):
+                try:
+                    gone = req.cancelled
+                except Exception:
+                    gone = True
+                if not gone or answered[0]:
+                    continue
+                answered[0] = True
+                pending.pop(cid, None)
+                att = pack_request(CANCEL, imp.token, imp.name.encode(), 0, 0, (0, 0, 0, 0), 0,
+                                   0, cid)
+                with contextlib.suppress(Exception):
+                    imp.querier.get(zenoh.handlers.Callback(_ignore, indirect=False),
+                                    payload=b"", attachment=att)
+                with contextlib.suppress(Exception):
+                    reply_failure(req, Timeout(f"{imp.name}@{imp.peer}: the caller stopped "
+                                               "waiting"))
 
     def _send(self, imp: _Import, batch: list[Any], name: bytes) -> None:
         # One batch in flight: wait for the last one's answer before sending this one (the
@@ -506,6 +555,10 @@ class Importer:
         except Exception:
             imp.idle.set()
             raise
+
+
+def _ignore(_reply: zenoh.Reply) -> None:
+    pass
 
 
 def _sampler(ti: _TopicImport) -> Any:

@@ -26,10 +26,11 @@ _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 CALL = 1
 SEND = 2
 SUB = 3  # start (or renew) a topic's flow to the importing gateway; answered with an ACK
-# request attachment: version, kind, name length, token length, opcode, flags, d0..d3,
-# timeout (ms), origin ProcessId (the caller on the importing host); then token, then name
+CANCEL = 4  # the caller of the call with this call id stopped waiting: cancel it; an ACK
+# request attachment: version, kind, name length, token length, opcode, flags, d0..d3, call id
+# (the importer's, to cancel it by; 0: none), timeout (ms), origin ProcessId (the caller on the
+# importing host); then token, then name
 REQ = struct.Struct("<BBHHIIQQQQQIQ")
-_REQ_PAD = 0
 # reply attachment: opcode, flags, d0..d3
 REP = struct.Struct("<IIQQQQ")
 # error reply payload: 0 = a capbus error (code is its class's), 1 = the service's own
@@ -61,9 +62,15 @@ def key(host: str, what: str) -> str:
 
 
 def pack_request(kind: int, token: bytes, name: bytes, opcode: int, flags: int,
-                 data: tuple[int, int, int, int], timeout_ms: int, origin: int) -> bytes:
-    return REQ.pack(1, kind, len(name), len(token), opcode, flags, *data, _REQ_PAD,
+                 data: tuple[int, int, int, int], timeout_ms: int, origin: int,
+                 call: int = 0) -> bytes:
+    return REQ.pack(1, kind, len(name), len(token), opcode, flags, *data, call,
                     timeout_ms, origin) + token + name
+
+
+def call_id(att: bytes) -> int:
+    """The call id of a request header unpack_request accepted."""
+    return int(REQ.unpack_from(att)[10])
 
 
 def unpack_request(att: bytes) -> tuple[int, bytes, str, int, int, tuple[int, int, int, int],
@@ -71,8 +78,8 @@ def unpack_request(att: bytes) -> tuple[int, bytes, str, int, int, tuple[int, in
     """(kind, token, service name, opcode, flags, data, timeout ms, origin)."""
     if len(att) < REQ.size:
         raise WireError("short request header")
-    v, kind, nlen, tlen, opcode, flags, d0, d1, d2, d3, _pad, tmo, origin = REQ.unpack_from(att)
-    if v != 1 or kind not in (CALL, SEND, SUB) or len(att) != REQ.size + nlen + tlen or not nlen:
+    v, kind, nlen, tlen, opcode, flags, d0, d1, d2, d3, _call, tmo, origin = REQ.unpack_from(att)
+    if v != 1 or kind not in (CALL, SEND, SUB, CANCEL) or len(att) != REQ.size + nlen + tlen or not nlen:
         raise WireError("bad request header")
     token = att[REQ.size:REQ.size + tlen]
     try:
