@@ -307,8 +307,8 @@ class Exporter:
                 att = SAMPLE.pack(s.seq, s.opcode, *s.data)
                 for h in holders:
                     k = keys.get(h) or keys.setdefault(h, key(self.name, f"t/{h}/{t.live}"))
+                    self.puts += 1  # before the put: its sample may arrive before it returns
                     self.session.put(k, body, attachment=att, congestion_control=block)
-                    self.puts += 1
             except Exception:
                 if self._stop.is_set():
                     break
