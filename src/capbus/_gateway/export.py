@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import zenoh
 
+from .. import _core
 from .._errors import (
     IpcError,
     OutOfMemory,
@@ -105,6 +106,7 @@ class _ExportedTopic:
     # importing gateway -> (id, expiry) of the token it asked with: the flow's authority
     holders: dict[str, tuple[bytes, float]] = field(default_factory=dict)
     dead: threading.Event = field(default_factory=threading.Event)
+    resubscribed: int = 0  # local subscriptions dropped as corrupt and made again
 
 
 @dataclass
@@ -294,6 +296,14 @@ class Exporter:
                 s = t.sub.recv(timeout=0.5)
             except Timeout:
                 continue
+            except _core.CorruptChannel as exc:
+                # The local publisher's garbage (or, on a starved machine, an entry it was
+                # preempted in the middle of): subscribe again, the export and its importers
+                # live on (they lose the samples in between, counted by sequence number).
+                log.warning("gateway %s: topic %s: %s; subscribing again", self.name, t.name, exc)
+                if self._stop.wait(0.05) or not self._resubscribe(t):
+                    break
+                continue
             except IpcError:  # the publisher died or closed the topic: the export ends
                 break
             try:
@@ -316,6 +326,16 @@ class Exporter:
             finally:
                 s.release()
         self._topic_gone(t)
+
+    def _resubscribe(self, t: _ExportedTopic) -> bool:
+        with contextlib.suppress(Exception):
+            t.sub.close()
+        try:
+            t.sub = self.proc.subscribe(t.name)
+        except IpcError:
+            return False
+        t.resubscribed += 1
+        return True
 
     def topic_dropped(self) -> int:
         """Samples the exported topics' local subscriptions lost to drop-oldest (a slow link)."""
