@@ -193,6 +193,8 @@ class Exporter:
             self._loop.call_soon_threadsafe(self._end_loop)
         for t in self._threads:
             t.join(timeout=2)
+        if not self._loop.is_running():
+            self._loop.close()
         for o in list(self.origins.values()):
             with contextlib.suppress(Exception):
                 o.proc.close()
