@@ -6,6 +6,9 @@ raw Zenoh peer are processes of their own (loopback TCP, scouting off). Round tr
 calls `echo@host-b` (client -> gateway A -> Zenoh -> gateway B -> service and back) and, raw,
 `get` on a queryable in another process. One-way: `send_async` of 64-byte messages (retrying on
 WouldBlock: back-pressure, not loss) against raw `put` to a subscriber, counted on arrival.
+Remote topic: a publisher process on host-b publishes 64-byte samples of `camera/b` as fast as it
+can; this process subscribes to `camera/b@host-b` and counts what arrives (drop-oldest: the
+samples a slow hop loses are not counted).
 """
 
 from __future__ import annotations
@@ -40,6 +43,15 @@ _GATEWAY = """
 import json, sys, capbus
 gw = capbus.Gateway(sys.argv[1], **json.loads(sys.argv[2])).start()
 print("ready", flush=True); sys.stdin.read(); gw.stop()
+"""
+_PUB = """
+import sys, threading, capbus
+p = capbus.connect(sys.argv[1]); pub = p.publish(sys.argv[2], max_size=64)
+done = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+print("ready", flush=True)
+while not done.is_set():
+    pub.publish(1, (), b"t" * 64)
 """
 _RAW = """
 import json, sys, threading, zenoh
@@ -109,7 +121,7 @@ def run(quick: bool) -> list[Result]:
         children.append(_child(_SERVICE, sb, "echo"))
         children.append(_child(_SERVICE, sa, "local"))
         children.append(_child(_GATEWAY, sb, json.dumps(
-            {"name": "host-b", "listen": [f"tcp/127.0.0.1:{gport}"], "export": ["echo"]})))
+            {"name": "host-b", "listen": [f"tcp/127.0.0.1:{gport}"], "export": ["echo", "camera/*"]})))
         children.append(_child(_GATEWAY, sa, json.dumps(
             {"name": "host-a", "connect": [f"tcp/127.0.0.1:{gport}"]})))
         children.append(_child(_RAW, f"tcp/127.0.0.1:{rport}"))
@@ -186,6 +198,19 @@ def run(quick: bool) -> list[Result]:
         rows.append(Result("raw zenoh-python put/subscriber", METRIC_THROUGHPUT,
                            msgs_per_s=got / dt, note="counted by the subscriber", size_bytes=64,
                            samples=sent))
+        children.append(_child(_PUB, sb, "camera/b"))
+        sub = proc.subscribe("camera/b@host-b", timeout=30)
+        sub.recv(timeout=30).release()  # the flow is up
+        t0 = time.perf_counter()
+        got = 0
+        while time.perf_counter() - t0 < secs:
+            sub.recv(timeout=10).release()
+            got += 1
+        dt = time.perf_counter() - t0
+        rows.append(Result("capbus remote topic via 2 gateways", METRIC_THROUGHPUT,
+                           msgs_per_s=got / dt, note="samples delivered to a subscriber on A",
+                           size_bytes=64, samples=got))
+        sub.close()
     finally:
         if raw is not None:
             raw.close()

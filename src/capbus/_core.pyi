@@ -432,6 +432,8 @@ class Request:
     @property
     def replied(self) -> bool: ...
     @property
+    def cancelled(self) -> bool: ...  # the caller stopped waiting (its cancel mark, or gone)
+    @property
     def capability(self) -> int: ...  # as sent: untrusted
     @property
     def index(self) -> int: ...

@@ -241,3 +241,40 @@ def test_results_are_the_native_types(pair):
     with pytest.raises(TypeError):
         _core.Request()  # only the core makes them
     assert not hasattr(_core, "set_types")
+
+
+def test_cancelled_reads_the_callers_cancel_mark(db, chans):
+    ch = chans(1)
+    s = _core.ServerSet(db)
+    s.add(1, ch.chan, ch.ctrl, ch.nslots, ch.arena)
+    ln = _core.Lane(ch.chan, ch.ctrl, db, 1, ch.nslots, ch.arena)
+    t1 = start(ln)
+    r1 = s.poll()
+    assert r1.cancelled is False
+    t2 = start(ln)
+    r2 = s.poll()
+    ln.cancel(t1)  # the caller gave up on the first call only
+    assert (r1.cancelled, r2.cancelled) == (True, False)
+    assert r2.reply(1) is True
+    assert ln.call_poll(t2) is not None
+    # a caller scribbling its cancel mark (a client-written word) can only cancel its own calls
+    start(ln)
+    r3 = s.poll()
+    m = ch.map()
+    off = _core.CHAN_CANCEL_BELOW_OFF
+    was = _core.atomic_load_u64(m, off)
+    assert _core.atomic_cas_u64(m, off, was, 1 << 63)
+    assert r3.cancelled is True
+    assert _core.atomic_cas_u64(m, off, 1 << 63, 0)
+    assert r3.cancelled is False  # a hint: read each time, never latched
+    # one-way messages are never "cancelled"
+    ln.send(0, 5, 0, (), None)
+    r4 = s.poll()
+    assert (r4.expects_reply, r4.cancelled) == (False, False)
+    # a gone channel cancels every call of it
+    ch.set_state(_core.STATE_PEER_DEAD)
+    assert r3.cancelled is True
+    ch.set_state(_core.STATE_OPEN)
+    assert r3.cancelled is False
+    s.remove(1)
+    assert r3.cancelled is True

@@ -21,11 +21,12 @@ DEFAULT_LEASE_MS = 10_000  # Zenoh's own default lease: a lost link is noticed w
 
 @dataclass(frozen=True)
 class ExportRule:
-    """One export: a service name or fnmatch glob, the rights a remote gateway gets ("call",
-    "send"), and the limits of each token issued for it (0: none)."""
+    """One export: a service or topic name or fnmatch glob, the rights a remote gateway gets
+    ("call", "send" for services, "subscribe" for topics), and the limits of each token issued
+    for it (0: none)."""
 
     pattern: str
-    rights: frozenset[str] = frozenset({"call", "send"})
+    rights: frozenset[str] = frozenset({"call", "send", "subscribe"})
     rate: int = 0
     bandwidth: int = 0
     max_message_size: int = 0
@@ -154,7 +155,8 @@ def export_rule(raw: object, where: str) -> ExportRule:
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"{where} {k}: a non-negative integer (0: no limit)")
         lim[k] = v
-    rights = rights_of(raw["rights"], where) if "rights" in raw else frozenset({"call", "send"})
+    rights = (rights_of(raw["rights"], where) if "rights" in raw
+              else frozenset({"call", "send", "subscribe"}))
     return ExportRule(_pattern(raw["name"], where), rights, lim["rate_limit"], lim["bandwidth"],
                       lim["max_message_size"])
 

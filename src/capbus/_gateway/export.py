@@ -8,14 +8,25 @@ the exports it may have, each with a token this gateway signed. Every request on
 token: checked (signature once, cached), then its expiry, revocation, service, right and limits;
 only then does it reach a service, through a local connection of its own per remote origin
 (remote gateway, remote ProcessId): the service sees that connection's ProcessId as the sender,
-and `capbus.gateway@<this name>` tells it which remote host and process that is. Queries are
-taken from a bounded Zenoh channel by a few worker threads (a slow service never blocks Zenoh's
-own threads). Nothing a remote peer sends can make this side hold more than the channel, the
-origin table (max_origins per peer) and the token cache.
+and `capbus.gateway@<this name>` tells it which remote host and process that is. A call is
+handed from Zenoh's thread to this gateway's event loop, where it is an `acall` task (no thread
+waits for a service: a slow one never stalls the others); a CANCEL from the importing gateway
+(its caller stopped waiting) cancels the task, and so the local call. One-way batches, topic
+subscriptions and hellos are taken from a bounded queue by a few worker threads. Nothing a
+remote peer sends can make this side hold more than the queue, the calls in flight (QUEUE),
+the origin table (max_origins per peer) and the token cache.
+
+Topics the export rules match (with the right "subscribe") are exported too: this gateway
+subscribes to each once, as an ordinary local subscriber, and a pump thread `put`s each sample
+to Zenoh once per importing gateway that asked for it with a SUB request carrying its token
+(key t/<holder>/<live id>). Whatever a holder's token no longer allows (revoked, its holder cut
+off, expired and not renewed) gets nothing more. A slow link slows the pump (its puts block), so
+the local ring fills and drops its oldest samples, counted (drop-oldest, as a local subscriber).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -28,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import zenoh
 
+from .. import _core
 from .._errors import (
     IpcError,
     OutOfMemory,
@@ -35,19 +47,26 @@ from .._errors import (
     ProcessNotFound,
     RemoteError,
     ServiceNotFound,
+    Timeout,
     WouldBlock,
 )
 from .._runtime.endpoint import Endpoint
 from .._runtime.process import Process, connect
+from .._runtime.topic import Subscriber
 from .config import ExportRule, GatewayConfig
 from .token import Verifier, issue, verify_signature
 from .wire import (
     ACK,
     CALL,
+    CANCEL,
     REP,
+    SAMPLE,
+    SEND,
+    SUB,
     Export,
     Welcome,
     WireError,
+    call_id,
     check_host,
     decode_hello,
     encode,
@@ -75,6 +94,19 @@ class _Exported:
     live: str
     endpoint: Endpoint
     token: Any  # zenoh.LivelinessToken
+
+
+@dataclass(eq=False)
+class _ExportedTopic:
+    name: str
+    live: str
+    max_size: int
+    sub: Subscriber
+    token: Any  # zenoh.LivelinessToken
+    # importing gateway -> (id, expiry) of the token it asked with: the flow's authority
+    holders: dict[str, tuple[bytes, float]] = field(default_factory=dict)
+    dead: threading.Event = field(default_factory=threading.Event)
+    resubscribed: int = 0  # local subscriptions dropped as corrupt and made again
 
 
 @dataclass
@@ -107,6 +139,8 @@ class Exporter:
         self.verifier.revoked_ids |= cfg.revoked
         self.verifier.revoked_holders |= cfg.revoked_peers
         self.exported: dict[str, _Exported] = {}
+        self.topics: dict[str, _ExportedTopic] = {}
+        self.puts = 0  # topic samples put to Zenoh (one per sample and importing gateway)
         self.issued: dict[bytes, dict[str, Any]] = {}  # token id -> what it allows
         self._reuse: dict[tuple[str, bytes, str], tuple[bytes, float]] = {}
         self.origins: OrderedDict[tuple[str, int], _Origin] = OrderedDict()
@@ -116,12 +150,17 @@ class Exporter:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.calls = 0  # calls in flight (tasks on the loop), at most QUEUE
+        self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}  # (holder, call id)
+        self._loop = asyncio.new_event_loop()
 
     # ---- life --------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._spawn(self._loop.run_forever, "capbus-gw-calls")
         self.alive = self.session.liveliness().declare_token(key(self.name, "alive"))
         self._queue: queue.Queue[zenoh.Query] = queue.Queue(QUEUE)
+        self._q_key = key(self.name, "q")
         self.queryable = self.session.declare_queryable(
             key(self.name, "**"), zenoh.handlers.Callback(self._enqueue, indirect=False))
         self.origin_svc = self.proc.register(f"capbus.gateway@{self.name}", gateway=True)
@@ -132,8 +171,8 @@ class Exporter:
         self._spawn(self._watch, "capbus-gw-scan")
         self._spawn(self._serve_origin, "capbus-gw-origin")
 
-    def _spawn(self, fn: Any, name: str) -> None:
-        t = threading.Thread(target=fn, name=name, daemon=True)
+    def _spawn(self, fn: Any, name: str, *args: Any) -> None:
+        t = threading.Thread(target=fn, args=args, name=name, daemon=True)
         t.start()
         self._threads.append(t)
 
@@ -146,10 +185,16 @@ class Exporter:
         for e in list(self.exported.values()):
             with contextlib.suppress(Exception):
                 e.token.undeclare()
+        for tp in list(self.topics.values()):
+            self._topic_gone(tp)
         with contextlib.suppress(Exception):
             self.origin_svc.close()
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._end_loop)
         for t in self._threads:
             t.join(timeout=2)
+        if not self._loop.is_running():
+            self._loop.close()
         for o in list(self.origins.values()):
             with contextlib.suppress(Exception):
                 o.proc.close()
@@ -204,6 +249,99 @@ class Exporter:
             with self._lock:
                 self.exported[name] = e
             ep.on_death(_ender(self, e))
+        self._scan_topics()
+
+    def _scan_topics(self) -> None:
+        try:
+            rows = self.proc.query("topics")
+        except IpcError as exc:
+            log.warning("gateway %s cannot list the local topics: %s", self.name, exc)
+            return
+        live = {row.get("topic"): row for row in rows}
+        for t in list(self.topics.values()):
+            if t.name not in live or t.dead.is_set():
+                self._topic_gone(t)
+        for name in live:
+            if not isinstance(name, str) or "@" in name or name in self.topics:
+                continue
+            rule = self.rule_for(name)
+            if rule is None or "subscribe" not in rule.rights:
+                continue
+            try:
+                sub = self.proc.subscribe(name)
+            except IpcError:
+                continue
+            tok = self.session.liveliness().declare_token(
+                key(self.name, f"svc/{(lv := os.urandom(8).hex())}"))
+            t = _ExportedTopic(name, lv, int(sub.max_size), sub, tok)
+            with self._lock:
+                self.topics[name] = t
+            self._spawn(self._pump, f"capbus-gw-topic-{name}"[:60], t)
+
+    def _topic_gone(self, t: _ExportedTopic) -> None:
+        t.dead.set()
+        with self._lock:
+            if self.topics.get(t.name) is t:
+                del self.topics[t.name]
+        with contextlib.suppress(Exception):
+            t.token.undeclare()  # the importers close their stand-ins: PeerDied there
+        with contextlib.suppress(Exception):
+            t.sub.close()
+
+    def _pump(self, t: _ExportedTopic) -> None:
+        """One local subscriber per exported topic; each sample goes out once per holder."""
+        keys: dict[str, str] = {}
+        block = zenoh.CongestionControl.BLOCK
+        v = self.verifier
+        while not self._stop.is_set() and not t.dead.is_set():
+            try:
+                s = t.sub.recv(timeout=0.5)
+            except Timeout:
+                continue
+            except _core.CorruptChannel as exc:
+                # The local publisher's garbage (or, on a starved machine, an entry it was
+                # preempted in the middle of): subscribe again, the export and its importers
+                # live on (they lose the samples in between, counted by sequence number).
+                log.warning("gateway %s: topic %s: %s; subscribing again", self.name, t.name, exc)
+                if self._stop.wait(0.05) or not self._resubscribe(t):
+                    break
+                continue
+            except IpcError:  # the publisher died or closed the topic: the export ends
+                break
+            try:
+                now = time.time()
+                holders = [h for h, (tid, exp) in list(t.holders.items())
+                           if exp > now and tid not in v.revoked_ids
+                           and h not in v.revoked_holders]
+                if not holders:
+                    continue
+                body = bytes(s.payload)
+                att = SAMPLE.pack(s.seq, s.opcode, *s.data)
+                for h in holders:
+                    k = keys.get(h) or keys.setdefault(h, key(self.name, f"t/{h}/{t.live}"))
+                    self.puts += 1  # before the put: its sample may arrive before it returns
+                    self.session.put(k, body, attachment=att, congestion_control=block)
+            except Exception:
+                if self._stop.is_set():
+                    break
+                log.exception("gateway %s: topic %s: a put failed", self.name, t.name)
+            finally:
+                s.release()
+        self._topic_gone(t)
+
+    def _resubscribe(self, t: _ExportedTopic) -> bool:
+        with contextlib.suppress(Exception):
+            t.sub.close()
+        try:
+            t.sub = self.proc.subscribe(t.name)
+        except IpcError:
+            return False
+        t.resubscribed += 1
+        return True
+
+    def topic_dropped(self) -> int:
+        """Samples the exported topics' local subscriptions lost to drop-oldest (a slow link)."""
+        return sum(int(t.sub.dropped) for t in list(self.topics.values()))
 
     def _gone(self, e: _Exported) -> None:
         with self._lock:
@@ -234,14 +372,142 @@ class Exporter:
 
     # ---- the queryable -----------------------------------------------------------------------
 
+    def _end_loop(self) -> None:
+        for task in asyncio.all_tasks(self._loop):
+            task.cancel()
+        self._loop.call_later(0.2, self._loop.stop)
+
     def _enqueue(self, query: zenoh.Query) -> None:
-        """On a Zenoh thread: queue it for a worker (never block Zenoh); a full queue is an
-        OutOfMemory answer at once."""
+        """On a Zenoh thread: a request goes to the event loop (a call is a task there), a hello
+        to a worker; never block Zenoh. Too many in flight is an OutOfMemory answer at once."""
+        if str(query.key_expr) == self._q_key:
+            with self._lock:
+                full = self.calls >= QUEUE
+                if not full:
+                    self.calls += 1
+            if full:
+                self.refused += 1
+                self._fail(query, OutOfMemory(f"gateway {self.name} has {QUEUE} calls in "
+                                              "flight"))
+                with contextlib.suppress(Exception):
+                    query.drop()
+                return
+            try:
+                self._loop.call_soon_threadsafe(self._begin, query)
+            except RuntimeError:  # stopping
+                with self._lock:
+                    self.calls -= 1
+            return
         try:
             self._queue.put_nowait(query)
         except queue.Full:
             self.refused += 1
             self._fail(query, OutOfMemory(f"gateway {self.name} has {QUEUE} requests waiting"))
+
+    def _begin(self, query: zenoh.Query) -> None:
+        """On the loop: a call becomes a task; anything else goes to the workers."""
+        try:
+            att = query.attachment
+            if att is None:
+                raise WireError("a request without its header")
+            raw = att.to_bytes()
+            req = unpack_request(raw)
+            kind = req[0]
+            if kind == CALL:
+                self._loop.create_task(self._call(query, req, call_id(raw)))
+                return
+            if kind == CANCEL:
+                self._cancel(query, req, call_id(raw))
+                self._done(query)
+                return
+        except (WireError, IpcError) as exc:
+            self.refused += 1
+            self._fail(query, exc)
+            self._done(query)
+            return
+        with self._lock:
+            self.calls -= 1  # not a call: the workers' queue bounds it
+        self._enqueue_worker(query)
+
+    def _done(self, query: zenoh.Query) -> None:
+        with self._lock:
+            self.calls -= 1
+        with contextlib.suppress(Exception):
+            query.drop()
+
+    def _cancel(self, query: zenoh.Query, req: Any, cid: int) -> None:
+        """The importing gateway's caller stopped waiting: cancel its call here (the service
+        skips it if it has not taken it yet). Only the token's holder may cancel its calls."""
+        kind, token, name, *_ = req
+        checked = self.verifier.check(token, name, "call", 0)
+        task = self._tasks.get((checked.body.holder, cid))
+        if task is not None:
+            task.cancel()
+        query.reply(query.key_expr, ACK.pack(int(task is not None), 0))
+
+    async def _call(self, query: zenoh.Query, req: Any, cid: int) -> None:
+        kind, token, name, opcode, flags, data, tmo, origin = req
+        tk = None
+        try:
+            zb = query.payload
+            checked = self.verifier.check(token, name, "call", len(zb) if zb is not None else 0)
+            payload = zb.to_bytes() if zb is not None else b""
+            if name not in self.exported:
+                raise ServiceNotFound(f"{self.name} exports no live service {name[:200]!r}")
+            holder = checked.body.holder
+            task = asyncio.current_task()
+            if cid and task is not None and len(self._tasks) < QUEUE:
+                tk = (holder, cid)
+                self._tasks[tk] = task  # a later call with the same id replaces it: its own
+            o = self._origin_now(holder, origin)
+            if o is None:  # a new origin: its connection is a kernel round trip, off the loop
+                o = await asyncio.to_thread(self._origin, holder, origin)
+            try:
+                ep = o.endpoints.get(name)
+                if ep is None or ep.dead:
+                    ep = await asyncio.to_thread(o.endpoint, name)
+                timeout = (min(tmo / 1000.0, self.cfg.call_timeout) if tmo
+                           else self.cfg.call_timeout)
+                msg = await ep.acall(opcode, data, payload, timeout=timeout, flags=flags)
+                # msg[1]: the flags as sent, the runtime's object bit included (.flags drops it)
+                query.reply(query.key_expr, msg.payload or b"",
+                            attachment=REP.pack(msg.opcode, msg[1] & _FLAGS, *msg.data))
+            finally:
+                with self._lock:
+                    o.busy -= 1
+        except asyncio.CancelledError:
+            # cancelled by the caller's gateway (or our stop): nobody waits for an answer
+            self._fail(query, Timeout(f"{name[:200]!r}: the caller stopped waiting"))
+        except (WireError, IpcError) as exc:
+            self.refused += 1
+            self._fail(query, exc)
+        except Exception as exc:
+            self.refused += 1
+            log.exception("gateway %s: a call failed", self.name)
+            self._fail(query, exc)
+        finally:
+            if tk is not None and self._tasks.get(tk) is asyncio.current_task():
+                del self._tasks[tk]
+            self._done(query)
+
+    def _origin_now(self, holder: str, remote: int) -> _Origin | None:
+        """The origin's stand-in if it is open already (busy counted), else None."""
+        with self._lock:
+            o = self.origins.get((holder, remote))
+            if o is None or o.proc.closed:
+                return None
+            self.origins.move_to_end((holder, remote))
+            o.busy += 1
+            return o
+
+    def _enqueue_worker(self, query: zenoh.Query) -> None:
+        try:
+            self._queue.put_nowait(query)
+        except queue.Full:
+            self.refused += 1
+            self._fail(query, OutOfMemory(f"gateway {self.name} has {QUEUE} requests waiting"))
+            with contextlib.suppress(Exception):
+                query.drop()
 
     def _work(self) -> None:
         hello_key = key(self.name, "hello")
@@ -311,6 +577,13 @@ class Exporter:
             rule = self.rule_for(e.name, h.name)
             if rule is not None:
                 exports.append(Export(e.name, e.live, self._token(h.name, h.key, rule)))
+        with self._lock:
+            topics = list(self.topics.values())
+        for t in topics:
+            rule = self.rule_for(t.name, h.name)
+            if rule is not None and "subscribe" in rule.rights:
+                exports.append(Export(t.name, t.live, self._token(h.name, h.key, rule), "topic",
+                                      t.max_size))
         query.reply(query.key_expr, encode(Welcome(1, _pub(self.key), exports)))
 
     def _token(self, holder: str, holder_key: bytes, rule: ExportRule) -> bytes:
@@ -338,36 +611,44 @@ class Exporter:
         return tok
 
     def _request(self, query: zenoh.Query) -> None:
+        """On a worker: a batch of one-way messages, or a topic subscription (calls are tasks
+        on the loop, see _call)."""
         att = query.attachment
         if att is None:
             raise WireError("a request without its header")
-        kind, token, name, opcode, flags, data, tmo, origin = unpack_request(att.to_bytes())
+        kind, token, name, _opcode, _flags, _data, _tmo, origin = unpack_request(att.to_bytes())
         zb = query.payload
         # the token first: nothing of an unchecked request is copied or kept
-        checked = self.verifier.check(token, name, "call" if kind == CALL else "send",
-                                      (len(zb) if zb is not None else 0) if kind == CALL else 0)
+        if kind == SUB:
+            self._subscribe(self.verifier.check(token, name, "subscribe", 0), name, query)
+            return
+        if kind != SEND:
+            raise WireError("only one-way batches and topic subscriptions reach the workers")
+        checked = self.verifier.check(token, name, "send", 0)
         payload = zb.to_bytes() if zb is not None else b""
         if name not in self.exported:
             raise ServiceNotFound(f"{self.name} exports no live service {name[:200]!r}")
         o = self._origin(checked.body.holder, origin)
         try:
             ep = o.endpoint(name)
-            if kind == CALL:
-                timeout = min(tmo / 1000.0, self.cfg.call_timeout) if tmo else self.cfg.call_timeout
-                msg = ep.call(opcode, data, payload, timeout=timeout, flags=flags)
-                # msg[1]: the flags as sent, the runtime's object bit included (.flags drops it)
-                query.reply(query.key_expr, msg.payload or b"",
-                            attachment=REP.pack(msg.opcode, msg[1] & _FLAGS, *msg.data))
-            else:
-                msgs = unpack_batch(payload)
-                now = time.monotonic()
-                for m in msgs:
-                    checked.admit(len(m[3]), now)
-                sent = self._send(ep, msgs)
-                query.reply(query.key_expr, ACK.pack(sent, len(msgs) - sent))
+            msgs = unpack_batch(payload)
+            now = time.monotonic()
+            for m in msgs:
+                checked.admit(len(m[3]), now)
+            sent = self._send(ep, msgs)
+            query.reply(query.key_expr, ACK.pack(sent, len(msgs) - sent))
         finally:
             with self._lock:
                 o.busy -= 1
+
+    def _subscribe(self, checked: Any, name: str, query: zenoh.Query) -> None:
+        """A remote gateway asks for (or renews) a topic's flow, with its checked token."""
+        t = self.topics.get(name)
+        if t is None:
+            raise ServiceNotFound(f"{self.name} exports no live topic {name[:200]!r}")
+        b = checked.body
+        t.holders[b.holder] = (b.id, b.expires)  # one entry per importing gateway: bounded
+        query.reply(query.key_expr, ACK.pack(1, 0))
 
     def _send(self, ep: Endpoint, msgs: list[Any]) -> int:
         """Queue the batch on the local service, waiting (never dropping silently) while its

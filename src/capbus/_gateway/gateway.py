@@ -134,9 +134,18 @@ class Gateway:
         imp = self._importer
         return sorted(f"{n}@{p}" for p, n in (imp.imports if imp else {}))
 
+    def topic_imports(self) -> list[str]:
+        """The NAME@HOST topics this gateway publishes locally now."""
+        imp = self._importer
+        return sorted(f"{n}@{p}" for p, n in (imp.topics if imp else {}))
+
     def exports(self) -> list[str]:
         """The local services this gateway exports now."""
         return sorted(self._exporter.exported) if self._exporter else []
+
+    def topic_exports(self) -> list[str]:
+        """The local topics this gateway exports now."""
+        return sorted(self._exporter.topics) if self._exporter else []
 
     def tokens(self) -> list[dict[str, Any]]:
         """The tokens this gateway issued (id in hex, holder, service, rights, expires)."""
@@ -144,10 +153,22 @@ class Gateway:
 
     def stats(self) -> dict[str, int]:
         e, i = self._exporter, self._importer
+        """Counters: refused requests, dropped one-way messages, origins, imports, calls (remote
+        calls in flight here, as the exporter); for topics:
+        topic_puts (samples put to Zenoh here: one per sample and importing gateway),
+        topic_dropped (samples a slow link made the exported topics lose, drop-oldest),
+        topic_imports, topic_lost (samples the exporters' sequence numbers say did not arrive
+        here) and topic_bad (remote samples dropped here as malformed)."""
+        ti = list(i.topics.values()) if i else []
         return {"refused": e.refused if e else 0, "dropped": e.dropped if e else 0,
                 "origins": len(e.origins) if e else 0,
                 "imports": len(i.imports) if i else 0,
-                "send_refused": sum(x.refused for x in i.imports.values()) if i else 0}
+                "send_refused": sum(x.refused for x in i.imports.values()) if i else 0,
+                "calls": e.calls if e else 0,
+                "topic_puts": e.puts if e else 0,
+                "topic_dropped": e.topic_dropped() if e else 0,
+                "topic_imports": len(ti), "topic_lost": sum(x.lost for x in ti),
+                "topic_bad": sum(x.bad for x in ti)}
 
     def revoke(self, token_id: str) -> None:
         """Revoke a token this gateway issued (its id, hex): every request carrying it is

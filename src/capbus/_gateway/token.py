@@ -27,13 +27,13 @@ from .._errors import InvalidCapability, PermissionDenied, RateLimitExceeded
 
 SIG = 64
 MAX_TOKEN = 2048  # bytes: a token larger than this is garbage before any signature check
-RIGHTS = frozenset({"call", "send"})
+RIGHTS = frozenset({"call", "send", "subscribe"})
 
 
 class TokenBody(msgspec.Struct, array_like=True, frozen=True):
-    """What the issuer signs. service: the export's name or glob; rights: "call" (calls) and
-    "send" (one-way messages); rate (messages/s), bandwidth (payload bytes/s),
-    max_message_size (bytes): 0 is no limit; expires: Unix time."""
+    """What the issuer signs. service: the export's name or glob; rights: "call" (calls),
+    "send" (one-way messages) and "subscribe" (a topic's samples); rate (messages/s),
+    bandwidth (payload bytes/s), max_message_size (bytes): 0 is no limit; expires: Unix time."""
 
     v: int
     id: bytes

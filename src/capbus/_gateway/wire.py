@@ -6,7 +6,10 @@ Key space of a gateway H (every key under capbus/gw/H/):
   q                queryable: one call (kind CALL) or a batch of one-way messages (kind SEND)
   origin/...       (nothing: the origin of a remote caller is asked locally, see export.py)
   alive            liveliness token: the gateway is up (its loss: every import from H dies)
-  svc/<live id>    liveliness token per exported service incarnation (its loss: that one died)
+  svc/<live id>    liveliness token per exported service or topic incarnation (its loss: that
+                   one died)
+  t/<holder>/<live id>  the samples of an exported topic, put once per importing gateway (the
+                   holder) that asked for them with its token (a SUB request on q)
 Everything read here comes from the network: each decoder checks sizes and raises WireError.
 """
 
@@ -22,10 +25,12 @@ _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 
 CALL = 1
 SEND = 2
-# request attachment: version, kind, name length, token length, opcode, flags, d0..d3,
-# timeout (ms), origin ProcessId (the caller on the importing host); then token, then name
+SUB = 3  # start (or renew) a topic's flow to the importing gateway; answered with an ACK
+CANCEL = 4  # the caller of the call with this call id stopped waiting: cancel it; an ACK
+# request attachment: version, kind, name length, token length, opcode, flags, d0..d3, call id
+# (the importer's, to cancel it by; 0: none), timeout (ms), origin ProcessId (the caller on the
+# importing host); then token, then name
 REQ = struct.Struct("<BBHHIIQQQQQIQ")
-_REQ_PAD = 0
 # reply attachment: opcode, flags, d0..d3
 REP = struct.Struct("<IIQQQQ")
 # error reply payload: 0 = a capbus error (code is its class's), 1 = the service's own
@@ -35,6 +40,8 @@ ERR = struct.Struct("<BQ")
 MSG = struct.Struct("<IIQQQQI")
 # SEND batch reply: delivered, refused (the service's ring stayed full past the send timeout)
 ACK = struct.Struct("<II")
+# a topic sample's attachment: its sequence number on the exporting host, opcode, d0..d3
+SAMPLE = struct.Struct("<QIQQQQ")
 MAX_TEXT = 4096
 MAX_BATCH = 256
 
@@ -55,9 +62,15 @@ def key(host: str, what: str) -> str:
 
 
 def pack_request(kind: int, token: bytes, name: bytes, opcode: int, flags: int,
-                 data: tuple[int, int, int, int], timeout_ms: int, origin: int) -> bytes:
-    return REQ.pack(1, kind, len(name), len(token), opcode, flags, *data, _REQ_PAD,
+                 data: tuple[int, int, int, int], timeout_ms: int, origin: int,
+                 call: int = 0) -> bytes:
+    return REQ.pack(1, kind, len(name), len(token), opcode, flags, *data, call,
                     timeout_ms, origin) + token + name
+
+
+def call_id(att: bytes) -> int:
+    """The call id of a request header unpack_request accepted."""
+    return int(REQ.unpack_from(att)[10])
 
 
 def unpack_request(att: bytes) -> tuple[int, bytes, str, int, int, tuple[int, int, int, int],
@@ -65,8 +78,8 @@ def unpack_request(att: bytes) -> tuple[int, bytes, str, int, int, tuple[int, in
     """(kind, token, service name, opcode, flags, data, timeout ms, origin)."""
     if len(att) < REQ.size:
         raise WireError("short request header")
-    v, kind, nlen, tlen, opcode, flags, d0, d1, d2, d3, _pad, tmo, origin = REQ.unpack_from(att)
-    if v != 1 or kind not in (CALL, SEND) or len(att) != REQ.size + nlen + tlen or not nlen:
+    v, kind, nlen, tlen, opcode, flags, d0, d1, d2, d3, _call, tmo, origin = REQ.unpack_from(att)
+    if v != 1 or kind not in (CALL, SEND, SUB, CANCEL) or len(att) != REQ.size + nlen + tlen or not nlen:
         raise WireError("bad request header")
     token = att[REQ.size:REQ.size + tlen]
     try:
@@ -126,9 +139,13 @@ class Hello(msgspec.Struct, array_like=True, frozen=True):
 
 
 class Export(msgspec.Struct, array_like=True, frozen=True):
+    """One export: kind "service" or "topic" (then max_size: its samples' largest size)."""
+
     name: str
     live: str
     token: bytes
+    kind: str = "service"
+    max_size: int = 0
 
 
 class Welcome(msgspec.Struct, array_like=True, frozen=True):

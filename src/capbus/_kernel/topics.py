@@ -47,6 +47,8 @@ MAX_DEPTH = 4096  # delivery entries per subscription
 MAX_HELD = 1024  # samples one subscriber may hold past its ring
 MAX_HISTORY = 4096
 MAX_SAMPLE = 1 << 30
+# The kernel's own user (as naming.py's: a gateway may publish NAME@HOST topics as it)
+_KERNEL_UID = os.geteuid()
 LOANS = 4  # samples the publisher may have loaned out (written, not yet published) at once
 
 
@@ -116,6 +118,8 @@ def on_publish_topic(st: KernelState, out: Outbox, rec: ProcessRecord, msg: fram
     if len(rec.topics) >= st.limits.topics_per_process:
         raise OutOfMemory(f"this process already publishes {st.limits.topics_per_process} topics "
                           "(the kernel's topics_per_process limit): close some")
+    # NAME@HOST: a remote topic, re-published here by a gateway only (as NAME@HOST services)
+    st.policy.may_serve_remote(rec.info(), name, msg.gateway, _KERNEL_UID)
     st.policy.may_register(rec.info(), name)
     access = AccessList.from_entries(msg.allow, st.limits.access_entries)
     slot_size = _tl.slot_size_for(msg.max_size)

@@ -322,6 +322,24 @@ static PyObject *Request_get_expects_reply(RequestObject *R, void *c)
 
 static PyObject *Request_get_replied(RequestObject *R, void *c) { return PyBool_FromLong(R->done); }
 
+/* The caller gave up on this call (its timeout, a cancelled task, its death): its cancel mark
+ * (CHAN_CANCEL_BELOW_OFF, written by the client) is past this tag, or the channel is gone. The
+ * mark is the client's word, read as a hint: a lying client only cancels its own calls. A
+ * gateway polls it to cancel the remote side of a call whose caller stopped waiting. */
+static PyObject *Request_get_cancelled(RequestObject *R, void *c)
+{
+    if (!(R->flags & FLAG_REPLY_EXPECTED))
+        Py_RETURN_FALSE;
+    ServerSetObject *S = R->set;
+    chan_t *ch = S->db ? S->table[R->index] : NULL;
+    if (!ch || ch->serial != R->serial || __atomic_load_n(&ch->dead, __ATOMIC_RELAXED) ||
+        ctrl_state(ch->ctrl) != STATE_OPEN)
+        Py_RETURN_TRUE;
+    uint64_t below = __atomic_load_n((uint64_t *)(ch->map + CHAN_CANCEL_BELOW_OFF),
+                                     __ATOMIC_RELAXED);
+    return PyBool_FromLong(R->tag < below);
+}
+
 static PyObject *Request_get_regions(RequestObject *R, void *c)
 {
     PyObject *v = R->regions ? R->regions : empty_tuple;
@@ -493,6 +511,9 @@ static PyGetSetDef Request_getset[] = {
      "True if .payload is a view of the arena (zero-copy)", NULL},
     {"expects_reply", (getter)Request_get_expects_reply, NULL, "a call (not a send)", NULL},
     {"replied", (getter)Request_get_replied, NULL, "answered already (or its client is gone)",
+     NULL},
+    {"cancelled", (getter)Request_get_cancelled, NULL,
+     "the caller stopped waiting for this call (timeout, cancel, death, or its channel closed)",
      NULL},
     {"regions", (getter)Request_get_regions, (setter)Request_set_regions,
      "shared regions (set by the runtime)", NULL},

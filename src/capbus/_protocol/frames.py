@@ -354,10 +354,12 @@ class Grant(Frame):
 
 
 @message(25, KIND_REQUEST, name="str", max_size="u64", history="u64", overflow="str",
-         allow="strs?", max_subscribers="u64", max_depth="u64", max_held="u64")
+         allow="strs?", max_subscribers="u64", max_depth="u64", max_held="u64",
+         gateway="bool")
 class PublishTopic(Frame):
     """Own the topic `name` (one publisher per name): the kernel sizes and makes its sample
-    pool and answers TopicCreated with the pool's fd. Nobody can subscribe until SealTopic."""
+    pool and answers TopicCreated with the pool's fd. Nobody can subscribe until SealTopic.
+    gateway: publish a NAME@HOST topic (a remote one) as a gateway, as Register's."""
 
     name: str
     max_size: int
@@ -367,6 +369,7 @@ class PublishTopic(Frame):
     max_subscribers: int = 8
     max_depth: int = 16
     max_held: int = 8
+    gateway: bool = False
 
 
 @message(26, KIND_REQUEST, handle="u64")

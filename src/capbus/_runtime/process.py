@@ -291,7 +291,8 @@ class Process:
 
     def publish(self, name: str, *, max_size: int = 4096, history: int = 0,
                 overflow: str = "drop-oldest", allow: list[str | int] | None = None,
-                max_subscribers: int = 8, max_depth: int = 16, max_held: int = 8) -> Publisher:
+                max_subscribers: int = 8, max_depth: int = 16, max_held: int = 8,
+                gateway: bool = False) -> Publisher:
         """Publish the topic `name` (one publisher per name: NameTaken): samples of at most
         max_size bytes, written once into memory this process owns and read in place by every
         subscriber. history: the last N samples a late subscriber gets first. overflow:
@@ -300,10 +301,12 @@ class Process:
         allow: who may subscribe (as for register). max_subscribers, max_depth (the deepest
         ring a subscriber may ask for) and max_held (samples one subscriber may hold besides
         its ring) size the pool: max_size x (history + 4 + max_subscribers x (max_depth +
-        max_held) + 1) bytes, counted against this uid's region bytes."""
+        max_held) + 1) bytes, counted against this uid's region bytes.
+        gateway: publish a NAME@HOST topic (a remote one re-published here) as a gateway; the
+        kernel refuses such names to anyone else (capbus.Gateway sets it)."""
         check_name(name, "topic name")
         frame = frames.PublishTopic(name, max_size, history, overflow, _allow(allow),
-                                    max_subscribers, max_depth, max_held)
+                                    max_subscribers, max_depth, max_held, bool(gateway))
         reply, fds = self._request_fds(frame)
         assert isinstance(reply, frames.TopicCreated)
         ctl = self._session.control
