@@ -46,45 +46,12 @@
 #define CONTENDED_PER_S 2000u
 #define SPIN_FLOOR_NS 1000ull
 
-/* ---- Yielding waits ----------------------------------------------------------------------------
- * An adaptive wait whose spin is over (or not allowed: oversubscribed) does not sleep at once: it
- * first watches its ring between sched_yield()s for up to yield_cur. A sleeping waiter costs its
- * waker a write(2) that wakes it (try_to_wake_up, an IPI on a VM) and, when the woken thread shares
- * the waker's CPU, a preemption of the waker: with 16 clients calling one server on 2 cores that
- * was ~80% of the server's time (perf: anon_pipe_write's wake-up and finish_task_switch), ~5 us
- * per call. A yielding waiter is still runnable, so the waker pays nothing (the flag it reads
- * says nobody sleeps), yet it holds no CPU another thread wants: sched_yield() hands the CPU over
- * (EEVDF moves the yielder's deadline a slice on). Measured: server CPU per call 5 us -> 1.2 us,
- * no pipe writes, no preemptions. Where nobody else wants the CPU, sched_yield() returns at once
- * and this is a busy wait, so it is bounded as the spin is: one that ended in a sleep halves the
- * next (down to YIELD_FLOOR_NS), one that saw its event doubles it (up to YIELD_MAX_NS; a peer
- * slower than that gets sleeping waits again within a few calls). */
-#define YIELD_MAX_NS 200000ull
-#define YIELD_FLOOR_NS 2000ull
-
-/* A busy adaptive server (every receive finds work at once, so it never waits, spins or yields)
- * still yields the CPU once every BUSY_YIELD_EVERY receives: its clients that share its CPU
- * (they yield to it while they wait) would otherwise get the CPU back only when its time slice
- * ends, milliseconds later (8 clients on 2 cores: 5.5k calls/s for one, 140k/s for another). */
-#define BUSY_YIELD_EVERY 32u
-
-static inline uint64_t yield_lost(uint64_t cur)
-{
-    return cur / 2 > YIELD_FLOOR_NS ? cur / 2 : YIELD_FLOOR_NS;
-}
-
 /* Spins read the clock every SPIN_CLOCK_EVERY pauses. A pause is 40-140 cycles (by CPU model),
  * so 1024 of them made every spin last 20-50 us whatever spin_cur said (SPIN_FLOOR_NS meant
  * nothing): with 16 adaptive clients on 2 cores those spins took the CPU the server needed
  * (aggregate calls/s fell to a third). 64 pauses are ~1-3 us; a clock read (~25 ns) per 64 is
  * noise. */
 #define SPIN_CLOCK_EVERY 64u
-/* A spin also yields the CPU every SPIN_YIELD_EVERY pauses (~10-20 us): a spinner never knows
- * whether a thread it waits for sits on its own CPU (a server's clients share its CPU once there
- * are more of them than cores; with 4 clients on 2 cores, one client spinning beside nobody was
- * served 430k calls/s while the three sharing the server's CPU waited for its time slice to end,
- * 90k/s between them). Alone on the CPU, sched_yield() returns at once (~0.2 us per ~15 us). */
-#define SPIN_YIELD_EVERY (8u * SPIN_CLOCK_EVERY)
 
 static inline uint64_t spin_lost(uint64_t cur)
 {
@@ -163,19 +130,6 @@ static inline void cpu_relax(void)
 #else
     __asm__ __volatile__("" ::: "memory");
 #endif
-}
-
-/* How lane_watch / ss_watch pass the time between looks: "spin" mode's pure spin (the caller
- * asked for the CPU), an adaptive spin (which yields every SPIN_YIELD_EVERY pauses), a yielding
- * wait (sched_yield() every time). */
-enum { WATCH_SPIN, WATCH_ADAPTIVE, WATCH_YIELD };
-
-static inline void watch_pass(int how, unsigned i)
-{
-    if (how == WATCH_YIELD || (how == WATCH_ADAPTIVE && i % SPIN_YIELD_EVERY == 0))
-        sched_yield();
-    else
-        cpu_relax();
 }
 
 #define DEADLINE_UNSET (UINT64_MAX - 1) /* see "Lazy deadlines" below */

@@ -24,7 +24,6 @@ typedef struct {
     int mode;
     uint64_t spin_ns;
     uint64_t spin_cur; /* adaptive: this wait's spin (see spin_won/spin_lost) */
-    uint64_t yield_cur; /* adaptive: this wait's yielding (see "Yielding waits"), 0: none */
     uint64_t max_payload;
     prod_t req;
     cons_t resp;

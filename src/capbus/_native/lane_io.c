@@ -196,25 +196,6 @@ static HOT int lane_sleep(LaneObject *L, uint64_t *tail, uint32_t *sleeping, uin
     return r == -EINTR ? LW_SLICE : LW_AGAIN; /* EINTR: let the caller run signal handlers */
 }
 
-/* Busy-watch the response ring until `end`: LW_READY, LW_STATE, or LW_SLICE at `end`. Between
- * looks (`how`, see watch_pass): the pause instruction (a spin, the clock every SPIN_CLOCK_EVERY
- * pauses) or sched_yield() ("Yielding waits" in common.h; a syscall, so the clock each time). */
-static HOT int lane_watch(LaneObject *L, const uint64_t *tail, uint64_t head, uint64_t end,
-                          int how)
-{
-    unsigned every = how == WATCH_YIELD ? 1 : SPIN_CLOCK_EVERY;
-    for (unsigned i = 1;; i++) {
-        /* RELAXED: only an "anything new?" test; cons_poll re-reads the tail with ACQUIRE. */
-        if (__atomic_load_n(tail, __ATOMIC_RELAXED) != head)
-            return LW_READY;
-        if (lane_state(L) != STATE_OPEN)
-            return LW_STATE;
-        watch_pass(how, i);
-        if (i % every == 0 && now_ns() >= end)
-            return LW_SLICE;
-    }
-}
-
 /* Wait (WITHOUT the GIL) until something is in the response ring, the control page leaves OPEN,
  * or the slice (<= SLICE_NS, <= deadline) is over; LW_EXPIRED if the deadline had passed. *dl:
  * the deadline, fixed here if DEADLINE_UNSET (see "Lazy deadlines"). */
@@ -246,26 +227,20 @@ static HOT int lane_wait(LaneObject *L, uint64_t *dl, int64_t timeout_ns)
     else if (L->mode == WAIT_ADAPTIVE && spin_allowed(start))
         spin_end = slice_end - start > L->spin_cur ? start + L->spin_cur : slice_end;
     if (spin_end > start) {
-        int r = lane_watch(L, tail, head, spin_end,
-                           L->mode == WAIT_SPIN ? WATCH_SPIN : WATCH_ADAPTIVE);
-        if (r == LW_READY)
-            L->spin_cur = spin_won(L->spin_cur, L->spin_ns);
-        if (r != LW_SLICE)
-            return r;
+        for (unsigned i = 1;; i++) {
+            /* RELAXED: only an "anything new?" test; cons_poll re-reads the tail with ACQUIRE. */
+            if (__atomic_load_n(tail, __ATOMIC_RELAXED) != head) {
+                L->spin_cur = spin_won(L->spin_cur, L->spin_ns);
+                return LW_READY;
+            }
+            if (lane_state(L) != STATE_OPEN)
+                return LW_STATE;
+            cpu_relax();
+            if (i % SPIN_CLOCK_EVERY == 0 && now_ns() >= spin_end)
+                break;
+        }
         if (L->mode == WAIT_ADAPTIVE)
             L->spin_cur = spin_lost(L->spin_cur);
-    }
-    if (L->mode == WAIT_ADAPTIVE && L->yield_cur) { /* see "Yielding waits" (common.h) */
-        uint64_t now = spin_end > start ? now_ns() : start;
-        if (now < slice_end) {
-            uint64_t end = slice_end - now > L->yield_cur ? now + L->yield_cur : slice_end;
-            int r = lane_watch(L, tail, head, end, WATCH_YIELD);
-            if (r == LW_READY)
-                L->yield_cur = spin_won(L->yield_cur, YIELD_MAX_NS);
-            if (r != LW_SLICE)
-                return r;
-            L->yield_cur = yield_lost(L->yield_cur);
-        }
     }
     if (forever) /* adaptive, spun out */
         return lane_sleep(L, tail, sleeping, head, 0, LS_FOREVER);

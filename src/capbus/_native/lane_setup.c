@@ -169,7 +169,6 @@ static int Lane_init(LaneObject *L, PyObject *args, PyObject *kw)
     L->index = (uint32_t)index;
     L->mode = mode;
     L->spin_ns = L->spin_cur = (uint64_t)spin_ns;
-    L->yield_cur = spin_ns ? YIELD_MAX_NS : 0; /* spin_ns=0: the caller wants no busy wait */
     L->max_payload = max_payload_for(asize);
     memset(&L->req, 0, sizeof L->req);
     memset(&L->resp, 0, sizeof L->resp);

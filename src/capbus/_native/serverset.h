@@ -107,8 +107,6 @@ typedef struct {
     int prio_adopt;       /* recv() runs the caller's priority (prio_adopt) */
     uint64_t spin_ns;
     uint64_t spin_cur; /* adaptive: this wait's spin (see spin_won/spin_lost) */
-    uint64_t yield_cur; /* adaptive: this wait's yielding (see "Yielding waits"), 0: none */
-    uint32_t busy_takes; /* adaptive: receives in a row that found work without waiting */
     int recv_active;    /* GIL */
     int interrupt;      /* atomic */
     uint32_t rr;        /* round-robin position (recv only) */

@@ -354,7 +354,7 @@ static HOT int ss_take_wait(ServerSetObject *S, PyObject **out, int64_t timeout_
     int refreshes = 2;
     unsigned budget = 2 * MAX_CHANNELS;
     uint64_t deadline = deadline_lazy(timeout_ns); /* see "Lazy deadlines" (common.h) */
-    int expired = deadline == 0, waited = 0;
+    int expired = deadline == 0;
     for (;;) {
         /* Load first: the locked exchange only when interrupt() was called. */
         if (__atomic_load_n(&S->interrupt, __ATOMIC_RELAXED) &&
@@ -366,16 +366,6 @@ static HOT int ss_take_wait(ServerSetObject *S, PyObject **out, int64_t timeout_
          * fence, so the one before it would only repeat it. Once it has passed, this is the last
          * look, with a full scan. */
         int t = ss_take(S, out, &refreshes, &budget, 0, !expired);
-        if (t == TK_GOT && S->mode == WAIT_ADAPTIVE && S->yield_cur) {
-            if (waited)
-                S->busy_takes = 0;
-            else if (++S->busy_takes >= BUSY_YIELD_EVERY) {
-                S->busy_takes = 0;
-                Py_BEGIN_ALLOW_THREADS
-                sched_yield(); /* see BUSY_YIELD_EVERY */
-                Py_END_ALLOW_THREADS
-            }
-        }
         if (t == TK_GOT || t == TK_ERROR)
             return t;
         if (expired)
@@ -384,7 +374,6 @@ static HOT int ss_take_wait(ServerSetObject *S, PyObject **out, int64_t timeout_
         Py_BEGIN_ALLOW_THREADS
         w = ss_wait(S, &deadline, timeout_ns);
         Py_END_ALLOW_THREADS
-        waited = 1;
         if (w == W_EXPIRED)
             expired = 1;
         refreshes = 2;

@@ -382,7 +382,6 @@ static int ServerSet_init(ServerSetObject *S, PyObject *args, PyObject *kw)
     __atomic_store_n((uint32_t *)(S->db + DB_SERVER_SPINS_OFF), mode == WAIT_SPIN, __ATOMIC_RELAXED);
     S->mode = mode;
     S->spin_ns = S->spin_cur = (uint64_t)spin_ns;
-    S->yield_cur = spin_ns ? YIELD_MAX_NS : 0; /* spin_ns=0: the caller wants no busy wait */
     return 0;
 }
 

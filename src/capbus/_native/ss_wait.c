@@ -1,6 +1,6 @@
 /*
  * _native/ss_wait.c: The ServerSet's scan and wait: full scan, ready hints, pick, and the wait
- * (spin, yield, futex, sleep eventfd) run by the recv holder with or without the GIL. HOT.
+ * (spin, futex, sleep eventfd) run by the recv holder with or without the GIL. HOT.
  * Not compiled alone: module.c #includes it (one translation unit, see there).
  */
 
@@ -96,48 +96,7 @@ static HOT int ss_pick(ServerSetObject *S, int *refreshes, int will_wait)
     return ss_find_from(S, 0);
 }
 
-enum { W_AGAIN, W_INTERRUPT, W_EXPIRED, W_END };
-
-/* Busy-watch the doorbell from `now` until `end`: W_AGAIN (something may have come: seq moved, a
- * hint bit, a full scan found work), W_INTERRUPT, or W_END. Between looks (`how`, see watch_pass):
- * the pause instruction (the clock every SPIN_CLOCK_EVERY pauses) or sched_yield() (see "Yielding
- * waits" in common.h; a syscall, so the clock each time). */
-static HOT int ss_watch(ServerSetObject *S, uint64_t now, uint64_t end, int how)
-{
-    uint32_t *seq = (uint32_t *)(S->db + DB_SEQ_OFF);
-    /* ACQUIRE: if a later load sees a different seq we rescan anyway; reading seq BEFORE the
-     * scan closes the window where a client publishes between our scan and our read. */
-    uint32_t seen = __atomic_load_n(seq, __ATOMIC_ACQUIRE);
-    if (ss_full_scan(S, coarse_ns()))
-        return W_AGAIN;
-    uint64_t next_scan = now + SPIN_SCAN_NS;
-    uint64_t *bm = (uint64_t *)(S->db + DB_BITMAP_OFF);
-    uint32_t span = ss_span(S);
-    unsigned every = how == WATCH_YIELD ? 1 : SPIN_CLOCK_EVERY;
-    for (unsigned i = 1;; i++) {
-        if (__atomic_load_n(seq, __ATOMIC_RELAXED) != seen) /* RELAXED: "look again" */
-            return W_AGAIN;
-        /* The hint bits too: clients of a spinning server set only those (server_spins).
-         * RELAXED: "look again" as well; a scribbled bit costs one empty turn. */
-        for (uint32_t w = 0; w < span && w < DB_BITMAP_WORDS; w++)
-            if (__atomic_load_n(&bm[w], __ATOMIC_RELAXED) &
-                __atomic_load_n(&S->active[w], __ATOMIC_RELAXED))
-                return W_AGAIN;
-        if (__atomic_load_n(&S->interrupt, __ATOMIC_RELAXED))
-            return W_INTERRUPT;
-        watch_pass(how, i);
-        if (i % every == 0) {
-            now = now_ns();
-            if (now >= end)
-                return W_END;
-            if (now >= next_scan) { /* a scribbler may hold seq still: trust only rings */
-                if (ss_full_scan(S, coarse_ns()))
-                    return W_AGAIN;
-                next_scan = now + SPIN_SCAN_NS;
-            }
-        }
-    }
-}
+enum { W_AGAIN, W_INTERRUPT, W_EXPIRED };
 
 /* Wait WITHOUT the GIL for work: at most one slice (or, with no deadline or a far one and no
  * spinning left, one untimed sleep under the watchdog), then the caller re-checks everything.
@@ -171,24 +130,43 @@ static HOT int ss_wait(ServerSetObject *S, uint64_t *dl, int64_t timeout_ns)
     else if (S->mode == WAIT_ADAPTIVE && spin_allowed(start))
         spin_end = slice_end - start > S->spin_cur ? start + S->spin_cur : slice_end;
     if (spin_end > start) {
-        int w = ss_watch(S, start, spin_end, S->mode == WAIT_SPIN ? WATCH_SPIN : WATCH_ADAPTIVE);
-        if (w == W_AGAIN)
-            S->spin_cur = spin_won(S->spin_cur, S->spin_ns);
-        if (w != W_END)
-            return w;
-        if (S->mode == WAIT_ADAPTIVE)
-            S->spin_cur = spin_lost(S->spin_cur);
-    }
-    if (S->mode == WAIT_ADAPTIVE && S->yield_cur) { /* see "Yielding waits" (common.h) */
-        uint64_t now = spin_end > start ? now_ns() : start;
-        if (now < slice_end) {
-            uint64_t end = slice_end - now > S->yield_cur ? now + S->yield_cur : slice_end;
-            int w = ss_watch(S, now, end, WATCH_YIELD);
-            if (w == W_AGAIN)
-                S->yield_cur = spin_won(S->yield_cur, YIELD_MAX_NS);
-            if (w != W_END)
-                return w;
-            S->yield_cur = yield_lost(S->yield_cur);
+        /* ACQUIRE: if a later load sees a different seq we rescan anyway; reading seq BEFORE the
+         * scan closes the window where a client publishes between our scan and our read. */
+        uint32_t seen = __atomic_load_n(seq, __ATOMIC_ACQUIRE);
+        if (ss_full_scan(S, coarse_ns()))
+            return W_AGAIN;
+        uint64_t next_scan = start + SPIN_SCAN_NS;
+        uint64_t *bm = (uint64_t *)(S->db + DB_BITMAP_OFF);
+        uint32_t span = ss_span(S);
+        for (unsigned i = 1;; i++) {
+            if (__atomic_load_n(seq, __ATOMIC_RELAXED) != seen) { /* RELAXED: "look again" */
+                S->spin_cur = spin_won(S->spin_cur, S->spin_ns);
+                return W_AGAIN;
+            }
+            /* The hint bits too: clients of a spinning server set only those (server_spins).
+             * RELAXED: "look again" as well; a scribbled bit costs one empty turn. */
+            for (uint32_t w = 0; w < span && w < DB_BITMAP_WORDS; w++)
+                if (__atomic_load_n(&bm[w], __ATOMIC_RELAXED) &
+                    __atomic_load_n(&S->active[w], __ATOMIC_RELAXED)) {
+                    S->spin_cur = spin_won(S->spin_cur, S->spin_ns);
+                    return W_AGAIN;
+                }
+            if (__atomic_load_n(&S->interrupt, __ATOMIC_RELAXED))
+                return W_INTERRUPT;
+            cpu_relax();
+            if (i % SPIN_CLOCK_EVERY == 0) {
+                uint64_t now = now_ns();
+                if (now >= spin_end) {
+                    if (S->mode == WAIT_ADAPTIVE)
+                        S->spin_cur = spin_lost(S->spin_cur);
+                    break;
+                }
+                if (now >= next_scan) { /* a scribbler may hold seq still: trust only rings */
+                    if (ss_full_scan(S, coarse_ns()))
+                        return W_AGAIN;
+                    next_scan = now + SPIN_SCAN_NS;
+                }
+            }
         }
     }
     uint64_t rel = 0;

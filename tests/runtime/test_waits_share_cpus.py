@@ -1,7 +1,8 @@
-"""Yielding waits (docs/ARCHITECTURE.md "The data plane", _native/common.h "Yielding waits"): an
-adaptive wait watches its ring between sched_yield()s before it sleeps, so that a waker pays no
-wake-up while more threads than CPUs are busy. The yielding must stay bounded: a caller of a slow
-service and an idle server must sleep, not burn a CPU, and many busy callers must all progress."""
+"""Adaptive waits share the CPUs (docs/ARCHITECTURE.md "The data plane"): a caller of a slow
+service and an idle server sleep rather than burn a CPU, many busy callers on few cores all
+progress, and a doorbell scribbler cannot stall an honest caller. (Written for a yielding wait
+that was tried and taken out: its sched_yield()s left one of eight busy callers starved in about
+one run in four, which this file's fairness test caught on a quiet machine.)"""
 
 from __future__ import annotations
 
