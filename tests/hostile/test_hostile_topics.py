@@ -196,6 +196,10 @@ _EVIL_PUBLISHER = """
         _core.atomic_store_u64(ring, L.R_HEAD_OFF, 1)
     elif mode == "half":
         entry(0, 4, 99, state=h * 4 + 3)
+    elif mode == "preempted":  # an honest publisher stopped mid-write for 0.5 s, then done
+        entry(0, 4, 99, state=h * 4 + 3)
+        time.sleep(0.5)
+        _core.atomic_store_u64(ring, off, h * 4 + 1)
     elif mode == "stale":
         entry(0, 4, 99, state=(h - 2) * 4 + 1)
     elif mode == "random":
@@ -206,6 +210,23 @@ _EVIL_PUBLISHER = """
     print("corrupted", flush=True)
     time.sleep(30)
 """
+
+
+def test_a_publisher_stopped_mid_write_is_not_garbage(kernel, children):
+    """An entry half-written for a while (its publisher preempted on a busy machine) is waited
+    for, not taken for garbage: only one that stays half-written for 2 s is."""
+    b = capbus.connect(kernel.socket_path)
+    p = children.start(_EVIL_PUBLISHER, "preempted", stdin=subprocess.PIPE)
+    assert readline(p) == "ready"
+    sub = b.subscribe("evil", timeout=5)
+    assert readline(p) == "published"
+    for _ in range(3):
+        sub.recv(5).release()
+    p.stdin.write("go\n")
+    p.stdin.flush()
+    with sub.recv(10) as s:
+        assert s.seq == 99 and len(s.payload) == 4
+    assert readline(p, 10) == "corrupted"
 
 
 @pytest.mark.parametrize("mode", ["slot", "length", "seq", "head-back", "half", "stale",

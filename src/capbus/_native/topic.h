@@ -65,6 +65,7 @@ typedef struct {
     char *ring;
     uint64_t slots, depth, slot_size, max_size, relcap, rel_off, publisher;
     uint64_t next, head_seen, last_seq, rel_head, taken, dropped, gap;
+    uint64_t half_seq, half_since; /* entry half_seq - 1 seen half-written since (ns) */
     uint32_t max_held, held; /* samples handed out whose slot is not back yet */
     uint32_t nfreed;
     uint32_t *freed;   /* slots whose sample is released and viewless: to give back */

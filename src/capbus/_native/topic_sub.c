@@ -5,13 +5,18 @@
  * under its lock; GIL held, never blocks (sleeping is Python's, on the ring's futex word).
  * Trust: the ring is written by the publisher, possibly hostile: every value is checked (the
  * head never goes back, an entry's slot below the kernel's slot count and its length at most
- * max_size, sequence numbers increase, an entry is never half-written for long); garbage is
+ * max_size, sequence numbers increase, no entry stays half-written for 2 s); garbage is
  * reported as a reason string (Python drops the topic with CorruptChannel). Hot path: take(),
  * which makes the Sample (topic_sample.c) and gives back released slots.
  * Not compiled alone: module.c #includes it (one translation unit, see there).
  */
 
-#define TP_CORRUPT_SPINS 2000000 /* an entry half-written this long is garbage */
+/* An entry the publisher is writing (it lapped us, or it was preempted in the middle): spin a
+ * little, then report "nothing yet" (the caller waits and looks again). Only an entry that stays
+ * half-written for TP_HALF_WRITTEN_NS is garbage: a spin count alone (it was 2,000,000) took an
+ * honest publisher preempted for a few ms on a busy machine for a hostile one. */
+#define TP_HALF_SPINS 1000
+#define TP_HALF_WRITTEN_NS 2000000000ull
 
 static PyTypeObject TopicSubType;
 
@@ -174,8 +179,16 @@ static PyObject *tsub_take_one(TopicSubObject *S)
         }
         if (state >> 2 < nxt)
             return tsub_corrupt("entry %llu is not written though the head is %llu", nxt, head);
-        if (++spins > TP_CORRUPT_SPINS) /* it is rewriting it (it lapped us): look again */
-            return tsub_corrupt("entry %llu stayed half-written (head %llu)", nxt, head);
+        if (++spins < TP_HALF_SPINS) /* it is rewriting it (it lapped us): look again */
+            continue;
+        uint64_t now = now_ns();
+        if (S->half_seq != nxt + 1) {
+            S->half_seq = nxt + 1;
+            S->half_since = now;
+        } else if (now - S->half_since > TP_HALF_WRITTEN_NS) {
+            return tsub_corrupt("entry %llu stayed half-written for 2 s (head %llu)", nxt, head);
+        }
+        return Py_NewRef(Py_None);
     }
 }
 
