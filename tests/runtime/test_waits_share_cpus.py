@@ -123,8 +123,8 @@ def test_eight_busy_callers_on_few_cores_all_progress_fairly(kernel, children):
     for c in clients:
         c.wait(10)
     mean = sum(counts) / len(counts)
-    # Nine busy processes on this project's 2 cores: a yielder must not keep the CPU from the
-    # others (nor from the server), and nobody is starved.
+    # Nine busy processes on this project's 2 cores: no waiter keeps the CPU from the others
+    # (nor from the server), and nobody is starved.
     assert min(counts) >= 0.25 * mean, counts
     assert server.poll() is None
 

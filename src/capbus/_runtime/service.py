@@ -19,7 +19,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .. import _core
@@ -267,6 +267,21 @@ class Service(_core.ServiceBase):
                     out[k] = out.get(k, 0) + v
         return out
 
+    def _requests(self, poll: float | None) -> Iterator[Request]:
+        """What serve() and serve_interface() answer, one request at a time, until the service
+        (or its Process) is closed; KernelUnavailable once the kernel went with every channel."""
+        while not self._closed and not self._session.user_closed:
+            try:
+                yield self.recv(poll)
+            except Timeout:
+                continue
+            except IpcError:
+                if self._lost is not None:  # the kernel went, and with it every channel
+                    raise self._lost from None
+                if self._closed or self._session.user_closed:
+                    return
+                raise
+
     def serve(self, handler: Callable[[Request], Any], *, poll: float | None = None) -> None:
         """Receive and answer until the service (or its Process) is closed.
 
@@ -283,17 +298,7 @@ class Service(_core.ServiceBase):
         wait a timed one instead: as fast since timed waits sleep as untimed ones do (kept for
         callers that passed it).
         """
-        while not self._closed and not self._session.user_closed:
-            try:
-                req = self.recv(poll)
-            except Timeout:
-                continue
-            except IpcError:
-                if self._lost is not None:  # the kernel went, and with it every channel
-                    raise self._lost from None
-                if self._closed or self._session.user_closed:
-                    return
-                raise
+        for req in self._requests(poll):
             try:
                 self._answer(req, handler)
             finally:
@@ -316,17 +321,7 @@ class Service(_core.ServiceBase):
         handle = self._dispatcher(impl, interface).handle
         loop: asyncio.AbstractEventLoop | None = None
         try:  # serve()'s loop, without its per-request handler frames (the hot path of a proxy)
-            while not self._closed and not self._session.user_closed:
-                try:
-                    req = self.recv(poll)
-                except Timeout:
-                    continue
-                except IpcError:
-                    if self._lost is not None:
-                        raise self._lost from None
-                    if self._closed or self._session.user_closed:
-                        return
-                    raise
+            for req in self._requests(poll):
                 try:
                     coro = handle(req)
                     if coro is not None:
@@ -370,11 +365,6 @@ class Service(_core.ServiceBase):
                     if self._lost is not None:
                         raise self._lost from None
                     if self._closed or self._session.user_closed:
-                        return
-                    raise
-                except OSError:
-                    # close() closes the eventfd an arecv may be waiting on (EBADF as it wakes)
-                    if self._closed:
                         return
                     raise
                 coro = d.handle(req)
