@@ -7,6 +7,9 @@
   (copied without the GIL) payloads on one channel, lose, duplicate and mix up nothing;
 * small ints are read and made without calls into the interpreter: every boundary still
   round-trips, and every bad value is still refused;
+* keyword arguments are found by the identity of the call site's interned name when it was seen
+  before: a fresh (not interned) name, a str subclass, a misspelt or repeated one, and a flood of
+  distinct names are each still read or refused as by name;
 * the call-latency clock (the TSC where it is the kernel's clocksource) agrees with wall time.
 """
 
@@ -144,6 +147,32 @@ def test_int_boundaries_and_bad_values(db, chans):
             with pytest.raises(ValueError):
                 ln.call(0, bad_opcode, 0, (), None, SEC)
         assert ln.call(0, 1, 0, (1, 2, 3, 4), None, SEC * 5)[:6] == (1, 0, 1, 2, 3, 4)
+
+
+def test_keyword_names_by_identity_and_by_value(db, chans):
+    class Name(str):
+        pass
+
+    fresh = "".join(["timeout", "_ns"])  # equal to the interned name, another object
+    assert fresh == "timeout_ns" and fresh is not "timeout_ns"  # noqa: F632
+    with echoing(db, chans, 5) as (_ch, ln):
+        for _ in range(3):  # the first call remembers the interned name, the next find it so
+            assert ln.call(0, 7, 0, (1,), None, timeout_ns=SEC * 5)[0] == 7
+            assert ln.call(0, 8, 0, (1,), None, **{fresh: SEC * 5})[0] == 8
+            assert ln.call(0, 9, 0, (1,), None, **{Name("timeout_ns"): SEC * 5})[0] == 9
+            assert ln.call(capability=0, opcode=10, flags=0, data=(2,), payload=b"x",
+                           timeout_ns=SEC * 5)[:3] == (10, 0, 2)
+        with pytest.raises(TypeError, match="unexpected keyword argument 'timeout'"):
+            ln.call(0, 1, 0, (), None, timeout=SEC)
+        with pytest.raises(TypeError, match="multiple values for argument 'opcode'"):
+            ln.call(0, 1, opcode=2)
+        with pytest.raises(TypeError, match="missing required argument 'data'"):
+            ln.call(0, 1, 0, timeout_ns=SEC)
+        # Many distinct names (each a fresh object) hold nothing and confuse nothing.
+        for i in range(2000):
+            with pytest.raises(TypeError, match="unexpected keyword"):
+                ln.call(0, 1, 0, (), None, **{f"t{i}": SEC})
+        assert ln.call(0, 11, 0, (), None, timeout_ns=SEC * 5)[0] == 11
 
 
 def test_two_receiving_threads_share_every_message(db, chans):

@@ -10,17 +10,20 @@
 /* Parse a METH_FASTCALL | METH_KEYWORDS call into out[i] (NULL when not given) by position or by
  * name; names is NULL-terminated and the first nreq are required. No allocation. */
 static HOT int fast_args_n(const char *fname, PyObject *const *args, Py_ssize_t nargs,
-                       PyObject *kwnames, const char *const *names, int nnames, int nreq,
-                       PyObject **out);
+                       PyObject *kwnames, const char *const *names, PyObject **seen, int nnames,
+                       int nreq, PyObject **out);
 
-/* names is a NULL-terminated static array: its length is known at compile time. */
+/* names is a NULL-terminated static array: its length is known at compile time. Each call site
+ * gets its own `seen` table (see fast_args_n), static, so zeroed and kept for the process. */
 #define fast_args(fname, args, nargs, kwnames, names, nreq, out)                                  \
-    fast_args_n(fname, args, nargs, kwnames, names,                                              \
-                (int)(sizeof(names) / sizeof((names)[0])) - 1, nreq, out)
+    __extension__({                                                                              \
+        static PyObject *kw_seen_[sizeof(names) / sizeof((names)[0])];                           \
+        fast_args_n(fname, args, nargs, kwnames, names, kw_seen_,                                \
+                    (int)(sizeof(names) / sizeof((names)[0])) - 1, nreq, out);                   \
+    })
 
-/* Is keyword `key` the name `name`? Keyword names are compact ASCII strings in practice: compare
- * the bytes (PyUnicode_CompareWithASCIIString costs ~10 ns per name tried, and `timeout=` is the
- * fourth name of call(): that was a tenth of the extra cost of a timed spin call). */
+/* Is keyword `key` the name `name`? (kw_index's slow path.) Keyword names are compact ASCII
+ * strings in practice: compare the bytes (PyUnicode_CompareWithASCIIString costs ~10 ns a name). */
 static HOT inline int kw_is(PyObject *key, const char *name)
 {
     if (PyUnicode_Check(key) && PyUnicode_IS_COMPACT_ASCII(key)) {
@@ -30,9 +33,31 @@ static HOT inline int kw_is(PyObject *key, const char *name)
     return PyUnicode_CompareWithASCIIString(key, name) == 0;
 }
 
+/* Which of names[] is keyword `key`, or nnames. A call site's keyword names are interned strings
+ * (the compiler's constants), the same object at every call: seen[j] remembers the one that last
+ * matched names[j] (holding a reference, so that its address cannot come back as another string),
+ * and a pointer compare finds it without reading a byte (a timed spin call, `timeout=` being the
+ * sixth name of call(), spent ~270 instructions on the byte compares). Only interned keys are
+ * remembered: a **kwargs dict's keys may be fresh objects each time. */
+static HOT inline int kw_index(PyObject *key, const char *const *names, PyObject **seen,
+                               int nnames)
+{
+    for (int j = 0; j < nnames; j++)
+        if (seen[j] == key)
+            return j;
+    int j = 0;
+    while (j < nnames && !kw_is(key, names[j]))
+        j++;
+    if (j < nnames && PyUnicode_CheckExact(key) && PyUnicode_CHECK_INTERNED(key)) {
+        Py_INCREF(key);
+        Py_XSETREF(seen[j], key);
+    }
+    return j;
+}
+
 static HOT int fast_args_n(const char *fname, PyObject *const *args, Py_ssize_t nargs,
-                       PyObject *kwnames, const char *const *names, int nnames, int nreq,
-                       PyObject **out)
+                       PyObject *kwnames, const char *const *names, PyObject **seen, int nnames,
+                       int nreq, PyObject **out)
 {
     /* The common case: all positional, no keywords. */
     if (!kwnames && nargs >= nreq && nargs <= nnames) {
@@ -50,9 +75,7 @@ static HOT int fast_args_n(const char *fname, PyObject *const *args, Py_ssize_t 
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     for (Py_ssize_t k = 0; k < nkw; k++) {
         PyObject *key = PyTuple_GET_ITEM(kwnames, k);
-        int j = 0;
-        while (j < nnames && !kw_is(key, names[j]))
-            j++;
+        int j = kw_index(key, names, seen, nnames);
         if (j == nnames) {
             PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument %R", fname, key);
             return -1;
