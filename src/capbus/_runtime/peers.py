@@ -14,6 +14,11 @@ from collections.abc import Callable
 
 log = logging.getLogger("capbus")
 
+# How many exits PeerWatch.dead remembers. It only matters for the moments after an exit, until
+# the kernel reports it (ChannelClosed), so that a kernel lost meanwhile does not hide it; the
+# oldest are forgotten first, so that a long-lived process's peers coming and going cost nothing.
+DEAD_KEPT = 1024
+
 
 class PeerWatch:
     """pidfds by OS pid. A pidfd is opened when the kernel has just vouched for the pid (a channel
@@ -24,7 +29,9 @@ class PeerWatch:
         self._lock = threading.Lock()
         self._fds: dict[int, int] = {}  # pid -> pidfd
         self._pids: dict[int, int] = {}  # pidfd -> pid
-        self.dead: set[int] = set()  # pids seen to exit since the kernel last vouched for them
+        # pids seen to exit since the kernel last vouched for them, oldest first (a dict as an
+        # ordered set), at most DEAD_KEPT
+        self.dead: dict[int, None] = {}
         self._poll: select.epoll | None = None
         self._wake = -1
         self._thread: threading.Thread | None = None
@@ -38,13 +45,13 @@ class PeerWatch:
         with self._lock:
             if self._closed or os.getpid() != self._owner:
                 return True
-            self.dead.discard(pid)  # the kernel vouches for it now
+            self.dead.pop(pid, None)  # the kernel vouches for it now
             if pid in self._fds:
                 return True
             try:
                 fd = os.pidfd_open(pid)
             except ProcessLookupError:
-                self.dead.add(pid)
+                self._died(pid)
                 return False
             except (OSError, AttributeError) as exc:  # Linux < 5.3: only the kernel sees deaths
                 log.debug("cannot watch pid %d: %s", pid, exc)
@@ -65,6 +72,12 @@ class PeerWatch:
             return False
         with self._lock:
             return pid in self.dead or (self._poll is not None and pid not in self._fds)
+
+    def _died(self, pid: int) -> None:
+        """Remember an exit (the lock held), forgetting the oldest beyond DEAD_KEPT."""
+        self.dead[pid] = None
+        if len(self.dead) > DEAD_KEPT:
+            del self.dead[next(iter(self.dead))]
 
     def close(self) -> None:
         with self._lock:
@@ -92,7 +105,7 @@ class PeerWatch:
                     del self._fds[pid]
                     self._poll.unregister(fd)
                     os.close(fd)
-                    self.dead.add(pid)
+                    self._died(pid)
                     gone.append(pid)
             for pid in gone:
                 try:

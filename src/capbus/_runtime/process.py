@@ -495,8 +495,9 @@ class Process:
         self._session.kernel_lost = KernelUnavailable(f"{reason} ({what})")
         self._session.control._closed = self._session.kernel_lost
         log.warning("capbus: lost the kernel (%s): %s", reason, what)
-        for svc in list(self._session.services.values()):
-            svc._kernel_lost(self._session.peers.dead, self._session.reconnect)
+        dead = set(self._session.peers.dead)  # one copy (made in C, under the GIL): the watch
+        for svc in list(self._session.services.values()):  # thread may add to it meanwhile
+            svc._kernel_lost(dead, self._session.reconnect)
         for pub in list(self._session.publishers.values()):
             pub._kernel_lost()
         for tsub in list(self._session.subscribers.values()):

@@ -19,7 +19,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .. import _core
@@ -572,7 +572,7 @@ class Service(_core.ServiceBase):
     def _closed_error(self) -> IpcError:
         return self._lost if self._lost is not None else IpcError(f"service {self.name!r} is closed")
 
-    def _kernel_lost(self, dead: set[int], reconnect: bool) -> None:
+    def _kernel_lost(self, dead: Collection[int], reconnect: bool) -> None:
         """The kernel is gone: channels whose client died before the kernel could tell us go now;
         the others are served while their clients live."""
         for index, (pid, _) in list(self._chans.items()):
