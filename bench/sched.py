@@ -372,7 +372,8 @@ def _capbus_clients(kernel, server: subprocess.Popen, k: int, dur: float) -> Res
     return Result(f"capbus, {k} client process{'es' if k > 1 else ''}", METRIC_THROUGHPUT,
                   msgs_per_s=sum(counts) / dur,
                   note=f"calls/s in all; per client min {min(counts) / dur:,.0f}"
-                       f" max {max(counts) / dur:,.0f}/s; per call: clients {cvol:.2f} vol"
+                       f" max {max(counts) / dur:,.0f}/s (min {k * min(counts) / calls:.2f}x"
+                       f" the mean); per call: clients {cvol:.2f} vol"
                        f" + {cinv:.2f} invol, server {svol:.2f} + {sinv:.2f} switches",
                   samples=sum(counts))
 
@@ -387,7 +388,8 @@ def _c_clients(k: int, dur: float, spin_ns: int, label: str) -> Result:
         return Result.skip(name, METRIC_THROUGHPUT, str(exc))
     return Result(name, METRIC_THROUGHPUT, msgs_per_s=out["per_s"],
                   note=f"round trips/s in all; per client min {out['min_per_s']:,.0f}"
-                       f" max {out['max_per_s']:,.0f}/s; {out['csw_per_call']:.2f} switches"
+                       f" max {out['max_per_s']:,.0f}/s (min {k * out['min_per_s'] / out['per_s']:.2f}x"
+                       f" the mean); {out['csw_per_call']:.2f} switches"
                        " per call (all processes)",
                   samples=int(out["per_s"] * dur))
 
