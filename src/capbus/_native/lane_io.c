@@ -196,6 +196,34 @@ static HOT int lane_sleep(LaneObject *L, uint64_t *tail, uint32_t *sleeping, uin
     return r == -EINTR ? LW_SLICE : LW_AGAIN; /* EINTR: let the caller run signal handlers */
 }
 
+/* An adaptive wait's spin, for the next one (common.h, "Adaptive waiting"): a win doubles it (from
+ * 0: the floor), a loss halves it, and SPIN_STOP_AFTER losses in a row at the floor make it 0. */
+static inline void lane_spin_won(LaneObject *L)
+{
+    L->spin_cur = L->spin_cur ? spin_won(L->spin_cur, L->spin_ns)
+                              : (SPIN_FLOOR_NS < L->spin_ns ? SPIN_FLOOR_NS : L->spin_ns);
+    L->spin_miss = 0;
+}
+
+static inline void lane_spin_lost(LaneObject *L)
+{
+    if (L->spin_cur > SPIN_FLOOR_NS) {
+        L->spin_cur = spin_lost(L->spin_cur);
+        L->spin_miss = 0;
+    } else if (++L->spin_miss >= SPIN_STOP_AFTER) {
+        L->spin_cur = 0;
+    }
+}
+
+/* After an adaptive wait that slept with spinning stopped: a reply that came within spin_ns of
+ * the wait's start says a spin would have seen it, so spin again. Only then is the clock read
+ * (the sleep cost a syscall already). */
+static inline void lane_spin_learn(LaneObject *L, uint64_t start)
+{
+    if (L->mode == WAIT_ADAPTIVE && !L->spin_cur && L->spin_ns && now_ns() - start < L->spin_ns)
+        lane_spin_won(L);
+}
+
 /* Wait (WITHOUT the GIL) until something is in the response ring, the control page leaves OPEN,
  * or the slice (<= SLICE_NS, <= deadline) is over; LW_EXPIRED if the deadline had passed. *dl:
  * the deadline, fixed here if DEADLINE_UNSET (see "Lazy deadlines"). */
@@ -230,7 +258,8 @@ static HOT int lane_wait(LaneObject *L, uint64_t *dl, int64_t timeout_ns)
         for (unsigned i = 1;; i++) {
             /* RELAXED: only an "anything new?" test; cons_poll re-reads the tail with ACQUIRE. */
             if (__atomic_load_n(tail, __ATOMIC_RELAXED) != head) {
-                L->spin_cur = spin_won(L->spin_cur, L->spin_ns);
+                if (L->mode == WAIT_ADAPTIVE)
+                    lane_spin_won(L);
                 return LW_READY;
             }
             if (lane_state(L) != STATE_OPEN)
@@ -240,18 +269,23 @@ static HOT int lane_wait(LaneObject *L, uint64_t *dl, int64_t timeout_ns)
                 break;
         }
         if (L->mode == WAIT_ADAPTIVE)
-            L->spin_cur = spin_lost(L->spin_cur);
+            lane_spin_lost(L);
     }
-    if (forever) /* adaptive, spun out */
-        return lane_sleep(L, tail, sleeping, head, 0, LS_FOREVER);
-    if (far)
-        return lane_sleep(L, tail, sleeping, head, SLEEP_CAP_NS, LS_FAR);
+    if (forever || far) { /* adaptive, spun out (or not spinning) */
+        int r = forever ? lane_sleep(L, tail, sleeping, head, 0, LS_FOREVER)
+                        : lane_sleep(L, tail, sleeping, head, SLEEP_CAP_NS, LS_FAR);
+        if (r == LW_AGAIN || r == LW_READY)
+            lane_spin_learn(L, start);
+        return r;
+    }
     for (;;) {
         uint64_t now = now_ns();
         if (now >= slice_end)
             return LW_SLICE;
         uint64_t rel = slice_end - now < SLEEP_CAP_NS ? slice_end - now : SLEEP_CAP_NS;
         int r = lane_sleep(L, tail, sleeping, head, rel, LS_TIMED);
+        if (r == LW_READY)
+            lane_spin_learn(L, start);
         if (r != LW_AGAIN)
             return r;
     }
