@@ -49,6 +49,35 @@ def test_a_caller_of_a_slow_service_sleeps_instead_of_yielding_the_whole_wait(ke
     assert cpu < 0.2 * wall, (cpu, wall)
 
 
+def test_a_caller_stops_spinning_for_slow_replies_and_starts_again_for_fast_ones(kernel, children):
+    """The adaptive wait learns (common.h "Adaptive waiting"): spins that keep losing halve down to
+    the floor, four more lost there stop them (as for 16 callers of one server on 2 cores, whose
+    replies come ~80 us apart), and a wait that slept but ended within spin_ns starts them again."""
+    server = children.start(SLOW_SERVER.replace('"slow"', '"slow-learn"'), stdin=subprocess.DEVNULL)
+    assert readline(server, 20) == "ready"
+    p = capbus.connect(kernel.socket_path)  # adaptive, spin_ns 50 us
+    try:
+        ep = p.lookup("slow-learn", timeout=10)
+        ep.call(0, timeout=10)
+        lane = ep._local.__dict__["lane"].native  # this thread's (the call above made it)
+        slow = []
+        # 20 ms each: no spin can win. (Up to 1.2 s: a wait on a CPU found oversubscribed does
+        # not spin at all for 200 ms, and then learns nothing.)
+        while (not slow or slow[-1]) and len(slow) < 60:
+            ep.call(1, timeout=10)
+            slow.append(lane.spin_budget)
+        assert slow[-1] == 0, slow
+        assert slow[-5:-1] == [1000] * 4, slow  # halved down to the floor, then 4 losses there
+        fast = []
+        for _ in range(300):
+            ep.call(0, timeout=10)  # answered at once: most waits end within 50 us, even asleep
+            fast.append(lane.spin_budget)
+        assert any(fast), fast
+    finally:
+        p.close()
+    assert server.poll() is None
+
+
 IDLE_SERVER = """
 import capbus
 p = capbus.connect()
