@@ -197,7 +197,11 @@ static HOT int lane_sleep(LaneObject *L, uint64_t *tail, uint32_t *sleeping, uin
 }
 
 /* An adaptive wait's spin, for the next one (common.h, "Adaptive waiting"): a win doubles it (from
- * 0: the floor), a loss halves it, and SPIN_STOP_AFTER losses in a row at the floor make it 0. */
+ * 0: the floor), a loss halves it, and SPIN_STOP_AFTER losses in a row at the floor make it 0 --
+ * losses while the server was busy with others' calls (queueing). A loss by a request that had to
+ * wake the server (L->woke) is that wake-up's latency instead: it keeps the floor, as before, so
+ * that a lone caller whose server fell asleep (another load took its CPU for a while) does not
+ * stop spinning for good: its spins are what bring both ends back to spinning. */
 static inline void lane_spin_won(LaneObject *L)
 {
     L->spin_cur = L->spin_cur ? spin_won(L->spin_cur, L->spin_ns)
@@ -207,7 +211,7 @@ static inline void lane_spin_won(LaneObject *L)
 
 static inline void lane_spin_lost(LaneObject *L)
 {
-    if (L->spin_cur > SPIN_FLOOR_NS) {
+    if (L->spin_cur > SPIN_FLOOR_NS || L->woke) {
         L->spin_cur = spin_lost(L->spin_cur);
         L->spin_miss = 0;
     } else if (++L->spin_miss >= SPIN_STOP_AFTER) {
@@ -216,11 +220,13 @@ static inline void lane_spin_lost(LaneObject *L)
 }
 
 /* After an adaptive wait that slept with spinning stopped: a reply that came within spin_ns of
- * the wait's start says a spin would have seen it, so spin again. Only then is the clock read
- * (the sleep cost a syscall already). */
+ * the wait's start says a spin would have seen it, and one to a request that had to wake the
+ * server says nothing about queueing (see above): spin again, from the floor. Only then is the
+ * clock read (the sleep cost a syscall already). */
 static inline void lane_spin_learn(LaneObject *L, uint64_t start)
 {
-    if (L->mode == WAIT_ADAPTIVE && !L->spin_cur && L->spin_ns && now_ns() - start < L->spin_ns)
+    if (L->mode == WAIT_ADAPTIVE && !L->spin_cur && L->spin_ns &&
+        (L->woke || now_ns() - start < L->spin_ns))
         lane_spin_won(L);
 }
 

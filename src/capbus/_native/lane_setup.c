@@ -247,6 +247,7 @@ static HOT void lane_ring_doorbell(LaneObject *L)
      * A client that scribbles the flag to 1 can make wake-ups go missing, like one that clears
      * server_sleeping: the sleep watchdog / timers bound that. Saves the seq line (which a
      * spinning server reads) and a fence per message. */
+    L->woke = 0;
     if (__atomic_load_n((uint32_t *)(L->db + DB_SERVER_SPINS_OFF), __ATOMIC_RELAXED) == 1)
         return;
     /* SEQ_CST (RELEASE would do for this): a server that ACQUIRE-loads seq and sees this
@@ -261,6 +262,7 @@ static HOT void lane_ring_doorbell(LaneObject *L)
 #endif
     uint32_t sleeping = __atomic_load_n((uint32_t *)(L->db + DB_SERVER_SLEEPING_OFF),
                                         __ATOMIC_RELAXED);
+    L->woke = sleeping != 0; /* (client-writable: a lie only keeps our spins, see lane_spin_lost) */
     if (sleeping == SLEEP_EFD && L->sleep_efd >= 0)
         efd_ring(L->sleep_efd);
     else if (sleeping)
