@@ -196,40 +196,6 @@ static HOT int lane_sleep(LaneObject *L, uint64_t *tail, uint32_t *sleeping, uin
     return r == -EINTR ? LW_SLICE : LW_AGAIN; /* EINTR: let the caller run signal handlers */
 }
 
-/* An adaptive wait's spin, for the next one (common.h, "Adaptive waiting"): a win doubles it (from
- * 0: the floor), a loss halves it, and SPIN_STOP_AFTER losses in a row at the floor make it 0 --
- * losses while the server was busy with others' calls (queueing). A loss by a request that had to
- * wake the server (L->woke) is that wake-up's latency instead: it keeps the floor, as before, so
- * that a lone caller whose server fell asleep (another load took its CPU for a while) does not
- * stop spinning for good: its spins are what bring both ends back to spinning. */
-static inline void lane_spin_won(LaneObject *L)
-{
-    L->spin_cur = L->spin_cur ? spin_won(L->spin_cur, L->spin_ns)
-                              : (SPIN_FLOOR_NS < L->spin_ns ? SPIN_FLOOR_NS : L->spin_ns);
-    L->spin_miss = 0;
-}
-
-static inline void lane_spin_lost(LaneObject *L)
-{
-    if (L->spin_cur > SPIN_FLOOR_NS || L->woke) {
-        L->spin_cur = spin_lost(L->spin_cur);
-        L->spin_miss = 0;
-    } else if (++L->spin_miss >= SPIN_STOP_AFTER) {
-        L->spin_cur = 0;
-    }
-}
-
-/* After an adaptive wait that slept with spinning stopped: a reply that came within spin_ns of
- * the wait's start says a spin would have seen it, and one to a request that had to wake the
- * server says nothing about queueing (see above): spin again, from the floor. Only then is the
- * clock read (the sleep cost a syscall already). */
-static inline void lane_spin_learn(LaneObject *L, uint64_t start)
-{
-    if (L->mode == WAIT_ADAPTIVE && !L->spin_cur && L->spin_ns &&
-        (L->woke || now_ns() - start < L->spin_ns))
-        lane_spin_won(L);
-}
-
 /* Wait (WITHOUT the GIL) until something is in the response ring, the control page leaves OPEN,
  * or the slice (<= SLICE_NS, <= deadline) is over; LW_EXPIRED if the deadline had passed. *dl:
  * the deadline, fixed here if DEADLINE_UNSET (see "Lazy deadlines"). */
