@@ -47,7 +47,7 @@
  * server's queue) end spinning altogether, and a wait that then slept learns from its own length
  * whether spinning pays again: a reply that came within spin_ns of the wait's start (a spin would
  * have seen it), or one to a request that had to wake the server, starts again from the floor
- * (lane_io.c, lane_spin_lost / lane_spin_learn). That is the many-callers case the contention
+ * (lane_setup.c, lane_spin_lost / lane_spin_learn). That is the many-callers case the contention
  * sign above misses: 16 clients of one server on 2 cores sleep on every call (voluntary switches,
  * a few hundred involuntary ones a second each), so the sign never shows, and each of them burned
  * a floor spin per call (64 pauses, 1-3 us: a third of a client's user time per call) on a CPU
