@@ -305,13 +305,14 @@ def _fg_calls(ep, fg: str, n: int) -> list[int] | None:
 # ---- many clients --------------------------------------------------------------------------------
 
 _CLIENT = """
-import os, sys, time, capbus
+import os, resource, sys, time, capbus
 dur = float(sys.argv[1])
 p = capbus.connect()
 ep = p.lookup("scale", timeout=10)
 ep.call(1, timeout=10)
 print("ready", flush=True)
 sys.stdin.readline()  # every client is connected (no start-up competes with the calls): go
+r0 = resource.getrusage(resource.RUSAGE_SELF)
 end, n, call, d = time.time() + dur, 0, ep.call, (1, 2, 3, 4)
 while True:
     for _ in range(100):
@@ -319,7 +320,8 @@ while True:
     n += 100
     if time.time() >= end:
         break
-print(n, flush=True)
+r1 = resource.getrusage(resource.RUSAGE_SELF)
+print(n, r1.ru_nvcsw - r0.ru_nvcsw, r1.ru_nivcsw - r0.ru_nivcsw, flush=True)
 """
 
 _SCALE_SERVER = """
@@ -330,34 +332,114 @@ print("ready", flush=True)
 svc.serve(lambda req: (req.opcode, req.data))
 """
 
+CLIENT_COUNTS = (1, 2, 4, 8, 16)
+
+
+def _switches(pid: int) -> tuple[int, int]:
+    """Voluntary and involuntary context switches of every thread of `pid` so far."""
+    vol = inv = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches"):
+                        vol += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches"):
+                        inv += int(line.split()[1])
+        except OSError:
+            continue  # a thread that ended meanwhile
+    return vol, inv
+
+
+def _capbus_clients(kernel, server: subprocess.Popen, k: int, dur: float) -> Result:
+    cl = [_child(kernel, _CLIENT, str(dur), stdin=subprocess.PIPE) for _ in range(k)]
+    try:
+        for c in cl:
+            _ready(c)
+        time.sleep(0.2)  # the start-ups' last CPU (and the GC) settle
+        s0 = _switches(server.pid)
+        for c in cl:
+            c.stdin.write("go\n")
+            c.stdin.flush()
+        out = [tuple(map(int, c.stdout.readline().split())) for c in cl]
+        s1 = _switches(server.pid)
+    finally:
+        _stop(*cl)
+    counts = [o[0] for o in out]
+    calls = sum(counts) or 1
+    cvol, cinv = sum(o[1] for o in out) / calls, sum(o[2] for o in out) / calls
+    svol, sinv = (s1[0] - s0[0]) / calls, (s1[1] - s0[1]) / calls
+    return Result(f"capbus, {k} client process{'es' if k > 1 else ''}", METRIC_THROUGHPUT,
+                  msgs_per_s=sum(counts) / dur,
+                  note=f"calls/s in all; per client min {min(counts) / dur:,.0f}"
+                       f" max {max(counts) / dur:,.0f}/s (min {k * min(counts) / calls:.2f}x"
+                       f" the mean); per call: clients {cvol:.2f} vol"
+                       f" + {cinv:.2f} invol, server {svol:.2f} + {sinv:.2f} switches",
+                  samples=sum(counts))
+
+
+def _c_clients(k: int, dur: float, spin_ns: int, label: str) -> Result:
+    from .peers import NativeUnavailable, c_clients
+
+    name = f"C {label}, {k} client{'s' if k > 1 else ''}"
+    try:
+        out = c_clients(k, dur, spin_ns)
+    except NativeUnavailable as exc:
+        return Result.skip(name, METRIC_THROUGHPUT, str(exc))
+    return Result(name, METRIC_THROUGHPUT, msgs_per_s=out["per_s"],
+                  note=f"round trips/s in all; per client min {out['min_per_s']:,.0f}"
+                       f" max {out['max_per_s']:,.0f}/s (min {k * out['min_per_s'] / out['per_s']:.2f}x"
+                       f" the mean); {out['csw_per_call']:.2f} switches"
+                       " per call (all processes)",
+                  samples=int(out["per_s"] * dur))
+
 
 def run_clients(quick: bool) -> list[Result]:
     """1, 2, 4, 8, 16 client processes, default (adaptive) mode, unpinned, each calling flat out
-    for the same wall-clock window; aggregate calls/s and min/max calls per client."""
+    for the same wall-clock window; aggregate calls/s, min/max calls per client and context
+    switches per call. Next to each count, in the same run, the C reference of the same shape
+    (bench/native/clients_pingpong.c): with capbus's default spin budget, then FUTEX_WAIT; with
+    FUTEX_WAIT alone; and for one client, pure spin: the machine's own ceiling for the shape."""
+    from capbus import _core
+
     dur = 0.5 if quick else 2.0
+    spin = int(_core.DEFAULT_SPIN_NS)
     rows: list[Result] = []
     with _kernel() as kernel:
         server = _child(kernel, _SCALE_SERVER)
         _ready(server)
         try:
-            for k in (1, 2, 4, 8, 16):
-                cl = [_child(kernel, _CLIENT, str(dur), stdin=subprocess.PIPE) for _ in range(k)]
-                try:
-                    for c in cl:
-                        _ready(c)
-                    time.sleep(0.2)  # the start-ups' last CPU (and the GC) settle
-                    for c in cl:
-                        c.stdin.write("go\n")
-                        c.stdin.flush()
-                    counts = [int(c.stdout.readline()) for c in cl]
-                finally:
-                    _stop(*cl)
-                total = sum(counts) / dur
-                rows.append(Result(f"{k} client process{'es' if k > 1 else ''}", METRIC_THROUGHPUT,
-                                   msgs_per_s=total,
-                                   note=f"calls/s in all; per client min {min(counts) / dur:,.0f}"
-                                        f" max {max(counts) / dur:,.0f}/s",
-                                   samples=sum(counts)))
+            for k in CLIENT_COUNTS:
+                rows.append(_capbus_clients(kernel, server, k, dur))
+                if k == 1:
+                    rows.append(_c_clients(k, dur, -1, "pure spin"))
+                rows.append(_c_clients(k, dur, spin, f"spin {spin // 1000} us, then futex"))
+                rows.append(_c_clients(k, dur, 0, "futex only"))
         finally:
             _stop(server)
     return rows
+
+
+def clients_target(rows: list[Result]) -> str:
+    """The issue's target line: 16 clients against the best aggregate, for capbus and for the C
+    reference (the best of C's waits at 16 against C's best anywhere), with the C futex-only
+    row's ratio too (C's fair wait: no client starves)."""
+    def rate(r: Result) -> float:
+        return 0.0 if r.skipped else r.msgs_per_s or 0.0
+
+    last = f"{CLIENT_COUNTS[-1]} client"
+    ours = [r for r in rows if r.mechanism.startswith("capbus")]
+    cs = [r for r in rows if r.mechanism.startswith("C ")]
+    best_ours = max(map(rate, ours), default=0.0)
+    best_c = max(map(rate, cs), default=0.0)
+    ours16 = max((rate(r) for r in ours if last in r.mechanism), default=0.0)
+    c16 = max((rate(r) for r in cs if last in r.mechanism), default=0.0)
+    cfair16 = max((rate(r) for r in cs if last in r.mechanism and "futex only" in r.mechanism),
+                  default=0.0)
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if b else "n/a"
+
+    return (f"Target: 16 clients >= 0.8x the best aggregate: capbus {ratio(ours16, best_ours)};"
+            f" C reference {ratio(c16, best_c)} (futex only: {ratio(cfair16, best_c)});"
+            f" capbus at 16 = {ratio(ours16, cfair16)} C futex only")

@@ -50,7 +50,7 @@ static void die(const char *what)
 }
 
 /* Pin the calling process to one CPU; cpu < 0 leaves the affinity alone. */
-static void pin_to(int cpu)
+__attribute__((unused)) static void pin_to(int cpu)
 {
     if (cpu < 0)
         return;

@@ -61,6 +61,7 @@ from .iceoryx import iceoryx2_round_trip, iceoryx2_throughput
 from .native import (
     NativeUnavailable,
     _native_source,  # noqa: F401 (for the tests)
+    c_clients,
     c_futex_round_trip,
     c_ring_throughput,
     c_spin_round_trip,
@@ -82,6 +83,7 @@ __all__ = [
     "MSG_SIZE",
     "PeerSpec",
     "NativeUnavailable",
+    "c_clients",
     "c_futex_round_trip",
     "c_ring_throughput",
     "c_spin_round_trip",

@@ -36,7 +36,8 @@ class NativeUnavailable(RuntimeError):
     """The C anchors cannot be built here (no compiler, or the build failed)."""
 
 
-_NATIVE_FILES = ("bench_common.h", "futex_pingpong.c", "spin_pingpong.c", "spsc_ring.c")
+_NATIVE_FILES = ("bench_common.h", "futex_pingpong.c", "spin_pingpong.c", "spsc_ring.c",
+                 "clients_pingpong.c")
 _NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"  # bench/native
 _CFLAGS = ("-O2", "-std=gnu11", "-Wall")
 _native_lock = threading.Lock()
@@ -280,3 +281,18 @@ def c_ring_throughput(
         note=f"{where}, {_RING_CAP} x 64 B slots; measured in C",
         samples=int(out["msgs"]),
     )
+
+
+# ---- C many clients, one server
+
+
+def c_clients(clients: int, duration: float = 1.0, spin_ns: int = 50_000,
+              timeout: float = DEFAULT_TIMEOUT) -> dict[str, float]:
+    """C reference for the clients section: one server process and ``clients`` client processes,
+    unpinned, each calling flat out for ``duration`` s over shared memory; ``spin_ns`` < 0: pure
+    spin, else spin that long, then FUTEX_WAIT (both ends). Returns per_s (aggregate round
+    trips/s), min_per_s, max_per_s (per client), csw_per_call (context switches of every process
+    per round trip). Raises :class:`NativeUnavailable` when it cannot be built."""
+    timeout = max(timeout, duration + 10)
+    return _run_native("clients_pingpong", [clients, int(duration * 1000), spin_ns,
+                                            _alarm_s(timeout)], timeout)

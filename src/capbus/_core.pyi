@@ -123,7 +123,8 @@ also work on read-only mappings. All of these atomics are seq_cst.
       loan(n)` in a loop (the previous view still bound) goes on. The channel stays mapped
       after close() until the last loan view is gone.
   .close();  attributes .index, .broken, .closed, .last_tag, .max_payload, .refused,
-  .loaned (bytes of the loan that is out, or None)
+  .loaned (bytes of the loan that is out, or None), .spin_budget (ns the next adaptive wait
+  spins before it sleeps; 0 once it learned that spinning does not pay)
   One thread at a time (RuntimeError otherwise); the channel must be fresh.
   Flags: callers may pass FLAG_CHECKSUM, FLAG_ERROR and FLAG_USER_MASK bits; FLAG_LARGE,
   FLAG_REPLY_EXPECTED and FLAG_LOANED are set by the core (call vs send, payload > 64 bytes,
@@ -383,6 +384,8 @@ class Lane:
     def last_tag(self) -> int: ...
     @property
     def max_payload(self) -> int: ...
+    @property
+    def spin_budget(self) -> int: ...
     @property
     def refused(self) -> int: ...
     @property

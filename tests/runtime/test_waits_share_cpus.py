@@ -49,6 +49,73 @@ def test_a_caller_of_a_slow_service_sleeps_instead_of_yielding_the_whole_wait(ke
     assert cpu < 0.2 * wall, (cpu, wall)
 
 
+# Never asleep (spin mode), as a server busy with many callers' calls: a caller's wait is then its
+# place in the queue, not the server's wake-up.
+AWAKE_SERVER = """
+import capbus, time
+p = capbus.connect(wait="spin")
+svc = p.register("awake")
+print("ready", flush=True)
+def handle(req):
+    if req.opcode == 1:
+        time.sleep(0.005)                  # longer than any spin
+    return (0,)
+svc.serve(handle)
+"""
+
+
+def test_a_caller_stops_spinning_for_slow_replies_and_starts_again_for_fast_ones(kernel, children):
+    """The adaptive wait learns (common.h "Adaptive waiting"): spins that keep losing while the
+    server is awake halve down to the floor, four more lost there stop them (as for 16 callers of
+    one server on 2 cores, whose replies come ~80 us apart), and a wait that slept but ended
+    within spin_ns starts them again."""
+    server = children.start(AWAKE_SERVER, stdin=subprocess.DEVNULL)
+    assert readline(server, 20) == "ready"
+    p = capbus.connect(kernel.socket_path)  # adaptive, spin_ns 50 us
+    try:
+        ep = p.lookup("awake", timeout=10)
+        ep.call(0, timeout=10)
+        lane = ep._local.__dict__["lane"].native  # this thread's (the call above made it)
+        slow = []
+        # Up to 0.6 s: a wait on a CPU found oversubscribed does not spin at all for 200 ms, and
+        # then learns nothing.
+        while (not slow or slow[-1]) and len(slow) < 120:
+            ep.call(1, timeout=10)
+            slow.append(lane.spin_budget)
+        assert slow[-1] == 0, slow
+        assert slow[-5:-1] == [1000] * 4, slow  # halved down to the floor, then 4 losses there
+        fast = []
+        for _ in range(300):
+            ep.call(0, timeout=10)  # answered at once: most waits end within 50 us, even asleep
+            fast.append(lane.spin_budget)
+        assert any(fast), fast
+    finally:
+        p.close()
+    assert server.poll() is None
+
+
+def test_a_caller_whose_server_sleeps_keeps_its_floor_spin(kernel, children):
+    """Spins lost to the server's own wake-up (it slept: block mode here, or a lone caller's
+    server whose CPU another load took) do not stop spinning: they say nothing about queueing,
+    and a caller that stopped would leave both ends asleep on every call."""
+    server = children.start(AWAKE_SERVER.replace('wait="spin"', 'wait="block"'),
+                            stdin=subprocess.DEVNULL)
+    assert readline(server, 20) == "ready"
+    p = capbus.connect(kernel.socket_path)
+    try:
+        ep = p.lookup("awake", timeout=10)
+        ep.call(0, timeout=10)
+        lane = ep._local.__dict__["lane"].native
+        budgets = []
+        for _ in range(60):  # 0.3 s: past a 200 ms hold without spinning (oversubscribed CPU)
+            ep.call(1, timeout=10)
+            budgets.append(lane.spin_budget)
+        assert 0 not in budgets and budgets[-1] == 1000, budgets  # halved down to the floor
+    finally:
+        p.close()
+    assert server.poll() is None
+
+
 IDLE_SERVER = """
 import capbus
 p = capbus.connect()

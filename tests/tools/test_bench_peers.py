@@ -157,7 +157,8 @@ def test_compile_native_is_cached() -> None:
 
 
 def test_native_sources_ship_with_the_package() -> None:
-    for name in ("futex_pingpong.c", "spin_pingpong.c", "spsc_ring.c", "bench_common.h"):
+    for name in ("futex_pingpong.c", "spin_pingpong.c", "spsc_ring.c", "clients_pingpong.c",
+                 "bench_common.h"):
         assert "capbus" in peers._native_source(name)
 
 
@@ -232,3 +233,36 @@ def test_block_same_cpu_rounds_alternate_with_the_c_anchor() -> None:
     if anchor.skipped:  # no C compiler here
         return
     assert 0 < anchor.median_us <= anchor.p99_us and "2 rounds" in anchor.note
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("clients", "spin_ns"), [(1, -1), (3, 50_000), (3, 0)])
+def test_c_clients_reference_serves_every_client(clients: int, spin_ns: int) -> None:
+    """The C reference of the clients section: every client gets answers (each reply is checked
+    in C against its request), the figures add up, and every process is reaped."""
+    try:
+        out = peers.c_clients(clients, duration=0.3, spin_ns=spin_ns, timeout=30)
+    except peers.NativeUnavailable as exc:
+        pytest.skip(str(exc))
+    assert out["clients"] == clients
+    assert 0 < out["min_per_s"] <= out["max_per_s"] <= out["per_s"]
+    assert out["min_per_s"] * clients <= out["per_s"] + 1 <= out["max_per_s"] * clients + 2
+    assert out["csw_per_call"] >= 0
+    if spin_ns < 0:
+        assert out["csw_per_call"] < 0.5  # pure spin: no sleeps (a preemption now and then)
+
+
+def test_clients_target_line_compares_each_series_with_its_own_best() -> None:
+    from bench.sched import clients_target
+
+    rows = [Result("capbus, 1 client process", METRIC_THROUGHPUT, msgs_per_s=1000.0),
+            Result("C pure spin, 1 client", METRIC_THROUGHPUT, msgs_per_s=10_000.0),
+            Result("capbus, 16 client processes", METRIC_THROUGHPUT, msgs_per_s=500.0),
+            Result("C spin 50 us, then futex, 16 clients", METRIC_THROUGHPUT, msgs_per_s=2000.0),
+            Result("C futex only, 16 clients", METRIC_THROUGHPUT, msgs_per_s=1000.0)]
+    line = clients_target(rows)
+    assert "capbus 0.50x" in line and "C reference 0.20x" in line
+    assert "futex only: 0.10x" in line and "capbus at 16 = 0.50x C futex only" in line
+    rows[1] = Result.skip("C pure spin, 1 client", METRIC_THROUGHPUT, "no compiler")
+    rows[3:] = []
+    assert "C reference n/a" in clients_target(rows)

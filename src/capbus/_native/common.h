@@ -40,11 +40,24 @@
  * CPUs fairly), for CONTENTION_HOLD_NS after the last such reading.
  *
  * Besides, a spin that ended in a sleep halves the next one (down to SPIN_FLOOR_NS) and one that
- * saw its event doubles it (up to spin_ns): spinning for a peer that takes long is waste too. */
+ * saw its event doubles it (up to spin_ns): spinning for a peer that takes long is waste too.
+ *
+ * A caller's wait (a lane's) goes further, as glibc's adaptive mutex does: SPIN_STOP_AFTER spins
+ * in a row lost at the floor while the server was awake (the loss is the caller's place in a busy
+ * server's queue) end spinning altogether, and a wait that then slept learns from its own length
+ * whether spinning pays again: a reply that came within spin_ns of the wait's start (a spin would
+ * have seen it), or one to a request that had to wake the server, starts again from the floor
+ * (lane_setup.c, lane_spin_lost / lane_spin_learn). That is the many-callers case the contention
+ * sign above misses: 16 clients of one server on 2 cores sleep on every call (voluntary switches,
+ * a few hundred involuntary ones a second each), so the sign never shows, and each of them burned
+ * a floor spin per call (64 pauses, 1-3 us: a third of a client's user time per call) on a CPU
+ * the server and the woken clients needed, though its replies come ~80 us apart. The server keeps
+ * its floor (an idle server's short spin is what catches a lone caller's next request). */
 #define CONTENTION_CHECK_NS 10000000ull
 #define CONTENTION_HOLD_NS 200000000ull
 #define CONTENDED_PER_S 2000u
 #define SPIN_FLOOR_NS 1000ull
+#define SPIN_STOP_AFTER 4u
 
 /* Spins read the clock every SPIN_CLOCK_EVERY pauses. A pause is 40-140 cycles (by CPU model),
  * so 1024 of them made every spin last 20-50 us whatever spin_cur said (SPIN_FLOOR_NS meant

@@ -294,6 +294,10 @@ static PyObject *Lane_get_last_tag(LaneObject *L, void *c)
 {
     return PyLong_FromUnsignedLongLong(L->last_tag);
 }
+static PyObject *Lane_get_spin_budget(LaneObject *L, void *c)
+{
+    return PyLong_FromUnsignedLongLong(L->spin_cur);
+}
 static PyObject *Lane_get_max_payload(LaneObject *L, void *c)
 {
     return PyLong_FromUnsignedLongLong(L->max_payload);
@@ -351,6 +355,9 @@ static PyGetSetDef Lane_getset[] = {
     {"marked", (getter)Lane_get_marked, NULL, "the state mark() set, or 0", NULL},
     {"last_tag", (getter)Lane_get_last_tag, NULL, "tag of the last request sent", NULL},
     {"max_payload", (getter)Lane_get_max_payload, NULL, "largest payload in bytes", NULL},
+    {"spin_budget", (getter)Lane_get_spin_budget, NULL,
+     "ns the next adaptive wait spins before it sleeps (0: it learned that spinning does not pay)",
+     NULL},
     {"refused", (getter)Lane_get_refused, NULL,
      "messages send/send_many/call_start/send_loan/loan refused because the ring or arena was "
      "full", NULL},

@@ -23,7 +23,9 @@ typedef struct {
     uint32_t index;
     int mode;
     uint64_t spin_ns;
-    uint64_t spin_cur; /* adaptive: this wait's spin (see spin_won/spin_lost) */
+    uint64_t spin_cur; /* adaptive: this wait's spin, 0 for none (see lane_spin_learn) */
+    uint32_t spin_miss; /* adaptive: spins lost in a row at the floor */
+    int woke;           /* the last request had to wake the server (lane_ring_doorbell) */
     uint64_t max_payload;
     prod_t req;
     cons_t resp;

@@ -230,7 +230,8 @@ static HOT int lane_wait(LaneObject *L, uint64_t *dl, int64_t timeout_ns)
         for (unsigned i = 1;; i++) {
             /* RELAXED: only an "anything new?" test; cons_poll re-reads the tail with ACQUIRE. */
             if (__atomic_load_n(tail, __ATOMIC_RELAXED) != head) {
-                L->spin_cur = spin_won(L->spin_cur, L->spin_ns);
+                if (L->mode == WAIT_ADAPTIVE)
+                    lane_spin_won(L);
                 return LW_READY;
             }
             if (lane_state(L) != STATE_OPEN)
@@ -240,18 +241,23 @@ static HOT int lane_wait(LaneObject *L, uint64_t *dl, int64_t timeout_ns)
                 break;
         }
         if (L->mode == WAIT_ADAPTIVE)
-            L->spin_cur = spin_lost(L->spin_cur);
+            lane_spin_lost(L);
     }
-    if (forever) /* adaptive, spun out */
-        return lane_sleep(L, tail, sleeping, head, 0, LS_FOREVER);
-    if (far)
-        return lane_sleep(L, tail, sleeping, head, SLEEP_CAP_NS, LS_FAR);
+    if (forever || far) { /* adaptive, spun out (or not spinning) */
+        int r = forever ? lane_sleep(L, tail, sleeping, head, 0, LS_FOREVER)
+                        : lane_sleep(L, tail, sleeping, head, SLEEP_CAP_NS, LS_FAR);
+        if (r == LW_AGAIN || r == LW_READY)
+            lane_spin_learn(L, start);
+        return r;
+    }
     for (;;) {
         uint64_t now = now_ns();
         if (now >= slice_end)
             return LW_SLICE;
         uint64_t rel = slice_end - now < SLEEP_CAP_NS ? slice_end - now : SLEEP_CAP_NS;
         int r = lane_sleep(L, tail, sleeping, head, rel, LS_TIMED);
+        if (r == LW_READY)
+            lane_spin_learn(L, start);
         if (r != LW_AGAIN)
             return r;
     }

@@ -1,7 +1,7 @@
 /*
  * _native/lane_setup.c: The Lane's mapping and pins, its type's new/dealloc/init, the
- * usable/broken checks, the doorbell, cancel and refused counters. GIL held unless said; HOT
- * functions are on a call.
+ * usable/broken checks, the doorbell, the adaptive spin budget (what its waits learned), cancel
+ * and refused counters. GIL held unless said; HOT functions are on a call.
  * Not compiled alone: module.c #includes it (one translation unit, see there).
  */
 
@@ -247,6 +247,7 @@ static HOT void lane_ring_doorbell(LaneObject *L)
      * A client that scribbles the flag to 1 can make wake-ups go missing, like one that clears
      * server_sleeping: the sleep watchdog / timers bound that. Saves the seq line (which a
      * spinning server reads) and a fence per message. */
+    L->woke = 0;
     if (__atomic_load_n((uint32_t *)(L->db + DB_SERVER_SPINS_OFF), __ATOMIC_RELAXED) == 1)
         return;
     /* SEQ_CST (RELEASE would do for this): a server that ACQUIRE-loads seq and sees this
@@ -261,6 +262,7 @@ static HOT void lane_ring_doorbell(LaneObject *L)
 #endif
     uint32_t sleeping = __atomic_load_n((uint32_t *)(L->db + DB_SERVER_SLEEPING_OFF),
                                         __ATOMIC_RELAXED);
+    L->woke = sleeping != 0; /* (client-writable: a lie only keeps our spins, see lane_spin_lost) */
     if (sleeping == SLEEP_EFD && L->sleep_efd >= 0)
         efd_ring(L->sleep_efd);
     else if (sleeping)
@@ -268,6 +270,40 @@ static HOT void lane_ring_doorbell(LaneObject *L)
     if (L->bell_efd >= 0 &&
         __atomic_load_n((uint32_t *)(L->db + DB_EVENT_WANTED_OFF), __ATOMIC_RELAXED))
         efd_signal(L->bell_efd);
+}
+
+/* An adaptive wait's spin, for the next one (common.h, "Adaptive waiting"): a win doubles it (from
+ * 0: the floor), a loss halves it, and SPIN_STOP_AFTER losses in a row at the floor make it 0 --
+ * losses while the server was busy with others' calls (queueing). A loss by a request that had to
+ * wake the server (L->woke) is that wake-up's latency instead: it keeps the floor, as before, so
+ * that a lone caller whose server fell asleep (another load took its CPU for a while) does not
+ * stop spinning for good: its spins are what bring both ends back to spinning. */
+static inline void lane_spin_won(LaneObject *L)
+{
+    L->spin_cur = L->spin_cur ? spin_won(L->spin_cur, L->spin_ns)
+                              : (SPIN_FLOOR_NS < L->spin_ns ? SPIN_FLOOR_NS : L->spin_ns);
+    L->spin_miss = 0;
+}
+
+static inline void lane_spin_lost(LaneObject *L)
+{
+    if (L->spin_cur > SPIN_FLOOR_NS || L->woke) {
+        L->spin_cur = spin_lost(L->spin_cur);
+        L->spin_miss = 0;
+    } else if (++L->spin_miss >= SPIN_STOP_AFTER) {
+        L->spin_cur = 0;
+    }
+}
+
+/* After an adaptive wait that slept with spinning stopped: a reply that came within spin_ns of
+ * the wait's start says a spin would have seen it, and one to a request that had to wake the
+ * server says nothing about queueing (see above): spin again, from the floor. Only then is the
+ * clock read (the sleep cost a syscall already). */
+static inline void lane_spin_learn(LaneObject *L, uint64_t start)
+{
+    if (L->mode == WAIT_ADAPTIVE && !L->spin_cur && L->spin_ns &&
+        (L->woke || now_ns() - start < L->spin_ns))
+        lane_spin_won(L);
 }
 
 /* The client's cancel mark: the server skips requests with tag < cancel_below. It never moves
