@@ -50,7 +50,7 @@ from .._errors import (
     Timeout,
     WouldBlock,
 )
-from .._runtime.endpoint import Endpoint
+from .._runtime.endpoint import Endpoint, PendingCall, start_call
 from .._runtime.process import Process, connect
 from .._runtime.topic import Subscriber
 from .config import ExportRule, GatewayConfig
@@ -86,6 +86,11 @@ HELLO_SKEW = 120.0  # seconds a hello's clock may be off (a replayed old hello i
 _FLAGS = 0x7FFF0000  # user flags and the object bit; never the transfer bit
 QUEUE = 1024  # queries waiting for a worker, at most
 ORIGIN_OPCODE = 1  # capbus.gateway@NAME: data[0] = a sender ProcessId -> its remote origin
+# The fast path (see _fast): how long Zenoh's thread waits for a local reply before it hands the
+# call to the event loop, and how long a service that made it wait that long is then called
+# through the loop only (its calls start on Zenoh's thread, nobody waits there for them).
+FAST_WAIT = 0.001
+SLOW_HOLD = 1.0
 
 
 @dataclass
@@ -152,6 +157,9 @@ class Exporter:
         self._threads: list[threading.Thread] = []
         self.calls = 0  # calls in flight (tasks on the loop), at most QUEUE
         self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}  # (holder, call id)
+        self._slow: dict[str, float] = {}  # service -> until when its calls skip the fast wait
+        self.fast = 0  # calls answered on Zenoh's thread (the fast path)
+        self.handed = 0  # calls started there whose reply the event loop awaited
         self._loop = asyncio.new_event_loop()
 
     # ---- life --------------------------------------------------------------------------------
@@ -378,8 +386,9 @@ class Exporter:
         self._loop.call_later(0.2, self._loop.stop)
 
     def _enqueue(self, query: zenoh.Query) -> None:
-        """On a Zenoh thread: a request goes to the event loop (a call is a task there), a hello
-        to a worker; never block Zenoh. Too many in flight is an OutOfMemory answer at once."""
+        """On a Zenoh thread: a call takes the fast path (see _fast), else goes to the event
+        loop (a task there), as do other requests; a hello goes to a worker. Zenoh's thread never
+        waits more than FAST_WAIT. Too many in flight is an OutOfMemory answer at once."""
         if str(query.key_expr) == self._q_key:
             with self._lock:
                 full = self.calls >= QUEUE
@@ -393,7 +402,8 @@ class Exporter:
                     query.drop()
                 return
             try:
-                self._loop.call_soon_threadsafe(self._begin, query)
+                if not self._fast(query):
+                    self._loop.call_soon_threadsafe(self._begin, query)
             except RuntimeError:  # stopping
                 with self._lock:
                     self.calls -= 1
@@ -445,36 +455,139 @@ class Exporter:
             task.cancel()
         query.reply(query.key_expr, ACK.pack(int(task is not None), 0))
 
-    async def _call(self, query: zenoh.Query, req: Any, cid: int) -> None:
+    def _fast(self, query: zenoh.Query) -> bool:
+        """On Zenoh's thread: a call to a service whose origin and endpoint are open already
+        starts here (a pooled lane of the endpoint, the request written, the doorbell rung: no
+        wait), and its reply is waited for here, FAST_WAIT at most (the lane's wait, without the
+        GIL), and sent at once: no hand-over to another thread on the common path. A reply that
+        has not come by then is the event loop's to await (a task, cancellable as any call), and
+        the service is marked slow for SLOW_HOLD: its calls are not waited for here meanwhile, so
+        that a slow service holds Zenoh's thread FAST_WAIT once per SLOW_HOLD at most. False:
+        not taken (not a call, or no origin, endpoint or idle lane yet): the loop does it all."""
+        try:
+            att = query.attachment
+            if att is None:
+                return False
+            raw = att.to_bytes()
+            req = unpack_request(raw)
+        except WireError:
+            return False  # the loop says why
         kind, token, name, opcode, flags, data, tmo, origin = req
-        tk = None
+        if kind != CALL or name not in self.exported:
+            return False
         try:
             zb = query.payload
             checked = self.verifier.check(token, name, "call", len(zb) if zb is not None else 0)
-            payload = zb.to_bytes() if zb is not None else b""
-            if name not in self.exported:
-                raise ServiceNotFound(f"{self.name} exports no live service {name[:200]!r}")
-            holder = checked.body.holder
+        except (WireError, IpcError) as exc:
+            self.refused += 1
+            self._fail(query, exc)
+            self._done(query)
+            return True
+        holder = checked.body.holder
+        payload = zb.to_bytes() if zb is not None else b""
+        timeout = min(tmo / 1000.0, self.cfg.call_timeout) if tmo else self.cfg.call_timeout
+        deadline = time.monotonic() + timeout
+        o = self._origin_now(holder, origin)
+        if o is None:
+            self._hand(query, req, raw, holder, payload, deadline, None, None)
+            return True
+        pending: PendingCall | None = None
+        try:
+            ep = o.endpoints.get(name)
+            if ep is not None and not ep.dead:
+                pending = start_call(ep, opcode, data, payload, flags)
+            if pending is not None:
+                now = time.monotonic()
+                wait = 0.0 if self._slow.get(name, 0.0) > now else min(FAST_WAIT, timeout)
+                msg = pending.wait(wait)
+                if msg is not None:
+                    self.fast += 1
+                    with self._lock:
+                        o.busy -= 1
+                    o = None
+                    # msg[1]: the flags as sent, the object bit included (.flags drops it)
+                    query.reply(query.key_expr, msg.payload or b"",
+                                attachment=REP.pack(msg.opcode, msg[1] & _FLAGS, *msg.data))
+                    self._done(query)
+                    return True
+                if wait:
+                    self._slow[name] = time.monotonic() + SLOW_HOLD
+                self.handed += 1
+        except Exception as exc:  # the call is over (its error), or never started
+            if o is not None:
+                with self._lock:
+                    o.busy -= 1
+            if not isinstance(exc, IpcError):
+                log.exception("gateway %s: a call failed", self.name)
+            self.refused += 1
+            self._fail(query, exc)
+            self._done(query)
+            return True
+        self._hand(query, req, raw, holder, payload, deadline, o, pending)
+        return True
+
+    def _hand(self, query: zenoh.Query, req: Any, raw: bytes, holder: str, payload: bytes,
+              deadline: float, o: _Origin | None, pending: PendingCall | None) -> None:
+        """From Zenoh's thread: the rest of a checked call (its origin, endpoint, and call, or
+        only the wait for its reply) is a task on the loop."""
+        def begin() -> None:
+            self._loop.create_task(self._call(query, req, call_id(raw), checked=(
+                holder, payload, deadline, o, pending)))
+
+        try:
+            self._loop.call_soon_threadsafe(begin)
+        except RuntimeError:  # stopping: the call is dropped with the loop
+            if pending is not None:
+                pending.cancel()
+            if o is not None:
+                with self._lock:
+                    o.busy -= 1
+            self._fail(query, Timeout(f"gateway {self.name} stopped"))
+            self._done(query)
+
+    async def _call(self, query: zenoh.Query, req: Any, cid: int,
+                    checked: tuple[str, bytes, float, _Origin | None, PendingCall | None]
+                    | None = None) -> None:
+        """A call as a task on the loop: all of it, or (checked: from _fast) what is left of
+        it (the origin's connection and endpoint lookups, or only the wait for the reply)."""
+        kind, token, name, opcode, flags, data, tmo, origin = req
+        tk = None
+        o: _Origin | None = None
+        pending: PendingCall | None = None
+        try:
+            if checked is None:
+                zb = query.payload
+                holder = self.verifier.check(token, name, "call",
+                                             len(zb) if zb is not None else 0).body.holder
+                payload = zb.to_bytes() if zb is not None else b""
+                timeout = (min(tmo / 1000.0, self.cfg.call_timeout) if tmo
+                           else self.cfg.call_timeout)
+                deadline = time.monotonic() + timeout
+            else:
+                holder, payload, deadline, o, pending = checked
             task = asyncio.current_task()
             if cid and task is not None and len(self._tasks) < QUEUE:
                 tk = (holder, cid)
                 self._tasks[tk] = task  # a later call with the same id replaces it: its own
-            o = self._origin_now(holder, origin)
+            if pending is None and name not in self.exported:
+                raise ServiceNotFound(f"{self.name} exports no live service {name[:200]!r}")
+            if o is None:
+                o = self._origin_now(holder, origin)
             if o is None:  # a new origin: its connection is a kernel round trip, off the loop
                 o = await asyncio.to_thread(self._origin, holder, origin)
-            try:
+            if pending is not None:
+                msg = await pending.result(deadline, tmo / 1000.0 if tmo else
+                                           self.cfg.call_timeout)
+            else:
                 ep = o.endpoints.get(name)
                 if ep is None or ep.dead:
                     ep = await asyncio.to_thread(o.endpoint, name)
-                timeout = (min(tmo / 1000.0, self.cfg.call_timeout) if tmo
-                           else self.cfg.call_timeout)
-                msg = await ep.acall(opcode, data, payload, timeout=timeout, flags=flags)
-                # msg[1]: the flags as sent, the runtime's object bit included (.flags drops it)
-                query.reply(query.key_expr, msg.payload or b"",
-                            attachment=REP.pack(msg.opcode, msg[1] & _FLAGS, *msg.data))
-            finally:
-                with self._lock:
-                    o.busy -= 1
+                msg = await ep.acall(opcode, data, payload,
+                                     timeout=max(0.0, deadline - time.monotonic()), flags=flags)
+            pending = None
+            # msg[1]: the flags as sent, the runtime's object bit included (.flags drops it)
+            query.reply(query.key_expr, msg.payload or b"",
+                        attachment=REP.pack(msg.opcode, msg[1] & _FLAGS, *msg.data))
         except asyncio.CancelledError:
             # cancelled by the caller's gateway (or our stop): nobody waits for an answer
             self._fail(query, Timeout(f"{name[:200]!r}: the caller stopped waiting"))
@@ -486,6 +599,11 @@ class Exporter:
             log.exception("gateway %s: a call failed", self.name)
             self._fail(query, exc)
         finally:
+            if pending is not None:
+                pending.cancel()  # (result() cancels it itself; this is for what came before)
+            if o is not None:
+                with self._lock:
+                    o.busy -= 1
             if tk is not None and self._tasks.get(tk) is asyncio.current_task():
                 del self._tasks[tk]
             self._done(query)
