@@ -95,3 +95,54 @@ def test_slow_services_do_not_stall_the_others(hosts):
     # the timed-out ones were cancelled there: the service served at most the ones in time
     time.sleep(0.5)
     assert slow.call(8, timeout=10).data[0] <= out.count(3) + 1
+
+
+def test_the_fast_path_answers_and_a_slow_service_leaves_it(hosts):
+    """The exporter answers a quick call on Zenoh's thread (fast_calls); a call whose reply
+    takes longer than FAST_WAIT goes on as a task (handed_calls), and that service's calls are
+    not waited for there for SLOW_HOLD: with six slow calls in flight, a quick service's calls
+    answer at once; afterwards the service's quick calls take the fast path again. The gateways
+    run in this process here (their counters are read)."""
+    from capbus._gateway import export
+
+    hosts.service("host-b", "kv")
+    hosts.service("host-b", "slow")
+    gb = capbus.Gateway(hosts.sock["host-b"], name="host-b", lease=1.0, export=["kv", "slow"],
+                        listen=[f"tcp/127.0.0.1:{hosts.port}"]).start()
+    ga = capbus.Gateway(hosts.sock["host-a"], name="host-a", lease=1.0,
+                        connect=[f"tcp/127.0.0.1:{hosts.port}"]).start()
+    try:
+        pa = hosts.connect("host-a")
+        kv = pa.lookup("kv@host-b", timeout=10)
+        slow = pa.lookup("slow@host-b", timeout=10)
+        for i in range(30):
+            assert kv.call(1, (i,), b"ab", timeout=5).payload == b"ba"
+            assert slow.call(1, (i,), b"cd", timeout=5).payload == b"dc"
+        st = gb.stats()
+        # each service's first call opens its endpoint (through the loop); most of the rest
+        # find an idle pooled lane (a few may not, while the loop is giving one back)
+        assert st["fast_calls"] >= 40 and st["handed_calls"] == 0, st
+        out: list[object] = []
+        t0 = time.monotonic()
+        assert slow.call(2, (300,), timeout=5).opcode == 3  # started there, awaited by the loop
+        assert time.monotonic() - t0 >= 0.3
+        assert gb.stats()["handed_calls"] == 1
+        threads = [_busy(slow, 400, 5, out) for _ in range(6)]
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        for _ in range(10):
+            assert kv.call(1, (), b"xy", timeout=2).payload == b"yx"
+        assert time.monotonic() - t0 < 1.0, "quick calls waited behind the slow service"
+        for t in threads:
+            t.join(timeout=10)
+        assert out == [3] * 6
+        st = gb.stats()
+        assert st["calls"] == 0 and st["refused"] == 0, st
+        time.sleep(export.SLOW_HOLD)  # then its quick calls are waited for there again
+        fast = st["fast_calls"]
+        for _ in range(10):
+            assert slow.call(1, (), b"ab", timeout=5).payload == b"ba"
+        assert gb.stats()["fast_calls"] >= fast + 5
+    finally:
+        ga.stop()
+        gb.stop()
