@@ -146,3 +146,26 @@ def test_the_fast_path_answers_and_a_slow_service_leaves_it(hosts):
     finally:
         ga.stop()
         gb.stop()
+
+
+def test_zenohs_thread_stops_waiting_when_waits_fill_its_time():
+    """The fast path's guard: while waits for local replies take more than FAST_DUTY of Zenoh's
+    thread over a window (queries piling up behind them: many callers, a many-threaded
+    service), no call is waited for there for SLOW_HOLD; waits that leave it mostly free do
+    not trip it."""
+    from types import SimpleNamespace
+
+    from capbus._gateway import export
+
+    ex = SimpleNamespace(_window=(100.0, 0.0), _busy_until=0.0)
+    t = 100.0
+    for _ in range(40):  # 30 us waits every 250 us: 12% of the time
+        export.Exporter._waited(ex, t, t + 30e-6)  # type: ignore[arg-type]
+        t += 250e-6
+    t += export.FAST_WINDOW
+    export.Exporter._waited(ex, t, t + 30e-6)  # type: ignore[arg-type]
+    assert ex._busy_until == 0.0
+    for _ in range(400):  # 400 us waits every 500 us: 80%
+        export.Exporter._waited(ex, t, t + 400e-6)  # type: ignore[arg-type]
+        t += 500e-6
+    assert t < ex._busy_until <= t + export.SLOW_HOLD

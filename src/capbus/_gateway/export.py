@@ -88,9 +88,14 @@ QUEUE = 1024  # queries waiting for a worker, at most
 ORIGIN_OPCODE = 1  # capbus.gateway@NAME: data[0] = a sender ProcessId -> its remote origin
 # The fast path (see _fast): how long Zenoh's thread waits for a local reply before it hands the
 # call to the event loop, and how long a service that made it wait that long is then called
-# through the loop only (its calls start on Zenoh's thread, nobody waits there for them).
+# through the loop only (its calls start on Zenoh's thread, nobody waits there for them). And
+# the share of its time Zenoh's thread may spend in such waits (measured over FAST_WINDOW):
+# past it, queries are piling up behind the waits (many callers, a service with many threads),
+# and every call goes through the loop (concurrent there) for SLOW_HOLD.
 FAST_WAIT = 0.001
 SLOW_HOLD = 1.0
+FAST_DUTY = 0.5
+FAST_WINDOW = 0.1
 
 
 @dataclass
@@ -158,6 +163,8 @@ class Exporter:
         self.calls = 0  # calls in flight (tasks on the loop), at most QUEUE
         self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}  # (holder, call id)
         self._slow: dict[str, float] = {}  # service -> until when its calls skip the fast wait
+        self._busy_until = 0.0  # until when no call is waited for on Zenoh's thread
+        self._window = (0.0, 0.0)  # (start, time waited since) of the FAST_DUTY measure
         self.fast = 0  # calls answered on Zenoh's thread (the fast path)
         self.handed = 0  # calls started there whose reply the event loop awaited
         self._loop = asyncio.new_event_loop()
@@ -355,6 +362,7 @@ class Exporter:
         with self._lock:
             if self.exported.get(e.name) is e:
                 del self.exported[e.name]
+        self._slow.pop(e.name, None)
         with contextlib.suppress(Exception):
             e.token.undeclare()
         with contextlib.suppress(Exception):
@@ -462,8 +470,11 @@ class Exporter:
         GIL), and sent at once: no hand-over to another thread on the common path. A reply that
         has not come by then is the event loop's to await (a task, cancellable as any call), and
         the service is marked slow for SLOW_HOLD: its calls are not waited for here meanwhile, so
-        that a slow service holds Zenoh's thread FAST_WAIT once per SLOW_HOLD at most. False:
-        not taken (not a call, or no origin, endpoint or idle lane yet): the loop does it all."""
+        that a slow service holds Zenoh's thread FAST_WAIT once per SLOW_HOLD at most; nor are
+        any calls while these waits take more than FAST_DUTY of Zenoh's thread (see _waited):
+        under load the calls run concurrently on the loop, as they did before the fast path.
+        False: not taken (not a call, or no origin, endpoint or idle lane yet): the loop does
+        it all."""
         try:
             att = query.attachment
             if att is None:
@@ -498,8 +509,11 @@ class Exporter:
                 pending = start_call(ep, opcode, data, payload, flags)
             if pending is not None:
                 now = time.monotonic()
-                wait = 0.0 if self._slow.get(name, 0.0) > now else min(FAST_WAIT, timeout)
+                wait = (0.0 if self._busy_until > now or self._slow.get(name, 0.0) > now
+                        else min(FAST_WAIT, timeout))
                 msg = pending.wait(wait)
+                if wait:
+                    self._waited(now, time.monotonic())
                 if msg is not None:
                     self.fast += 1
                     with self._lock:
@@ -525,6 +539,18 @@ class Exporter:
             return True
         self._hand(query, req, raw, holder, payload, deadline, o, pending)
         return True
+
+    def _waited(self, start: float, end: float) -> None:
+        """Zenoh's thread waited from start to end: past FAST_DUTY of a window, it waits no
+        more for SLOW_HOLD (the queries behind it go to the loop meanwhile). Zenoh's threads
+        may race here: a lost update only blurs a measure."""
+        w0, waited = self._window
+        waited += end - start
+        if end - w0 >= FAST_WINDOW:
+            if waited > FAST_DUTY * (end - w0):
+                self._busy_until = end + SLOW_HOLD
+            w0, waited = end, 0.0
+        self._window = (w0, waited)
 
     def _hand(self, query: zenoh.Query, req: Any, raw: bytes, holder: str, payload: bytes,
               deadline: float, o: _Origin | None, pending: PendingCall | None) -> None:
