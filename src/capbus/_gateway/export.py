@@ -54,6 +54,7 @@ from .._runtime.endpoint import Endpoint, PendingCall, start_call
 from .._runtime.process import Process, connect
 from .._runtime.topic import Subscriber
 from .config import ExportRule, GatewayConfig
+from .threads import keep_state
 from .token import Verifier, issue, verify_signature
 from .wire import (
     ACK,
@@ -397,6 +398,7 @@ class Exporter:
         """On a Zenoh thread: a call takes the fast path (see _fast), else goes to the event
         loop (a task there), as do other requests; a hello goes to a worker. Zenoh's thread never
         waits more than FAST_WAIT. Too many in flight is an OutOfMemory answer at once."""
+        keep_state()
         if str(query.key_expr) == self._q_key:
             with self._lock:
                 full = self.calls >= QUEUE
