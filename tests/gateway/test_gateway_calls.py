@@ -169,3 +169,46 @@ def test_zenohs_thread_stops_waiting_when_waits_fill_its_time():
         export.Exporter._waited(ex, t, t + 400e-6)  # type: ignore[arg-type]
         t += 500e-6
     assert t < ex._busy_until <= t + export.SLOW_HOLD
+
+
+def test_zenoh_threads_keep_their_python_state():
+    """keep_state: a Zenoh thread's Python state outlives the callback (pyo3 would make and free
+    one per callback): thread-local data set in one callback is there in the next."""
+    import json
+
+    from _gwutil import free_port
+
+    from capbus._gateway.threads import keep_state
+
+    zenoh = pytest.importorskip("zenoh")
+    port = free_port()
+    sessions = []
+    for side in ("listen", "connect"):
+        c = zenoh.Config()
+        c.insert_json5("mode", '"peer"')
+        c.insert_json5("scouting/multicast/enabled", "false")
+        c.insert_json5("transport/shared_memory/enabled", "false")
+        c.insert_json5(f"{side}/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
+        sessions.append(zenoh.open(c))
+    local = threading.local()
+    counts: list[int] = []
+
+    def on_query(q) -> None:
+        keep_state()
+        local.n = getattr(local, "n", 0) + 1
+        counts.append(local.n)
+        q.reply(q.key_expr, b"")
+
+    try:
+        qa = sessions[0].declare_queryable(
+            "t/q", zenoh.handlers.Callback(on_query, indirect=False))
+        deadline = time.monotonic() + 10
+        while len(counts) < 20 and time.monotonic() < deadline:
+            for r in sessions[1].get("t/q", timeout=2.0):
+                r.ok  # noqa: B018
+        assert len(counts) >= 20
+        assert max(counts) > 1, "each callback ran in a fresh Python thread state"
+        qa.undeclare()
+    finally:
+        for s in sessions:
+            s.close()
