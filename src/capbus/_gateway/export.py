@@ -9,12 +9,17 @@ token: checked (signature once, cached), then its expiry, revocation, service, r
 only then does it reach a service, through a local connection of its own per remote origin
 (remote gateway, remote ProcessId): the service sees that connection's ProcessId as the sender,
 and `capbus.gateway@<this name>` tells it which remote host and process that is. A call is
-handed from Zenoh's thread to this gateway's event loop, where it is an `acall` task (no thread
-waits for a service: a slow one never stalls the others); a CANCEL from the importing gateway
-(its caller stopped waiting) cancels the task, and so the local call. One-way batches, topic
-subscriptions and hellos are taken from a bounded queue by a few worker threads. Nothing a
-remote peer sends can make this side hold more than the queue, the calls in flight (QUEUE),
-the origin table (max_origins per peer) and the token cache.
+checked on Zenoh's thread and, on the fast path (see _fast), started there on a pooled lane of
+the local endpoint and answered there if the service replies within FAST_WAIT (1 ms): no
+hand-over to another thread on the common path. Otherwise (a slow reply, a service marked slow,
+Zenoh's thread too busy waiting, a first call from a new origin) the call, or what is left of
+it, goes to this gateway's event loop as an `acall` task (no thread waits long for a service:
+a slow one never stalls the others); a CANCEL from the importing gateway (its caller stopped
+waiting) cancels the task, and so the local call. One-way batches, topic subscriptions and
+hellos are taken from a bounded queue by a few worker threads. Nothing a remote peer sends can
+make this side hold more than the queue, the calls in flight (QUEUE), the origin table
+(max_origins per peer) and the token cache. Zenoh's threads keep their Python thread state
+between callbacks (threads.py).
 
 Topics the export rules match (with the right "subscribe") are exported too: this gateway
 subscribes to each once, as an ordinary local subscriber, and a pump thread `put`s each sample

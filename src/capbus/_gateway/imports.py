@@ -10,7 +10,8 @@ connection is closed, and every local caller gets PeerDied and its on_death call
 
 One thread per import takes requests from the local ring; a call goes out as a Zenoh query
 (a pack of a fixed header, the token and the name) and is answered from the Zenoh thread that
-receives its reply (no thread waits for it); a watcher polls the calls in flight for their
+receives its reply (no thread waits for it; Zenoh's threads keep their Python thread state
+between callbacks, see threads.py); a watcher polls the calls in flight for their
 caller's cancel mark (Request.cancelled: its timeout, its task cancelled, its death) and sends
 the exporter a CANCEL for each, which cancels the call there; one-way messages go in batches,
 one batch in flight per import, so that a full remote ring holds this side's ring full and the
