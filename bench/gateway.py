@@ -9,6 +9,8 @@ WouldBlock: back-pressure, not loss) against raw `put` to a subscriber, counted 
 Remote topic: a publisher process on host-b publishes 64-byte samples of `camera/b` as fast as it
 can; this process subscribes to `camera/b@host-b` and counts what arrives (drop-oldest: the
 samples a slow hop loses are not counted).
+The gateways and the raw peers use the same Zenoh transport settings (Zenoh's defaults, shared
+memory off); `transport/unicast/lowlatency` on both sides measured no better on loopback.
 """
 
 from __future__ import annotations
