@@ -212,3 +212,26 @@ def test_zenoh_threads_keep_their_python_state():
     finally:
         for s in sessions:
             s.close()
+
+
+def test_a_late_reply_holds_its_service_off_the_fast_path_briefly_then_longer():
+    """_missed: a service that missed FAST_WAIT once is not waited for during SLOW_MIN; each
+    miss right after a hold doubles it, up to SLOW_HOLD; a miss long after starts over."""
+    from types import SimpleNamespace
+
+    from capbus._gateway import export
+
+    ex = SimpleNamespace(_slow={})
+    now = 50.0
+    holds = []
+    for _ in range(12):  # slow for good: every call after a hold misses again
+        export.Exporter._missed(ex, "s", now, ex._slow.get("s"))  # type: ignore[arg-type]
+        until, hold = ex._slow["s"]
+        assert until == now + hold
+        holds.append(hold)
+        now = until + 0.001
+    assert holds[0] == export.SLOW_MIN and holds[1] == 2 * export.SLOW_MIN
+    assert holds[-1] == export.SLOW_HOLD and sorted(holds) == holds
+    now += 10 * export.SLOW_HOLD  # a rare late reply much later: a short hold again
+    export.Exporter._missed(ex, "s", now, ex._slow.get("s"))  # type: ignore[arg-type]
+    assert ex._slow["s"][1] == export.SLOW_MIN

@@ -94,11 +94,14 @@ QUEUE = 1024  # queries waiting for a worker, at most
 ORIGIN_OPCODE = 1  # capbus.gateway@NAME: data[0] = a sender ProcessId -> its remote origin
 # The fast path (see _fast): how long Zenoh's thread waits for a local reply before it hands the
 # call to the event loop, and how long a service that made it wait that long is then called
-# through the loop only (its calls start on Zenoh's thread, nobody waits there for them). And
-# the share of its time Zenoh's thread may spend in such waits (measured over FAST_WINDOW):
-# past it, queries are piling up behind the waits (many callers, a service with many threads),
-# and every call goes through the loop (concurrent there) for SLOW_HOLD.
+# through the loop only (its calls start on Zenoh's thread, nobody waits there for them):
+# SLOW_MIN after a miss, twice as long after each miss that follows a hold, up to SLOW_HOLD (a
+# reply in time clears it: a busy machine's rare late reply costs little). And the share of its
+# time Zenoh's thread may spend in such waits (measured over FAST_WINDOW): past it, queries are
+# piling up behind the waits (many callers, a service with many threads), and every call goes
+# through the loop (concurrent there) for SLOW_HOLD.
 FAST_WAIT = 0.001
+SLOW_MIN = 0.01
 SLOW_HOLD = 1.0
 FAST_DUTY = 0.5
 FAST_WINDOW = 0.1
@@ -168,7 +171,8 @@ class Exporter:
         self._threads: list[threading.Thread] = []
         self.calls = 0  # calls in flight (tasks on the loop), at most QUEUE
         self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}  # (holder, call id)
-        self._slow: dict[str, float] = {}  # service -> until when its calls skip the fast wait
+        # service -> (until when its calls skip the fast wait, that hold's length)
+        self._slow: dict[str, tuple[float, float]] = {}
         self._busy_until = 0.0  # until when no call is waited for on Zenoh's thread
         self._window = (0.0, 0.0)  # (start, time waited since) of the FAST_DUTY measure
         self.fast = 0  # calls answered on Zenoh's thread (the fast path)
@@ -476,8 +480,8 @@ class Exporter:
         wait), and its reply is waited for here, FAST_WAIT at most (the lane's wait, without the
         GIL), and sent at once: no hand-over to another thread on the common path. A reply that
         has not come by then is the event loop's to await (a task, cancellable as any call), and
-        the service is marked slow for SLOW_HOLD: its calls are not waited for here meanwhile, so
-        that a slow service holds Zenoh's thread FAST_WAIT once per SLOW_HOLD at most; nor are
+        the service is marked slow (see _missed): its calls are not waited for here meanwhile, so
+        that a service slow for good holds Zenoh's thread FAST_WAIT once per SLOW_HOLD; nor are
         any calls while these waits take more than FAST_DUTY of Zenoh's thread (see _waited):
         under load the calls run concurrently on the loop, as they did before the fast path.
         False: not taken (not a call, or no origin, endpoint or idle lane yet): the loop does
@@ -516,11 +520,16 @@ class Exporter:
                 pending = start_call(ep, opcode, data, payload, flags)
             if pending is not None:
                 now = time.monotonic()
-                wait = (0.0 if self._busy_until > now or self._slow.get(name, 0.0) > now
+                slow = self._slow.get(name)
+                wait = (0.0 if self._busy_until > now or (slow is not None and slow[0] > now)
                         else min(FAST_WAIT, timeout))
                 msg = pending.wait(wait)
                 if wait:
                     self._waited(now, time.monotonic())
+                    if msg is None:
+                        self._missed(name, now, slow)
+                    elif slow is not None:
+                        self._slow.pop(name, None)  # in time again
                 if msg is not None:
                     self.fast += 1
                     with self._lock:
@@ -531,8 +540,6 @@ class Exporter:
                                 attachment=REP.pack(msg.opcode, msg[1] & _FLAGS, *msg.data))
                     self._done(query)
                     return True
-                if wait:
-                    self._slow[name] = time.monotonic() + SLOW_HOLD
                 self.handed += 1
         except Exception as exc:  # the call is over (its error), or never started
             if o is not None:
@@ -546,6 +553,14 @@ class Exporter:
             return True
         self._hand(query, req, raw, holder, payload, deadline, o, pending)
         return True
+
+    def _missed(self, name: str, now: float, slow: tuple[float, float] | None) -> None:
+        """`name` did not answer within FAST_WAIT: its calls are not waited for during a hold,
+        SLOW_MIN, or twice the last one if this miss follows it closely (a service slow for
+        good costs Zenoh's thread one FAST_WAIT per SLOW_HOLD once the hold has grown)."""
+        until, hold = slow if slow is not None else (0.0, 0.0)
+        hold = min(SLOW_HOLD, 2 * hold) if now - until < max(hold, SLOW_MIN) else SLOW_MIN
+        self._slow[name] = (now + hold, hold)
 
     def _waited(self, start: float, end: float) -> None:
         """Zenoh's thread waited from start to end: past FAST_DUTY of a window, it waits no
