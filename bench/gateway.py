@@ -101,7 +101,7 @@ def _rtt(name: str, fn: Any, n: int, note: str, size: int) -> Result:
         times.append(time.perf_counter_ns() - t)
     times.sort()
     return Result(name, METRIC_ROUND_TRIP, median_us=times[len(times) // 2] / 1000,
-                  p99_us=percentile(times, 99) / 1000, note=note, size_bytes=size, samples=n)
+                  p99_us=percentile(times, 0.99) / 1000, note=note, size_bytes=size, samples=n)
 
 
 def run(quick: bool) -> list[Result]:
