@@ -122,6 +122,12 @@ def test_the_fast_path_answers_and_a_slow_service_leaves_it(hosts):
         # each service's first call opens its endpoint (through the loop); most of the rest
         # find an idle pooled lane (a few may not, while the loop is giving one back)
         assert st["fast_calls"] >= 40 and st["handed_calls"] == 0, st
+        # large payloads are not copied on Zenoh's thread: a large call goes to the loop, a
+        # large reply of the fast path is sent from the loop; both arrive whole
+        big = bytes(range(256)) * 1024
+        assert kv.call(1, (), big, timeout=5).payload == big[::-1]
+        assert kv.call(9, (300_000,), timeout=5).payload == b"r" * 300_000
+        assert gb.stats()["fast_calls"] == st["fast_calls"] + 1
         out: list[object] = []
         t0 = time.monotonic()
         assert slow.call(2, (300,), timeout=5).opcode == 3  # started there, awaited by the loop
