@@ -632,10 +632,11 @@ class Exporter:
                            else self.cfg.call_timeout)
                 deadline = time.monotonic() + timeout
             else:
-                holder, payload, deadline, o, pending = checked
-                if payload is None:
+                holder, given, deadline, o, pending = checked
+                if given is None:  # not copied on Zenoh's thread (large)
                     zb = query.payload
-                    payload = zb.to_bytes() if zb is not None else b""
+                    given = zb.to_bytes() if zb is not None else b""
+                payload = given
             task = asyncio.current_task()
             if cid and task is not None and len(self._tasks) < QUEUE:
                 tk = (holder, cid)
