@@ -241,3 +241,43 @@ def test_a_late_reply_holds_its_service_off_the_fast_path_briefly_then_longer():
     now += 10 * export.SLOW_HOLD  # a rare late reply much later: a short hold again
     export.Exporter._missed(ex, "s", now, ex._slow.get("s"))  # type: ignore[arg-type]
     assert ex._slow["s"][1] == export.SLOW_MIN
+
+
+@pytest.mark.parametrize("phase", ["fast wait", "handed"])
+def test_a_service_dying_in_the_fast_path_fails_only_its_callers(hosts, phase):
+    """The service dies while Zenoh's thread waits for its reply (it exits on the call), or
+    after the call was handed to the loop (it sleeps, then is killed): its caller gets an error
+    at once, not at its timeout; the gateway serves another service on, on the fast path."""
+    victim = hosts.service("host-b", "victim")
+    hosts.service("host-b", "kv")
+    gb = capbus.Gateway(hosts.sock["host-b"], name="host-b", lease=1.0,
+                        export=["victim", "kv"],
+                        listen=[f"tcp/127.0.0.1:{hosts.port}"]).start()
+    ga = capbus.Gateway(hosts.sock["host-a"], name="host-a", lease=1.0,
+                        connect=[f"tcp/127.0.0.1:{hosts.port}"]).start()
+    try:
+        pa = hosts.connect("host-a")
+        v = pa.lookup("victim@host-b", timeout=10)
+        kv = pa.lookup("kv@host-b", timeout=10)
+        for _ in range(5):
+            assert v.call(1, (), b"ab", timeout=5).payload == b"ba"
+            assert kv.call(1, (), b"ab", timeout=5).payload == b"ba"
+        fast = gb.stats()["fast_calls"]
+        assert fast >= 6
+        t0 = time.monotonic()
+        if phase == "fast wait":
+            with pytest.raises(capbus.IpcError) as err:
+                v.call(3, timeout=20)  # the service exits on it, without a reply
+        else:
+            threading.Timer(0.5, victim.kill).start()
+            with pytest.raises(capbus.IpcError) as err:
+                v.call(2, (60_000,), timeout=20)
+            assert gb.stats()["handed_calls"] >= 1
+        assert not isinstance(err.value, capbus.Timeout) and time.monotonic() - t0 < 10
+        for _ in range(10):
+            assert kv.call(1, (), b"xy", timeout=5).payload == b"yx"
+        st = gb.stats()
+        assert st["fast_calls"] >= fast + 8 and st["calls"] == 0, st
+    finally:
+        ga.stop()
+        gb.stop()

@@ -926,7 +926,11 @@ class Exporter:
 
 def _ender(exporter: Exporter, e: _Exported) -> Any:
     def gone(_ep: Endpoint) -> None:
-        exporter._gone(e)
+        # On the runtime's control thread, which must never block: the endpoint's close() is a
+        # kernel request that this very thread would have to answer (it hung the exporter's
+        # connection for good when a service's death notice came before the scan saw it).
+        threading.Thread(target=exporter._gone, args=(e,), name="capbus-gw-gone",
+                         daemon=True).start()
     return gone
 
 
