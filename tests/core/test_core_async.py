@@ -504,6 +504,50 @@ def test_call_start_and_poll_in_process(db, chans, efd):
     assert ln.call_poll(tag)[0] == 13
 
 
+def test_call_wait_is_bounded_and_leaves_the_call_pending(db, chans):
+    """call_wait: the reply if it comes within the time given (waited for without the GIL: a
+    server thread of this process answers meanwhile), else None with the call still pending
+    (poll, wait or cancel it later); the server's death is raised, not waited out."""
+    ch = chans(1)
+    s = server(db, ch)
+    ln = lane(ch, db)
+    tag = ln.call_start(0, 1, 0, (7,), b"q")
+    t0 = time.monotonic()
+    assert ln.call_wait(tag, 20_000_000) is None  # nobody serves yet: 20 ms, then None
+    assert 0.015 < time.monotonic() - t0 < 2
+    assert ln.call_wait(tag, 0) is None  # 0: only a look
+    got = []
+
+    def serve():
+        r = s.recv(5 * SEC)
+        got.append(r.data[0])
+        time.sleep(0.05)
+        r.reply(9, r.data, b"r")
+
+    t = threading.Thread(target=serve)
+    t.start()
+    msg = ln.call_wait(tag, 5 * SEC)  # the same call, still pending: its reply comes
+    t.join(10)
+    assert got == [7] and msg == (9, 0, 7, 0, 0, 0, b"r")
+    with pytest.raises(ValueError):
+        ln.call_wait(tag + 1, 0)  # not this lane's latest call
+    # Pending, then cancelled: the server skips it, and the lane goes on.
+    tag = ln.call_start(0, 1, 0, ())
+    assert ln.call_wait(tag, 1_000_000) is None
+    ln.cancel(tag)
+    assert s.poll() is None
+    tag = ln.call_start(0, 1, 0, ())
+    s.poll().reply(5)
+    assert ln.call_wait(tag, 5 * SEC)[0] == 5
+    # The server dies while we wait: PeerDied at once, not at the end of the wait.
+    tag = ln.call_start(0, 1, 0, ())
+    threading.Timer(0.05, ch.set_state, (_core.STATE_PEER_DEAD,)).start()
+    t0 = time.monotonic()
+    with pytest.raises(PeerDied):
+        ln.call_wait(tag, 30 * SEC)
+    assert time.monotonic() - t0 < 5
+
+
 def test_call_start_then_call_drops_the_old_reply(db, chans):
     ch = chans(1)
     s = server(db, ch)

@@ -1,8 +1,8 @@
 """A service for the gateway tests, in a process of its own: argv[1] socket, argv[2] name.
 Opcodes: 1 echo (opcode+1, data, payload reversed); 2 sleep data[0] ms then echo; 3 exit at
 once without replying (dies mid-call); 4 reply_error(data[0], "app"); 5 stop reading (block);
-6 how many one-way messages it has seen; 8 how many opcode-2 calls it has served; object calls
-answered with the object doubled."""
+6 how many one-way messages it has seen; 8 how many opcode-2 calls it has served; 9 a reply
+of data[0] bytes; object calls answered with the object doubled."""
 
 import os
 import sys
@@ -42,3 +42,5 @@ while True:
         req.reply(0, (slept,))
     elif op == 7:
         req.reply(0, (req.sender,))
+    elif op == 9:
+        req.reply(0, (), b"r" * req.data[0])

@@ -95,3 +95,189 @@ def test_slow_services_do_not_stall_the_others(hosts):
     # the timed-out ones were cancelled there: the service served at most the ones in time
     time.sleep(0.5)
     assert slow.call(8, timeout=10).data[0] <= out.count(3) + 1
+
+
+def test_the_fast_path_answers_and_a_slow_service_leaves_it(hosts):
+    """The exporter answers a quick call on Zenoh's thread (fast_calls); a call whose reply
+    takes longer than FAST_WAIT goes on as a task (handed_calls), and that service's calls are
+    not waited for there for SLOW_HOLD: with six slow calls in flight, a quick service's calls
+    answer at once; afterwards the service's quick calls take the fast path again. The gateways
+    run in this process here (their counters are read)."""
+    from capbus._gateway import export
+
+    hosts.service("host-b", "kv")
+    hosts.service("host-b", "slow")
+    gb = capbus.Gateway(hosts.sock["host-b"], name="host-b", lease=1.0, export=["kv", "slow"],
+                        listen=[f"tcp/127.0.0.1:{hosts.port}"]).start()
+    ga = capbus.Gateway(hosts.sock["host-a"], name="host-a", lease=1.0,
+                        connect=[f"tcp/127.0.0.1:{hosts.port}"]).start()
+    try:
+        pa = hosts.connect("host-a")
+        kv = pa.lookup("kv@host-b", timeout=10)
+        slow = pa.lookup("slow@host-b", timeout=10)
+        for i in range(30):
+            assert kv.call(1, (i,), b"ab", timeout=5).payload == b"ba"
+            assert slow.call(1, (i,), b"cd", timeout=5).payload == b"dc"
+        st = gb.stats()
+        # each service's first call opens its endpoint (through the loop); most of the rest
+        # find an idle pooled lane (a few may not, while the loop is giving one back)
+        assert st["fast_calls"] >= 40 and st["handed_calls"] == 0, st
+        # large payloads are not copied on Zenoh's thread: a large call goes to the loop, a
+        # large reply of the fast path is sent from the loop; both arrive whole
+        big = bytes(range(256)) * 1024
+        assert kv.call(1, (), big, timeout=5).payload == big[::-1]
+        assert kv.call(9, (300_000,), timeout=5).payload == b"r" * 300_000
+        assert gb.stats()["fast_calls"] == st["fast_calls"] + 1
+        out: list[object] = []
+        t0 = time.monotonic()
+        assert slow.call(2, (300,), timeout=5).opcode == 3  # started there, awaited by the loop
+        assert time.monotonic() - t0 >= 0.3
+        assert gb.stats()["handed_calls"] == 1
+        threads = [_busy(slow, 400, 5, out) for _ in range(6)]
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        for _ in range(10):
+            assert kv.call(1, (), b"xy", timeout=2).payload == b"yx"
+        assert time.monotonic() - t0 < 1.0, "quick calls waited behind the slow service"
+        for t in threads:
+            t.join(timeout=10)
+        assert out == [3] * 6
+        st = gb.stats()
+        assert st["calls"] == 0 and st["refused"] == 0, st
+        time.sleep(export.SLOW_HOLD)  # then its quick calls are waited for there again
+        fast = st["fast_calls"]
+        for _ in range(10):
+            assert slow.call(1, (), b"ab", timeout=5).payload == b"ba"
+        assert gb.stats()["fast_calls"] >= fast + 5
+    finally:
+        ga.stop()
+        gb.stop()
+
+
+def test_zenohs_thread_stops_waiting_when_waits_fill_its_time():
+    """The fast path's guard: while waits for local replies take more than FAST_DUTY of Zenoh's
+    thread over a window (queries piling up behind them: many callers, a many-threaded
+    service), no call is waited for there for SLOW_HOLD; waits that leave it mostly free do
+    not trip it."""
+    from types import SimpleNamespace
+
+    from capbus._gateway import export
+
+    ex = SimpleNamespace(_window=(100.0, 0.0), _busy_until=0.0)
+    t = 100.0
+    for _ in range(40):  # 30 us waits every 250 us: 12% of the time
+        export.Exporter._waited(ex, t, t + 30e-6)  # type: ignore[arg-type]
+        t += 250e-6
+    t += export.FAST_WINDOW
+    export.Exporter._waited(ex, t, t + 30e-6)  # type: ignore[arg-type]
+    assert ex._busy_until == 0.0
+    for _ in range(400):  # 400 us waits every 500 us: 80%
+        export.Exporter._waited(ex, t, t + 400e-6)  # type: ignore[arg-type]
+        t += 500e-6
+    assert t < ex._busy_until <= t + export.SLOW_HOLD
+
+
+def test_zenoh_threads_keep_their_python_state():
+    """keep_state: a Zenoh thread's Python state outlives the callback (pyo3 would make and free
+    one per callback): thread-local data set in one callback is there in the next."""
+    import json
+
+    from _gwutil import free_port
+
+    from capbus._gateway.threads import keep_state
+
+    zenoh = pytest.importorskip("zenoh")
+    port = free_port()
+    sessions = []
+    for side in ("listen", "connect"):
+        c = zenoh.Config()
+        c.insert_json5("mode", '"peer"')
+        c.insert_json5("scouting/multicast/enabled", "false")
+        c.insert_json5("transport/shared_memory/enabled", "false")
+        c.insert_json5(f"{side}/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
+        sessions.append(zenoh.open(c))
+    local = threading.local()
+    counts: list[int] = []
+
+    def on_query(q) -> None:
+        keep_state()
+        local.n = getattr(local, "n", 0) + 1
+        counts.append(local.n)
+        q.reply(q.key_expr, b"")
+
+    try:
+        qa = sessions[0].declare_queryable(
+            "t/q", zenoh.handlers.Callback(on_query, indirect=False))
+        deadline = time.monotonic() + 10
+        while len(counts) < 20 and time.monotonic() < deadline:
+            for r in sessions[1].get("t/q", timeout=2.0):
+                r.ok  # noqa: B018
+        assert len(counts) >= 20
+        assert max(counts) > 1, "each callback ran in a fresh Python thread state"
+        qa.undeclare()
+    finally:
+        for s in sessions:
+            s.close()
+
+
+def test_a_late_reply_holds_its_service_off_the_fast_path_briefly_then_longer():
+    """_missed: a service that missed FAST_WAIT once is not waited for during SLOW_MIN; each
+    miss right after a hold doubles it, up to SLOW_HOLD; a miss long after starts over."""
+    from types import SimpleNamespace
+
+    from capbus._gateway import export
+
+    ex = SimpleNamespace(_slow={})
+    now = 50.0
+    holds = []
+    for _ in range(12):  # slow for good: every call after a hold misses again
+        export.Exporter._missed(ex, "s", now, ex._slow.get("s"))  # type: ignore[arg-type]
+        until, hold = ex._slow["s"]
+        assert until == now + hold
+        holds.append(hold)
+        now = until + 0.001
+    assert holds[0] == export.SLOW_MIN and holds[1] == 2 * export.SLOW_MIN
+    assert holds[-1] == export.SLOW_HOLD and sorted(holds) == holds
+    now += 10 * export.SLOW_HOLD  # a rare late reply much later: a short hold again
+    export.Exporter._missed(ex, "s", now, ex._slow.get("s"))  # type: ignore[arg-type]
+    assert ex._slow["s"][1] == export.SLOW_MIN
+
+
+@pytest.mark.parametrize("phase", ["fast wait", "handed"])
+def test_a_service_dying_in_the_fast_path_fails_only_its_callers(hosts, phase):
+    """The service dies while Zenoh's thread waits for its reply (it exits on the call), or
+    after the call was handed to the loop (it sleeps, then is killed): its caller gets an error
+    at once, not at its timeout; the gateway serves another service on, on the fast path."""
+    victim = hosts.service("host-b", "victim")
+    hosts.service("host-b", "kv")
+    gb = capbus.Gateway(hosts.sock["host-b"], name="host-b", lease=1.0,
+                        export=["victim", "kv"],
+                        listen=[f"tcp/127.0.0.1:{hosts.port}"]).start()
+    ga = capbus.Gateway(hosts.sock["host-a"], name="host-a", lease=1.0,
+                        connect=[f"tcp/127.0.0.1:{hosts.port}"]).start()
+    try:
+        pa = hosts.connect("host-a")
+        v = pa.lookup("victim@host-b", timeout=10)
+        kv = pa.lookup("kv@host-b", timeout=10)
+        for _ in range(5):
+            assert v.call(1, (), b"ab", timeout=5).payload == b"ba"
+            assert kv.call(1, (), b"ab", timeout=5).payload == b"ba"
+        fast = gb.stats()["fast_calls"]
+        assert fast >= 6
+        t0 = time.monotonic()
+        if phase == "fast wait":
+            with pytest.raises(capbus.IpcError) as err:
+                v.call(3, timeout=20)  # the service exits on it, without a reply
+        else:
+            threading.Timer(0.5, victim.kill).start()
+            with pytest.raises(capbus.IpcError) as err:
+                v.call(2, (60_000,), timeout=20)
+            assert gb.stats()["handed_calls"] >= 1
+        assert not isinstance(err.value, capbus.Timeout) and time.monotonic() - t0 < 10
+        for _ in range(10):
+            assert kv.call(1, (), b"xy", timeout=5).payload == b"yx"
+        st = gb.stats()
+        assert st["fast_calls"] >= fast + 8 and st["calls"] == 0, st
+    finally:
+        ga.stop()
+        gb.stop()

@@ -9,12 +9,17 @@ token: checked (signature once, cached), then its expiry, revocation, service, r
 only then does it reach a service, through a local connection of its own per remote origin
 (remote gateway, remote ProcessId): the service sees that connection's ProcessId as the sender,
 and `capbus.gateway@<this name>` tells it which remote host and process that is. A call is
-handed from Zenoh's thread to this gateway's event loop, where it is an `acall` task (no thread
-waits for a service: a slow one never stalls the others); a CANCEL from the importing gateway
-(its caller stopped waiting) cancels the task, and so the local call. One-way batches, topic
-subscriptions and hellos are taken from a bounded queue by a few worker threads. Nothing a
-remote peer sends can make this side hold more than the queue, the calls in flight (QUEUE),
-the origin table (max_origins per peer) and the token cache.
+checked on Zenoh's thread and, on the fast path (see _fast), started there on a pooled lane of
+the local endpoint and answered there if the service replies within FAST_WAIT (1 ms): no
+hand-over to another thread on the common path. Otherwise (a slow reply, a service marked slow,
+Zenoh's thread too busy waiting, a first call from a new origin) the call, or what is left of
+it, goes to this gateway's event loop as an `acall` task (no thread waits long for a service:
+a slow one never stalls the others); a CANCEL from the importing gateway (its caller stopped
+waiting) cancels the task, and so the local call. One-way batches, topic subscriptions and
+hellos are taken from a bounded queue by a few worker threads. Nothing a remote peer sends can
+make this side hold more than the queue, the calls in flight (QUEUE), the origin table
+(max_origins per peer) and the token cache. Zenoh's threads keep their Python thread state
+between callbacks (threads.py).
 
 Topics the export rules match (with the right "subscribe") are exported too: this gateway
 subscribes to each once, as an ordinary local subscriber, and a pump thread `put`s each sample
@@ -50,10 +55,11 @@ from .._errors import (
     Timeout,
     WouldBlock,
 )
-from .._runtime.endpoint import Endpoint
+from .._runtime.endpoint import Endpoint, PendingCall, start_call
 from .._runtime.process import Process, connect
 from .._runtime.topic import Subscriber
 from .config import ExportRule, GatewayConfig
+from .threads import keep_state
 from .token import Verifier, issue, verify_signature
 from .wire import (
     ACK,
@@ -86,6 +92,23 @@ HELLO_SKEW = 120.0  # seconds a hello's clock may be off (a replayed old hello i
 _FLAGS = 0x7FFF0000  # user flags and the object bit; never the transfer bit
 QUEUE = 1024  # queries waiting for a worker, at most
 ORIGIN_OPCODE = 1  # capbus.gateway@NAME: data[0] = a sender ProcessId -> its remote origin
+# The fast path (see _fast): how long Zenoh's thread waits for a local reply before it hands the
+# call to the event loop, and how long a service that made it wait that long is then called
+# through the loop only (its calls start on Zenoh's thread, nobody waits there for them):
+# SLOW_MIN after a miss, twice as long after each miss that follows a hold, up to SLOW_HOLD (a
+# reply in time clears it: a busy machine's rare late reply costs little). And the share of its
+# time Zenoh's thread may spend in such waits (measured over FAST_WINDOW): past it, queries are
+# piling up behind the waits (many callers, a service with many threads), and every call goes
+# through the loop (concurrent there) for SLOW_HOLD.
+FAST_WAIT = 0.001
+SLOW_MIN = 0.01
+# Payloads larger than this are not copied or sent on Zenoh's thread (a 1 MiB call there took
+# ~1.5x as long: while Zenoh's thread copies and sends, it reads nothing): such calls go to the
+# loop, and so do such replies of the fast path.
+FAST_MAX = 64 << 10
+SLOW_HOLD = 1.0
+FAST_DUTY = 0.5
+FAST_WINDOW = 0.1
 
 
 @dataclass
@@ -152,6 +175,12 @@ class Exporter:
         self._threads: list[threading.Thread] = []
         self.calls = 0  # calls in flight (tasks on the loop), at most QUEUE
         self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}  # (holder, call id)
+        # service -> (until when its calls skip the fast wait, that hold's length)
+        self._slow: dict[str, tuple[float, float]] = {}
+        self._busy_until = 0.0  # until when no call is waited for on Zenoh's thread
+        self._window = (0.0, 0.0)  # (start, time waited since) of the FAST_DUTY measure
+        self.fast = 0  # calls answered on Zenoh's thread (the fast path)
+        self.handed = 0  # calls started there whose reply the event loop awaited
         self._loop = asyncio.new_event_loop()
 
     # ---- life --------------------------------------------------------------------------------
@@ -347,6 +376,7 @@ class Exporter:
         with self._lock:
             if self.exported.get(e.name) is e:
                 del self.exported[e.name]
+        self._slow.pop(e.name, None)
         with contextlib.suppress(Exception):
             e.token.undeclare()
         with contextlib.suppress(Exception):
@@ -378,8 +408,10 @@ class Exporter:
         self._loop.call_later(0.2, self._loop.stop)
 
     def _enqueue(self, query: zenoh.Query) -> None:
-        """On a Zenoh thread: a request goes to the event loop (a call is a task there), a hello
-        to a worker; never block Zenoh. Too many in flight is an OutOfMemory answer at once."""
+        """On a Zenoh thread: a call takes the fast path (see _fast), else goes to the event
+        loop (a task there), as do other requests; a hello goes to a worker. Zenoh's thread never
+        waits more than FAST_WAIT. Too many in flight is an OutOfMemory answer at once."""
+        keep_state()
         if str(query.key_expr) == self._q_key:
             with self._lock:
                 full = self.calls >= QUEUE
@@ -393,7 +425,8 @@ class Exporter:
                     query.drop()
                 return
             try:
-                self._loop.call_soon_threadsafe(self._begin, query)
+                if not self._fast(query):
+                    self._loop.call_soon_threadsafe(self._begin, query)
             except RuntimeError:  # stopping
                 with self._lock:
                     self.calls -= 1
@@ -445,36 +478,188 @@ class Exporter:
             task.cancel()
         query.reply(query.key_expr, ACK.pack(int(task is not None), 0))
 
-    async def _call(self, query: zenoh.Query, req: Any, cid: int) -> None:
+    def _fast(self, query: zenoh.Query) -> bool:
+        """On Zenoh's thread: a call to a service whose origin and endpoint are open already
+        starts here (a pooled lane of the endpoint, the request written, the doorbell rung: no
+        wait), and its reply is waited for here, FAST_WAIT at most (the lane's wait, without the
+        GIL), and sent at once: no hand-over to another thread on the common path. A reply that
+        has not come by then is the event loop's to await (a task, cancellable as any call), and
+        the service is marked slow (see _missed): its calls are not waited for here meanwhile, so
+        that a service slow for good holds Zenoh's thread FAST_WAIT once per SLOW_HOLD; nor are
+        any calls while these waits take more than FAST_DUTY of Zenoh's thread (see _waited):
+        under load the calls run concurrently on the loop, as they did before the fast path.
+        False: not taken (not a call, or no origin, endpoint or idle lane yet): the loop does
+        it all."""
+        try:
+            att = query.attachment
+            if att is None:
+                return False
+            raw = att.to_bytes()
+            req = unpack_request(raw)
+        except WireError:
+            return False  # the loop says why
         kind, token, name, opcode, flags, data, tmo, origin = req
-        tk = None
+        if kind != CALL or name not in self.exported:
+            return False
         try:
             zb = query.payload
             checked = self.verifier.check(token, name, "call", len(zb) if zb is not None else 0)
-            payload = zb.to_bytes() if zb is not None else b""
-            if name not in self.exported:
-                raise ServiceNotFound(f"{self.name} exports no live service {name[:200]!r}")
-            holder = checked.body.holder
+        except (WireError, IpcError) as exc:
+            self.refused += 1
+            self._fail(query, exc)
+            self._done(query)
+            return True
+        holder = checked.body.holder
+        timeout = min(tmo / 1000.0, self.cfg.call_timeout) if tmo else self.cfg.call_timeout
+        deadline = time.monotonic() + timeout
+        if zb is not None and len(zb) > FAST_MAX:  # copied on the loop (the payload arg: b"")
+            self._hand(query, req, raw, holder, None, deadline, None, None)
+            return True
+        payload = zb.to_bytes() if zb is not None else b""
+        o = self._origin_now(holder, origin)
+        if o is None:
+            self._hand(query, req, raw, holder, payload, deadline, None, None)
+            return True
+        pending: PendingCall | None = None
+        try:
+            ep = o.endpoints.get(name)
+            if ep is not None and not ep.dead:
+                pending = start_call(ep, opcode, data, payload, flags)
+            if pending is not None:
+                now = time.monotonic()
+                slow = self._slow.get(name)
+                wait = (0.0 if self._busy_until > now or (slow is not None and slow[0] > now)
+                        else min(FAST_WAIT, timeout))
+                msg = pending.wait(wait)
+                if wait:
+                    self._waited(now, time.monotonic())
+                    if msg is None:
+                        self._missed(name, now, slow)
+                    elif slow is not None:
+                        self._slow.pop(name, None)  # in time again
+                if msg is not None:
+                    self.fast += 1
+                    with self._lock:
+                        o.busy -= 1
+                    o = None
+                    p = msg.payload
+                    if p is not None and len(p) > FAST_MAX:
+                        self._loop.call_soon_threadsafe(self._reply, query, msg)
+                        return True
+                    self._reply(query, msg)
+                    return True
+                self.handed += 1
+        except Exception as exc:  # the call is over (its error), or never started
+            if o is not None:
+                with self._lock:
+                    o.busy -= 1
+            if not isinstance(exc, IpcError):
+                log.exception("gateway %s: a call failed", self.name)
+            self.refused += 1
+            self._fail(query, exc)
+            self._done(query)
+            return True
+        self._hand(query, req, raw, holder, payload, deadline, o, pending)
+        return True
+
+    def _reply(self, query: zenoh.Query, msg: Any) -> None:
+        """A fast-path call's reply (on Zenoh's thread, or on the loop when large)."""
+        try:
+            # msg[1]: the flags as sent, the object bit included (.flags drops it)
+            query.reply(query.key_expr, msg.payload or b"",
+                        attachment=REP.pack(msg.opcode, msg[1] & _FLAGS, *msg.data))
+        except Exception as exc:
+            log.warning("gateway %s: a reply could not be sent: %s", self.name, exc)
+        finally:
+            self._done(query)
+
+    def _missed(self, name: str, now: float, slow: tuple[float, float] | None) -> None:
+        """`name` did not answer within FAST_WAIT: its calls are not waited for during a hold,
+        SLOW_MIN, or twice the last one if this miss follows it closely (a service slow for
+        good costs Zenoh's thread one FAST_WAIT per SLOW_HOLD once the hold has grown)."""
+        until, hold = slow if slow is not None else (0.0, 0.0)
+        hold = min(SLOW_HOLD, 2 * hold) if now - until < max(hold, SLOW_MIN) else SLOW_MIN
+        self._slow[name] = (now + hold, hold)
+
+    def _waited(self, start: float, end: float) -> None:
+        """Zenoh's thread waited from start to end: past FAST_DUTY of a window, it waits no
+        more for SLOW_HOLD (the queries behind it go to the loop meanwhile). Zenoh's threads
+        may race here: a lost update only blurs a measure."""
+        w0, waited = self._window
+        waited += end - start
+        if end - w0 >= FAST_WINDOW:
+            if waited > FAST_DUTY * (end - w0):
+                self._busy_until = end + SLOW_HOLD
+            w0, waited = end, 0.0
+        self._window = (w0, waited)
+
+    def _hand(self, query: zenoh.Query, req: Any, raw: bytes, holder: str,
+              payload: bytes | None, deadline: float, o: _Origin | None,
+              pending: PendingCall | None) -> None:
+        """From Zenoh's thread: the rest of a checked call (its origin, endpoint, and call, or
+        only the wait for its reply) is a task on the loop. payload None: not copied yet."""
+        def begin() -> None:
+            self._loop.create_task(self._call(query, req, call_id(raw), checked=(
+                holder, payload, deadline, o, pending)))
+
+        try:
+            self._loop.call_soon_threadsafe(begin)
+        except RuntimeError:  # stopping: the call is dropped with the loop
+            if pending is not None:
+                pending.cancel()
+            if o is not None:
+                with self._lock:
+                    o.busy -= 1
+            self._fail(query, Timeout(f"gateway {self.name} stopped"))
+            self._done(query)
+
+    async def _call(self, query: zenoh.Query, req: Any, cid: int,
+                    checked: tuple[str, bytes | None, float, _Origin | None, PendingCall | None]
+                    | None = None) -> None:
+        """A call as a task on the loop: all of it, or (checked: from _fast) what is left of
+        it (the origin's connection and endpoint lookups, or only the wait for the reply)."""
+        kind, token, name, opcode, flags, data, tmo, origin = req
+        tk = None
+        o: _Origin | None = None
+        pending: PendingCall | None = None
+        try:
+            if checked is None:
+                zb = query.payload
+                holder = self.verifier.check(token, name, "call",
+                                             len(zb) if zb is not None else 0).body.holder
+                payload = zb.to_bytes() if zb is not None else b""
+                timeout = (min(tmo / 1000.0, self.cfg.call_timeout) if tmo
+                           else self.cfg.call_timeout)
+                deadline = time.monotonic() + timeout
+            else:
+                holder, given, deadline, o, pending = checked
+                if given is None:  # not copied on Zenoh's thread (large)
+                    zb = query.payload
+                    given = zb.to_bytes() if zb is not None else b""
+                payload = given
             task = asyncio.current_task()
             if cid and task is not None and len(self._tasks) < QUEUE:
                 tk = (holder, cid)
                 self._tasks[tk] = task  # a later call with the same id replaces it: its own
-            o = self._origin_now(holder, origin)
+            if pending is None and name not in self.exported:
+                raise ServiceNotFound(f"{self.name} exports no live service {name[:200]!r}")
+            if o is None:
+                o = self._origin_now(holder, origin)
             if o is None:  # a new origin: its connection is a kernel round trip, off the loop
                 o = await asyncio.to_thread(self._origin, holder, origin)
-            try:
+            if pending is not None:
+                msg = await pending.result(deadline, tmo / 1000.0 if tmo else
+                                           self.cfg.call_timeout)
+            else:
                 ep = o.endpoints.get(name)
                 if ep is None or ep.dead:
                     ep = await asyncio.to_thread(o.endpoint, name)
-                timeout = (min(tmo / 1000.0, self.cfg.call_timeout) if tmo
-                           else self.cfg.call_timeout)
-                msg = await ep.acall(opcode, data, payload, timeout=timeout, flags=flags)
-                # msg[1]: the flags as sent, the runtime's object bit included (.flags drops it)
-                query.reply(query.key_expr, msg.payload or b"",
-                            attachment=REP.pack(msg.opcode, msg[1] & _FLAGS, *msg.data))
-            finally:
-                with self._lock:
-                    o.busy -= 1
+                msg = await ep.acall(opcode, data, payload,
+                                     timeout=max(0.0, deadline - time.monotonic()), flags=flags)
+            pending = None
+            # msg[1]: the flags as sent, the runtime's object bit included (.flags drops it)
+            query.reply(query.key_expr, msg.payload or b"",
+                        attachment=REP.pack(msg.opcode, msg[1] & _FLAGS, *msg.data))
         except asyncio.CancelledError:
             # cancelled by the caller's gateway (or our stop): nobody waits for an answer
             self._fail(query, Timeout(f"{name[:200]!r}: the caller stopped waiting"))
@@ -486,6 +671,11 @@ class Exporter:
             log.exception("gateway %s: a call failed", self.name)
             self._fail(query, exc)
         finally:
+            if pending is not None:
+                pending.cancel()  # (result() cancels it itself; this is for what came before)
+            if o is not None:
+                with self._lock:
+                    o.busy -= 1
             if tk is not None and self._tasks.get(tk) is asyncio.current_task():
                 del self._tasks[tk]
             self._done(query)
@@ -736,7 +926,11 @@ class Exporter:
 
 def _ender(exporter: Exporter, e: _Exported) -> Any:
     def gone(_ep: Endpoint) -> None:
-        exporter._gone(e)
+        # On the runtime's control thread, which must never block: the endpoint's close() is a
+        # kernel request that this very thread would have to answer (it hung the exporter's
+        # connection for good when a service's death notice came before the scan saw it).
+        threading.Thread(target=exporter._gone, args=(e,), name="capbus-gw-gone",
+                         daemon=True).start()
     return gone
 
 

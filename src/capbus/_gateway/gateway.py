@@ -154,7 +154,9 @@ class Gateway:
     def stats(self) -> dict[str, int]:
         e, i = self._exporter, self._importer
         """Counters: refused requests, dropped one-way messages, origins, imports, calls (remote
-        calls in flight here, as the exporter); for topics:
+        calls in flight here, as the exporter), fast_calls (remote calls answered on Zenoh's
+        thread, the fast path), handed_calls (calls started there whose slow reply the event
+        loop awaited); for topics:
         topic_puts (samples put to Zenoh here: one per sample and importing gateway),
         topic_dropped (samples a slow link made the exported topics lose, drop-oldest),
         topic_imports, topic_lost (samples the exporters' sequence numbers say did not arrive
@@ -165,6 +167,7 @@ class Gateway:
                 "imports": len(i.imports) if i else 0,
                 "send_refused": sum(x.refused for x in i.imports.values()) if i else 0,
                 "calls": e.calls if e else 0,
+                "fast_calls": e.fast if e else 0, "handed_calls": e.handed if e else 0,
                 "topic_puts": e.puts if e else 0,
                 "topic_dropped": e.topic_dropped() if e else 0,
                 "topic_imports": len(ti), "topic_lost": sum(x.lost for x in ti),

@@ -10,7 +10,8 @@ connection is closed, and every local caller gets PeerDied and its on_death call
 
 One thread per import takes requests from the local ring; a call goes out as a Zenoh query
 (a pack of a fixed header, the token and the name) and is answered from the Zenoh thread that
-receives its reply (no thread waits for it); a watcher polls the calls in flight for their
+receives its reply (no thread waits for it; Zenoh's threads keep their Python thread state
+between callbacks, see threads.py); a watcher polls the calls in flight for their
 caller's cancel mark (Request.cancelled: its timeout, its task cancelled, its death) and sends
 the exporter a CANCEL for each, which cancels the call there; one-way messages go in batches,
 one batch in flight per import, so that a full remote ring holds this side's ring full and the
@@ -49,6 +50,7 @@ from .._runtime.process import Process, connect
 from .._runtime.service import Service, reply_failure
 from .._runtime.topic import Publisher
 from .config import GatewayConfig
+from .threads import keep_state
 from .token import body_of, public_bytes, sign, verify_signature
 from .wire import (
     ACK,
@@ -177,6 +179,7 @@ class Importer:
 
     def _on_live(self, sample: zenoh.Sample) -> None:
         """On a Zenoh thread: only parse and queue."""
+        keep_state()
         parts = str(sample.key_expr).split("/")
         if len(parts) < 4 or parts[2] == self.name:
             return
@@ -452,6 +455,7 @@ class Importer:
         pending = self._pending
 
         def on_reply(reply: zenoh.Reply) -> None:
+            keep_state()
             if answered[0]:
                 return
             answered[0] = True
@@ -476,6 +480,7 @@ class Importer:
         def on_done() -> None:
             # No reply and the query is over: at its deadline, a Timeout; before it, the
             # exporter went away with the query (its death, its stop, the link's loss).
+            keep_state()
             pending.pop(cid, None)
             if not answered[0]:
                 answered[0] = True
@@ -537,6 +542,7 @@ class Importer:
         att = pack_request(SEND, imp.token, name, 0, 0, (0, 0, 0, 0), 0, 0)
 
         def on_reply(reply: zenoh.Reply) -> None:
+            keep_state()
             ok = reply.ok
             if ok is not None:
                 with contextlib.suppress(Exception):
@@ -565,6 +571,7 @@ def _sampler(ti: _TopicImport) -> Any:
     """On a Zenoh thread: one remote sample, checked, re-published here (never blocks: the
     stand-in's overflow is drop-oldest)."""
     def on_sample(s: zenoh.Sample) -> None:
+        keep_state()
         if ti.dead.is_set():
             return
         try:

@@ -1,6 +1,6 @@
 /*
- * _native/lane.c: The Lane type: call_poll, cancel, send_many, close, mark, getters, the method
- * table and LaneType. GIL held.
+ * _native/lane.c: The Lane type: call_poll, call_wait, cancel, send_many, close, mark, getters,
+ * the method table and LaneType. GIL held (call_wait drops it while it sleeps).
  * Not compiled alone: module.c #includes it (one translation unit, see there).
  */
 
@@ -57,6 +57,68 @@ static PyObject *Lane_call_poll(LaneObject *L, PyObject *const *args, Py_ssize_t
                     r = -1;
                 }
             }
+        }
+    }
+    L->busy = 0;
+    if (r < 0)
+        return NULL;
+    if (r == 0)
+        Py_RETURN_NONE;
+    lane_count_latency(L, now_ns() - L->call_t0);
+    return result;
+}
+
+/* call_wait(tag, timeout_ns) -> Message | None: wait (WITHOUT the GIL, as call() waits: the
+ * lane's wait mode) up to timeout_ns for the reply of call_start's `tag`. None if it has not
+ * come: the call stays pending (call_poll, call_wait or cancel it later). For a thread that may
+ * wait a little but not long (a gateway's network thread waits for a fast service here, and hands
+ * a slow one's call to its event loop); the metrics count the round trip as call_poll does. */
+static PyObject *Lane_call_wait(LaneObject *L, PyObject *const *args, Py_ssize_t nargs,
+                                PyObject *kwnames)
+{
+    static const char *const kw[] = {"tag", "timeout_ns", NULL};
+    PyObject *a[2];
+    uint64_t tag;
+    int64_t timeout_ns;
+    if (fast_args("call_wait", args, nargs, kwnames, kw, 2, a) < 0 ||
+        to_u64(a[0], &tag, "tag") < 0 || to_i64_timeout(a[1], &timeout_ns) < 0)
+        return NULL;
+    if (!lane_usable(L))
+        return NULL;
+    if (tag == 0 || tag != L->call_tag) {
+        PyErr_Format(PyExc_ValueError, "tag %llu is not this lane's latest call (%llu)",
+                     (unsigned long long)tag, (unsigned long long)L->call_tag);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    uint64_t deadline = deadline_lazy(timeout_ns);
+    int expired = deadline == 0, r;
+    L->busy = 1; /* close() from another thread waits for us (it refuses a busy lane) */
+    for (;;) {
+        r = lane_take_reply(L, tag, &result);
+        if (r != 0)
+            break;
+        uint32_t st = lane_state(L);
+        if (st != STATE_OPEN) {
+            /* A reply published before the state change is still delivered. */
+            r = lane_take_reply(L, tag, &result);
+            if (r == 0) {
+                lane_cancel(L, tag);
+                raise_for_state(st, "server");
+                r = -1;
+            }
+            break;
+        }
+        if (expired)
+            break; /* r == 0: not yet */
+        int w;
+        Py_BEGIN_ALLOW_THREADS
+        w = lane_wait(L, &deadline, timeout_ns);
+        Py_END_ALLOW_THREADS
+        expired = w == LW_EXPIRED; /* one more look at the ring first */
+        if (PyErr_CheckSignals() < 0) {
+            r = -1; /* the call stays pending: the caller decides (cancel, or wait again) */
+            break;
         }
     }
     L->busy = 0;
@@ -325,6 +387,9 @@ static PyMethodDef Lane_methods[] = {
      "call_start(capability, opcode, flags, data, payload=None) -> tag; WouldBlock if full"},
     {"call_poll", (PyCFunction)(void (*)(void))Lane_call_poll, METH_FASTCALL | METH_KEYWORDS,
      "call_poll(tag, arm=False) -> Message or None"},
+    {"call_wait", (PyCFunction)(void (*)(void))Lane_call_wait, METH_FASTCALL | METH_KEYWORDS,
+     "call_wait(tag, timeout_ns) -> Message or None: wait (without the GIL) up to timeout_ns "
+     "for call_start's reply; None if it has not come (the call stays pending)"},
     {"want_room", (PyCFunction)Lane_want_room, METH_O,
      "want_room(on): while on, the server writes this lane's reply eventfd whenever it frees "
      "room in the request ring or arena (arming drains it first and fences)"},

@@ -299,36 +299,13 @@ class Endpoint(_core.EndpointBase):
             except TimeoutError:
                 raise Timeout(f"no lane free for a call to {self.name!r} within {timeout} s "
                               "(every pooled lane is busy)") from None
-        tag = 0
         try:
             tag = lane.native.call_start(self.handle, opcode, flags | _REPLY, data,
                                          _payload_arg(payload))
-            while True:
-                r = lane.native.call_poll(tag, True)
-                if r is not None:
-                    break
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    lane.native.cancel(tag)
-                    raise Timeout(f"no reply from {self.name!r} within {timeout} s")
-                await readable(loop, lane.reply_fd, left)
-        except (asyncio.CancelledError, Timeout):
-            # The task gave up: the call is cancelled (cancel_below tells the server; a late
-            # reply is dropped by its tag), and the lane is fit for the next call.
-            if tag and not lane.native.closed:
-                with contextlib.suppress(Exception):
-                    lane.native.cancel(tag)
-                self._give_lane(lane)
-            else:
-                self._drop_lane()
-            raise
         except BaseException:
-            self._drop_lane()  # its state is unknown: drop it (its channel closes with it)
+            self._drop_lane()  # nothing was sent; its place goes to the next acall
             raise
-        self._give_lane(lane)
-        if r[1] & _ERROR:
-            raise self._remote_error(r)
-        return r
+        return await PendingCall(self, lane, tag).result(deadline, timeout)
 
     # ---- typed interfaces ---------------------------------------------------------------------
 
@@ -668,6 +645,113 @@ class Endpoint(_core.EndpointBase):
             kind, sep, msg = text.partition(": ")
             return RemoteError(None, msg if sep else text, kind if sep else "Exception", self.name)
         return error_from_code(r[2], f"{self.name!r}: {text}")
+
+
+class PendingCall:
+    """A call started on one of an endpoint's pooled lanes (acall's) and not answered yet.
+
+    Its owner waits for the reply a little on its own thread (wait: the lane's wait, without
+    the GIL), then, if it has not come, in an event loop (result: the lane's eventfd, no thread
+    blocks), or gives up (cancel). Whichever ends the call gives the lane back to the pool
+    (dropped instead when its state is unknown), once."""
+
+    __slots__ = ("endpoint", "_lane", "_tag", "_open")
+
+    def __init__(self, endpoint: Endpoint, lane: LaneHandle, tag: int) -> None:
+        self.endpoint = endpoint
+        self._lane = lane
+        self._tag = tag
+        self._open = True
+
+    def wait(self, timeout: float) -> Message | None:
+        """The reply, if it comes within `timeout` seconds (the call is over: an error reply is
+        raised, as call() raises it), else None: the call is still pending."""
+        if not self._open:
+            raise RuntimeError("this call is over")
+        try:
+            r = self._lane.native.call_wait(self._tag, max(0, int(timeout * 1e9)))
+        except BaseException:
+            self._end(drop=True)  # the server's death, a broken lane, a signal: state unknown
+            raise
+        if r is None:
+            return None
+        self._end()
+        if r[1] & _ERROR:
+            raise self.endpoint._remote_error(r)
+        return r
+
+    async def result(self, deadline: float | None, timeout: float | None = None) -> Message:
+        """The reply, awaited in the running event loop until `deadline` (time.monotonic(), or
+        None: no end): then Timeout, and the call is cancelled. Cancelling the task cancels the
+        call: the server skips it if it has not taken it yet, a late reply is dropped."""
+        if not self._open:
+            raise RuntimeError("this call is over")
+        loop = asyncio.get_running_loop()
+        lane, tag, ep = self._lane, self._tag, self.endpoint
+        try:
+            while True:
+                r = lane.native.call_poll(tag, True)
+                if r is not None:
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise Timeout(f"no reply from {ep.name!r} within "
+                                  f"{timeout if timeout is not None else 0} s")
+                await readable(loop, lane.reply_fd, left)
+        except (asyncio.CancelledError, Timeout):
+            self.cancel()
+            raise
+        except BaseException:
+            self._end(drop=True)  # its state is unknown: drop it (its channel closes with it)
+            raise
+        self._end()
+        if r[1] & _ERROR:
+            raise ep._remote_error(r)
+        return r
+
+    def cancel(self) -> None:
+        """Stop waiting: the call is cancelled (cancel_below tells the server; a late reply is
+        dropped by its tag), and the lane is fit for the next call. Never raises (a lane that
+        cannot be told is dropped)."""
+        if not self._open:
+            return
+        try:
+            ok = not self._lane.native.closed
+            if ok:
+                self._lane.native.cancel(self._tag)
+        except Exception:
+            ok = False
+        self._end(drop=not ok)
+
+    def _end(self, drop: bool = False) -> None:
+        if self._open:
+            self._open = False
+            if drop:
+                self.endpoint._drop_lane()
+            else:
+                self.endpoint._give_lane(self._lane)
+
+
+def start_call(ep: Endpoint, opcode: int, data: _core.Data = (), payload: _core.Payload = b"",
+               flags: int = 0) -> PendingCall | None:
+    """Start a call on an idle pooled lane of `ep` (those of acall) without blocking on
+    anything: the request is written and the server's doorbell rung. None when no pooled lane
+    is idle (all busy, or none opened yet: acall opens them); errors as call_start raises them
+    (WouldBlock: the ring is full). For a thread that must never wait long, a gateway's network
+    thread: it waits a little (PendingCall.wait), then hands the call to its event loop."""
+    if flags & ~USER_FLAGS and flags != OBJECT_FLAG:
+        raise bad_flags(flags)
+    with ep._lock:
+        if not ep._pool:
+            return None
+        lane = ep._pool.pop()
+    try:
+        tag = lane.native.call_start(ep.handle, opcode, flags | _REPLY, data,
+                                     _payload_arg(payload))
+    except BaseException:
+        ep._drop_lane()
+        raise
+    return PendingCall(ep, lane, tag)
 
 
 def endpoint_for(session: Session, reply: frames.Frame,
