@@ -249,9 +249,9 @@ class Endpoint(_core.EndpointBase):
         lane = self._local.__dict__.get("lane") or self._thread_lane()
         native = lane.native
         if timeout == 0:  # the default: no waiting, so none of until_room's set-up per loan
-            return Loan(self, lane, native.loan(size), self._remote_error)
+            return Loan(self, native, native.loan(size), Endpoint._remote_error)
         buf = until_room(lane, lambda: native.loan(size), timeout, f"loan from {self.name!r}")
-        return Loan(self, lane, buf, self._remote_error)
+        return Loan(self, native, buf, Endpoint._remote_error)
 
     def call_object(self, obj: Any, opcode: int = 0, timeout: float | None = None,
                     pickle: bool = False) -> Message:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import _core
 from .._errors import IpcError
@@ -12,8 +12,7 @@ from .message import OBJECT_FLAG, USER_FLAGS, Message, bad_flags
 from .wait import timeout_ns
 
 if TYPE_CHECKING:
-    from .._core import EndpointBase
-    from .lane import LaneHandle
+    from .._core import EndpointBase, Lane
 
 _REPLY = _core.FLAG_REPLY_EXPECTED
 _ERROR = _core.FLAG_ERROR
@@ -22,12 +21,14 @@ _ERROR = _core.FLAG_ERROR
 class Loan:
     """A loaned arena buffer (see Endpoint.loan); unsent loans are given back on exit."""
 
-    __slots__ = ("_ep", "_lane", "_buffer", "_open", "_remote_error")
+    __slots__ = ("_ep", "_native", "_buffer", "_open", "_remote_error")
 
-    def __init__(self, ep: EndpointBase, lane: LaneHandle, buffer: memoryview,
-                 remote_error: Callable[[Message], Exception]) -> None:
-        # ep: whose handle the message goes under; remote_error: what an error reply raises.
-        self._ep, self._lane = ep, lane
+    def __init__(self, ep: EndpointBase, native: Lane, buffer: memoryview,
+                 remote_error: Callable[[Any, Message], Exception]) -> None:
+        # ep: whose handle the message goes under; native: the lane the buffer is in;
+        # remote_error(ep, reply): what an error reply raises (a plain function, so that a loan
+        # makes no bound method: this is on every loaned call).
+        self._ep, self._native = ep, native
         self._buffer: memoryview | None = buffer
         self._remote_error = remote_error
         self._open = True
@@ -45,7 +46,7 @@ class Loan:
     def __exit__(self, *exc: object) -> None:
         if self._open:
             self._open = False
-            self._lane.native.cancel_loan()
+            self._native.cancel_loan()
             # A cancelled chunk stays reserved while a view of it lives: drop ours, so that the
             # next loan in a loop (this Loan still bound to its variable) can have it.
             self._buffer = None
@@ -56,16 +57,16 @@ class Loan:
         if not self._open or flags:  # the checks of _commit, without its frame when plain
             self._commit(flags)
         self._open = False
-        r = self._lane.native.call_loan(self._ep.handle, opcode, flags | _REPLY, data,
-                                      -1 if timeout is None else timeout_ns(timeout))
+        r = self._native.call_loan(self._ep.handle, opcode, flags | _REPLY, data,
+                                   -1 if timeout is None else timeout_ns(timeout))
         if r[1] & _ERROR:
-            raise self._remote_error(r)
+            raise self._remote_error(self._ep, r)
         return r
 
     def send_async(self, opcode: int, data: _core.Data = (), flags: int = 0) -> None:
         """Send the loaned buffer as a one-way message's payload, no copy."""
         self._commit(flags)
-        self._lane.native.send_loan(self._ep.handle, opcode, flags, data)
+        self._native.send_loan(self._ep.handle, opcode, flags, data)
 
     def _commit(self, flags: int) -> None:
         if not self._open:
