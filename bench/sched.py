@@ -105,13 +105,22 @@ def _calls_timed(call, n: int) -> float:
     return s[len(s) // 2]
 
 
+def _alone(other: subprocess.Popen, calls, *args) -> float:
+    """calls(*args) with the `other` server stopped meanwhile."""
+    other.send_signal(signal.SIGSTOP)
+    try:
+        return calls(*args)
+    finally:
+        other.send_signal(signal.SIGCONT)
+
+
 def _median(v: list[float]) -> float:
     return percentile(sorted(v), 0.5)
 
 
 def run_timed(quick: bool) -> list[Result]:
     """Every wait mode and placement: untimed calls to an untimed server, and calls with
-    timeout=10 to a server receiving with recv(0.2), in alternating rounds; the C futex
+    timeout=10 to a server receiving with recv(0.2), in alternating rounds (ABBA); the C futex
     ping-pong (block) and the pure-Python spin (spin) alternate with them."""
     import capbus
 
@@ -141,13 +150,15 @@ def run_timed(quick: bool) -> list[Result]:
                         for i in range(rounds + 1):  # round 0 warms up
                             with _pinned(ccpu):  # (the anchors pin their own processes)
                                 # The other server is stopped meanwhile: two spinning servers
-                                # pinned to one CPU would halve each other.
-                                timed.send_signal(signal.SIGSTOP)
-                                ua = _calls(ep_u.call, nn)
-                                timed.send_signal(signal.SIGCONT)
-                                untimed.send_signal(signal.SIGSTOP)
-                                tb = _calls_timed(ep_t.call, nn)
-                                untimed.send_signal(signal.SIGCONT)
+                                # pinned to one CPU would halve each other. Odd rounds go
+                                # untimed first, even ones timed first (ABBA): whichever runs
+                                # second follows a SIGCONT and a server's first wake-up.
+                                if i % 2:
+                                    ua = _alone(timed, _calls, ep_u.call, nn)
+                                    tb = _alone(untimed, _calls_timed, ep_t.call, nn)
+                                else:
+                                    tb = _alone(untimed, _calls_timed, ep_t.call, nn)
+                                    ua = _alone(timed, _calls, ep_u.call, nn)
                             if i == 0:
                                 continue
                             a.append(ua)
