@@ -247,11 +247,17 @@ class Endpoint(_core.EndpointBase):
         sender can still change a loaned payload while the receiver reads it: to check once and
         trust, send a sealed Region instead."""
         lane = self._local.__dict__.get("lane") or self._thread_lane()
+        if timeout == 0:  # the default: no waiting (and no closure: see _loan_waiting)
+            native = lane.native
+            return Loan(self, native, native.loan(size))
+        return self._loan_waiting(lane, size, timeout)
+
+    def _loan_waiting(self, lane: LaneHandle, size: int, timeout: float | None) -> Loan:
+        """loan() with a timeout: until_room's wait. A method of its own because a lambda in
+        loan() itself would make its variables cells, made and freed on every loan."""
         native = lane.native
-        if timeout == 0:  # the default: no waiting, so none of until_room's set-up per loan
-            return Loan(self, native, native.loan(size), Endpoint._remote_error)
         buf = until_room(lane, lambda: native.loan(size), timeout, f"loan from {self.name!r}")
-        return Loan(self, native, buf, Endpoint._remote_error)
+        return Loan(self, native, buf)
 
     def call_object(self, obj: Any, opcode: int = 0, timeout: float | None = None,
                     pickle: bool = False) -> Message:

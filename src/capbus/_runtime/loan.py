@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .. import _core
 from .._errors import IpcError
@@ -12,7 +11,8 @@ from .message import OBJECT_FLAG, USER_FLAGS, Message, bad_flags
 from .wait import timeout_ns
 
 if TYPE_CHECKING:
-    from .._core import EndpointBase, Lane
+    from .._core import Lane
+    from .endpoint import Endpoint
 
 _REPLY = _core.FLAG_REPLY_EXPECTED
 _ERROR = _core.FLAG_ERROR
@@ -21,16 +21,13 @@ _ERROR = _core.FLAG_ERROR
 class Loan:
     """A loaned arena buffer (see Endpoint.loan); unsent loans are given back on exit."""
 
-    __slots__ = ("_ep", "_native", "_buffer", "_open", "_remote_error")
+    __slots__ = ("_ep", "_native", "_buffer", "_open")
 
-    def __init__(self, ep: EndpointBase, native: Lane, buffer: memoryview,
-                 remote_error: Callable[[Any, Message], Exception]) -> None:
-        # ep: whose handle the message goes under; native: the lane the buffer is in;
-        # remote_error(ep, reply): what an error reply raises (a plain function, so that a loan
-        # makes no bound method: this is on every loaned call).
+    def __init__(self, ep: Endpoint, native: Lane, buffer: memoryview) -> None:
+        # ep: whose handle the message goes under (and whose _remote_error an error reply
+        # raises); native: the lane the buffer is in. Nothing more: this is on every loan.
         self._ep, self._native = ep, native
         self._buffer: memoryview | None = buffer
-        self._remote_error = remote_error
         self._open = True
 
     @property
@@ -60,7 +57,7 @@ class Loan:
         r = self._native.call_loan(self._ep.handle, opcode, flags | _REPLY, data,
                                    -1 if timeout is None else timeout_ns(timeout))
         if r[1] & _ERROR:
-            raise self._remote_error(self._ep, r)
+            raise self._ep._remote_error(r)
         return r
 
     def send_async(self, opcode: int, data: _core.Data = (), flags: int = 0) -> None:
