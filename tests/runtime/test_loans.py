@@ -91,3 +91,24 @@ def test_objects_travel_through_a_loan_without_a_copy_on_receipt(kernel):
         assert arr[-1] == (1 << 20) - 1
         assert np.shares_memory(arr, np.frombuffer(req.payload, np.uint8))
         req.release()
+
+
+def test_a_loaned_call_answered_with_an_error_raises_it(kernel):
+    with capbus.connect(kernel.socket_path) as a, capbus.connect(kernel.socket_path) as b:
+        svc = b.register("z")
+        ep = a.lookup("z")
+
+        def run():
+            svc.recv(timeout=10).reply_error(7, "no such key")
+            svc.recv(timeout=10).reply_error(8, "again")
+
+        t = threading.Thread(target=run)
+        t.start()
+        with ep.loan(4096) as loan, pytest.raises(capbus.RemoteError) as err:
+            loan.call(1, timeout=5)
+        assert err.value.code == 7 and err.value.text == "no such key" and "'z'" in str(err.value)
+        with pytest.raises(capbus.RemoteError) as plain:  # as a call without a loan says it
+            ep.call(1, timeout=5)
+        assert (plain.value.code, plain.value.text) == (8, "again")
+        t.join(10)
+        assert not t.is_alive()

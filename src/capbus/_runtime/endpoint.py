@@ -19,14 +19,14 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import _core
-from .._errors import InvalidCapability, IpcError, RemoteError, Timeout, WouldBlock, error_from_code
+from .._errors import InvalidCapability, IpcError, Timeout, WouldBlock
 from .._protocol import frames
 from . import interface, objects
 from .control import Control
 from .lane import LaneHandle, open_lane
 from .limits import Limits, limits_request
 from .loan import Loan
-from .message import OBJECT_FLAG, TRANSFER_FLAG, USER_FLAGS, Message, bad_flags
+from .message import OBJECT_FLAG, TRANSFER_FLAG, USER_FLAGS, Message, bad_flags, error_reply
 from .region import Region
 from .room import until_room, until_room_async
 from .topic import TopicCapability
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("capbus")
 _REPLY = _core.FLAG_REPLY_EXPECTED
 _ERROR = _core.FLAG_ERROR
-_IPC_ERROR = _core.FLAG_IPC_ERROR
 _MAX_ASYNC_LANES = 16  # pooled lanes per endpoint for acall; more acalls wait their turn
 _I = TypeVar("_I", bound=interface.Interface)
 
@@ -642,15 +641,8 @@ class Endpoint(_core.EndpointBase):
             lane._ctl.request_nowait(frames.Detach(lane._handle, lane.index, tag))
 
     def _remote_error(self, r: Message) -> Exception:
-        """The exception an error reply stands for: a capbus error where capbus itself refused
-        (FLAG_IPC_ERROR), else the service's own RemoteError."""
-        text = (r[6] or b"").decode(errors="replace")
-        if not r[1] & _IPC_ERROR:
-            return RemoteError(r[2], text, service=self.name)
-        if r[2] == RemoteError.code:  # its serve() handler raised: "TypeName: message"
-            kind, sep, msg = text.partition(": ")
-            return RemoteError(None, msg if sep else text, kind if sep else "Exception", self.name)
-        return error_from_code(r[2], f"{self.name!r}: {text}")
+        """The exception an error reply stands for (message.error_reply)."""
+        return error_reply(r, self.name)
 
 
 class PendingCall:

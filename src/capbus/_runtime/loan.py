@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from .. import _core
 from .._errors import IpcError
-from .message import OBJECT_FLAG, USER_FLAGS, Message, bad_flags
+from .message import OBJECT_FLAG, USER_FLAGS, Message, bad_flags, error_reply
 from .wait import timeout_ns
 
 if TYPE_CHECKING:
@@ -24,8 +24,8 @@ class Loan:
     __slots__ = ("_ep", "_native", "_buffer", "_open")
 
     def __init__(self, ep: Endpoint, native: Lane, buffer: memoryview) -> None:
-        # ep: whose handle the message goes under (and whose _remote_error an error reply
-        # raises); native: the lane the buffer is in. Nothing more: this is on every loan.
+        # ep: whose handle the message goes under (and whose name an error reply names);
+        # native: the lane the buffer is in. Nothing more: this is on every loan.
         self._ep, self._native = ep, native
         self._buffer: memoryview | None = buffer
         self._open = True
@@ -57,7 +57,7 @@ class Loan:
         r = self._native.call_loan(self._ep.handle, opcode, flags | _REPLY, data,
                                    -1 if timeout is None else timeout_ns(timeout))
         if r[1] & _ERROR:
-            raise self._ep._remote_error(r)
+            raise error_reply(r, self._ep.name)
         return r
 
     def send_async(self, opcode: int, data: _core.Data = (), flags: int = 0) -> None:

@@ -79,3 +79,15 @@ from .._core import Request as Request  # noqa: E402
 # What the native core needs of the Python side, handed in once (it imports no capbus module):
 # the error classes it raises and the object codec of object()/reply_object().
 _core.register(errors=_errors, object_loads=objects.loads, object_pack=objects.pack)
+
+
+def error_reply(r: Message, service: str) -> Exception:
+    """The exception an error reply from `service` stands for: a capbus error where capbus itself
+    refused (FLAG_IPC_ERROR), else the service's own RemoteError."""
+    text = (r[6] or b"").decode(errors="replace")
+    if not r[1] & _core.FLAG_IPC_ERROR:
+        return _errors.RemoteError(r[2], text, service=service)
+    if r[2] == _errors.RemoteError.code:  # its serve() handler raised: "TypeName: message"
+        kind, sep, msg = text.partition(": ")
+        return _errors.RemoteError(None, msg if sep else text, kind if sep else "Exception", service)
+    return _errors.error_from_code(r[2], f"{service!r}: {text}")
