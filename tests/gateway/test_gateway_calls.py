@@ -35,6 +35,16 @@ def _busy(ep: capbus.Endpoint, ms: int, timeout: float, out: list[object]) -> th
     return t
 
 
+def _gateways_here(hosts: Hosts, export: list[str]) -> tuple[capbus.Gateway, capbus.Gateway]:
+    """host-b's gateway exporting `export` and host-a's, in this process (their counters can be
+    read), as (exporter, importer)."""
+    gb = capbus.Gateway(hosts.sock["host-b"], name="host-b", lease=1.0, export=export,
+                        listen=[f"tcp/127.0.0.1:{hosts.port}"]).start()
+    ga = capbus.Gateway(hosts.sock["host-a"], name="host-a", lease=1.0,
+                        connect=[f"tcp/127.0.0.1:{hosts.port}"]).start()
+    return gb, ga
+
+
 def test_a_callers_timeout_cancels_the_remote_call(hosts):
     hosts.service("host-b", "kv")
     hosts.pair()
@@ -107,10 +117,7 @@ def test_the_fast_path_answers_and_a_slow_service_leaves_it(hosts):
 
     hosts.service("host-b", "kv")
     hosts.service("host-b", "slow")
-    gb = capbus.Gateway(hosts.sock["host-b"], name="host-b", lease=1.0, export=["kv", "slow"],
-                        listen=[f"tcp/127.0.0.1:{hosts.port}"]).start()
-    ga = capbus.Gateway(hosts.sock["host-a"], name="host-a", lease=1.0,
-                        connect=[f"tcp/127.0.0.1:{hosts.port}"]).start()
+    gb, ga = _gateways_here(hosts, ["kv", "slow"])
     try:
         pa = hosts.connect("host-a")
         kv = pa.lookup("kv@host-b", timeout=10)
@@ -250,11 +257,7 @@ def test_a_service_dying_in_the_fast_path_fails_only_its_callers(hosts, phase):
     at once, not at its timeout; the gateway serves another service on, on the fast path."""
     victim = hosts.service("host-b", "victim")
     hosts.service("host-b", "kv")
-    gb = capbus.Gateway(hosts.sock["host-b"], name="host-b", lease=1.0,
-                        export=["victim", "kv"],
-                        listen=[f"tcp/127.0.0.1:{hosts.port}"]).start()
-    ga = capbus.Gateway(hosts.sock["host-a"], name="host-a", lease=1.0,
-                        connect=[f"tcp/127.0.0.1:{hosts.port}"]).start()
+    gb, ga = _gateways_here(hosts, ["victim", "kv"])
     try:
         pa = hosts.connect("host-a")
         v = pa.lookup("victim@host-b", timeout=10)

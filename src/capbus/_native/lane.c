@@ -4,6 +4,31 @@
  * Not compiled alone: module.c #includes it (one translation unit, see there).
  */
 
+/* `tag` must be this lane's latest call (call_start's): else ValueError, -1. */
+static int check_call_tag(LaneObject *L, uint64_t tag)
+{
+    if (tag == 0 || tag != L->call_tag) {
+        PyErr_Format(PyExc_ValueError, "tag %llu is not this lane's latest call (%llu)",
+                     (unsigned long long)tag, (unsigned long long)L->call_tag);
+        return -1;
+    }
+    return 0;
+}
+
+/* The channel left OPEN (state `st`) before the reply for `tag` was seen: a reply published
+ * before the change is still delivered (1, *out), else the call is cancelled and the state
+ * raised (-1). */
+static int reply_or_state(LaneObject *L, uint64_t tag, uint32_t st, PyObject **out)
+{
+    int r = lane_take_reply(L, tag, out);
+    if (r == 0) {
+        lane_cancel(L, tag);
+        raise_for_state(st, "server");
+        r = -1;
+    }
+    return r;
+}
+
 /* call_poll(tag, arm=False) -> Message | None: the reply of a call_start, if it is there. */
 static PyObject *Lane_call_poll(LaneObject *L, PyObject *const *args, Py_ssize_t nargs,
                                 PyObject *kwnames)
@@ -17,24 +42,15 @@ static PyObject *Lane_call_poll(LaneObject *L, PyObject *const *args, Py_ssize_t
     int arm = a[1] ? PyObject_IsTrue(a[1]) : 0;
     if (arm < 0 || !lane_usable(L))
         return NULL;
-    if (tag == 0 || tag != L->call_tag) {
-        PyErr_Format(PyExc_ValueError, "tag %llu is not this lane's latest call (%llu)",
-                     (unsigned long long)tag, (unsigned long long)L->call_tag);
+    if (check_call_tag(L, tag) < 0)
         return NULL;
-    }
     PyObject *result = NULL;
     L->busy = 1; /* take_payload may drop the GIL for a big payload */
     int r = lane_take_reply(L, tag, &result);
     if (r == 0) {
         uint32_t st = lane_state(L);
         if (st != STATE_OPEN) {
-            /* A reply published before the state change is still delivered. */
-            r = lane_take_reply(L, tag, &result);
-            if (r == 0) {
-                lane_cancel(L, tag);
-                raise_for_state(st, "server");
-                r = -1;
-            }
+            r = reply_or_state(L, tag, st, &result);
         } else if (arm) {
             /* Empty the eventfd first: a write before this belongs to a reply we are about to
              * see below, and a stale count would only wake the event loop for nothing. Then
@@ -50,12 +66,7 @@ static PyObject *Lane_call_poll(LaneObject *L, PyObject *const *args, Py_ssize_t
             if (r == 0 && lane_state(L) != STATE_OPEN) {
                 /* The kernel changed the state after our first look: report it now rather than
                  * rely on a wake-up the kernel sends to futex sleepers, not to eventfds. */
-                r = lane_take_reply(L, tag, &result);
-                if (r == 0) {
-                    lane_cancel(L, tag);
-                    raise_for_state(lane_state(L), "server");
-                    r = -1;
-                }
+                r = reply_or_state(L, tag, lane_state(L), &result);
             }
         }
     }
@@ -85,11 +96,8 @@ static PyObject *Lane_call_wait(LaneObject *L, PyObject *const *args, Py_ssize_t
         return NULL;
     if (!lane_usable(L))
         return NULL;
-    if (tag == 0 || tag != L->call_tag) {
-        PyErr_Format(PyExc_ValueError, "tag %llu is not this lane's latest call (%llu)",
-                     (unsigned long long)tag, (unsigned long long)L->call_tag);
+    if (check_call_tag(L, tag) < 0)
         return NULL;
-    }
     PyObject *result = NULL;
     uint64_t deadline = deadline_lazy(timeout_ns);
     int expired = deadline == 0, r;
@@ -100,13 +108,7 @@ static PyObject *Lane_call_wait(LaneObject *L, PyObject *const *args, Py_ssize_t
             break;
         uint32_t st = lane_state(L);
         if (st != STATE_OPEN) {
-            /* A reply published before the state change is still delivered. */
-            r = lane_take_reply(L, tag, &result);
-            if (r == 0) {
-                lane_cancel(L, tag);
-                raise_for_state(st, "server");
-                r = -1;
-            }
+            r = reply_or_state(L, tag, st, &result);
             break;
         }
         if (expired)
