@@ -29,6 +29,19 @@ static int reply_or_state(LaneObject *L, uint64_t tag, uint32_t st, PyObject **o
     return r;
 }
 
+/* The end of call_poll and call_wait: the lane is free again; `r` and `result` as
+ * lane_take_reply gave them (0: not there yet, None). */
+static PyObject *call_result(LaneObject *L, int r, PyObject *result)
+{
+    L->busy = 0;
+    if (r < 0)
+        return NULL;
+    if (r == 0)
+        Py_RETURN_NONE;
+    lane_count_latency(L, now_ns() - L->call_t0);
+    return result;
+}
+
 /* call_poll(tag, arm=False) -> Message | None: the reply of a call_start, if it is there. */
 static PyObject *Lane_call_poll(LaneObject *L, PyObject *const *args, Py_ssize_t nargs,
                                 PyObject *kwnames)
@@ -70,13 +83,7 @@ static PyObject *Lane_call_poll(LaneObject *L, PyObject *const *args, Py_ssize_t
             }
         }
     }
-    L->busy = 0;
-    if (r < 0)
-        return NULL;
-    if (r == 0)
-        Py_RETURN_NONE;
-    lane_count_latency(L, now_ns() - L->call_t0);
-    return result;
+    return call_result(L, r, result);
 }
 
 /* call_wait(tag, timeout_ns) -> Message | None: wait (WITHOUT the GIL, as call() waits: the
@@ -123,13 +130,7 @@ static PyObject *Lane_call_wait(LaneObject *L, PyObject *const *args, Py_ssize_t
             break;
         }
     }
-    L->busy = 0;
-    if (r < 0)
-        return NULL;
-    if (r == 0)
-        Py_RETURN_NONE;
-    lane_count_latency(L, now_ns() - L->call_t0);
-    return result;
+    return call_result(L, r, result);
 }
 
 /* cancel(tag): the call with this tag (and every earlier one) will not be waited for. */
