@@ -20,7 +20,7 @@ import contextlib
 import os
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, TypeVar
 
 from .._errors import WouldBlock
@@ -54,20 +54,21 @@ def _stop_waiting(lane: LaneHandle) -> None:
         lane.native.want_room(False)
 
 
-def until_room(lane: LaneHandle, attempt: Callable[[], T], timeout: float | None, what: str) -> T:
-    """attempt() (something that raises WouldBlock while the ring or arena is full) until it
-    goes through, waiting for room up to `timeout` seconds (None: no limit; 0: not at all, the
-    first WouldBlock is raised). WouldBlock when the time is up."""
-    _deadline(timeout)  # a bad timeout is refused even when there is room
+def _tries(lane: LaneHandle, attempt: Callable[[], T], timeout: float | None,
+           what: str) -> Generator[tuple[float, float | None], bool, T]:
+    """What both waits share: attempt() once, then, with the producer-waiting flag up, again after
+    each wait, until it goes through (the generator returns its result) or the time is up
+    (WouldBlock). Before each wait it yields (pause, left): sleep `pause` seconds first (after
+    FRUITLESS fruitless wake-ups), then wait for the reply eventfd at most EVENT_POLL or `left`
+    (None: no limit); it is sent back whether that wait was woken (a wake-up that found no room
+    counts as fruitless)."""
+    deadline = _deadline(timeout)  # a bad timeout is refused even when there is room
     try:
         return attempt()
     except WouldBlock:
         if timeout == 0:
             raise
-    deadline = _deadline(timeout)
     native = lane.native
-    poller = select.poll()
-    poller.register(lane.reply_fd, select.POLLIN)
     fruitless = 0
     try:
         while True:
@@ -78,44 +79,55 @@ def until_room(lane: LaneHandle, attempt: Callable[[], T], timeout: float | None
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise _no_room(what, timeout) from None
+            pause = 0.0
             if fruitless >= FRUITLESS:
-                time.sleep(BACKOFF if left is None else min(left, BACKOFF))
-            wait = EVENT_POLL if left is None else min(left, EVENT_POLL)
-            fruitless += 1 if poller.poll(max(1, int(wait * 1000))) else 0  # without the GIL
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_read(lane.reply_fd)
+                pause = BACKOFF if left is None else min(left, BACKOFF)
+            fruitless += (yield pause, left)
     finally:
         _stop_waiting(lane)
+
+
+def until_room(lane: LaneHandle, attempt: Callable[[], T], timeout: float | None, what: str) -> T:
+    """attempt() (something that raises WouldBlock while the ring or arena is full) until it
+    goes through, waiting for room up to `timeout` seconds (None: no limit; 0: not at all, the
+    first WouldBlock is raised). WouldBlock when the time is up."""
+    tries = _tries(lane, attempt, timeout, what)
+    try:
+        pause, left = next(tries)
+        poller = select.poll()
+        poller.register(lane.reply_fd, select.POLLIN)
+        while True:
+            if pause:
+                time.sleep(pause)
+            wait = EVENT_POLL if left is None else min(left, EVENT_POLL)
+            woken = bool(poller.poll(max(1, int(wait * 1000))))  # without the GIL
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(lane.reply_fd)
+            pause, left = tries.send(woken)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    finally:
+        tries.close()
 
 
 async def until_room_async(lane: LaneHandle, attempt: Callable[[], T], timeout: float | None,
                            what: str) -> T:
     """until_room for an event loop: the wait is on the reply eventfd in the loop, no thread
     blocks. The caller makes sure one task at a time waits on a lane (one reader per fd)."""
-    _deadline(timeout)
-    try:
-        return attempt()
-    except WouldBlock:
-        if timeout == 0:
-            raise
-    deadline = _deadline(timeout)
+    tries = _tries(lane, attempt, timeout, what)
     loop = asyncio.get_running_loop()
-    native = lane.native
-    fruitless = 0
     try:
+        pause, left = next(tries)
         while True:
-            native.want_room(True)
-            try:
-                return attempt()
-            except WouldBlock:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise _no_room(what, timeout) from None
-            if fruitless >= FRUITLESS:
-                await asyncio.sleep(BACKOFF if left is None else min(left, BACKOFF))
+            if pause:
+                await asyncio.sleep(pause)
             t0 = time.monotonic()
             await readable(loop, lane.reply_fd, left)  # at most EVENT_POLL, then drained
-            if time.monotonic() - t0 < EVENT_POLL / 2:  # woken (not timed out) for nothing
-                fruitless += 1
+            # woken (not timed out): under half of EVENT_POLL
+            pause, left = tries.send(time.monotonic() - t0 < EVENT_POLL / 2)
+    except StopIteration as done:
+        result: T = done.value
+        return result
     finally:
-        _stop_waiting(lane)
+        tries.close()
