@@ -197,18 +197,32 @@ static PyObject *tsub_stuck_reason(void)
     return PyUnicode_FromString("its release ring is stuck (the publisher takes nothing back)");
 }
 
+/* The checks take() and take_many() start with, after giving back released slots: 0 to go on,
+ * 1 with *out what to return instead (the publisher's garbage found last time, the stuck release
+ * ring, or False while max_held samples are held), -1 on an error. */
+static int tsub_ready(TopicSubObject *S, PyObject **out)
+{
+    if (tp_forked(S->gen, "topic subscription") < 0)
+        return -1;
+    if (S->pending)
+        *out = Py_NewRef(S->pending);
+    else if (tsub_push(S) < 0 || S->stuck)
+        *out = tsub_stuck_reason();
+    else if (S->held >= S->max_held)
+        *out = Py_NewRef(Py_False);
+    else
+        return 0;
+    return *out ? 1 : -1;
+}
+
 /* take() -> a Sample, None (nothing new), False (it holds max_held samples: release some), or
  * a str: what the publisher got wrong. Gives back released slots first. */
 static PyObject *tsub_take(TopicSubObject *S, PyObject *unused)
 {
-    if (tp_forked(S->gen, "topic subscription") < 0)
-        return NULL;
-    if (S->pending)
-        return Py_NewRef(S->pending);
-    if (tsub_push(S) < 0 || S->stuck)
-        return tsub_stuck_reason();
-    if (S->held >= S->max_held)
-        Py_RETURN_FALSE;
+    PyObject *early;
+    int r = tsub_ready(S, &early);
+    if (r)
+        return r < 0 ? NULL : early;
     PyObject *got = tsub_take_one(S);
     if (got && Py_IS_TYPE(got, &TopicSampleType))
         tsub_room(S);
@@ -228,14 +242,10 @@ static PyObject *tsub_take_many(TopicSubObject *S, PyObject *arg)
         PyErr_SetString(PyExc_ValueError, "take_many(n): n must be at least 1");
         return NULL;
     }
-    if (tp_forked(S->gen, "topic subscription") < 0)
-        return NULL;
-    if (S->pending)
-        return Py_NewRef(S->pending);
-    if (tsub_push(S) < 0 || S->stuck)
-        return tsub_stuck_reason();
-    if (S->held >= S->max_held)
-        Py_RETURN_FALSE;
+    PyObject *early;
+    int r = tsub_ready(S, &early);
+    if (r)
+        return r < 0 ? NULL : early;
     uint64_t room = S->max_held - S->held;
     if ((uint64_t)n > room)
         n = (Py_ssize_t)room;
