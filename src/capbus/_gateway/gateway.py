@@ -152,7 +152,6 @@ class Gateway:
         return list(self._exporter.issued.values()) if self._exporter else []
 
     def stats(self) -> dict[str, int]:
-        e, i = self._exporter, self._importer
         """Counters: refused requests, dropped one-way messages, origins, imports, calls (remote
         calls in flight here, as the exporter), fast_calls (remote calls answered on Zenoh's
         thread, the fast path), handed_calls (calls started there whose slow reply the event
@@ -161,6 +160,7 @@ class Gateway:
         topic_dropped (samples a slow link made the exported topics lose, drop-oldest),
         topic_imports, topic_lost (samples the exporters' sequence numbers say did not arrive
         here) and topic_bad (remote samples dropped here as malformed)."""
+        e, i = self._exporter, self._importer
         ti = list(i.topics.values()) if i else []
         return {"refused": e.refused if e else 0, "dropped": e.dropped if e else 0,
                 "origins": len(e.origins) if e else 0,

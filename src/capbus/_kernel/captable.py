@@ -242,6 +242,18 @@ class CapTable:
         cap.handle = (self._gens[slot] << 32) | slot
         return cap.handle
 
+    def adopt(self, child: Capability, owner: Any) -> Capability:
+        """A capability just derived for `owner` (the ProcessRecord of this table): owned and
+        inserted, or detached from its parent again if the table refuses it (full, or its uid's
+        quota), so that a refused child leaves nothing behind."""
+        child.owner = owner
+        try:
+            self.insert(child)
+        except BaseException:
+            child.detach()
+            raise
+        return child
+
     def get(self, handle: int, kind: str | None = None) -> Capability:
         slot, gen = handle & 0xFFFFFFFF, handle >> 32
         cap = self._slots[slot] if slot < len(self._slots) else None

@@ -53,13 +53,7 @@ def on_restrict(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.Re
     asked = CapLimits.from_request(msg.limits)
     limits = cap.limits.tightened(asked.rate, asked.bandwidth, asked.max_message_size,
                                   asked.expires_at, asked.max_priority)
-    child = cap.derive(rights, limits)
-    child.owner = rec
-    try:
-        rec.caps.insert(child)
-    except IpcError:
-        child.detach()
-        raise
+    child = rec.caps.adopt(cap.derive(rights, limits), rec)
     out.audit(_audit.RESTRICT, rec, child, cap.target.name,
               f"from {cap.handle:#x}: rights {sorted(rights)} limits {limits.wire()}")
     return granted(child)

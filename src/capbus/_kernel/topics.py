@@ -170,14 +170,7 @@ def on_seal_topic(st: KernelState, out: Outbox, rec: ProcessRecord, msg: frames.
 def restrict(st: KernelState, rec: ProcessRecord, cap: Capability,
              rights: frozenset[str]) -> Capability:
     """A child of a topic capability with these rights (at most its own), in rec's table."""
-    child = cap.derive(rights, kind="topic")
-    child.owner = rec
-    try:
-        rec.caps.insert(child)
-    except BaseException:
-        child.detach()
-        raise
-    return child
+    return rec.caps.adopt(cap.derive(rights, kind="topic"), rec)
 
 
 def granted(cap: Capability) -> frames.Granted:
@@ -235,12 +228,10 @@ def on_subscribe_topic(st: KernelState, out: Outbox, rec: ProcessRecord,
         raise
     # Derived from what it came through: revoking that (a handed-on topic capability, or the
     # publisher's own) ends this subscription too.
-    cap = (via or topic.cap).derive(frozenset({"subscribe"}), kind="subscriber")
-    cap.owner = rec
     try:
-        rec.caps.insert(cap)
+        cap = rec.caps.adopt((via or topic.cap).derive(frozenset({"subscribe"}), kind="subscriber"),
+                             rec)
     except BaseException:
-        cap.detach()
         shm.close()
         topic.free_indices.append(index)
         raise
