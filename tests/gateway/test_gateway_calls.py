@@ -17,13 +17,6 @@ import capbus
 pytest.importorskip("zenoh")
 
 
-@pytest.fixture
-def hosts():
-    h = Hosts()
-    yield h
-    h.close()
-
-
 def _busy(ep: capbus.Endpoint, ms: int, timeout: float, out: list[object]) -> threading.Thread:
     def run() -> None:
         try:
@@ -43,6 +36,15 @@ def _gateways_here(hosts: Hosts, export: list[str]) -> tuple[capbus.Gateway, cap
     ga = capbus.Gateway(hosts.sock["host-a"], name="host-a", lease=1.0,
                         connect=[f"tcp/127.0.0.1:{hosts.port}"]).start()
     return gb, ga
+
+
+def _settled(gw: capbus.Gateway) -> dict[str, int]:
+    """gw.stats() once no call is in flight (a call's task ends just after its reply is sent),
+    or after 5 s."""
+    deadline = time.monotonic() + 5
+    while (st := gw.stats())["calls"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return st
 
 
 def test_a_callers_timeout_cancels_the_remote_call(hosts):
@@ -127,8 +129,10 @@ def test_the_fast_path_answers_and_a_slow_service_leaves_it(hosts):
             assert slow.call(1, (i,), b"cd", timeout=5).payload == b"dc"
         st = gb.stats()
         # each service's first call opens its endpoint (through the loop); most of the rest
-        # find an idle pooled lane (a few may not, while the loop is giving one back)
-        assert st["fast_calls"] >= 40 and st["handed_calls"] == 0, st
+        # find an idle pooled lane (a few may not, while the loop is giving one back), and all
+        # but a few answer within FAST_WAIT (a busy machine may preempt one for longer)
+        handed = st["handed_calls"]
+        assert st["fast_calls"] >= 40 and handed <= 2, st
         # large payloads are not copied on Zenoh's thread: a large call goes to the loop, a
         # large reply of the fast path is sent from the loop; both arrive whole
         big = bytes(range(256)) * 1024
@@ -139,7 +143,7 @@ def test_the_fast_path_answers_and_a_slow_service_leaves_it(hosts):
         t0 = time.monotonic()
         assert slow.call(2, (300,), timeout=5).opcode == 3  # started there, awaited by the loop
         assert time.monotonic() - t0 >= 0.3
-        assert gb.stats()["handed_calls"] == 1
+        assert gb.stats()["handed_calls"] == handed + 1
         threads = [_busy(slow, 400, 5, out) for _ in range(6)]
         time.sleep(0.2)
         t0 = time.monotonic()
@@ -149,7 +153,7 @@ def test_the_fast_path_answers_and_a_slow_service_leaves_it(hosts):
         for t in threads:
             t.join(timeout=10)
         assert out == [3] * 6
-        st = gb.stats()
+        st = _settled(gb)
         assert st["calls"] == 0 and st["refused"] == 0, st
         time.sleep(export.SLOW_HOLD)  # then its quick calls are waited for there again
         fast = st["fast_calls"]
@@ -279,7 +283,7 @@ def test_a_service_dying_in_the_fast_path_fails_only_its_callers(hosts, phase):
         assert not isinstance(err.value, capbus.Timeout) and time.monotonic() - t0 < 10
         for _ in range(10):
             assert kv.call(1, (), b"xy", timeout=5).payload == b"yx"
-        st = gb.stats()
+        st = _settled(gb)
         assert st["fast_calls"] >= fast + 8 and st["calls"] == 0, st
     finally:
         ga.stop()
