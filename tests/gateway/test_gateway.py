@@ -10,10 +10,18 @@ import threading
 import time
 
 import pytest
+from _gwutil import Hosts
 
 import capbus
 
 pytest.importorskip("zenoh")
+
+
+@pytest.fixture
+def hosts():
+    h = Hosts()
+    yield h
+    h.close()
 
 
 def test_remote_call_keeps_the_endpoint_api(hosts):

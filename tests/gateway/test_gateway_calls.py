@@ -17,6 +17,13 @@ import capbus
 pytest.importorskip("zenoh")
 
 
+@pytest.fixture
+def hosts():
+    h = Hosts()
+    yield h
+    h.close()
+
+
 def _busy(ep: capbus.Endpoint, ms: int, timeout: float, out: list[object]) -> threading.Thread:
     def run() -> None:
         try:
